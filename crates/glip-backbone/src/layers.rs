@@ -1,0 +1,206 @@
+//! Convolution building blocks: batch norm (frozen or trainable), conv helpers and a max-pool
+//! with a backward.
+
+use candle_core::{DType, Result, Tensor, Var, D};
+use candle_nn::{Conv2d, Conv2dConfig, Module, VarBuilder};
+
+/// Batch norm over `(b, c, h, w)` with torchvision names (`weight`, `bias`, `running_mean`,
+/// `running_var`).
+///
+/// Frozen (the default for detection backbones, torchvision's `FrozenBatchNorm2d`): the
+/// statistics and the affine parameters are constants, `y = x * w / sqrt(rv + eps) + (b - rm *
+/// w / sqrt(rv + eps))`. Trainable: batch statistics in training (running statistics updated with
+/// momentum 0.1 and the unbiased variance, as PyTorch), running statistics otherwise; only
+/// `weight` and `bias` receive gradients.
+#[derive(Debug, Clone)]
+pub struct BatchNorm2d {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: f64,
+    frozen: bool,
+}
+
+impl BatchNorm2d {
+    /// Loads a batch norm of `c` channels from `vb`.
+    pub fn new(c: usize, frozen: bool, vb: VarBuilder<'_>) -> Result<Self> {
+        use candle_nn::Init;
+        let weight = vb.get_with_hints(c, "weight", Init::Const(1.0))?;
+        let bias = vb.get_with_hints(c, "bias", Init::Const(0.0))?;
+        let running_mean = vb.get_with_hints(c, "running_mean", Init::Const(0.0))?;
+        let running_var = vb.get_with_hints(c, "running_var", Init::Const(1.0))?;
+        let (weight, bias) = if frozen { (weight.detach(), bias.detach()) } else { (weight, bias) };
+        Ok(Self { weight, bias, running_mean, running_var, eps: 1e-5, frozen })
+    }
+
+    fn per_channel(t: &Tensor) -> Result<Tensor> {
+        t.reshape((1, (), 1, 1))
+    }
+
+    /// `x (b, c, h, w)` -> normalised `(b, c, h, w)`.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if self.frozen || !train {
+            let rv = self.running_var.detach();
+            let rm = self.running_mean.detach();
+            let scale = self.weight.broadcast_mul(&(rv + self.eps)?.sqrt()?.recip()?)?;
+            let shift = (&self.bias - rm.mul(&scale)?)?;
+            return x
+                .broadcast_mul(&Self::per_channel(&scale)?)?
+                .broadcast_add(&Self::per_channel(&shift)?);
+        }
+        let (b, c, h, w) = x.dims4()?;
+        let n = (b * h * w) as f64;
+        let mean = x.mean_keepdim(D::Minus1)?.mean_keepdim(D::Minus2)?.mean_keepdim(0)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?.mean_keepdim(D::Minus2)?.mean_keepdim(0)?;
+        let y = xc.broadcast_div(&(var.clone() + self.eps)?.sqrt()?)?;
+        let y = y
+            .broadcast_mul(&Self::per_channel(&self.weight)?)?
+            .broadcast_add(&Self::per_channel(&self.bias)?)?;
+        if self.running_mean.is_variable() {
+            let m = 0.1;
+            let unbiased = (var.detach().flatten_all()? * (n / (n - 1.0).max(1.0)))?;
+            let new_mean =
+                ((self.running_mean.detach() * (1.0 - m))? + (mean.detach().flatten_all()? * m)?)?;
+            let new_var = ((self.running_var.detach() * (1.0 - m))? + (unbiased * m)?)?;
+            Var::from_tensor(&self.running_mean)?.set(&new_mean.to_dtype(DType::F32)?)?;
+            Var::from_tensor(&self.running_var)?.set(&new_var.to_dtype(DType::F32)?)?;
+        }
+        let _ = c;
+        Ok(y)
+    }
+}
+
+/// A bias-free (or biased) convolution loaded from `vb` with `weight` `(out, in/groups, k, k)`;
+/// frozen convolutions are detached from the graph.
+pub fn conv2d(
+    vb: VarBuilder<'_>,
+    cin: usize,
+    cout: usize,
+    k: usize,
+    stride: usize,
+    padding: usize,
+    groups: usize,
+    bias: bool,
+    frozen: bool,
+) -> Result<Conv2d> {
+    let cfg = Conv2dConfig { padding, stride, groups, dilation: 1, cudnn_fwd_algo: None };
+    let init = candle_nn::init::DEFAULT_KAIMING_NORMAL;
+    let w = vb.get_with_hints((cout, cin / groups, k, k), "weight", init)?;
+    let b = if bias {
+        let bound = 1.0 / ((cin / groups * k * k) as f64).sqrt();
+        Some(vb.get_with_hints(cout, "bias", candle_nn::Init::Uniform { lo: -bound, up: bound })?)
+    } else {
+        None
+    };
+    let (w, b) = if frozen { (w.detach(), b.map(|b| b.detach())) } else { (w, b) };
+    Ok(Conv2d::new(w, b, cfg))
+}
+
+/// Applies a convolution.
+pub fn conv(c: &Conv2d, x: &Tensor) -> Result<Tensor> {
+    c.forward(x)
+}
+
+/// Pads axis `axis` of `x` with `before` and `after` copies of `value`.
+fn pad_axis(x: &Tensor, axis: usize, before: usize, after: usize, value: f64) -> Result<Tensor> {
+    if before == 0 && after == 0 {
+        return Ok(x.clone());
+    }
+    let mut parts = Vec::with_capacity(3);
+    let mut shape = x.dims().to_vec();
+    if before > 0 {
+        shape[axis] = before;
+        parts.push((Tensor::ones(shape.as_slice(), x.dtype(), x.device())? * value)?);
+    }
+    parts.push(x.clone());
+    if after > 0 {
+        shape[axis] = after;
+        parts.push((Tensor::ones(shape.as_slice(), x.dtype(), x.device())? * value)?);
+    }
+    Tensor::cat(&parts, axis)
+}
+
+/// Max over a window of 3 with stride 2 and padding 1 along `axis`, composed of differentiable
+/// ops: pad with -inf to an even length `2 * (o + 1)`, view as pairs, and take the max of
+/// elements `2i`, `2i + 1` and `2i + 2`.
+fn max3_stride2_axis(x: &Tensor, axis: usize) -> Result<Tensor> {
+    let n = x.dims()[axis];
+    let o = (n + 2 - 3) / 2 + 1;
+    let padded = pad_axis(x, axis, 1, 2 * (o + 1) - n - 1, f64::NEG_INFINITY)?;
+    let mut pairs_shape = padded.dims().to_vec();
+    pairs_shape[axis] = o + 1;
+    pairs_shape.insert(axis + 1, 2);
+    let pairs = padded.reshape(pairs_shape)?;
+    let even = pairs.narrow(axis + 1, 0, 1)?.squeeze(axis + 1)?;
+    let odd = pairs.narrow(axis + 1, 1, 1)?.squeeze(axis + 1)?;
+    let a = even.narrow(axis, 0, o)?;
+    let b = odd.narrow(axis, 0, o)?;
+    let c = even.narrow(axis, 1, o)?;
+    a.maximum(&b)?.maximum(&c)
+}
+
+/// The ResNet stem max-pool: kernel 3, stride 2, padding 1 over `(b, c, h, w)`, output
+/// `(b, c, (h - 1) / 2 + 1, (w - 1) / 2 + 1)` as PyTorch.
+///
+/// candle's `max_pool2d` has no backward when kernel != stride and takes no padding
+/// (CANDLE-NOTES.md). When `x` carries a gradient this composes the pool from pads, reshapes,
+/// narrows and elementwise maxima (separable: rows then columns), all differentiable; otherwise
+/// it pads and calls candle's faster pool.
+pub fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
+    if !x.track_op() {
+        let (_, _, h, w) = x.dims4()?;
+        let (oh, ow) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
+        // Pad so that a 3x3 stride-2 window without padding yields (oh, ow).
+        let x = pad_axis(x, 2, 1, 2 * oh + 1 - h - 1, f64::NEG_INFINITY)?;
+        let x = pad_axis(&x, 3, 1, 2 * ow + 1 - w - 1, f64::NEG_INFINITY)?;
+        return x.max_pool2d_with_stride(3, 2);
+    }
+    max3_stride2_axis(&max3_stride2_axis(x, 2)?, 3)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Brute-force PyTorch max_pool2d(3, 2, 1) on plain numbers.
+    fn reference_pool(x: &[f32], h: usize, w: usize) -> Vec<f32> {
+        let (oh, ow) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
+        let mut out = vec![f32::NEG_INFINITY; oh * ow];
+        for i in 0..oh {
+            for j in 0..ow {
+                for di in 0..3 {
+                    for dj in 0..3 {
+                        let (y, xx) = ((2 * i + di) as isize - 1, (2 * j + dj) as isize - 1);
+                        if y >= 0 && xx >= 0 && (y as usize) < h && (xx as usize) < w {
+                            let v = x[y as usize * w + xx as usize];
+                            out[i * ow + j] = out[i * ow + j].max(v);
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn stem_pool_matches_brute_force_and_has_a_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        for (h, w) in [(7, 9), (8, 8), (1, 2), (5, 4)] {
+            let x = Tensor::randn(0f32, 1.0, (1, 1, h, w), &dev)?;
+            let want = reference_pool(&x.flatten_all()?.to_vec1()?, h, w);
+            let fast = max_pool_3x3_s2_p1(&x)?.flatten_all()?.to_vec1::<f32>()?;
+            let v = Var::from_tensor(&x)?;
+            let slow = max_pool_3x3_s2_p1(v.as_tensor())?;
+            assert_eq!(fast, want, "fast path {h}x{w}");
+            assert_eq!(slow.flatten_all()?.to_vec1::<f32>()?, want, "differentiable path {h}x{w}");
+            // Each output routes its gradient to exactly one input (no ties in random data).
+            let g = slow.sum_all()?.backward()?;
+            let gx = g.get(v.as_tensor()).expect("no gradient").sum_all()?.to_scalar::<f32>()?;
+            assert_eq!(gx as usize, want.len());
+        }
+        Ok(())
+    }
+}

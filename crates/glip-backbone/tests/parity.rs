@@ -1,0 +1,69 @@
+//! Parity with the PyTorch reference (`../shared/reference/glip_reference.py` and
+//! `make_fixtures.py` / `make_mobilenet_fixture.py`), at the fixture README's forward tolerance
+//! `|a - b| <= 1e-4 + 1e-3 * |b|`.
+
+use candle_core::{DType, Device, Result, D};
+use glip_backbone::{MobileNetV2, ResNet, ResNetConfig, ResNetDepth};
+use glip_core::testing::{assert_deep_forward_close, assert_forward_close, fixture, load};
+use glip_core::{weights, Backbone};
+
+#[test]
+fn resnet50_matches_torchvision_c2_to_c5() -> Result<()> {
+    let dev = Device::Cpu;
+    let vb = weights::open(&fixture("resnet50.safetensors"), DType::F32, &dev)?;
+    let net = ResNet::new(ResNetConfig::new(ResNetDepth::Resnet50), vb)?;
+    let io = load("resnet50_io.safetensors", &dev)?;
+    let levels = net.forward(&io["input"], false)?;
+    for (l, name) in levels.iter().zip(["c2", "c3"]) {
+        assert_forward_close(name, &l.tensor, &io[name])?;
+    }
+    // C4 and C5 sum thousands of terms of magnitude ~100: the reference's own f32 round-off on
+    // near-zero outputs exceeds the elementwise tolerance (see `assert_deep_forward_close`).
+    for (l, name) in levels.iter().zip(["c2", "c3", "c4", "c5"]).skip(2) {
+        assert_deep_forward_close(name, &l.tensor, &io[name])?;
+    }
+    Ok(())
+}
+
+#[test]
+fn seed_tiny_resnet18_loads_with_backbone_prefix() -> Result<()> {
+    let dev = Device::Cpu;
+    let vb = weights::open(&fixture("seed-tiny/model.safetensors"), DType::F32, &dev)?;
+    let net = ResNet::new(ResNetConfig::new(ResNetDepth::Resnet18), vb.pp("backbone"))?;
+    let io = load("seed-tiny/io.safetensors", &dev)?;
+    let c5 = &net.forward(&io["images"], false)?[3].tensor;
+    assert_eq!(c5.dims(), &[3, 512, 4, 5]);
+    Ok(())
+}
+
+#[test]
+fn a_wrong_shape_names_the_key_and_both_shapes() {
+    let dev = Device::Cpu;
+    let vb = weights::open(&fixture("resnet50.safetensors"), DType::F32, &dev).unwrap();
+    // ResNet-18 expects layer1.0.conv1 (64, 64, 3, 3); the ResNet-50 file has (64, 64, 1, 1).
+    let err = ResNet::new(ResNetConfig::new(ResNetDepth::Resnet18), vb).unwrap_err().to_string();
+    assert!(err.contains("layer1.0.conv1.weight"), "{err}");
+    assert!(err.contains("[64, 64, 1, 1]") && err.contains("[64, 64, 3, 3]"), "{err}");
+}
+
+#[test]
+fn mobilenet_v2_real_weights_match_features_logits_and_top1() -> Result<()> {
+    let dev = Device::Cpu;
+    let vb = weights::open(&fixture("mobilenet_v2/model.safetensors"), DType::F32, &dev)?;
+    let net = MobileNetV2::new(vb, true, false)?;
+    let io = load("mobilenet_v2/io.safetensors", &dev)?;
+    let [f6, f13, f18] = net.forward_levels(&io["input"], false)?;
+    assert_forward_close("features.6", &f6, &io["features.6"])?;
+    assert_forward_close("features.13", &f13, &io["features.13"])?;
+    assert_forward_close("features.18", &f18, &io["features.18"])?;
+    let logits = net.logits(&f18)?;
+    assert_forward_close("logits", &logits, &io["logits"])?;
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("mobilenet_v2/io.json")).unwrap())
+            .unwrap();
+    let top1: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
+    let want: Vec<u32> =
+        meta["top5"].as_array().unwrap().iter().map(|t| t[0].as_u64().unwrap() as u32).collect();
+    assert_eq!(top1, want, "top-1 classes of the four photos");
+    Ok(())
+}

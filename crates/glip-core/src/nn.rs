@@ -1,0 +1,126 @@
+//! Differentiable building blocks shared by the model crates, written to avoid candle's
+//! gradient traps (CANDLE-NOTES.md): candle's fused `LayerNorm` and `softmax_last_dim` pass no
+//! gradient, so these are compositions of elementwise ops; `Linear` initialises as PyTorch does.
+
+use candle_core::{Result, Tensor, D};
+use candle_nn::{Init, VarBuilder};
+
+/// Layer normalisation over the last axis, differentiable in its input, weight and bias.
+/// Names `weight`/`bias` (PyTorch); Hugging Face's older `gamma`/`beta` are accepted too.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// Loads a norm of width `d` from `vb`.
+    pub fn new(d: usize, eps: f64, vb: VarBuilder<'_>) -> Result<Self> {
+        let (wn, bn) = if !vb.contains_tensor("weight") && vb.contains_tensor("gamma") {
+            ("gamma", "beta")
+        } else {
+            ("weight", "bias")
+        };
+        let weight = vb.get_with_hints(d, wn, Init::Const(1.0))?;
+        let bias = vb.get_with_hints(d, bn, Init::Const(0.0))?;
+        Ok(Self { weight, bias, eps })
+    }
+
+    /// `x (..., d)` -> normalised `(..., d)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let y = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        y.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+    }
+}
+
+/// Softmax over the last axis, differentiable (unlike `candle_nn::ops::softmax_last_dim`).
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// A linear layer `y = x W^T + b` with PyTorch's names and default initialisation
+/// (`U(-1/sqrt(in), 1/sqrt(in))` for both weight and bias).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Loads `weight (out, in)` and `bias (out,)` from `vb`.
+    pub fn new(din: usize, dout: usize, vb: VarBuilder<'_>) -> Result<Self> {
+        Self::with_bias(din, dout, true, vb)
+    }
+
+    /// As [`Linear::new`], optionally without bias.
+    pub fn with_bias(din: usize, dout: usize, bias: bool, vb: VarBuilder<'_>) -> Result<Self> {
+        let bound = 1.0 / (din.max(1) as f64).sqrt();
+        let init = Init::Uniform { lo: -bound, up: bound };
+        let weight = vb.get_with_hints((dout, din), "weight", init)?;
+        let bias = if bias { Some(vb.get_with_hints(dout, "bias", init)?) } else { None };
+        Ok(Self { weight, bias })
+    }
+
+    /// From explicit tensors: `weight (out, in)`, `bias (out,)`.
+    pub fn from_tensors(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    /// `x (..., in)` -> `(..., out)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = match x.rank() {
+            3 => x.broadcast_matmul(&self.weight.t()?)?,
+            _ => {
+                let dims = x.dims();
+                let din = dims[dims.len() - 1];
+                let flat = x.reshape(((), din))?.matmul(&self.weight.t()?)?;
+                let mut out = dims.to_vec();
+                *out.last_mut().expect("rank >= 1") = self.weight.dim(0)?;
+                flat.reshape(out)?
+            }
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+
+    /// `weight (out, in)`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// `bias (out,)`.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+}
+
+/// Inverted dropout, active only when `train` and `p > 0`.
+pub fn dropout(x: &Tensor, p: f32, train: bool) -> Result<Tensor> {
+    if !train || p <= 0.0 {
+        return Ok(x.clone());
+    }
+    candle_nn::ops::dropout(x, p)
+}
+
+/// L2-normalises the last axis: `x / max(||x||, 1e-12)` (PyTorch `F.normalize`).
+pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+    let n = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::INFINITY)?;
+    x.broadcast_div(&n)
+}
+
+/// An additive attention bias from a `(b, t)` u8 mask (1 = attend): 0 where real, a large
+/// negative number where padded, shaped `(b, 1, 1, t)` to broadcast over heads and queries.
+pub fn mask_to_bias(mask: &Tensor, dtype: candle_core::DType) -> Result<Tensor> {
+    let (b, t) = mask.dims2()?;
+    let m = mask.to_dtype(dtype)?;
+    // torch.finfo(float32).min, as Hugging Face BERT uses; exp() of it underflows to 0.
+    ((1.0 - m)? * f32::MIN as f64)?.reshape((b, 1, 1, t))
+}

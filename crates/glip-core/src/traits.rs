@@ -1,0 +1,123 @@
+//! The components a researcher swaps, each a small trait shaped like candle's `Module`.
+//!
+//! Built-in implementations live in the sibling crates and are chosen by config in
+//! `glip-train`; a researcher's own type implementing one of these traits plugs into the model
+//! builder without touching any enum of this workspace.
+
+use crate::types::{FeatureMap, Losses, Match, ModelOutput, Target, TextFeatures};
+use candle_core::{Result, Tensor};
+
+/// Image feature extractor.
+pub trait Backbone: Send + Sync {
+    /// `images (b, 3, h, w)` -> feature maps, finest first (ResNet: C2..C5, strides 4..32).
+    fn forward(&self, images: &Tensor, train: bool) -> Result<Vec<FeatureMap>>;
+    /// Channels of each returned level, in the same order.
+    fn out_channels(&self) -> Vec<usize>;
+    /// Stride of each returned level, in the same order.
+    fn strides(&self) -> Vec<usize>;
+}
+
+/// Text encoder (BERT and friends).
+pub trait TextEncoder: Send + Sync {
+    /// `input_ids (b, t)` u32, `attention_mask (b, t)` u8 -> token features `(b, t, d)`.
+    fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        train: bool,
+    ) -> Result<TextFeatures>;
+    /// `d`, the width of the token features.
+    fn hidden_size(&self) -> usize;
+}
+
+/// What a query generator may look at.
+#[derive(Debug, Clone, Copy)]
+pub struct QueryInputs<'a> {
+    /// Text features (tokens `(b, t, d_text)`, pooled `(b, d_text)`, mask `(b, t)`).
+    pub text: &'a TextFeatures,
+    /// `(b, s, d)` encoder output.
+    pub memory: &'a Tensor,
+    /// `(b, s)` u8, 1 for real image positions; `None` when nothing is padded.
+    pub memory_mask: Option<&'a Tensor>,
+}
+
+/// Decoder queries.
+#[derive(Debug, Clone)]
+pub struct Queries {
+    /// `(b, q, d)` content queries (the decoder's initial `tgt`).
+    pub content: Tensor,
+    /// `(b, q, d)` positional part added to the queries in every attention, if any.
+    pub pos: Option<Tensor>,
+    /// `(b, q, 4)` normalised cxcywh reference boxes, for generators that predict them.
+    pub reference_boxes: Option<Tensor>,
+}
+
+/// Turns text (and possibly image memory) into decoder queries.
+pub trait QueryGenerator: Send + Sync {
+    /// Queries `(b, q, d)` for the batch.
+    fn forward(&self, inputs: &QueryInputs<'_>, train: bool) -> Result<Queries>;
+    /// `q`.
+    fn num_queries(&self) -> usize;
+}
+
+/// Image-text fusion applied to the encoder output. The identity is a valid fusion.
+pub trait Fusion: Send + Sync {
+    /// `image (b, s, d)`, `text (b, t, d_text)` -> updated `(image, text)`, same shapes.
+    /// Masks are `(b, s)` / `(b, t)` u8 with 1 for real positions.
+    fn forward(
+        &self,
+        image: &Tensor,
+        image_mask: Option<&Tensor>,
+        text: &Tensor,
+        text_mask: &Tensor,
+        train: bool,
+    ) -> Result<(Tensor, Tensor)>;
+}
+
+/// Encoder-decoder over flattened image tokens.
+pub trait Transformer: Send + Sync {
+    /// `src (b, s, d)`, `mask (b, s)` u8 (1 = real), `pos (b, s, d)` -> memory `(b, s, d)`.
+    fn encode(
+        &self,
+        src: &Tensor,
+        mask: Option<&Tensor>,
+        pos: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor>;
+    /// Queries and memory -> the output of every decoder layer `(b, q, d)`, first layer first,
+    /// each passed through the decoder's final norm; the last is the model's `hs`.
+    fn decode(
+        &self,
+        queries: &Queries,
+        memory: &Tensor,
+        memory_mask: Option<&Tensor>,
+        pos: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Vec<Tensor>>;
+}
+
+/// Predicts boxes from decoder states.
+pub trait BoxHead: Send + Sync {
+    /// `hs (b, q, d)` -> `(b, q, 4)` normalised cxcywh.
+    fn forward(&self, hs: &Tensor) -> Result<Tensor>;
+}
+
+/// Predicts class or token logits from decoder states.
+pub trait ClassHead: Send + Sync {
+    /// `hs (b, q, d)` -> `(b, q, c)` class logits or `(b, q, t)` token logits.
+    fn forward(&self, hs: &Tensor, text: &TextFeatures) -> Result<Tensor>;
+    /// What the logits range over.
+    fn logits_kind(&self) -> crate::types::LogitsKind;
+}
+
+/// Solves an assignment problem on a cost matrix.
+pub trait Matcher: Send + Sync {
+    /// `cost (q, n)` -> an assignment of `min(q, n)` pairs, sorted by query.
+    fn assign(&self, cost: &Tensor) -> Result<Match>;
+}
+
+/// A training loss.
+pub trait Criterion: Send + Sync {
+    /// Loss of `out` against one target per image.
+    fn forward(&self, out: &ModelOutput, targets: &[Target]) -> Result<Losses>;
+}

@@ -1,0 +1,9 @@
+//! Assembly and training of glip-rs: builds a model from a TOML config out of the component
+//! crates, trains it, evaluates it.
+//!
+//! # Owns
+//! The only `match` on component config enums, the optimiser, checkpoints, logging and
+//! evaluation.
+//!
+//! # Must not know about
+//! Command-line parsing or experiment grids (those are glip-cli's and xtask's).
