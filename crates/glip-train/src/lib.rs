@@ -1,5 +1,5 @@
-//! Assembly and training of glip-rs: builds a model from a TOML config out of the component
-//! crates, trains it, evaluates it.
+//! Assembly and training of glip-rs: builds a model from the component crates, trains it,
+//! evaluates it.
 //!
 //! # Owns
 //! The only `match` on component config enums, the optimiser, checkpoints, logging and
@@ -7,3 +7,8 @@
 //!
 //! # Must not know about
 //! Command-line parsing or experiment grids (those are glip-cli's and xtask's).
+
+pub mod model;
+pub mod seed;
+
+pub use model::GlipModel;

@@ -1,6 +1,6 @@
 //! Transformer pieces of glip-rs: multi-head attention with PyTorch's packed parameters,
-//! encoder and decoder layers with `torch.nn.Transformer` names, positional encodings, query
-//! generators and image-text fusion.
+//! encoder and decoder layers with `torch.nn.Transformer` names, DETR's sine positional
+//! encoding, query generators and image-text fusion.
 //!
 //! # Owns
 //! Implementations of [`glip_core::Transformer`], [`glip_core::QueryGenerator`] and
@@ -8,3 +8,32 @@
 //!
 //! # Must not know about
 //! Which backbone or text encoder produced its inputs, heads, losses, datasets.
+//!
+//! ```
+//! use candle_core::{DType, Device, Tensor};
+//! use candle_nn::{VarBuilder, VarMap};
+//! use glip_core::{Queries, Transformer};
+//! use glip_transformer::{DetrTransformer, TransformerConfig};
+//!
+//! let vm = VarMap::new();
+//! let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+//! let t = DetrTransformer::new(TransformerConfig::new(32, 4, 1, 2, 64), vb).unwrap();
+//! let src = Tensor::randn(0f32, 1.0, (2, 12, 32), &Device::Cpu).unwrap();
+//! let memory = t.encode(&src, None, None, false).unwrap();
+//! let q = Queries { content: Tensor::zeros((2, 5, 32), DType::F32, &Device::Cpu).unwrap(), pos: None, reference_boxes: None };
+//! let hs = t.decode(&q, &memory, None, None, false).unwrap();
+//! assert_eq!(hs.len(), 2);
+//! assert_eq!(hs[1].dims(), &[2, 5, 32]);
+//! ```
+
+pub mod attention;
+pub mod fusion;
+pub mod position;
+pub mod query;
+pub mod transformer;
+
+pub use attention::MultiheadAttention;
+pub use fusion::{BiAttentionFusion, NoFusion};
+pub use position::{downsample_mask, sine_position_encoding};
+pub use query::{LearnedQueries, SeedQueries, TextAttendQueries};
+pub use transformer::{Activation, DetrTransformer, TransformerConfig};

@@ -1,0 +1,73 @@
+//! Multi-head attention with PyTorch's packed parameters (`in_proj_weight (3d, d)`,
+//! `in_proj_bias (3d,)`, `out_proj.{weight,bias}`) and key-padding masks.
+
+use candle_core::{Result, Tensor};
+use candle_nn::{Init, VarBuilder};
+use glip_core::nn::{dropout, mask_to_bias, softmax_last, Linear};
+
+/// `torch.nn.MultiheadAttention` with `batch_first` semantics on our side: inputs are
+/// `(b, len, d)`.
+#[derive(Debug, Clone)]
+pub struct MultiheadAttention {
+    in_proj_weight: Tensor,
+    in_proj_bias: Tensor,
+    out_proj: Linear,
+    heads: usize,
+    d: usize,
+    dropout: f32,
+}
+
+impl MultiheadAttention {
+    /// Loads `in_proj_weight`, `in_proj_bias`, `out_proj.*` of width `d` with `heads` heads.
+    /// Initialisation follows PyTorch (Xavier-uniform packed weight, zero biases).
+    pub fn new(d: usize, heads: usize, dropout: f32, vb: VarBuilder<'_>) -> Result<Self> {
+        if heads == 0 || d % heads != 0 {
+            candle_core::bail!("attention: width {d} is not divisible by {heads} heads");
+        }
+        let bound = (6.0 / (d as f64 + 3.0 * d as f64)).sqrt();
+        let in_proj_weight =
+            vb.get_with_hints((3 * d, d), "in_proj_weight", Init::Uniform { lo: -bound, up: bound })?;
+        let in_proj_bias = vb.get_with_hints(3 * d, "in_proj_bias", Init::Const(0.0))?;
+        let ob = 1.0 / (d as f64).sqrt();
+        let out_proj = Linear::from_tensors(
+            vb.get_with_hints((d, d), "out_proj.weight", Init::Uniform { lo: -ob, up: ob })?,
+            Some(vb.get_with_hints(d, "out_proj.bias", Init::Const(0.0))?),
+        );
+        Ok(Self { in_proj_weight, in_proj_bias, out_proj, heads, d, dropout })
+    }
+
+    fn project(&self, x: &Tensor, i: usize) -> Result<Tensor> {
+        let w = self.in_proj_weight.narrow(0, i * self.d, self.d)?;
+        let b = self.in_proj_bias.narrow(0, i * self.d, self.d)?;
+        x.broadcast_matmul(&w.t()?)?.broadcast_add(&b)
+    }
+
+    fn split_heads(&self, x: Tensor) -> Result<Tensor> {
+        let (b, l, _) = x.dims3()?;
+        x.reshape((b, l, self.heads, self.d / self.heads))?.transpose(1, 2)?.contiguous()
+    }
+
+    /// `query (b, lq, d)`, `key`/`value (b, lk, d)`, `key_mask (b, lk)` u8 (1 = attend) ->
+    /// `(b, lq, d)`.
+    pub fn forward(
+        &self,
+        query: &Tensor,
+        key: &Tensor,
+        value: &Tensor,
+        key_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (b, lq, _) = query.dims3()?;
+        let dh = self.d / self.heads;
+        let q = (self.split_heads(self.project(query, 0)?)? * (1.0 / (dh as f64).sqrt()))?;
+        let k = self.split_heads(self.project(key, 1)?)?;
+        let v = self.split_heads(self.project(value, 2)?)?;
+        let mut scores = q.matmul(&k.t()?)?; // (b, h, lq, lk)
+        if let Some(m) = key_mask {
+            scores = scores.broadcast_add(&mask_to_bias(m, scores.dtype())?)?;
+        }
+        let p = dropout(&softmax_last(&scores)?, self.dropout, train)?;
+        let ctx = p.matmul(&v)?.transpose(1, 2)?.reshape((b, lq, self.d))?;
+        self.out_proj.forward(&ctx)
+    }
+}

@@ -1,0 +1,270 @@
+//! Encoder and decoder with `torch.nn.Transformer`'s names: `encoder.layers.N.{self_attn,
+//! linear1, linear2, norm1, norm2}`, `decoder.layers.N.{self_attn, multihead_attn, linear1,
+//! linear2, norm1, norm2, norm3}`, final `encoder.norm` / `decoder.norm`.
+
+use crate::attention::MultiheadAttention;
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
+use glip_core::nn::{dropout, LayerNorm, Linear};
+use glip_core::Queries;
+use serde::{Deserialize, Serialize};
+
+/// Feed-forward activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Activation {
+    /// ReLU (torch's default).
+    Relu,
+    /// Exact (erf) GELU.
+    Gelu,
+}
+
+/// Transformer options; defaults are `torch.nn.Transformer`'s except the sizes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransformerConfig {
+    /// Width `d`.
+    pub d_model: usize,
+    /// Attention heads.
+    pub nhead: usize,
+    /// Encoder layers.
+    pub num_encoder_layers: usize,
+    /// Decoder layers.
+    pub num_decoder_layers: usize,
+    /// Feed-forward width.
+    pub dim_feedforward: usize,
+    /// Dropout (training only). Default 0.1.
+    #[serde(default = "default_dropout")]
+    pub dropout: f32,
+    /// Feed-forward activation. Default relu.
+    #[serde(default = "default_activation")]
+    pub activation: Activation,
+    /// Pre-norm layers (norm before each block) instead of torch's default post-norm.
+    #[serde(default)]
+    pub pre_norm: bool,
+}
+
+fn default_dropout() -> f32 {
+    0.1
+}
+fn default_activation() -> Activation {
+    Activation::Relu
+}
+
+impl TransformerConfig {
+    /// A config with torch's defaults for everything but the sizes.
+    pub fn new(d_model: usize, nhead: usize, enc: usize, dec: usize, ff: usize) -> Self {
+        Self {
+            d_model,
+            nhead,
+            num_encoder_layers: enc,
+            num_decoder_layers: dec,
+            dim_feedforward: ff,
+            dropout: default_dropout(),
+            activation: default_activation(),
+            pre_norm: false,
+        }
+    }
+}
+
+fn with_pos(x: &Tensor, pos: Option<&Tensor>) -> Result<Tensor> {
+    match pos {
+        Some(p) => x.broadcast_add(p),
+        None => Ok(x.clone()),
+    }
+}
+
+#[derive(Debug, Clone)]
+struct FeedForward {
+    linear1: Linear,
+    linear2: Linear,
+    activation: Activation,
+    dropout: f32,
+}
+
+impl FeedForward {
+    fn new(cfg: &TransformerConfig, vb: &VarBuilder<'_>) -> Result<Self> {
+        Ok(Self {
+            linear1: Linear::new(cfg.d_model, cfg.dim_feedforward, vb.pp("linear1"))?,
+            linear2: Linear::new(cfg.dim_feedforward, cfg.d_model, vb.pp("linear2"))?,
+            activation: cfg.activation,
+            dropout: cfg.dropout,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let h = self.linear1.forward(x)?;
+        let h = match self.activation {
+            Activation::Relu => h.relu()?,
+            Activation::Gelu => h.gelu_erf()?,
+        };
+        let h = self.linear2.forward(&dropout(&h, self.dropout, train)?)?;
+        dropout(&h, self.dropout, train)
+    }
+}
+
+/// One encoder layer.
+#[derive(Debug, Clone)]
+pub struct EncoderLayer {
+    self_attn: MultiheadAttention,
+    ff: FeedForward,
+    norm1: LayerNorm,
+    norm2: LayerNorm,
+    pre_norm: bool,
+    dropout: f32,
+}
+
+impl EncoderLayer {
+    /// Loads `self_attn`, `linear1/2`, `norm1/2` from `vb`.
+    pub fn new(cfg: &TransformerConfig, vb: VarBuilder<'_>) -> Result<Self> {
+        Ok(Self {
+            self_attn: MultiheadAttention::new(cfg.d_model, cfg.nhead, cfg.dropout, vb.pp("self_attn"))?,
+            ff: FeedForward::new(cfg, &vb)?,
+            norm1: LayerNorm::new(cfg.d_model, 1e-5, vb.pp("norm1"))?,
+            norm2: LayerNorm::new(cfg.d_model, 1e-5, vb.pp("norm2"))?,
+            pre_norm: cfg.pre_norm,
+            dropout: cfg.dropout,
+        })
+    }
+
+    /// `x (b, s, d)`, `mask (b, s)`, `pos (b, s, d)` -> `(b, s, d)`.
+    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>, pos: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        if self.pre_norm {
+            let h = self.norm1.forward(x)?;
+            let qk = with_pos(&h, pos)?;
+            let a = self.self_attn.forward(&qk, &qk, &h, mask, train)?;
+            let x = (x + dropout(&a, self.dropout, train)?)?;
+            let f = self.ff.forward(&self.norm2.forward(&x)?, train)?;
+            x + f
+        } else {
+            let qk = with_pos(x, pos)?;
+            let a = self.self_attn.forward(&qk, &qk, x, mask, train)?;
+            let x = self.norm1.forward(&(x + dropout(&a, self.dropout, train)?)?)?;
+            let f = self.ff.forward(&x, train)?;
+            self.norm2.forward(&(x + f)?)
+        }
+    }
+}
+
+/// One decoder layer.
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    self_attn: MultiheadAttention,
+    multihead_attn: MultiheadAttention,
+    ff: FeedForward,
+    norm1: LayerNorm,
+    norm2: LayerNorm,
+    norm3: LayerNorm,
+    pre_norm: bool,
+    dropout: f32,
+}
+
+impl DecoderLayer {
+    /// Loads `self_attn`, `multihead_attn`, `linear1/2`, `norm1..3` from `vb`.
+    pub fn new(cfg: &TransformerConfig, vb: VarBuilder<'_>) -> Result<Self> {
+        Ok(Self {
+            self_attn: MultiheadAttention::new(cfg.d_model, cfg.nhead, cfg.dropout, vb.pp("self_attn"))?,
+            multihead_attn: MultiheadAttention::new(cfg.d_model, cfg.nhead, cfg.dropout, vb.pp("multihead_attn"))?,
+            ff: FeedForward::new(cfg, &vb)?,
+            norm1: LayerNorm::new(cfg.d_model, 1e-5, vb.pp("norm1"))?,
+            norm2: LayerNorm::new(cfg.d_model, 1e-5, vb.pp("norm2"))?,
+            norm3: LayerNorm::new(cfg.d_model, 1e-5, vb.pp("norm3"))?,
+            pre_norm: cfg.pre_norm,
+            dropout: cfg.dropout,
+        })
+    }
+
+    /// `x (b, q, d)` with query positions `qpos (b, q, d)`, over `memory (b, s, d)` with
+    /// `mem_mask (b, s)` and `pos (b, s, d)` -> `(b, q, d)`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        qpos: Option<&Tensor>,
+        memory: &Tensor,
+        mem_mask: Option<&Tensor>,
+        pos: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let mem_k = with_pos(memory, pos)?;
+        let drop = |t: &Tensor| dropout(t, self.dropout, train);
+        if self.pre_norm {
+            let h = self.norm1.forward(x)?;
+            let qk = with_pos(&h, qpos)?;
+            let x = (x + drop(&self.self_attn.forward(&qk, &qk, &h, None, train)?)?)?;
+            let h = self.norm2.forward(&x)?;
+            let a = self.multihead_attn.forward(&with_pos(&h, qpos)?, &mem_k, memory, mem_mask, train)?;
+            let x = (x + drop(&a)?)?;
+            let f = self.ff.forward(&self.norm3.forward(&x)?, train)?;
+            x + f
+        } else {
+            let qk = with_pos(x, qpos)?;
+            let x = self.norm1.forward(&(x + drop(&self.self_attn.forward(&qk, &qk, x, None, train)?)?)?)?;
+            let a = self.multihead_attn.forward(&with_pos(&x, qpos)?, &mem_k, memory, mem_mask, train)?;
+            let x = self.norm2.forward(&(&x + drop(&a)?)?)?;
+            let f = self.ff.forward(&x, train)?;
+            self.norm3.forward(&(x + f)?)
+        }
+    }
+}
+
+/// The encoder-decoder: `encoder.layers.N`, `encoder.norm`, `decoder.layers.N`, `decoder.norm`.
+#[derive(Debug, Clone)]
+pub struct DetrTransformer {
+    encoder: Vec<EncoderLayer>,
+    encoder_norm: LayerNorm,
+    decoder: Vec<DecoderLayer>,
+    decoder_norm: LayerNorm,
+    config: TransformerConfig,
+}
+
+impl DetrTransformer {
+    /// Loads from `vb` (the `transformer` scope of a checkpoint).
+    pub fn new(config: TransformerConfig, vb: VarBuilder<'_>) -> Result<Self> {
+        let d = config.d_model;
+        let encoder = (0..config.num_encoder_layers)
+            .map(|i| EncoderLayer::new(&config, vb.pp(format!("encoder.layers.{i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        let decoder = (0..config.num_decoder_layers)
+            .map(|i| DecoderLayer::new(&config, vb.pp(format!("decoder.layers.{i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            encoder,
+            encoder_norm: LayerNorm::new(d, 1e-5, vb.pp("encoder.norm"))?,
+            decoder,
+            decoder_norm: LayerNorm::new(d, 1e-5, vb.pp("decoder.norm"))?,
+            config,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &TransformerConfig {
+        &self.config
+    }
+}
+
+impl glip_core::Transformer for DetrTransformer {
+    fn encode(&self, src: &Tensor, mask: Option<&Tensor>, pos: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        let mut x = src.clone();
+        for l in &self.encoder {
+            x = l.forward(&x, mask, pos, train)?;
+        }
+        self.encoder_norm.forward(&x)
+    }
+
+    fn decode(
+        &self,
+        queries: &Queries,
+        memory: &Tensor,
+        memory_mask: Option<&Tensor>,
+        pos: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Vec<Tensor>> {
+        let mut x = queries.content.clone();
+        let mut out = Vec::with_capacity(self.decoder.len());
+        for l in &self.decoder {
+            x = l.forward(&x, queries.pos.as_ref(), memory, memory_mask, pos, train)?;
+            out.push(self.decoder_norm.forward(&x)?);
+        }
+        Ok(out)
+    }
+}
