@@ -29,3 +29,91 @@ fn mmap_safetensors(path: &Path, dtype: DType, device: &Device) -> Result<VarBui
     // which holds for checkpoints that the training loop only ever replaces by rename.
     unsafe { VarBuilder::from_mmaped_safetensors(&[path], dtype, device) }
 }
+
+/// A checkpoint file (or part of one) that initialises the parameters under a prefix.
+pub struct Source {
+    /// Model-side prefix, e.g. `backbone` (empty for the whole model).
+    pub prefix: String,
+    /// The file's tensors (use `.pp(...)` on it to select a prefix inside the file).
+    pub weights: VarBuilder<'static>,
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Source").field("prefix", &self.prefix).finish_non_exhaustive()
+    }
+}
+
+struct Overlay {
+    varmap: candle_nn::VarMap,
+    sources: Vec<Source>,
+}
+
+impl Overlay {
+    fn source_for<'a>(&'a self, name: &'a str) -> Option<(&'a Source, &'a str)> {
+        self.sources.iter().rev().find_map(|s| {
+            if s.prefix.is_empty() {
+                return s.weights.contains_tensor(name).then_some((s, name));
+            }
+            let rest = name.strip_prefix(s.prefix.as_str())?.strip_prefix('.')?;
+            s.weights.contains_tensor(rest).then_some((s, rest))
+        })
+    }
+}
+
+impl candle_nn::var_builder::SimpleBackend for Overlay {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<candle_core::Tensor> {
+        if let Some(t) = self.varmap.data().lock().expect("varmap lock").get(name) {
+            return Ok(t.as_tensor().clone());
+        }
+        if let Some((src, rest)) = self.source_for(name) {
+            let t = src.weights.get(s, rest).map_err(|e| {
+                e.context(format!(
+                    "initialising {name} from {}",
+                    if src.prefix.is_empty() { "the checkpoint" } else { &src.prefix }
+                ))
+            })?;
+            let var = candle_core::Var::from_tensor(&t.to_dtype(dtype)?.to_device(dev)?)?;
+            let out = var.as_tensor().clone();
+            self.varmap.data().lock().expect("varmap lock").insert(name.to_string(), var);
+            return Ok(out);
+        }
+        self.varmap.get(s, name, h, dtype, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> Result<candle_core::Tensor> {
+        if let Some((src, rest)) = self.source_for(name) {
+            return src.weights.get_unchecked_dtype(rest, dtype)?.to_device(dev);
+        }
+        candle_core::bail!("no tensor {name} in any checkpoint")
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.varmap.data().lock().expect("varmap lock").contains_key(name)
+            || self.source_for(name).is_some()
+    }
+}
+
+/// A `VarBuilder` whose every tensor is a trainable variable registered in `varmap`,
+/// initialised from the first of `sources` (last one wins) that holds it, or from the module's
+/// own initialiser when none does. Modules built from it are trainable; modules that freeze
+/// parts detach them.
+pub fn trainable(
+    varmap: &candle_nn::VarMap,
+    sources: Vec<Source>,
+    dtype: DType,
+    device: &Device,
+) -> VarBuilder<'static> {
+    VarBuilder::from_backend(
+        Box::new(Overlay { varmap: varmap.clone(), sources }),
+        dtype,
+        device.clone(),
+    )
+}

@@ -126,7 +126,11 @@ impl TokenAlignmentHead {
     pub fn new(text_dim: usize, d: usize, vb: VarBuilder<'_>) -> Result<Self> {
         let prior = 0.01f64;
         Ok(Self {
-            dot_product_projection_text: Linear::new(text_dim, d, vb.pp("dot_product_projection_text"))?,
+            dot_product_projection_text: Linear::new(
+                text_dim,
+                d,
+                vb.pp("dot_product_projection_text"),
+            )?,
             dot_product_projection_image: Linear::new(d, d, vb.pp("dot_product_projection_image"))?,
             log_scale: vb.get_with_hints((), "log_scale", Init::Const(0.0))?,
             bias_lang: vb.get_with_hints(text_dim, "bias_lang", Init::Const(0.0))?,
@@ -139,7 +143,8 @@ impl TokenAlignmentHead {
         let emb = l2_normalize(tokens)?;
         let proj_t = self.dot_product_projection_text.forward(&(&emb * 0.5)?)?;
         let proj_q = self.dot_product_projection_image.forward(hs)?;
-        let bias = emb.broadcast_mul(&self.bias_lang)?.sum(D::Minus1)?.broadcast_add(&self.bias0)?;
+        let bias =
+            emb.broadcast_mul(&self.bias_lang)?.sum(D::Minus1)?.broadcast_add(&self.bias0)?;
         let sim = proj_q.matmul(&proj_t.transpose(1, 2)?.contiguous()?)?;
         let sim = sim.broadcast_div(&self.log_scale.exp()?)?;
         sim.broadcast_add(&bias.unsqueeze(1)?)?.clamp(-50000f32, 50000f32)

@@ -39,7 +39,12 @@ fn default_top_k() -> usize {
 
 impl Default for PostProcessConfig {
     fn default() -> Self {
-        Self { top_k: default_top_k(), score_threshold: 0.0, nms_iou: None, token_reduce: TokenReduce::Mean }
+        Self {
+            top_k: default_top_k(),
+            score_threshold: 0.0,
+            nms_iou: None,
+            token_reduce: TokenReduce::Mean,
+        }
     }
 }
 
@@ -95,18 +100,33 @@ pub fn nms(boxes: &[Xyxy], scores: &[f32], iou: f32) -> Vec<usize> {
 /// Detections of one image from `scores (q, c)` and `boxes (q, 4)` normalised cxcywh, in an
 /// image of `width x height` pixels: the top-k (query, category) pairs above the threshold,
 /// then per-category NMS when configured.
-pub fn detections(scores: &Tensor, boxes: &Tensor, width: f32, height: f32, cfg: &PostProcessConfig) -> Result<Vec<Detection>> {
+pub fn detections(
+    scores: &Tensor,
+    boxes: &Tensor,
+    width: f32,
+    height: f32,
+    cfg: &PostProcessConfig,
+) -> Result<Vec<Detection>> {
     let (q, c) = scores.dims2()?;
     let s: Vec<f32> = scores.flatten_all()?.to_vec1()?;
-    let b: Vec<[f32; 4]> = boxes.to_vec2::<f32>()?.into_iter().map(|v| [v[0], v[1], v[2], v[3]]).collect();
-    let mut idx: Vec<usize> = (0..q * c).filter(|&i| s[i] >= cfg.score_threshold && s[i].is_finite()).collect();
+    let b: Vec<[f32; 4]> =
+        boxes.to_vec2::<f32>()?.into_iter().map(|v| [v[0], v[1], v[2], v[3]]).collect();
+    let mut idx: Vec<usize> =
+        (0..q * c).filter(|&i| s[i] >= cfg.score_threshold && s[i].is_finite()).collect();
     idx.sort_by(|&x, &y| s[y].total_cmp(&s[x]));
     let to_px = |bb: [f32; 4]| {
         let [x0, y0, x1, y1] = cxcywh_to_xyxy_f32(bb);
-        [(x0 * width).clamp(0.0, width), (y0 * height).clamp(0.0, height), (x1 * width).clamp(0.0, width), (y1 * height).clamp(0.0, height)]
+        [
+            (x0 * width).clamp(0.0, width),
+            (y0 * height).clamp(0.0, height),
+            (x1 * width).clamp(0.0, width),
+            (y1 * height).clamp(0.0, height),
+        ]
     };
-    let mut dets: Vec<Detection> =
-        idx.iter().map(|&i| Detection { bbox: to_px(b[i / c]), score: s[i], category: i % c }).collect();
+    let mut dets: Vec<Detection> = idx
+        .iter()
+        .map(|&i| Detection { bbox: to_px(b[i / c]), score: s[i], category: i % c })
+        .collect();
     if let Some(thr) = cfg.nms_iou {
         let mut kept = Vec::new();
         for cat in 0..c {

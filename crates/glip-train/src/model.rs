@@ -3,11 +3,11 @@
 
 use candle_core::{DType, Result, Tensor};
 use candle_nn::{Conv2d, Module};
+use glip_core::{Backbone, Contract};
 use glip_core::{
     BoxHead, ClassHead, Fusion, ImageBatch, ModelOutput, Prediction, QueryGenerator, QueryInputs,
     TextBatch, TextEncoder, TextFeatures, Transformer,
 };
-use glip_core::{Backbone, Contract};
 use glip_transformer::{downsample_mask, sine_position_encoding};
 
 /// A GLIP-style detector: image -> backbone level -> 1x1 `input_proj` -> encoder -> fusion
@@ -57,30 +57,47 @@ fn any_padding(mask: &Tensor) -> Result<bool> {
 impl GlipModel {
     /// Runs the model on a batch. Padding in the image mask is masked out of every attention
     /// over image tokens; padding in the text mask out of every attention over text tokens.
-    pub fn forward(&self, images: &ImageBatch, text: &TextBatch, train: bool) -> Result<ModelOutput> {
+    pub fn forward(
+        &self,
+        images: &ImageBatch,
+        text: &TextBatch,
+        train: bool,
+    ) -> Result<ModelOutput> {
         let mut c = Contract::new();
         c.tensor("images", &images.pixels, "b 3 h w")?;
         c.tensor("input_ids", &text.input_ids, "b t")?;
         let levels = self.backbone.forward(&images.pixels, train)?;
         let Some(level) = levels.get(self.feature_level) else {
-            candle_core::bail!("feature_level {} but the backbone returns {} levels", self.feature_level, levels.len())
+            candle_core::bail!(
+                "feature_level {} but the backbone returns {} levels",
+                self.feature_level,
+                levels.len()
+            )
         };
         let f = self.input_proj.forward(&level.tensor)?;
         let (b, d, h, w) = f.dims4()?;
         let src = f.flatten_from(2)?.transpose(1, 2)?.contiguous()?; // (b, s, d)
         let fmask = downsample_mask(&images.mask, h, w)?;
         let mask = if any_padding(&fmask)? { Some(fmask.reshape((b, h * w))?) } else { None };
-        let pos = if self.position_encoding { Some(sine_position_encoding(&fmask, d, 10000.0)?) } else { None };
+        let pos = if self.position_encoding {
+            Some(sine_position_encoding(&fmask, d, 10000.0)?)
+        } else {
+            None
+        };
         let tf = self.text.forward(&text.input_ids, &text.attention_mask, train)?;
         let memory = self.transformer.encode(&src, mask.as_ref(), pos.as_ref(), train)?;
-        let (memory, tokens) = self.fusion.forward(&memory, mask.as_ref(), &tf.tokens, &tf.mask, train)?;
+        let (memory, tokens) =
+            self.fusion.forward(&memory, mask.as_ref(), &tf.tokens, &tf.mask, train)?;
         let tf = TextFeatures::new(tokens, tf.pooled, tf.mask)?;
         let queries = self.query_generator.forward(
             &QueryInputs { text: &tf, memory: &memory, memory_mask: mask.as_ref() },
             train,
         )?;
-        let hs_all = self.transformer.decode(&queries, &memory, mask.as_ref(), pos.as_ref(), train)?;
-        let Some(hs) = hs_all.last().cloned() else { candle_core::bail!("the decoder has no layer") };
+        let hs_all =
+            self.transformer.decode(&queries, &memory, mask.as_ref(), pos.as_ref(), train)?;
+        let Some(hs) = hs_all.last().cloned() else {
+            candle_core::bail!("the decoder has no layer")
+        };
         let predict = |hs: &Tensor| -> Result<Prediction> {
             Prediction::new(self.box_head.forward(hs)?, self.class_head.forward(hs, &tf)?)
         };
@@ -90,6 +107,13 @@ impl GlipModel {
         } else {
             Vec::new()
         };
-        ModelOutput::new(pred, self.class_head.logits_kind(), aux, hs, memory, tf.mask.to_dtype(DType::U8)?)
+        ModelOutput::new(
+            pred,
+            self.class_head.logits_kind(),
+            aux,
+            hs,
+            memory,
+            tf.mask.to_dtype(DType::U8)?,
+        )
     }
 }

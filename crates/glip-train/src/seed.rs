@@ -52,8 +52,16 @@ pub fn build_seed(spec: &SeedSpec, freeze_at: usize, vb: VarBuilder<'_>) -> Resu
         feature_level: 3,
         input_proj: conv2d(vb.pp("input_proj"), c5, d, 1, 1, 0, 1, true, false)?,
         text: Box::new(text),
-        query_generator: Box::new(SeedQueries::new(text_dim, d, spec.num_queries, vb.pp("query_generator"))?),
-        transformer: Box::new(DetrTransformer::new(spec.transformer.clone(), vb.pp("transformer"))?),
+        query_generator: Box::new(SeedQueries::new(
+            text_dim,
+            d,
+            spec.num_queries,
+            vb.pp("query_generator"),
+        )?),
+        transformer: Box::new(DetrTransformer::new(
+            spec.transformer.clone(),
+            vb.pp("transformer"),
+        )?),
         fusion: Box::new(NoFusion),
         box_head: Box::new(LinearBoxHead::new(d, vb.pp("bbox_pred"))?),
         class_head,

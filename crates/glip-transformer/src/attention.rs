@@ -25,8 +25,11 @@ impl MultiheadAttention {
             candle_core::bail!("attention: width {d} is not divisible by {heads} heads");
         }
         let bound = (6.0 / (d as f64 + 3.0 * d as f64)).sqrt();
-        let in_proj_weight =
-            vb.get_with_hints((3 * d, d), "in_proj_weight", Init::Uniform { lo: -bound, up: bound })?;
+        let in_proj_weight = vb.get_with_hints(
+            (3 * d, d),
+            "in_proj_weight",
+            Init::Uniform { lo: -bound, up: bound },
+        )?;
         let in_proj_bias = vb.get_with_hints(3 * d, "in_proj_bias", Init::Const(0.0))?;
         let ob = 1.0 / (d as f64).sqrt();
         let out_proj = Linear::from_tensors(

@@ -12,7 +12,14 @@ use glip_core::Fusion;
 pub struct NoFusion;
 
 impl Fusion for NoFusion {
-    fn forward(&self, image: &Tensor, _: Option<&Tensor>, text: &Tensor, _: &Tensor, _: bool) -> Result<(Tensor, Tensor)> {
+    fn forward(
+        &self,
+        image: &Tensor,
+        _: Option<&Tensor>,
+        text: &Tensor,
+        _: &Tensor,
+        _: bool,
+    ) -> Result<(Tensor, Tensor)> {
         Ok((image.clone(), text.clone()))
     }
 }
@@ -45,7 +52,14 @@ pub struct BiAttentionFusion {
 
 impl BiAttentionFusion {
     /// Image width `d_v`, text width `d_l`, attention width `embed` with `heads` heads.
-    pub fn new(d_v: usize, d_l: usize, embed: usize, heads: usize, dropout: f32, vb: VarBuilder<'_>) -> Result<Self> {
+    pub fn new(
+        d_v: usize,
+        d_l: usize,
+        embed: usize,
+        heads: usize,
+        dropout: f32,
+        vb: VarBuilder<'_>,
+    ) -> Result<Self> {
         if heads == 0 || embed % heads != 0 {
             candle_core::bail!("bi-attention: width {embed} is not divisible by {heads} heads");
         }
@@ -102,8 +116,12 @@ impl Fusion for BiAttentionFusion {
             None => scores_t,
         };
         let p_l = softmax_last(&scores_t)?;
-        let out_v = self.out_v_proj.forward(&self.merge(dropout(&p_v, self.dropout, train)?.matmul(&vl)?)?)?;
-        let out_l = self.out_l_proj.forward(&self.merge(dropout(&p_l, self.dropout, train)?.matmul(&vv)?)?)?;
+        let out_v = self
+            .out_v_proj
+            .forward(&self.merge(dropout(&p_v, self.dropout, train)?.matmul(&vl)?)?)?;
+        let out_l = self
+            .out_l_proj
+            .forward(&self.merge(dropout(&p_l, self.dropout, train)?.matmul(&vv)?)?)?;
         let image = (image + out_v.broadcast_mul(&self.gamma_v)?)?;
         let text = (text + out_l.broadcast_mul(&self.gamma_l)?)?;
         Ok((image, text))

@@ -36,7 +36,8 @@ pub fn sine_position_encoding(mask: &Tensor, d: usize, temperature: f64) -> Resu
                 let o = &mut out[((bi * h + i) * w + j) * d..((bi * h + i) * w + j + 1) * d];
                 for k in 0..npf {
                     let (py, px) = (y / dim_t[k], x / dim_t[k]);
-                    let (vy, vx) = if k % 2 == 0 { (py.sin(), px.sin()) } else { (py.cos(), px.cos()) };
+                    let (vy, vx) =
+                        if k % 2 == 0 { (py.sin(), px.sin()) } else { (py.cos(), px.cos()) };
                     o[k] = vy as f32;
                     o[npf + k] = vx as f32;
                 }

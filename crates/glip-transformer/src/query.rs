@@ -6,7 +6,7 @@ use crate::attention::MultiheadAttention;
 use candle_core::{DType, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 use glip_core::nn::{l2_normalize, LayerNorm, Linear};
-use glip_core::{QueryGenerator, QueryInputs, Queries};
+use glip_core::{Queries, QueryGenerator, QueryInputs};
 
 fn query_embed(q: usize, d: usize, vb: &VarBuilder<'_>) -> Result<Tensor> {
     // torch.randn in the reference.
@@ -29,14 +29,19 @@ pub struct SeedQueries {
 impl SeedQueries {
     /// Loads `query_proj.*` (`text_dim -> d`) and `query_embed (q, d)`.
     pub fn new(text_dim: usize, d: usize, q: usize, vb: VarBuilder<'_>) -> Result<Self> {
-        Ok(Self { query_proj: Linear::new(text_dim, d, vb.pp("query_proj"))?, query_embed: query_embed(q, d, &vb)? })
+        Ok(Self {
+            query_proj: Linear::new(text_dim, d, vb.pp("query_proj"))?,
+            query_embed: query_embed(q, d, &vb)?,
+        })
     }
 }
 
 impl QueryGenerator for SeedQueries {
     fn forward(&self, inputs: &QueryInputs<'_>, _train: bool) -> Result<Queries> {
         let Some(pooled) = &inputs.text.pooled else {
-            candle_core::bail!("seed query generator needs a pooled text vector; the text encoder returned none")
+            candle_core::bail!(
+                "seed query generator needs a pooled text vector; the text encoder returned none"
+            )
         };
         let p = l2_normalize(&self.query_proj.forward(pooled)?)?; // (b, d)
         let content = p.unsqueeze(1)?.broadcast_add(&self.query_embed.unsqueeze(0)?)?;
@@ -86,7 +91,13 @@ pub struct TextAttendQueries {
 
 impl TextAttendQueries {
     /// Loads `query_embed (q, d)`, `text_proj` (`text_dim -> d`), `cross_attn.*`, `norm.*`.
-    pub fn new(text_dim: usize, d: usize, q: usize, heads: usize, vb: VarBuilder<'_>) -> Result<Self> {
+    pub fn new(
+        text_dim: usize,
+        d: usize,
+        q: usize,
+        heads: usize,
+        vb: VarBuilder<'_>,
+    ) -> Result<Self> {
         Ok(Self {
             query_embed: query_embed(q, d, &vb)?,
             text_proj: Linear::new(text_dim, d, vb.pp("text_proj"))?,

@@ -118,7 +118,12 @@ impl EncoderLayer {
     /// Loads `self_attn`, `linear1/2`, `norm1/2` from `vb`.
     pub fn new(cfg: &TransformerConfig, vb: VarBuilder<'_>) -> Result<Self> {
         Ok(Self {
-            self_attn: MultiheadAttention::new(cfg.d_model, cfg.nhead, cfg.dropout, vb.pp("self_attn"))?,
+            self_attn: MultiheadAttention::new(
+                cfg.d_model,
+                cfg.nhead,
+                cfg.dropout,
+                vb.pp("self_attn"),
+            )?,
             ff: FeedForward::new(cfg, &vb)?,
             norm1: LayerNorm::new(cfg.d_model, 1e-5, vb.pp("norm1"))?,
             norm2: LayerNorm::new(cfg.d_model, 1e-5, vb.pp("norm2"))?,
@@ -128,7 +133,13 @@ impl EncoderLayer {
     }
 
     /// `x (b, s, d)`, `mask (b, s)`, `pos (b, s, d)` -> `(b, s, d)`.
-    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>, pos: Option<&Tensor>, train: bool) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        pos: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
         if self.pre_norm {
             let h = self.norm1.forward(x)?;
             let qk = with_pos(&h, pos)?;
@@ -163,8 +174,18 @@ impl DecoderLayer {
     /// Loads `self_attn`, `multihead_attn`, `linear1/2`, `norm1..3` from `vb`.
     pub fn new(cfg: &TransformerConfig, vb: VarBuilder<'_>) -> Result<Self> {
         Ok(Self {
-            self_attn: MultiheadAttention::new(cfg.d_model, cfg.nhead, cfg.dropout, vb.pp("self_attn"))?,
-            multihead_attn: MultiheadAttention::new(cfg.d_model, cfg.nhead, cfg.dropout, vb.pp("multihead_attn"))?,
+            self_attn: MultiheadAttention::new(
+                cfg.d_model,
+                cfg.nhead,
+                cfg.dropout,
+                vb.pp("self_attn"),
+            )?,
+            multihead_attn: MultiheadAttention::new(
+                cfg.d_model,
+                cfg.nhead,
+                cfg.dropout,
+                vb.pp("multihead_attn"),
+            )?,
             ff: FeedForward::new(cfg, &vb)?,
             norm1: LayerNorm::new(cfg.d_model, 1e-5, vb.pp("norm1"))?,
             norm2: LayerNorm::new(cfg.d_model, 1e-5, vb.pp("norm2"))?,
@@ -192,14 +213,28 @@ impl DecoderLayer {
             let qk = with_pos(&h, qpos)?;
             let x = (x + drop(&self.self_attn.forward(&qk, &qk, &h, None, train)?)?)?;
             let h = self.norm2.forward(&x)?;
-            let a = self.multihead_attn.forward(&with_pos(&h, qpos)?, &mem_k, memory, mem_mask, train)?;
+            let a = self.multihead_attn.forward(
+                &with_pos(&h, qpos)?,
+                &mem_k,
+                memory,
+                mem_mask,
+                train,
+            )?;
             let x = (x + drop(&a)?)?;
             let f = self.ff.forward(&self.norm3.forward(&x)?, train)?;
             x + f
         } else {
             let qk = with_pos(x, qpos)?;
-            let x = self.norm1.forward(&(x + drop(&self.self_attn.forward(&qk, &qk, x, None, train)?)?)?)?;
-            let a = self.multihead_attn.forward(&with_pos(&x, qpos)?, &mem_k, memory, mem_mask, train)?;
+            let x = self
+                .norm1
+                .forward(&(x + drop(&self.self_attn.forward(&qk, &qk, x, None, train)?)?)?)?;
+            let a = self.multihead_attn.forward(
+                &with_pos(&x, qpos)?,
+                &mem_k,
+                memory,
+                mem_mask,
+                train,
+            )?;
             let x = self.norm2.forward(&(&x + drop(&a)?)?)?;
             let f = self.ff.forward(&x, train)?;
             self.norm3.forward(&(x + f)?)
@@ -243,7 +278,13 @@ impl DetrTransformer {
 }
 
 impl glip_core::Transformer for DetrTransformer {
-    fn encode(&self, src: &Tensor, mask: Option<&Tensor>, pos: Option<&Tensor>, train: bool) -> Result<Tensor> {
+    fn encode(
+        &self,
+        src: &Tensor,
+        mask: Option<&Tensor>,
+        pos: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
         let mut x = src.clone();
         for l in &self.encoder {
             x = l.forward(&x, mask, pos, train)?;
