@@ -67,3 +67,51 @@ fn mobilenet_v2_real_weights_match_features_logits_and_top1() -> Result<()> {
     assert_eq!(top1, want, "top-1 classes of the four photos");
     Ok(())
 }
+
+/// PyTorch zip `.pth` files load through the same path: the real MobileNetV2 weights written as
+/// a `torch.save`-style state dict (by `tests/data/safetensors_to_pth.py`, no torch needed) give
+/// the same logits as the safetensors file.
+#[test]
+fn pth_state_dicts_load_like_safetensors() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("glip-pth-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pth = dir.join("mobilenet_v2.pth");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/safetensors_to_pth.py");
+    let status = std::process::Command::new("python3")
+        .args([
+            script,
+            fixture("mobilenet_v2/model.safetensors").to_str().unwrap(),
+            pth.to_str().unwrap(),
+        ])
+        .status();
+    match status {
+        Ok(s) if s.success() => {}
+        other => {
+            eprintln!("SKIP pth_state_dicts_load_like_safetensors: python3 could not write the .pth ({other:?})");
+            return Ok(());
+        }
+    }
+    let dev = Device::Cpu;
+    let io = load("mobilenet_v2/io.safetensors", &dev)?;
+    let x = io["input"].narrow(0, 0, 1)?;
+    let from_pth = MobileNetV2::new(weights::open(&pth, DType::F32, &dev)?, true, false)?;
+    let from_st = MobileNetV2::new(
+        weights::open(&fixture("mobilenet_v2/model.safetensors"), DType::F32, &dev)?,
+        true,
+        false,
+    )?;
+    let a = from_pth.logits(&from_pth.forward_levels(&x, false)?[2])?;
+    let b = from_st.logits(&from_st.forward_levels(&x, false)?[2])?;
+    glip_core::testing::assert_close("logits", &a, &b, 0.0, 0.0)?;
+    std::fs::remove_dir_all(&dir).ok();
+    Ok(())
+}
+
+#[test]
+fn unknown_weight_formats_are_named() {
+    let Err(err) = weights::open(std::path::Path::new("model.onnx"), DType::F32, &Device::Cpu)
+    else {
+        panic!("an .onnx file was accepted")
+    };
+    assert!(err.to_string().contains("model.onnx: unknown weight format"), "{err}");
+}

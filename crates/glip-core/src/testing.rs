@@ -88,3 +88,39 @@ pub fn assert_deep_forward_close(name: &str, a: &Tensor, b: &Tensor) -> Result<(
     let m = b.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
     assert_close(name, a, b, 1e-4 + 4.0 * f32::EPSILON * m, 1e-3)
 }
+
+/// Checks that every variable of `varmap` (but those `skip` names, such as batch-norm running
+/// statistics) received a finite gradient that is not zero everywhere: candle silently drops
+/// gradients through some fused ops, and this is what catches it.
+pub fn assert_every_parameter_learns(
+    varmap: &candle_nn::VarMap,
+    grads: &candle_core::backprop::GradStore,
+    skip: impl Fn(&str) -> bool,
+) -> Result<()> {
+    let vars = varmap.data().lock().expect("varmap lock");
+    assert!(!vars.is_empty(), "the module registered no parameter");
+    let mut names: Vec<&String> = vars.keys().filter(|n| !skip(n)).collect();
+    names.sort();
+    for name in names {
+        let v = &vars[name];
+        let Some(g) = grads.get(v.as_tensor()) else { panic!("{name}: no gradient reached it") };
+        let g: Vec<f32> = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        assert!(g.iter().all(|x| x.is_finite()), "{name}: non-finite gradient");
+        assert!(g.iter().any(|&x| x != 0.0), "{name}: gradient is zero everywhere");
+    }
+    Ok(())
+}
+
+/// A `VarBuilder` over a fresh `VarMap` on the CPU, for gradient tests.
+pub fn fresh_vars() -> (candle_nn::VarMap, candle_nn::VarBuilder<'static>) {
+    let vm = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    (vm, vb)
+}
+
+/// A scalar loss that depends on every element of `t` in a non-trivial way (so that
+/// normalisation layers do not cancel its gradient): `sum(t * r)` with fixed random weights `r`.
+pub fn probe_loss(t: &Tensor) -> Result<Tensor> {
+    let r = Tensor::randn(0f32, 1.0, t.dims(), t.device())?;
+    (t * r)?.sum_all()
+}

@@ -1,0 +1,177 @@
+//! Gradients, shapes and padding invariance of the transformer crate's modules.
+
+use candle_core::{DType, Device, Result, Tensor};
+use glip_core::testing::{assert_close, assert_every_parameter_learns, fresh_vars, probe_loss};
+use glip_core::{Fusion, Queries, QueryGenerator, QueryInputs, TextFeatures, Transformer};
+use glip_transformer::{
+    sine_position_encoding, Activation, BiAttentionFusion, DetrTransformer, LearnedQueries,
+    SeedQueries, TextAttendQueries, TransformerConfig,
+};
+use proptest::prelude::*;
+
+const D: usize = 16;
+const DT: usize = 12;
+
+fn randn(shape: &[usize]) -> Tensor {
+    Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap()
+}
+
+fn cfg(pre_norm: bool, activation: Activation) -> TransformerConfig {
+    TransformerConfig { pre_norm, activation, ..TransformerConfig::new(D, 4, 2, 2, 32) }
+}
+
+/// `(b, n)` u8 mask with the first `real[i]` positions of row `i` set.
+fn mask(real: &[usize], n: usize) -> Tensor {
+    let v: Vec<u8> = real.iter().flat_map(|&r| (0..n).map(move |j| (j < r) as u8)).collect();
+    Tensor::from_vec(v, (real.len(), n), &Device::Cpu).unwrap()
+}
+
+fn text(b: usize, t: usize) -> TextFeatures {
+    TextFeatures::new(
+        randn(&[b, t, DT]),
+        Some(randn(&[b, DT])),
+        Tensor::ones((b, t), DType::U8, &Device::Cpu).unwrap(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn every_transformer_parameter_learns_post_and_pre_norm() -> Result<()> {
+    for (pre, act) in [(false, Activation::Relu), (true, Activation::Gelu)] {
+        let (vm, vb) = fresh_vars();
+        let t = DetrTransformer::new(cfg(pre, act), vb)?;
+        let (src, pos) = (randn(&[2, 9, D]), randn(&[2, 9, D]));
+        let m = mask(&[9, 6], 9);
+        let memory = t.encode(&src, Some(&m), Some(&pos), true)?;
+        let q = Queries {
+            content: randn(&[2, 5, D]),
+            pos: Some(randn(&[2, 5, D])),
+            reference_boxes: None,
+        };
+        let hs = t.decode(&q, &memory, Some(&m), Some(&pos), true)?;
+        let mut loss = probe_loss(&memory)?;
+        for h in &hs {
+            loss = (loss + probe_loss(h)?)?;
+        }
+        assert_every_parameter_learns(&vm, &loss.backward()?, |_| false)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn every_query_generator_and_fusion_parameter_learns() -> Result<()> {
+    let tf = text(2, 7);
+    let memory = randn(&[2, 9, D]);
+    let inputs = QueryInputs { text: &tf, memory: &memory, memory_mask: None };
+    let gens: Vec<(&str, Box<dyn Fn(candle_nn::VarBuilder<'static>) -> Box<dyn QueryGenerator>>)> = vec![
+        ("seed", Box::new(|vb| Box::new(SeedQueries::new(DT, D, 5, vb).unwrap()))),
+        ("learned", Box::new(|vb| Box::new(LearnedQueries::new(D, 5, vb).unwrap()))),
+        ("text-attend", Box::new(|vb| Box::new(TextAttendQueries::new(DT, D, 5, 4, vb).unwrap()))),
+    ];
+    for (name, make) in gens {
+        let (vm, vb) = fresh_vars();
+        let g = make(vb);
+        let q = g.forward(&inputs, true)?;
+        assert_eq!(q.content.dims(), &[2, 5, D], "{name}");
+        let mut loss = probe_loss(&q.content)?;
+        if let Some(p) = &q.pos {
+            loss = (loss + probe_loss(p)?)?;
+        }
+        assert_every_parameter_learns(&vm, &loss.backward()?, |_| false)?;
+    }
+    let (vm, vb) = fresh_vars();
+    let f = BiAttentionFusion::new(D, DT, 16, 4, 0.1, vb)?;
+    let (img, txt) = f.forward(&memory, None, &tf.tokens, &tf.mask, true)?;
+    let loss = (probe_loss(&img)? + probe_loss(&txt)?)?;
+    assert_every_parameter_learns(&vm, &loss.backward()?, |_| false)
+}
+
+#[test]
+fn dropout_acts_in_training_only() -> Result<()> {
+    let (_vm, vb) = fresh_vars();
+    let t = DetrTransformer::new(
+        TransformerConfig { dropout: 0.5, ..cfg(false, Activation::Relu) },
+        vb,
+    )?;
+    let src = randn(&[1, 6, D]);
+    let a = t.encode(&src, None, None, false)?;
+    assert_close("eval is deterministic", &t.encode(&src, None, None, false)?, &a, 0.0, 0.0)?;
+    let diff = (t.encode(&src, None, None, true)? - &a)?.abs()?.sum_all()?.to_scalar::<f32>()?;
+    assert!(diff > 1e-3, "training output equals eval output: dropout inactive");
+    Ok(())
+}
+
+#[test]
+fn sine_encoding_follows_detr() -> Result<()> {
+    // One 2x3 unpadded map, d = 8: y_embed = row + 1 normalised by 2, x by 3, times 2*pi.
+    let m = Tensor::ones((1, 2, 3), DType::U8, &Device::Cpu)?;
+    let pos: Vec<Vec<f32>> = sine_position_encoding(&m, 8, 10000.0)?.squeeze(0)?.to_vec2()?;
+    let two_pi = 2.0 * std::f64::consts::PI;
+    for (k, row) in pos.iter().enumerate() {
+        let (i, j) = (k / 3, k % 3);
+        let y = (i as f64 + 1.0) / (2.0 + 1e-6) * two_pi;
+        let x = (j as f64 + 1.0) / (3.0 + 1e-6) * two_pi;
+        let dim_t = |c: usize| 10000f64.powf(2.0 * (c / 2) as f64 / 4.0);
+        let want: Vec<f32> = (0..4)
+            .map(|c| if c % 2 == 0 { (y / dim_t(c)).sin() } else { (y / dim_t(c)).cos() } as f32)
+            .chain((0..4).map(
+                |c| if c % 2 == 0 { (x / dim_t(c)).sin() } else { (x / dim_t(c)).cos() } as f32,
+            ))
+            .collect();
+        for (a, b) in row.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-6, "position {k}: {row:?} vs {want:?}");
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(16))]
+
+    /// Encoder and decoder: shapes for any batch/token/query count, and appending masked image
+    /// tokens changes nothing at real positions.
+    #[test]
+    fn transformer_shapes_and_image_padding(b in 1usize..3, s in 1usize..10, extra in 1usize..5, q in 1usize..7, pre in any::<bool>()) {
+        let (_vm, vb) = fresh_vars();
+        let t = DetrTransformer::new(cfg(pre, Activation::Relu), vb).unwrap();
+        let (src, pos) = (randn(&[b, s, D]), randn(&[b, s, D]));
+        let queries = Queries { content: randn(&[b, q, D]), pos: Some(randn(&[b, q, D])), reference_boxes: None };
+        let mem = t.encode(&src, None, Some(&pos), false).unwrap();
+        let hs = t.decode(&queries, &mem, None, Some(&pos), false).unwrap();
+        prop_assert_eq!(mem.dims(), &[b, s, D]);
+        prop_assert_eq!(hs.len(), 2);
+        prop_assert_eq!(hs[1].dims(), &[b, q, D]);
+        let srcp = Tensor::cat(&[&src, &randn(&[b, extra, D])], 1).unwrap();
+        let posp = Tensor::cat(&[&pos, &randn(&[b, extra, D])], 1).unwrap();
+        let m = mask(&vec![s; b], s + extra);
+        let memp = t.encode(&srcp, Some(&m), Some(&posp), false).unwrap();
+        assert_close("memory at real tokens", &memp.narrow(1, 0, s).unwrap(), &mem, 1e-5, 1e-4).unwrap();
+        let hsp = t.decode(&queries, &memp, Some(&m), Some(&posp), false).unwrap();
+        assert_close("decoder output", &hsp[1], &hs[1], 1e-5, 1e-4).unwrap();
+    }
+
+    /// Fusion and text-attend queries: padding text or image tokens changes nothing real.
+    #[test]
+    fn fusion_and_queries_ignore_padding(b in 1usize..3, s in 1usize..8, t in 1usize..8, extra in 1usize..4) {
+        let (_vm, vb) = fresh_vars();
+        let f = BiAttentionFusion::new(D, DT, 16, 4, 0.0, vb.pp("fusion")).unwrap();
+        let g = TextAttendQueries::new(DT, D, 4, 4, vb.pp("queries")).unwrap();
+        let (img, txt) = (randn(&[b, s, D]), randn(&[b, t, DT]));
+        let tm = Tensor::ones((b, t), DType::U8, &Device::Cpu).unwrap();
+        let (fi, ft) = f.forward(&img, None, &txt, &tm, false).unwrap();
+        prop_assert_eq!(fi.dims(), &[b, s, D]);
+        prop_assert_eq!(ft.dims(), &[b, t, DT]);
+        let imgp = Tensor::cat(&[&img, &randn(&[b, extra, D])], 1).unwrap();
+        let txtp = Tensor::cat(&[&txt, &randn(&[b, extra, DT])], 1).unwrap();
+        let (im, tmp) = (mask(&vec![s; b], s + extra), mask(&vec![t; b], t + extra));
+        let (fip, ftp) = f.forward(&imgp, Some(&im), &txtp, &tmp, false).unwrap();
+        assert_close("fused image", &fip.narrow(1, 0, s).unwrap(), &fi, 1e-5, 1e-4).unwrap();
+        assert_close("fused text", &ftp.narrow(1, 0, t).unwrap(), &ft, 1e-5, 1e-4).unwrap();
+        let tf = TextFeatures::new(txt.clone(), None, tm).unwrap();
+        let tfp = TextFeatures::new(txtp, None, tmp).unwrap();
+        let q = g.forward(&QueryInputs { text: &tf, memory: &img, memory_mask: None }, false).unwrap();
+        let qp = g.forward(&QueryInputs { text: &tfp, memory: &imgp, memory_mask: Some(&im) }, false).unwrap();
+        prop_assert_eq!(q.content.dims(), &[b, 4, D]);
+        assert_close("text-attend queries", &qp.content, &q.content, 1e-5, 1e-4).unwrap();
+    }
+}
