@@ -96,7 +96,7 @@ pub enum ShapeError {
         found: Vec<usize>,
     },
     /// The same name appears twice in one spec with different sizes.
-    #[error("{tensor}: axis {axis} appears with sizes {first} and {second} in shape {found:?}")]
+    #[error("{tensor}: axis {axis} = {second}, expected {first} (bound earlier in the same shape) in shape {found:?}")]
     SelfInconsistent {
         tensor: String,
         axis: String,
