@@ -16,7 +16,9 @@ fn resnets(c: &mut Criterion) {
     g.sample_size(10);
     for depth in [ResNetDepth::Resnet18, ResNetDepth::Resnet50] {
         let vm = VarMap::new();
-        let net = ResNet::new(ResNetConfig::new(depth), VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
+        let net =
+            ResNet::new(ResNetConfig::new(depth), VarBuilder::from_varmap(&vm, DType::F32, &dev))
+                .unwrap();
         g.bench_function(format!("{depth:?}").to_lowercase(), |b| {
             b.iter(|| net.forward(&x, false).unwrap())
         });
@@ -32,7 +34,11 @@ fn transformer(c: &mut Criterion) {
     let cfg = TransformerConfig::new(256, 8, 6, 6, 2048);
     let t = DetrTransformer::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
     let src = Tensor::randn(0f32, 1.0, (2, 144, 256), &dev).unwrap();
-    let q = Queries { content: Tensor::randn(0f32, 1.0, (2, 100, 256), &dev).unwrap(), pos: None, reference_boxes: None };
+    let q = Queries {
+        content: Tensor::randn(0f32, 1.0, (2, 100, 256), &dev).unwrap(),
+        pos: None,
+        reference_boxes: None,
+    };
     let mut g = c.benchmark_group("transformer_seed_r50_b2_144tok");
     g.sample_size(10);
     g.bench_function("encode_decode", |b| {

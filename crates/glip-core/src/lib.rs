@@ -27,6 +27,7 @@
 
 pub mod boxes;
 pub mod nn;
+pub mod prompt;
 pub mod shape;
 pub mod testing;
 pub mod traits;

@@ -42,12 +42,9 @@ pub enum TextError {
     /// A caption is over the token budget.
     #[error("caption {text:?}... has {tokens} tokens, over the budget of {max}: split it (detection prompts are chunked automatically)")]
     TooLong { text: String, tokens: usize, max: usize },
-    /// A phrase span does not lie inside its caption.
-    #[error("span {index} = [{start}, {end}) is empty or outside the caption of {len} characters")]
-    BadSpan { index: usize, start: usize, end: usize, len: usize },
-    /// A category name is empty.
-    #[error("category {index} has an empty name")]
-    EmptyCategory { index: usize },
+    /// A prompt is malformed.
+    #[error(transparent)]
+    Prompt(#[from] glip_core::prompt::PromptError),
     /// A config file is malformed.
     #[error("{path}: {msg}")]
     Config { path: PathBuf, msg: String },

@@ -1,75 +1,9 @@
-//! GLIP prompts and positive maps, exactly as `build_prompt` / `positive_map` in
-//! `glip_reference.py`.
+//! GLIP prompts and positive maps (defined in `glip_core::prompt`, re-exported here), and
+//! detection prompts chunked to the token budget.
 
 use crate::tokenizer::{Encoded, Tokenizer};
 use crate::TextError;
-
-/// A caption and the character span of each phrase in it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Prompt {
-    /// The caption.
-    pub caption: String,
-    /// `[start, end)` character span of each phrase (category name), in order.
-    pub spans: Vec<(usize, usize)>,
-}
-
-impl Prompt {
-    /// A free caption with given phrase spans (character indices); spans outside the caption
-    /// or empty are errors.
-    pub fn caption(caption: &str, spans: Vec<(usize, usize)>) -> Result<Self, TextError> {
-        let n = caption.chars().count();
-        for (i, &(s, e)) in spans.iter().enumerate() {
-            if s >= e || e > n {
-                return Err(TextError::BadSpan { index: i, start: s, end: e, len: n });
-            }
-        }
-        Ok(Self { caption: caption.to_string(), spans })
-    }
-
-    /// GLIP's detection prompt `"person. bicycle. car."` with each name's span (`build_prompt`).
-    pub fn detection<S: AsRef<str>>(categories: &[S], separator: &str) -> Result<Self, TextError> {
-        let mut caption = String::new();
-        let mut spans = Vec::with_capacity(categories.len());
-        let mut len = 0usize; // in characters, as Python's len
-        for (i, name) in categories.iter().enumerate() {
-            let name = name.as_ref();
-            if name.trim().is_empty() {
-                return Err(TextError::EmptyCategory { index: i });
-            }
-            let start = len;
-            caption.push_str(name);
-            len += name.chars().count();
-            spans.push((start, len));
-            if i + 1 < categories.len() {
-                caption.push_str(separator);
-                len += separator.chars().count();
-            }
-        }
-        caption.push('.');
-        Ok(Self { caption, spans })
-    }
-}
-
-/// `[n_spans][num_tokens]` 0/1 map: token `t` is positive for a span when their character ranges
-/// overlap (`positive_map` in the reference); special and padding tokens (empty ranges) never are.
-pub fn positive_map(
-    offsets: &[(usize, usize)],
-    spans: &[(usize, usize)],
-    num_tokens: usize,
-) -> Vec<Vec<f32>> {
-    spans
-        .iter()
-        .map(|&(s, e)| {
-            let mut row = vec![0f32; num_tokens];
-            for (t, &(ts, te)) in offsets.iter().enumerate().take(num_tokens) {
-                if te > ts && ts < e && te > s {
-                    row[t] = 1.0;
-                }
-            }
-            row
-        })
-        .collect()
-}
+pub use glip_core::prompt::{positive_map, positive_row, Prompt, PromptError};
 
 /// A detection prompt cut into chunks that each fit the tokenizer's budget.
 #[derive(Debug, Clone)]

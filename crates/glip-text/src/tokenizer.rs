@@ -131,3 +131,17 @@ pub fn pad_batch(
         captions.to_vec(),
     )
 }
+
+impl glip_core::prompt::CaptionTokenizer for Tokenizer {
+    fn encode_caption(&self, caption: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>), String> {
+        self.encode(caption).map(|e| (e.ids, e.offsets)).map_err(|e| e.to_string())
+    }
+
+    fn count_tokens(&self, caption: &str) -> Result<usize, String> {
+        self.count(caption).map_err(|e| e.to_string())
+    }
+
+    fn token_budget(&self) -> usize {
+        self.max_tokens
+    }
+}

@@ -1,0 +1,143 @@
+//! `glip data ...`: validate datasets and export the synthetic task.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand, ValueEnum};
+use glip_data::{
+    CocoDataset, Dataset, ErrorPolicy, OdvgDataset, Problem, ShapesConfig, ShapesDataset, Split,
+};
+use std::path::PathBuf;
+
+/// Dataset tools.
+#[derive(Subcommand, Debug)]
+pub enum DataCmd {
+    /// Validate a dataset: list every problem with its record; exit non-zero if there is any.
+    Check(CheckArgs),
+    /// Write the synthetic shapes task to disk (COCO json + PNG, and/or ODVG).
+    ExportShapes(ExportArgs),
+}
+
+/// `glip data check`.
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    /// A COCO detection json.
+    #[arg(long, conflicts_with = "odvg")]
+    coco: Option<PathBuf>,
+    /// An ODVG jsonl file.
+    #[arg(long)]
+    odvg: Option<PathBuf>,
+    /// The label map of the ODVG file's detection records.
+    #[arg(long, requires = "odvg")]
+    label_map: Option<PathBuf>,
+    /// The images folder.
+    #[arg(long)]
+    images: PathBuf,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Format {
+    Coco,
+    Odvg,
+    Both,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum SplitArg {
+    Train,
+    Val,
+    Both,
+}
+
+/// `glip data export-shapes`.
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// Output folder (created); each split goes to `OUT/train`, `OUT/val`.
+    #[arg(long)]
+    out: PathBuf,
+    /// Which splits.
+    #[arg(long, value_enum, default_value = "both")]
+    split: SplitArg,
+    /// Which formats.
+    #[arg(long, value_enum, default_value = "coco")]
+    format: Format,
+    /// Training images.
+    #[arg(long, default_value_t = 256)]
+    train_images: usize,
+    /// Validation images.
+    #[arg(long, default_value_t = 64)]
+    val_images: usize,
+    /// Image side in pixels.
+    #[arg(long, default_value_t = 128)]
+    size: u32,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+fn report(problems: &[Problem], what: &str, records: usize) -> Result<()> {
+    for p in problems {
+        println!("{p}");
+    }
+    if problems.is_empty() {
+        println!("{what}: {records} records, no problem found");
+        Ok(())
+    } else {
+        bail!("{what}: {} problem(s) in {records} records", problems.len())
+    }
+}
+
+/// Runs a `glip data` subcommand.
+pub fn run(cmd: DataCmd) -> Result<()> {
+    match cmd {
+        DataCmd::Check(a) => {
+            if let Some(coco) = a.coco {
+                let ds = CocoDataset::open(&coco, &a.images, ErrorPolicy::Skip)?;
+                let mut problems = ds.report.problems.clone();
+                problems.extend(ds.check_images());
+                report(&problems, &coco.display().to_string(), ds.len())
+            } else if let Some(odvg) = a.odvg {
+                let ds =
+                    OdvgDataset::open(&odvg, &a.images, a.label_map.as_deref(), ErrorPolicy::Skip)?;
+                let mut problems = ds.report.problems.clone();
+                problems.extend(ds.check_images());
+                report(&problems, &odvg.display().to_string(), ds.len())
+            } else {
+                bail!("give --coco GT.json or --odvg FILE.jsonl")
+            }
+        }
+        DataCmd::ExportShapes(a) => {
+            let cfg = ShapesConfig {
+                train_images: a.train_images,
+                val_images: a.val_images,
+                image_size: a.size,
+                seed: a.seed,
+                ..Default::default()
+            };
+            let splits: &[(Split, &str)] = match a.split {
+                SplitArg::Train => &[(Split::Train, "train")],
+                SplitArg::Val => &[(Split::Val, "val")],
+                SplitArg::Both => &[(Split::Train, "train"), (Split::Val, "val")],
+            };
+            for &(split, name) in splits {
+                let ds = ShapesDataset::new(cfg.clone(), split)?;
+                let dir = a.out.join(name);
+                if matches!(a.format, Format::Coco | Format::Both) {
+                    ds.export_coco(&dir).with_context(|| format!("exporting {name} as COCO"))?;
+                    println!(
+                        "{name}: {} images as COCO in {}",
+                        ds.len(),
+                        dir.join("annotations.json").display()
+                    );
+                }
+                if matches!(a.format, Format::Odvg | Format::Both) {
+                    ds.export_odvg(&dir).with_context(|| format!("exporting {name} as ODVG"))?;
+                    println!(
+                        "{name}: {} images as ODVG in {}",
+                        ds.len(),
+                        dir.join("odvg.jsonl").display()
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}

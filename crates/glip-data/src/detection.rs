@@ -1,0 +1,164 @@
+//! What COCO and ODVG detection records share: validated boxes, categories, and GLIP's
+//! detection prompt over the positive categories plus sampled negatives.
+
+use crate::rng::Rng;
+use crate::{DataError, Sample};
+use glip_core::prompt::{CaptionTokenizer, Prompt};
+use image::RgbImage;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::sync::Arc;
+
+/// How detection prompts are built.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromptConfig {
+    /// Negative categories (absent from the image) added to each prompt, at most. Default 8.
+    #[serde(default = "default_negatives")]
+    pub max_negatives: usize,
+    /// Shuffle the categories of each prompt. Default true.
+    #[serde(default = "yes")]
+    pub shuffle: bool,
+    /// Separator between names. Default ". ".
+    #[serde(default = "default_sep")]
+    pub separator: String,
+    /// Use every category in a fixed order (evaluation prompts): no sampling, no shuffle.
+    #[serde(default)]
+    pub all_categories: bool,
+}
+
+fn default_negatives() -> usize {
+    8
+}
+fn yes() -> bool {
+    true
+}
+fn default_sep() -> String {
+    ". ".into()
+}
+
+impl Default for PromptConfig {
+    fn default() -> Self {
+        Self { max_negatives: 8, shuffle: true, separator: default_sep(), all_categories: false }
+    }
+}
+
+/// An object of a detection record: `(x0, y0, x1, y1)` pixels and a category index.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Object {
+    /// Box in pixels, clipped to the image.
+    pub bbox: [f32; 4],
+    /// Index into the dataset's category list.
+    pub category: usize,
+    /// A crowd region: excluded from training targets, kept for evaluation.
+    pub crowd: bool,
+}
+
+/// Checks a box given as `(x0, y0, x1, y1)` against an image of `w x h`; returns it clipped.
+/// Non-finite values, zero or negative sizes, and boxes far outside the image (more than 10% of
+/// the image beyond an edge, or no overlap) are problems.
+pub fn check_box(b: [f64; 4], w: f64, h: f64) -> Result<[f32; 4], String> {
+    if b.iter().any(|v| !v.is_finite()) {
+        return Err(format!("box {b:?} is not finite"));
+    }
+    if b[2] <= b[0] || b[3] <= b[1] {
+        return Err(format!("box with zero or negative size: xyxy {b:?}"));
+    }
+    let (mx, my) = (0.1 * w, 0.1 * h);
+    if b[0] < -mx || b[1] < -my || b[2] > w + mx || b[3] > h + my {
+        return Err(format!("box far outside its {w}x{h} image: xyxy {b:?}"));
+    }
+    let c = [b[0].max(0.0), b[1].max(0.0), b[2].min(w), b[3].min(h)];
+    if c[2] <= c[0] || c[3] <= c[1] {
+        return Err(format!("box outside its {w}x{h} image: xyxy {b:?}"));
+    }
+    Ok([c[0] as f32, c[1] as f32, c[2] as f32, c[3] as f32])
+}
+
+/// Loads and decodes an image (JPEG or PNG) as RGB.
+pub fn load_image(path: &Path) -> Result<RgbImage, DataError> {
+    let bytes = std::fs::read(path).map_err(|e| DataError::Image {
+        path: path.to_path_buf(),
+        what: format!("cannot be read: {e}"),
+    })?;
+    let img = image::load_from_memory(&bytes).map_err(|e| DataError::Image {
+        path: path.to_path_buf(),
+        what: format!("cannot be decoded: {e}"),
+    })?;
+    Ok(img.to_rgb8())
+}
+
+/// Builds the sample of one image: the prompt over its positive categories plus up to
+/// `max_negatives` sampled others, shuffled, fitted to the tokenizer's budget by dropping
+/// negatives; boxes ground their category's name.
+pub fn detection_sample(
+    image: RgbImage,
+    image_id: u64,
+    objects: &[Object],
+    categories: &[String],
+    cfg: &PromptConfig,
+    tokenizer: Option<&Arc<dyn CaptionTokenizer>>,
+    rng: &mut Rng,
+    record: &dyn Fn() -> String,
+) -> Result<Sample, DataError> {
+    let objects: Vec<&Object> = objects.iter().filter(|o| !o.crowd).collect();
+    let mut cats: Vec<usize> = if cfg.all_categories {
+        (0..categories.len()).collect()
+    } else {
+        let mut pos: Vec<usize> = objects.iter().map(|o| o.category).collect();
+        pos.sort_unstable();
+        pos.dedup();
+        let mut neg: Vec<usize> = (0..categories.len()).filter(|c| !pos.contains(c)).collect();
+        rng.shuffle(&mut neg);
+        neg.truncate(cfg.max_negatives);
+        let npos = pos.len();
+        pos.extend(neg);
+        // Fit the budget by dropping negatives (from the end), never positives.
+        if let Some(tok) = tokenizer {
+            while pos.len() > npos {
+                let p = Prompt::detection(
+                    &pos.iter().map(|&c| &categories[c]).collect::<Vec<_>>(),
+                    &cfg.separator,
+                )
+                .map_err(|e| DataError::Record {
+                    file: "<prompt>".into(),
+                    record: record(),
+                    problem: e.to_string(),
+                })?;
+                if tok.count_tokens(&p.caption).map_err(|e| DataError::Record {
+                    file: "<prompt>".into(),
+                    record: record(),
+                    problem: e,
+                })? <= tok.token_budget()
+                {
+                    break;
+                }
+                pos.pop();
+            }
+        }
+        if cfg.shuffle {
+            rng.shuffle(&mut pos);
+        }
+        pos
+    };
+    if cats.is_empty() && !categories.is_empty() {
+        cats.push(rng.below(categories.len()));
+    }
+    let names: Vec<&String> = cats.iter().map(|&c| &categories[c]).collect();
+    let prompt = Prompt::detection(&names, &cfg.separator).map_err(|e| DataError::Record {
+        file: "<prompt>".into(),
+        record: record(),
+        problem: e.to_string(),
+    })?;
+    let mut phrases = Vec::with_capacity(objects.len());
+    let mut boxes = Vec::with_capacity(objects.len());
+    let mut labels = Vec::with_capacity(objects.len());
+    for o in objects {
+        let Some(k) = cats.iter().position(|&c| c == o.category) else { continue };
+        phrases.push(vec![prompt.spans[k]]);
+        boxes.push(o.bbox);
+        labels.push(Some(o.category as u32));
+    }
+    let orig = image.dimensions();
+    Ok(Sample { image, image_id, orig_size: orig, caption: prompt.caption, boxes, phrases, labels })
+}

@@ -1,0 +1,118 @@
+//! Parallel batching: samples are drawn and transformed on rayon's pool, each with its own
+//! random stream from `(seed, epoch, index)`, so a batch is the same whatever the thread count.
+
+use crate::error::{ErrorPolicy, Problem};
+use crate::rng::Rng;
+use crate::transforms::TransformConfig;
+use crate::{collate, Batch, DataError, Dataset, Sample};
+use candle_core::Device;
+use glip_core::prompt::CaptionTokenizer;
+use rayon::prelude::*;
+use std::sync::{Arc, Mutex};
+
+/// Turns a dataset into batches.
+pub struct Loader {
+    dataset: Arc<dyn Dataset>,
+    tokenizer: Arc<dyn CaptionTokenizer>,
+    /// Transforms applied to every sample.
+    pub transforms: TransformConfig,
+    /// Images per batch.
+    pub batch_size: usize,
+    /// Reshuffle the order every epoch.
+    pub shuffle: bool,
+    /// Seed of the order and of the transforms.
+    pub seed: u64,
+    /// What a sample that fails to load does: stop (default) or be left out and counted.
+    pub on_error: ErrorPolicy,
+    skipped: Mutex<Vec<Problem>>,
+    device: Device,
+}
+
+impl std::fmt::Debug for Loader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loader")
+            .field("len", &self.dataset.len())
+            .field("batch_size", &self.batch_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Loader {
+    /// A loader over `dataset` with `tokenizer`, batches of `batch_size` on `device`.
+    pub fn new(
+        dataset: Arc<dyn Dataset>,
+        tokenizer: Arc<dyn CaptionTokenizer>,
+        batch_size: usize,
+        device: Device,
+    ) -> Self {
+        Self {
+            dataset,
+            tokenizer,
+            transforms: TransformConfig::default(),
+            batch_size: batch_size.max(1),
+            shuffle: false,
+            seed: 0,
+            on_error: ErrorPolicy::Fail,
+            skipped: Mutex::new(Vec::new()),
+            device,
+        }
+    }
+
+    /// The dataset.
+    pub fn dataset(&self) -> &Arc<dyn Dataset> {
+        &self.dataset
+    }
+
+    /// Batches per epoch (the last may be smaller).
+    pub fn num_batches(&self) -> usize {
+        self.dataset.len().div_ceil(self.batch_size)
+    }
+
+    /// The order of the dataset in `epoch`.
+    pub fn order(&self, epoch: u64) -> Vec<usize> {
+        let mut idx: Vec<usize> = (0..self.dataset.len()).collect();
+        if self.shuffle {
+            Rng::for_sample(self.seed, epoch, u64::MAX).shuffle(&mut idx);
+        }
+        idx
+    }
+
+    /// The transformed samples of batch `b` of `epoch`.
+    pub fn samples(&self, epoch: u64, b: usize) -> Result<Vec<Sample>, DataError> {
+        let order = self.order(epoch);
+        let start = (b * self.batch_size).min(order.len());
+        let end = (start + self.batch_size).min(order.len());
+        let results: Vec<Result<Sample, DataError>> = order[start..end]
+            .par_iter()
+            .map(|&i| {
+                let mut rng = Rng::for_sample(self.seed, epoch, i as u64);
+                let s = self.dataset.get(i, &mut rng)?;
+                Ok(self.transforms.apply(s, &mut rng))
+            })
+            .collect();
+        let mut out = Vec::with_capacity(results.len());
+        for (k, r) in results.into_iter().enumerate() {
+            match (r, self.on_error) {
+                (Ok(s), _) => out.push(s),
+                (Err(e), ErrorPolicy::Fail) => return Err(e),
+                (Err(e), ErrorPolicy::Skip) => self.skipped.lock().expect("lock").push(Problem {
+                    file: "<loader>".into(),
+                    record: format!("sample {}", order[start + k]),
+                    problem: e.to_string(),
+                }),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Batch `b` of `epoch`, collated.
+    pub fn batch(&self, epoch: u64, b: usize) -> Result<Batch, DataError> {
+        let samples = self.samples(epoch, b)?;
+        collate(&samples, self.tokenizer.as_ref(), &self.device)
+    }
+
+    /// Samples left out so far under [`ErrorPolicy::Skip`].
+    pub fn skipped(&self) -> Vec<Problem> {
+        self.skipped.lock().expect("lock").clone()
+    }
+}

@@ -1,0 +1,319 @@
+//! ODVG jsonl, the grounding format of mmdetection and Grounding DINO. One record a line:
+//!
+//! ```text
+//! {"filename": "a.jpg", "height": 480, "width": 640,
+//!  "detection": {"instances": [{"bbox": [x0, y0, x1, y1], "label": 3, "category": "dog"}]}}
+//! {"filename": "b.jpg", "height": 480, "width": 640,
+//!  "grounding": {"caption": "a dog on a sofa",
+//!                "regions": [{"bbox": [x0, y0, x1, y1], "phrase": "a dog", "tokens_positive": [[0, 5]]}]}}
+//! ```
+//! Detection records name categories through a label map (`{"3": "dog", ...}`).
+
+use crate::detection::{check_box, detection_sample, load_image, Object, PromptConfig};
+use crate::error::{Collector, ErrorPolicy, SkipReport};
+use crate::rng::Rng;
+use crate::{DataError, Dataset, Sample};
+use glip_core::prompt::{check_spans, CaptionTokenizer};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// One validated record.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OdvgRecord {
+    /// Boxes with category labels.
+    Detection {
+        /// Image file, relative to the images folder.
+        filename: String,
+        /// Objects (category = index into the label map's sorted labels).
+        objects: Vec<Object>,
+    },
+    /// A caption with grounded regions.
+    Grounding {
+        /// Image file.
+        filename: String,
+        /// The caption.
+        caption: String,
+        /// Boxes `(x0, y0, x1, y1)` and the character spans of each box's phrase.
+        regions: Vec<([f32; 4], Vec<(usize, usize)>)>,
+    },
+}
+
+/// A validated ODVG file.
+pub struct OdvgDataset {
+    /// The jsonl file.
+    pub path: PathBuf,
+    /// The images folder.
+    pub images_dir: PathBuf,
+    /// Records in file order (line numbers in `lines`).
+    pub records: Vec<OdvgRecord>,
+    /// The 1-based line of each record.
+    pub lines: Vec<usize>,
+    /// Category names (the label map's values, by ascending label).
+    pub categories: Vec<String>,
+    /// What was skipped.
+    pub report: SkipReport,
+    /// Prompt construction for detection records.
+    pub prompt: PromptConfig,
+    tokenizer: Option<Arc<dyn CaptionTokenizer>>,
+}
+
+impl std::fmt::Debug for OdvgDataset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OdvgDataset")
+            .field("path", &self.path)
+            .field("records", &self.records.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn f64s(v: Option<&Value>, what: &str) -> Result<Vec<f64>, String> {
+    let a = v.and_then(Value::as_array).ok_or(format!("missing `{what}`"))?;
+    Ok(a.iter().map(|x| x.as_f64().unwrap_or(f64::NAN)).collect())
+}
+
+impl OdvgDataset {
+    /// Reads and validates `path`; `label_map` (a json object from label to name) is needed when
+    /// there are detection records.
+    pub fn open(
+        path: &Path,
+        images_dir: &Path,
+        label_map: Option<&Path>,
+        policy: ErrorPolicy,
+    ) -> Result<Self, DataError> {
+        let mut c = Collector::default();
+        let mut labels: Vec<(u64, String)> = Vec::new();
+        if let Some(lm) = label_map {
+            let text = std::fs::read_to_string(lm)
+                .map_err(|e| DataError::Io { path: lm.to_path_buf(), source: e })?;
+            let v: Value = serde_json::from_str(&text).map_err(|e| DataError::Json {
+                path: lm.to_path_buf(),
+                line: Some(e.line()),
+                msg: e.to_string(),
+            })?;
+            let Some(obj) = v.as_object() else {
+                return Err(DataError::Record {
+                    file: lm.to_path_buf(),
+                    record: "top level".into(),
+                    problem: "label map must be an object {\"label\": \"name\"}".into(),
+                });
+            };
+            for (k, name) in obj {
+                let name = name.as_str().unwrap_or("").trim().to_string();
+                match k.parse::<u64>() {
+                    Err(_) => {
+                        c.push(lm, format!("label {k:?}"), "label is not a non-negative integer")
+                    }
+                    Ok(_) if name.is_empty() => {
+                        c.push(lm, format!("label {k}"), "empty category name")
+                    }
+                    Ok(l) => labels.push((l, name)),
+                }
+            }
+            labels.sort();
+        }
+        let label_index: HashMap<u64, usize> =
+            labels.iter().enumerate().map(|(i, (l, _))| (*l, i)).collect();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| DataError::Io { path: path.to_path_buf(), source: e })?;
+        let mut records = Vec::new();
+        let mut lines = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let ln = i + 1;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let v: Value = match serde_json::from_str(line) {
+                Ok(v) => v,
+                Err(e) => {
+                    if policy == ErrorPolicy::Fail {
+                        return Err(DataError::Json {
+                            path: path.to_path_buf(),
+                            line: Some(ln),
+                            msg: e.to_string(),
+                        });
+                    }
+                    c.push(path, format!("line {ln}"), format!("malformed json: {e}"));
+                    continue;
+                }
+            };
+            let parsed = (|| -> Result<OdvgRecord, String> {
+                let filename = v
+                    .get("filename")
+                    .and_then(Value::as_str)
+                    .ok_or("missing `filename`")?
+                    .to_string();
+                let w = v.get("width").and_then(Value::as_f64).ok_or("missing `width`")?;
+                let h = v.get("height").and_then(Value::as_f64).ok_or("missing `height`")?;
+                if let Some(det) = v.get("detection") {
+                    let inst = det
+                        .get("instances")
+                        .and_then(Value::as_array)
+                        .ok_or("detection without `instances`")?;
+                    let mut objects = Vec::new();
+                    for (k, o) in inst.iter().enumerate() {
+                        let b = f64s(o.get("bbox"), "bbox")
+                            .map_err(|e| format!("instance {k}: {e}"))?;
+                        if b.len() != 4 {
+                            return Err(format!(
+                                "instance {k}: bbox has {} numbers, expected 4",
+                                b.len()
+                            ));
+                        }
+                        let bbox = check_box([b[0], b[1], b[2], b[3]], w, h)
+                            .map_err(|e| format!("instance {k}: {e}"))?;
+                        let l = o
+                            .get("label")
+                            .and_then(Value::as_u64)
+                            .ok_or(format!("instance {k}: missing `label`"))?;
+                        let &category = label_index
+                            .get(&l)
+                            .ok_or(format!("instance {k}: unknown category label {l}"))?;
+                        objects.push(Object { bbox, category, crowd: false });
+                    }
+                    Ok(OdvgRecord::Detection { filename, objects })
+                } else if let Some(g) = v.get("grounding") {
+                    let caption = g
+                        .get("caption")
+                        .and_then(Value::as_str)
+                        .ok_or("grounding without `caption`")?
+                        .to_string();
+                    let n = caption.chars().count();
+                    let regs = g
+                        .get("regions")
+                        .and_then(Value::as_array)
+                        .ok_or("grounding without `regions`")?;
+                    let mut regions = Vec::new();
+                    for (k, r) in regs.iter().enumerate() {
+                        let b =
+                            f64s(r.get("bbox"), "bbox").map_err(|e| format!("region {k}: {e}"))?;
+                        if b.len() != 4 {
+                            return Err(format!(
+                                "region {k}: bbox has {} numbers, expected 4",
+                                b.len()
+                            ));
+                        }
+                        let bbox = check_box([b[0], b[1], b[2], b[3]], w, h)
+                            .map_err(|e| format!("region {k}: {e}"))?;
+                        let tp = r
+                            .get("tokens_positive")
+                            .and_then(Value::as_array)
+                            .ok_or(format!("region {k}: missing `tokens_positive`"))?;
+                        let mut spans = Vec::new();
+                        for s in tp {
+                            let s = f64s(Some(s), "span")?;
+                            if s.len() != 2 || s.iter().any(|x| !(x.is_finite() && *x >= 0.0)) {
+                                return Err(format!("region {k}: span {s:?} is not [start, end]"));
+                            }
+                            spans.push((s[0] as usize, s[1] as usize));
+                        }
+                        if spans.is_empty() {
+                            return Err(format!("region {k}: no span"));
+                        }
+                        check_spans(&spans, n).map_err(|e| format!("region {k}: {e}"))?;
+                        regions.push((bbox, spans));
+                    }
+                    Ok(OdvgRecord::Grounding { filename, caption, regions })
+                } else {
+                    Err("record has neither `detection` nor `grounding`".into())
+                }
+            })();
+            match parsed {
+                Ok(r) => {
+                    records.push(r);
+                    lines.push(ln);
+                }
+                Err(e) => c.push(path, format!("line {ln}"), e),
+            }
+        }
+        let report = c.finish(path, policy)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            images_dir: images_dir.to_path_buf(),
+            records,
+            lines,
+            categories: labels.into_iter().map(|(_, n)| n).collect(),
+            report,
+            prompt: PromptConfig::default(),
+            tokenizer: None,
+        })
+    }
+
+    /// Sets prompt construction for detection records.
+    pub fn with_prompts(
+        mut self,
+        prompt: PromptConfig,
+        tokenizer: Option<Arc<dyn CaptionTokenizer>>,
+    ) -> Self {
+        self.prompt = prompt;
+        self.tokenizer = tokenizer;
+        self
+    }
+
+    fn filename(&self, i: usize) -> &str {
+        match &self.records[i] {
+            OdvgRecord::Detection { filename, .. } | OdvgRecord::Grounding { filename, .. } => {
+                filename
+            }
+        }
+    }
+
+    /// Every image file that is missing or does not decode, as problems.
+    pub fn check_images(&self) -> Vec<crate::Problem> {
+        use rayon::prelude::*;
+        (0..self.records.len())
+            .into_par_iter()
+            .filter_map(|i| {
+                let f = self.filename(i);
+                load_image(&self.images_dir.join(f)).err().map(|e| crate::Problem {
+                    file: self.path.clone(),
+                    record: format!("line {} ({f})", self.lines[i]),
+                    problem: e.to_string(),
+                })
+            })
+            .collect()
+    }
+}
+
+impl Dataset for OdvgDataset {
+    fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    fn categories(&self) -> &[String] {
+        &self.categories
+    }
+
+    fn get(&self, index: usize, rng: &mut Rng) -> Result<Sample, DataError> {
+        let image = load_image(&self.images_dir.join(self.filename(index)))?;
+        match &self.records[index] {
+            OdvgRecord::Detection { filename, objects } => {
+                let record =
+                    || format!("{}: line {} ({filename})", self.path.display(), self.lines[index]);
+                detection_sample(
+                    image,
+                    index as u64,
+                    objects,
+                    &self.categories,
+                    &self.prompt,
+                    self.tokenizer.as_ref(),
+                    rng,
+                    &record,
+                )
+            }
+            OdvgRecord::Grounding { caption, regions, .. } => {
+                let orig = image.dimensions();
+                Ok(Sample {
+                    image,
+                    image_id: index as u64,
+                    orig_size: orig,
+                    caption: caption.clone(),
+                    boxes: regions.iter().map(|r| r.0).collect(),
+                    phrases: regions.iter().map(|r| r.1.clone()).collect(),
+                    labels: vec![None; regions.len()],
+                })
+            }
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! Every kind of bad input is an error naming the file and the record, or, under the skip
+//! policy, left out and counted. Nothing panics.
+
+use glip_data::{CocoDataset, DataError, ErrorPolicy, OdvgDataset};
+use std::path::{Path, PathBuf};
+
+struct Dir(PathBuf);
+impl Dir {
+    fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("glip-data-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Dir(p)
+    }
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.0.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+}
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn png(path: &Path, w: u32, h: u32) {
+    image::RgbImage::new(w, h).save(path).unwrap();
+}
+
+const CATS: &str = r#"[{"id": 7, "name": "cat"}, {"id": 9, "name": "dog"}]"#;
+const IMGS: &str = r#"[{"id": 1, "file_name": "a.png", "width": 40, "height": 30}]"#;
+
+fn coco(dir: &Dir, anns: &str, imgs: &str, cats: &str) -> PathBuf {
+    dir.write(
+        "gt.json",
+        &format!(r#"{{"images": {imgs}, "annotations": {anns}, "categories": {cats}}}"#),
+    )
+}
+
+fn coco_err(anns: &str, imgs: &str, cats: &str) -> String {
+    let d = Dir::new("coco");
+    let p = coco(&d, anns, imgs, cats);
+    CocoDataset::open(&p, &d.0, ErrorPolicy::Fail).unwrap_err().to_string()
+}
+
+fn ann(id: u32, img: u32, cat: u32, bbox: &str) -> String {
+    format!(
+        r#"{{"id": {id}, "image_id": {img}, "category_id": {cat}, "bbox": {bbox}, "iscrowd": 0}}"#
+    )
+}
+
+#[test]
+fn coco_record_errors_name_file_and_record() {
+    let cases = [
+        (format!("[{}]", ann(3, 1, 7, "[1, 2, 0, 5]")), IMGS.to_string(), CATS, "annotation id 3: box with zero or negative size"),
+        (format!("[{}]", ann(3, 1, 7, "[1, 2, -4, 5]")), IMGS.into(), CATS, "annotation id 3: box with zero or negative size"),
+        (format!("[{}]", ann(4, 1, 7, "[100, 2, 10, 5]")), IMGS.into(), CATS, "annotation id 4: box far outside"),
+        (format!("[{}]", ann(5, 1, 7, r#"[1, "NaN", 3, 4]"#)), IMGS.into(), CATS, "annotation id 5: box [1.0, NaN"),
+        (format!("[{}]", ann(6, 1, 8, "[1, 2, 3, 4]")), IMGS.into(), CATS, "annotation id 6: unknown category id 8"),
+        (format!("[{}]", ann(6, 2, 7, "[1, 2, 3, 4]")), IMGS.into(), CATS, "annotation id 6: unknown image id 2"),
+        (format!("[{}, {}]", ann(6, 1, 7, "[1, 2, 3, 4]"), ann(6, 1, 9, "[1, 2, 3, 4]")), IMGS.into(), CATS, "annotation id 6: duplicate annotation id"),
+        ("[]".into(), r#"[{"id": 1, "file_name": "a.png", "width": 4, "height": 3}, {"id": 1, "file_name": "b.png", "width": 4, "height": 3}]"#.into(), CATS, "image id 1: duplicate image id"),
+        ("[]".into(), IMGS.into(), r#"[{"id": 7, "name": "cat"}, {"id": 7, "name": "dog"}]"#, "category id 7: duplicate category id"),
+        ("[]".into(), IMGS.into(), r#"[{"id": 7, "name": "  "}]"#, "category id 7: empty category name"),
+        (format!("[{}]", ann(3, 1, 7, "[1, 2, 3]")), IMGS.into(), CATS, "annotation id 3: bbox has 3 numbers"),
+    ];
+    for (anns, imgs, cats, want) in cases {
+        let err = coco_err(&anns, &imgs, cats);
+        assert!(err.contains("gt.json: ") && err.contains(want), "expected {want:?} in {err:?}");
+    }
+}
+
+#[test]
+fn malformed_json_names_the_file_and_line() {
+    let d = Dir::new("malformed");
+    let p = d.write("gt.json", "{\"images\": [\n  {\"id\": 1,, }\n]}");
+    let err = CocoDataset::open(&p, &d.0, ErrorPolicy::Fail).unwrap_err();
+    assert!(matches!(err, DataError::Json { line: Some(2), .. }), "{err}");
+    assert!(err.to_string().contains("gt.json:2: malformed json"), "{err}");
+}
+
+#[test]
+fn skip_policy_leaves_out_and_counts() {
+    let d = Dir::new("skip");
+    let anns = format!(
+        "[{}, {}, {}]",
+        ann(1, 1, 7, "[1, 2, 3, 4]"),
+        ann(2, 1, 7, "[1, 2, 0, 4]"),
+        ann(3, 1, 8, "[1, 2, 3, 4]")
+    );
+    let p = coco(&d, &anns, IMGS, CATS);
+    let ds = CocoDataset::open(&p, &d.0, ErrorPolicy::Skip).unwrap();
+    assert_eq!(ds.objects[0].len(), 1);
+    assert_eq!(ds.report.problems.len(), 2);
+    assert_eq!(
+        ds.report.summary(),
+        "2 record(s) skipped: 1 box with zero or negative size, 1 unknown category id 8"
+    );
+    // Under the default policy the same file fails, listing both problems.
+    let err = CocoDataset::open(&p, &d.0, ErrorPolicy::Fail).unwrap_err().to_string();
+    assert!(
+        err.starts_with("2 problem(s) in")
+            && err.contains("annotation id 2")
+            && err.contains("annotation id 3"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_and_corrupt_images_are_named() {
+    use glip_data::{rng::Rng, Dataset};
+    let d = Dir::new("images");
+    let imgs = r#"[{"id": 1, "file_name": "a.png", "width": 40, "height": 30}, {"id": 2, "file_name": "b.png", "width": 40, "height": 30}, {"id": 3, "file_name": "c.png", "width": 40, "height": 30}]"#;
+    let p = coco(&d, "[]", imgs, CATS);
+    png(&d.0.join("a.png"), 40, 30);
+    d.write("b.png", "not a png at all");
+    let ds = CocoDataset::open(&p, &d.0, ErrorPolicy::Fail).unwrap();
+    let problems = ds.check_images();
+    assert_eq!(problems.len(), 2);
+    let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+    assert!(
+        text.iter().any(|t| t.contains("image id 2 (b.png)") && t.contains("cannot be decoded")),
+        "{text:?}"
+    );
+    assert!(
+        text.iter().any(|t| t.contains("image id 3 (c.png)") && t.contains("cannot be read")),
+        "{text:?}"
+    );
+    let err = ds.get(2, &mut Rng::new(0)).unwrap_err().to_string();
+    assert!(err.contains("c.png: image cannot be read"), "{err}");
+    // A crowd region is kept in the dataset but never becomes a training target.
+    let anns = r#"[{"id": 1, "image_id": 1, "category_id": 7, "bbox": [1, 1, 5, 5], "iscrowd": 1}, {"id": 2, "image_id": 1, "category_id": 9, "bbox": [10, 10, 5, 5], "iscrowd": 0}]"#;
+    let p = coco(&d, anns, IMGS, CATS);
+    let ds = CocoDataset::open(&p, &d.0, ErrorPolicy::Fail).unwrap();
+    let s = ds.get(0, &mut Rng::new(0)).unwrap();
+    assert_eq!(s.boxes, vec![[10.0, 10.0, 15.0, 15.0]]);
+    assert_eq!(s.labels, vec![Some(1)]);
+}
+
+#[test]
+fn odvg_errors_name_file_and_line() {
+    let d = Dir::new("odvg");
+    let lm = d.write("labels.json", r#"{"0": "cat", "1": "dog"}"#);
+    let det = |bbox: &str, label: u32| {
+        format!(
+            r#"{{"filename": "a.png", "height": 30, "width": 40, "detection": {{"instances": [{{"bbox": {bbox}, "label": {label}}}]}}}}"#
+        )
+    };
+    let gr = |spans: &str| {
+        format!(
+            r#"{{"filename": "a.png", "height": 30, "width": 40, "grounding": {{"caption": "a cat", "regions": [{{"bbox": [1, 1, 5, 5], "phrase": "cat", "tokens_positive": {spans}}}]}}}}"#
+        )
+    };
+    let cases = [
+        (
+            format!("{}\n{}", det("[1, 1, 5, 5]", 0), det("[1, 1, 5, 5]", 4)),
+            "line 2: instance 0: unknown category label 4",
+        ),
+        (det("[5, 1, 5, 5]", 0), "line 1: instance 0: box with zero or negative size"),
+        (
+            gr("[[2, 9]]"),
+            "line 1: region 0: span 0 = [2, 9) is empty or outside the caption of 5 characters",
+        ),
+        (gr("[]"), "line 1: region 0: no span"),
+        (format!("{}\n{{\"filename\": ", det("[1, 1, 5, 5]", 0)), "odvg.jsonl:2: malformed json"),
+        (
+            r#"{"filename": "a.png", "height": 30, "width": 40}"#.to_string(),
+            "line 1: record has neither",
+        ),
+    ];
+    for (text, want) in cases {
+        let p = d.write("odvg.jsonl", &text);
+        let err =
+            OdvgDataset::open(&p, &d.0, Some(&lm), ErrorPolicy::Fail).unwrap_err().to_string();
+        assert!(err.contains("odvg.jsonl") && err.contains(want), "expected {want:?} in {err:?}");
+    }
+    let lm_bad = d.write("bad_labels.json", r#"{"0": ""}"#);
+    let p = d.write("odvg.jsonl", &det("[1, 1, 5, 5]", 0));
+    let err =
+        OdvgDataset::open(&p, &d.0, Some(&lm_bad), ErrorPolicy::Fail).unwrap_err().to_string();
+    assert!(err.contains("bad_labels.json: label 0: empty category name"), "{err}");
+}
