@@ -17,12 +17,65 @@ enum Cmd {
     /// Dataset tools: validate COCO/ODVG, export the synthetic task.
     #[command(subcommand)]
     Data(data::DataCmd),
+    /// Evaluate any COCO results file against COCO ground truth (bbox), as pycocotools does.
+    CocoEval(CocoEvalArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct CocoEvalArgs {
+    /// Ground truth (COCO detection json).
+    #[arg(long)]
+    gt: std::path::PathBuf,
+    /// Detections (COCO results json: a list of {image_id, category_id, bbox, score}).
+    #[arg(long)]
+    dets: std::path::PathBuf,
+    /// Print one JSON object with the 12 numbers instead of pycocotools' table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn coco_eval(a: CocoEvalArgs) -> anyhow::Result<()> {
+    use glip_train::eval::{evaluate_coco_files, COCO_STAT_NAMES};
+    let m = evaluate_coco_files(&a.gt, &a.dets)?;
+    if a.json {
+        let obj: serde_json::Map<String, serde_json::Value> =
+            COCO_STAT_NAMES.iter().map(|n| (n.to_string(), serde_json::json!(m.get(n)))).collect();
+        println!("{}", serde_json::Value::Object(obj));
+        return Ok(());
+    }
+    let rows = [
+        ("Average Precision", "AP", "0.50:0.95", "all", 100),
+        ("Average Precision", "AP", "0.50", "all", 100),
+        ("Average Precision", "AP", "0.75", "all", 100),
+        ("Average Precision", "AP", "0.50:0.95", "small", 100),
+        ("Average Precision", "AP", "0.50:0.95", "medium", 100),
+        ("Average Precision", "AP", "0.50:0.95", "large", 100),
+        ("Average Recall", "AR", "0.50:0.95", "all", 1),
+        ("Average Recall", "AR", "0.50:0.95", "all", 10),
+        ("Average Recall", "AR", "0.50:0.95", "all", 100),
+        ("Average Recall", "AR", "0.50:0.95", "small", 100),
+        ("Average Recall", "AR", "0.50:0.95", "medium", 100),
+        ("Average Recall", "AR", "0.50:0.95", "large", 100),
+    ];
+    for ((long, short, iou, area, dets), name) in rows.iter().zip(COCO_STAT_NAMES) {
+        println!(
+            " {:<18} ({}) @[ IoU={:<9} | area={:>6} | maxDets={:>3} ] = {:.3}",
+            long,
+            short,
+            iou,
+            area,
+            dets,
+            m.get(name)
+        );
+    }
+    Ok(())
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Data(c) => data::run(c),
+        Cmd::CocoEval(a) => coco_eval(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

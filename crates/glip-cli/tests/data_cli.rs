@@ -72,3 +72,37 @@ fn export_then_check_passes_and_a_broken_copy_fails_listing_every_problem() {
     assert!(out.contains("3 problem(s) in 6 records"), "{out}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn coco_eval_prints_the_twelve_numbers_and_json() {
+    let dir = glip_core::testing::fixture("coco/case1");
+    let (gt, dets) = (dir.join("gt.json"), dir.join("dets.json"));
+    let (ok, out) = glip(&[
+        "coco-eval",
+        "--gt",
+        gt.to_str().unwrap(),
+        "--dets",
+        dets.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(ok, "{out}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    for k in
+        ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
+    {
+        assert_eq!(v[k].as_f64(), want["stats"][k].as_f64(), "{k}");
+    }
+    let (ok, out) =
+        glip(&["coco-eval", "--gt", gt.to_str().unwrap(), "--dets", dets.to_str().unwrap()]);
+    assert!(
+        ok && out.lines().count() == 12
+            && out
+                .contains("Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]"),
+        "{out}"
+    );
+    let (ok, out) =
+        glip(&["coco-eval", "--gt", "/nonexistent/gt.json", "--dets", dets.to_str().unwrap()]);
+    assert!(!ok && out.contains("/nonexistent/gt.json"), "{out}");
+}

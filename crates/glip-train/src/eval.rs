@@ -1,0 +1,133 @@
+//! Evaluation: COCO bbox mAP through the `hotcoco` crate (measured bit-identical to
+//! pycocotools on the fixture cases), and Recall@k for caption grounding.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// The twelve COCO summary numbers, in pycocotools' order.
+pub const COCO_STAT_NAMES: [&str; 12] =
+    ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"];
+
+/// COCO bbox results.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CocoMetrics {
+    /// The twelve summary numbers by name (`AP`, `AP50`, ... `ARl`); -1 where undefined.
+    pub stats: BTreeMap<String, f64>,
+    /// AP of each category id (area all, 100 detections); -1 for a category without ground truth.
+    pub per_category_ap: BTreeMap<u64, f64>,
+}
+
+impl CocoMetrics {
+    /// One summary number by name.
+    pub fn get(&self, name: &str) -> f64 {
+        self.stats.get(name).copied().unwrap_or(-1.0)
+    }
+}
+
+/// An evaluation failure, naming the file.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    /// hotcoco refused an input.
+    #[error("{path}: {msg}")]
+    Coco { path: String, msg: String },
+}
+
+fn err(path: &Path, e: impl std::fmt::Display) -> EvalError {
+    EvalError::Coco { path: path.display().to_string(), msg: e.to_string() }
+}
+
+/// One detection in COCO results format (`bbox` is `x, y, w, h` in pixels).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CocoDetection {
+    /// Image id of the ground truth.
+    pub image_id: u64,
+    /// Category id of the ground truth.
+    pub category_id: u64,
+    /// `[x, y, w, h]`.
+    pub bbox: [f64; 4],
+    /// Score.
+    pub score: f64,
+}
+
+/// Evaluates `dets` against the ground truth file `gt` (COCO bbox protocol).
+pub fn evaluate_coco(gt: &Path, dets: &[CocoDetection]) -> Result<CocoMetrics, EvalError> {
+    let coco = hotcoco::COCO::new(gt).map_err(|e| err(gt, e))?;
+    let anns: Vec<hotcoco::types::Annotation> =
+        serde_json::from_value(serde_json::to_value(dets).map_err(|e| err(gt, e))?)
+            .map_err(|e| err(gt, e))?;
+    let res = coco.load_res_anns(anns).map_err(|e| err(gt, format!("detections: {e}")))?;
+    summarize(coco, res, gt)
+}
+
+/// Evaluates a COCO results file against a ground truth file, as `pycocotools` would.
+pub fn evaluate_coco_files(gt: &Path, dets: &Path) -> Result<CocoMetrics, EvalError> {
+    let coco = hotcoco::COCO::new(gt).map_err(|e| err(gt, e))?;
+    let text = std::fs::read_to_string(dets).map_err(|e| err(dets, e))?;
+    let empty = serde_json::from_str::<Vec<serde_json::Value>>(&text)
+        .map(|v| v.is_empty())
+        .unwrap_or(false);
+    let res = if empty { coco.load_res_anns(Vec::new()) } else { coco.load_res(dets) }
+        .map_err(|e| err(dets, e))?;
+    summarize(coco, res, gt)
+}
+
+fn summarize(gt: hotcoco::COCO, dt: hotcoco::COCO, path: &Path) -> Result<CocoMetrics, EvalError> {
+    let mut ev = hotcoco::COCOeval::new(gt, dt, hotcoco::params::IouType::Bbox);
+    ev.evaluate().map_err(|e| err(path, e))?;
+    ev.accumulate();
+    ev.summarize_lines();
+    let stats = ev.stats().ok_or_else(|| err(path, "no statistics computed"))?;
+    let stats: BTreeMap<String, f64> =
+        COCO_STAT_NAMES.iter().map(|s| s.to_string()).zip(stats.iter().copied()).collect();
+    let mut per_category_ap = BTreeMap::new();
+    if let Some(acc) = ev.accumulated() {
+        let a = ev.params.all_area_idx();
+        let m = ev.params.max_det_idx();
+        for (k, &cat) in acc.cat_ids.iter().enumerate() {
+            let mut sum = 0.0;
+            let mut n = 0usize;
+            for t in 0..acc.shape.t {
+                for r in 0..acc.shape.r {
+                    let p = acc.precision[acc.precision_idx(t, r, k, a, m)];
+                    if p > -1.0 {
+                        sum += p;
+                        n += 1;
+                    }
+                }
+            }
+            per_category_ap.insert(cat, if n > 0 { sum / n as f64 } else { -1.0 });
+        }
+    }
+    Ok(CocoMetrics { stats, per_category_ap })
+}
+
+/// Recall@k for caption grounding (Flickr30k Entities style): for each phrase with ground-truth
+/// boxes, whether any of its `k` best-scored predicted boxes has IoU >= 0.5 with one of them.
+/// `phrases` holds, per phrase, its predicted boxes sorted by descending score and its ground
+/// truth boxes (xyxy). Returns recall for each `k` in `ks`.
+pub fn recall_at_k(phrases: &[(Vec<[f32; 4]>, Vec<[f32; 4]>)], ks: &[usize]) -> Vec<f64> {
+    ks.iter()
+        .map(|&k| {
+            let (mut hit, mut n) = (0usize, 0usize);
+            for (pred, gt) in phrases {
+                if gt.is_empty() {
+                    continue;
+                }
+                n += 1;
+                if pred
+                    .iter()
+                    .take(k)
+                    .any(|p| gt.iter().any(|g| glip_core::boxes::iou_f32(*p, *g) >= 0.5))
+                {
+                    hit += 1;
+                }
+            }
+            if n == 0 {
+                0.0
+            } else {
+                hit as f64 / n as f64
+            }
+        })
+        .collect()
+}
