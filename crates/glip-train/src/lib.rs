@@ -10,6 +10,7 @@
 
 pub mod eval;
 pub mod model;
+pub mod optim;
 pub mod seed;
 
 pub use model::GlipModel;

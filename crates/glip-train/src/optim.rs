@@ -1,0 +1,339 @@
+//! AdamW with parameter groups, warm-up and decay schedules, gradient-norm clipping and an
+//! optional EMA of the weights, with state that is saved and restored.
+//!
+//! candle's `AdamW` decays every variable, has no groups, no clipping, no schedule, and its
+//! moments cannot be saved (CANDLE-NOTES.md); a resumable trainer needs all of that, so the
+//! update is written here, following `torch.optim.AdamW`.
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Result, Tensor, Var};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Learning-rate decay after warm-up.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Schedule {
+    /// Constant.
+    Constant,
+    /// Multiply by `gamma` every `every` steps.
+    Step {
+        /// Steps between decays.
+        every: u64,
+        /// Factor.
+        gamma: f64,
+    },
+    /// Cosine from the base rate to `min_ratio` times it at `total` steps.
+    Cosine {
+        /// Steps to the end of the cosine.
+        total: u64,
+        /// Final fraction of the base rate.
+        #[serde(default)]
+        min_ratio: f64,
+    },
+}
+
+/// Optimiser settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimConfig {
+    /// Base learning rate. Default 1e-4.
+    #[serde(default = "d_lr")]
+    pub lr: f64,
+    /// Learning rate of parameters under `backbone.`. Default 1e-5.
+    #[serde(default = "d_lr_small")]
+    pub backbone_lr: f64,
+    /// Learning rate of parameters under `text.`. Default 1e-5.
+    #[serde(default = "d_lr_small")]
+    pub text_lr: f64,
+    /// Decoupled weight decay, applied to matrices and kernels only (never to norms, biases
+    /// and other 1-D or scalar parameters). Default 1e-4.
+    #[serde(default = "d_wd")]
+    pub weight_decay: f64,
+    /// Adam betas. Default (0.9, 0.999).
+    #[serde(default = "d_betas")]
+    pub betas: (f64, f64),
+    /// Adam epsilon. Default 1e-8.
+    #[serde(default = "d_eps")]
+    pub eps: f64,
+    /// Linear warm-up steps. Default 0.
+    #[serde(default)]
+    pub warmup_steps: u64,
+    /// Decay after warm-up. Default constant.
+    #[serde(default = "d_schedule")]
+    pub schedule: Schedule,
+    /// Clip the global gradient norm to this (0: off). Default 0.1 (DETR).
+    #[serde(default = "d_clip")]
+    pub clip_norm: f64,
+    /// Keep an exponential moving average of the weights with this decay (e.g. 0.999).
+    #[serde(default)]
+    pub ema_decay: Option<f64>,
+}
+
+fn d_lr() -> f64 {
+    1e-4
+}
+fn d_lr_small() -> f64 {
+    1e-5
+}
+fn d_wd() -> f64 {
+    1e-4
+}
+fn d_betas() -> (f64, f64) {
+    (0.9, 0.999)
+}
+fn d_eps() -> f64 {
+    1e-8
+}
+fn d_schedule() -> Schedule {
+    Schedule::Constant
+}
+fn d_clip() -> f64 {
+    0.1
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        Self {
+            lr: d_lr(),
+            backbone_lr: d_lr_small(),
+            text_lr: d_lr_small(),
+            weight_decay: d_wd(),
+            betas: d_betas(),
+            eps: d_eps(),
+            warmup_steps: 0,
+            schedule: d_schedule(),
+            clip_norm: d_clip(),
+            ema_decay: None,
+        }
+    }
+}
+
+impl OptimConfig {
+    /// The multiplier of the base rates at `step` (1-based): warm-up, then the schedule.
+    pub fn lr_factor(&self, step: u64) -> f64 {
+        if self.warmup_steps > 0 && step <= self.warmup_steps {
+            return step as f64 / self.warmup_steps as f64;
+        }
+        let s = step - self.warmup_steps.min(step);
+        match &self.schedule {
+            Schedule::Constant => 1.0,
+            Schedule::Step { every, gamma } => gamma.powi((s / (*every).max(1)) as i32),
+            Schedule::Cosine { total, min_ratio } => {
+                let p = (s as f64 / (*total).max(1) as f64).min(1.0);
+                min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + (std::f64::consts::PI * p).cos())
+            }
+        }
+    }
+}
+
+/// The group a parameter belongs to, by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Group {
+    /// `backbone.*`.
+    Backbone,
+    /// `text.*`.
+    Text,
+    /// Everything else.
+    Rest,
+}
+
+impl Group {
+    /// The group of a parameter name.
+    pub fn of(name: &str) -> Self {
+        if name.starts_with("backbone.") {
+            Group::Backbone
+        } else if name.starts_with("text.") {
+            Group::Text
+        } else {
+            Group::Rest
+        }
+    }
+}
+
+struct Param {
+    name: String,
+    var: Var,
+    group: Group,
+    decay: bool,
+    m: Tensor,
+    v: Tensor,
+    ema: Option<Tensor>,
+}
+
+/// What one step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Base learning rate used.
+    pub lr: f64,
+}
+
+/// AdamW over named variables.
+pub struct AdamW {
+    params: Vec<Param>,
+    cfg: OptimConfig,
+    step: u64,
+}
+
+impl std::fmt::Debug for AdamW {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdamW")
+            .field("params", &self.params.len())
+            .field("step", &self.step)
+            .finish()
+    }
+}
+
+impl AdamW {
+    /// An optimiser over `vars` (name, variable); `frozen` names are left out.
+    pub fn new(vars: Vec<(String, Var)>, cfg: OptimConfig) -> Result<Self> {
+        let mut params = Vec::with_capacity(vars.len());
+        for (name, var) in vars {
+            let t = var.as_tensor();
+            let ema = match cfg.ema_decay {
+                Some(_) => Some(t.copy()?.detach()),
+                None => None,
+            };
+            params.push(Param {
+                group: Group::of(&name),
+                decay: t.rank() >= 2,
+                m: t.zeros_like()?,
+                v: t.zeros_like()?,
+                ema,
+                name,
+                var,
+            });
+        }
+        params.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(Self { params, cfg, step: 0 })
+    }
+
+    /// Steps taken so far.
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &OptimConfig {
+        &self.cfg
+    }
+
+    /// Whether parameter `name` is weight-decayed.
+    pub fn decays(&self, name: &str) -> Option<bool> {
+        self.params.iter().find(|p| p.name == name).map(|p| p.decay)
+    }
+
+    fn group_lr(&self, g: Group) -> f64 {
+        match g {
+            Group::Backbone => self.cfg.backbone_lr,
+            Group::Text => self.cfg.text_lr,
+            Group::Rest => self.cfg.lr,
+        }
+    }
+
+    /// One update from `grads`: clip the global norm, then AdamW with the scheduled rates, then
+    /// the EMA. Parameters without a gradient are left as they are.
+    pub fn step(&mut self, grads: &GradStore) -> Result<StepStats> {
+        self.step += 1;
+        let t = self.step;
+        let mut sq = 0f64;
+        for p in &self.params {
+            if let Some(g) = grads.get(p.var.as_tensor()) {
+                sq += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+            }
+        }
+        let grad_norm = sq.sqrt();
+        let clip = if self.cfg.clip_norm > 0.0 && grad_norm > self.cfg.clip_norm {
+            self.cfg.clip_norm / (grad_norm + 1e-6)
+        } else {
+            1.0
+        };
+        let factor = self.cfg.lr_factor(t);
+        let (b1, b2) = self.cfg.betas;
+        let (bc1, bc2) = (1.0 - b1.powi(t as i32), 1.0 - b2.powi(t as i32));
+        for i in 0..self.params.len() {
+            let lr = self.group_lr(self.params[i].group) * factor;
+            let p = &mut self.params[i];
+            let Some(g) = grads.get(p.var.as_tensor()) else { continue };
+            let g = (g * clip)?;
+            p.m = ((&p.m * b1)? + (&g * (1.0 - b1))?)?;
+            p.v = ((&p.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            let mut w = p.var.as_tensor().detach();
+            if p.decay && self.cfg.weight_decay > 0.0 {
+                w = (&w * (1.0 - lr * self.cfg.weight_decay))?;
+            }
+            let denom = ((&p.v / bc2)?.sqrt()? + self.cfg.eps)?;
+            let upd = ((&p.m / bc1)? / denom)?;
+            let w = (w - (upd * lr)?)?;
+            p.var.set(&w)?;
+            if let (Some(d), Some(e)) = (self.cfg.ema_decay, p.ema.as_mut()) {
+                *e = ((&*e * d)? + (&w * (1.0 - d))?)?;
+            }
+        }
+        Ok(StepStats { grad_norm, lr: self.cfg.lr * factor })
+    }
+
+    /// The EMA weights by parameter name (empty without EMA).
+    pub fn ema(&self) -> HashMap<String, Tensor> {
+        self.params.iter().filter_map(|p| p.ema.clone().map(|e| (p.name.clone(), e))).collect()
+    }
+
+    /// Moments (`m.<name>`, `v.<name>`), EMA (`ema.<name>`) and the step, for a checkpoint.
+    pub fn state(&self) -> Result<(HashMap<String, Tensor>, u64)> {
+        let mut out = HashMap::new();
+        for p in &self.params {
+            out.insert(format!("m.{}", p.name), p.m.clone());
+            out.insert(format!("v.{}", p.name), p.v.clone());
+            if let Some(e) = &p.ema {
+                out.insert(format!("ema.{}", p.name), e.clone());
+            }
+        }
+        Ok((out, self.step))
+    }
+
+    /// Restores what [`AdamW::state`] returned; a missing or mis-shaped moment is an error
+    /// naming it.
+    pub fn load_state(
+        &mut self,
+        state: &HashMap<String, Tensor>,
+        step: u64,
+        device: &Device,
+    ) -> Result<()> {
+        for p in &mut self.params {
+            for (key, slot) in
+                [(format!("m.{}", p.name), &mut p.m), (format!("v.{}", p.name), &mut p.v)]
+            {
+                let t = state.get(&key).ok_or_else(|| {
+                    candle_core::Error::Msg(format!("optimizer state has no {key}"))
+                })?;
+                if t.dims() != slot.dims() {
+                    candle_core::bail!(
+                        "optimizer state {key}: shape {:?}, parameter has {:?}",
+                        t.dims(),
+                        slot.dims()
+                    );
+                }
+                *slot = t.to_device(device)?;
+            }
+            if let Some(e) = p.ema.as_mut() {
+                if let Some(t) = state.get(&format!("ema.{}", p.name)) {
+                    *e = t.to_device(device)?;
+                }
+            }
+        }
+        self.step = step;
+        Ok(())
+    }
+}
+
+/// Saves tensors as safetensors through a temporary file and a rename, so that an existing file
+/// is replaced whole or not at all.
+pub fn save_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    candle_core::safetensors::save(tensors, &tmp)?;
+    std::fs::rename(&tmp, path)
+        .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))
+}

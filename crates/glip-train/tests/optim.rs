@@ -1,0 +1,147 @@
+//! AdamW against `torch.optim.AdamW`'s update written out in f64, decay groups, schedules,
+//! clipping, and state that resumes exactly.
+
+use candle_core::{Device, Result, Tensor, Var};
+use glip_train::optim::{AdamW, OptimConfig, Schedule};
+
+fn var(v: &[f32], shape: &[usize]) -> Var {
+    Var::from_tensor(&Tensor::from_slice(v, shape, &Device::Cpu).unwrap()).unwrap()
+}
+
+/// loss = sum(c * w) + 0.5 * sum(w^2): gradient c + w.
+fn grads(ws: &[&Var], cs: &[Vec<f32>]) -> Result<candle_core::backprop::GradStore> {
+    let mut loss = Tensor::new(0f32, &Device::Cpu)?;
+    for (w, c) in ws.iter().zip(cs) {
+        let c = Tensor::from_slice(c, w.as_tensor().dims(), &Device::Cpu)?;
+        loss =
+            (loss + ((w.as_tensor() * c)?.sum_all()? + (w.as_tensor().sqr()?.sum_all()? * 0.5)?)?)?;
+    }
+    loss.backward()
+}
+
+#[test]
+fn adamw_matches_the_torch_update_and_skips_decay_on_vectors() -> Result<()> {
+    let cfg = OptimConfig { lr: 0.01, weight_decay: 0.1, clip_norm: 0.0, ..Default::default() };
+    let mat = var(&[0.5, -1.0, 2.0, 0.25], &[2, 2]);
+    let bias = var(&[0.3, -0.7], &[2]);
+    let mut opt = AdamW::new(
+        vec![("head.weight".into(), mat.clone()), ("head.bias".into(), bias.clone())],
+        cfg.clone(),
+    )?;
+    assert_eq!((opt.decays("head.weight"), opt.decays("head.bias")), (Some(true), Some(false)));
+    let cs = vec![vec![1.0f32, -2.0, 0.5, 3.0], vec![-1.0f32, 0.25]];
+    // Reference in f64 (torch.optim.AdamW's formulas).
+    let mut refw: Vec<Vec<f64>> = vec![vec![0.5, -1.0, 2.0, 0.25], vec![0.3, -0.7]];
+    let mut m = vec![vec![0f64; 4], vec![0f64; 2]];
+    let mut v = m.clone();
+    for t in 1..=3 {
+        let g = grads(&[&mat, &bias], &cs)?;
+        opt.step(&g)?;
+        for k in 0..2 {
+            for i in 0..refw[k].len() {
+                let grad = cs[k][i] as f64 + refw[k][i];
+                if k == 0 {
+                    refw[k][i] *= 1.0 - 0.01 * 0.1;
+                }
+                m[k][i] = 0.9 * m[k][i] + 0.1 * grad;
+                v[k][i] = 0.999 * v[k][i] + 0.001 * grad * grad;
+                let mh = m[k][i] / (1.0 - 0.9f64.powi(t));
+                let vh = v[k][i] / (1.0 - 0.999f64.powi(t));
+                refw[k][i] -= 0.01 * mh / (vh.sqrt() + 1e-8);
+            }
+        }
+    }
+    for (k, w) in [&mat, &bias].iter().enumerate() {
+        let got: Vec<f32> = w.as_tensor().flatten_all()?.to_vec1()?;
+        for (a, b) in got.iter().zip(&refw[k]) {
+            assert!((*a as f64 - b).abs() < 1e-6, "{got:?} vs {:?}", refw[k]);
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn groups_take_their_own_rates() -> Result<()> {
+    let cfg = OptimConfig {
+        lr: 1e-2,
+        backbone_lr: 1e-3,
+        text_lr: 0.0,
+        weight_decay: 0.0,
+        clip_norm: 0.0,
+        ..Default::default()
+    };
+    let (a, b, c) = (var(&[1.0], &[1]), var(&[1.0], &[1]), var(&[1.0], &[1]));
+    let mut opt = AdamW::new(
+        vec![
+            ("backbone.x".into(), a.clone()),
+            ("text.x".into(), b.clone()),
+            ("head.x".into(), c.clone()),
+        ],
+        cfg,
+    )?;
+    opt.step(&grads(&[&a, &b, &c], &[vec![1.0], vec![1.0], vec![1.0]])?)?;
+    // First Adam step moves by lr (m/sqrt(v) = sign(g)).
+    let moved = |v: &Var| 1.0 - v.as_tensor().to_vec1::<f32>().unwrap()[0];
+    assert!(
+        (moved(&a) - 1e-3).abs() < 1e-6
+            && moved(&b).abs() < 1e-9
+            && (moved(&c) - 1e-2).abs() < 1e-6
+    );
+    Ok(())
+}
+
+#[test]
+fn warmup_then_step_or_cosine() {
+    let mut cfg = OptimConfig {
+        warmup_steps: 10,
+        schedule: Schedule::Step { every: 100, gamma: 0.1 },
+        ..Default::default()
+    };
+    assert!((cfg.lr_factor(5) - 0.5).abs() < 1e-12);
+    assert_eq!(cfg.lr_factor(10), 1.0);
+    assert_eq!(cfg.lr_factor(109), 1.0);
+    assert!((cfg.lr_factor(110) - 0.1).abs() < 1e-12);
+    cfg.schedule = Schedule::Cosine { total: 100, min_ratio: 0.1 };
+    assert!((cfg.lr_factor(60) - (0.1 + 0.9 * 0.5)).abs() < 1e-12);
+    assert!((cfg.lr_factor(110) - 0.1).abs() < 1e-12);
+}
+
+#[test]
+fn clipping_scales_the_gradient_to_the_norm() -> Result<()> {
+    let cfg = OptimConfig { clip_norm: 0.5, weight_decay: 0.0, ..Default::default() };
+    let w = var(&[0.0, 0.0], &[2]);
+    let mut opt = AdamW::new(vec![("w".into(), w.clone())], cfg)?;
+    // Gradient (3, 4) + w = (3, 4): norm 5.
+    let stats = opt.step(&grads(&[&w], &[vec![3.0, 4.0]])?)?;
+    assert!((stats.grad_norm - 5.0).abs() < 1e-6);
+    let (state, _) = opt.state()?;
+    // m = (1 - beta1) * g * (0.5 / 5)
+    let m: Vec<f32> = state["m.w"].to_vec1()?;
+    assert!((m[0] - 0.1 * 0.3).abs() < 1e-6 && (m[1] - 0.1 * 0.4).abs() < 1e-6, "{m:?}");
+    Ok(())
+}
+
+#[test]
+fn restored_state_continues_exactly() -> Result<()> {
+    let cfg = OptimConfig { ema_decay: Some(0.9), ..Default::default() };
+    let cs = vec![vec![1.0f32, -2.0, 0.5]];
+    let run = |steps_before: usize, steps_after: usize| -> Result<Vec<f32>> {
+        let w = var(&[0.1, 0.2, 0.3], &[3]);
+        let mut opt = AdamW::new(vec![("w".into(), w.clone())], cfg.clone())?;
+        for _ in 0..steps_before {
+            opt.step(&grads(&[&w], &cs)?)?;
+        }
+        let (state, step) = opt.state()?;
+        let w2 = Var::from_tensor(&w.as_tensor().copy()?)?;
+        let mut opt2 = AdamW::new(vec![("w".into(), w2.clone())], cfg.clone())?;
+        opt2.load_state(&state, step, &Device::Cpu)?;
+        for _ in 0..steps_after {
+            opt2.step(&grads(&[&w2], &cs)?)?;
+        }
+        let mut out = w2.as_tensor().to_vec1::<f32>()?;
+        out.extend(opt2.ema()["w"].to_vec1::<f32>()?);
+        Ok(out)
+    };
+    assert_eq!(run(2, 3)?[..3], run(5, 0)?[..3]);
+    Ok(())
+}
