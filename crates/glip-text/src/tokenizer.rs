@@ -38,6 +38,11 @@ impl Tokenizer {
         Ok(Self { inner, max_tokens: MAX_TOKENS })
     }
 
+    /// Size of the vocabulary (added tokens included).
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
     /// The token budget (default [`MAX_TOKENS`]).
     pub fn max_tokens(&self) -> usize {
         self.max_tokens
