@@ -28,6 +28,7 @@
 pub mod boxes;
 pub mod nn;
 pub mod prompt;
+pub mod rng;
 pub mod shape;
 pub mod testing;
 pub mod traits;

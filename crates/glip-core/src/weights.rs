@@ -47,6 +47,50 @@ impl std::fmt::Debug for Source {
 struct Overlay {
     varmap: candle_nn::VarMap,
     sources: Vec<Source>,
+    seed: u64,
+}
+
+/// Draws an initial value for `name` from `init` with a generator seeded by `(seed, name)`:
+/// the same model config and seed give the same weights, whatever the build order (candle's CPU
+/// generator cannot be seeded).
+fn seeded_init(
+    init: candle_nn::Init,
+    shape: &candle_core::Shape,
+    name: &str,
+    seed: u64,
+    dtype: DType,
+    dev: &Device,
+) -> Result<candle_core::Tensor> {
+    use candle_nn::init::NormalOrUniform;
+    let n = shape.elem_count();
+    let h = name
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    let mut rng = crate::rng::Rng::for_sample(seed, h, 0);
+    let (uniform, a, b) = match init {
+        candle_nn::Init::Const(c) => {
+            return (candle_core::Tensor::ones(shape, DType::F32, dev)? * c)?.to_dtype(dtype)
+        }
+        candle_nn::Init::Uniform { lo, up } => (true, lo, up),
+        candle_nn::Init::Randn { mean, stdev } => (false, mean, stdev),
+        candle_nn::Init::Kaiming { dist, fan, non_linearity } => {
+            let std = non_linearity.gain() / (fan.for_shape(shape) as f64).sqrt();
+            match dist {
+                NormalOrUniform::Uniform => (true, -(3f64.sqrt()) * std, 3f64.sqrt() * std),
+                NormalOrUniform::Normal => (false, 0.0, std),
+            }
+        }
+    };
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            if uniform {
+                (a + (b - a) * rng.uniform() as f64) as f32
+            } else {
+                (a + b * rng.normal() as f64) as f32
+            }
+        })
+        .collect();
+    candle_core::Tensor::from_vec(v, shape, dev)?.to_dtype(dtype)
 }
 
 impl Overlay {
@@ -85,7 +129,11 @@ impl candle_nn::var_builder::SimpleBackend for Overlay {
             self.varmap.data().lock().expect("varmap lock").insert(name.to_string(), var);
             return Ok(out);
         }
-        self.varmap.get(s, name, h, dtype, dev)
+        let t = seeded_init(h, &s, name, self.seed, dtype, dev)?;
+        let var = candle_core::Var::from_tensor(&t)?;
+        let out = var.as_tensor().clone();
+        self.varmap.data().lock().expect("varmap lock").insert(name.to_string(), var);
+        Ok(out)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> Result<candle_core::Tensor> {
@@ -102,17 +150,18 @@ impl candle_nn::var_builder::SimpleBackend for Overlay {
 }
 
 /// A `VarBuilder` whose every tensor is a trainable variable registered in `varmap`,
-/// initialised from the first of `sources` (last one wins) that holds it, or from the module's
-/// own initialiser when none does. Modules built from it are trainable; modules that freeze
-/// parts detach them.
+/// initialised from the last of `sources` that holds it, or else from the module's own
+/// initialiser drawn with a generator seeded by `(seed, name)`. Modules built from it are
+/// trainable; modules that freeze parts detach them.
 pub fn trainable(
     varmap: &candle_nn::VarMap,
     sources: Vec<Source>,
+    seed: u64,
     dtype: DType,
     device: &Device,
 ) -> VarBuilder<'static> {
     VarBuilder::from_backend(
-        Box::new(Overlay { varmap: varmap.clone(), sources }),
+        Box::new(Overlay { varmap: varmap.clone(), sources, seed }),
         dtype,
         device.clone(),
     )

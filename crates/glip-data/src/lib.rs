@@ -28,7 +28,7 @@ pub mod detection;
 pub mod error;
 pub mod loader;
 pub mod odvg;
-pub mod rng;
+pub use glip_core::rng;
 pub mod sample;
 pub mod shapes;
 pub mod transforms;

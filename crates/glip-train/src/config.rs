@@ -69,9 +69,16 @@ pub struct TextConfig {
     /// Heads of the inline BERT.
     #[serde(default)]
     pub heads: Option<usize>,
+    /// Dropout of the inline BERT (training only). Default 0.1.
+    #[serde(default = "d_text_dropout")]
+    pub dropout: f32,
     /// Freeze the text encoder. Default false.
     #[serde(default)]
     pub frozen: bool,
+}
+
+fn d_text_dropout() -> f32 {
+    0.1
 }
 
 /// A swappable slot (query generator, fusion): a `type` name and its parameters.
@@ -300,7 +307,12 @@ impl ModelBuilder {
                     let (Some(h), Some(l), Some(n)) = (t.hidden, t.layers, t.heads) else {
                         candle_core::bail!("text: give `folder`, or `hidden`, `layers` and `heads`")
                     };
-                    Bert::new(BertConfig::tiny(tok.vocab_size(), h, l, n), vb.pp("text"), true)?
+                    let bc = BertConfig {
+                        hidden_dropout_prob: t.dropout,
+                        attention_probs_dropout_prob: t.dropout,
+                        ..BertConfig::tiny(tok.vocab_size(), h, l, n)
+                    };
+                    Bert::new(bc, vb.pp("text"), true)?
                 }
             };
             if t.frozen {
@@ -388,11 +400,13 @@ impl ModelBuilder {
     }
 
     /// Builds a model whose parameters are trainable variables in `varmap`, initialised from the
-    /// config's `weights` files where they hold them.
+    /// config's `weights` files where they hold them; other initial values are drawn from a
+    /// generator seeded by `(seed, parameter name)`, so a run is reproducible.
     pub fn build_trainable(
         &self,
         cfg: &ModelConfig,
         varmap: &candle_nn::VarMap,
+        seed: u64,
         device: &Device,
     ) -> Result<GlipModel> {
         let mut sources = Vec::new();
@@ -402,7 +416,7 @@ impl ModelBuilder {
             let weights = glip_core::weights::open(file, DType::F32, device)?;
             sources.push(glip_core::weights::Source { prefix: prefix.clone(), weights });
         }
-        let vb = glip_core::weights::trainable(varmap, sources, DType::F32, device);
+        let vb = glip_core::weights::trainable(varmap, sources, seed, DType::F32, device);
         self.build(cfg, vb, device)
     }
 }

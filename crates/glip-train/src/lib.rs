@@ -13,5 +13,6 @@ pub mod eval;
 pub mod model;
 pub mod optim;
 pub mod seed;
+pub mod trainer;
 
 pub use model::GlipModel;

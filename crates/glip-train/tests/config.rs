@@ -55,7 +55,7 @@ fn builds_and_runs_every_built_in_combination() -> Result<()> {
             // Tables after the top-level keys: move them to the end so TOML scoping is right.
             let cfg: ModelConfig = toml::from_str(&toml).unwrap_or_else(|e| panic!("{e}\n{toml}"));
             let vm = candle_nn::VarMap::new();
-            let model = ModelBuilder::new().build_trainable(&cfg, &vm, &Device::Cpu)?;
+            let model = ModelBuilder::new().build_trainable(&cfg, &vm, 0, &Device::Cpu)?;
             let out = model.forward(&images, &text, true)?;
             assert_eq!(out.pred.pred_logits.dims(), &[2, 4, 4], "{q} / {f}");
             assert_eq!(out.aux.len(), 1);
@@ -72,7 +72,7 @@ fn unknown_keys_and_types_are_errors() {
     let cfg: ModelConfig =
         toml::from_str(&config("[query_generator]\ntype = \"text-attend\"\nhead = 2\n")).unwrap();
     let e = ModelBuilder::new()
-        .build_trainable(&cfg, &candle_nn::VarMap::new(), &Device::Cpu)
+        .build_trainable(&cfg, &candle_nn::VarMap::new(), 0, &Device::Cpu)
         .unwrap_err()
         .to_string();
     assert!(
@@ -81,7 +81,7 @@ fn unknown_keys_and_types_are_errors() {
     );
     let cfg: ModelConfig = toml::from_str(&config("[fusion]\ntype = \"telepathy\"\n")).unwrap();
     let e = ModelBuilder::new()
-        .build_trainable(&cfg, &candle_nn::VarMap::new(), &Device::Cpu)
+        .build_trainable(&cfg, &candle_nn::VarMap::new(), 0, &Device::Cpu)
         .unwrap_err()
         .to_string();
     assert!(e.contains("fusion: unknown type \"telepathy\""), "{e}");
@@ -119,7 +119,7 @@ fn a_users_query_generator_plugs_in_by_name() -> Result<()> {
     let cfg: ModelConfig =
         toml::from_str(&config("[query_generator]\ntype = \"mean-text\"\n")).unwrap();
     let vm = candle_nn::VarMap::new();
-    let model = builder.build_trainable(&cfg, &vm, &Device::Cpu)?;
+    let model = builder.build_trainable(&cfg, &vm, 0, &Device::Cpu)?;
     let (images, text) = inputs();
     let out = model.forward(&images, &text, false)?;
     assert_eq!(out.hs.dims(), &[2, 4, 16]);

@@ -90,6 +90,7 @@ fn seed_tiny_losses_matches_and_gradients_match_reference() -> Result<()> {
         let vb = weights::trainable(
             &varmap,
             vec![weights::Source { prefix: String::new(), weights: file }],
+            0,
             DType::F32,
             &dev,
         );

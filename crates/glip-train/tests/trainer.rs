@@ -1,0 +1,163 @@
+//! The training loop: a resumed run continues with the same losses as an uninterrupted one
+//! (CPU, dropout off, to float round-off), checkpoints are complete, and a non-finite loss stops
+//! the run naming the step and the term.
+
+use candle_core::{Device, Result};
+use glip_core::{Criterion, Losses, ModelOutput, Target};
+use glip_data::{Loader, PromptConfig, ShapesConfig, ShapesDataset, Split};
+use glip_loss::{HungarianMatcher, LossConfig, SetCriterion};
+use glip_train::config::{ModelBuilder, ModelConfig};
+use glip_train::optim::OptimConfig;
+use glip_train::trainer::{TrainConfig, TrainError, Trainer};
+use std::path::Path;
+use std::sync::Arc;
+
+fn model_config() -> ModelConfig {
+    let tok = glip_core::testing::fixture("bert-tiny/tokenizer.json");
+    toml::from_str(&format!(
+        r#"
+num_queries = 5
+position_encoding = true
+[backbone]
+type = "resnet"
+depth = 18
+freeze_at = 2
+[text]
+tokenizer = "{}"
+hidden = 16
+layers = 1
+heads = 2
+dropout = 0.0
+[transformer]
+d_model = 16
+nhead = 2
+num_encoder_layers = 1
+num_decoder_layers = 1
+dim_feedforward = 32
+dropout = 0.0
+[head]
+type = "token"
+"#,
+        tok.display()
+    ))
+    .unwrap()
+}
+
+fn loader() -> Loader {
+    let tok = Arc::new(
+        glip_text::Tokenizer::from_file(&glip_core::testing::fixture("bert-tiny/tokenizer.json"))
+            .unwrap(),
+    );
+    let cfg = ShapesConfig { train_images: 6, image_size: 64, ..Default::default() };
+    let ds = ShapesDataset::new(cfg, Split::Train)
+        .unwrap()
+        .with_prompts(PromptConfig { max_negatives: 3, ..Default::default() }, Some(tok.clone()));
+    let mut l = Loader::new(Arc::new(ds), tok, 2, Device::Cpu);
+    l.shuffle = true;
+    l.seed = 3;
+    l
+}
+
+fn losses(dir: &Path) -> Vec<(u64, f32)> {
+    std::fs::read_to_string(dir.join("log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), v["losses"]["loss"].as_f64().unwrap() as f32)
+        })
+        .collect()
+}
+
+fn run(
+    dir: &Path,
+    steps: u64,
+    resume: bool,
+    criterion: &dyn Criterion,
+) -> std::result::Result<(), TrainError> {
+    let cfg = model_config();
+    let vm = candle_nn::VarMap::new();
+    let model = ModelBuilder::new().build_trainable(&cfg, &vm, 0, &Device::Cpu)?;
+    let l = loader();
+    let optim = OptimConfig { lr: 1e-3, warmup_steps: 2, ..Default::default() };
+    let tc = TrainConfig { steps, log_every: 1, checkpoint_every: 2 };
+    let mut t = Trainer::new(
+        &model,
+        &vm,
+        criterion,
+        &l,
+        optim,
+        tc,
+        dir,
+        serde_json::json!({"test": true}),
+        Device::Cpu,
+    )?;
+    if resume {
+        t.resume()?;
+    }
+    t.run()
+}
+
+fn tmp(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("glip-trainer-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+#[test]
+fn resume_continues_with_the_same_losses() -> Result<()> {
+    let crit = SetCriterion::new(LossConfig::default(), Box::new(HungarianMatcher));
+    let (a, b) = (tmp("a"), tmp("b"));
+    run(&a, 5, false, &crit).unwrap();
+    run(&b, 3, false, &crit).unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(b.join("checkpoint.json")).unwrap()).unwrap();
+    assert_eq!(meta["step"], 3);
+    assert_eq!(meta["config"]["test"], true);
+    run(&b, 5, true, &crit).unwrap();
+    let (la, lb) = (losses(&a), losses(&b));
+    assert_eq!(la.len(), 5);
+    assert_eq!(lb.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+    for (x, y) in la.iter().zip(&lb) {
+        assert!(
+            (x.1 - y.1).abs() <= 1e-4 * x.1.abs().max(1.0),
+            "step {}: {} uninterrupted vs {} resumed",
+            x.0,
+            x.1,
+            y.1
+        );
+    }
+    // The losses moved: training happened.
+    assert_ne!(la[0].1, la[4].1);
+    std::fs::remove_dir_all(&a).ok();
+    std::fs::remove_dir_all(&b).ok();
+    Ok(())
+}
+
+/// A criterion that turns NaN at its third call.
+struct NanAtThird(SetCriterion, std::sync::atomic::AtomicUsize);
+
+impl Criterion for NanAtThird {
+    fn forward(&self, out: &ModelOutput, targets: &[Target]) -> Result<Losses> {
+        let mut l = self.0.forward(out, targets)?;
+        if self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 2 {
+            l.terms[1].1 = (&l.terms[1].1 * f64::NAN)?;
+        }
+        Ok(l)
+    }
+}
+
+#[test]
+fn a_non_finite_loss_stops_naming_step_and_term_and_keeps_the_checkpoint() {
+    let crit = NanAtThird(
+        SetCriterion::new(LossConfig::default(), Box::new(HungarianMatcher)),
+        Default::default(),
+    );
+    let d = tmp("nan");
+    let err = run(&d, 5, false, &crit).unwrap_err().to_string();
+    assert!(err.starts_with("step 3: loss term loss_bbox is NaN"), "{err}");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("checkpoint.json")).unwrap()).unwrap();
+    assert_eq!(meta["step"], 2, "the step-2 checkpoint is the last good one");
+    std::fs::remove_dir_all(&d).ok();
+}
