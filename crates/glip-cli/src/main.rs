@@ -1,6 +1,7 @@
 //! `glip`: the command-line front end of glip-rs.
 
 mod data;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -17,6 +18,8 @@ enum Cmd {
     /// Dataset tools: validate COCO/ODVG, export the synthetic task.
     #[command(subcommand)]
     Data(data::DataCmd),
+    /// Train (and evaluate) one experiment config.
+    Train(train::TrainArgs),
     /// Evaluate any COCO results file against COCO ground truth (bbox), as pycocotools does.
     CocoEval(CocoEvalArgs),
 }
@@ -71,11 +74,24 @@ fn coco_eval(a: CocoEvalArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// candle asks for its thread count on every matmul and convolution; without
+/// `RAYON_NUM_THREADS` it re-reads `/proc/cpuinfo` each time (measured: half of a training
+/// step's time, in the kernel) and counts physical cores only (one on a 2-vCPU machine). Set it
+/// once, before any thread starts, to the logical CPUs available.
+fn pin_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+}
+
 fn main() -> std::process::ExitCode {
+    pin_thread_count();
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Data(c) => data::run(c),
         Cmd::CocoEval(a) => coco_eval(a),
+        Cmd::Train(a) => train::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod eval;
+pub mod experiment;
 pub mod model;
 pub mod optim;
 pub mod seed;

@@ -161,3 +161,73 @@ fn a_non_finite_loss_stops_naming_step_and_term_and_keeps_the_checkpoint() {
     assert_eq!(meta["step"], 2, "the step-2 checkpoint is the last good one");
     std::fs::remove_dir_all(&d).ok();
 }
+
+#[test]
+fn an_experiment_trains_evaluates_and_records_everything() {
+    use glip_train::experiment::{run_experiment, ExperimentConfig};
+    let tok = std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../configs/shapes-tokenizer.json"
+    ));
+    let mut cfg: ExperimentConfig = toml::from_str(&format!(
+        r#"
+[model]
+num_queries = 4
+[model.backbone]
+type = "resnet"
+depth = 18
+freeze_at = 5
+[model.text]
+tokenizer = "{}"
+hidden = 16
+layers = 1
+heads = 2
+[model.transformer]
+d_model = 16
+nhead = 2
+num_encoder_layers = 1
+num_decoder_layers = 1
+dim_feedforward = 32
+[model.head]
+type = "token"
+[data]
+batch_size = 2
+[data.shapes]
+image_size = 48
+train_images = 4
+val_images = 6
+[run]
+steps = 4
+eval_every = 2
+log_every = 1
+checkpoint_every = 0
+"#,
+        tok.display()
+    ))
+    .unwrap();
+    cfg.name = "smoke".into();
+    let d = tmp("experiment");
+    let mut messages = Vec::new();
+    let points = run_experiment(&cfg, &d, false, |m| messages.push(m.to_string())).unwrap();
+    assert_eq!(points.iter().map(|p| p.step).collect::<Vec<_>>(), vec![2, 4]);
+    for p in &points {
+        let ap50 = p.val.get("AP50");
+        assert!((0.0..=1.0).contains(&ap50), "AP50 {ap50}");
+        assert!(p.heldout_ap50 >= 0.0 || p.heldout_ap50 == -1.0);
+    }
+    for f in [
+        "config.resolved.toml",
+        "log.jsonl",
+        "eval.jsonl",
+        "checkpoint.safetensors",
+        "checkpoint.json",
+    ] {
+        assert!(d.join(f).exists(), "{f} missing");
+    }
+    // The resolved config reads back as the same config.
+    let back: ExperimentConfig =
+        toml::from_str(&std::fs::read_to_string(d.join("config.resolved.toml")).unwrap()).unwrap();
+    assert_eq!(back, cfg);
+    assert!(messages.iter().any(|m| m.contains("val AP50")));
+    std::fs::remove_dir_all(&d).ok();
+}

@@ -1,0 +1,393 @@
+//! A whole run from one TOML file: model, data, loss, optimiser, loop; training with periodic
+//! evaluation on the validation split (COCO AP and the held-out pairs' AP50).
+
+use crate::config::{HeadConfig, ModelBuilder, ModelConfig};
+use crate::eval::{evaluate_coco, CocoDetection, CocoMetrics};
+use crate::optim::OptimConfig;
+use crate::trainer::{LogLine, TrainConfig, Trainer};
+use crate::GlipModel;
+use candle_core::{Device, Tensor};
+use glip_core::Criterion;
+use glip_data::{
+    Dataset, Loader, PromptConfig, ShapesConfig, ShapesDataset, Split, TransformConfig,
+};
+use glip_heads::postprocess::{class_scores, detections, token_scores, PostProcessConfig};
+use glip_loss::{HungarianMatcher, LossConfig, OrderedMatcher, SetCriterion};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The data of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// The synthetic task (the default, no files).
+    #[serde(default)]
+    pub shapes: ShapesConfig,
+    /// Train on only the first this many training images (overfitting checks). Default all.
+    #[serde(default)]
+    pub train_subset: Option<usize>,
+    /// Evaluate on the training images instead of the validation split (overfitting checks).
+    #[serde(default)]
+    pub eval_on_train: bool,
+    /// Training transforms.
+    #[serde(default)]
+    pub transforms: TransformConfig,
+    /// Training prompts.
+    #[serde(default)]
+    pub prompts: PromptConfig,
+    /// Images per batch. Default 8.
+    #[serde(default = "eight")]
+    pub batch_size: usize,
+}
+
+fn eight() -> usize {
+    8
+}
+
+/// Which criterion, which matcher, and their weights.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CriterionConfig {
+    /// `hungarian` (default) or `ordered` (the seed tutorial's pairing).
+    #[serde(default = "hungarian")]
+    pub matcher: String,
+    /// Costs and weights.
+    #[serde(flatten)]
+    pub weights: LossConfig,
+}
+
+fn hungarian() -> String {
+    "hungarian".into()
+}
+
+impl Default for CriterionConfig {
+    fn default() -> Self {
+        Self { matcher: hungarian(), weights: LossConfig::default() }
+    }
+}
+
+/// Loop settings of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// Steps, logging and checkpoints.
+    #[serde(flatten)]
+    pub train: TrainConfig,
+    /// Evaluate every this many steps (0: at the end only). Default 500.
+    #[serde(default = "five_hundred")]
+    pub eval_every: u64,
+    /// Seed of initialisation, data order and transforms. Default 0.
+    #[serde(default)]
+    pub seed: u64,
+    /// Stop after this many minutes of training (evaluation time excluded), if set.
+    #[serde(default)]
+    pub time_budget_min: Option<f64>,
+}
+
+fn five_hundred() -> u64 {
+    500
+}
+
+/// Everything one run needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentConfig {
+    /// A name for tables and plots.
+    #[serde(default)]
+    pub name: String,
+    /// The model.
+    pub model: ModelConfig,
+    /// The data.
+    #[serde(default)]
+    pub data: DataConfig,
+    /// The loss.
+    #[serde(default)]
+    pub loss: CriterionConfig,
+    /// The optimiser.
+    #[serde(default)]
+    pub optim: OptimConfig,
+    /// The loop.
+    pub run: RunConfig,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            shapes: ShapesConfig::default(),
+            train_subset: None,
+            eval_on_train: false,
+            transforms: TransformConfig::default(),
+            prompts: PromptConfig::default(),
+            batch_size: eight(),
+        }
+    }
+}
+
+/// One evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalPoint {
+    /// Step.
+    pub step: u64,
+    /// Training minutes so far (evaluation excluded).
+    pub train_minutes: f64,
+    /// COCO numbers on the validation images.
+    pub val: CocoMetrics,
+    /// AP50 on the held-out colour-shape pairs only (-1 without any).
+    pub heldout_ap50: f64,
+}
+
+/// Builds the criterion of a config.
+pub fn criterion(cfg: &CriterionConfig) -> Result<SetCriterion, String> {
+    let matcher: Box<dyn glip_core::Matcher> = match cfg.matcher.as_str() {
+        "hungarian" => Box::new(HungarianMatcher),
+        "ordered" => Box::new(OrderedMatcher),
+        m => return Err(format!("loss.matcher: unknown {m:?} (hungarian or ordered)")),
+    };
+    Ok(SetCriterion::new(cfg.weights.clone(), matcher))
+}
+
+/// A subset of a dataset (its first `n` samples).
+struct Subset(Arc<dyn Dataset>, usize);
+
+impl Dataset for Subset {
+    fn len(&self) -> usize {
+        self.1.min(self.0.len())
+    }
+    fn categories(&self) -> &[String] {
+        self.0.categories()
+    }
+    fn get(
+        &self,
+        i: usize,
+        rng: &mut glip_core::rng::Rng,
+    ) -> Result<glip_data::Sample, glip_data::DataError> {
+        self.0.get(i, rng)
+    }
+}
+
+/// Runs detection on every image of `ds` with a prompt of all categories and evaluates it
+/// against the same images' ground truth (COCO bbox), also restricted to `held_out` categories.
+pub fn evaluate_shapes(
+    model: &GlipModel,
+    ds: &ShapesDataset,
+    n: usize,
+    tok: &Arc<glip_text::Tokenizer>,
+    head: &HeadConfig,
+    dir: &Path,
+) -> Result<(CocoMetrics, f64), String> {
+    let cats = ds.categories().to_vec();
+    let prompt = glip_core::prompt::Prompt::detection(&cats, ". ").map_err(|e| e.to_string())?;
+    let enc = tok.encode(&prompt.caption).map_err(|e| e.to_string())?;
+    let pm = glip_core::prompt::positive_map(&enc.offsets, &prompt.spans, enc.ids.len());
+    let dev = Device::Cpu;
+    let pm = Tensor::new(pm, &dev).map_err(|e| e.to_string())?;
+    let mut gt_images = Vec::new();
+    let mut gt_anns = Vec::new();
+    let mut dets: Vec<CocoDetection> = Vec::new();
+    let bs = 16;
+    let mut i = 0;
+    while i < n {
+        let m = bs.min(n - i);
+        let mut samples = Vec::with_capacity(m);
+        for k in i..i + m {
+            let (img, objects) = ds.render(k);
+            for o in &objects {
+                let [x0, y0, x1, y1] = o.bbox;
+                gt_anns.push(serde_json::json!({"id": gt_anns.len() + 1, "image_id": k + 1, "category_id": o.category + 1,
+                    "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0}));
+            }
+            gt_images.push(serde_json::json!({"id": k + 1, "file_name": format!("{k:06}.png"), "width": img.width(), "height": img.height()}));
+            let dims = img.dimensions();
+            samples.push(glip_data::Sample {
+                image: img,
+                image_id: k as u64 + 1,
+                orig_size: dims,
+                caption: prompt.caption.clone(),
+                boxes: vec![],
+                phrases: vec![],
+                labels: vec![],
+            });
+        }
+        let batch = glip_data::collate(&samples, tok.as_ref(), &dev).map_err(|e| e.to_string())?;
+        let out = model.forward(&batch.images, &batch.text, false).map_err(|e| e.to_string())?;
+        for (b, s) in samples.iter().enumerate() {
+            let logits = out.pred.pred_logits.get(b).map_err(|e| e.to_string())?;
+            let scores = match head {
+                HeadConfig::Token => token_scores(&logits, &pm, Default::default()),
+                HeadConfig::Class { .. } => class_scores(&logits),
+            }
+            .map_err(|e| e.to_string())?;
+            let boxes = out.pred.pred_boxes.get(b).map_err(|e| e.to_string())?;
+            let (w, h) = s.image.dimensions();
+            let cfg = PostProcessConfig::default();
+            for d in
+                detections(&scores, &boxes, w as f32, h as f32, &cfg).map_err(|e| e.to_string())?
+            {
+                let [x0, y0, x1, y1] = d.bbox.map(|v| v as f64);
+                dets.push(CocoDetection {
+                    image_id: s.image_id,
+                    category_id: d.category as u64 + 1,
+                    bbox: [x0, y0, x1 - x0, y1 - y0],
+                    score: d.score as f64,
+                });
+            }
+        }
+        i += m;
+    }
+    let categories: Vec<_> =
+        cats.iter().enumerate().map(|(i, c)| serde_json::json!({"id": i + 1, "name": c})).collect();
+    let write_gt = |path: &Path, anns: Vec<serde_json::Value>| -> Result<(), String> {
+        let doc =
+            serde_json::json!({"images": gt_images, "annotations": anns, "categories": categories});
+        std::fs::write(path, doc.to_string()).map_err(|e| format!("{}: {e}", path.display()))
+    };
+    let gt_path = dir.join("val_gt.json");
+    write_gt(&gt_path, gt_anns.clone())?;
+    let all = evaluate_coco(&gt_path, &dets).map_err(|e| e.to_string())?;
+    let held: Vec<u64> = ds.held_out().iter().map(|&c| c as u64 + 1).collect();
+    let heldout = if held.is_empty() {
+        -1.0
+    } else {
+        let anns: Vec<_> = gt_anns
+            .into_iter()
+            .filter(|a| held.contains(&a["category_id"].as_u64().unwrap_or(0)))
+            .collect();
+        let p = dir.join("val_gt_heldout.json");
+        write_gt(&p, anns)?;
+        let hd: Vec<CocoDetection> =
+            dets.iter().filter(|d| held.contains(&d.category_id)).cloned().collect();
+        // Restrict evaluation to the held-out categories: others have no ground truth and
+        // pycocotools averages only over categories with some.
+        evaluate_coco(&p, &hd).map_err(|e| e.to_string())?.get("AP50")
+    };
+    Ok((all, heldout))
+}
+
+/// Trains and evaluates; writes `dir/config.resolved.toml`, `log.jsonl`, `eval.jsonl`,
+/// checkpoints. Returns the evaluations.
+pub fn run_experiment(
+    cfg: &ExperimentConfig,
+    dir: &Path,
+    resume: bool,
+    mut progress: impl FnMut(&str),
+) -> Result<Vec<EvalPoint>, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let resolved = toml::to_string(cfg).map_err(|e| e.to_string())?;
+    std::fs::write(dir.join("config.resolved.toml"), &resolved).map_err(|e| e.to_string())?;
+    let dev = Device::Cpu;
+    let tok = Arc::new(
+        glip_text::Tokenizer::from_file(&cfg.model.text.tokenizer).map_err(|e| e.to_string())?,
+    );
+    let train_ds = ShapesDataset::new(cfg.data.shapes.clone(), Split::Train)
+        .map_err(|e| e.to_string())?
+        .with_prompts(cfg.data.prompts.clone(), Some(tok.clone()));
+    let n_train = cfg.data.train_subset.unwrap_or(train_ds.len()).min(train_ds.len());
+    let train: Arc<dyn Dataset> = Arc::new(Subset(Arc::new(train_ds), n_train));
+    let (eval_ds, n_eval) = if cfg.data.eval_on_train {
+        (
+            ShapesDataset::new(cfg.data.shapes.clone(), Split::Train).map_err(|e| e.to_string())?,
+            n_train,
+        )
+    } else {
+        let v =
+            ShapesDataset::new(cfg.data.shapes.clone(), Split::Val).map_err(|e| e.to_string())?;
+        let n = v.len();
+        (v, n)
+    };
+    let mut loader = Loader::new(train, tok.clone(), cfg.data.batch_size, dev.clone());
+    loader.transforms = cfg.data.transforms.clone();
+    loader.shuffle = true;
+    loader.seed = cfg.run.seed;
+    let varmap = candle_nn::VarMap::new();
+    let model = ModelBuilder::new()
+        .build_trainable(&cfg.model, &varmap, cfg.run.seed, &dev)
+        .map_err(|e| e.to_string())?;
+    let crit = criterion(&cfg.loss)?;
+    let resolved_json = serde_json::to_value(cfg).map_err(|e| e.to_string())?;
+    let mut points = Vec::new();
+    let eval_every = if cfg.run.eval_every == 0 { cfg.run.train.steps } else { cfg.run.eval_every };
+    let mut trained_s = 0f64;
+    let mut step = 0u64;
+    let mut trainer = Trainer::new(
+        &model,
+        &varmap,
+        &crit as &dyn Criterion,
+        &loader,
+        cfg.optim.clone(),
+        cfg.run.train.clone(),
+        dir,
+        resolved_json,
+        dev.clone(),
+    )
+    .map_err(|e| e.to_string())?;
+    if resume && dir.join("checkpoint.safetensors").exists() {
+        trainer.resume().map_err(|e| e.to_string())?;
+        step = trainer.step();
+    }
+    let eval_log = dir.join("eval.jsonl");
+    while step < cfg.run.train.steps {
+        let target = ((step / eval_every) + 1) * eval_every;
+        trainer.config.steps = target.min(cfg.run.train.steps);
+        let t0 = std::time::Instant::now();
+        let last: std::rc::Rc<std::cell::RefCell<Option<LogLine>>> = Default::default();
+        let sink = last.clone();
+        trainer.on_log = Some(Box::new(move |l: &LogLine| *sink.borrow_mut() = Some(l.clone())));
+        trainer.run().map_err(|e| e.to_string())?;
+        trainer.on_log = None;
+        trained_s += t0.elapsed().as_secs_f64();
+        step = trainer.step();
+        if let Some(l) = last.borrow().as_ref() {
+            progress(&format!(
+                "step {step}: loss {:.4}, {:.1} img/s, {:.1} min",
+                l.losses["loss"],
+                l.images_per_s,
+                trained_s / 60.0
+            ));
+        }
+        let (val, heldout_ap50) =
+            evaluate_shapes(&model, &eval_ds, n_eval, &tok, &cfg.model.head, dir)?;
+        let p = EvalPoint { step, train_minutes: trained_s / 60.0, val, heldout_ap50 };
+        progress(&format!(
+            "step {step}: val AP50 {:.3}, AP {:.3}, held-out AP50 {:.3}",
+            p.val.get("AP50"),
+            p.val.get("AP"),
+            heldout_ap50
+        ));
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&eval_log)
+            .map_err(|e| e.to_string())?;
+        use std::io::Write;
+        writeln!(f, "{}", serde_json::to_string(&p).expect("json")).map_err(|e| e.to_string())?;
+        points.push(p);
+        if cfg.run.time_budget_min.is_some_and(|b| trained_s / 60.0 >= b) {
+            progress(&format!("time budget reached at step {step}"));
+            break;
+        }
+    }
+    Ok(points)
+}
+
+/// Reads an experiment config, naming the file on error.
+pub fn load_config(path: &Path) -> Result<ExperimentConfig, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Where relative paths in a config resolve: the config's folder.
+pub fn resolve_paths(cfg: &mut ExperimentConfig, base: &Path) {
+    let fix = |p: &mut PathBuf| {
+        if p.is_relative() {
+            *p = base.join(&*p);
+        }
+    };
+    fix(&mut cfg.model.text.tokenizer);
+    if let Some(f) = cfg.model.text.folder.as_mut() {
+        fix(f);
+    }
+    for f in cfg.model.weights.values_mut() {
+        fix(f);
+    }
+}
