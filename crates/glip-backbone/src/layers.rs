@@ -98,9 +98,94 @@ pub fn conv2d(
     Ok(Conv2d::new(w, b, cfg))
 }
 
-/// Applies a convolution.
-pub fn conv(c: &Conv2d, x: &Tensor) -> Result<Tensor> {
-    c.forward(x)
+/// Elements `start, start + stride, ...` (`n` of them) along `axis`, by narrow and reshape
+/// (differentiable; candle has no strided slice). `x` must be long enough:
+/// `start + stride * n <= len`.
+fn take_strided(x: &Tensor, axis: usize, start: usize, n: usize, stride: usize) -> Result<Tensor> {
+    if stride == 1 {
+        return x.narrow(axis, start, n);
+    }
+    let span = x.narrow(axis, start, stride * n)?;
+    let mut shape = span.dims().to_vec();
+    shape[axis] = n;
+    shape.insert(axis + 1, stride);
+    span.reshape(shape)?.narrow(axis + 1, 0, 1)?.squeeze(axis + 1)
+}
+
+/// Depthwise convolution (`groups == channels`): `x (b, c, h, w)`, `weight (c, 1, k, k)`,
+/// zero padding `pad`, stride `stride` -> `(b, c, oh, ow)`.
+///
+/// candle runs a grouped convolution as one small convolution per group (hundreds for
+/// MobileNetV2, each with a thread barrier); this sums `k * k` shifted, per-channel scaled
+/// copies of the input instead, with differentiable ops only.
+pub fn depthwise_conv2d(x: &Tensor, weight: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
+    let (_, c, h, w) = x.dims4()?;
+    let (wc, _, k, _) = weight.dims4()?;
+    if wc != c {
+        candle_core::bail!("depthwise conv: {c} input channels, weight for {wc}");
+    }
+    let (oh, ow) = ((h + 2 * pad - k) / stride + 1, (w + 2 * pad - k) / stride + 1);
+    // Pad, plus `stride` extra zeros at the end so every strided window fits.
+    let xp = x.pad_with_zeros(2, pad, pad + stride)?.pad_with_zeros(3, pad, pad + stride)?;
+    let mut acc: Option<Tensor> = None;
+    for i in 0..k {
+        let rows = take_strided(&xp, 2, i, oh, stride)?;
+        for j in 0..k {
+            let patch = take_strided(&rows, 3, j, ow, stride)?;
+            let wij = weight.narrow(2, i, 1)?.narrow(3, j, 1)?.reshape((1, c, 1, 1))?;
+            let term = patch.broadcast_mul(&wij)?;
+            acc = Some(match acc {
+                Some(a) => (a + term)?,
+                None => term,
+            });
+        }
+    }
+    acc.ok_or_else(|| candle_core::Error::Msg("depthwise conv with an empty kernel".into()))
+}
+
+/// A convolution: candle's, or [`depthwise_conv2d`] when every channel is its own group.
+#[derive(Debug, Clone)]
+pub enum Conv {
+    /// candle's `Conv2d`.
+    Dense(Conv2d),
+    /// Depthwise with `(weight (c, 1, k, k), bias, stride, padding)`.
+    Depthwise(Tensor, Option<Tensor>, usize, usize),
+}
+
+impl Conv {
+    /// Loads like [`conv2d`], choosing the depthwise path when `groups == cin == cout > 1`.
+    pub fn new(
+        vb: VarBuilder<'_>,
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+        groups: usize,
+        bias: bool,
+        frozen: bool,
+    ) -> Result<Self> {
+        let c = conv2d(vb, cin, cout, k, stride, padding, groups, bias, frozen)?;
+        if groups > 1 && groups == cin && cin == cout {
+            Ok(Conv::Depthwise(c.weight().clone(), c.bias().cloned(), stride, padding))
+        } else {
+            Ok(Conv::Dense(c))
+        }
+    }
+
+    /// Applies the convolution.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Conv::Dense(c) => c.forward(x),
+            Conv::Depthwise(w, b, s, p) => {
+                let y = depthwise_conv2d(x, w, *s, *p)?;
+                match b {
+                    Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+                    None => Ok(y),
+                }
+            }
+        }
+    }
 }
 
 /// Pads axis `axis` of `x` with `before` and `after` copies of `value`.
@@ -183,6 +268,23 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn depthwise_matches_candles_grouped_convolution() -> Result<()> {
+        let dev = Device::Cpu;
+        for (h, w, k, s, p) in
+            [(7, 9, 3, 1, 1), (8, 8, 3, 2, 1), (9, 6, 3, 2, 1), (5, 5, 1, 1, 0), (6, 7, 5, 2, 2)]
+        {
+            let x = Tensor::randn(0f32, 1.0, (2, 4, h, w), &dev)?;
+            let wt = Tensor::randn(0f32, 1.0, (4, 1, k, k), &dev)?;
+            let want = x.conv2d(&wt, p, s, 1, 4)?;
+            let got = depthwise_conv2d(&x, &wt, s, p)?;
+            assert_eq!(got.dims(), want.dims(), "{h}x{w} k{k} s{s} p{p}");
+            let d = (got - want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            assert!(d < 1e-5, "{h}x{w} k{k} s{s} p{p}: max diff {d}");
+        }
+        Ok(())
     }
 
     #[test]

@@ -2,15 +2,15 @@
 //! feature maps (after `features.6`, `features.13`, `features.18`) and optionally the ImageNet
 //! logits.
 
-use crate::layers::{conv2d, BatchNorm2d};
+use crate::layers::{BatchNorm2d, Conv};
 use candle_core::{Result, Tensor, D};
-use candle_nn::{Conv2d, Linear, Module, VarBuilder};
+use candle_nn::{Linear, Module, VarBuilder};
 use glip_core::{Backbone, FeatureMap};
 
 /// conv -> batch norm -> optional ReLU6 (torchvision `Conv2dNormActivation`).
 #[derive(Debug, Clone)]
 struct ConvBn {
-    conv: Conv2d,
+    conv: Conv,
     bn: BatchNorm2d,
     relu6: bool,
 }
@@ -60,7 +60,7 @@ impl MobileNetV2 {
         let f = vb.pp("features");
         let cbn = |vb: VarBuilder<'_>, ci, co, k, s, g, relu6| -> Result<ConvBn> {
             Ok(ConvBn {
-                conv: conv2d(vb.pp("0"), ci, co, k, s, (k - 1) / 2, g, false, false)?,
+                conv: Conv::new(vb.pp("0"), ci, co, k, s, (k - 1) / 2, g, false, false)?,
                 bn: BatchNorm2d::new(co, frozen_bn, vb.pp("1"))?,
                 relu6,
             })
@@ -83,7 +83,17 @@ impl MobileNetV2 {
                 layers.push(cbn(b.pp(k.to_string()), hidden, hidden, 3, stride, hidden, true)?);
                 // Projection: a bare conv at `conv.{k+1}` and its batch norm at `conv.{k+2}`.
                 layers.push(ConvBn {
-                    conv: conv2d(b.pp((k + 1).to_string()), hidden, c, 1, 1, 0, 1, false, false)?,
+                    conv: Conv::new(
+                        b.pp((k + 1).to_string()),
+                        hidden,
+                        c,
+                        1,
+                        1,
+                        0,
+                        1,
+                        false,
+                        false,
+                    )?,
                     bn: BatchNorm2d::new(c, frozen_bn, b.pp((k + 2).to_string()))?,
                     relu6: false,
                 });
