@@ -173,5 +173,13 @@ proptest! {
         let qp = g.forward(&QueryInputs { text: &tfp, memory: &imgp, memory_mask: Some(&im) }, false).unwrap();
         prop_assert_eq!(q.content.dims(), &[b, 4, D]);
         assert_close("text-attend queries", &qp.content, &q.content, 1e-5, 1e-4).unwrap();
+        // The seed and learned generators: (b, q, d) for any batch and query count.
+        let tf = TextFeatures::new(txt, Some(randn(&[b, DT])), tf.mask.clone()).unwrap();
+        let inputs = QueryInputs { text: &tf, memory: &img, memory_mask: None };
+        let nq = s + t;
+        let seed = SeedQueries::new(DT, D, nq, vb.pp("seed")).unwrap().forward(&inputs, false).unwrap();
+        let learned = LearnedQueries::new(D, nq, vb.pp("learned")).unwrap().forward(&inputs, false).unwrap();
+        prop_assert_eq!(seed.content.dims(), &[b, nq, D]);
+        prop_assert_eq!(learned.pos.as_ref().unwrap().dims(), &[b, nq, D]);
     }
 }
