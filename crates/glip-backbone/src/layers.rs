@@ -74,7 +74,23 @@ impl BatchNorm2d {
 
 /// A bias-free (or biased) convolution loaded from `vb` with `weight` `(out, in/groups, k, k)`;
 /// frozen convolutions are detached from the graph.
+#[allow(clippy::too_many_arguments)]
 pub fn conv2d(
+    vb: VarBuilder<'_>,
+    cin: usize,
+    cout: usize,
+    k: usize,
+    stride: usize,
+    padding: usize,
+    groups: usize,
+    bias: bool,
+    frozen: bool,
+) -> Result<Conv> {
+    Conv::new(vb, cin, cout, k, stride, padding, groups, bias, frozen)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn load_conv2d(
     vb: VarBuilder<'_>,
     cin: usize,
     cout: usize,
@@ -143,7 +159,8 @@ pub fn depthwise_conv2d(x: &Tensor, weight: &Tensor, stride: usize, pad: usize) 
     acc.ok_or_else(|| candle_core::Error::Msg("depthwise conv with an empty kernel".into()))
 }
 
-/// A convolution: candle's, or [`depthwise_conv2d`] when every channel is its own group.
+/// A convolution: [`glip_core::conv::conv2d`] (candle's forward, a gemm backward), or
+/// [`depthwise_conv2d`] when every channel is its own group.
 #[derive(Debug, Clone)]
 pub enum Conv {
     /// candle's `Conv2d`.
@@ -165,7 +182,7 @@ impl Conv {
         bias: bool,
         frozen: bool,
     ) -> Result<Self> {
-        let c = conv2d(vb, cin, cout, k, stride, padding, groups, bias, frozen)?;
+        let c = load_conv2d(vb, cin, cout, k, stride, padding, groups, bias, frozen)?;
         if groups > 1 && groups == cin && cin == cout {
             Ok(Conv::Depthwise(c.weight().clone(), c.bias().cloned(), stride, padding))
         } else {
@@ -176,7 +193,17 @@ impl Conv {
     /// Applies the convolution.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Conv::Dense(c) => c.forward(x),
+            Conv::Dense(c) => {
+                let cfg = c.config();
+                if cfg.groups != 1 || cfg.dilation != 1 {
+                    return c.forward(x);
+                }
+                let y = glip_core::conv::conv2d(x, c.weight(), cfg.stride, cfg.padding)?;
+                match c.bias() {
+                    Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+                    None => Ok(y),
+                }
+            }
             Conv::Depthwise(w, b, s, p) => {
                 let y = depthwise_conv2d(x, w, *s, *p)?;
                 match b {

@@ -1,8 +1,8 @@
 //! torchvision ResNet-18/34/50/101 bodies returning C2..C5.
 
-use crate::layers::{conv2d, max_pool_3x3_s2_p1, BatchNorm2d};
+use crate::layers::{conv2d, max_pool_3x3_s2_p1, BatchNorm2d, Conv};
 use candle_core::{Result, Tensor};
-use candle_nn::{Conv2d, Module, VarBuilder};
+use candle_nn::VarBuilder;
 use glip_core::{Backbone, FeatureMap};
 use serde::{Deserialize, Serialize};
 
@@ -68,8 +68,8 @@ impl ResNetConfig {
 
 #[derive(Debug, Clone)]
 struct Block {
-    convs: Vec<(Conv2d, BatchNorm2d)>,
-    downsample: Option<(Conv2d, BatchNorm2d)>,
+    convs: Vec<(Conv, BatchNorm2d)>,
+    downsample: Option<(Conv, BatchNorm2d)>,
 }
 
 impl Block {
@@ -134,7 +134,7 @@ impl Block {
 /// A torchvision ResNet without `avgpool`/`fc`: `conv1`, `bn1`, `layer1..4`.
 #[derive(Debug, Clone)]
 pub struct ResNet {
-    conv1: Conv2d,
+    conv1: Conv,
     bn1: BatchNorm2d,
     layers: [Vec<Block>; 4],
     config: ResNetConfig,

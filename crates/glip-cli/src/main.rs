@@ -1,5 +1,6 @@
 //! `glip`: the command-line front end of glip-rs.
 
+mod bench;
 mod data;
 mod train;
 
@@ -22,6 +23,8 @@ enum Cmd {
     Train(train::TrainArgs),
     /// Evaluate any COCO results file against COCO ground truth (bbox), as pycocotools does.
     CocoEval(CocoEvalArgs),
+    /// Time the seed model (same presets and work as bench_torch.py); prints one JSON line.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -92,6 +95,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Data(c) => data::run(c),
         Cmd::CocoEval(a) => coco_eval(a),
         Cmd::Train(a) => train::run(a),
+        Cmd::Bench(a) => bench::run_bench(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -26,6 +26,7 @@
 //! ```
 
 pub mod boxes;
+pub mod conv;
 pub mod nn;
 pub mod prompt;
 pub mod rng;

@@ -54,7 +54,9 @@ fn two() -> usize {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TextConfig {
-    /// `tokenizer.json`.
+    /// `tokenizer.json` (may be left out with an inline `vocab_size`, for timing runs on
+    /// random ids).
+    #[serde(default)]
     pub tokenizer: PathBuf,
     /// A Hugging Face folder (`config.json`, weights): architecture and weights from there.
     #[serde(default)]
@@ -69,6 +71,12 @@ pub struct TextConfig {
     /// Heads of the inline BERT.
     #[serde(default)]
     pub heads: Option<usize>,
+    /// Feed-forward width of the inline BERT. Default `2 * hidden`.
+    #[serde(default)]
+    pub intermediate: Option<usize>,
+    /// Vocabulary of the inline BERT. Default: the tokenizer's.
+    #[serde(default)]
+    pub vocab_size: Option<usize>,
     /// Dropout of the inline BERT (training only). Default 0.1.
     #[serde(default = "d_text_dropout")]
     pub dropout: f32,
@@ -302,15 +310,21 @@ impl ModelBuilder {
                 Some(dir) => Bert::from_folder(dir, device)
                     .map_err(|e| candle_core::Error::Msg(e.to_string()))?,
                 None => {
-                    let tok = glip_text::Tokenizer::from_file(&t.tokenizer)
-                        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                    let vocab = match t.vocab_size {
+                        Some(v) => v,
+                        None => glip_text::Tokenizer::from_file(&t.tokenizer)
+                            .map_err(|e| candle_core::Error::Msg(format!("text.tokenizer: {e}")))?
+                            .vocab_size(),
+                    };
                     let (Some(h), Some(l), Some(n)) = (t.hidden, t.layers, t.heads) else {
                         candle_core::bail!("text: give `folder`, or `hidden`, `layers` and `heads`")
                     };
+                    let tiny = BertConfig::tiny(vocab, h, l, n);
                     let bc = BertConfig {
                         hidden_dropout_prob: t.dropout,
                         attention_probs_dropout_prob: t.dropout,
-                        ..BertConfig::tiny(tok.vocab_size(), h, l, n)
+                        intermediate_size: t.intermediate.unwrap_or(tiny.intermediate_size),
+                        ..tiny
                     };
                     Bert::new(bc, vb.pp("text"), true)?
                 }

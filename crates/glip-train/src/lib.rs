@@ -8,6 +8,7 @@
 //! # Must not know about
 //! Command-line parsing or experiment grids (those are glip-cli's and xtask's).
 
+pub mod bench;
 pub mod config;
 pub mod eval;
 pub mod experiment;

@@ -2,7 +2,7 @@
 //! fusion, transformer and heads behind the `glip_core` traits.
 
 use candle_core::{DType, Result, Tensor};
-use candle_nn::{Conv2d, Module};
+use glip_backbone::layers::Conv;
 use glip_core::{Backbone, Contract};
 use glip_core::{
     BoxHead, ClassHead, Fusion, ImageBatch, ModelOutput, Prediction, QueryGenerator, QueryInputs,
@@ -18,7 +18,7 @@ pub struct GlipModel {
     /// Which backbone level feeds the transformer (index into its outputs; the seed uses C5).
     pub feature_level: usize,
     /// 1x1 convolution from the level's channels to `d`.
-    pub input_proj: Conv2d,
+    pub input_proj: Conv,
     /// Text encoder.
     pub text: Box<dyn TextEncoder>,
     /// Query generator.

@@ -1,0 +1,41 @@
+//! `glip bench`: times the seed model as `../shared/reference/bench_torch.py` does, printing the
+//! same JSON line so the two compare side by side.
+
+use anyhow::Result;
+use clap::Args;
+use glip_train::bench::{run, BenchSpec};
+
+/// `glip bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// `seed-r50` or `seed-r18`.
+    #[arg(long, default_value = "seed-r50")]
+    preset: String,
+    /// `infer` (no gradients) or `train` (forward, criterion, backward, clip, AdamW).
+    #[arg(long, default_value = "infer", value_parser = ["infer", "train"])]
+    mode: String,
+    /// Images per batch.
+    #[arg(long, default_value_t = 2)]
+    batch: usize,
+    /// Square image side in pixels.
+    #[arg(long, default_value_t = 384)]
+    size: usize,
+    /// Timed iterations (after one warm-up).
+    #[arg(long, default_value_t = 5)]
+    iters: usize,
+}
+
+/// Runs `glip bench`.
+pub fn run_bench(a: BenchArgs) -> Result<()> {
+    anyhow::ensure!(a.batch > 0 && a.size >= 32, "--batch must be >= 1 and --size >= 32");
+    let spec = BenchSpec {
+        preset: a.preset,
+        train: a.mode == "train",
+        batch: a.batch,
+        size: a.size,
+        iters: a.iters,
+    };
+    let r = run(&spec, &candle_core::Device::Cpu)?;
+    println!("{}", serde_json::to_string(&r)?);
+    Ok(())
+}

@@ -1,0 +1,204 @@
+//! Timing of the seed model, the same work as `../shared/reference/bench_torch.py`: same presets,
+//! random weights, random token ids, the same three targets per image; a training step is
+//! forward, the DETR criterion, backward, gradient-norm clipping at 0.1 and an AdamW step with
+//! the backbone stem and layer1 frozen (backbone and text lr 1e-5, the rest 1e-4).
+
+use crate::config::{
+    BackboneConfig, BoxHeadConfig, Component, HeadConfig, ModelConfig, TextConfig,
+};
+use crate::optim::{AdamW, OptimConfig, Schedule};
+use crate::trainer::named_vars;
+use candle_core::{DType, Device, Result, Tensor};
+use glip_core::{Criterion, ImageBatch, Target, TextBatch};
+use glip_loss::{HungarianMatcher, LossConfig, SetCriterion};
+use glip_transformer::TransformerConfig;
+use serde::Serialize;
+use std::time::Instant;
+
+/// The presets of `bench_torch.py`.
+pub const PRESETS: [&str; 2] = ["seed-r50", "seed-r18"];
+
+/// The model of a preset: the seed tutorial's architecture (C5 features, 1x1 input projection,
+/// no positional encoding, no auxiliary outputs, dropout 0.1, fixed-class head).
+pub fn preset(name: &str) -> Result<ModelConfig> {
+    // (depth, text hidden, text layers, text heads, d, heads, enc, dec, ff, queries, classes)
+    let p = match name {
+        "seed-r50" => (50, 768, 12, 12, 256, 8, 6, 6, 2048, 100, 91),
+        "seed-r18" => (18, 256, 4, 4, 128, 4, 3, 3, 512, 50, 10),
+        other => candle_core::bail!("bench: unknown preset {other:?} ({})", PRESETS.join(", ")),
+    };
+    let (depth, th, tl, tn, d, nh, enc, dec, ff, queries, classes) = p;
+    Ok(ModelConfig {
+        backbone: BackboneConfig::Resnet { depth, freeze_at: 2, trainable_bn: false },
+        feature_level: None,
+        text: TextConfig {
+            tokenizer: Default::default(),
+            folder: None,
+            hidden: Some(th),
+            layers: Some(tl),
+            heads: Some(tn),
+            intermediate: Some(4 * th),
+            vocab_size: Some(30522),
+            dropout: 0.1,
+            frozen: false,
+        },
+        transformer: TransformerConfig {
+            dropout: 0.1,
+            ..TransformerConfig::new(d, nh, enc, dec, ff)
+        },
+        num_queries: queries,
+        query_generator: Component::named("seed"),
+        fusion: Component::named("none"),
+        box_head: BoxHeadConfig::Linear,
+        head: HeadConfig::Class { num_classes: classes },
+        position_encoding: false,
+        aux_loss: false,
+        weights: Default::default(),
+    })
+}
+
+/// What to time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BenchSpec {
+    /// A preset name.
+    pub preset: String,
+    /// `infer` or `train`.
+    pub train: bool,
+    /// Images per batch.
+    pub batch: usize,
+    /// Square image side.
+    pub size: usize,
+    /// Timed iterations (after one warm-up).
+    pub iters: usize,
+}
+
+/// The timings, as `bench_torch.py` prints them.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchResult {
+    /// Preset.
+    pub preset: String,
+    /// `infer` or `train`.
+    pub mode: &'static str,
+    /// Batch.
+    pub batch: usize,
+    /// Image side.
+    pub size: usize,
+    /// Median seconds per iteration.
+    pub median_s: f64,
+    /// Fastest iteration.
+    pub min_s: f64,
+    /// Every timed iteration.
+    pub times: Vec<f64>,
+    /// `candle` and its version.
+    pub candle: &'static str,
+    /// `cpu` or `cuda`.
+    pub device: String,
+    /// Worker threads (`RAYON_NUM_THREADS`).
+    pub threads: usize,
+}
+
+/// A deterministic stand-in for torch's `randn`/`randint` inputs (the timing does not depend
+/// on the values).
+fn inputs(spec: &BenchSpec, dev: &Device) -> Result<(ImageBatch, TextBatch, Vec<Target>)> {
+    let mut rng = glip_core::rng::Rng::new(0);
+    let (b, s, t) = (spec.batch, spec.size, 16);
+    let pixels: Vec<f32> = (0..b * 3 * s * s).map(|_| rng.normal()).collect();
+    let images = ImageBatch::unpadded(Tensor::from_vec(pixels, (b, 3, s, s), dev)?)?;
+    let mut ids = Vec::with_capacity(b * t);
+    for _ in 0..b {
+        ids.push(101u32);
+        ids.extend((1..t - 1).map(|_| 1000 + rng.below(29000) as u32));
+        ids.push(102);
+    }
+    let text = TextBatch::new(
+        Tensor::from_vec(ids, (b, t), dev)?,
+        Tensor::ones((b, t), DType::U8, dev)?,
+        vec![vec![(0, 0); t]; b],
+        vec![String::new(); b],
+    )?;
+    let boxes =
+        Tensor::new(&[[0.3f32, 0.4, 0.2, 0.2], [0.6, 0.6, 0.3, 0.4], [0.5, 0.2, 0.1, 0.1]], dev)?;
+    let labels = Tensor::new(&[1u32, 5, 7], dev)?;
+    let targets = (0..b)
+        .map(|_| Target::new(boxes.clone(), Some(labels.clone()), None))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((images, text, targets))
+}
+
+/// Builds the preset with random weights and times `spec.iters` iterations after one warm-up.
+pub fn run(spec: &BenchSpec, dev: &Device) -> Result<BenchResult> {
+    let cfg = preset(&spec.preset)?;
+    let varmap = candle_nn::VarMap::new();
+    let model = crate::config::ModelBuilder::new().build_trainable(&cfg, &varmap, 0, dev)?;
+    let (images, text, targets) = inputs(spec, dev)?;
+    let criterion = SetCriterion::new(
+        LossConfig { aux_loss: false, ..LossConfig::detr() },
+        Box::new(HungarianMatcher),
+    );
+    let mut opt = if spec.train {
+        let vars = named_vars(&varmap)
+            .into_iter()
+            .filter(|(n, _)| !(n.ends_with("running_mean") || n.ends_with("running_var")))
+            .collect();
+        let oc = OptimConfig {
+            lr: 1e-4,
+            backbone_lr: 1e-5,
+            text_lr: 1e-5,
+            weight_decay: 1e-4,
+            clip_norm: 0.1,
+            warmup_steps: 0,
+            schedule: Schedule::Constant,
+            ..OptimConfig::default()
+        };
+        Some(AdamW::new(vars, oc)?)
+    } else {
+        None
+    };
+    let mut step = || -> Result<()> {
+        match opt.as_mut() {
+            None => {
+                let out = model.forward(&images, &text, false)?;
+                candle_nn::ops::softmax_last_dim(&out.pred.pred_logits)?;
+            }
+            Some(opt) => {
+                let out = model.forward(&images, &text, true)?;
+                let losses = criterion.forward(&out, &targets)?;
+                let grads = losses.total.backward()?;
+                opt.step(&grads)?;
+            }
+        }
+        dev.synchronize()
+    };
+    step()?;
+    let mut times = Vec::with_capacity(spec.iters);
+    for _ in 0..spec.iters {
+        let t = Instant::now();
+        step()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    let median = if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+    };
+    Ok(BenchResult {
+        preset: spec.preset.clone(),
+        mode: if spec.train { "train" } else { "infer" },
+        batch: spec.batch,
+        size: spec.size,
+        median_s: median,
+        min_s: sorted.first().copied().unwrap_or(f64::NAN),
+        times,
+        candle: "candle 0.11.1",
+        device: if dev.is_cpu() { "cpu".into() } else { format!("{dev:?}") },
+        threads: std::env::var("RAYON_NUM_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
+    })
+}
