@@ -1,5 +1,6 @@
 //! `cargo xtask`: project automation that runs the same here and in CI.
 
+mod experiment;
 mod fetch;
 mod tidy;
 
@@ -18,11 +19,15 @@ enum Cmd {
     Tidy,
     /// Download the pretrained models that tests use (pip), into the cache folder.
     FetchModels,
+    /// Train and evaluate (release build): the default shapes experiment, a config, or an
+    /// ablation grid; writes results.json, results.md and plots.
+    Experiment(experiment::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Tidy => tidy::run(),
         Cmd::FetchModels => fetch::run(),
+        Cmd::Experiment(a) => experiment::run(a),
     }
 }

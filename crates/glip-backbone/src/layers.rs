@@ -74,7 +74,6 @@ impl BatchNorm2d {
 
 /// A bias-free (or biased) convolution loaded from `vb` with `weight` `(out, in/groups, k, k)`;
 /// frozen convolutions are detached from the graph.
-#[allow(clippy::too_many_arguments)]
 pub fn conv2d(
     vb: VarBuilder<'_>,
     cin: usize,
@@ -89,7 +88,6 @@ pub fn conv2d(
     Conv::new(vb, cin, cout, k, stride, padding, groups, bias, frozen)
 }
 
-#[allow(clippy::too_many_arguments)]
 fn load_conv2d(
     vb: VarBuilder<'_>,
     cin: usize,

@@ -2,6 +2,12 @@
 
 mod bench;
 mod data;
+mod detect;
+mod eval;
+mod experiment;
+mod inspect;
+mod progress;
+mod report;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -21,6 +27,14 @@ enum Cmd {
     Data(data::DataCmd),
     /// Train (and evaluate) one experiment config.
     Train(train::TrainArgs),
+    /// Run an experiment config or an ablation grid: results.json/md, a table and plots.
+    Experiment(experiment::ExperimentArgs),
+    /// Evaluate a trained run (synthetic validation split, or a COCO folder).
+    Eval(eval::EvalArgs),
+    /// Ground the phrases of a prompt in images: JSON, and the images with boxes drawn.
+    Detect(detect::DetectArgs),
+    /// Parameter counts per component and the tensor shapes flowing through a config's model.
+    Inspect(inspect::InspectArgs),
     /// Evaluate any COCO results file against COCO ground truth (bbox), as pycocotools does.
     CocoEval(CocoEvalArgs),
     /// Time the seed model (same presets and work as bench_torch.py); prints one JSON line.
@@ -95,6 +109,10 @@ fn main() -> std::process::ExitCode {
         Cmd::Data(c) => data::run(c),
         Cmd::CocoEval(a) => coco_eval(a),
         Cmd::Train(a) => train::run(a),
+        Cmd::Experiment(a) => experiment::run(a),
+        Cmd::Eval(a) => eval::run(a),
+        Cmd::Detect(a) => detect::run(a),
+        Cmd::Inspect(a) => inspect::run(a),
         Cmd::Bench(a) => bench::run_bench(a),
     };
     match result {

@@ -1,8 +1,12 @@
 //! `glip train`: one experiment config, trained and evaluated.
 
+use crate::progress::Reporter;
+use crate::report;
 use anyhow::{anyhow, Result};
 use clap::Args;
-use glip_train::experiment::{load_config, resolve_paths, run_experiment, ExperimentConfig};
+use glip_train::experiment::{
+    load_config, resolve_paths, run_experiment, ExperimentConfig, ExperimentResult,
+};
 use std::path::PathBuf;
 
 /// `glip train`.
@@ -57,23 +61,54 @@ pub fn read_config(path: &std::path::Path, sets: &[String]) -> Result<Experiment
     Ok(cfg)
 }
 
-/// Runs `glip train`.
-pub fn run(a: TrainArgs) -> Result<()> {
-    let cfg = read_config(&a.config, &a.sets)?;
+/// Trains and evaluates one config into `dir`, then writes `results.md` and `curves.svg` beside
+/// the run's `results.json`.
+pub fn run_single(
+    cfg: &ExperimentConfig,
+    dir: &std::path::Path,
+    resume: bool,
+    label: &str,
+) -> Result<ExperimentResult> {
+    eprintln!(
+        "{}training into {}",
+        if label.is_empty() { String::new() } else { format!("[{label}] ") },
+        dir.display()
+    );
+    let mut reporter = Reporter::new(label);
+    let r = run_experiment(cfg, dir, resume, &mut reporter).map_err(|e| anyhow!(e))?;
+    drop(reporter);
+    report::write_run_markdown(dir, &r)?;
+    report::plot_run(dir, &r)?;
+    Ok(r)
+}
+
+/// The default run folder of a config: `runs/<name or file stem>`.
+pub fn default_dir(cfg: &ExperimentConfig, path: &std::path::Path) -> PathBuf {
     let name = if cfg.name.is_empty() {
-        a.config.file_stem().unwrap_or_default().to_string_lossy().to_string()
+        path.file_stem().unwrap_or_default().to_string_lossy().to_string()
     } else {
         cfg.name.clone()
     };
-    let dir = a.out.unwrap_or_else(|| PathBuf::from("runs").join(name));
-    eprintln!("training into {}", dir.display());
-    let points =
-        run_experiment(&cfg, &dir, a.resume, |m| eprintln!("{m}")).map_err(|e| anyhow!(e))?;
-    if let Some(p) = points.last() {
-        println!(
-            "{}",
-            serde_json::json!({"step": p.step, "val": {"AP": p.val.get("AP"), "AP50": p.val.get("AP50")}, "heldout": {"AP50": p.heldout_ap50}, "train_minutes": p.train_minutes})
-        );
-    }
+    PathBuf::from("runs").join(name)
+}
+
+/// One line of JSON with the final numbers (what scripts read).
+pub fn summary_line(r: &ExperimentResult) -> serde_json::Value {
+    let last = r.last();
+    serde_json::json!({
+        "name": r.name,
+        "val": {"AP": last.map(|p| p.val.get("AP")), "AP50": last.map(|p| p.val.get("AP50"))},
+        "heldout": {"AP50": last.map(|p| p.heldout_ap50)},
+        "steps": r.steps,
+        "wall_s": r.wall_s,
+    })
+}
+
+/// Runs `glip train`.
+pub fn run(a: TrainArgs) -> Result<()> {
+    let cfg = read_config(&a.config, &a.sets)?;
+    let dir = a.out.unwrap_or_else(|| default_dir(&cfg, &a.config));
+    let r = run_single(&cfg, &dir, a.resume, "")?;
+    println!("{}", summary_line(&r));
     Ok(())
 }

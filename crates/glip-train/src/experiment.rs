@@ -264,20 +264,104 @@ pub fn evaluate_shapes(
     Ok((all, heldout))
 }
 
+/// What a run reports while it works (a progress bar, log lines).
+pub trait Progress {
+    /// A one-line message (an evaluation result, the budget reached).
+    fn message(&mut self, msg: &str);
+    /// Training from step `from` to step `to` of `total` begins.
+    fn segment(&mut self, _from: u64, _to: u64, _total: u64) {}
+    /// A step is done.
+    fn step(&mut self, _step: u64, _loss: f32) {}
+    /// A logged step (every `log_every`).
+    fn log(&mut self, _line: &LogLine) {}
+}
+
+/// Messages to a closure; steps and logs ignored.
+impl<F: FnMut(&str)> Progress for F {
+    fn message(&mut self, msg: &str) {
+        self(msg)
+    }
+}
+
+/// The outcome of a run, written to `results.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExperimentResult {
+    /// The config's name.
+    pub name: String,
+    /// Steps trained.
+    pub steps: u64,
+    /// Wall-clock seconds of the run (training and evaluation).
+    pub wall_s: f64,
+    /// Minutes of training (evaluation excluded).
+    pub train_minutes: f64,
+    /// Every evaluation, in order.
+    pub evals: Vec<EvalPoint>,
+}
+
+impl ExperimentResult {
+    /// The last evaluation.
+    pub fn last(&self) -> Option<&EvalPoint> {
+        self.evals.last()
+    }
+
+    /// The evaluation with the best validation AP50.
+    pub fn best(&self) -> Option<&EvalPoint> {
+        self.evals.iter().max_by(|a, b| a.val.get("AP50").total_cmp(&b.val.get("AP50")))
+    }
+
+    /// `results.json`: `val` (AP, AP50 and the other COCO numbers of the last evaluation),
+    /// `heldout.AP50`, `best`, `steps`, `wall_s`, `train_minutes`, and every evaluation.
+    pub fn to_json(&self) -> serde_json::Value {
+        let val = |p: Option<&EvalPoint>| match p {
+            Some(p) => serde_json::json!(crate::eval::COCO_STAT_NAMES
+                .iter()
+                .map(|n| (n.to_string(), serde_json::json!(p.val.get(n))))
+                .collect::<serde_json::Map<_, _>>()),
+            None => serde_json::Value::Null,
+        };
+        let heldout_best =
+            self.evals.iter().map(|p| p.heldout_ap50).fold(f64::NEG_INFINITY, f64::max);
+        serde_json::json!({
+            "name": self.name,
+            "val": val(self.last()),
+            "heldout": {"AP50": self.last().map(|p| p.heldout_ap50), "best_AP50": heldout_best.is_finite().then_some(heldout_best)},
+            "best": self.best().map(|p| serde_json::json!({"step": p.step, "train_minutes": p.train_minutes, "AP50": p.val.get("AP50"), "AP": p.val.get("AP"), "heldout_AP50": p.heldout_ap50})),
+            "steps": self.steps,
+            "wall_s": self.wall_s,
+            "train_minutes": self.train_minutes,
+            "evals": self.evals.iter().map(|p| serde_json::json!({"step": p.step, "train_minutes": p.train_minutes, "AP": p.val.get("AP"), "AP50": p.val.get("AP50"), "heldout_AP50": p.heldout_ap50})).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// Writes `text` to `path` through a temporary file and a rename.
+pub fn write_atomic(path: &Path, text: &str) -> Result<(), String> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
 /// Trains and evaluates; writes `dir/config.resolved.toml`, `log.jsonl`, `eval.jsonl`,
-/// checkpoints. Returns the evaluations.
+/// checkpoints and `results.json`.
 pub fn run_experiment(
     cfg: &ExperimentConfig,
     dir: &Path,
     resume: bool,
-    mut progress: impl FnMut(&str),
-) -> Result<Vec<EvalPoint>, String> {
+    progress: &mut dyn Progress,
+) -> Result<ExperimentResult, String> {
+    let wall = std::time::Instant::now();
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let resolved = toml::to_string(cfg).map_err(|e| e.to_string())?;
-    std::fs::write(dir.join("config.resolved.toml"), &resolved).map_err(|e| e.to_string())?;
+    write_atomic(&dir.join("config.resolved.toml"), &resolved)?;
+    if !resume {
+        for f in ["log.jsonl", "eval.jsonl"] {
+            let _ = std::fs::remove_file(dir.join(f));
+        }
+    }
     let dev = Device::Cpu;
     let tok = Arc::new(
-        glip_text::Tokenizer::from_file(&cfg.model.text.tokenizer).map_err(|e| e.to_string())?,
+        glip_text::Tokenizer::from_file(&cfg.model.text.tokenizer)
+            .map_err(|e| format!("model.text.tokenizer: {e}"))?,
     );
     let train_ds = ShapesDataset::new(cfg.data.shapes.clone(), Split::Train)
         .map_err(|e| e.to_string())?
@@ -305,10 +389,18 @@ pub fn run_experiment(
         .map_err(|e| e.to_string())?;
     let crit = criterion(&cfg.loss)?;
     let resolved_json = serde_json::to_value(cfg).map_err(|e| e.to_string())?;
-    let mut points = Vec::new();
-    let eval_every = if cfg.run.eval_every == 0 { cfg.run.train.steps } else { cfg.run.eval_every };
+    let mut result = ExperimentResult {
+        name: cfg.name.clone(),
+        steps: 0,
+        wall_s: 0.0,
+        train_minutes: 0.0,
+        evals: Vec::new(),
+    };
+    let total = cfg.run.train.steps;
+    let eval_every = if cfg.run.eval_every == 0 { total } else { cfg.run.eval_every };
     let mut trained_s = 0f64;
     let mut step = 0u64;
+    let progress = std::cell::RefCell::new(progress);
     let mut trainer = Trainer::new(
         &model,
         &varmap,
@@ -324,50 +416,55 @@ pub fn run_experiment(
     if resume && dir.join("checkpoint.safetensors").exists() {
         trainer.resume().map_err(|e| e.to_string())?;
         step = trainer.step();
+        if let Ok(text) = std::fs::read_to_string(dir.join("eval.jsonl")) {
+            result.evals = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+            trained_s = result.evals.last().map_or(0.0, |p| p.train_minutes * 60.0);
+        }
     }
     let eval_log = dir.join("eval.jsonl");
-    while step < cfg.run.train.steps {
-        let target = ((step / eval_every) + 1) * eval_every;
-        trainer.config.steps = target.min(cfg.run.train.steps);
+    while step < total {
+        let target = (((step / eval_every) + 1) * eval_every).min(total);
+        trainer.config.steps = target;
+        progress.borrow_mut().segment(step, target, total);
         let t0 = std::time::Instant::now();
-        let last: std::rc::Rc<std::cell::RefCell<Option<LogLine>>> = Default::default();
-        let sink = last.clone();
-        trainer.on_log = Some(Box::new(move |l: &LogLine| *sink.borrow_mut() = Some(l.clone())));
-        trainer.run().map_err(|e| e.to_string())?;
+        trainer.on_log = Some(Box::new(|l: &LogLine| progress.borrow_mut().log(l)));
+        trainer.on_step = Some(Box::new(|s, l| progress.borrow_mut().step(s, l)));
+        let done = trainer.run();
         trainer.on_log = None;
+        trainer.on_step = None;
+        done.map_err(|e| e.to_string())?;
         trained_s += t0.elapsed().as_secs_f64();
         step = trainer.step();
-        if let Some(l) = last.borrow().as_ref() {
-            progress(&format!(
-                "step {step}: loss {:.4}, {:.1} img/s, {:.1} min",
-                l.losses["loss"],
-                l.images_per_s,
-                trained_s / 60.0
-            ));
-        }
         let (val, heldout_ap50) =
             evaluate_shapes(&model, &eval_ds, n_eval, &tok, &cfg.model.head, dir)?;
         let p = EvalPoint { step, train_minutes: trained_s / 60.0, val, heldout_ap50 };
-        progress(&format!(
-            "step {step}: val AP50 {:.3}, AP {:.3}, held-out AP50 {:.3}",
+        progress.borrow_mut().message(&format!(
+            "step {step}: val AP50 {:.3}, AP {:.3}, held-out AP50 {:.3} ({:.1} min of training)",
             p.val.get("AP50"),
             p.val.get("AP"),
-            heldout_ap50
+            heldout_ap50,
+            p.train_minutes,
         ));
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&eval_log)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| format!("{}: {e}", eval_log.display()))?;
         use std::io::Write;
-        writeln!(f, "{}", serde_json::to_string(&p).expect("json")).map_err(|e| e.to_string())?;
-        points.push(p);
-        if cfg.run.time_budget_min.is_some_and(|b| trained_s / 60.0 >= b) {
-            progress(&format!("time budget reached at step {step}"));
+        writeln!(f, "{}", serde_json::to_string(&p).expect("json"))
+            .map_err(|e| format!("{}: {e}", eval_log.display()))?;
+        result.evals.push(p);
+        if let Some(b) = cfg.run.time_budget_min.filter(|&b| trained_s / 60.0 >= b) {
+            progress.borrow_mut().message(&format!("time budget ({b} min) reached at step {step}"));
             break;
         }
     }
-    Ok(points)
+    result.steps = step;
+    result.train_minutes = trained_s / 60.0;
+    result.wall_s = wall.elapsed().as_secs_f64();
+    let json = serde_json::to_string_pretty(&result.to_json()).expect("json");
+    write_atomic(&dir.join("results.json"), &json)?;
+    Ok(result)
 }
 
 /// Reads an experiment config, naming the file on error.
@@ -377,8 +474,13 @@ pub fn load_config(path: &Path) -> Result<ExperimentConfig, String> {
 }
 
 /// Where relative paths in a config resolve: the config's folder.
+/// Made absolute, so a run folder's `config.resolved.toml` works from any directory.
 pub fn resolve_paths(cfg: &mut ExperimentConfig, base: &Path) {
+    let base = std::fs::canonicalize(base).unwrap_or_else(|_| base.to_path_buf());
     let fix = |p: &mut PathBuf| {
+        if p.as_os_str().is_empty() {
+            return;
+        }
         if p.is_relative() {
             *p = base.join(&*p);
         }

@@ -12,6 +12,7 @@ pub mod bench;
 pub mod config;
 pub mod eval;
 pub mod experiment;
+pub mod infer;
 pub mod model;
 pub mod optim;
 pub mod seed;

@@ -63,10 +63,27 @@ impl GlipModel {
         text: &TextBatch,
         train: bool,
     ) -> Result<ModelOutput> {
+        self.forward_traced(images, text, train, &mut |_, _| {})
+    }
+
+    /// [`GlipModel::forward`], calling `trace(name, shape)` for every tensor passed between
+    /// components (what `glip inspect` prints).
+    pub fn forward_traced(
+        &self,
+        images: &ImageBatch,
+        text: &TextBatch,
+        train: bool,
+        trace: &mut dyn FnMut(&str, &[usize]),
+    ) -> Result<ModelOutput> {
         let mut c = Contract::new();
         c.tensor("images", &images.pixels, "b 3 h w")?;
         c.tensor("input_ids", &text.input_ids, "b t")?;
+        trace("images", images.pixels.dims());
+        trace("text.input_ids", text.input_ids.dims());
         let levels = self.backbone.forward(&images.pixels, train)?;
+        for (i, l) in levels.iter().enumerate() {
+            trace(&format!("backbone level {i} (stride {})", l.stride), l.tensor.dims());
+        }
         let Some(level) = levels.get(self.feature_level) else {
             candle_core::bail!(
                 "feature_level {} but the backbone returns {} levels",
@@ -75,6 +92,7 @@ impl GlipModel {
             )
         };
         let f = self.input_proj.forward(&level.tensor)?;
+        trace(&format!("input_proj (level {})", self.feature_level), f.dims());
         let (b, d, h, w) = f.dims4()?;
         let src = f.flatten_from(2)?.transpose(1, 2)?.contiguous()?; // (b, s, d)
         let fmask = downsample_mask(&images.mask, h, w)?;
@@ -85,16 +103,28 @@ impl GlipModel {
             None
         };
         let tf = self.text.forward(&text.input_ids, &text.attention_mask, train)?;
+        trace("text.tokens", tf.tokens.dims());
+        if let Some(p) = &tf.pooled {
+            trace("text.pooled", p.dims());
+        }
+        trace("encoder input (image tokens)", src.dims());
         let memory = self.transformer.encode(&src, mask.as_ref(), pos.as_ref(), train)?;
+        trace("encoder output (memory)", memory.dims());
         let (memory, tokens) =
             self.fusion.forward(&memory, mask.as_ref(), &tf.tokens, &tf.mask, train)?;
+        trace("fusion: memory", memory.dims());
+        trace("fusion: text tokens", tokens.dims());
         let tf = TextFeatures::new(tokens, tf.pooled, tf.mask)?;
         let queries = self.query_generator.forward(
             &QueryInputs { text: &tf, memory: &memory, memory_mask: mask.as_ref() },
             train,
         )?;
+        trace("queries (content)", queries.content.dims());
         let hs_all =
             self.transformer.decode(&queries, &memory, mask.as_ref(), pos.as_ref(), train)?;
+        for (i, h) in hs_all.iter().enumerate() {
+            trace(&format!("decoder layer {i}"), h.dims());
+        }
         let Some(hs) = hs_all.last().cloned() else {
             candle_core::bail!("the decoder has no layer")
         };
@@ -102,6 +132,8 @@ impl GlipModel {
             Prediction::new(self.box_head.forward(hs)?, self.class_head.forward(hs, &tf)?)
         };
         let pred = predict(&hs)?;
+        trace("pred_boxes", pred.pred_boxes.dims());
+        trace("pred_logits", pred.pred_logits.dims());
         let aux = if self.aux_outputs {
             hs_all[..hs_all.len() - 1].iter().map(predict).collect::<Result<Vec<_>>>()?
         } else {

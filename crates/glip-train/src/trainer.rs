@@ -98,6 +98,8 @@ pub struct Trainer<'a> {
     pub device: Device,
     /// Called after each logged step (progress display, evaluation hooks).
     pub on_log: Option<Box<dyn FnMut(&LogLine) + 'a>>,
+    /// Called after every step with the step number and the total loss (progress bars).
+    pub on_step: Option<Box<dyn FnMut(u64, f32) + 'a>>,
     step: u64,
 }
 
@@ -148,6 +150,7 @@ impl<'a> Trainer<'a> {
             resolved,
             device,
             on_log: None,
+            on_step: None,
             step: 0,
         })
     }
@@ -250,6 +253,9 @@ impl<'a> Trainer<'a> {
             let stats = self.optimizer.step(&grads)?;
             self.step += 1;
             window.1 += batch.image_ids.len();
+            if let Some(f) = self.on_step.as_mut() {
+                f(self.step, values["loss"]);
+            }
             if self.step % self.config.log_every.max(1) == 0 || self.step == self.config.steps {
                 let line = LogLine {
                     step: self.step,

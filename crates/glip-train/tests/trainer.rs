@@ -208,9 +208,12 @@ checkpoint_every = 0
     cfg.name = "smoke".into();
     let d = tmp("experiment");
     let mut messages = Vec::new();
-    let points = run_experiment(&cfg, &d, false, |m| messages.push(m.to_string())).unwrap();
+    let mut say = |m: &str| messages.push(m.to_string());
+    let result = run_experiment(&cfg, &d, false, &mut say).unwrap();
+    let points = &result.evals;
     assert_eq!(points.iter().map(|p| p.step).collect::<Vec<_>>(), vec![2, 4]);
-    for p in &points {
+    assert_eq!(result.steps, 4);
+    for p in points {
         let ap50 = p.val.get("AP50");
         assert!((0.0..=1.0).contains(&ap50), "AP50 {ap50}");
         assert!(p.heldout_ap50 >= 0.0 || p.heldout_ap50 == -1.0);
@@ -221,8 +224,25 @@ checkpoint_every = 0
         "eval.jsonl",
         "checkpoint.safetensors",
         "checkpoint.json",
+        "results.json",
     ] {
         assert!(d.join(f).exists(), "{f} missing");
+    }
+    // results.json carries what the issue names, equal to the last evaluation.
+    let res: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("results.json")).unwrap()).unwrap();
+    assert_eq!(res["steps"], 4);
+    assert_eq!(res["val"]["AP50"].as_f64(), Some(points[1].val.get("AP50")));
+    assert_eq!(res["val"]["AP"].as_f64(), Some(points[1].val.get("AP")));
+    assert_eq!(res["heldout"]["AP50"].as_f64(), Some(points[1].heldout_ap50));
+    assert!(res["wall_s"].as_f64().unwrap() > 0.0);
+    // Resuming a finished run reads its evaluations back instead of training again.
+    let again = run_experiment(&cfg, &d, true, &mut |_: &str| {}).unwrap();
+    assert_eq!(again.steps, 4);
+    assert_eq!(again.evals.len(), result.evals.len());
+    for (a, b) in again.evals.iter().zip(&result.evals) {
+        assert_eq!(a.step, b.step);
+        assert!((a.val.get("AP50") - b.val.get("AP50")).abs() < 1e-12);
     }
     // The resolved config reads back as the same config.
     let back: ExperimentConfig =

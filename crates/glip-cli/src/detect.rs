@@ -1,0 +1,200 @@
+//! `glip detect`: a trained run grounds the phrases of a prompt in images; prints JSON and writes
+//! each image with its boxes and labels drawn.
+
+use anyhow::{anyhow, Context, Result};
+use clap::Args;
+use glip_heads::postprocess::PostProcessConfig;
+use glip_train::infer::{Detector, Grounded};
+use image::{Rgb, RgbImage};
+use std::path::{Path, PathBuf};
+
+/// `glip detect`.
+#[derive(Args, Debug)]
+pub struct DetectArgs {
+    /// A run folder (`config.resolved.toml` + `checkpoint.safetensors`) or a checkpoint file.
+    #[arg(long)]
+    run: PathBuf,
+    /// What to find: phrases separated by `.` (`"red circle. blue square"`).
+    #[arg(long)]
+    prompt: String,
+    /// Images (PNG or JPEG).
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
+    /// Folder for the drawn images (`<stem>.detections.png`).
+    #[arg(long, default_value = "detections")]
+    out: PathBuf,
+    /// Keep detections scoring at least this.
+    #[arg(long, default_value_t = 0.3)]
+    threshold: f32,
+    /// At most this many detections per image.
+    #[arg(long, default_value_t = 20)]
+    top_k: usize,
+    /// Per-phrase NMS at this IoU (off by default: set-based models need none).
+    #[arg(long)]
+    nms: Option<f32>,
+}
+
+/// The phrases of a prompt: split at `.`, trimmed, empty pieces dropped.
+pub fn phrases(prompt: &str) -> Vec<String> {
+    prompt.split('.').map(str::trim).filter(|p| !p.is_empty()).map(String::from).collect()
+}
+
+/// Runs `glip detect`.
+pub fn run(a: DetectArgs) -> Result<()> {
+    let phrases = phrases(&a.prompt);
+    if phrases.is_empty() {
+        return Err(anyhow!(
+            "--prompt {:?} names nothing (phrases are separated by '.')",
+            a.prompt
+        ));
+    }
+    let dev = candle_core::Device::Cpu;
+    let det = Detector::load(&a.run, &dev).map_err(|e| anyhow!(e))?;
+    let post = PostProcessConfig {
+        top_k: a.top_k,
+        score_threshold: a.threshold,
+        nms_iou: a.nms,
+        ..Default::default()
+    };
+    std::fs::create_dir_all(&a.out).with_context(|| a.out.display().to_string())?;
+    let mut results = Vec::new();
+    for path in &a.images {
+        let img = glip_data::detection::load_image(path)?;
+        let found =
+            det.detect(&img, &phrases, &post).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        let drawn = a.out.join(format!(
+            "{}.detections.png",
+            path.file_stem().unwrap_or_default().to_string_lossy()
+        ));
+        let mut canvas = img.clone();
+        draw(&mut canvas, &found);
+        save_png_atomic(&canvas, &drawn)?;
+        results.push(serde_json::json!({
+            "image": path,
+            "width": img.width(),
+            "height": img.height(),
+            "prompt": a.prompt,
+            "detections": found,
+            "drawn": drawn,
+        }));
+    }
+    println!("{}", serde_json::to_string_pretty(&results)?);
+    Ok(())
+}
+
+fn save_png_atomic(img: &RgbImage, path: &Path) -> Result<()> {
+    let tmp = path.with_extension("png.tmp");
+    img.save_with_format(&tmp, image::ImageFormat::Png)
+        .with_context(|| tmp.display().to_string())?;
+    std::fs::rename(&tmp, path).with_context(|| path.display().to_string())
+}
+
+const COLORS: [[u8; 3]; 8] = [
+    [230, 25, 75],
+    [60, 180, 75],
+    [0, 130, 200],
+    [245, 130, 48],
+    [145, 30, 180],
+    [70, 240, 240],
+    [240, 50, 230],
+    [128, 128, 0],
+];
+
+/// Draws every box (2 px, one colour per phrase) with a `phrase score` label above it.
+pub fn draw(img: &mut RgbImage, found: &[Grounded]) {
+    let scale = if img.width().max(img.height()) >= 512 { 2 } else { 1 };
+    for g in found.iter().rev() {
+        let c = Rgb(COLORS[g.phrase_index % COLORS.len()]);
+        let [x0, y0, x1, y1] = g.bbox.map(|v| v.round().max(0.0) as u32);
+        for t in 0..2 * scale {
+            rect(img, x0.saturating_sub(t), y0.saturating_sub(t), x1 + t, y1 + t, c);
+        }
+        let label = format!("{} {:.2}", g.phrase, g.score);
+        let (lw, lh) = (label.len() as u32 * 8 * scale + 2, 8 * scale + 2);
+        let ly = if y0 >= lh { y0 - lh } else { y1.min(img.height().saturating_sub(lh)) };
+        fill(img, x0, ly, x0 + lw, ly + lh, c);
+        text(img, x0 + 1, ly + 1, &label, scale, Rgb([255, 255, 255]));
+    }
+}
+
+fn put(img: &mut RgbImage, x: u32, y: u32, c: Rgb<u8>) {
+    if x < img.width() && y < img.height() {
+        img.put_pixel(x, y, c);
+    }
+}
+
+fn rect(img: &mut RgbImage, x0: u32, y0: u32, x1: u32, y1: u32, c: Rgb<u8>) {
+    for x in x0..=x1 {
+        put(img, x, y0, c);
+        put(img, x, y1, c);
+    }
+    for y in y0..=y1 {
+        put(img, x0, y, c);
+        put(img, x1, y, c);
+    }
+}
+
+fn fill(img: &mut RgbImage, x0: u32, y0: u32, x1: u32, y1: u32, c: Rgb<u8>) {
+    for y in y0..y1 {
+        for x in x0..x1 {
+            put(img, x, y, c);
+        }
+    }
+}
+
+/// 8x8 bitmap text (the `font8x8` crate's basic Latin; other characters as `?`).
+fn text(img: &mut RgbImage, x: u32, y: u32, s: &str, scale: u32, c: Rgb<u8>) {
+    use font8x8::UnicodeFonts;
+    for (i, ch) in s.chars().enumerate() {
+        let glyph = font8x8::BASIC_FONTS.get(ch).or_else(|| font8x8::BASIC_FONTS.get('?'));
+        let Some(glyph) = glyph else { continue };
+        for (row, bits) in glyph.iter().enumerate() {
+            for col in 0..8u32 {
+                if bits & (1 << col) != 0 {
+                    for dy in 0..scale {
+                        for dx in 0..scale {
+                            let px = x + (i as u32 * 8 + col) * scale + dx;
+                            put(img, px, y + row as u32 * scale + dy, c);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompts_split_into_trimmed_phrases() {
+        assert_eq!(phrases(" red circle. blue square .. "), ["red circle", "blue square"]);
+        assert!(phrases(" . ").is_empty());
+    }
+
+    #[test]
+    fn drawing_colours_the_box_outline_and_stays_inside_the_image() {
+        let mut img = RgbImage::new(40, 30);
+        let g = Grounded {
+            bbox: [5.0, 12.0, 20.0, 29.9],
+            score: 0.9,
+            phrase_index: 0,
+            phrase: "x".into(),
+        };
+        draw(
+            &mut img,
+            &[
+                g,
+                Grounded {
+                    bbox: [30.0, 0.0, 45.0, 40.0],
+                    score: 0.5,
+                    phrase_index: 1,
+                    phrase: "long label".into(),
+                },
+            ],
+        );
+        assert_eq!(img.get_pixel(5, 20), &Rgb(COLORS[0]), "left edge");
+        assert_eq!(img.get_pixel(12, 20), &Rgb([0, 0, 0]), "inside untouched");
+    }
+}

@@ -1,0 +1,252 @@
+//! `glip experiment`: one config, or an ablation file (a base config and a grid of overrides)
+//! whose every cell is trained and evaluated, then compared in one table and one plot.
+//!
+//! An ablation file:
+//!
+//! ```toml
+//! [ablation]
+//! name = "query-generator"
+//! base = "../shapes.toml"              # relative to this file
+//! set = ["run.time_budget_min=4"]      # applied to every cell (optional)
+//!
+//! [ablation.grid]                      # the cartesian product of these values
+//! "model.query_generator.type" = ["seed", "learned", "text-attend"]
+//!
+//! [[ablation.cells]]                   # and/or explicit cells (optional)
+//! name = "text-attend-8-heads"
+//! set = ['model.query_generator={type="text-attend", heads=8}']
+//! ```
+
+use crate::report::{self, Cell};
+use crate::train::{default_dir, read_config, run_single, summary_line};
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// `glip experiment`.
+#[derive(Args, Debug)]
+pub struct ExperimentArgs {
+    /// An experiment config, or an ablation file (with an `[ablation]` table).
+    config: PathBuf,
+    /// Override a value of the config (of every cell, for an ablation): `key.path=value`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Output folder (default `runs/<name>`).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue runs (cells) from their checkpoints; finished cells are read back, not rerun.
+    #[arg(long)]
+    resume: bool,
+}
+
+/// The `[ablation]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Ablation {
+    #[serde(default)]
+    name: String,
+    base: PathBuf,
+    #[serde(default)]
+    set: Vec<String>,
+    #[serde(default)]
+    grid: toml::Table,
+    #[serde(default)]
+    cells: Vec<ExplicitCell>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExplicitCell {
+    name: String,
+    #[serde(default)]
+    set: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AblationFile {
+    ablation: Ablation,
+}
+
+/// A short, folder-safe name for one grid value.
+fn value_name(v: &toml::Value) -> String {
+    let raw = match v {
+        toml::Value::String(s) => s.clone(),
+        toml::Value::Table(t) => match t.get("type") {
+            Some(toml::Value::String(s)) => {
+                let rest: Vec<String> = t
+                    .iter()
+                    .filter(|(k, _)| k.as_str() != "type")
+                    .map(|(_, v)| value_name(v))
+                    .collect();
+                std::iter::once(s.clone()).chain(rest).collect::<Vec<_>>().join("-")
+            }
+            _ => v.to_string(),
+        },
+        other => other.to_string(),
+    };
+    raw.chars()
+        .map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' })
+        .collect()
+}
+
+/// Every cell of the grid (cartesian product, in file order) followed by the explicit cells.
+fn expand(ab: &Ablation) -> Result<Vec<(String, Vec<String>)>> {
+    let mut cells: Vec<(Vec<String>, Vec<String>)> = vec![(Vec::new(), Vec::new())];
+    for (key, values) in &ab.grid {
+        let toml::Value::Array(values) = values else {
+            bail!("ablation.grid.{key:?}: expected a list of values")
+        };
+        if values.is_empty() {
+            bail!("ablation.grid.{key:?}: no values");
+        }
+        cells = cells
+            .into_iter()
+            .flat_map(|(names, sets)| {
+                values.iter().map(move |v| {
+                    let mut n = names.clone();
+                    n.push(value_name(v));
+                    let mut s = sets.clone();
+                    s.push(format!("{key}={v}"));
+                    (n, s)
+                })
+            })
+            .collect();
+    }
+    let mut out: Vec<(String, Vec<String>)> = if ab.grid.is_empty() {
+        Vec::new()
+    } else {
+        cells.into_iter().map(|(n, s)| (n.join("_"), s)).collect()
+    };
+    for c in &ab.cells {
+        out.push((c.name.clone(), c.set.clone()));
+    }
+    if out.is_empty() {
+        bail!("the ablation has no cells: give [ablation.grid] or [[ablation.cells]]");
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (n, _) in &out {
+        if !seen.insert(n) {
+            bail!("two ablation cells are both named {n:?}");
+        }
+    }
+    Ok(out)
+}
+
+/// Runs `glip experiment`.
+pub fn run(a: ExperimentArgs) -> Result<()> {
+    let text =
+        std::fs::read_to_string(&a.config).with_context(|| a.config.display().to_string())?;
+    let doc: toml::Table =
+        toml::from_str(&text).with_context(|| format!("{}: not valid TOML", a.config.display()))?;
+    if !doc.contains_key("ablation") {
+        let cfg = read_config(&a.config, &a.sets)?;
+        let dir = a.out.unwrap_or_else(|| default_dir(&cfg, &a.config));
+        let r = run_single(&cfg, &dir, a.resume, "")?;
+        eprintln!("results: {}", dir.join("results.md").display());
+        println!("{}", summary_line(&r));
+        return Ok(());
+    }
+    let ab: AblationFile = toml::from_str(&text).with_context(|| a.config.display().to_string())?;
+    let ab = ab.ablation;
+    let base = a.config.parent().unwrap_or(Path::new(".")).join(&ab.base);
+    let cells = expand(&ab)?;
+    let name = if ab.name.is_empty() {
+        a.config.file_stem().unwrap_or_default().to_string_lossy().to_string()
+    } else {
+        ab.name.clone()
+    };
+    let dir = a.out.unwrap_or_else(|| PathBuf::from("runs").join(&name));
+    // Every cell's config is read (and so checked) before the first one trains.
+    let mut configs = Vec::with_capacity(cells.len());
+    for (cell, sets) in &cells {
+        let all: Vec<String> = ab.set.iter().chain(sets).chain(&a.sets).cloned().collect();
+        let mut cfg = read_config(&base, &all).with_context(|| format!("ablation cell {cell}"))?;
+        cfg.name = format!("{name}/{cell}");
+        configs.push(cfg);
+    }
+    eprintln!("ablation {name}: {} cells into {}", cells.len(), dir.display());
+    let mut done = Vec::new();
+    let mut failed = Vec::new();
+    for ((cell, sets), cfg) in cells.iter().zip(&configs) {
+        match run_single(cfg, &dir.join(cell), a.resume, cell) {
+            Ok(r) => {
+                println!("{}", summary_line(&r));
+                done.push(Cell { name: cell.clone(), sets: sets.clone(), result: r });
+            }
+            Err(e) => {
+                eprintln!("[{cell}] failed: {e:#}");
+                failed.push(cell.clone());
+            }
+        }
+        // The table and the plot are rewritten after every cell, so a long ablation can be
+        // read while it runs.
+        report::write_ablation(&dir, &name, &done)?;
+    }
+    eprintln!("table: {}", dir.join("ablation.md").display());
+    if !failed.is_empty() {
+        return Err(anyhow!(
+            "{} of {} cells failed: {}",
+            failed.len(),
+            cells.len(),
+            failed.join(", ")
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ablation(text: &str) -> Ablation {
+        toml::from_str::<AblationFile>(text).unwrap().ablation
+    }
+
+    #[test]
+    fn a_grid_expands_to_its_cartesian_product_in_file_order() {
+        let ab = ablation(
+            r#"
+            [ablation]
+            base = "b.toml"
+            [ablation.grid]
+            "loss.matcher" = ["ordered", "hungarian"]
+            "model.head" = [{type = "token"}, {type = "class", num_classes = 20}]
+            "#,
+        );
+        let cells = expand(&ab).unwrap();
+        let names: Vec<&str> = cells.iter().map(|c| c.0.as_str()).collect();
+        assert_eq!(
+            names,
+            ["ordered_token", "ordered_class-20", "hungarian_token", "hungarian_class-20"]
+        );
+        assert_eq!(cells[1].1[0], r#"loss.matcher="ordered""#);
+        let head: toml::Table =
+            toml::from_str(&format!("v = {}", &cells[1].1[1]["model.head=".len()..])).unwrap();
+        assert_eq!(head["v"]["num_classes"].as_integer(), Some(20));
+    }
+
+    #[test]
+    fn explicit_cells_follow_the_grid_and_names_must_differ() {
+        let ab = ablation(
+            r#"
+            [ablation]
+            base = "b.toml"
+            [ablation.grid]
+            "x.y" = [1, 2]
+            [[ablation.cells]]
+            name = "2"
+            set = ["x.y=3"]
+            "#,
+        );
+        let err = expand(&ab).unwrap_err().to_string();
+        assert!(err.contains("both named \"2\""), "{err}");
+    }
+
+    #[test]
+    fn an_empty_ablation_is_an_error() {
+        let ab = ablation("[ablation]\nbase = \"b.toml\"\n");
+        assert!(expand(&ab).unwrap_err().to_string().contains("no cells"));
+    }
+}

@@ -1,0 +1,87 @@
+//! `glip inspect`: a config's model, component by component: parameter counts and the shapes of
+//! the tensors passed between components for a given input size.
+
+use crate::train::read_config;
+use anyhow::{anyhow, Result};
+use candle_core::{DType, Device, Tensor};
+use clap::Args;
+use glip_core::{ImageBatch, TextBatch};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// `glip inspect`.
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// Experiment config (TOML).
+    #[arg(long)]
+    config: PathBuf,
+    /// Square input side in pixels (default: the config's image size).
+    #[arg(long)]
+    size: Option<usize>,
+    /// Batch size of the traced forward pass.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// A prompt for the traced pass (default: every shapes category).
+    #[arg(long)]
+    prompt: Option<String>,
+    /// Override a config value: `key.path=value`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+}
+
+/// The component a parameter belongs to: the first segment of its name (`bbox_embed`,
+/// `token_head`, ... are heads).
+fn component(name: &str) -> &str {
+    name.split('.').next().unwrap_or(name)
+}
+
+/// Runs `glip inspect`.
+pub fn run(a: InspectArgs) -> Result<()> {
+    let cfg = read_config(&a.config, &a.sets)?;
+    let dev = Device::Cpu;
+    let varmap = candle_nn::VarMap::new();
+    let model = glip_train::config::ModelBuilder::new()
+        .build_trainable(&cfg.model, &varmap, 0, &dev)
+        .map_err(|e| anyhow!("{}: {e}", a.config.display()))?;
+    let mut per: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    for (name, var) in varmap.data().lock().expect("varmap lock").iter() {
+        let n = var.as_tensor().elem_count();
+        let e = per.entry(component(name).to_string()).or_default();
+        if name.ends_with("running_mean") || name.ends_with("running_var") {
+            e.1 += n;
+        } else {
+            e.0 += n;
+        }
+    }
+    println!("{:<20} {:>14} {:>12}", "component", "parameters", "buffers");
+    let (mut tp, mut tb) = (0, 0);
+    for (c, (p, b)) in &per {
+        println!("{c:<20} {p:>14} {b:>12}");
+        tp += p;
+        tb += b;
+    }
+    println!("{:<20} {tp:>14} {tb:>12}\n", "total");
+
+    let size = a.size.unwrap_or(cfg.data.shapes.image_size as usize);
+    let tok = glip_text::Tokenizer::from_file(&cfg.model.text.tokenizer)?;
+    let prompt = match &a.prompt {
+        Some(p) => p.clone(),
+        None => {
+            let ds = glip_data::ShapesDataset::new(cfg.data.shapes.clone(), glip_data::Split::Val)?;
+            glip_core::prompt::Prompt::detection(glip_data::Dataset::categories(&ds), ". ")?.caption
+        }
+    };
+    let text: TextBatch = tok.batch(&vec![prompt; a.batch], &dev)?;
+    let pixels = Tensor::zeros((a.batch, 3, size, size), DType::F32, &dev)?;
+    let images = ImageBatch::unpadded(pixels)?;
+    println!(
+        "{:<36} shape (batch {}, {size}x{size} px, {} tokens)",
+        "tensor",
+        a.batch,
+        text.num_tokens()
+    );
+    model.forward_traced(&images, &text, false, &mut |name, dims| {
+        println!("{name:<36} {dims:?}");
+    })?;
+    Ok(())
+}

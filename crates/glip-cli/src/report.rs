@@ -1,0 +1,248 @@
+//! What a run and an ablation leave behind for people: `results.md`, a CSV table, SVG plots.
+
+use anyhow::{Context, Result};
+use glip_train::experiment::{write_atomic, ExperimentResult};
+use glip_train::trainer::LogLine;
+use plotters::prelude::*;
+use std::path::Path;
+
+/// Reads `log.jsonl` as (step, loss) pairs; unreadable lines are skipped.
+pub fn loss_curve(dir: &Path) -> Vec<(f64, f64)> {
+    let Ok(text) = std::fs::read_to_string(dir.join("log.jsonl")) else { return Vec::new() };
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<LogLine>(l).ok())
+        .filter_map(|l| l.losses.get("loss").map(|&v| (l.step as f64, v as f64)))
+        .collect()
+}
+
+fn fmt(v: f64) -> String {
+    if v < 0.0 {
+        "n/a".into()
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+/// `results.md` of one run: the final numbers, every evaluation, the plot.
+pub fn write_run_markdown(dir: &Path, r: &ExperimentResult) -> Result<()> {
+    let mut s = format!("# {}\n\n", if r.name.is_empty() { "run" } else { &r.name });
+    if let Some(p) = r.last() {
+        s += &format!(
+            "Final (step {}): validation AP {} / AP50 {} / AP75 {}; held-out colour-shape pairs AP50 {}.\n\n",
+            p.step,
+            fmt(p.val.get("AP")),
+            fmt(p.val.get("AP50")),
+            fmt(p.val.get("AP75")),
+            fmt(p.heldout_ap50)
+        );
+    }
+    if let Some(b) = r.best() {
+        s += &format!(
+            "Best validation AP50 {} at step {} ({:.1} min of training).\n\n",
+            fmt(b.val.get("AP50")),
+            b.step,
+            b.train_minutes
+        );
+    }
+    s += &format!(
+        "{} steps, {:.1} min of training, {:.1} min wall clock (evaluation included).\n\n",
+        r.steps,
+        r.train_minutes,
+        r.wall_s / 60.0
+    );
+    s +=
+        "| step | training min | val AP | val AP50 | held-out AP50 |\n|---:|---:|---:|---:|---:|\n";
+    for p in &r.evals {
+        s += &format!(
+            "| {} | {:.1} | {} | {} | {} |\n",
+            p.step,
+            p.train_minutes,
+            fmt(p.val.get("AP")),
+            fmt(p.val.get("AP50")),
+            fmt(p.heldout_ap50)
+        );
+    }
+    s += "\n![loss and AP against steps](curves.svg)\n\nFiles: `config.resolved.toml` (the full config), `log.jsonl` (losses), `eval.jsonl`, `results.json`, `checkpoint.safetensors`.\n";
+    write_atomic(&dir.join("results.md"), &s).map_err(anyhow::Error::msg)
+}
+
+type Series = (String, Vec<(f64, f64)>);
+
+/// One panel: lines over a shared x axis.
+fn panel(
+    area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+    y_range: Option<(f64, f64)>,
+) -> Result<()> {
+    let pts = series.iter().flat_map(|s| s.1.iter());
+    let x_max = pts.clone().map(|p| p.0).fold(0f64, f64::max).max(1e-9);
+    let (y_min, y_max) = y_range.unwrap_or_else(|| {
+        let lo = pts.clone().map(|p| p.1).fold(f64::INFINITY, f64::min);
+        let hi = pts.map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
+        if lo.is_finite() && hi > lo {
+            (lo.min(0.0), hi * 1.05)
+        } else {
+            (0.0, 1.0)
+        }
+    });
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(48)
+        .build_cartesian_2d(0f64..x_max, y_min..y_max)
+        .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    chart
+        .configure_mesh()
+        .x_desc(x_label)
+        .y_desc(y_label)
+        .draw()
+        .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    for (i, (name, pts)) in series.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        chart
+            .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))
+            .map_err(|e| anyhow::anyhow!("plot: {e}"))?
+            .label(name.as_str())
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], color.stroke_width(2)));
+        chart
+            .draw_series(pts.iter().map(|&p| Circle::new(p, 2, color.filled())))
+            .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    }
+    if !series.is_empty() {
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::UpperRight)
+            .draw()
+            .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    }
+    Ok(())
+}
+
+/// `curves.svg` of one run: training loss, and validation AP / AP50 / held-out AP50, against
+/// steps.
+pub fn plot_run(dir: &Path, r: &ExperimentResult) -> Result<()> {
+    let path = dir.join("curves.svg");
+    let tmp = dir.join("curves.svg.tmp");
+    {
+        let root = SVGBackend::new(&tmp, (1000, 420)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+        let (left, right) = root.split_horizontally(500);
+        panel(&left, "training loss", "step", "loss", &[("loss".into(), loss_curve(dir))], None)?;
+        let ap: Vec<Series> = vec![
+            (
+                "val AP50".into(),
+                r.evals.iter().map(|p| (p.step as f64, p.val.get("AP50"))).collect(),
+            ),
+            ("val AP".into(), r.evals.iter().map(|p| (p.step as f64, p.val.get("AP"))).collect()),
+            (
+                "held-out AP50".into(),
+                r.evals
+                    .iter()
+                    .filter(|p| p.heldout_ap50 >= 0.0)
+                    .map(|p| (p.step as f64, p.heldout_ap50))
+                    .collect(),
+            ),
+        ];
+        panel(&right, "validation", "step", "AP", &ap, Some((0.0, 1.0)))?;
+        root.present().map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    }
+    std::fs::rename(&tmp, &path).with_context(|| path.display().to_string())
+}
+
+/// One ablation cell: its name, the overrides that make it, its result.
+#[derive(Debug, Clone)]
+pub struct Cell {
+    /// Short name (folder name).
+    pub name: String,
+    /// `key=value` overrides over the base config.
+    pub sets: Vec<String>,
+    /// What it measured.
+    pub result: ExperimentResult,
+}
+
+/// `ablation.md`, `ablation.csv` and `ablation.svg` in `dir`.
+pub fn write_ablation(dir: &Path, title: &str, cells: &[Cell]) -> Result<()> {
+    let header = [
+        "cell",
+        "overrides",
+        "steps",
+        "train_min",
+        "val_AP",
+        "val_AP50",
+        "best_val_AP50",
+        "best_step",
+        "heldout_AP50",
+        "best_heldout_AP50",
+    ];
+    let mut csv = header.join(",") + "\n";
+    let mut md = format!(
+        "# {title}\n\n| {} |\n|{}|\n",
+        header.join(" | "),
+        header.iter().map(|_| "---").collect::<Vec<_>>().join("|")
+    );
+    for c in cells {
+        let r = &c.result;
+        let (ap, ap50, held) = r
+            .last()
+            .map_or((-1.0, -1.0, -1.0), |p| (p.val.get("AP"), p.val.get("AP50"), p.heldout_ap50));
+        let (best, best_step) = r.best().map_or((-1.0, 0), |p| (p.val.get("AP50"), p.step));
+        let best_held = r.evals.iter().map(|p| p.heldout_ap50).fold(-1.0, f64::max);
+        let row = [
+            c.name.clone(),
+            c.sets.join(" "),
+            r.steps.to_string(),
+            format!("{:.1}", r.train_minutes),
+            fmt(ap),
+            fmt(ap50),
+            fmt(best),
+            best_step.to_string(),
+            fmt(held),
+            fmt(best_held),
+        ];
+        csv += &row.iter().map(|v| csv_field(v)).collect::<Vec<_>>().join(",");
+        csv += "\n";
+        md += &format!("| {} |\n", row.join(" | "));
+    }
+    md += "\n![validation AP50 against training minutes](ablation.svg)\n\nEach cell's folder holds its full run: `config.resolved.toml`, `log.jsonl`, `eval.jsonl`, `results.json`, `results.md`, `curves.svg`.\n";
+    write_atomic(&dir.join("ablation.csv"), &csv).map_err(anyhow::Error::msg)?;
+    write_atomic(&dir.join("ablation.md"), &md).map_err(anyhow::Error::msg)?;
+    let path = dir.join("ablation.svg");
+    let tmp = dir.join("ablation.svg.tmp");
+    {
+        let root = SVGBackend::new(&tmp, (1000, 420)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+        let (left, right) = root.split_horizontally(500);
+        let val: Vec<Series> = cells
+            .iter()
+            .map(|c| {
+                let pts = c.result.evals.iter().map(|p| (p.train_minutes, p.val.get("AP50")));
+                (c.name.clone(), pts.collect())
+            })
+            .collect();
+        let held: Vec<Series> = cells
+            .iter()
+            .map(|c| {
+                let pts = c.result.evals.iter().filter(|p| p.heldout_ap50 >= 0.0);
+                (c.name.clone(), pts.map(|p| (p.train_minutes, p.heldout_ap50)).collect())
+            })
+            .collect();
+        panel(&left, "validation AP50", "training minutes", "AP50", &val, Some((0.0, 1.0)))?;
+        panel(&right, "held-out pairs AP50", "training minutes", "AP50", &held, Some((0.0, 1.0)))?;
+        root.present().map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    }
+    std::fs::rename(&tmp, &path).with_context(|| path.display().to_string())
+}
+
+fn csv_field(v: &str) -> String {
+    if v.contains([',', '"', '\n']) {
+        format!("\"{}\"", v.replace('"', "\"\""))
+    } else {
+        v.to_string()
+    }
+}

@@ -1,0 +1,73 @@
+//! `cargo xtask experiment [CONFIG] [--set key.path=value ...] [--out DIR] [--resume]`: builds
+//! `glip` in release mode and runs `glip experiment` on CONFIG, by default the shapes task of
+//! `configs/shapes.toml` (embedded data, no download). Build and run times are printed apart.
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+/// The arguments.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// An experiment config or an ablation file (default: configs/shapes.toml).
+    config: Option<PathBuf>,
+    /// Override a config value: `--set run.steps=100` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Output folder (default `runs/<name>`).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue from checkpoints.
+    #[arg(long)]
+    resume: bool,
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").into()
+}
+
+/// Runs the experiment.
+pub fn run(a: Args) -> Result<()> {
+    let root = workspace_root();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let t0 = Instant::now();
+    let status = Command::new(&cargo)
+        .args(["build", "--release", "--package", "glip-cli", "--bin", "glip"])
+        .current_dir(&root)
+        .status()
+        .context("running cargo build")?;
+    if !status.success() {
+        bail!("cargo build --release -p glip-cli failed");
+    }
+    let build_s = t0.elapsed().as_secs_f64();
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    let glip = target.join("release").join(format!("glip{}", std::env::consts::EXE_SUFFIX));
+    let config = a.config.unwrap_or_else(|| root.join("configs").join("shapes.toml"));
+    let mut cmd = Command::new(&glip);
+    cmd.arg("experiment").arg(&config);
+    for s in &a.sets {
+        cmd.arg("--set").arg(s);
+    }
+    if let Some(o) = &a.out {
+        cmd.arg("--out").arg(o);
+    }
+    if a.resume {
+        cmd.arg("--resume");
+    }
+    eprintln!("xtask: glip experiment {} (build took {build_s:.0} s)", config.display());
+    let t1 = Instant::now();
+    let status = cmd.status().with_context(|| format!("running {}", glip.display()))?;
+    let run_s = t1.elapsed().as_secs_f64();
+    eprintln!(
+        "xtask: build {:.1} min + experiment {:.1} min = {:.1} min",
+        build_s / 60.0,
+        run_s / 60.0,
+        (build_s + run_s) / 60.0
+    );
+    if !status.success() {
+        bail!("glip experiment failed ({status})");
+    }
+    Ok(())
+}
