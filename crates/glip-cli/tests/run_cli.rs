@@ -1,0 +1,231 @@
+//! `glip experiment` (single config and ablation grid), `eval`, `detect`, `inspect` and `bench`
+//! end to end on a tiny model, and their error messages on bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn glip(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_glip")).args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("glip-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A model small enough to train a few steps in seconds, on 48-pixel shapes.
+fn tiny_config(dir: &Path) -> PathBuf {
+    let tok = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/shapes-tokenizer.json");
+    let text = format!(
+        r#"
+name = "tiny"
+[model]
+num_queries = 4
+position_encoding = true
+aux_loss = true
+[model.backbone]
+type = "resnet"
+depth = 18
+freeze_at = 5
+[model.text]
+tokenizer = "{}"
+hidden = 16
+layers = 1
+heads = 2
+[model.transformer]
+d_model = 16
+nhead = 2
+num_encoder_layers = 1
+num_decoder_layers = 1
+dim_feedforward = 32
+[model.head]
+type = "token"
+[data]
+batch_size = 2
+[data.shapes]
+image_size = 48
+train_images = 4
+val_images = 4
+[run]
+steps = 4
+eval_every = 2
+log_every = 1
+checkpoint_every = 0
+"#,
+        tok.display()
+    );
+    let p = dir.join("tiny.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn experiment_then_eval_detect_and_inspect() {
+    let d = scratch("run");
+    let cfg = tiny_config(&d);
+    let run = d.join("run");
+    let (ok, out, err) = glip(&[
+        "experiment",
+        cfg.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--set",
+        "run.seed=3",
+    ]);
+    assert!(ok, "{out}{err}");
+    for f in ["results.json", "results.md", "curves.svg", "config.resolved.toml", "eval.jsonl"] {
+        assert!(run.join(f).exists(), "{f} missing");
+    }
+    let res = json(&run.join("results.json"));
+    assert_eq!(res["steps"], 4);
+    assert_eq!(res["evals"].as_array().unwrap().len(), 2);
+    let ap50 = res["val"]["AP50"].as_f64().unwrap();
+    assert!(std::fs::read_to_string(run.join("curves.svg")).unwrap().contains("<svg"));
+    // The --set reached the resolved config.
+    assert!(std::fs::read_to_string(run.join("config.resolved.toml"))
+        .unwrap()
+        .contains("seed = 3"));
+
+    // `glip eval` on the saved checkpoint reproduces the run's last evaluation: the checkpoint
+    // round trip loses nothing.
+    let (ok, out, err) = glip(&["eval", "--run", run.to_str().unwrap(), "--json"]);
+    assert!(ok, "{err}");
+    let m: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert!((m["AP50"].as_f64().unwrap() - ap50).abs() < 1e-9, "{m} vs {ap50}");
+    assert!(m["heldout_AP50"].is_number());
+
+    // `glip detect`: JSON with one entry per image, the phrases it grounds, a drawn PNG.
+    let shapes = d.join("shapes");
+    let (ok, _, err) = glip(&[
+        "data",
+        "export-shapes",
+        "--out",
+        shapes.to_str().unwrap(),
+        "--split",
+        "val",
+        "--val-images",
+        "2",
+        "--size",
+        "64",
+    ]);
+    assert!(ok, "{err}");
+    let img = shapes.join("val/images/000000.png");
+    let drawn = d.join("drawn");
+    let (ok, out, err) = glip(&[
+        "detect",
+        "--run",
+        run.to_str().unwrap(),
+        "--prompt",
+        "red circle. blue square",
+        "--threshold",
+        "0",
+        "--top-k",
+        "3",
+        "--out",
+        drawn.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let dets = v[0]["detections"].as_array().unwrap();
+    assert_eq!(dets.len(), 3);
+    for det in dets {
+        assert!(["red circle", "blue square"].contains(&det["phrase"].as_str().unwrap()));
+        let b: Vec<f64> =
+            det["bbox"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+        assert!(b[0] <= b[2] && b[1] <= b[3] && b[2] <= 64.0 && b[3] <= 64.0, "{b:?} in pixels");
+    }
+    let png = image::open(drawn.join("000000.detections.png")).unwrap();
+    assert_eq!((png.width(), png.height()), (64, 64));
+
+    // `glip inspect`: parameter counts per component and the shapes flowing through.
+    let (ok, out, err) = glip(&["inspect", "--config", cfg.to_str().unwrap(), "--size", "64"]);
+    assert!(ok, "{err}");
+    for want in ["backbone", "transformer", "total", "pred_boxes", "[1, 4, 4]", "[1, 3, 64, 64]"] {
+        assert!(out.contains(want), "{want} not in\n{out}");
+    }
+    std::fs::remove_dir_all(&d).ok();
+}
+
+#[test]
+fn an_ablation_grid_runs_every_cell_into_one_table() {
+    let d = scratch("ablation");
+    tiny_config(&d);
+    let ab = d.join("ab.toml");
+    std::fs::write(
+        &ab,
+        r#"
+[ablation]
+name = "tiny-ablation"
+base = "tiny.toml"
+set = ["run.steps=2", "run.eval_every=1"]
+[ablation.grid]
+"loss.matcher" = ["ordered", "hungarian"]
+"#,
+    )
+    .unwrap();
+    let out_dir = d.join("out");
+    let (ok, out, err) =
+        glip(&["experiment", ab.to_str().unwrap(), "--out", out_dir.to_str().unwrap()]);
+    assert!(ok, "{out}{err}");
+    let csv = std::fs::read_to_string(out_dir.join("ablation.csv")).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 3, "{csv}");
+    assert!(lines[1].starts_with("ordered,") && lines[2].starts_with("hungarian,"), "{csv}");
+    assert!(out_dir.join("ablation.md").exists() && out_dir.join("ablation.svg").exists());
+    for cell in ["ordered", "hungarian"] {
+        let r = json(&out_dir.join(cell).join("results.json"));
+        assert_eq!(r["steps"], 2, "{cell}");
+        let resolved =
+            std::fs::read_to_string(out_dir.join(cell).join("config.resolved.toml")).unwrap();
+        assert!(resolved.contains(&format!("matcher = \"{cell}\"")), "{cell}: {resolved}");
+    }
+    std::fs::remove_dir_all(&d).ok();
+}
+
+#[test]
+fn bad_input_gets_a_message_naming_it() {
+    let d = scratch("errors");
+    let cfg = tiny_config(&d);
+    let (ok, _, err) = glip(&["experiment", cfg.to_str().unwrap(), "--set", "run.stepz=3"]);
+    assert!(!ok && err.contains("stepz") && !err.contains("panicked"), "{err}");
+    let (ok, _, err) =
+        glip(&["detect", "--run", d.join("nope").to_str().unwrap(), "--prompt", "x", "a.png"]);
+    assert!(!ok && err.contains("config.resolved.toml") && !err.contains("panicked"), "{err}");
+    let (ok, _, err) = glip(&["detect", "--run", d.to_str().unwrap(), "--prompt", " . ", "a.png"]);
+    assert!(!ok && err.contains("names nothing"), "{err}");
+    let bad = d.join("bad-ablation.toml");
+    std::fs::write(&bad, "[ablation]\nbase = \"tiny.toml\"\n[ablation.grid]\n\"x\" = 3\n").unwrap();
+    let (ok, _, err) = glip(&["experiment", bad.to_str().unwrap()]);
+    assert!(!ok && err.contains("expected a list"), "{err}");
+    let (ok, _, err) = glip(&["bench", "--preset", "seed-r7"]);
+    assert!(!ok && err.contains("seed-r7"), "{err}");
+    std::fs::remove_dir_all(&d).ok();
+}
+
+#[test]
+fn bench_prints_one_json_line_like_bench_torch() {
+    let (ok, out, err) = glip(&[
+        "bench", "--preset", "seed-r18", "--mode", "train", "--batch", "1", "--size", "64",
+        "--iters", "2",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    for k in ["preset", "mode", "batch", "size", "median_s", "min_s", "times", "device", "threads"]
+    {
+        assert!(v.get(k).is_some(), "{k} missing from {v}");
+    }
+    assert_eq!(v["times"].as_array().unwrap().len(), 2);
+    assert!(v["median_s"].as_f64().unwrap() > 0.0);
+}
