@@ -1,7 +1,7 @@
 //! Convolution building blocks: batch norm (frozen or trainable), conv helpers and a max-pool
 //! with a backward.
 
-use candle_core::{DType, Result, Tensor, Var, D};
+use candle_core::{DType, Result, Tensor, Var};
 use candle_nn::{Conv2d, Conv2dConfig, Module, VarBuilder};
 
 /// Batch norm over `(b, c, h, w)` with torchvision names (`weight`, `bias`, `running_mean`,
@@ -49,25 +49,17 @@ impl BatchNorm2d {
                 .broadcast_mul(&Self::per_channel(&scale)?)?
                 .broadcast_add(&Self::per_channel(&shift)?);
         }
-        let (b, c, h, w) = x.dims4()?;
+        let (b, _, h, w) = x.dims4()?;
         let n = (b * h * w) as f64;
-        let mean = x.mean_keepdim(D::Minus1)?.mean_keepdim(D::Minus2)?.mean_keepdim(0)?;
-        let xc = x.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?.mean_keepdim(D::Minus2)?.mean_keepdim(0)?;
-        let y = xc.broadcast_div(&(var.clone() + self.eps)?.sqrt()?)?;
-        let y = y
-            .broadcast_mul(&Self::per_channel(&self.weight)?)?
-            .broadcast_add(&Self::per_channel(&self.bias)?)?;
+        let (y, mean, var) = glip_core::norm::batch_norm_train(x, &self.weight, &self.bias, self.eps)?;
         if self.running_mean.is_variable() {
             let m = 0.1;
-            let unbiased = (var.detach().flatten_all()? * (n / (n - 1.0).max(1.0)))?;
-            let new_mean =
-                ((self.running_mean.detach() * (1.0 - m))? + (mean.detach().flatten_all()? * m)?)?;
+            let unbiased = (var * (n / (n - 1.0).max(1.0)))?;
+            let new_mean = ((self.running_mean.detach() * (1.0 - m))? + (mean * m)?)?;
             let new_var = ((self.running_var.detach() * (1.0 - m))? + (unbiased * m)?)?;
             Var::from_tensor(&self.running_mean)?.set(&new_mean.to_dtype(DType::F32)?)?;
             Var::from_tensor(&self.running_var)?.set(&new_var.to_dtype(DType::F32)?)?;
         }
-        let _ = c;
         Ok(y)
     }
 }

@@ -28,6 +28,7 @@
 pub mod boxes;
 pub mod conv;
 pub mod nn;
+pub mod norm;
 pub mod prompt;
 pub mod rng;
 pub mod shape;
