@@ -51,7 +51,8 @@ impl BatchNorm2d {
         }
         let (b, _, h, w) = x.dims4()?;
         let n = (b * h * w) as f64;
-        let (y, mean, var) = glip_core::norm::batch_norm_train(x, &self.weight, &self.bias, self.eps)?;
+        let (y, mean, var) =
+            glip_core::norm::batch_norm_train(x, &self.weight, &self.bias, self.eps)?;
         if self.running_mean.is_variable() {
             let m = 0.1;
             let unbiased = (var * (n / (n - 1.0).max(1.0)))?;

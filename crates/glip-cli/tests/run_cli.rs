@@ -195,6 +195,50 @@ set = ["run.steps=2", "run.eval_every=1"]
 }
 
 #[test]
+fn an_experiment_trains_and_evaluates_on_a_coco_folder() {
+    let d = scratch("coco");
+    let shapes = d.join("shapes");
+    let (ok, _, err) = glip(&[
+        "data",
+        "export-shapes",
+        "--out",
+        shapes.to_str().unwrap(),
+        "--train-images",
+        "4",
+        "--val-images",
+        "2",
+        "--size",
+        "48",
+    ]);
+    assert!(ok, "{err}");
+    let cfg = tiny_config(&d);
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text += r#"
+[data.coco]
+train_annotations = "shapes/train/annotations.json"
+train_images = "shapes/train/images"
+val_annotations = "shapes/val/annotations.json"
+val_images = "shapes/val/images"
+"#;
+    std::fs::write(&cfg, text).unwrap();
+    let run = d.join("run");
+    let (ok, out, err) = glip(&[
+        "experiment",
+        cfg.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--set",
+        "run.steps=2",
+    ]);
+    assert!(ok, "{out}{err}");
+    let res = json(&run.join("results.json"));
+    assert_eq!(res["steps"], 2);
+    assert!((0.0..=1.0).contains(&res["val"]["AP50"].as_f64().unwrap()), "{res}");
+    assert_eq!(res["heldout"]["AP50"].as_f64(), Some(-1.0), "no held-out pairs in a COCO folder");
+    std::fs::remove_dir_all(&d).ok();
+}
+
+#[test]
 fn bad_input_gets_a_message_naming_it() {
     let d = scratch("errors");
     let cfg = tiny_config(&d);

@@ -12,7 +12,9 @@
 //!
 //! checked against autograd through candle ops in this module's tests.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+};
 use rayon::prelude::*;
 
 fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
@@ -25,11 +27,7 @@ fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]
 
 /// Per channel of a `(b, c, h, w)` tensor: the sums of `f(plane index) -> (a, b)` over the `b`
 /// planes of that channel (f64 accumulation), channels in parallel.
-fn per_channel_sums(
-    b: usize,
-    c: usize,
-    f: impl Fn(usize) -> (f64, f64) + Sync,
-) -> Vec<(f64, f64)> {
+fn per_channel_sums(b: usize, c: usize, f: impl Fn(usize) -> (f64, f64) + Sync) -> Vec<(f64, f64)> {
     (0..c)
         .into_par_iter()
         .map(|ch| {
@@ -52,9 +50,7 @@ impl CustomOp1 for Stats {
         let hw = h * w;
         let n = (b * hw).max(1) as f64;
         let plane = |p: usize| &x[p * hw..][..hw];
-        let sums = per_channel_sums(b, c, |p| {
-            (plane(p).iter().map(|&v| v as f64).sum(), 0.0)
-        });
+        let sums = per_channel_sums(b, c, |p| (plane(p).iter().map(|&v| v as f64).sum(), 0.0));
         let means: Vec<f64> = sums.iter().map(|s| s.0 / n).collect();
         let sq = per_channel_sums(b, c, |p| {
             let m = means[p % c];
@@ -223,19 +219,32 @@ mod tests {
     fn fused_batch_norm_matches_autograd_through_candle_ops() {
         let dev = Device::Cpu;
         for (b, c, h, w) in [(2, 3, 5, 4), (4, 8, 3, 3), (1, 2, 1, 7)] {
-            let x = Var::from_tensor(&(Tensor::randn(0f32, 2., (b, c, h, w), &dev).unwrap() + 1.5).unwrap()).unwrap();
+            let x = Var::from_tensor(
+                &(Tensor::randn(0f32, 2., (b, c, h, w), &dev).unwrap() + 1.5).unwrap(),
+            )
+            .unwrap();
             let g = Var::randn(1f32, 0.3, c, &dev).unwrap();
             let be = Var::randn(0f32, 0.3, c, &dev).unwrap();
             let (y, mean, var) = batch_norm_train(&x, &g, &be, 1e-5).unwrap();
             let per = |t: &Tensor| t.reshape((1, c, 1, 1)).unwrap();
             let m = x.mean_keepdim(3).unwrap().mean_keepdim(2).unwrap().mean_keepdim(0).unwrap();
             let xc = x.broadcast_sub(&m).unwrap();
-            let v = xc.sqr().unwrap().mean_keepdim(3).unwrap().mean_keepdim(2).unwrap().mean_keepdim(0).unwrap();
+            let v = xc
+                .sqr()
+                .unwrap()
+                .mean_keepdim(3)
+                .unwrap()
+                .mean_keepdim(2)
+                .unwrap()
+                .mean_keepdim(0)
+                .unwrap();
             let want = xc.broadcast_div(&(v.clone() + 1e-5).unwrap().sqrt().unwrap()).unwrap();
             let want = want.broadcast_mul(&per(&g)).unwrap().broadcast_add(&per(&be)).unwrap();
             let close = |a: &Tensor, b: &Tensor, what: &str| {
-                let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1.0);
-                let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                let scale =
+                    b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1.0);
+                let d =
+                    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
                 assert!(d <= 1e-4 * scale, "{what} ({b:?}): {d}");
             };
             close(&y, &want, "forward");

@@ -9,13 +9,31 @@ use crate::GlipModel;
 use candle_core::{Device, Tensor};
 use glip_core::Criterion;
 use glip_data::{
-    Dataset, Loader, PromptConfig, ShapesConfig, ShapesDataset, Split, TransformConfig,
+    CocoDataset, Dataset, ErrorPolicy, Loader, PromptConfig, ShapesConfig, ShapesDataset, Split,
+    TransformConfig,
 };
 use glip_heads::postprocess::{class_scores, detections, token_scores, PostProcessConfig};
 use glip_loss::{HungarianMatcher, LossConfig, OrderedMatcher, SetCriterion};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+/// A COCO-format detection dataset on disk: train on one split, evaluate on the other.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CocoDataConfig {
+    /// Training annotations (COCO json).
+    pub train_annotations: PathBuf,
+    /// Training images folder.
+    pub train_images: PathBuf,
+    /// Validation annotations.
+    pub val_annotations: PathBuf,
+    /// Validation images folder.
+    pub val_images: PathBuf,
+    /// Skip (and count) bad records instead of stopping at the first. Default false.
+    #[serde(default)]
+    pub skip_bad_records: bool,
+}
 
 /// The data of a run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -24,6 +42,10 @@ pub struct DataConfig {
     /// The synthetic task (the default, no files).
     #[serde(default)]
     pub shapes: ShapesConfig,
+    /// A COCO folder instead of the synthetic task: every category name goes in the prompts,
+    /// evaluation is COCO bbox AP on the validation annotations (no held-out pairs).
+    #[serde(default)]
+    pub coco: Option<CocoDataConfig>,
     /// Train on only the first this many training images (overfitting checks). Default all.
     #[serde(default)]
     pub train_subset: Option<usize>,
@@ -80,7 +102,8 @@ pub struct RunConfig {
     /// Seed of initialisation, data order and transforms. Default 0.
     #[serde(default)]
     pub seed: u64,
-    /// Stop after this many minutes of training (evaluation time excluded), if set.
+    /// Stop after this many minutes of training (evaluation time excluded), if set: the step
+    /// that crosses it is the last, then a final evaluation.
     #[serde(default)]
     pub time_budget_min: Option<f64>,
 }
@@ -115,6 +138,7 @@ impl Default for DataConfig {
     fn default() -> Self {
         Self {
             shapes: ShapesConfig::default(),
+            coco: None,
             train_subset: None,
             eval_on_train: false,
             transforms: TransformConfig::default(),
@@ -349,6 +373,24 @@ pub fn run_experiment(
     resume: bool,
     progress: &mut dyn Progress,
 ) -> Result<ExperimentResult, String> {
+    run_experiment_with(&ModelBuilder::new(), cfg, dir, resume, progress)
+}
+
+/// Where a run evaluates.
+enum EvalTarget {
+    Shapes(Box<ShapesDataset>, usize),
+    Coco(PathBuf, PathBuf),
+}
+
+/// [`run_experiment`] with a builder that knows a researcher's own components (registered
+/// with [`ModelBuilder::register_query_generator`] and friends).
+pub fn run_experiment_with(
+    builder: &ModelBuilder,
+    cfg: &ExperimentConfig,
+    dir: &Path,
+    resume: bool,
+    progress: &mut dyn Progress,
+) -> Result<ExperimentResult, String> {
     let wall = std::time::Instant::now();
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let resolved = toml::to_string(cfg).map_err(|e| e.to_string())?;
@@ -363,28 +405,45 @@ pub fn run_experiment(
         glip_text::Tokenizer::from_file(&cfg.model.text.tokenizer)
             .map_err(|e| format!("model.text.tokenizer: {e}"))?,
     );
-    let train_ds = ShapesDataset::new(cfg.data.shapes.clone(), Split::Train)
-        .map_err(|e| e.to_string())?
-        .with_prompts(cfg.data.prompts.clone(), Some(tok.clone()));
-    let n_train = cfg.data.train_subset.unwrap_or(train_ds.len()).min(train_ds.len());
-    let train: Arc<dyn Dataset> = Arc::new(Subset(Arc::new(train_ds), n_train));
-    let (eval_ds, n_eval) = if cfg.data.eval_on_train {
-        (
-            ShapesDataset::new(cfg.data.shapes.clone(), Split::Train).map_err(|e| e.to_string())?,
-            n_train,
-        )
-    } else {
-        let v =
-            ShapesDataset::new(cfg.data.shapes.clone(), Split::Val).map_err(|e| e.to_string())?;
-        let n = v.len();
-        (v, n)
+    let caption_tok: Arc<dyn glip_core::prompt::CaptionTokenizer> = tok.clone();
+    let (full, eval_target): (Arc<dyn Dataset>, EvalTarget) = match &cfg.data.coco {
+        Some(c) => {
+            let policy = if c.skip_bad_records { ErrorPolicy::Skip } else { ErrorPolicy::Fail };
+            let ds = CocoDataset::open(&c.train_annotations, &c.train_images, policy)
+                .map_err(|e| format!("data.coco.train_annotations: {e}"))?;
+            if !ds.report.problems.is_empty() {
+                progress.message(&ds.report.summary());
+            }
+            let ds = ds.with_prompts(cfg.data.prompts.clone(), Some(caption_tok));
+            let target = EvalTarget::Coco(c.val_annotations.clone(), c.val_images.clone());
+            (Arc::new(ds), target)
+        }
+        None => {
+            let train = ShapesDataset::new(cfg.data.shapes.clone(), Split::Train)
+                .map_err(|e| e.to_string())?
+                .with_prompts(cfg.data.prompts.clone(), Some(caption_tok));
+            let eval = if cfg.data.eval_on_train {
+                ShapesDataset::new(cfg.data.shapes.clone(), Split::Train)
+            } else {
+                ShapesDataset::new(cfg.data.shapes.clone(), Split::Val)
+            }
+            .map_err(|e| e.to_string())?;
+            let n = if cfg.data.eval_on_train {
+                cfg.data.train_subset.unwrap_or(train.len()).min(train.len())
+            } else {
+                eval.len()
+            };
+            (Arc::new(train), EvalTarget::Shapes(Box::new(eval), n))
+        }
     };
+    let n_train = cfg.data.train_subset.unwrap_or(full.len()).min(full.len());
+    let train: Arc<dyn Dataset> = Arc::new(Subset(full, n_train));
     let mut loader = Loader::new(train, tok.clone(), cfg.data.batch_size, dev.clone());
     loader.transforms = cfg.data.transforms.clone();
     loader.shuffle = true;
     loader.seed = cfg.run.seed;
     let varmap = candle_nn::VarMap::new();
-    let model = ModelBuilder::new()
+    let model = builder
         .build_trainable(&cfg.model, &varmap, cfg.run.seed, &dev)
         .map_err(|e| e.to_string())?;
     let crit = criterion(&cfg.loss)?;
@@ -427,6 +486,10 @@ pub fn run_experiment(
         trainer.config.steps = target;
         progress.borrow_mut().segment(step, target, total);
         let t0 = std::time::Instant::now();
+        trainer.deadline = cfg
+            .run
+            .time_budget_min
+            .map(|b| t0 + std::time::Duration::from_secs_f64((b * 60.0 - trained_s).max(0.0)));
         trainer.on_log = Some(Box::new(|l: &LogLine| progress.borrow_mut().log(l)));
         trainer.on_step = Some(Box::new(|s, l| progress.borrow_mut().step(s, l)));
         let done = trainer.run();
@@ -435,8 +498,21 @@ pub fn run_experiment(
         done.map_err(|e| e.to_string())?;
         trained_s += t0.elapsed().as_secs_f64();
         step = trainer.step();
-        let (val, heldout_ap50) =
-            evaluate_shapes(&model, &eval_ds, n_eval, &tok, &cfg.model.head, dir)?;
+        let (val, heldout_ap50) = match &eval_target {
+            EvalTarget::Shapes(ds, n) => {
+                evaluate_shapes(&model, ds, *n, &tok, &cfg.model.head, dir)?
+            }
+            EvalTarget::Coco(ann, images) => {
+                let p = crate::infer::Predictor {
+                    model: &model,
+                    config: cfg,
+                    tokenizer: &tok,
+                    device: &dev,
+                };
+                let post = PostProcessConfig::default();
+                (p.evaluate_coco_folder(ann, images, &post, |_, _| {})?, -1.0)
+            }
+        };
         let p = EvalPoint { step, train_minutes: trained_s / 60.0, val, heldout_ap50 };
         progress.borrow_mut().message(&format!(
             "step {step}: val AP50 {:.3}, AP {:.3}, held-out AP50 {:.3} ({:.1} min of training)",
@@ -486,6 +562,16 @@ pub fn resolve_paths(cfg: &mut ExperimentConfig, base: &Path) {
         }
     };
     fix(&mut cfg.model.text.tokenizer);
+    if let Some(c) = cfg.data.coco.as_mut() {
+        for p in [
+            &mut c.train_annotations,
+            &mut c.train_images,
+            &mut c.val_annotations,
+            &mut c.val_images,
+        ] {
+            fix(p);
+        }
+    }
     if let Some(f) = cfg.model.text.folder.as_mut() {
         fix(f);
     }

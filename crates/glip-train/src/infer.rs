@@ -102,6 +102,59 @@ impl Detector {
         Ok(Self { model, config, tokenizer, device: device.clone() })
     }
 
+    /// The borrowing view that runs inference.
+    pub fn predictor(&self) -> Predictor<'_> {
+        Predictor {
+            model: &self.model,
+            config: &self.config,
+            tokenizer: &self.tokenizer,
+            device: &self.device,
+        }
+    }
+
+    /// See [`Predictor::detect`].
+    pub fn detect(
+        &self,
+        img: &RgbImage,
+        phrases: &[String],
+        post: &PostProcessConfig,
+    ) -> Result<Vec<Grounded>, String> {
+        self.predictor().detect(img, phrases, post)
+    }
+
+    /// See [`Predictor::evaluate_coco_folder`].
+    pub fn evaluate_coco_folder(
+        &self,
+        ann: &Path,
+        images: &Path,
+        post: &PostProcessConfig,
+        progress: impl FnMut(usize, usize),
+    ) -> Result<CocoMetrics, String> {
+        self.predictor().evaluate_coco_folder(ann, images, post, progress)
+    }
+}
+
+/// A model with its config and tokenizer, borrowed: what inference needs (a [`Detector`]'s, or
+/// the one training in [`crate::experiment::run_experiment`]).
+#[derive(Clone, Copy)]
+pub struct Predictor<'a> {
+    /// The model.
+    pub model: &'a GlipModel,
+    /// Its config (input size, head, classes).
+    pub config: &'a ExperimentConfig,
+    /// Its tokenizer.
+    pub tokenizer: &'a Tokenizer,
+    /// Where it runs.
+    pub device: &'a Device,
+}
+
+impl std::fmt::Debug for Predictor<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Predictor").field("name", &self.config.name).finish_non_exhaustive()
+    }
+}
+
+impl Predictor<'_> {
     /// The side the model was trained at: images are resized so that their longer side is this
     /// (synthetic task), or by the run's `shorter_side` / `max_size` transforms.
     fn resize(&self, img: &RgbImage) -> RgbImage {
@@ -151,7 +204,7 @@ impl Detector {
         }
         let (w, h) = img.dimensions();
         let small = self.resize(img);
-        let chunks = chunked_detection_prompts(&self.tokenizer, phrases, ". ")
+        let chunks = chunked_detection_prompts(self.tokenizer, phrases, ". ")
             .map_err(|e| format!("prompt: {e}"))?;
         let class_names = self.class_names();
         let mut all = Vec::new();
@@ -165,7 +218,7 @@ impl Detector {
                 phrases: vec![],
                 labels: vec![],
             };
-            let batch = glip_data::collate(&[sample], self.tokenizer.as_ref(), &self.device)
+            let batch = glip_data::collate(&[sample], self.tokenizer, self.device)
                 .map_err(|e| e.to_string())?;
             let out =
                 self.model.forward(&batch.images, &batch.text, false).map_err(|e| e.to_string())?;
@@ -179,7 +232,7 @@ impl Detector {
                         &chunk.prompt.spans,
                         e.ids.len(),
                     );
-                    let pm = Tensor::new(pm, &self.device).map_err(|e| e.to_string())?;
+                    let pm = Tensor::new(pm, self.device).map_err(|e| e.to_string())?;
                     token_scores(&logits, &pm, post.token_reduce)
                 }
                 HeadConfig::Class { .. } => class_scores(&logits),

@@ -100,6 +100,8 @@ pub struct Trainer<'a> {
     pub on_log: Option<Box<dyn FnMut(&LogLine) + 'a>>,
     /// Called after every step with the step number and the total loss (progress bars).
     pub on_step: Option<Box<dyn FnMut(u64, f32) + 'a>>,
+    /// Stop after the step that ends past this instant (a time budget), checkpointing.
+    pub deadline: Option<std::time::Instant>,
     step: u64,
 }
 
@@ -151,6 +153,7 @@ impl<'a> Trainer<'a> {
             device,
             on_log: None,
             on_step: None,
+            deadline: None,
             step: 0,
         })
     }
@@ -216,7 +219,7 @@ impl<'a> Trainer<'a> {
         Ok(())
     }
 
-    /// Runs until `config.steps`, appending to `log.jsonl`.
+    /// Runs until `config.steps` (or the deadline), appending to `log.jsonl`.
     pub fn run(&mut self) -> Result<(), TrainError> {
         std::fs::create_dir_all(&self.dir).map_err(|e| self.io(&self.dir, e))?;
         let log_path = self.dir.join("log.jsonl");
@@ -273,6 +276,9 @@ impl<'a> Trainer<'a> {
             }
             if self.config.checkpoint_every > 0 && self.step % self.config.checkpoint_every == 0 {
                 self.save_checkpoint()?;
+            }
+            if self.deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                break;
             }
         }
         self.save_checkpoint()

@@ -250,4 +250,14 @@ checkpoint_every = 0
     assert_eq!(back, cfg);
     assert!(messages.iter().any(|m| m.contains("val AP50")));
     std::fs::remove_dir_all(&d).ok();
+
+    // A time budget stops training at the first step past it, then evaluates once.
+    cfg.run.time_budget_min = Some(1e-6);
+    let d = tmp("experiment-budget");
+    let mut messages = Vec::new();
+    let r = run_experiment(&cfg, &d, false, &mut |m: &str| messages.push(m.to_string())).unwrap();
+    assert_eq!(r.steps, 1, "{messages:?}");
+    assert_eq!(r.evals.len(), 1);
+    assert!(messages.iter().any(|m| m.contains("time budget")), "{messages:?}");
+    std::fs::remove_dir_all(&d).ok();
 }
