@@ -65,46 +65,6 @@ impl BatchNorm2d {
     }
 }
 
-/// A bias-free (or biased) convolution loaded from `vb` with `weight` `(out, in/groups, k, k)`;
-/// frozen convolutions are detached from the graph.
-pub fn conv2d(
-    vb: VarBuilder<'_>,
-    cin: usize,
-    cout: usize,
-    k: usize,
-    stride: usize,
-    padding: usize,
-    groups: usize,
-    bias: bool,
-    frozen: bool,
-) -> Result<Conv> {
-    Conv::new(vb, cin, cout, k, stride, padding, groups, bias, frozen)
-}
-
-fn load_conv2d(
-    vb: VarBuilder<'_>,
-    cin: usize,
-    cout: usize,
-    k: usize,
-    stride: usize,
-    padding: usize,
-    groups: usize,
-    bias: bool,
-    frozen: bool,
-) -> Result<Conv2d> {
-    let cfg = Conv2dConfig { padding, stride, groups, dilation: 1, cudnn_fwd_algo: None };
-    let init = candle_nn::init::DEFAULT_KAIMING_NORMAL;
-    let w = vb.get_with_hints((cout, cin / groups, k, k), "weight", init)?;
-    let b = if bias {
-        let bound = 1.0 / ((cin / groups * k * k) as f64).sqrt();
-        Some(vb.get_with_hints(cout, "bias", candle_nn::Init::Uniform { lo: -bound, up: bound })?)
-    } else {
-        None
-    };
-    let (w, b) = if frozen { (w.detach(), b.map(|b| b.detach())) } else { (w, b) };
-    Ok(Conv2d::new(w, b, cfg))
-}
-
 /// Elements `start, start + stride, ...` (`n` of them) along `axis`, by narrow and reshape
 /// (differentiable; candle has no strided slice). `x` must be long enough:
 /// `start + stride * n <= len`.
@@ -161,7 +121,9 @@ pub enum Conv {
 }
 
 impl Conv {
-    /// Loads like [`conv2d`], choosing the depthwise path when `groups == cin == cout > 1`.
+    /// Loads `weight (out, in/groups, k, k)` (and `bias`) from `vb`, torch's initialisers for
+    /// fresh ones; frozen convolutions are detached from the graph. Depthwise when
+    /// `groups == cin == cout > 1`.
     pub fn new(
         vb: VarBuilder<'_>,
         cin: usize,
@@ -173,11 +135,21 @@ impl Conv {
         bias: bool,
         frozen: bool,
     ) -> Result<Self> {
-        let c = load_conv2d(vb, cin, cout, k, stride, padding, groups, bias, frozen)?;
-        if groups > 1 && groups == cin && cin == cout {
-            Ok(Conv::Depthwise(c.weight().clone(), c.bias().cloned(), stride, padding))
+        let cfg = Conv2dConfig { padding, stride, groups, dilation: 1, cudnn_fwd_algo: None };
+        let init = candle_nn::init::DEFAULT_KAIMING_NORMAL;
+        let w = vb.get_with_hints((cout, cin / groups, k, k), "weight", init)?;
+        let b = if bias {
+            let bound = 1.0 / ((cin / groups * k * k) as f64).sqrt();
+            let init = candle_nn::Init::Uniform { lo: -bound, up: bound };
+            Some(vb.get_with_hints(cout, "bias", init)?)
         } else {
-            Ok(Conv::Dense(c))
+            None
+        };
+        let (w, b) = if frozen { (w.detach(), b.map(|b| b.detach())) } else { (w, b) };
+        if groups > 1 && groups == cin && cin == cout {
+            Ok(Conv::Depthwise(w, b, stride, padding))
+        } else {
+            Ok(Conv::Dense(Conv2d::new(w, b, cfg)))
         }
     }
 

@@ -1,6 +1,6 @@
 //! torchvision ResNet-18/34/50/101 bodies returning C2..C5.
 
-use crate::layers::{conv2d, max_pool_3x3_s2_p1, BatchNorm2d, Conv};
+use crate::layers::{max_pool_3x3_s2_p1, BatchNorm2d, Conv};
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 use glip_core::{Backbone, FeatureMap};
@@ -97,7 +97,7 @@ impl Block {
         let convs = spec
             .into_iter()
             .map(|(i, ci, co, k, s, p)| {
-                let c = conv2d(vb.pp(format!("conv{i}")), ci, co, k, s, p, 1, false, frozen)?;
+                let c = Conv::new(vb.pp(format!("conv{i}")), ci, co, k, s, p, 1, false, frozen)?;
                 let bn = BatchNorm2d::new(co, frozen_bn, vb.pp(format!("bn{i}")))?;
                 Ok((c, bn))
             })
@@ -105,7 +105,7 @@ impl Block {
         let downsample = if stride != 1 || cin != cout {
             let d = vb.pp("downsample");
             Some((
-                conv2d(d.pp("0"), cin, cout, 1, stride, 0, 1, false, frozen)?,
+                Conv::new(d.pp("0"), cin, cout, 1, stride, 0, 1, false, frozen)?,
                 BatchNorm2d::new(cout, frozen_bn, d.pp("1"))?,
             ))
         } else {
@@ -146,7 +146,7 @@ impl ResNet {
         let depth = config.depth;
         let frozen_bn = !config.trainable_bn;
         let stem_frozen = config.freeze_at >= 1;
-        let conv1 = conv2d(vb.pp("conv1"), 3, 64, 7, 2, 3, 1, false, stem_frozen)?;
+        let conv1 = Conv::new(vb.pp("conv1"), 3, 64, 7, 2, 3, 1, false, stem_frozen)?;
         let bn1 = BatchNorm2d::new(64, frozen_bn || stem_frozen, vb.pp("bn1"))?;
         let mut cin = 64;
         let mut layers: [Vec<Block>; 4] = Default::default();

@@ -60,8 +60,10 @@ pub fn run(a: DetectArgs) -> Result<()> {
     let mut results = Vec::new();
     for path in &a.images {
         let img = glip_data::detection::load_image(path)?;
-        let found =
-            det.detect(&img, &phrases, &post).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        let found = det
+            .predictor()
+            .detect(&img, &phrases, &post)
+            .map_err(|e| anyhow!("{}: {e}", path.display()))?;
         let drawn = a.out.join(format!(
             "{}.detections.png",
             path.file_stem().unwrap_or_default().to_string_lossy()

@@ -32,6 +32,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let (metrics, heldout) = match (&a.coco, &a.images) {
         (Some(ann), Some(images)) => {
             let m = det
+                .predictor()
                 .evaluate_coco_folder(ann, images, &PostProcessConfig::default(), |i, n| {
                     if i % 50 == 0 || i == n {
                         eprintln!("{i}/{n} images");

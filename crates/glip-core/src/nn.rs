@@ -102,12 +102,39 @@ impl Linear {
     }
 }
 
-/// Inverted dropout, active only when `train` and `p > 0`.
+thread_local! {
+    /// The state from which the next dropout mask of this thread is drawn.
+    static DROPOUT_STREAM: std::cell::Cell<u64> = const { std::cell::Cell::new(0x5eed_d80f) };
+}
+
+/// Seeds this thread's dropout masks: the masks drawn after it depend only on `seed` and the
+/// order of the [`dropout`] calls. The trainer seeds every step from (run seed, step), so a
+/// resumed run draws the masks an uninterrupted one would (candle's own dropout draws from a
+/// generator that cannot be seeded).
+pub fn seed_dropout(seed: u64) {
+    DROPOUT_STREAM.with(|s| s.set(seed));
+}
+
+/// Inverted dropout, active only when `train` and `p > 0`; masks from the seeded stream of
+/// [`seed_dropout`].
 pub fn dropout(x: &Tensor, p: f32, train: bool) -> Result<Tensor> {
     if !train || p <= 0.0 {
         return Ok(x.clone());
     }
-    candle_nn::ops::dropout(x, p)
+    if p >= 1.0 {
+        return x.zeros_like();
+    }
+    let stream = DROPOUT_STREAM.with(|s| {
+        let v = s.get();
+        s.set(v.wrapping_add(0x9e37_79b9_7f4a_7c15));
+        v
+    });
+    let mut rng = crate::rng::Rng::new(stream);
+    let scale = 1.0 / (1.0 - p);
+    let keep: Vec<f32> =
+        (0..x.elem_count()).map(|_| if rng.uniform() >= p { scale } else { 0.0 }).collect();
+    let mask = Tensor::from_vec(keep, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    x.mul(&mask)
 }
 
 /// L2-normalises the last axis: `x / max(||x||, 1e-12)` (PyTorch `F.normalize`).

@@ -8,7 +8,7 @@
 use crate::model::GlipModel;
 use candle_core::{DType, Device, Result};
 use candle_nn::VarBuilder;
-use glip_backbone::{layers::conv2d, MobileNetV2, ResNet, ResNetConfig, ResNetDepth};
+use glip_backbone::{layers::Conv, MobileNetV2, ResNet, ResNetConfig, ResNetDepth};
 use glip_core::{Backbone, BoxHead, ClassHead, Fusion, QueryGenerator, TextEncoder};
 use glip_heads::{FixedClassHead, LinearBoxHead, MlpBoxHead, TokenAlignmentHead};
 use glip_text::{Bert, BertConfig};
@@ -397,7 +397,7 @@ impl ModelBuilder {
         Ok(GlipModel {
             backbone,
             feature_level: level,
-            input_proj: conv2d(vb.pp("input_proj"), cin, d, 1, 1, 0, 1, true, false)?,
+            input_proj: Conv::new(vb.pp("input_proj"), cin, d, 1, 1, 0, 1, true, false)?,
             text,
             query_generator,
             transformer: Box::new(DetrTransformer::new(

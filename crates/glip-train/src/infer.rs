@@ -111,27 +111,6 @@ impl Detector {
             device: &self.device,
         }
     }
-
-    /// See [`Predictor::detect`].
-    pub fn detect(
-        &self,
-        img: &RgbImage,
-        phrases: &[String],
-        post: &PostProcessConfig,
-    ) -> Result<Vec<Grounded>, String> {
-        self.predictor().detect(img, phrases, post)
-    }
-
-    /// See [`Predictor::evaluate_coco_folder`].
-    pub fn evaluate_coco_folder(
-        &self,
-        ann: &Path,
-        images: &Path,
-        post: &PostProcessConfig,
-        progress: impl FnMut(usize, usize),
-    ) -> Result<CocoMetrics, String> {
-        self.predictor().evaluate_coco_folder(ann, images, post, progress)
-    }
 }
 
 /// A model with its config and tokenizer, borrowed: what inference needs (a [`Detector`]'s, or

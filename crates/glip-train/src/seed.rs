@@ -3,7 +3,7 @@
 use crate::GlipModel;
 use candle_core::Result;
 use candle_nn::VarBuilder;
-use glip_backbone::{layers::conv2d, ResNet, ResNetConfig, ResNetDepth};
+use glip_backbone::{layers::Conv, ResNet, ResNetConfig, ResNetDepth};
 use glip_heads::{FixedClassHead, LinearBoxHead, TokenAlignmentHead};
 use glip_text::{Bert, BertConfig};
 use glip_transformer::{DetrTransformer, NoFusion, SeedQueries, TransformerConfig};
@@ -50,7 +50,7 @@ pub fn build_seed(spec: &SeedSpec, freeze_at: usize, vb: VarBuilder<'_>) -> Resu
     Ok(GlipModel {
         backbone: Box::new(backbone),
         feature_level: 3,
-        input_proj: conv2d(vb.pp("input_proj"), c5, d, 1, 1, 0, 1, true, false)?,
+        input_proj: Conv::new(vb.pp("input_proj"), c5, d, 1, 1, 0, 1, true, false)?,
         text: Box::new(text),
         query_generator: Box::new(SeedQueries::new(
             text_dim,

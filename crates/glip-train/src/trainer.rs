@@ -233,6 +233,9 @@ impl<'a> Trainer<'a> {
         while self.step < self.config.steps {
             let s = self.step;
             let batch = self.loader.batch(s / per_epoch, (s % per_epoch) as usize)?;
+            glip_core::nn::seed_dropout(
+                glip_core::rng::Rng::for_sample(self.loader.seed, s, 0).next_u64(),
+            );
             let out = self.model.forward(&batch.images, &batch.text, true)?;
             let losses = self.criterion.forward(&out, &batch.targets)?;
             let mut values = HashMap::new();

@@ -1,5 +1,5 @@
 //! The training loop: a resumed run continues with the same losses as an uninterrupted one
-//! (CPU, dropout off, to float round-off), checkpoints are complete, and a non-finite loss stops
+//! (CPU, dropout on: its masks are seeded per step; to float round-off), checkpoints are complete, and a non-finite loss stops
 //! the run naming the step and the term.
 
 use candle_core::{Device, Result};
@@ -27,14 +27,14 @@ tokenizer = "{}"
 hidden = 16
 layers = 1
 heads = 2
-dropout = 0.0
+dropout = 0.1
 [transformer]
 d_model = 16
 nhead = 2
 num_encoder_layers = 1
 num_decoder_layers = 1
 dim_feedforward = 32
-dropout = 0.0
+dropout = 0.1
 [head]
 type = "token"
 "#,
