@@ -4,11 +4,12 @@
 //! CPU is a direct loop of dot products, and its forward extracts patches tile by tile from an
 //! NHWC copy; in a ResNet-18 training step these were the two largest costs (measured with `perf`
 //! on `glip bench --preset seed-r18 --mode train`). Here, with `cols = im2col(x)` of shape
-//! `(b, ci*k*k, oh*ow)` (Caffe's layout: one row per input channel and kernel offset):
+//! `(ci*k*k, b*oh*ow)` (Caffe's layout, every image side by side: one row per input channel and
+//! kernel offset, so that each product is one large gemm rather than one per image):
 //!
-//! * forward:          `y_b = w (co, ci*k*k) @ cols_b`, already NCHW;
-//! * weight gradient:  `sum_b grad_b (co, oh*ow) @ cols_b^T`;
-//! * input gradient:   `col2im(w^T @ grad_b)`,
+//! * forward:          `y = w (co, ci*k*k) @ cols`, then `(co, b, ..)` -> `(b, co, ..)`;
+//! * weight gradient:  `grad (co, b*oh*ow) @ cols^T`;
+//! * input gradient:   `col2im(w^T @ grad)`,
 //!
 //! the products by candle's gemm, `im2col` / `col2im` as plain loops here (candle has no public
 //! 2-D col2im). Checked against autograd through differentiable candle ops in this module's
@@ -59,8 +60,8 @@ impl Geometry {
     }
 }
 
-/// `(b, ci, h, w)` -> `(b, ci*k*k, oh*ow)`: row `(c, ky, kx)` holds, for every output pixel,
-/// the input pixel it sees through that kernel offset (zero in the padding).
+/// `(b, ci, h, w)` -> `(ci*k*k, b*oh*ow)`: row `(c, ky, kx)` holds, for every image and output
+/// pixel, the input pixel it sees through that kernel offset (zero in the padding).
 struct Im2Col(Geometry);
 
 impl CustomOp1 for Im2Col {
@@ -72,23 +73,26 @@ impl CustomOp1 for Im2Col {
         let g = self.0;
         let x = contiguous_f32(s, l, "im2col")?;
         let (oh, ow) = g.out();
-        let (kk, len) = (g.k * g.k, oh * ow);
-        let mut cols = vec![0f32; g.b * g.rows() * len];
-        // One task per (image, channel): its k*k rows.
-        cols.par_chunks_mut(kk * len).enumerate().for_each(|(p, rows)| {
-            let plane = &x[p * g.h * g.w..][..g.h * g.w];
-            for ky in 0..g.k {
-                for kx in 0..g.k {
-                    let row = &mut rows[(ky * g.k + kx) * len..][..len];
-                    g.pairs(ky, kx, |i, o| row[o] = plane[i]);
+        let (kk, len, hw) = (g.k * g.k, oh * ow, g.h * g.w);
+        let width = g.b * len;
+        let mut cols = vec![0f32; g.rows() * width];
+        // One task per input channel: its k*k rows, across every image.
+        cols.par_chunks_mut(kk * width).enumerate().for_each(|(c, rows)| {
+            for bi in 0..g.b {
+                let plane = &x[(bi * g.ci + c) * hw..][..hw];
+                for ky in 0..g.k {
+                    for kx in 0..g.k {
+                        let row = &mut rows[(ky * g.k + kx) * width + bi * len..][..len];
+                        g.pairs(ky, kx, |i, o| row[o] = plane[i]);
+                    }
                 }
             }
         });
-        Ok((CpuStorage::F32(cols), Shape::from((g.b, g.rows(), len))))
+        Ok((CpuStorage::F32(cols), Shape::from((g.rows(), width))))
     }
 }
 
-/// The adjoint of [`Im2Col`]: `(b, ci*k*k, oh*ow)` -> `(b, ci, h, w)`, summing every entry back
+/// The adjoint of [`Im2Col`]: `(ci*k*k, b*oh*ow)` -> `(b, ci, h, w)`, summing every entry back
 /// onto the input pixel it came from.
 struct Col2Im(Geometry);
 
@@ -102,13 +106,14 @@ impl CustomOp1 for Col2Im {
         let cols = contiguous_f32(s, l, "col2im")?;
         let (oh, ow) = g.out();
         let (kk, len) = (g.k * g.k, oh * ow);
+        let width = g.b * len;
         let mut x = vec![0f32; g.b * g.ci * g.h * g.w];
         // One task per (image, channel) plane: each owns its output, so no two write alike.
         x.par_chunks_mut(g.h * g.w).enumerate().for_each(|(p, plane)| {
-            let rows = &cols[p * kk * len..][..kk * len];
+            let (bi, c) = (p / g.ci, p % g.ci);
             for ky in 0..g.k {
                 for kx in 0..g.k {
-                    let row = &rows[(ky * g.k + kx) * len..][..len];
+                    let row = &cols[(c * kk + ky * g.k + kx) * width + bi * len..][..len];
                     g.pairs(ky, kx, |i, o| plane[i] += row[o]);
                 }
             }
@@ -117,13 +122,31 @@ impl CustomOp1 for Col2Im {
     }
 }
 
-/// `im2col(x)`, or `x` itself reshaped when the convolution is 1x1, stride 1, no padding.
+impl Geometry {
+    fn pointwise(&self) -> bool {
+        self.k == 1 && self.stride == 1 && self.pad == 0
+    }
+}
+
+/// `im2col(x)`, or `x` with its first two axes swapped when the convolution is 1x1, stride 1,
+/// no padding.
 fn columns(x: &Tensor, g: Geometry) -> Result<Tensor> {
-    if g.k == 1 && g.stride == 1 && g.pad == 0 {
-        x.reshape((g.b, g.ci, g.h * g.w))
+    if g.pointwise() {
+        x.transpose(0, 1)?.contiguous()?.reshape((g.ci, ()))
     } else {
         x.contiguous()?.apply_op1_no_bwd(&Im2Col(g))
     }
+}
+
+/// `(b, c, h, w)` -> `(c, b*h*w)`, and back.
+fn channels_first(t: &Tensor) -> Result<Tensor> {
+    let c = t.dims()[1];
+    t.transpose(0, 1)?.contiguous()?.reshape((c, ()))
+}
+
+fn batch_first(t: &Tensor, b: usize, h: usize, w: usize) -> Result<Tensor> {
+    let c = t.dims()[0];
+    t.reshape((c, b, h, w))?.transpose(0, 1)?.contiguous()
 }
 
 fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -169,12 +192,12 @@ impl CustomOp3 for AttachConvGrad {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = geometry(x, w, self.stride, self.pad)?;
         let co = w.dims()[0];
-        let grad = grad.contiguous()?.reshape((g.b, co, ()))?;
+        let grad = channels_first(grad)?; // (co, b*oh*ow)
         let wm = w.reshape((co, g.rows()))?;
         let gx = if x.track_op() {
-            let cols = wm.t()?.broadcast_left(g.b)?.matmul(&grad)?;
-            Some(if g.k == 1 && g.stride == 1 && g.pad == 0 {
-                cols.reshape(x.shape())?
+            let cols = wm.t()?.matmul(&grad)?;
+            Some(if g.pointwise() {
+                batch_first(&cols, g.b, g.h, g.w)?
             } else {
                 cols.apply_op1_no_bwd(&Col2Im(g))?
             })
@@ -183,7 +206,7 @@ impl CustomOp3 for AttachConvGrad {
         };
         let gw = if w.track_op() {
             let cols = columns(&x.detach(), g)?;
-            Some(grad.matmul(&cols.transpose(1, 2)?)?.sum(0)?.reshape(w.shape())?)
+            Some(grad.matmul(&cols.t()?)?.reshape(w.shape())?)
         } else {
             None
         };
@@ -208,8 +231,8 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Tenso
         let (oh, ow) = g.out();
         let co = w.dims()[0];
         let cols = columns(&x.detach(), g)?;
-        let y = w.detach().reshape((co, g.rows()))?.broadcast_left(g.b)?.matmul(&cols)?;
-        let y = y.reshape((g.b, co, oh, ow))?;
+        let y = w.detach().reshape((co, g.rows()))?.matmul(&cols)?;
+        let y = batch_first(&y, g.b, oh, ow)?;
         if !(x.track_op() || w.track_op()) {
             return Ok(y);
         }
