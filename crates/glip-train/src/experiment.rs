@@ -333,14 +333,19 @@ impl ExperimentResult {
         self.evals.iter().max_by(|a, b| a.val.get("AP50").total_cmp(&b.val.get("AP50")))
     }
 
-    /// `results.json`: `val` (AP, AP50 and the other COCO numbers of the last evaluation),
+    /// `results.json`: `val` (AP, AP50 and the other COCO numbers of the last evaluation, and
+    /// AP per category id),
     /// `heldout.AP50`, `best`, `steps`, `wall_s`, `train_minutes`, and every evaluation.
     pub fn to_json(&self) -> serde_json::Value {
         let val = |p: Option<&EvalPoint>| match p {
-            Some(p) => serde_json::json!(crate::eval::COCO_STAT_NAMES
-                .iter()
-                .map(|n| (n.to_string(), serde_json::json!(p.val.get(n))))
-                .collect::<serde_json::Map<_, _>>()),
+            Some(p) => {
+                let mut m: serde_json::Map<_, _> = crate::eval::COCO_STAT_NAMES
+                    .iter()
+                    .map(|n| (n.to_string(), serde_json::json!(p.val.get(n))))
+                    .collect();
+                m.insert("per_category_AP".into(), serde_json::json!(p.val.per_category_ap));
+                serde_json::Value::Object(m)
+            }
             None => serde_json::Value::Null,
         };
         let heldout_best =

@@ -236,6 +236,8 @@ checkpoint_every = 0
     assert_eq!(res["val"]["AP"].as_f64(), Some(points[1].val.get("AP")));
     assert_eq!(res["heldout"]["AP50"].as_f64(), Some(points[1].heldout_ap50));
     assert!(res["wall_s"].as_f64().unwrap() > 0.0);
+    let per_cat = res["val"]["per_category_AP"].as_object().unwrap();
+    assert_eq!(per_cat.len(), points[1].val.per_category_ap.len());
     // Resuming a finished run reads its evaluations back instead of training again.
     let again = run_experiment(&cfg, &d, true, &mut |_: &str| {}).unwrap();
     assert_eq!(again.steps, 4);
