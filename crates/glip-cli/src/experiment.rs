@@ -244,6 +244,41 @@ mod tests {
         assert!(err.contains("both named \"2\""), "{err}");
     }
 
+    /// Every ablation file shipped in configs/ablations expands, and every cell's config (base
+    /// + overrides) reads as a valid experiment config and builds.
+    #[test]
+    fn the_shipped_ablations_expand_into_valid_configs() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/ablations");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "toml") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            let ab = toml::from_str::<AblationFile>(&text).unwrap().ablation;
+            let base = dir.join(&ab.base);
+            let cells = expand(&ab).unwrap();
+            assert!(cells.len() >= 2, "{}", path.display());
+            for (name, sets) in &cells {
+                let all: Vec<String> = ab.set.iter().chain(sets).cloned().collect();
+                let cfg = read_config(&base, &all)
+                    .unwrap_or_else(|e| panic!("{}: {name}: {e:#}", path.display()));
+                // Component parameters are checked when the model is built.
+                glip_train::config::ModelBuilder::new()
+                    .build_trainable(
+                        &cfg.model,
+                        &candle_nn::VarMap::new(),
+                        0,
+                        &candle_core::Device::Cpu,
+                    )
+                    .unwrap_or_else(|e| panic!("{}: {name}: {e}", path.display()));
+            }
+            n += 1;
+        }
+        assert_eq!(n, 3, "query-generator, loss-head, fusion");
+    }
+
     #[test]
     fn an_empty_ablation_is_an_error() {
         let ab = ablation("[ablation]\nbase = \"b.toml\"\n");
