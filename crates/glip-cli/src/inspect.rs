@@ -47,7 +47,7 @@ pub fn run(a: InspectArgs) -> Result<()> {
     for (name, var) in varmap.data().lock().expect("varmap lock").iter() {
         let n = var.as_tensor().elem_count();
         let e = per.entry(component(name).to_string()).or_default();
-        if name.ends_with("running_mean") || name.ends_with("running_var") {
+        if glip_train::trainer::is_buffer(name) {
             e.1 += n;
         } else {
             e.0 += n;

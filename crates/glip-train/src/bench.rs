@@ -7,7 +7,7 @@ use crate::config::{
     BackboneConfig, BoxHeadConfig, Component, HeadConfig, ModelConfig, TextConfig,
 };
 use crate::optim::{AdamW, OptimConfig, Schedule};
-use crate::trainer::named_vars;
+use crate::trainer::trainable_vars;
 use candle_core::{DType, Device, Result, Tensor};
 use glip_core::{Criterion, ImageBatch, Target, TextBatch};
 use glip_loss::{HungarianMatcher, LossConfig, SetCriterion};
@@ -136,10 +136,7 @@ pub fn run(spec: &BenchSpec, dev: &Device) -> Result<BenchResult> {
         Box::new(HungarianMatcher),
     );
     let mut opt = if spec.train {
-        let vars = named_vars(&varmap)
-            .into_iter()
-            .filter(|(n, _)| !(n.ends_with("running_mean") || n.ends_with("running_var")))
-            .collect();
+        let vars = trainable_vars(&varmap);
         let oc = OptimConfig {
             lr: 1e-4,
             backbone_lr: 1e-5,

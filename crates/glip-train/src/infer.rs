@@ -185,7 +185,10 @@ impl Predictor<'_> {
         let small = self.resize(img);
         let chunks = chunked_detection_prompts(self.tokenizer, phrases, ". ")
             .map_err(|e| format!("prompt: {e}"))?;
-        let class_names = self.class_names();
+        let class_names = match self.config.model.head {
+            HeadConfig::Class { .. } => self.class_names(),
+            HeadConfig::Token => Vec::new(),
+        };
         let mut all = Vec::new();
         for chunk in &chunks {
             let sample = Sample {

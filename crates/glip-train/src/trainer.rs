@@ -123,6 +123,16 @@ pub fn named_vars(varmap: &candle_nn::VarMap) -> Vec<(String, candle_core::Var)>
     v
 }
 
+/// Batch-norm running statistics: variables of the model, but buffers, not parameters.
+pub fn is_buffer(name: &str) -> bool {
+    name.ends_with("running_mean") || name.ends_with("running_var")
+}
+
+/// What the optimizer updates: every variable of `varmap` but the buffers, by name.
+pub fn trainable_vars(varmap: &candle_nn::VarMap) -> Vec<(String, candle_core::Var)> {
+    named_vars(varmap).into_iter().filter(|(n, _)| !is_buffer(n)).collect()
+}
+
 impl<'a> Trainer<'a> {
     /// A trainer starting at step 0 with a fresh optimiser over every variable of `varmap`
     /// (batch-norm running statistics excluded).
@@ -137,10 +147,7 @@ impl<'a> Trainer<'a> {
         resolved: serde_json::Value,
         device: Device,
     ) -> candle_core::Result<Self> {
-        let vars = named_vars(varmap)
-            .into_iter()
-            .filter(|(n, _)| !(n.ends_with("running_mean") || n.ends_with("running_var")))
-            .collect();
+        let vars = trainable_vars(varmap);
         Ok(Self {
             model,
             varmap,
