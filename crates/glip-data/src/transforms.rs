@@ -74,8 +74,16 @@ pub fn resize(mut s: Sample, short: u32, max_size: u32) -> Sample {
     }
     s.image = imageops::resize(&s.image, nw, nh, FilterType::Triangle);
     let (fx, fy) = (nw as f32 / w as f32, nh as f32 / h as f32);
+    // Clamped: a box edge on the image border must stay on it (`h * (nh / h)` can round above
+    // `nh` in f32: 109.00001 for a crop resized to a height of 109).
+    let (mw, mh) = (nw as f32, nh as f32);
     for b in &mut s.boxes {
-        *b = [b[0] * fx, b[1] * fy, b[2] * fx, b[3] * fy];
+        *b = [
+            (b[0] * fx).clamp(0.0, mw),
+            (b[1] * fy).clamp(0.0, mh),
+            (b[2] * fx).clamp(0.0, mw),
+            (b[3] * fy).clamp(0.0, mh),
+        ];
     }
     s
 }
