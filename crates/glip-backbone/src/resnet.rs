@@ -53,16 +53,24 @@ pub struct ResNetConfig {
     /// Train batch norm (batch statistics) instead of FrozenBatchNorm2d. Default false.
     #[serde(default)]
     pub trainable_bn: bool,
+    /// Stages built and run, 1 (C2) to 4 (C5). Default 4. A detector using C3 and C4 only
+    /// saves layer4's parameters and compute with 3.
+    #[serde(default = "four")]
+    pub stages: usize,
 }
 
 fn default_freeze_at() -> usize {
     2
 }
 
+fn four() -> usize {
+    4
+}
+
 impl ResNetConfig {
     /// `depth` with the defaults: stem and layer1 frozen, frozen batch norm.
     pub fn new(depth: ResNetDepth) -> Self {
-        Self { depth, freeze_at: default_freeze_at(), trainable_bn: false }
+        Self { depth, freeze_at: default_freeze_at(), trainable_bn: false, stages: 4 }
     }
 }
 
@@ -136,7 +144,7 @@ impl Block {
 pub struct ResNet {
     conv1: Conv,
     bn1: BatchNorm2d,
-    layers: [Vec<Block>; 4],
+    layers: Vec<Vec<Block>>,
     config: ResNetConfig,
 }
 
@@ -148,9 +156,12 @@ impl ResNet {
         let stem_frozen = config.freeze_at >= 1;
         let conv1 = Conv::new(vb.pp("conv1"), 3, 64, 7, 2, 3, 1, false, stem_frozen)?;
         let bn1 = BatchNorm2d::new(64, frozen_bn || stem_frozen, vb.pp("bn1"))?;
+        if !(1..=4).contains(&config.stages) {
+            candle_core::bail!("resnet: stages = {} (1 to 4)", config.stages);
+        }
         let mut cin = 64;
-        let mut layers: [Vec<Block>; 4] = Default::default();
-        for (li, n) in depth.blocks().into_iter().enumerate() {
+        let mut layers: Vec<Vec<Block>> = vec![Vec::new(); config.stages];
+        for (li, n) in depth.blocks().into_iter().enumerate().take(config.stages) {
             let planes = 64 << li;
             let frozen = config.freeze_at >= li + 2;
             let lvb = vb.pp(format!("layer{}", li + 1));
@@ -177,19 +188,18 @@ impl ResNet {
         &self.config
     }
 
-    /// `x (b, 3, h, w)` -> `[C2, C3, C4, C5]` with strides 4, 8, 16, 32.
-    pub fn forward_levels(&self, x: &Tensor, train: bool) -> Result<[Tensor; 4]> {
+    /// `x (b, 3, h, w)` -> `[C2, C3, C4, C5]` with strides 4, 8, 16, 32 (the first `stages`).
+    pub fn forward_levels(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
         let x = self.bn1.forward(&self.conv1.forward(x)?, train)?.relu()?;
         let mut x = max_pool_3x3_s2_p1(&x)?;
-        let mut out: Vec<Tensor> = Vec::with_capacity(4);
+        let mut out: Vec<Tensor> = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
             for block in layer {
                 x = block.forward(&x, train)?;
             }
             out.push(x.clone());
         }
-        let [c2, c3, c4, c5]: [Tensor; 4] = out.try_into().expect("four stages");
-        Ok([c2, c3, c4, c5])
+        Ok(out)
     }
 }
 
@@ -204,10 +214,10 @@ impl Backbone for ResNet {
     }
 
     fn out_channels(&self) -> Vec<usize> {
-        self.config.depth.channels().to_vec()
+        self.config.depth.channels()[..self.config.stages].to_vec()
     }
 
     fn strides(&self) -> Vec<usize> {
-        vec![4, 8, 16, 32]
+        [4, 8, 16, 32][..self.config.stages].to_vec()
     }
 }

@@ -21,7 +21,8 @@ fn loss_of_all_levels(levels: &[glip_core::FeatureMap]) -> Result<Tensor> {
 fn resnet18_fully_trainable_with_trainable_bn_learns_everywhere() -> Result<()> {
     for trainable_bn in [false, true] {
         let (vm, vb) = fresh_vars();
-        let cfg = ResNetConfig { depth: ResNetDepth::Resnet18, freeze_at: 0, trainable_bn };
+        let cfg =
+            ResNetConfig { depth: ResNetDepth::Resnet18, freeze_at: 0, trainable_bn, stages: 4 };
         let net = ResNet::new(cfg, vb)?;
         let x = Tensor::randn(0f32, 1.0, (2, 3, 64, 64), &Device::Cpu)?;
         let grads = loss_of_all_levels(&net.forward(&x, true)?)?.backward()?;
@@ -36,7 +37,8 @@ fn resnet18_fully_trainable_with_trainable_bn_learns_everywhere() -> Result<()> 
 #[test]
 fn resnet50_bottleneck_learns_everywhere() -> Result<()> {
     let (vm, vb) = fresh_vars();
-    let cfg = ResNetConfig { depth: ResNetDepth::Resnet50, freeze_at: 0, trainable_bn: true };
+    let cfg =
+        ResNetConfig { depth: ResNetDepth::Resnet50, freeze_at: 0, trainable_bn: true, stages: 4 };
     let net = ResNet::new(cfg, vb)?;
     let x = Tensor::randn(0f32, 1.0, (2, 3, 64, 64), &Device::Cpu)?;
     let grads = loss_of_all_levels(&net.forward(&x, true)?)?.backward()?;
@@ -46,7 +48,8 @@ fn resnet50_bottleneck_learns_everywhere() -> Result<()> {
 #[test]
 fn freeze_at_stops_gradients_before_the_stage() -> Result<()> {
     let (vm, vb) = fresh_vars();
-    let cfg = ResNetConfig { depth: ResNetDepth::Resnet18, freeze_at: 2, trainable_bn: false };
+    let cfg =
+        ResNetConfig { depth: ResNetDepth::Resnet18, freeze_at: 2, trainable_bn: false, stages: 4 };
     let net = ResNet::new(cfg, vb)?;
     let x = Tensor::randn(0f32, 1.0, (1, 3, 64, 64), &Device::Cpu)?;
     let grads = loss_of_all_levels(&net.forward(&x, true)?)?.backward()?;
@@ -74,7 +77,8 @@ fn mobilenet_v2_with_trainable_bn_learns_everywhere() -> Result<()> {
 #[test]
 fn trainable_bn_updates_running_statistics_in_training_only() -> Result<()> {
     let (vm, vb) = fresh_vars();
-    let cfg = ResNetConfig { depth: ResNetDepth::Resnet18, freeze_at: 0, trainable_bn: true };
+    let cfg =
+        ResNetConfig { depth: ResNetDepth::Resnet18, freeze_at: 0, trainable_bn: true, stages: 4 };
     let net = ResNet::new(cfg, vb)?;
     let x = (Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &Device::Cpu)? + 3.0)?;
     let read =

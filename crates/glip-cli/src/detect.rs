@@ -29,7 +29,8 @@ pub struct DetectArgs {
     /// At most this many detections per image.
     #[arg(long, default_value_t = 20)]
     top_k: usize,
-    /// Per-phrase NMS at this IoU (off by default: set-based models need none).
+    /// Per-phrase NMS at this IoU (default: the model's, 0.6 for a dense head, none for set
+    /// prediction).
     #[arg(long)]
     nms: Option<f32>,
 }
@@ -53,7 +54,7 @@ pub fn run(a: DetectArgs) -> Result<()> {
     let post = PostProcessConfig {
         top_k: a.top_k,
         score_threshold: a.threshold,
-        nms_iou: a.nms,
+        nms_iou: a.nms.or(det.model.default_nms()),
         ..Default::default()
     };
     std::fs::create_dir_all(&a.out).with_context(|| a.out.display().to_string())?;

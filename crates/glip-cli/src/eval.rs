@@ -3,7 +3,6 @@
 
 use anyhow::{anyhow, Result};
 use clap::Args;
-use glip_heads::postprocess::PostProcessConfig;
 use glip_train::eval::COCO_STAT_NAMES;
 use glip_train::infer::Detector;
 use std::path::PathBuf;
@@ -33,7 +32,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         (Some(ann), Some(images)) => {
             let m = det
                 .predictor()
-                .evaluate_coco_folder(ann, images, &PostProcessConfig::default(), |i, n| {
+                .evaluate_coco_folder(ann, images, &det.model.postprocess(), |i, n| {
                     if i % 50 == 0 || i == n {
                         eprintln!("{i}/{n} images");
                     }

@@ -12,6 +12,13 @@ mod train;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc keeps freed pages for reuse: a training step allocates and frees hundreds of
+/// megabytes of convolution columns and gradients, which glibc's allocator returned to the
+/// system and faulted back in every step (page faults and memset were 9 % of a `perf` profile
+/// of a dense-head step; 0.90 s -> 0.78 s of backward with glibc told to keep them).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Grounded object detection in the style of GLIP.
 #[derive(Parser, Debug)]
 #[command(name = "glip", version, about)]

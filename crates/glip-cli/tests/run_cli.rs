@@ -273,3 +273,65 @@ fn bench_prints_one_json_line_like_bench_torch() {
     assert_eq!(v["times"].as_array().unwrap().len(), 2);
     assert!(v["median_s"].as_f64().unwrap() > 0.0);
 }
+
+/// The dense head and query selection, on two levels with an FPN and fusion: trained, saved,
+/// reloaded by `glip eval` to the same numbers (every new parameter is in the checkpoint), and
+/// detecting with the model's default NMS.
+#[test]
+fn dense_and_query_selection_experiments_round_trip() {
+    let d = scratch("designs");
+    let cfg = tiny_config(&d);
+    for (name, detector) in
+        [("dense", "{type=\"dense\", centerness=true}"), ("qsel", "{type=\"query-selection\"}")]
+    {
+        let run = d.join(name);
+        let (ok, out, err) = glip(&[
+            "experiment",
+            cfg.to_str().unwrap(),
+            "--out",
+            run.to_str().unwrap(),
+            "--set",
+            &format!("model.detector={detector}"),
+            "--set",
+            "model.feature_levels=[1, 2]",
+            "--set",
+            "model.fpn=true",
+            "--set",
+            "model.backbone.freeze_at=0",
+            "--set",
+            "model.fusion={type=\"bi-attention\", heads=2}",
+        ]);
+        assert!(ok, "{name}: {out}{err}");
+        let res = json(&run.join("results.json"));
+        let ap50 = res["val"]["AP50"].as_f64().unwrap();
+        let (ok, out, err) = glip(&["eval", "--run", run.to_str().unwrap(), "--json"]);
+        assert!(ok, "{name}: {err}");
+        let m: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert!((m["AP50"].as_f64().unwrap() - ap50).abs() < 1e-9, "{name}: {m} vs {ap50}");
+        let img = d.join("img.png");
+        image::RgbImage::from_pixel(40, 30, image::Rgb([200, 30, 30])).save(&img).unwrap();
+        let (ok, out, err) = glip(&[
+            "detect",
+            "--run",
+            run.to_str().unwrap(),
+            "--prompt",
+            "red circle. blue square",
+            "--threshold",
+            "0",
+            "--top-k",
+            "50",
+            "--out",
+            d.join("drawn").to_str().unwrap(),
+            img.to_str().unwrap(),
+        ]);
+        assert!(ok, "{name}: {err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let dets = v[0]["detections"].as_array().unwrap();
+        assert!(!dets.is_empty(), "{name}: no detection");
+        for det in dets {
+            let b: Vec<f64> =
+                det["bbox"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+            assert!(b[0] <= b[2] && b[1] <= b[3] && b[2] <= 40.0 && b[3] <= 30.0, "{b:?}");
+        }
+    }
+}

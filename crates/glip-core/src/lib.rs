@@ -6,7 +6,7 @@
 //!   was expected and who bound it.
 //! - [`types`]: image and text batches, targets, model outputs, matches and losses; each
 //!   checks its shapes when built.
-//! - [`traits`]: `Backbone`, `TextEncoder`, `QueryGenerator`, `Fusion`, `Transformer`,
+//! - [`traits`]: `Backbone`, `TextEncoder`, `QueryGenerator`, `Fusion`, `Transformer`, `Detector`,
 //!   `BoxHead`, `ClassHead`, `Matcher`, `Criterion`.
 //! - [`boxes`]: cxcywh/xyxy conversions, areas, IoU and GIoU (differentiable).
 //!
@@ -27,6 +27,7 @@
 
 pub mod boxes;
 pub mod conv;
+pub mod fused;
 pub mod nn;
 pub mod norm;
 pub mod prompt;

@@ -29,20 +29,11 @@ impl LayerNorm {
 
     /// `x (..., d)` -> normalised `(..., d)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let xc = x.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let y = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        y.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+        crate::fused::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }
 
-/// Softmax over the last axis, differentiable (unlike `candle_nn::ops::softmax_last_dim`).
-pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
-}
+pub use crate::fused::softmax_last;
 
 /// A linear layer `y = x W^T + b` with PyTorch's names and default initialisation
 /// (`U(-1/sqrt(in), 1/sqrt(in))` for both weight and bias).

@@ -5,6 +5,7 @@
 //! builder without touching any enum of this workspace.
 
 use crate::types::{FeatureMap, Losses, Match, ModelOutput, Target, TextFeatures};
+
 use candle_core::{Result, Tensor};
 
 /// Image feature extractor.
@@ -120,4 +121,63 @@ pub trait Matcher: Send + Sync {
 pub trait Criterion: Send + Sync {
     /// Loss of `out` against one target per image.
     fn forward(&self, out: &ModelOutput, targets: &[Target]) -> Result<Losses>;
+}
+
+/// The size of one level of the encoder's image tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LevelShape {
+    /// Rows.
+    pub h: usize,
+    /// Columns.
+    pub w: usize,
+    /// Stride in input pixels.
+    pub stride: usize,
+}
+
+/// What a detector sees: the fused encoder output and the text.
+#[derive(Clone, Copy)]
+pub struct Encoded<'a> {
+    /// `(b, s, d)` image tokens after the encoder and fusion; `s` is the sum of `h * w` over
+    /// `levels`, every level row-major in turn.
+    pub memory: &'a Tensor,
+    /// `(b, s)` u8, 1 for real positions; `None` when nothing is padded.
+    pub memory_mask: Option<&'a Tensor>,
+    /// `(b, s, d)` positional encoding of the tokens, if the model uses one.
+    pub pos: Option<&'a Tensor>,
+    /// The levels the tokens come from, finest first.
+    pub levels: &'a [LevelShape],
+    /// Real (unpadded) `(width, height)` of every image in pixels.
+    pub image_sizes: &'a [(f32, f32)],
+    /// Text features after fusion.
+    pub text: &'a TextFeatures,
+    /// The encoder-decoder, for detectors that decode.
+    pub transformer: &'a dyn Transformer,
+}
+
+impl std::fmt::Debug for Encoded<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Encoded")
+            .field("memory", &self.memory.dims())
+            .field("levels", &self.levels)
+            .field("image_sizes", &self.image_sizes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// From the fused encoder output to predictions: a query decoder (DETR, the seed), a dense
+/// one-stage head (GLIP), query selection with refinement (Grounding DINO), or your own.
+pub trait Detector: Send + Sync {
+    /// Predictions for the batch; `trace(name, shape)` is called for the tensors it makes
+    /// (what `glip inspect` prints).
+    fn forward(
+        &self,
+        x: &Encoded<'_>,
+        train: bool,
+        trace: &mut dyn FnMut(&str, &[usize]),
+    ) -> Result<ModelOutput>;
+    /// Whether its detections need non-maximum suppression (dense heads do; set prediction
+    /// does not).
+    fn needs_nms(&self) -> bool {
+        false
+    }
 }

@@ -215,6 +215,42 @@ pub struct ModelOutput {
     pub memory: Tensor,
     /// `(b, t)` u8 text mask the token logits were computed against.
     pub text_mask: Tensor,
+    /// Where each query sits, for a dense (one-stage) head whose queries are feature-map
+    /// locations; `None` for set-prediction heads.
+    pub dense: Option<DenseOutput>,
+}
+
+/// The locations of a dense head: one query per feature-map location, every level's
+/// locations in turn (row-major, finest level first).
+#[derive(Debug, Clone)]
+pub struct DenseOutput {
+    /// `(b, q, 2)` f32 location centres `(x, y)`, normalised by each image's real size.
+    pub points: Tensor,
+    /// `(b, q, 2)` f32 the location's stride along x and y, normalised the same way.
+    pub strides: Tensor,
+    /// Index of each location's level, `q` of them.
+    pub level: Vec<usize>,
+    /// `(b, q)` centerness logits, when the head predicts them (FCOS).
+    pub centerness: Option<Tensor>,
+}
+
+impl DenseOutput {
+    /// Checks `points (b, q, 2)`, `strides (b, q, 2)`, `level (q,)`, `centerness (b, q)`.
+    pub fn new(
+        points: Tensor,
+        strides: Tensor,
+        level: Vec<usize>,
+        centerness: Option<Tensor>,
+    ) -> Result<Self> {
+        let mut c = Contract::new();
+        c.tensor("points", &points, "b q 2")?;
+        c.tensor("strides", &strides, "b q 2")?;
+        c.check("level", &[level.len()], "q")?;
+        if let Some(t) = &centerness {
+            c.tensor("centerness", t, "b q")?;
+        }
+        Ok(Self { points, strides, level, centerness })
+    }
 }
 
 impl ModelOutput {
@@ -243,8 +279,35 @@ impl ModelOutput {
         c.tensor("hs", &hs, "b q d")?;
         c.tensor("memory", &memory, "b s d")?;
         c.tensor("text_mask", &text_mask, "b _")?;
-        Ok(Self { pred, logits_kind, aux, hs, memory, text_mask })
+        Ok(Self { pred, logits_kind, aux, hs, memory, text_mask, dense: None })
     }
+
+    /// The same output with the locations of a dense head, checked against `pred`.
+    pub fn with_dense(mut self, dense: DenseOutput) -> Result<Self> {
+        let mut c = Contract::new();
+        c.tensor("pred_boxes", &self.pred.pred_boxes, "b q 4")?;
+        c.tensor("dense points", &dense.points, "b q 2")?;
+        self.dense = Some(dense);
+        Ok(self)
+    }
+
+    /// `(q, c)` detection scores of image `b` from per-category scores computed on its logits
+    /// (`per_category`, e.g. the token scores of a prompt): with a centerness
+    /// prediction, FCOS's `sqrt(score * sigmoid(centerness))`, otherwise unchanged.
+    pub fn rescore(&self, b: usize, per_category: Tensor) -> Result<Tensor> {
+        match self.dense.as_ref().and_then(|d| d.centerness.as_ref()) {
+            Some(ctr) => {
+                let c = candle_nn_free_sigmoid(&ctr.get(b)?)?.unsqueeze(1)?;
+                per_category.broadcast_mul(&c)?.sqrt()
+            }
+            None => Ok(per_category),
+        }
+    }
+}
+
+/// `1 / (1 + exp(-x))` from elementwise ops (this crate does not depend on candle-nn).
+fn candle_nn_free_sigmoid(x: &Tensor) -> Result<Tensor> {
+    (x.neg()?.exp()? + 1.0)?.recip()
 }
 
 /// A Hungarian (or other) assignment for one image: `query[i]` is matched to `target[i]`,

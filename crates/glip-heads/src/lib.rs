@@ -1,8 +1,10 @@
-//! Prediction heads of glip-rs: box heads, the fixed-class head, GLIP's token-alignment head
-//! and post-processing (scores per category, top-k, threshold, NMS, boxes back to pixels).
+//! Prediction heads of glip-rs: box heads, the fixed-class head, GLIP's token-alignment head,
+//! GLIP's dense one-stage head ([`DenseHead`]) and post-processing (scores per category, top-k,
+//! threshold, NMS, boxes back to pixels).
 //!
 //! # Owns
-//! Implementations of [`glip_core::BoxHead`] and [`glip_core::ClassHead`].
+//! Implementations of [`glip_core::BoxHead`] and [`glip_core::ClassHead`], and the dense
+//! [`glip_core::Detector`].
 //!
 //! # Must not know about
 //! How hidden states were produced, losses, datasets.
@@ -13,7 +15,10 @@
 //! assert_eq!(nms(&boxes, &[0.9, 0.8, 0.7], 0.5), vec![0, 2]);
 //! ```
 
+pub mod dense;
 pub mod postprocess;
+
+pub use dense::{DenseHead, DenseHeadConfig};
 
 use candle_core::{Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};

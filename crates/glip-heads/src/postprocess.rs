@@ -48,6 +48,9 @@ impl Default for PostProcessConfig {
     }
 }
 
+/// Candidates kept before NMS, best first (GLIP's `pre_nms_top_n`).
+pub const PRE_NMS_TOP_N: usize = 1000;
+
 /// One detection in pixels.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Detection {
@@ -114,6 +117,10 @@ pub fn detections(
     let mut idx: Vec<usize> =
         (0..q * c).filter(|&i| s[i] >= cfg.score_threshold && s[i].is_finite()).collect();
     idx.sort_by(|&x, &y| s[y].total_cmp(&s[x]));
+    if cfg.nms_iou.is_some() {
+        // GLIP's pre-NMS top-n: a dense head scores every location for every category.
+        idx.truncate(PRE_NMS_TOP_N);
+    }
     let to_px = |bb: [f32; 4]| {
         let [x0, y0, x1, y1] = cxcywh_to_xyxy_f32(bb);
         [

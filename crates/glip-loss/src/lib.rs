@@ -1,5 +1,5 @@
-//! Losses of glip-rs: Hungarian matching, box and classification terms, and the DETR and
-//! grounding criteria of `glip_reference.py`.
+//! Losses of glip-rs: Hungarian matching, box and classification terms, the DETR and
+//! grounding criteria of `glip_reference.py`, and the dense head's FCOS/ATSS criterion.
 //!
 //! # Owns
 //! Implementations of [`glip_core::Matcher`] and [`glip_core::Criterion`].
@@ -16,8 +16,10 @@
 //! ```
 
 pub mod criterion;
+pub mod dense;
 pub mod matcher;
 pub mod terms;
 
 pub use criterion::{LossConfig, SetCriterion};
+pub use dense::{Assigner, DenseCriterion, DenseLossConfig};
 pub use matcher::{HungarianMatcher, OrderedMatcher};

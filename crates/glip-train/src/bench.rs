@@ -29,8 +29,11 @@ pub fn preset(name: &str) -> Result<ModelConfig> {
     };
     let (depth, th, tl, tn, d, nh, enc, dec, ff, queries, classes) = p;
     Ok(ModelConfig {
-        backbone: BackboneConfig::Resnet { depth, freeze_at: 2, trainable_bn: false },
+        backbone: BackboneConfig::Resnet { depth, freeze_at: 2, trainable_bn: false, stages: 4 },
         feature_level: None,
+        feature_levels: None,
+        fpn: false,
+        detector: Component::named("decoder"),
         text: TextConfig {
             tokenizer: Default::default(),
             folder: None,

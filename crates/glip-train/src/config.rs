@@ -5,12 +5,15 @@
 //! component registers a factory under a new `type` name with [`ModelBuilder`], without editing
 //! any enum of this workspace.
 
+use crate::detectors::{DecoderDetector, QuerySelection, QuerySelectionConfig};
 use crate::model::GlipModel;
 use candle_core::{DType, Device, Result};
 use candle_nn::VarBuilder;
 use glip_backbone::{layers::Conv, MobileNetV2, ResNet, ResNetConfig, ResNetDepth};
-use glip_core::{Backbone, BoxHead, ClassHead, Fusion, QueryGenerator, TextEncoder};
-use glip_heads::{FixedClassHead, LinearBoxHead, MlpBoxHead, TokenAlignmentHead};
+use glip_core::{Backbone, BoxHead, ClassHead, Detector, Fusion, QueryGenerator, TextEncoder};
+use glip_heads::{
+    DenseHead, DenseHeadConfig, FixedClassHead, LinearBoxHead, MlpBoxHead, TokenAlignmentHead,
+};
 use glip_text::{Bert, BertConfig};
 use glip_transformer::{
     BiAttentionFusion, DetrTransformer, LearnedQueries, NoFusion, SeedQueries, TextAttendQueries,
@@ -34,6 +37,9 @@ pub enum BackboneConfig {
         /// Trainable batch norm. Default false (frozen).
         #[serde(default)]
         trainable_bn: bool,
+        /// Stages built and run (1 to 4; 3 stops at C4). Default 4.
+        #[serde(default = "four")]
+        stages: usize,
     },
     /// torchvision MobileNetV2 (strides 8, 16, 32).
     MobilenetV2 {
@@ -48,6 +54,10 @@ pub enum BackboneConfig {
 
 fn two() -> usize {
     2
+}
+
+fn four() -> usize {
+    4
 }
 
 /// The text encoder: a BERT, from a Hugging Face folder or a config given inline.
@@ -145,6 +155,19 @@ pub struct ModelConfig {
     /// Which backbone level feeds the transformer; default the last (C5).
     #[serde(default)]
     pub feature_level: Option<usize>,
+    /// Several backbone levels instead (finest first, e.g. `[1, 2]` for C3 and C4): their
+    /// tokens are concatenated, each level's positions get a learned level embedding.
+    #[serde(default)]
+    pub feature_levels: Option<Vec<usize>>,
+    /// A top-down FPN over the projected levels (each plus the upsampled next). Default false.
+    #[serde(default)]
+    pub fpn: bool,
+    /// What turns the fused tokens into predictions: `decoder` (the seed's: query generator,
+    /// decoder, box and class heads), `dense` (GLIP's one-stage head; params `tower`,
+    /// `centerness`), `query-selection` (Grounding DINO's; param `anchor_scale`), or a
+    /// registered name. Default `decoder`.
+    #[serde(default = "decoder_component")]
+    pub detector: Component,
     /// Text encoder.
     pub text: TextConfig,
     /// Transformer sizes and options.
@@ -174,6 +197,9 @@ pub struct ModelConfig {
     pub weights: HashMap<String, PathBuf>,
 }
 
+fn decoder_component() -> Component {
+    Component::named("decoder")
+}
 fn seed_component() -> Component {
     Component::named("seed")
 }
@@ -208,11 +234,19 @@ pub type FusionFactory = Box<
         + Sync,
 >;
 
+/// Makes a detector from its parameters (its `vb` is the `detector` scope).
+pub type DetectorFactory = Box<
+    dyn Fn(&BuildContext<'_>, &toml::Table, VarBuilder<'_>) -> Result<Box<dyn Detector>>
+        + Send
+        + Sync,
+>;
+
 /// Builds models from configs; extra components register here.
 #[derive(Default)]
 pub struct ModelBuilder {
     queries: HashMap<String, QueryFactory>,
     fusions: HashMap<String, FusionFactory>,
+    detectors: HashMap<String, DetectorFactory>,
 }
 
 impl std::fmt::Debug for ModelBuilder {
@@ -220,6 +254,7 @@ impl std::fmt::Debug for ModelBuilder {
         f.debug_struct("ModelBuilder")
             .field("queries", &self.queries.keys().collect::<Vec<_>>())
             .field("fusions", &self.fusions.keys().collect::<Vec<_>>())
+            .field("detectors", &self.detectors.keys().collect::<Vec<_>>())
             .finish()
     }
 }
@@ -268,6 +303,12 @@ impl ModelBuilder {
         self
     }
 
+    /// Registers a detector under `name` (usable as `detector.type = "name"`).
+    pub fn register_detector(&mut self, name: &str, f: DetectorFactory) -> &mut Self {
+        self.detectors.insert(name.to_string(), f);
+        self
+    }
+
     /// Builds `cfg` with parameters from `vb` (a [`glip_core::weights::trainable`] builder for
     /// training, or a checkpoint for inference).
     pub fn build(
@@ -277,7 +318,7 @@ impl ModelBuilder {
         device: &Device,
     ) -> Result<GlipModel> {
         let backbone: Box<dyn Backbone> = match &cfg.backbone {
-            BackboneConfig::Resnet { depth, freeze_at, trainable_bn } => {
+            BackboneConfig::Resnet { depth, freeze_at, trainable_bn, stages } => {
                 let depth = match depth {
                     18 => ResNetDepth::Resnet18,
                     34 => ResNetDepth::Resnet34,
@@ -286,7 +327,12 @@ impl ModelBuilder {
                     d => candle_core::bail!("backbone: no ResNet-{d} (18, 34, 50 or 101)"),
                 };
                 Box::new(ResNet::new(
-                    ResNetConfig { depth, freeze_at: *freeze_at, trainable_bn: *trainable_bn },
+                    ResNetConfig {
+                        depth,
+                        freeze_at: *freeze_at,
+                        trainable_bn: *trainable_bn,
+                        stages: *stages,
+                    },
                     vb.pp("backbone"),
                 )?)
             }
@@ -300,10 +346,28 @@ impl ModelBuilder {
             }
         };
         let channels = backbone.out_channels();
-        let level = cfg.feature_level.unwrap_or(channels.len() - 1);
-        let Some(&cin) = channels.get(level) else {
-            candle_core::bail!("feature_level {level}: the backbone has {} levels", channels.len())
+        let levels = match (&cfg.feature_levels, cfg.feature_level) {
+            (Some(_), Some(_)) => {
+                candle_core::bail!("give feature_level or feature_levels, not both")
+            }
+            (Some(v), None) => v.clone(),
+            (None, l) => vec![l.unwrap_or(channels.len() - 1)],
         };
+        if levels.is_empty() || levels.windows(2).any(|w| w[0] >= w[1]) {
+            candle_core::bail!(
+                "feature_levels {levels:?}: give one or more, finest first, no repeats"
+            );
+        }
+        let mut cins = Vec::with_capacity(levels.len());
+        for &level in &levels {
+            let Some(&cin) = channels.get(level) else {
+                candle_core::bail!(
+                    "feature level {level}: the backbone has {} levels",
+                    channels.len()
+                )
+            };
+            cins.push(cin);
+        }
         let text: Box<dyn TextEncoder> = {
             let t = &cfg.text;
             let bert = match &t.folder {
@@ -337,9 +401,10 @@ impl ModelBuilder {
         };
         let d = cfg.transformer.d_model;
         let ctx = BuildContext { config: cfg, text_dim: text.hidden_size(), d_model: d };
-        let qv = vb.pp("query_generator");
-        let qg = &cfg.query_generator;
-        let query_generator: Box<dyn QueryGenerator> = match qg.kind.as_str() {
+        let query_generator = || -> Result<Box<dyn QueryGenerator>> {
+            let qv = vb.pp("query_generator");
+            let qg = &cfg.query_generator;
+            Ok(match qg.kind.as_str() {
             "seed" => {
                 qg.parse::<NoParams>("query_generator")?;
                 Box::new(SeedQueries::new(ctx.text_dim, d, cfg.num_queries, qv)?)
@@ -356,6 +421,7 @@ impl ModelBuilder {
                 Some(f) => f(&ctx, &qg.params, qv)?,
                 None => candle_core::bail!("query_generator: unknown type {other:?} (seed, learned, text-attend, or a registered one)"),
             },
+        })
         };
         let fv = vb.pp("fusion");
         let fc = &cfg.fusion;
@@ -382,33 +448,93 @@ impl ModelBuilder {
                 ),
             },
         };
-        let box_head: Box<dyn BoxHead> = match cfg.box_head {
-            BoxHeadConfig::Linear => Box::new(LinearBoxHead::new(d, vb.pp("bbox_pred"))?),
-            BoxHeadConfig::Mlp => Box::new(MlpBoxHead::new(d, vb.pp("bbox_embed"))?),
+        let dc = &cfg.detector;
+        let needs_tokens = |name: &str| -> Result<()> {
+            match cfg.head {
+                HeadConfig::Token => Ok(()),
+                HeadConfig::Class { .. } => candle_core::bail!(
+                    "detector {name:?} predicts token logits: set model.head.type = \"token\""
+                ),
+            }
         };
-        let class_head: Box<dyn ClassHead> = match cfg.head {
-            HeadConfig::Class { num_classes } => {
-                Box::new(FixedClassHead::new(d, num_classes, vb.pp("class_pred"))?)
+        let mut tc = cfg.transformer.clone();
+        let detector: Box<dyn Detector> = match dc.kind.as_str() {
+            "decoder" => {
+                dc.parse::<NoParams>("detector")?;
+                let box_head: Box<dyn BoxHead> = match cfg.box_head {
+                    BoxHeadConfig::Linear => Box::new(LinearBoxHead::new(d, vb.pp("bbox_pred"))?),
+                    BoxHeadConfig::Mlp => Box::new(MlpBoxHead::new(d, vb.pp("bbox_embed"))?),
+                };
+                let class_head: Box<dyn ClassHead> = match cfg.head {
+                    HeadConfig::Class { num_classes } => {
+                        Box::new(FixedClassHead::new(d, num_classes, vb.pp("class_pred"))?)
+                    }
+                    HeadConfig::Token => {
+                        Box::new(TokenAlignmentHead::new(ctx.text_dim, d, vb.pp("token_head"))?)
+                    }
+                };
+                Box::new(DecoderDetector {
+                    query_generator: query_generator()?,
+                    box_head,
+                    class_head,
+                    aux_outputs: cfg.aux_loss,
+                })
             }
-            HeadConfig::Token => {
-                Box::new(TokenAlignmentHead::new(ctx.text_dim, d, vb.pp("token_head"))?)
+            "dense" => {
+                needs_tokens("dense")?;
+                let p: DenseHeadConfig = dc.parse("detector")?;
+                tc.num_decoder_layers = 0;
+                Box::new(DenseHead::new(d, ctx.text_dim, &p, vb.pp("dense_head"))?)
             }
+            "query-selection" => {
+                needs_tokens("query-selection")?;
+                let p: QuerySelectionConfig = dc.parse("detector")?;
+                let qs = QuerySelection::new(
+                    &tc,
+                    ctx.text_dim,
+                    cfg.num_queries,
+                    cfg.aux_loss,
+                    p,
+                    vb.pp("query_selection"),
+                )?;
+                tc.num_decoder_layers = 0;
+                Box::new(qs)
+            }
+            other => match self.detectors.get(other) {
+                Some(f) => f(&ctx, &dc.params, vb.pp("detector"))?,
+                None => candle_core::bail!("detector: unknown type {other:?} (decoder, dense, query-selection, or a registered one)"),
+            },
+        };
+        let input_proj = if levels.len() == 1 {
+            vec![Conv::new(vb.pp("input_proj"), cins[0], d, 1, 1, 0, 1, true, false)?]
+        } else {
+            cins.iter()
+                .enumerate()
+                .map(|(k, &cin)| {
+                    Conv::new(vb.pp(format!("input_proj.{k}")), cin, d, 1, 1, 0, 1, true, false)
+                })
+                .collect::<Result<Vec<_>>>()?
+        };
+        let level_embed = if levels.len() > 1 {
+            Some(vb.get_with_hints(
+                (levels.len(), d),
+                "level_embed",
+                candle_nn::Init::Randn { mean: 0.0, stdev: 1.0 },
+            )?)
+        } else {
+            None
         };
         Ok(GlipModel {
             backbone,
-            feature_level: level,
-            input_proj: Conv::new(vb.pp("input_proj"), cin, d, 1, 1, 0, 1, true, false)?,
+            feature_levels: levels,
+            input_proj,
+            level_embed,
+            fpn: cfg.fpn,
             text,
-            query_generator,
-            transformer: Box::new(DetrTransformer::new(
-                cfg.transformer.clone(),
-                vb.pp("transformer"),
-            )?),
+            transformer: Box::new(DetrTransformer::new(tc, vb.pp("transformer"))?),
             fusion,
-            box_head,
-            class_head,
+            detector,
             position_encoding: cfg.position_encoding,
-            aux_outputs: cfg.aux_loss,
             d_model: d,
         })
     }

@@ -12,8 +12,10 @@ use glip_data::{
     CocoDataset, Dataset, ErrorPolicy, Loader, PromptConfig, ShapesConfig, ShapesDataset, Split,
     TransformConfig,
 };
-use glip_heads::postprocess::{class_scores, detections, token_scores, PostProcessConfig};
-use glip_loss::{HungarianMatcher, LossConfig, OrderedMatcher, SetCriterion};
+use glip_heads::postprocess::{class_scores, detections, token_scores};
+use glip_loss::{
+    DenseCriterion, DenseLossConfig, HungarianMatcher, LossConfig, OrderedMatcher, SetCriterion,
+};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -71,9 +73,16 @@ fn eight() -> usize {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CriterionConfig {
+    /// `set` (matched set prediction) or `dense` (FCOS/ATSS assignment for a dense head).
+    /// Default: `dense` for `model.detector.type = "dense"`, `set` otherwise.
+    #[serde(default)]
+    pub criterion: Option<String>,
     /// `hungarian` (default) or `ordered` (the seed tutorial's pairing).
     #[serde(default = "hungarian")]
     pub matcher: String,
+    /// The dense criterion's assignment and weights (`[loss.dense]`).
+    #[serde(default)]
+    pub dense: DenseLossConfig,
     /// Costs and weights.
     #[serde(flatten)]
     pub weights: LossConfig,
@@ -85,7 +94,12 @@ fn hungarian() -> String {
 
 impl Default for CriterionConfig {
     fn default() -> Self {
-        Self { matcher: hungarian(), weights: LossConfig::default() }
+        Self {
+            criterion: None,
+            matcher: hungarian(),
+            dense: DenseLossConfig::default(),
+            weights: LossConfig::default(),
+        }
     }
 }
 
@@ -161,14 +175,23 @@ pub struct EvalPoint {
     pub heldout_ap50: f64,
 }
 
-/// Builds the criterion of a config.
-pub fn criterion(cfg: &CriterionConfig) -> Result<SetCriterion, String> {
-    let matcher: Box<dyn glip_core::Matcher> = match cfg.matcher.as_str() {
-        "hungarian" => Box::new(HungarianMatcher),
-        "ordered" => Box::new(OrderedMatcher),
-        m => return Err(format!("loss.matcher: unknown {m:?} (hungarian or ordered)")),
-    };
-    Ok(SetCriterion::new(cfg.weights.clone(), matcher))
+/// Builds the criterion of a config for `model`.
+pub fn criterion(cfg: &CriterionConfig, model: &ModelConfig) -> Result<Box<dyn Criterion>, String> {
+    let kind = cfg.criterion.clone().unwrap_or_else(|| {
+        if model.detector.kind == "dense" { "dense" } else { "set" }.to_string()
+    });
+    match kind.as_str() {
+        "dense" => Ok(Box::new(DenseCriterion::new(cfg.dense.clone()))),
+        "set" => {
+            let matcher: Box<dyn glip_core::Matcher> = match cfg.matcher.as_str() {
+                "hungarian" => Box::new(HungarianMatcher),
+                "ordered" => Box::new(OrderedMatcher),
+                m => return Err(format!("loss.matcher: unknown {m:?} (hungarian or ordered)")),
+            };
+            Ok(Box::new(SetCriterion::new(cfg.weights.clone(), matcher)))
+        }
+        k => Err(format!("loss.criterion: unknown {k:?} (set or dense)")),
+    }
 }
 
 /// A subset of a dataset (its first `n` samples).
@@ -241,10 +264,11 @@ pub fn evaluate_shapes(
                 HeadConfig::Token => token_scores(&logits, &pm, Default::default()),
                 HeadConfig::Class { .. } => class_scores(&logits),
             }
+            .and_then(|sc| out.rescore(b, sc))
             .map_err(|e| e.to_string())?;
             let boxes = out.pred.pred_boxes.get(b).map_err(|e| e.to_string())?;
             let (w, h) = s.image.dimensions();
-            let cfg = PostProcessConfig::default();
+            let cfg = model.postprocess();
             for d in
                 detections(&scores, &boxes, w as f32, h as f32, &cfg).map_err(|e| e.to_string())?
             {
@@ -451,7 +475,7 @@ pub fn run_experiment_with(
     let model = builder
         .build_trainable(&cfg.model, &varmap, cfg.run.seed, &dev)
         .map_err(|e| e.to_string())?;
-    let crit = criterion(&cfg.loss)?;
+    let crit = criterion(&cfg.loss, &cfg.model)?;
     let resolved_json = serde_json::to_value(cfg).map_err(|e| e.to_string())?;
     let mut result = ExperimentResult {
         name: cfg.name.clone(),
@@ -468,7 +492,7 @@ pub fn run_experiment_with(
     let mut trainer = Trainer::new(
         &model,
         &varmap,
-        &crit as &dyn Criterion,
+        crit.as_ref(),
         &loader,
         cfg.optim.clone(),
         cfg.run.train.clone(),
@@ -514,8 +538,7 @@ pub fn run_experiment_with(
                     tokenizer: &tok,
                     device: &dev,
                 };
-                let post = PostProcessConfig::default();
-                (p.evaluate_coco_folder(ann, images, &post, |_, _| {})?, -1.0)
+                (p.evaluate_coco_folder(ann, images, &model.postprocess(), |_, _| {})?, -1.0)
             }
         };
         let p = EvalPoint { step, train_minutes: trained_s / 60.0, val, heldout_ap50 };

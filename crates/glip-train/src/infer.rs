@@ -219,6 +219,7 @@ impl Predictor<'_> {
                 }
                 HeadConfig::Class { .. } => class_scores(&logits),
             }
+            .and_then(|sc| out.rescore(0, sc))
             .map_err(|e| e.to_string())?;
             let dets =
                 detections(&scores, &boxes, w as f32, h as f32, post).map_err(|e| e.to_string())?;

@@ -10,6 +10,7 @@
 
 pub mod bench;
 pub mod config;
+pub mod detectors;
 pub mod eval;
 pub mod experiment;
 pub mod infer;

@@ -1,40 +1,41 @@
-//! The detector assembled from components: any backbone, text encoder, query generator,
-//! fusion, transformer and heads behind the `glip_core` traits.
+//! The model assembled from components: any backbone, text encoder, transformer, fusion and
+//! detector behind the `glip_core` traits.
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{Result, Tensor};
 use glip_backbone::layers::Conv;
 use glip_core::{Backbone, Contract};
 use glip_core::{
-    BoxHead, ClassHead, Fusion, ImageBatch, ModelOutput, Prediction, QueryGenerator, QueryInputs,
-    TextBatch, TextEncoder, TextFeatures, Transformer,
+    Detector, Encoded, Fusion, ImageBatch, LevelShape, ModelOutput, TextBatch, TextEncoder,
+    TextFeatures, Transformer,
 };
+use glip_heads::postprocess::PostProcessConfig;
 use glip_transformer::{downsample_mask, sine_position_encoding};
 
-/// A GLIP-style detector: image -> backbone level -> 1x1 `input_proj` -> encoder -> fusion
-/// with the text -> decoder over text-made queries -> box and class/token heads.
+/// A GLIP-style detector: image -> backbone levels -> 1x1 `input_proj` per level (optionally a
+/// top-down FPN) -> encoder over the tokens of every level -> fusion with the text -> a
+/// [`Detector`] (query decoder, dense head, query selection).
 pub struct GlipModel {
     /// Image feature extractor.
     pub backbone: Box<dyn Backbone>,
-    /// Which backbone level feeds the transformer (index into its outputs; the seed uses C5).
-    pub feature_level: usize,
-    /// 1x1 convolution from the level's channels to `d`.
-    pub input_proj: Conv,
+    /// Which backbone levels feed the transformer (indices into its outputs, finest first; the
+    /// seed uses C5 alone).
+    pub feature_levels: Vec<usize>,
+    /// 1x1 convolution from each level's channels to `d`.
+    pub input_proj: Vec<Conv>,
+    /// `(levels, d)` learned level embedding added to the positions of a multi-level model.
+    pub level_embed: Option<Tensor>,
+    /// Top-down FPN over the projected levels: each level plus the nearest-upsampled next one.
+    pub fpn: bool,
     /// Text encoder.
     pub text: Box<dyn TextEncoder>,
-    /// Query generator.
-    pub query_generator: Box<dyn QueryGenerator>,
-    /// Encoder-decoder.
+    /// Encoder (and the decoder of detectors that use it).
     pub transformer: Box<dyn Transformer>,
     /// Image-text fusion on the encoder output.
     pub fusion: Box<dyn Fusion>,
-    /// Box head.
-    pub box_head: Box<dyn BoxHead>,
-    /// Class or token head.
-    pub class_head: Box<dyn ClassHead>,
+    /// From the fused tokens to predictions.
+    pub detector: Box<dyn Detector>,
     /// Add DETR's sine positional encoding in attention (the seed has none).
     pub position_encoding: bool,
-    /// Return every decoder layer's predictions for auxiliary losses.
-    pub aux_outputs: bool,
     /// Transformer width.
     pub d_model: usize,
 }
@@ -42,16 +43,44 @@ pub struct GlipModel {
 impl std::fmt::Debug for GlipModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GlipModel")
-            .field("feature_level", &self.feature_level)
+            .field("feature_levels", &self.feature_levels)
             .field("d_model", &self.d_model)
             .field("position_encoding", &self.position_encoding)
-            .field("aux_outputs", &self.aux_outputs)
+            .field("fpn", &self.fpn)
             .finish_non_exhaustive()
     }
 }
 
 fn any_padding(mask: &Tensor) -> Result<bool> {
     Ok(mask.flatten_all()?.min(0)?.to_scalar::<u8>()? == 0)
+}
+
+/// Nearest 2x upsampling of `x (b, c, h, w)` cropped to `(th, tw)` (differentiable: a
+/// broadcast, candle has no backward for non-integer nearest scales).
+fn upsample_to(x: &Tensor, th: usize, tw: usize) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let up = x.reshape((b, c, h, 1, w, 1))?.broadcast_as((b, c, h, 2, w, 2))?.reshape((
+        b,
+        c,
+        2 * h,
+        2 * w,
+    ))?;
+    up.narrow(2, 0, th.min(2 * h))?.narrow(3, 0, tw.min(2 * w))
+}
+
+/// Real `(width, height)` of each image from its `(b, h, w)` pixel mask (padding is at the
+/// right and bottom).
+fn image_sizes(mask: &Tensor) -> Result<Vec<(f32, f32)>> {
+    let (b, h, w) = mask.dims3()?;
+    let m: Vec<u8> = mask.flatten_all()?.to_vec1()?;
+    Ok((0..b)
+        .map(|i| {
+            let im = &m[i * h * w..(i + 1) * h * w];
+            let width = im[..w].iter().filter(|&&v| v != 0).count().max(1);
+            let height = (0..h).filter(|&r| im[r * w] != 0).count().max(1);
+            (width as f32, height as f32)
+        })
+        .collect())
 }
 
 impl GlipModel {
@@ -64,6 +93,18 @@ impl GlipModel {
         train: bool,
     ) -> Result<ModelOutput> {
         self.forward_traced(images, text, train, &mut |_, _| {})
+    }
+
+    /// The per-category NMS IoU its detections need by default: 0.6 for a detector that says
+    /// it needs NMS (dense heads, as GLIP), none for set prediction.
+    pub fn default_nms(&self) -> Option<f32> {
+        self.detector.needs_nms().then_some(0.6)
+    }
+
+    /// Post-processing defaults for this model: [`PostProcessConfig::default`] with
+    /// [`GlipModel::default_nms`].
+    pub fn postprocess(&self) -> PostProcessConfig {
+        PostProcessConfig { nms_iou: self.default_nms(), ..Default::default() }
     }
 
     /// [`GlipModel::forward`], calling `trace(name, shape)` for every tensor passed between
@@ -84,23 +125,55 @@ impl GlipModel {
         for (i, l) in levels.iter().enumerate() {
             trace(&format!("backbone level {i} (stride {})", l.stride), l.tensor.dims());
         }
-        let Some(level) = levels.get(self.feature_level) else {
-            candle_core::bail!(
-                "feature_level {} but the backbone returns {} levels",
-                self.feature_level,
-                levels.len()
-            )
-        };
-        let f = self.input_proj.forward(&level.tensor)?;
-        trace(&format!("input_proj (level {})", self.feature_level), f.dims());
-        let (b, d, h, w) = f.dims4()?;
-        let src = f.flatten_from(2)?.transpose(1, 2)?.contiguous()?; // (b, s, d)
-        let fmask = downsample_mask(&images.mask, h, w)?;
-        let mask = if any_padding(&fmask)? { Some(fmask.reshape((b, h * w))?) } else { None };
-        let pos = if self.position_encoding {
-            Some(sine_position_encoding(&fmask, d, 10000.0)?)
-        } else {
-            None
+        let mut maps = Vec::with_capacity(self.feature_levels.len());
+        let mut shapes = Vec::with_capacity(self.feature_levels.len());
+        for (&li, proj) in self.feature_levels.iter().zip(&self.input_proj) {
+            let Some(level) = levels.get(li) else {
+                candle_core::bail!(
+                    "feature level {li} but the backbone returns {} levels",
+                    levels.len()
+                )
+            };
+            let f = proj.forward(&level.tensor)?;
+            trace(&format!("input_proj (level {li})"), f.dims());
+            let (_, _, h, w) = f.dims4()?;
+            shapes.push(LevelShape { h, w, stride: level.stride });
+            maps.push(f);
+        }
+        if self.fpn {
+            for k in (0..maps.len().saturating_sub(1)).rev() {
+                let (_, _, h, w) = maps[k].dims4()?;
+                maps[k] = (&maps[k] + upsample_to(&maps[k + 1], h, w)?)?;
+                trace(&format!("fpn (level {})", self.feature_levels[k]), maps[k].dims());
+            }
+        }
+        let b = images.len();
+        let (mut srcs, mut masks, mut poss) = (Vec::new(), Vec::new(), Vec::new());
+        for (k, f) in maps.iter().enumerate() {
+            let (_, d, h, w) = f.dims4()?;
+            srcs.push(f.flatten_from(2)?.transpose(1, 2)?); // (b, h w, d)
+            let fmask = downsample_mask(&images.mask, h, w)?;
+            let mut pos = if self.position_encoding {
+                Some(sine_position_encoding(&fmask, d, 10000.0)?)
+            } else {
+                None
+            };
+            if let Some(e) = &self.level_embed {
+                let le = e.get(k)?.reshape((1, 1, d))?.broadcast_as((b, h * w, d))?;
+                pos = Some(match pos {
+                    Some(p) => p.broadcast_add(&le)?,
+                    None => le.contiguous()?,
+                });
+            }
+            poss.push(pos);
+            masks.push(fmask.reshape((b, h * w))?);
+        }
+        let src = Tensor::cat(&srcs, 1)?.contiguous()?; // (b, s, d)
+        let fmask = Tensor::cat(&masks, 1)?;
+        let mask = if any_padding(&fmask)? { Some(fmask) } else { None };
+        let pos = match poss.iter().all(Option::is_some) && !poss.is_empty() {
+            true => Some(Tensor::cat(&poss.into_iter().flatten().collect::<Vec<_>>(), 1)?),
+            false => None,
         };
         let tf = self.text.forward(&text.input_ids, &text.attention_mask, train)?;
         trace("text.tokens", tf.tokens.dims());
@@ -115,37 +188,19 @@ impl GlipModel {
         trace("fusion: memory", memory.dims());
         trace("fusion: text tokens", tokens.dims());
         let tf = TextFeatures::new(tokens, tf.pooled, tf.mask)?;
-        let queries = self.query_generator.forward(
-            &QueryInputs { text: &tf, memory: &memory, memory_mask: mask.as_ref() },
+        let sizes = image_sizes(&images.mask)?;
+        self.detector.forward(
+            &Encoded {
+                memory: &memory,
+                memory_mask: mask.as_ref(),
+                pos: pos.as_ref(),
+                levels: &shapes,
+                image_sizes: &sizes,
+                text: &tf,
+                transformer: self.transformer.as_ref(),
+            },
             train,
-        )?;
-        trace("queries (content)", queries.content.dims());
-        let hs_all =
-            self.transformer.decode(&queries, &memory, mask.as_ref(), pos.as_ref(), train)?;
-        for (i, h) in hs_all.iter().enumerate() {
-            trace(&format!("decoder layer {i}"), h.dims());
-        }
-        let Some(hs) = hs_all.last().cloned() else {
-            candle_core::bail!("the decoder has no layer")
-        };
-        let predict = |hs: &Tensor| -> Result<Prediction> {
-            Prediction::new(self.box_head.forward(hs)?, self.class_head.forward(hs, &tf)?)
-        };
-        let pred = predict(&hs)?;
-        trace("pred_boxes", pred.pred_boxes.dims());
-        trace("pred_logits", pred.pred_logits.dims());
-        let aux = if self.aux_outputs {
-            hs_all[..hs_all.len() - 1].iter().map(predict).collect::<Result<Vec<_>>>()?
-        } else {
-            Vec::new()
-        };
-        ModelOutput::new(
-            pred,
-            self.class_head.logits_kind(),
-            aux,
-            hs,
-            memory,
-            tf.mask.to_dtype(DType::U8)?,
+            trace,
         )
     }
 }

@@ -1,5 +1,6 @@
 //! The seed tutorial's model (`SeedGLIP` in `glip_reference.py`) built from components.
 
+use crate::detectors::DecoderDetector;
 use crate::GlipModel;
 use candle_core::Result;
 use candle_nn::VarBuilder;
@@ -49,24 +50,28 @@ pub fn build_seed(spec: &SeedSpec, freeze_at: usize, vb: VarBuilder<'_>) -> Resu
     };
     Ok(GlipModel {
         backbone: Box::new(backbone),
-        feature_level: 3,
-        input_proj: Conv::new(vb.pp("input_proj"), c5, d, 1, 1, 0, 1, true, false)?,
+        feature_levels: vec![3],
+        input_proj: vec![Conv::new(vb.pp("input_proj"), c5, d, 1, 1, 0, 1, true, false)?],
+        level_embed: None,
+        fpn: false,
         text: Box::new(text),
-        query_generator: Box::new(SeedQueries::new(
-            text_dim,
-            d,
-            spec.num_queries,
-            vb.pp("query_generator"),
-        )?),
         transformer: Box::new(DetrTransformer::new(
             spec.transformer.clone(),
             vb.pp("transformer"),
         )?),
         fusion: Box::new(NoFusion),
-        box_head: Box::new(LinearBoxHead::new(d, vb.pp("bbox_pred"))?),
-        class_head,
+        detector: Box::new(DecoderDetector {
+            query_generator: Box::new(SeedQueries::new(
+                text_dim,
+                d,
+                spec.num_queries,
+                vb.pp("query_generator"),
+            )?),
+            box_head: Box::new(LinearBoxHead::new(d, vb.pp("bbox_pred"))?),
+            class_head,
+            aux_outputs: false,
+        }),
         position_encoding: false,
-        aux_outputs: false,
         d_model: d,
     })
 }

@@ -242,13 +242,16 @@ impl DecoderLayer {
     }
 }
 
-/// The encoder-decoder: `encoder.layers.N`, `encoder.norm`, `decoder.layers.N`, `decoder.norm`.
+/// The encoder-decoder: `encoder.layers.N`, `encoder.norm`, `decoder.layers.N`, `decoder.norm`
+/// (no decoder at all with `num_decoder_layers = 0`: an encoder for detectors that do not decode
+/// with it).
 #[derive(Debug, Clone)]
 pub struct DetrTransformer {
     encoder: Vec<EncoderLayer>,
     encoder_norm: LayerNorm,
     decoder: Vec<DecoderLayer>,
-    decoder_norm: LayerNorm,
+    /// Absent in an encoder-only transformer (no decoder layer).
+    decoder_norm: Option<LayerNorm>,
     config: TransformerConfig,
 }
 
@@ -266,7 +269,11 @@ impl DetrTransformer {
             encoder,
             encoder_norm: LayerNorm::new(d, 1e-5, vb.pp("encoder.norm"))?,
             decoder,
-            decoder_norm: LayerNorm::new(d, 1e-5, vb.pp("decoder.norm"))?,
+            decoder_norm: if config.num_decoder_layers > 0 {
+                Some(LayerNorm::new(d, 1e-5, vb.pp("decoder.norm"))?)
+            } else {
+                None
+            },
             config,
         })
     }
@@ -300,11 +307,14 @@ impl glip_core::Transformer for DetrTransformer {
         pos: Option<&Tensor>,
         train: bool,
     ) -> Result<Vec<Tensor>> {
+        let Some(norm) = &self.decoder_norm else {
+            candle_core::bail!("this transformer has no decoder (num_decoder_layers = 0)")
+        };
         let mut x = queries.content.clone();
         let mut out = Vec::with_capacity(self.decoder.len());
         for l in &self.decoder {
             x = l.forward(&x, queries.pos.as_ref(), memory, memory_mask, pos, train)?;
-            out.push(self.decoder_norm.forward(&x)?);
+            out.push(norm.forward(&x)?);
         }
         Ok(out)
     }

@@ -1,0 +1,280 @@
+//! The built-in [`Detector`]s that decode queries (the dense head is
+//! [`glip_heads::DenseHead`]):
+//! - [`DecoderDetector`]: the seed's design. A query generator turns the text (and image) into
+//!   queries, the transformer's decoder refines them, box and class/token heads predict.
+//! - [`QuerySelection`]: Grounding DINO's language-guided query selection. Encoder tokens are
+//!   scored by their best alignment with the prompt's tokens; the top K become the decoder's
+//!   queries, each with a reference box predicted from its token; every decoder layer refines
+//!   its reference box (iterative refinement) and predicts, for auxiliary losses.
+
+use candle_core::{DType, Result, Tensor, D};
+use candle_nn::VarBuilder;
+use glip_core::nn::{LayerNorm, Linear};
+use glip_core::{
+    BoxHead, ClassHead, Detector, Encoded, ModelOutput, Prediction, QueryGenerator, QueryInputs,
+};
+use glip_heads::{MlpBoxHead, TokenAlignmentHead};
+use glip_transformer::transformer::DecoderLayer;
+use glip_transformer::TransformerConfig;
+
+/// The seed's design: query generator, the transformer's decoder, box and class heads.
+pub struct DecoderDetector {
+    /// Query generator.
+    pub query_generator: Box<dyn QueryGenerator>,
+    /// Box head.
+    pub box_head: Box<dyn BoxHead>,
+    /// Class or token head.
+    pub class_head: Box<dyn ClassHead>,
+    /// Return every decoder layer's predictions for auxiliary losses.
+    pub aux_outputs: bool,
+}
+
+impl std::fmt::Debug for DecoderDetector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DecoderDetector")
+            .field("aux_outputs", &self.aux_outputs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Detector for DecoderDetector {
+    fn forward(
+        &self,
+        x: &Encoded<'_>,
+        train: bool,
+        trace: &mut dyn FnMut(&str, &[usize]),
+    ) -> Result<ModelOutput> {
+        let queries = self.query_generator.forward(
+            &QueryInputs { text: x.text, memory: x.memory, memory_mask: x.memory_mask },
+            train,
+        )?;
+        trace("queries (content)", queries.content.dims());
+        let hs_all = x.transformer.decode(&queries, x.memory, x.memory_mask, x.pos, train)?;
+        for (i, h) in hs_all.iter().enumerate() {
+            trace(&format!("decoder layer {i}"), h.dims());
+        }
+        let Some(hs) = hs_all.last().cloned() else {
+            candle_core::bail!("the decoder has no layer")
+        };
+        let predict = |hs: &Tensor| -> Result<Prediction> {
+            Prediction::new(self.box_head.forward(hs)?, self.class_head.forward(hs, x.text)?)
+        };
+        let pred = predict(&hs)?;
+        trace("pred_boxes", pred.pred_boxes.dims());
+        trace("pred_logits", pred.pred_logits.dims());
+        let aux = if self.aux_outputs {
+            hs_all[..hs_all.len() - 1].iter().map(predict).collect::<Result<Vec<_>>>()?
+        } else {
+            Vec::new()
+        };
+        ModelOutput::new(
+            pred,
+            self.class_head.logits_kind(),
+            aux,
+            hs,
+            x.memory.clone(),
+            x.text.mask.to_dtype(DType::U8)?,
+        )
+    }
+}
+
+/// `log(x / (1 - x))`, with `x` kept inside `[eps, 1 - eps]`.
+pub fn inverse_sigmoid(x: &Tensor) -> Result<Tensor> {
+    let eps = 1e-4;
+    let x = x.clamp(eps, 1.0 - eps)?;
+    x.log()? - (1.0 - &x)?.log()?
+}
+
+/// Sine embedding of normalised boxes `(b, q, 4)` -> `(b, q, 4 * d / 2)`: each coordinate
+/// scaled by 2 pi and embedded with `d / 2` interleaved sines and cosines (temperature
+/// 10000), as DAB-DETR and Grounding DINO embed their reference boxes.
+pub fn box_sine_embedding(boxes: &Tensor, d: usize) -> Result<Tensor> {
+    let half = d / 2;
+    let dev = boxes.device();
+    let dim_t: Vec<f32> =
+        (0..half).map(|i| 10000f32.powf(2.0 * (i / 2) as f32 / half as f32).recip()).collect();
+    let phase: Vec<f32> =
+        (0..half).map(|i| if i % 2 == 0 { 0.0 } else { std::f32::consts::FRAC_PI_2 }).collect();
+    let freq = Tensor::from_vec(dim_t, half, dev)?;
+    let phase = Tensor::from_vec(phase, half, dev)?;
+    let (b, q, _) = boxes.dims3()?;
+    // sin(x + pi/2) = cos(x): one sine over all channels.
+    let x = (boxes.unsqueeze(D::Minus1)? * (2.0 * std::f64::consts::PI))?; // (b, q, 4, 1)
+    let e = x.broadcast_mul(&freq)?.broadcast_add(&phase)?.sin()?; // (b, q, 4, half)
+    e.reshape((b, q, 4 * half))
+}
+
+/// Options of [`QuerySelection`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuerySelectionConfig {
+    /// Side of the anchor each encoder token's box is predicted from, in strides. Default 2.
+    #[serde(default = "two")]
+    pub anchor_scale: f64,
+}
+
+fn two() -> f64 {
+    2.0
+}
+
+impl Default for QuerySelectionConfig {
+    fn default() -> Self {
+        Self { anchor_scale: 2.0 }
+    }
+}
+
+/// Grounding DINO's language-guided query selection with iterative box refinement
+/// (`query_selection.*`): `enc_output` + `enc_norm`, `enc_token_head`, `enc_bbox_embed` score
+/// and box every encoder token; `decoder.layers.N`, `decoder.norm`, `ref_point_head` (an MLP
+/// over the reference box's sine embedding, the queries' positions), `bbox_embed` (the
+/// refinement, shared by the layers), `token_head`.
+#[derive(Debug, Clone)]
+pub struct QuerySelection {
+    enc_output: Linear,
+    enc_norm: LayerNorm,
+    enc_token_head: TokenAlignmentHead,
+    enc_bbox_embed: MlpBoxHead,
+    layers: Vec<DecoderLayer>,
+    norm: LayerNorm,
+    ref_point_head: [Linear; 2],
+    bbox_embed: MlpBoxHead,
+    token_head: TokenAlignmentHead,
+    num_queries: usize,
+    aux_outputs: bool,
+    d: usize,
+    config: QuerySelectionConfig,
+}
+
+impl QuerySelection {
+    /// `num_queries` queries over `tc.d_model`-wide tokens, `tc.num_decoder_layers` decoder
+    /// layers.
+    pub fn new(
+        tc: &TransformerConfig,
+        text_dim: usize,
+        num_queries: usize,
+        aux_outputs: bool,
+        config: QuerySelectionConfig,
+        vb: VarBuilder<'_>,
+    ) -> Result<Self> {
+        let d = tc.d_model;
+        if tc.num_decoder_layers == 0 {
+            candle_core::bail!("query selection needs at least one decoder layer (model.transformer.num_decoder_layers)");
+        }
+        if d % 2 != 0 {
+            candle_core::bail!("query selection: d_model {d} is odd");
+        }
+        let layers = (0..tc.num_decoder_layers)
+            .map(|i| DecoderLayer::new(tc, vb.pp(format!("decoder.layers.{i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            enc_output: Linear::new(d, d, vb.pp("enc_output"))?,
+            enc_norm: LayerNorm::new(d, 1e-5, vb.pp("enc_norm"))?,
+            enc_token_head: TokenAlignmentHead::new(text_dim, d, vb.pp("enc_token_head"))?,
+            enc_bbox_embed: MlpBoxHead::new(d, vb.pp("enc_bbox_embed"))?,
+            layers,
+            norm: LayerNorm::new(d, 1e-5, vb.pp("decoder.norm"))?,
+            ref_point_head: [
+                Linear::new(2 * d, d, vb.pp("ref_point_head.layers.0"))?,
+                Linear::new(d, d, vb.pp("ref_point_head.layers.1"))?,
+            ],
+            bbox_embed: MlpBoxHead::new(d, vb.pp("bbox_embed"))?,
+            token_head: TokenAlignmentHead::new(text_dim, d, vb.pp("token_head"))?,
+            num_queries,
+            aux_outputs,
+            d,
+            config,
+        })
+    }
+
+    /// Each image's `k` best-aligned real tokens, best first: `scores (b, s)`.
+    fn top_k(scores: &Tensor, k: usize) -> Result<Tensor> {
+        let rows: Vec<Vec<f32>> = scores.to_vec2()?;
+        let mut idx = Vec::with_capacity(rows.len() * k);
+        for r in &rows {
+            let mut order: Vec<u32> = (0..r.len() as u32).collect();
+            order.sort_by(|&a, &b| r[b as usize].total_cmp(&r[a as usize]).then(a.cmp(&b)));
+            idx.extend_from_slice(&order[..k]);
+        }
+        Tensor::from_vec(idx, (rows.len(), k), scores.device())
+    }
+
+    fn query_pos(&self, reference: &Tensor) -> Result<Tensor> {
+        let e = box_sine_embedding(reference, self.d)?;
+        self.ref_point_head[1].forward(&self.ref_point_head[0].forward(&e)?.relu()?)
+    }
+}
+
+/// `x (b, s, c)` at `idx (b, k)` -> `(b, k, c)`.
+fn gather_rows(x: &Tensor, idx: &Tensor) -> Result<Tensor> {
+    let c = x.dim(D::Minus1)?;
+    let (b, k) = idx.dims2()?;
+    x.gather(&idx.unsqueeze(D::Minus1)?.broadcast_as((b, k, c))?.contiguous()?, 1)
+}
+
+impl Detector for QuerySelection {
+    fn forward(
+        &self,
+        x: &Encoded<'_>,
+        train: bool,
+        trace: &mut dyn FnMut(&str, &[usize]),
+    ) -> Result<ModelOutput> {
+        let s = x.memory.dim(1)?;
+        let k = self.num_queries.min(s);
+        let enc = self.enc_norm.forward(&self.enc_output.forward(x.memory)?)?;
+        let enc_logits = self.enc_token_head.logits(&enc, &x.text.tokens)?; // (b, s, t)
+                                                                            // Best alignment with a real token; padded tokens and padded image positions never win.
+        let neg = |m: &Tensor| -> Result<Tensor> { (m.to_dtype(DType::F32)? - 1.0)? * 1e9 };
+        let text_bias = neg(&x.text.mask)?.unsqueeze(1)?;
+        let mut score = enc_logits.detach().broadcast_add(&text_bias)?.max(D::Minus1)?;
+        if let Some(m) = x.memory_mask {
+            score = (score + neg(m)?)?;
+        }
+        let idx = Self::top_k(&score, k)?;
+        trace("query selection: selected tokens", idx.dims());
+        // Anchors: the token's point with a square of `anchor_scale` strides.
+        let (points, strides, _) =
+            glip_heads::dense::locations(x.levels, x.image_sizes, x.memory.device())?;
+        let wh = (strides * self.config.anchor_scale)?;
+        let anchors = Tensor::cat(&[points, wh], D::Minus1)?; // (b, s, 4)
+        let enc_boxes = candle_nn::ops::sigmoid(
+            &(self.enc_bbox_embed.forward_logits(&enc)? + inverse_sigmoid(&anchors)?)?,
+        )?;
+        let sel_boxes = gather_rows(&enc_boxes, &idx)?;
+        let sel_logits = gather_rows(&enc_logits, &idx)?;
+        let interm = Prediction::new(sel_boxes.clone(), sel_logits)?;
+        trace("query selection: reference boxes", sel_boxes.dims());
+        let mut tgt = gather_rows(&enc, &idx)?.detach();
+        let mut reference = sel_boxes.detach();
+        let mut preds = Vec::with_capacity(self.layers.len());
+        let mut hs = tgt.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let qpos = self.query_pos(&reference)?;
+            tgt = layer.forward(&tgt, Some(&qpos), x.memory, x.memory_mask, x.pos, train)?;
+            hs = self.norm.forward(&tgt)?;
+            let boxes = candle_nn::ops::sigmoid(
+                &(self.bbox_embed.forward_logits(&hs)? + inverse_sigmoid(&reference)?)?,
+            )?;
+            let logits = self.token_head.logits(&hs, &x.text.tokens)?;
+            trace(&format!("decoder layer {i} (refined boxes)"), boxes.dims());
+            reference = boxes.detach();
+            preds.push(Prediction::new(boxes, logits)?);
+        }
+        let pred = preds.pop().expect("at least one layer");
+        trace("pred_boxes", pred.pred_boxes.dims());
+        trace("pred_logits", pred.pred_logits.dims());
+        // The selection's own prediction is always supervised (it is what trains the encoder
+        // heads that choose the queries); earlier decoder layers only with auxiliary losses.
+        let mut aux = vec![interm];
+        if self.aux_outputs {
+            aux.extend(preds);
+        }
+        ModelOutput::new(
+            pred,
+            glip_core::LogitsKind::Tokens,
+            aux,
+            hs,
+            x.memory.clone(),
+            x.text.mask.to_dtype(DType::U8)?,
+        )
+    }
+}

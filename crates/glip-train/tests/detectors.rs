@@ -1,0 +1,156 @@
+//! The dense head and language-guided query selection assembled into models: output shapes for
+//! any batch, image size, prompt length and levels, and every trainable parameter receiving a
+//! gradient through the criterion each trains with. The text encoder is wider (24) than the
+//! transformer (16), as a pretrained one would be.
+
+use candle_core::{DType, Device, Tensor};
+use glip_core::testing::assert_every_parameter_learns;
+use glip_core::{ImageBatch, Target, TextBatch};
+use glip_train::config::{ModelBuilder, ModelConfig};
+use glip_train::experiment::{criterion, CriterionConfig};
+use proptest::prelude::*;
+
+fn config(detector: &str, fusion: &str, levels: &str, fpn: bool, extra: &str) -> ModelConfig {
+    let tok = glip_core::testing::fixture("bert-tiny/tokenizer.json");
+    toml::from_str(&format!(
+        r#"
+num_queries = 6
+position_encoding = true
+aux_loss = true
+feature_levels = {levels}
+fpn = {fpn}
+[backbone]
+type = "resnet"
+depth = 18
+freeze_at = 0
+trainable_bn = true
+stages = 3
+[text]
+tokenizer = "{}"
+hidden = 24
+layers = 1
+heads = 2
+[transformer]
+d_model = 16
+nhead = 2
+num_encoder_layers = 1
+num_decoder_layers = 2
+dim_feedforward = 32
+[fusion]
+{fusion}
+[detector]
+{detector}
+{extra}
+[head]
+type = "token"
+"#,
+        tok.display()
+    ))
+    .unwrap()
+}
+
+fn text(b: usize, t: usize) -> TextBatch {
+    let ids: Vec<u32> = (0..b * t).map(|i| (i * 7 % 60) as u32 + 1).collect();
+    TextBatch::new(
+        Tensor::from_vec(ids, (b, t), &Device::Cpu).unwrap(),
+        Tensor::ones((b, t), DType::U8, &Device::Cpu).unwrap(),
+        vec![vec![(0, 0); t]; b],
+        vec![String::new(); b],
+    )
+    .unwrap()
+}
+
+const DENSE: &str = r#"type = "dense""#;
+const QSEL: &str = r#"type = "query-selection""#;
+const BI: &str = "type = \"bi-attention\"\nheads = 2";
+const NONE: &str = r#"type = "none""#;
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(6))]
+    #[test]
+    fn dense_and_query_selection_shapes(b in 1usize..3, h in 33usize..90, w in 33usize..90, t in 2usize..8, dense in any::<bool>(), bi in any::<bool>(), two_levels in any::<bool>(), fpn in any::<bool>()) {
+        let levels = if two_levels { "[1, 2]" } else { "[2]" };
+        let cfg = config(if dense { DENSE } else { QSEL }, if bi { BI } else { NONE }, levels, fpn, "");
+        let vm = candle_nn::VarMap::new();
+        let model = ModelBuilder::new().build_trainable(&cfg, &vm, 0, &Device::Cpu).unwrap();
+        let images = ImageBatch::unpadded(Tensor::randn(0f32, 1.0, (b, 3, h, w), &Device::Cpu).unwrap()).unwrap();
+        let out = model.forward(&images, &text(b, t), false).unwrap();
+        // C3 and C4 of a ResNet: ceil(h / 8) and ceil(h / 16) for these sizes.
+        let cells = |s: usize| h.div_ceil(s) * w.div_ceil(s);
+        let s = if two_levels { cells(8) + cells(16) } else { cells(16) };
+        let q = if dense { s } else { 6.min(s) };
+        prop_assert_eq!(out.pred.pred_boxes.dims(), &[b, q, 4]);
+        prop_assert_eq!(out.pred.pred_logits.dims(), &[b, q, t]);
+        prop_assert_eq!(out.memory.dims(), &[b, s, 16]);
+        prop_assert_eq!(out.dense.is_some(), dense);
+        // Query selection: the selection's prediction and the first decoder layer's.
+        prop_assert_eq!(out.aux.len(), if dense { 0 } else { 2 });
+        prop_assert_eq!(model.default_nms().is_some(), dense);
+        let bx: Vec<f32> = out.pred.pred_boxes.flatten_all().unwrap().to_vec1().unwrap();
+        prop_assert!(bx.iter().all(|v| v.is_finite()));
+        if !dense {
+            prop_assert!(bx.iter().all(|&v| (0.0..=1.0).contains(&v)), "refined boxes are sigmoids");
+        }
+    }
+}
+
+fn targets(b: usize, t: usize) -> Vec<Target> {
+    let dev = Device::Cpu;
+    (0..b)
+        .map(|i| {
+            let boxes =
+                Tensor::new(&[[0.3f32, 0.4, 0.3, 0.4], [0.7, 0.6, 0.4, 0.3]], &dev).unwrap();
+            let pm: Vec<f32> =
+                (0..2 * t).map(|k| (k % t == 1 + (k / t + i) % (t - 1)) as u8 as f32).collect();
+            Target::new(boxes, None, Some(Tensor::from_vec(pm, (2, t), &dev).unwrap())).unwrap()
+        })
+        .collect()
+}
+
+fn every_parameter_learns(detector: &str, fusion: &str, extra: &str, loss: &str) {
+    let cfg = config(detector, fusion, "[1, 2]", true, extra);
+    let vm = candle_nn::VarMap::new();
+    let model = ModelBuilder::new().build_trainable(&cfg, &vm, 0, &Device::Cpu).unwrap();
+    let (b, t) = (2, 6);
+    let images =
+        ImageBatch::unpadded(Tensor::randn(0f32, 1.0, (b, 3, 64, 64), &Device::Cpu).unwrap())
+            .unwrap();
+    let out = model.forward(&images, &text(b, t), true).unwrap();
+    let lc: CriterionConfig = toml::from_str(loss).unwrap();
+    let crit = criterion(&lc, &cfg).unwrap();
+    let l = crit.forward(&out, &targets(b, t)).unwrap();
+    let grads = l.total.backward().unwrap();
+    // BERT's pooler feeds only query generators that read the pooled sentence (the seed's);
+    // these detectors use the token features alone.
+    let unused = |n: &str| glip_train::trainer::is_buffer(n) || n.starts_with("text.pooler.");
+    assert_every_parameter_learns(&vm, &grads, unused).unwrap();
+}
+
+#[test]
+fn every_parameter_of_a_dense_model_learns_through_the_fcos_criterion() {
+    every_parameter_learns(r#"type = "dense""#, BI, "tower = 1\ncenterness = true", "");
+}
+
+#[test]
+fn every_parameter_of_a_dense_model_learns_through_the_atss_criterion() {
+    every_parameter_learns(DENSE, NONE, "", "[dense]\nassign = \"atss\"\natss_anchor_scale = 4.0");
+}
+
+#[test]
+fn every_parameter_of_a_query_selection_model_learns_through_the_hungarian_criterion() {
+    every_parameter_learns(QSEL, BI, "", "");
+}
+
+#[test]
+fn detectors_that_predict_tokens_refuse_a_fixed_class_head() {
+    let mut cfg = config(DENSE, NONE, "[1, 2]", false, "");
+    cfg.head = glip_train::config::HeadConfig::Class { num_classes: 3 };
+    let vm = candle_nn::VarMap::new();
+    let e =
+        ModelBuilder::new().build_trainable(&cfg, &vm, 0, &Device::Cpu).unwrap_err().to_string();
+    assert!(e.contains("model.head.type"), "{e}");
+    let cfg = config("type = \"dense\"\ntowr = 1", NONE, "[1, 2]", false, "");
+    let e =
+        ModelBuilder::new().build_trainable(&cfg, &vm, 0, &Device::Cpu).unwrap_err().to_string();
+    assert!(e.contains("towr"), "{e}");
+}
