@@ -276,7 +276,7 @@ mod tests {
             }
             n += 1;
         }
-        assert_eq!(n, 3, "query-generator, loss-head, fusion");
+        assert_eq!(n, 4, "design, query-generator, loss-head, fusion");
     }
 
     #[test]
