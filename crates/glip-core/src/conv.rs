@@ -149,7 +149,9 @@ fn batch_first(t: &Tensor, b: usize, h: usize, w: usize) -> Result<Tensor> {
     t.reshape((c, b, h, w))?.transpose(0, 1)?.contiguous()
 }
 
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+/// The f32 slice of a contiguous CPU tensor, or an error naming `op` (shared by the CPU kernels
+/// of this crate).
+pub(crate) fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else { candle_core::bail!("{op}: f32 only") };
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&v[a..b]),

@@ -15,18 +15,11 @@
 //! checked against autograd through the compositions in this module's tests. Other devices
 //! and dtypes use the compositions.
 
+use crate::conv::contiguous_f32;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
 };
 use rayon::prelude::*;
-
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else { candle_core::bail!("{what}: f32 only") };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("{what}: the input must be contiguous"),
-    }
-}
 
 fn last_dim(l: &Layout) -> usize {
     l.dims().last().copied().unwrap_or(1).max(1)
@@ -49,7 +42,7 @@ impl CustomOp1 for Softmax {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous(s, l, "softmax")?;
+        let x = contiguous_f32(s, l, "softmax")?;
         let d = last_dim(l);
         let mut y = vec![0f32; x.len()];
         let rt = rows_per_task(d);
@@ -88,8 +81,8 @@ impl CustomOp2 for SoftmaxBackward {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let y = contiguous(s1, l1, "softmax backward")?;
-        let dy = contiguous(s2, l2, "softmax backward")?;
+        let y = contiguous_f32(s1, l1, "softmax backward")?;
+        let dy = contiguous_f32(s2, l2, "softmax backward")?;
         let d = last_dim(l1);
         let mut dx = vec![0f32; y.len()];
         let rt = rows_per_task(d);
@@ -151,9 +144,9 @@ impl CustomOp3 for LayerNormOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous(s1, l1, "layer norm")?;
-        let w = contiguous(s2, l2, "layer norm weight")?;
-        let b = contiguous(s3, l3, "layer norm bias")?;
+        let x = contiguous_f32(s1, l1, "layer norm")?;
+        let w = contiguous_f32(s2, l2, "layer norm weight")?;
+        let b = contiguous_f32(s3, l3, "layer norm bias")?;
         let d = last_dim(l1);
         if w.len() != d || b.len() != d {
             candle_core::bail!("layer norm: weight {} and bias {} for width {d}", w.len(), b.len());
@@ -212,9 +205,9 @@ impl CustomOp3 for LayerNormBackward {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous(s1, l1, "layer norm backward")?;
-        let w = contiguous(s2, l2, "layer norm backward")?;
-        let dy = contiguous(s3, l3, "layer norm backward")?;
+        let x = contiguous_f32(s1, l1, "layer norm backward")?;
+        let w = contiguous_f32(s2, l2, "layer norm backward")?;
+        let dy = contiguous_f32(s3, l3, "layer norm backward")?;
         let d = last_dim(l1);
         let n = x.len();
         let rt = rows_per_task(d);

@@ -12,18 +12,11 @@
 //!
 //! checked against autograd through candle ops in this module's tests.
 
+use crate::conv::contiguous_f32;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
 };
 use rayon::prelude::*;
-
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else { candle_core::bail!("{what}: f32 only") };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("{what}: the input must be contiguous"),
-    }
-}
 
 /// Per channel of a `(b, c, h, w)` tensor: the sums of `f(plane index) -> (a, b)` over the `b`
 /// planes of that channel (f64 accumulation), channels in parallel.
@@ -46,7 +39,7 @@ impl CustomOp1 for Stats {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (b, c, h, w) = l.shape().dims4()?;
-        let x = contiguous(s, l, "batch norm")?;
+        let x = contiguous_f32(s, l, "batch norm")?;
         let hw = h * w;
         let n = (b * hw).max(1) as f64;
         let plane = |p: usize| &x[p * hw..][..hw];
@@ -84,9 +77,9 @@ impl CustomOp3 for Normalize {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (_, c, h, w) = l1.shape().dims4()?;
-        let x = contiguous(s1, l1, "batch norm")?;
-        let gamma = contiguous(s2, l2, "batch norm weight")?;
-        let beta = contiguous(s3, l3, "batch norm bias")?;
+        let x = contiguous_f32(s1, l1, "batch norm")?;
+        let gamma = contiguous_f32(s2, l2, "batch norm weight")?;
+        let beta = contiguous_f32(s3, l3, "batch norm bias")?;
         let hw = h * w;
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(hw.max(1)).enumerate().for_each(|(p, out)| {
@@ -145,8 +138,8 @@ impl CustomOp2 for NormalizeBackward {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (b, c, h, w) = l1.shape().dims4()?;
-        let x = contiguous(s1, l1, "batch norm backward")?;
-        let dy = contiguous(s2, l2, "batch norm backward")?;
+        let x = contiguous_f32(s1, l1, "batch norm backward")?;
+        let dy = contiguous_f32(s2, l2, "batch norm backward")?;
         let hw = h * w;
         let n = (b * hw).max(1) as f32;
         let sums = per_channel_sums(b, c, |p| {

@@ -46,19 +46,19 @@ pub struct LossConfig {
     pub aux_loss: bool,
 }
 
-fn one() -> f64 {
+pub(crate) fn one() -> f64 {
     1.0
 }
-fn two() -> f64 {
+pub(crate) fn two() -> f64 {
     2.0
 }
-fn five() -> f64 {
+pub(crate) fn five() -> f64 {
     5.0
 }
 fn eos() -> f64 {
     0.1
 }
-fn alpha() -> f64 {
+pub(crate) fn alpha() -> f64 {
     0.25
 }
 fn yes() -> bool {

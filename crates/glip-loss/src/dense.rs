@@ -3,8 +3,10 @@
 //! against the assigned box's positive map, GIoU and L1 on the positive locations' boxes, and
 //! optionally centerness; every term normalised by the number of positive locations.
 
+use crate::criterion::{alpha, five, one, two};
 use crate::terms::{bce_with_logits, giou_loss_sum, l1_sum, sigmoid_focal};
 use candle_core::{DType, Result, Tensor};
+use glip_core::boxes::{cxcywh_to_xyxy_f32, iou_f32};
 use glip_core::{Criterion, DenseOutput, Losses, Match, ModelOutput, Target};
 use serde::{Deserialize, Serialize};
 
@@ -68,18 +70,6 @@ fn nine() -> usize {
 fn eight() -> f64 {
     8.0
 }
-fn alpha() -> f64 {
-    0.25
-}
-fn one() -> f64 {
-    1.0
-}
-fn two() -> f64 {
-    2.0
-}
-fn five() -> f64 {
-    5.0
-}
 
 impl Default for DenseLossConfig {
     fn default() -> Self {
@@ -102,22 +92,6 @@ impl Default for DenseLossConfig {
 #[derive(Debug, Clone, Default)]
 pub struct DenseCriterion {
     config: DenseLossConfig,
-}
-
-fn xyxy(b: [f32; 4]) -> [f32; 4] {
-    [b[0] - b[2] / 2.0, b[1] - b[3] / 2.0, b[0] + b[2] / 2.0, b[1] + b[3] / 2.0]
-}
-
-fn iou(a: [f32; 4], b: [f32; 4]) -> f32 {
-    let iw = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
-    let ih = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
-    let inter = iw * ih;
-    let union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter;
-    if union > 0.0 {
-        inter / union
-    } else {
-        0.0
-    }
 }
 
 /// One image's locations: centres and strides `(x, y)`, normalised, and levels.
@@ -157,7 +131,7 @@ impl DenseCriterion {
         for (i, (p, s)) in loc.points.iter().zip(loc.strides).enumerate() {
             let mut best: Option<(usize, f32)> = None;
             for (k, g) in gt.iter().enumerate() {
-                let [x0, y0, x1, y1] = xyxy(*g);
+                let [x0, y0, x1, y1] = cxcywh_to_xyxy_f32(*g);
                 let inside = p[0] > x0 && p[0] < x1 && p[1] > y0 && p[1] < y1;
                 let near = (p[0] - g[0]).abs() < r * s[0] && (p[1] - g[1]).abs() < r * s[1];
                 let area = g[2] * g[3];
@@ -181,7 +155,7 @@ impl DenseCriterion {
         };
         let mut best: Vec<Option<(usize, f32)>> = vec![None; q];
         for (k, g) in gt.iter().enumerate() {
-            let gb = xyxy(*g);
+            let gb = cxcywh_to_xyxy_f32(*g);
             let mut cand: Vec<usize> = Vec::new();
             for l in 0..levels {
                 let mut of: Vec<(f32, usize)> = (0..q)
@@ -197,7 +171,7 @@ impl DenseCriterion {
             if cand.is_empty() {
                 continue;
             }
-            let ious: Vec<f32> = cand.iter().map(|&i| iou(anchor(i), gb)).collect();
+            let ious: Vec<f32> = cand.iter().map(|&i| iou_f32(anchor(i), gb)).collect();
             let n = ious.len() as f32;
             let mean = ious.iter().sum::<f32>() / n;
             // torch.std: the unbiased estimate.
@@ -278,7 +252,7 @@ impl Criterion for DenseCriterion {
                     let o = (i * q + qi) * t;
                     cls_target[o..o + n].copy_from_slice(&row[..n]);
                     ctr_idx.push((i * q + qi) as u32);
-                    ctr_target.push(centerness_target(pts[qi], xyxy(gt[k])));
+                    ctr_target.push(centerness_target(pts[qi], cxcywh_to_xyxy_f32(gt[k])));
                 }
                 let qi = Tensor::new(m.query.iter().map(|&x| x as u32).collect::<Vec<_>>(), dev)?;
                 let ti = Tensor::new(m.target.iter().map(|&x| x as u32).collect::<Vec<_>>(), dev)?;
