@@ -10,7 +10,7 @@ use glip_data::{
 use std::sync::Arc;
 
 fn tokenizer() -> Arc<glip_text::Tokenizer> {
-    let p = glip_core::testing::fixture("bert-tiny/tokenizer.json");
+    let p = glip_testing::fixture("bert-tiny/tokenizer.json");
     Arc::new(glip_text::Tokenizer::from_file(&p).unwrap())
 }
 

@@ -1,6 +1,8 @@
-//! `cargo xtask experiment [CONFIG] [--set key.path=value ...] [--out DIR] [--resume]`: builds
-//! `glip` in release mode and runs `glip experiment` on CONFIG, by default the shapes task of
-//! `configs/shapes.toml` (embedded data, no download). Build and run times are printed apart.
+//! `cargo xtask experiment [CONFIG] [--set key.path=value ...] [--out DIR] [--resume]
+//! [--bin NAME]`: builds `glip` (or another binary of the workspace built on
+//! `glip_cli::main_with`, such as the example's `custom-glip`) in release mode and runs its
+//! `experiment` on CONFIG, by default the shapes task of `configs/shapes.toml` (embedded data,
+//! no download). Build and run times are printed apart.
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -21,6 +23,11 @@ pub struct Args {
     /// Continue from checkpoints.
     #[arg(long)]
     resume: bool,
+    /// The binary to build and run: `glip`, or a workspace binary built on
+    /// `glip_cli::main_with` with your own components (e.g. `custom-glip` of
+    /// examples/custom-loss).
+    #[arg(long, default_value = "glip")]
+    bin: String,
 }
 
 fn workspace_root() -> PathBuf {
@@ -33,17 +40,17 @@ pub fn run(a: Args) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let t0 = Instant::now();
     let status = Command::new(&cargo)
-        .args(["build", "--release", "--package", "glip-cli", "--bin", "glip"])
+        .args(["build", "--release", "--bin", &a.bin])
         .current_dir(&root)
         .status()
         .context("running cargo build")?;
     if !status.success() {
-        bail!("cargo build --release -p glip-cli failed");
+        bail!("cargo build --release --bin {} failed", a.bin);
     }
     let build_s = t0.elapsed().as_secs_f64();
     let target =
         std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
-    let glip = target.join("release").join(format!("glip{}", std::env::consts::EXE_SUFFIX));
+    let glip = target.join("release").join(format!("{}{}", a.bin, std::env::consts::EXE_SUFFIX));
     let config = a.config.unwrap_or_else(|| root.join("configs").join("shapes.toml"));
     let mut cmd = Command::new(&glip);
     cmd.arg("experiment").arg(&config);
@@ -56,7 +63,7 @@ pub fn run(a: Args) -> Result<()> {
     if a.resume {
         cmd.arg("--resume");
     }
-    eprintln!("xtask: glip experiment {} (build took {build_s:.0} s)", config.display());
+    eprintln!("xtask: {} experiment {} (build took {build_s:.0} s)", a.bin, config.display());
     let t1 = Instant::now();
     let status = cmd.status().with_context(|| format!("running {}", glip.display()))?;
     let run_s = t1.elapsed().as_secs_f64();
@@ -67,7 +74,7 @@ pub fn run(a: Args) -> Result<()> {
         (build_s + run_s) / 60.0
     );
     if !status.success() {
-        bail!("glip experiment failed ({status})");
+        bail!("{} experiment failed ({status})", a.bin);
     }
     Ok(())
 }

@@ -1,9 +1,10 @@
 //! The layering rule of the workspace, checked against `cargo metadata`.
 //!
-//! Ranks: `glip-core` 0; `glip-backbone`, `-text`, `-transformer`, `-heads`, `-loss`, `-data` 1;
-//! `glip-train` 2; `glip-cli`, `xtask` and the benches 3. A normal or build dependency between
-//! workspace crates must point to a strictly lower rank: nothing upward, nothing sideways.
-//! Dev-dependencies are free.
+//! Ranks: `glip-core` 0; `glip-kernels` and the dev-only `glip-testing` 1; `glip-backbone`,
+//! `-text`, `-transformer`, `-heads`, `-loss`, `-data` 2; `glip-detectors` 3; `glip-train` 4;
+//! `glip-cli`, `xtask` and the benches 5; the examples (a researcher's crate) 6. A normal or
+//! build dependency between workspace crates must point to a strictly lower rank: nothing
+//! upward, nothing sideways. Dev-dependencies are free, and `glip-testing` may be nothing else.
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
@@ -13,10 +14,14 @@ use std::process::Command;
 pub fn rank(name: &str) -> Option<u8> {
     Some(match name {
         "glip-core" => 0,
+        "glip-kernels" | "glip-testing" => 1,
         "glip-backbone" | "glip-text" | "glip-transformer" | "glip-heads" | "glip-loss"
-        | "glip-data" => 1,
-        "glip-train" => 2,
-        "glip-cli" | "xtask" | "glip-benches" => 3,
+        | "glip-data" => 2,
+        "glip-detectors" => 3,
+        "glip-train" => 4,
+        "glip-cli" | "xtask" | "glip-benches" => 5,
+        // Examples stand where a researcher's crate does: on top.
+        n if n.starts_with("glip-example-") => 6,
         _ => return None,
     })
 }
@@ -43,6 +48,12 @@ pub fn violations(metadata: &Value) -> Vec<String> {
         for d in p["dependencies"].as_array().into_iter().flatten() {
             let dep = d["name"].as_str().unwrap_or("?");
             if d["kind"].as_str() == Some("dev") || !names.iter().any(|n| n == dep) {
+                continue;
+            }
+            if dep == "glip-testing" {
+                out.push(format!(
+                    "{name} depends on glip-testing, which is for tests only (dev-dependencies)"
+                ));
                 continue;
             }
             match rank(dep) {
@@ -118,7 +129,25 @@ mod tests {
         let m = meta(&[("glip-core", "glip-train", ""), ("glip-loss", "glip-text", "build")]);
         let v = violations(&m);
         assert_eq!(v.len(), 2, "{v:?}");
-        assert!(v[0].contains("glip-core (layer 0) depends on glip-train (layer 2): upward"));
-        assert!(v[1].contains("glip-loss (layer 1) depends on glip-text (layer 1): sideways"));
+        assert!(v[0].contains("glip-core (layer 0) depends on glip-train (layer 4): upward"));
+        assert!(v[1].contains("glip-loss (layer 2) depends on glip-text (layer 2): sideways"));
+    }
+
+    #[test]
+    fn the_test_helpers_are_a_dev_dependency_only() {
+        let crates = ["glip-testing", "glip-train"];
+        let edge = |kind: Value| {
+            json!({
+                "workspace_members": crates.iter().map(|c| format!("{c} 0.1.0")).collect::<Vec<_>>(),
+                "packages": [
+                    {"id": "glip-testing 0.1.0", "name": "glip-testing", "dependencies": []},
+                    {"id": "glip-train 0.1.0", "name": "glip-train",
+                     "dependencies": [{"name": "glip-testing", "kind": kind}]},
+                ],
+            })
+        };
+        assert_eq!(violations(&edge(json!("dev"))), Vec::<String>::new());
+        let v = violations(&edge(Value::Null));
+        assert!(v.len() == 1 && v[0].contains("for tests only"), "{v:?}");
     }
 }

@@ -52,7 +52,7 @@ impl BatchNorm2d {
         let (b, _, h, w) = x.dims4()?;
         let n = (b * h * w) as f64;
         let (y, mean, var) =
-            glip_core::norm::batch_norm_train(x, &self.weight, &self.bias, self.eps)?;
+            glip_kernels::norm::batch_norm_train(x, &self.weight, &self.bias, self.eps)?;
         if self.running_mean.is_variable() {
             let m = 0.1;
             let unbiased = (var * (n / (n - 1.0).max(1.0)))?;
@@ -110,7 +110,7 @@ pub fn depthwise_conv2d(x: &Tensor, weight: &Tensor, stride: usize, pad: usize) 
     acc.ok_or_else(|| candle_core::Error::Msg("depthwise conv with an empty kernel".into()))
 }
 
-/// A convolution: [`glip_core::conv::conv2d`] (candle's forward, a gemm backward), or
+/// A convolution: [`glip_kernels::conv::conv2d`] (candle's forward, a gemm backward), or
 /// [`depthwise_conv2d`] when every channel is its own group.
 #[derive(Debug, Clone)]
 pub enum Conv {
@@ -161,7 +161,7 @@ impl Conv {
                 if cfg.groups != 1 || cfg.dilation != 1 {
                     return c.forward(x);
                 }
-                let y = glip_core::conv::conv2d(x, c.weight(), cfg.stride, cfg.padding)?;
+                let y = glip_kernels::conv::conv2d(x, c.weight(), cfg.stride, cfg.padding)?;
                 match c.bias() {
                     Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
                     None => Ok(y),

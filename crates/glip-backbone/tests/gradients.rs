@@ -2,8 +2,8 @@
 
 use candle_core::{Device, Result, Tensor};
 use glip_backbone::{MobileNetV2, ResNet, ResNetConfig, ResNetDepth};
-use glip_core::testing::{assert_every_parameter_learns, fresh_vars, probe_loss};
 use glip_core::Backbone;
+use glip_testing::{assert_every_parameter_learns, fresh_vars, probe_loss};
 
 fn running_stat(n: &str) -> bool {
     n.ends_with("running_mean") || n.ends_with("running_var")

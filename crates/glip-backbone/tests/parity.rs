@@ -4,23 +4,60 @@
 
 use candle_core::{DType, Device, Result, D};
 use glip_backbone::{MobileNetV2, ResNet, ResNetConfig, ResNetDepth};
-use glip_core::testing::{assert_deep_forward_close, assert_forward_close, fixture, load};
 use glip_core::{weights, Backbone};
+use glip_testing::{assert_f32_deep_close, assert_forward_close, fixture, load};
 
+/// Products summed along the longest path of dot products from the input to each of
+/// ResNet-50's C2..C5 (stem 7x7x3; per bottleneck 1x1 over its input channels, 3x3 over its
+/// width, 1x1 over its width): 2,643, 9,555, 30,547, 51,027.
+fn resnet50_path_sum_lengths() -> [usize; 4] {
+    let mut total = 7 * 7 * 3;
+    let mut out = [0; 4];
+    let mut cin = 64;
+    for (i, (width, blocks)) in [(64, 3), (128, 4), (256, 6), (512, 3)].into_iter().enumerate() {
+        for b in 0..blocks {
+            let input = if b == 0 { cin } else { 4 * width };
+            total += input + 9 * width + width;
+        }
+        cin = 4 * width;
+        out[i] = total;
+    }
+    out
+}
+
+/// C2..C5 of torchvision's ResNet-50 (the fixture, computed by PyTorch in f32) and ours (f32)
+/// both within the f32 error bound of the exact values, computed here by the same network in
+/// f64 (candle's f64 convolution: another summation order, round-off ~1e-16): see
+/// [`assert_f32_deep_close`] for the bound. Elementwise `1e-4 + 1e-3 * |b|` against the
+/// reference alone cannot hold on every CPU: near-zero outputs of 4,608-term sums carry the
+/// reference's own f32 round-off, and gemm sums in another order on AVX-512 than on AVX2.
 #[test]
 fn resnet50_matches_torchvision_c2_to_c5() -> Result<()> {
     let dev = Device::Cpu;
-    let vb = weights::open(&fixture("resnet50.safetensors"), DType::F32, &dev)?;
-    let net = ResNet::new(ResNetConfig::new(ResNetDepth::Resnet50), vb)?;
     let io = load("resnet50_io.safetensors", &dev)?;
+    let net = ResNet::new(
+        ResNetConfig::new(ResNetDepth::Resnet50),
+        weights::open(&fixture("resnet50.safetensors"), DType::F32, &dev)?,
+    )?;
     let levels = net.forward(&io["input"], false)?;
+    let net64 = ResNet::new(
+        ResNetConfig::new(ResNetDepth::Resnet50),
+        weights::open(&fixture("resnet50.safetensors"), DType::F64, &dev)?,
+    )?;
+    let exact = net64.forward(&io["input"].to_dtype(DType::F64)?, false)?;
+    for (i, name) in ["c2", "c3", "c4", "c5"].into_iter().enumerate() {
+        let margin = assert_f32_deep_close(
+            name,
+            &levels[i].tensor,
+            &io[name],
+            &exact[i].tensor,
+            resnet50_path_sum_lengths()[i],
+        )?;
+        eprintln!("{name}: largest error / bound {margin:.3}");
+    }
+    // The shallow levels also meet the fixture README's elementwise tolerance directly.
     for (l, name) in levels.iter().zip(["c2", "c3"]) {
         assert_forward_close(name, &l.tensor, &io[name])?;
-    }
-    // C4 and C5 sum thousands of terms of magnitude ~100: the reference's own f32 round-off on
-    // near-zero outputs exceeds the elementwise tolerance (see `assert_deep_forward_close`).
-    for (l, name) in levels.iter().zip(["c2", "c3", "c4", "c5"]).skip(2) {
-        assert_deep_forward_close(name, &l.tensor, &io[name])?;
     }
     Ok(())
 }
@@ -102,7 +139,7 @@ fn pth_state_dicts_load_like_safetensors() -> Result<()> {
     )?;
     let a = from_pth.logits(&from_pth.forward_levels(&x, false)?[2])?;
     let b = from_st.logits(&from_st.forward_levels(&x, false)?[2])?;
-    glip_core::testing::assert_close("logits", &a, &b, 0.0, 0.0)?;
+    glip_testing::assert_close("logits", &a, &b, 0.0, 0.0)?;
     std::fs::remove_dir_all(&dir).ok();
     Ok(())
 }

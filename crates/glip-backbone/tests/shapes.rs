@@ -6,8 +6,8 @@
 
 use candle_core::{Device, Tensor};
 use glip_backbone::{MobileNetV2, ResNet, ResNetConfig, ResNetDepth};
-use glip_core::testing::fresh_vars;
 use glip_core::Backbone;
+use glip_testing::fresh_vars;
 use proptest::prelude::*;
 
 fn down(x: usize) -> usize {

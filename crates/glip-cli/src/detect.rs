@@ -41,7 +41,7 @@ pub fn phrases(prompt: &str) -> Vec<String> {
 }
 
 /// Runs `glip detect`.
-pub fn run(a: DetectArgs) -> Result<()> {
+pub fn run(registry: &glip_train::config::Registry, a: DetectArgs) -> Result<()> {
     let phrases = phrases(&a.prompt);
     if phrases.is_empty() {
         return Err(anyhow!(
@@ -50,12 +50,20 @@ pub fn run(a: DetectArgs) -> Result<()> {
         ));
     }
     let dev = candle_core::Device::Cpu;
-    let det = Detector::load(&a.run, &dev).map_err(|e| anyhow!(e))?;
+    let det = Detector::load_with(registry, &a.run, &dev)?;
+    let unknown = det.predictor().unknown_words(&phrases);
+    if !unknown.is_empty() {
+        eprintln!(
+            "warning: the run's tokenizer does not know {} (read as [UNK]): {}",
+            if unknown.len() == 1 { "this word" } else { "these words" },
+            unknown.join(", ")
+        );
+    }
     let post = PostProcessConfig {
         top_k: a.top_k,
         score_threshold: a.threshold,
-        nms_iou: a.nms.or(det.model.default_nms()),
-        ..Default::default()
+        nms_iou: a.nms.or(det.spec.post.nms_iou),
+        ..det.spec.post.clone()
     };
     std::fs::create_dir_all(&a.out).with_context(|| a.out.display().to_string())?;
     let mut results = Vec::new();
@@ -64,7 +72,7 @@ pub fn run(a: DetectArgs) -> Result<()> {
         let found = det
             .predictor()
             .detect(&img, &phrases, &post)
-            .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+            .with_context(|| path.display().to_string())?;
         let drawn = a.out.join(format!(
             "{}.detections.png",
             path.file_stem().unwrap_or_default().to_string_lossy()
@@ -86,10 +94,9 @@ pub fn run(a: DetectArgs) -> Result<()> {
 }
 
 fn save_png_atomic(img: &RgbImage, path: &Path) -> Result<()> {
-    let tmp = path.with_extension("png.tmp");
-    img.save_with_format(&tmp, image::ImageFormat::Png)
-        .with_context(|| tmp.display().to_string())?;
-    std::fs::rename(&tmp, path).with_context(|| path.display().to_string())
+    let mut png = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut png, image::ImageFormat::Png).with_context(|| path.display().to_string())?;
+    Ok(glip_train::write_atomic(path, png.get_ref())?)
 }
 
 const COLORS: [[u8; 3]; 8] = [

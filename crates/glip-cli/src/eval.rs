@@ -25,46 +25,42 @@ pub struct EvalArgs {
 }
 
 /// Runs `glip eval`.
-pub fn run(a: EvalArgs) -> Result<()> {
+pub fn run(registry: &glip_train::config::Registry, a: EvalArgs) -> Result<()> {
     let dev = candle_core::Device::Cpu;
-    let det = Detector::load(&a.run, &dev).map_err(|e| anyhow!(e))?;
-    let (metrics, heldout) = match (&a.coco, &a.images) {
+    let det = Detector::load_with(registry, &a.run, &dev)?;
+    let p = det.predictor();
+    let ev = match (&a.coco, &a.images) {
         (Some(ann), Some(images)) => {
-            let m = det
-                .predictor()
-                .evaluate_coco_folder(ann, images, &det.model.postprocess(), |i, n| {
-                    if i % 50 == 0 || i == n {
-                        eprintln!("{i}/{n} images");
-                    }
-                })
-                .map_err(|e| anyhow!(e))?;
-            (m, None)
+            p.evaluate_coco_folder(ann, images, &det.spec.post, |i, n| {
+                if i % 50 == 0 || i == n {
+                    eprintln!("{i}/{n} images");
+                }
+            })?
         }
         _ => {
-            let cfg = &det.config;
+            // The synthetic validation split is part of the training config.
+            let dir = if a.run.is_dir() { a.run.clone() } else { a.run.with_file_name("") };
+            let cfg_path = dir.join("config.resolved.toml");
+            let cfg = glip_train::experiment::load_config(&cfg_path).map_err(|e| {
+                anyhow!("{e} (the synthetic validation split is described there; give --coco and --images to evaluate on a COCO folder)")
+            })?;
             let ds = glip_data::ShapesDataset::new(cfg.data.shapes.clone(), glip_data::Split::Val)?;
             let n = glip_data::Dataset::len(&ds);
             let scratch = std::env::temp_dir().join(format!("glip-eval-{}", std::process::id()));
-            std::fs::create_dir_all(&scratch)?;
-            let r = glip_train::experiment::evaluate_shapes(
-                &det.model,
-                &ds,
-                n,
-                &det.tokenizer,
-                &cfg.model.head,
-                &scratch,
-            );
+            let r = glip_train::infer::evaluate_shapes(&p, &ds, n, &scratch);
             std::fs::remove_dir_all(&scratch).ok();
-            let (m, h) = r.map_err(|e| anyhow!(e))?;
-            (m, Some(h))
+            r?
         }
     };
     let mut obj: serde_json::Map<String, serde_json::Value> = COCO_STAT_NAMES
         .iter()
-        .map(|n| (n.to_string(), serde_json::json!(metrics.get(n))))
+        .map(|n| (n.to_string(), serde_json::json!(ev.coco.get(n))))
         .collect();
-    if let Some(h) = heldout {
-        obj.insert("heldout_AP50".into(), serde_json::json!(h));
+    if ev.heldout_ap50 >= 0.0 {
+        obj.insert("heldout_AP50".into(), serde_json::json!(ev.heldout_ap50));
+    }
+    for (k, r) in glip_train::infer::RECALL_KS.iter().zip(ev.recall) {
+        obj.insert(format!("R@{k}"), serde_json::json!(r));
     }
     if a.json {
         println!("{}", serde_json::Value::Object(obj));

@@ -21,6 +21,7 @@ use crate::report::{self, Cell};
 use crate::train::{default_dir, read_config, run_single, summary_line};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
+use glip_train::config::Registry;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -135,15 +136,16 @@ fn expand(ab: &Ablation) -> Result<Vec<(String, Vec<String>)>> {
 }
 
 /// Runs `glip experiment`.
-pub fn run(a: ExperimentArgs) -> Result<()> {
+pub fn run(registry: &Registry, a: ExperimentArgs) -> Result<()> {
     let text =
         std::fs::read_to_string(&a.config).with_context(|| a.config.display().to_string())?;
     let doc: toml::Table =
         toml::from_str(&text).with_context(|| format!("{}: not valid TOML", a.config.display()))?;
     if !doc.contains_key("ablation") {
-        let cfg = read_config(&a.config, &a.sets)?;
+        let mut cfg = read_config(&a.config, &a.sets)?;
+        cfg.check(registry).with_context(|| a.config.display().to_string())?;
         let dir = a.out.unwrap_or_else(|| default_dir(&cfg, &a.config));
-        let r = run_single(&cfg, &dir, a.resume, "")?;
+        let r = run_single(registry, &cfg, &dir, a.resume, "")?;
         eprintln!("results: {}", dir.join("results.md").display());
         println!("{}", summary_line(&r));
         return Ok(());
@@ -163,6 +165,7 @@ pub fn run(a: ExperimentArgs) -> Result<()> {
     for (cell, sets) in &cells {
         let all: Vec<String> = ab.set.iter().chain(sets).chain(&a.sets).cloned().collect();
         let mut cfg = read_config(&base, &all).with_context(|| format!("ablation cell {cell}"))?;
+        cfg.check(registry).with_context(|| format!("ablation cell {cell}"))?;
         cfg.name = format!("{name}/{cell}");
         configs.push(cfg);
     }
@@ -170,7 +173,7 @@ pub fn run(a: ExperimentArgs) -> Result<()> {
     let mut done = Vec::new();
     let mut failed = Vec::new();
     for ((cell, sets), cfg) in cells.iter().zip(&configs) {
-        match run_single(cfg, &dir.join(cell), a.resume, cell) {
+        match run_single(registry, cfg, &dir.join(cell), a.resume, cell) {
             Ok(r) => {
                 println!("{}", summary_line(&r));
                 done.push(Cell { name: cell.clone(), sets: sets.clone(), result: r });
@@ -265,7 +268,7 @@ mod tests {
                 let cfg = read_config(&base, &all)
                     .unwrap_or_else(|e| panic!("{}: {name}: {e:#}", path.display()));
                 // Component parameters are checked when the model is built.
-                glip_train::config::ModelBuilder::new()
+                Registry::new()
                     .build_trainable(
                         &cfg.model,
                         &candle_nn::VarMap::new(),

@@ -36,11 +36,11 @@ fn component(name: &str) -> &str {
 }
 
 /// Runs `glip inspect`.
-pub fn run(a: InspectArgs) -> Result<()> {
+pub fn run(registry: &glip_train::config::Registry, a: InspectArgs) -> Result<()> {
     let cfg = read_config(&a.config, &a.sets)?;
     let dev = Device::Cpu;
     let varmap = candle_nn::VarMap::new();
-    let model = glip_train::config::ModelBuilder::new()
+    let model = registry
         .build_trainable(&cfg.model, &varmap, 0, &dev)
         .map_err(|e| anyhow!("{}: {e}", a.config.display()))?;
     let mut per: BTreeMap<String, (usize, usize)> = BTreeMap::new();
@@ -63,7 +63,11 @@ pub fn run(a: InspectArgs) -> Result<()> {
     println!("{:<20} {tp:>14} {tb:>12}\n", "total");
 
     let size = a.size.unwrap_or(cfg.data.shapes.image_size as usize);
-    let tok = glip_text::Tokenizer::from_file(&cfg.model.text.tokenizer)?;
+    let tok_path = cfg
+        .model
+        .tokenizer()
+        .ok_or_else(|| anyhow!("{}: the model names no tokenizer", a.config.display()))?;
+    let tok = glip_text::Tokenizer::from_file(&tok_path)?;
     let prompt = match &a.prompt {
         Some(p) => p.clone(),
         None => {

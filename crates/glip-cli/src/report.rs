@@ -1,8 +1,9 @@
 //! What a run and an ablation leave behind for people: `results.md`, a CSV table, SVG plots.
 
-use anyhow::{Context, Result};
-use glip_train::experiment::{write_atomic, ExperimentResult};
+use anyhow::Result;
+use glip_train::experiment::ExperimentResult;
 use glip_train::trainer::LogLine;
+use glip_train::write_atomic;
 use plotters::prelude::*;
 use std::path::Path;
 
@@ -63,7 +64,7 @@ pub fn write_run_markdown(dir: &Path, r: &ExperimentResult) -> Result<()> {
         );
     }
     s += "\n![loss and AP against steps](curves.svg)\n\nFiles: `config.resolved.toml` (the full config), `log.jsonl` (losses), `eval.jsonl`, `results.json`, `checkpoint.safetensors`.\n";
-    write_atomic(&dir.join("results.md"), &s).map_err(anyhow::Error::msg)
+    Ok(write_atomic(&dir.join("results.md"), s.as_bytes())?)
 }
 
 type Series = (String, Vec<(f64, f64)>);
@@ -128,9 +129,9 @@ fn panel(
 /// steps.
 pub fn plot_run(dir: &Path, r: &ExperimentResult) -> Result<()> {
     let path = dir.join("curves.svg");
-    let tmp = dir.join("curves.svg.tmp");
+    let mut svg = String::new();
     {
-        let root = SVGBackend::new(&tmp, (1000, 420)).into_drawing_area();
+        let root = SVGBackend::with_string(&mut svg, (1000, 420)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| anyhow::anyhow!("plot: {e}"))?;
         let (left, right) = root.split_horizontally(500);
         panel(&left, "training loss", "step", "loss", &[("loss".into(), loss_curve(dir))], None)?;
@@ -152,7 +153,7 @@ pub fn plot_run(dir: &Path, r: &ExperimentResult) -> Result<()> {
         panel(&right, "validation", "step", "AP", &ap, Some((0.0, 1.0)))?;
         root.present().map_err(|e| anyhow::anyhow!("plot: {e}"))?;
     }
-    std::fs::rename(&tmp, &path).with_context(|| path.display().to_string())
+    Ok(write_atomic(&path, svg.as_bytes())?)
 }
 
 /// One ablation cell: its name, the overrides that make it, its result.
@@ -210,12 +211,12 @@ pub fn write_ablation(dir: &Path, title: &str, cells: &[Cell]) -> Result<()> {
         md += &format!("| {} |\n", row.join(" | "));
     }
     md += "\n![validation AP50 against training minutes](ablation.svg)\n\nEach cell's folder holds its full run: `config.resolved.toml`, `log.jsonl`, `eval.jsonl`, `results.json`, `results.md`, `curves.svg`.\n";
-    write_atomic(&dir.join("ablation.csv"), &csv).map_err(anyhow::Error::msg)?;
-    write_atomic(&dir.join("ablation.md"), &md).map_err(anyhow::Error::msg)?;
+    write_atomic(&dir.join("ablation.csv"), csv.as_bytes())?;
+    write_atomic(&dir.join("ablation.md"), md.as_bytes())?;
     let path = dir.join("ablation.svg");
-    let tmp = dir.join("ablation.svg.tmp");
+    let mut svg = String::new();
     {
-        let root = SVGBackend::new(&tmp, (1000, 420)).into_drawing_area();
+        let root = SVGBackend::with_string(&mut svg, (1000, 420)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| anyhow::anyhow!("plot: {e}"))?;
         let (left, right) = root.split_horizontally(500);
         let val: Vec<Series> = cells
@@ -236,7 +237,7 @@ pub fn write_ablation(dir: &Path, title: &str, cells: &[Cell]) -> Result<()> {
         panel(&right, "held-out pairs AP50", "training minutes", "AP50", &held, Some((0.0, 1.0)))?;
         root.present().map_err(|e| anyhow::anyhow!("plot: {e}"))?;
     }
-    std::fs::rename(&tmp, &path).with_context(|| path.display().to_string())
+    Ok(write_atomic(&path, svg.as_bytes())?)
 }
 
 fn csv_field(v: &str) -> String {

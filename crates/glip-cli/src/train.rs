@@ -4,8 +4,10 @@ use crate::progress::Reporter;
 use crate::report;
 use anyhow::{anyhow, Result};
 use clap::Args;
+use glip_train::config::Registry;
 use glip_train::experiment::{
-    load_config, resolve_paths, run_experiment, ExperimentConfig, ExperimentResult,
+    config_from_table, load_config, resolve_paths, run_experiment_with, ExperimentConfig,
+    ExperimentResult,
 };
 use std::path::PathBuf;
 
@@ -51,11 +53,10 @@ pub fn apply_sets(doc: &mut toml::Table, sets: &[String]) -> Result<()> {
 
 /// Reads a config with overrides, relative paths resolved against its folder.
 pub fn read_config(path: &std::path::Path, sets: &[String]) -> Result<ExperimentConfig> {
-    load_config(path).map_err(|e| anyhow!(e))?; // validates the file as written, naming it
+    load_config(path)?; // validates the file as written, naming it
     let mut doc: toml::Table = toml::from_str(&std::fs::read_to_string(path)?)?;
     apply_sets(&mut doc, sets)?;
-    let mut cfg: ExperimentConfig = toml::Value::Table(doc)
-        .try_into()
+    let mut cfg = config_from_table(doc)
         .map_err(|e| anyhow!("{} with --set overrides: {e}", path.display()))?;
     resolve_paths(&mut cfg, path.parent().unwrap_or(std::path::Path::new(".")));
     Ok(cfg)
@@ -64,6 +65,7 @@ pub fn read_config(path: &std::path::Path, sets: &[String]) -> Result<Experiment
 /// Trains and evaluates one config into `dir`, then writes `results.md` and `curves.svg` beside
 /// the run's `results.json`.
 pub fn run_single(
+    registry: &Registry,
     cfg: &ExperimentConfig,
     dir: &std::path::Path,
     resume: bool,
@@ -75,7 +77,7 @@ pub fn run_single(
         dir.display()
     );
     let mut reporter = Reporter::new(label);
-    let r = run_experiment(cfg, dir, resume, &mut reporter).map_err(|e| anyhow!(e))?;
+    let r = run_experiment_with(registry, cfg, dir, resume, &mut reporter)?;
     drop(reporter);
     report::write_run_markdown(dir, &r)?;
     report::plot_run(dir, &r)?;
@@ -105,10 +107,10 @@ pub fn summary_line(r: &ExperimentResult) -> serde_json::Value {
 }
 
 /// Runs `glip train`.
-pub fn run(a: TrainArgs) -> Result<()> {
+pub fn run(registry: &Registry, a: TrainArgs) -> Result<()> {
     let cfg = read_config(&a.config, &a.sets)?;
     let dir = a.out.unwrap_or_else(|| default_dir(&cfg, &a.config));
-    let r = run_single(&cfg, &dir, a.resume, "")?;
+    let r = run_single(registry, &cfg, &dir, a.resume, "")?;
     println!("{}", summary_line(&r));
     Ok(())
 }

@@ -75,7 +75,7 @@ fn export_then_check_passes_and_a_broken_copy_fails_listing_every_problem() {
 
 #[test]
 fn coco_eval_prints_the_twelve_numbers_and_json() {
-    let dir = glip_core::testing::fixture("coco/case1");
+    let dir = glip_testing::fixture("coco/case1");
     let (gt, dets) = (dir.join("gt.json"), dir.join("dets.json"));
     let (ok, out) = glip(&[
         "coco-eval",

@@ -104,6 +104,12 @@ fn experiment_then_eval_detect_and_inspect() {
     let m: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert!((m["AP50"].as_f64().unwrap() - ap50).abs() < 1e-9, "{m} vs {ap50}");
     assert!(m["heldout_AP50"].is_number());
+    // Recall@k of phrase grounding, in the eval and in results.json alike.
+    for k in ["R@1", "R@5", "R@10"] {
+        let r = m[k].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&r), "{k} {r}");
+        assert_eq!(res["recall"][k].as_f64(), Some(r), "{k}");
+    }
 
     // `glip detect`: JSON with one entry per image, the phrases it grounds, a drawn PNG.
     let shapes = d.join("shapes");
@@ -122,20 +128,23 @@ fn experiment_then_eval_detect_and_inspect() {
     assert!(ok, "{err}");
     let img = shapes.join("val/images/000000.png");
     let drawn = d.join("drawn");
-    let (ok, out, err) = glip(&[
-        "detect",
-        "--run",
-        run.to_str().unwrap(),
-        "--prompt",
-        "red circle. blue square",
-        "--threshold",
-        "0",
-        "--top-k",
-        "3",
-        "--out",
-        drawn.to_str().unwrap(),
-        img.to_str().unwrap(),
-    ]);
+    let detect = |prompt: &str| {
+        glip(&[
+            "detect",
+            "--run",
+            run.to_str().unwrap(),
+            "--prompt",
+            prompt,
+            "--threshold",
+            "0",
+            "--top-k",
+            "3",
+            "--out",
+            drawn.to_str().unwrap(),
+            img.to_str().unwrap(),
+        ])
+    };
+    let (ok, out, err) = detect("red circle. blue square");
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let dets = v[0]["detections"].as_array().unwrap();
@@ -148,6 +157,17 @@ fn experiment_then_eval_detect_and_inspect() {
     }
     let png = image::open(drawn.join("000000.detections.png")).unwrap();
     assert_eq!((png.width(), png.height()), (64, 64));
+
+    // Without the training config the run is served all the same (inference.json and the
+    // tokenizer's copy are in the run folder), with the same boxes; a word the tokenizer does
+    // not know is named.
+    std::fs::remove_file(run.join("config.resolved.toml")).unwrap();
+    let (ok, out2, err) = detect("red circle. blue square");
+    assert!(ok, "{err}");
+    let v2: serde_json::Value = serde_json::from_str(&out2).unwrap();
+    assert_eq!(v2[0]["detections"], v[0]["detections"]);
+    let (ok, _, err) = detect("red circle. blue dog");
+    assert!(ok && err.contains("does not know") && err.contains("dog"), "{err}");
 
     // `glip inspect`: parameter counts per component and the shapes flowing through.
     let (ok, out, err) = glip(&["inspect", "--config", cfg.to_str().unwrap(), "--size", "64"]);
@@ -189,7 +209,10 @@ set = ["run.steps=2", "run.eval_every=1"]
         assert_eq!(r["steps"], 2, "{cell}");
         let resolved =
             std::fs::read_to_string(out_dir.join(cell).join("config.resolved.toml")).unwrap();
-        assert!(resolved.contains(&format!("matcher = \"{cell}\"")), "{cell}: {resolved}");
+        assert!(
+            resolved.contains(&format!("[loss.matcher]\ntype = \"{cell}\"")),
+            "{cell}: {resolved}"
+        );
     }
     std::fs::remove_dir_all(&d).ok();
 }
@@ -246,7 +269,7 @@ fn bad_input_gets_a_message_naming_it() {
     assert!(!ok && err.contains("stepz") && !err.contains("panicked"), "{err}");
     let (ok, _, err) =
         glip(&["detect", "--run", d.join("nope").to_str().unwrap(), "--prompt", "x", "a.png"]);
-    assert!(!ok && err.contains("config.resolved.toml") && !err.contains("panicked"), "{err}");
+    assert!(!ok && err.contains("inference.json") && !err.contains("panicked"), "{err}");
     let (ok, _, err) = glip(&["detect", "--run", d.to_str().unwrap(), "--prompt", " . ", "a.png"]);
     assert!(!ok && err.contains("names nothing"), "{err}");
     let bad = d.join("bad-ablation.toml");
@@ -334,4 +357,53 @@ fn dense_and_query_selection_experiments_round_trip() {
             assert!(b[0] <= b[2] && b[1] <= b[3] && b[2] <= 40.0 && b[3] <= 30.0, "{b:?}");
         }
     }
+}
+
+/// A run killed between checkpoints and resumed logs every step (and every evaluation) once:
+/// what was logged after the checkpoint is dropped, then logged again.
+#[test]
+fn a_resumed_run_logs_each_step_once() {
+    let d = scratch("resume");
+    let cfg = tiny_config(&d);
+    let run = d.join("run");
+    let args = |steps: &str| {
+        vec![
+            "experiment".to_string(),
+            cfg.to_str().unwrap().to_string(),
+            "--out".into(),
+            run.to_str().unwrap().to_string(),
+            "--set".into(),
+            format!("run.steps={steps}"),
+            "--resume".into(),
+        ]
+    };
+    let call = |a: Vec<String>| glip(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let (ok, _, err) = call(args("2"));
+    assert!(ok, "{err}");
+    // The checkpoint at step 2, then two more steps: a kill after step 4 but before its
+    // checkpoint leaves the step-2 checkpoint with a log up to step 4.
+    let saved = d.join("saved");
+    std::fs::create_dir_all(&saved).unwrap();
+    for f in ["checkpoint.safetensors", "checkpoint.json"] {
+        std::fs::copy(run.join(f), saved.join(f)).unwrap();
+    }
+    let (ok, _, err) = call(args("4"));
+    assert!(ok, "{err}");
+    for f in ["checkpoint.safetensors", "checkpoint.json"] {
+        std::fs::copy(saved.join(f), run.join(f)).unwrap();
+    }
+    let (ok, _, err) = call(args("4"));
+    assert!(ok, "{err}");
+    let steps = |file: &str| -> Vec<u64> {
+        std::fs::read_to_string(run.join(file))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap()
+            })
+            .collect()
+    };
+    assert_eq!(steps("log.jsonl"), [1, 2, 3, 4]);
+    assert_eq!(steps("eval.jsonl"), [2, 4]);
+    std::fs::remove_dir_all(&d).ok();
 }

@@ -9,6 +9,11 @@
 //! - [`traits`]: `Backbone`, `TextEncoder`, `QueryGenerator`, `Fusion`, `Transformer`, `Detector`,
 //!   `BoxHead`, `ClassHead`, `Matcher`, `Criterion`.
 //! - [`boxes`]: cxcywh/xyxy conversions, areas, IoU and GIoU (differentiable).
+//! - [`prompt`]: captions from phrases and positive maps (which tokens ground which phrase).
+//! - [`weights`]: weight files (safetensors, PyTorch zip) and the trainable builder that
+//!   initialises from them.
+//!
+//! The compute kernels and layers are `glip-kernels`'; the test helpers `glip-testing`'s.
 //!
 //! # What it must not know about
 //! Any concrete model, dataset, file format or training loop. It depends on candle and nothing
@@ -26,14 +31,9 @@
 //! ```
 
 pub mod boxes;
-pub mod conv;
-pub mod fused;
-pub mod nn;
-pub mod norm;
 pub mod prompt;
 pub mod rng;
 pub mod shape;
-pub mod testing;
 pub mod traits;
 pub mod types;
 pub mod weights;

@@ -175,9 +175,26 @@ pub trait Detector: Send + Sync {
         train: bool,
         trace: &mut dyn FnMut(&str, &[usize]),
     ) -> Result<ModelOutput>;
-    /// Whether its detections need non-maximum suppression (dense heads do; set prediction
-    /// does not).
-    fn needs_nms(&self) -> bool {
-        false
+    /// The per-category NMS IoU its detections need by default: none for set prediction
+    /// (DETR-style one-to-one matching), GLIP's 0.6 for a dense head.
+    fn default_nms(&self) -> Option<f32> {
+        None
+    }
+    /// `(q, c)` detection scores of image `b` from per-category scores computed on its logits
+    /// (`per_category`, e.g. the token scores of a prompt). The default keeps them; a dense
+    /// head with centerness gives FCOS's `sqrt(score * sigmoid(centerness))`.
+    fn score(&self, out: &ModelOutput, b: usize, per_category: Tensor) -> Result<Tensor> {
+        let _ = (out, b);
+        Ok(per_category)
+    }
+    /// Whether it runs the transformer's decoder (a dense head and query selection do not: the
+    /// transformer is then built without decoder layers).
+    fn uses_decoder(&self) -> bool {
+        true
+    }
+    /// The registered criterion that trains it unless the config names one (`set`: matched
+    /// set prediction; `dense`: FCOS/ATSS assignment).
+    fn default_criterion(&self) -> &str {
+        "set"
     }
 }

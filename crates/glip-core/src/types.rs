@@ -215,9 +215,43 @@ pub struct ModelOutput {
     pub memory: Tensor,
     /// `(b, t)` u8 text mask the token logits were computed against.
     pub text_mask: Tensor,
-    /// Where each query sits, for a dense (one-stage) head whose queries are feature-map
-    /// locations; `None` for set-prediction heads.
-    pub dense: Option<DenseOutput>,
+    /// What a particular design adds for its own criterion or scoring (a dense head's
+    /// locations, [`DenseOutput`]), keyed by type: a new design adds its own type here
+    /// without editing this struct.
+    pub extensions: Extensions,
+}
+
+/// A map from a type to one value of that type: the design-specific outputs of a detector.
+#[derive(Clone, Default)]
+pub struct Extensions {
+    map: Vec<(std::any::TypeId, &'static str, std::sync::Arc<dyn std::any::Any + Send + Sync>)>,
+}
+
+impl std::fmt::Debug for Extensions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.map.iter().map(|(_, name, _)| name)).finish()
+    }
+}
+
+impl Extensions {
+    /// Stores `value`, replacing any earlier value of its type.
+    pub fn insert<T: std::any::Any + Send + Sync>(&mut self, value: T) {
+        let id = std::any::TypeId::of::<T>();
+        self.map.retain(|(k, _, _)| *k != id);
+        self.map.push((id, std::any::type_name::<T>(), std::sync::Arc::new(value)));
+    }
+
+    /// The value of type `T`, if one was stored.
+    pub fn get<T: std::any::Any + Send + Sync>(&self) -> Option<&T> {
+        let id = std::any::TypeId::of::<T>();
+        self.map.iter().find(|(k, _, _)| *k == id).and_then(|(_, _, v)| v.downcast_ref::<T>())
+    }
+
+    /// Removes the value of type `T`.
+    pub fn remove<T: std::any::Any + Send + Sync>(&mut self) {
+        let id = std::any::TypeId::of::<T>();
+        self.map.retain(|(k, _, _)| *k != id);
+    }
 }
 
 /// The locations of a dense head: one query per feature-map location, every level's
@@ -279,7 +313,15 @@ impl ModelOutput {
         c.tensor("hs", &hs, "b q d")?;
         c.tensor("memory", &memory, "b s d")?;
         c.tensor("text_mask", &text_mask, "b _")?;
-        Ok(Self { pred, logits_kind, aux, hs, memory, text_mask, dense: None })
+        Ok(Self {
+            pred,
+            logits_kind,
+            aux,
+            hs,
+            memory,
+            text_mask,
+            extensions: Extensions::default(),
+        })
     }
 
     /// The same output with the locations of a dense head, checked against `pred`.
@@ -287,27 +329,14 @@ impl ModelOutput {
         let mut c = Contract::new();
         c.tensor("pred_boxes", &self.pred.pred_boxes, "b q 4")?;
         c.tensor("dense points", &dense.points, "b q 2")?;
-        self.dense = Some(dense);
+        self.extensions.insert(dense);
         Ok(self)
     }
 
-    /// `(q, c)` detection scores of image `b` from per-category scores computed on its logits
-    /// (`per_category`, e.g. the token scores of a prompt): with a centerness
-    /// prediction, FCOS's `sqrt(score * sigmoid(centerness))`, otherwise unchanged.
-    pub fn rescore(&self, b: usize, per_category: Tensor) -> Result<Tensor> {
-        match self.dense.as_ref().and_then(|d| d.centerness.as_ref()) {
-            Some(ctr) => {
-                let c = candle_nn_free_sigmoid(&ctr.get(b)?)?.unsqueeze(1)?;
-                per_category.broadcast_mul(&c)?.sqrt()
-            }
-            None => Ok(per_category),
-        }
+    /// The locations of a dense head, if the detector is one.
+    pub fn dense(&self) -> Option<&DenseOutput> {
+        self.extensions.get::<DenseOutput>()
     }
-}
-
-/// `1 / (1 + exp(-x))` from elementwise ops (this crate does not depend on candle-nn).
-fn candle_nn_free_sigmoid(x: &Tensor) -> Result<Tensor> {
-    (x.neg()?.exp()? + 1.0)?.recip()
 }
 
 /// A Hungarian (or other) assignment for one image: `query[i]` is matched to `target[i]`,

@@ -39,7 +39,7 @@ pub use error::{DataError, ErrorPolicy, Problem, SkipReport};
 pub use loader::Loader;
 pub use odvg::OdvgDataset;
 pub use sample::{collate, Batch, Sample};
-pub use shapes::{ShapesConfig, ShapesDataset, Split};
+pub use shapes::{write_atomic, ShapesConfig, ShapesDataset, Split};
 pub use transforms::TransformConfig;
 
 /// A source of grounding samples.

@@ -1,10 +1,9 @@
-//! Prediction heads of glip-rs: box heads, the fixed-class head, GLIP's token-alignment head,
-//! GLIP's dense one-stage head ([`DenseHead`]) and post-processing (scores per category, top-k,
-//! threshold, NMS, boxes back to pixels).
+//! Prediction heads of glip-rs: box heads, the fixed-class head, GLIP's token-alignment head
+//! and post-processing (scores per category, top-k, threshold, NMS, boxes back to pixels).
+//! The detectors that use them are `glip-detectors`'.
 //!
 //! # Owns
-//! Implementations of [`glip_core::BoxHead`] and [`glip_core::ClassHead`], and the dense
-//! [`glip_core::Detector`].
+//! Implementations of [`glip_core::BoxHead`] and [`glip_core::ClassHead`].
 //!
 //! # Must not know about
 //! How hidden states were produced, losses, datasets.
@@ -15,15 +14,12 @@
 //! assert_eq!(nms(&boxes, &[0.9, 0.8, 0.7], 0.5), vec![0, 2]);
 //! ```
 
-pub mod dense;
 pub mod postprocess;
-
-pub use dense::{DenseHead, DenseHeadConfig};
 
 use candle_core::{Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
-use glip_core::nn::{l2_normalize, Linear};
 use glip_core::{BoxHead, ClassHead, LogitsKind, TextFeatures};
+use glip_kernels::nn::{l2_normalize, Linear};
 
 /// The seed's box head: one linear layer `bbox_pred (d -> 4)` and a sigmoid, giving normalised
 /// cxcywh.

@@ -1,12 +1,12 @@
 //! Heads: gradients, shapes, text padding, post-processing.
 
 use candle_core::{DType, Device, Result, Tensor};
-use glip_core::testing::{assert_close, assert_every_parameter_learns, fresh_vars, probe_loss};
 use glip_core::{BoxHead, ClassHead, TextFeatures};
 use glip_heads::postprocess::{
     class_scores, detections, token_scores, PostProcessConfig, TokenReduce,
 };
 use glip_heads::{FixedClassHead, LinearBoxHead, MlpBoxHead, TokenAlignmentHead};
+use glip_testing::{assert_close, assert_every_parameter_learns, fresh_vars, probe_loss};
 use proptest::prelude::*;
 
 fn randn(shape: &[usize]) -> Tensor {

@@ -206,7 +206,7 @@ fn centerness_target(p: [f32; 2], b: [f32; 4]) -> f32 {
 
 impl Criterion for DenseCriterion {
     fn forward(&self, out: &ModelOutput, targets: &[Target]) -> Result<Losses> {
-        let Some(DenseOutput { points, strides, level, centerness }) = &out.dense else {
+        let Some(DenseOutput { points, strides, level, centerness }) = out.dense() else {
             candle_core::bail!(
                 "the dense criterion needs a dense head's output (model.detector.type = \"dense\")"
             )

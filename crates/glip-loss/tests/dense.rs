@@ -135,7 +135,7 @@ fn the_dense_criterion_names_what_it_needs() {
         .map(|&s| Var::from_tensor(&Tensor::zeros(s, DType::F32, &dev).unwrap()).unwrap())
         .collect();
     let mut out = output(1, 3, 5, false, &vars);
-    out.dense = None;
+    out.extensions.remove::<DenseOutput>();
     let t = Target::new(Tensor::zeros((0, 4), DType::F32, &dev).unwrap(), None, None).unwrap();
     let e = crit(Assigner::Fcos).forward(&out, &[t]).unwrap_err().to_string();
     assert!(e.contains("dense head"), "{e}");

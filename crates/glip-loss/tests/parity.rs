@@ -4,9 +4,9 @@
 
 use candle_core::{Device, Result, Tensor, Var};
 use glip_core::boxes::{box_iou, generalized_box_iou};
-use glip_core::testing::{assert_close, assert_forward_close, fixture, load};
 use glip_loss::matcher::hungarian;
 use glip_loss::terms::sigmoid_focal;
+use glip_testing::{assert_close, assert_forward_close, fixture, load};
 
 #[test]
 fn hungarian_reaches_scipys_optimal_total_on_every_case() {

@@ -1,14 +1,14 @@
 //! A trainable BERT with Hugging Face names.
 //!
 //! candle-transformers' BERT uses the fused LayerNorm, which passes no gradient
-//! (CANDLE-NOTES.md), so this crate owns the forward pass, built from `glip_core::nn`'s
+//! (CANDLE-NOTES.md), so this crate owns the forward pass, built from `glip_kernels::nn`'s
 //! differentiable pieces.
 
 use crate::TextError;
 use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::{Embedding, Init, Module, VarBuilder};
-use glip_core::nn::{dropout, mask_to_bias, softmax_last, LayerNorm, Linear};
 use glip_core::{TextEncoder, TextFeatures};
+use glip_kernels::nn::{dropout, mask_to_bias, softmax_last, LayerNorm, Linear};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -250,7 +250,7 @@ pub fn mean_pool_normalized(tokens: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let m = mask.to_dtype(tokens.dtype())?.unsqueeze(D::Minus1)?;
     let sum = tokens.broadcast_mul(&m)?.sum(1)?;
     let n = m.sum(1)?.clamp(1e-9, f64::INFINITY)?;
-    glip_core::nn::l2_normalize(&sum.broadcast_div(&n)?)
+    glip_kernels::nn::l2_normalize(&sum.broadcast_div(&n)?)
 }
 
 impl TextEncoder for Bert {

@@ -38,6 +38,21 @@ impl Tokenizer {
         Ok(Self { inner, max_tokens: MAX_TOKENS })
     }
 
+    /// Whether the vocabulary knows `word`: it tokenizes without `[UNK]` and not letter by
+    /// letter (a WordPiece vocabulary spells a word it has never seen with single characters,
+    /// which carry nothing of its meaning; real subwords such as `ground ##ing` are fine).
+    pub fn knows(&self, word: &str) -> bool {
+        let Ok(e) = self.inner.encode(word, false) else { return false };
+        let unk = self.inner.token_to_id("[UNK]");
+        if unk.is_some_and(|u| e.get_ids().contains(&u)) {
+            return false;
+        }
+        let tokens = e.get_tokens();
+        let spelled = tokens.len() > 1
+            && tokens.iter().all(|t| t.trim_start_matches("##").chars().count() == 1);
+        !spelled
+    }
+
     /// Size of the vocabulary (added tokens included).
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

@@ -2,10 +2,10 @@
 //! reference's rules (`build_prompt`, `positive_map` in `glip_reference.py`).
 
 use candle_core::{DType, Device, Result, Tensor};
-use glip_core::testing::{
+use glip_core::TextEncoder;
+use glip_testing::{
     assert_close, assert_every_parameter_learns, fixture, fresh_vars, load, probe_loss,
 };
-use glip_core::TextEncoder;
 use glip_text::{chunked_detection_prompts, positive_map, Bert, BertConfig, Prompt, Tokenizer};
 use proptest::prelude::*;
 
@@ -39,11 +39,7 @@ fn bert_loads_names_with_a_bert_prefix() -> Result<()> {
         &io["attention_mask"].to_dtype(DType::U8)?,
         false,
     )?;
-    glip_core::testing::assert_forward_close(
-        "prefixed last_hidden_state",
-        &h,
-        &io["last_hidden_state"],
-    )
+    glip_testing::assert_forward_close("prefixed last_hidden_state", &h, &io["last_hidden_state"])
 }
 
 proptest! {
@@ -164,4 +160,18 @@ fn bad_spans_and_empty_names_are_errors() {
     // Character (not byte) spans: "é" is one character.
     let p = Prompt::detection(&["café", "dog"], ". ").unwrap();
     assert_eq!(p.spans, vec![(0, 4), (6, 9)]);
+}
+
+/// A word is known when the vocabulary has it whole or as real subwords, not when it is
+/// spelled letter by letter or read as `[UNK]` (what `glip detect` warns about).
+#[test]
+fn words_spelled_letter_by_letter_or_unknown_are_not_known() {
+    let tok = glip_text::Tokenizer::from_file(std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../configs/shapes-tokenizer.json"
+    )))
+    .unwrap();
+    assert!(tok.knows("red") && tok.knows("circle") && tok.knows("a"));
+    assert!(!tok.knows("dog"), "d ##o ##g carries nothing of a dog");
+    assert!(!tok.knows("\u{4e2d}"), "[UNK]");
 }

@@ -2,7 +2,7 @@
 //! `BertModel`), at the fixture README's forward tolerance `|a - b| <= 1e-4 + 1e-3 * |b|`.
 
 use candle_core::{DType, Device, Result, Tensor};
-use glip_core::testing::{assert_forward_close, fixture, load};
+use glip_testing::{assert_forward_close, fixture, load};
 use glip_text::bert::mean_pool_normalized;
 use glip_text::{Bert, Tokenizer};
 use std::path::PathBuf;

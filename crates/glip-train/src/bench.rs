@@ -4,7 +4,9 @@
 //! the backbone stem and layer1 frozen (backbone and text lr 1e-5, the rest 1e-4).
 
 use crate::config::{
-    BackboneConfig, BoxHeadConfig, Component, HeadConfig, ModelConfig, TextConfig,
+    BackboneConfig, BertParams, BoxHeadConfig, ClassParams, DetectorConfig, FusionConfig,
+    HeadConfig, ModelConfig, NoParams, QueryGeneratorConfig, ResnetParams, TextConfig,
+    TransformerSlot,
 };
 use crate::optim::{AdamW, OptimConfig, Schedule};
 use crate::trainer::trainable_vars;
@@ -29,12 +31,18 @@ pub fn preset(name: &str) -> Result<ModelConfig> {
     };
     let (depth, th, tl, tn, d, nh, enc, dec, ff, queries, classes) = p;
     Ok(ModelConfig {
-        backbone: BackboneConfig::Resnet { depth, freeze_at: 2, trainable_bn: false, stages: 4 },
+        backbone: BackboneConfig::Resnet(ResnetParams {
+            depth,
+            freeze_at: 2,
+            trainable_bn: false,
+            stages: 4,
+        })
+        .into(),
         feature_level: None,
         feature_levels: None,
         fpn: false,
-        detector: Component::named("decoder"),
-        text: TextConfig {
+        detector: DetectorConfig::Decoder(NoParams {}).into(),
+        text: TextConfig::Bert(BertParams {
             tokenizer: Default::default(),
             folder: None,
             hidden: Some(th),
@@ -44,19 +52,22 @@ pub fn preset(name: &str) -> Result<ModelConfig> {
             vocab_size: Some(30522),
             dropout: 0.1,
             frozen: false,
-        },
-        transformer: TransformerConfig {
+        })
+        .into(),
+        transformer: TransformerSlot::Detr(TransformerConfig {
             dropout: 0.1,
             ..TransformerConfig::new(d, nh, enc, dec, ff)
-        },
+        })
+        .into(),
         num_queries: queries,
-        query_generator: Component::named("seed"),
-        fusion: Component::named("none"),
-        box_head: BoxHeadConfig::Linear,
-        head: HeadConfig::Class { num_classes: classes },
+        query_generator: QueryGeneratorConfig::Seed(NoParams {}).into(),
+        fusion: FusionConfig::None(NoParams {}).into(),
+        box_head: BoxHeadConfig::Linear(NoParams {}).into(),
+        head: HeadConfig::Class(ClassParams { num_classes: classes }).into(),
         position_encoding: false,
         aux_loss: false,
         weights: Default::default(),
+        allow_missing: Vec::new(),
     })
 }
 
@@ -132,7 +143,7 @@ fn inputs(spec: &BenchSpec, dev: &Device) -> Result<(ImageBatch, TextBatch, Vec<
 pub fn run(spec: &BenchSpec, dev: &Device) -> Result<BenchResult> {
     let cfg = preset(&spec.preset)?;
     let varmap = candle_nn::VarMap::new();
-    let model = crate::config::ModelBuilder::new().build_trainable(&cfg, &varmap, 0, dev)?;
+    let model = crate::config::Registry::new().build_trainable(&cfg, &varmap, 0, dev)?;
     let (images, text, targets) = inputs(spec, dev)?;
     let criterion = SetCriterion::new(
         LossConfig { aux_loss: false, ..LossConfig::detr() },

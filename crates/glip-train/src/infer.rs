@@ -1,16 +1,21 @@
-//! A trained model on new images: load a run folder, ground a list of phrases in images (prompts
-//! chunked to the token budget, never truncated), evaluate on a COCO folder.
+//! The one inference path: preprocessing (the training resize rule), prompt chunking, forward,
+//! scoring (the detector's), top-k, threshold and NMS. Evaluation during training,
+//! `glip eval` and `glip detect` all go through [`Predictor::detect_batch`].
+//!
+//! Every run saves an [`InferenceSpec`] (`inference.json`: the model config, the resize rule,
+//! the class names, the score rule) and its tokenizer (`tokenizer.json`) beside the
+//! checkpoint, so a run folder is served by [`Detector::load`] without its training config.
 
-use crate::config::{HeadConfig, ModelBuilder};
+use crate::config::{ModelConfig, Registry};
 use crate::eval::{evaluate_coco, CocoDetection, CocoMetrics};
-use crate::experiment::ExperimentConfig;
-use crate::GlipModel;
+use crate::{Error, GlipModel};
 use candle_core::{DType, Device, Tensor};
+use glip_core::LogitsKind;
 use glip_data::Sample;
 use glip_heads::postprocess::{class_scores, detections, token_scores, PostProcessConfig};
 use glip_text::{chunked_detection_prompts, Tokenizer};
 use image::RgbImage;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -27,12 +32,110 @@ pub struct Grounded {
     pub phrase: String,
 }
 
+/// How images are resized before the model: [`glip_data::transforms::target_size`] with the
+/// training's shorter side and cap (the largest of a multi-scale training's sides).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Preprocess {
+    /// Target shorter side in pixels.
+    pub shorter_side: u32,
+    /// Cap on the longer side (0: none).
+    pub max_size: u32,
+}
+
+impl Preprocess {
+    /// `img` resized by the rule (unchanged when it already has the target size).
+    pub fn apply(&self, img: &RgbImage) -> RgbImage {
+        let (w, h) = img.dimensions();
+        let (nw, nh) = glip_data::transforms::target_size(w, h, self.shorter_side, self.max_size);
+        if (nw, nh) == (w, h) {
+            img.clone()
+        } else {
+            image::imageops::resize(img, nw, nh, image::imageops::FilterType::Triangle)
+        }
+    }
+}
+
+/// Everything inference needs besides the weights; saved as `inference.json` in a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InferenceSpec {
+    /// The run's name.
+    #[serde(default)]
+    pub name: String,
+    /// The model (paths absolute, or relative to the run folder).
+    pub model: ModelConfig,
+    /// The resize rule.
+    pub preprocess: Preprocess,
+    /// The names of a fixed-class head's classes (empty for a token head).
+    #[serde(default)]
+    pub class_names: Vec<String>,
+    /// Scoring defaults: token reduction, NMS, top-k, threshold.
+    pub post: PostProcessConfig,
+    /// Use the checkpoint's EMA of the weights (the run trained with `optim.ema_decay`).
+    #[serde(default)]
+    pub ema: bool,
+}
+
+/// The spec's file in a run folder.
+pub const SPEC_FILE: &str = "inference.json";
+/// The tokenizer's copy in a run folder.
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+
+impl InferenceSpec {
+    /// Writes `inference.json` and a copy of the tokenizer into `dir` (atomically).
+    pub fn save(&self, dir: &Path) -> Result<(), Error> {
+        let mut spec = self.clone();
+        if let Some(tok) = self.model.tokenizer() {
+            let bytes = std::fs::read(&tok).map_err(|e| Error::file(&tok, e))?;
+            crate::write_atomic(&dir.join(TOKENIZER_FILE), &bytes)?;
+            spec.model.text = retarget_tokenizer(&spec.model, TOKENIZER_FILE);
+        }
+        let json = serde_json::to_string_pretty(&spec).expect("spec serialises");
+        crate::write_atomic(&dir.join(SPEC_FILE), json.as_bytes())
+    }
+
+    /// Reads `dir/inference.json`, resolving its relative paths against `dir`.
+    pub fn load(dir: &Path) -> Result<Self, Error> {
+        let path = dir.join(SPEC_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            Error::file(
+                &path,
+                format!("{e} (a run folder holds the inference spec its training wrote)"),
+            )
+        })?;
+        let mut spec: Self = serde_json::from_str(&text).map_err(|e| Error::file(&path, e))?;
+        spec.model.resolve_paths(dir);
+        Ok(spec)
+    }
+}
+
+/// The text slot with its tokenizer path replaced.
+fn retarget_tokenizer(
+    model: &ModelConfig,
+    to: &str,
+) -> crate::config::Slot<crate::config::TextConfig> {
+    use crate::config::{Slot, TextConfig};
+    match &model.text {
+        Slot::Builtin(TextConfig::Bert(p)) => {
+            let mut p = p.clone();
+            p.tokenizer = PathBuf::from(to);
+            Slot::Builtin(TextConfig::Bert(p))
+        }
+        Slot::Custom { kind, params } => {
+            let mut params = params.clone();
+            params.insert("tokenizer".into(), toml::Value::String(to.into()));
+            Slot::Custom { kind: kind.clone(), params }
+        }
+    }
+}
+
 /// A trained model ready for inference.
 pub struct Detector {
     /// The model.
     pub model: GlipModel,
-    /// The run's config.
-    pub config: ExperimentConfig,
+    /// How it was trained to see images and score.
+    pub spec: InferenceSpec,
     /// Its tokenizer.
     pub tokenizer: Arc<Tokenizer>,
     /// Where it runs.
@@ -41,86 +144,120 @@ pub struct Detector {
 
 impl std::fmt::Debug for Detector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Detector").field("name", &self.config.name).finish_non_exhaustive()
+        f.debug_struct("Detector").field("name", &self.spec.name).finish_non_exhaustive()
     }
 }
 
+/// A checkpoint's weights: the EMA of the parameters (`optim.ema.<name>`) when asked and
+/// present, else the parameters. Names are the model's.
+fn checkpoint_weights(
+    ckpt: &Path,
+    ema: bool,
+    device: &Device,
+) -> Result<std::collections::HashMap<String, Tensor>, Error> {
+    let all = candle_core::safetensors::load(ckpt, device).map_err(|e| Error::file(ckpt, e))?;
+    let mut out: std::collections::HashMap<String, Tensor> = all
+        .iter()
+        .filter(|(k, _)| !k.starts_with("optim."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if ema {
+        for (k, v) in &all {
+            if let Some(name) = k.strip_prefix("optim.ema.") {
+                out.insert(name.to_string(), v.clone());
+            }
+        }
+    }
+    Ok(out)
+}
+
 impl Detector {
-    /// Loads a run folder (`config.resolved.toml` + `checkpoint.safetensors`), or a checkpoint
-    /// file with its `config.resolved.toml` beside it. Every model parameter must be in the
-    /// checkpoint: a missing one is an error, never a random value.
-    pub fn load(path: &Path, device: &Device) -> Result<Self, String> {
+    /// Loads a run folder (`inference.json`, `tokenizer.json`, `checkpoint.safetensors`), or a
+    /// checkpoint file with the run's `inference.json` beside it, with the built-in
+    /// components. Every model parameter must be in the checkpoint: a missing one is an error,
+    /// never a random value. A run that kept an EMA of its weights is served with it.
+    pub fn load(path: &Path, device: &Device) -> Result<Self, Error> {
+        Self::load_with(&Registry::new(), path, device)
+    }
+
+    /// [`Detector::load`] with a registry that knows a researcher's components.
+    pub fn load_with(registry: &Registry, path: &Path, device: &Device) -> Result<Self, Error> {
         let (dir, ckpt) = if path.is_dir() {
             (path.to_path_buf(), path.join("checkpoint.safetensors"))
         } else {
             (path.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf), path.into())
         };
-        let cfg_path = dir.join("config.resolved.toml");
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| {
-            format!("{}: {e} (a run folder holds the config it trained)", cfg_path.display())
-        })?;
-        let config: ExperimentConfig =
-            toml::from_str(&text).map_err(|e| format!("{}: {e}", cfg_path.display()))?;
+        let spec = InferenceSpec::load(&dir)?;
         if !ckpt.exists() {
-            return Err(format!("{}: no checkpoint (train first)", ckpt.display()));
+            return Err(Error::file(&ckpt, "no checkpoint (train first)"));
         }
-        let weights = glip_core::weights::open(&ckpt, DType::F32, device)
-            .map_err(|e| format!("{}: {e}", ckpt.display()))?;
-        let names = safetensors_names(&ckpt)?;
-        let varmap = candle_nn::VarMap::new();
-        let mut sources = Vec::new();
-        for (prefix, file) in &config.model.weights {
-            let w = glip_core::weights::open(file, DType::F32, device)
-                .map_err(|e| format!("model.weights.{prefix} = {}: {e}", file.display()))?;
-            sources.push(glip_core::weights::Source { prefix: prefix.clone(), weights: w });
-        }
-        sources.push(glip_core::weights::Source { prefix: String::new(), weights });
-        let vb = glip_core::weights::trainable(&varmap, sources, 0, DType::F32, device);
-        let model = ModelBuilder::new()
-            .build(&config.model, vb, device)
-            .map_err(|e| format!("{}: building the model: {e}", cfg_path.display()))?;
-        let missing: Vec<String> = varmap
-            .data()
-            .lock()
-            .expect("varmap lock")
-            .keys()
-            .filter(|k| !names.contains(*k))
-            .cloned()
-            .collect();
-        if !missing.is_empty() {
-            return Err(format!(
-                "{}: {} parameters of the model are not in the checkpoint (first: {})",
-                ckpt.display(),
-                missing.len(),
-                missing[0]
-            ));
-        }
-        let tokenizer = Arc::new(
-            Tokenizer::from_file(&config.model.text.tokenizer)
-                .map_err(|e| format!("model.text.tokenizer: {e}"))?,
-        );
-        Ok(Self { model, config, tokenizer, device: device.clone() })
+        let weights = checkpoint_weights(&ckpt, spec.ema, device)?;
+        let model = model_from_weights(registry, &spec.model, weights, device)
+            .map_err(|e| Error::file(&ckpt, e))?;
+        let tok = spec.model.tokenizer().ok_or_else(|| Error::Config {
+            key: "model.text.tokenizer".into(),
+            msg: "the run's model names no tokenizer".into(),
+        })?;
+        let tokenizer = Arc::new(Tokenizer::from_file(&tok)?);
+        Ok(Self { model, spec, tokenizer, device: device.clone() })
     }
 
     /// The borrowing view that runs inference.
     pub fn predictor(&self) -> Predictor<'_> {
         Predictor {
             model: &self.model,
-            config: &self.config,
+            spec: &self.spec,
             tokenizer: &self.tokenizer,
             device: &self.device,
         }
     }
 }
 
-/// A model with its config and tokenizer, borrowed: what inference needs (a [`Detector`]'s, or
+/// Builds `cfg` with every parameter from `weights`: a parameter they lack is an error naming
+/// how many and the first ones.
+pub fn model_from_weights(
+    registry: &Registry,
+    cfg: &ModelConfig,
+    weights: std::collections::HashMap<String, Tensor>,
+    device: &Device,
+) -> Result<GlipModel, Error> {
+    let varmap = candle_nn::VarMap::new();
+    let names: std::collections::HashSet<String> = weights.keys().cloned().collect();
+    let source = glip_core::weights::Source {
+        prefix: String::new(),
+        weights: candle_nn::VarBuilder::from_tensors(weights, DType::F32, device),
+    };
+    let vb = glip_core::weights::trainable(&varmap, vec![source], 0, DType::F32, device);
+    let model = registry
+        .build(cfg, vb, device)
+        .map_err(|e| Error::Msg(format!("building the model: {e}")))?;
+    let mut missing: Vec<String> = varmap
+        .data()
+        .lock()
+        .expect("varmap lock")
+        .keys()
+        .filter(|k| !names.contains(*k))
+        .cloned()
+        .collect();
+    missing.sort();
+    if !missing.is_empty() {
+        return Err(Error::Msg(format!(
+            "{} parameters of the model are not in the checkpoint (first: {})",
+            missing.len(),
+            missing.iter().take(4).cloned().collect::<Vec<_>>().join(", ")
+        )));
+    }
+    Ok(model)
+}
+
+/// A model with its spec and tokenizer, borrowed: what inference needs (a [`Detector`]'s, or
 /// the one training in [`crate::experiment::run_experiment`]).
 #[derive(Clone, Copy)]
 pub struct Predictor<'a> {
     /// The model.
     pub model: &'a GlipModel,
-    /// Its config (input size, head, classes).
-    pub config: &'a ExperimentConfig,
+    /// Its inference spec.
+    pub spec: &'a InferenceSpec,
     /// Its tokenizer.
     pub tokenizer: &'a Tokenizer,
     /// Where it runs.
@@ -129,122 +266,121 @@ pub struct Predictor<'a> {
 
 impl std::fmt::Debug for Predictor<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Predictor").field("name", &self.config.name).finish_non_exhaustive()
+        f.debug_struct("Predictor").field("name", &self.spec.name).finish_non_exhaustive()
     }
 }
 
 impl Predictor<'_> {
-    /// The side the model was trained at: images are resized so that their longer side is this
-    /// (synthetic task), or by the run's `shorter_side` / `max_size` transforms.
-    fn resize(&self, img: &RgbImage) -> RgbImage {
-        let (w, h) = img.dimensions();
-        let t = &self.config.data.transforms;
-        let (nw, nh) = if let Some(&short) = t.shorter_side.iter().max() {
-            let s = short as f32 / w.min(h) as f32;
-            let s = if t.max_size > 0 { s.min(t.max_size as f32 / w.max(h) as f32) } else { s };
-            ((w as f32 * s).round() as u32, (h as f32 * s).round() as u32)
-        } else {
-            let side = self.config.data.shapes.image_size as f32;
-            let s = side / w.max(h) as f32;
-            ((w as f32 * s).round() as u32, (h as f32 * s).round() as u32)
-        };
-        if (nw, nh) == (w, h) {
-            img.clone()
-        } else {
-            image::imageops::resize(
-                img,
-                nw.max(1),
-                nh.max(1),
-                image::imageops::FilterType::Triangle,
-            )
+    /// Words of `phrases` that the tokenizer does not know (they become `[UNK]`).
+    pub fn unknown_words(&self, phrases: &[String]) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for p in phrases {
+            for w in p.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()) {
+                if !self.tokenizer.knows(w) && !out.iter().any(|o| o == w) {
+                    out.push(w.to_string());
+                }
+            }
         }
-    }
-
-    /// The fixed classes of the run's data (the synthetic task's categories).
-    pub fn class_names(&self) -> Vec<String> {
-        use glip_data::Dataset;
-        glip_data::ShapesDataset::new(self.config.data.shapes.clone(), glip_data::Split::Val)
-            .map(|d| d.categories().to_vec())
-            .unwrap_or_default()
+        out
     }
 
     /// Grounds `phrases` in `img`: one detection list, best first, boxes in `img`'s pixels.
-    /// Phrases that do not fit one prompt are split over several forward passes. With a
-    /// fixed-class head the prompt still conditions the queries, and boxes are labelled with
-    /// the training classes.
     pub fn detect(
         &self,
         img: &RgbImage,
         phrases: &[String],
         post: &PostProcessConfig,
-    ) -> Result<Vec<Grounded>, String> {
+    ) -> Result<Vec<Grounded>, Error> {
+        Ok(self.detect_batch(std::slice::from_ref(img), phrases, post)?.pop().unwrap_or_default())
+    }
+
+    /// Grounds the same `phrases` in every image of `images` (one forward pass per prompt
+    /// chunk for the whole batch): per image, a detection list, best first, in its pixels.
+    /// Phrases that do not fit one prompt are split over several passes, never truncated.
+    /// With a fixed-class head the prompt still conditions the queries, and boxes are
+    /// labelled with the run's class names.
+    pub fn detect_batch(
+        &self,
+        images: &[RgbImage],
+        phrases: &[String],
+        post: &PostProcessConfig,
+    ) -> Result<Vec<Vec<Grounded>>, Error> {
         if phrases.is_empty() || phrases.iter().any(|p| p.trim().is_empty()) {
-            return Err("the prompt needs at least one phrase, none of them empty".into());
+            return Err(Error::Msg(
+                "the prompt needs at least one phrase, none of them empty".into(),
+            ));
         }
-        let (w, h) = img.dimensions();
-        let small = self.resize(img);
-        let chunks = chunked_detection_prompts(self.tokenizer, phrases, ". ")
-            .map_err(|e| format!("prompt: {e}"))?;
-        let class_names = match self.config.model.head {
-            HeadConfig::Class { .. } => self.class_names(),
-            HeadConfig::Token => Vec::new(),
-        };
-        let mut all = Vec::new();
+        let small: Vec<RgbImage> = images.iter().map(|i| self.spec.preprocess.apply(i)).collect();
+        let chunks = chunked_detection_prompts(self.tokenizer, phrases, ". ")?;
+        let mut all: Vec<Vec<Grounded>> = vec![Vec::new(); images.len()];
         for chunk in &chunks {
-            let sample = Sample {
-                image: small.clone(),
-                image_id: 0,
-                orig_size: (w, h),
-                caption: chunk.prompt.caption.clone(),
-                boxes: vec![],
-                phrases: vec![],
-                labels: vec![],
-            };
-            let batch = glip_data::collate(&[sample], self.tokenizer, self.device)
-                .map_err(|e| e.to_string())?;
-            let out =
-                self.model.forward(&batch.images, &batch.text, false).map_err(|e| e.to_string())?;
-            let logits = out.pred.pred_logits.get(0).map_err(|e| e.to_string())?;
-            let boxes = out.pred.pred_boxes.get(0).map_err(|e| e.to_string())?;
-            let scores = match self.config.model.head {
-                HeadConfig::Token => {
+            let samples: Vec<Sample> = small
+                .iter()
+                .zip(images)
+                .map(|(s, orig)| Sample {
+                    image: s.clone(),
+                    image_id: 0,
+                    orig_size: orig.dimensions(),
+                    caption: chunk.prompt.caption.clone(),
+                    boxes: vec![],
+                    phrases: vec![],
+                    labels: vec![],
+                })
+                .collect();
+            let batch = glip_data::collate(&samples, self.tokenizer, self.device)?;
+            let out = self.model.forward(&batch.images, &batch.text, false)?;
+            let pm = match out.logits_kind {
+                LogitsKind::Tokens => {
                     let e = &chunk.encoding;
                     let pm = glip_core::prompt::positive_map(
                         &e.offsets,
                         &chunk.prompt.spans,
                         e.ids.len(),
                     );
-                    let pm = Tensor::new(pm, self.device).map_err(|e| e.to_string())?;
-                    token_scores(&logits, &pm, post.token_reduce)
+                    Some(Tensor::new(pm, self.device)?)
                 }
-                HeadConfig::Class { .. } => class_scores(&logits),
-            }
-            .and_then(|sc| out.rescore(0, sc))
-            .map_err(|e| e.to_string())?;
-            let dets =
-                detections(&scores, &boxes, w as f32, h as f32, post).map_err(|e| e.to_string())?;
-            for d in dets {
-                let (index, phrase) = match self.config.model.head {
-                    HeadConfig::Token => {
-                        let i = chunk.categories[d.category];
-                        (i, phrases[i].clone())
-                    }
-                    HeadConfig::Class { .. } => (
-                        d.category,
-                        class_names
-                            .get(d.category)
-                            .cloned()
-                            .unwrap_or_else(|| format!("class {}", d.category)),
-                    ),
+                LogitsKind::Classes(_) => None,
+            };
+            for (b, orig) in images.iter().enumerate() {
+                let logits = out.pred.pred_logits.get(b)?;
+                let scores = match &pm {
+                    Some(pm) => token_scores(&logits, pm, post.token_reduce)?,
+                    None => class_scores(&logits)?,
                 };
-                all.push(Grounded { bbox: d.bbox, score: d.score, phrase_index: index, phrase });
+                let scores = self.model.detector.score(&out, b, scores)?;
+                let boxes = out.pred.pred_boxes.get(b)?;
+                let (w, h) = orig.dimensions();
+                for d in detections(&scores, &boxes, w as f32, h as f32, post)? {
+                    let (index, phrase) = match &pm {
+                        Some(_) => {
+                            let i = chunk.categories[d.category];
+                            (i, phrases[i].clone())
+                        }
+                        None => (
+                            d.category,
+                            self.spec
+                                .class_names
+                                .get(d.category)
+                                .cloned()
+                                .unwrap_or_else(|| format!("class {}", d.category)),
+                        ),
+                    };
+                    all[b].push(Grounded {
+                        bbox: d.bbox,
+                        score: d.score,
+                        phrase_index: index,
+                        phrase,
+                    });
+                }
             }
-            if matches!(self.config.model.head, HeadConfig::Class { .. }) {
+            if pm.is_none() {
                 break; // the classes do not depend on the chunk
             }
         }
-        all.sort_by(|a, b| b.score.total_cmp(&a.score));
-        all.truncate(post.top_k);
+        for dets in &mut all {
+            dets.sort_by(|a, b| b.score.total_cmp(&a.score));
+            dets.truncate(post.top_k);
+        }
         Ok(all)
     }
 
@@ -256,15 +392,18 @@ impl Predictor<'_> {
         images: &Path,
         post: &PostProcessConfig,
         mut progress: impl FnMut(usize, usize),
-    ) -> Result<CocoMetrics, String> {
-        let ds = glip_data::CocoDataset::open(ann, images, glip_data::ErrorPolicy::Fail)
-            .map_err(|e| e.to_string())?;
+    ) -> Result<Evaluation, Error> {
+        let ds = glip_data::CocoDataset::open(ann, images, glip_data::ErrorPolicy::Fail)?;
         let names: Vec<String> = ds.categories.iter().map(|c| c.name.clone()).collect();
         let mut dets = Vec::new();
+        let mut grounding = Vec::new();
         for (i, im) in ds.images.iter().enumerate() {
-            let img = glip_data::detection::load_image(&ds.images_dir.join(&im.file_name))
-                .map_err(|e| e.to_string())?;
-            for g in self.detect(&img, &names, post)? {
+            let img = glip_data::detection::load_image(&ds.images_dir.join(&im.file_name))?;
+            let found = self.detect(&img, &names, post)?;
+            let gt: Vec<(usize, [f32; 4])> =
+                ds.objects[i].iter().filter(|o| !o.crowd).map(|o| (o.category, o.bbox)).collect();
+            grounding.extend(phrase_recall_cases(&found, &gt, names.len()));
+            for g in found {
                 let [x0, y0, x1, y1] = g.bbox.map(f64::from);
                 dets.push(CocoDetection {
                     image_id: im.id,
@@ -275,25 +414,129 @@ impl Predictor<'_> {
             }
             progress(i + 1, ds.images.len());
         }
-        evaluate_coco(ann, &dets).map_err(|e| e.to_string())
+        let coco = evaluate_coco(ann, &dets)?;
+        Ok(Evaluation { coco, heldout_ap50: -1.0, recall: recall(&grounding) })
     }
 }
 
-/// The tensor names of a safetensors file, from its header alone (8-byte length + JSON).
-fn safetensors_names(path: &Path) -> Result<std::collections::HashSet<String>, String> {
-    use std::io::Read;
-    let bad =
-        |e: &dyn std::fmt::Display| format!("{}: not a safetensors file ({e})", path.display());
-    let mut f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut len = [0u8; 8];
-    f.read_exact(&mut len).map_err(|e| bad(&e))?;
-    let len = u64::from_le_bytes(len);
-    if len > 100_000_000 {
-        return Err(bad(&format!("header of {len} bytes")));
+/// The result of evaluating a model on a split.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Evaluation {
+    /// COCO bbox numbers.
+    pub coco: CocoMetrics,
+    /// AP50 on the held-out colour-shape pairs (-1 without any).
+    pub heldout_ap50: f64,
+    /// Recall@1, @5, @10 of phrase grounding: per image and phrase with ground truth, whether
+    /// one of the phrase's k best boxes has IoU >= 0.5 with one of its boxes.
+    pub recall: [f64; 3],
+}
+
+/// The k of [`Evaluation::recall`].
+pub const RECALL_KS: [usize; 3] = [1, 5, 10];
+
+/// Per phrase present in an image: its predicted boxes (best first) and its ground truth.
+fn phrase_recall_cases(
+    found: &[Grounded],
+    gt: &[(usize, [f32; 4])],
+    n_phrases: usize,
+) -> Vec<(Vec<[f32; 4]>, Vec<[f32; 4]>)> {
+    (0..n_phrases)
+        .filter_map(|p| {
+            let g: Vec<[f32; 4]> = gt.iter().filter(|(c, _)| *c == p).map(|(_, b)| *b).collect();
+            if g.is_empty() {
+                return None;
+            }
+            let pred = found.iter().filter(|d| d.phrase_index == p).map(|d| d.bbox).collect();
+            Some((pred, g))
+        })
+        .collect()
+}
+
+fn recall(cases: &[(Vec<[f32; 4]>, Vec<[f32; 4]>)]) -> [f64; 3] {
+    let r = crate::eval::recall_at_k(cases, &RECALL_KS);
+    [r[0], r[1], r[2]]
+}
+
+/// Detections on the first `n` images of a synthetic split, every image prompted with every
+/// category (through [`Predictor::detect_batch`], 16 images a pass, the spec's scoring),
+/// with each image's ground-truth objects.
+pub fn shapes_detections(
+    p: &Predictor<'_>,
+    ds: &glip_data::ShapesDataset,
+    n: usize,
+) -> Result<Vec<(Vec<Grounded>, Vec<glip_data::detection::Object>)>, Error> {
+    use glip_data::Dataset;
+    let cats = ds.categories().to_vec();
+    let mut out = Vec::with_capacity(n);
+    for start in (0..n).step_by(16) {
+        let (imgs, objects): (Vec<RgbImage>, Vec<_>) =
+            (start..n.min(start + 16)).map(|k| ds.render(k)).unzip();
+        let found = p.detect_batch(&imgs, &cats, &p.spec.post)?;
+        out.extend(found.into_iter().zip(objects));
     }
-    let mut header = vec![0u8; len as usize];
-    f.read_exact(&mut header).map_err(|e| bad(&e))?;
-    let map: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(&header).map_err(|e| bad(&e))?;
-    Ok(map.into_iter().map(|(k, _)| k).filter(|k| k != "__metadata__").collect())
+    Ok(out)
+}
+
+/// Evaluates on the first `n` images of a synthetic split ([`shapes_detections`]): COCO AP,
+/// AP50 on the held-out categories alone, and Recall@k. Ground-truth files go to `scratch`.
+pub fn evaluate_shapes(
+    p: &Predictor<'_>,
+    ds: &glip_data::ShapesDataset,
+    n: usize,
+    scratch: &Path,
+) -> Result<Evaluation, Error> {
+    use glip_data::Dataset;
+    let cats = ds.categories().to_vec();
+    let size = ds.config().image_size;
+    let mut gt_images = Vec::new();
+    let mut gt_anns = Vec::new();
+    let mut dets: Vec<CocoDetection> = Vec::new();
+    let mut grounding = Vec::new();
+    for (k, (found, objects)) in shapes_detections(p, ds, n)?.into_iter().enumerate() {
+        for o in &objects {
+            let [x0, y0, x1, y1] = o.bbox;
+            gt_anns.push(serde_json::json!({"id": gt_anns.len() + 1, "image_id": k + 1, "category_id": o.category + 1,
+                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0}));
+        }
+        gt_images.push(serde_json::json!({"id": k + 1, "file_name": format!("{k:06}.png"), "width": size, "height": size}));
+        let gt: Vec<(usize, [f32; 4])> = objects.iter().map(|o| (o.category, o.bbox)).collect();
+        grounding.extend(phrase_recall_cases(&found, &gt, cats.len()));
+        for d in found {
+            let [x0, y0, x1, y1] = d.bbox.map(|v| v as f64);
+            dets.push(CocoDetection {
+                image_id: k as u64 + 1,
+                category_id: d.phrase_index as u64 + 1,
+                bbox: [x0, y0, x1 - x0, y1 - y0],
+                score: d.score as f64,
+            });
+        }
+    }
+    let categories: Vec<_> =
+        cats.iter().enumerate().map(|(i, c)| serde_json::json!({"id": i + 1, "name": c})).collect();
+    let write_gt = |path: &Path, anns: Vec<serde_json::Value>| -> Result<(), Error> {
+        let doc =
+            serde_json::json!({"images": gt_images, "annotations": anns, "categories": categories});
+        std::fs::write(path, doc.to_string()).map_err(|e| Error::file(path, e))
+    };
+    std::fs::create_dir_all(scratch).map_err(|e| Error::file(scratch, e))?;
+    let gt_path = scratch.join("val_gt.json");
+    write_gt(&gt_path, gt_anns.clone())?;
+    let coco = evaluate_coco(&gt_path, &dets)?;
+    let held: Vec<u64> = ds.held_out().iter().map(|&c| c as u64 + 1).collect();
+    let heldout_ap50 = if held.is_empty() {
+        -1.0
+    } else {
+        let anns: Vec<_> = gt_anns
+            .into_iter()
+            .filter(|a| held.contains(&a["category_id"].as_u64().unwrap_or(0)))
+            .collect();
+        let path = scratch.join("val_gt_heldout.json");
+        write_gt(&path, anns)?;
+        let hd: Vec<CocoDetection> =
+            dets.iter().filter(|d| held.contains(&d.category_id)).cloned().collect();
+        // Restrict evaluation to the held-out categories: others have no ground truth and
+        // pycocotools averages only over categories with some.
+        evaluate_coco(&path, &hd)?.get("AP50")
+    };
+    Ok(Evaluation { coco, heldout_ap50, recall: recall(&grounding) })
 }

@@ -8,7 +8,6 @@ use glip_core::{
     Detector, Encoded, Fusion, ImageBatch, LevelShape, ModelOutput, TextBatch, TextEncoder,
     TextFeatures, Transformer,
 };
-use glip_heads::postprocess::PostProcessConfig;
 use glip_transformer::{downsample_mask, sine_position_encoding};
 
 /// A GLIP-style detector: image -> backbone levels -> 1x1 `input_proj` per level (optionally a
@@ -93,18 +92,6 @@ impl GlipModel {
         train: bool,
     ) -> Result<ModelOutput> {
         self.forward_traced(images, text, train, &mut |_, _| {})
-    }
-
-    /// The per-category NMS IoU its detections need by default: 0.6 for a detector that says
-    /// it needs NMS (dense heads, as GLIP), none for set prediction.
-    pub fn default_nms(&self) -> Option<f32> {
-        self.detector.needs_nms().then_some(0.6)
-    }
-
-    /// Post-processing defaults for this model: [`PostProcessConfig::default`] with
-    /// [`GlipModel::default_nms`].
-    pub fn postprocess(&self) -> PostProcessConfig {
-        PostProcessConfig { nms_iou: self.default_nms(), ..Default::default() }
     }
 
     /// [`GlipModel::forward`], calling `trace(name, shape)` for every tensor passed between

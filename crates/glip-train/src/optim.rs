@@ -329,11 +329,12 @@ impl AdamW {
     }
 }
 
-/// Saves tensors as safetensors through a temporary file and a rename, so that an existing file
-/// is replaced whole or not at all.
+/// Saves tensors as safetensors with [`crate::write_atomic`], so that an existing file is
+/// replaced whole or not at all.
 pub fn save_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    candle_core::safetensors::save(tensors, &tmp)?;
-    std::fs::rename(&tmp, path)
-        .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))
+    let mut named: Vec<(&String, &Tensor)> = tensors.iter().collect();
+    named.sort_by_key(|(k, _)| *k);
+    let bytes = safetensors::serialize(named, None)
+        .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
+    crate::write_atomic(path, &bytes).map_err(|e| candle_core::Error::Msg(e.to_string()))
 }

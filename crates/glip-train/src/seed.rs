@@ -1,10 +1,10 @@
 //! The seed tutorial's model (`SeedGLIP` in `glip_reference.py`) built from components.
 
-use crate::detectors::DecoderDetector;
 use crate::GlipModel;
 use candle_core::Result;
 use candle_nn::VarBuilder;
 use glip_backbone::{layers::Conv, ResNet, ResNetConfig, ResNetDepth};
+use glip_detectors::DecoderDetector;
 use glip_heads::{FixedClassHead, LinearBoxHead, TokenAlignmentHead};
 use glip_text::{Bert, BertConfig};
 use glip_transformer::{DetrTransformer, NoFusion, SeedQueries, TransformerConfig};

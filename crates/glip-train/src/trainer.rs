@@ -185,11 +185,8 @@ impl<'a> Trainer<'a> {
         save_atomic(&t, &self.dir.join("checkpoint.safetensors"))?;
         let meta = CheckpointMeta { step, seed: self.loader.seed, config: self.resolved.clone() };
         let json = self.dir.join("checkpoint.json");
-        let tmp = self.dir.join("checkpoint.json.tmp");
-        std::fs::write(&tmp, serde_json::to_string_pretty(&meta).expect("json"))
-            .map_err(|e| self.io(&tmp, e))?;
-        std::fs::rename(&tmp, &json).map_err(|e| self.io(&json, e))?;
-        Ok(())
+        let text = serde_json::to_string_pretty(&meta).expect("json");
+        crate::write_atomic(&json, text.as_bytes()).map_err(|e| self.io(&json, e))
     }
 
     /// Restores parameters, optimiser state and the step from the run folder's checkpoint.
@@ -240,7 +237,7 @@ impl<'a> Trainer<'a> {
         while self.step < self.config.steps {
             let s = self.step;
             let batch = self.loader.batch(s / per_epoch, (s % per_epoch) as usize)?;
-            glip_core::nn::seed_dropout(
+            glip_kernels::nn::seed_dropout(
                 glip_core::rng::Rng::for_sample(self.loader.seed, s, 0).next_u64(),
             );
             let out = self.model.forward(&batch.images, &batch.text, true)?;

@@ -4,10 +4,10 @@
 use candle_core::{Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use glip_core::{ImageBatch, Queries, QueryGenerator, QueryInputs, TextBatch};
-use glip_train::config::{ModelBuilder, ModelConfig};
+use glip_train::config::{CriterionConfig, ModelConfig, Registry};
 
 fn config(extra: &str) -> String {
-    let tok = glip_core::testing::fixture("bert-tiny/tokenizer.json");
+    let tok = glip_testing::fixture("bert-tiny/tokenizer.json");
     format!(
         r#"
 num_queries = 4
@@ -55,7 +55,7 @@ fn builds_and_runs_every_built_in_combination() -> Result<()> {
             // Tables after the top-level keys: move them to the end so TOML scoping is right.
             let cfg: ModelConfig = toml::from_str(&toml).unwrap_or_else(|e| panic!("{e}\n{toml}"));
             let vm = candle_nn::VarMap::new();
-            let model = ModelBuilder::new().build_trainable(&cfg, &vm, 0, &Device::Cpu)?;
+            let model = Registry::new().build_trainable(&cfg, &vm, 0, &Device::Cpu)?;
             let out = model.forward(&images, &text, true)?;
             assert_eq!(out.pred.pred_logits.dims(), &[2, 4, 4], "{q} / {f}");
             assert_eq!(out.aux.len(), 1);
@@ -69,27 +69,91 @@ fn unknown_keys_and_types_are_errors() {
     let bad = config("nonsense = 3\n");
     let e = toml::from_str::<ModelConfig>(&bad).unwrap_err().to_string();
     assert!(e.contains("unknown field `nonsense`"), "{e}");
-    let cfg: ModelConfig =
-        toml::from_str(&config("[query_generator]\ntype = \"text-attend\"\nhead = 2\n")).unwrap();
-    let e = ModelBuilder::new()
-        .build_trainable(&cfg, &candle_nn::VarMap::new(), 0, &Device::Cpu)
-        .unwrap_err()
-        .to_string();
+    // A built-in's misspelt parameter: an error when the config is read.
+    let e = toml::from_str::<ModelConfig>(&config(
+        "[query_generator]\ntype = \"text-attend\"\nhead = 2\n",
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("\"text-attend\"") && e.contains("unknown field `head`"), "{e}");
+    // An unregistered type: the registry's check names the key and the known types, before
+    // anything is built; building says the same.
+    let mut cfg: ModelConfig = toml::from_str(&config("[fusion]\ntype = \"telepathy\"\n")).unwrap();
+    let e = Registry::new().check(&mut cfg, &mut CriterionConfig::default()).unwrap_err();
+    let e = e.to_string();
     assert!(
-        e.contains("query_generator \"text-attend\"") && e.contains("unknown field `head`"),
+        e.contains("model.fusion: unknown type \"telepathy\" (known: bi-attention, none)"),
         "{e}"
     );
-    let cfg: ModelConfig = toml::from_str(&config("[fusion]\ntype = \"telepathy\"\n")).unwrap();
-    let e = ModelBuilder::new()
+    let e = Registry::new()
         .build_trainable(&cfg, &candle_nn::VarMap::new(), 0, &Device::Cpu)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("fusion: unknown type \"telepathy\""), "{e}");
+    assert!(e.contains("model.fusion: unknown type \"telepathy\""), "{e}");
+}
+
+/// The params of a registered component, typed.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MeanTextParams {
+    #[serde(default = "one")]
+    scale: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+#[test]
+fn a_registered_components_params_are_checked_and_their_defaults_filled() {
+    let mut r = Registry::new();
+    r.register_query_generator("mean-text", |ctx, p: MeanTextParams, vb| {
+        let _ = p.scale;
+        Ok(Box::new(MeanTextQueries {
+            proj: glip_kernels::nn::Linear::new(ctx.text_dim, ctx.d_model, vb.pp("proj"))?,
+            n: ctx.model.num_queries,
+        }) as Box<dyn QueryGenerator>)
+    });
+    let mut cfg: ModelConfig =
+        toml::from_str(&config("[query_generator]\ntype = \"mean-text\"\n")).unwrap();
+    r.check(&mut cfg, &mut CriterionConfig::default()).unwrap();
+    let resolved = toml::to_string(&cfg).unwrap();
+    assert!(
+        resolved.contains("[query_generator]\ntype = \"mean-text\"\nscale = 1.0"),
+        "{resolved}"
+    );
+    let mut cfg: ModelConfig =
+        toml::from_str(&config("[query_generator]\ntype = \"mean-text\"\nscael = 2.0\n")).unwrap();
+    let e = r.check(&mut cfg, &mut CriterionConfig::default()).unwrap_err().to_string();
+    assert!(e.contains("model.query_generator: type \"mean-text\"") && e.contains("scael"), "{e}");
+}
+
+/// Every built-in type name of every slot's typed config is registered, and every registered
+/// built-in has a typed config: the two lists cannot drift apart.
+#[test]
+fn every_built_in_type_is_registered() {
+    use glip_train::config::*;
+    let r = Registry::new();
+    fn same<B: Builtins>(names: Vec<&str>) {
+        let mut want: Vec<&str> = B::NAMES.to_vec();
+        want.sort();
+        assert_eq!(names, want, "{}", B::KEY);
+    }
+    same::<BackboneConfig>(r.backbones.names());
+    same::<TextConfig>(r.text_encoders.names());
+    same::<QueryGeneratorConfig>(r.query_generators.names());
+    same::<FusionConfig>(r.fusions.names());
+    same::<TransformerSlot>(r.transformers.names());
+    same::<DetectorConfig>(r.detectors.names());
+    same::<BoxHeadConfig>(r.box_heads.names());
+    same::<HeadConfig>(r.class_heads.names());
+    same::<MatcherConfig>(r.matchers.names());
+    same::<CriterionKind>(r.criteria.names());
 }
 
 /// A researcher's own generator: queries are a learned mix of the mean text token.
 struct MeanTextQueries {
-    proj: glip_core::nn::Linear,
+    proj: glip_kernels::nn::Linear,
     n: usize,
 }
 
@@ -106,16 +170,13 @@ impl QueryGenerator for MeanTextQueries {
 
 #[test]
 fn a_users_query_generator_plugs_in_by_name() -> Result<()> {
-    let mut builder = ModelBuilder::new();
-    builder.register_query_generator(
-        "mean-text",
-        Box::new(|ctx, _params, vb: VarBuilder<'_>| {
-            Ok(Box::new(MeanTextQueries {
-                proj: glip_core::nn::Linear::new(ctx.text_dim, ctx.d_model, vb.pp("proj"))?,
-                n: ctx.config.num_queries,
-            }) as Box<dyn QueryGenerator>)
-        }),
-    );
+    let mut builder = Registry::new();
+    builder.register_query_generator("mean-text", |ctx, _: toml::Table, vb: VarBuilder<'_>| {
+        Ok(Box::new(MeanTextQueries {
+            proj: glip_kernels::nn::Linear::new(ctx.text_dim, ctx.d_model, vb.pp("proj"))?,
+            n: ctx.model.num_queries,
+        }) as Box<dyn QueryGenerator>)
+    });
     let cfg: ModelConfig =
         toml::from_str(&config("[query_generator]\ntype = \"mean-text\"\n")).unwrap();
     let vm = candle_nn::VarMap::new();

@@ -4,14 +4,23 @@
 //! transformer (16), as a pretrained one would be.
 
 use candle_core::{DType, Device, Tensor};
-use glip_core::testing::assert_every_parameter_learns;
 use glip_core::{ImageBatch, Target, TextBatch};
-use glip_train::config::{ModelBuilder, ModelConfig};
-use glip_train::experiment::{criterion, CriterionConfig};
+use glip_testing::assert_every_parameter_learns;
+use glip_train::config::{CriterionConfig, ModelConfig, Registry};
 use proptest::prelude::*;
 
 fn config(detector: &str, fusion: &str, levels: &str, fpn: bool, extra: &str) -> ModelConfig {
-    let tok = glip_core::testing::fixture("bert-tiny/tokenizer.json");
+    try_config(detector, fusion, levels, fpn, extra).unwrap()
+}
+
+fn try_config(
+    detector: &str,
+    fusion: &str,
+    levels: &str,
+    fpn: bool,
+    extra: &str,
+) -> Result<ModelConfig, toml::de::Error> {
+    let tok = glip_testing::fixture("bert-tiny/tokenizer.json");
     toml::from_str(&format!(
         r#"
 num_queries = 6
@@ -46,7 +55,6 @@ type = "token"
 "#,
         tok.display()
     ))
-    .unwrap()
 }
 
 fn text(b: usize, t: usize) -> TextBatch {
@@ -72,7 +80,7 @@ proptest! {
         let levels = if two_levels { "[1, 2]" } else { "[2]" };
         let cfg = config(if dense { DENSE } else { QSEL }, if bi { BI } else { NONE }, levels, fpn, "");
         let vm = candle_nn::VarMap::new();
-        let model = ModelBuilder::new().build_trainable(&cfg, &vm, 0, &Device::Cpu).unwrap();
+        let model = Registry::new().build_trainable(&cfg, &vm, 0, &Device::Cpu).unwrap();
         let images = ImageBatch::unpadded(Tensor::randn(0f32, 1.0, (b, 3, h, w), &Device::Cpu).unwrap()).unwrap();
         let out = model.forward(&images, &text(b, t), false).unwrap();
         // C3 and C4 of a ResNet: ceil(h / 8) and ceil(h / 16) for these sizes.
@@ -82,10 +90,10 @@ proptest! {
         prop_assert_eq!(out.pred.pred_boxes.dims(), &[b, q, 4]);
         prop_assert_eq!(out.pred.pred_logits.dims(), &[b, q, t]);
         prop_assert_eq!(out.memory.dims(), &[b, s, 16]);
-        prop_assert_eq!(out.dense.is_some(), dense);
+        prop_assert_eq!(out.dense().is_some(), dense);
         // Query selection: the selection's prediction and the first decoder layer's.
         prop_assert_eq!(out.aux.len(), if dense { 0 } else { 2 });
-        prop_assert_eq!(model.default_nms().is_some(), dense);
+        prop_assert_eq!(model.detector.default_nms().is_some(), dense);
         let bx: Vec<f32> = out.pred.pred_boxes.flatten_all().unwrap().to_vec1().unwrap();
         prop_assert!(bx.iter().all(|v| v.is_finite()));
         if !dense {
@@ -110,14 +118,14 @@ fn targets(b: usize, t: usize) -> Vec<Target> {
 fn every_parameter_learns(detector: &str, fusion: &str, extra: &str, loss: &str) {
     let cfg = config(detector, fusion, "[1, 2]", true, extra);
     let vm = candle_nn::VarMap::new();
-    let model = ModelBuilder::new().build_trainable(&cfg, &vm, 0, &Device::Cpu).unwrap();
+    let model = Registry::new().build_trainable(&cfg, &vm, 0, &Device::Cpu).unwrap();
     let (b, t) = (2, 6);
     let images =
         ImageBatch::unpadded(Tensor::randn(0f32, 1.0, (b, 3, 64, 64), &Device::Cpu).unwrap())
             .unwrap();
     let out = model.forward(&images, &text(b, t), true).unwrap();
     let lc: CriterionConfig = toml::from_str(loss).unwrap();
-    let crit = criterion(&lc, &cfg).unwrap();
+    let crit = Registry::new().build_criterion(&lc, &cfg, &model).unwrap();
     let l = crit.forward(&out, &targets(b, t)).unwrap();
     let grads = l.total.backward().unwrap();
     // BERT's pooler feeds only query generators that read the pooled sentence (the seed's);
@@ -144,13 +152,14 @@ fn every_parameter_of_a_query_selection_model_learns_through_the_hungarian_crite
 #[test]
 fn detectors_that_predict_tokens_refuse_a_fixed_class_head() {
     let mut cfg = config(DENSE, NONE, "[1, 2]", false, "");
-    cfg.head = glip_train::config::HeadConfig::Class { num_classes: 3 };
+    cfg.head =
+        glip_train::config::HeadConfig::Class(glip_train::config::ClassParams { num_classes: 3 })
+            .into();
     let vm = candle_nn::VarMap::new();
-    let e =
-        ModelBuilder::new().build_trainable(&cfg, &vm, 0, &Device::Cpu).unwrap_err().to_string();
+    let e = Registry::new().build_trainable(&cfg, &vm, 0, &Device::Cpu).unwrap_err().to_string();
     assert!(e.contains("model.head.type"), "{e}");
-    let cfg = config("type = \"dense\"\ntowr = 1", NONE, "[1, 2]", false, "");
-    let e =
-        ModelBuilder::new().build_trainable(&cfg, &vm, 0, &Device::Cpu).unwrap_err().to_string();
+    let e = try_config("type = \"dense\"\ntowr = 1", NONE, "[1, 2]", false, "")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("towr"), "{e}");
 }

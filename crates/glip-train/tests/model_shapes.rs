@@ -3,8 +3,8 @@
 
 use candle_core::{Device, Tensor};
 use glip_backbone::ResNetDepth;
-use glip_core::testing::{assert_close, fresh_vars};
 use glip_core::{ImageBatch, TextBatch};
+use glip_testing::{assert_close, fresh_vars};
 use glip_text::BertConfig;
 use glip_train::seed::{build_seed, SeedHead, SeedSpec};
 use glip_transformer::TransformerConfig;

@@ -3,8 +3,8 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 use glip_backbone::ResNetDepth;
-use glip_core::testing::{assert_forward_close, fixture, load};
 use glip_core::{weights, ImageBatch, TextBatch};
+use glip_testing::{assert_forward_close, fixture, load};
 use glip_text::BertConfig;
 use glip_train::seed::{build_seed, SeedHead, SeedSpec};
 use glip_transformer::TransformerConfig;
@@ -74,9 +74,9 @@ fn targets(io: &HashMap<String, Tensor>) -> Result<Vec<glip_core::Target>> {
 /// backward). Losses at `1e-3` relative, gradients at `1e-3 * max|b| + 1e-5` (fixture README).
 #[test]
 fn seed_tiny_losses_matches_and_gradients_match_reference() -> Result<()> {
-    use glip_core::testing::assert_grad_close;
     use glip_core::Criterion;
     use glip_loss::{HungarianMatcher, LossConfig, SetCriterion};
+    use glip_testing::assert_grad_close;
     let dev = Device::Cpu;
     let io = load("seed-tiny/io.safetensors", &dev)?;
     let meta: serde_json::Value =
@@ -106,7 +106,7 @@ fn seed_tiny_losses_matches_and_gradients_match_reference() -> Result<()> {
                 [class_term, "loss_bbox", "loss_giou", "loss"].contains(&term.as_str()),
                 "{term}"
             );
-            glip_core::testing::assert_close(
+            glip_testing::assert_close(
                 &format!("{name}.{term}"),
                 value,
                 &io[&format!("{name}.{term}")],

@@ -6,14 +6,14 @@ use candle_core::{Device, Result};
 use glip_core::{Criterion, Losses, ModelOutput, Target};
 use glip_data::{Loader, PromptConfig, ShapesConfig, ShapesDataset, Split};
 use glip_loss::{HungarianMatcher, LossConfig, SetCriterion};
-use glip_train::config::{ModelBuilder, ModelConfig};
+use glip_train::config::{ModelConfig, Registry};
 use glip_train::optim::OptimConfig;
 use glip_train::trainer::{TrainConfig, TrainError, Trainer};
 use std::path::Path;
 use std::sync::Arc;
 
 fn model_config() -> ModelConfig {
-    let tok = glip_core::testing::fixture("bert-tiny/tokenizer.json");
+    let tok = glip_testing::fixture("bert-tiny/tokenizer.json");
     toml::from_str(&format!(
         r#"
 num_queries = 5
@@ -45,7 +45,7 @@ type = "token"
 
 fn loader() -> Loader {
     let tok = Arc::new(
-        glip_text::Tokenizer::from_file(&glip_core::testing::fixture("bert-tiny/tokenizer.json"))
+        glip_text::Tokenizer::from_file(&glip_testing::fixture("bert-tiny/tokenizer.json"))
             .unwrap(),
     );
     let cfg = ShapesConfig { train_images: 6, image_size: 64, ..Default::default() };
@@ -77,7 +77,7 @@ fn run(
 ) -> std::result::Result<(), TrainError> {
     let cfg = model_config();
     let vm = candle_nn::VarMap::new();
-    let model = ModelBuilder::new().build_trainable(&cfg, &vm, 0, &Device::Cpu)?;
+    let model = Registry::new().build_trainable(&cfg, &vm, 0, &Device::Cpu)?;
     let l = loader();
     let optim = OptimConfig { lr: 1e-3, warmup_steps: 2, ..Default::default() };
     let tc = TrainConfig { steps, log_every: 1, checkpoint_every: 2 };
@@ -246,10 +246,14 @@ checkpoint_every = 0
         assert_eq!(a.step, b.step);
         assert!((a.val.get("AP50") - b.val.get("AP50")).abs() < 1e-12);
     }
-    // The resolved config reads back as the same config.
+    // The resolved config reads back as the same config, with the criterion the detector
+    // chose written out.
     let back: ExperimentConfig =
         toml::from_str(&std::fs::read_to_string(d.join("config.resolved.toml")).unwrap()).unwrap();
-    assert_eq!(back, cfg);
+    let mut want = cfg.clone();
+    want.loss.criterion =
+        Some(glip_train::config::CriterionKind::Set(glip_train::config::NoParams {}).into());
+    assert_eq!(back, want);
     assert!(messages.iter().any(|m| m.contains("val AP50")));
     std::fs::remove_dir_all(&d).ok();
 

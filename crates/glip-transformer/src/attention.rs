@@ -3,7 +3,7 @@
 
 use candle_core::{Result, Tensor};
 use candle_nn::{Init, VarBuilder};
-use glip_core::nn::{dropout, mask_to_bias, softmax_last, Linear};
+use glip_kernels::nn::{dropout, mask_to_bias, softmax_last, Linear};
 
 /// `torch.nn.MultiheadAttention` with `batch_first` semantics on our side: inputs are
 /// `(b, len, d)`.

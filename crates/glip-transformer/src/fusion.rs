@@ -4,8 +4,8 @@
 
 use candle_core::{Result, Tensor};
 use candle_nn::{Init, VarBuilder};
-use glip_core::nn::{dropout, mask_to_bias, softmax_last, LayerNorm, Linear};
 use glip_core::Fusion;
+use glip_kernels::nn::{dropout, mask_to_bias, softmax_last, LayerNorm, Linear};
 
 /// The identity fusion.
 #[derive(Debug, Clone, Copy, Default)]

@@ -5,8 +5,8 @@
 use crate::attention::MultiheadAttention;
 use candle_core::{DType, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
-use glip_core::nn::{l2_normalize, LayerNorm, Linear};
 use glip_core::{Queries, QueryGenerator, QueryInputs};
+use glip_kernels::nn::{l2_normalize, LayerNorm, Linear};
 
 fn query_embed(q: usize, d: usize, vb: &VarBuilder<'_>) -> Result<Tensor> {
     // torch.randn in the reference.

@@ -5,8 +5,8 @@
 use crate::attention::MultiheadAttention;
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
-use glip_core::nn::{dropout, LayerNorm, Linear};
 use glip_core::Queries;
+use glip_kernels::nn::{dropout, LayerNorm, Linear};
 use serde::{Deserialize, Serialize};
 
 /// Feed-forward activation.

@@ -1,8 +1,8 @@
 //! Gradients, shapes and padding invariance of the transformer crate's modules.
 
 use candle_core::{DType, Device, Result, Tensor};
-use glip_core::testing::{assert_close, assert_every_parameter_learns, fresh_vars, probe_loss};
 use glip_core::{Fusion, Queries, QueryGenerator, QueryInputs, TextFeatures, Transformer};
+use glip_testing::{assert_close, assert_every_parameter_learns, fresh_vars, probe_loss};
 use glip_transformer::{
     sine_position_encoding, Activation, BiAttentionFusion, DetrTransformer, LearnedQueries,
     SeedQueries, TextAttendQueries, TransformerConfig,

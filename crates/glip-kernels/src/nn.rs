@@ -120,7 +120,7 @@ pub fn dropout(x: &Tensor, p: f32, train: bool) -> Result<Tensor> {
         s.set(v.wrapping_add(0x9e37_79b9_7f4a_7c15));
         v
     });
-    let mut rng = crate::rng::Rng::new(stream);
+    let mut rng = glip_core::rng::Rng::new(stream);
     let scale = 1.0 / (1.0 - p);
     let keep: Vec<f32> =
         (0..x.elem_count()).map(|_| if rng.uniform() >= p { scale } else { 0.0 }).collect();

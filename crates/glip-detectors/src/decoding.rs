@@ -1,5 +1,5 @@
 //! The built-in [`Detector`]s that decode queries (the dense head is
-//! [`glip_heads::DenseHead`]):
+//! [`crate::DenseHead`]):
 //! - [`DecoderDetector`]: the seed's design. A query generator turns the text (and image) into
 //!   queries, the transformer's decoder refines them, box and class/token heads predict.
 //! - [`QuerySelection`]: Grounding DINO's language-guided query selection. Encoder tokens are
@@ -9,11 +9,11 @@
 
 use candle_core::{DType, Result, Tensor, D};
 use candle_nn::VarBuilder;
-use glip_core::nn::{LayerNorm, Linear};
 use glip_core::{
     BoxHead, ClassHead, Detector, Encoded, ModelOutput, Prediction, QueryGenerator, QueryInputs,
 };
 use glip_heads::{MlpBoxHead, TokenAlignmentHead};
+use glip_kernels::nn::{LayerNorm, Linear};
 use glip_transformer::transformer::DecoderLayer;
 use glip_transformer::TransformerConfig;
 
@@ -233,7 +233,7 @@ impl Detector for QuerySelection {
         trace("query selection: selected tokens", idx.dims());
         // Anchors: the token's point with a square of `anchor_scale` strides.
         let (points, strides, _) =
-            glip_heads::dense::locations(x.levels, x.image_sizes, x.memory.device())?;
+            crate::dense::locations(x.levels, x.image_sizes, x.memory.device())?;
         let wh = (strides * self.config.anchor_scale)?;
         let anchors = Tensor::cat(&[points, wh], D::Minus1)?; // (b, s, 4)
         let enc_boxes = candle_nn::ops::sigmoid(
@@ -276,5 +276,11 @@ impl Detector for QuerySelection {
             x.memory.clone(),
             x.text.mask.to_dtype(DType::U8)?,
         )
+    }
+
+    /// It runs its own decoder layers (each refines the previous layer's boxes): the
+    /// transformer is built without any.
+    fn uses_decoder(&self) -> bool {
+        false
     }
 }

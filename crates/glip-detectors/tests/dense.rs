@@ -2,9 +2,9 @@
 //! and every parameter learning.
 
 use candle_core::{DType, Device, Result, Tensor};
-use glip_core::testing::{assert_every_parameter_learns, fresh_vars, probe_loss};
 use glip_core::{Detector, Encoded, LevelShape, Queries, TextFeatures, Transformer};
-use glip_heads::{DenseHead, DenseHeadConfig};
+use glip_detectors::{DenseHead, DenseHeadConfig};
+use glip_testing::{assert_every_parameter_learns, fresh_vars, probe_loss};
 use proptest::prelude::*;
 
 /// The dense head never decodes; an `Encoded` still names a transformer.
@@ -67,7 +67,7 @@ proptest! {
         prop_assert_eq!(out.pred.pred_boxes.dims(), &[b, s, 4]);
         prop_assert_eq!(out.pred.pred_logits.dims(), &[b, s, t]);
         prop_assert!(out.aux.is_empty());
-        let dense = out.dense.as_ref().unwrap();
+        let dense = out.dense().unwrap();
         prop_assert_eq!(dense.points.dims(), &[b, s, 2]);
         prop_assert_eq!(dense.level.len(), s);
         prop_assert!(dense.level.windows(2).all(|p| p[0] <= p[1]), "levels in order");
@@ -86,7 +86,7 @@ proptest! {
             }
         }
         prop_assert!((pts[0][0][0] - 4.0 / sizes[0].0).abs() < 1e-6);
-        prop_assert!(head.needs_nms());
+        prop_assert_eq!(head.default_nms(), Some(0.6));
     }
 }
 
@@ -108,7 +108,7 @@ fn every_parameter_of_the_dense_head_learns() -> Result<()> {
         transformer: &NoTransformer,
     };
     let out = head.forward(&x, true, &mut |_, _| {})?;
-    let ctr = out.dense.as_ref().and_then(|d| d.centerness.clone()).expect("centerness");
+    let ctr = out.dense().and_then(|d| d.centerness.clone()).expect("centerness");
     let loss = ((probe_loss(&out.pred.pred_boxes)? + probe_loss(&out.pred.pred_logits)?)?
         + probe_loss(&ctr)?)?;
     assert_every_parameter_learns(&vm, &loss.backward()?, |_| false)

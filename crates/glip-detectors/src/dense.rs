@@ -3,11 +3,11 @@
 //! region-word alignment logits against the prompt's tokens (the [`TokenAlignmentHead`]),
 //! optionally a centerness logit. Assignment and losses live in `glip-loss`.
 
-use crate::TokenAlignmentHead;
 use candle_core::{DType, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
-use glip_core::nn::Linear;
 use glip_core::{DenseOutput, Detector, Encoded, LevelShape, ModelOutput, Prediction};
+use glip_heads::TokenAlignmentHead;
+use glip_kernels::nn::Linear;
 use serde::{Deserialize, Serialize};
 
 /// Options of the dense head.
@@ -96,7 +96,7 @@ impl DenseHead {
             let n = l.h * l.w;
             let mut x = memory.narrow(1, off, n)?.transpose(1, 2)?.reshape((b, d, l.h, l.w))?;
             for (w, bias) in tower {
-                x = glip_core::conv::conv2d(&x, w, 1, 1)?
+                x = glip_kernels::conv::conv2d(&x, w, 1, 1)?
                     .broadcast_add(&bias.reshape((1, d, 1, 1))?)?
                     .relu()?;
             }
@@ -179,7 +179,27 @@ impl Detector for DenseHead {
         out.with_dense(DenseOutput::new(points, strides, level, centerness)?)
     }
 
-    fn needs_nms(&self) -> bool {
-        true
+    /// GLIP's per-category NMS at IoU 0.6.
+    fn default_nms(&self) -> Option<f32> {
+        Some(0.6)
+    }
+
+    /// With centerness, FCOS's `sqrt(score * sigmoid(centerness))`.
+    fn score(&self, out: &ModelOutput, b: usize, per_category: Tensor) -> Result<Tensor> {
+        match out.dense().and_then(|d| d.centerness.as_ref()) {
+            Some(ctr) => {
+                let c = candle_nn::ops::sigmoid(&ctr.get(b)?)?.unsqueeze(1)?;
+                per_category.broadcast_mul(&c)?.sqrt()
+            }
+            None => Ok(per_category),
+        }
+    }
+
+    fn uses_decoder(&self) -> bool {
+        false
+    }
+
+    fn default_criterion(&self) -> &str {
+        "dense"
     }
 }

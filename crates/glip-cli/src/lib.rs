@@ -1,0 +1,157 @@
+//! The `glip` command line as a library: [`main_with`] runs every subcommand (train,
+//! experiment with `--set` and ablation grids, eval, detect, inspect, bench, data) with a
+//! [`Registry`] that may hold a researcher's own components. A ten-line binary:
+//!
+//! ```no_run
+//! fn main() -> std::process::ExitCode {
+//!     let mut registry = glip_train::config::Registry::new();
+//!     // registry.register_criterion("mine", |ctx, p: MyParams, ()| ...);
+//!     glip_cli::main_with(registry)
+//! }
+//! ```
+
+mod bench;
+mod data;
+mod detect;
+mod eval;
+mod experiment;
+mod inspect;
+mod progress;
+mod report;
+mod train;
+
+use clap::{Parser, Subcommand};
+pub use glip_train::config::Registry;
+
+/// Grounded object detection in the style of GLIP.
+#[derive(Parser, Debug)]
+#[command(name = "glip", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Dataset tools: validate COCO/ODVG, export the synthetic task.
+    #[command(subcommand)]
+    Data(data::DataCmd),
+    /// Train (and evaluate) one experiment config.
+    Train(train::TrainArgs),
+    /// Run an experiment config or an ablation grid: results.json/md, a table and plots.
+    Experiment(experiment::ExperimentArgs),
+    /// Evaluate a trained run (synthetic validation split, or a COCO folder).
+    Eval(eval::EvalArgs),
+    /// Ground the phrases of a prompt in images: JSON, and the images with boxes drawn.
+    Detect(detect::DetectArgs),
+    /// Parameter counts per component and the tensor shapes flowing through a config's model.
+    Inspect(inspect::InspectArgs),
+    /// Evaluate any COCO results file against COCO ground truth (bbox), as pycocotools does.
+    CocoEval(CocoEvalArgs),
+    /// Time the seed model (same presets and work as bench_torch.py); prints one JSON line.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct CocoEvalArgs {
+    /// Ground truth (COCO detection json).
+    #[arg(long)]
+    gt: std::path::PathBuf,
+    /// Detections (COCO results json: a list of {image_id, category_id, bbox, score}).
+    #[arg(long)]
+    dets: std::path::PathBuf,
+    /// Print one JSON object with the 12 numbers instead of pycocotools' table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn coco_eval(a: CocoEvalArgs) -> anyhow::Result<()> {
+    use glip_train::eval::{evaluate_coco_files, COCO_STAT_NAMES};
+    let m = evaluate_coco_files(&a.gt, &a.dets)?;
+    if a.json {
+        let obj: serde_json::Map<String, serde_json::Value> =
+            COCO_STAT_NAMES.iter().map(|n| (n.to_string(), serde_json::json!(m.get(n)))).collect();
+        println!("{}", serde_json::Value::Object(obj));
+        return Ok(());
+    }
+    let rows = [
+        ("Average Precision", "AP", "0.50:0.95", "all", 100),
+        ("Average Precision", "AP", "0.50", "all", 100),
+        ("Average Precision", "AP", "0.75", "all", 100),
+        ("Average Precision", "AP", "0.50:0.95", "small", 100),
+        ("Average Precision", "AP", "0.50:0.95", "medium", 100),
+        ("Average Precision", "AP", "0.50:0.95", "large", 100),
+        ("Average Recall", "AR", "0.50:0.95", "all", 1),
+        ("Average Recall", "AR", "0.50:0.95", "all", 10),
+        ("Average Recall", "AR", "0.50:0.95", "all", 100),
+        ("Average Recall", "AR", "0.50:0.95", "small", 100),
+        ("Average Recall", "AR", "0.50:0.95", "medium", 100),
+        ("Average Recall", "AR", "0.50:0.95", "large", 100),
+    ];
+    for ((long, short, iou, area, dets), name) in rows.iter().zip(COCO_STAT_NAMES) {
+        println!(
+            " {:<18} ({}) @[ IoU={:<9} | area={:>6} | maxDets={:>3} ] = {:.3}",
+            long,
+            short,
+            iou,
+            area,
+            dets,
+            m.get(name)
+        );
+    }
+    Ok(())
+}
+
+/// candle asks for its thread count on every matmul and convolution; without
+/// `RAYON_NUM_THREADS` it re-reads `/proc/cpuinfo` each time (measured: half of a training
+/// step's time, in the kernel) and counts physical cores only (one on a 2-vCPU machine). Set it
+/// once, before any thread starts, to the logical CPUs available.
+pub fn pin_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+}
+
+/// Runs the `glip` command line (arguments from the process) with `registry`'s components;
+/// returns the exit code (errors are printed to stderr).
+pub fn main_with(registry: Registry) -> std::process::ExitCode {
+    pin_thread_count();
+    run_args(&registry, std::env::args_os())
+}
+
+/// [`main_with`] on explicit arguments (the first is the program name).
+pub fn run_args<I, T>(registry: &Registry, args: I) -> std::process::ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                std::process::ExitCode::from(2)
+            } else {
+                std::process::ExitCode::SUCCESS
+            };
+        }
+    };
+    let result = match cli.cmd {
+        Cmd::Data(c) => data::run(c),
+        Cmd::CocoEval(a) => coco_eval(a),
+        Cmd::Train(a) => train::run(registry, a),
+        Cmd::Experiment(a) => experiment::run(registry, a),
+        Cmd::Eval(a) => eval::run(registry, a),
+        Cmd::Detect(a) => detect::run(registry, a),
+        Cmd::Inspect(a) => inspect::run(registry, a),
+        Cmd::Bench(a) => bench::run_bench(a),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

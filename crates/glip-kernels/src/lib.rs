@@ -1,0 +1,20 @@
+//! The compute kernels and layers of glip-rs, each behind one function that picks its
+//! implementation by device and dtype: custom CPU ops in f32 (with closed-form backwards) where
+//! candle's own are slow or drop gradients, candle's composition elsewhere. A CUDA
+//! implementation of each goes here, beside the CPU one.
+//!
+//! # What this crate owns
+//! - [`conv`]: 2-D convolution as im2col + gemm (forward, input and weight gradients) and
+//!   depthwise convolution.
+//! - [`norm`]: training-mode batch norm as one op with its backward.
+//! - [`fused`]: softmax over the last axis and layer norm, with gradients.
+//! - [`nn`]: `Linear`, `LayerNorm`, seeded dropout, L2 normalisation: the layers the model
+//!   crates build on.
+//!
+//! # What it must not know about
+//! Models, components, data, losses.
+
+pub mod conv;
+pub mod fused;
+pub mod nn;
+pub mod norm;

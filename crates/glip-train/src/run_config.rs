@@ -1,0 +1,216 @@
+//! The config of a whole run (`ExperimentConfig`: model, data, loss, optimiser, loop,
+//! scoring), read from TOML with errors naming the key, and what it says about inference.
+
+use crate::config::{CriterionConfig, HeadConfig, ModelConfig, Registry, Slot};
+use crate::infer::{InferenceSpec, Preprocess};
+use crate::optim::OptimConfig;
+use crate::trainer::TrainConfig;
+use crate::{Error, GlipModel};
+use glip_data::{
+    CocoDataset, Dataset, ErrorPolicy, PromptConfig, ShapesConfig, ShapesDataset, Split,
+    TransformConfig,
+};
+use glip_heads::postprocess::PostProcessConfig;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// A COCO-format detection dataset on disk: train on one split, evaluate on the other.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CocoDataConfig {
+    /// Training annotations (COCO json).
+    pub train_annotations: PathBuf,
+    /// Training images folder.
+    pub train_images: PathBuf,
+    /// Validation annotations.
+    pub val_annotations: PathBuf,
+    /// Validation images folder.
+    pub val_images: PathBuf,
+    /// Skip (and count) bad records instead of stopping at the first. Default false.
+    #[serde(default)]
+    pub skip_bad_records: bool,
+}
+
+/// The data of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// The synthetic task (the default, no files).
+    #[serde(default)]
+    pub shapes: ShapesConfig,
+    /// A COCO folder instead of the synthetic task: every category name goes in the prompts,
+    /// evaluation is COCO bbox AP on the validation annotations (no held-out pairs).
+    #[serde(default)]
+    pub coco: Option<CocoDataConfig>,
+    /// Train on only the first this many training images (overfitting checks). Default all.
+    #[serde(default)]
+    pub train_subset: Option<usize>,
+    /// Evaluate on the training images instead of the validation split (overfitting checks).
+    #[serde(default)]
+    pub eval_on_train: bool,
+    /// Training transforms.
+    #[serde(default)]
+    pub transforms: TransformConfig,
+    /// Training prompts.
+    #[serde(default)]
+    pub prompts: PromptConfig,
+    /// Images per batch. Default 8.
+    #[serde(default = "eight")]
+    pub batch_size: usize,
+}
+
+fn eight() -> usize {
+    8
+}
+
+/// Loop settings of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// Steps, logging and checkpoints.
+    #[serde(flatten)]
+    pub train: TrainConfig,
+    /// Evaluate every this many steps (0: at the end only). Default 500.
+    #[serde(default = "five_hundred")]
+    pub eval_every: u64,
+    /// Seed of initialisation, data order and transforms. Default 0.
+    #[serde(default)]
+    pub seed: u64,
+    /// Stop after this many minutes of training (evaluation time excluded), if set: the step
+    /// that crosses it is the last, then a final evaluation.
+    #[serde(default)]
+    pub time_budget_min: Option<f64>,
+}
+
+fn five_hundred() -> u64 {
+    500
+}
+
+/// Everything one run needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentConfig {
+    /// A name for tables and plots.
+    #[serde(default)]
+    pub name: String,
+    /// The model.
+    pub model: ModelConfig,
+    /// The data.
+    #[serde(default)]
+    pub data: DataConfig,
+    /// The loss.
+    #[serde(default)]
+    pub loss: CriterionConfig,
+    /// The optimiser.
+    #[serde(default)]
+    pub optim: OptimConfig,
+    /// The loop.
+    pub run: RunConfig,
+    /// How outputs become scored boxes at evaluation and detection (top-k, threshold, NMS,
+    /// token reduction). Default: 100 boxes, no threshold, the detector's NMS, mean.
+    #[serde(default)]
+    pub post: Option<PostProcessConfig>,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            shapes: ShapesConfig::default(),
+            coco: None,
+            train_subset: None,
+            eval_on_train: false,
+            transforms: TransformConfig::default(),
+            prompts: PromptConfig::default(),
+            batch_size: eight(),
+        }
+    }
+}
+
+impl ExperimentConfig {
+    /// Checks every component against `registry` (unknown types, misspelt or missing
+    /// parameters, naming the key) and fills in the defaults of registered components.
+    pub fn check(&mut self, registry: &Registry) -> Result<(), Error> {
+        registry.check(&mut self.model, &mut self.loss)
+    }
+
+    /// The resize rule of evaluation and detection: the training's largest shorter side and
+    /// cap, or the synthetic task's image size.
+    pub fn preprocess(&self) -> Preprocess {
+        let t = &self.data.transforms;
+        match t.shorter_side.iter().max() {
+            Some(&short) => Preprocess { shorter_side: short, max_size: t.max_size },
+            None => {
+                let side = self.data.shapes.image_size;
+                Preprocess { shorter_side: side, max_size: side }
+            }
+        }
+    }
+
+    /// The fixed classes of a class head: the data's category names.
+    pub fn class_names(&self) -> Result<Vec<String>, Error> {
+        if !matches!(self.model.head, Slot::Builtin(HeadConfig::Class(_))) {
+            return Ok(Vec::new());
+        }
+        Ok(match &self.data.coco {
+            Some(c) => CocoDataset::open(&c.val_annotations, &c.val_images, ErrorPolicy::Skip)?
+                .categories
+                .iter()
+                .map(|c| c.name.clone())
+                .collect(),
+            None => ShapesDataset::new(self.data.shapes.clone(), Split::Val)?.categories().to_vec(),
+        })
+    }
+
+    /// What inference needs of this run, with `model`'s default NMS unless `post` says.
+    pub fn inference_spec(&self, model: &GlipModel) -> Result<InferenceSpec, Error> {
+        Ok(InferenceSpec {
+            name: self.name.clone(),
+            model: self.model.clone(),
+            preprocess: self.preprocess(),
+            class_names: self.class_names()?,
+            post: self.post.clone().unwrap_or_else(|| PostProcessConfig {
+                nms_iou: model.detector.default_nms(),
+                ..Default::default()
+            }),
+            ema: self.optim.ema_decay.is_some(),
+        })
+    }
+}
+
+/// Reads an experiment config, naming the file and the key on error.
+pub fn load_config(path: &Path) -> Result<ExperimentConfig, Error> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, e))?;
+    let doc: toml::Table = toml::from_str(&text).map_err(|e| Error::file(path, e))?;
+    config_from_table(doc).map_err(|e| Error::file(path, e))
+}
+
+/// An experiment config from a TOML document; errors name the key (`model.detector: ...`).
+pub fn config_from_table(doc: toml::Table) -> Result<ExperimentConfig, Error> {
+    serde_path_to_error::deserialize(toml::Value::Table(doc)).map_err(|e| {
+        let key = e.path().to_string();
+        let msg = e.into_inner().message().trim().to_string();
+        match key.as_str() {
+            "" | "." => Error::Msg(msg),
+            _ => Error::Config { key, msg },
+        }
+    })
+}
+
+/// Where relative paths in a config resolve: the config's folder.
+/// Made absolute, so a run folder's `config.resolved.toml` works from any directory.
+pub fn resolve_paths(cfg: &mut ExperimentConfig, base: &Path) {
+    let base = std::fs::canonicalize(base).unwrap_or_else(|_| base.to_path_buf());
+    cfg.model.resolve_paths(&base);
+    if let Some(c) = cfg.data.coco.as_mut() {
+        for p in [
+            &mut c.train_annotations,
+            &mut c.train_images,
+            &mut c.val_annotations,
+            &mut c.val_images,
+        ] {
+            if !p.as_os_str().is_empty() && p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+    }
+}

@@ -1,0 +1,240 @@
+//! The one inference path and what runs save for it: evaluation and detection give the same
+//! boxes for the same image; a BERT loaded from a Hugging Face folder trains and round-trips
+//! through checkpoints; weights files missing names are an error; an EMA run evaluates and
+//! detects with its EMA weights.
+
+use candle_core::{DType, Device, Tensor};
+use glip_core::{ImageBatch, TextBatch};
+use glip_train::config::Registry;
+use glip_train::experiment::{run_experiment, ExperimentConfig};
+use glip_train::infer::{shapes_detections, Detector, Predictor};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("glip-infer-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A dense model (centerness on, so the detector's own scoring is exercised) on 48-pixel
+/// shapes; `text` is the `[model.text]` table.
+fn config(text: &str, extra: &str) -> ExperimentConfig {
+    let doc = format!(
+        r#"
+name = "tiny-dense"
+[model]
+num_queries = 4
+position_encoding = true
+feature_levels = [1, 2]
+[model.backbone]
+type = "resnet"
+depth = 18
+freeze_at = 0
+trainable_bn = true
+stages = 3
+[model.text]
+{text}
+[model.transformer]
+d_model = 16
+nhead = 2
+num_encoder_layers = 1
+num_decoder_layers = 1
+dim_feedforward = 32
+[model.fusion]
+type = "bi-attention"
+heads = 2
+[model.detector]
+type = "dense"
+centerness = true
+[model.head]
+type = "token"
+[data]
+batch_size = 2
+[data.shapes]
+image_size = 48
+train_images = 4
+val_images = 5
+[run]
+steps = 2
+eval_every = 2
+log_every = 1
+checkpoint_every = 0
+{extra}
+"#
+    );
+    glip_train::experiment::config_from_table(toml::from_str(&doc).unwrap()).unwrap()
+}
+
+fn shapes_text() -> String {
+    let tok = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/shapes-tokenizer.json");
+    format!("tokenizer = \"{}\"\nhidden = 16\nlayers = 1\nheads = 2", tok.display())
+}
+
+fn quiet(_: &str) {}
+
+/// Evaluation (16 images a pass, every category in the prompt) and `detect` on one image give
+/// the same boxes, scores and phrases: both go through `Predictor::detect_batch`.
+#[test]
+fn evaluation_and_detect_give_the_same_boxes_for_the_same_image() {
+    let cfg = config(&shapes_text(), "");
+    let dev = Device::Cpu;
+    let model =
+        Registry::new().build_trainable(&cfg.model, &candle_nn::VarMap::new(), 0, &dev).unwrap();
+    let spec = cfg.inference_spec(&model).unwrap();
+    assert_eq!(spec.post.nms_iou, Some(0.6), "a dense head's NMS");
+    let tok = glip_text::Tokenizer::from_file(&cfg.model.tokenizer().unwrap()).unwrap();
+    let p = Predictor { model: &model, spec: &spec, tokenizer: &tok, device: &dev };
+    let ds = glip_data::ShapesDataset::new(cfg.data.shapes.clone(), glip_data::Split::Val).unwrap();
+    let cats = glip_data::Dataset::categories(&ds).to_vec();
+    let evaluated = shapes_detections(&p, &ds, 5).unwrap();
+    let mut compared = 0;
+    for (k, (from_eval, _)) in evaluated.iter().enumerate() {
+        let (img, _) = ds.render(k);
+        let detected = p.detect(&img, &cats, &spec.post).unwrap();
+        assert_eq!(detected.len(), from_eval.len(), "image {k}");
+        for (a, b) in detected.iter().zip(from_eval) {
+            assert_eq!(a.phrase, b.phrase, "image {k}");
+            // A batch of 5 and a batch of 1 may sum in another order: f32 round-off only.
+            assert!((a.score - b.score).abs() <= 1e-5, "image {k}: {} vs {}", a.score, b.score);
+            for (x, y) in a.bbox.iter().zip(b.bbox) {
+                assert!((x - y).abs() <= 1e-3, "image {k}: {:?} vs {:?}", a.bbox, b.bbox);
+            }
+            compared += 1;
+        }
+    }
+    assert!(compared > 0, "random weights still give boxes at threshold 0");
+}
+
+fn checkpoint(dir: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(dir.join("checkpoint.safetensors"), &Device::Cpu).unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+}
+
+/// A BERT from a Hugging Face folder (the fixtures' bert-tiny) trains with the model and is
+/// saved in its checkpoints; the run is served from the checkpoint alone.
+#[test]
+fn a_folder_bert_trains_and_round_trips_through_the_checkpoint() {
+    let folder = glip_testing::fixture("bert-tiny");
+    let text = format!(
+        "folder = \"{}\"\ntokenizer = \"{}\"",
+        folder.display(),
+        folder.join("tokenizer.json").display()
+    );
+    let cfg = config(&text, "");
+    let dir = tmp("folder-bert");
+    run_experiment(&cfg, &dir, false, &mut quiet).unwrap();
+    let ckpt = checkpoint(&dir);
+    let original =
+        candle_core::safetensors::load(folder.join("model.safetensors"), &Device::Cpu).unwrap();
+    let name = "encoder.layer.0.attention.self.query.weight";
+    let trained = ckpt.get(&format!("text.{name}")).expect("the BERT is in the checkpoint");
+    let before = original[name].to_dtype(DType::F32).unwrap();
+    assert!(max_abs_diff(trained, &before) > 0.0, "the BERT's weights changed");
+    assert!(ckpt.contains_key(&format!("optim.m.text.{name}")), "its optimizer state is saved");
+    // Served from the checkpoint: every parameter is there; the trained weights are used.
+    let det = Detector::load(&dir, &Device::Cpu).unwrap();
+    let ids = Tensor::new(&[[101u32, 2417, 4418, 102]], &Device::Cpu).unwrap();
+    let mask = Tensor::ones((1, 4), DType::U8, &Device::Cpu).unwrap();
+    let served = det.model.text.forward(&ids, &mask, false).unwrap().tokens;
+    let fresh = glip_text::Bert::from_folder(&folder, &Device::Cpu).unwrap();
+    let untrained = glip_core::TextEncoder::forward(&fresh, &ids, &mask, false).unwrap().tokens;
+    assert!(max_abs_diff(&served, &untrained) > 0.0, "detect uses the trained BERT");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A `weights` file without some of the names under its prefix is an error listing them, unless
+/// `allow_missing` names their prefix.
+#[test]
+fn names_missing_from_a_weights_file_are_an_error_unless_allowed() {
+    let dir = tmp("missing");
+    let cfg = config(&shapes_text(), "");
+    let vm = candle_nn::VarMap::new();
+    Registry::new().build_trainable(&cfg.model, &vm, 0, &Device::Cpu).unwrap();
+    // The backbone's weights without layer3.
+    let backbone: HashMap<String, Tensor> = vm
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|(k, v)| {
+            k.strip_prefix("backbone.").map(|k| (k.to_string(), v.as_tensor().clone()))
+        })
+        .filter(|(k, _)| !k.starts_with("layer3."))
+        .collect();
+    let file = dir.join("backbone.safetensors");
+    candle_core::safetensors::save(&backbone, &file).unwrap();
+    let mut cfg = cfg.model.clone();
+    cfg.weights.insert("backbone".into(), file);
+    let e = Registry::new()
+        .build_trainable(&cfg, &candle_nn::VarMap::new(), 0, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    let layer3 =
+        vm.data().lock().unwrap().keys().filter(|k| k.starts_with("backbone.layer3.")).count();
+    assert!(e.contains(&format!("model.weights: {layer3} parameters")), "{e}");
+    assert!(e.contains("backbone.layer3.0.bn1.bias"), "{e}");
+    assert!(e.contains("allow_missing"), "{e}");
+    cfg.allow_missing = vec!["backbone.layer3.".into()];
+    Registry::new().build_trainable(&cfg, &candle_nn::VarMap::new(), 0, &Device::Cpu).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+fn forward_logits(model: &glip_train::GlipModel) -> Tensor {
+    let dev = Device::Cpu;
+    let v: Vec<f32> = (0..3 * 48 * 48).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
+    let pixels = Tensor::from_vec(v, (1, 3, 48, 48), &dev).unwrap();
+    let images = ImageBatch::unpadded(pixels).unwrap();
+    let ids = Tensor::new(&[[1u32, 5, 7, 2]], &dev).unwrap();
+    let mask = Tensor::ones((1, 4), DType::U8, &dev).unwrap();
+    let text = TextBatch::new(ids, mask, vec![vec![(0, 0); 4]], vec![String::new()]).unwrap();
+    let out = model.forward(&images, &text, false).unwrap();
+    out.pred.pred_logits
+}
+
+/// With `optim.ema_decay`, evaluation during training and `detect` use the EMA weights.
+#[test]
+fn an_ema_run_evaluates_and_detects_with_its_ema_weights() {
+    let cfg = config(&shapes_text(), "[optim]\nema_decay = 0.5\nlr = 1e-2");
+    let dir = tmp("ema");
+    let result = run_experiment(&cfg, &dir, false, &mut quiet).unwrap();
+    let ckpt = checkpoint(&dir);
+    let raw: HashMap<String, Tensor> = ckpt
+        .iter()
+        .filter(|(k, _)| !k.starts_with("optim."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let mut ema = raw.clone();
+    for (k, v) in &ckpt {
+        if let Some(n) = k.strip_prefix("optim.ema.") {
+            ema.insert(n.to_string(), v.clone());
+        }
+    }
+    let r = Registry::new();
+    let dev = Device::Cpu;
+    let raw_model = glip_train::infer::model_from_weights(&r, &cfg.model, raw, &dev).unwrap();
+    let ema_model = glip_train::infer::model_from_weights(&r, &cfg.model, ema, &dev).unwrap();
+    let det = Detector::load(&dir, &dev).unwrap();
+    assert!(det.spec.ema);
+    let (served, e, w) =
+        (forward_logits(&det.model), forward_logits(&ema_model), forward_logits(&raw_model));
+    assert_eq!(max_abs_diff(&served, &e), 0.0, "detect serves the EMA weights");
+    assert!(max_abs_diff(&e, &w) > 0.0, "the EMA differs from the last weights");
+    // The run's own evaluation is the EMA model's.
+    let p = det.predictor();
+    let ds = glip_data::ShapesDataset::new(cfg.data.shapes.clone(), glip_data::Split::Val).unwrap();
+    let ev = glip_train::infer::evaluate_shapes(&p, &ds, 5, &dir.join("scratch")).unwrap();
+    let last = result.last().unwrap();
+    assert!(
+        (ev.coco.get("AP") - last.val.get("AP")).abs() < 1e-12,
+        "{} vs {}",
+        ev.coco.get("AP"),
+        last.val.get("AP")
+    );
+    assert_eq!(ev.recall, last.recall);
+    std::fs::remove_dir_all(&dir).ok();
+}
