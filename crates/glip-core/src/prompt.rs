@@ -1,5 +1,5 @@
 //! GLIP prompts and positive maps, exactly as `build_prompt` / `positive_map` in
-//! `glip_reference.py`, and the tokenizer interface the data pipeline needs.
+//! `reference/glip_ref.py`, and the tokenizer interface the data pipeline needs.
 //!
 //! They live here, at the bottom, because both the text crate (which tokenises) and the data
 //! crate (which builds prompts from datasets) use them and may not depend on each other.

@@ -1,6 +1,6 @@
 //! The values that cross crate boundaries, each checking its shapes on construction.
 //!
-//! Conventions (the same as `glip_reference.py`): pixels are NCHW f32 normalised with ImageNet
+//! Conventions (the same as `reference/glip_ref.py`): pixels are NCHW f32 normalised with ImageNet
 //! mean/std; boxes are normalised `(cx, cy, w, h)` in `[0, 1]`; token ids are `u32`; masks are
 //! `u8` with 1 for a real pixel or token and 0 for padding.
 

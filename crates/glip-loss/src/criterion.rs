@@ -1,6 +1,6 @@
 //! Set criteria: `detr` (softmax cross-entropy with a down-weighted no-object class, for the
 //! fixed-class head) and `grounding` (token-level sigmoid focal over positive maps, for the
-//! token head), exactly `class_criterion` / `token_criterion` of `glip_reference.py`; with the
+//! token head), exactly `class_losses` / `token_losses` of `reference/glip_ref.py`; with the
 //! [`crate::OrderedMatcher`] either becomes the seed tutorial's `ordered` ablation.
 
 use crate::terms::{giou_loss_sum, l1_sum, sigmoid_focal, weighted_cross_entropy};

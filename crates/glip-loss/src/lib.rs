@@ -1,5 +1,5 @@
 //! Losses of glip-rs: Hungarian matching, box and classification terms, the DETR and
-//! grounding criteria of `glip_reference.py`, and the dense head's FCOS/ATSS criterion.
+//! grounding criteria of `reference/glip_ref.py`, and the dense head's FCOS/ATSS criterion.
 //!
 //! # Owns
 //! Implementations of [`glip_core::Matcher`] and [`glip_core::Criterion`].

@@ -1,4 +1,4 @@
-//! Matching and loss terms against the reference fixtures (`make_fixtures.py`: scipy's
+//! Matching and loss terms against the reference fixtures (`reference/make_fixtures.py`: scipy's
 //! `linear_sum_assignment`, `torchvision.ops.box_iou` / `generalized_box_iou` /
 //! `sigmoid_focal_loss`).
 

@@ -1,26 +1,28 @@
-//! Helpers for the workspace's numerical tests: where the reference fixtures are, and a
-//! comparison with the tolerances of `../shared/fixtures/README.md`.
+//! Helpers for the workspace's numerical tests: where the reference fixtures are (written by
+//! `cargo xtask fixtures` from `reference/`), comparisons with stated tolerances, and the
+//! every-parameter-learns check.
 
 use candle_core::{DType, Device, Result, Tensor};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-/// The reference fixtures folder: `$GLIP_FIXTURES`, else `../shared/fixtures` beside the
-/// workspace root.
+/// The reference fixtures folder: `$GLIP_FIXTURES`, else `fixtures/` at the workspace root
+/// (where `cargo xtask fixtures` writes them).
 pub fn fixtures_dir() -> PathBuf {
     if let Some(p) = std::env::var_os("GLIP_FIXTURES") {
         return PathBuf::from(p);
     }
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures"))
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures"))
 }
 
-/// A fixture file's path; panics with a clear message when the fixtures are missing, since the
-/// parity tests are meaningless without them.
+/// A fixture file's path; panics naming the command that writes the fixtures when it is
+/// missing, since the parity tests are meaningless without them.
 pub fn fixture(rel: &str) -> PathBuf {
     let p = fixtures_dir().join(rel);
     assert!(
         p.exists(),
-        "fixture {} not found (set GLIP_FIXTURES to the fixtures folder)",
+        "fixture {} not found: `cargo xtask fixtures` writes the fixtures (or run the tests with \
+         `cargo xtask test`, which does it first); GLIP_FIXTURES points elsewhere",
         p.display()
     );
     p

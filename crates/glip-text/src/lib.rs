@@ -3,7 +3,7 @@
 //!
 //! # Owns
 //! Turning captions into token ids, offsets and token features implementing
-//! [`glip_core::TextEncoder`], and the prompt/positive-map rules of `glip_reference.py`.
+//! [`glip_core::TextEncoder`], and the prompt/positive-map rules of `reference/glip_ref.py`.
 //!
 //! # Must not know about
 //! Images, backbones, the detection transformer, losses or datasets.

@@ -1,5 +1,5 @@
 //! BERT's gradients, shapes and text-padding invariance; prompts and positive maps against the
-//! reference's rules (`build_prompt`, `positive_map` in `glip_reference.py`).
+//! reference's rules (`detection_prompt`, `positive_map` in `reference/glip_ref.py`).
 
 use candle_core::{DType, Device, Result, Tensor};
 use glip_core::TextEncoder;

@@ -1,4 +1,4 @@
-//! Parity of the tokenizer and BERT with Hugging Face (`make_fixtures.py`: `BertTokenizerFast`,
+//! Parity of the tokenizer and BERT with Hugging Face (`reference/make_fixtures.py`: `BertTokenizerFast`,
 //! `BertModel`), at the fixture README's forward tolerance `|a - b| <= 1e-4 + 1e-3 * |b|`.
 
 use candle_core::{DType, Device, Result, Tensor};

@@ -338,6 +338,14 @@ impl Registry {
         let mut prefixes: Vec<(&String, &PathBuf)> = cfg.weights.iter().collect();
         prefixes.sort_by_key(|(p, _)| p.len());
         for (prefix, file) in prefixes {
+            if !file.exists() {
+                candle_core::bail!(
+                    "model.weights.{prefix}: {} not found (`cargo xtask fixtures` writes the \
+                     fixtures' files, such as fixtures/mobilenet_v2; `cargo xtask fetch-models` \
+                     fetches the pretrained models)",
+                    file.display()
+                );
+            }
             let weights = glip_core::weights::open(file, DType::F32, device)
                 .map_err(|e| msg(format!("model.weights.{prefix}: {e}")))?;
             sources.push(glip_core::weights::Source { prefix: prefix.clone(), weights });

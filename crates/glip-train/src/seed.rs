@@ -1,4 +1,4 @@
-//! The seed tutorial's model (`SeedGLIP` in `glip_reference.py`) built from components.
+//! The seed tutorial's model (`SeedGLIP` in `reference/glip_ref.py`) built from components.
 
 use crate::GlipModel;
 use candle_core::Result;

@@ -1,5 +1,5 @@
-//! COCO evaluation against pycocotools' own numbers (`../shared/fixtures/coco/caseK/expected.json`,
-//! written by `make_coco_cases.py`): the 12 summary numbers and per-category AP, to 1e-12.
+//! COCO evaluation against pycocotools' own numbers (`coco/caseK/expected.json` of the
+//! fixtures, written by `reference/make_fixtures.py`): the 12 summary numbers and per-category AP, to 1e-12.
 
 use glip_testing::fixture;
 use glip_train::eval::{evaluate_coco_files, recall_at_k, COCO_STAT_NAMES};

@@ -1,4 +1,4 @@
-//! The whole seed model against `seed-tiny/io` (`SeedGLIP` in `glip_reference.py`, eval mode),
+//! The whole seed model against `seed-tiny/io` (`SeedGLIP` in `reference/glip_ref.py`, eval mode),
 //! at the fixture README's forward tolerance `|a - b| <= 1e-4 + 1e-3 * |b|`.
 
 use candle_core::{DType, Device, Result, Tensor};

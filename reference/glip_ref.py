@@ -1,0 +1,264 @@
+"""The PyTorch specification of glip-rs: the seed model, its losses and GLIP's prompt rules.
+
+Every fixture the Rust tests read is computed from these functions by make_fixtures.py; the
+Rust crates reproduce them within the tolerances stated in fixtures/README.md (written by
+make_fixtures.py beside the fixtures).
+
+Conventions shared with the Rust side:
+  * images are NCHW float32, normalised with ImageNet mean and std;
+  * boxes inside the model and the losses are normalised (cx, cy, w, h);
+  * parameter names are torchvision's (backbone), Hugging Face BertModel's (text) and
+    torch.nn.Transformer's (transformer), so that real checkpoints load unchanged.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+__all__ = [
+    "FrozenBatchNorm2d", "ResNetBody", "SeedQueries", "TokenHead", "SeedGLIP", "cxcywh_to_xyxy",
+    "giou", "focal", "hungarian", "class_losses", "token_losses", "detection_prompt", "positive_map",
+]
+
+
+# ----------------------------------------------------------------------------------- backbone
+
+class ResNetBody(nn.Module):
+    """A torchvision ResNet up to layer4 (no pooling, no classifier) with frozen batch norm
+    (eps 1e-5, as DETR and GLIP); forward returns C2, C3, C4, C5. Names are torchvision's."""
+
+    def __init__(self, arch):
+        super().__init__()
+        full = getattr(torchvision.models, arch)(weights=None, norm_layer=FrozenBatchNorm2d)
+        for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
+            setattr(self, name, getattr(full, name))
+        self.out_channels = full.fc.in_features
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        levels = []
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = stage(x)
+            levels.append(x)
+        return tuple(levels)
+
+
+# ----------------------------------------------------------------------------------- seed model
+
+class SeedQueries(nn.Module):
+    """The seed tutorial's queries: the pooled sentence projected to d and L2-normalised, plus
+    one learned embedding per query. Names: query_proj.{weight,bias}, query_embed."""
+
+    def __init__(self, text_dim, d, num_queries):
+        super().__init__()
+        self.query_proj = nn.Linear(text_dim, d)
+        self.query_embed = nn.Parameter(torch.randn(num_queries, d))
+
+    def forward(self, pooled):
+        sentence = F.normalize(self.query_proj(pooled), p=2.0, dim=-1, eps=0.0)
+        return sentence[:, None, :] + self.query_embed[None, :, :]
+
+
+class TokenHead(nn.Module):
+    """GLIP's region-word alignment: a logit for every (query, text token) pair.
+
+    tokens are L2-normalised (t), then
+        logit[q, k] = (W_img hs[q]) . (W_txt (t[k] / 2)) / exp(log_scale) + t[k] . bias_lang + bias0
+    clamped to [-50000, 50000]; bias0 starts at the focal-loss prior -log((1 - 0.01) / 0.01).
+    """
+
+    def __init__(self, text_dim, d, prior=0.01):
+        super().__init__()
+        self.dot_product_projection_text = nn.Linear(text_dim, d)
+        self.dot_product_projection_image = nn.Linear(d, d)
+        self.log_scale = nn.Parameter(torch.tensor(0.0))
+        self.bias_lang = nn.Parameter(torch.zeros(text_dim))
+        self.bias0 = nn.Parameter(torch.tensor(math.log(prior / (1.0 - prior))))
+
+    def forward(self, hs, tokens):
+        t = F.normalize(tokens, p=2.0, dim=-1)
+        image = self.dot_product_projection_image(hs)
+        text = self.dot_product_projection_text(t / 2.0)
+        scores = torch.einsum("bqd,btd->bqt", image, text) / torch.exp(self.log_scale)
+        bias = (t * self.bias_lang).sum(dim=-1) + self.bias0
+        return torch.clamp(scores + bias[:, None, :], -50000.0, 50000.0)
+
+
+class SeedGLIP(nn.Module):
+    """The seed tutorial's model made runnable: C5 -> 1x1 input_proj -> torch.nn.Transformer
+    (post-norm, relu, dropout 0.1, no positional encoding) whose decoder reads the seed queries;
+    boxes from a linear layer and a sigmoid (cxcywh); logits from class_pred (num_classes + 1,
+    the last "no object") or the token head. No auxiliary outputs."""
+
+    def __init__(self, arch, text_model, d, heads, enc_layers, dec_layers, ff, num_queries,
+                 num_classes, head):
+        super().__init__()
+        text_dim = text_model.config.hidden_size
+        self.backbone = ResNetBody(arch)
+        self.text = text_model
+        self.input_proj = nn.Conv2d(self.backbone.out_channels, d, 1)
+        self.query_generator = SeedQueries(text_dim, d, num_queries)
+        self.transformer = nn.Transformer(d, heads, enc_layers, dec_layers, ff, dropout=0.1)
+        self.bbox_pred = nn.Linear(d, 4)
+        self.head = head
+        if head == "class":
+            self.class_pred = nn.Linear(d, num_classes + 1)
+        elif head == "token":
+            self.token_head = TokenHead(text_dim, d)
+        else:
+            raise ValueError(f"head {head!r}: class or token")
+
+    def forward(self, images, input_ids, attention_mask):
+        c5 = self.backbone(images)[3]
+        src = self.input_proj(c5).flatten(2).permute(2, 0, 1)  # (S, B, d): sequence first
+        text = self.text(input_ids=input_ids, attention_mask=attention_mask)
+        queries = self.query_generator(text.pooler_output).transpose(0, 1)  # (Q, B, d)
+        memory = self.transformer.encoder(src)
+        hs = self.transformer.decoder(queries, memory).transpose(0, 1)  # (B, Q, d)
+        if self.head == "class":
+            logits = self.class_pred(hs)
+        else:
+            logits = self.token_head(hs, text.last_hidden_state)
+        return {"pred_logits": logits, "pred_boxes": torch.sigmoid(self.bbox_pred(hs)), "hs": hs,
+                "memory": memory.transpose(0, 1)}
+
+
+# ----------------------------------------------------------------------------------- boxes
+
+def cxcywh_to_xyxy(b):
+    half = b[..., 2:] / 2
+    return torch.cat([b[..., :2] - half, b[..., :2] + half], dim=-1)
+
+
+def giou(a, b):
+    """Pairwise generalised IoU of xyxy boxes (torchvision's definition)."""
+    return torchvision.ops.generalized_box_iou(a, b)
+
+
+# ----------------------------------------------------------------------------------- losses
+
+def focal(logits, targets, alpha=0.25, gamma=2.0):
+    """Sigmoid focal loss per element (torchvision.ops.sigmoid_focal_loss, no reduction)."""
+    return torchvision.ops.sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma, reduction="none")
+
+
+@torch.no_grad()
+def hungarian(cost):
+    """An optimal assignment of a (Q, N) cost matrix, scipy's, as (queries, targets) int64
+    tensors sorted by query; empty when N = 0."""
+    if cost.shape[0] == 0 or cost.shape[1] == 0:
+        empty = torch.empty(0, dtype=torch.int64)
+        return empty, empty.clone()
+    rows, cols = linear_sum_assignment(cost.cpu().numpy())
+    return torch.from_numpy(rows).to(torch.int64), torch.from_numpy(cols).to(torch.int64)
+
+
+def _box_costs(pred, tgt):
+    l1 = torch.cdist(pred, tgt, p=1)
+    g = giou(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(tgt))
+    return l1, g
+
+
+def _box_losses(out, targets, matches, num_boxes):
+    pred = torch.cat([out["pred_boxes"][b, q] for b, (q, _) in enumerate(matches)])
+    tgt = torch.cat([targets[b]["boxes"][t] for b, (_, t) in enumerate(matches)])
+    l1 = (pred - tgt).abs().sum() / num_boxes
+    g = (1.0 - torch.diagonal(giou(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(tgt)))).sum() / num_boxes
+    return l1, g
+
+
+def class_losses(out, targets, num_classes, cost_class=1.0, cost_bbox=5.0, cost_giou=2.0,
+                 eos_coef=0.1, w_ce=1.0, w_bbox=5.0, w_giou=2.0):
+    """DETR's set criterion for the fixed-class head, without auxiliary losses.
+
+    Matching cost of (query, box): -cost_class * softmax(logits)[label] + cost_bbox * L1
+    - cost_giou * GIoU. Loss: cross-entropy over num_classes + 1 with the "no object" class
+    weighted eos_coef (unmatched queries target it), L1 and 1 - GIoU over the matched pairs
+    summed and divided by the number of boxes in the batch (at least 1).
+    targets: per image {"boxes": (N, 4) cxcywh, "labels": (N,) int64}.
+    """
+    logits, boxes = out["pred_logits"], out["pred_boxes"]
+    matches = []
+    for b, t in enumerate(targets):
+        prob = logits[b].softmax(dim=-1)
+        l1, g = _box_costs(boxes[b], t["boxes"])
+        cost = cost_bbox * l1 - cost_giou * g - cost_class * prob[:, t["labels"]]
+        matches.append(hungarian(cost.detach()))
+    num_boxes = max(sum(int(t["labels"].numel()) for t in targets), 1)
+    target = torch.full(logits.shape[:2], num_classes, dtype=torch.int64)
+    for b, (q, t) in enumerate(matches):
+        target[b, q] = targets[b]["labels"][t]
+    weight = torch.cat([torch.ones(num_classes), torch.tensor([eos_coef])])
+    ce = F.cross_entropy(logits.permute(0, 2, 1), target, weight=weight)
+    l1, g = _box_losses(out, targets, matches, num_boxes)
+    total = w_ce * ce + w_bbox * l1 + w_giou * g
+    return {"loss_ce": ce, "loss_bbox": l1, "loss_giou": g, "loss": total}, matches
+
+
+def token_losses(out, targets, text_mask, alpha=0.25, gamma=2.0, cost_class=2.0, cost_bbox=5.0,
+                 cost_giou=2.0, w_cls=1.0, w_bbox=5.0, w_giou=2.0):
+    """The grounding criterion of the token head (GLIP, Grounding DINO).
+
+    Matching cost of (query q, box j): cost_class times the mean, over the tokens positive for
+    j, of focal_pos - focal_neg with p = sigmoid(logit[q, t]):
+        focal_pos = alpha (1 - p)^gamma (-log(p + 1e-8)),
+        focal_neg = (1 - alpha) p^gamma (-log(1 - p + 1e-8)),
+    plus cost_bbox * L1 - cost_giou * GIoU. Loss: sigmoid focal over every (query, real token)
+    pair, a matched query's target being its box's positive map and an unmatched query's all
+    zeros, summed and divided by the boxes in the batch (at least 1); L1 and 1 - GIoU as DETR.
+    targets: per image {"boxes": (N, 4) cxcywh, "positive_map": (N, T) 0/1}; text_mask (B, T),
+    1 for real tokens: padding is in no cost and no loss.
+    """
+    logits, boxes = out["pred_logits"], out["pred_boxes"]
+    matches = []
+    for b, t in enumerate(targets):
+        if t["boxes"].shape[0] == 0:
+            matches.append(hungarian(logits.new_zeros(logits.shape[1], 0)))
+            continue
+        p = logits[b].sigmoid()
+        pos = alpha * (1 - p).pow(gamma) * -(p + 1e-8).log()
+        neg = (1 - alpha) * p.pow(gamma) * -(1 - p + 1e-8).log()
+        pm = t["positive_map"]
+        cls = (pos - neg) @ pm.t() / pm.sum(dim=-1).clamp(min=1.0)
+        l1, g = _box_costs(boxes[b], t["boxes"])
+        matches.append(hungarian((cost_class * cls + cost_bbox * l1 - cost_giou * g).detach()))
+    num_boxes = max(sum(int(t["boxes"].shape[0]) for t in targets), 1)
+    target = torch.zeros_like(logits)
+    for b, (q, t) in enumerate(matches):
+        if q.numel():
+            target[b, q] = targets[b]["positive_map"][t]
+    cls_loss = (focal(logits, target, alpha, gamma) * text_mask[:, None, :]).sum() / num_boxes
+    l1, g = _box_losses(out, targets, matches, num_boxes)
+    total = w_cls * cls_loss + w_bbox * l1 + w_giou * g
+    return {"loss_cls": cls_loss, "loss_bbox": l1, "loss_giou": g, "loss": total}, matches
+
+
+# ----------------------------------------------------------------------------------- prompts
+
+def detection_prompt(names, separator=". "):
+    """GLIP's detection prompt "person. bicycle. car." and each name's (start, end) characters."""
+    parts, spans, at = [], [], 0
+    for i, name in enumerate(names):
+        if i:
+            parts.append(separator)
+            at += len(separator)
+        parts.append(name)
+        spans.append((at, at + len(name)))
+        at += len(name)
+    return "".join(parts) + ".", spans
+
+
+def positive_map(offsets, spans, num_tokens):
+    """(len(spans), num_tokens) 0/1: token k is positive for span j when their character ranges
+    overlap; special tokens (empty offsets) never are."""
+    pm = torch.zeros(len(spans), num_tokens)
+    for j, (s, e) in enumerate(spans):
+        for k, (ts, te) in enumerate(offsets[:num_tokens]):
+            if ts < te and ts < e and s < te:
+                pm[j, k] = 1.0
+    return pm
