@@ -48,13 +48,19 @@ pub fn assert_close(name: &str, a: &Tensor, b: &Tensor, atol: f32, rtol: f32) ->
     let a = a.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let b = b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let mut worst = (0usize, 0f32);
+    let mut margin = 0f64;
     for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-        let excess = (x - y).abs() - (atol + rtol * y.abs());
+        let tol = atol + rtol * y.abs();
+        let excess = (x - y).abs() - tol;
         let excess = if excess.is_nan() { f32::INFINITY } else { excess };
         if excess > worst.1 {
             worst = (i, excess);
         }
+        if tol > 0.0 {
+            margin = margin.max(((x - y).abs() / tol) as f64);
+        }
     }
+    report_margin(name, margin);
     assert!(
         worst.1 <= 0.0,
         "{name}: element {} is {} vs reference {} (|diff| {} > {} + {} * |ref|)",
@@ -77,6 +83,14 @@ pub fn assert_forward_close(name: &str, a: &Tensor, b: &Tensor) -> Result<()> {
 pub fn assert_grad_close(name: &str, a: &Tensor, b: &Tensor) -> Result<()> {
     let m = b.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
     assert_close(name, a, b, 1e-3 * m + 1e-5, 0.0)
+}
+
+/// With `GLIP_TEST_MARGINS` set, prints the largest error / tolerance ratio of a comparison
+/// (how close it came to failing; `cargo test -- --nocapture` shows it).
+fn report_margin(name: &str, ratio: f64) {
+    if std::env::var_os("GLIP_TEST_MARGINS").is_some() {
+        eprintln!("MARGIN {name}: {ratio:.4}");
+    }
 }
 
 /// Unit round-off of f32 (`2^-24`).
@@ -105,6 +119,7 @@ pub fn assert_f32_deep_close(
     let walk = F32_UNIT_ROUNDOFF * (sum_len as f64).sqrt() * m;
     let mut worst = 0f64;
     for (what, t) in [("ours", ours), ("reference", reference)] {
+        let mut this = 0f64;
         let v: Vec<f64> = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
         assert_eq!(v.len(), exact.len(), "{name}: sizes differ");
         for (i, (a, e)) in v.iter().zip(&exact).enumerate() {
@@ -116,8 +131,10 @@ pub fn assert_f32_deep_close(
                  1e-4 + 1e-3 * |exact| + u * sqrt({sum_len}) * {m})",
                 (a - e).abs()
             );
-            worst = worst.max(ratio);
+            this = this.max(ratio);
         }
+        report_margin(&format!("{name} ({what} vs f64)"), this);
+        worst = worst.max(this);
     }
     Ok(worst)
 }
