@@ -41,7 +41,7 @@ fn hash_files(files: &[PathBuf]) -> Result<String> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-fn stamp_matches(stamp: &Path, want: &str) -> bool {
+pub(crate) fn stamp_matches(stamp: &Path, want: &str) -> bool {
     std::fs::read_to_string(stamp).is_ok_and(|s| s.trim() == want)
 }
 

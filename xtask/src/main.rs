@@ -1,5 +1,6 @@
 //! `cargo xtask`: project automation that runs the same here and in CI.
 
+mod cuda;
 mod experiment;
 mod fetch;
 mod fixtures;
@@ -30,6 +31,13 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Print the environment for building the `cuda` (or `cudnn`) feature on a machine without
+    /// a CUDA install (pinned PyPI wheels; `eval "$(cargo xtask cuda-env)"`).
+    CudaEnv {
+        /// Also cuDNN 9 (for `--features cudnn`).
+        #[arg(long)]
+        cudnn: bool,
+    },
     /// The tests as CI runs them: fetch-models, fixtures, then `cargo test --workspace ARGS`.
     Test {
         /// Passed to `cargo test --workspace`.
@@ -45,5 +53,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Experiment(a) => experiment::run(a),
         Cmd::Fixtures { force } => fixtures::run(force),
         Cmd::Test { args } => fixtures::test(&args),
+        Cmd::CudaEnv { cudnn } => cuda::run(cudnn),
     }
 }

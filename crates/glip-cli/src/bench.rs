@@ -23,6 +23,9 @@ pub struct BenchArgs {
     /// Timed iterations (after one warm-up).
     #[arg(long, default_value_t = 5)]
     iters: usize,
+    /// Where to compute: auto (the first GPU of a CUDA build, else the CPU), cpu, cuda, cuda:N.
+    #[arg(long, value_parser = crate::parse_device)]
+    device: Option<glip_train::device::DeviceSpec>,
 }
 
 /// Runs `glip bench`.
@@ -35,7 +38,7 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
         size: a.size,
         iters: a.iters,
     };
-    let r = run(&spec, &candle_core::Device::Cpu)?;
+    let r = run(&spec, &a.device.unwrap_or_default().resolve()?)?;
     println!("{}", serde_json::to_string(&r)?);
     Ok(())
 }

@@ -33,6 +33,9 @@ pub struct DetectArgs {
     /// prediction).
     #[arg(long)]
     nms: Option<f32>,
+    /// Where to compute: auto (the first GPU of a CUDA build, else the CPU), cpu, cuda, cuda:N.
+    #[arg(long, value_parser = crate::parse_device)]
+    device: Option<glip_train::device::DeviceSpec>,
 }
 
 /// The phrases of a prompt: split at `.`, trimmed, empty pieces dropped.
@@ -49,7 +52,7 @@ pub fn run(registry: &glip_train::config::Registry, a: DetectArgs) -> Result<()>
             a.prompt
         ));
     }
-    let dev = candle_core::Device::Cpu;
+    let dev = a.device.unwrap_or_default().resolve()?;
     let det = Detector::load_with(registry, &a.run, &dev)?;
     let unknown = det.predictor().unknown_words(&phrases);
     if !unknown.is_empty() {

@@ -22,11 +22,14 @@ pub struct EvalArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// Where to compute: auto (the first GPU of a CUDA build, else the CPU), cpu, cuda, cuda:N.
+    #[arg(long, value_parser = crate::parse_device)]
+    device: Option<glip_train::device::DeviceSpec>,
 }
 
 /// Runs `glip eval`.
 pub fn run(registry: &glip_train::config::Registry, a: EvalArgs) -> Result<()> {
-    let dev = candle_core::Device::Cpu;
+    let dev = a.device.unwrap_or_default().resolve()?;
     let det = Detector::load_with(registry, &a.run, &dev)?;
     let p = det.predictor();
     let ev = match (&a.coco, &a.images) {

@@ -39,6 +39,9 @@ pub struct ExperimentArgs {
     /// Continue runs (cells) from their checkpoints; finished cells are read back, not rerun.
     #[arg(long)]
     resume: bool,
+    /// Where to compute: auto (the first GPU of a CUDA build, else the CPU), cpu, cuda, cuda:N.
+    #[arg(long, value_parser = crate::parse_device)]
+    device: Option<glip_train::device::DeviceSpec>,
 }
 
 /// The `[ablation]` table.
@@ -143,6 +146,7 @@ pub fn run(registry: &Registry, a: ExperimentArgs) -> Result<()> {
         toml::from_str(&text).with_context(|| format!("{}: not valid TOML", a.config.display()))?;
     if !doc.contains_key("ablation") {
         let mut cfg = read_config(&a.config, &a.sets)?;
+        cfg.run.device = cfg.run.device.or(a.device);
         cfg.check(registry).with_context(|| a.config.display().to_string())?;
         let dir = a.out.unwrap_or_else(|| default_dir(&cfg, &a.config));
         let r = run_single(registry, &cfg, &dir, a.resume, "")?;
@@ -166,6 +170,7 @@ pub fn run(registry: &Registry, a: ExperimentArgs) -> Result<()> {
         let all: Vec<String> = ab.set.iter().chain(sets).chain(&a.sets).cloned().collect();
         let mut cfg = read_config(&base, &all).with_context(|| format!("ablation cell {cell}"))?;
         cfg.check(registry).with_context(|| format!("ablation cell {cell}"))?;
+        cfg.run.device = cfg.run.device.or(a.device);
         cfg.name = format!("{name}/{cell}");
         configs.push(cfg);
     }

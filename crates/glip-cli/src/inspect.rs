@@ -3,7 +3,7 @@
 
 use crate::train::read_config;
 use anyhow::{anyhow, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use clap::Args;
 use glip_core::{ImageBatch, TextBatch};
 use std::collections::BTreeMap;
@@ -27,6 +27,9 @@ pub struct InspectArgs {
     /// Override a config value: `key.path=value`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     sets: Vec<String>,
+    /// Where to compute: auto (the first GPU of a CUDA build, else the CPU), cpu, cuda, cuda:N.
+    #[arg(long, value_parser = crate::parse_device)]
+    device: Option<glip_train::device::DeviceSpec>,
 }
 
 /// The component a parameter belongs to: the first segment of its name (`bbox_embed`,
@@ -38,7 +41,7 @@ fn component(name: &str) -> &str {
 /// Runs `glip inspect`.
 pub fn run(registry: &glip_train::config::Registry, a: InspectArgs) -> Result<()> {
     let cfg = read_config(&a.config, &a.sets)?;
-    let dev = Device::Cpu;
+    let dev = cfg.run.device.or(a.device).resolve()?;
     let varmap = candle_nn::VarMap::new();
     let model = registry
         .build_trainable(&cfg.model, &varmap, 0, &dev)

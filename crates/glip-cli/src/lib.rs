@@ -23,6 +23,11 @@ mod train;
 use clap::{Parser, Subcommand};
 pub use glip_train::config::Registry;
 
+/// `--device` words (`auto`, `cpu`, `cuda`, `cuda:N`).
+pub(crate) fn parse_device(s: &str) -> Result<glip_train::device::DeviceSpec, String> {
+    s.parse().map_err(|e: glip_train::Error| e.to_string())
+}
+
 /// Grounded object detection in the style of GLIP.
 #[derive(Parser, Debug)]
 #[command(name = "glip", version, about)]

@@ -26,6 +26,9 @@ pub struct TrainArgs {
     /// Override a config value: `--set run.steps=100` (TOML value syntax; repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     sets: Vec<String>,
+    /// Where to compute: auto (the first GPU of a CUDA build, else the CPU), cpu, cuda, cuda:N.
+    #[arg(long, value_parser = crate::parse_device)]
+    device: Option<glip_train::device::DeviceSpec>,
 }
 
 /// Applies `key.path=value` overrides to a TOML document.
@@ -108,7 +111,8 @@ pub fn summary_line(r: &ExperimentResult) -> serde_json::Value {
 
 /// Runs `glip train`.
 pub fn run(registry: &Registry, a: TrainArgs) -> Result<()> {
-    let cfg = read_config(&a.config, &a.sets)?;
+    let mut cfg = read_config(&a.config, &a.sets)?;
+    cfg.run.device = cfg.run.device.or(a.device);
     let dir = a.out.unwrap_or_else(|| default_dir(&cfg, &a.config));
     let r = run_single(registry, &cfg, &dir, a.resume, "")?;
     println!("{}", summary_line(&r));

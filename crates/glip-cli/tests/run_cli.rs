@@ -272,6 +272,14 @@ fn bad_input_gets_a_message_naming_it() {
     assert!(!ok && err.contains("inference.json") && !err.contains("panicked"), "{err}");
     let (ok, _, err) = glip(&["detect", "--run", d.to_str().unwrap(), "--prompt", " . ", "a.png"]);
     assert!(!ok && err.contains("names nothing"), "{err}");
+    // Devices: a word that is none, and CUDA asked of a CPU-only build (this test's).
+    let (ok, _, err) = glip(&["inspect", "--config", cfg.to_str().unwrap(), "--device", "tpu"]);
+    assert!(!ok && err.contains("auto, cpu, cuda or cuda:N"), "{err}");
+    if !glip_train::device::cuda_built() {
+        let (ok, _, err) =
+            glip(&["inspect", "--config", cfg.to_str().unwrap(), "--device", "cuda:1"]);
+        assert!(!ok && err.contains("--features cuda") && !err.contains("panicked"), "{err}");
+    }
     let bad = d.join("bad-ablation.toml");
     std::fs::write(&bad, "[ablation]\nbase = \"tiny.toml\"\n[ablation.grid]\n\"x\" = 3\n").unwrap();
     let (ok, _, err) = glip(&["experiment", bad.to_str().unwrap()]);

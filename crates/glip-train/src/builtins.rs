@@ -298,6 +298,7 @@ impl Registry {
         loss: &CriterionConfig,
         model_cfg: &ModelConfig,
         model: &GlipModel,
+        device: &Device,
     ) -> Result<Box<dyn glip_core::Criterion>> {
         let ctx = BuildContext {
             registry: self,
@@ -306,7 +307,7 @@ impl Registry {
             d_model: model.d_model,
             decoder: model.detector.uses_decoder(),
             loss: Some(loss),
-            device: &Device::Cpu,
+            device,
         };
         match &loss.criterion {
             Some(slot) => build_slot(&self.criteria, slot, &ctx, ()),

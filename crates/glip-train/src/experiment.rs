@@ -87,7 +87,8 @@ pub fn run_experiment_with(
             let _ = std::fs::remove_file(dir.join(f));
         }
     }
-    let dev = Device::Cpu;
+    let dev = cfg.run.device.resolve()?;
+    progress.message(&format!("device: {}", crate::device::describe(&dev)));
     let varmap = candle_nn::VarMap::new();
     let model = registry.build_trainable(&cfg.model, &varmap, cfg.run.seed, &dev)?;
     if cfg.loss.criterion.is_none() {
@@ -137,7 +138,7 @@ pub fn run_experiment_with(
     loader.transforms = cfg.data.transforms.clone();
     loader.shuffle = true;
     loader.seed = cfg.run.seed;
-    let crit = registry.build_criterion(&cfg.loss, &cfg.model, &model)?;
+    let crit = registry.build_criterion(&cfg.loss, &cfg.model, &model, &dev)?;
     let spec = cfg.inference_spec(&model)?;
     spec.save(dir)?;
     let resolved_json = serde_json::to_value(cfg).map_err(|e| Error::Msg(e.to_string()))?;

@@ -12,6 +12,7 @@
 pub mod bench;
 pub mod builtins;
 pub mod config;
+pub mod device;
 pub mod eval;
 pub mod experiment;
 pub mod infer;

@@ -80,6 +80,10 @@ pub struct RunConfig {
     /// that crosses it is the last, then a final evaluation.
     #[serde(default)]
     pub time_budget_min: Option<f64>,
+    /// Where to compute: `auto` (default: the first GPU of a CUDA build, else the CPU), `cpu`,
+    /// `cuda`, `cuda:N`. A command's `--device` overrides it.
+    #[serde(default)]
+    pub device: crate::device::DeviceSpec,
 }
 
 fn five_hundred() -> u64 {

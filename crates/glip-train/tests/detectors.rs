@@ -125,7 +125,7 @@ fn every_parameter_learns(detector: &str, fusion: &str, extra: &str, loss: &str)
             .unwrap();
     let out = model.forward(&images, &text(b, t), true).unwrap();
     let lc: CriterionConfig = toml::from_str(loss).unwrap();
-    let crit = Registry::new().build_criterion(&lc, &cfg, &model).unwrap();
+    let crit = Registry::new().build_criterion(&lc, &cfg, &model, &Device::Cpu).unwrap();
     let l = crit.forward(&out, &targets(b, t)).unwrap();
     let grads = l.total.backward().unwrap();
     // BERT's pooler feeds only query generators that read the pooled sentence (the seed's);
