@@ -24,6 +24,9 @@ pub struct Loader {
     pub seed: u64,
     /// What a sample that fails to load does: stop (default) or be left out and counted.
     pub on_error: ErrorPolicy,
+    /// Batches made ahead of training by a worker thread ([`Loader::for_steps`]); 0 makes each
+    /// when it is asked for.
+    pub prefetch: usize,
     skipped: Mutex<Vec<Problem>>,
     device: Device,
 }
@@ -53,6 +56,7 @@ impl Loader {
             shuffle: false,
             seed: 0,
             on_error: ErrorPolicy::Fail,
+            prefetch: 0,
             skipped: Mutex::new(Vec::new()),
             device,
         }
@@ -109,6 +113,50 @@ impl Loader {
     pub fn batch(&self, epoch: u64, b: usize) -> Result<Batch, DataError> {
         let samples = self.samples(epoch, b)?;
         collate(&samples, self.tokenizer.as_ref(), &self.device)
+    }
+
+    /// The batch of training step `step` (0-based): batch `step % num_batches` of epoch
+    /// `step / num_batches`.
+    pub fn step_batch(&self, step: u64) -> Result<Batch, DataError> {
+        let per_epoch = self.num_batches().max(1) as u64;
+        self.batch(step / per_epoch, (step % per_epoch) as usize)
+    }
+
+    /// Calls `f` with the batch of every step from `from` on, in order, until `f` returns
+    /// `Ok(false)` or `to` is reached. With `prefetch > 0` a worker thread decodes, augments and
+    /// collates (one host-to-device copy per batch) up to `prefetch` batches ahead of `f`; the
+    /// batches are the same as without (each depends only on the seed, epoch and index).
+    pub fn for_steps<E: From<DataError>>(
+        &self,
+        from: u64,
+        to: u64,
+        mut f: impl FnMut(u64, Batch) -> Result<bool, E>,
+    ) -> Result<(), E> {
+        if self.prefetch == 0 {
+            for s in from..to {
+                if !f(s, self.step_batch(s)?)? {
+                    break;
+                }
+            }
+            return Ok(());
+        }
+        std::thread::scope(|scope| {
+            let (tx, rx) = std::sync::mpsc::sync_channel(self.prefetch);
+            scope.spawn(move || {
+                for s in from..to {
+                    // A closed channel: training stopped; make nothing more.
+                    if tx.send((s, self.step_batch(s))).is_err() {
+                        break;
+                    }
+                }
+            });
+            for (s, batch) in rx.iter() {
+                if !f(s, batch?)? {
+                    break;
+                }
+            }
+            Ok(())
+        })
     }
 
     /// Samples left out so far under [`ErrorPolicy::Skip`].

@@ -101,38 +101,40 @@ fn left_and_right_swap_as_whole_words_and_spans_follow() {
     assert_eq!((map[4], map[8]), (4, 9));
 }
 
+/// Word-level ids for the loader tests.
+struct WordTok;
+impl glip_core::prompt::CaptionTokenizer for WordTok {
+    fn encode_caption(&self, c: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>), String> {
+        let mut ids = vec![1];
+        let mut offs = vec![(0, 0)];
+        let mut start = None;
+        for (i, ch) in c.chars().chain(std::iter::once(' ')).enumerate() {
+            match (ch.is_alphanumeric(), start) {
+                (true, None) => start = Some(i),
+                (false, Some(s)) => {
+                    ids.push(10 + (i - s) as u32);
+                    offs.push((s, i));
+                    start = None;
+                }
+                _ => {}
+            }
+        }
+        ids.push(2);
+        offs.push((0, 0));
+        Ok((ids, offs))
+    }
+    fn count_tokens(&self, c: &str) -> Result<usize, String> {
+        Ok(self.encode_caption(c)?.0.len())
+    }
+    fn token_budget(&self) -> usize {
+        256
+    }
+}
+
 #[test]
 fn loader_batches_are_identical_whatever_the_thread_count() {
     use glip_data::Loader;
     use std::sync::Arc;
-    struct WordTok;
-    impl glip_core::prompt::CaptionTokenizer for WordTok {
-        fn encode_caption(&self, c: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>), String> {
-            let mut ids = vec![1];
-            let mut offs = vec![(0, 0)];
-            let mut start = None;
-            for (i, ch) in c.chars().chain(std::iter::once(' ')).enumerate() {
-                match (ch.is_alphanumeric(), start) {
-                    (true, None) => start = Some(i),
-                    (false, Some(s)) => {
-                        ids.push(10 + (i - s) as u32);
-                        offs.push((s, i));
-                        start = None;
-                    }
-                    _ => {}
-                }
-            }
-            ids.push(2);
-            offs.push((0, 0));
-            Ok((ids, offs))
-        }
-        fn count_tokens(&self, c: &str) -> Result<usize, String> {
-            Ok(self.encode_caption(c)?.0.len())
-        }
-        fn token_budget(&self) -> usize {
-            256
-        }
-    }
     let ds = Arc::new(
         ShapesDataset::new(ShapesConfig { train_images: 16, ..Default::default() }, Split::Train)
             .unwrap(),
@@ -162,4 +164,38 @@ fn loader_batches_are_identical_whatever_the_thread_count() {
     };
     assert_eq!(run(1), run(2));
     assert_eq!(run(1), run(4));
+}
+
+/// With batches made ahead on a worker thread, every step gets the batch it would have got
+/// without (steps 2..11 cross an epoch boundary: 4 batches an epoch), and stopping early stops.
+#[test]
+fn prefetched_batches_are_the_batches_of_their_steps() {
+    use glip_data::Loader;
+    use std::sync::Arc;
+    let ds = Arc::new(
+        ShapesDataset::new(ShapesConfig { train_images: 16, ..Default::default() }, Split::Train)
+            .unwrap(),
+    );
+    let collect = |prefetch: usize, stop_after: usize| {
+        let mut l = Loader::new(ds.clone(), Arc::new(WordTok), 5, candle_core::Device::Cpu);
+        l.shuffle = true;
+        l.seed = 3;
+        l.transforms.hflip = 0.5;
+        l.prefetch = prefetch;
+        let mut seen = Vec::new();
+        l.for_steps(2, 11, |s, b| -> Result<bool, glip_data::DataError> {
+            let pixels = b.images.pixels.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            seen.push((s, b.text.captions.clone(), pixels));
+            Ok(seen.len() < stop_after)
+        })
+        .unwrap();
+        seen
+    };
+    let plain = collect(0, usize::MAX);
+    assert_eq!(plain.iter().map(|x| x.0).collect::<Vec<_>>(), (2..11).collect::<Vec<_>>());
+    assert_eq!(collect(3, usize::MAX), plain);
+    assert_eq!(collect(1, usize::MAX), plain);
+    let stopped = collect(3, 4);
+    assert_eq!(stopped.len(), 4);
+    assert_eq!(stopped[..], plain[..4]);
 }

@@ -138,6 +138,7 @@ pub fn run_experiment_with(
     loader.transforms = cfg.data.transforms.clone();
     loader.shuffle = true;
     loader.seed = cfg.run.seed;
+    loader.prefetch = cfg.data.prefetch;
     let crit = registry.build_criterion(&cfg.loss, &cfg.model, &model, &dev)?;
     let spec = cfg.inference_spec(&model)?;
     spec.save(dir)?;

@@ -57,6 +57,14 @@ pub struct DataConfig {
     /// Images per batch. Default 8.
     #[serde(default = "eight")]
     pub batch_size: usize,
+    /// Batches decoded, augmented and collated ahead of the training step by a worker thread
+    /// (0: each when needed). Default 2.
+    #[serde(default = "two")]
+    pub prefetch: usize,
+}
+
+fn two() -> usize {
+    2
 }
 
 fn eight() -> usize {
@@ -126,6 +134,7 @@ impl Default for DataConfig {
             transforms: TransformConfig::default(),
             prompts: PromptConfig::default(),
             batch_size: eight(),
+            prefetch: two(),
         }
     }
 }

@@ -232,11 +232,10 @@ impl<'a> Trainer<'a> {
             .append(true)
             .open(&log_path)
             .map_err(|e| self.io(&log_path, e))?;
-        let per_epoch = self.loader.num_batches().max(1) as u64;
         let mut window = (std::time::Instant::now(), 0usize);
-        while self.step < self.config.steps {
-            let s = self.step;
-            let batch = self.loader.batch(s / per_epoch, (s % per_epoch) as usize)?;
+        let loader = self.loader;
+        let (from, to) = (self.step, self.config.steps);
+        loader.for_steps(from, to, |s, batch| -> Result<bool, TrainError> {
             glip_kernels::nn::seed_dropout(
                 glip_core::rng::Rng::for_sample(self.loader.seed, s, 0).next_u64(),
             );
@@ -284,10 +283,8 @@ impl<'a> Trainer<'a> {
             if self.config.checkpoint_every > 0 && self.step % self.config.checkpoint_every == 0 {
                 self.save_checkpoint()?;
             }
-            if self.deadline.is_some_and(|d| std::time::Instant::now() >= d) {
-                break;
-            }
-        }
+            Ok(!self.deadline.is_some_and(|d| std::time::Instant::now() >= d))
+        })?;
         self.save_checkpoint()
     }
 }
