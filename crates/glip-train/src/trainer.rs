@@ -283,7 +283,7 @@ impl<'a> Trainer<'a> {
             if self.config.checkpoint_every > 0 && self.step % self.config.checkpoint_every == 0 {
                 self.save_checkpoint()?;
             }
-            Ok(!self.deadline.is_some_and(|d| std::time::Instant::now() >= d))
+            Ok(self.deadline.is_none_or(|d| std::time::Instant::now() < d))
         })?;
         self.save_checkpoint()
     }
