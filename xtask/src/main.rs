@@ -1,5 +1,6 @@
 //! `cargo xtask`: project automation that runs the same here and in CI.
 
+mod bench;
 mod cuda;
 mod experiment;
 mod fetch;
@@ -38,6 +39,13 @@ enum Cmd {
         #[arg(long)]
         cudnn: bool,
     },
+    /// glip bench and the PyTorch reference's bench_torch.py on the same presets, side by
+    /// side, with the table of ratios (release build; the reference's venv).
+    BenchVsTorch {
+        /// Timed iterations per row (after one warm-up).
+        #[arg(long, default_value_t = 3)]
+        iters: usize,
+    },
     /// The tests as CI runs them: fetch-models, fixtures, then `cargo test --workspace ARGS`.
     Test {
         /// Passed to `cargo test --workspace`.
@@ -54,5 +62,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Fixtures { force } => fixtures::run(force),
         Cmd::Test { args } => fixtures::test(&args),
         Cmd::CudaEnv { cudnn } => cuda::run(cudnn),
+        Cmd::BenchVsTorch { iters } => bench::run(iters),
     }
 }
