@@ -36,9 +36,9 @@ pub fn run(iters: usize) -> Result<()> {
     if !s.success() {
         bail!("cargo build --release -p glip-cli failed");
     }
-    let target =
+    let target: std::path::PathBuf =
         std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), Into::into);
-    let glip = std::path::PathBuf::from(target).join("release/glip");
+    let glip = target.join("release/glip");
     let python = crate::fixtures::python()?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("| preset | mode | batch | size | glip s | PyTorch s | glip / PyTorch |");
