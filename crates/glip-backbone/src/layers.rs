@@ -38,13 +38,45 @@ impl BatchNorm2d {
         t.reshape((1, (), 1, 1))
     }
 
+    /// The constant per-channel `(scale, shift)` of a frozen batch norm (or of any batch norm
+    /// outside training): `y = x * scale + shift`.
+    fn constant_affine(&self) -> Result<(Tensor, Tensor)> {
+        let rv = self.running_var.detach();
+        let rm = self.running_mean.detach();
+        let scale = self.weight.broadcast_mul(&(rv + self.eps)?.sqrt()?.recip()?)?;
+        let shift = (&self.bias - rm.mul(&scale)?)?;
+        Ok((scale, shift))
+    }
+
+    /// `relu(batch_norm(x) (+ residual))`: with constant statistics and parameters (frozen, or
+    /// not training) one fused pass forward and backward
+    /// ([`glip_kernels::affine::affine_relu`]), else the batch norm then the sum and ReLU.
+    pub fn forward_relu(
+        &self,
+        x: &Tensor,
+        train: bool,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        if self.frozen || !train {
+            let (scale, shift) = self.constant_affine()?;
+            return glip_kernels::affine::affine_relu(
+                x,
+                &scale.detach(),
+                &shift.detach(),
+                residual,
+            );
+        }
+        let y = self.forward(x, train)?;
+        match residual {
+            Some(r) => (y + r)?.relu(),
+            None => y.relu(),
+        }
+    }
+
     /// `x (b, c, h, w)` -> normalised `(b, c, h, w)`.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         if self.frozen || !train {
-            let rv = self.running_var.detach();
-            let rm = self.running_mean.detach();
-            let scale = self.weight.broadcast_mul(&(rv + self.eps)?.sqrt()?.recip()?)?;
-            let shift = (&self.bias - rm.mul(&scale)?)?;
+            let (scale, shift) = self.constant_affine()?;
             return x
                 .broadcast_mul(&Self::per_channel(&scale)?)?
                 .broadcast_add(&Self::per_channel(&shift)?);

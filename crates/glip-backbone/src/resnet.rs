@@ -123,19 +123,18 @@ impl Block {
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let Some(((last_conv, last_bn), inner)) = self.convs.split_last() else {
+            candle_core::bail!("a residual block without convolutions")
+        };
         let mut y = x.clone();
-        let last = self.convs.len() - 1;
-        for (i, (c, bn)) in self.convs.iter().enumerate() {
-            y = bn.forward(&c.forward(&y)?, train)?;
-            if i < last {
-                y = y.relu()?;
-            }
+        for (c, bn) in inner {
+            y = bn.forward_relu(&c.forward(&y)?, train, None)?;
         }
         let identity = match &self.downsample {
             Some((c, bn)) => bn.forward(&c.forward(x)?, train)?,
             None => x.clone(),
         };
-        (y + identity)?.relu()
+        last_bn.forward_relu(&last_conv.forward(&y)?, train, Some(&identity))
     }
 }
 
@@ -190,7 +189,7 @@ impl ResNet {
 
     /// `x (b, 3, h, w)` -> `[C2, C3, C4, C5]` with strides 4, 8, 16, 32 (the first `stages`).
     pub fn forward_levels(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
-        let x = self.bn1.forward(&self.conv1.forward(x)?, train)?.relu()?;
+        let x = self.bn1.forward_relu(&self.conv1.forward(x)?, train, None)?;
         let mut x = max_pool_3x3_s2_p1(&x)?;
         let mut out: Vec<Tensor> = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {

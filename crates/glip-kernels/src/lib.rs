@@ -14,6 +14,7 @@
 //! # What it must not know about
 //! Models, components, data, losses.
 
+pub mod affine;
 pub mod conv;
 pub mod fused;
 pub mod nn;
