@@ -15,13 +15,13 @@ pub struct BenchArgs {
     #[arg(long, default_value = "infer", value_parser = ["infer", "train"])]
     mode: String,
     /// Images per batch.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = crate::count(1, glip_core::validate::limits::BATCH as u64))]
     batch: usize,
     /// Square image side in pixels.
-    #[arg(long, default_value_t = 384)]
+    #[arg(long, default_value_t = 384, value_parser = crate::count(32, glip_core::validate::limits::IMAGE_SIDE as u64))]
     size: usize,
     /// Timed iterations (after one warm-up).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = crate::count(1, 1_000_000))]
     iters: usize,
     /// Where to compute: auto (the first GPU of a CUDA build, else the CPU), cpu, cuda, cuda:N.
     #[arg(long, value_parser = crate::parse_device)]

@@ -60,13 +60,13 @@ pub struct ExportArgs {
     #[arg(long, value_enum, default_value = "coco")]
     format: Format,
     /// Training images.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = crate::count(0, glip_core::validate::limits::IMAGES as u64))]
     train_images: usize,
     /// Validation images.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = crate::count(0, glip_core::validate::limits::IMAGES as u64))]
     val_images: usize,
     /// Image side in pixels.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(16..=glip_core::validate::limits::IMAGE_SIDE as i64))]
     size: u32,
     /// Seed.
     #[arg(long, default_value_t = 0)]

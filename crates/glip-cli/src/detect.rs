@@ -24,14 +24,14 @@ pub struct DetectArgs {
     #[arg(long, default_value = "detections")]
     out: PathBuf,
     /// Keep detections scoring at least this.
-    #[arg(long, default_value_t = 0.3)]
+    #[arg(long, default_value_t = 0.3, value_parser = crate::parse_unit)]
     threshold: f32,
     /// At most this many detections per image.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = crate::count(1, 100_000))]
     top_k: usize,
     /// Per-phrase NMS at this IoU (default: the model's, 0.6 for a dense head, none for set
     /// prediction).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::parse_unit)]
     nms: Option<f32>,
     /// Where to compute: auto (the first GPU of a CUDA build, else the CPU), cpu, cuda, cuda:N.
     #[arg(long, value_parser = crate::parse_device)]

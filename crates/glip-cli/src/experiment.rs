@@ -157,7 +157,7 @@ pub fn run(registry: &Registry, a: ExperimentArgs) -> Result<()> {
     let ab: AblationFile = toml::from_str(&text).with_context(|| a.config.display().to_string())?;
     let ab = ab.ablation;
     let base = a.config.parent().unwrap_or(Path::new(".")).join(&ab.base);
-    let cells = expand(&ab)?;
+    let cells = expand(&ab).with_context(|| a.config.display().to_string())?;
     let name = if ab.name.is_empty() {
         a.config.file_stem().unwrap_or_default().to_string_lossy().to_string()
     } else {

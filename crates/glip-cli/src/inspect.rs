@@ -16,10 +16,10 @@ pub struct InspectArgs {
     #[arg(long)]
     config: PathBuf,
     /// Square input side in pixels (default: the config's image size).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::image_side())]
     size: Option<usize>,
     /// Batch size of the traced forward pass.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = crate::count(1, glip_core::validate::limits::BATCH as u64))]
     batch: usize,
     /// A prompt for the traced pass (default: every shapes category).
     #[arg(long)]
@@ -40,7 +40,8 @@ fn component(name: &str) -> &str {
 
 /// Runs `glip inspect`.
 pub fn run(registry: &glip_train::config::Registry, a: InspectArgs) -> Result<()> {
-    let cfg = read_config(&a.config, &a.sets)?;
+    let mut cfg = read_config(&a.config, &a.sets)?;
+    cfg.check(registry).map_err(|e| anyhow!("{}: {e}", a.config.display()))?;
     let dev = cfg.run.device.or(a.device).resolve()?;
     let varmap = candle_nn::VarMap::new();
     let model = registry

@@ -23,6 +23,25 @@ mod train;
 use clap::{Parser, Subcommand};
 pub use glip_train::config::Registry;
 
+/// A number in `[0, 1]` (`--threshold`, `--nms`): clap names the argument on error.
+pub(crate) fn parse_unit(s: &str) -> Result<f32, String> {
+    match s.trim().parse::<f32>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        Ok(v) => Err(format!("{v} is not in [0, 1]")),
+        Err(e) => Err(format!("not a number: {e}")),
+    }
+}
+
+/// A count in `lo..=hi` (`--batch`, `--top-k`, `--iters`): clap names the argument on error.
+pub(crate) fn count(lo: u64, hi: u64) -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(lo..=hi)
+}
+
+/// An image side in pixels, `16..=8192` (`--size`).
+pub(crate) fn image_side() -> clap::builder::RangedU64ValueParser<usize> {
+    count(16, glip_core::validate::limits::IMAGE_SIDE as u64)
+}
+
 /// `--device` words (`auto`, `cpu`, `cuda`, `cuda:N`).
 pub(crate) fn parse_device(s: &str) -> Result<glip_train::device::DeviceSpec, String> {
     s.parse().map_err(|e: glip_train::Error| e.to_string())

@@ -2,12 +2,12 @@
 
 use crate::progress::Reporter;
 use crate::report;
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, Context, Result};
 use clap::Args;
 use glip_train::config::Registry;
 use glip_train::experiment::{
-    config_from_table, load_config, resolve_paths, run_experiment_with, ExperimentConfig,
-    ExperimentResult,
+    apply_overrides, config_from_table, load_config, resolve_paths, run_experiment_with,
+    ExperimentConfig, ExperimentResult,
 };
 use std::path::PathBuf;
 
@@ -31,34 +31,11 @@ pub struct TrainArgs {
     device: Option<glip_train::device::DeviceSpec>,
 }
 
-/// Applies `key.path=value` overrides to a TOML document.
-pub fn apply_sets(doc: &mut toml::Table, sets: &[String]) -> Result<()> {
-    for s in sets {
-        let (key, value) =
-            s.split_once('=').ok_or_else(|| anyhow!("--set {s:?}: expected key.path=value"))?;
-        let value: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {value}")) {
-            Ok(mut t) => t.remove("v").expect("parsed"),
-            Err(_) => toml::Value::String(value.to_string()),
-        };
-        let parts: Vec<&str> = key.trim().split('.').collect();
-        let mut t = &mut *doc;
-        for p in &parts[..parts.len() - 1] {
-            t = t
-                .entry(p.to_string())
-                .or_insert_with(|| toml::Value::Table(Default::default()))
-                .as_table_mut()
-                .ok_or_else(|| anyhow!("--set {key}: {p} is not a table"))?;
-        }
-        t.insert(parts[parts.len() - 1].to_string(), value);
-    }
-    Ok(())
-}
-
 /// Reads a config with overrides, relative paths resolved against its folder.
 pub fn read_config(path: &std::path::Path, sets: &[String]) -> Result<ExperimentConfig> {
     load_config(path)?; // validates the file as written, naming it
     let mut doc: toml::Table = toml::from_str(&std::fs::read_to_string(path)?)?;
-    apply_sets(&mut doc, sets)?;
+    apply_overrides(&mut doc, sets)?;
     let mut cfg = config_from_table(doc)
         .map_err(|e| anyhow!("{} with --set overrides: {e}", path.display()))?;
     resolve_paths(&mut cfg, path.parent().unwrap_or(std::path::Path::new(".")));
@@ -113,6 +90,7 @@ pub fn summary_line(r: &ExperimentResult) -> serde_json::Value {
 pub fn run(registry: &Registry, a: TrainArgs) -> Result<()> {
     let mut cfg = read_config(&a.config, &a.sets)?;
     cfg.run.device = cfg.run.device.or(a.device);
+    cfg.check(registry).with_context(|| a.config.display().to_string())?;
     let dir = a.out.unwrap_or_else(|| default_dir(&cfg, &a.config));
     let r = run_single(registry, &cfg, &dir, a.resume, "")?;
     println!("{}", summary_line(&r));

@@ -10,6 +10,7 @@
 //!   `BoxHead`, `ClassHead`, `Matcher`, `Criterion`.
 //! - [`boxes`]: cxcywh/xyxy conversions, areas, IoU and GIoU (differentiable).
 //! - [`prompt`]: captions from phrases and positive maps (which tokens ground which phrase).
+//! - [`validate`]: config checks that name the key and the rule of every problem.
 //! - [`weights`]: weight files (safetensors, PyTorch zip) and the trainable builder that
 //!   initialises from them.
 //!
@@ -36,6 +37,7 @@ pub mod rng;
 pub mod shape;
 pub mod traits;
 pub mod types;
+pub mod validate;
 pub mod weights;
 
 pub use shape::{Contract, ShapeError};

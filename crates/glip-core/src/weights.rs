@@ -27,7 +27,46 @@ pub fn open(path: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'st
 fn mmap_safetensors(path: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
     // SAFETY: the mapping is read-only; the file must not be truncated while the builder lives,
     // which holds for checkpoints that the training loop only ever replaces by rename.
-    unsafe { VarBuilder::from_mmaped_safetensors(&[path], dtype, device) }
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path)? };
+    Ok(VarBuilder::from_backend(Box::new(FloatParams(st)), dtype, device.clone()))
+}
+
+/// candle's memory-mapped reader, refusing a tensor that is not a float where a parameter is
+/// asked for (files may hold integer buffers, such as Hugging Face's `position_ids`, that no
+/// parameter reads).
+struct FloatParams(candle_core::safetensors::MmapedSafetensors);
+
+impl candle_nn::var_builder::SimpleBackend for FloatParams {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<candle_core::Tensor> {
+        check_float(name, DType::try_from(self.0.get(name)?.dtype())?)?;
+        candle_nn::var_builder::SimpleBackend::get(&self.0, s, name, h, dtype, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> Result<candle_core::Tensor> {
+        candle_nn::var_builder::SimpleBackend::get_unchecked(&self.0, name, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.get(name).is_ok()
+    }
+}
+
+/// A stored parameter must be a float tensor: loading converts between float precisions
+/// (a bf16 checkpoint serves an f32 model), but integers or booleans where a weight belongs mean
+/// a file that is not what it claims, and converting them would hide it.
+pub fn check_float(name: &str, dtype: DType) -> Result<()> {
+    if dtype.is_float() {
+        Ok(())
+    } else {
+        candle_core::bail!("tensor {name} is stored as {dtype:?}: a parameter must be a float tensor (f32, f16, bf16 or f64)")
+    }
 }
 
 /// A checkpoint file (or part of one) that initialises the parameters under a prefix.
@@ -36,11 +75,16 @@ pub struct Source {
     pub prefix: String,
     /// The file's tensors (use `.pp(...)` on it to select a prefix inside the file).
     pub weights: VarBuilder<'static>,
+    /// Where they come from, for errors (the file's path).
+    pub origin: String,
 }
 
 impl std::fmt::Debug for Source {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Source").field("prefix", &self.prefix).finish_non_exhaustive()
+        f.debug_struct("Source")
+            .field("prefix", &self.prefix)
+            .field("origin", &self.origin)
+            .finish_non_exhaustive()
     }
 }
 
@@ -118,12 +162,10 @@ impl candle_nn::var_builder::SimpleBackend for Overlay {
             return Ok(t.as_tensor().clone());
         }
         if let Some((src, rest)) = self.source_for(name) {
-            let t = src.weights.get(s, rest).map_err(|e| {
-                e.context(format!(
-                    "initialising {name} from {}",
-                    if src.prefix.is_empty() { "the checkpoint" } else { &src.prefix }
-                ))
-            })?;
+            let t = src
+                .weights
+                .get(s, rest)
+                .map_err(|e| e.context(format!("initialising {name} from {}", src.origin)))?;
             let var = candle_core::Var::from_tensor(&t.to_dtype(dtype)?.to_device(dev)?)?;
             let out = var.as_tensor().clone();
             self.varmap.data().lock().expect("varmap lock").insert(name.to_string(), var);

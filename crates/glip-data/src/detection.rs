@@ -4,6 +4,7 @@
 use crate::rng::Rng;
 use crate::{DataError, Sample};
 use glip_core::prompt::{CaptionTokenizer, Prompt};
+use glip_core::validate::{Checker, Validate};
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -40,6 +41,17 @@ fn default_sep() -> String {
 impl Default for PromptConfig {
     fn default() -> Self {
         Self { max_negatives: 8, shuffle: true, separator: default_sep(), all_categories: false }
+    }
+}
+
+impl Validate for PromptConfig {
+    fn validate(&self, c: &mut Checker) {
+        // A prompt holds every positive name and these negatives; far more than any
+        // tokenizer's budget only costs sampling time, so bound it where that stays small.
+        c.in_range("max_negatives", self.max_negatives, 0, 100_000);
+        if self.separator.trim().is_empty() {
+            c.fail("separator", format!("{:?}", self.separator), "must hold a visible character (GLIP's is \". \"): without one the names run together");
+        }
     }
 }
 

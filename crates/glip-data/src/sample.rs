@@ -56,6 +56,13 @@ pub fn collate(
     device: &Device,
 ) -> Result<Batch, DataError> {
     let b = samples.len();
+    if b == 0 {
+        return Err(DataError::Record {
+            file: "<batch>".into(),
+            record: "collate".into(),
+            problem: "no samples to batch (an empty dataset, or every sample skipped)".into(),
+        });
+    }
     let h = samples.iter().map(|s| s.image.height()).max().unwrap_or(0) as usize;
     let w = samples.iter().map(|s| s.image.width()).max().unwrap_or(0) as usize;
     let mut pixels = vec![0f32; b * 3 * h * w];

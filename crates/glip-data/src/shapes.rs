@@ -7,6 +7,7 @@ use crate::detection::{detection_sample, Object, PromptConfig};
 use crate::rng::Rng;
 use crate::{DataError, Dataset, Sample};
 use glip_core::prompt::CaptionTokenizer;
+use glip_core::validate::{limits, Checker, Validate};
 use image::{Rgb, RgbImage};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -96,6 +97,65 @@ impl Default for ShapesConfig {
 }
 
 const KNOWN_SHAPES: [&str; 5] = ["circle", "square", "triangle", "star", "cross"];
+const KNOWN_COLOURS: [&str; 8] =
+    ["red", "green", "blue", "yellow", "purple", "orange", "cyan", "black"];
+
+/// Objects of one image, at most (each is drawn and placed in turn).
+const MAX_OBJECTS: usize = 100;
+
+impl Validate for ShapesConfig {
+    /// The task's own rules; how many images a run needs is the run's rule.
+    fn validate(&self, c: &mut Checker) {
+        c.in_range("image_size", self.image_size, 16, limits::IMAGE_SIDE);
+        c.in_range("max_objects", self.max_objects, 1, MAX_OBJECTS);
+        if self.shapes.is_empty() {
+            c.fail_rule("shapes", "give at least one shape");
+        }
+        for s in self.shapes.iter().filter(|s| !KNOWN_SHAPES.contains(&s.as_str())) {
+            c.fail(
+                "shapes",
+                format!("{s:?}"),
+                format!("unknown shape (known: {})", KNOWN_SHAPES.join(", ")),
+            );
+        }
+        if self.colours.is_empty() {
+            c.fail_rule("colours", "give at least one colour");
+        }
+        for col in self.colours.iter().filter(|col| rgb(col).is_none()) {
+            c.fail(
+                "colours",
+                format!("{col:?}"),
+                format!("unknown colour (known: {})", KNOWN_COLOURS.join(", ")),
+            );
+        }
+        let [lo, hi] = self.size_range;
+        if !(0.0 < lo && lo <= hi && hi <= 0.9) {
+            c.fail(
+                "size_range",
+                format!("{:?}", self.size_range),
+                "must satisfy 0 < lo <= hi <= 0.9",
+            );
+        }
+        c.finite_range("noise", self.noise as f64, 0.0, 255.0);
+        c.in_range("train_images", self.train_images, 0, limits::IMAGES);
+        c.in_range("val_images", self.val_images, 0, limits::IMAGES);
+        let names: Vec<String> = self
+            .colours
+            .iter()
+            .flat_map(|col| self.shapes.iter().map(move |s| format!("{col} {s}")))
+            .collect();
+        for h in self.held_out.iter().filter(|h| !names.contains(h)) {
+            c.fail(
+                "held_out",
+                format!("{h:?}"),
+                "is not a category (a colour and a shape of this task)",
+            );
+        }
+        if !names.is_empty() && names.iter().all(|n| self.held_out.contains(n)) {
+            c.fail_rule("held_out", "holds out every pair: nothing is left to train on");
+        }
+    }
+}
 
 fn rgb(colour: &str) -> Option<[u8; 3]> {
     Some(match colour {
@@ -151,50 +211,18 @@ impl ShapesDataset {
             record: "shapes".into(),
             problem,
         };
-        for s in &cfg.shapes {
-            if !KNOWN_SHAPES.contains(&s.as_str()) {
-                return Err(bad(format!("unknown shape {s:?} (known: {KNOWN_SHAPES:?})")));
-            }
-        }
-        for c in &cfg.colours {
-            if rgb(c).is_none() {
-                return Err(bad(format!("unknown colour {c:?}")));
-            }
-        }
-        if cfg.shapes.is_empty()
-            || cfg.colours.is_empty()
-            || cfg.max_objects == 0
-            || cfg.image_size < 16
-        {
-            return Err(bad(
-                "needs at least one shape, one colour, one object and 16 pixels".into()
-            ));
-        }
-        if !(0.0 < cfg.size_range[0]
-            && cfg.size_range[0] <= cfg.size_range[1]
-            && cfg.size_range[1] <= 0.9)
-        {
-            return Err(bad(format!(
-                "size_range {:?} must satisfy 0 < lo <= hi <= 0.9",
-                cfg.size_range
-            )));
-        }
+        let mut c = Checker::new();
+        cfg.validate(&mut c);
+        c.finish().map_err(|p| bad(p.to_string()))?;
         let names: Vec<String> = cfg
             .colours
             .iter()
             .flat_map(|c| cfg.shapes.iter().map(move |s| format!("{c} {s}")))
             .collect();
-        let mut held_out = Vec::new();
-        for h in &cfg.held_out {
-            let Some(i) = names.iter().position(|n| n == h) else {
-                return Err(bad(format!("held-out pair {h:?} is not a category")));
-            };
-            held_out.push(i);
-        }
+        // Every held-out name is a category and some pair is left (checked above).
+        let held_out: Vec<usize> =
+            cfg.held_out.iter().filter_map(|h| names.iter().position(|n| n == h)).collect();
         let allowed: Vec<usize> = (0..names.len()).filter(|i| !held_out.contains(i)).collect();
-        if allowed.is_empty() {
-            return Err(bad("every pair is held out".into()));
-        }
         Ok(Self {
             cfg,
             split,

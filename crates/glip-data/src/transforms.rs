@@ -4,6 +4,7 @@
 
 use crate::rng::Rng;
 use crate::Sample;
+use glip_core::validate::{limits, Checker, Validate};
 use image::imageops::{self, FilterType};
 use serde::{Deserialize, Serialize};
 
@@ -28,6 +29,19 @@ pub struct TransformConfig {
 impl Default for TransformConfig {
     fn default() -> Self {
         Self { shorter_side: Vec::new(), max_size: 0, hflip: 0.0, crop: 0.0 }
+    }
+}
+
+impl Validate for TransformConfig {
+    fn validate(&self, c: &mut Checker) {
+        for &side in &self.shorter_side {
+            c.in_range("shorter_side", side, 16, limits::IMAGE_SIDE);
+        }
+        if self.max_size != 0 {
+            c.in_range("max_size", self.max_size, 16, limits::IMAGE_SIDE);
+        }
+        c.probability("hflip", self.hflip as f64);
+        c.probability("crop", self.crop as f64);
     }
 }
 

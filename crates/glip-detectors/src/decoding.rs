@@ -9,6 +9,7 @@
 
 use candle_core::{DType, Result, Tensor, D};
 use candle_nn::VarBuilder;
+use glip_core::validate::{Checker, Validate};
 use glip_core::{
     BoxHead, ClassHead, Detector, Encoded, ModelOutput, Prediction, QueryGenerator, QueryInputs,
 };
@@ -115,6 +116,13 @@ pub struct QuerySelectionConfig {
 
 fn two() -> f64 {
     2.0
+}
+
+impl Validate for QuerySelectionConfig {
+    fn validate(&self, c: &mut Checker) {
+        // The anchor's side in strides: a box of side 0 has no logit-space reference.
+        c.finite_above("anchor_scale", self.anchor_scale, 0.0, 1e4);
+    }
 }
 
 impl Default for QuerySelectionConfig {

@@ -5,6 +5,7 @@
 
 use candle_core::{DType, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
+use glip_core::validate::{limits, Checker, Validate};
 use glip_core::{DenseOutput, Detector, Encoded, LevelShape, ModelOutput, Prediction};
 use glip_heads::TokenAlignmentHead;
 use glip_kernels::nn::Linear;
@@ -39,6 +40,12 @@ pub struct DenseHead {
 /// Largest log-distance predicted: `exp(12)` strides is far outside any image, so the clamp
 /// only guards against overflow and never binds in training.
 const MAX_LOG_DISTANCE: f64 = 12.0;
+
+impl Validate for DenseHeadConfig {
+    fn validate(&self, c: &mut Checker) {
+        c.in_range("tower", self.tower, 0, limits::LAYERS);
+    }
+}
 
 impl DenseHead {
     /// A head over `d`-wide image tokens and `text_dim`-wide text tokens.

@@ -2,6 +2,7 @@
 
 use candle_core::{Result, Tensor, D};
 use glip_core::boxes::{cxcywh_to_xyxy_f32, iou_f32, Xyxy};
+use glip_core::validate::{Checker, Validate};
 use serde::{Deserialize, Serialize};
 
 /// How token probabilities become a category score.
@@ -44,6 +45,16 @@ impl Default for PostProcessConfig {
             score_threshold: 0.0,
             nms_iou: None,
             token_reduce: TokenReduce::Mean,
+        }
+    }
+}
+
+impl Validate for PostProcessConfig {
+    fn validate(&self, c: &mut Checker) {
+        c.in_range("top_k", self.top_k, 1, 100_000);
+        c.probability("score_threshold", self.score_threshold as f64);
+        if let Some(iou) = self.nms_iou {
+            c.probability("nms_iou", iou as f64);
         }
     }
 }

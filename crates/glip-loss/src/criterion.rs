@@ -6,6 +6,7 @@
 use crate::terms::{giou_loss_sum, l1_sum, sigmoid_focal, weighted_cross_entropy};
 use candle_core::{DType, Result, Tensor, D};
 use glip_core::boxes::{cxcywh_to_xyxy, generalized_box_iou};
+use glip_core::validate::{Checker, Validate};
 use glip_core::{Criterion, LogitsKind, Losses, Match, Matcher, ModelOutput, Prediction, Target};
 use serde::{Deserialize, Serialize};
 
@@ -79,6 +80,24 @@ impl Default for LossConfig {
             focal_gamma: 2.0,
             aux_loss: true,
         }
+    }
+}
+
+impl Validate for LossConfig {
+    fn validate(&self, c: &mut Checker) {
+        for (k, v) in [
+            ("cost_class", self.cost_class),
+            ("cost_bbox", self.cost_bbox),
+            ("cost_giou", self.cost_giou),
+            ("w_class", self.w_class),
+            ("w_bbox", self.w_bbox),
+            ("w_giou", self.w_giou),
+            ("eos_coef", self.eos_coef),
+            ("focal_gamma", self.focal_gamma),
+        ] {
+            c.weight(k, v);
+        }
+        c.probability("focal_alpha", self.focal_alpha);
     }
 }
 

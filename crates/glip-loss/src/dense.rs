@@ -7,6 +7,7 @@ use crate::criterion::{alpha, five, one, two};
 use crate::terms::{bce_with_logits, giou_loss_sum, l1_sum, sigmoid_focal};
 use candle_core::{DType, Result, Tensor};
 use glip_core::boxes::{cxcywh_to_xyxy_f32, iou_f32};
+use glip_core::validate::{Checker, Validate};
 use glip_core::{Criterion, DenseOutput, Losses, Match, ModelOutput, Target};
 use serde::{Deserialize, Serialize};
 
@@ -103,6 +104,24 @@ pub struct Locations<'a> {
     pub strides: &'a [[f32; 2]],
     /// Level of each location.
     pub level: &'a [usize],
+}
+
+impl Validate for DenseLossConfig {
+    fn validate(&self, c: &mut Checker) {
+        c.finite_above("center_radius", self.center_radius, 0.0, 1e4);
+        c.in_range("atss_topk", self.atss_topk, 1, 100_000);
+        c.finite_above("atss_anchor_scale", self.atss_anchor_scale, 0.0, 1e4);
+        c.probability("focal_alpha", self.focal_alpha);
+        for (k, v) in [
+            ("focal_gamma", self.focal_gamma),
+            ("w_class", self.w_class),
+            ("w_bbox", self.w_bbox),
+            ("w_giou", self.w_giou),
+            ("w_centerness", self.w_centerness),
+        ] {
+            c.weight(k, v);
+        }
+    }
 }
 
 impl DenseCriterion {

@@ -334,7 +334,8 @@ impl Registry {
         if let Slot::Builtin(TextConfig::Bert(BertParams { folder: Some(dir), .. })) = &cfg.text {
             let (_, file) = bert_folder(dir)?;
             let weights = glip_core::weights::open(&file, DType::F32, device)?;
-            sources.push(glip_core::weights::Source { prefix: "text".into(), weights });
+            let origin = file.display().to_string();
+            sources.push(glip_core::weights::Source { prefix: "text".into(), weights, origin });
         }
         let mut prefixes: Vec<(&String, &PathBuf)> = cfg.weights.iter().collect();
         prefixes.sort_by_key(|(p, _)| p.len());
@@ -347,9 +348,15 @@ impl Registry {
                     file.display()
                 );
             }
+            let key = if prefix.is_empty() {
+                "model.weights.\"\"".into()
+            } else {
+                format!("model.weights.{prefix}")
+            };
             let weights = glip_core::weights::open(file, DType::F32, device)
-                .map_err(|e| msg(format!("model.weights.{prefix}: {e}")))?;
-            sources.push(glip_core::weights::Source { prefix: prefix.clone(), weights });
+                .map_err(|e| msg(format!("{key}: {e}")))?;
+            let origin = format!("{} ({key})", file.display());
+            sources.push(glip_core::weights::Source { prefix: prefix.clone(), weights, origin });
         }
         let covered: Vec<(String, VarBuilder<'static>)> = cfg
             .weights

@@ -64,12 +64,38 @@ pub fn evaluate_coco(gt: &Path, dets: &[CocoDetection]) -> Result<CocoMetrics, E
 pub fn evaluate_coco_files(gt: &Path, dets: &Path) -> Result<CocoMetrics, EvalError> {
     let coco = hotcoco::COCO::new(gt).map_err(|e| err(gt, e))?;
     let text = std::fs::read_to_string(dets).map_err(|e| err(dets, e))?;
-    let empty = serde_json::from_str::<Vec<serde_json::Value>>(&text)
-        .map(|v| v.is_empty())
-        .unwrap_or(false);
+    let entries = check_results(&text, &coco.get_img_ids(&[], &[])).map_err(|e| err(dets, e))?;
+    let empty = entries == 0;
     let res = if empty { coco.load_res_anns(Vec::new()) } else { coco.load_res(dets) }
         .map_err(|e| err(dets, e))?;
     summarize(coco, res, gt)
+}
+
+/// What pycocotools' `loadRes` asserts of a bbox results file before it evaluates (a list of
+/// detections, each of an image of the ground truth) and what its reader assumes (a box of four
+/// numbers), said with the entry at fault; the number of detections.
+fn check_results(text: &str, gt_images: &[u64]) -> Result<usize, String> {
+    #[derive(Deserialize)]
+    struct Entry {
+        image_id: u64,
+        /// Read to check that there are four numbers.
+        #[serde(rename = "bbox")]
+        _bbox: [f64; 4],
+    }
+    let list: Vec<serde_json::Value> = serde_json::from_str(text)
+        .map_err(|e| format!("not a COCO results list (a JSON list of detections): {e}"))?;
+    let known: std::collections::HashSet<u64> = gt_images.iter().copied().collect();
+    for (i, v) in list.iter().enumerate() {
+        let e: Entry =
+            serde_json::from_value(v.clone()).map_err(|e| format!("detection {i}: {e}"))?;
+        if !known.contains(&e.image_id) {
+            return Err(format!(
+                "detection {i}: image_id {} is not an image of the ground truth (pycocotools refuses such a file)",
+                e.image_id
+            ));
+        }
+    }
+    Ok(list.len())
 }
 
 fn summarize(gt: hotcoco::COCO, dt: hotcoco::COCO, path: &Path) -> Result<CocoMetrics, EvalError> {

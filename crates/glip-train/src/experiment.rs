@@ -5,8 +5,8 @@ use crate::config::{ModelConfig, Registry};
 use crate::infer::{evaluate_shapes, model_from_weights, Predictor};
 pub use crate::results::{EvalPoint, ExperimentResult, Progress};
 pub use crate::run_config::{
-    config_from_table, load_config, resolve_paths, CocoDataConfig, DataConfig, ExperimentConfig,
-    RunConfig,
+    apply_overrides, config_from_table, load_config, resolve_paths, CocoDataConfig, DataConfig,
+    ExperimentConfig, RunConfig,
 };
 use crate::trainer::{LogLine, Trainer};
 use crate::{write_atomic, Error, GlipModel};
@@ -112,6 +112,12 @@ pub fn run_experiment_with(
         Some(c) => {
             let policy = if c.skip_bad_records { ErrorPolicy::Skip } else { ErrorPolicy::Fail };
             let ds = CocoDataset::open(&c.train_annotations, &c.train_images, policy)?;
+            if ds.categories.is_empty() {
+                return Err(Error::file(
+                    &c.train_annotations,
+                    "no categories: prompts are made of category names, so there is nothing to ground",
+                ));
+            }
             if !ds.report.problems.is_empty() {
                 progress.message(&ds.report.summary());
             }
@@ -133,6 +139,19 @@ pub fn run_experiment_with(
         }
     };
     let n_train = cfg.data.train_subset.unwrap_or(full.len()).min(full.len());
+    if n_train < cfg.data.batch_size {
+        let source = match &cfg.data.coco {
+            Some(c) => c.train_annotations.display().to_string(),
+            None => "the synthetic task".into(),
+        };
+        return Err(Error::Invalid(glip_core::validate::Problems(vec![
+            glip_core::validate::Problem {
+                key: "data.batch_size".into(),
+                value: Some(cfg.data.batch_size.to_string()),
+                rule: format!("must hold at most the {n_train} training images of {source}"),
+            },
+        ])));
+    }
     let train: Arc<dyn Dataset> = Arc::new(Subset(full, n_train));
     let mut loader = Loader::new(train, tok.clone(), cfg.data.batch_size, dev.clone());
     loader.transforms = cfg.data.transforms.clone();

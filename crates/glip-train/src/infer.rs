@@ -106,6 +106,15 @@ impl InferenceSpec {
         })?;
         let mut spec: Self = serde_json::from_str(&text).map_err(|e| Error::file(&path, e))?;
         spec.model.resolve_paths(dir);
+        let mut c = glip_core::validate::Checker::new();
+        c.section("model", &spec.model);
+        c.section("post", &spec.post);
+        c.within("preprocess", |c| {
+            let side = glip_core::validate::limits::IMAGE_SIDE;
+            c.in_range("shorter_side", spec.preprocess.shorter_side, 16, side);
+            c.in_range("max_size", spec.preprocess.max_size, 0, side);
+        });
+        c.finish().map_err(|p| Error::file(&path, p))?;
         Ok(spec)
     }
 }
@@ -156,6 +165,9 @@ fn checkpoint_weights(
     device: &Device,
 ) -> Result<std::collections::HashMap<String, Tensor>, Error> {
     let all = candle_core::safetensors::load(ckpt, device).map_err(|e| Error::file(ckpt, e))?;
+    for (name, t) in &all {
+        glip_core::weights::check_float(name, t.dtype()).map_err(|e| Error::file(ckpt, e))?;
+    }
     let mut out: std::collections::HashMap<String, Tensor> = all
         .iter()
         .filter(|(k, _)| !k.starts_with("optim."))
@@ -226,6 +238,7 @@ pub fn model_from_weights(
     let source = glip_core::weights::Source {
         prefix: String::new(),
         weights: candle_nn::VarBuilder::from_tensors(weights, DType::F32, device),
+        origin: "the checkpoint".into(),
     };
     let vb = glip_core::weights::trainable(&varmap, vec![source], 0, DType::F32, device);
     let model = registry

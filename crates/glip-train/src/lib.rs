@@ -23,6 +23,7 @@ pub mod results;
 pub mod run_config;
 pub mod seed;
 pub mod trainer;
+pub mod validate;
 
 pub use model::GlipModel;
 
@@ -39,6 +40,9 @@ pub enum Error {
         /// What is wrong.
         msg: String,
     },
+    /// A config breaks rules (every one is listed, each naming its key).
+    #[error("{0}")]
+    Invalid(glip_core::validate::Problems),
     /// A file could not be read or written, or its content is wrong.
     #[error("{path}: {msg}")]
     File {

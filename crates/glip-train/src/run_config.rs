@@ -140,10 +140,27 @@ impl Default for DataConfig {
 }
 
 impl ExperimentConfig {
-    /// Checks every component against `registry` (unknown types, misspelt or missing
-    /// parameters, naming the key) and fills in the defaults of registered components.
+    /// Checks the whole config before anything is built: every component against `registry`
+    /// (unknown types, misspelt or missing parameters) and every rule of
+    /// [`crate::validate`] (sizes, ranges, divisibility, levels, dataset against batch size,
+    /// files). Reports every problem, each naming its key; fills in the defaults of registered
+    /// components.
     pub fn check(&mut self, registry: &Registry) -> Result<(), Error> {
-        registry.check(&mut self.model, &mut self.loss)
+        let mut problems = match crate::validate::validate(self) {
+            Ok(()) => Vec::new(),
+            Err(p) => p.0,
+        };
+        if let Err(e) = registry.check(&mut self.model, &mut self.loss) {
+            let (key, rule) = match e {
+                Error::Config { key, msg } => (key, msg),
+                other => (String::new(), other.to_string()),
+            };
+            problems.insert(0, glip_core::validate::Problem { key, value: None, rule });
+        }
+        match problems.is_empty() {
+            true => Ok(()),
+            false => Err(Error::Invalid(glip_core::validate::Problems(problems))),
+        }
     }
 
     /// The resize rule of evaluation and detection: the training's largest shorter side and
@@ -207,6 +224,35 @@ pub fn config_from_table(doc: toml::Table) -> Result<ExperimentConfig, Error> {
             _ => Error::Config { key, msg },
         }
     })
+}
+
+/// Applies `key.path=value` overrides (`--set`, TOML value syntax; a value that does not parse
+/// as TOML is a string) to a config document, naming the override on error.
+pub fn apply_overrides(doc: &mut toml::Table, sets: &[String]) -> Result<(), Error> {
+    for s in sets {
+        let bad = |msg: String| Error::Msg(format!("--set {s:?}: {msg}"));
+        let (key, value) =
+            s.split_once('=').ok_or_else(|| bad("expected key.path=value".into()))?;
+        let value: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {value}")) {
+            Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(value.into())),
+            Err(_) => toml::Value::String(value.to_string()),
+        };
+        let parts: Vec<&str> = key.trim().split('.').map(str::trim).collect();
+        if parts.iter().any(|p| p.is_empty()) {
+            return Err(bad(format!("{key:?} is not a key path (a.b.c)")));
+        }
+        let (last, tables) = parts.split_last().expect("split gives one part at least");
+        let mut t = &mut *doc;
+        for p in tables {
+            t = t
+                .entry(p.to_string())
+                .or_insert_with(|| toml::Value::Table(Default::default()))
+                .as_table_mut()
+                .ok_or_else(|| bad(format!("{p} is not a table")))?;
+        }
+        t.insert(last.to_string(), value);
+    }
+    Ok(())
 }
 
 /// Where relative paths in a config resolve: the config's folder.

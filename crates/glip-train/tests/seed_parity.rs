@@ -89,7 +89,11 @@ fn seed_tiny_losses_matches_and_gradients_match_reference() -> Result<()> {
         let file = weights::open(&fixture("seed-tiny/model.safetensors"), DType::F32, &dev)?;
         let vb = weights::trainable(
             &varmap,
-            vec![weights::Source { prefix: String::new(), weights: file }],
+            vec![weights::Source {
+                prefix: String::new(),
+                weights: file,
+                origin: "seed-tiny".into(),
+            }],
             0,
             DType::F32,
             &dev,

@@ -5,6 +5,7 @@
 use crate::attention::MultiheadAttention;
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
+use glip_core::validate::{limits, Checker, Validate};
 use glip_core::Queries;
 use glip_kernels::nn::{dropout, LayerNorm, Linear};
 use serde::{Deserialize, Serialize};
@@ -49,6 +50,19 @@ fn default_dropout() -> f32 {
 }
 fn default_activation() -> Activation {
     Activation::Relu
+}
+
+impl Validate for TransformerConfig {
+    fn validate(&self, c: &mut Checker) {
+        c.in_range("d_model", self.d_model, 1, limits::WIDTH);
+        c.in_range("nhead", self.nhead, 1, limits::HEADS);
+        let width = c.key("d_model");
+        c.divides("nhead", self.nhead, self.d_model, &width);
+        c.in_range("num_encoder_layers", self.num_encoder_layers, 0, limits::LAYERS);
+        c.in_range("num_decoder_layers", self.num_decoder_layers, 0, limits::LAYERS);
+        c.in_range("dim_feedforward", self.dim_feedforward, 1, limits::WIDTH);
+        c.dropout("dropout", self.dropout as f64);
+    }
 }
 
 impl TransformerConfig {
