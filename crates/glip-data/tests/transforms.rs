@@ -199,3 +199,20 @@ fn prefetched_batches_are_the_batches_of_their_steps() {
     assert_eq!(stopped.len(), 4);
     assert_eq!(stopped[..], plain[..4]);
 }
+
+/// A loader over no sample (an empty training set reached candle with a batch of 0 images and
+/// panicked there) is an error that says so.
+#[test]
+fn batching_no_sample_is_an_error() {
+    use glip_data::Loader;
+    use std::sync::Arc;
+    let ds = Arc::new(
+        ShapesDataset::new(ShapesConfig { train_images: 0, ..Default::default() }, Split::Train)
+            .unwrap(),
+    );
+    let loader = Loader::new(ds, Arc::new(WordTok), 4, candle_core::Device::Cpu);
+    let err = loader.step_batch(0).unwrap_err().to_string();
+    assert!(err.contains("no samples to batch"), "{err}");
+    let err = glip_data::collate(&[], &WordTok, &candle_core::Device::Cpu).unwrap_err();
+    assert!(err.to_string().contains("no samples"), "{err}");
+}

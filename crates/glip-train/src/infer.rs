@@ -323,6 +323,18 @@ impl Predictor<'_> {
                 "the prompt needs at least one phrase, none of them empty".into(),
             ));
         }
+        if images.is_empty() {
+            return Ok(Vec::new());
+        }
+        if let Some((k, img)) =
+            images.iter().enumerate().find(|(_, i)| i.width() == 0 || i.height() == 0)
+        {
+            return Err(Error::Msg(format!(
+                "image {k} is {}x{} pixels: there is nothing to detect in it",
+                img.width(),
+                img.height()
+            )));
+        }
         let small: Vec<RgbImage> = images.iter().map(|i| self.spec.preprocess.apply(i)).collect();
         let chunks = chunked_detection_prompts(self.tokenizer, phrases, ". ")?;
         let mut all: Vec<Vec<Grounded>> = vec![Vec::new(); images.len()];

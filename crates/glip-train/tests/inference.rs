@@ -238,3 +238,26 @@ fn an_ema_run_evaluates_and_detects_with_its_ema_weights() {
     assert_eq!(ev.recall, last.recall);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Library callers can hand `detect` what no decoder makes: an image with a side of 0 pixels
+/// (it was given boxes), no image at all. Each is an error or an empty answer, never a panic.
+#[test]
+fn degenerate_images_are_an_error_not_a_panic() {
+    let cfg = config(&shapes_text(), "");
+    let dev = Device::Cpu;
+    let model =
+        Registry::new().build_trainable(&cfg.model, &candle_nn::VarMap::new(), 0, &dev).unwrap();
+    let spec = cfg.inference_spec(&model).unwrap();
+    let tok = glip_text::Tokenizer::from_file(&cfg.model.tokenizer().unwrap()).unwrap();
+    let p = Predictor { model: &model, spec: &spec, tokenizer: &tok, device: &dev };
+    let phrases = vec!["red circle".to_string()];
+    for (w, h) in [(0, 0), (0, 10), (10, 0)] {
+        let img = image::RgbImage::new(w, h);
+        let err = p.detect(&img, &phrases, &spec.post).unwrap_err().to_string();
+        assert!(err.contains(&format!("{w}x{h}")), "{w}x{h}: {err}");
+    }
+    assert!(p.detect_batch(&[], &phrases, &spec.post).unwrap().is_empty());
+    // The smallest real image is served.
+    let one = image::RgbImage::new(1, 1);
+    assert!(p.detect(&one, &phrases, &spec.post).is_ok());
+}
