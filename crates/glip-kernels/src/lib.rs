@@ -8,6 +8,8 @@
 //!   depthwise convolution.
 //! - [`norm`]: training-mode batch norm as one op with its backward.
 //! - [`fused`]: softmax over the last axis and layer norm, with gradients.
+//! - [`optim`]: AdamW's moment and weight updates and the EMA in place, gradient norms in one
+//!   pass.
 //! - [`nn`]: `Linear`, `LayerNorm`, seeded dropout, L2 normalisation: the layers the model
 //!   crates build on.
 //!
@@ -19,3 +21,4 @@ pub mod conv;
 pub mod fused;
 pub mod nn;
 pub mod norm;
+pub mod optim;

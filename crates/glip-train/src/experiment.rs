@@ -280,6 +280,6 @@ fn ema_model(
             .into_iter()
             .map(|(k, v)| (k, v.as_tensor().clone()))
             .collect();
-    weights.extend(trainer.optimizer.ema());
+    weights.extend(trainer.optimizer.ema()?);
     model_from_weights(registry, cfg, weights, dev)
 }

@@ -6,7 +6,7 @@
 //! update is written here, following `torch.optim.AdamW`.
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_core::{Device, Result, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
@@ -157,8 +157,8 @@ struct Param {
     var: Var,
     group: Group,
     decay: bool,
-    m: Tensor,
-    v: Tensor,
+    /// `(2, shape...)`: Adam's first and second moments.
+    moments: Tensor,
     ema: Option<Tensor>,
 }
 
@@ -200,8 +200,7 @@ impl AdamW {
             params.push(Param {
                 group: Group::of(&name),
                 decay: t.rank() >= 2,
-                m: t.zeros_like()?,
-                v: t.zeros_like()?,
+                moments: glip_kernels::optim::moments_like(t)?,
                 ema,
                 name,
                 var,
@@ -242,7 +241,7 @@ impl AdamW {
         let mut sq = 0f64;
         for p in &self.params {
             if let Some(g) = grads.get(p.var.as_tensor()) {
-                sq += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+                sq += glip_kernels::optim::sum_squares(g)?;
             }
         }
         let grad_norm = sq.sqrt();
@@ -258,37 +257,45 @@ impl AdamW {
             let lr = self.group_lr(self.params[i].group) * factor;
             let p = &mut self.params[i];
             let Some(g) = grads.get(p.var.as_tensor()) else { continue };
-            let g = (g * clip)?;
-            p.m = ((&p.m * b1)? + (&g * (1.0 - b1))?)?;
-            p.v = ((&p.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            let mut w = p.var.as_tensor().detach();
-            if p.decay && self.cfg.weight_decay > 0.0 {
-                w = (&w * (1.0 - lr * self.cfg.weight_decay))?;
-            }
-            let denom = ((&p.v / bc2)?.sqrt()? + self.cfg.eps)?;
-            let upd = ((&p.m / bc1)? / denom)?;
-            let w = (w - (upd * lr)?)?;
-            p.var.set(&w)?;
+            let h = glip_kernels::optim::AdamWStep {
+                clip,
+                b1,
+                b2,
+                bc1,
+                bc2,
+                lr,
+                weight_decay: if p.decay { self.cfg.weight_decay } else { 0.0 },
+                eps: self.cfg.eps,
+            };
+            glip_kernels::optim::adamw_update(&p.var, &mut p.moments, g, &h)?;
             if let (Some(d), Some(e)) = (self.cfg.ema_decay, p.ema.as_mut()) {
-                *e = ((&*e * d)? + (&w * (1.0 - d))?)?;
+                glip_kernels::optim::ema_update(e, p.var.as_tensor(), d)?;
             }
         }
         Ok(StepStats { grad_norm, lr: self.cfg.lr * factor })
     }
 
     /// The EMA weights by parameter name (empty without EMA).
-    pub fn ema(&self) -> HashMap<String, Tensor> {
-        self.params.iter().filter_map(|p| p.ema.clone().map(|e| (p.name.clone(), e))).collect()
+    pub fn ema(&self) -> Result<HashMap<String, Tensor>> {
+        // Copies: the averages are updated in place by the next step.
+        let mut out = HashMap::new();
+        for p in &self.params {
+            if let Some(e) = &p.ema {
+                out.insert(p.name.clone(), e.copy()?);
+            }
+        }
+        Ok(out)
     }
 
     /// Moments (`m.<name>`, `v.<name>`), EMA (`ema.<name>`) and the step, for a checkpoint.
     pub fn state(&self) -> Result<(HashMap<String, Tensor>, u64)> {
         let mut out = HashMap::new();
         for p in &self.params {
-            out.insert(format!("m.{}", p.name), p.m.clone());
-            out.insert(format!("v.{}", p.name), p.v.clone());
+            // Copies: the moments are updated in place by the next step.
+            out.insert(format!("m.{}", p.name), p.moments.get(0)?.copy()?);
+            out.insert(format!("v.{}", p.name), p.moments.get(1)?.copy()?);
             if let Some(e) = &p.ema {
-                out.insert(format!("ema.{}", p.name), e.clone());
+                out.insert(format!("ema.{}", p.name), e.copy()?);
             }
         }
         Ok((out, self.step))
@@ -303,24 +310,25 @@ impl AdamW {
         device: &Device,
     ) -> Result<()> {
         for p in &mut self.params {
-            for (key, slot) in
-                [(format!("m.{}", p.name), &mut p.m), (format!("v.{}", p.name), &mut p.v)]
-            {
+            let mut halves = Vec::with_capacity(2);
+            for key in [format!("m.{}", p.name), format!("v.{}", p.name)] {
                 let t = state.get(&key).ok_or_else(|| {
                     candle_core::Error::Msg(format!("optimizer state has no {key}"))
                 })?;
-                if t.dims() != slot.dims() {
+                let want = &p.moments.dims()[1..];
+                if t.dims() != want {
                     candle_core::bail!(
-                        "optimizer state {key}: shape {:?}, parameter has {:?}",
+                        "optimizer state {key}: shape {:?}, parameter has {want:?}",
                         t.dims(),
-                        slot.dims()
                     );
                 }
-                *slot = t.to_device(device)?;
+                halves.push(t.to_device(device)?.to_dtype(p.moments.dtype())?);
             }
+            // A new tensor: the in-place updates never write into the caller's.
+            p.moments = Tensor::stack(&halves, 0)?;
             if let Some(e) = p.ema.as_mut() {
                 if let Some(t) = state.get(&format!("ema.{}", p.name)) {
-                    *e = t.to_device(device)?;
+                    *e = t.to_device(device)?.copy()?;
                 }
             }
         }

@@ -139,7 +139,7 @@ fn restored_state_continues_exactly() -> Result<()> {
             opt2.step(&grads(&[&w2], &cs)?)?;
         }
         let mut out = w2.as_tensor().to_vec1::<f32>()?;
-        out.extend(opt2.ema()["w"].to_vec1::<f32>()?);
+        out.extend(opt2.ema()?["w"].to_vec1::<f32>()?);
         Ok(out)
     };
     assert_eq!(run(2, 3)?[..3], run(5, 0)?[..3]);
