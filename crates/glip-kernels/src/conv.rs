@@ -40,22 +40,30 @@ impl Geometry {
         self.ci * self.k * self.k
     }
 
-    /// For output position `o` along an axis and kernel offset `ki`, the input index, if inside.
-    fn src(&self, o: usize, ki: usize, len: usize) -> Option<usize> {
-        (o * self.stride + ki).checked_sub(self.pad).filter(|&i| i < len)
+    /// The output positions `lo..hi` along an axis of `len` input pixels (and `olen` outputs)
+    /// whose input `o * stride + ki - pad` lies inside the image.
+    fn span(&self, ki: usize, len: usize, olen: usize) -> (usize, usize) {
+        let s = self.stride;
+        let lo = if self.pad > ki { (self.pad - ki).div_ceil(s) } else { 0 };
+        let hi =
+            if len + self.pad > ki { ((len - 1 + self.pad - ki) / s + 1).min(olen) } else { 0 };
+        (lo, hi.max(lo))
     }
 
-    /// Calls `f(input index, output index)` for every output pixel of kernel offset
-    /// `(ky, kx)` that reads inside the image.
-    fn pairs(&self, ky: usize, kx: usize, mut f: impl FnMut(usize, usize)) {
+    /// For kernel offset `(ky, kx)`, calls `f(input start, output start, count)` once per output
+    /// row that reads inside the image: output pixels `start..start + count` read the input
+    /// pixels `start + j * stride` (the bounds are worked out once per row, not per pixel).
+    fn runs(&self, ky: usize, kx: usize, mut f: impl FnMut(usize, usize, usize)) {
         let (oh, ow) = self.out();
-        for oy in 0..oh {
-            let Some(iy) = self.src(oy, ky, self.h) else { continue };
-            for ox in 0..ow {
-                if let Some(ix) = self.src(ox, kx, self.w) {
-                    f(iy * self.w + ix, oy * ow + ox);
-                }
-            }
+        let (ylo, yhi) = self.span(ky, self.h, oh);
+        let (xlo, xhi) = self.span(kx, self.w, ow);
+        if xlo == xhi {
+            return;
+        }
+        let ix0 = xlo * self.stride + kx - self.pad;
+        for oy in ylo..yhi {
+            let iy = oy * self.stride + ky - self.pad;
+            f(iy * self.w + ix0, oy * ow + xlo, xhi - xlo);
         }
     }
 }
@@ -83,7 +91,17 @@ impl CustomOp1 for Im2Col {
                 for ky in 0..g.k {
                     for kx in 0..g.k {
                         let row = &mut rows[(ky * g.k + kx) * width + bi * len..][..len];
-                        g.pairs(ky, kx, |i, o| row[o] = plane[i]);
+                        g.runs(ky, kx, |i, o, n| {
+                            let out = &mut row[o..o + n];
+                            if g.stride == 1 {
+                                out.copy_from_slice(&plane[i..i + n]);
+                            } else {
+                                let src = plane[i..].iter().step_by(g.stride);
+                                for (d, &v) in out.iter_mut().zip(src) {
+                                    *d = v;
+                                }
+                            }
+                        });
                     }
                 }
             }
@@ -114,7 +132,19 @@ impl CustomOp1 for Col2Im {
             for ky in 0..g.k {
                 for kx in 0..g.k {
                     let row = &cols[(c * kk + ky * g.k + kx) * width + bi * len..][..len];
-                    g.pairs(ky, kx, |i, o| plane[i] += row[o]);
+                    g.runs(ky, kx, |i, o, n| {
+                        let src = &row[o..o + n];
+                        if g.stride == 1 {
+                            for (d, &v) in plane[i..i + n].iter_mut().zip(src) {
+                                *d += v;
+                            }
+                        } else {
+                            let dst = plane[i..].iter_mut().step_by(g.stride);
+                            for (d, &v) in dst.zip(src) {
+                                *d += v;
+                            }
+                        }
+                    });
                 }
             }
         });
@@ -334,6 +364,12 @@ mod tests {
         check(3, 6, 8, (5, 5), 1, 1, 0);
         check(2, 6, 8, (9, 6), 1, 2, 0);
         check(1, 2, 3, (6, 6), 3, 1, 0);
+        // Rows and columns whose window lies partly or wholly in the padding: a 1x1 image
+        // under a 7x7 kernel, padding wider than the stride, a stride wider than the kernel.
+        check(1, 2, 2, (1, 1), 7, 2, 3);
+        check(1, 1, 2, (2, 3), 3, 3, 2);
+        check(2, 2, 2, (4, 5), 3, 2, 0);
+        check(1, 3, 2, (5, 2), 5, 1, 4);
     }
 
     #[test]

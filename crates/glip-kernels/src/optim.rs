@@ -48,17 +48,13 @@ fn in_place(ts: &[&Tensor]) -> bool {
     ts.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous())
 }
 
-/// Runs `f` over matching chunks of `dst` and the `srcs`, in parallel when large.
-fn zip_chunks(dst: &mut [f32], srcs: &[&[f32]], f: impl Fn(&mut [f32], &[&[f32]]) + Sync) {
-    let n = dst.len();
-    if n <= CHUNK {
-        return f(dst, srcs);
+/// Runs `f(offset, chunk)` over `dst` in chunks of [`CHUNK`], on rayon's threads when there is
+/// more than one chunk. The loops inside index plain slices of one length, so they vectorise.
+fn chunked(dst: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync) {
+    if dst.len() <= CHUNK {
+        return f(0, dst);
     }
-    dst.par_chunks_mut(CHUNK).enumerate().for_each(|(k, d)| {
-        let lo = k * CHUNK;
-        let parts: Vec<&[f32]> = srcs.iter().map(|s| &s[lo..lo + d.len()]).collect();
-        f(d, &parts);
-    });
+    dst.par_chunks_mut(CHUNK).enumerate().for_each(|(k, d)| f(k * CHUNK, d));
 }
 
 fn f32_mut<'a>(s: &'a mut CpuStorage, l: &Layout, op: &str) -> Result<&'a mut [f32]> {
@@ -94,22 +90,29 @@ impl candle_core::InplaceOp2 for Moments {
         let (c, b1, b2) = (h.clip as f32, h.b1 as f32, h.b2 as f32);
         let (a1, a2) = ((1.0 - h.b1) as f32, (1.0 - h.b2) as f32);
         let (m, v) = mv.split_at_mut(n);
-        zip_chunks(m, &[g], |m, s| {
-            for (m, &g) in m.iter_mut().zip(s[0]) {
-                *m = b1 * *m + a1 * (c * g);
+        // One pass over m, v and g: m's chunks drive, v's matching chunk is split off alongside.
+        let one = |m: &mut [f32], v: &mut [f32], g: &[f32]| {
+            let n = m.len();
+            let (v, g) = (&mut v[..n], &g[..n]);
+            for i in 0..n {
+                let gi = c * g[i];
+                m[i] = b1 * m[i] + a1 * gi;
+                v[i] = b2 * v[i] + a2 * (gi * gi);
             }
-        });
-        zip_chunks(v, &[g], |v, s| {
-            for (v, &g) in v.iter_mut().zip(s[0]) {
-                let g = c * g;
-                *v = b2 * *v + a2 * (g * g);
-            }
-        });
+        };
+        if n <= CHUNK {
+            one(m, v, g);
+        } else {
+            m.par_chunks_mut(CHUNK)
+                .zip(v.par_chunks_mut(CHUNK))
+                .zip(g.par_chunks(CHUNK))
+                .for_each(|((m, v), g)| one(m, v, g));
+        }
         Ok(())
     }
 }
 
-/// `w = w (1 - lr wd) - lr (m / bc1) / (sqrt(v / bc2) + eps)`.
+/// `w = w (1 - lr wd) - (lr / bc1) m / (sqrt(v) / sqrt(bc2) + eps)` (torch's arrangement).
 struct Apply(AdamWStep);
 
 impl candle_core::InplaceOp2 for Apply {
@@ -132,11 +135,14 @@ impl candle_core::InplaceOp2 for Apply {
         }
         let h = &self.0;
         let keep = (1.0 - h.lr * h.weight_decay) as f32;
-        let (lr, bc1, bc2, eps) = (h.lr as f32, h.bc1 as f32, h.bc2 as f32, h.eps as f32);
+        let (step, inv_root_bc2, eps) =
+            ((h.lr / h.bc1) as f32, (1.0 / h.bc2.sqrt()) as f32, h.eps as f32);
         let (m, v) = mv.split_at(n);
-        zip_chunks(w, &[m, v], |w, s| {
-            for ((w, &m), &v) in w.iter_mut().zip(s[0]).zip(s[1]) {
-                *w = *w * keep - lr * ((m / bc1) / ((v / bc2).sqrt() + eps));
+        chunked(w, |lo, w| {
+            let n = w.len();
+            let (m, v) = (&m[lo..lo + n], &v[lo..lo + n]);
+            for i in 0..n {
+                w[i] = w[i] * keep - step * m[i] / (v[i].sqrt() * inv_root_bc2 + eps);
             }
         });
         Ok(())
@@ -164,9 +170,10 @@ impl candle_core::InplaceOp2 for Ema {
             candle_core::bail!("{}: {} averages for {} weights", self.name(), e.len(), w.len());
         }
         let (d, a) = (self.0 as f32, (1.0 - self.0) as f32);
-        zip_chunks(e, &[w], |e, s| {
-            for (e, &w) in e.iter_mut().zip(s[0]) {
-                *e = d * *e + a * w;
+        chunked(e, |lo, e| {
+            let w = &w[lo..lo + e.len()];
+            for i in 0..e.len() {
+                e[i] = d * e[i] + a * w[i];
             }
         });
         Ok(())
