@@ -143,7 +143,17 @@ fn inputs(spec: &BenchSpec, dev: &Device) -> Result<(ImageBatch, TextBatch, Vec<
 pub fn run(spec: &BenchSpec, dev: &Device) -> Result<BenchResult> {
     let cfg = preset(&spec.preset)?;
     let varmap = candle_nn::VarMap::new();
-    let model = crate::config::Registry::new().build_trainable(&cfg, &varmap, 0, dev)?;
+    let registry = crate::config::Registry::new();
+    let model = registry.build_trainable(&cfg, &varmap, 0, dev)?;
+    // Inference times the model without a backprop graph, as bench_torch.py's torch.no_grad.
+    let frozen = if spec.train {
+        None
+    } else {
+        Some(
+            crate::infer::inference_model(&registry, &cfg, &varmap, dev)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?,
+        )
+    };
     let (images, text, targets) = inputs(spec, dev)?;
     let criterion = SetCriterion::new(
         LossConfig { aux_loss: false, ..LossConfig::detr() },
@@ -168,7 +178,7 @@ pub fn run(spec: &BenchSpec, dev: &Device) -> Result<BenchResult> {
     let mut step = || -> Result<()> {
         match opt.as_mut() {
             None => {
-                let out = model.forward(&images, &text, false)?;
+                let out = frozen.as_ref().unwrap_or(&model).forward(&images, &text, false)?;
                 candle_nn::ops::softmax_last_dim(&out.pred.pred_logits)?;
             }
             Some(opt) => {

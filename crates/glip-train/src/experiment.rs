@@ -185,6 +185,9 @@ pub fn run_experiment_with(
         resolved_json,
         dev.clone(),
     )?;
+    // Evaluation runs the same weights without a backprop graph (detached views that follow
+    // the optimiser's in-place updates).
+    let eval_model = crate::infer::inference_model(registry, &cfg.model, &varmap, &dev)?;
     let eval_log = dir.join("eval.jsonl");
     if resume && dir.join("checkpoint.safetensors").exists() {
         trainer.resume()?;
@@ -219,7 +222,7 @@ pub fn run_experiment_with(
             None => None,
         };
         let p = Predictor {
-            model: ema_model.as_ref().unwrap_or(&model),
+            model: ema_model.as_ref().unwrap_or(&eval_model),
             spec: &spec,
             tokenizer: &tok,
             device: &dev,

@@ -260,7 +260,27 @@ pub fn model_from_weights(
             missing.iter().take(4).cloned().collect::<Vec<_>>().join(", ")
         )));
     }
-    Ok(model)
+    drop(model);
+    inference_model(registry, cfg, &varmap, device)
+}
+
+/// `cfg`'s model over detached views of `varmap`'s tensors (their storage, no copy, so it
+/// follows the training's updates): its forward passes record no backprop graph, as under
+/// `torch.no_grad`, so no activation is kept and the kernels take their inference paths.
+pub fn inference_model(
+    registry: &Registry,
+    cfg: &ModelConfig,
+    varmap: &candle_nn::VarMap,
+    device: &Device,
+) -> Result<GlipModel, Error> {
+    let weights: std::collections::HashMap<String, Tensor> = crate::trainer::named_vars(varmap)
+        .into_iter()
+        .map(|(k, v)| (k, v.as_tensor().detach()))
+        .collect();
+    let vb = candle_nn::VarBuilder::from_tensors(weights, DType::F32, device);
+    registry
+        .build(cfg, vb, device)
+        .map_err(|e| Error::Msg(format!("building the inference model: {e}")))
 }
 
 /// A model with its spec and tokenizer, borrowed: what inference needs (a [`Detector`]'s, or
