@@ -57,12 +57,23 @@ fn chunked(dst: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync) {
     dst.par_chunks_mut(CHUNK).enumerate().for_each(|(k, d)| f(k * CHUNK, d));
 }
 
-fn f32_mut<'a>(s: &'a mut CpuStorage, l: &Layout, op: &str) -> Result<&'a mut [f32]> {
-    let CpuStorage::F32(v) = s else { candle_core::bail!("{op}: f32 only") };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&mut v[a..b]),
-        None => candle_core::bail!("{op}: the destination must be contiguous"),
+/// The destination and source slices of an in-place pass, checked to hold `ratio` (dst, src)
+/// elements in proportion (moments are two per weight).
+fn operands<'a>(
+    op: &str,
+    (s1, l1): (&'a mut CpuStorage, &Layout),
+    (s2, l2): (&'a CpuStorage, &Layout),
+    ratio: (usize, usize),
+) -> Result<(&'a mut [f32], &'a [f32])> {
+    let CpuStorage::F32(v) = s1 else { candle_core::bail!("{op}: f32 only") };
+    let Some((a, b)) = l1.contiguous_offsets() else {
+        candle_core::bail!("{op}: the destination must be contiguous")
+    };
+    let (dst, src) = (&mut v[a..b], contiguous_f32(s2, l2, op)?);
+    if dst.len() * ratio.1 != src.len() * ratio.0 {
+        candle_core::bail!("{op}: {} elements against {}", dst.len(), src.len());
     }
+    Ok((dst, src))
 }
 
 /// `m = b1 m + (1 - b1) c g`, `v = b2 v + (1 - b2) (c g)^2` over `moments = [m; v]`.
@@ -80,12 +91,8 @@ impl candle_core::InplaceOp2 for Moments {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<()> {
-        let mv = f32_mut(s1, l1, self.name())?;
-        let g = contiguous_f32(s2, l2, self.name())?;
+        let (mv, g) = operands(self.name(), (s1, l1), (s2, l2), (2, 1))?;
         let n = g.len();
-        if mv.len() != 2 * n {
-            candle_core::bail!("{}: {} moments for {n} gradients", self.name(), mv.len());
-        }
         let h = &self.0;
         let (c, b1, b2) = (h.clip as f32, h.b1 as f32, h.b2 as f32);
         let (a1, a2) = ((1.0 - h.b1) as f32, (1.0 - h.b2) as f32);
@@ -127,12 +134,8 @@ impl candle_core::InplaceOp2 for Apply {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<()> {
-        let w = f32_mut(s1, l1, self.name())?;
-        let mv = contiguous_f32(s2, l2, self.name())?;
+        let (w, mv) = operands(self.name(), (s1, l1), (s2, l2), (1, 2))?;
         let n = w.len();
-        if mv.len() != 2 * n {
-            candle_core::bail!("{}: {} moments for {n} weights", self.name(), mv.len());
-        }
         let h = &self.0;
         let keep = (1.0 - h.lr * h.weight_decay) as f32;
         let (step, inv_root_bc2, eps) =
@@ -164,11 +167,7 @@ impl candle_core::InplaceOp2 for Ema {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<()> {
-        let e = f32_mut(s1, l1, self.name())?;
-        let w = contiguous_f32(s2, l2, self.name())?;
-        if e.len() != w.len() {
-            candle_core::bail!("{}: {} averages for {} weights", self.name(), e.len(), w.len());
-        }
+        let (e, w) = operands(self.name(), (s1, l1), (s2, l2), (1, 1))?;
         let (d, a) = (self.0 as f32, (1.0 - self.0) as f32);
         chunked(e, |lo, e| {
             let w = &w[lo..lo + e.len()];
