@@ -340,19 +340,11 @@ impl Registry {
         let mut prefixes: Vec<(&String, &PathBuf)> = cfg.weights.iter().collect();
         prefixes.sort_by_key(|(p, _)| p.len());
         for (prefix, file) in prefixes {
+            let key = crate::validate::weights_key(prefix);
             if !file.exists() {
-                candle_core::bail!(
-                    "model.weights.{prefix}: {} not found (`cargo xtask fixtures` writes the \
-                     fixtures' files, such as fixtures/mobilenet_v2; `cargo xtask fetch-models` \
-                     fetches the pretrained models)",
-                    file.display()
-                );
+                let hint = crate::validate::WEIGHTS_HINT;
+                candle_core::bail!("{key}: {} not found ({hint})", file.display());
             }
-            let key = if prefix.is_empty() {
-                "model.weights.\"\"".into()
-            } else {
-                format!("model.weights.{prefix}")
-            };
             let weights = glip_core::weights::open(file, DType::F32, device)
                 .map_err(|e| msg(format!("{key}: {e}")))?;
             let origin = format!("{} ({key})", file.display());

@@ -204,20 +204,23 @@ impl Validate for ModelConfig {
             }
         }
         for (prefix, file) in &self.weights {
-            let key = if prefix.is_empty() {
-                "weights.\"\"".to_string()
-            } else {
-                format!("weights.{prefix}")
-            };
-            file_exists(
-                c,
-                &key,
-                file,
-                "a .safetensors or .pth checkpoint; `cargo xtask fixtures` writes the fixtures' \
-                 files, such as fixtures/mobilenet_v2; `cargo xtask fetch-models` fetches the \
-                 pretrained models",
-            );
+            let key = weights_key(prefix);
+            let what = format!("a .safetensors or .pth checkpoint; {WEIGHTS_HINT}");
+            file_exists(c, key.strip_prefix("model.").unwrap_or(&key), file, &what);
         }
+    }
+}
+
+/// Where the files that configs name as weights come from.
+pub(crate) const WEIGHTS_HINT: &str = "`cargo xtask fixtures` writes the fixtures' files, such \
+    as fixtures/mobilenet_v2; `cargo xtask fetch-models` fetches the pretrained models";
+
+/// The key of `model.weights` entry `prefix` (`model.weights.""` for the whole model).
+pub(crate) fn weights_key(prefix: &str) -> String {
+    if prefix.is_empty() {
+        "model.weights.\"\"".into()
+    } else {
+        format!("model.weights.{prefix}")
     }
 }
 
