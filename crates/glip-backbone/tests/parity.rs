@@ -152,3 +152,45 @@ fn unknown_weight_formats_are_named() {
     };
     assert!(err.to_string().contains("model.onnx: unknown weight format"), "{err}");
 }
+
+/// ResNet-50's C2..C5 with its convolutions in bf16 (`glip_kernels::bf16::autocast`) against
+/// the exact values (the f64 network), by [`assert_f32_deep_close`]'s argument with bf16's unit
+/// round-off: every product of a convolution reads two operands rounded to 8 significant bits
+/// (relative error up to `2^-8` each), so the random walk of independent errors along the
+/// longest path of products is `2 * 2^-8 * sqrt(sum_len) * max|exact|`, on top of the f32
+/// bound (the sums are f32). The fixture README's elementwise forward tolerance is for f32 and
+/// does not apply. Also checks that bf16 is what ran: its C2 differs from the f32 one.
+#[test]
+fn resnet50_in_bf16_is_within_the_bf16_round_off_of_the_exact_values() -> Result<()> {
+    use glip_kernels::bf16::{autocast, available, Precision};
+    if !available() {
+        eprintln!("skipped: this CPU has no AVX512_BF16 (bf16 convolutions run in f32 there)");
+        return Ok(());
+    }
+    let dev = Device::Cpu;
+    let io = load("resnet50_io.safetensors", &dev)?;
+    let open = |dt| weights::open(&fixture("resnet50.safetensors"), dt, &dev);
+    let net = ResNet::new(ResNetConfig::new(ResNetDepth::Resnet50), open(DType::F32)?)?;
+    let levels = autocast(Precision::Bf16, || net.forward(&io["input"], false))?;
+    let f32_c2 = net.forward(&io["input"], false)?[0].tensor.clone();
+    let net64 = ResNet::new(ResNetConfig::new(ResNetDepth::Resnet50), open(DType::F64)?)?;
+    let exact = net64.forward(&io["input"].to_dtype(DType::F64)?, false)?;
+    let u_bf16 = 2f64.powi(-8);
+    for (i, name) in ["c2", "c3", "c4", "c5"].into_iter().enumerate() {
+        let len = resnet50_path_sum_lengths()[i];
+        let e: Vec<f64> = exact[i].tensor.flatten_all()?.to_vec1()?;
+        let got: Vec<f64> = levels[i].tensor.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+        let m = e.iter().fold(0f64, |m, x| m.max(x.abs()));
+        let walk = (2.0 * u_bf16 + glip_testing::F32_UNIT_ROUNDOFF) * (len as f64).sqrt() * m;
+        let mut worst = 0f64;
+        for (k, (a, x)) in got.iter().zip(&e).enumerate() {
+            let bound = 1e-4 + 1e-3 * x.abs() + walk;
+            assert!((a - x).abs() <= bound, "{name}[{k}]: {a} vs exact {x} (bound {bound})");
+            worst = worst.max((a - x).abs() / bound);
+        }
+        eprintln!("{name} (bf16): largest error / bound {worst:.3}");
+    }
+    let differs = (&levels[0].tensor - &f32_c2)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    assert!(differs > 0.0, "C2 in bf16 equals C2 in f32: autocast did not take effect");
+    Ok(())
+}

@@ -25,12 +25,17 @@ pub struct EvalArgs {
     /// Where to compute: auto (the first GPU of a CUDA build, else the CPU), cpu, cuda, cuda:N.
     #[arg(long, value_parser = crate::parse_device)]
     device: Option<glip_train::device::DeviceSpec>,
+    /// What convolutions compute in: f32, or bf16 (inputs and weights rounded to bf16, f32
+    /// sums; CPUs with AVX512_BF16, else f32 with a warning).
+    #[arg(long, default_value = "f32", value_parser = crate::parse_precision)]
+    precision: glip_train::Precision,
 }
 
 /// Runs `glip eval`.
 pub fn run(registry: &glip_train::config::Registry, a: EvalArgs) -> Result<()> {
     let dev = a.device.unwrap_or_default().resolve()?;
-    let det = Detector::load_with(registry, &a.run, &dev)?;
+    let mut det = Detector::load_with(registry, &a.run, &dev)?;
+    det.precision = crate::precision_on(a.precision, &dev);
     let p = det.predictor();
     let ev = match (&a.coco, &a.images) {
         (Some(ann), Some(images)) => {

@@ -47,6 +47,25 @@ pub(crate) fn parse_device(s: &str) -> Result<glip_train::device::DeviceSpec, St
     s.parse().map_err(|e: glip_train::Error| e.to_string())
 }
 
+/// `--precision` words (`f32`, `bf16`).
+pub(crate) fn parse_precision(s: &str) -> Result<glip_train::Precision, String> {
+    s.parse()
+}
+
+/// `precision` on `device`, after a warning on stderr when it cannot take effect there.
+pub(crate) fn precision_on(
+    precision: glip_train::Precision,
+    device: &candle_core::Device,
+) -> glip_train::Precision {
+    match glip_train::precision_fallback(precision, device) {
+        Some(why) => {
+            eprintln!("warning: --precision {precision}: {why}");
+            glip_train::Precision::F32
+        }
+        None => precision,
+    }
+}
+
 /// Grounded object detection in the style of GLIP.
 #[derive(Parser, Debug)]
 #[command(name = "glip", version, about)]

@@ -188,7 +188,7 @@ impl Checker {
 
     /// `width` is divisible by `heads` (attention splits the width among its heads).
     pub fn divides(&mut self, key: &str, heads: usize, width: usize, width_key: &str) {
-        if heads > 0 && width % heads != 0 {
+        if heads > 0 && !width.is_multiple_of(heads) {
             let rule = format!("must divide {width_key} = {width}");
             self.fail(key, heads, rule);
         }

@@ -168,7 +168,7 @@ impl QuerySelection {
         if tc.num_decoder_layers == 0 {
             candle_core::bail!("query selection needs at least one decoder layer (model.transformer.num_decoder_layers)");
         }
-        if d % 2 != 0 {
+        if !d.is_multiple_of(2) {
             candle_core::bail!("query selection: d_model {d} is odd");
         }
         let layers = (0..tc.num_decoder_layers)

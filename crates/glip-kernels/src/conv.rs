@@ -13,9 +13,14 @@
 //!
 //! the products by candle's gemm, `im2col` / `col2im` as plain loops here (candle has no public
 //! 2-D col2im). Checked against autograd through differentiable candle ops in this module's
-//! tests. On other devices and dtypes [`conv2d`] is candle's `conv2d`.
+//! tests. A gradient-free convolution inside [`bf16::autocast`]`(Bf16, ..)` on a CPU with
+//! AVX512_BF16 runs its product in bf16 ([`bf16::gemm`], im2col written straight into its
+//! panels). On other devices and dtypes [`conv2d`] is candle's `conv2d`.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use crate::bf16;
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+};
 use rayon::prelude::*;
 
 /// Geometry of one convolution (square kernel, same stride and zero padding on both axes).
@@ -168,6 +173,78 @@ fn columns(x: &Tensor, g: Geometry) -> Result<Tensor> {
     }
 }
 
+/// [`Im2Col`] straight into the bf16 panels of [`bf16::PackedB`], one panel of columns at a
+/// time: the f32 columns (9x the input for a 3x3 kernel) are never written out, which is what
+/// made bf16 lose to f32 on ResNet-50's early layers (`benches/benches/gemm.rs`).
+fn im2col_packed(x: &[f32], g: Geometry) -> bf16::PackedB {
+    let (oh, ow) = g.out();
+    let (len, hw) = (oh * ow, g.h * g.w);
+    // The output columns that read inside the image, per kernel column offset.
+    let spans: Vec<(usize, usize)> = (0..g.k).map(|kx| g.span(kx, g.w, ow)).collect();
+    bf16::PackedB::from_panels(g.rows(), g.b * len, |j0, width, scratch| {
+        let mut j = j0;
+        // One run of the panel's columns per output row of one image.
+        while j < j0 + width {
+            let (bi, pix) = (j / len, j % len);
+            let (oy, ox0) = (pix / ow, pix % ow);
+            let count = (ow - ox0).min(j0 + width - j);
+            for c in 0..g.ci {
+                let plane = &x[(bi * g.ci + c) * hw..][..hw];
+                for ky in 0..g.k {
+                    let Some(iy) = (oy * g.stride + ky).checked_sub(g.pad).filter(|&iy| iy < g.h)
+                    else {
+                        continue;
+                    };
+                    for (kx, &(xlo, xhi)) in spans.iter().enumerate() {
+                        let (lo, hi) = (xlo.max(ox0), xhi.min(ox0 + count));
+                        if lo >= hi {
+                            continue;
+                        }
+                        let row = (c * g.k + ky) * g.k + kx;
+                        let dst = &mut scratch[row * bf16::NR + j - j0 + lo - ox0..][..hi - lo];
+                        let src = &plane[iy * g.w + lo * g.stride + kx - g.pad..];
+                        if g.stride == 1 {
+                            dst.copy_from_slice(&src[..hi - lo]);
+                        } else {
+                            for (d, &v) in dst.iter_mut().zip(src.iter().step_by(g.stride)) {
+                                *d = v;
+                            }
+                        }
+                    }
+                }
+            }
+            j += count;
+        }
+    })
+}
+
+/// The forward product of a gradient-free convolution in bf16 ([`bf16::gemm`]): `x (b, ci, h,
+/// w)` and `w (co, ci, k, k)` -> `(co, b*oh*ow)` f32.
+struct Bf16Conv(Geometry);
+
+impl CustomOp2 for Bf16Conv {
+    fn name(&self) -> &'static str {
+        "glip-conv2d-bf16"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let x = contiguous_f32(s1, l1, "conv2d-bf16")?;
+        let w = contiguous_f32(s2, l2, "conv2d-bf16")?;
+        let co = l2.dims()[0];
+        let a = bf16::PackedA::new(w, co, g.rows());
+        let b = im2col_packed(x, g);
+        let n = b.cols();
+        Ok((CpuStorage::F32(bf16::gemm(&a, &b)), Shape::from((co, n))))
+    }
+}
+
 /// `(b, c, h, w)` -> `(c, b*h*w)`, and back.
 fn channels_first(t: &Tensor) -> Result<Tensor> {
     let c = t.dims()[1];
@@ -262,10 +339,15 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Tenso
         let g = geometry(x, w, stride, pad)?;
         let (oh, ow) = g.out();
         let co = w.dims()[0];
+        let frozen = !(x.track_op() || w.track_op());
+        if frozen && bf16::precision() == bf16::Precision::Bf16 && bf16::available() {
+            let y = x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &Bf16Conv(g))?;
+            return batch_first(&y, g.b, oh, ow);
+        }
         let cols = columns(&x.detach(), g)?;
         let y = w.detach().reshape((co, g.rows()))?.matmul(&cols)?;
         let y = batch_first(&y, g.b, oh, ow)?;
-        if !(x.track_op() || w.track_op()) {
+        if frozen {
             return Ok(y);
         }
         y.apply_op3(x, w, AttachConvGrad { stride, pad })
@@ -370,6 +452,73 @@ mod tests {
         check(1, 1, 2, (2, 3), 3, 3, 2);
         check(2, 2, 2, (4, 5), 3, 2, 0);
         check(1, 3, 2, (5, 2), 5, 1, 4);
+    }
+
+    /// The bf16 forward (inside `autocast`) against a direct f64 convolution of the unrounded
+    /// inputs, within `bf16`'s bound per output: `(2^-7 + 2^-16 + gamma_K) * sum |x w|` over the
+    /// `K = ci*k*k` terms of that output (inputs rounded to 8 significant bits, exact products,
+    /// f32 sums).
+    #[test]
+    fn bf16_forward_is_within_the_rounding_bound() {
+        if !bf16::available() {
+            eprintln!("skipped: this CPU has no AVX512_BF16, so autocast keeps f32");
+            return;
+        }
+        let dev = Device::Cpu;
+        for (b, ci, co, (h, wd), k, stride, pad) in [
+            (2, 3, 4, (9, 7), 3, 1, 1),
+            (2, 3, 5, (10, 10), 3, 2, 1),
+            (1, 4, 2, (11, 8), 7, 2, 3),
+            (3, 6, 8, (5, 5), 1, 1, 0),
+            (2, 6, 8, (9, 6), 1, 2, 0),
+            (1, 2, 2, (1, 1), 7, 2, 3),
+            (2, 17, 19, (13, 30), 3, 1, 1),
+        ] {
+            let x = Tensor::randn(0f32, 1., (b, ci, h, wd), &dev).unwrap();
+            let w = Tensor::randn(0f32, 1., (co, ci, k, k), &dev).unwrap();
+            let got =
+                bf16::autocast(bf16::Precision::Bf16, || conv2d(&x, &w, stride, pad)).unwrap();
+            let f32_out = conv2d(&x, &w, stride, pad).unwrap();
+            let (oh, ow) = ((h + 2 * pad - k) / stride + 1, (wd + 2 * pad - k) / stride + 1);
+            assert_eq!(got.dims(), &[b, co, oh, ow]);
+            let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+            let wv: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+            let gv: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+            let fv: Vec<f32> = f32_out.flatten_all().unwrap().to_vec1().unwrap();
+            let terms = (ci * k * k) as f64;
+            let gamma = terms * 2f64.powi(-24) / (1.0 - terms * 2f64.powi(-24));
+            let rel = 2f64.powi(-7) + 2f64.powi(-16) + gamma;
+            let mut differs = false;
+            for (o, (&g, &f)) in gv.iter().zip(&fv).enumerate() {
+                let (bi, oc, oy, ox) =
+                    (o / (co * oh * ow), o / (oh * ow) % co, o / ow % oh, o % ow);
+                let (mut exact, mut mag) = (0f64, 0f64);
+                for c in 0..ci {
+                    for ky in 0..k {
+                        for kx in 0..k {
+                            let (iy, ix) = (
+                                (oy * stride + ky) as isize - pad as isize,
+                                (ox * stride + kx) as isize - pad as isize,
+                            );
+                            if iy < 0 || ix < 0 || iy >= h as isize || ix >= wd as isize {
+                                continue;
+                            }
+                            let xi =
+                                xv[((bi * ci + c) * h + iy as usize) * wd + ix as usize] as f64;
+                            let p = xi * wv[((oc * ci + c) * k + ky) * k + kx] as f64;
+                            exact += p;
+                            mag += p.abs();
+                        }
+                    }
+                }
+                assert!(
+                    (g as f64 - exact).abs() <= rel * mag,
+                    "b{b} ci{ci} co{co} k{k} s{stride} p{pad} at {o}: {g} against {exact}"
+                );
+                differs |= g != f;
+            }
+            assert!(differs || gv.iter().all(|&v| v == 0.0), "autocast left the f32 path in place");
+        }
     }
 
     #[test]

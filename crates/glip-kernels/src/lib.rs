@@ -4,6 +4,8 @@
 //! implementation of each goes here, beside the CPU one.
 //!
 //! # What this crate owns
+//! - [`bf16`]: a bf16 gemm with f32 sums for AVX512_BF16 CPUs (run-time dispatch) and the
+//!   `autocast` scope that puts gradient-free convolutions on it.
 //! - [`conv`]: 2-D convolution as im2col + gemm (forward, input and weight gradients) and
 //!   depthwise convolution.
 //! - [`norm`]: training-mode batch norm as one op with its backward.
@@ -17,6 +19,7 @@
 //! Models, components, data, losses.
 
 pub mod affine;
+pub mod bf16;
 pub mod conv;
 pub mod fused;
 pub mod nn;

@@ -128,7 +128,7 @@ impl Bert {
             vb
         };
         let d = config.hidden_size;
-        if config.num_attention_heads == 0 || d % config.num_attention_heads != 0 {
+        if config.num_attention_heads == 0 || !d.is_multiple_of(config.num_attention_heads) {
             candle_core::bail!(
                 "bert: hidden_size {d} is not divisible by num_attention_heads {}",
                 config.num_attention_heads

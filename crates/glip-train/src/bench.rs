@@ -84,6 +84,8 @@ pub struct BenchSpec {
     pub size: usize,
     /// Timed iterations (after one warm-up).
     pub iters: usize,
+    /// What inference's convolutions compute in (training is f32).
+    pub precision: crate::Precision,
 }
 
 /// The timings, as `bench_torch.py` prints them.
@@ -101,6 +103,8 @@ pub struct BenchResult {
     pub median_s: f64,
     /// Fastest iteration.
     pub min_s: f64,
+    /// `f32` or `bf16` (what the convolutions computed in).
+    pub precision: &'static str,
     /// Every timed iteration.
     pub times: Vec<f64>,
     /// `candle` and its version.
@@ -141,6 +145,16 @@ fn inputs(spec: &BenchSpec, dev: &Device) -> Result<(ImageBatch, TextBatch, Vec<
 
 /// Builds the preset with random weights and times `spec.iters` iterations after one warm-up.
 pub fn run(spec: &BenchSpec, dev: &Device) -> Result<BenchResult> {
+    if spec.train && spec.precision != crate::Precision::F32 {
+        candle_core::bail!(
+            "bench: {} training is not implemented (bf16 applies to inference: --mode infer)",
+            spec.precision
+        );
+    }
+    let precision = match glip_kernels::bf16::fallback_reason(spec.precision, dev) {
+        Some(_) => crate::Precision::F32,
+        None => spec.precision,
+    };
     let cfg = preset(&spec.preset)?;
     let varmap = candle_nn::VarMap::new();
     let registry = crate::config::Registry::new();
@@ -178,7 +192,10 @@ pub fn run(spec: &BenchSpec, dev: &Device) -> Result<BenchResult> {
     let mut step = || -> Result<()> {
         match opt.as_mut() {
             None => {
-                let out = frozen.as_ref().unwrap_or(&model).forward(&images, &text, false)?;
+                let model = frozen.as_ref().unwrap_or(&model);
+                let out = glip_kernels::bf16::autocast(precision, || {
+                    model.forward(&images, &text, false)
+                })?;
                 candle_nn::ops::softmax_last_dim(&out.pred.pred_logits)?;
             }
             Some(opt) => {
@@ -214,6 +231,7 @@ pub fn run(spec: &BenchSpec, dev: &Device) -> Result<BenchResult> {
         size: spec.size,
         median_s: median,
         min_s: sorted.first().copied().unwrap_or(f64::NAN),
+        precision: precision.name(),
         times,
         candle: "candle 0.11.1",
         device: if dev.is_cpu() { "cpu".into() } else { format!("{dev:?}") },

@@ -226,6 +226,7 @@ pub fn run_experiment_with(
             spec: &spec,
             tokenizer: &tok,
             device: &dev,
+            precision: crate::Precision::F32,
         };
         let ev = match &eval_target {
             EvalTarget::Shapes(ds, n) => evaluate_shapes(&p, ds, *n, dir)?,

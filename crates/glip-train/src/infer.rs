@@ -149,6 +149,8 @@ pub struct Detector {
     pub tokenizer: Arc<Tokenizer>,
     /// Where it runs.
     pub device: Device,
+    /// What its convolutions compute in ([`crate::Precision::F32`] as loaded).
+    pub precision: crate::Precision,
 }
 
 impl std::fmt::Debug for Detector {
@@ -211,7 +213,7 @@ impl Detector {
             msg: "the run's model names no tokenizer".into(),
         })?;
         let tokenizer = Arc::new(Tokenizer::from_file(&tok)?);
-        Ok(Self { model, spec, tokenizer, device: device.clone() })
+        Ok(Self { model, spec, tokenizer, device: device.clone(), precision: Default::default() })
     }
 
     /// The borrowing view that runs inference.
@@ -221,6 +223,7 @@ impl Detector {
             spec: &self.spec,
             tokenizer: &self.tokenizer,
             device: &self.device,
+            precision: self.precision,
         }
     }
 }
@@ -295,6 +298,9 @@ pub struct Predictor<'a> {
     pub tokenizer: &'a Tokenizer,
     /// Where it runs.
     pub device: &'a Device,
+    /// What the convolutions compute in (inputs and weights rounded to bf16 with f32 sums, or
+    /// f32; see `glip_kernels::bf16`).
+    pub precision: crate::Precision,
 }
 
 impl std::fmt::Debug for Predictor<'_> {
@@ -373,7 +379,9 @@ impl Predictor<'_> {
                 })
                 .collect();
             let batch = glip_data::collate(&samples, self.tokenizer, self.device)?;
-            let out = self.model.forward(&batch.images, &batch.text, false)?;
+            let out = glip_kernels::bf16::autocast(self.precision, || {
+                self.model.forward(&batch.images, &batch.text, false)
+            })?;
             let pm = match out.logits_kind {
                 LogitsKind::Tokens => {
                     let e = &chunk.encoding;

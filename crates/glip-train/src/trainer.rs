@@ -265,7 +265,9 @@ impl<'a> Trainer<'a> {
             if let Some(f) = self.on_step.as_mut() {
                 f(self.step, values["loss"]);
             }
-            if self.step % self.config.log_every.max(1) == 0 || self.step == self.config.steps {
+            if self.step.is_multiple_of(self.config.log_every.max(1))
+                || self.step == self.config.steps
+            {
                 let line = LogLine {
                     step: self.step,
                     losses: values,
@@ -280,7 +282,9 @@ impl<'a> Trainer<'a> {
                 }
                 window = (std::time::Instant::now(), 0);
             }
-            if self.config.checkpoint_every > 0 && self.step % self.config.checkpoint_every == 0 {
+            if self.config.checkpoint_every > 0
+                && self.step.is_multiple_of(self.config.checkpoint_every)
+            {
                 self.save_checkpoint()?;
             }
             Ok(self.deadline.is_none_or(|d| std::time::Instant::now() < d))

@@ -21,7 +21,7 @@ impl MultiheadAttention {
     /// Loads `in_proj_weight`, `in_proj_bias`, `out_proj.*` of width `d` with `heads` heads.
     /// Initialisation follows PyTorch (Xavier-uniform packed weight, zero biases).
     pub fn new(d: usize, heads: usize, dropout: f32, vb: VarBuilder<'_>) -> Result<Self> {
-        if heads == 0 || d % heads != 0 {
+        if heads == 0 || !d.is_multiple_of(heads) {
             candle_core::bail!("attention: width {d} is not divisible by {heads} heads");
         }
         let bound = (6.0 / (d as f64 + 3.0 * d as f64)).sqrt();

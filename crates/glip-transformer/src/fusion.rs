@@ -60,7 +60,7 @@ impl BiAttentionFusion {
         dropout: f32,
         vb: VarBuilder<'_>,
     ) -> Result<Self> {
-        if heads == 0 || embed % heads != 0 {
+        if heads == 0 || !embed.is_multiple_of(heads) {
             candle_core::bail!("bi-attention: width {embed} is not divisible by {heads} heads");
         }
         let a = vb.pp("attn");

@@ -6,7 +6,7 @@ use candle_core::{Device, Result, Tensor};
 /// `(b, h * w, d)` with `d/2` channels for y then `d/2` for x, each interleaving sin and cos,
 /// cumulative positions normalised to `(0, 2*pi]` over the valid area.
 pub fn sine_position_encoding(mask: &Tensor, d: usize, temperature: f64) -> Result<Tensor> {
-    if d % 4 != 0 {
+    if !d.is_multiple_of(4) {
         candle_core::bail!("sine positional encoding: width {d} is not a multiple of 4");
     }
     let (b, h, w) = mask.dims3()?;

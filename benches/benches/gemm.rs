@@ -1,0 +1,36 @@
+//! The bf16 gemm of `glip_kernels::bf16` (packing of `B` included, as a convolution pays it)
+//! against candle's f32 matmul, at the convolution shapes of ResNet-50 at batch 2, 384 px
+//! (`(m, k, n)` = output channels, input channels x kernel area, batch x output pixels).
+
+use candle_core::{Device, Tensor};
+use criterion::{criterion_group, criterion_main, Criterion};
+use glip_kernels::bf16;
+
+fn gemm(c: &mut Criterion) {
+    let mut g = c.benchmark_group("gemm");
+    g.sample_size(10);
+    let shapes = [
+        ("layer1-3x3", 64, 576, 18432),
+        ("layer1-1x1", 256, 64, 18432),
+        ("layer3-3x3", 256, 2304, 1152),
+        ("layer4-3x3", 512, 4608, 288),
+        ("layer4-1x1", 2048, 512, 288),
+    ];
+    for (name, m, k, n) in shapes {
+        let a = Tensor::randn(0f32, 1., (m, k), &Device::Cpu).unwrap();
+        let b = Tensor::randn(0f32, 1., (k, n), &Device::Cpu).unwrap();
+        g.bench_function(format!("f32/{name}"), |bench| bench.iter(|| a.matmul(&b).unwrap()));
+        if bf16::available() {
+            let av: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+            let bv: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+            let pa = bf16::PackedA::new(&av, m, k);
+            g.bench_function(format!("bf16/{name}"), |bench| {
+                bench.iter(|| bf16::gemm(&pa, &bf16::PackedB::new(&bv, k, n)))
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, gemm);
+criterion_main!(benches);

@@ -1,0 +1,575 @@
+//! A bf16 matrix product with f32 accumulation for the CPU's AVX-512 BF16 instructions, and
+//! the autocast scope that routes inference convolutions through it.
+//!
+//! candle 0.11.1 has no bf16 gemm on the CPU (its bf16 matmul widens both operands to f32), and
+//! neither has the `gemm` crate (its f16 kernels widen too), so bf16 would only add conversions.
+//! `vdpbf16ps` (AVX512_BF16: Intel Cooper Lake and Sapphire Rapids on, AMD Zen 4 on) multiplies
+//! 32 bf16 pairs and adds them into 16 f32 lanes per instruction, twice the multiply-adds of an
+//! f32 FMA of the same width; this module is the smallest gemm that uses it, in the BLIS
+//! arrangement:
+//!
+//! * `A (m, k)` (the weights) is packed into panels of [`MR`] rows, `B (k, n)` (the im2col
+//!   columns) into panels of [`NR`] columns, both as bf16 pairs `(x[k], x[k + 1])` in one `u32`
+//!   (rounded to nearest even), zero-padded to whole panels and an even `k`;
+//! * the micro-kernel keeps an `MR x NR` tile of f32 sums in 24 registers: per pair of `k` it
+//!   loads three vectors of `B`, broadcasts eight pairs of `A` and issues 24 `vdpbf16ps`;
+//! * `k` is cut into blocks of [`KC`] so a panel of `B` (24 KiB) stays in L1 while every panel
+//!   of `A` in a block of [`MC`] rows passes over it; rayon splits the `(m, n)` blocks.
+//!
+//! Every product of two bf16 numbers is exact in f32, so the only errors are the roundings of
+//! the inputs to bf16 (8 significant bits: relative `2^-8` each) and f32 summation: for
+//! `c = sum_k a_k b_k`, `|c - c_exact| <= (2^-7 + 2^-16 + gamma_k) * sum_k |a_k b_k|` with `gamma_k = k 2^-24 /
+//! (1 - k 2^-24)`, the bound the tests check against an f64 product. CPUs without AVX512_BF16 get
+//! [`gemm_portable`] (the same sums in the same order, one scalar at a time), used by the tests
+//! there (the same sums, possibly in another order within a pair, and without the instruction's
+//! flushing of subnormals); callers use [`available`] to choose f32 instead, which is faster on
+//! such CPUs.
+
+#![allow(
+    unsafe_code,
+    reason = "SIMD intrinsics behind a run-time CPU check, and one output buffer written by \
+              rayon's tasks in disjoint tiles; nothing else in glip-kernels is unsafe"
+)]
+
+use rayon::prelude::*;
+use std::cell::Cell;
+
+/// Rows of the micro-kernel's tile (rows of `A`).
+pub const MR: usize = 8;
+/// Columns of the micro-kernel's tile (columns of `B`): three vectors of 16 f32 lanes.
+pub const NR: usize = 48;
+/// Depth of one block of `k` (an even number).
+pub const KC: usize = 256;
+/// Rows of `A` per parallel block.
+pub const MC: usize = 256;
+/// Columns of `B` per parallel block.
+pub const NC: usize = 8 * NR;
+
+/// The precision convolutions compute in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// f32 throughout.
+    #[default]
+    F32,
+    /// Inputs and weights rounded to bf16, products summed in f32, outputs f32.
+    Bf16,
+}
+
+impl Precision {
+    /// `"f32"` or `"bf16"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            other => Err(format!("unknown precision {other:?} (f32 or bf16)")),
+        }
+    }
+}
+
+/// Why `precision` cannot take effect on `device` (it would run in f32), or `None` when it
+/// does: bf16 convolutions exist for CPUs with AVX512_BF16 only so far.
+pub fn fallback_reason(precision: Precision, device: &candle_core::Device) -> Option<String> {
+    match precision {
+        Precision::F32 => None,
+        Precision::Bf16 if !device.is_cpu() => {
+            Some(format!("bf16 is not implemented on {device:?} yet: computing in f32"))
+        }
+        Precision::Bf16 if !available() => Some(
+            "this CPU has no AVX512_BF16 (bf16 would be slower than f32 here): computing in f32"
+                .into(),
+        ),
+        Precision::Bf16 => None,
+    }
+}
+
+thread_local! {
+    static PRECISION: Cell<Precision> = const { Cell::new(Precision::F32) };
+}
+
+/// The precision in force on this thread (f32 unless inside [`autocast`]).
+pub fn precision() -> Precision {
+    PRECISION.with(|p| p.get())
+}
+
+/// Runs `f` with gradient-free CPU convolutions on this thread in `precision` (as PyTorch's
+/// `torch.autocast`), then restores the previous setting. Convolutions that are part of a
+/// backward graph, or on other devices, are unaffected. Where the CPU has no AVX512_BF16,
+/// `Bf16` is f32 (see [`available`]).
+pub fn autocast<T>(precision: Precision, f: impl FnOnce() -> T) -> T {
+    struct Restore(Precision);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            PRECISION.with(|p| p.set(self.0));
+        }
+    }
+    let _restore = Restore(PRECISION.with(|p| p.replace(precision)));
+    f()
+}
+
+/// Whether this CPU runs the AVX512_BF16 kernel (checked once).
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512bf16")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `x` rounded to the nearest bf16 (ties to even), as its bits; NaN stays NaN.
+#[inline]
+pub fn to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        ((b >> 16) | 0x40) as u16
+    } else {
+        ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+    }
+}
+
+/// The f32 value of bf16 bits.
+#[inline]
+pub fn from_bf16(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
+}
+
+#[inline]
+fn pair(lo: f32, hi: f32) -> u32 {
+    to_bf16(lo) as u32 | (to_bf16(hi) as u32) << 16
+}
+
+/// `A (m, k)` as bf16 pairs in panels of [`MR`] rows: panel `p`, pair `q`, row `i` at
+/// `(p * kp + q) * MR + i`, with `kp = ceil(k / 2)`.
+#[derive(Debug, Clone)]
+pub struct PackedA {
+    m: usize,
+    k: usize,
+    data: Vec<u32>,
+}
+
+/// `B (k, n)` as bf16 pairs in panels of [`NR`] columns: panel `p`, pair `q`, column `j` at
+/// `(p * kp + q) * NR + j`.
+#[derive(Debug, Clone)]
+pub struct PackedB {
+    k: usize,
+    n: usize,
+    data: Vec<u32>,
+}
+
+impl PackedA {
+    /// Packs the row-major `a` of `m` rows and `k` columns.
+    pub fn new(a: &[f32], m: usize, k: usize) -> Self {
+        assert_eq!(a.len(), m * k, "PackedA: {} values for ({m}, {k})", a.len());
+        let kp = k.div_ceil(2);
+        let mut data = vec![0u32; m.div_ceil(MR) * kp * MR];
+        let at = |i: usize, j: usize| if i < m && j < k { a[i * k + j] } else { 0.0 };
+        data.par_chunks_mut(kp * MR).enumerate().for_each(|(p, panel)| {
+            for (q, pairs) in panel.chunks_exact_mut(MR).enumerate() {
+                for (r, d) in pairs.iter_mut().enumerate() {
+                    let i = p * MR + r;
+                    *d = pair(at(i, 2 * q), at(i, 2 * q + 1));
+                }
+            }
+        });
+        Self { m, k, data }
+    }
+
+    /// Rows.
+    pub fn rows(&self) -> usize {
+        self.m
+    }
+}
+
+impl PackedB {
+    /// Packs the row-major `b` of `k` rows and `n` columns.
+    pub fn new(b: &[f32], k: usize, n: usize) -> Self {
+        assert_eq!(b.len(), k * n, "PackedB: {} values for ({k}, {n})", b.len());
+        Self::from_panels(k, n, |j0, width, scratch| {
+            for (r, row) in scratch.chunks_exact_mut(NR).enumerate() {
+                row[..width].copy_from_slice(&b[r * n + j0..][..width]);
+            }
+        })
+    }
+
+    /// Packs a `(k, n)` matrix that `fill` writes one panel at a time: `fill(j0, width,
+    /// scratch)` writes columns `j0..j0 + width` into `scratch`, `k` rows of [`NR`] f32 that
+    /// start as zeros (entries it leaves are zeros). Panels run in parallel, each with its own
+    /// scratch, small enough to stay in cache between `fill` and the conversion, so a caller
+    /// that makes `B` (im2col) never writes it out in f32.
+    pub fn from_panels(k: usize, n: usize, fill: impl Fn(usize, usize, &mut [f32]) + Sync) -> Self {
+        let kp = k.div_ceil(2);
+        let mut data = vec![0u32; n.div_ceil(NR) * kp * NR];
+        data.par_chunks_mut(kp * NR).enumerate().for_each_init(
+            || vec![0f32; 2 * kp * NR],
+            |scratch, (p, panel)| {
+                scratch.fill(0.0);
+                let j0 = p * NR;
+                fill(j0, NR.min(n - j0), &mut scratch[..k * NR]);
+                pack_panel(scratch, panel);
+            },
+        );
+        Self { k, n, data }
+    }
+
+    /// Columns.
+    pub fn cols(&self) -> usize {
+        self.n
+    }
+}
+
+/// Rows `2q, 2q + 1` of `scratch` (`2 * kp` rows of [`NR`]) into pairs `q` of `panel`.
+fn pack_panel(scratch: &[f32], panel: &mut [u32]) {
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: the CPU has the instructions; both slices hold `kp` pairs of rows.
+        return unsafe { avx512::pack_panel(scratch, panel) };
+    }
+    for (pairs, rows) in panel.chunks_exact_mut(NR).zip(scratch.chunks_exact(2 * NR)) {
+        let (lo, hi) = rows.split_at(NR);
+        for ((d, &l), &h) in pairs.iter_mut().zip(lo).zip(hi) {
+            *d = pair(l, h);
+        }
+    }
+}
+
+/// A raw pointer to the output that rayon's tasks share; each writes a disjoint tile.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: tasks write disjoint `(row block, column block)` tiles of one buffer that outlives
+// them (see `gemm_with`).
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// The pointer (a method, so closures capture the whole `Out`, which is `Send`).
+    fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
+/// One micro-kernel call: `kp` pairs of the `A` panel at `a` and the `B` panel at `b` into the
+/// `mr x nr` corner of the tile at `c` (row stride `ldc`), added to it when `add`.
+type Kernel = unsafe fn(usize, *const u32, *const u32, *mut f32, usize, usize, usize, bool);
+
+/// `A @ B` as a row-major `(m, n)` f32 matrix, with the AVX512_BF16 kernel where the CPU has it,
+/// else [`gemm_portable`].
+pub fn gemm(a: &PackedA, b: &PackedB) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        return gemm_with(a, b, avx512::kernel);
+    }
+    gemm_portable(a, b)
+}
+
+/// `A @ B` one scalar multiply-add at a time (each pair's two exact products into an f32 sum):
+/// what CPUs without AVX512_BF16 can run.
+pub fn gemm_portable(a: &PackedA, b: &PackedB) -> Vec<f32> {
+    gemm_with(a, b, portable_kernel)
+}
+
+fn gemm_with(a: &PackedA, b: &PackedB, kernel: Kernel) -> Vec<f32> {
+    assert_eq!(a.k, b.k, "bf16 gemm: A has {} columns, B {} rows", a.k, b.k);
+    let (m, n, kp) = (a.m, b.n, a.k.div_ceil(2));
+    let mut c = vec![0f32; m * n];
+    if m == 0 || n == 0 {
+        return c;
+    }
+    let out = Out(c.as_mut_ptr());
+    let (mb, nb) = (m.div_ceil(MC), n.div_ceil(NC));
+    (0..mb * nb).into_par_iter().for_each(|t| {
+        let (i0, j0) = ((t / nb) * MC, (t % nb) * NC);
+        let (i1, j1) = ((i0 + MC).min(m), (j0 + NC).min(n));
+        for q0 in (0..kp).step_by(KC / 2) {
+            let qn = (KC / 2).min(kp - q0);
+            for j in (j0..j1).step_by(NR) {
+                let bp = &b.data[((j / NR) * kp + q0) * NR..];
+                for i in (i0..i1).step_by(MR) {
+                    let ap = &a.data[((i / MR) * kp + q0) * MR..];
+                    // SAFETY: the panels hold `qn` pairs from `q0` on (both are padded to
+                    // whole panels); the tile `(i.., j..)` of `mr x nr` lies inside `c`, and
+                    // no other task writes it.
+                    unsafe {
+                        kernel(
+                            qn,
+                            ap.as_ptr(),
+                            bp.as_ptr(),
+                            out.at(i * n + j),
+                            n,
+                            MR.min(i1 - i),
+                            NR.min(j1 - j),
+                            q0 > 0,
+                        );
+                    }
+                }
+            }
+        }
+    });
+    c
+}
+
+/// The scalar micro-kernel (same contract as the AVX-512 one).
+///
+/// # Safety
+/// `a` holds `kp * MR` and `b` `kp * NR` values; `c` has `mr` rows of `nr` writable values at
+/// stride `ldc`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn portable_kernel(
+    kp: usize,
+    a: *const u32,
+    b: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    mr: usize,
+    nr: usize,
+    add: bool,
+) {
+    let (a, b) =
+        unsafe { (std::slice::from_raw_parts(a, kp * MR), std::slice::from_raw_parts(b, kp * NR)) };
+    for i in 0..mr {
+        for j in 0..nr {
+            // SAFETY: inside the caller's tile.
+            let cij = unsafe { &mut *c.add(i * ldc + j) };
+            let mut s = if add { *cij } else { 0.0 };
+            for q in 0..kp {
+                let (x, y) = (a[q * MR + i], b[q * NR + j]);
+                s += from_bf16((x >> 16) as u16) * from_bf16((y >> 16) as u16);
+                s += from_bf16(x as u16) * from_bf16(y as u16);
+            }
+            *cij = s;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{MR, NR};
+    use std::arch::x86_64::*;
+
+    /// [`super::pack_panel`]: 16 columns of two rows per conversion of 32 values
+    /// (`vcvtne2ps2bf16` rounds to nearest even), then one permutation into `(lo, hi)` pairs.
+    ///
+    /// # Safety
+    /// The CPU has AVX512F, AVX512BW and AVX512_BF16; `scratch` holds `2 * panel.len()` values.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn pack_panel(scratch: &[f32], panel: &mut [u32]) {
+        // Lane 2j takes element j (the low row), lane 2j + 1 element 16 + j (the high row).
+        let idx: [i16; 32] = std::array::from_fn(|l| ((l % 2) * 16 + l / 2) as i16);
+        // SAFETY: 32 values.
+        let idx = unsafe { _mm512_loadu_si512(idx.as_ptr().cast()) };
+        for (pairs, rows) in panel.chunks_exact_mut(NR).zip(scratch.chunks_exact(2 * NR)) {
+            for v in 0..NR / 16 {
+                // SAFETY: 16 values from `16 * v` lie inside both rows and `pairs` (NR each).
+                unsafe {
+                    let l = _mm512_loadu_ps(rows.as_ptr().add(16 * v));
+                    let h = _mm512_loadu_ps(rows.as_ptr().add(NR + 16 * v));
+                    let x: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(h, l));
+                    let y = _mm512_permutexvar_epi16(idx, x);
+                    _mm512_storeu_si512(pairs.as_mut_ptr().add(16 * v).cast(), y);
+                }
+            }
+        }
+    }
+
+    /// The AVX512_BF16 micro-kernel: see the module doc.
+    ///
+    /// # Safety
+    /// As [`super::portable_kernel`], and the CPU has AVX512F and AVX512_BF16.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn kernel(
+        kp: usize,
+        a: *const u32,
+        b: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        mr: usize,
+        nr: usize,
+        add: bool,
+    ) {
+        unsafe { tile(kp, a, b, c, ldc, mr, nr, add) }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile(
+        kp: usize,
+        a: *const u32,
+        b: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        mr: usize,
+        nr: usize,
+        add: bool,
+    ) {
+        const V: usize = NR / 16;
+        let mut acc = [[_mm512_setzero_ps(); V]; MR];
+        for q in 0..kp {
+            // SAFETY (whole block): `q < kp`, within the panels; the tile's corner is the
+            // caller's.
+            unsafe {
+                let bq = b.add(q * NR);
+                let bv: [__m512bh; V] = std::array::from_fn(|v| {
+                    std::mem::transmute(_mm512_loadu_si512(bq.add(16 * v).cast()))
+                });
+                let aq = a.add(q * MR);
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let ai: __m512bh = std::mem::transmute(_mm512_set1_epi32(*aq.add(i) as i32));
+                    for (s, &bj) in row.iter_mut().zip(&bv) {
+                        *s = _mm512_dpbf16_ps(*s, ai, bj);
+                    }
+                }
+            }
+        }
+        unsafe {
+            if mr == MR && nr == NR {
+                for (i, row) in acc.iter().enumerate() {
+                    for (v, &s) in row.iter().enumerate() {
+                        let p = c.add(i * ldc + 16 * v);
+                        let s = if add { _mm512_add_ps(s, _mm512_loadu_ps(p)) } else { s };
+                        _mm512_storeu_ps(p, s);
+                    }
+                }
+            } else {
+                let mut buf = [[0f32; NR]; MR];
+                for (i, row) in acc.iter().enumerate() {
+                    for (v, &s) in row.iter().enumerate() {
+                        _mm512_storeu_ps(buf[i].as_mut_ptr().add(16 * v), s);
+                    }
+                }
+                for (i, row) in buf.iter().enumerate().take(mr) {
+                    for (j, &s) in row.iter().enumerate().take(nr) {
+                        let p = c.add(i * ldc + j);
+                        *p = if add { *p + s } else { s };
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A deterministic stream of values in [-1, 1) with a few exact zeros and large entries.
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|i| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let u = ((s >> 40) as f32) / (1u64 << 24) as f32 * 2.0 - 1.0;
+                if i % 97 == 0 {
+                    0.0
+                } else if i % 89 == 0 {
+                    u * 300.0
+                } else {
+                    u
+                }
+            })
+            .collect()
+    }
+
+    /// Checks `gemm(A, B)` against the f64 product of the unrounded inputs within the module
+    /// doc's bound, entry by entry.
+    fn check(m: usize, k: usize, n: usize, run: fn(&PackedA, &PackedB) -> Vec<f32>) {
+        let (a, b) = (values(m * k, 1 + m as u64), values(k * n, 7 + n as u64));
+        let c = run(&PackedA::new(&a, m, k), &PackedB::new(&b, k, n));
+        assert_eq!(c.len(), m * n);
+        let u = 2f64.powi(-24);
+        let gamma = k as f64 * u / (1.0 - k as f64 * u);
+        let rel = 2f64.powi(-7) + 2f64.powi(-16) + gamma;
+        for i in 0..m {
+            for j in 0..n {
+                let (mut exact, mut mag) = (0f64, 0f64);
+                for q in 0..k {
+                    let p = a[i * k + q] as f64 * b[q * n + j] as f64;
+                    exact += p;
+                    mag += p.abs();
+                }
+                let got = c[i * n + j] as f64;
+                assert!(
+                    (got - exact).abs()
+                        <= rel * mag + (k + 1) as f64 * f64::from(f32::MIN_POSITIVE),
+                    "({m}, {k}, {n}) at ({i}, {j}): {got} against {exact} (bound {})",
+                    rel * mag
+                );
+            }
+        }
+    }
+
+    /// Shapes with tails in every dimension (odd `k`, `m` not a multiple of `MR`, `n` not of
+    /// `NR`), several `KC` blocks and several parallel blocks.
+    const SHAPES: [(usize, usize, usize); 7] = [
+        (1, 1, 1),
+        (3, 5, 7),
+        (8, 2, 48),
+        (13, 27, 50),
+        (64, 576, 100),
+        (300, 9, 400),
+        (20, 1001, 97),
+    ];
+
+    #[test]
+    fn portable_kernel_is_within_the_bf16_bound() {
+        for &(m, k, n) in &SHAPES {
+            check(m, k, n, gemm_portable);
+        }
+    }
+
+    #[test]
+    fn avx512_kernel_is_within_the_bf16_bound() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX512_BF16 (the portable kernel is tested)");
+            return;
+        }
+        for &(m, k, n) in &SHAPES {
+            check(m, k, n, gemm);
+        }
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even() {
+        assert_eq!(to_bf16(1.0), 0x3f80);
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: to the even one, 1.
+        assert_eq!(to_bf16(1.0 + 2f32.powi(-8)), 0x3f80);
+        // 1 + 3 * 2^-8 is halfway between 1 + 2^-7 and 1 + 2^-6: to 1 + 2^-6.
+        assert_eq!(from_bf16(to_bf16(1.0 + 3.0 * 2f32.powi(-8))), 1.0 + 2f32.powi(-6));
+        assert_eq!(from_bf16(to_bf16(-2.5)), -2.5);
+        assert!(from_bf16(to_bf16(f32::NAN)).is_nan());
+        assert_eq!(from_bf16(to_bf16(f32::INFINITY)), f32::INFINITY);
+    }
+
+    #[test]
+    fn autocast_restores_the_previous_precision() {
+        assert_eq!(precision(), Precision::F32);
+        let inner = autocast(Precision::Bf16, || {
+            assert_eq!(precision(), Precision::Bf16);
+            autocast(Precision::F32, precision)
+        });
+        assert_eq!(inner, Precision::F32);
+        assert_eq!(precision(), Precision::F32);
+    }
+}
