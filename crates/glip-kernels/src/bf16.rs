@@ -248,6 +248,11 @@ fn pack_panel(scratch: &[f32], panel: &mut [u32]) {
         // SAFETY: the CPU has the instructions; both slices hold `kp` pairs of rows.
         return unsafe { avx512::pack_panel(scratch, panel) };
     }
+    pack_panel_portable(scratch, panel);
+}
+
+/// [`pack_panel`] one value at a time.
+fn pack_panel_portable(scratch: &[f32], panel: &mut [u32]) {
     for (pairs, rows) in panel.chunks_exact_mut(NR).zip(scratch.chunks_exact(2 * NR)) {
         let (lo, hi) = rows.split_at(NR);
         for ((d, &l), &h) in pairs.iter_mut().zip(lo).zip(hi) {
@@ -548,6 +553,25 @@ mod tests {
         for &(m, k, n) in &SHAPES {
             check(m, k, n, gemm);
         }
+    }
+
+    /// The AVX-512 packing (`vcvtne2ps2bf16` and a permutation) writes the same bits as the
+    /// scalar rounding, infinities and a signed zero included.
+    #[test]
+    fn simd_packing_equals_scalar_packing() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX512_BF16");
+            return;
+        }
+        let mut scratch = values(6 * NR, 3);
+        scratch[5] = f32::INFINITY;
+        scratch[NR + 7] = f32::NEG_INFINITY;
+        scratch[2 * NR + 1] = 1.0 + 2f32.powi(-8);
+        scratch[3 * NR] = -0.0;
+        let (mut simd, mut scalar) = (vec![0u32; 3 * NR], vec![0u32; 3 * NR]);
+        pack_panel(&scratch, &mut simd);
+        pack_panel_portable(&scratch, &mut scalar);
+        assert_eq!(simd, scalar);
     }
 
     #[test]
