@@ -21,6 +21,7 @@ DEVICE="${DEVICE:-cuda}"
 ITERS="${ITERS:-10}"
 BUDGET_MIN="${BUDGET_MIN:-3}"
 OUT="${OUT:-$(mktemp -d)}"
+mkdir -p "$OUT"
 
 echo "== glip $("$GLIP" --version 2>&1), device $DEVICE"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || true

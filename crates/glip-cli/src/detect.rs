@@ -75,28 +75,32 @@ pub fn run(registry: &glip_train::config::Registry, a: DetectArgs) -> Result<()>
     };
     std::fs::create_dir_all(&a.out).with_context(|| a.out.display().to_string())?;
     let mut results = Vec::new();
-    for path in &a.images {
-        let img = glip_data::detection::load_image(path)?;
-        let found = det
-            .predictor()
-            .detect(&img, &phrases, &post)
-            .with_context(|| path.display().to_string())?;
-        let drawn = a.out.join(format!(
-            "{}.detections.png",
-            path.file_stem().unwrap_or_default().to_string_lossy()
-        ));
-        let mut canvas = img.clone();
-        draw(&mut canvas, &found);
-        save_png_atomic(&canvas, &drawn)?;
-        results.push(serde_json::json!({
-            "image": path,
-            "width": img.width(),
-            "height": img.height(),
-            "prompt": a.prompt,
-            "detections": found,
-            "drawn": drawn,
-        }));
-    }
+    // One bf16 scope for every image: each convolution's weight is packed once.
+    glip_train::autocast(det.precision, || -> Result<()> {
+        for path in &a.images {
+            let img = glip_data::detection::load_image(path)?;
+            let found = det
+                .predictor()
+                .detect(&img, &phrases, &post)
+                .with_context(|| path.display().to_string())?;
+            let drawn = a.out.join(format!(
+                "{}.detections.png",
+                path.file_stem().unwrap_or_default().to_string_lossy()
+            ));
+            let mut canvas = img.clone();
+            draw(&mut canvas, &found);
+            save_png_atomic(&canvas, &drawn)?;
+            results.push(serde_json::json!({
+                "image": path,
+                "width": img.width(),
+                "height": img.height(),
+                "prompt": a.prompt,
+                "detections": found,
+                "drawn": drawn,
+            }));
+        }
+        Ok(())
+    })?;
     println!("{}", serde_json::to_string_pretty(&results)?);
     Ok(())
 }

@@ -37,29 +37,34 @@ pub fn run(registry: &glip_train::config::Registry, a: EvalArgs) -> Result<()> {
     let mut det = Detector::load_with(registry, &a.run, &dev)?;
     det.precision = crate::precision_on(a.precision, &dev);
     let p = det.predictor();
-    let ev = match (&a.coco, &a.images) {
-        (Some(ann), Some(images)) => {
-            p.evaluate_coco_folder(ann, images, &det.spec.post, |i, n| {
-                if i % 50 == 0 || i == n {
-                    eprintln!("{i}/{n} images");
-                }
-            })?
-        }
-        _ => {
-            // The synthetic validation split is part of the training config.
-            let dir = if a.run.is_dir() { a.run.clone() } else { a.run.with_file_name("") };
-            let cfg_path = dir.join("config.resolved.toml");
-            let cfg = glip_train::experiment::load_config(&cfg_path).map_err(|e| {
-                anyhow!("{e} (the synthetic validation split is described there; give --coco and --images to evaluate on a COCO folder)")
-            })?;
-            let ds = glip_data::ShapesDataset::new(cfg.data.shapes.clone(), glip_data::Split::Val)?;
-            let n = glip_data::Dataset::len(&ds);
-            let scratch = std::env::temp_dir().join(format!("glip-eval-{}", std::process::id()));
-            let r = glip_train::infer::evaluate_shapes(&p, &ds, n, &scratch);
-            std::fs::remove_dir_all(&scratch).ok();
-            r?
-        }
-    };
+    // One bf16 scope for the whole evaluation: each convolution's weight is packed once.
+    let ev = glip_train::autocast(det.precision, || -> Result<_> {
+        Ok(match (&a.coco, &a.images) {
+            (Some(ann), Some(images)) => {
+                p.evaluate_coco_folder(ann, images, &det.spec.post, |i, n| {
+                    if i % 50 == 0 || i == n {
+                        eprintln!("{i}/{n} images");
+                    }
+                })?
+            }
+            _ => {
+                // The synthetic validation split is part of the training config.
+                let dir = if a.run.is_dir() { a.run.clone() } else { a.run.with_file_name("") };
+                let cfg_path = dir.join("config.resolved.toml");
+                let cfg = glip_train::experiment::load_config(&cfg_path).map_err(|e| {
+                    anyhow!("{e} (the synthetic validation split is described there; give --coco and --images to evaluate on a COCO folder)")
+                })?;
+                let ds =
+                    glip_data::ShapesDataset::new(cfg.data.shapes.clone(), glip_data::Split::Val)?;
+                let n = glip_data::Dataset::len(&ds);
+                let scratch =
+                    std::env::temp_dir().join(format!("glip-eval-{}", std::process::id()));
+                let r = glip_train::infer::evaluate_shapes(&p, &ds, n, &scratch);
+                std::fs::remove_dir_all(&scratch).ok();
+                r?
+            }
+        })
+    })?;
     let mut obj: serde_json::Map<String, serde_json::Value> = COCO_STAT_NAMES
         .iter()
         .map(|n| (n.to_string(), serde_json::json!(ev.coco.get(n))))

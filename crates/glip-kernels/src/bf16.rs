@@ -31,8 +31,11 @@
               rayon's tasks in disjoint tiles; nothing else in glip-kernels is unsafe"
 )]
 
+use candle_core::{DType, Result, Tensor, TensorId};
 use rayon::prelude::*;
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::sync::Arc;
 
 /// Rows of the micro-kernel's tile (rows of `A`).
 pub const MR: usize = 8;
@@ -74,7 +77,7 @@ impl std::fmt::Display for Precision {
 impl std::str::FromStr for Precision {
     type Err = String;
 
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
         match s {
             "f32" => Ok(Precision::F32),
             "bf16" => Ok(Precision::Bf16),
@@ -101,6 +104,8 @@ pub fn fallback_reason(precision: Precision, device: &candle_core::Device) -> Op
 
 thread_local! {
     static PRECISION: Cell<Precision> = const { Cell::new(Precision::F32) };
+    /// The weights packed inside the current bf16 scope, by tensor.
+    static PACKED: RefCell<HashMap<TensorId, Arc<PackedA>>> = RefCell::new(HashMap::new());
 }
 
 /// The precision in force on this thread (f32 unless inside [`autocast`]).
@@ -112,15 +117,41 @@ pub fn precision() -> Precision {
 /// `torch.autocast`), then restores the previous setting. Convolutions that are part of a
 /// backward graph, or on other devices, are unaffected. Where the CPU has no AVX512_BF16,
 /// `Bf16` is f32 (see [`available`]).
+///
+/// Like `torch.autocast`'s weight-cast cache, a bf16 scope packs each convolution's weight once
+/// and reuses it until the outermost bf16 scope ends: the weights must not change inside it
+/// (wrap a whole evaluation or benchmark loop, never an optimiser step).
 pub fn autocast<T>(precision: Precision, f: impl FnOnce() -> T) -> T {
-    struct Restore(Precision);
+    struct Restore(Precision, Precision);
     impl Drop for Restore {
         fn drop(&mut self) {
             PRECISION.with(|p| p.set(self.0));
+            if self.0 != self.1 {
+                PACKED.with(|c| c.borrow_mut().clear());
+            }
         }
     }
-    let _restore = Restore(PRECISION.with(|p| p.replace(precision)));
+    let _restore = Restore(PRECISION.with(|p| p.replace(precision)), precision);
     f()
+}
+
+/// The packed bf16 form of `w` (a weight viewed as `(rows, cols)`), from the current scope's
+/// cache, or packed now and cached until the outermost bf16 scope ends.
+pub fn packed_weight(w: &Tensor, rows: usize, cols: usize) -> Result<Arc<PackedA>> {
+    if let Some(a) = PACKED.with(|c| c.borrow().get(&w.id()).cloned()) {
+        if a.m == rows && a.k == cols {
+            return Ok(a);
+        }
+    }
+    let v: Vec<f32> = w.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+    if v.len() != rows * cols {
+        candle_core::bail!("bf16 weight: {} values for ({rows}, {cols})", v.len());
+    }
+    let a = Arc::new(PackedA::new(&v, rows, cols));
+    if precision() == Precision::Bf16 {
+        PACKED.with(|c| c.borrow_mut().insert(w.id(), a.clone()));
+    }
+    Ok(a)
 }
 
 /// Whether this CPU runs the AVX512_BF16 kernel (checked once).
@@ -584,6 +615,23 @@ mod tests {
         assert_eq!(from_bf16(to_bf16(-2.5)), -2.5);
         assert!(from_bf16(to_bf16(f32::NAN)).is_nan());
         assert_eq!(from_bf16(to_bf16(f32::INFINITY)), f32::INFINITY);
+    }
+
+    /// A weight is packed once per outermost bf16 scope (the same `Arc` inside it, nested
+    /// scopes included) and packed afresh in the next scope.
+    #[test]
+    fn a_scope_packs_each_weight_once() {
+        let w = Tensor::new(&[[1f32, 2., 3.], [4., 5., 6.]], &candle_core::Device::Cpu).unwrap();
+        let (a, b, c) = autocast(Precision::Bf16, || {
+            let a = packed_weight(&w, 2, 3).unwrap();
+            let b = autocast(Precision::Bf16, || packed_weight(&w, 2, 3).unwrap());
+            let c = packed_weight(&w, 2, 3).unwrap();
+            (a, b, c)
+        });
+        assert!(Arc::ptr_eq(&a, &b) && Arc::ptr_eq(&a, &c));
+        let d = autocast(Precision::Bf16, || packed_weight(&w, 2, 3).unwrap());
+        assert!(!Arc::ptr_eq(&a, &d), "the cache outlived its scope");
+        assert!(packed_weight(&w, 3, 3).is_err());
     }
 
     #[test]

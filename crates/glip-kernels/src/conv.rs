@@ -18,9 +18,7 @@
 //! panels). On other devices and dtypes [`conv2d`] is candle's `conv2d`.
 
 use crate::bf16;
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
-};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Geometry of one convolution (square kernel, same stride and zero padding on both axes).
@@ -219,29 +217,19 @@ fn im2col_packed(x: &[f32], g: Geometry) -> bf16::PackedB {
 }
 
 /// The forward product of a gradient-free convolution in bf16 ([`bf16::gemm`]): `x (b, ci, h,
-/// w)` and `w (co, ci, k, k)` -> `(co, b*oh*ow)` f32.
-struct Bf16Conv(Geometry);
+/// w)` and the packed weight `(co, ci*k*k)` -> `(co, b*oh*ow)` f32.
+struct Bf16Conv(Geometry, std::sync::Arc<bf16::PackedA>);
 
-impl CustomOp2 for Bf16Conv {
+impl CustomOp1 for Bf16Conv {
     fn name(&self) -> &'static str {
         "glip-conv2d-bf16"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let g = self.0;
-        let x = contiguous_f32(s1, l1, "conv2d-bf16")?;
-        let w = contiguous_f32(s2, l2, "conv2d-bf16")?;
-        let co = l2.dims()[0];
-        let a = bf16::PackedA::new(w, co, g.rows());
-        let b = im2col_packed(x, g);
-        let n = b.cols();
-        Ok((CpuStorage::F32(bf16::gemm(&a, &b)), Shape::from((co, n))))
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, "conv2d-bf16")?;
+        let b = im2col_packed(x, self.0);
+        let (co, n) = (self.1.rows(), b.cols());
+        Ok((CpuStorage::F32(bf16::gemm(&self.1, &b)), Shape::from((co, n))))
     }
 }
 
@@ -341,7 +329,8 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Tenso
         let co = w.dims()[0];
         let frozen = !(x.track_op() || w.track_op());
         if frozen && bf16::precision() == bf16::Precision::Bf16 && bf16::available() {
-            let y = x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &Bf16Conv(g))?;
+            let a = bf16::packed_weight(w, co, g.rows())?;
+            let y = x.contiguous()?.apply_op1_no_bwd(&Bf16Conv(g, a))?;
             return batch_first(&y, g.b, oh, ow);
         }
         let cols = columns(&x.detach(), g)?;
