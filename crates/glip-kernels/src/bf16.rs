@@ -106,6 +106,8 @@ thread_local! {
     static PRECISION: Cell<Precision> = const { Cell::new(Precision::F32) };
     /// The weights packed inside the current bf16 scope, by tensor.
     static PACKED: RefCell<HashMap<TensorId, Arc<PackedA>>> = RefCell::new(HashMap::new());
+    /// The transposed linear weights packed inside the current bf16 scope, by tensor.
+    static PACKED_T: RefCell<HashMap<TensorId, Arc<PackedB>>> = RefCell::new(HashMap::new());
 }
 
 /// The precision in force on this thread (f32 unless inside [`autocast`]).
@@ -128,6 +130,7 @@ pub fn autocast<T>(precision: Precision, f: impl FnOnce() -> T) -> T {
             PRECISION.with(|p| p.set(self.0));
             if self.0 != self.1 {
                 PACKED.with(|c| c.borrow_mut().clear());
+                PACKED_T.with(|c| c.borrow_mut().clear());
             }
         }
     }
@@ -152,6 +155,65 @@ pub fn packed_weight(w: &Tensor, rows: usize, cols: usize) -> Result<Arc<PackedA
         PACKED.with(|c| c.borrow_mut().insert(w.id(), a.clone()));
     }
     Ok(a)
+}
+
+/// Whether a product of `x` with the weight `w` runs in bf16 here: inside a bf16 [`autocast`]
+/// on a CPU with AVX512_BF16, both f32 on the CPU, neither part of a backward graph.
+pub fn applies(x: &Tensor, w: &Tensor) -> bool {
+    precision() == Precision::Bf16
+        && available()
+        && x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && w.dtype() == DType::F32
+        && !(x.track_op() || w.track_op())
+}
+
+/// `x (rows, in) @ w^T` for a linear layer's `w (out, in)`, in bf16 with f32 sums: `w^T` is
+/// packed once per bf16 scope, `x` per call.
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (out, din) = w.dims2()?;
+    if x.dim(1)? != din {
+        candle_core::bail!("bf16 linear: input of width {} for a weight {:?}", x.dim(1)?, w.dims());
+    }
+    let cached = PACKED_T.with(|c| c.borrow().get(&w.id()).cloned());
+    let b = match cached.filter(|b| b.k == din && b.n == out) {
+        Some(b) => b,
+        None => {
+            let v: Vec<f32> = w.flatten_all()?.to_vec1()?;
+            // Column j of `w^T` is row j of `w`.
+            let b = Arc::new(PackedB::from_panels(din, out, |j0, width, scratch| {
+                for jj in 0..width {
+                    for (r, &x) in v[(j0 + jj) * din..][..din].iter().enumerate() {
+                        scratch[r * NR + jj] = x;
+                    }
+                }
+            }));
+            PACKED_T.with(|c| c.borrow_mut().insert(w.id(), b.clone()));
+            b
+        }
+    };
+    x.contiguous()?.apply_op1_no_bwd(&Bf16Linear(b))
+}
+
+/// `x (rows, k)` times a packed `(k, n)`: `(rows, n)` f32.
+struct Bf16Linear(Arc<PackedB>);
+
+impl candle_core::CustomOp1 for Bf16Linear {
+    fn name(&self) -> &'static str {
+        "glip-linear-bf16"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let x = crate::conv::contiguous_f32(s, l, "linear-bf16")?;
+        let (rows, k) = l.shape().dims2()?;
+        let a = PackedA::new(x, rows, k);
+        let y = gemm(&a, &self.0);
+        Ok((candle_core::CpuStorage::F32(y), candle_core::Shape::from((rows, self.0.n))))
+    }
 }
 
 /// Whether this CPU runs the AVX512_BF16 kernel (checked once).
@@ -615,6 +677,51 @@ mod tests {
         assert_eq!(from_bf16(to_bf16(-2.5)), -2.5);
         assert!(from_bf16(to_bf16(f32::NAN)).is_nan());
         assert_eq!(from_bf16(to_bf16(f32::INFINITY)), f32::INFINITY);
+    }
+
+    /// `Linear` inside a bf16 scope: within the bf16 bound of the f64 product per output (`x`
+    /// of rank 3, widths that leave tails), the packed `w^T` reused by a second call; with a
+    /// gradient to track it stays f32 (equal to the f32 product bit for bit).
+    #[test]
+    fn linear_in_bf16_is_within_the_bound_and_leaves_gradients_alone() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX512_BF16");
+            return;
+        }
+        let dev = candle_core::Device::Cpu;
+        let (rows, din, dout) = (2 * 37, 123, 50);
+        let x = Tensor::new(values(rows * din, 5), &dev).unwrap().reshape((2, 37, din)).unwrap();
+        let w = Tensor::new(values(dout * din, 9), &dev).unwrap().reshape((dout, din)).unwrap();
+        let lin = crate::nn::Linear::from_tensors(w.clone(), None);
+        let (y, again) = autocast(Precision::Bf16, || {
+            (lin.forward(&x).unwrap(), lin.forward(&x).unwrap())
+        });
+        assert_eq!(y.dims(), &[2, 37, dout]);
+        let yv: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+        let av: Vec<f32> = again.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(yv, av);
+        let (xv, wv) = (values(rows * din, 5), values(dout * din, 9));
+        let gamma = din as f64 * 2f64.powi(-24) / (1.0 - din as f64 * 2f64.powi(-24));
+        let rel = 2f64.powi(-7) + 2f64.powi(-16) + gamma;
+        for i in 0..rows {
+            for j in 0..dout {
+                let (mut exact, mut mag) = (0f64, 0f64);
+                for k in 0..din {
+                    let p = xv[i * din + k] as f64 * wv[j * din + k] as f64;
+                    exact += p;
+                    mag += p.abs();
+                }
+                let got = yv[i * dout + j] as f64;
+                assert!((got - exact).abs() <= rel * mag, "({i}, {j}): {got} vs {exact}");
+            }
+        }
+        let xt = candle_core::Var::from_tensor(&x).unwrap();
+        let tracked = autocast(Precision::Bf16, || lin.forward(xt.as_tensor()).unwrap());
+        let plain = lin.forward(&x).unwrap();
+        let pv: Vec<f32> = plain.flatten_all().unwrap().to_vec1().unwrap();
+        assert_ne!(yv, pv, "the bf16 scope computed in f32");
+        let diff = (tracked - plain).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "a tracked input went through bf16");
     }
 
     /// A weight is packed once per outermost bf16 scope (the same `Arc` inside it, nested

@@ -63,18 +63,23 @@ impl Linear {
         Self { weight, bias }
     }
 
-    /// `x (..., in)` -> `(..., out)`.
+    /// `x (..., in)` -> `(..., out)`. Inside a bf16 `autocast` without gradients, the product
+    /// runs in bf16 with f32 sums ([`crate::bf16::linear`]).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = match x.rank() {
-            3 => x.broadcast_matmul(&self.weight.t()?)?,
-            _ => {
-                let dims = x.dims();
-                let din = dims[dims.len() - 1];
-                let flat = x.reshape(((), din))?.matmul(&self.weight.t()?)?;
-                let mut out = dims.to_vec();
-                *out.last_mut().expect("rank >= 1") = self.weight.dim(0)?;
-                flat.reshape(out)?
-            }
+        let bf16 = crate::bf16::applies(x, &self.weight);
+        let y = if x.rank() == 3 && !bf16 {
+            x.broadcast_matmul(&self.weight.t()?)?
+        } else {
+            let dims = x.dims();
+            let flat = x.reshape(((), dims[dims.len() - 1]))?;
+            let flat = if bf16 {
+                crate::bf16::linear(&flat, &self.weight)?
+            } else {
+                flat.matmul(&self.weight.t()?)?
+            };
+            let mut out = dims.to_vec();
+            *out.last_mut().expect("rank >= 1") = self.weight.dim(0)?;
+            flat.reshape(out)?
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
