@@ -32,5 +32,26 @@ fn gemm(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, gemm);
+/// A whole gradient-free convolution (im2col, product, layout) in f32 and under a bf16
+/// `autocast` (im2col written straight into bf16 panels): ResNet-50's layer1 3x3 at batch 2,
+/// 384 px, where the product alone favours f32 because packing `B` from f32 costs as much.
+/// This bench runs on the system allocator, so its large buffers are faulted in afresh each
+/// call (`glip` keeps freed memory with mimalloc): compare with `glip bench` before trusting
+/// the f32 figure.
+fn conv(c: &mut Criterion) {
+    let mut g = c.benchmark_group("conv");
+    g.sample_size(10);
+    let x = Tensor::randn(0f32, 1., (2, 64, 96, 96), &Device::Cpu).unwrap();
+    let w = Tensor::randn(0f32, 1., (64, 64, 3, 3), &Device::Cpu).unwrap();
+    let conv = || glip_kernels::conv::conv2d(&x, &w, 1, 1).unwrap();
+    g.bench_function("f32/layer1-3x3", |b| b.iter(conv));
+    if bf16::available() {
+        g.bench_function("bf16/layer1-3x3", |b| {
+            bf16::autocast(bf16::Precision::Bf16, || b.iter(conv))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, gemm, conv);
 criterion_main!(benches);

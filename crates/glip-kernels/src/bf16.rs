@@ -693,9 +693,8 @@ mod tests {
         let x = Tensor::new(values(rows * din, 5), &dev).unwrap().reshape((2, 37, din)).unwrap();
         let w = Tensor::new(values(dout * din, 9), &dev).unwrap().reshape((dout, din)).unwrap();
         let lin = crate::nn::Linear::from_tensors(w.clone(), None);
-        let (y, again) = autocast(Precision::Bf16, || {
-            (lin.forward(&x).unwrap(), lin.forward(&x).unwrap())
-        });
+        let (y, again) =
+            autocast(Precision::Bf16, || (lin.forward(&x).unwrap(), lin.forward(&x).unwrap()));
         assert_eq!(y.dims(), &[2, 37, dout]);
         let yv: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
         let av: Vec<f32> = again.flatten_all().unwrap().to_vec1().unwrap();
