@@ -26,8 +26,9 @@ pub struct BenchArgs {
     /// Where to compute: auto (the first GPU of a CUDA build, else the CPU), cpu, cuda, cuda:N.
     #[arg(long, value_parser = crate::parse_device)]
     device: Option<glip_train::device::DeviceSpec>,
-    /// What inference's convolutions compute in: f32, or bf16 (inputs and weights rounded to
-    /// bf16, f32 sums; CPUs with AVX512_BF16, else f32 with a warning). Training is f32.
+    /// What convolutions' forward products (and inference's linear layers) compute in: f32, or
+    /// bf16 (inputs and weights rounded to bf16, f32 sums; CPUs with AVX512_BF16, else f32 with
+    /// a warning). Gradients and the optimiser are f32 either way.
     #[arg(long, default_value = "f32", value_parser = crate::parse_precision)]
     precision: glip_train::Precision,
 }
@@ -44,9 +45,7 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
         precision: a.precision,
     };
     let dev = a.device.unwrap_or_default().resolve()?;
-    if !spec.train {
-        crate::precision_on(a.precision, &dev);
-    }
+    crate::precision_on(a.precision, &dev);
     let r = run(&spec, &dev)?;
     println!("{}", serde_json::to_string(&r)?);
     Ok(())

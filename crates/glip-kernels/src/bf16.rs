@@ -48,8 +48,9 @@ pub const MC: usize = 256;
 /// Columns of `B` per parallel block.
 pub const NC: usize = 8 * NR;
 
-/// The precision convolutions compute in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// The precision convolutions compute in (`"f32"` or `"bf16"` in configs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Precision {
     /// f32 throughout.
     #[default]
@@ -115,14 +116,15 @@ pub fn precision() -> Precision {
     PRECISION.with(|p| p.get())
 }
 
-/// Runs `f` with gradient-free CPU convolutions on this thread in `precision` (as PyTorch's
-/// `torch.autocast`), then restores the previous setting. Convolutions that are part of a
-/// backward graph, or on other devices, are unaffected. Where the CPU has no AVX512_BF16,
-/// `Bf16` is f32 (see [`available`]).
+/// Runs `f` with this thread's CPU convolutions and gradient-free `Linear` layers computing
+/// their forward products in `precision` (as PyTorch's `torch.autocast`), then restores the
+/// previous setting. Backward products (a convolution's gradients) stay f32, as do other
+/// devices. Where the CPU has no AVX512_BF16, `Bf16` is f32 (see [`available`]).
 ///
-/// Like `torch.autocast`'s weight-cast cache, a bf16 scope packs each convolution's weight once
-/// and reuses it until the outermost bf16 scope ends: the weights must not change inside it
-/// (wrap a whole evaluation or benchmark loop, never an optimiser step).
+/// Like `torch.autocast`'s weight-cast cache, a bf16 scope packs each gradient-free weight once
+/// and reuses it until the outermost bf16 scope ends: such weights must not change inside it
+/// (one scope per training step, or around a whole evaluation; trainable weights, which the
+/// optimiser changes, are packed afresh at every use).
 pub fn autocast<T>(precision: Precision, f: impl FnOnce() -> T) -> T {
     struct Restore(Precision, Precision);
     impl Drop for Restore {

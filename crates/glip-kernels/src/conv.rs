@@ -13,9 +13,9 @@
 //!
 //! the products by candle's gemm, `im2col` / `col2im` as plain loops here (candle has no public
 //! 2-D col2im). Checked against autograd through differentiable candle ops in this module's
-//! tests. A gradient-free convolution inside [`bf16::autocast`]`(Bf16, ..)` on a CPU with
-//! AVX512_BF16 runs its product in bf16 ([`bf16::gemm`], im2col written straight into its
-//! panels). On other devices and dtypes [`conv2d`] is candle's `conv2d`.
+//! tests. Inside [`bf16::autocast`]`(Bf16, ..)` on a CPU with AVX512_BF16 the forward product
+//! runs in bf16 ([`bf16::gemm`], im2col written straight into its panels); the gradients stay
+//! f32 gemms. On other devices and dtypes [`conv2d`] is candle's `conv2d`.
 
 use crate::bf16;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -328,13 +328,20 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Tenso
         let (oh, ow) = g.out();
         let co = w.dims()[0];
         let frozen = !(x.track_op() || w.track_op());
-        if frozen && bf16::precision() == bf16::Precision::Bf16 && bf16::available() {
-            let a = bf16::packed_weight(w, co, g.rows())?;
-            let y = x.contiguous()?.apply_op1_no_bwd(&Bf16Conv(g, a))?;
-            return batch_first(&y, g.b, oh, ow);
-        }
-        let cols = columns(&x.detach(), g)?;
-        let y = w.detach().reshape((co, g.rows()))?.matmul(&cols)?;
+        let y = if bf16::precision() == bf16::Precision::Bf16 && bf16::available() {
+            // The forward product in bf16; a backward below stays f32. A trainable weight
+            // changes every step, so only a frozen one is cached.
+            let a = if w.track_op() {
+                let v: Vec<f32> = w.detach().flatten_all()?.to_vec1()?;
+                std::sync::Arc::new(bf16::PackedA::new(&v, co, g.rows()))
+            } else {
+                bf16::packed_weight(w, co, g.rows())?
+            };
+            x.detach().contiguous()?.apply_op1_no_bwd(&Bf16Conv(g, a))?
+        } else {
+            let cols = columns(&x.detach(), g)?;
+            w.detach().reshape((co, g.rows()))?.matmul(&cols)?
+        };
         let y = batch_first(&y, g.b, oh, ow)?;
         if frozen {
             return Ok(y);
@@ -508,6 +515,32 @@ mod tests {
             }
             assert!(differs || gv.iter().all(|&v| v == 0.0), "autocast left the f32 path in place");
         }
+    }
+
+    /// Under a bf16 autocast the backward is the f32 one: the gradients of `sum(conv(x, w) * r)`
+    /// (which depend on `x`, `w` and `r`, not on the forward's values) equal the f32 path's bit
+    /// for bit, while the forward differs (it ran in bf16).
+    #[test]
+    fn bf16_forward_keeps_f32_gradients() {
+        if !bf16::available() {
+            eprintln!("skipped: this CPU has no AVX512_BF16, so autocast keeps f32");
+            return;
+        }
+        let dev = Device::Cpu;
+        let x = Var::randn(0f32, 1., (2, 5, 9, 7), &dev).unwrap();
+        let w = Var::randn(0f32, 1., (6, 5, 3, 3), &dev).unwrap();
+        let r = Tensor::randn(0f32, 1., (2, 6, 5, 4), &dev).unwrap();
+        let run = |p| {
+            let y = bf16::autocast(p, || conv2d(&x, &w, 2, 1)).unwrap();
+            let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            (v(&y), v(g.get(&x).unwrap()), v(g.get(&w).unwrap()))
+        };
+        let (y16, gx16, gw16) = run(bf16::Precision::Bf16);
+        let (y32, gx32, gw32) = run(bf16::Precision::F32);
+        assert_ne!(y16, y32, "the forward did not run in bf16");
+        assert_eq!(gx16, gx32, "input gradient");
+        assert_eq!(gw16, gw32, "weight gradient");
     }
 
     #[test]

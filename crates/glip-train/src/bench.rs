@@ -84,7 +84,7 @@ pub struct BenchSpec {
     pub size: usize,
     /// Timed iterations (after one warm-up).
     pub iters: usize,
-    /// What inference's convolutions compute in (training is f32).
+    /// What convolutions' forward products (and inference's linear layers) compute in.
     pub precision: crate::Precision,
 }
 
@@ -145,12 +145,6 @@ fn inputs(spec: &BenchSpec, dev: &Device) -> Result<(ImageBatch, TextBatch, Vec<
 
 /// Builds the preset with random weights and times `spec.iters` iterations after one warm-up.
 pub fn run(spec: &BenchSpec, dev: &Device) -> Result<BenchResult> {
-    if spec.train && spec.precision != crate::Precision::F32 {
-        candle_core::bail!(
-            "bench: {} training is not implemented (bf16 applies to inference: --mode infer)",
-            spec.precision
-        );
-    }
     let precision = match glip_kernels::bf16::fallback_reason(spec.precision, dev) {
         Some(_) => crate::Precision::F32,
         None => spec.precision,
@@ -197,7 +191,10 @@ pub fn run(spec: &BenchSpec, dev: &Device) -> Result<BenchResult> {
                 candle_nn::ops::softmax_last_dim(&out.pred.pred_logits)?;
             }
             Some(opt) => {
-                let out = model.forward(&images, &text, true)?;
+                // One scope per step: the weights change between steps.
+                let out = glip_kernels::bf16::autocast(precision, || {
+                    model.forward(&images, &text, true)
+                })?;
                 let losses = criterion.forward(&out, &targets)?;
                 let grads = losses.total.backward()?;
                 opt.step(&grads)?;
@@ -207,7 +204,8 @@ pub fn run(spec: &BenchSpec, dev: &Device) -> Result<BenchResult> {
     };
     // One scope for the warm-up and the timed iterations: bf16 weights are packed in the
     // warm-up (as a bf16 model would be stored), then reused.
-    let times = glip_kernels::bf16::autocast(precision, || -> Result<Vec<f64>> {
+    let scope = if spec.train { crate::Precision::F32 } else { precision };
+    let times = glip_kernels::bf16::autocast(scope, || -> Result<Vec<f64>> {
         step()?;
         let mut times = Vec::with_capacity(spec.iters);
         for _ in 0..spec.iters {

@@ -185,6 +185,14 @@ pub fn run_experiment_with(
         resolved_json,
         dev.clone(),
     )?;
+    let precision = match crate::precision_fallback(cfg.run.precision, &dev) {
+        Some(why) => {
+            eprintln!("warning: run.precision = \"{}\": {why}", cfg.run.precision);
+            crate::Precision::F32
+        }
+        None => cfg.run.precision,
+    };
+    trainer.precision = precision;
     // Evaluation runs the same weights without a backprop graph (detached views that follow
     // the optimiser's in-place updates).
     let eval_model = crate::infer::inference_model(registry, &cfg.model, &varmap, &dev)?;
@@ -226,14 +234,15 @@ pub fn run_experiment_with(
             spec: &spec,
             tokenizer: &tok,
             device: &dev,
-            precision: crate::Precision::F32,
+            precision,
         };
-        let ev = match &eval_target {
-            EvalTarget::Shapes(ds, n) => evaluate_shapes(&p, ds, *n, dir)?,
+        // One scope for the evaluation: its weights do not change until it ends.
+        let ev = crate::autocast(precision, || match &eval_target {
+            EvalTarget::Shapes(ds, n) => evaluate_shapes(&p, ds, *n, dir),
             EvalTarget::Coco(ann, images) => {
-                p.evaluate_coco_folder(ann, images, &spec.post, |_, _| {})?
+                p.evaluate_coco_folder(ann, images, &spec.post, |_, _| {})
             }
-        };
+        })?;
         let p = EvalPoint {
             step,
             train_minutes: trained_s / 60.0,

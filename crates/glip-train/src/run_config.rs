@@ -92,6 +92,12 @@ pub struct RunConfig {
     /// `cuda`, `cuda:N`. A command's `--device` overrides it.
     #[serde(default)]
     pub device: crate::device::DeviceSpec,
+    /// What convolutions compute in: `"f32"` (default) or `"bf16"`: forward products (training
+    /// and evaluation) with inputs and weights rounded to bf16 and f32 sums, on CPUs with
+    /// AVX512_BF16 (elsewhere f32, with a warning); weights, gradients, backward products and
+    /// the optimiser stay f32.
+    #[serde(default)]
+    pub precision: crate::Precision,
 }
 
 fn five_hundred() -> u64 {

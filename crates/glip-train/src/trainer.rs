@@ -102,6 +102,9 @@ pub struct Trainer<'a> {
     pub on_step: Option<Box<dyn FnMut(u64, f32) + 'a>>,
     /// Stop after the step that ends past this instant (a time budget), checkpointing.
     pub deadline: Option<std::time::Instant>,
+    /// What the forward pass's convolutions compute in (f32 unless set; see
+    /// `glip_kernels::bf16`).
+    pub precision: crate::Precision,
     step: u64,
 }
 
@@ -161,6 +164,7 @@ impl<'a> Trainer<'a> {
             on_log: None,
             on_step: None,
             deadline: None,
+            precision: crate::Precision::F32,
             step: 0,
         })
     }
@@ -239,7 +243,10 @@ impl<'a> Trainer<'a> {
             glip_kernels::nn::seed_dropout(
                 glip_core::rng::Rng::for_sample(self.loader.seed, s, 0).next_u64(),
             );
-            let out = self.model.forward(&batch.images, &batch.text, true)?;
+            // One autocast scope per step: the weights change between steps.
+            let out = glip_kernels::bf16::autocast(self.precision, || {
+                self.model.forward(&batch.images, &batch.text, true)
+            })?;
             let losses = self.criterion.forward(&out, &batch.targets)?;
             let mut values = HashMap::new();
             for (name, t) in losses
