@@ -235,6 +235,13 @@ pub fn available() -> bool {
     }
 }
 
+/// The bound on `|c - c_exact| / sum_k |a_k b_k|` of one output of a bf16 product over `terms`
+/// products (module doc): `2^-7 + 2^-16 + gamma_terms`, `gamma_n = n u / (1 - n u)`, `u = 2^-24`.
+pub fn relative_error_bound(terms: usize) -> f64 {
+    let nu = terms as f64 * 2f64.powi(-24);
+    2f64.powi(-7) + 2f64.powi(-16) + nu / (1.0 - nu)
+}
+
 /// `x` rounded to the nearest bf16 (ties to even), as its bits; NaN stays NaN.
 #[inline]
 pub fn to_bf16(x: f32) -> u16 {
@@ -592,32 +599,40 @@ mod tests {
             .collect()
     }
 
-    /// Checks `gemm(A, B)` against the f64 product of the unrounded inputs within the module
-    /// doc's bound, entry by entry.
-    fn check(m: usize, k: usize, n: usize, run: fn(&PackedA, &PackedB) -> Vec<f32>) {
-        let (a, b) = (values(m * k, 1 + m as u64), values(k * n, 7 + n as u64));
-        let c = run(&PackedA::new(&a, m, k), &PackedB::new(&b, k, n));
-        assert_eq!(c.len(), m * n);
-        let u = 2f64.powi(-24);
-        let gamma = k as f64 * u / (1.0 - k as f64 * u);
-        let rel = 2f64.powi(-7) + 2f64.powi(-16) + gamma;
+    /// Checks the `(m, n)` product `got` of `a(i, q)` and `b(q, j)` over `k` terms against the
+    /// f64 product of the unrounded inputs, entry by entry, within [`relative_error_bound`] (plus
+    /// a flushed subnormal per term).
+    fn assert_within_bound(
+        got: &[f32],
+        (m, k, n): (usize, usize, usize),
+        a: impl Fn(usize, usize) -> f32,
+        b: impl Fn(usize, usize) -> f32,
+    ) {
+        assert_eq!(got.len(), m * n);
+        let rel = relative_error_bound(k);
         for i in 0..m {
             for j in 0..n {
                 let (mut exact, mut mag) = (0f64, 0f64);
                 for q in 0..k {
-                    let p = a[i * k + q] as f64 * b[q * n + j] as f64;
+                    let p = a(i, q) as f64 * b(q, j) as f64;
                     exact += p;
                     mag += p.abs();
                 }
-                let got = c[i * n + j] as f64;
+                let c = got[i * n + j] as f64;
+                let bound = rel * mag + (k + 1) as f64 * f64::from(f32::MIN_POSITIVE);
                 assert!(
-                    (got - exact).abs()
-                        <= rel * mag + (k + 1) as f64 * f64::from(f32::MIN_POSITIVE),
-                    "({m}, {k}, {n}) at ({i}, {j}): {got} against {exact} (bound {})",
-                    rel * mag
+                    (c - exact).abs() <= bound,
+                    "({m}, {k}, {n}) at ({i}, {j}): {c} against {exact} (bound {bound})"
                 );
             }
         }
+    }
+
+    /// `gemm(A, B)` within the module doc's bound.
+    fn check(m: usize, k: usize, n: usize, run: fn(&PackedA, &PackedB) -> Vec<f32>) {
+        let (a, b) = (values(m * k, 1 + m as u64), values(k * n, 7 + n as u64));
+        let c = run(&PackedA::new(&a, m, k), &PackedB::new(&b, k, n));
+        assert_within_bound(&c, (m, k, n), |i, q| a[i * k + q], |q, j| b[q * n + j]);
     }
 
     /// Shapes with tails in every dimension (odd `k`, `m` not a multiple of `MR`, `n` not of
@@ -702,20 +717,8 @@ mod tests {
         let av: Vec<f32> = again.flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!(yv, av);
         let (xv, wv) = (values(rows * din, 5), values(dout * din, 9));
-        let gamma = din as f64 * 2f64.powi(-24) / (1.0 - din as f64 * 2f64.powi(-24));
-        let rel = 2f64.powi(-7) + 2f64.powi(-16) + gamma;
-        for i in 0..rows {
-            for j in 0..dout {
-                let (mut exact, mut mag) = (0f64, 0f64);
-                for k in 0..din {
-                    let p = xv[i * din + k] as f64 * wv[j * din + k] as f64;
-                    exact += p;
-                    mag += p.abs();
-                }
-                let got = yv[i * dout + j] as f64;
-                assert!((got - exact).abs() <= rel * mag, "({i}, {j}): {got} vs {exact}");
-            }
-        }
+        let (x_at, w_at) = (|i, k| xv[i * din + k], |k, j| wv[j * din + k]);
+        assert_within_bound(&yv, (rows, din, dout), x_at, w_at);
         let xt = candle_core::Var::from_tensor(&x).unwrap();
         let tracked = autocast(Precision::Bf16, || lin.forward(xt.as_tensor()).unwrap());
         let plain = lin.forward(&x).unwrap();

@@ -481,9 +481,7 @@ mod tests {
             let wv: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
             let gv: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
             let fv: Vec<f32> = f32_out.flatten_all().unwrap().to_vec1().unwrap();
-            let terms = (ci * k * k) as f64;
-            let gamma = terms * 2f64.powi(-24) / (1.0 - terms * 2f64.powi(-24));
-            let rel = 2f64.powi(-7) + 2f64.powi(-16) + gamma;
+            let rel = bf16::relative_error_bound(ci * k * k);
             let mut differs = false;
             for (o, (&g, &f)) in gv.iter().zip(&fv).enumerate() {
                 let (bi, oc, oy, ox) =

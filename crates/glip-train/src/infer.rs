@@ -309,7 +309,17 @@ impl std::fmt::Debug for Predictor<'_> {
     }
 }
 
-impl Predictor<'_> {
+impl<'a> Predictor<'a> {
+    /// A predictor computing in f32 (set `precision` for bf16).
+    pub fn new(
+        model: &'a GlipModel,
+        spec: &'a InferenceSpec,
+        tokenizer: &'a Tokenizer,
+        device: &'a Device,
+    ) -> Self {
+        Self { model, spec, tokenizer, device, precision: crate::Precision::F32 }
+    }
+
     /// Words of `phrases` that the tokenizer does not know (they become `[UNK]`).
     pub fn unknown_words(&self, phrases: &[String]) -> Vec<String> {
         let mut out: Vec<String> = Vec::new();

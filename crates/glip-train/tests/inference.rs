@@ -85,13 +85,7 @@ fn evaluation_and_detect_give_the_same_boxes_for_the_same_image() {
     let spec = cfg.inference_spec(&model).unwrap();
     assert_eq!(spec.post.nms_iou, Some(0.6), "a dense head's NMS");
     let tok = glip_text::Tokenizer::from_file(&cfg.model.tokenizer().unwrap()).unwrap();
-    let p = Predictor {
-        model: &model,
-        spec: &spec,
-        tokenizer: &tok,
-        device: &dev,
-        precision: glip_train::Precision::F32,
-    };
+    let p = Predictor::new(&model, &spec, &tok, &dev);
     let ds = glip_data::ShapesDataset::new(cfg.data.shapes.clone(), glip_data::Split::Val).unwrap();
     let cats = glip_data::Dataset::categories(&ds).to_vec();
     let evaluated = shapes_detections(&p, &ds, 5).unwrap();
@@ -255,13 +249,7 @@ fn degenerate_images_are_an_error_not_a_panic() {
         Registry::new().build_trainable(&cfg.model, &candle_nn::VarMap::new(), 0, &dev).unwrap();
     let spec = cfg.inference_spec(&model).unwrap();
     let tok = glip_text::Tokenizer::from_file(&cfg.model.tokenizer().unwrap()).unwrap();
-    let p = Predictor {
-        model: &model,
-        spec: &spec,
-        tokenizer: &tok,
-        device: &dev,
-        precision: glip_train::Precision::F32,
-    };
+    let p = Predictor::new(&model, &spec, &tok, &dev);
     let phrases = vec!["red circle".to_string()];
     for (w, h) in [(0, 0), (0, 10), (10, 0)] {
         let img = image::RgbImage::new(w, h);
