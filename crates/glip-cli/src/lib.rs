@@ -57,13 +57,11 @@ pub(crate) fn precision_on(
     precision: glip_train::Precision,
     device: &candle_core::Device,
 ) -> glip_train::Precision {
-    match glip_train::precision_fallback(precision, device) {
-        Some(why) => {
-            eprintln!("warning: --precision {precision}: {why}");
-            glip_train::Precision::F32
-        }
-        None => precision,
+    let (effective, why) = glip_train::resolve_precision(precision, device);
+    if let Some(why) = why {
+        eprintln!("warning: --precision {precision}: {why}");
     }
+    effective
 }
 
 /// Grounded object detection in the style of GLIP.

@@ -103,6 +103,15 @@ pub fn fallback_reason(precision: Precision, device: &candle_core::Device) -> Op
     }
 }
 
+/// The precision that takes effect for `precision` on `device`, and why it differs when it
+/// does (to warn with).
+pub fn resolve(precision: Precision, device: &candle_core::Device) -> (Precision, Option<String>) {
+    match fallback_reason(precision, device) {
+        Some(why) => (Precision::F32, Some(why)),
+        None => (precision, None),
+    }
+}
+
 thread_local! {
     static PRECISION: Cell<Precision> = const { Cell::new(Precision::F32) };
     /// The weights packed inside the current bf16 scope, by tensor.
@@ -140,23 +149,42 @@ pub fn autocast<T>(precision: Precision, f: impl FnOnce() -> T) -> T {
     f()
 }
 
+type Cache<T> = std::thread::LocalKey<RefCell<HashMap<TensorId, Arc<T>>>>;
+
+/// `make(w's values)` for the weight `w`, from `cache` when it holds one that `fits`; a
+/// gradient-free weight's is cached until the outermost bf16 scope ends, a trainable one's
+/// (the optimiser changes it every step) never.
+fn packed<T>(
+    cache: &'static Cache<T>,
+    w: &Tensor,
+    fits: impl Fn(&T) -> bool,
+    make: impl FnOnce(Vec<f32>) -> Result<T>,
+) -> Result<Arc<T>> {
+    if let Some(p) = cache.with(|c| c.borrow().get(&w.id()).cloned()).filter(|p| fits(p)) {
+        return Ok(p);
+    }
+    let p = Arc::new(make(w.detach().flatten_all()?.to_dtype(DType::F32)?.to_vec1()?)?);
+    if precision() == Precision::Bf16 && !w.track_op() {
+        cache.with(|c| c.borrow_mut().insert(w.id(), p.clone()));
+    }
+    Ok(p)
+}
+
 /// The packed bf16 form of `w` (a weight viewed as `(rows, cols)`), from the current scope's
-/// cache, or packed now and cached until the outermost bf16 scope ends.
+/// cache, or packed now (and cached, if `w` has no gradient, until the outermost bf16 scope
+/// ends).
 pub fn packed_weight(w: &Tensor, rows: usize, cols: usize) -> Result<Arc<PackedA>> {
-    if let Some(a) = PACKED.with(|c| c.borrow().get(&w.id()).cloned()) {
-        if a.m == rows && a.k == cols {
-            return Ok(a);
-        }
-    }
-    let v: Vec<f32> = w.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
-    if v.len() != rows * cols {
-        candle_core::bail!("bf16 weight: {} values for ({rows}, {cols})", v.len());
-    }
-    let a = Arc::new(PackedA::new(&v, rows, cols));
-    if precision() == Precision::Bf16 {
-        PACKED.with(|c| c.borrow_mut().insert(w.id(), a.clone()));
-    }
-    Ok(a)
+    packed(
+        &PACKED,
+        w,
+        |a| a.m == rows && a.k == cols,
+        |v| {
+            if v.len() != rows * cols {
+                candle_core::bail!("bf16 weight: {} values for ({rows}, {cols})", v.len());
+            }
+            Ok(PackedA::new(&v, rows, cols))
+        },
+    )
 }
 
 /// Whether a product of `x` with the weight `w` runs in bf16 here: inside a bf16 [`autocast`]
@@ -177,23 +205,21 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if x.dim(1)? != din {
         candle_core::bail!("bf16 linear: input of width {} for a weight {:?}", x.dim(1)?, w.dims());
     }
-    let cached = PACKED_T.with(|c| c.borrow().get(&w.id()).cloned());
-    let b = match cached.filter(|b| b.k == din && b.n == out) {
-        Some(b) => b,
-        None => {
-            let v: Vec<f32> = w.flatten_all()?.to_vec1()?;
+    let b = packed(
+        &PACKED_T,
+        w,
+        |b| b.k == din && b.n == out,
+        |v| {
             // Column j of `w^T` is row j of `w`.
-            let b = Arc::new(PackedB::from_panels(din, out, |j0, width, scratch| {
+            Ok(PackedB::from_panels(din, out, |j0, width, scratch| {
                 for jj in 0..width {
                     for (r, &x) in v[(j0 + jj) * din..][..din].iter().enumerate() {
                         scratch[r * NR + jj] = x;
                     }
                 }
-            }));
-            PACKED_T.with(|c| c.borrow_mut().insert(w.id(), b.clone()));
-            b
-        }
-    };
+            }))
+        },
+    )?;
     x.contiguous()?.apply_op1_no_bwd(&Bf16Linear(b))
 }
 

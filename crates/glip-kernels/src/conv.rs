@@ -329,14 +329,8 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Tenso
         let co = w.dims()[0];
         let frozen = !(x.track_op() || w.track_op());
         let y = if bf16::precision() == bf16::Precision::Bf16 && bf16::available() {
-            // The forward product in bf16; a backward below stays f32. A trainable weight
-            // changes every step, so only a frozen one is cached.
-            let a = if w.track_op() {
-                let v: Vec<f32> = w.detach().flatten_all()?.to_vec1()?;
-                std::sync::Arc::new(bf16::PackedA::new(&v, co, g.rows()))
-            } else {
-                bf16::packed_weight(w, co, g.rows())?
-            };
+            // The forward product in bf16; a backward below stays f32.
+            let a = bf16::packed_weight(w, co, g.rows())?;
             x.detach().contiguous()?.apply_op1_no_bwd(&Bf16Conv(g, a))?
         } else {
             let cols = columns(&x.detach(), g)?;

@@ -145,10 +145,7 @@ fn inputs(spec: &BenchSpec, dev: &Device) -> Result<(ImageBatch, TextBatch, Vec<
 
 /// Builds the preset with random weights and times `spec.iters` iterations after one warm-up.
 pub fn run(spec: &BenchSpec, dev: &Device) -> Result<BenchResult> {
-    let precision = match glip_kernels::bf16::fallback_reason(spec.precision, dev) {
-        Some(_) => crate::Precision::F32,
-        None => spec.precision,
-    };
+    let (precision, _) = crate::resolve_precision(spec.precision, dev);
     let cfg = preset(&spec.preset)?;
     let varmap = candle_nn::VarMap::new();
     let registry = crate::config::Registry::new();

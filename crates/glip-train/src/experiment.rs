@@ -185,13 +185,10 @@ pub fn run_experiment_with(
         resolved_json,
         dev.clone(),
     )?;
-    let precision = match crate::precision_fallback(cfg.run.precision, &dev) {
-        Some(why) => {
-            eprintln!("warning: run.precision = \"{}\": {why}", cfg.run.precision);
-            crate::Precision::F32
-        }
-        None => cfg.run.precision,
-    };
+    let (precision, why) = crate::resolve_precision(cfg.run.precision, &dev);
+    if let Some(why) = why {
+        eprintln!("warning: run.precision = \"{}\": {why}", cfg.run.precision);
+    }
     trainer.precision = precision;
     // Evaluation runs the same weights without a backprop graph (detached views that follow
     // the optimiser's in-place updates).

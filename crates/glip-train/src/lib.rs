@@ -25,7 +25,7 @@ pub mod seed;
 pub mod trainer;
 pub mod validate;
 
-pub use glip_kernels::bf16::{autocast, fallback_reason as precision_fallback, Precision};
+pub use glip_kernels::bf16::{autocast, resolve as resolve_precision, Precision};
 pub use model::GlipModel;
 
 use std::path::{Path, PathBuf};
