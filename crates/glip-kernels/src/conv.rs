@@ -3,22 +3,26 @@
 //! candle 0.11.1 computes the input gradient of `conv2d` with `conv_transpose2d`, which on the
 //! CPU is a direct loop of dot products, and its forward extracts patches tile by tile from an
 //! NHWC copy; in a ResNet-18 training step these were the two largest costs (measured with `perf`
-//! on `glip bench --preset seed-r18 --mode train`). Here, with `cols = im2col(x)` of shape
-//! `(ci*k*k, b*oh*ow)` (Caffe's layout, every image side by side: one row per input channel and
-//! kernel offset, so that each product is one large gemm rather than one per image):
+//! on `glip bench --preset seed-r18 --mode train`). Here, image by image, with `cols_b =
+//! im2col(x_b)` of shape `(ci*k*k, oh*ow)` (one row per input channel and kernel offset):
 //!
-//! * forward:          `y = w (co, ci*k*k) @ cols`, then `(co, b, ..)` -> `(b, co, ..)`;
-//! * weight gradient:  `grad (co, b*oh*ow) @ cols^T`;
-//! * input gradient:   `col2im(w^T @ grad)`,
+//! * forward:          `y_b = w (co, ci*k*k) @ cols_b`, straight into `(b, co, oh, ow)`;
+//! * weight gradient:  `sum_b grad_b (co, oh*ow) @ cols_b^T`;
+//! * input gradient:   `col2im(w^T @ grad_b)`,
 //!
-//! the products by candle's gemm, `im2col` / `col2im` as plain loops here (candle has no public
-//! 2-D col2im). Checked against autograd through differentiable candle ops in this module's
-//! tests. Inside [`bf16::autocast`]`(Bf16, ..)` on a CPU with AVX512_BF16 the forward product
-//! runs in bf16 ([`bf16::gemm`], im2col written straight into its panels); the gradients stay
-//! f32 gemms. On other devices and dtypes [`conv2d`] is candle's `conv2d`.
+//! the products by the `gemm` crate (candle's CPU matmul) into uninitialised output
+//! ([`crate::gemm`]), `im2col` / `col2im` as plain loops here (candle has no public 2-D col2im),
+//! images split over threads where they split evenly ([`ConvF32`]). Checked against autograd
+//! through differentiable candle ops in this module's tests. Inside [`bf16::autocast`]`(Bf16,
+//! ..)` on a CPU with AVX512_BF16 the forward product runs in bf16 ([`bf16::gemm`], im2col
+//! written straight into its panels); the gradients stay the f32 ones. On other devices and
+//! dtypes [`conv2d`] is candle's `conv2d`.
 
 use crate::bf16;
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use crate::gemm::{self, Mat};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+};
 use rayon::prelude::*;
 
 /// Geometry of one convolution (square kernel, same stride and zero padding on both axes).
@@ -71,87 +75,279 @@ impl Geometry {
     }
 }
 
-/// `(b, ci, h, w)` -> `(ci*k*k, b*oh*ow)`: row `(c, ky, kx)` holds, for every image and output
-/// pixel, the input pixel it sees through that kernel offset (zero in the padding).
-struct Im2Col(Geometry);
-
-impl CustomOp1 for Im2Col {
-    fn name(&self) -> &'static str {
-        "glip-im2col"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = self.0;
-        let x = contiguous_f32(s, l, "im2col")?;
-        let (oh, ow) = g.out();
-        let (kk, len, hw) = (g.k * g.k, oh * ow, g.h * g.w);
-        let width = g.b * len;
-        let mut cols = vec![0f32; g.rows() * width];
-        // One task per input channel: its k*k rows, across every image.
-        cols.par_chunks_mut(kk * width).enumerate().for_each(|(c, rows)| {
-            for bi in 0..g.b {
-                let plane = &x[(bi * g.ci + c) * hw..][..hw];
-                for ky in 0..g.k {
-                    for kx in 0..g.k {
-                        let row = &mut rows[(ky * g.k + kx) * width + bi * len..][..len];
-                        g.runs(ky, kx, |i, o, n| {
-                            let out = &mut row[o..o + n];
-                            if g.stride == 1 {
-                                out.copy_from_slice(&plane[i..i + n]);
-                            } else {
-                                let src = plane[i..].iter().step_by(g.stride);
-                                for (d, &v) in out.iter_mut().zip(src) {
-                                    *d = v;
-                                }
-                            }
-                        });
+impl Geometry {
+    /// The `k*k` im2col rows of one input channel `plane (h, w)` of one image into `rows`
+    /// (`k*k` rows of `oh*ow`, contiguous), every element written: the input pixel each output
+    /// pixel sees through that kernel offset, zero where it falls in the padding.
+    fn im2col_channel(&self, plane: &[f32], rows: &mut [f32]) {
+        let (oh, ow) = self.out();
+        let len = oh * ow;
+        for ky in 0..self.k {
+            let (ylo, yhi) = self.span(ky, self.h, oh);
+            for kx in 0..self.k {
+                let (xlo, xhi) = self.span(kx, self.w, ow);
+                let row = &mut rows[(ky * self.k + kx) * len..][..len];
+                if xlo == xhi || ylo == yhi {
+                    row.fill(0.0);
+                    continue;
+                }
+                row[..ylo * ow].fill(0.0);
+                row[yhi * ow..].fill(0.0);
+                let ix0 = xlo * self.stride + kx - self.pad;
+                for oy in ylo..yhi {
+                    let out = &mut row[oy * ow..][..ow];
+                    out[..xlo].fill(0.0);
+                    out[xhi..].fill(0.0);
+                    let src = &plane[(oy * self.stride + ky - self.pad) * self.w + ix0..];
+                    let out = &mut out[xlo..xhi];
+                    if self.stride == 1 {
+                        out.copy_from_slice(&src[..out.len()]);
+                    } else {
+                        for (d, &v) in out.iter_mut().zip(src.iter().step_by(self.stride)) {
+                            *d = v;
+                        }
                     }
                 }
             }
-        });
-        Ok((CpuStorage::F32(cols), Shape::from((g.rows(), width))))
+        }
     }
 }
 
-/// The adjoint of [`Im2Col`]: `(ci*k*k, b*oh*ow)` -> `(b, ci, h, w)`, summing every entry back
-/// onto the input pixel it came from.
-struct Col2Im(Geometry);
+thread_local! {
+    /// Each thread's column buffer, kept between convolutions (every element is rewritten by
+    /// each use); taken out while in use, so a nested use (a rayon task run while this thread
+    /// waits) gets a buffer of its own.
+    static COLUMNS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
 
-impl CustomOp1 for Col2Im {
-    fn name(&self) -> &'static str {
-        "glip-col2im"
+impl Geometry {
+    /// The adjoint of [`Geometry::im2col_channel`]: adds each of the `k*k` rows of one channel
+    /// (`oh*ow` each) onto the input pixels they were read from.
+    fn col2im_channel(&self, rows: &[f32], plane: &mut [f32]) {
+        let (oh, ow) = self.out();
+        let len = oh * ow;
+        for ky in 0..self.k {
+            for kx in 0..self.k {
+                let row = &rows[(ky * self.k + kx) * len..][..len];
+                self.runs(ky, kx, |i, o, n| {
+                    let src = &row[o..o + n];
+                    if self.stride == 1 {
+                        for (d, &v) in plane[i..i + n].iter_mut().zip(src) {
+                            *d += v;
+                        }
+                    } else {
+                        for (d, &v) in plane[i..].iter_mut().step_by(self.stride).zip(src) {
+                            *d += v;
+                        }
+                    }
+                });
+            }
+        }
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+    /// Whether a pass over the batch gives each thread whole images (the images split evenly
+    /// over the threads: serial products, no hand-offs inside one), or goes one image after
+    /// another with every thread on each image's im2col and product.
+    fn by_image(&self) -> bool {
+        let threads = rayon::current_num_threads();
+        threads > 1 && self.b.is_multiple_of(threads)
+    }
+
+    fn image<'a>(&self, x: &'a [f32], bi: usize) -> &'a [f32] {
+        let n = self.ci * self.h * self.w;
+        &x[bi * n..][..n]
+    }
+
+    /// Calls `f` with the column matrix `(ci*k*k, oh*ow)` of one image `x (ci, h, w)`: the
+    /// image itself for a pointwise convolution, else its im2col in this thread's buffer
+    /// (filled on every thread when `parallel`).
+    fn with_columns<R>(&self, x: &[f32], parallel: bool, f: impl FnOnce(Mat<'_>) -> R) -> R {
+        let (oh, ow) = self.out();
+        let len = oh * ow;
+        if self.pointwise() {
+            return f(Mat::rows(x, self.ci, len));
+        }
+        let (kk, hw, n) = (self.k * self.k, self.h * self.w, self.rows() * len);
+        let mut cols = COLUMNS.take();
+        cols.resize(n, 0.0);
+        let fill = |(c, rows): (usize, &mut [f32])| self.im2col_channel(&x[c * hw..][..hw], rows);
+        if parallel {
+            cols[..n].par_chunks_mut(kk * len).enumerate().for_each(fill);
+        } else {
+            cols[..n].chunks_mut(kk * len).enumerate().for_each(fill);
+        }
+        let r = f(Mat::rows(&cols[..n], self.rows(), len));
+        COLUMNS.set(cols);
+        r
+    }
+}
+
+/// A convolution on the CPU in f32, `x (b, ci, h, w)`, `w (co, ci, k, k)` -> `(b, co, oh, ow)`,
+/// image by image, with its backward:
+///
+/// * forward: per image `y_b (co, oh*ow) = w (co, ci*k*k) @ cols_b`, straight into that image's
+///   block of the output (`cols_b` is im2col of the image in a reused per-thread buffer, or the
+///   image itself for a pointwise convolution);
+/// * input gradient: per image `col2im(w^T @ grad_b)` (pointwise: `w^T @ grad_b`, straight
+///   into the output);
+/// * weight gradient: `sum_b grad_b @ cols_b^T`, one partial sum per thread, then their sum.
+///
+/// [`Geometry::by_image`] decides whether threads take whole images or share each one. Against
+/// one im2col and one gemm over the whole batch (Caffe's `(ci*k*k, b*oh*ow)` layout, what this
+/// module did first): no transposed copies of outputs and gradients, no zero-filled outputs or
+/// column matrices, column buffers the size of one image (`perf` and `glip bench` figures in
+/// docs/results).
+struct ConvF32(Geometry);
+
+impl ConvF32 {
+    fn forward(&self, x: &[f32], w: &[f32], co: usize) -> Vec<f32> {
         let g = self.0;
-        let cols = contiguous_f32(s, l, "col2im")?;
         let (oh, ow) = g.out();
-        let (kk, len) = (g.k * g.k, oh * ow);
-        let width = g.b * len;
-        let mut x = vec![0f32; g.b * g.ci * g.h * g.w];
-        // One task per (image, channel) plane: each owns its output, so no two write alike.
-        x.par_chunks_mut(g.h * g.w).enumerate().for_each(|(p, plane)| {
-            let (bi, c) = (p / g.ci, p % g.ci);
-            for ky in 0..g.k {
-                for kx in 0..g.k {
-                    let row = &cols[(c * kk + ky * g.k + kx) * width + bi * len..][..len];
-                    g.runs(ky, kx, |i, o, n| {
-                        let src = &row[o..o + n];
-                        if g.stride == 1 {
-                            for (d, &v) in plane[i..i + n].iter_mut().zip(src) {
-                                *d += v;
-                            }
-                        } else {
-                            let dst = plane[i..].iter_mut().step_by(g.stride);
-                            for (d, &v) in dst.zip(src) {
-                                *d += v;
-                            }
-                        }
-                    });
-                }
+        let wm = Mat::rows(w, co, g.rows());
+        let by = g.by_image();
+        gemm::build(g.b, co * oh * ow, by, |bi, out| {
+            g.with_columns(g.image(x, bi), !by, |cols| out.gemm(wm, cols, !by))
+        })
+    }
+
+    fn input_grad(&self, grad: &[f32], w: &[f32], co: usize) -> Vec<f32> {
+        let g = self.0;
+        let (oh, ow) = g.out();
+        let (len, hw, kk) = (oh * ow, g.h * g.w, g.k * g.k);
+        let wt = Mat::rows(w, co, g.rows()).t();
+        let by = g.by_image();
+        gemm::build(g.b, g.ci * hw, by, |bi, out| {
+            let gb = Mat::rows(&grad[bi * co * len..][..co * len], co, len);
+            if g.pointwise() {
+                return out.gemm(wt, gb, !by);
             }
+            let mut cols = COLUMNS.take();
+            cols.resize(g.rows() * len, 0.0);
+            gemm::set_product(&mut cols[..g.rows() * len], wt, gb, !by);
+            let written = out.fill(|gx| {
+                let add = |(c, plane): (usize, &mut [f32])| {
+                    g.col2im_channel(&cols[c * kk * len..][..kk * len], plane);
+                };
+                if by {
+                    gx.chunks_mut(hw).enumerate().for_each(add);
+                } else {
+                    gx.par_chunks_mut(hw).enumerate().for_each(add);
+                }
+            });
+            COLUMNS.set(cols);
+            written
+        })
+    }
+
+    fn weight_grad(&self, x: &[f32], grad: &[f32], co: usize) -> Vec<f32> {
+        let g = self.0;
+        let (oh, ow) = g.out();
+        let len = oh * ow;
+        let by = g.by_image();
+        let groups = if by { rayon::current_num_threads() } else { 1 };
+        let per = g.b.div_ceil(groups);
+        let n = co * g.rows();
+        let grad_of = |bi: usize| Mat::rows(&grad[bi * co * len..][..co * len], co, len);
+        let partial = gemm::build(groups, n, by, |t, out| {
+            let mut images = (t * per)..((t + 1) * per).min(g.b);
+            let Some(first) = images.next() else { return out.fill(|_| {}) };
+            let mut sum = g.with_columns(g.image(x, first), !by, |cols| {
+                out.gemm(grad_of(first), cols.t(), !by)
+            });
+            for bi in images {
+                g.with_columns(g.image(x, bi), !by, |cols| {
+                    gemm::add_product(sum.as_mut(), grad_of(bi), cols.t(), !by);
+                });
+            }
+            sum
         });
-        Ok((CpuStorage::F32(x), Shape::from((g.b, g.ci, g.h, g.w))))
+        if groups == 1 {
+            return partial;
+        }
+        let mut gw = partial[..n].to_vec();
+        for p in partial.chunks(n).skip(1) {
+            for (d, &v) in gw.iter_mut().zip(p) {
+                *d += v;
+            }
+        }
+        gw
+    }
+}
+
+impl CustomOp2 for ConvF32 {
+    fn name(&self) -> &'static str {
+        "glip-conv2d-f32"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let x = contiguous_f32(s1, l1, "conv2d")?;
+        let w = contiguous_f32(s2, l2, "conv2d")?;
+        let co = l2.dims()[0];
+        let (oh, ow) = g.out();
+        Ok((CpuStorage::F32(self.forward(x, w, co)), Shape::from((g.b, co, oh, ow))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let gx = if x.track_op() {
+            Some(grad.apply_op2_no_bwd(w, &ConvGrad { g: self.0, input: true })?)
+        } else {
+            None
+        };
+        let gw = if w.track_op() {
+            Some(x.detach().apply_op2_no_bwd(&grad, &ConvGrad { g: self.0, input: false })?)
+        } else {
+            None
+        };
+        Ok((gx, gw))
+    }
+}
+
+/// [`ConvF32`]'s gradients as ops: `(grad, w)` -> the input gradient with `input`, `(x, grad)`
+/// -> the weight gradient without.
+struct ConvGrad {
+    g: Geometry,
+    input: bool,
+}
+
+impl CustomOp2 for ConvGrad {
+    fn name(&self) -> &'static str {
+        "glip-conv2d-f32-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = self.g;
+        let a = contiguous_f32(s1, l1, "conv2d backward")?;
+        let b = contiguous_f32(s2, l2, "conv2d backward")?;
+        let op = ConvF32(g);
+        if self.input {
+            let co = l2.dims()[0];
+            let gx = op.input_grad(a, b, co);
+            Ok((CpuStorage::F32(gx), Shape::from((g.b, g.ci, g.h, g.w))))
+        } else {
+            let co = l2.dims()[1];
+            let gw = op.weight_grad(a, b, co);
+            Ok((CpuStorage::F32(gw), Shape::from((co, g.ci, g.k, g.k))))
+        }
     }
 }
 
@@ -161,17 +357,7 @@ impl Geometry {
     }
 }
 
-/// `im2col(x)`, or `x` with its first two axes swapped when the convolution is 1x1, stride 1,
-/// no padding.
-fn columns(x: &Tensor, g: Geometry) -> Result<Tensor> {
-    if g.pointwise() {
-        x.transpose(0, 1)?.contiguous()?.reshape((g.ci, ()))
-    } else {
-        x.contiguous()?.apply_op1_no_bwd(&Im2Col(g))
-    }
-}
-
-/// [`Im2Col`] straight into the bf16 panels of [`bf16::PackedB`], one panel of columns at a
+/// im2col ([`Geometry::im2col_channel`]) straight into the bf16 panels of [`bf16::PackedB`], one panel of columns at a
 /// time: the f32 columns (9x the input for a 3x3 kernel) are never written out, which is what
 /// made bf16 lose to f32 on ResNet-50's early layers (`benches/benches/gemm.rs`).
 fn im2col_packed(x: &[f32], g: Geometry) -> bf16::PackedB {
@@ -233,12 +419,7 @@ impl CustomOp1 for Bf16Conv {
     }
 }
 
-/// `(b, c, h, w)` -> `(c, b*h*w)`, and back.
-fn channels_first(t: &Tensor) -> Result<Tensor> {
-    let c = t.dims()[1];
-    t.transpose(0, 1)?.contiguous()?.reshape((c, ()))
-}
-
+/// `(c, b*h*w)` -> `(b, c, h, w)`.
 fn batch_first(t: &Tensor, b: usize, h: usize, w: usize) -> Result<Tensor> {
     let c = t.dims()[0];
     t.reshape((c, b, h, w))?.transpose(0, 1)?.contiguous()
@@ -287,26 +468,10 @@ impl CustomOp3 for AttachConvGrad {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // The f32 backward of [`ConvF32`], so that gradients do not depend on the forward's
+        // precision.
         let g = geometry(x, w, self.stride, self.pad)?;
-        let co = w.dims()[0];
-        let grad = channels_first(grad)?; // (co, b*oh*ow)
-        let wm = w.reshape((co, g.rows()))?;
-        let gx = if x.track_op() {
-            let cols = wm.t()?.matmul(&grad)?;
-            Some(if g.pointwise() {
-                batch_first(&cols, g.b, g.h, g.w)?
-            } else {
-                cols.apply_op1_no_bwd(&Col2Im(g))?
-            })
-        } else {
-            None
-        };
-        let gw = if w.track_op() {
-            let cols = columns(&x.detach(), g)?;
-            Some(grad.matmul(&cols.t()?)?.reshape(w.shape())?)
-        } else {
-            None
-        };
+        let (gx, gw) = ConvF32(g).bwd(&x.contiguous()?, &w.contiguous()?, _y, grad)?;
         Ok((None, gx, gw))
     }
 }
@@ -331,12 +496,15 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Tenso
         let y = if bf16::precision() == bf16::Precision::Bf16 && bf16::available() {
             // The forward product in bf16; a backward below stays f32.
             let a = bf16::packed_weight(w, co, g.rows())?;
-            x.detach().contiguous()?.apply_op1_no_bwd(&Bf16Conv(g, a))?
+            let y = x.detach().contiguous()?.apply_op1_no_bwd(&Bf16Conv(g, a))?;
+            batch_first(&y, g.b, oh, ow)?
         } else {
-            let cols = columns(&x.detach(), g)?;
-            w.detach().reshape((co, g.rows()))?.matmul(&cols)?
+            let (xc, wc) = (x.contiguous()?, w.contiguous()?);
+            if frozen {
+                return xc.apply_op2_no_bwd(&wc, &ConvF32(g));
+            }
+            return xc.apply_op2(&wc, ConvF32(g));
         };
-        let y = batch_first(&y, g.b, oh, ow)?;
         if frozen {
             return Ok(y);
         }

@@ -22,6 +22,7 @@ pub mod affine;
 pub mod bf16;
 pub mod conv;
 pub mod fused;
+mod gemm;
 pub mod nn;
 pub mod norm;
 pub mod optim;
