@@ -252,10 +252,19 @@ fn max3_stride2_axis(x: &Tensor, axis: usize) -> Result<Tensor> {
 /// `(b, c, (h - 1) / 2 + 1, (w - 1) / 2 + 1)` as PyTorch.
 ///
 /// candle's `max_pool2d` has no backward when kernel != stride and takes no padding
-/// (CANDLE-NOTES.md). When `x` carries a gradient this composes the pool from pads, reshapes,
-/// narrows and elementwise maxima (separable: rows then columns), all differentiable; otherwise
-/// it pads and calls candle's faster pool.
+/// (CANDLE-NOTES.md). On the CPU in f32 this is [`glip_kernels::pool`]'s op (forward and
+/// backward, parallel over planes). Elsewhere, when `x` carries a gradient this composes the
+/// pool from pads, reshapes, narrows and elementwise maxima (separable: rows then columns), all
+/// differentiable; otherwise it pads and calls candle's pool.
 pub fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        return glip_kernels::pool::max_pool_3x3_s2_p1(x);
+    }
+    max_pool_composite(x)
+}
+
+/// [`max_pool_3x3_s2_p1`] from candle ops (other devices and dtypes).
+fn max_pool_composite(x: &Tensor) -> Result<Tensor> {
     if !x.track_op() {
         let (_, _, h, w) = x.dims4()?;
         let (oh, ow) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
@@ -312,18 +321,33 @@ mod tests {
     #[test]
     fn stem_pool_matches_brute_force_and_has_a_gradient() -> Result<()> {
         let dev = Device::Cpu;
-        for (h, w) in [(7, 9), (8, 8), (1, 2), (5, 4)] {
-            let x = Tensor::randn(0f32, 1.0, (1, 1, h, w), &dev)?;
-            let want = reference_pool(&x.flatten_all()?.to_vec1()?, h, w);
-            let fast = max_pool_3x3_s2_p1(&x)?.flatten_all()?.to_vec1::<f32>()?;
+        for (h, w) in [(7, 9), (8, 8), (1, 2), (5, 4), (2, 1)] {
+            let x = Tensor::randn(0f32, 1.0, (2, 3, h, w), &dev)?;
+            let want: Vec<f32> = (0..6)
+                .flat_map(|p| {
+                    let plane: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+                    reference_pool(&plane[p * h * w..(p + 1) * h * w], h, w)
+                })
+                .collect();
             let v = Var::from_tensor(&x)?;
-            let slow = max_pool_3x3_s2_p1(v.as_tensor())?;
-            assert_eq!(fast, want, "fast path {h}x{w}");
-            assert_eq!(slow.flatten_all()?.to_vec1::<f32>()?, want, "differentiable path {h}x{w}");
-            // Each output routes its gradient to exactly one input (no ties in random data).
-            let g = slow.sum_all()?.backward()?;
-            let gx = g.get(v.as_tensor()).expect("no gradient").sum_all()?.to_scalar::<f32>()?;
-            assert_eq!(gx as usize, want.len());
+            let r = Tensor::randn(0f32, 1.0, max_pool_3x3_s2_p1(&x)?.shape(), &dev)?;
+            let mut grads = vec![];
+            for (what, pool) in [
+                ("kernel", max_pool_3x3_s2_p1 as fn(&Tensor) -> Result<Tensor>),
+                ("composite", max_pool_composite),
+            ] {
+                let fast = pool(&x)?.flatten_all()?.to_vec1::<f32>()?;
+                assert_eq!(fast, want, "{what} without gradient, {h}x{w}");
+                let slow = pool(v.as_tensor())?;
+                assert_eq!(slow.flatten_all()?.to_vec1::<f32>()?, want, "{what} {h}x{w}");
+                let g = (slow * &r)?.sum_all()?.backward()?;
+                grads.push(
+                    g.get(v.as_tensor()).expect("no gradient").flatten_all()?.to_vec1::<f32>()?,
+                );
+            }
+            // Each output routes its gradient to exactly one input (no ties in random data):
+            // the same input in both, so the same sums in the same order.
+            assert_eq!(grads[0], grads[1], "gradients {h}x{w}");
         }
         Ok(())
     }

@@ -10,6 +10,7 @@
 //!   depthwise convolution.
 //! - [`norm`]: training-mode batch norm as one op with its backward.
 //! - [`fused`]: softmax over the last axis and layer norm, with gradients.
+//! - [`pool`]: the ResNet stem's 3x3 stride-2 max-pool with its backward.
 //! - [`optim`]: AdamW's moment and weight updates and the EMA in place, gradient norms in one
 //!   pass.
 //! - [`nn`]: `Linear`, `LayerNorm`, seeded dropout, L2 normalisation: the layers the model
@@ -26,3 +27,4 @@ mod gemm;
 pub mod nn;
 pub mod norm;
 pub mod optim;
+pub mod pool;
