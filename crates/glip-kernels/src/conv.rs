@@ -610,6 +610,10 @@ mod tests {
         check(1, 1, 2, (2, 3), 3, 3, 2);
         check(2, 2, 2, (4, 5), 3, 2, 0);
         check(1, 3, 2, (5, 2), 5, 1, 4);
+        // Larger images; batches that do and do not split evenly over two threads.
+        check(2, 2, 3, (34, 34), 3, 1, 1);
+        check(3, 2, 3, (33, 32), 3, 1, 1);
+        check(2, 3, 2, (32, 33), 1, 1, 0);
     }
 
     /// The bf16 forward (inside `autocast`) against a direct f64 convolution of the unrounded
