@@ -1,4 +1,4 @@
-//! `cargo xtask bench-vs-torch [--iters N]`: `glip bench` (release build) and
+//! `cargo xtask bench-vs-torch [--iters N] [--rounds R]`: `glip bench` (release build) and
 //! `reference/bench_torch.py` (the reference's venv) on the same presets, side by side in one
 //! run on this machine's cores, and the table of their ratios. Inference rows also time glip
 //! with `--precision bf16` (against PyTorch's f32) where the CPU has AVX512_BF16.
@@ -39,8 +39,55 @@ fn glip_bench(glip: &std::path::Path, args: &[&str]) -> Result<std::process::Out
     Ok(out)
 }
 
-/// Runs both sides and prints the table.
-pub fn run(iters: usize) -> Result<()> {
+/// The median of `v` (not empty).
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// One row's medians in one round: glip f32, glip bf16 (where it ran as bf16), PyTorch.
+fn one_round(
+    glip: &std::path::Path,
+    python: &std::path::Path,
+    root: &std::path::Path,
+    (preset, mode, batch, size): (&str, &str, usize, usize),
+    iters: usize,
+    threads: usize,
+) -> Result<(f64, Option<f64>, f64)> {
+    let (b, sz, it) = (batch.to_string(), size.to_string(), iters.to_string());
+    let common = ["--preset", preset, "--mode", mode, "--batch", &b, "--size", &sz, "--iters", &it];
+    let ours = glip_bench(glip, &common)?;
+    // bf16 only where it ran as bf16 (the JSON says what the convolutions computed in).
+    let bf16 = if mode == "infer" {
+        let out = glip_bench(glip, &[&common[..], &["--precision", "bf16"]].concat())?;
+        let v = json_of(&out.stdout, "glip bench --precision bf16")?;
+        (v["precision"] == "bf16").then(|| v["median_s"].as_f64()).flatten()
+    } else {
+        None
+    };
+    let theirs = Command::new(python)
+        .arg(root.join("reference/bench_torch.py"))
+        .args(common)
+        .args(["--threads", &threads.to_string()])
+        .output()?;
+    if !theirs.status.success() {
+        bail!("bench_torch.py failed: {}", String::from_utf8_lossy(&theirs.stderr));
+    }
+    Ok((median_of(&ours.stdout, "glip bench")?, bf16, median_of(&theirs.stdout, "bench_torch.py")?))
+}
+
+/// Runs both sides, `rounds` times over all rows, and prints the table (medians over the
+/// rounds; with several rounds, each round's f32 ratio too).
+pub fn run(iters: usize, rounds: usize) -> Result<()> {
+    if rounds == 0 || iters == 0 {
+        bail!("--iters and --rounds must be at least 1");
+    }
     let root = crate::fixtures::workspace_root();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let s = Command::new(&cargo)
@@ -55,42 +102,44 @@ pub fn run(iters: usize) -> Result<()> {
     let glip = target.join("release/glip");
     let python = crate::fixtures::python()?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    println!(
-        "| preset | mode | batch | size | glip s | PyTorch s | glip / PyTorch | glip bf16 s | bf16 / PyTorch f32 |"
-    );
-    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
-    for &(preset, mode, batch, size) in ROWS {
-        let (b, sz, it) = (batch.to_string(), size.to_string(), iters.to_string());
-        let common =
-            ["--preset", preset, "--mode", mode, "--batch", &b, "--size", &sz, "--iters", &it];
-        let ours = glip_bench(&glip, &common)?;
-        // bf16 only where it ran as bf16 (the JSON says what the convolutions computed in).
-        let bf16 = if mode == "infer" {
-            let out = glip_bench(&glip, &[&common[..], &["--precision", "bf16"]].concat())?;
-            let v = json_of(&out.stdout, "glip bench --precision bf16")?;
-            (v["precision"] == "bf16").then(|| v["median_s"].as_f64()).flatten()
-        } else {
-            None
-        };
-        let theirs = Command::new(&python)
-            .arg(root.join("reference/bench_torch.py"))
-            .args(common)
-            .args(["--threads", &threads.to_string()])
-            .output()?;
-        if !theirs.status.success() {
-            bail!("bench_torch.py failed: {}", String::from_utf8_lossy(&theirs.stderr));
+    let mut results: Vec<Vec<(f64, Option<f64>, f64)>> = vec![Vec::new(); ROWS.len()];
+    for r in 0..rounds {
+        if rounds > 1 {
+            eprintln!("round {} of {rounds}", r + 1);
         }
-        let (g, t) =
-            (median_of(&ours.stdout, "glip bench")?, median_of(&theirs.stdout, "bench_torch.py")?);
-        let (bs, br) = match bf16 {
-            Some(s) => (format!("{s:.3}"), format!("{:.2}x", s / t)),
-            None => ("-".into(), "-".into()),
+        for (i, &row) in ROWS.iter().enumerate() {
+            results[i].push(one_round(&glip, &python, &root, row, iters, threads)?);
+        }
+    }
+    let per_round = if rounds > 1 { " f32 ratio per round |" } else { "" };
+    println!(
+        "| preset | mode | batch | size | glip s | PyTorch s | glip / PyTorch | glip bf16 s | bf16 / PyTorch f32 |{per_round}"
+    );
+    let sep = if rounds > 1 { " --- |" } else { "" };
+    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |{sep}");
+    for (&(preset, mode, batch, size), res) in ROWS.iter().zip(&results) {
+        let g = median(&res.iter().map(|r| r.0).collect::<Vec<_>>());
+        let t = median(&res.iter().map(|r| r.2).collect::<Vec<_>>());
+        let bf: Vec<f64> = res.iter().filter_map(|r| r.1).collect();
+        let (bs, br) = if bf.is_empty() {
+            ("-".into(), "-".into())
+        } else {
+            let s = median(&bf);
+            (format!("{s:.3}"), format!("{:.2}x", s / t))
+        };
+        let rounds_col = if rounds > 1 {
+            let v: Vec<String> = res.iter().map(|r| format!("{:.2}", r.0 / r.2)).collect();
+            format!(" {} |", v.join(" / "))
+        } else {
+            String::new()
         };
         println!(
-            "| {preset} | {mode} | {batch} | {size} | {g:.3} | {t:.3} | {:.2}x | {bs} | {br} |",
+            "| {preset} | {mode} | {batch} | {size} | {g:.3} | {t:.3} | {:.2}x | {bs} | {br} |{rounds_col}",
             g / t
         );
     }
-    println!("\nmedians of {iters} iterations after one warm-up, {threads} threads each");
+    println!(
+        "\nmedians of {iters} iterations after one warm-up, {threads} threads each; medians over {rounds} round(s), glip and PyTorch alternating"
+    );
     Ok(())
 }

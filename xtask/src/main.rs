@@ -45,6 +45,10 @@ enum Cmd {
         /// Timed iterations per row (after one warm-up).
         #[arg(long, default_value_t = 3)]
         iters: usize,
+        /// Rounds over all rows, glip and PyTorch alternating, the table from the medians of
+        /// the rounds (this shared machine's speed drifts within minutes).
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
     },
     /// The tests as CI runs them: fetch-models, fixtures, then `cargo test --workspace ARGS`.
     Test {
@@ -62,6 +66,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Fixtures { force } => fixtures::run(force),
         Cmd::Test { args } => fixtures::test(&args),
         Cmd::CudaEnv { cudnn } => cuda::run(cudnn),
-        Cmd::BenchVsTorch { iters } => bench::run(iters),
+        Cmd::BenchVsTorch { iters, rounds } => bench::run(iters, rounds),
     }
 }
