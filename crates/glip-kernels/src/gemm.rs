@@ -107,37 +107,25 @@ unsafe fn product(dst: *mut f32, read_dst: bool, a: Mat<'_>, b: Mat<'_>, paralle
 
 /// `dst = a @ b` for a contiguous row-major `dst` of `a.rows x b.cols` (its values unread).
 pub(crate) fn set_product(dst: &mut [f32], a: Mat<'_>, b: Mat<'_>, parallel: bool) {
-    assert_eq!(
-        dst.len(),
-        a.rows * b.cols,
-        "gemm: output of {} for {}x{}",
-        dst.len(),
-        a.rows,
-        b.cols
-    );
-    if a.cols == 0 {
-        dst.fill(0.0);
-        return;
-    }
-    // SAFETY: `dst` is a slice of exactly the product's size.
-    unsafe { product(dst.as_mut_ptr(), false, a, b, parallel) }
+    into_slice(dst, false, a, b, parallel);
 }
 
 /// `dst += a @ b` for a contiguous row-major `dst` of `a.rows x b.cols`.
 pub(crate) fn add_product(dst: &mut [f32], a: Mat<'_>, b: Mat<'_>, parallel: bool) {
-    assert_eq!(
-        dst.len(),
-        a.rows * b.cols,
-        "gemm: output of {} for {}x{}",
-        dst.len(),
-        a.rows,
-        b.cols
-    );
+    into_slice(dst, true, a, b, parallel);
+}
+
+fn into_slice(dst: &mut [f32], add: bool, a: Mat<'_>, b: Mat<'_>, parallel: bool) {
+    let (m, n) = (a.rows, b.cols);
+    assert_eq!(dst.len(), m * n, "gemm: output of {} for {m}x{n}", dst.len());
     if a.cols == 0 {
+        if !add {
+            dst.fill(0.0);
+        }
         return;
     }
     // SAFETY: `dst` is an initialised slice of exactly the product's size.
-    unsafe { product(dst.as_mut_ptr(), true, a, b, parallel) }
+    unsafe { product(dst.as_mut_ptr(), add, a, b, parallel) }
 }
 
 impl<'a> Uninit<'a> {
