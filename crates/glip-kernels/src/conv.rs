@@ -120,6 +120,17 @@ thread_local! {
     static COLUMNS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
+/// The largest column buffer a thread keeps between convolutions (16 Mi values, 64 MiB): larger
+/// ones (ResNet-50's first stages on detection-sized images) go back to the allocator.
+const KEEP_COLUMNS: usize = 16 << 20;
+
+/// Puts a column buffer back for the next convolution on this thread, unless it is large.
+fn keep_columns(cols: Vec<f32>) {
+    if cols.capacity() <= KEEP_COLUMNS {
+        COLUMNS.set(cols);
+    }
+}
+
 impl Geometry {
     /// The adjoint of [`Geometry::im2col_channel`]: adds each of the `k*k` rows of one channel
     /// (`oh*ow` each) onto the input pixels they were read from.
@@ -177,7 +188,7 @@ impl Geometry {
             cols[..n].chunks_mut(kk * len).enumerate().for_each(fill);
         }
         let r = f(Mat::rows(&cols[..n], self.rows(), len));
-        COLUMNS.set(cols);
+        keep_columns(cols);
         r
     }
 }
@@ -234,7 +245,7 @@ impl ConvF32 {
                     gx.par_chunks_mut(hw).enumerate().for_each(add);
                 }
             });
-            COLUMNS.set(cols);
+            keep_columns(cols);
             written
         })
     }
@@ -705,6 +716,14 @@ mod tests {
         assert_ne!(y16, y32, "the forward did not run in bf16");
         assert_eq!(gx16, gx32, "input gradient");
         assert_eq!(gw16, gw32, "weight gradient");
+    }
+
+    #[test]
+    fn large_column_buffers_are_not_kept() {
+        keep_columns(Vec::with_capacity(1000));
+        assert!(COLUMNS.take().capacity() >= 1000, "a small buffer is kept");
+        keep_columns(Vec::with_capacity(KEEP_COLUMNS + 1));
+        assert_eq!(COLUMNS.take().capacity(), 0, "a large buffer went back to the allocator");
     }
 
     #[test]

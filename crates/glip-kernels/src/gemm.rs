@@ -73,8 +73,9 @@ unsafe fn product(dst: *mut f32, read_dst: bool, a: Mat<'_>, b: Mat<'_>, paralle
     assert_eq!(b.rows, k, "gemm: inner dimensions {k} and {}", b.rows);
     a.check("gemm lhs");
     b.check("gemm rhs");
-    let par = match parallel {
-        true => gemm::Parallelism::Rayon(rayon::current_num_threads()),
+    let threads = rayon::current_num_threads();
+    let par = match parallel && threads > 1 {
+        true => gemm::Parallelism::Rayon(threads),
         false => gemm::Parallelism::None,
     };
     // SAFETY: `a` and `b` hold every element gemm reads (checked above); `dst` is the
