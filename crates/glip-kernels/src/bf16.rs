@@ -28,7 +28,7 @@
 #![allow(
     unsafe_code,
     reason = "SIMD intrinsics behind a run-time CPU check, and one output buffer written by \
-              rayon's tasks in disjoint tiles; nothing else in glip-kernels is unsafe"
+              rayon's tasks in disjoint tiles; the only other unsafe code in glip-kernels is `gemm`"
 )]
 
 use candle_core::{DType, Result, Tensor, TensorId};

@@ -11,8 +11,8 @@
 //! * input gradient:   `col2im(w^T @ grad_b)`,
 //!
 //! the products by the `gemm` crate (candle's CPU matmul) into uninitialised output
-//! ([`crate::gemm`]), `im2col` / `col2im` as plain loops here (candle has no public 2-D col2im),
-//! images split over threads where they split evenly ([`ConvF32`]). Checked against autograd
+//! (the private `gemm` module), `im2col` / `col2im` as plain loops here (candle has no public 2-D col2im),
+//! images split over threads where they split evenly (`ConvF32`). Checked against autograd
 //! through differentiable candle ops in this module's tests. Inside [`bf16::autocast`]`(Bf16,
 //! ..)` on a CPU with AVX512_BF16 the forward product runs in bf16 ([`bf16::gemm`], im2col
 //! written straight into its panels); the gradients stay the f32 ones. On other devices and

@@ -6,14 +6,15 @@
 //! # What this crate owns
 //! - [`bf16`]: a bf16 gemm with f32 sums for AVX512_BF16 CPUs (run-time dispatch) and the
 //!   `autocast` scope that puts gradient-free convolutions on it.
-//! - [`conv`]: 2-D convolution as im2col + gemm (forward, input and weight gradients) and
-//!   depthwise convolution.
+//! - [`conv`]: 2-D convolution as im2col + gemm image by image (forward, input and weight
+//!   gradients) and depthwise convolution, its products written by `gemm` (crate-private:
+//!   products into uninitialised output).
 //! - [`norm`]: training-mode batch norm as one op with its backward.
 //! - [`fused`]: softmax over the last axis and layer norm, with gradients.
 //! - [`pool`]: the ResNet stem's 3x3 stride-2 max-pool with its backward.
 //! - [`optim`]: AdamW's moment and weight updates and the EMA in place, gradient norms in one
 //!   pass.
-//! - [`nn`]: `Linear`, `LayerNorm`, seeded dropout, L2 normalisation: the layers the model
+//! - [`nn`]: `Linear` (one op with its backward on the CPU), `LayerNorm`, seeded dropout, L2 normalisation: the layers the model
 //!   crates build on.
 //!
 //! # What it must not know about
