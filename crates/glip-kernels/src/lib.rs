@@ -14,8 +14,8 @@
 //! - [`pool`]: the ResNet stem's 3x3 stride-2 max-pool with its backward.
 //! - [`optim`]: AdamW's moment and weight updates and the EMA in place, gradient norms in one
 //!   pass.
-//! - [`nn`]: `Linear` (one op with its backward on the CPU), `LayerNorm`, seeded dropout, L2 normalisation: the layers the model
-//!   crates build on.
+//! - [`nn`]: `Linear` (one op with its backward on the CPU), `LayerNorm`, seeded dropout, L2
+//!   normalisation: the layers the model crates build on.
 //!
 //! # What it must not know about
 //! Models, components, data, losses.

@@ -286,7 +286,7 @@ mod tests {
                     (a - e).unwrap().abs().unwrap().flatten_all().unwrap().to_vec1().unwrap();
                 let m: Vec<f32> = mag.flatten_all().unwrap().to_vec1().unwrap();
                 for (i, (&d, &m)) in d.iter().zip(&m).enumerate() {
-                    // Each side within gamma * mag of the exact sum, so within 2 gamma of each other.
+                    // Each side within gamma * mag of the exact sum: within 2 gamma of each other.
                     assert!(
                         d as f64 <= 2.0 * gamma * m as f64 * (1.0 + gamma),
                         "{what} gradient of {lead:?}x{din}->{dout} at {i}: {d} against {m}"
