@@ -13,10 +13,10 @@
 //! the products by the `gemm` crate (candle's CPU matmul) into uninitialised output (the
 //! private `gemm` module), `im2col` / `col2im` as plain loops here (candle has no public 2-D
 //! col2im), images split over threads where they split evenly (`ConvF32`). Checked against
-//! autograd through differentiable candle ops in this module's tests. Inside [`bf16::autocast`]`(Bf16,
-//! ..)` on a CPU with AVX512_BF16 the forward product runs in bf16 ([`bf16::gemm`], im2col
-//! written straight into its panels); the gradients stay the f32 ones. On other devices and
-//! dtypes [`conv2d`] is candle's `conv2d`.
+//! autograd through differentiable candle ops in this module's tests. Inside
+//! [`bf16::autocast`]`(Bf16, ..)` on a CPU with AVX512_BF16 the forward product runs in bf16
+//! ([`bf16::gemm`], im2col written straight into its panels); the gradients stay the f32 ones.
+//! On other devices and dtypes [`conv2d`] is candle's `conv2d`.
 
 use crate::bf16;
 use crate::gemm::{self, Mat};
@@ -369,8 +369,9 @@ impl Geometry {
 }
 
 /// im2col ([`Geometry::im2col_channel`]) straight into the bf16 panels of [`bf16::PackedB`],
-/// one panel of columns at a time: the f32 columns (9x the input for a 3x3 kernel) are never written out, which is what
-/// made bf16 lose to f32 on ResNet-50's early layers (`benches/benches/gemm.rs`).
+/// one panel of columns at a time: the f32 columns (9x the input for a 3x3 kernel) are never
+/// written out, which is what made bf16 lose to f32 on ResNet-50's early layers
+/// (`benches/benches/gemm.rs`).
 fn im2col_packed(x: &[f32], g: Geometry) -> bf16::PackedB {
     let (oh, ow) = g.out();
     let (len, hw) = (oh * ow, g.h * g.w);
