@@ -76,6 +76,11 @@ impl Geometry {
 }
 
 impl Geometry {
+    /// A 1x1 convolution with stride 1 and no padding: the image is its own column matrix.
+    fn pointwise(&self) -> bool {
+        self.k == 1 && self.stride == 1 && self.pad == 0
+    }
+
     /// The `k*k` im2col rows of one input channel `plane (h, w)` of one image into `rows`
     /// (`k*k` rows of `oh*ow`, contiguous), every element written: the input pixel each output
     /// pixel sees through that kernel offset, zero where it falls in the padding.
@@ -131,6 +136,16 @@ fn keep_columns(cols: Vec<f32>) {
     }
 }
 
+/// Calls `f` with this thread's column buffer, `n` values long (their contents are whatever
+/// the last use left).
+fn with_buffer<R>(n: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let mut buf = COLUMNS.take();
+    buf.resize(n, 0.0);
+    let r = f(&mut buf[..n]);
+    keep_columns(buf);
+    r
+}
+
 impl Geometry {
     /// The adjoint of [`Geometry::im2col_channel`]: adds each of the `k*k` rows of one channel
     /// (`oh*ow` each) onto the input pixels they were read from.
@@ -178,18 +193,17 @@ impl Geometry {
         if self.pointwise() {
             return f(Mat::rows(x, self.ci, len));
         }
-        let (kk, hw, n) = (self.k * self.k, self.h * self.w, self.rows() * len);
-        let mut cols = COLUMNS.take();
-        cols.resize(n, 0.0);
-        let fill = |(c, rows): (usize, &mut [f32])| self.im2col_channel(&x[c * hw..][..hw], rows);
-        if parallel {
-            cols[..n].par_chunks_mut(kk * len).enumerate().for_each(fill);
-        } else {
-            cols[..n].chunks_mut(kk * len).enumerate().for_each(fill);
-        }
-        let r = f(Mat::rows(&cols[..n], self.rows(), len));
-        keep_columns(cols);
-        r
+        let (kk, hw) = (self.k * self.k, self.h * self.w);
+        with_buffer(self.rows() * len, |cols| {
+            let fill =
+                |(c, rows): (usize, &mut [f32])| self.im2col_channel(&x[c * hw..][..hw], rows);
+            if parallel {
+                cols.par_chunks_mut(kk * len).enumerate().for_each(fill);
+            } else {
+                cols.chunks_mut(kk * len).enumerate().for_each(fill);
+            }
+            f(Mat::rows(cols, self.rows(), len))
+        })
     }
 }
 
@@ -232,21 +246,19 @@ impl ConvF32 {
             if g.pointwise() {
                 return out.gemm(wt, gb, !by);
             }
-            let mut cols = COLUMNS.take();
-            cols.resize(g.rows() * len, 0.0);
-            gemm::set_product(&mut cols[..g.rows() * len], wt, gb, !by);
-            let written = out.fill(|gx| {
-                let add = |(c, plane): (usize, &mut [f32])| {
-                    g.col2im_channel(&cols[c * kk * len..][..kk * len], plane);
-                };
-                if by {
-                    gx.chunks_mut(hw).enumerate().for_each(add);
-                } else {
-                    gx.par_chunks_mut(hw).enumerate().for_each(add);
-                }
-            });
-            keep_columns(cols);
-            written
+            with_buffer(g.rows() * len, |cols| {
+                gemm::set_product(cols, wt, gb, !by);
+                out.fill(|gx| {
+                    let add = |(c, plane): (usize, &mut [f32])| {
+                        g.col2im_channel(&cols[c * kk * len..][..kk * len], plane);
+                    };
+                    if by {
+                        gx.chunks_mut(hw).enumerate().for_each(add);
+                    } else {
+                        gx.par_chunks_mut(hw).enumerate().for_each(add);
+                    }
+                })
+            })
         })
     }
 
@@ -362,12 +374,6 @@ impl CustomOp2 for ConvGrad {
     }
 }
 
-impl Geometry {
-    fn pointwise(&self) -> bool {
-        self.k == 1 && self.stride == 1 && self.pad == 0
-    }
-}
-
 /// im2col ([`Geometry::im2col_channel`]) straight into the bf16 panels of [`bf16::PackedB`],
 /// one panel of columns at a time: the f32 columns (9x the input for a 3x3 kernel) are never
 /// written out, which is what made bf16 lose to f32 on ResNet-50's early layers
@@ -474,7 +480,7 @@ impl CustomOp3 for AttachConvGrad {
 
     fn bwd(
         &self,
-        _y: &Tensor,
+        y: &Tensor,
         x: &Tensor,
         w: &Tensor,
         _res: &Tensor,
@@ -483,7 +489,7 @@ impl CustomOp3 for AttachConvGrad {
         // The f32 backward of [`ConvF32`], so that gradients do not depend on the forward's
         // precision.
         let g = geometry(x, w, self.stride, self.pad)?;
-        let (gx, gw) = ConvF32(g).bwd(&x.contiguous()?, &w.contiguous()?, _y, grad)?;
+        let (gx, gw) = ConvF32(g).bwd(&x.contiguous()?, &w.contiguous()?, y, grad)?;
         Ok((None, gx, gw))
     }
 }
@@ -504,20 +510,15 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Tenso
         let g = geometry(x, w, stride, pad)?;
         let (oh, ow) = g.out();
         let co = w.dims()[0];
-        let frozen = !(x.track_op() || w.track_op());
-        let y = if bf16::precision() == bf16::Precision::Bf16 && bf16::available() {
-            // The forward product in bf16; a backward below stays f32.
-            let a = bf16::packed_weight(w, co, g.rows())?;
-            let y = x.detach().contiguous()?.apply_op1_no_bwd(&Bf16Conv(g, a))?;
-            batch_first(&y, g.b, oh, ow)?
-        } else {
-            let (xc, wc) = (x.contiguous()?, w.contiguous()?);
-            if frozen {
-                return xc.apply_op2_no_bwd(&wc, &ConvF32(g));
-            }
-            return xc.apply_op2(&wc, ConvF32(g));
-        };
-        if frozen {
+        if !(bf16::precision() == bf16::Precision::Bf16 && bf16::available()) {
+            // candle records no backward when neither input is tracked.
+            return x.contiguous()?.apply_op2(&w.contiguous()?, ConvF32(g));
+        }
+        // The forward product in bf16; the backward stays f32.
+        let a = bf16::packed_weight(w, co, g.rows())?;
+        let y = x.detach().contiguous()?.apply_op1_no_bwd(&Bf16Conv(g, a))?;
+        let y = batch_first(&y, g.b, oh, ow)?;
+        if !(x.track_op() || w.track_op()) {
             return Ok(y);
         }
         y.apply_op3(x, w, AttachConvGrad { stride, pad })

@@ -81,12 +81,8 @@ impl Linear {
             let flat = if bf16 {
                 crate::bf16::linear(&flat, &self.weight)?
             } else if cpu_f32 {
-                let (flat, w) = (flat.contiguous()?, self.weight.contiguous()?);
-                if flat.track_op() || w.track_op() {
-                    flat.apply_op2(&w, LinearF32)?
-                } else {
-                    flat.apply_op2_no_bwd(&w, &LinearF32)?
-                }
+                // candle records no backward when neither input is tracked.
+                flat.contiguous()?.apply_op2(&self.weight.contiguous()?, LinearF32)?
             } else {
                 flat.matmul(&self.weight.t()?)?
             };

@@ -105,9 +105,6 @@ impl CustomOp2 for MaxPoolGrad {
 /// Max-pool with kernel 3, stride 2 and padding 1 (padding never wins) of a contiguous-able
 /// f32 CPU tensor `(b, c, h, w)`, differentiable; the caller keeps other devices and dtypes.
 pub fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
-    if x.track_op() {
-        x.contiguous()?.apply_op1(MaxPool)
-    } else {
-        x.contiguous()?.apply_op1_no_bwd(&MaxPool)
-    }
+    // candle records no backward for an untracked input.
+    x.contiguous()?.apply_op1(MaxPool)
 }
