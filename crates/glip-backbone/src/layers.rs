@@ -116,12 +116,17 @@ fn take_strided(x: &Tensor, axis: usize, start: usize, n: usize, stride: usize) 
 ///
 /// candle runs a grouped convolution as one small convolution per group (hundreds for
 /// MobileNetV2, each with a thread barrier); this sums `k * k` shifted, per-channel scaled
-/// copies of the input instead, with differentiable ops only.
+/// copies of the input instead, with differentiable ops only. On CUDA with cuDNN (the `cudnn`
+/// feature) it is one grouped cuDNN convolution.
 pub fn depthwise_conv2d(x: &Tensor, weight: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
     let (_, c, h, w) = x.dims4()?;
     let (wc, _, k, _) = weight.dims4()?;
     if wc != c {
         candle_core::bail!("depthwise conv: {c} input channels, weight for {wc}");
+    }
+    if x.device().is_cuda() && glip_kernels::cuda::CUDNN {
+        // One cuDNN call with `c` groups (and its gradients) instead of 2 k^2 kernels.
+        return glip_kernels::conv::conv2d_grouped(x, weight, stride, pad, c);
     }
     let (oh, ow) = ((h + 2 * pad - k) / stride + 1, (w + 2 * pad - k) / stride + 1);
     // Pad, plus `stride` extra zeros at the end so every strided window fits.

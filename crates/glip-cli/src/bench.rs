@@ -27,10 +27,15 @@ pub struct BenchArgs {
     #[arg(long, value_parser = crate::parse_device)]
     device: Option<glip_train::device::DeviceSpec>,
     /// What convolutions' forward products (and inference's linear layers) compute in: f32, or
-    /// bf16 (inputs and weights rounded to bf16, f32 sums; CPUs with AVX512_BF16, else f32 with
-    /// a warning). Gradients and the optimiser are f32 either way.
+    /// bf16 (inputs and weights rounded to bf16, f32 sums; on CUDA forward and backward, on
+    /// the CPU with AVX512_BF16 the forward, else f32 with a warning). Weights and the
+    /// optimiser are f32 either way.
     #[arg(long, default_value = "f32", value_parser = crate::parse_precision)]
     precision: glip_train::Precision,
+    /// On CUDA, let f32 convolutions and matrix products use TF32 tensor cores (PyTorch's
+    /// default for convolutions; `run.tf32` in configs). No effect on the CPU or in bf16.
+    #[arg(long)]
+    tf32: bool,
 }
 
 /// Runs `glip bench`.
@@ -43,6 +48,7 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
         size: a.size,
         iters: a.iters,
         precision: a.precision,
+        tf32: a.tf32,
     };
     let dev = a.device.unwrap_or_default().resolve()?;
     crate::precision_on(a.precision, &dev);

@@ -88,10 +88,12 @@ impl std::str::FromStr for Precision {
 }
 
 /// Why `precision` cannot take effect on `device` (it would run in f32), or `None` when it
-/// does: bf16 convolutions exist for CPUs with AVX512_BF16 only so far.
+/// does: bf16 exists on CUDA (convolutions and `Linear`, see [`crate::cuda`]) and on CPUs with
+/// AVX512_BF16.
 pub fn fallback_reason(precision: Precision, device: &candle_core::Device) -> Option<String> {
     match precision {
         Precision::F32 => None,
+        Precision::Bf16 if device.is_cuda() => None,
         Precision::Bf16 if !device.is_cpu() => {
             Some(format!("bf16 is not implemented on {device:?} yet: computing in f32"))
         }

@@ -16,7 +16,8 @@
 //! autograd through differentiable candle ops in this module's tests. Inside
 //! [`bf16::autocast`]`(Bf16, ..)` on a CPU with AVX512_BF16 the forward product runs in bf16
 //! ([`bf16::gemm`], im2col written straight into its panels); the gradients stay the f32 ones.
-//! On other devices and dtypes [`conv2d`] is candle's `conv2d`.
+//! On CUDA [`conv2d`] is cuDNN's (forward and both gradients, [`crate::cudnn`]) where the build
+//! has the `cudnn` feature, candle's `conv2d` otherwise; on other CPU dtypes candle's.
 
 use crate::bf16;
 use crate::gemm::{self, Mat};
@@ -501,8 +502,12 @@ fn geometry(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Geometr
 }
 
 /// `conv2d(x (b, ci, h, w), w (co, ci, k, k))` with zero padding `pad` and stride `stride`, no
-/// groups, no dilation; on the CPU in f32 with this module's im2col + gemm passes.
+/// groups, no dilation; on the CPU in f32 with this module's im2col + gemm passes, on CUDA with
+/// cuDNN (the `cudnn` feature; in bf16 inside a bf16 [`bf16::autocast`], see [`crate::cuda`]).
 pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
+    if !x.device().is_cpu() {
+        return crate::cuda::conv2d(x, w, stride, pad, 1);
+    }
     let (_, _, kh, kw) = w.dims4()?;
     let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32;
     let (_, ci, h, wd) = x.dims4()?;
@@ -525,6 +530,22 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Tenso
     } else {
         x.conv2d(w, pad, stride, 1, 1)
     }
+}
+
+/// A grouped convolution (`groups` of them side by side: `w (co, ci / groups, k, k)`) off the
+/// CPU, through cuDNN when this build has it ([`crate::cuda::CUDNN`]), candle's `conv2d`
+/// otherwise; the CPU's depthwise convolution is glip-backbone's.
+pub fn conv2d_grouped(
+    x: &Tensor,
+    w: &Tensor,
+    stride: usize,
+    pad: usize,
+    groups: usize,
+) -> Result<Tensor> {
+    if x.device().is_cpu() {
+        return x.conv2d(w, pad, stride, 1, groups);
+    }
+    crate::cuda::conv2d(x, w, stride, pad, groups)
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! The compute kernels and layers of glip-rs, each behind one function that picks its
 //! implementation by device and dtype: custom CPU ops in f32 (with closed-form backwards) where
-//! candle's own are slow or drop gradients, candle's composition elsewhere. A CUDA
-//! implementation of each goes here, beside the CPU one.
+//! candle's own are slow or drop gradients, cuDNN for convolutions on CUDA (the `cudnn`
+//! feature), candle's composition elsewhere. A CUDA implementation of each goes here, beside the
+//! CPU one.
 //!
 //! # What this crate owns
 //! - [`bf16`]: a bf16 gemm with f32 sums for AVX512_BF16 CPUs (run-time dispatch) and the
@@ -9,6 +10,8 @@
 //! - [`conv`]: 2-D convolution as im2col + gemm image by image (forward, input and weight
 //!   gradients) and depthwise convolution, its products written by `gemm` (crate-private:
 //!   products into uninitialised output).
+//! - [`cuda`]: the GPU side: TF32, bf16 autocast on CUDA, the convolution's dispatch; with the
+//!   `cudnn` feature, convolution forward and both gradients through cuDNN (`cudnn`, private).
 //! - [`norm`]: training-mode batch norm as one op with its backward.
 //! - [`fused`]: softmax over the last axis and layer norm, with gradients.
 //! - [`pool`]: the ResNet stem's 3x3 stride-2 max-pool with its backward.
@@ -23,6 +26,9 @@
 pub mod affine;
 pub mod bf16;
 pub mod conv;
+pub mod cuda;
+#[cfg(feature = "cudnn")]
+mod cudnn;
 pub mod fused;
 mod gemm;
 pub mod nn;

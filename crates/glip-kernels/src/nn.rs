@@ -65,16 +65,21 @@ impl Linear {
         Self { weight, bias }
     }
 
-    /// `x (..., in)` -> `(..., out)`. Inside a bf16 `autocast` without gradients, the product
-    /// runs in bf16 with f32 sums ([`crate::bf16::linear`]).
+    /// `x (..., in)` -> `(..., out)`. Inside a bf16 `autocast` the product runs in bf16 with f32
+    /// sums: on the CPU without gradients ([`crate::bf16::linear`]), on CUDA with them
+    /// ([`crate::cuda`]).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let bf16 = crate::bf16::applies(x, &self.weight);
         let cpu_f32 = x.device().is_cpu()
             && x.dtype() == DType::F32
             && self.weight.dtype() == DType::F32
             && self.weight.rank() == 2;
+        // Off the CPU, inside a bf16 autocast on CUDA, the product in bf16 (see crate::cuda).
+        let product = |x: &Tensor| {
+            crate::cuda::in_autocast(x, &self.weight, |x, w| x.broadcast_matmul(&w.t()?))
+        };
         let y = if x.rank() == 3 && !bf16 && !cpu_f32 {
-            x.broadcast_matmul(&self.weight.t()?)?
+            product(x)?
         } else {
             let dims = x.dims();
             let flat = x.reshape(((), dims[dims.len() - 1]))?;
@@ -84,7 +89,7 @@ impl Linear {
                 // candle records no backward when neither input is tracked.
                 flat.contiguous()?.apply_op2(&self.weight.contiguous()?, LinearF32)?
             } else {
-                flat.matmul(&self.weight.t()?)?
+                product(&flat)?
             };
             let mut out = dims.to_vec();
             *out.last_mut().expect("rank >= 1") = self.weight.dim(0)?;

@@ -41,7 +41,7 @@ fn hungarian_reaches_scipys_optimal_total_on_every_case() {
 
 #[test]
 fn iou_and_giou_match_torchvision() -> Result<()> {
-    let io = load("boxes_losses.safetensors", &Device::Cpu)?;
+    let io = load("boxes_losses.safetensors", &glip_testing::device())?;
     assert_forward_close("iou", &box_iou(&io["a_xyxy"], &io["b_xyxy"])?, &io["iou"])?;
     assert_forward_close("giou", &generalized_box_iou(&io["a_xyxy"], &io["b_xyxy"])?, &io["giou"])?;
     Ok(())
@@ -49,7 +49,7 @@ fn iou_and_giou_match_torchvision() -> Result<()> {
 
 #[test]
 fn focal_loss_matches_torchvision_and_stays_finite_at_logits_of_100() -> Result<()> {
-    let io = load("boxes_losses.safetensors", &Device::Cpu)?;
+    let io = load("boxes_losses.safetensors", &glip_testing::device())?;
     let x = Var::from_tensor(&io["focal_logits"])?;
     let loss = sigmoid_focal(x.as_tensor(), &io["focal_targets"], 0.25, 2.0)?;
     assert_forward_close("focal_loss", &loss, &io["focal_loss"])?;

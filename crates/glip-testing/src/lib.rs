@@ -28,6 +28,28 @@ pub fn fixture(rel: &str) -> PathBuf {
     p
 }
 
+/// The device the parity tests compute on: `$GLIP_TEST_DEVICE` (`cpu`, the default, `cuda` or
+/// `cuda:N`), so that the same tests check a GPU (`scripts/gpu-check.sh` sets it). Panics when
+/// the device cannot be had: a test binary built without CUDA (build it with
+/// `--features glip-kernels/cuda`), or no such GPU; silently testing the CPU instead would pass
+/// a GPU check that never ran.
+pub fn device() -> Device {
+    let want = std::env::var("GLIP_TEST_DEVICE").unwrap_or_default();
+    let ordinal = match want.trim() {
+        "" | "cpu" => return Device::Cpu,
+        "cuda" => 0,
+        other => match other.strip_prefix("cuda:").map(str::parse) {
+            Some(Ok(n)) => n,
+            _ => panic!("GLIP_TEST_DEVICE={other:?}: give cpu, cuda or cuda:N"),
+        },
+    };
+    Device::new_cuda(ordinal).unwrap_or_else(|e| {
+        panic!(
+            "GLIP_TEST_DEVICE={want}: no CUDA device ({e}); the test binary needs              `--features glip-kernels/cuda` and a GPU"
+        )
+    })
+}
+
 /// Loads a safetensors fixture as f32 tensors on `device` (integer tensors keep their dtype).
 pub fn load(rel: &str, device: &Device) -> Result<HashMap<String, Tensor>> {
     let map = candle_core::safetensors::load(fixture(rel), device)?;

@@ -1,7 +1,7 @@
 //! Parity of the tokenizer and BERT with Hugging Face (`reference/make_fixtures.py`: `BertTokenizerFast`,
 //! `BertModel`), at the fixture README's forward tolerance `|a - b| <= 1e-4 + 1e-3 * |b|`.
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use glip_testing::{assert_forward_close, fixture, load};
 use glip_text::bert::mean_pool_normalized;
 use glip_text::{Bert, Tokenizer};
@@ -49,7 +49,7 @@ fn ids_and_mask(io: &std::collections::HashMap<String, Tensor>) -> Result<(Tenso
 
 #[test]
 fn bert_tiny_matches_last_hidden_state_and_pooler() -> Result<()> {
-    let dev = Device::Cpu;
+    let dev = glip_testing::device();
     let bert = Bert::from_folder(&fixture("bert-tiny"), &dev).unwrap();
     let io = load("bert-tiny_io.safetensors", &dev)?;
     let (ids, mask) = ids_and_mask(&io)?;
@@ -74,7 +74,7 @@ fn real_minilm_matches_sentence_transformers() -> Result<()> {
         eprintln!("SKIP real_minilm_matches_sentence_transformers: {} absent; run `cargo xtask fetch-models`", dir.display());
         return Ok(());
     }
-    let dev = Device::Cpu;
+    let dev = glip_testing::device();
     let bert = Bert::from_folder(&dir, &dev).unwrap();
     let io = load("minilm_io.safetensors", &dev)?;
     let (ids, mask) = ids_and_mask(&io)?;

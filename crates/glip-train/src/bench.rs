@@ -86,6 +86,8 @@ pub struct BenchSpec {
     pub iters: usize,
     /// What convolutions' forward products (and inference's linear layers) compute in.
     pub precision: crate::Precision,
+    /// TF32 for f32 products on CUDA ([`glip_kernels::cuda::set_tf32`]).
+    pub tf32: bool,
 }
 
 /// The timings, as `bench_torch.py` prints them.
@@ -105,6 +107,8 @@ pub struct BenchResult {
     pub min_s: f64,
     /// `f32` or `bf16` (what the convolutions computed in).
     pub precision: &'static str,
+    /// Whether f32 products on CUDA could use TF32.
+    pub tf32: bool,
     /// Every timed iteration.
     pub times: Vec<f64>,
     /// `candle` and its version.
@@ -146,6 +150,8 @@ fn inputs(spec: &BenchSpec, dev: &Device) -> Result<(ImageBatch, TextBatch, Vec<
 /// Builds the preset with random weights and times `spec.iters` iterations after one warm-up.
 pub fn run(spec: &BenchSpec, dev: &Device) -> Result<BenchResult> {
     let (precision, _) = crate::resolve_precision(spec.precision, dev);
+    let tf32 = spec.tf32 && dev.is_cuda();
+    glip_kernels::cuda::set_tf32(tf32);
     let cfg = preset(&spec.preset)?;
     let varmap = candle_nn::VarMap::new();
     let registry = crate::config::Registry::new();
@@ -230,6 +236,7 @@ pub fn run(spec: &BenchSpec, dev: &Device) -> Result<BenchResult> {
         median_s: median,
         min_s: sorted.first().copied().unwrap_or(f64::NAN),
         precision: precision.name(),
+        tf32,
         times,
         candle: "candle 0.11.1",
         device: if dev.is_cpu() { "cpu".into() } else { format!("{dev:?}") },

@@ -92,12 +92,18 @@ pub struct RunConfig {
     /// `cuda`, `cuda:N`. A command's `--device` overrides it.
     #[serde(default)]
     pub device: crate::device::DeviceSpec,
-    /// What convolutions compute in: `"f32"` (default) or `"bf16"`: forward products (training
-    /// and evaluation) with inputs and weights rounded to bf16 and f32 sums, on CPUs with
-    /// AVX512_BF16 (elsewhere f32, with a warning); weights, gradients, backward products and
-    /// the optimiser stay f32.
+    /// What convolutions compute in: `"f32"` (default) or `"bf16"`. On CUDA, convolutions and
+    /// linear layers compute forward and backward in bf16 with f32 sums (autocast: the weights,
+    /// the loss and the optimiser stay f32, gradients reach the weights as f32). On CPUs with
+    /// AVX512_BF16, forward products with inputs and weights rounded to bf16 and f32 sums,
+    /// backward products f32. Elsewhere f32, with a warning.
     #[serde(default)]
     pub precision: crate::Precision,
+    /// On CUDA, whether f32 convolutions and matrix products may use TF32 tensor cores (10-bit
+    /// mantissas in the products, f32 sums: PyTorch's default for convolutions, not for matrix
+    /// products). Default false: f32 throughout. No effect on the CPU.
+    #[serde(default)]
+    pub tf32: bool,
 }
 
 fn five_hundred() -> u64 {

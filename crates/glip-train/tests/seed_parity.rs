@@ -1,7 +1,7 @@
 //! The whole seed model against `seed-tiny/io` (`SeedGLIP` in `reference/glip_ref.py`, eval mode),
 //! at the fixture README's forward tolerance `|a - b| <= 1e-4 + 1e-3 * |b|`.
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use glip_backbone::ResNetDepth;
 use glip_core::{weights, ImageBatch, TextBatch};
 use glip_testing::{assert_forward_close, fixture, load};
@@ -30,7 +30,7 @@ fn inputs(io: &HashMap<String, Tensor>) -> Result<(ImageBatch, TextBatch)> {
 
 #[test]
 fn seed_tiny_forward_matches_reference_for_both_heads() -> Result<()> {
-    let dev = Device::Cpu;
+    let dev = glip_testing::device();
     let io = load("seed-tiny/io.safetensors", &dev)?;
     let (images, text) = inputs(&io)?;
     for (name, head) in [("class", SeedHead::Class(5)), ("token", SeedHead::Token)] {
@@ -77,7 +77,7 @@ fn seed_tiny_losses_matches_and_gradients_match_reference() -> Result<()> {
     use glip_core::Criterion;
     use glip_loss::{HungarianMatcher, LossConfig, SetCriterion};
     use glip_testing::assert_grad_close;
-    let dev = Device::Cpu;
+    let dev = glip_testing::device();
     let io = load("seed-tiny/io.safetensors", &dev)?;
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixture("seed-tiny/io.json")).unwrap())

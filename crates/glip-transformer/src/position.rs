@@ -1,6 +1,6 @@
 //! DETR's 2-D sine positional encoding (`PositionEmbeddingSine`, normalised, scale 2*pi).
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::{Result, Tensor};
 
 /// Sine positional encoding of a `(b, h, w)` u8 valid-pixel mask at feature resolution:
 /// `(b, h * w, d)` with `d/2` channels for y then `d/2` for x, each interleaving sin and cos,
@@ -62,5 +62,5 @@ pub fn downsample_mask(mask: &Tensor, h: usize, w: usize) -> Result<Tensor> {
             }
         }
     }
-    Tensor::from_vec(out, (b, h, w), &Device::Cpu)?.to_device(mask.device())
+    Tensor::from_vec(out, (b, h, w), mask.device())
 }

@@ -1,0 +1,72 @@
+//! The GPU side of this crate's dispatch, compiled in every build (a CPU-only build never takes
+//! it): TF32 for f32 products, bf16 autocast, and the convolution on CUDA.
+//!
+//! * [`set_tf32`]: f32 convolutions (cuDNN's default math) and f32 matrix products (candle's
+//!   cuBLAS calls, `set_gemm_reduced_precision_f32`) may use TF32 tensor cores: 10-bit
+//!   mantissas in the products, f32 sums. Off unless asked for (`run.tf32`): PyTorch's default
+//!   is on for convolutions and off for matrix products; the parity suite needs it off.
+//! * Inside [`crate::bf16::autocast`]`(Bf16, ..)`, f32 convolutions and `Linear` layers on CUDA
+//!   cast their input and weight to bf16, compute in bf16 with f32 sums (cuDNN, cuBLAS) and cast
+//!   the result back to f32, forward and backward (as `torch.autocast`): the weights stay f32
+//!   (the optimiser's master copy), gradients reach them through the casts as f32, and the loss
+//!   and its reductions stay f32. bf16 has f32's exponent range, so no loss scaling.
+//! * The convolution: cuDNN with both gradients ([`crate::cudnn`], the `cudnn` feature), else
+//!   candle's `conv2d` (im2col and a cuBLAS product forward, its autograd backward).
+
+use crate::bf16::{precision, Precision};
+use candle_core::{DType, Result, Tensor};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static TF32: AtomicBool = AtomicBool::new(false);
+
+/// Allows (or forbids) TF32 tensor cores for f32 convolutions and matrix products on CUDA, for
+/// the whole process.
+pub fn set_tf32(on: bool) {
+    TF32.store(on, Ordering::Relaxed);
+    candle_core::cuda::set_gemm_reduced_precision_f32(on);
+}
+
+/// Whether f32 products on CUDA may use TF32 (see [`set_tf32`]).
+pub fn tf32() -> bool {
+    TF32.load(Ordering::Relaxed)
+}
+
+/// Whether this build runs CUDA convolutions (and their gradients) through cuDNN.
+pub const CUDNN: bool = cfg!(feature = "cudnn");
+
+/// Whether `x` is an f32 tensor on CUDA inside a bf16 autocast scope.
+pub(crate) fn autocast_bf16(x: &Tensor) -> bool {
+    precision() == Precision::Bf16 && x.dtype() == DType::F32 && x.device().is_cuda()
+}
+
+/// `f(x, w)` in bf16 when [`autocast_bf16`] says so (the result cast back to f32), as given
+/// otherwise.
+pub(crate) fn in_autocast(
+    x: &Tensor,
+    w: &Tensor,
+    f: impl FnOnce(&Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    if autocast_bf16(x) && w.dtype() == DType::F32 {
+        f(&x.to_dtype(DType::BF16)?, &w.to_dtype(DType::BF16)?)?.to_dtype(DType::F32)
+    } else {
+        f(x, w)
+    }
+}
+
+/// A convolution off the CPU (`groups` of them side by side), in bf16 under autocast: cuDNN's,
+/// forward and backward, where this build has it, else candle's.
+pub(crate) fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    stride: usize,
+    pad: usize,
+    groups: usize,
+) -> Result<Tensor> {
+    in_autocast(x, w, |x, w| {
+        #[cfg(feature = "cudnn")]
+        if x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::BF16) {
+            return crate::cudnn::conv2d(x, w, stride, pad, groups);
+        }
+        x.conv2d(w, pad, stride, 1, groups)
+    })
+}

@@ -1,0 +1,281 @@
+//! The GPU tests, built only with the `cuda` feature and run on a machine with a GPU by
+//! `scripts/gpu-check.sh` (part a):
+//!
+//! ```sh
+//! GLIP_TEST_DEVICE=cuda cargo test -p glip-train --features cudnn --test cuda
+//! ```
+//!
+//! * **The parity suite on CUDA.** The parity tests of glip-backbone (ResNet-50, MobileNetV2,
+//!   ResNet-50 in bf16), glip-loss, glip-text (BERT-tiny, MiniLM) and glip-train (seed-tiny
+//!   forward, losses, matches and gradients) are compiled into this binary as modules and compute
+//!   on `$GLIP_TEST_DEVICE` ([`glip_testing::device`]), at the fixture README's tolerances in f32
+//!   (TF32 off, the default) and the stated bound in bf16.
+//! * **Each op with a CUDA path against exact values.** Convolutions (3x3, strided, 1x1, the 7x7
+//!   stem, depthwise) forward and both gradients, in f32 and under bf16 autocast; `Linear` with
+//!   its gradients in both; training batch norm, softmax and layer norm with gradients. The
+//!   exact values are the same computation in f64 on the CPU (candle's own ops), compared per
+//!   element with the bounds derived at each test.
+//!
+//! These tests need `cuda:0`; they fail (not skip) without it, since a GPU check that silently
+//! ran on the CPU would prove nothing.
+
+#[path = "../../glip-backbone/tests/parity.rs"]
+mod backbone_parity;
+#[path = "../../glip-loss/tests/parity.rs"]
+mod loss_parity;
+#[path = "seed_parity.rs"]
+mod seed_parity;
+#[path = "../../glip-text/tests/parity.rs"]
+mod text_parity;
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use glip_kernels::bf16::{autocast, Precision};
+
+fn gpu() -> Device {
+    Device::new_cuda(0).expect("the GPU tests need cuda:0 (a GPU and a CUDA build)")
+}
+
+/// f32's unit round-off.
+const U32: f64 = f32::EPSILON as f64 / 2.0;
+/// bf16's unit round-off (8 significant bits, round to nearest).
+const UBF16: f64 = 1.0 / 256.0;
+
+/// `gamma_n = n u / (1 - n u)`: the relative bound on an f32 sum of `n` products, against the
+/// sum of the terms' magnitudes.
+fn gamma(n: usize) -> f64 {
+    let nu = n as f64 * U32;
+    nu / (1.0 - nu)
+}
+
+/// The relative bound per product for `precision`: f32 sums of `n` terms; in bf16 each term's
+/// two operands are rounded to bf16 (`2 u_bf16 + u_bf16^2`) and the result once more (cuDNN and
+/// cuBLAS write bf16, cast back to f32 after): `3 u_bf16 + u_bf16^2 + gamma_n`.
+fn relative_bound(precision: Precision, n: usize) -> f64 {
+    match precision {
+        Precision::F32 => gamma(n),
+        Precision::Bf16 => 3.0 * UBF16 + UBF16 * UBF16 + gamma(n),
+    }
+}
+
+fn random(shape: &[usize], seed: u64) -> Tensor {
+    let mut rng = glip_core::rng::Rng::new(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// `|got - exact| <= bound` elementwise (`got` from the GPU, `exact` and `bound` f64 on the CPU).
+fn assert_within(name: &str, got: &Tensor, exact: &Tensor, bound: &Tensor) -> Result<()> {
+    assert_eq!(got.dims(), exact.dims(), "{name}: shapes differ");
+    let g: Vec<f64> =
+        got.to_device(&Device::Cpu)?.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    let e: Vec<f64> = exact.flatten_all()?.to_vec1()?;
+    let b: Vec<f64> = bound.flatten_all()?.to_vec1()?;
+    let mut worst = 0f64;
+    for (i, ((g, e), b)) in g.iter().zip(&e).zip(&b).enumerate() {
+        let err = (g - e).abs();
+        assert!(err <= *b, "{name}[{i}]: {g} vs exact {e}, error {err:e} over the bound {b:e}");
+        if *b > 0.0 {
+            worst = worst.max(err / b);
+        }
+    }
+    eprintln!("{name}: largest error / bound {worst:.3}");
+    Ok(())
+}
+
+/// One convolution: `x (b, ci, h, w)`, `w (co, ci / groups, k, k)`.
+#[derive(Debug, Clone, Copy)]
+struct ConvCase {
+    b: usize,
+    ci: usize,
+    co: usize,
+    hw: (usize, usize),
+    k: usize,
+    stride: usize,
+    pad: usize,
+    groups: usize,
+}
+
+const CONVS: [ConvCase; 5] = [
+    ConvCase { b: 2, ci: 16, co: 24, hw: (13, 11), k: 3, stride: 1, pad: 1, groups: 1 },
+    ConvCase { b: 3, ci: 8, co: 16, hw: (17, 16), k: 3, stride: 2, pad: 1, groups: 1 },
+    ConvCase { b: 2, ci: 32, co: 8, hw: (9, 9), k: 1, stride: 1, pad: 0, groups: 1 },
+    ConvCase { b: 2, ci: 3, co: 16, hw: (40, 36), k: 7, stride: 2, pad: 3, groups: 1 },
+    ConvCase { b: 2, ci: 24, co: 24, hw: (15, 14), k: 3, stride: 2, pad: 1, groups: 24 },
+];
+
+/// `y = conv(x, w)` and the gradients of `sum(y * g)` on `dev` in `dtype`, with `precision`'s
+/// autocast (glip's dispatch on the GPU, candle's own ops on the CPU for the exact values).
+fn conv_with_grads(
+    c: &ConvCase,
+    (x, w, g): (&Tensor, &Tensor, &Tensor),
+    dev: &Device,
+    dtype: DType,
+    precision: Precision,
+) -> Result<[Tensor; 3]> {
+    let xv = Var::from_tensor(&x.to_dtype(dtype)?.to_device(dev)?)?;
+    let wv = Var::from_tensor(&w.to_dtype(dtype)?.to_device(dev)?)?;
+    let y = if dev.is_cpu() {
+        xv.conv2d(&wv, c.pad, c.stride, 1, c.groups)?
+    } else if c.groups == 1 {
+        autocast(precision, || glip_kernels::conv::conv2d(&xv, &wv, c.stride, c.pad))?
+    } else {
+        autocast(precision, || {
+            glip_kernels::conv::conv2d_grouped(&xv, &wv, c.stride, c.pad, c.groups)
+        })?
+    };
+    let grads = (&y * g.to_dtype(dtype)?.to_device(dev)?)?.sum_all()?.backward()?;
+    Ok([y, grads.get(&xv).expect("dx").clone(), grads.get(&wv).expect("dw").clone()])
+}
+
+fn check_convs(precision: Precision) -> Result<()> {
+    let dev = gpu();
+    for (i, c) in CONVS.iter().enumerate() {
+        let (h, wd) = c.hw;
+        let (oh, ow) =
+            ((h + 2 * c.pad - c.k) / c.stride + 1, (wd + 2 * c.pad - c.k) / c.stride + 1);
+        let x = random(&[c.b, c.ci, h, wd], 10 + i as u64);
+        let w = random(&[c.co, c.ci / c.groups, c.k, c.k], 20 + i as u64);
+        let g = random(&[c.b, c.co, oh, ow], 30 + i as u64);
+        let got = conv_with_grads(c, (&x, &w, &g), &dev, DType::F32, precision)?;
+        let exact = conv_with_grads(c, (&x, &w, &g), &Device::Cpu, DType::F64, Precision::F32)?;
+        // The sums of |terms|: the same computation on |x|, |w| and |g|.
+        let magnitudes = conv_with_grads(
+            c,
+            (&x.abs()?, &w.abs()?, &g.abs()?),
+            &Device::Cpu,
+            DType::F64,
+            Precision::F32,
+        )?;
+        // Terms per sum: forward (ci / groups) k^2, input gradient (co / groups) k^2 (at most),
+        // weight gradient b oh ow.
+        let terms = [c.ci / c.groups * c.k * c.k, c.co / c.groups * c.k * c.k, c.b * oh * ow];
+        for (j, name) in ["y", "dx", "dw"].into_iter().enumerate() {
+            let bound = (&magnitudes[j] * relative_bound(precision, terms[j]))?;
+            assert_within(&format!("conv {c:?} {precision} {name}"), &got[j], &exact[j], &bound)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn convolutions_and_both_gradients_match_exact_values_in_f32() -> Result<()> {
+    check_convs(Precision::F32)
+}
+
+#[test]
+fn convolutions_and_both_gradients_match_exact_values_in_bf16() -> Result<()> {
+    check_convs(Precision::Bf16)
+}
+
+/// `Linear` `(4, 7, 96) -> 40` with bias, and the gradients of `sum(y * g)`: each output a sum
+/// of 96 products and the bias (97 terms), the input gradient of 40, the weight gradient of 28.
+fn check_linear(precision: Precision) -> Result<()> {
+    let dev = gpu();
+    let (x, w, b, g) =
+        (random(&[4, 7, 96], 1), random(&[40, 96], 2), random(&[40], 3), random(&[4, 7, 40], 4));
+    let run =
+        |x: &Tensor, w: &Tensor, b: &Tensor, g: &Tensor, dev: &Device, dt| -> Result<[Tensor; 4]> {
+            let var = |t: &Tensor| Var::from_tensor(&t.to_dtype(dt)?.to_device(dev)?);
+            let (xv, wv, bv) = (var(x)?, var(w)?, var(b)?);
+            let lin = glip_kernels::nn::Linear::from_tensors(
+                wv.as_tensor().clone(),
+                Some(bv.as_tensor().clone()),
+            );
+            let y = if dev.is_cpu() {
+                lin.forward(&xv)?
+            } else {
+                autocast(precision, || lin.forward(&xv))?
+            };
+            let grads = (&y * g.to_dtype(dt)?.to_device(dev)?)?.sum_all()?.backward()?;
+            let get = |v: &Var| grads.get(v).expect("gradient").clone();
+            Ok([y.clone(), get(&xv), get(&wv), get(&bv)])
+        };
+    let got = run(&x, &w, &b, &g, &dev, DType::F32)?;
+    let exact = run(&x, &w, &b, &g, &Device::Cpu, DType::F64)?;
+    let mag = run(&x.abs()?, &w.abs()?, &b.abs()?, &g.abs()?, &Device::Cpu, DType::F64)?;
+    // The bias is added in f32 after the product: one more term, never rounded to bf16.
+    for (j, (name, terms)) in
+        [("y", 97), ("dx", 40), ("dw", 28), ("db", 28)].into_iter().enumerate()
+    {
+        let rel = if name == "db" { gamma(terms) } else { relative_bound(precision, terms) };
+        assert_within(
+            &format!("linear {precision} {name}"),
+            &got[j],
+            &exact[j],
+            &(&mag[j] * rel)?,
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn linear_and_its_gradients_match_exact_values_in_f32_and_bf16() -> Result<()> {
+    check_linear(Precision::F32)?;
+    check_linear(Precision::Bf16)
+}
+
+/// `f` on the GPU in f32 and on the CPU in f64, with the gradients of `sum(f(x) * g)` for every
+/// input, compared at the fixture README's tolerances (forward `1e-4 + 1e-3 |b|`, gradients
+/// `1e-3 max|b| + 1e-5`): these are normalisations, whose error analysis the product bounds
+/// above do not cover.
+fn check_normalisation(
+    name: &str,
+    inputs: &[Tensor],
+    g: &Tensor,
+    f: impl Fn(&[Tensor]) -> Result<Tensor>,
+) -> Result<()> {
+    let run = |dev: &Device, dt| -> Result<(Tensor, Vec<Tensor>)> {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(&t.to_dtype(dt)?.to_device(dev)?))
+            .collect::<Result<_>>()?;
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let y = f(&ts)?;
+        let grads = (&y * g.to_dtype(dt)?.to_device(dev)?)?.sum_all()?.backward()?;
+        Ok((y, vars.iter().map(|v| grads.get(v).expect("gradient").clone()).collect()))
+    };
+    let (y, dys) = run(&gpu(), DType::F32)?;
+    let (e, des) = run(&Device::Cpu, DType::F64)?;
+    let cpu = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F32);
+    glip_testing::assert_forward_close(name, &cpu(&y)?, &e.to_dtype(DType::F32)?)?;
+    for (i, (d, e)) in dys.iter().zip(&des).enumerate() {
+        glip_testing::assert_grad_close(
+            &format!("{name} d{i}"),
+            &cpu(d)?,
+            &e.to_dtype(DType::F32)?,
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn batch_norm_softmax_and_layer_norm_with_gradients_match_exact_values() -> Result<()> {
+    let x = random(&[4, 6, 5, 7], 5);
+    let (wt, bs) = ((random(&[6], 6).abs()? + 0.5)?, random(&[6], 7));
+    check_normalisation(
+        "batch_norm_train",
+        &[x.clone(), wt, bs],
+        &random(&[4, 6, 5, 7], 8),
+        |t| Ok(glip_kernels::norm::batch_norm_train(&t[0], &t[1], &t[2], 1e-5)?.0),
+    )?;
+    let s = (random(&[3, 5, 33], 9) * 3.0)?;
+    check_normalisation("softmax_last", &[s], &random(&[3, 5, 33], 10), |t| {
+        glip_kernels::fused::softmax_last(&t[0])
+    })?;
+    let l = random(&[3, 5, 64], 11);
+    let (lw, lb) = ((random(&[64], 12).abs()? + 0.5)?, random(&[64], 13));
+    check_normalisation("layer_norm", &[l, lw, lb], &random(&[3, 5, 64], 14), |t| {
+        glip_kernels::fused::layer_norm(&t[0], &t[1], &t[2], 1e-5)
+    })
+}
+
+/// The suite only means something on the GPU: `GLIP_TEST_DEVICE` must name one (the parity
+/// modules above read it).
+#[test]
+fn the_parity_modules_run_on_the_gpu() {
+    assert!(
+        glip_testing::device().is_cuda(),
+        "set GLIP_TEST_DEVICE=cuda: the parity modules of this binary would run on the CPU"
+    );
+}
