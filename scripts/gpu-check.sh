@@ -120,6 +120,21 @@ if [[ "$PARTS" == *b* ]]; then
   done
 fi
 
+# (b, continued) Where a training step's time goes: each phase with the device synchronised at
+# its boundaries (so the sum can exceed the plain step above).
+if [[ "$PARTS" == *b* ]]; then
+  echo "== (b) phases of a training step (medians; forward, loss, backward, optimizer)"
+  for row in "${rows[@]}"; do
+    read -r preset batch size modes <<<"$row"
+    [[ "$modes" == *train* ]] || continue
+    for precision in f32 bf16; do
+      line=$("$GLIP" bench --device "$DEVICE" --preset "$preset" --mode train --batch "$batch" \
+        --size "$size" --iters "$ITERS" --precision "$precision" --phases 2>&1 | tail -1)
+      echo "$preset train b$batch@$size $precision phases: $(python3 -c 'import json, sys; print(json.loads(sys.argv[1]).get("phases"))' "$line" 2>/dev/null || echo "$line")"
+    done
+  done
+fi
+
 # (c) The default experiment on the device for a short budget.
 if [[ "$PARTS" == *c* ]]; then
   echo "== (c) experiment: configs/shapes.toml, $BUDGET_MIN min of training, out $OUT"

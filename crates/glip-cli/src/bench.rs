@@ -36,6 +36,10 @@ pub struct BenchArgs {
     /// default for convolutions; `run.tf32` in configs). No effect on the CPU or in bf16.
     #[arg(long)]
     tf32: bool,
+    /// Also time each phase (forward, loss, backward, optimiser; the device synchronised at
+    /// each boundary) and print their medians in `phases`.
+    #[arg(long)]
+    phases: bool,
 }
 
 /// Runs `glip bench`.
@@ -49,6 +53,7 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
         iters: a.iters,
         precision: a.precision,
         tf32: a.tf32,
+        phases: a.phases,
     };
     let dev = a.device.unwrap_or_default().resolve()?;
     crate::precision_on(a.precision, &dev);

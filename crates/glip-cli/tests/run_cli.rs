@@ -303,6 +303,18 @@ fn bench_prints_one_json_line_like_bench_torch() {
     }
     assert_eq!(v["times"].as_array().unwrap().len(), 2);
     assert!(v["median_s"].as_f64().unwrap() > 0.0);
+    assert!(v.get("phases").is_none(), "phases without --phases: {v}");
+    // With --phases: the four phases of a training step, in order, each timed.
+    let (ok, out, err) = glip(&[
+        "bench", "--preset", "seed-r18", "--mode", "train", "--batch", "1", "--size", "64",
+        "--iters", "2", "--phases",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let phases = v["phases"].as_array().unwrap_or_else(|| panic!("no phases in {v}"));
+    let names: Vec<&str> = phases.iter().map(|p| p[0].as_str().unwrap()).collect();
+    assert_eq!(names, ["forward", "loss", "backward", "optimizer"]);
+    assert!(phases.iter().all(|p| p[1].as_f64().unwrap() > 0.0), "{v}");
 }
 
 /// The dense head and query selection, on two levels with an FPN and fusion: trained, saved,

@@ -245,10 +245,29 @@ impl CustomOp1 for SumSquares {
 /// ops in f64 elsewhere. The chunked sums are added in a fixed order, so the result does not
 /// depend on the thread count.
 pub fn sum_squares(x: &Tensor) -> Result<f64> {
+    sum_squares_tensor(x)?.to_scalar::<f64>()
+}
+
+/// [`sum_squares`] as a scalar f64 tensor on `x`'s device.
+fn sum_squares_tensor(x: &Tensor) -> Result<Tensor> {
     if in_place(&[x]) {
-        return x.apply_op1_no_bwd(&SumSquares)?.to_scalar::<f64>();
+        return x.apply_op1_no_bwd(&SumSquares);
     }
-    x.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()
+    x.to_dtype(DType::F64)?.sqr()?.sum_all()
+}
+
+/// The sum of the squares of every element of `xs` (gradient clipping's global norm, squared),
+/// accumulated in f64 in the order given. On a GPU the per-tensor sums stay on the device and
+/// one copy brings the total back (one synchronisation per step, not one per tensor).
+pub fn sum_squares_all(xs: &[&Tensor]) -> Result<f64> {
+    if xs.iter().all(|x| x.device().is_cpu()) {
+        return xs.iter().try_fold(0f64, |acc, x| Ok(acc + sum_squares(x)?));
+    }
+    let parts = xs.iter().map(|x| sum_squares_tensor(x)).collect::<Result<Vec<_>>>()?;
+    if parts.is_empty() {
+        return Ok(0.0);
+    }
+    Tensor::stack(&parts, 0)?.sum_all()?.to_scalar::<f64>()
 }
 
 #[cfg(test)]

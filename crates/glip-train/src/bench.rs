@@ -88,6 +88,11 @@ pub struct BenchSpec {
     pub precision: crate::Precision,
     /// TF32 for f32 products on CUDA ([`glip_kernels::cuda::set_tf32`]).
     pub tf32: bool,
+    /// Also time each phase of an iteration (forward, loss, backward, optimiser), the device
+    /// synchronised at each boundary: where the time goes (the synchronisations take away the
+    /// overlap of host and GPU between phases, so the phases can add up to more than a plain
+    /// iteration).
+    pub phases: bool,
 }
 
 /// The timings, as `bench_torch.py` prints them.
@@ -109,6 +114,9 @@ pub struct BenchResult {
     pub precision: &'static str,
     /// Whether f32 products on CUDA could use TF32.
     pub tf32: bool,
+    /// With `phases`: median seconds of each phase, in order.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phases: Option<Vec<(String, f64)>>,
     /// Every timed iteration.
     pub times: Vec<f64>,
     /// `candle` and its version.
@@ -145,6 +153,41 @@ fn inputs(spec: &BenchSpec, dev: &Device) -> Result<(ImageBatch, TextBatch, Vec<
         .map(|_| Target::new(boxes.clone(), Some(labels.clone()), None))
         .collect::<Result<Vec<_>>>()?;
     Ok((images, text, targets))
+}
+
+/// The median of `xs` (NaN for none).
+fn median(xs: &[f64]) -> f64 {
+    let mut sorted = xs.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+    }
+}
+
+/// Phase boundaries of one iteration: with `on`, each [`Marks::mark`] waits for the device and
+/// records the seconds since the last one.
+struct Marks<'a> {
+    on: bool,
+    dev: &'a Device,
+    last: Instant,
+    times: Vec<(&'static str, f64)>,
+}
+
+impl Marks<'_> {
+    fn mark(&mut self, name: &'static str) -> Result<()> {
+        if self.on {
+            self.dev.synchronize()?;
+            let now = Instant::now();
+            self.times.push((name, (now - self.last).as_secs_f64()));
+            self.last = now;
+        }
+        Ok(())
+    }
 }
 
 /// Builds the preset with random weights and times `spec.iters` iterations after one warm-up.
@@ -186,22 +229,33 @@ pub fn run(spec: &BenchSpec, dev: &Device) -> Result<BenchResult> {
     } else {
         None
     };
-    let mut step = || -> Result<()> {
+    // Per timed iteration, each phase's seconds (with `spec.phases`).
+    let mut phase_times: Vec<Vec<(&'static str, f64)>> = Vec::new();
+    let mut step = |record: bool| -> Result<()> {
+        let mut marks = Marks { on: spec.phases, dev, last: Instant::now(), times: Vec::new() };
         match opt.as_mut() {
             None => {
                 let model = frozen.as_ref().unwrap_or(&model);
                 let out = model.forward(&images, &text, false)?;
                 candle_nn::ops::softmax_last_dim(&out.pred.pred_logits)?;
+                marks.mark("forward")?;
             }
             Some(opt) => {
                 // One scope per step: the weights change between steps.
                 let out = glip_kernels::bf16::autocast(precision, || {
                     model.forward(&images, &text, true)
                 })?;
+                marks.mark("forward")?;
                 let losses = criterion.forward(&out, &targets)?;
+                marks.mark("loss")?;
                 let grads = losses.total.backward()?;
+                marks.mark("backward")?;
                 opt.step(&grads)?;
+                marks.mark("optimizer")?;
             }
+        }
+        if record && spec.phases {
+            phase_times.push(marks.times);
         }
         dev.synchronize()
     };
@@ -209,34 +263,38 @@ pub fn run(spec: &BenchSpec, dev: &Device) -> Result<BenchResult> {
     // warm-up (as a bf16 model would be stored), then reused.
     let scope = if spec.train { crate::Precision::F32 } else { precision };
     let times = glip_kernels::bf16::autocast(scope, || -> Result<Vec<f64>> {
-        step()?;
+        step(false)?;
         let mut times = Vec::with_capacity(spec.iters);
         for _ in 0..spec.iters {
             let t = Instant::now();
-            step()?;
+            step(true)?;
             times.push(t.elapsed().as_secs_f64());
         }
         Ok(times)
     })?;
-    let mut sorted = times.clone();
-    sorted.sort_by(f64::total_cmp);
-    let n = sorted.len();
-    let median = if n == 0 {
-        f64::NAN
-    } else if n % 2 == 1 {
-        sorted[n / 2]
-    } else {
-        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
-    };
+    let phases = spec.phases.then(|| {
+        let names: Vec<&str> =
+            phase_times.first().map(|p| p.iter().map(|m| m.0).collect()).unwrap_or_default();
+        names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let t: Vec<f64> = phase_times.iter().map(|p| p[i].1).collect();
+                (name.to_string(), median(&t))
+            })
+            .collect()
+    });
+    let fastest = times.iter().copied().min_by(f64::total_cmp).unwrap_or(f64::NAN);
     Ok(BenchResult {
         preset: spec.preset.clone(),
         mode: if spec.train { "train" } else { "infer" },
         batch: spec.batch,
         size: spec.size,
-        median_s: median,
-        min_s: sorted.first().copied().unwrap_or(f64::NAN),
+        median_s: median(&times),
+        min_s: fastest,
         precision: precision.name(),
         tf32,
+        phases,
         times,
         candle: "candle 0.11.1",
         device: if dev.is_cpu() { "cpu".into() } else { format!("{dev:?}") },

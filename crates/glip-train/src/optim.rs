@@ -238,13 +238,9 @@ impl AdamW {
     pub fn step(&mut self, grads: &GradStore) -> Result<StepStats> {
         self.step += 1;
         let t = self.step;
-        let mut sq = 0f64;
-        for p in &self.params {
-            if let Some(g) = grads.get(p.var.as_tensor()) {
-                sq += glip_kernels::optim::sum_squares(g)?;
-            }
-        }
-        let grad_norm = sq.sqrt();
+        let present: Vec<&Tensor> =
+            self.params.iter().filter_map(|p| grads.get(p.var.as_tensor())).collect();
+        let grad_norm = glip_kernels::optim::sum_squares_all(&present)?.sqrt();
         let clip = if self.cfg.clip_norm > 0.0 && grad_norm > self.cfg.clip_norm {
             self.cfg.clip_norm / (grad_norm + 1e-6)
         } else {

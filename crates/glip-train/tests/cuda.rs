@@ -10,11 +10,12 @@
 //!   forward, losses, matches and gradients) are compiled into this binary as modules and compute
 //!   on `$GLIP_TEST_DEVICE` ([`glip_testing::device`]), at the fixture README's tolerances in f32
 //!   (TF32 off, the default) and the stated bound in bf16.
-//! * **Each op with a CUDA path against exact values.** Convolutions (3x3, strided, 1x1, the 7x7
-//!   stem, depthwise) forward and both gradients, in f32 and under bf16 autocast; `Linear` with
-//!   its gradients in both; training batch norm, softmax and layer norm with gradients. The
-//!   exact values are the same computation in f64 on the CPU (candle's own ops), compared per
-//!   element with the bounds derived at each test.
+//! * **Each op with a CUDA path against exact values or the CPU path.** Convolutions (3x3,
+//!   strided, 1x1, the 7x7 stem, depthwise) forward and both gradients, in f32 and under bf16
+//!   autocast; `Linear` with its gradients in both; training batch norm, softmax and layer norm
+//!   with gradients (exact values: the same computation in f64 on the CPU, candle's own ops);
+//!   the stem max-pool with its gradient, AdamW, the EMA and the gradient norm (against the CPU
+//!   kernels). Compared per element with the bounds derived at each test.
 //!
 //! These tests need `cuda:0`; they fail (not skip) without it, since a GPU check that silently
 //! ran on the CPU would prove nothing.
@@ -278,4 +279,77 @@ fn the_parity_modules_run_on_the_gpu() {
         glip_testing::device().is_cuda(),
         "set GLIP_TEST_DEVICE=cuda: the parity modules of this binary would run on the CPU"
     );
+}
+
+/// The ResNet stem's max-pool on CUDA (candle's composition, with its gradient) against the CPU
+/// kernel: a maximum is exact, so values agree bit for bit; an input that is the maximum of up
+/// to four overlapping windows collects up to four gradient terms, summed in another order, so
+/// gradients agree within `gamma_4` of the sum of their magnitudes (the same argument as the CPU
+/// test in glip-backbone's layers).
+#[test]
+fn the_stem_max_pool_and_its_gradient_match_the_cpu_kernel() -> Result<()> {
+    let x = random(&[2, 3, 17, 14], 15);
+    let g = random(&[2, 3, 9, 7], 16);
+    let run = |dev: &Device, g: &Tensor| -> Result<(Tensor, Tensor)> {
+        let v = Var::from_tensor(&x.to_device(dev)?)?;
+        let y = glip_backbone::layers::max_pool_3x3_s2_p1(&v)?;
+        let grads = (&y * g.to_device(dev)?)?.sum_all()?.backward()?;
+        Ok((y.to_device(&Device::Cpu)?, grads.get(&v).expect("dx").to_device(&Device::Cpu)?))
+    };
+    let (y, dx) = run(&gpu(), &g)?;
+    let (y_cpu, dx_cpu) = run(&Device::Cpu, &g)?;
+    let (_, dx_mag) = run(&Device::Cpu, &g.abs()?)?;
+    let zero = y.zeros_like()?.to_dtype(DType::F64)?;
+    assert_within("max pool y", &y, &y_cpu.to_dtype(DType::F64)?, &zero)?;
+    let bound = (dx_mag.to_dtype(DType::F64)? * gamma(4))?;
+    assert_within("max pool dx", &dx, &dx_cpu.to_dtype(DType::F64)?, &bound)
+}
+
+/// AdamW's composed update on CUDA against the CPU's in-place passes over three steps, with
+/// clipping and decay, within `k u (4|w| + 320 lr)` after `k` steps (the bound and its
+/// derivation are those of the CPU test in glip-kernels' `optim`); the EMA within the bound
+/// carried through its recurrence below; the gradient-norm total within f64 round-off.
+#[test]
+fn adamw_ema_and_the_gradient_norm_match_the_cpu_passes() -> Result<()> {
+    use glip_kernels::optim::{adamw_update, ema_update, moments_like, sum_squares_all, AdamWStep};
+    let dev = gpu();
+    let w0 = random(&[257, 9], 17);
+    let (wc, wg) = (Var::from_tensor(&w0)?, Var::from_tensor(&w0.to_device(&dev)?)?);
+    let (mut mc, mut mg) = (moments_like(&w0)?, moments_like(&w0)?.to_device(&dev)?);
+    let (mut ec, mut eg) = (w0.copy()?, w0.to_device(&dev)?);
+    let lr = 1e-2;
+    let mut ema_bound = w0.zeros_like()?.to_dtype(DType::F64)?;
+    for t in 1..=3 {
+        let g = (random(&[257, 9], 20 + t as u64) * (0.8 / t as f64))?;
+        let h = AdamWStep {
+            clip: 0.7,
+            b1: 0.9,
+            b2: 0.999,
+            bc1: 1.0 - 0.9f64.powi(t),
+            bc2: 1.0 - 0.999f64.powi(t),
+            lr,
+            weight_decay: 0.05,
+            eps: 1e-8,
+        };
+        adamw_update(&wc, &mut mc, &g, &h)?;
+        adamw_update(&wg, &mut mg, &g.to_device(&dev)?, &h)?;
+        let want = wc.as_tensor().to_dtype(DType::F64)?;
+        let bound = (((want.abs()? * 4.0)? + 320.0 * lr)? * (t as f64 * U32))?;
+        assert_within(&format!("adamw step {t}"), wg.as_tensor(), &want, &bound)?;
+        // `e = d e + (1 - d) w`: the difference carried from the last step shrinks by `d`, the
+        // weights' difference enters with `1 - d`, and each side's three roundings add at most
+        // `3u max(|e|, |w|)`.
+        let scale = ec.to_dtype(DType::F64)?.abs()?.maximum(&want.abs()?)?;
+        ema_bound = ((ema_bound * 0.9)? + (&bound * 0.1)? + (scale * (3.0 * U32))?)?;
+        ema_update(&mut ec, wc.as_tensor(), 0.9)?;
+        ema_update(&mut eg, wg.as_tensor(), 0.9)?;
+        assert_within(&format!("ema step {t}"), &eg, &ec.to_dtype(DType::F64)?, &ema_bound)?;
+        let parts = [g.clone(), (&g * 2.0)?];
+        let on_gpu = parts.iter().map(|p| p.to_device(&dev)).collect::<Result<Vec<_>>>()?;
+        let a = sum_squares_all(&on_gpu.iter().collect::<Vec<_>>())?;
+        let b = sum_squares_all(&parts.iter().collect::<Vec<_>>())?;
+        // f64 sums of 2 x 2,313 squares of f32 numbers, in different orders.
+        assert!((a - b).abs() <= 4626.0 * f64::EPSILON * b, "gradient norm^2 {a} vs {b}");
+    }
+    Ok(())
 }
