@@ -15,8 +15,8 @@
 //! - [`norm`]: training-mode batch norm as one op with its backward.
 //! - [`fused`]: softmax over the last axis and layer norm, with gradients.
 //! - [`pool`]: the ResNet stem's 3x3 stride-2 max-pool with its backward.
-//! - [`optim`]: AdamW's moment and weight updates and the EMA in place, gradient norms in one
-//!   pass.
+//! - [`optim`]: AdamW's moment and weight updates and the EMA in place (on CUDA one kernel each,
+//!   `cuda_optim`, private, compiled with NVRTC), gradient norms in one pass.
 //! - [`nn`]: `Linear` (one op with its backward on the CPU), `LayerNorm`, seeded dropout, L2
 //!   normalisation: the layers the model crates build on.
 //!
@@ -27,6 +27,8 @@ pub mod affine;
 pub mod bf16;
 pub mod conv;
 pub mod cuda;
+#[cfg(feature = "cuda")]
+mod cuda_optim;
 #[cfg(feature = "cudnn")]
 mod cudnn;
 pub mod fused;

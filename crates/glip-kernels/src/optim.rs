@@ -5,7 +5,8 @@
 //! allocating its result (plus an f64 copy of every gradient for the norm): on ResNet-18's 11.7M
 //! parameters about 2 GB of memory traffic a step. Here the moments of a parameter live in one
 //! `(2, n)` tensor updated in place from the gradient, then the weight in place from the moments:
-//! two passes, no allocation, split over rayon's threads for large tensors. Other devices and
+//! two passes, no allocation, split over rayon's threads for large tensors; on CUDA the same two
+//! passes as one kernel each ([`crate::cuda_optim`], the `cuda` feature). Other devices and
 //! dtypes run [`adamw_composed`], the candle-op formulation the tests compare against.
 
 use crate::conv::contiguous_f32;
@@ -43,8 +44,15 @@ pub fn moments_like(w: &Tensor) -> Result<Tensor> {
     Tensor::zeros(dims, w.dtype(), w.device())
 }
 
-/// Whether the in-place CPU passes apply: contiguous f32 tensors on the CPU.
+/// Whether the in-place passes apply: contiguous f32 tensors on the CPU, or on CUDA in a build
+/// with this crate's `cuda` feature ([`crate::cuda_optim`]'s kernels).
 fn in_place(ts: &[&Tensor]) -> bool {
+    let here = |t: &Tensor| t.device().is_cpu() || (cfg!(feature = "cuda") && t.device().is_cuda());
+    ts.iter().all(|t| here(t) && t.dtype() == DType::F32 && t.is_contiguous())
+}
+
+/// Whether the CPU's one-pass ops apply: contiguous f32 tensors on the CPU.
+fn cpu_f32(ts: &[&Tensor]) -> bool {
     ts.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous())
 }
 
@@ -117,6 +125,17 @@ impl candle_core::InplaceOp2 for Moments {
         }
         Ok(())
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        crate::cuda_optim::moments((s1, l1), (s2, l2), &self.0)
+    }
 }
 
 /// `w = w (1 - lr wd) - (lr / bc1) m / (sqrt(v) / sqrt(bc2) + eps)` (torch's arrangement).
@@ -150,6 +169,17 @@ impl candle_core::InplaceOp2 for Apply {
         });
         Ok(())
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        crate::cuda_optim::apply((s1, l1), (s2, l2), &self.0)
+    }
 }
 
 /// `e = d e + (1 - d) w`.
@@ -177,10 +207,21 @@ impl candle_core::InplaceOp2 for Ema {
         });
         Ok(())
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        crate::cuda_optim::ema((s1, l1), (s2, l2), self.0)
+    }
 }
 
 /// One AdamW step of `w` from its gradient `g`, with its `moments` (from [`moments_like`]):
-/// in place on the CPU in f32, [`adamw_composed`] elsewhere.
+/// in place in f32 on the CPU and on CUDA (the `cuda` feature), [`adamw_composed`] elsewhere.
 pub fn adamw_update(w: &Var, moments: &mut Tensor, g: &Tensor, h: &AdamWStep) -> Result<()> {
     let g = if g.is_contiguous() { g.clone() } else { g.contiguous()? };
     if in_place(&[w.as_tensor(), moments, &g]) {
@@ -212,7 +253,7 @@ pub fn adamw_composed(
     Ok((w, Tensor::stack(&[m, v], 0)?))
 }
 
-/// `ema = d ema + (1 - d) w`, in place on the CPU in f32.
+/// `ema = d ema + (1 - d) w`, in place in f32 on the CPU and on CUDA (the `cuda` feature).
 pub fn ema_update(ema: &mut Tensor, w: &Tensor, d: f64) -> Result<()> {
     if in_place(&[ema, w]) {
         return ema.inplace_op2(w, &Ema(d));
@@ -250,7 +291,7 @@ pub fn sum_squares(x: &Tensor) -> Result<f64> {
 
 /// [`sum_squares`] as a scalar f64 tensor on `x`'s device.
 fn sum_squares_tensor(x: &Tensor) -> Result<Tensor> {
-    if in_place(&[x]) {
+    if cpu_f32(&[x]) {
         return x.apply_op1_no_bwd(&SumSquares);
     }
     x.to_dtype(DType::F64)?.sqr()?.sum_all()
