@@ -154,6 +154,17 @@ pub fn pin_thread_count() {
     }
 }
 
+/// candle ships its CUDA kernels as PTX, which the driver compiles for the GPU when a module is
+/// first loaded (17-21 s for a model's kernels, measured on the H100 of `../shared/docs/CUDA.md`)
+/// and keeps in its JIT cache for later processes: let that cache (256 MiB by default) hold all
+/// of them, up to the driver's limit of 4 GiB, unless `CUDA_CACHE_MAXSIZE` says otherwise. Set
+/// before the first CUDA call; nothing changes for a CPU-only build.
+pub fn keep_compiled_kernels() {
+    if glip_train::device::cuda_built() && std::env::var_os("CUDA_CACHE_MAXSIZE").is_none() {
+        std::env::set_var("CUDA_CACHE_MAXSIZE", (4u64 << 30).to_string());
+    }
+}
+
 /// mimalloc's `purge_delay` option (its index in `mi_option_e`, the same in mimalloc 2 and 3).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
@@ -180,6 +191,7 @@ pub fn keep_freed_memory() {
 pub fn main_with(registry: Registry) -> std::process::ExitCode {
     keep_freed_memory();
     pin_thread_count();
+    keep_compiled_kernels();
     run_args(&registry, std::env::args_os())
 }
 

@@ -27,6 +27,9 @@ pub struct Loader {
     /// Batches made ahead of training by a worker thread ([`Loader::for_steps`]); 0 makes each
     /// when it is asked for.
     pub prefetch: usize,
+    /// This process's part of each global batch in data-parallel training: `(rank, world)`,
+    /// `(0, 1)` for one process. Set with [`Loader::sharded`].
+    shard: (usize, usize),
     skipped: Mutex<Vec<Problem>>,
     device: Device,
 }
@@ -57,6 +60,7 @@ impl Loader {
             seed: 0,
             on_error: ErrorPolicy::Fail,
             prefetch: 0,
+            shard: (0, 1),
             skipped: Mutex::new(Vec::new()),
             device,
         }
@@ -67,9 +71,42 @@ impl Loader {
         &self.dataset
     }
 
-    /// Batches per epoch (the last may be smaller).
+    /// For data-parallel training over `world` processes, the loader of process `rank`: every
+    /// process walks the same order (same seed), and step `s`'s global batch of
+    /// `world * batch_size` samples is cut into `world` consecutive parts, this process taking
+    /// part `rank`. Each epoch then has `len / (world * batch_size)` steps, every part full (the
+    /// remainder is left out, as PyTorch's `DistributedSampler` with `drop_last`); for
+    /// `world == 1` nothing changes. An error when `rank >= world` or the dataset holds less than
+    /// one global batch.
+    pub fn sharded(mut self, rank: usize, world: usize) -> Result<Self, DataError> {
+        let global = self.batch_size * world;
+        if world == 0 || rank >= world || (world > 1 && self.dataset.len() < global) {
+            return Err(DataError::Record {
+                file: "<loader>".into(),
+                record: format!("shard {rank} of {world}"),
+                problem: format!(
+                    "needs rank < world and at least one global batch ({world} x {} samples); the \
+                     dataset has {}",
+                    self.batch_size,
+                    self.dataset.len()
+                ),
+            });
+        }
+        self.shard = (rank, world);
+        Ok(self)
+    }
+
+    /// `(rank, world)`: this loader's part of each global batch (see [`Loader::sharded`]).
+    pub fn shard(&self) -> (usize, usize) {
+        self.shard
+    }
+
+    /// Batches per epoch (for one process the last may be smaller; sharded, all are full).
     pub fn num_batches(&self) -> usize {
-        self.dataset.len().div_ceil(self.batch_size)
+        match self.shard.1 {
+            1 => self.dataset.len().div_ceil(self.batch_size),
+            world => self.dataset.len() / (self.batch_size * world),
+        }
     }
 
     /// The order of the dataset in `epoch`.
@@ -84,7 +121,8 @@ impl Loader {
     /// The transformed samples of batch `b` of `epoch`.
     pub fn samples(&self, epoch: u64, b: usize) -> Result<Vec<Sample>, DataError> {
         let order = self.order(epoch);
-        let start = (b * self.batch_size).min(order.len());
+        let (rank, world) = self.shard;
+        let start = ((b * world + rank) * self.batch_size).min(order.len());
         let end = (start + self.batch_size).min(order.len());
         let results: Vec<Result<Sample, DataError>> = order[start..end]
             .par_iter()

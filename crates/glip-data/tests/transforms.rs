@@ -216,3 +216,46 @@ fn batching_no_sample_is_an_error() {
     let err = glip_data::collate(&[], &WordTok, &candle_core::Device::Cpu).unwrap_err();
     assert!(err.to_string().contains("no samples"), "{err}");
 }
+
+/// Sharded for data parallelism, the ranks' batches of a step are consecutive parts of one
+/// global batch: with 2 ranks of 3 images, rank r's batch b holds the samples of batch `2b + r`
+/// of one loader of 3 (same seed, same order, same transforms); an epoch has
+/// `len / (world * batch)` steps; bad shards are errors that say why.
+#[test]
+fn sharded_loaders_split_each_global_batch_between_ranks() {
+    use glip_data::Loader;
+    use std::sync::Arc;
+    let ds = Arc::new(
+        ShapesDataset::new(ShapesConfig { train_images: 14, ..Default::default() }, Split::Train)
+            .unwrap(),
+    );
+    let make = || {
+        let mut l = Loader::new(ds.clone(), Arc::new(WordTok), 3, candle_core::Device::Cpu);
+        l.shuffle = true;
+        l.seed = 5;
+        l.transforms.hflip = 0.5;
+        l
+    };
+    let ids = |s: Vec<glip_data::Sample>| s.iter().map(|s| s.image_id).collect::<Vec<_>>();
+    let one = make();
+    let ranks = [make().sharded(0, 2).unwrap(), make().sharded(1, 2).unwrap()];
+    assert_eq!(one.num_batches(), 5);
+    assert_eq!(ranks[0].num_batches(), 2, "14 / (2 x 3): the last 2 samples left out");
+    for epoch in 0..2 {
+        for b in 0..2 {
+            for (r, l) in ranks.iter().enumerate() {
+                let got = l.samples(epoch, b).unwrap();
+                let want = one.samples(epoch, 2 * b + r).unwrap();
+                assert_eq!(got.len(), 3);
+                assert_eq!(ids(got.clone()), ids(want.clone()), "epoch {epoch} batch {b} rank {r}");
+                assert_eq!(got[0].image.as_raw(), want[0].image.as_raw(), "same transforms");
+            }
+        }
+    }
+    for (rank, world) in [(2, 2), (0, 0)] {
+        let err = make().sharded(rank, world).unwrap_err().to_string();
+        assert!(err.contains(&format!("shard {rank} of {world}")), "{err}");
+    }
+    let err = make().sharded(0, 5).unwrap_err().to_string();
+    assert!(err.contains("at least one global batch") && err.contains("has 14"), "{err}");
+}

@@ -4,7 +4,8 @@
 
 use crate::optim::{save_atomic, AdamW, OptimConfig};
 use crate::GlipModel;
-use candle_core::{Device, Tensor};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor};
 use glip_core::Criterion;
 use glip_data::Loader;
 use serde::{Deserialize, Serialize};
@@ -100,6 +101,11 @@ pub struct Trainer<'a> {
     pub on_log: Option<Box<dyn FnMut(&LogLine) + 'a>>,
     /// Called after every step with the step number and the total loss (progress bars).
     pub on_step: Option<Box<dyn FnMut(u64, f32) + 'a>>,
+    /// Called with each step's gradients between backward and the optimiser's update: where a
+    /// data-parallel run all-reduces them across processes (each on its shard of the data,
+    /// `glip_data::Loader::sharded`), or a researcher inspects or edits them.
+    #[allow(clippy::type_complexity)]
+    pub on_grads: Option<Box<dyn FnMut(&mut GradStore) -> candle_core::Result<()> + 'a>>,
     /// Stop after the step that ends past this instant (a time budget), checkpointing.
     pub deadline: Option<std::time::Instant>,
     /// What the forward pass's convolutions compute in (f32 unless set; see
@@ -163,6 +169,7 @@ impl<'a> Trainer<'a> {
             device,
             on_log: None,
             on_step: None,
+            on_grads: None,
             deadline: None,
             precision: crate::Precision::F32,
             step: 0,
@@ -239,6 +246,7 @@ impl<'a> Trainer<'a> {
         let mut window = (std::time::Instant::now(), 0usize);
         let loader = self.loader;
         let (from, to) = (self.step, self.config.steps);
+        let total_name = "loss".to_string();
         loader.for_steps(from, to, |s, batch| -> Result<bool, TrainError> {
             glip_kernels::nn::seed_dropout(
                 glip_core::rng::Rng::for_sample(self.loader.seed, s, 0).next_u64(),
@@ -249,12 +257,17 @@ impl<'a> Trainer<'a> {
             })?;
             let losses = self.criterion.forward(&out, &batch.targets)?;
             let mut values = HashMap::new();
-            for (name, t) in losses
+            let named: Vec<(&String, &Tensor)> = losses
                 .terms
                 .iter()
-                .chain(std::iter::once(&("loss".to_string(), losses.total.clone())))
-            {
-                let v = t.to_scalar::<f32>()?;
+                .map(|(n, t)| (n, t))
+                .chain(std::iter::once((&total_name, &losses.total)))
+                .collect();
+            // Every term's value in one copy from the device (one synchronisation a step).
+            let scalars =
+                named.iter().map(|(_, t)| t.to_dtype(DType::F32)).collect::<Result<Vec<_>, _>>()?;
+            let read: Vec<f32> = Tensor::stack(&scalars, 0)?.to_vec1()?;
+            for ((name, _), v) in named.into_iter().zip(read) {
                 if !v.is_finite() {
                     return Err(TrainError::NonFinite {
                         step: s + 1,
@@ -265,7 +278,10 @@ impl<'a> Trainer<'a> {
                 }
                 values.insert(name.clone(), v);
             }
-            let grads = losses.total.backward()?;
+            let mut grads = losses.total.backward()?;
+            if let Some(f) = self.on_grads.as_mut() {
+                f(&mut grads)?;
+            }
             let stats = self.optimizer.step(&grads)?;
             self.step += 1;
             window.1 += batch.image_ids.len();

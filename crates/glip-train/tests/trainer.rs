@@ -267,3 +267,53 @@ checkpoint_every = 0
     assert!(messages.iter().any(|m| m.contains("time budget")), "{messages:?}");
     std::fs::remove_dir_all(&d).ok();
 }
+
+/// The gradient hook runs once a step between backward and the update, with a gradient for the
+/// trainable variables, and what it leaves is what the optimiser applies: zeroed gradients
+/// (weight decay off) leave every weight as it was.
+#[test]
+fn the_gradient_hook_sees_every_step_and_its_edits_are_applied() -> Result<()> {
+    let crit = SetCriterion::new(LossConfig::default(), Box::new(HungarianMatcher));
+    let dir = tmp("grads");
+    let vm = candle_nn::VarMap::new();
+    let model = Registry::new().build_trainable(&model_config(), &vm, 0, &Device::Cpu)?;
+    let before: Vec<(String, Vec<f32>)> = {
+        let data = vm.data().lock().unwrap();
+        let mut v: Vec<_> = data
+            .iter()
+            .map(|(k, t)| (k.clone(), t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    let vars = vm.all_vars();
+    let l = loader();
+    let optim = OptimConfig { lr: 1e-2, weight_decay: 0.0, warmup_steps: 0, ..Default::default() };
+    let tc = TrainConfig { steps: 3, log_every: 1, checkpoint_every: 0 };
+    let calls = std::cell::Cell::new(0);
+    let mut t =
+        Trainer::new(&model, &vm, &crit, &l, optim, tc, &dir, serde_json::json!({}), Device::Cpu)?;
+    t.on_grads = Some(Box::new(|grads| {
+        calls.set(calls.get() + 1);
+        let mut seen = 0;
+        for v in &vars {
+            if let Some(g) = grads.get(v.as_tensor()) {
+                let zero = g.zeros_like()?;
+                grads.insert(v.as_tensor(), zero);
+                seen += 1;
+            }
+        }
+        assert!(seen > 0, "no gradient reached the hook");
+        Ok(())
+    }));
+    t.run().unwrap();
+    drop(t);
+    assert_eq!(calls.get(), 3);
+    let data = vm.data().lock().unwrap();
+    for (k, want) in &before {
+        let got = data[k].flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(&got, want, "{k} changed although its gradient was zeroed");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+    Ok(())
+}
