@@ -83,6 +83,7 @@ if [[ "$PARTS" == *a* ]]; then
     need mobilenet_v2/model.safetensors backbone_parity::mobilenet backbone_parity::pth
     need seed-tiny/model.safetensors seed_parity backbone_parity::seed_tiny
     need bert-tiny/config.json text_parity
+    need bert-tiny/tokenizer.json trainer::
     need tokenization.json text_parity::tokenization
     need bert-tiny_io.safetensors text_parity::bert_tiny
     need boxes_losses.safetensors loss_parity

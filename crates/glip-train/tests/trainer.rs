@@ -1,6 +1,8 @@
 //! The training loop: a resumed run continues with the same losses as an uninterrupted one
-//! (CPU, dropout on: its masks are seeded per step; to float round-off), checkpoints are complete, and a non-finite loss stops
-//! the run naming the step and the term.
+//! (dropout on: its masks are seeded per step; to float round-off), checkpoints are complete and
+//! load on another device, and a non-finite loss stops the run naming the step and the term. On
+//! `GLIP_TEST_DEVICE` (the CPU unless set; the GPU check compiles this file into
+//! `tests/cuda.rs`).
 
 use candle_core::{Device, Result};
 use glip_core::{Criterion, Losses, ModelOutput, Target};
@@ -44,6 +46,10 @@ type = "token"
 }
 
 fn loader() -> Loader {
+    loader_on(glip_testing::device())
+}
+
+fn loader_on(dev: Device) -> Loader {
     let tok = Arc::new(
         glip_text::Tokenizer::from_file(&glip_testing::fixture("bert-tiny/tokenizer.json"))
             .unwrap(),
@@ -52,7 +58,7 @@ fn loader() -> Loader {
     let ds = ShapesDataset::new(cfg, Split::Train)
         .unwrap()
         .with_prompts(PromptConfig { max_negatives: 3, ..Default::default() }, Some(tok.clone()));
-    let mut l = Loader::new(Arc::new(ds), tok, 2, Device::Cpu);
+    let mut l = Loader::new(Arc::new(ds), tok, 2, dev);
     l.shuffle = true;
     l.seed = 3;
     l
@@ -76,8 +82,9 @@ fn run(
     criterion: &dyn Criterion,
 ) -> std::result::Result<(), TrainError> {
     let cfg = model_config();
+    let dev = glip_testing::device();
     let vm = candle_nn::VarMap::new();
-    let model = Registry::new().build_trainable(&cfg, &vm, 0, &Device::Cpu)?;
+    let model = Registry::new().build_trainable(&cfg, &vm, 0, &dev)?;
     let l = loader();
     let optim = OptimConfig { lr: 1e-3, warmup_steps: 2, ..Default::default() };
     let tc = TrainConfig { steps, log_every: 1, checkpoint_every: 2 };
@@ -90,7 +97,7 @@ fn run(
         tc,
         dir,
         serde_json::json!({"test": true}),
-        Device::Cpu,
+        dev,
     )?;
     if resume {
         t.resume()?;
@@ -275,8 +282,9 @@ checkpoint_every = 0
 fn the_gradient_hook_sees_every_step_and_its_edits_are_applied() -> Result<()> {
     let crit = SetCriterion::new(LossConfig::default(), Box::new(HungarianMatcher));
     let dir = tmp("grads");
+    let dev = glip_testing::device();
     let vm = candle_nn::VarMap::new();
-    let model = Registry::new().build_trainable(&model_config(), &vm, 0, &Device::Cpu)?;
+    let model = Registry::new().build_trainable(&model_config(), &vm, 0, &dev)?;
     let before: Vec<(String, Vec<f32>)> = {
         let data = vm.data().lock().unwrap();
         let mut v: Vec<_> = data
@@ -291,8 +299,7 @@ fn the_gradient_hook_sees_every_step_and_its_edits_are_applied() -> Result<()> {
     let optim = OptimConfig { lr: 1e-2, weight_decay: 0.0, warmup_steps: 0, ..Default::default() };
     let tc = TrainConfig { steps: 3, log_every: 1, checkpoint_every: 0 };
     let calls = std::cell::Cell::new(0);
-    let mut t =
-        Trainer::new(&model, &vm, &crit, &l, optim, tc, &dir, serde_json::json!({}), Device::Cpu)?;
+    let mut t = Trainer::new(&model, &vm, &crit, &l, optim, tc, &dir, serde_json::json!({}), dev)?;
     t.on_grads = Some(Box::new(|grads| {
         calls.set(calls.get() + 1);
         let mut seen = 0;
@@ -315,5 +322,36 @@ fn the_gradient_hook_sees_every_step_and_its_edits_are_applied() -> Result<()> {
         assert_eq!(&got, want, "{k} changed although its gradient was zeroed");
     }
     std::fs::remove_dir_all(&dir).ok();
+    Ok(())
+}
+
+/// A checkpoint written on the test device (a GPU in the GPU check) resumes on the CPU: every
+/// parameter loads bit for bit, the step carries on, and training continues there.
+#[test]
+fn a_checkpoint_resumes_on_the_cpu_whatever_device_wrote_it() -> Result<()> {
+    let crit = SetCriterion::new(LossConfig::default(), Box::new(HungarianMatcher));
+    let d = tmp("cross");
+    run(&d, 2, false, &crit).unwrap();
+    let saved = candle_core::safetensors::load(d.join("checkpoint.safetensors"), &Device::Cpu)?;
+    let vm = candle_nn::VarMap::new();
+    let model = Registry::new().build_trainable(&model_config(), &vm, 0, &Device::Cpu)?;
+    let l = loader_on(Device::Cpu);
+    let optim = OptimConfig { lr: 1e-3, warmup_steps: 2, ..Default::default() };
+    let tc = TrainConfig { steps: 3, log_every: 1, checkpoint_every: 0 };
+    let mut t =
+        Trainer::new(&model, &vm, &crit, &l, optim, tc, &d, serde_json::json!({}), Device::Cpu)?;
+    t.resume().unwrap();
+    assert_eq!(t.step(), 2);
+    let mut checked = 0;
+    for (name, var) in vm.data().lock().unwrap().iter() {
+        let want = saved.get(name).unwrap_or_else(|| panic!("{name} not in the checkpoint"));
+        let (a, b) = (var.as_tensor().flatten_all()?, want.flatten_all()?);
+        assert_eq!(a.to_vec1::<f32>()?, b.to_vec1::<f32>()?, "{name} did not load bit for bit");
+        checked += 1;
+    }
+    assert!(checked > 0);
+    t.run().unwrap();
+    assert_eq!(losses(&d).last().map(|x| x.0), Some(3), "training went on from step 2 to 3");
+    std::fs::remove_dir_all(&d).ok();
     Ok(())
 }
