@@ -509,7 +509,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Tenso
         return crate::cuda::conv2d(x, w, stride, pad, 1);
     }
     let (_, _, kh, kw) = w.dims4()?;
-    let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32;
+    let cpu_f32 = x.dtype() == DType::F32 && w.dtype() == DType::F32;
     let (_, ci, h, wd) = x.dims4()?;
     if cpu_f32 && kh == kw && ci == w.dims4()?.1 && h + 2 * pad >= kh && wd + 2 * pad >= kw {
         let g = geometry(x, w, stride, pad)?;

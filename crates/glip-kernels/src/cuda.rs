@@ -34,19 +34,15 @@ pub fn tf32() -> bool {
 /// Whether this build runs CUDA convolutions (and their gradients) through cuDNN.
 pub const CUDNN: bool = cfg!(feature = "cudnn");
 
-/// Whether `x` is an f32 tensor on CUDA inside a bf16 autocast scope.
-pub(crate) fn autocast_bf16(x: &Tensor) -> bool {
-    precision() == Precision::Bf16 && x.dtype() == DType::F32 && x.device().is_cuda()
-}
-
-/// `f(x, w)` in bf16 when [`autocast_bf16`] says so (the result cast back to f32), as given
-/// otherwise.
+/// `f(x, w)` in bf16 when both are f32 on CUDA inside a bf16 autocast scope (the result cast
+/// back to f32), as given otherwise.
 pub(crate) fn in_autocast(
     x: &Tensor,
     w: &Tensor,
     f: impl FnOnce(&Tensor, &Tensor) -> Result<Tensor>,
 ) -> Result<Tensor> {
-    if autocast_bf16(x) && w.dtype() == DType::F32 {
+    let f32_pair = x.dtype() == DType::F32 && w.dtype() == DType::F32;
+    if precision() == Precision::Bf16 && f32_pair && x.device().is_cuda() {
         f(&x.to_dtype(DType::BF16)?, &w.to_dtype(DType::BF16)?)?.to_dtype(DType::F32)
     } else {
         f(x, w)

@@ -96,24 +96,16 @@ impl Geometry {
 trait Elem: DeviceRepr + ValidAsZeroBits + CudnnDataType + CudaDType + WithDType {
     /// The plans of this element type, by shape, math mode and device.
     fn plans() -> &'static std::thread::LocalKey<RefCell<HashMap<PlanKey, Rc<Plan<Self>>>>>;
-    /// Makes the convolution descriptor (compute type and math mode).
-    fn conv_descriptor(c: &Arc<Cudnn>, g: &Geometry, tf32: bool) -> Result<Conv>;
+    /// The math mode of this element type's convolutions (they all sum in f32).
+    fn math(tf32: bool) -> sys::cudnnMathType_t;
 }
 
-/// The convolution descriptor, by compute type.
-enum Conv {
-    F32(ConvDescriptor<f32>),
-}
-
-impl Conv {
-    fn f32(&self) -> &ConvDescriptor<f32> {
-        match self {
-            Conv::F32(c) => c,
-        }
-    }
-}
-
-fn make_conv(c: &Arc<Cudnn>, g: &Geometry, math: sys::cudnnMathType_t) -> Result<Conv> {
+/// The convolution descriptor: f32 compute for every element type, `math` mode.
+fn make_conv(
+    c: &Arc<Cudnn>,
+    g: &Geometry,
+    math: sys::cudnnMathType_t,
+) -> Result<ConvDescriptor<f32>> {
     let mut d = c
         .create_conv2d::<f32>(
             [g.pad, g.pad],
@@ -126,7 +118,7 @@ fn make_conv(c: &Arc<Cudnn>, g: &Geometry, math: sys::cudnnMathType_t) -> Result
     if g.groups > 1 {
         d.set_group_count(g.groups).map_err(wrap)?;
     }
-    Ok(Conv::F32(d))
+    Ok(d)
 }
 
 thread_local! {
@@ -140,15 +132,14 @@ impl Elem for f32 {
     fn plans() -> &'static std::thread::LocalKey<RefCell<HashMap<PlanKey, Rc<Plan<Self>>>>> {
         &PLANS_F32
     }
-    fn conv_descriptor(c: &Arc<Cudnn>, g: &Geometry, tf32: bool) -> Result<Conv> {
+    fn math(tf32: bool) -> sys::cudnnMathType_t {
         // PyTorch's choice: default math (TF32 allowed on Ampere and later) when TF32 is on, FMA
         // (exact f32) when it is off.
-        let math = if tf32 {
+        if tf32 {
             sys::cudnnMathType_t::CUDNN_DEFAULT_MATH
         } else {
             sys::cudnnMathType_t::CUDNN_FMA_MATH
-        };
-        make_conv(c, g, math)
+        }
     }
 }
 
@@ -156,8 +147,8 @@ impl Elem for bf16 {
     fn plans() -> &'static std::thread::LocalKey<RefCell<HashMap<PlanKey, Rc<Plan<Self>>>>> {
         &PLANS_BF16
     }
-    fn conv_descriptor(c: &Arc<Cudnn>, g: &Geometry, _tf32: bool) -> Result<Conv> {
-        make_conv(c, g, sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH)
+    fn math(_tf32: bool) -> sys::cudnnMathType_t {
+        sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH
     }
 }
 
@@ -187,7 +178,7 @@ struct PlanKey {
 /// The descriptors of one convolution and, once asked for, each direction's algorithm with its
 /// workspace size.
 struct Plan<T> {
-    conv: Conv,
+    conv: ConvDescriptor<f32>,
     x: TensorDescriptor<T>,
     w: FilterDescriptor<T>,
     y: TensorDescriptor<T>,
@@ -205,7 +196,7 @@ impl<T: Elem> Plan<T> {
         let c = handle(dev)?;
         let nchw = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
         let plan = Rc::new(Plan {
-            conv: T::conv_descriptor(&c, &g, key.tf32)?,
+            conv: make_conv(&c, &g, T::math(key.tf32))?,
             x: c.create_4d_tensor::<T>(nchw, g.x).map_err(wrap)?,
             w: c.create_4d_filter::<T>(nchw, g.w).map_err(wrap)?,
             y: c.create_4d_tensor::<T>(nchw, g.y()).map_err(wrap)?,
@@ -218,15 +209,15 @@ impl<T: Elem> Plan<T> {
     }
 
     fn forward(&self) -> ConvForward<'_, T, f32, T> {
-        ConvForward { conv: self.conv.f32(), x: &self.x, w: &self.w, y: &self.y }
+        ConvForward { conv: &self.conv, x: &self.x, w: &self.w, y: &self.y }
     }
 
     fn backward_data(&self) -> ConvBackwardData<'_, T, f32, T> {
-        ConvBackwardData { conv: self.conv.f32(), dx: &self.x, w: &self.w, dy: &self.y }
+        ConvBackwardData { conv: &self.conv, dx: &self.x, w: &self.w, dy: &self.y }
     }
 
     fn backward_filter(&self) -> ConvBackwardFilter<'_, T, f32, T> {
-        ConvBackwardFilter { conv: self.conv.f32(), x: &self.x, dw: &self.w, dy: &self.y }
+        ConvBackwardFilter { conv: &self.conv, x: &self.x, dw: &self.w, dy: &self.y }
     }
 }
 
