@@ -64,6 +64,15 @@ pub(crate) fn precision_on(
     effective
 }
 
+/// `--tf32` on `device`: TF32 for f32 convolutions and matrix products on CUDA; elsewhere a
+/// warning on stderr that it has no effect.
+pub(crate) fn tf32_on(on: bool, device: &candle_core::Device) {
+    if on && !device.is_cuda() {
+        eprintln!("warning: --tf32 applies on CUDA only; computing in plain f32 on {device:?}");
+    }
+    glip_train::set_tf32(on && device.is_cuda());
+}
+
 /// Grounded object detection in the style of GLIP.
 #[derive(Parser, Debug)]
 #[command(name = "glip", version, about)]

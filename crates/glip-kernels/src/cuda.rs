@@ -34,6 +34,21 @@ pub fn tf32() -> bool {
 /// Whether this build runs CUDA convolutions (and their gradients) through cuDNN.
 pub const CUDNN: bool = cfg!(feature = "cudnn");
 
+/// Whether this crate's own CUDA kernels (softmax, layer norm, batch norm: `cuda_norm`) take
+/// `x`: a non-empty tensor on CUDA in a `cuda` build, unless `GLIP_CUDA_COMPOSED=1` asks for
+/// candle's compositions (to compare the two with `glip bench`).
+pub(crate) fn own_kernels(x: &Tensor) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        x.device().is_cuda() && x.elem_count() > 0 && crate::cuda_norm::enabled()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = x;
+        false
+    }
+}
+
 /// `f(x, w)` in bf16 when both are f32 on CUDA inside a bf16 autocast scope (the result cast
 /// back to f32), as given otherwise.
 pub(crate) fn in_autocast(

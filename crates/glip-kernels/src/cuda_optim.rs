@@ -4,8 +4,8 @@
 //! candle's composition of one AdamW step is about sixteen element-wise kernels per parameter,
 //! each allocating its result; on a GPU with a few hundred parameter tensors that is thousands
 //! of launches a step (at several microseconds each) besides the memory traffic. The kernels are
-//! CUDA C compiled once per process with NVRTC (IEEE division and square root, as NVRTC's
-//! defaults), grid-stride loops over `n` elements, the same arithmetic as the CPU passes (NVRTC
+//! CUDA C (`crate::cuda_source::OPTIM`, compiled once per process with NVRTC: `cuda_launch`),
+//! grid-stride loops over `n` elements, the same arithmetic as the CPU passes (NVRTC
 //! may fuse a multiply and an add into one FMA, one rounding fewer).
 //!
 //! Nothing here has run on a GPU in the session that wrote it (none was lent): glip-train's
@@ -17,65 +17,11 @@
               signatures and the buffers' lengths here"
 )]
 
+use crate::cuda_launch::{elementwise, OPTIM};
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc;
+use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
 use candle_core::cuda_backend::{CudaDevice, CudaStorage};
 use candle_core::{DType, Layout, Result};
-use cudarc::driver::{LaunchConfig, PushKernelArg};
-use std::sync::OnceLock;
-
-const SOURCE: &str = r#"
-extern "C" __global__ void glip_adamw_moments(float *mv, const float *g, unsigned long long n,
-                                              float c, float b1, float a1, float b2, float a2) {
-    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
-         i += (unsigned long long)blockDim.x * gridDim.x) {
-        float gi = c * g[i];
-        mv[i] = b1 * mv[i] + a1 * gi;
-        mv[n + i] = b2 * mv[n + i] + a2 * (gi * gi);
-    }
-}
-
-extern "C" __global__ void glip_adamw_apply(float *w, const float *mv, unsigned long long n,
-                                            float keep, float step, float inv_root_bc2,
-                                            float eps) {
-    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
-         i += (unsigned long long)blockDim.x * gridDim.x) {
-        w[i] = w[i] * keep - step * mv[i] / (sqrtf(mv[n + i]) * inv_root_bc2 + eps);
-    }
-}
-
-extern "C" __global__ void glip_ema(float *e, const float *w, unsigned long long n, float d,
-                                    float a) {
-    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
-         i += (unsigned long long)blockDim.x * gridDim.x) {
-        e[i] = d * e[i] + a * w[i];
-    }
-}
-"#;
-
-/// The module name candle caches the loaded kernels under.
-const MODULE: &str = "glip_optim";
-
-/// The PTX of [`SOURCE`], compiled on first use.
-fn ptx() -> Result<&'static str> {
-    static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-    PTX.get_or_init(|| {
-        cudarc::nvrtc::compile_ptx(SOURCE).map(|p| p.to_src()).map_err(|e| format!("{e:?}"))
-    })
-    .as_deref()
-    .map_err(|e| {
-        candle_core::Error::Msg(format!("NVRTC could not compile glip's optimiser kernels: {e}"))
-    })
-}
-
-/// Threads per block, and at most this many blocks (the loops stride over the rest).
-const THREADS: u32 = 256;
-const MAX_BLOCKS: u32 = 4096;
-
-fn config(n: usize) -> LaunchConfig {
-    let blocks = n.div_ceil(THREADS as usize).clamp(1, MAX_BLOCKS as usize) as u32;
-    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
-}
 
 /// Runs kernel `name` with `dst` (written in place, `ratio.0` parts) and `src` (`ratio.1` parts)
 /// of `n` elements per part, then the scalars.
@@ -99,10 +45,11 @@ fn launch(
     }
     let n = (dst_len / ratio.0) as u64;
     let dev: CudaDevice = s1.device().clone();
-    let func = dev.get_or_load_custom_func(name, MODULE, ptx()?)?;
+    let func = OPTIM.func(&dev, name)?;
     let src = s2.as_cuda_slice::<f32>()?.slice(a2..b2);
     let mut dst = s1.as_cuda_slice_mut::<f32>()?.slice_mut(a1..b1);
-    let mut b = func.builder();
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&func);
     b.arg(&mut dst);
     b.arg(&src);
     b.arg(&n);
@@ -112,7 +59,7 @@ fn launch(
     // SAFETY: every kernel above takes (float *dst, const float *src, unsigned long long n,
     // then `scalars.len()` floats), reads `src[0..ratio.1 n]` and writes `dst[0..ratio.0 n]`:
     // the views' lengths, checked above.
-    unsafe { b.launch(config(dst_len / ratio.0)) }.map_err(candle_core::Error::wrap)?;
+    unsafe { b.launch(elementwise(dst_len / ratio.0)) }.map_err(candle_core::Error::wrap)?;
     Ok(())
 }
 
@@ -151,7 +98,7 @@ mod tests {
     /// NVRTC compiles the kernels (no GPU needed, only libnvrtc) and the PTX has all three.
     #[test]
     fn the_kernels_compile_with_nvrtc() {
-        let ptx = super::ptx().unwrap();
+        let ptx = crate::cuda_launch::OPTIM.ptx().unwrap();
         for name in ["glip_adamw_moments", "glip_adamw_apply", "glip_ema"] {
             assert!(ptx.contains(&format!(".entry {name}")), "{name} missing from the PTX");
         }

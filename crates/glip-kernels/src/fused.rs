@@ -12,8 +12,9 @@
 //! layer norm: `dx = invstd * (g - mean(g) - xhat * mean(g * xhat))` with `g = dy * weight`,
 //! `dweight = sum(dy * xhat)`, `dbias = sum(dy)`;
 //!
-//! checked against autograd through the compositions in this module's tests. Other devices
-//! and dtypes use the compositions.
+//! checked against autograd through the compositions in this module's tests. On CUDA (the
+//! `cuda` feature) the same ops run this crate's kernels (`cuda_norm`: one block per row);
+//! other devices and dtypes use the compositions.
 
 use crate::conv::contiguous_f32;
 use candle_core::{
@@ -30,8 +31,9 @@ fn rows_per_task(d: usize) -> usize {
     (4096 / d).max(1)
 }
 
-fn fused_cpu(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == DType::F32
+/// Whether the fused ops take `x`: f32 on the CPU, or on CUDA with this crate's kernels.
+fn fused(x: &Tensor) -> bool {
+    x.dtype() == DType::F32 && (x.device().is_cpu() || crate::cuda::own_kernels(x))
 }
 
 struct Softmax;
@@ -60,6 +62,15 @@ impl CustomOp1 for Softmax {
             }
         });
         Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda_norm::softmax(s, l)
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
@@ -99,12 +110,23 @@ impl CustomOp2 for SoftmaxBackward {
         });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda_norm::softmax_backward((s1, l1), (s2, l2))
+    }
 }
 
 /// Softmax over the last axis, differentiable (unlike `candle_nn::ops::softmax_last_dim`).
 /// A row of only `-inf` gives NaN, as in PyTorch.
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    if fused_cpu(x) {
+    if fused(x) {
         x.contiguous()?.apply_op1(Softmax)
     } else {
         softmax_last_composed(x)
@@ -162,6 +184,19 @@ impl CustomOp3 for LayerNormOp {
             }
         });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda_norm::layer_norm((s1, l1), (s2, l2), (s3, l3), self.eps)
     }
 
     fn bwd(
@@ -251,12 +286,25 @@ impl CustomOp3 for LayerNormBackward {
         out.extend_from_slice(&sums);
         Ok((CpuStorage::F32(out), Shape::from(n + 2 * d)))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda_norm::layer_norm_backward((s1, l1), (s2, l2), (s3, l3), self.eps)
+    }
 }
 
 /// Layer normalisation of `x (..., d)` with `weight`, `bias` `(d,)`, differentiable in all
 /// three.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    if fused_cpu(x) && weight.dtype() == DType::F32 && bias.dtype() == DType::F32 {
+    if fused(x) && weight.dtype() == DType::F32 && bias.dtype() == DType::F32 {
         x.contiguous()?.apply_op3(
             &weight.contiguous()?,
             &bias.contiguous()?,

@@ -28,7 +28,12 @@ pub mod bf16;
 pub mod conv;
 pub mod cuda;
 #[cfg(feature = "cuda")]
+mod cuda_launch;
+#[cfg(feature = "cuda")]
+mod cuda_norm;
+#[cfg(feature = "cuda")]
 mod cuda_optim;
+mod cuda_source;
 #[cfg(feature = "cudnn")]
 mod cudnn;
 pub mod fused;

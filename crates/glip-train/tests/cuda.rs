@@ -254,25 +254,48 @@ fn check_normalisation(
     Ok(())
 }
 
+/// glip's own CUDA kernels for these (`glip_kernels::cuda_norm`, unless `GLIP_CUDA_COMPOSED=1`)
+/// on shapes that reach every branch of their launches: rows shorter than a warp and longer
+/// than a block (256 threads), more rows or channels than threads, planes of one element,
+/// masked (`-inf`) softmax entries.
 #[test]
 fn batch_norm_softmax_and_layer_norm_with_gradients_match_exact_values() -> Result<()> {
-    let x = random(&[4, 6, 5, 7], 5);
-    let (wt, bs) = ((random(&[6], 6).abs()? + 0.5)?, random(&[6], 7));
-    check_normalisation(
-        "batch_norm_train",
-        &[x.clone(), wt, bs],
-        &random(&[4, 6, 5, 7], 8),
-        |t| Ok(glip_kernels::norm::batch_norm_train(&t[0], &t[1], &t[2], 1e-5)?.0),
-    )?;
-    let s = (random(&[3, 5, 33], 9) * 3.0)?;
-    check_normalisation("softmax_last", &[s], &random(&[3, 5, 33], 10), |t| {
-        glip_kernels::fused::softmax_last(&t[0])
-    })?;
-    let l = random(&[3, 5, 64], 11);
-    let (lw, lb) = ((random(&[64], 12).abs()? + 0.5)?, random(&[64], 13));
-    check_normalisation("layer_norm", &[l, lw, lb], &random(&[3, 5, 64], 14), |t| {
-        glip_kernels::fused::layer_norm(&t[0], &t[1], &t[2], 1e-5)
-    })
+    for (i, shape) in [[4, 6, 5, 7], [8, 32, 16, 16], [16, 3, 1, 1]].into_iter().enumerate() {
+        let seed = 5 + 10 * i as u64;
+        let x = (random(&shape, seed) + 1.5)?;
+        let c = shape[1];
+        let (wt, bs) = ((random(&[c], seed + 1).abs()? + 0.5)?, random(&[c], seed + 2));
+        check_normalisation(
+            &format!("batch_norm_train {shape:?}"),
+            &[x, wt, bs],
+            &random(&shape, seed + 3),
+            |t| Ok(glip_kernels::norm::batch_norm_train(&t[0], &t[1], &t[2], 1e-5)?.0),
+        )?;
+    }
+    for (i, d) in [5usize, 33, 300].into_iter().enumerate() {
+        let seed = 40 + 10 * i as u64;
+        let shape = [3, 70, d];
+        let mut s: Vec<f32> = (random(&shape, seed) * 3.0)?.flatten_all()?.to_vec1()?;
+        for r in (0..3 * 70).step_by(4) {
+            s[r * d + r % d] = f32::NEG_INFINITY;
+        }
+        let s = Tensor::from_vec(s, &shape, &Device::Cpu)?;
+        check_normalisation(
+            &format!("softmax_last {shape:?}"),
+            &[s],
+            &random(&shape, seed + 1),
+            |t| glip_kernels::fused::softmax_last(&t[0]),
+        )?;
+        let l = random(&shape, seed + 2);
+        let (lw, lb) = ((random(&[d], seed + 3).abs()? + 0.5)?, random(&[d], seed + 4));
+        check_normalisation(
+            &format!("layer_norm {shape:?}"),
+            &[l, lw, lb],
+            &random(&shape, seed + 5),
+            |t| glip_kernels::fused::layer_norm(&t[0], &t[1], &t[2], 1e-5),
+        )?;
+    }
+    Ok(())
 }
 
 /// The suite only means something on the GPU: `GLIP_TEST_DEVICE` must name one (the parity

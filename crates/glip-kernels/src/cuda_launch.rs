@@ -1,0 +1,93 @@
+//! Loading and launching this crate's NVRTC kernels ([`crate::cuda_source`]): each module's
+//! source compiled to PTX once per process (NVRTC's defaults: IEEE division and square root;
+//! it may contract a multiply and an add into one FMA), loaded once per device by candle, and
+//! the checks every launch makes on its operands.
+
+#![allow(
+    unsafe_code,
+    reason = "outputs allocated uninitialised, for kernels that write them whole"
+)]
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, CudaView, LaunchConfig};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage};
+use candle_core::{DType, Layout, Result};
+use std::sync::OnceLock;
+
+/// A CUDA C module: its name (candle caches the loaded module under it), source and PTX.
+pub(crate) struct Module {
+    name: &'static str,
+    what: &'static str,
+    source: &'static str,
+    ptx: OnceLock<std::result::Result<String, String>>,
+}
+
+impl Module {
+    pub(crate) const fn new(name: &'static str, what: &'static str, source: &'static str) -> Self {
+        Module { name, what, source, ptx: OnceLock::new() }
+    }
+
+    /// The PTX, compiled on first use.
+    pub(crate) fn ptx(&self) -> Result<&str> {
+        self.ptx.get_or_init(|| cudarc_nvrtc(self.source)).as_deref().map_err(|e| {
+            candle_core::Error::Msg(format!("NVRTC could not compile {}: {e}", self.what))
+        })
+    }
+
+    /// Kernel `name` of this module on `dev` (launched on `dev.cuda_stream()`).
+    pub(crate) fn func(&self, dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
+        Ok(dev.get_or_load_custom_func(name, self.name, self.ptx()?)?.into_cuda_function())
+    }
+}
+
+fn cudarc_nvrtc(source: &str) -> std::result::Result<String, String> {
+    candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(source)
+        .map(|p| p.to_src())
+        .map_err(|e| format!("{e:?}"))
+}
+
+/// The optimiser's kernels ([`crate::cuda_optim`]).
+pub(crate) static OPTIM: Module =
+    Module::new("glip_optim", "glip's optimiser kernels", crate::cuda_source::OPTIM);
+/// Softmax, layer norm and batch norm ([`crate::cuda_norm`]).
+pub(crate) static NORM: Module =
+    Module::new("glip_norm", "glip's normalisation kernels", crate::cuda_source::NORM);
+
+/// At most this many blocks in a grid-stride launch (the loops stride over the rest).
+const MAX_BLOCKS: usize = 4096;
+/// At most this many blocks of rows or channels (grid-stride over the rest).
+const MAX_ROW_BLOCKS: usize = 65_535;
+
+/// One thread per element, at most [`MAX_BLOCKS`] blocks of [`crate::cuda_source::THREADS`].
+pub(crate) fn elementwise(n: usize) -> LaunchConfig {
+    let t = crate::cuda_source::THREADS;
+    let blocks = n.div_ceil(t as usize).clamp(1, MAX_BLOCKS) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (t, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// One block per row (or channel) of `len` elements, reduced in shared memory.
+pub(crate) fn per_row(rows: usize, len: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.clamp(1, MAX_ROW_BLOCKS) as u32, 1, 1),
+        block_dim: (crate::cuda_source::block_threads(len), 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The contiguous f32 elements of an operand, or an error naming `what`.
+pub(crate) fn view<'a>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, f32>> {
+    if s.dtype() != DType::F32 {
+        candle_core::bail!("{what}: f32 only on CUDA, got {:?}", s.dtype())
+    }
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{what}: the operand must be contiguous")
+    };
+    Ok(s.as_cuda_slice::<f32>()?.slice(a..b))
+}
+
+/// `n` uninitialised f32 on `dev`, for a kernel that writes every element.
+pub(crate) fn output(dev: &CudaDevice, n: usize) -> Result<CudaSlice<f32>> {
+    // SAFETY: the callers launch kernels that write all `n` elements before anything reads
+    // them (each says which).
+    unsafe { dev.alloc::<f32>(n.max(1)) }
+}

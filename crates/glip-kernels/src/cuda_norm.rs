@@ -1,0 +1,267 @@
+//! Softmax over the last axis, layer norm and training batch norm on CUDA, forward and
+//! backward: the launches of [`crate::cuda_source::NORM`]'s kernels behind the `cuda_fwd` of
+//! [`crate::fused`]'s and [`crate::norm`]'s ops, so that each is one API with a CPU and a CUDA
+//! implementation.
+//!
+//! candle's differentiable compositions of these (what the CUDA path ran before) are 5-12
+//! kernels forward and about twice that backward, each a pass over the tensor and an
+//! allocation; here the forward is one kernel (batch norm: two), the backward two or three.
+//! Whether that is faster on the GPU has not been measured yet (no GPU was lent to the session
+//! that wrote this): `GLIP_CUDA_COMPOSED=1` takes the compositions instead, to compare with
+//! `glip bench`.
+
+#![allow(
+    unsafe_code,
+    reason = "kernel launches through cudarc: each checks the operands' lengths against what \
+              the kernel reads and writes"
+)]
+
+use crate::cuda_launch::{elementwise, output, per_row, view, NORM};
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{LaunchArgs, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::CudaStorage;
+use candle_core::{Layout, Result, Shape};
+
+/// Whether the fused kernels are used (unless `GLIP_CUDA_COMPOSED` is set to anything but `0`,
+/// read once).
+pub(crate) fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("GLIP_CUDA_COMPOSED").map_or(true, |v| v == "0"))
+}
+
+/// `n` as a kernel's `unsigned`, or an error naming `what`.
+fn u32_of(n: usize, what: &str) -> Result<u32> {
+    u32::try_from(n).map_err(|_| candle_core::Error::Msg(format!("{what}: {n} is over 2^32")))
+}
+
+/// `(rows, d)` of a tensor normalised over its last axis.
+fn rows(l: &Layout, what: &str) -> Result<(u32, u32)> {
+    let d = l.dims().last().copied().unwrap_or(1);
+    let n = l.shape().elem_count();
+    Ok((u32_of(n / d.max(1), what)?, u32_of(d, what)?))
+}
+
+/// `(b, c, h w)` of a batch norm's input.
+fn planes(l: &Layout) -> Result<(u32, u32, u32)> {
+    let (b, c, h, w) = l.shape().dims4()?;
+    Ok((u32_of(b, "batch norm")?, u32_of(c, "batch norm")?, u32_of(h * w, "batch norm")?))
+}
+
+fn run(b: &mut LaunchArgs<'_>, cfg: LaunchConfig) -> Result<()> {
+    // SAFETY: every caller pushed the arguments of its kernel's signature in order, with
+    // buffers of the lengths the kernel indexes (checked or allocated by the caller).
+    unsafe { b.launch(cfg) }.map(|_| ()).map_err(candle_core::Error::wrap)
+}
+
+fn check_len(what: &str, got: usize, want: usize) -> Result<()> {
+    if got != want {
+        candle_core::bail!("{what}: {got} elements where {want} were expected")
+    }
+    Ok(())
+}
+
+/// `softmax(x)` over the last axis.
+pub(crate) fn softmax(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+    let x = view(s, l, "softmax")?;
+    let (r, d) = rows(l, "softmax")?;
+    let dev = s.device().clone();
+    // Written in full by glip_softmax (every row of d).
+    let mut y = output(&dev, x.len())?;
+    let f = NORM.func(&dev, "glip_softmax")?;
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    b.arg(&x).arg(&mut y).arg(&r).arg(&d);
+    run(&mut b, per_row(r as usize, d as usize))?;
+    Ok((CudaStorage::wrap_cuda_slice(y, dev), l.shape().clone()))
+}
+
+/// `dx = y (dy - sum(dy y))` per row.
+pub(crate) fn softmax_backward(
+    (s1, l1): (&CudaStorage, &Layout),
+    (s2, l2): (&CudaStorage, &Layout),
+) -> Result<(CudaStorage, Shape)> {
+    let (y, dy) = (view(s1, l1, "softmax backward")?, view(s2, l2, "softmax backward")?);
+    check_len("softmax backward", dy.len(), y.len())?;
+    let (r, d) = rows(l1, "softmax backward")?;
+    let dev = s1.device().clone();
+    // Written in full by glip_softmax_backward.
+    let mut dx = output(&dev, y.len())?;
+    let f = NORM.func(&dev, "glip_softmax_backward")?;
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    b.arg(&y).arg(&dy).arg(&mut dx).arg(&r).arg(&d);
+    run(&mut b, per_row(r as usize, d as usize))?;
+    Ok((CudaStorage::wrap_cuda_slice(dx, dev), l1.shape().clone()))
+}
+
+/// Layer norm of `x (..., d)` with `w`, `b` `(d,)`.
+pub(crate) fn layer_norm(
+    (s1, l1): (&CudaStorage, &Layout),
+    (s2, l2): (&CudaStorage, &Layout),
+    (s3, l3): (&CudaStorage, &Layout),
+    eps: f32,
+) -> Result<(CudaStorage, Shape)> {
+    let x = view(s1, l1, "layer norm")?;
+    let (w, bias) = (view(s2, l2, "layer norm weight")?, view(s3, l3, "layer norm bias")?);
+    let (r, d) = rows(l1, "layer norm")?;
+    check_len("layer norm weight", w.len(), d as usize)?;
+    check_len("layer norm bias", bias.len(), d as usize)?;
+    let dev = s1.device().clone();
+    // Written in full by glip_layer_norm.
+    let mut y = output(&dev, x.len())?;
+    let f = NORM.func(&dev, "glip_layer_norm")?;
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    b.arg(&x).arg(&w).arg(&bias).arg(&mut y).arg(&r).arg(&d).arg(&eps);
+    run(&mut b, per_row(r as usize, d as usize))?;
+    Ok((CudaStorage::wrap_cuda_slice(y, dev), l1.shape().clone()))
+}
+
+/// `(x, w, dy)` -> `[dx (n); dweight (d); dbias (d)]`, as the CPU's layer norm backward.
+pub(crate) fn layer_norm_backward(
+    (s1, l1): (&CudaStorage, &Layout),
+    (s2, l2): (&CudaStorage, &Layout),
+    (s3, l3): (&CudaStorage, &Layout),
+    eps: f32,
+) -> Result<(CudaStorage, Shape)> {
+    let x = view(s1, l1, "layer norm backward")?;
+    let w = view(s2, l2, "layer norm backward")?;
+    let dy = view(s3, l3, "layer norm backward")?;
+    let (r, d) = rows(l1, "layer norm backward")?;
+    check_len("layer norm backward weight", w.len(), d as usize)?;
+    check_len("layer norm backward", dy.len(), x.len())?;
+    let (n, du) = (x.len(), d as usize);
+    let (chunk, parts) = crate::cuda_source::layer_norm_chunks(r as usize);
+    let dev = s1.device().clone();
+    // out[0..n] by glip_layer_norm_backward, out[n..n + 2d] by glip_sum_parts; stats (2 per
+    // row) by the former, part (2d per chunk) by glip_layer_norm_params.
+    let mut out = output(&dev, n + 2 * du)?;
+    let mut stats = output(&dev, 2 * r as usize)?;
+    let mut part = output(&dev, 2 * du * parts)?;
+    let stream = dev.cuda_stream();
+    {
+        let f = NORM.func(&dev, "glip_layer_norm_backward")?;
+        let mut dx = out.slice_mut(0..n);
+        let mut b = stream.launch_builder(&f);
+        b.arg(&x).arg(&w).arg(&dy).arg(&mut dx).arg(&mut stats).arg(&r).arg(&d).arg(&eps);
+        run(&mut b, per_row(r as usize, du))?;
+    }
+    {
+        let f = NORM.func(&dev, "glip_layer_norm_params")?;
+        let chunk_u = u32_of(chunk, "layer norm backward")?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&x).arg(&dy).arg(&stats).arg(&mut part).arg(&r).arg(&d).arg(&chunk_u);
+        let cfg = LaunchConfig {
+            grid_dim: (d.div_ceil(128), parts as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        run(&mut b, cfg)?;
+    }
+    {
+        let f = NORM.func(&dev, "glip_sum_parts")?;
+        let (parts_u, m) = (parts as u32, 2 * d);
+        let mut sums = out.slice_mut(n..n + 2 * du);
+        let mut b = stream.launch_builder(&f);
+        b.arg(&part).arg(&mut sums).arg(&parts_u).arg(&m);
+        run(&mut b, elementwise(2 * du))?;
+    }
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(n + 2 * du)))
+}
+
+/// `(3, c)`: the batch mean, biased variance and `1 / sqrt(var + eps)` of every channel of
+/// `x (b, c, h, w)`.
+pub(crate) fn batch_norm_stats(
+    s: &CudaStorage,
+    l: &Layout,
+    eps: f64,
+) -> Result<(CudaStorage, Shape)> {
+    let x = view(s, l, "batch norm")?;
+    let (bs, c, hw) = planes(l)?;
+    let dev = s.device().clone();
+    // Written in full (3 per channel) by glip_batch_norm_stats.
+    let mut p = output(&dev, 3 * c as usize)?;
+    let f = NORM.func(&dev, "glip_batch_norm_stats")?;
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    b.arg(&x).arg(&mut p).arg(&bs).arg(&c).arg(&hw).arg(&eps);
+    run(&mut b, per_row(c as usize, bs as usize * hw as usize))?;
+    Ok((CudaStorage::wrap_cuda_slice(p, dev), Shape::from((3, c as usize))))
+}
+
+/// `y = (x - mean) invstd weight + bias` with `p (5, c)`: mean, variance, invstd, weight, bias.
+pub(crate) fn batch_norm(
+    (s1, l1): (&CudaStorage, &Layout),
+    (s2, l2): (&CudaStorage, &Layout),
+) -> Result<(CudaStorage, Shape)> {
+    let (x, p) = (view(s1, l1, "batch norm")?, view(s2, l2, "batch norm parameters")?);
+    let (_, c, hw) = planes(l1)?;
+    check_len("batch norm parameters", p.len(), 5 * c as usize)?;
+    let dev = s1.device().clone();
+    let total = x.len() as u64;
+    // Written in full by glip_batch_norm.
+    let mut y = output(&dev, x.len())?;
+    let f = NORM.func(&dev, "glip_batch_norm")?;
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    b.arg(&x).arg(&p).arg(&mut y).arg(&total).arg(&c).arg(&hw);
+    run(&mut b, elementwise(x.len()))?;
+    Ok((CudaStorage::wrap_cuda_slice(y, dev), l1.shape().clone()))
+}
+
+/// `(x, p, dy)` -> `[dx (n); dgamma (c); dbeta (c)]`, as the CPU's batch norm backward.
+pub(crate) fn batch_norm_backward(
+    (s1, l1): (&CudaStorage, &Layout),
+    (s2, l2): (&CudaStorage, &Layout),
+    (s3, l3): (&CudaStorage, &Layout),
+) -> Result<(CudaStorage, Shape)> {
+    let x = view(s1, l1, "batch norm backward")?;
+    let p = view(s2, l2, "batch norm backward parameters")?;
+    let dy = view(s3, l3, "batch norm backward")?;
+    let (bs, c, hw) = planes(l1)?;
+    check_len("batch norm backward parameters", p.len(), 5 * c as usize)?;
+    check_len("batch norm backward", dy.len(), x.len())?;
+    let (n, cu) = (x.len(), c as usize);
+    let dev = s1.device().clone();
+    // out[n..n + 2c] by glip_batch_norm_sums, then out[0..n] by glip_batch_norm_backward.
+    let mut out = output(&dev, n + 2 * cu)?;
+    let stream = dev.cuda_stream();
+    {
+        let f = NORM.func(&dev, "glip_batch_norm_sums")?;
+        let mut sums = out.slice_mut(n..n + 2 * cu);
+        let mut b = stream.launch_builder(&f);
+        b.arg(&x).arg(&p).arg(&dy).arg(&mut sums).arg(&bs).arg(&c).arg(&hw);
+        run(&mut b, per_row(cu, bs as usize * hw as usize))?;
+    }
+    {
+        let f = NORM.func(&dev, "glip_batch_norm_backward")?;
+        let (total, count) = (n as u64, (bs as usize * hw as usize).max(1) as f32);
+        let mut b = stream.launch_builder(&f);
+        b.arg(&x).arg(&p).arg(&dy).arg(&mut out).arg(&total).arg(&c).arg(&hw).arg(&count);
+        run(&mut b, elementwise(n))?;
+    }
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(n + 2 * cu)))
+}
+
+#[cfg(test)]
+mod tests {
+    /// NVRTC compiles the kernels (no GPU needed, only libnvrtc) and the PTX has every entry.
+    #[test]
+    fn the_kernels_compile_with_nvrtc() {
+        let ptx = super::NORM.ptx().unwrap();
+        for name in [
+            "glip_softmax",
+            "glip_softmax_backward",
+            "glip_layer_norm",
+            "glip_layer_norm_backward",
+            "glip_layer_norm_params",
+            "glip_sum_parts",
+            "glip_batch_norm_stats",
+            "glip_batch_norm",
+            "glip_batch_norm_sums",
+            "glip_batch_norm_backward",
+        ] {
+            assert!(ptx.contains(&format!(".entry {name}")), "{name} missing from the PTX");
+        }
+    }
+}

@@ -1,0 +1,686 @@
+//! The CUDA C of this crate's own GPU kernels, compiled at run time with NVRTC by the `cuda`
+//! build (`cuda_launch`), and compiled in every build so that the CPU can test it: the tests
+//! here run these very sources on the CPU under an emulation of CUDA's execution model (a
+//! block's threads as OS threads meeting at `__syncthreads()` barriers, blocks one after
+//! another; `emulation`), against exact values. What that cannot show (the launches through
+//! cudarc, GPU memory, NVRTC's code) glip-train's `tests/cuda.rs` checks on a GPU.
+//!
+//! The kernels keep to what both compilers take: no warp intrinsics or atomics, reductions
+//! through shared memory over a power-of-two block, `__int_as_float` for infinities.
+
+#![cfg_attr(
+    not(feature = "cuda"),
+    allow(dead_code, reason = "launched only by the cuda build; tested in every build")
+)]
+
+/// Threads per block: the row and channel kernels run `block_threads(n)` of them (a power of
+/// two, at most this), the element-wise ones this many.
+pub(crate) const THREADS: u32 = 256;
+
+/// The block size for reductions over `n` elements: the smallest power of two holding `n`,
+/// from one warp (32) to [`THREADS`].
+pub(crate) fn block_threads(n: usize) -> u32 {
+    (n.next_power_of_two() as u32).clamp(32, THREADS)
+}
+
+/// The optimiser's passes ([`crate::optim`]): AdamW's moment update and weight update and the
+/// EMA, grid-stride loops over `n` elements.
+pub(crate) const OPTIM: &str = r#"
+extern "C" __global__ void glip_adamw_moments(float *mv, const float *g, unsigned long long n,
+                                              float c, float b1, float a1, float b2, float a2) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
+         i += (unsigned long long)blockDim.x * gridDim.x) {
+        float gi = c * g[i];
+        mv[i] = b1 * mv[i] + a1 * gi;
+        mv[n + i] = b2 * mv[n + i] + a2 * (gi * gi);
+    }
+}
+
+extern "C" __global__ void glip_adamw_apply(float *w, const float *mv, unsigned long long n,
+                                            float keep, float step, float inv_root_bc2,
+                                            float eps) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
+         i += (unsigned long long)blockDim.x * gridDim.x) {
+        w[i] = w[i] * keep - step * mv[i] / (sqrtf(mv[n + i]) * inv_root_bc2 + eps);
+    }
+}
+
+extern "C" __global__ void glip_ema(float *e, const float *w, unsigned long long n, float d,
+                                    float a) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
+         i += (unsigned long long)blockDim.x * gridDim.x) {
+        e[i] = d * e[i] + a * w[i];
+    }
+}
+"#;
+
+/// Softmax over the last axis, layer norm and training batch norm, forward and backward
+/// ([`crate::fused`], [`crate::norm`]), the same closed forms as the CPU ops:
+///
+/// * rows (softmax, layer norm): one block per row (grid-stride over rows), the row's sums
+///   reduced in shared memory, in f32 as on the CPU;
+/// * layer norm's `dweight`, `dbias`: per column, partial sums over chunks of rows
+///   (`glip_layer_norm_params`, a `(columns, chunks)` grid), then the chunks summed
+///   (`glip_sum_parts`);
+/// * batch norm: one block per channel for the statistics and the backward's two sums, in f64
+///   as on the CPU, then element-wise passes. `p` is `(5, c)`: mean, biased variance, inverse
+///   standard deviation, weight, bias.
+pub(crate) const NORM: &str = r#"
+template <typename T> __device__ T glip_block_sum(T v, T *sh) {
+    sh[threadIdx.x] = v;
+    __syncthreads();
+    for (unsigned s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
+        __syncthreads();
+    }
+    T r = sh[0];
+    __syncthreads();
+    return r;
+}
+
+__device__ float glip_block_max(float v, float *sh) {
+    sh[threadIdx.x] = v;
+    __syncthreads();
+    for (unsigned s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) sh[threadIdx.x] = fmaxf(sh[threadIdx.x], sh[threadIdx.x + s]);
+        __syncthreads();
+    }
+    float r = sh[0];
+    __syncthreads();
+    return r;
+}
+
+extern "C" __global__ void glip_softmax(const float *x, float *y, unsigned rows, unsigned d) {
+    __shared__ float sh[256];
+    for (unsigned r = blockIdx.x; r < rows; r += gridDim.x) {
+        const float *xr = x + (unsigned long long)r * d;
+        float *yr = y + (unsigned long long)r * d;
+        float m = -__int_as_float(0x7f800000);
+        for (unsigned k = threadIdx.x; k < d; k += blockDim.x) m = fmaxf(m, xr[k]);
+        m = glip_block_max(m, sh);
+        // A row of only -inf: exp(-inf - 0) = 0, 0 * (1 / 0) = NaN, as on the CPU.
+        if (!(m - m == 0.0f)) m = 0.0f;
+        float s = 0.0f;
+        for (unsigned k = threadIdx.x; k < d; k += blockDim.x) {
+            float e = expf(xr[k] - m);
+            yr[k] = e;
+            s += e;
+        }
+        float inv = 1.0f / glip_block_sum(s, sh);
+        for (unsigned k = threadIdx.x; k < d; k += blockDim.x) yr[k] *= inv;
+    }
+}
+
+extern "C" __global__ void glip_softmax_backward(const float *y, const float *dy, float *dx,
+                                                 unsigned rows, unsigned d) {
+    __shared__ float sh[256];
+    for (unsigned r = blockIdx.x; r < rows; r += gridDim.x) {
+        const unsigned long long o = (unsigned long long)r * d;
+        float s = 0.0f;
+        for (unsigned k = threadIdx.x; k < d; k += blockDim.x) s += y[o + k] * dy[o + k];
+        float dot = glip_block_sum(s, sh);
+        for (unsigned k = threadIdx.x; k < d; k += blockDim.x)
+            dx[o + k] = y[o + k] * (dy[o + k] - dot);
+    }
+}
+
+/// The mean and inverse standard deviation of row `xr` (biased variance, `eps` inside the root).
+__device__ void glip_row_stats(const float *xr, unsigned d, float eps, float *sh, float *mean,
+                               float *inv) {
+    float s = 0.0f;
+    for (unsigned k = threadIdx.x; k < d; k += blockDim.x) s += xr[k];
+    float m = glip_block_sum(s, sh) / (float)d;
+    float q = 0.0f;
+    for (unsigned k = threadIdx.x; k < d; k += blockDim.x) q += (xr[k] - m) * (xr[k] - m);
+    *mean = m;
+    *inv = 1.0f / sqrtf(glip_block_sum(q, sh) / (float)d + eps);
+}
+
+extern "C" __global__ void glip_layer_norm(const float *x, const float *w, const float *b,
+                                           float *y, unsigned rows, unsigned d, float eps) {
+    __shared__ float sh[256];
+    for (unsigned r = blockIdx.x; r < rows; r += gridDim.x) {
+        const unsigned long long o = (unsigned long long)r * d;
+        float m, inv;
+        glip_row_stats(x + o, d, eps, sh, &m, &inv);
+        for (unsigned k = threadIdx.x; k < d; k += blockDim.x)
+            y[o + k] = (x[o + k] - m) * inv * w[k] + b[k];
+    }
+}
+
+/// `dx` of every row, and each row's (mean, inverse standard deviation) into `stats`.
+extern "C" __global__ void glip_layer_norm_backward(const float *x, const float *w,
+                                                    const float *dy, float *dx, float *stats,
+                                                    unsigned rows, unsigned d, float eps) {
+    __shared__ float sh[256];
+    for (unsigned r = blockIdx.x; r < rows; r += gridDim.x) {
+        const unsigned long long o = (unsigned long long)r * d;
+        float m, inv;
+        glip_row_stats(x + o, d, eps, sh, &m, &inv);
+        float sg = 0.0f, sgx = 0.0f;
+        for (unsigned k = threadIdx.x; k < d; k += blockDim.x) {
+            float g = dy[o + k] * w[k];
+            sg += g;
+            sgx += g * ((x[o + k] - m) * inv);
+        }
+        float mg = glip_block_sum(sg, sh) / (float)d;
+        float mgx = glip_block_sum(sgx, sh) / (float)d;
+        for (unsigned k = threadIdx.x; k < d; k += blockDim.x) {
+            float xhat = (x[o + k] - m) * inv;
+            dx[o + k] = inv * (dy[o + k] * w[k] - mg - xhat * mgx);
+        }
+        if (threadIdx.x == 0) {
+            stats[2ull * r] = m;
+            stats[2ull * r + 1] = inv;
+        }
+    }
+}
+
+/// Column `c` of chunk `blockIdx.y` (rows `[y chunk, (y + 1) chunk)`): `sum dy * xhat` into
+/// `part[y][c]`, `sum dy` into `part[y][d + c]`.
+extern "C" __global__ void glip_layer_norm_params(const float *x, const float *dy,
+                                                  const float *stats, float *part,
+                                                  unsigned rows, unsigned d, unsigned chunk) {
+    unsigned c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= d) return;
+    unsigned r0 = blockIdx.y * chunk;
+    unsigned r1 = r0 + chunk < rows ? r0 + chunk : rows;
+    float a = 0.0f, b = 0.0f;
+    for (unsigned r = r0; r < r1; ++r) {
+        const unsigned long long i = (unsigned long long)r * d + c;
+        a += dy[i] * ((x[i] - stats[2ull * r]) * stats[2ull * r + 1]);
+        b += dy[i];
+    }
+    part[2ull * d * blockIdx.y + c] = a;
+    part[2ull * d * blockIdx.y + d + c] = b;
+}
+
+/// `out[j] = sum_p part[p m + j]` for `j < m`.
+extern "C" __global__ void glip_sum_parts(const float *part, float *out, unsigned parts,
+                                          unsigned m) {
+    for (unsigned j = blockIdx.x * blockDim.x + threadIdx.x; j < m; j += blockDim.x * gridDim.x) {
+        float s = 0.0f;
+        for (unsigned p = 0; p < parts; ++p) s += part[(unsigned long long)p * m + j];
+        out[j] = s;
+    }
+}
+
+/// Element `j` of channel `ch`'s `b hw` elements in `(b, c, hw)`.
+__device__ unsigned long long glip_channel_at(unsigned long long j, unsigned ch, unsigned c,
+                                              unsigned hw) {
+    return (j / hw) * c * hw + (unsigned long long)ch * hw + j % hw;
+}
+
+/// `p[0..3 c]`: every channel's batch mean, biased variance and `1 / sqrt(var + eps)`.
+extern "C" __global__ void glip_batch_norm_stats(const float *x, float *p, unsigned b,
+                                                 unsigned c, unsigned hw, double eps) {
+    __shared__ double sh[256];
+    const unsigned long long n = (unsigned long long)b * hw;
+    const double count = n > 0 ? (double)n : 1.0;
+    for (unsigned ch = blockIdx.x; ch < c; ch += gridDim.x) {
+        double s = 0.0;
+        for (unsigned long long j = threadIdx.x; j < n; j += blockDim.x)
+            s += (double)x[glip_channel_at(j, ch, c, hw)];
+        double mean = glip_block_sum(s, sh) / count;
+        double q = 0.0;
+        for (unsigned long long j = threadIdx.x; j < n; j += blockDim.x) {
+            double v = (double)x[glip_channel_at(j, ch, c, hw)] - mean;
+            q += v * v;
+        }
+        float var = (float)(glip_block_sum(q, sh) / count);
+        if (threadIdx.x == 0) {
+            p[ch] = (float)mean;
+            p[c + ch] = var;
+            p[2 * c + ch] = 1.0f / (float)sqrt((double)var + eps);
+        }
+    }
+}
+
+extern "C" __global__ void glip_batch_norm(const float *x, const float *p, float *y,
+                                           unsigned long long total, unsigned c, unsigned hw) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+         i < total; i += (unsigned long long)blockDim.x * gridDim.x) {
+        unsigned ch = (unsigned)((i / hw) % c);
+        float scale = p[2 * c + ch] * p[3 * c + ch];
+        float shift = p[4 * c + ch] - p[ch] * scale;
+        y[i] = x[i] * scale + shift;
+    }
+}
+
+/// Per channel `sum dy * xhat` into `sums[ch]` and `sum dy` into `sums[c + ch]` (dgamma, dbeta).
+extern "C" __global__ void glip_batch_norm_sums(const float *x, const float *p, const float *dy,
+                                                float *sums, unsigned b, unsigned c,
+                                                unsigned hw) {
+    __shared__ double sh[256];
+    const unsigned long long n = (unsigned long long)b * hw;
+    for (unsigned ch = blockIdx.x; ch < c; ch += gridDim.x) {
+        const float m = p[ch], is = p[2 * c + ch];
+        double s = 0.0, sx = 0.0;
+        for (unsigned long long j = threadIdx.x; j < n; j += blockDim.x) {
+            unsigned long long i = glip_channel_at(j, ch, c, hw);
+            s += (double)dy[i];
+            sx += (double)(dy[i] * (x[i] - m) * is);
+        }
+        float ssx = (float)glip_block_sum(sx, sh);
+        float ss = (float)glip_block_sum(s, sh);
+        if (threadIdx.x == 0) {
+            sums[ch] = ssx;
+            sums[c + ch] = ss;
+        }
+    }
+}
+
+/// `dx = gamma invstd / n (n dy - sum(dy) - xhat sum(dy xhat))` into `out[0..total]`, the sums
+/// read from `out[total..]` (written there by `glip_batch_norm_sums`).
+extern "C" __global__ void glip_batch_norm_backward(const float *x, const float *p,
+                                                    const float *dy, float *out,
+                                                    unsigned long long total, unsigned c,
+                                                    unsigned hw, float n) {
+    const float *sums = out + total;
+    float *dx = out;
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+         i < total; i += (unsigned long long)blockDim.x * gridDim.x) {
+        unsigned ch = (unsigned)((i / hw) % c);
+        float m = p[ch], is = p[2 * c + ch];
+        float k = p[3 * c + ch] * is / n;
+        float xhat = (x[i] - m) * is;
+        dx[i] = k * (n * dy[i] - sums[c + ch] - xhat * sums[ch]);
+    }
+}
+"#;
+
+/// Layer norm's parameter gradients: the rows per chunk of `glip_layer_norm_params` (at least
+/// 32, at most 128 chunks), and the number of chunks.
+pub(crate) fn layer_norm_chunks(rows: usize) -> (usize, usize) {
+    let chunk = rows.div_ceil(128).max(32);
+    (chunk, rows.div_ceil(chunk).max(1))
+}
+
+#[cfg(test)]
+mod emulation {
+    //! The kernels above, compiled by the host's C++ compiler (`$CXX`, else `g++`; C++20 for
+    //! `std::barrier`) with a header that maps CUDA's built-ins onto the CPU: each block's
+    //! threads are OS threads, `__syncthreads()` a barrier among them, `__shared__` memory a
+    //! static array (blocks run one at a time, so a block owns it). A test skips, saying why,
+    //! where there is no C++ compiler. Compared with exact values (the same computation in f64
+    //! through candle on the CPU) at the fixture README's tolerances, as the GPU's test in
+    //! glip-train's `tests/cuda.rs` compares the real launches.
+
+    use super::*;
+    use candle_core::{DType, Device, Result, Tensor, Var};
+    use std::collections::HashMap;
+    use std::fmt::Write as _;
+    use std::process::Command;
+
+    const SHIM: &str = r#"
+#include <barrier>
+#include <cstdio>
+#include <cstring>
+#include <math.h>
+#include <thread>
+#include <vector>
+struct glip_dim3 { unsigned x = 0, y = 0, z = 0; };
+static thread_local glip_dim3 threadIdx;
+static glip_dim3 blockIdx, blockDim, gridDim;
+static std::barrier<> *glip_barrier = nullptr;
+#define __global__
+#define __device__
+#define __shared__ static
+#define __syncthreads() glip_barrier->arrive_and_wait()
+static inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, sizeof f); return f; }
+// Runs `kernel` on a (gx, gy) grid of blocks of bx threads, one block at a time.
+template <class F> static void glip_launch(unsigned gx, unsigned gy, unsigned bx, F kernel) {
+    gridDim = {gx, gy, 1};
+    blockDim = {bx, 1, 1};
+    for (unsigned y = 0; y < gy; ++y)
+        for (unsigned x = 0; x < gx; ++x) {
+            blockIdx = {x, y, 0};
+            std::barrier<> bar(bx);
+            glip_barrier = &bar;
+            std::vector<std::thread> threads;
+            for (unsigned t = 0; t < bx; ++t)
+                threads.emplace_back([=] { threadIdx = {t, 0, 0}; kernel(); });
+            for (auto &t : threads) t.join();
+        }
+}
+static void glip_print(const char *name, const float *p, size_t n) {
+    std::printf("%s", name);
+    for (size_t i = 0; i < n; ++i) std::printf(" %.9g", p[i]);
+    std::printf("\n");
+}
+"#;
+
+    fn literal(v: f32) -> String {
+        match v {
+            v if v.is_nan() => "NAN".into(),
+            v if v.is_infinite() => if v > 0.0 { "INFINITY" } else { "(-INFINITY)" }.into(),
+            v => format!("{v:e}f"),
+        }
+    }
+
+    /// Compiles `source`, the arrays (as `static float name[]`, each also `name_n` long) and
+    /// `main`'s `body`, runs it and returns what it printed with `glip_print`, by name; `None`
+    /// (after saying why) without a C++ compiler.
+    pub(super) fn emulate(
+        source: &str,
+        arrays: &[(&str, Vec<f32>)],
+        body: &str,
+    ) -> Option<HashMap<String, Vec<f32>>> {
+        let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
+        if Command::new(&cxx).arg("--version").output().is_err() {
+            eprintln!("skipped: no C++ compiler ({cxx}) to run the CUDA kernels on the CPU");
+            return None;
+        }
+        let mut text = format!("{SHIM}\n{source}\n");
+        for (name, v) in arrays {
+            let items: Vec<String> = v.iter().map(|&x| literal(x)).collect();
+            let _ = writeln!(
+                text,
+                "static float {name}[] = {{{}}};\nstatic const size_t {name}_n = {};",
+                items.join(","),
+                v.len()
+            );
+        }
+        let _ = write!(text, "int main() {{\n{body}\nreturn 0;\n}}\n");
+        let dir = std::env::temp_dir().join(format!(
+            "glip-emulation-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (src, bin) = (dir.join("k.cpp"), dir.join("k"));
+        std::fs::write(&src, text).unwrap();
+        let out = Command::new(&cxx)
+            .args(["-std=c++20", "-O1", "-pthread", "-w", "-o"])
+            .arg(&bin)
+            .arg(&src)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{cxx}: {}", String::from_utf8_lossy(&out.stderr));
+        let run = Command::new(&bin).output().unwrap();
+        assert!(run.status.success(), "emulated kernels: {}", String::from_utf8_lossy(&run.stderr));
+        let _ = std::fs::remove_dir_all(&dir);
+        let parse = |s: &str| -> f32 {
+            let t = s.trim_start_matches('-');
+            if t.eq_ignore_ascii_case("nan") {
+                f32::NAN
+            } else {
+                s.parse().unwrap_or_else(|_| panic!("not a number: {s}"))
+            }
+        };
+        Some(
+            String::from_utf8(run.stdout)
+                .unwrap()
+                .lines()
+                .filter_map(|l| {
+                    let mut it = l.split_whitespace();
+                    Some((it.next()?.to_string(), it.map(parse).collect()))
+                })
+                .collect(),
+        )
+    }
+
+    pub(super) fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+        let mut rng = glip_core::rng::Rng::new(seed);
+        (0..n).map(|_| rng.normal() * scale).collect()
+    }
+
+    fn t(v: &[f32], shape: &[usize]) -> Tensor {
+        Tensor::from_vec(v.to_vec(), shape, &Device::Cpu).unwrap()
+    }
+
+    /// `f` in f64 on the CPU and the gradients of `sum(f(inputs) * dy)`: the exact values.
+    fn exact(
+        inputs: &[Tensor],
+        dy: &Tensor,
+        f: impl Fn(&[Tensor]) -> Result<Tensor>,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(&t.to_dtype(DType::F64)?))
+            .collect::<Result<_>>()?;
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let y = f(&ts)?;
+        let g = (&y * dy.to_dtype(DType::F64)?)?.sum_all()?.backward()?;
+        let grads: Result<Vec<Tensor>> =
+            vars.iter().map(|v| g.get(v).expect("gradient").to_dtype(DType::F32)).collect();
+        Ok((y.to_dtype(DType::F32)?, grads?))
+    }
+
+    fn got(out: &HashMap<String, Vec<f32>>, name: &str, shape: &[usize]) -> Tensor {
+        t(out.get(name).unwrap_or_else(|| panic!("{name} not printed")), shape)
+    }
+
+    /// Rows shorter than a warp, rows longer than a block (256) and not a power of two, a grid
+    /// smaller than the rows (the grid-stride loop), some `-inf` entries (attention masks).
+    #[test]
+    fn softmax_forward_and_backward_match_exact_values() -> Result<()> {
+        for (rows, d) in [(37usize, 5usize), (9, 300), (12, 64)] {
+            let n = rows * d;
+            let mut x = random(n, 1 + d as u64, 3.0);
+            for r in (0..rows).step_by(3) {
+                x[r * d + r % d] = f32::NEG_INFINITY;
+            }
+            let dy = random(n, 2 + d as u64, 1.0);
+            let threads = block_threads(d);
+            let body = format!(
+                "static float y[{n}], dx[{n}];
+                 glip_launch(8, 1, {threads}, [] {{ glip_softmax(x, y, {rows}, {d}); }});
+                 glip_launch(8, 1, {threads}, [] {{ glip_softmax_backward(y, dy, dx, {rows}, {d}); }});
+                 glip_print(\"y\", y, {n}); glip_print(\"dx\", dx, {n});"
+            );
+            let Some(out) = emulate(NORM, &[("x", x.clone()), ("dy", dy.clone())], &body) else {
+                return Ok(());
+            };
+            let (y, g) = exact(&[t(&x, &[rows, d])], &t(&dy, &[rows, d]), |t| {
+                crate::fused::softmax_last_composed(&t[0])
+            })?;
+            glip_testing::assert_forward_close("softmax", &got(&out, "y", &[rows, d]), &y)?;
+            glip_testing::assert_grad_close("softmax dx", &got(&out, "dx", &[rows, d]), &g[0])?;
+        }
+        Ok(())
+    }
+
+    /// A row of only `-inf` gives NaN, as the CPU op and PyTorch do.
+    #[test]
+    fn softmax_of_a_fully_masked_row_is_nan() {
+        let body = "static float y[3]; glip_launch(1, 1, 32, [] { glip_softmax(x, y, 1, 3); });
+                    glip_print(\"y\", y, 3);";
+        let Some(out) = emulate(NORM, &[("x", vec![f32::NEG_INFINITY; 3])], body) else {
+            return;
+        };
+        assert!(out["y"].iter().all(|v| v.is_nan()), "{:?}", out["y"]);
+        let cpu = crate::fused::softmax_last(&t(&[f32::NEG_INFINITY; 3], &[1, 3])).unwrap();
+        assert!(cpu.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|v| v.is_nan()));
+    }
+
+    /// Widths under and over a block, rows in several chunks of the parameter sums.
+    #[test]
+    fn layer_norm_forward_and_backward_match_exact_values() -> Result<()> {
+        for (rows, d) in [(70usize, 64usize), (40, 300), (3, 7)] {
+            let n = rows * d;
+            let x = random(n, 3 + d as u64, 2.0);
+            let x: Vec<f32> = x.iter().enumerate().map(|(i, v)| v + (i / d) as f32 * 0.1).collect();
+            let w: Vec<f32> = random(d, 4, 0.5).iter().map(|v| v.abs() + 0.5).collect();
+            let b = random(d, 5, 0.5);
+            let dy = random(n, 6 + d as u64, 1.0);
+            let threads = block_threads(d);
+            // Chunks of 16 rows here (the launch's are at least 32) to sum several partials.
+            let parts = rows.div_ceil(16);
+            let cols = d.div_ceil(128);
+            let body = format!(
+                "static float y[{n}], dx[{n}], stats[{}], part[{}], params[{}];
+                 glip_launch(8, 1, {threads}, [] {{ glip_layer_norm(x, w, b, y, {rows}, {d}, 1e-5f); }});
+                 glip_launch(8, 1, {threads}, [] {{
+                     glip_layer_norm_backward(x, w, dy, dx, stats, {rows}, {d}, 1e-5f); }});
+                 glip_launch({cols}, {parts}, 128, [] {{
+                     glip_layer_norm_params(x, dy, stats, part, {rows}, {d}, 16); }});
+                 glip_launch(2, 1, 64, [] {{ glip_sum_parts(part, params, {parts}, {}); }});
+                 glip_print(\"y\", y, {n}); glip_print(\"dx\", dx, {n});
+                 glip_print(\"dw\", params, {d}); glip_print(\"db\", params + {d}, {d});",
+                2 * rows,
+                2 * d * parts,
+                2 * d,
+                2 * d,
+            );
+            let arrays = [("x", x.clone()), ("w", w.clone()), ("b", b.clone()), ("dy", dy.clone())];
+            let Some(out) = emulate(NORM, &arrays, &body) else {
+                return Ok(());
+            };
+            let (y, g) =
+                exact(&[t(&x, &[rows, d]), t(&w, &[d]), t(&b, &[d])], &t(&dy, &[rows, d]), |t| {
+                    crate::fused::layer_norm_composed(&t[0], &t[1], &t[2], 1e-5)
+                })?;
+            glip_testing::assert_forward_close("layer norm", &got(&out, "y", &[rows, d]), &y)?;
+            glip_testing::assert_grad_close("layer norm dx", &got(&out, "dx", &[rows, d]), &g[0])?;
+            glip_testing::assert_grad_close("layer norm dw", &got(&out, "dw", &[d]), &g[1])?;
+            glip_testing::assert_grad_close("layer norm db", &got(&out, "db", &[d]), &g[2])?;
+        }
+        Ok(())
+    }
+
+    /// Channels in a grid smaller than their number, planes of one element, more elements per
+    /// channel than a block has threads.
+    #[test]
+    fn batch_norm_forward_and_backward_match_exact_values() -> Result<()> {
+        for (bs, c, h, w) in [(3usize, 5usize, 4usize, 7usize), (4, 3, 1, 1), (2, 6, 16, 9)] {
+            let (hw, n) = (h * w, bs * c * h * w);
+            let x: Vec<f32> = random(n, 7 + c as u64, 2.0).iter().map(|v| v + 1.5).collect();
+            let gamma: Vec<f32> = random(c, 8, 0.3).iter().map(|v| v + 1.0).collect();
+            let beta = random(c, 9, 0.3);
+            let dy = random(n, 10 + c as u64, 1.0);
+            let threads = block_threads(bs * hw);
+            let body = format!(
+                "static float p[{}], y[{n}], out[{}];
+                 glip_launch(2, 1, {threads}, [] {{ glip_batch_norm_stats(x, p, {bs}, {c}, {hw}, 1e-5); }});
+                 for (unsigned i = 0; i < {c}; ++i) {{ p[3 * {c} + i] = bn_weight[i]; p[4 * {c} + i] = bn_bias[i]; }}
+                 glip_launch(3, 1, 256, [] {{ glip_batch_norm(x, p, y, {n}, {c}, {hw}); }});
+                 glip_launch(2, 1, {threads}, [] {{
+                     glip_batch_norm_sums(x, p, dy, out + {n}, {bs}, {c}, {hw}); }});
+                 glip_launch(3, 1, 256, [] {{
+                     glip_batch_norm_backward(x, p, dy, out, {n}, {c}, {hw}, {}.0f); }});
+                 glip_print(\"mean\", p, {c}); glip_print(\"var\", p + {c}, {c});
+                 glip_print(\"y\", y, {n}); glip_print(\"dx\", out, {n});
+                 glip_print(\"dgamma\", out + {n}, {c}); glip_print(\"dbeta\", out + {n} + {c}, {c});",
+                5 * c,
+                n + 2 * c,
+                bs * hw,
+            );
+            let arrays = [
+                ("x", x.clone()),
+                ("bn_weight", gamma.clone()),
+                ("bn_bias", beta.clone()),
+                ("dy", dy.clone()),
+            ];
+            let Some(out) = emulate(NORM, &arrays, &body) else {
+                return Ok(());
+            };
+            let shape = [bs, c, h, w];
+            let per = |t: &Tensor| t.reshape((1, c, 1, 1));
+            let (y, g) =
+                exact(&[t(&x, &shape), t(&gamma, &[c]), t(&beta, &[c])], &t(&dy, &shape), |t| {
+                    let mean = t[0].mean_keepdim(3)?.mean_keepdim(2)?.mean_keepdim(0)?;
+                    let xc = t[0].broadcast_sub(&mean)?;
+                    let var = xc.sqr()?.mean_keepdim(3)?.mean_keepdim(2)?.mean_keepdim(0)?;
+                    let y = xc.broadcast_div(&(var + 1e-5)?.sqrt()?)?;
+                    y.broadcast_mul(&per(&t[1])?)?.broadcast_add(&per(&t[2])?)
+                })?;
+            let x64 = t(&x, &shape).to_dtype(DType::F64)?;
+            let mean = x64.mean_keepdim(3)?.mean_keepdim(2)?.mean_keepdim(0)?;
+            let var = x64
+                .broadcast_sub(&mean)?
+                .sqr()?
+                .mean_keepdim(3)?
+                .mean_keepdim(2)?
+                .mean_keepdim(0)?;
+            let f32s = |t: Tensor| t.flatten_all()?.to_dtype(DType::F32);
+            glip_testing::assert_forward_close("bn mean", &got(&out, "mean", &[c]), &f32s(mean)?)?;
+            glip_testing::assert_forward_close("bn var", &got(&out, "var", &[c]), &f32s(var)?)?;
+            glip_testing::assert_forward_close("bn", &got(&out, "y", &shape), &y)?;
+            glip_testing::assert_grad_close("bn dx", &got(&out, "dx", &shape), &g[0])?;
+            glip_testing::assert_grad_close("bn dgamma", &got(&out, "dgamma", &[c]), &g[1])?;
+            glip_testing::assert_grad_close("bn dbeta", &got(&out, "dbeta", &[c]), &g[2])?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod emulation_optim {
+    //! The optimiser's kernels under the same emulation, against exact (f64) arithmetic on the
+    //! same f32 inputs and scalars, per element within the rounding bound of each formula
+    //! (`u = 2^-24` per operation, terms' magnitudes; NVRTC's FMA contraction only removes
+    //! roundings): moments `m' = b1 m + a1 (c g)` 3 roundings, `v' = b2 v + a2 (c g)^2` 5;
+    //! apply `w' = w keep - step m / (sqrt(v) r + e)` 2 on the first term, 7 on the quotient;
+    //! EMA `e' = d e + a w` 3. Bounds use 1.01 times those counts (second-order terms).
+
+    use super::emulation::{emulate, random};
+    use super::OPTIM;
+
+    const U: f64 = f32::EPSILON as f64 / 2.0;
+
+    fn check(name: &str, got: &[f32], want: &[f64], mag: &[f64], roundings: f64) {
+        assert_eq!(got.len(), want.len(), "{name}");
+        for (i, ((&g, &w), &m)) in got.iter().zip(want).zip(mag).enumerate() {
+            let bound = 1.01 * roundings * U * m;
+            let err = (g as f64 - w).abs();
+            assert!(err <= bound, "{name}[{i}]: {g} vs exact {w}: {err:e} > {bound:e}");
+        }
+    }
+
+    #[test]
+    fn adamw_and_ema_kernels_match_exact_arithmetic() {
+        let n = 1000usize;
+        let g = random(n, 21, 0.1);
+        let m = random(n, 22, 0.01);
+        let v: Vec<f32> = random(n, 23, 0.001).iter().map(|x| x * x).collect();
+        let w = random(n, 24, 1.0);
+        let (c, b1, b2) = (0.8f32, 0.9f32, 0.999f32);
+        let (a1, a2) = (1.0 - b1, 1.0 - b2);
+        let (keep, step, r, eps) = (0.9999f32, 1e-3f32, 1.0f32 / 0.02f32.sqrt(), 1e-8f32);
+        let (d, a) = (0.99f32, 0.01f32);
+        let mv: Vec<f32> = m.iter().chain(&v).copied().collect();
+        // Two blocks of 256 over 1000 elements: the grid-stride loop runs twice.
+        let body = format!(
+            "static float e[{n}]; for (size_t i = 0; i < {n}; ++i) e[i] = w[i];
+             static float ww[{n}]; for (size_t i = 0; i < {n}; ++i) ww[i] = w[i];
+             glip_launch(2, 1, 256, [] {{ glip_adamw_moments(mv, g, {n}, {c:e}f, {b1:e}f, {a1:e}f, {b2:e}f, {a2:e}f); }});
+             glip_print(\"mv\", mv, {});
+             glip_launch(2, 1, 256, [] {{ glip_adamw_apply(ww, mv, {n}, {keep:e}f, {step:e}f, {r:e}f, {eps:e}f); }});
+             glip_print(\"w\", ww, {n});
+             glip_launch(2, 1, 256, [] {{ glip_ema(e, g, {n}, {d:e}f, {a:e}f); }});
+             glip_print(\"e\", e, {n});",
+            2 * n
+        );
+        let Some(out) = emulate(OPTIM, &[("mv", mv), ("g", g.clone()), ("w", w.clone())], &body)
+        else {
+            return;
+        };
+        let f = |x: f32| x as f64;
+        let (mut m2, mut v2, mut mm, mut mv_) = (vec![], vec![], vec![], vec![]);
+        for i in 0..n {
+            let gi = f(c) * f(g[i]);
+            m2.push(f(b1) * f(m[i]) + f(a1) * gi);
+            mm.push((f(b1) * f(m[i])).abs() + (f(a1) * gi).abs());
+            v2.push(f(b2) * f(v[i]) + f(a2) * gi * gi);
+            mv_.push((f(b2) * f(v[i])).abs() + f(a2) * gi * gi);
+        }
+        let got_mv = &out["mv"];
+        check("adamw m", &got_mv[..n], &m2, &mm, 3.0);
+        check("adamw v", &got_mv[n..], &v2, &mv_, 5.0);
+        // The weight update from the kernel's own moments (its inputs).
+        let (mut w2, mut wmag) = (vec![], vec![]);
+        for i in 0..n {
+            let (mi, vi) = (f(got_mv[i]), f(got_mv[n + i]));
+            let q = f(step) * mi / (vi.sqrt() * f(r) + f(eps));
+            w2.push(f(w[i]) * f(keep) - q);
+            // 2 roundings on the first term, 7 on the quotient: weight them into one bound.
+            wmag.push((f(w[i]) * f(keep)).abs() + 3.5 * q.abs());
+        }
+        check("adamw w", &out["w"], &w2, &wmag, 2.0);
+        let e2: Vec<f64> = (0..n).map(|i| f(d) * f(w[i]) + f(a) * f(g[i])).collect();
+        let emag: Vec<f64> =
+            (0..n).map(|i| (f(d) * f(w[i])).abs() + (f(a) * f(g[i])).abs()).collect();
+        check("ema", &out["e"], &e2, &emag, 3.0);
+    }
+}
