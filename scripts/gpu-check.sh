@@ -2,7 +2,8 @@
 # The device check of issue 13 as one prepared script for a lent GPU machine, where nothing is
 # built: (a) the parity suite and the op tests on CUDA (the test binary of
 # crates/glip-train/tests/cuda.rs), (b) `glip bench` on the issue's presets in f32, f32 with
-# TF32 and bf16, (c) the default experiment on the GPU for a short budget, printing validation
+# TF32 and bf16 (then each training step's phases, and glip's normalisation kernels against
+# candle's compositions), (c) the default experiment on the GPU for a short budget, printing validation
 # AP50 against training minutes.
 #
 # Here (no GPU needed): `bash scripts/gpu-pack.sh` builds both binaries with `--features cudnn`
@@ -140,6 +141,19 @@ if [[ "$PARTS" == *b* ]]; then
         --size "$size" --iters "$ITERS" --precision "$precision" --phases 2>&1 | tail -1)
       echo "$preset train b$batch@$size $precision phases: $(python3 -c 'import json, sys; print(json.loads(sys.argv[1]).get("phases"))' "$line" 2>/dev/null || echo "$line")"
     done
+  done
+fi
+
+# (b, continued) glip's CUDA kernels for softmax, layer norm and batch norm against candle's
+# compositions of them (GLIP_CUDA_COMPOSED=1), which the CUDA path ran before: which to keep.
+if [[ "$PARTS" == *b* && "$DEVICE" != cpu ]]; then
+  echo "== (b) training steps with candle's compositions for softmax, layer norm and batch norm"
+  for row in "${rows[@]}"; do
+    read -r preset batch size modes <<<"$row"
+    [[ "$modes" == *train* ]] || continue
+    line=$(GLIP_CUDA_COMPOSED=1 "$GLIP" bench --device "$DEVICE" --preset "$preset" --mode train \
+      --batch "$batch" --size "$size" --iters "$ITERS" --precision f32 2>&1 | tail -1)
+    echo "$preset train b$batch@$size f32 composed: $line"
   done
 fi
 
