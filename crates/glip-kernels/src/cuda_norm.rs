@@ -1,6 +1,7 @@
-//! Softmax over the last axis, layer norm and training batch norm on CUDA, forward and
-//! backward: the launches of [`crate::cuda_source::NORM`]'s kernels behind the `cuda_fwd` of
-//! [`crate::fused`]'s and [`crate::norm`]'s ops, so that each is one API with a CPU and a CUDA
+//! Softmax over the last axis, layer norm, training batch norm and the frozen batch norm's
+//! affine map with its ReLU on CUDA, forward and backward: the launches of
+//! [`crate::cuda_source::NORM`]'s kernels behind the `cuda_fwd` of [`crate::fused`]'s,
+//! [`crate::norm`]'s and [`crate::affine`]'s ops, so that each is one API with a CPU and a CUDA
 //! implementation.
 //!
 //! candle's differentiable compositions of these (what the CUDA path ran before) are 5-12
@@ -243,6 +244,64 @@ pub(crate) fn batch_norm_backward(
     Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(n + 2 * cu)))
 }
 
+/// `relu(x s + t (+ r))` with `ss (2, c)` = `[s; t]`.
+pub(crate) fn affine_relu(
+    (s1, l1): (&CudaStorage, &Layout),
+    (s2, l2): (&CudaStorage, &Layout),
+    residual: Option<(&CudaStorage, &Layout)>,
+) -> Result<(CudaStorage, Shape)> {
+    let (x, ss) = (view(s1, l1, "affine-relu")?, view(s2, l2, "affine-relu constants")?);
+    let (_, c, hw) = planes(l1)?;
+    check_len("affine-relu constants", ss.len(), 2 * c as usize)?;
+    let r = match residual {
+        Some((s, l)) => {
+            let r = view(s, l, "affine-add-relu residual")?;
+            check_len("affine-add-relu residual", r.len(), x.len())?;
+            Some(r)
+        }
+        None => None,
+    };
+    let dev = s1.device().clone();
+    let (total, with_r) = (x.len() as u64, u32::from(r.is_some()));
+    // Written in full by glip_affine_relu.
+    let mut y = output(&dev, x.len())?;
+    let f = NORM.func(&dev, "glip_affine_relu")?;
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    // Without a residual the kernel does not read `r`; `x` stands in for the pointer.
+    b.arg(&x).arg(&ss).arg(r.as_ref().unwrap_or(&x)).arg(&mut y);
+    b.arg(&total).arg(&c).arg(&hw).arg(&with_r);
+    run(&mut b, elementwise(x.len()))?;
+    Ok((CudaStorage::wrap_cuda_slice(y, dev), l1.shape().clone()))
+}
+
+/// `(y, dy, ss)` -> `dx` (`n`), or with `with_residual` `[dx; dresidual]` (`2 n`).
+pub(crate) fn affine_relu_backward(
+    (s1, l1): (&CudaStorage, &Layout),
+    (s2, l2): (&CudaStorage, &Layout),
+    (s3, l3): (&CudaStorage, &Layout),
+    with_residual: bool,
+) -> Result<(CudaStorage, Shape)> {
+    let y = view(s1, l1, "affine-relu backward")?;
+    let dy = view(s2, l2, "affine-relu backward")?;
+    let ss = view(s3, l3, "affine-relu backward constants")?;
+    let (_, c, hw) = planes(l1)?;
+    check_len("affine-relu backward", dy.len(), y.len())?;
+    check_len("affine-relu backward constants", ss.len(), 2 * c as usize)?;
+    let n = y.len();
+    let len = if with_residual { 2 * n } else { n };
+    let dev = s1.device().clone();
+    let (total, with_r) = (n as u64, u32::from(with_residual));
+    // Written in full by glip_affine_relu_backward (dx, and dr with a residual).
+    let mut out = output(&dev, len)?;
+    let f = NORM.func(&dev, "glip_affine_relu_backward")?;
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    b.arg(&y).arg(&dy).arg(&ss).arg(&mut out).arg(&total).arg(&c).arg(&hw).arg(&with_r);
+    run(&mut b, elementwise(n))?;
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(len)))
+}
+
 #[cfg(test)]
 mod tests {
     /// NVRTC compiles the kernels (no GPU needed, only libnvrtc) and the PTX has every entry.
@@ -260,6 +319,8 @@ mod tests {
             "glip_batch_norm",
             "glip_batch_norm_sums",
             "glip_batch_norm_backward",
+            "glip_affine_relu",
+            "glip_affine_relu_backward",
         ] {
             assert!(ptx.contains(&format!(".entry {name}")), "{name} missing from the PTX");
         }

@@ -54,8 +54,9 @@ extern "C" __global__ void glip_ema(float *e, const float *w, unsigned long long
 }
 "#;
 
-/// Softmax over the last axis, layer norm and training batch norm, forward and backward
-/// ([`crate::fused`], [`crate::norm`]), the same closed forms as the CPU ops:
+/// Softmax over the last axis, layer norm, training batch norm and a frozen batch norm with
+/// its ReLU, forward and backward ([`crate::fused`], [`crate::norm`], [`crate::affine`]), the
+/// same closed forms as the CPU ops:
 ///
 /// * rows (softmax, layer norm): one block per row (grid-stride over rows), the row's sums
 ///   reduced in shared memory, in f32 as on the CPU;
@@ -64,7 +65,8 @@ extern "C" __global__ void glip_ema(float *e, const float *w, unsigned long long
 ///   (`glip_sum_parts`);
 /// * batch norm: one block per channel for the statistics and the backward's two sums, in f64
 ///   as on the CPU, then element-wise passes. `p` is `(5, c)`: mean, biased variance, inverse
-///   standard deviation, weight, bias.
+///   standard deviation, weight, bias;
+/// * the frozen batch norm's affine map and ReLU: element-wise, forward and backward.
 pub(crate) const NORM: &str = r#"
 template <typename T> __device__ T glip_block_sum(T v, T *sh) {
     sh[threadIdx.x] = v;
@@ -285,6 +287,35 @@ extern "C" __global__ void glip_batch_norm_backward(const float *x, const float 
         float k = p[3 * c + ch] * is / n;
         float xhat = (x[i] - m) * is;
         dx[i] = k * (n * dy[i] - sums[c + ch] - xhat * sums[ch]);
+    }
+}
+
+/// A frozen batch norm and its ReLU: `y = relu(x s + t (+ r))` with `ss = [s; t]` `(2, c)`
+/// (`with_r` says whether `r` is read).
+extern "C" __global__ void glip_affine_relu(const float *x, const float *ss, const float *r,
+                                            float *y, unsigned long long total, unsigned c,
+                                            unsigned hw, unsigned with_r) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+         i < total; i += (unsigned long long)blockDim.x * gridDim.x) {
+        unsigned ch = (unsigned)((i / hw) % c);
+        float v = x[i] * ss[ch] + ss[c + ch];
+        if (with_r) v += r[i];
+        y[i] = fmaxf(v, 0.0f);
+    }
+}
+
+/// `g = dy (y > 0)`: `dx = g s` into `out[0..total]`, and with `with_r` `dr = g` into
+/// `out[total..2 total]`.
+extern "C" __global__ void glip_affine_relu_backward(const float *y, const float *dy,
+                                                     const float *ss, float *out,
+                                                     unsigned long long total, unsigned c,
+                                                     unsigned hw, unsigned with_r) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+         i < total; i += (unsigned long long)blockDim.x * gridDim.x) {
+        unsigned ch = (unsigned)((i / hw) % c);
+        float g = dy[i] * (y[i] > 0.0f ? 1.0f : 0.0f);
+        out[i] = g * ss[ch];
+        if (with_r) out[total + i] = g;
     }
 }
 "#;
@@ -600,6 +631,78 @@ static void glip_print(const char *name, const float *p, size_t n) {
             glip_testing::assert_grad_close("bn dx", &got(&out, "dx", &shape), &g[0])?;
             glip_testing::assert_grad_close("bn dgamma", &got(&out, "dgamma", &[c]), &g[1])?;
             glip_testing::assert_grad_close("bn dbeta", &got(&out, "dbeta", &[c]), &g[2])?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod emulation_affine {
+    //! The frozen batch norm's affine map and ReLU under the emulation, against the CPU op
+    //! (the same f32 arithmetic), values and gradients, at the fixture README's tolerances.
+    //! Every pre-activation is at least 0.01 from zero, so that no rounding decides a mask.
+
+    use super::emulation::{emulate, random};
+    use super::NORM;
+    use candle_core::{Device, Result, Tensor, Var};
+
+    #[test]
+    fn affine_relu_with_and_without_a_residual_matches_the_cpu_op() -> Result<()> {
+        let (b, c, h, w) = (3usize, 5usize, 6usize, 7usize);
+        let n = b * c * h * w;
+        let scale: Vec<f32> = random(c, 31, 0.5).iter().map(|v| v.abs() + 0.5).collect();
+        let shift = random(c, 32, 0.5);
+        let r = random(n, 33, 1.0);
+        let pre = random(n, 34, 1.0);
+        // x from the wanted pre-activation, `+-(0.01 + |p|)`, with and without the residual.
+        let x_for = |with_r: bool| -> Vec<f32> {
+            (0..n)
+                .map(|i| {
+                    let ch = (i / (h * w)) % c;
+                    let p = pre[i].signum() * (0.01 + pre[i].abs());
+                    (p - shift[ch] - if with_r { r[i] } else { 0.0 }) / scale[ch]
+                })
+                .collect()
+        };
+        let dy = random(n, 35, 1.0);
+        let ss: Vec<f32> = scale.iter().chain(&shift).copied().collect();
+        for with_r in [false, true] {
+            let x = x_for(with_r);
+            let flag = u32::from(with_r);
+            let body = format!(
+                "static float y[{n}], out[{}];
+                 glip_launch(3, 1, 256, [] {{ glip_affine_relu(x, ss, r, y, {n}, {c}, {}, {flag}); }});
+                 glip_launch(3, 1, 256, [] {{
+                     glip_affine_relu_backward(y, dy, ss, out, {n}, {c}, {}, {flag}); }});
+                 glip_print(\"y\", y, {n}); glip_print(\"dx\", out, {n});
+                 if ({flag}) glip_print(\"dr\", out + {n}, {n});",
+                2 * n,
+                h * w,
+                h * w,
+            );
+            let arrays =
+                [("x", x.clone()), ("ss", ss.clone()), ("r", r.clone()), ("dy", dy.clone())];
+            let Some(out) = emulate(NORM, &arrays, &body) else {
+                return Ok(());
+            };
+            let dev = Device::Cpu;
+            let shape = (b, c, h, w);
+            let xv = Var::from_vec(x, shape, &dev)?;
+            let rv = Var::from_vec(r.clone(), shape, &dev)?;
+            let (st, sh) =
+                (Tensor::new(scale.as_slice(), &dev)?, Tensor::new(shift.as_slice(), &dev)?);
+            let y = crate::affine::affine_relu(&xv, &st, &sh, with_r.then_some(rv.as_tensor()))?;
+            let g = (&y * Tensor::from_vec(dy.clone(), shape, &dev)?)?.sum_all()?.backward()?;
+            let got = |name: &str| Tensor::from_vec(out[name].clone(), shape, &dev);
+            glip_testing::assert_forward_close("affine-relu", &got("y")?, &y)?;
+            glip_testing::assert_grad_close("affine-relu dx", &got("dx")?, g.get(&xv).unwrap())?;
+            if with_r {
+                glip_testing::assert_grad_close(
+                    "affine-relu dr",
+                    &got("dr")?,
+                    g.get(&rv).unwrap(),
+                )?;
+            }
         }
         Ok(())
     }

@@ -16,7 +16,7 @@
 //!   strided, 1x1, the 7x7 stem, depthwise) forward and both gradients, in f32 and under bf16
 //!   autocast; `Linear` with its gradients in both; training batch norm, softmax and layer norm
 //!   with gradients (exact values: the same computation in f64 on the CPU, candle's own ops);
-//!   the stem max-pool with its gradient, AdamW, the EMA and the gradient norm (against the CPU
+//!   the frozen batch norm's affine map and ReLU, the stem max-pool with its gradient, AdamW, the EMA and the gradient norm (against the CPU
 //!   kernels). Compared per element with the bounds derived at each test.
 //!
 //! These tests need `cuda:0`; they fail (not skip) without it, since a GPU check that silently
@@ -294,6 +294,54 @@ fn batch_norm_softmax_and_layer_norm_with_gradients_match_exact_values() -> Resu
             &random(&shape, seed + 5),
             |t| glip_kernels::fused::layer_norm(&t[0], &t[1], &t[2], 1e-5),
         )?;
+    }
+    Ok(())
+}
+
+/// The frozen batch norm's affine map and ReLU (glip's kernel on CUDA) against the CPU op,
+/// with and without a residual, values and gradients at the fixture README's tolerances. Every
+/// pre-activation is at least 0.01 from zero, so that no rounding (FMA on the GPU) decides a
+/// mask.
+#[test]
+fn the_frozen_batch_norm_and_relu_match_the_cpu_op() -> Result<()> {
+    let shape = [4usize, 16, 9, 11];
+    let (c, hw) = (shape[1], shape[2] * shape[3]);
+    let scale: Vec<f32> =
+        random(&[c], 60).to_vec1::<f32>()?.iter().map(|v| v.abs() + 0.5).collect();
+    let shift: Vec<f32> = random(&[c], 61).to_vec1()?;
+    let r = random(&shape, 62);
+    let rv: Vec<f32> = r.flatten_all()?.to_vec1()?;
+    let pre: Vec<f32> = random(&shape, 63).flatten_all()?.to_vec1()?;
+    let g = random(&shape, 64);
+    for with_r in [false, true] {
+        let x: Vec<f32> = (0..pre.len())
+            .map(|i| {
+                let ch = (i / hw) % c;
+                let p = pre[i].signum() * (0.01 + pre[i].abs());
+                (p - shift[ch] - if with_r { rv[i] } else { 0.0 }) / scale[ch]
+            })
+            .collect();
+        let x = Tensor::from_vec(x, &shape[..], &Device::Cpu)?;
+        let run = |dev: &Device| -> Result<[Tensor; 3]> {
+            let xv = Var::from_tensor(&x.to_device(dev)?)?;
+            let rv = Var::from_tensor(&r.to_device(dev)?)?;
+            let st = Tensor::new(scale.as_slice(), dev)?;
+            let sh = Tensor::new(shift.as_slice(), dev)?;
+            let y =
+                glip_kernels::affine::affine_relu(&xv, &st, &sh, with_r.then_some(rv.as_tensor()))?;
+            let grads = (&y * g.to_device(dev)?)?.sum_all()?.backward()?;
+            let dr = match grads.get(&rv) {
+                Some(d) => d.clone(),
+                None => rv.zeros_like()?,
+            };
+            Ok([y, grads.get(&xv).expect("dx").clone(), dr])
+        };
+        let (got, want) = (run(&gpu())?, run(&Device::Cpu)?);
+        let cpu = |t: &Tensor| t.to_device(&Device::Cpu);
+        let name = if with_r { "affine-add-relu" } else { "affine-relu" };
+        glip_testing::assert_forward_close(name, &cpu(&got[0])?, &want[0])?;
+        glip_testing::assert_grad_close(&format!("{name} dx"), &cpu(&got[1])?, &want[1])?;
+        glip_testing::assert_grad_close(&format!("{name} dr"), &cpu(&got[2])?, &want[2])?;
     }
     Ok(())
 }
