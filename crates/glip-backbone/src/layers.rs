@@ -257,12 +257,14 @@ fn max3_stride2_axis(x: &Tensor, axis: usize) -> Result<Tensor> {
 /// `(b, c, (h - 1) / 2 + 1, (w - 1) / 2 + 1)` as PyTorch.
 ///
 /// candle's `max_pool2d` has no backward when kernel != stride and takes no padding
-/// (CANDLE-NOTES.md). On the CPU in f32 this is [`glip_kernels::pool`]'s op (forward and
-/// backward, parallel over planes). Elsewhere, when `x` carries a gradient this composes the
+/// (CANDLE-NOTES.md). In f32 on the CPU, and on CUDA in a `cuda` build, this is
+/// [`glip_kernels::pool`]'s op (forward and backward; parallel over planes on the CPU, a
+/// thread per element on CUDA). Elsewhere, when `x` carries a gradient this composes the
 /// pool from pads, reshapes, narrows and elementwise maxima (separable: rows then columns), all
 /// differentiable; otherwise it pads and calls candle's pool.
 pub fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
+    let ours = x.device().is_cpu() || glip_kernels::cuda::own_kernels(x);
+    if ours && x.dtype() == DType::F32 {
         return glip_kernels::pool::max_pool_3x3_s2_p1(x);
     }
     max_pool_composite(x)

@@ -34,10 +34,11 @@ pub fn tf32() -> bool {
 /// Whether this build runs CUDA convolutions (and their gradients) through cuDNN.
 pub const CUDNN: bool = cfg!(feature = "cudnn");
 
-/// Whether this crate's own CUDA kernels (softmax, layer norm, batch norm: `cuda_norm`) take
-/// `x`: a non-empty tensor on CUDA in a `cuda` build, unless `GLIP_CUDA_COMPOSED=1` asks for
-/// candle's compositions (to compare the two with `glip bench`).
-pub(crate) fn own_kernels(x: &Tensor) -> bool {
+/// Whether this crate's own CUDA kernels (softmax, layer norm, batch norm, the frozen batch
+/// norm's affine map and ReLU, the stem's max-pool) take `x`: a non-empty tensor on CUDA in a
+/// `cuda` build, unless `GLIP_CUDA_COMPOSED=1` asks for candle's compositions (to compare the
+/// two with `glip bench`).
+pub fn own_kernels(x: &Tensor) -> bool {
     #[cfg(feature = "cuda")]
     {
         x.device().is_cuda() && x.elem_count() > 0 && crate::cuda_norm::enabled()

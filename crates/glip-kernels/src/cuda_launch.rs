@@ -53,6 +53,10 @@ pub(crate) static OPTIM: Module =
 pub(crate) static NORM: Module =
     Module::new("glip_norm", "glip's normalisation kernels", crate::cuda_source::NORM);
 
+/// The stem's max-pool ([`crate::cuda_norm`]'s pool launches).
+pub(crate) static POOL: Module =
+    Module::new("glip_pool", "glip's max-pool kernels", crate::cuda_source::POOL);
+
 /// At most this many blocks in a grid-stride launch (the loops stride over the rest).
 const MAX_BLOCKS: usize = 4096;
 /// At most this many blocks of rows or channels (grid-stride over the rest).

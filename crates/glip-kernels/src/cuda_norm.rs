@@ -1,7 +1,8 @@
 //! Softmax over the last axis, layer norm, training batch norm and the frozen batch norm's
 //! affine map with its ReLU on CUDA, forward and backward: the launches of
 //! [`crate::cuda_source::NORM`]'s kernels behind the `cuda_fwd` of [`crate::fused`]'s,
-//! [`crate::norm`]'s and [`crate::affine`]'s ops, so that each is one API with a CPU and a CUDA
+//! [`crate::norm`]'s and [`crate::affine`]'s ops (and [`crate::cuda_source::POOL`]'s, the
+//! stem's max-pool, behind [`crate::pool`]'s), so that each is one API with a CPU and a CUDA
 //! implementation.
 //!
 //! candle's differentiable compositions of these (what the CUDA path ran before) are 5-12
@@ -17,7 +18,7 @@
               the kernel reads and writes"
 )]
 
-use crate::cuda_launch::{elementwise, output, per_row, view, NORM};
+use crate::cuda_launch::{elementwise, output, per_row, view, NORM, POOL};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{LaunchArgs, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::CudaStorage;
@@ -302,6 +303,50 @@ pub(crate) fn affine_relu_backward(
     Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(len)))
 }
 
+/// `(planes, h, w, oh, ow)` of the stem pool's input `l`.
+fn pool_dims(l: &Layout) -> Result<(u64, u32, u32, u32, u32)> {
+    let (b, c, h, w) = l.shape().dims4()?;
+    let (oh, ow) = crate::pool::out_dims(h, w);
+    let u = |n| u32_of(n, "max pool");
+    Ok(((b * c) as u64, u(h)?, u(w)?, u(oh)?, u(ow)?))
+}
+
+/// The stem's max-pool of `x (b, c, h, w)`.
+pub(crate) fn max_pool(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+    let x = view(s, l, "max pool")?;
+    let (planes, h, w, oh, ow) = pool_dims(l)?;
+    let n = planes as usize * oh as usize * ow as usize;
+    let dev = s.device().clone();
+    // Written in full (one thread per output) by glip_max_pool.
+    let mut y = output(&dev, n)?;
+    let f = POOL.func(&dev, "glip_max_pool")?;
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    b.arg(&x).arg(&mut y).arg(&planes).arg(&h).arg(&w).arg(&oh).arg(&ow);
+    run(&mut b, elementwise(n))?;
+    let (bs, c, _, _) = l.shape().dims4()?;
+    Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((bs, c, oh as usize, ow as usize))))
+}
+
+/// The stem pool's input gradient from `x` and the output gradient `g`.
+pub(crate) fn max_pool_backward(
+    (s1, l1): (&CudaStorage, &Layout),
+    (s2, l2): (&CudaStorage, &Layout),
+) -> Result<(CudaStorage, Shape)> {
+    let (x, g) = (view(s1, l1, "max pool backward")?, view(s2, l2, "max pool backward")?);
+    let (planes, h, w, oh, ow) = pool_dims(l1)?;
+    check_len("max pool backward", g.len(), planes as usize * oh as usize * ow as usize)?;
+    let dev = s1.device().clone();
+    // Written in full (one thread per input) by glip_max_pool_backward.
+    let mut dx = output(&dev, x.len())?;
+    let f = POOL.func(&dev, "glip_max_pool_backward")?;
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    b.arg(&x).arg(&g).arg(&mut dx).arg(&planes).arg(&h).arg(&w).arg(&oh).arg(&ow);
+    run(&mut b, elementwise(x.len()))?;
+    Ok((CudaStorage::wrap_cuda_slice(dx, dev), l1.shape().clone()))
+}
+
 #[cfg(test)]
 mod tests {
     /// NVRTC compiles the kernels (no GPU needed, only libnvrtc) and the PTX has every entry.
@@ -322,6 +367,10 @@ mod tests {
             "glip_affine_relu",
             "glip_affine_relu_backward",
         ] {
+            assert!(ptx.contains(&format!(".entry {name}")), "{name} missing from the PTX");
+        }
+        let ptx = super::POOL.ptx().unwrap();
+        for name in ["glip_max_pool", "glip_max_pool_backward"] {
             assert!(ptx.contains(&format!(".entry {name}")), "{name} missing from the PTX");
         }
     }

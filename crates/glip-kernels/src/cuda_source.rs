@@ -327,6 +327,65 @@ pub(crate) fn layer_norm_chunks(rows: usize) -> (usize, usize) {
     (chunk, rows.div_ceil(chunk).max(1))
 }
 
+/// The ResNet stem's max-pool (kernel 3, stride 2, padding 1; [`crate::pool`]), PyTorch's
+/// rule as on the CPU: each output the first maximum of its window in row-major order (a NaN
+/// wins), its gradient to that one input. Forward one thread per output; backward one thread
+/// per input, gathering the gradients of the (at most four) windows whose maximum it is, in
+/// the CPU's order (windows row-major), so the sums are the CPU's.
+pub(crate) const POOL: &str = r#"
+/// The index in its plane of the maximum of window (oy, ox).
+__device__ unsigned glip_pool_argmax(const float *plane, unsigned h, unsigned w, unsigned oy,
+                                     unsigned ox) {
+    unsigned y0 = oy > 0 ? 2 * oy - 1 : 0, y1 = 2 * oy + 2 < h ? 2 * oy + 2 : h;
+    unsigned x0 = ox > 0 ? 2 * ox - 1 : 0, x1 = 2 * ox + 2 < w ? 2 * ox + 2 : w;
+    float best = -__int_as_float(0x7f800000);
+    unsigned at = y0 * w + x0;
+    for (unsigned iy = y0; iy < y1; ++iy)
+        for (unsigned ix = x0; ix < x1; ++ix) {
+            float v = plane[iy * w + ix];
+            if (v > best || (v != v && best == best)) {
+                best = v;
+                at = iy * w + ix;
+            }
+        }
+    return at;
+}
+
+extern "C" __global__ void glip_max_pool(const float *x, float *y, unsigned long long planes,
+                                         unsigned h, unsigned w, unsigned oh, unsigned ow) {
+    const unsigned long long total = planes * oh * ow;
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+         i < total; i += (unsigned long long)blockDim.x * gridDim.x) {
+        unsigned long long p = i / ((unsigned long long)oh * ow);
+        unsigned o = (unsigned)(i % ((unsigned long long)oh * ow));
+        const float *plane = x + p * h * w;
+        y[i] = plane[glip_pool_argmax(plane, h, w, o / ow, o % ow)];
+    }
+}
+
+extern "C" __global__ void glip_max_pool_backward(const float *x, const float *g, float *dx,
+                                                  unsigned long long planes, unsigned h,
+                                                  unsigned w, unsigned oh, unsigned ow) {
+    const unsigned long long total = planes * h * w;
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+         i < total; i += (unsigned long long)blockDim.x * gridDim.x) {
+        unsigned long long p = i / ((unsigned long long)h * w);
+        unsigned at = (unsigned)(i % ((unsigned long long)h * w));
+        unsigned iy = at / w, ix = at % w;
+        const float *plane = x + p * h * w;
+        const float *gp = g + p * oh * ow;
+        // Windows 2o-1..2o+1 hold row iy for o in [ceil((iy-1)/2), floor((iy+1)/2)].
+        unsigned oy0 = iy / 2, oy1 = (iy + 1) / 2 < oh - 1 ? (iy + 1) / 2 : oh - 1;
+        unsigned ox0 = ix / 2, ox1 = (ix + 1) / 2 < ow - 1 ? (ix + 1) / 2 : ow - 1;
+        float s = 0.0f;
+        for (unsigned oy = oy0; oy <= oy1; ++oy)
+            for (unsigned ox = ox0; ox <= ox1; ++ox)
+                if (glip_pool_argmax(plane, h, w, oy, ox) == at) s += gp[oy * ow + ox];
+        dx[i] = s;
+    }
+}
+"#;
+
 #[cfg(test)]
 mod emulation {
     //! The kernels above, compiled by the host's C++ compiler (`$CXX`, else `g++`; C++20 for
@@ -703,6 +762,64 @@ mod emulation_affine {
                     g.get(&rv).unwrap(),
                 )?;
             }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod emulation_pool {
+    //! The stem's max-pool under the emulation against the CPU op, bit for bit: a maximum is
+    //! exact, and each input's gradient is the same f32 values added in the same order (windows
+    //! row-major). Ties, NaNs, `-inf` and odd and even sizes included.
+
+    use super::emulation::{emulate, random};
+    use super::POOL;
+    use candle_core::{Device, Result, Tensor, Var};
+
+    #[test]
+    fn max_pool_and_its_gradient_equal_the_cpu_op() -> Result<()> {
+        for (b, c, h, w) in [(2usize, 3usize, 17usize, 14usize), (1, 2, 1, 5), (1, 1, 6, 6)] {
+            let n = b * c * h * w;
+            // Values on a coarse grid, so that windows tie.
+            let mut x: Vec<f32> = random(n, 41 + h as u64, 2.0).iter().map(|v| v.round()).collect();
+            x[n / 3] = f32::NAN;
+            x[n / 2] = f32::NEG_INFINITY;
+            let (oh, ow) = crate::pool::out_dims(h, w);
+            let m = b * c * oh * ow;
+            let g = random(m, 42, 1.0);
+            let body = format!(
+                "static float y[{m}], dx[{n}];
+                 glip_launch(2, 1, 64, [] {{ glip_max_pool(x, y, {}, {h}, {w}, {oh}, {ow}); }});
+                 glip_launch(2, 1, 64, [] {{
+                     glip_max_pool_backward(x, g, dx, {}, {h}, {w}, {oh}, {ow}); }});
+                 glip_print(\"y\", y, {m}); glip_print(\"dx\", dx, {n});",
+                b * c,
+                b * c,
+            );
+            let Some(out) = emulate(POOL, &[("x", x.clone()), ("g", g.clone())], &body) else {
+                return Ok(());
+            };
+            let xv = Var::from_vec(x, (b, c, h, w), &Device::Cpu)?;
+            let y = crate::pool::max_pool_3x3_s2_p1(&xv)?;
+            let gy = Tensor::from_vec(g, (b, c, oh, ow), &Device::Cpu)?;
+            let dx = (&y * gy)?.sum_all()?.backward()?.get(&xv).expect("dx").flatten_all()?;
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            let y: Vec<f32> = y.flatten_all()?.to_vec1()?;
+            let same = |a: &[f32], b: &[f32]| {
+                a.len() == b.len()
+                    && a.iter()
+                        .zip(b)
+                        .all(|(p, q)| p.to_bits() == q.to_bits() || (p.is_nan() && q.is_nan()))
+            };
+            assert!(
+                same(&out["y"], &y),
+                "max pool {h}x{w}: {:?} vs {:?}",
+                bits(&out["y"]),
+                bits(&y)
+            );
+            let dx: Vec<f32> = dx.to_vec1()?;
+            assert!(same(&out["dx"], &dx), "max pool gradient {h}x{w}: {:?} vs {dx:?}", out["dx"]);
         }
         Ok(())
     }

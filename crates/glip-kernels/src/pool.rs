@@ -1,5 +1,6 @@
 //! The ResNet stem's max-pool (kernel 3, stride 2, padding 1) on the CPU in f32, forward and
-//! backward, one task per `(image, channel)` plane.
+//! backward, one task per `(image, channel)` plane; on CUDA the same rule as this crate's
+//! kernels (`cuda_source::POOL`).
 //!
 //! candle 0.11.1's `max_pool2d` takes no padding, has no backward when kernel != stride
 //! (CANDLE-NOTES.md) and runs on one thread: with the padding copies in front of it, the pool was
@@ -12,7 +13,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tenso
 use rayon::prelude::*;
 
 /// `(h, w)` -> the pooled `(oh, ow)`.
-fn out_dims(h: usize, w: usize) -> (usize, usize) {
+pub(crate) fn out_dims(h: usize, w: usize) -> (usize, usize) {
     ((h.max(1) - 1) / 2 + 1, (w.max(1) - 1) / 2 + 1)
 }
 
@@ -59,6 +60,15 @@ impl CustomOp1 for MaxPool {
         Ok((CpuStorage::F32(y), Shape::from((b, c, oh, ow))))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda_norm::max_pool(s, l)
+    }
+
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(x.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &MaxPoolGrad)?))
     }
@@ -100,10 +110,23 @@ impl CustomOp2 for MaxPoolGrad {
         }
         Ok((CpuStorage::F32(gx), l1.shape().clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda_norm::max_pool_backward((s1, l1), (s2, l2))
+    }
 }
 
 /// Max-pool with kernel 3, stride 2 and padding 1 (padding never wins) of a contiguous-able
-/// f32 CPU tensor `(b, c, h, w)`, differentiable; the caller keeps other devices and dtypes.
+/// f32 tensor `(b, c, h, w)`, differentiable: on the CPU, or on CUDA where
+/// [`crate::cuda::own_kernels`] takes it (this crate's kernels); the caller keeps other devices
+/// and dtypes.
 pub fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
     // candle records no backward for an untracked input.
     x.contiguous()?.apply_op1(MaxPool)

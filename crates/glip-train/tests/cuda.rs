@@ -356,11 +356,12 @@ fn the_parity_modules_run_on_the_gpu() {
     );
 }
 
-/// The ResNet stem's max-pool on CUDA (candle's composition, with its gradient) against the CPU
-/// kernel: a maximum is exact, so values agree bit for bit; an input that is the maximum of up
-/// to four overlapping windows collects up to four gradient terms, summed in another order, so
+/// The ResNet stem's max-pool on CUDA (glip's kernels, or candle's composition with
+/// `GLIP_CUDA_COMPOSED=1`; with its gradient) against the CPU kernel: a maximum is exact, so
+/// values agree bit for bit; an input that is the maximum of up to four overlapping windows
+/// collects up to four gradient terms, which the composition sums in another order, so
 /// gradients agree within `gamma_4` of the sum of their magnitudes (the same argument as the CPU
-/// test in glip-backbone's layers).
+/// test in glip-backbone's layers; glip's kernel adds them in the CPU's order).
 #[test]
 fn the_stem_max_pool_and_its_gradient_match_the_cpu_kernel() -> Result<()> {
     let x = random(&[2, 3, 17, 14], 15);
