@@ -7,7 +7,7 @@
 //! (no gradient). candle's composition is four or five element-wise passes forward and as many
 //! backward (a `perf` profile of `glip bench --preset seed-r18 --mode train --batch 8 --size
 //! 128` had 20 % of its samples in candle's element-wise maps). On CUDA (the `cuda` feature)
-//! the same maps are this crate's kernels (`cuda_norm`); other devices and dtypes use the
+//! the same maps are this crate's kernels (`cuda_layers`); other devices and dtypes use the
 //! composition; the tests compare the two, values and gradients.
 
 use crate::conv::contiguous_f32;
@@ -158,7 +158,7 @@ pub fn affine_relu(
     }
 }
 
-/// The CUDA ops of [`affine_relu`] (`cuda_norm`): the constants as one `(2c,)` tensor
+/// The CUDA ops of [`affine_relu`] (`cuda_layers`): the constants as one `(2c,)` tensor
 /// `[scale; shift]` on the device, no gradient for it.
 #[cfg(feature = "cuda")]
 mod cuda_ops {
@@ -198,7 +198,7 @@ mod cuda_ops {
             s2: &CudaStorage,
             l2: &Layout,
         ) -> Result<(CudaStorage, Shape)> {
-            crate::cuda_norm::affine_relu((s1, l1), (s2, l2), None)
+            crate::cuda_layers::affine_relu((s1, l1), (s2, l2), None)
         }
 
         fn bwd(
@@ -243,7 +243,7 @@ mod cuda_ops {
             if l1.dims() != l3.dims() {
                 candle_core::bail!("affine-add-relu: {:?} against {:?}", l1.dims(), l3.dims());
             }
-            crate::cuda_norm::affine_relu((s1, l1), (s2, l2), Some((s3, l3)))
+            crate::cuda_layers::affine_relu((s1, l1), (s2, l2), Some((s3, l3)))
         }
 
         fn bwd(
@@ -290,7 +290,12 @@ mod cuda_ops {
             s3: &CudaStorage,
             l3: &Layout,
         ) -> Result<(CudaStorage, Shape)> {
-            crate::cuda_norm::affine_relu_backward((s1, l1), (s2, l2), (s3, l3), self.with_residual)
+            crate::cuda_layers::affine_relu_backward(
+                (s1, l1),
+                (s2, l2),
+                (s3, l3),
+                self.with_residual,
+            )
         }
     }
 }

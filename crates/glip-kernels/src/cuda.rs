@@ -41,7 +41,7 @@ pub const CUDNN: bool = cfg!(feature = "cudnn");
 pub fn own_kernels(x: &Tensor) -> bool {
     #[cfg(feature = "cuda")]
     {
-        x.device().is_cuda() && x.elem_count() > 0 && crate::cuda_norm::enabled()
+        x.device().is_cuda() && x.elem_count() > 0 && crate::cuda_layers::enabled()
     }
     #[cfg(not(feature = "cuda"))]
     {

@@ -49,13 +49,17 @@ fn cudarc_nvrtc(source: &str) -> std::result::Result<String, String> {
 /// The optimiser's kernels ([`crate::cuda_optim`]).
 pub(crate) static OPTIM: Module =
     Module::new("glip_optim", "glip's optimiser kernels", crate::cuda_source::OPTIM);
-/// Softmax, layer norm and batch norm ([`crate::cuda_norm`]).
+/// Softmax, layer norm and batch norm ([`crate::cuda_layers`]).
 pub(crate) static NORM: Module =
     Module::new("glip_norm", "glip's normalisation kernels", crate::cuda_source::NORM);
 
-/// The stem's max-pool ([`crate::cuda_norm`]'s pool launches).
+/// The stem's max-pool ([`crate::cuda_layers`]'s pool launches).
 pub(crate) static POOL: Module =
     Module::new("glip_pool", "glip's max-pool kernels", crate::cuda_source::POOL);
+
+/// Dropout masks ([`crate::cuda_layers::dropout_mask`]).
+pub(crate) static DROPOUT: Module =
+    Module::new("glip_dropout", "glip's dropout kernel", crate::cuda_source::DROPOUT);
 
 /// At most this many blocks in a grid-stride launch (the loops stride over the rest).
 const MAX_BLOCKS: usize = 4096;

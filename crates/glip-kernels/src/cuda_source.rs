@@ -386,6 +386,71 @@ extern "C" __global__ void glip_max_pool_backward(const float *x, const float *g
 }
 "#;
 
+/// Dropout masks on the device ([`crate::nn::dropout`]): element `i` keeps (`scale`) when the
+/// top 24 bits of SplitMix64's finaliser of `seed + (i + 1) golden`, as a fraction of `2^24`,
+/// are at least `p`, else drops (0). Counter-based, so every thread draws its own elements and
+/// the mask depends only on `(seed, i)`.
+pub(crate) const DROPOUT: &str = r#"
+__device__ unsigned long long glip_mix(unsigned long long seed, unsigned long long i) {
+    unsigned long long z = seed + (i + 1ull) * 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+extern "C" __global__ void glip_dropout_mask(float *mask, unsigned long long n,
+                                             unsigned long long seed, float p, float scale) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
+         i += (unsigned long long)blockDim.x * gridDim.x) {
+        float u = (float)(glip_mix(seed, i) >> 40) * 5.9604644775390625e-8f;
+        mask[i] = u >= p ? scale : 0.0f;
+    }
+}
+"#;
+
+/// [`DROPOUT`]'s draw of element `i`, in Rust: the tests' reference.
+#[cfg(test)]
+fn dropout_uniform(seed: u64, i: u64) -> f32 {
+    let mut z = seed.wrapping_add((i + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32
+}
+
+#[cfg(test)]
+mod emulation_dropout {
+    //! The dropout mask kernel under the emulation: equal to the Rust reference of its hash,
+    //! element by element (integer arithmetic and exact f32 scaling), and keeping a fraction
+    //! of elements within 5 standard deviations of `1 - p`.
+
+    use super::emulation::emulate;
+    use super::{dropout_uniform, DROPOUT};
+
+    #[test]
+    fn dropout_masks_follow_the_hash_and_keep_one_minus_p() {
+        let (n, seed, p) = (100_000usize, 0x5eed_d80f_u64, 0.1f32);
+        let scale = 1.0 / (1.0 - p);
+        let body = format!(
+            "static float mask[{n}];
+             glip_launch(16, 1, 256, [] {{ glip_dropout_mask(mask, {n}, {seed}ull, {p:e}f, {scale:e}f); }});
+             glip_print(\"mask\", mask, {n});"
+        );
+        let Some(out) = emulate(DROPOUT, &[], &body) else {
+            return;
+        };
+        let mask = &out["mask"];
+        assert_eq!(mask.len(), n);
+        for (i, &m) in mask.iter().enumerate() {
+            let want = if dropout_uniform(seed, i as u64) >= p { scale } else { 0.0 };
+            assert_eq!(m.to_bits(), want.to_bits(), "element {i}: {m} vs {want}");
+        }
+        let kept = mask.iter().filter(|&&m| m != 0.0).count() as f64;
+        let (mean, sd) =
+            (n as f64 * (1.0 - p as f64), (n as f64 * p as f64 * (1.0 - p as f64)).sqrt());
+        assert!((kept - mean).abs() <= 5.0 * sd, "kept {kept} of {n}: {mean} +- {sd} expected");
+    }
+}
+
 #[cfg(test)]
 mod emulation {
     //! The kernels above, compiled by the host's C++ compiler (`$CXX`, else `g++`; C++20 for

@@ -13,7 +13,7 @@
 //! `dweight = sum(dy * xhat)`, `dbias = sum(dy)`;
 //!
 //! checked against autograd through the compositions in this module's tests. On CUDA (the
-//! `cuda` feature) the same ops run this crate's kernels (`cuda_norm`: one block per row);
+//! `cuda` feature) the same ops run this crate's kernels (`cuda_layers`: one block per row);
 //! other devices and dtypes use the compositions.
 
 use crate::conv::contiguous_f32;
@@ -70,7 +70,7 @@ impl CustomOp1 for Softmax {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::cuda_norm::softmax(s, l)
+        crate::cuda_layers::softmax(s, l)
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
@@ -119,7 +119,7 @@ impl CustomOp2 for SoftmaxBackward {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::cuda_norm::softmax_backward((s1, l1), (s2, l2))
+        crate::cuda_layers::softmax_backward((s1, l1), (s2, l2))
     }
 }
 
@@ -196,7 +196,7 @@ impl CustomOp3 for LayerNormOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::cuda_norm::layer_norm((s1, l1), (s2, l2), (s3, l3), self.eps)
+        crate::cuda_layers::layer_norm((s1, l1), (s2, l2), (s3, l3), self.eps)
     }
 
     fn bwd(
@@ -297,7 +297,7 @@ impl CustomOp3 for LayerNormBackward {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::cuda_norm::layer_norm_backward((s1, l1), (s2, l2), (s3, l3), self.eps)
+        crate::cuda_layers::layer_norm_backward((s1, l1), (s2, l2), (s3, l3), self.eps)
     }
 }
 

@@ -30,7 +30,7 @@ pub mod cuda;
 #[cfg(feature = "cuda")]
 mod cuda_launch;
 #[cfg(feature = "cuda")]
-mod cuda_norm;
+mod cuda_layers;
 #[cfg(feature = "cuda")]
 mod cuda_optim;
 mod cuda_source;

@@ -182,7 +182,12 @@ pub fn seed_dropout(seed: u64) {
 }
 
 /// Inverted dropout, active only when `train` and `p > 0`; masks from the seeded stream of
-/// [`seed_dropout`].
+/// [`seed_dropout`]. On the CPU a mask is drawn element by element from glip-core's generator;
+/// on CUDA (the `cuda` feature) on the device from a counter-based hash of (stream, element)
+/// (`cuda_source::DROPOUT`), with no host work or copy (a host-drawn mask is one draw per
+/// element on one thread and a copy of the whole mask to the GPU, for every dropout of every
+/// layer, attention probabilities included). The two devices draw different masks of the same
+/// distribution, each the same for the same stream.
 pub fn dropout(x: &Tensor, p: f32, train: bool) -> Result<Tensor> {
     if !train || p <= 0.0 {
         return Ok(x.clone());
@@ -195,12 +200,43 @@ pub fn dropout(x: &Tensor, p: f32, train: bool) -> Result<Tensor> {
         s.set(v.wrapping_add(0x9e37_79b9_7f4a_7c15));
         v
     });
-    let mut rng = glip_core::rng::Rng::new(stream);
     let scale = 1.0 / (1.0 - p);
+    #[cfg(feature = "cuda")]
+    if crate::cuda::own_kernels(x) {
+        let mask = x.detach().apply_op1_no_bwd(&cuda_dropout::Mask { seed: stream, p, scale })?;
+        return x.mul(&mask.to_dtype(x.dtype())?);
+    }
+    let mut rng = glip_core::rng::Rng::new(stream);
     let keep: Vec<f32> =
         (0..x.elem_count()).map(|_| if rng.uniform() >= p { scale } else { 0.0 }).collect();
     let mask = Tensor::from_vec(keep, x.shape(), x.device())?.to_dtype(x.dtype())?;
     x.mul(&mask)
+}
+
+/// The device-drawn mask of [`dropout`] on CUDA.
+#[cfg(feature = "cuda")]
+mod cuda_dropout {
+    use candle_core::{CpuStorage, CudaStorage, CustomOp1, Layout, Result, Shape};
+
+    pub(super) struct Mask {
+        pub(super) seed: u64,
+        pub(super) p: f32,
+        pub(super) scale: f32,
+    }
+
+    impl CustomOp1 for Mask {
+        fn name(&self) -> &'static str {
+            "glip-dropout-mask-cuda"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            candle_core::bail!("{} is the CUDA path of dropout", self.name())
+        }
+
+        fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+            crate::cuda_layers::dropout_mask(s, l, self.seed, self.p, self.scale)
+        }
+    }
 }
 
 /// L2-normalises the last axis: `x / max(||x||, 1e-12)` (PyTorch `F.normalize`).

@@ -11,7 +11,7 @@
 //! `dgamma = sum(dy * xhat)`, `dbeta = sum(dy)`,
 //!
 //! checked against autograd through candle ops in this module's tests. On CUDA (the `cuda`
-//! feature) the same closed forms run as this crate's kernels (`cuda_norm`: statistics one
+//! feature) the same closed forms run as this crate's kernels (`cuda_layers`: statistics one
 //! block per channel in f64 as here, then element-wise passes).
 
 use crate::conv::contiguous_f32;
@@ -236,7 +236,7 @@ mod cuda_ops {
         }
 
         fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-            crate::cuda_norm::batch_norm_stats(s, l, self.eps)
+            crate::cuda_layers::batch_norm_stats(s, l, self.eps)
         }
     }
 
@@ -264,7 +264,7 @@ mod cuda_ops {
             s2: &CudaStorage,
             l2: &Layout,
         ) -> Result<(CudaStorage, Shape)> {
-            crate::cuda_norm::batch_norm((s1, l1), (s2, l2))
+            crate::cuda_layers::batch_norm((s1, l1), (s2, l2))
         }
 
         fn bwd(
@@ -311,7 +311,7 @@ mod cuda_ops {
             s3: &CudaStorage,
             l3: &Layout,
         ) -> Result<(CudaStorage, Shape)> {
-            crate::cuda_norm::batch_norm_backward((s1, l1), (s2, l2), (s3, l3))
+            crate::cuda_layers::batch_norm_backward((s1, l1), (s2, l2), (s3, l3))
         }
     }
 }

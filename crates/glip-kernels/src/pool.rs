@@ -66,7 +66,7 @@ impl CustomOp1 for MaxPool {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::cuda_norm::max_pool(s, l)
+        crate::cuda_layers::max_pool(s, l)
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -119,7 +119,7 @@ impl CustomOp2 for MaxPoolGrad {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::cuda_norm::max_pool_backward((s1, l1), (s2, l2))
+        crate::cuda_layers::max_pool_backward((s1, l1), (s2, l2))
     }
 }
 

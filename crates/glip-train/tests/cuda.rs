@@ -16,7 +16,8 @@
 //!   strided, 1x1, the 7x7 stem, depthwise) forward and both gradients, in f32 and under bf16
 //!   autocast; `Linear` with its gradients in both; training batch norm, softmax and layer norm
 //!   with gradients (exact values: the same computation in f64 on the CPU, candle's own ops);
-//!   the frozen batch norm's affine map and ReLU, the stem max-pool with its gradient, AdamW, the EMA and the gradient norm (against the CPU
+//!   the frozen batch norm's affine map and ReLU, the stem max-pool with its gradient, dropout's
+//!   device-drawn masks, AdamW, the EMA and the gradient norm (against the CPU
 //!   kernels). Compared per element with the bounds derived at each test.
 //!
 //! These tests need `cuda:0`; they fail (not skip) without it, since a GPU check that silently
@@ -254,7 +255,7 @@ fn check_normalisation(
     Ok(())
 }
 
-/// glip's own CUDA kernels for these (`glip_kernels::cuda_norm`, unless `GLIP_CUDA_COMPOSED=1`)
+/// glip's own CUDA kernels for these (`glip_kernels::cuda_layers`, unless `GLIP_CUDA_COMPOSED=1`)
 /// on shapes that reach every branch of their launches: rows shorter than a warp and longer
 /// than a block (256 threads), more rows or channels than threads, planes of one element,
 /// masked (`-inf`) softmax entries.
@@ -343,6 +344,29 @@ fn the_frozen_batch_norm_and_relu_match_the_cpu_op() -> Result<()> {
         glip_testing::assert_grad_close(&format!("{name} dx"), &cpu(&got[1])?, &want[1])?;
         glip_testing::assert_grad_close(&format!("{name} dr"), &cpu(&got[2])?, &want[2])?;
     }
+    Ok(())
+}
+
+/// Dropout on CUDA draws its mask on the device: every element is kept (times `1 / (1 - p)`)
+/// or dropped, the kept fraction is within 5 standard deviations of `1 - p`, the same stream
+/// draws the same mask, and the gradient is the mask.
+#[test]
+fn dropout_on_the_gpu_keeps_one_minus_p_and_repeats_per_stream() -> Result<()> {
+    let (n, p) = (200_000usize, 0.1f32);
+    let scale = 1.0 / (1.0 - p);
+    let x = Var::from_tensor(&Tensor::ones(n, DType::F32, &gpu())?)?;
+    glip_kernels::nn::seed_dropout(7);
+    let y = glip_kernels::nn::dropout(&x, p, true)?;
+    glip_kernels::nn::seed_dropout(7);
+    let again = glip_kernels::nn::dropout(&x, p, true)?;
+    let grad = y.sum_all()?.backward()?.get(&x).expect("dx").to_vec1::<f32>()?;
+    let (y, again) = (y.to_vec1::<f32>()?, again.to_vec1::<f32>()?);
+    assert!(y.iter().all(|&v| v == 0.0 || v == scale), "values other than 0 and {scale}");
+    assert_eq!(y, again, "the same stream drew another mask");
+    assert_eq!(grad, y, "the gradient is not the mask");
+    let kept = y.iter().filter(|&&v| v != 0.0).count() as f64;
+    let (mean, sd) = (n as f64 * 0.9, (n as f64 * 0.1 * 0.9).sqrt());
+    assert!((kept - mean).abs() <= 5.0 * sd, "kept {kept} of {n}, expected {mean} +- {sd}");
     Ok(())
 }
 

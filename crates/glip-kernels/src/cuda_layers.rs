@@ -3,7 +3,7 @@
 //! [`crate::cuda_source::NORM`]'s kernels behind the `cuda_fwd` of [`crate::fused`]'s,
 //! [`crate::norm`]'s and [`crate::affine`]'s ops (and [`crate::cuda_source::POOL`]'s, the
 //! stem's max-pool, behind [`crate::pool`]'s), so that each is one API with a CPU and a CUDA
-//! implementation.
+//! implementation; and dropout masks drawn on the device ([`crate::nn::dropout`]).
 //!
 //! candle's differentiable compositions of these (what the CUDA path ran before) are 5-12
 //! kernels forward and about twice that backward, each a pass over the tensor and an
@@ -18,7 +18,7 @@
               the kernel reads and writes"
 )]
 
-use crate::cuda_launch::{elementwise, output, per_row, view, NORM, POOL};
+use crate::cuda_launch::{elementwise, output, per_row, view, DROPOUT, NORM, POOL};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{LaunchArgs, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::CudaStorage;
@@ -347,6 +347,28 @@ pub(crate) fn max_pool_backward(
     Ok((CudaStorage::wrap_cuda_slice(dx, dev), l1.shape().clone()))
 }
 
+/// A dropout mask of `l`'s shape (`scale` kept, 0 dropped) drawn on the device from `seed`
+/// ([`crate::cuda_source::DROPOUT`]); `s` only names the device.
+pub(crate) fn dropout_mask(
+    s: &CudaStorage,
+    l: &Layout,
+    seed: u64,
+    p: f32,
+    scale: f32,
+) -> Result<(CudaStorage, Shape)> {
+    let n = l.shape().elem_count();
+    let dev = s.device().clone();
+    // Written in full by glip_dropout_mask.
+    let mut mask = output(&dev, n)?;
+    let f = DROPOUT.func(&dev, "glip_dropout_mask")?;
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    let n64 = n as u64;
+    b.arg(&mut mask).arg(&n64).arg(&seed).arg(&p).arg(&scale);
+    run(&mut b, elementwise(n))?;
+    Ok((CudaStorage::wrap_cuda_slice(mask, dev), l.shape().clone()))
+}
+
 #[cfg(test)]
 mod tests {
     /// NVRTC compiles the kernels (no GPU needed, only libnvrtc) and the PTX has every entry.
@@ -369,6 +391,7 @@ mod tests {
         ] {
             assert!(ptx.contains(&format!(".entry {name}")), "{name} missing from the PTX");
         }
+        assert!(super::DROPOUT.ptx().unwrap().contains(".entry glip_dropout_mask"));
         let ptx = super::POOL.ptx().unwrap();
         for name in ["glip_max_pool", "glip_max_pool_backward"] {
             assert!(ptx.contains(&format!(".entry {name}")), "{name} missing from the PTX");
