@@ -1,16 +1,71 @@
 //! DETR's 2-D sine positional encoding (`PositionEmbeddingSine`, normalised, scale 2*pi).
 
-use candle_core::{Result, Tensor};
+use candle_core::{DeviceLocation, Result, Tensor};
+use std::cell::RefCell;
+
+/// What an encoding was computed from.
+#[derive(PartialEq)]
+struct Key {
+    mask: Vec<u8>,
+    dims: (usize, usize, usize, usize),
+    temperature: u64,
+    device: DeviceLocation,
+}
+
+/// Encodings kept per thread, the most recent first: one per feature level of a batch, which
+/// in fixed-size training (the same masks every step) are all a run needs.
+const KEPT: usize = 4;
+
+thread_local! {
+    static KEEP: RefCell<Vec<(Key, Tensor)>> = const { RefCell::new(Vec::new()) };
+}
 
 /// Sine positional encoding of a `(b, h, w)` u8 valid-pixel mask at feature resolution:
 /// `(b, h * w, d)` with `d/2` channels for y then `d/2` for x, each interleaving sin and cos,
 /// cumulative positions normalised to `(0, 2*pi]` over the valid area.
+///
+/// Computed on the host (in f64) and copied to the mask's device, so the last few are kept
+/// (per thread, keyed by the mask's contents, sizes, temperature and device): on a GPU the
+/// computation would otherwise run every step while the device waits.
 pub fn sine_position_encoding(mask: &Tensor, d: usize, temperature: f64) -> Result<Tensor> {
     if !d.is_multiple_of(4) {
         candle_core::bail!("sine positional encoding: width {d} is not a multiple of 4");
     }
     let (b, h, w) = mask.dims3()?;
     let m: Vec<u8> = mask.flatten_all()?.to_vec1()?;
+    let key = Key {
+        mask: m,
+        dims: (b, h, w, d),
+        temperature: temperature.to_bits(),
+        device: mask.device().location(),
+    };
+    let hit = KEEP.with(|k| {
+        let mut k = k.borrow_mut();
+        let at = k.iter().position(|(kk, _)| *kk == key)?;
+        let entry = k.remove(at);
+        let t = entry.1.clone();
+        k.insert(0, entry);
+        Some(t)
+    });
+    if let Some(t) = hit {
+        return Ok(t);
+    }
+    let t = compute_sine(&key.mask, (b, h, w), d, temperature, mask.device())?;
+    KEEP.with(|k| {
+        let mut k = k.borrow_mut();
+        k.insert(0, (key, t.clone()));
+        k.truncate(KEPT);
+    });
+    Ok(t)
+}
+
+fn compute_sine(
+    m: &[u8],
+    (b, h, w): (usize, usize, usize),
+    d: usize,
+    temperature: f64,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
     let npf = d / 2;
     let dim_t: Vec<f64> =
         (0..npf).map(|i| temperature.powf(2.0 * (i / 2) as f64 / npf as f64)).collect();
@@ -44,7 +99,7 @@ pub fn sine_position_encoding(mask: &Tensor, d: usize, temperature: f64) -> Resu
             }
         }
     }
-    Tensor::from_vec(out, (b, h * w, d), mask.device())
+    Tensor::from_vec(out, (b, h * w, d), device)
 }
 
 /// Downsamples a `(b, H, W)` pixel mask to `(h, w)` by nearest neighbour (DETR's
@@ -63,4 +118,49 @@ pub fn downsample_mask(mask: &Tensor, h: usize, w: usize) -> Result<Tensor> {
         }
     }
     Tensor::from_vec(out, (b, h, w), mask.device())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    fn mask(b: usize, h: usize, w: usize, real_w: usize) -> Tensor {
+        let v: Vec<u8> = (0..b * h * w).map(|i| u8::from(i % w < real_w)).collect();
+        Tensor::from_vec(v, (b, h, w), &Device::Cpu).unwrap()
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    /// The same mask gives the kept tensor itself; another mask, width or temperature a freshly
+    /// computed one with its own values; a kept encoding equals a fresh computation.
+    #[test]
+    fn encodings_are_kept_per_mask_and_equal_a_fresh_computation() -> Result<()> {
+        let (a, b) = (mask(2, 4, 6, 6), mask(2, 4, 6, 4));
+        let first = sine_position_encoding(&a, 8, 10000.0)?;
+        let again = sine_position_encoding(&a, 8, 10000.0)?;
+        assert_eq!(first.id(), again.id(), "the same mask was computed again");
+        let other = sine_position_encoding(&b, 8, 10000.0)?;
+        assert_ne!(values(&other), values(&first), "another mask, the same encoding");
+        let wider = sine_position_encoding(&a, 12, 10000.0)?;
+        assert_eq!(wider.dims(), &[2, 24, 12]);
+        let warmer = sine_position_encoding(&a, 8, 20.0)?;
+        assert_ne!(values(&warmer), values(&first));
+        let fresh = compute_sine(
+            &values(&a.to_dtype(DType::F32)?).iter().map(|&v| v as u8).collect::<Vec<_>>(),
+            (2, 4, 6),
+            8,
+            10000.0,
+            &Device::Cpu,
+        )?;
+        assert_eq!(values(&fresh), values(&first));
+        // Four other keys later the first is no longer kept.
+        for d in [16, 20, 24, 28] {
+            sine_position_encoding(&a, d, 10000.0)?;
+        }
+        assert_ne!(sine_position_encoding(&a, 8, 10000.0)?.id(), first.id());
+        Ok(())
+    }
 }
