@@ -78,7 +78,10 @@ impl Linear {
         let product = |x: &Tensor| {
             crate::cuda::in_autocast(x, &self.weight, |x, w| x.broadcast_matmul(&w.t()?))
         };
-        let y = if x.rank() == 3 && !bf16 && !cpu_f32 {
+        // A contiguous `(b, t, in)` is one product (candle folds the batch into the rows); any
+        // other input is flattened (one copy of `x`) rather than given to `broadcast_matmul`,
+        // which would copy the weight once per batch element.
+        let y = if x.rank() == 3 && !bf16 && !cpu_f32 && x.is_contiguous() {
             product(x)?
         } else {
             let dims = x.dims();
