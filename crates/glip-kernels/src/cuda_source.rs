@@ -16,6 +16,8 @@
 /// Threads per block: the row and channel kernels run `block_threads(n)` of them (a power of
 /// two, at most this), the element-wise ones this many.
 pub(crate) const THREADS: u32 = 256;
+// The reductions' `__shared__` arrays below hold 256 values: one per thread of a block.
+const _: () = assert!(THREADS == 256);
 
 /// The block size for reductions over `n` elements: the smallest power of two holding `n`,
 /// from one warp (32) to [`THREADS`].
