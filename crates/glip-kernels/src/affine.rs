@@ -144,8 +144,10 @@ pub fn affine_relu(
     {
         let ss = Tensor::cat(&[scale.flatten_all()?, shift.flatten_all()?], 0)?.detach();
         return match residual {
-            Some(r) => x.contiguous()?.apply_op3(&ss, &r.contiguous()?, cuda_ops::AffineAddRelu),
-            None => x.contiguous()?.apply_op2(&ss, cuda_ops::AffineRelu),
+            Some(r) => {
+                x.contiguous()?.apply_op3(&ss, &r.contiguous()?, crate::cuda_layers::AffineAddRelu)
+            }
+            None => x.contiguous()?.apply_op2(&ss, crate::cuda_layers::AffineRelu),
         };
     }
     if !fused {
@@ -155,148 +157,6 @@ pub fn affine_relu(
     match residual {
         Some(r) => x.apply_op2(r, AffineAddRelu(op)),
         None => x.apply_op1(AffineRelu(op)),
-    }
-}
-
-/// The CUDA ops of [`affine_relu`] (`cuda_layers`): the constants as one `(2c,)` tensor
-/// `[scale; shift]` on the device, no gradient for it.
-#[cfg(feature = "cuda")]
-mod cuda_ops {
-    use candle_core::Tensor;
-    use candle_core::{CpuStorage, CudaStorage, CustomOp2, CustomOp3, Layout, Result, Shape};
-
-    fn cuda_only(what: &str) -> candle_core::Error {
-        candle_core::Error::Msg(format!("{what} is the CUDA path of affine_relu"))
-    }
-
-    /// `(y, dy, ss)` -> dx, or `[dx; dr]` with a residual.
-    fn backward(y: &Tensor, dy: &Tensor, ss: &Tensor, with_residual: bool) -> Result<Tensor> {
-        y.apply_op3_no_bwd(&dy.contiguous()?, ss, &Backward { with_residual })
-    }
-
-    pub(super) struct AffineRelu;
-
-    impl CustomOp2 for AffineRelu {
-        fn name(&self) -> &'static str {
-            "glip-affine-relu-cuda"
-        }
-
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> Result<(CpuStorage, Shape)> {
-            Err(cuda_only(self.name()))
-        }
-
-        fn cuda_fwd(
-            &self,
-            s1: &CudaStorage,
-            l1: &Layout,
-            s2: &CudaStorage,
-            l2: &Layout,
-        ) -> Result<(CudaStorage, Shape)> {
-            crate::cuda_layers::affine_relu((s1, l1), (s2, l2), None)
-        }
-
-        fn bwd(
-            &self,
-            _x: &Tensor,
-            ss: &Tensor,
-            y: &Tensor,
-            dy: &Tensor,
-        ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-            Ok((Some(backward(y, dy, ss, false)?.reshape(y.shape())?), None))
-        }
-    }
-
-    pub(super) struct AffineAddRelu;
-
-    impl CustomOp3 for AffineAddRelu {
-        fn name(&self) -> &'static str {
-            "glip-affine-add-relu-cuda"
-        }
-
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> Result<(CpuStorage, Shape)> {
-            Err(cuda_only(self.name()))
-        }
-
-        fn cuda_fwd(
-            &self,
-            s1: &CudaStorage,
-            l1: &Layout,
-            s2: &CudaStorage,
-            l2: &Layout,
-            s3: &CudaStorage,
-            l3: &Layout,
-        ) -> Result<(CudaStorage, Shape)> {
-            if l1.dims() != l3.dims() {
-                candle_core::bail!("affine-add-relu: {:?} against {:?}", l1.dims(), l3.dims());
-            }
-            crate::cuda_layers::affine_relu((s1, l1), (s2, l2), Some((s3, l3)))
-        }
-
-        fn bwd(
-            &self,
-            _x: &Tensor,
-            ss: &Tensor,
-            _r: &Tensor,
-            y: &Tensor,
-            dy: &Tensor,
-        ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-            let both = backward(y, dy, ss, true)?.reshape((2, ()))?;
-            let part = |i: usize| both.get(i)?.reshape(y.shape());
-            Ok((Some(part(0)?), None, Some(part(1)?)))
-        }
-    }
-
-    struct Backward {
-        with_residual: bool,
-    }
-
-    impl CustomOp3 for Backward {
-        fn name(&self) -> &'static str {
-            "glip-affine-relu-backward-cuda"
-        }
-
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> Result<(CpuStorage, Shape)> {
-            Err(cuda_only(self.name()))
-        }
-
-        fn cuda_fwd(
-            &self,
-            s1: &CudaStorage,
-            l1: &Layout,
-            s2: &CudaStorage,
-            l2: &Layout,
-            s3: &CudaStorage,
-            l3: &Layout,
-        ) -> Result<(CudaStorage, Shape)> {
-            crate::cuda_layers::affine_relu_backward(
-                (s1, l1),
-                (s2, l2),
-                (s3, l3),
-                self.with_residual,
-            )
-        }
     }
 }
 

@@ -22,7 +22,7 @@ use crate::cuda_launch::{elementwise, output, per_row, view, DROPOUT, NORM, POOL
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{LaunchArgs, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::CudaStorage;
-use candle_core::{Layout, Result, Shape};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 /// Whether the fused kernels are used (unless `GLIP_CUDA_COMPOSED` is set to anything but `0`,
 /// read once).
@@ -368,6 +368,194 @@ pub(crate) fn dropout_mask(
     run(&mut b, elementwise(n))?;
     Ok((CudaStorage::wrap_cuda_slice(mask, dev), l.shape().clone()))
 }
+
+/// Implements a candle custom op that runs only on CUDA: `cpu_fwd` is an error naming it,
+/// `cuda_fwd` is `$fwd` over the operands as `(storage, layout)` pairs (with `$me` for the op),
+/// and `bwd`, where given, is `$bwd`.
+macro_rules! cuda_op {
+    (CustomOp1 for $ty:ty, $name:literal, |$me:ident, $a:ident| $fwd:expr
+     $(, bwd |$ba:ident, $by:ident, $bg:ident| $bwd:expr)?) => {
+        impl CustomOp1 for $ty {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+                Err(cuda_only($name))
+            }
+
+            fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout) -> Result<(CudaStorage, Shape)> {
+                let ($me, $a) = (self, (s1, l1));
+                $fwd
+            }
+
+            $(fn bwd(&self, $ba: &Tensor, $by: &Tensor, $bg: &Tensor) -> Result<Option<Tensor>> {
+                $bwd
+            })?
+        }
+    };
+    (CustomOp2 for $ty:ty, $name:literal, |$me:ident, $a:ident, $b:ident| $fwd:expr
+     $(, bwd |$ba:ident, $bb:ident, $by:ident, $bg:ident| $bwd:expr)?) => {
+        impl CustomOp2 for $ty {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            fn cpu_fwd(
+                &self,
+                _: &CpuStorage,
+                _: &Layout,
+                _: &CpuStorage,
+                _: &Layout,
+            ) -> Result<(CpuStorage, Shape)> {
+                Err(cuda_only($name))
+            }
+
+            fn cuda_fwd(
+                &self,
+                s1: &CudaStorage,
+                l1: &Layout,
+                s2: &CudaStorage,
+                l2: &Layout,
+            ) -> Result<(CudaStorage, Shape)> {
+                let ($me, $a, $b) = (self, (s1, l1), (s2, l2));
+                $fwd
+            }
+
+            $(fn bwd(
+                &self,
+                $ba: &Tensor,
+                $bb: &Tensor,
+                $by: &Tensor,
+                $bg: &Tensor,
+            ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+                $bwd
+            })?
+        }
+    };
+    (CustomOp3 for $ty:ty, $name:literal, |$me:ident, $a:ident, $b:ident, $c:ident| $fwd:expr
+     $(, bwd |$ba:ident, $bb:ident, $bc:ident, $by:ident, $bg:ident| $bwd:expr)?) => {
+        impl CustomOp3 for $ty {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            fn cpu_fwd(
+                &self,
+                _: &CpuStorage,
+                _: &Layout,
+                _: &CpuStorage,
+                _: &Layout,
+                _: &CpuStorage,
+                _: &Layout,
+            ) -> Result<(CpuStorage, Shape)> {
+                Err(cuda_only($name))
+            }
+
+            fn cuda_fwd(
+                &self,
+                s1: &CudaStorage,
+                l1: &Layout,
+                s2: &CudaStorage,
+                l2: &Layout,
+                s3: &CudaStorage,
+                l3: &Layout,
+            ) -> Result<(CudaStorage, Shape)> {
+                let ($me, $a, $b, $c) = (self, (s1, l1), (s2, l2), (s3, l3));
+                $fwd
+            }
+
+            $(fn bwd(
+                &self,
+                $ba: &Tensor,
+                $bb: &Tensor,
+                $bc: &Tensor,
+                $by: &Tensor,
+                $bg: &Tensor,
+            ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+                $bwd
+            })?
+        }
+    };
+}
+
+fn cuda_only(name: &str) -> candle_core::Error {
+    candle_core::Error::Msg(format!("{name} runs on CUDA only (its CPU path is another op)"))
+}
+
+/// Batch norm's statistics `(3, c)` on the device: mean, biased variance, inverse standard
+/// deviation ([`crate::norm::batch_norm_train`]).
+pub(crate) struct BnStats {
+    pub(crate) eps: f64,
+}
+
+cuda_op!(CustomOp1 for BnStats, "glip-bn-stats-cuda", |me, x| batch_norm_stats(x.0, x.1, me.eps));
+
+/// `y` of a training batch norm from `x` and `p (5, c)` = `[stats; weight; bias]`; the
+/// backward gives `dx`, and `[0; 0; 0; dweight; dbias]` for `p`.
+pub(crate) struct BnNormalize;
+
+cuda_op!(CustomOp2 for BnNormalize, "glip-bn-cuda", |_me, x, p| batch_norm(x, p),
+bwd |x, p, _y, dy| {
+    let (n, c) = (x.elem_count(), p.dim(1)?);
+    let packed = x.apply_op3_no_bwd(p, &dy.contiguous()?, &BnBackward)?;
+    let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+    let dwb = packed.narrow(0, n, 2 * c)?.reshape((2, c))?;
+    let dp = Tensor::cat(&[&Tensor::zeros((3, c), p.dtype(), p.device())?, &dwb], 0)?;
+    Ok((Some(dx), Some(dp)))
+});
+
+struct BnBackward;
+
+cuda_op!(CustomOp3 for BnBackward, "glip-bn-backward-cuda", |_me, x, p, dy| {
+    batch_norm_backward(x, p, dy)
+});
+
+/// `relu(x s + t)` with the constants `ss = [s; t]` `(2c,)` ([`crate::affine::affine_relu`]);
+/// no gradient for the constants.
+pub(crate) struct AffineRelu;
+
+cuda_op!(CustomOp2 for AffineRelu, "glip-affine-relu-cuda", |_me, x, ss| affine_relu(x, ss, None),
+bwd |_x, ss, y, dy| {
+    let dx = y.apply_op3_no_bwd(&dy.contiguous()?, ss, &AffineBackward { residual: false })?;
+    Ok((Some(dx.reshape(y.shape())?), None))
+});
+
+/// `relu(x s + t + r)`, the same with a residual.
+pub(crate) struct AffineAddRelu;
+
+cuda_op!(CustomOp3 for AffineAddRelu, "glip-affine-add-relu-cuda",
+|_me, x, ss, r| {
+    if x.1.dims() != r.1.dims() {
+        candle_core::bail!("affine-add-relu: {:?} against {:?}", x.1.dims(), r.1.dims());
+    }
+    affine_relu(x, ss, Some(r))
+},
+bwd |_x, ss, _r, y, dy| {
+    let both = y.apply_op3_no_bwd(&dy.contiguous()?, ss, &AffineBackward { residual: true })?;
+    let both = both.reshape((2, ()))?;
+    let part = |i: usize| both.get(i)?.reshape(y.shape());
+    Ok((Some(part(0)?), None, Some(part(1)?)))
+});
+
+struct AffineBackward {
+    residual: bool,
+}
+
+cuda_op!(CustomOp3 for AffineBackward, "glip-affine-relu-backward-cuda", |me, y, dy, ss| {
+    affine_relu_backward(y, dy, ss, me.residual)
+});
+
+/// A dropout mask of its input's shape drawn on the device ([`crate::nn::dropout`]).
+pub(crate) struct DropoutMask {
+    pub(crate) seed: u64,
+    pub(crate) p: f32,
+    pub(crate) scale: f32,
+}
+
+cuda_op!(CustomOp1 for DropoutMask, "glip-dropout-mask-cuda", |me, x| {
+    dropout_mask(x.0, x.1, me.seed, me.p, me.scale)
+});
 
 #[cfg(test)]
 mod tests {

@@ -206,7 +206,11 @@ pub fn dropout(x: &Tensor, p: f32, train: bool) -> Result<Tensor> {
     let scale = 1.0 / (1.0 - p);
     #[cfg(feature = "cuda")]
     if crate::cuda::own_kernels(x) {
-        let mask = x.detach().apply_op1_no_bwd(&cuda_dropout::Mask { seed: stream, p, scale })?;
+        let mask = x.detach().apply_op1_no_bwd(&crate::cuda_layers::DropoutMask {
+            seed: stream,
+            p,
+            scale,
+        })?;
         return x.mul(&mask.to_dtype(x.dtype())?);
     }
     let mut rng = glip_core::rng::Rng::new(stream);
@@ -214,32 +218,6 @@ pub fn dropout(x: &Tensor, p: f32, train: bool) -> Result<Tensor> {
         (0..x.elem_count()).map(|_| if rng.uniform() >= p { scale } else { 0.0 }).collect();
     let mask = Tensor::from_vec(keep, x.shape(), x.device())?.to_dtype(x.dtype())?;
     x.mul(&mask)
-}
-
-/// The device-drawn mask of [`dropout`] on CUDA.
-#[cfg(feature = "cuda")]
-mod cuda_dropout {
-    use candle_core::{CpuStorage, CudaStorage, CustomOp1, Layout, Result, Shape};
-
-    pub(super) struct Mask {
-        pub(super) seed: u64,
-        pub(super) p: f32,
-        pub(super) scale: f32,
-    }
-
-    impl CustomOp1 for Mask {
-        fn name(&self) -> &'static str {
-            "glip-dropout-mask-cuda"
-        }
-
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-            candle_core::bail!("{} is the CUDA path of dropout", self.name())
-        }
-
-        fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-            crate::cuda_layers::dropout_mask(s, l, self.seed, self.p, self.scale)
-        }
-    }
 }
 
 /// L2-normalises the last axis: `x / max(||x||, 1e-12)` (PyTorch `F.normalize`).

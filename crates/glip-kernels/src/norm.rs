@@ -181,11 +181,15 @@ pub fn batch_norm_train(
     eps: f64,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (_, c, _, _) = x.dims4()?;
+    // On CUDA the statistics `(3, c)` (mean, variance, inverse standard deviation) stay on the
+    // device, so the kernels take the parameters as one `(5, c)` tensor `[stats; weight; bias]`,
+    // through which the gradient reaches weight and bias.
     #[cfg(feature = "cuda")]
     if crate::cuda::own_kernels(x) && [x, weight, bias].iter().all(|t| t.dtype() == DType::F32) {
-        let stats = x.detach().contiguous()?.apply_op1_no_bwd(&cuda_ops::Stats { eps })?;
+        let stats =
+            x.detach().contiguous()?.apply_op1_no_bwd(&crate::cuda_layers::BnStats { eps })?;
         let p = Tensor::cat(&[&stats, &weight.reshape((1, c))?, &bias.reshape((1, c))?], 0)?;
-        let y = x.contiguous()?.apply_op2(&p, cuda_ops::Normalize)?;
+        let y = x.contiguous()?.apply_op2(&p, crate::cuda_layers::BnNormalize)?;
         return Ok((y, stats.get(0)?, stats.get(1)?));
     }
     if x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32 {
@@ -208,112 +212,6 @@ pub fn batch_norm_train(
     let y = xc.broadcast_div(&(var.clone() + eps)?.sqrt()?)?;
     let y = y.broadcast_mul(&per(weight)?)?.broadcast_add(&per(bias)?)?;
     Ok((y, mean.flatten_all()?.detach(), var.flatten_all()?.detach()))
-}
-
-/// The CUDA ops of [`batch_norm_train`]: the statistics `(3, c)` (mean, variance, inverse
-/// standard deviation) stay on the device, so the parameters reach the kernels as one `(5, c)`
-/// tensor `[stats; weight; bias]` and the gradient reaches weight and bias through it.
-#[cfg(feature = "cuda")]
-mod cuda_ops {
-    use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, Layout};
-    use candle_core::{Result, Shape, Tensor};
-
-    fn cuda_only(what: &str) -> candle_core::Error {
-        candle_core::Error::Msg(format!("{what} is the CUDA path of batch_norm_train"))
-    }
-
-    pub(super) struct Stats {
-        pub(super) eps: f64,
-    }
-
-    impl CustomOp1 for Stats {
-        fn name(&self) -> &'static str {
-            "glip-bn-stats-cuda"
-        }
-
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-            Err(cuda_only(self.name()))
-        }
-
-        fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-            crate::cuda_layers::batch_norm_stats(s, l, self.eps)
-        }
-    }
-
-    pub(super) struct Normalize;
-
-    impl CustomOp2 for Normalize {
-        fn name(&self) -> &'static str {
-            "glip-bn-cuda"
-        }
-
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> Result<(CpuStorage, Shape)> {
-            Err(cuda_only(self.name()))
-        }
-
-        fn cuda_fwd(
-            &self,
-            s1: &CudaStorage,
-            l1: &Layout,
-            s2: &CudaStorage,
-            l2: &Layout,
-        ) -> Result<(CudaStorage, Shape)> {
-            crate::cuda_layers::batch_norm((s1, l1), (s2, l2))
-        }
-
-        fn bwd(
-            &self,
-            x: &Tensor,
-            p: &Tensor,
-            _y: &Tensor,
-            dy: &Tensor,
-        ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-            let (n, c) = (x.elem_count(), p.dim(1)?);
-            let packed = x.apply_op3_no_bwd(p, &dy.contiguous()?, &Backward)?;
-            let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-            let dwb = packed.narrow(0, n, 2 * c)?.reshape((2, c))?;
-            let dp = Tensor::cat(&[&Tensor::zeros((3, c), p.dtype(), p.device())?, &dwb], 0)?;
-            Ok((Some(dx), Some(dp)))
-        }
-    }
-
-    struct Backward;
-
-    impl CustomOp3 for Backward {
-        fn name(&self) -> &'static str {
-            "glip-bn-backward-cuda"
-        }
-
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> Result<(CpuStorage, Shape)> {
-            Err(cuda_only(self.name()))
-        }
-
-        fn cuda_fwd(
-            &self,
-            s1: &CudaStorage,
-            l1: &Layout,
-            s2: &CudaStorage,
-            l2: &Layout,
-            s3: &CudaStorage,
-            l3: &Layout,
-        ) -> Result<(CudaStorage, Shape)> {
-            crate::cuda_layers::batch_norm_backward((s1, l1), (s2, l2), (s3, l3))
-        }
-    }
 }
 
 #[cfg(test)]
