@@ -545,6 +545,14 @@ static void glip_print(const char *name, const float *p, size_t n) {
             std::thread::current().id()
         ));
         std::fs::create_dir_all(&dir).unwrap();
+        /// Removes the folder however the test ends.
+        struct Cleanup(std::path::PathBuf);
+        impl Drop for Cleanup {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        let _cleanup = Cleanup(dir.clone());
         let (src, bin) = (dir.join("k.cpp"), dir.join("k"));
         std::fs::write(&src, text).unwrap();
         let out = Command::new(&cxx)
@@ -556,7 +564,6 @@ static void glip_print(const char *name, const float *p, size_t n) {
         assert!(out.status.success(), "{cxx}: {}", String::from_utf8_lossy(&out.stderr));
         let run = Command::new(&bin).output().unwrap();
         assert!(run.status.success(), "emulated kernels: {}", String::from_utf8_lossy(&run.stderr));
-        let _ = std::fs::remove_dir_all(&dir);
         let parse = |s: &str| -> f32 {
             let t = s.trim_start_matches('-');
             if t.eq_ignore_ascii_case("nan") {
