@@ -33,6 +33,10 @@ xz -T2 -6 -f gpu/glip gpu/cuda-tests
 size() { du -cb "$@" | tail -1 | awk '{printf "%.1f MB", $1 / 1e6}'; }
 echo "gpu-pack: gpu/glip.xz and gpu/cuda-tests.xz ($(size gpu/*.xz))"
 f=fixtures
+if [[ ! -e "$f/seed-tiny" ]]; then
+  echo "gpu-pack: warning: $f/ has not been made here yet (cargo xtask fixtures): the device" \
+    "check would skip the parity tests that read it" >&2
+fi
 first=(gpu "$f/seed-tiny" "$f/bert-tiny" "$f/bert-tiny_io.safetensors" "$f/boxes_losses.safetensors" \
   "$f/tokenization.json" "$f/matcher_cases.json" "$f/minilm_io.safetensors")
 second=("$f/resnet50.safetensors" "$f/resnet50_io.safetensors")
