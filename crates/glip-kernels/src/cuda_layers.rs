@@ -49,6 +49,18 @@ fn planes(l: &Layout) -> Result<(u32, u32, u32)> {
     Ok((u32_of(b, "batch norm")?, u32_of(c, "batch norm")?, u32_of(h * w, "batch norm")?))
 }
 
+/// Launches kernel `$name` of `$module` on `$dev`'s stream with `$cfg` and the arguments in
+/// the kernel's order.
+macro_rules! launch {
+    ($module:expr, $dev:expr, $name:literal, $cfg:expr, [$($arg:expr),* $(,)?]) => {{
+        let f = $module.func(&$dev, $name)?;
+        let stream = $dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        $(b.arg($arg);)*
+        run(&mut b, $cfg)
+    }};
+}
+
 fn run(b: &mut LaunchArgs<'_>, cfg: LaunchConfig) -> Result<()> {
     // SAFETY: every caller pushed the arguments of its kernel's signature in order, with
     // buffers of the lengths the kernel indexes (checked or allocated by the caller).
@@ -69,11 +81,7 @@ pub(crate) fn softmax(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape
     let dev = s.device().clone();
     // Written in full by glip_softmax (every row of d).
     let mut y = output(&dev, x.len())?;
-    let f = NORM.func(&dev, "glip_softmax")?;
-    let stream = dev.cuda_stream();
-    let mut b = stream.launch_builder(&f);
-    b.arg(&x).arg(&mut y).arg(&r).arg(&d);
-    run(&mut b, per_row(r as usize, d as usize))?;
+    launch!(NORM, dev, "glip_softmax", per_row(r as usize, d as usize), [&x, &mut y, &r, &d])?;
     Ok((CudaStorage::wrap_cuda_slice(y, dev), l.shape().clone()))
 }
 
@@ -88,11 +96,13 @@ pub(crate) fn softmax_backward(
     let dev = s1.device().clone();
     // Written in full by glip_softmax_backward.
     let mut dx = output(&dev, y.len())?;
-    let f = NORM.func(&dev, "glip_softmax_backward")?;
-    let stream = dev.cuda_stream();
-    let mut b = stream.launch_builder(&f);
-    b.arg(&y).arg(&dy).arg(&mut dx).arg(&r).arg(&d);
-    run(&mut b, per_row(r as usize, d as usize))?;
+    launch!(
+        NORM,
+        dev,
+        "glip_softmax_backward",
+        per_row(r as usize, d as usize),
+        [&y, &dy, &mut dx, &r, &d]
+    )?;
     Ok((CudaStorage::wrap_cuda_slice(dx, dev), l1.shape().clone()))
 }
 
@@ -111,11 +121,13 @@ pub(crate) fn layer_norm(
     let dev = s1.device().clone();
     // Written in full by glip_layer_norm.
     let mut y = output(&dev, x.len())?;
-    let f = NORM.func(&dev, "glip_layer_norm")?;
-    let stream = dev.cuda_stream();
-    let mut b = stream.launch_builder(&f);
-    b.arg(&x).arg(&w).arg(&bias).arg(&mut y).arg(&r).arg(&d).arg(&eps);
-    run(&mut b, per_row(r as usize, d as usize))?;
+    launch!(
+        NORM,
+        dev,
+        "glip_layer_norm",
+        per_row(r as usize, d as usize),
+        [&x, &w, &bias, &mut y, &r, &d, &eps]
+    )?;
     Ok((CudaStorage::wrap_cuda_slice(y, dev), l1.shape().clone()))
 }
 
@@ -140,33 +152,41 @@ pub(crate) fn layer_norm_backward(
     let mut out = output(&dev, n + 2 * du)?;
     let mut stats = output(&dev, 2 * r as usize)?;
     let mut part = output(&dev, 2 * du * parts)?;
-    let stream = dev.cuda_stream();
     {
-        let f = NORM.func(&dev, "glip_layer_norm_backward")?;
         let mut dx = out.slice_mut(0..n);
-        let mut b = stream.launch_builder(&f);
-        b.arg(&x).arg(&w).arg(&dy).arg(&mut dx).arg(&mut stats).arg(&r).arg(&d).arg(&eps);
-        run(&mut b, per_row(r as usize, du))?;
+        launch!(
+            NORM,
+            dev,
+            "glip_layer_norm_backward",
+            per_row(r as usize, du),
+            [&x, &w, &dy, &mut dx, &mut stats, &r, &d, &eps]
+        )?;
     }
     {
-        let f = NORM.func(&dev, "glip_layer_norm_params")?;
         let chunk_u = u32_of(chunk, "layer norm backward")?;
-        let mut b = stream.launch_builder(&f);
-        b.arg(&x).arg(&dy).arg(&stats).arg(&mut part).arg(&r).arg(&d).arg(&chunk_u);
         let cfg = LaunchConfig {
             grid_dim: (d.div_ceil(128), parts as u32, 1),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
-        run(&mut b, cfg)?;
+        launch!(
+            NORM,
+            dev,
+            "glip_layer_norm_params",
+            cfg,
+            [&x, &dy, &stats, &mut part, &r, &d, &chunk_u]
+        )?;
     }
     {
-        let f = NORM.func(&dev, "glip_sum_parts")?;
         let (parts_u, m) = (parts as u32, 2 * d);
         let mut sums = out.slice_mut(n..n + 2 * du);
-        let mut b = stream.launch_builder(&f);
-        b.arg(&part).arg(&mut sums).arg(&parts_u).arg(&m);
-        run(&mut b, elementwise(2 * du))?;
+        launch!(
+            NORM,
+            dev,
+            "glip_sum_parts",
+            elementwise(2 * du),
+            [&part, &mut sums, &parts_u, &m]
+        )?;
     }
     Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(n + 2 * du)))
 }
@@ -183,11 +203,13 @@ pub(crate) fn batch_norm_stats(
     let dev = s.device().clone();
     // Written in full (3 per channel) by glip_batch_norm_stats.
     let mut p = output(&dev, 3 * c as usize)?;
-    let f = NORM.func(&dev, "glip_batch_norm_stats")?;
-    let stream = dev.cuda_stream();
-    let mut b = stream.launch_builder(&f);
-    b.arg(&x).arg(&mut p).arg(&bs).arg(&c).arg(&hw).arg(&eps);
-    run(&mut b, per_row(c as usize, bs as usize * hw as usize))?;
+    launch!(
+        NORM,
+        dev,
+        "glip_batch_norm_stats",
+        per_row(c as usize, bs as usize * hw as usize),
+        [&x, &mut p, &bs, &c, &hw, &eps]
+    )?;
     Ok((CudaStorage::wrap_cuda_slice(p, dev), Shape::from((3, c as usize))))
 }
 
@@ -203,11 +225,7 @@ pub(crate) fn batch_norm(
     let total = x.len() as u64;
     // Written in full by glip_batch_norm.
     let mut y = output(&dev, x.len())?;
-    let f = NORM.func(&dev, "glip_batch_norm")?;
-    let stream = dev.cuda_stream();
-    let mut b = stream.launch_builder(&f);
-    b.arg(&x).arg(&p).arg(&mut y).arg(&total).arg(&c).arg(&hw);
-    run(&mut b, elementwise(x.len()))?;
+    launch!(NORM, dev, "glip_batch_norm", elementwise(x.len()), [&x, &p, &mut y, &total, &c, &hw])?;
     Ok((CudaStorage::wrap_cuda_slice(y, dev), l1.shape().clone()))
 }
 
@@ -227,20 +245,25 @@ pub(crate) fn batch_norm_backward(
     let dev = s1.device().clone();
     // out[n..n + 2c] by glip_batch_norm_sums, then out[0..n] by glip_batch_norm_backward.
     let mut out = output(&dev, n + 2 * cu)?;
-    let stream = dev.cuda_stream();
     {
-        let f = NORM.func(&dev, "glip_batch_norm_sums")?;
         let mut sums = out.slice_mut(n..n + 2 * cu);
-        let mut b = stream.launch_builder(&f);
-        b.arg(&x).arg(&p).arg(&dy).arg(&mut sums).arg(&bs).arg(&c).arg(&hw);
-        run(&mut b, per_row(cu, bs as usize * hw as usize))?;
+        launch!(
+            NORM,
+            dev,
+            "glip_batch_norm_sums",
+            per_row(cu, bs as usize * hw as usize),
+            [&x, &p, &dy, &mut sums, &bs, &c, &hw]
+        )?;
     }
     {
-        let f = NORM.func(&dev, "glip_batch_norm_backward")?;
         let (total, count) = (n as u64, (bs as usize * hw as usize).max(1) as f32);
-        let mut b = stream.launch_builder(&f);
-        b.arg(&x).arg(&p).arg(&dy).arg(&mut out).arg(&total).arg(&c).arg(&hw).arg(&count);
-        run(&mut b, elementwise(n))?;
+        launch!(
+            NORM,
+            dev,
+            "glip_batch_norm_backward",
+            elementwise(n),
+            [&x, &p, &dy, &mut out, &total, &c, &hw, &count]
+        )?;
     }
     Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(n + 2 * cu)))
 }
@@ -266,13 +289,15 @@ pub(crate) fn affine_relu(
     let (total, with_r) = (x.len() as u64, u32::from(r.is_some()));
     // Written in full by glip_affine_relu.
     let mut y = output(&dev, x.len())?;
-    let f = NORM.func(&dev, "glip_affine_relu")?;
-    let stream = dev.cuda_stream();
-    let mut b = stream.launch_builder(&f);
     // Without a residual the kernel does not read `r`; `x` stands in for the pointer.
-    b.arg(&x).arg(&ss).arg(r.as_ref().unwrap_or(&x)).arg(&mut y);
-    b.arg(&total).arg(&c).arg(&hw).arg(&with_r);
-    run(&mut b, elementwise(x.len()))?;
+    let r = r.as_ref().unwrap_or(&x);
+    launch!(
+        NORM,
+        dev,
+        "glip_affine_relu",
+        elementwise(x.len()),
+        [&x, &ss, r, &mut y, &total, &c, &hw, &with_r]
+    )?;
     Ok((CudaStorage::wrap_cuda_slice(y, dev), l1.shape().clone()))
 }
 
@@ -295,11 +320,13 @@ pub(crate) fn affine_relu_backward(
     let (total, with_r) = (n as u64, u32::from(with_residual));
     // Written in full by glip_affine_relu_backward (dx, and dr with a residual).
     let mut out = output(&dev, len)?;
-    let f = NORM.func(&dev, "glip_affine_relu_backward")?;
-    let stream = dev.cuda_stream();
-    let mut b = stream.launch_builder(&f);
-    b.arg(&y).arg(&dy).arg(&ss).arg(&mut out).arg(&total).arg(&c).arg(&hw).arg(&with_r);
-    run(&mut b, elementwise(n))?;
+    launch!(
+        NORM,
+        dev,
+        "glip_affine_relu_backward",
+        elementwise(n),
+        [&y, &dy, &ss, &mut out, &total, &c, &hw, &with_r]
+    )?;
     Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(len)))
 }
 
@@ -319,11 +346,7 @@ pub(crate) fn max_pool(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shap
     let dev = s.device().clone();
     // Written in full (one thread per output) by glip_max_pool.
     let mut y = output(&dev, n)?;
-    let f = POOL.func(&dev, "glip_max_pool")?;
-    let stream = dev.cuda_stream();
-    let mut b = stream.launch_builder(&f);
-    b.arg(&x).arg(&mut y).arg(&planes).arg(&h).arg(&w).arg(&oh).arg(&ow);
-    run(&mut b, elementwise(n))?;
+    launch!(POOL, dev, "glip_max_pool", elementwise(n), [&x, &mut y, &planes, &h, &w, &oh, &ow])?;
     let (bs, c, _, _) = l.shape().dims4()?;
     Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((bs, c, oh as usize, ow as usize))))
 }
@@ -339,11 +362,13 @@ pub(crate) fn max_pool_backward(
     let dev = s1.device().clone();
     // Written in full (one thread per input) by glip_max_pool_backward.
     let mut dx = output(&dev, x.len())?;
-    let f = POOL.func(&dev, "glip_max_pool_backward")?;
-    let stream = dev.cuda_stream();
-    let mut b = stream.launch_builder(&f);
-    b.arg(&x).arg(&g).arg(&mut dx).arg(&planes).arg(&h).arg(&w).arg(&oh).arg(&ow);
-    run(&mut b, elementwise(x.len()))?;
+    launch!(
+        POOL,
+        dev,
+        "glip_max_pool_backward",
+        elementwise(x.len()),
+        [&x, &g, &mut dx, &planes, &h, &w, &oh, &ow]
+    )?;
     Ok((CudaStorage::wrap_cuda_slice(dx, dev), l1.shape().clone()))
 }
 
@@ -360,12 +385,14 @@ pub(crate) fn dropout_mask(
     let dev = s.device().clone();
     // Written in full by glip_dropout_mask.
     let mut mask = output(&dev, n)?;
-    let f = DROPOUT.func(&dev, "glip_dropout_mask")?;
-    let stream = dev.cuda_stream();
-    let mut b = stream.launch_builder(&f);
     let n64 = n as u64;
-    b.arg(&mut mask).arg(&n64).arg(&seed).arg(&p).arg(&scale);
-    run(&mut b, elementwise(n))?;
+    launch!(
+        DROPOUT,
+        dev,
+        "glip_dropout_mask",
+        elementwise(n),
+        [&mut mask, &n64, &seed, &p, &scale]
+    )?;
     Ok((CudaStorage::wrap_cuda_slice(mask, dev), l.shape().clone()))
 }
 
@@ -384,10 +411,7 @@ macro_rules! cuda_op {
                 Err(cuda_only($name))
             }
 
-            fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout) -> Result<(CudaStorage, Shape)> {
-                let ($me, $a) = (self, (s1, l1));
-                $fwd
-            }
+            cuda_fwd!(|$me, $a| $fwd);
 
             $(fn bwd(&self, $ba: &Tensor, $by: &Tensor, $bg: &Tensor) -> Result<Option<Tensor>> {
                 $bwd
@@ -411,16 +435,7 @@ macro_rules! cuda_op {
                 Err(cuda_only($name))
             }
 
-            fn cuda_fwd(
-                &self,
-                s1: &CudaStorage,
-                l1: &Layout,
-                s2: &CudaStorage,
-                l2: &Layout,
-            ) -> Result<(CudaStorage, Shape)> {
-                let ($me, $a, $b) = (self, (s1, l1), (s2, l2));
-                $fwd
-            }
+            cuda_fwd!(|$me, $a, $b| $fwd);
 
             $(fn bwd(
                 &self,
@@ -452,18 +467,7 @@ macro_rules! cuda_op {
                 Err(cuda_only($name))
             }
 
-            fn cuda_fwd(
-                &self,
-                s1: &CudaStorage,
-                l1: &Layout,
-                s2: &CudaStorage,
-                l2: &Layout,
-                s3: &CudaStorage,
-                l3: &Layout,
-            ) -> Result<(CudaStorage, Shape)> {
-                let ($me, $a, $b, $c) = (self, (s1, l1), (s2, l2), (s3, l3));
-                $fwd
-            }
+            cuda_fwd!(|$me, $a, $b, $c| $fwd);
 
             $(fn bwd(
                 &self,

@@ -64,14 +64,7 @@ impl CustomOp1 for Softmax {
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::cuda_layers::softmax(s, l)
-    }
+    cuda_fwd!(|_me, x| crate::cuda_layers::softmax(x.0, x.1));
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(y.contiguous()?.apply_op2_no_bwd(&dy.contiguous()?, &SoftmaxBackward)?))
@@ -111,16 +104,7 @@ impl CustomOp2 for SoftmaxBackward {
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::cuda_layers::softmax_backward((s1, l1), (s2, l2))
-    }
+    cuda_fwd!(|_me, y, dy| crate::cuda_layers::softmax_backward(y, dy));
 }
 
 /// Softmax over the last axis, differentiable (unlike `candle_nn::ops::softmax_last_dim`).
@@ -186,18 +170,7 @@ impl CustomOp3 for LayerNormOp {
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::cuda_layers::layer_norm((s1, l1), (s2, l2), (s3, l3), self.eps)
-    }
+    cuda_fwd!(|me, x, w, b| crate::cuda_layers::layer_norm(x, w, b, me.eps));
 
     fn bwd(
         &self,
@@ -287,18 +260,7 @@ impl CustomOp3 for LayerNormBackward {
         Ok((CpuStorage::F32(out), Shape::from(n + 2 * d)))
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::cuda_layers::layer_norm_backward((s1, l1), (s2, l2), (s3, l3), self.eps)
-    }
+    cuda_fwd!(|me, x, w, dy| crate::cuda_layers::layer_norm_backward(x, w, dy, me.eps));
 }
 
 /// Layer normalisation of `x (..., d)` with `weight`, `bias` `(d,)`, differentiable in all

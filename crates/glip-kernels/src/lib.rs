@@ -23,6 +23,50 @@
 //! # What it must not know about
 //! Models, components, data, losses.
 
+/// Inside an `impl CustomOp1/2/3`, the op's `cuda_fwd` (compiled with the `cuda` feature):
+/// `$body` with `$me` for the op and each operand as a `(storage, layout)` pair.
+macro_rules! cuda_fwd {
+    (|$me:ident, $a:ident| $body:expr) => {
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &self,
+            s1: &candle_core::CudaStorage,
+            l1: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+            let ($me, $a) = (self, (s1, l1));
+            $body
+        }
+    };
+    (|$me:ident, $a:ident, $b:ident| $body:expr) => {
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &self,
+            s1: &candle_core::CudaStorage,
+            l1: &candle_core::Layout,
+            s2: &candle_core::CudaStorage,
+            l2: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+            let ($me, $a, $b) = (self, (s1, l1), (s2, l2));
+            $body
+        }
+    };
+    (|$me:ident, $a:ident, $b:ident, $c:ident| $body:expr) => {
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &self,
+            s1: &candle_core::CudaStorage,
+            l1: &candle_core::Layout,
+            s2: &candle_core::CudaStorage,
+            l2: &candle_core::Layout,
+            s3: &candle_core::CudaStorage,
+            l3: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+            let ($me, $a, $b, $c) = (self, (s1, l1), (s2, l2), (s3, l3));
+            $body
+        }
+    };
+}
+
 pub mod affine;
 pub mod bf16;
 pub mod conv;

@@ -60,14 +60,7 @@ impl CustomOp1 for MaxPool {
         Ok((CpuStorage::F32(y), Shape::from((b, c, oh, ow))))
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::cuda_layers::max_pool(s, l)
-    }
+    cuda_fwd!(|_me, x| crate::cuda_layers::max_pool(x.0, x.1));
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(x.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &MaxPoolGrad)?))
@@ -111,16 +104,7 @@ impl CustomOp2 for MaxPoolGrad {
         Ok((CpuStorage::F32(gx), l1.shape().clone()))
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::cuda_layers::max_pool_backward((s1, l1), (s2, l2))
-    }
+    cuda_fwd!(|_me, x, g| crate::cuda_layers::max_pool_backward(x, g));
 }
 
 /// Max-pool with kernel 3, stride 2 and padding 1 (padding never wins) of a contiguous-able
