@@ -125,7 +125,8 @@ fn constants(t: &Tensor) -> Result<Vec<f32>> {
 }
 
 /// `relu(x * scale[c] + shift[c] (+ residual))` for `x (b, c, h, w)`; `scale` and `shift` `(c,)`
-/// are constants. One pass on the CPU in f32, candle's composition elsewhere.
+/// are constants. One pass in f32 on the CPU and on CUDA ([`crate::cuda::own_kernels`]),
+/// candle's composition elsewhere.
 pub fn affine_relu(
     x: &Tensor,
     scale: &Tensor,

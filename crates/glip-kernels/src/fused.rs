@@ -117,7 +117,8 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// [`softmax_last`] from candle element-wise ops (other devices; the tests' reference).
+/// [`softmax_last`] from candle element-wise ops (other devices and dtypes, CUDA with
+/// `GLIP_CUDA_COMPOSED=1`; the tests' reference).
 pub fn softmax_last_composed(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
@@ -277,7 +278,8 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     }
 }
 
-/// [`layer_norm`] from candle element-wise ops (other devices; the tests' reference).
+/// [`layer_norm`] from candle element-wise ops (other devices and dtypes, CUDA with
+/// `GLIP_CUDA_COMPOSED=1`; the tests' reference).
 pub fn layer_norm_composed(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let mean = x.mean_keepdim(D::Minus1)?;
     let xc = x.broadcast_sub(&mean)?;

@@ -173,7 +173,8 @@ impl CustomOp2 for NormalizeBackward {
 
 /// Training-mode batch norm of `x (b, c, h, w)` with `weight`/`bias` `(c,)`: returns the output
 /// and the batch `(mean, biased variance)`, each `(c,)` and detached (for running statistics).
-/// On the CPU in f32 one fused operation; elsewhere candle ops.
+/// In f32 one fused operation on the CPU, this crate's kernels on CUDA
+/// ([`crate::cuda::own_kernels`]); elsewhere candle ops.
 pub fn batch_norm_train(
     x: &Tensor,
     weight: &Tensor,
