@@ -5,7 +5,44 @@
 //! `u8` with 1 for a real pixel or token and 0 for padding.
 
 use crate::shape::Contract;
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor, TensorId};
+
+/// A host (CPU) copy of a device tensor, kept beside it by whoever had the values on the host
+/// anyway (the collate, which builds every batch there): code that needs the values on the
+/// host (masks, box assignment) reads the copy instead of waiting for the device. The copy is
+/// tied to the tensor it mirrors by id, so it is never used for a tensor that has been
+/// replaced.
+#[derive(Debug, Clone)]
+struct HostCopy {
+    of: TensorId,
+    host: Tensor,
+}
+
+impl HostCopy {
+    /// `t` itself when it is on the CPU (the host copy of a host tensor is the tensor).
+    fn of_cpu(t: &Tensor) -> Option<Self> {
+        t.device().is_cpu().then(|| Self { of: t.id(), host: t.clone() })
+    }
+
+    /// `t` moved to `device`, keeping `t`'s host copy (or `t`, when it is on the CPU).
+    fn moved(t: &Tensor, copy: Option<&Self>, device: &Device) -> Result<(Tensor, Option<Self>)> {
+        let host = match copy.filter(|c| c.of == t.id()) {
+            Some(c) => Some(c.host.clone()),
+            None => t.device().is_cpu().then(|| t.clone()),
+        };
+        let moved = t.to_device(device)?;
+        let copy = host.map(|host| Self { of: moved.id(), host });
+        Ok((moved, copy))
+    }
+
+    /// The host values of `t`: the copy when it mirrors `t`, else `t` read from its device.
+    fn read(t: &Tensor, copy: Option<&Self>) -> Result<Tensor> {
+        match copy.filter(|c| c.of == t.id()) {
+            Some(c) => Ok(c.host.clone()),
+            None => t.to_device(&Device::Cpu),
+        }
+    }
+}
 
 fn expect_dtype(name: &str, t: &Tensor, dtypes: &[DType]) -> Result<()> {
     if dtypes.contains(&t.dtype()) {
@@ -25,6 +62,7 @@ pub struct ImageBatch {
     pub pixels: Tensor,
     /// `(b, h, w)` u8, 1 where the pixel is real, 0 where it is padding.
     pub mask: Tensor,
+    host_mask: Option<HostCopy>,
 }
 
 impl ImageBatch {
@@ -35,14 +73,30 @@ impl ImageBatch {
         c.tensor("mask", &mask, "b h w")?;
         expect_dtype("pixels", &pixels, &[DType::F32, DType::F16, DType::BF16])?;
         expect_dtype("mask", &mask, &[DType::U8])?;
-        Ok(Self { pixels, mask })
+        let host_mask = HostCopy::of_cpu(&mask);
+        Ok(Self { pixels, mask, host_mask })
+    }
+
+    /// The batch on `device`, keeping the mask's host copy (see [`ImageBatch::host_mask`]).
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        let (mask, host_mask) = HostCopy::moved(&self.mask, self.host_mask.as_ref(), device)?;
+        Ok(Self { pixels: self.pixels.to_device(device)?, mask, host_mask })
+    }
+
+    /// The mask on the CPU: the host copy kept when the batch was built on the host and
+    /// moved with [`ImageBatch::to_device`] (no wait for the device), else the mask read back.
+    pub fn host_mask(&self) -> Result<Tensor> {
+        HostCopy::read(&self.mask, self.host_mask.as_ref())
     }
 
     /// A batch with no padding: the mask is all ones.
     pub fn unpadded(pixels: Tensor) -> Result<Self> {
         let (b, _, h, w) = pixels.dims4()?;
         let mask = Tensor::ones((b, h, w), DType::U8, pixels.device())?;
-        Self::new(pixels, mask)
+        let host = Tensor::ones((b, h, w), DType::U8, &Device::Cpu)?;
+        let mut batch = Self::new(pixels, mask)?;
+        batch.host_mask = Some(HostCopy { of: batch.mask.id(), host });
+        Ok(batch)
     }
 
     /// Batch size.
@@ -106,6 +160,7 @@ pub struct Target {
     pub labels: Option<Tensor>,
     /// `(n, t)` f32 0/1: which tokens of the caption each box grounds, for token heads.
     pub positive_map: Option<Tensor>,
+    host: [Option<HostCopy>; 3],
 }
 
 impl Target {
@@ -124,7 +179,49 @@ impl Target {
         if let Some(p) = &positive_map {
             c.tensor("positive_map", p, "n t")?;
         }
-        Ok(Self { boxes, labels, positive_map })
+        let host = [
+            HostCopy::of_cpu(&boxes),
+            labels.as_ref().and_then(HostCopy::of_cpu),
+            positive_map.as_ref().and_then(HostCopy::of_cpu),
+        ];
+        Ok(Self { boxes, labels, positive_map, host })
+    }
+
+    /// The target on `device`, keeping host copies (see [`Target::host_boxes`]).
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        let [hb, hl, hp] = &self.host;
+        let (boxes, hb) = HostCopy::moved(&self.boxes, hb.as_ref(), device)?;
+        let (labels, hl) = match &self.labels {
+            Some(l) => {
+                let (l, h) = HostCopy::moved(l, hl.as_ref(), device)?;
+                (Some(l), h)
+            }
+            None => (None, None),
+        };
+        let (positive_map, hp) = match &self.positive_map {
+            Some(p) => {
+                let (p, h) = HostCopy::moved(p, hp.as_ref(), device)?;
+                (Some(p), h)
+            }
+            None => (None, None),
+        };
+        Ok(Self { boxes, labels, positive_map, host: [hb, hl, hp] })
+    }
+
+    /// `boxes` on the CPU: the host copy kept when the target was built on the host and moved
+    /// with [`Target::to_device`] (no wait for the device), else the boxes read back.
+    pub fn host_boxes(&self) -> Result<Tensor> {
+        HostCopy::read(&self.boxes, self.host[0].as_ref())
+    }
+
+    /// `labels` on the CPU, as [`Target::host_boxes`].
+    pub fn host_labels(&self) -> Result<Option<Tensor>> {
+        self.labels.as_ref().map(|l| HostCopy::read(l, self.host[1].as_ref())).transpose()
+    }
+
+    /// `positive_map` on the CPU, as [`Target::host_boxes`].
+    pub fn host_positive_map(&self) -> Result<Option<Tensor>> {
+        self.positive_map.as_ref().map(|p| HostCopy::read(p, self.host[2].as_ref())).transpose()
     }
 
     /// Number of boxes.
@@ -266,6 +363,7 @@ pub struct DenseOutput {
     pub level: Vec<usize>,
     /// `(b, q)` centerness logits, when the head predicts them (FCOS).
     pub centerness: Option<Tensor>,
+    host: [Option<HostCopy>; 2],
 }
 
 impl DenseOutput {
@@ -283,7 +381,41 @@ impl DenseOutput {
         if let Some(t) = &centerness {
             c.tensor("centerness", t, "b q")?;
         }
-        Ok(Self { points, strides, level, centerness })
+        let host = [HostCopy::of_cpu(&points), HostCopy::of_cpu(&strides)];
+        Ok(Self { points, strides, level, centerness, host })
+    }
+
+    /// Keeps `points` and `strides` as they were made on the host, the CPU tensors the
+    /// device ones were copied from (see [`DenseOutput::host_points`]).
+    pub fn with_host_copies(mut self, points: Tensor, strides: Tensor) -> Result<Self> {
+        for (name, host, dev) in
+            [("points", &points, &self.points), ("strides", &strides, &self.strides)]
+        {
+            if !host.device().is_cpu() || host.dims() != dev.dims() {
+                candle_core::bail!(
+                    "dense output: the host copy of {name} must be a CPU tensor of shape {:?}, got {:?} on {:?}",
+                    dev.dims(),
+                    host.dims(),
+                    host.device().location()
+                )
+            }
+        }
+        self.host = [
+            Some(HostCopy { of: self.points.id(), host: points }),
+            Some(HostCopy { of: self.strides.id(), host: strides }),
+        ];
+        Ok(self)
+    }
+
+    /// `points` on the CPU: the host copy where the head made them there (no wait for the
+    /// device), else read back.
+    pub fn host_points(&self) -> Result<Tensor> {
+        HostCopy::read(&self.points, self.host[0].as_ref())
+    }
+
+    /// `strides` on the CPU, as [`DenseOutput::host_points`].
+    pub fn host_strides(&self) -> Result<Tensor> {
+        HostCopy::read(&self.strides, self.host[1].as_ref())
     }
 }
 
@@ -358,4 +490,61 @@ pub struct Losses {
     pub terms: Vec<(String, Tensor)>,
     /// The final layer's matches, one per image.
     pub matches: Vec<Match>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn u8s(t: &Tensor) -> Vec<u8> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    /// A batch built on the host keeps its mask as the host copy through `to_device`; a mask
+    /// replaced afterwards is read afresh, never answered by the stale copy.
+    #[test]
+    fn the_host_mask_is_the_mask_until_it_is_replaced() -> Result<()> {
+        let dev = Device::Cpu;
+        let pixels = Tensor::zeros((2, 3, 2, 3), DType::F32, &dev)?;
+        let mask = Tensor::from_vec(vec![1u8, 1, 0, 1, 1, 0, 1, 1, 1, 1, 1, 1], (2, 2, 3), &dev)?;
+        let batch = ImageBatch::new(pixels.clone(), mask.clone())?.to_device(&dev)?;
+        assert_eq!(batch.host_mask()?.id(), mask.id(), "the host copy is the mask itself");
+        let mut replaced = batch.clone();
+        replaced.mask = Tensor::zeros((2, 2, 3), DType::U8, &dev)?;
+        assert_eq!(u8s(&replaced.host_mask()?), vec![0; 12], "a stale host copy was used");
+        let unpadded = ImageBatch::unpadded(pixels)?;
+        assert_eq!(u8s(&unpadded.host_mask()?), vec![1; 12]);
+        Ok(())
+    }
+
+    /// Target host copies follow boxes, labels and the positive map; a missing one stays
+    /// missing, a replaced one is read afresh.
+    #[test]
+    fn target_host_copies_follow_their_tensors() -> Result<()> {
+        let dev = Device::Cpu;
+        let boxes = Tensor::new(&[[0.5f32, 0.5, 0.2, 0.2]], &dev)?;
+        let pm = Tensor::new(&[[0f32, 1.0, 1.0]], &dev)?;
+        let t = Target::new(boxes.clone(), None, Some(pm.clone()))?.to_device(&dev)?;
+        assert_eq!(t.host_boxes()?.id(), boxes.id());
+        assert!(t.host_labels()?.is_none());
+        assert_eq!(t.host_positive_map()?.map(|p| p.id()), Some(pm.id()));
+        let mut r = t.clone();
+        r.boxes = Tensor::new(&[[0.1f32, 0.1, 0.1, 0.1]], &dev)?;
+        assert_eq!(r.host_boxes()?.to_vec2::<f32>()?, vec![vec![0.1f32; 4]]);
+        Ok(())
+    }
+
+    /// A dense output's host copies must match the device tensors' shapes.
+    #[test]
+    fn dense_host_copies_are_checked() -> Result<()> {
+        let dev = Device::Cpu;
+        let p = Tensor::zeros((1, 4, 2), DType::F32, &dev)?;
+        let d = DenseOutput::new(p.clone(), p.clone(), vec![0; 4], None)?;
+        let wrong = Tensor::zeros((1, 3, 2), DType::F32, &dev)?;
+        let e = d.clone().with_host_copies(wrong, p.clone()).unwrap_err().to_string();
+        assert!(e.contains("host copy of points") && e.contains("[1, 4, 2]"), "{e}");
+        let ok = d.with_host_copies(p.copy()?, p.copy()?)?;
+        assert_eq!(ok.host_points()?.dims(), &[1, 4, 2]);
+        Ok(())
+    }
 }

@@ -80,10 +80,14 @@ pub fn collate(
             }
         }
     }
+    // Built on the host and moved: the batch keeps host copies of what the model and the
+    // criteria read on the host (the mask, the targets), so a GPU step does not wait for them.
+    let host = &Device::Cpu;
     let images = ImageBatch::new(
-        Tensor::from_vec(pixels, (b, 3, h, w), device)?,
-        Tensor::from_vec(mask, (b, h, w), device)?,
-    )?;
+        Tensor::from_vec(pixels, (b, 3, h, w), host)?,
+        Tensor::from_vec(mask, (b, h, w), host)?,
+    )?
+    .to_device(device)?;
     let mut encs = Vec::with_capacity(b);
     for s in samples {
         let e = tok.encode_caption(&s.caption).map_err(|e| DataError::Record {
@@ -132,16 +136,19 @@ pub fn collate(
             Some(Tensor::from_vec(
                 s.labels.iter().map(|l| l.unwrap_or(0)).collect::<Vec<u32>>(),
                 n,
-                device,
+                host,
             )?)
         } else {
             None
         };
-        targets.push(Target::new(
-            Tensor::from_vec(cxcywh, (n, 4), device)?,
-            labels,
-            Some(Tensor::from_vec(pm, (n, t), device)?),
-        )?);
+        targets.push(
+            Target::new(
+                Tensor::from_vec(cxcywh, (n, 4), host)?,
+                labels,
+                Some(Tensor::from_vec(pm, (n, t), host)?),
+            )?
+            .to_device(device)?,
+        );
     }
     Ok(Batch {
         images,

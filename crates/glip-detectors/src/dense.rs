@@ -157,7 +157,11 @@ impl Detector for DenseHead {
         let bfeat = Self::features(&self.bbox_tower, x.memory, x.levels)?;
         trace("dense head: token tower", feat.dims());
         trace("dense head: box tower", bfeat.dims());
-        let (points, strides, level) = locations(x.levels, x.image_sizes, x.memory.device())?;
+        // Made on the host and kept there too: the dense criterion assigns on the host.
+        let (host_points, host_strides, level) =
+            locations(x.levels, x.image_sizes, &candle_core::Device::Cpu)?;
+        let dev = x.memory.device();
+        let (points, strides) = (host_points.to_device(dev)?, host_strides.to_device(dev)?);
         // Distances l, t, r, b in strides -> normalised (x0, y0, x1, y1) -> cxcywh.
         let dist =
             self.bbox_pred.forward(&bfeat)?.clamp(-MAX_LOG_DISTANCE, MAX_LOG_DISTANCE)?.exp()?;
@@ -183,7 +187,10 @@ impl Detector for DenseHead {
             x.memory.clone(),
             x.text.mask.to_dtype(DType::U8)?,
         )?;
-        out.with_dense(DenseOutput::new(points, strides, level, centerness)?)
+        out.with_dense(
+            DenseOutput::new(points, strides, level, centerness)?
+                .with_host_copies(host_points, host_strides)?,
+        )
     }
 
     /// GLIP's per-category NMS at IoU 0.6.

@@ -10,7 +10,7 @@
 //! dtypes run [`adamw_composed`], the candle-op formulation the tests compare against.
 
 use crate::conv::contiguous_f32;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, Var};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor, Var};
 use rayon::prelude::*;
 
 /// Elements per rayon task; below this a pass runs on the calling thread.
@@ -301,14 +301,25 @@ fn sum_squares_tensor(x: &Tensor) -> Result<Tensor> {
 /// accumulated in f64 in the order given. On a GPU the per-tensor sums stay on the device and
 /// one copy brings the total back (one synchronisation per step, not one per tensor).
 pub fn sum_squares_all(xs: &[&Tensor]) -> Result<f64> {
+    let device = xs.first().map_or(Device::Cpu, |x| x.device().clone());
+    sum_squares_all_on(xs, &device)?.to_scalar::<f64>()
+}
+
+/// [`sum_squares_all`] as a scalar f64 tensor on `device` (the tensors' device, or the CPU's
+/// where they are all there), read by the caller with whatever else it reads: nothing here
+/// waits for a GPU. On the CPU the same value as [`sum_squares_all`], bit for bit.
+pub fn sum_squares_all_on(xs: &[&Tensor], device: &Device) -> Result<Tensor> {
     if xs.iter().all(|x| x.device().is_cpu()) {
-        return xs.iter().try_fold(0f64, |acc, x| Ok(acc + sum_squares(x)?));
+        let total = xs
+            .iter()
+            .try_fold(0f64, |acc, x| Ok::<_, candle_core::Error>(acc + sum_squares(x)?))?;
+        return Tensor::new(total, &Device::Cpu)?.to_device(device);
     }
     let parts = xs.iter().map(|x| sum_squares_tensor(x)).collect::<Result<Vec<_>>>()?;
     if parts.is_empty() {
-        return Ok(0.0);
+        return Tensor::new(0f64, device);
     }
-    Tensor::stack(&parts, 0)?.sum_all()?.to_scalar::<f64>()
+    Tensor::stack(&parts, 0)?.sum_all()
 }
 
 #[cfg(test)]

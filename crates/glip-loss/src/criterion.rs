@@ -133,7 +133,7 @@ fn target_boxes(t: &Target) -> Result<Tensor> {
 }
 
 fn labels_u32(t: &Target) -> Result<Vec<u32>> {
-    match &t.labels {
+    match t.host_labels()? {
         Some(l) => l.to_dtype(DType::U32)?.to_vec1(),
         None => candle_core::bail!("the fixed-class criterion needs target labels"),
     }
@@ -231,7 +231,7 @@ impl SetCriterion {
                     if m.query.is_empty() {
                         continue;
                     }
-                    let Some(pm) = &t.positive_map else {
+                    let Some(pm) = t.host_positive_map()? else {
                         candle_core::bail!("the grounding criterion needs target positive maps")
                     };
                     let pm: Vec<Vec<f32>> = pm.to_dtype(DType::F32)?.to_vec2()?;

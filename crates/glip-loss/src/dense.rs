@@ -212,8 +212,10 @@ impl DenseCriterion {
     }
 }
 
-fn pairs(t: &Tensor) -> Result<Vec<[f32; 2]>> {
-    Ok(t.to_dtype(DType::F32)?.to_vec2::<f32>()?.into_iter().map(|v| [v[0], v[1]]).collect())
+/// `(b, q, 2)` on the host as `b` lists of `q` pairs.
+fn pairs(t: &Tensor) -> Result<Vec<Vec<[f32; 2]>>> {
+    let v = t.to_dtype(DType::F32)?.to_vec3::<f32>()?;
+    Ok(v.into_iter().map(|img| img.into_iter().map(|p| [p[0], p[1]]).collect()).collect())
 }
 
 /// FCOS's centerness target of a point inside a box (xyxy).
@@ -225,7 +227,7 @@ fn centerness_target(p: [f32; 2], b: [f32; 4]) -> f32 {
 
 impl Criterion for DenseCriterion {
     fn forward(&self, out: &ModelOutput, targets: &[Target]) -> Result<Losses> {
-        let Some(DenseOutput { points, strides, level, centerness }) = out.dense() else {
+        let Some(dense @ DenseOutput { level, centerness, .. }) = out.dense() else {
             candle_core::bail!(
                 "the dense criterion needs a dense head's output (model.detector.type = \"dense\")"
             )
@@ -242,16 +244,19 @@ impl Criterion for DenseCriterion {
         let (mut src, mut tgt) = (Vec::new(), Vec::new());
         let mut ctr_idx: Vec<u32> = Vec::new();
         let mut ctr_target: Vec<f32> = Vec::new();
+        // Everything the assignment reads is on the host already (host copies): no wait for
+        // the device here on a GPU.
+        let (points, strides) = (pairs(&dense.host_points()?)?, pairs(&dense.host_strides()?)?);
         for (i, target) in targets.iter().enumerate() {
-            let (pts, st) = (pairs(&points.get(i)?)?, pairs(&strides.get(i)?)?);
+            let (pts, st) = (&points[i], &strides[i]);
             let gt: Vec<[f32; 4]> = target
-                .boxes
+                .host_boxes()?
                 .to_dtype(DType::F32)?
                 .to_vec2::<f32>()?
                 .into_iter()
                 .map(|v| [v[0], v[1], v[2], v[3]])
                 .collect();
-            let loc = Locations { points: &pts, strides: &st, level };
+            let loc = Locations { points: pts, strides: st, level };
             let assigned = self.assign(&loc, &gt);
             let mut m = Match::default();
             for (qi, a) in assigned.iter().enumerate() {
@@ -261,7 +266,7 @@ impl Criterion for DenseCriterion {
                 }
             }
             if !m.query.is_empty() {
-                let Some(pm) = &target.positive_map else {
+                let Some(pm) = target.host_positive_map()? else {
                     candle_core::bail!("the dense criterion needs target positive maps")
                 };
                 let pm: Vec<Vec<f32>> = pm.to_dtype(DType::F32)?.to_vec2()?;

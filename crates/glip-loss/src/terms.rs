@@ -55,5 +55,6 @@ pub fn weighted_cross_entropy(logits: &Tensor, target: &Tensor, weight: &Tensor)
     let picked = lp.gather(&target.unsqueeze(D::Minus1)?, D::Minus1)?.squeeze(D::Minus1)?;
     let w = weight.index_select(&target.flatten_all()?, 0)?.reshape(target.dims())?;
     let num = (picked * &w)?.sum_all()?.neg()?;
-    num / w.sum_all()?.to_scalar::<f32>()? as f64
+    // Divided on the device: no wait for it to read the weight sum.
+    num.div(&w.sum_all()?)
 }

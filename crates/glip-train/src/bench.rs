@@ -146,11 +146,13 @@ fn inputs(spec: &BenchSpec, dev: &Device) -> Result<(ImageBatch, TextBatch, Vec<
         vec![vec![(0, 0); t]; b],
         vec![String::new(); b],
     )?;
+    // Made on the host and moved, as the collate does: the criterion reads the labels there.
+    let host = &Device::Cpu;
     let boxes =
-        Tensor::new(&[[0.3f32, 0.4, 0.2, 0.2], [0.6, 0.6, 0.3, 0.4], [0.5, 0.2, 0.1, 0.1]], dev)?;
-    let labels = Tensor::new(&[1u32, 5, 7], dev)?;
+        Tensor::new(&[[0.3f32, 0.4, 0.2, 0.2], [0.6, 0.6, 0.3, 0.4], [0.5, 0.2, 0.1, 0.1]], host)?;
+    let labels = Tensor::new(&[1u32, 5, 7], host)?;
     let targets = (0..b)
-        .map(|_| Target::new(boxes.clone(), Some(labels.clone()), None))
+        .map(|_| Target::new(boxes.clone(), Some(labels.clone()), None)?.to_device(dev))
         .collect::<Result<Vec<_>>>()?;
     Ok((images, text, targets))
 }

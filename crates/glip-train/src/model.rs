@@ -135,13 +135,17 @@ impl GlipModel {
             }
         }
         let b = images.len();
+        let dev = images.pixels.device();
+        // The masks, the positional encodings and the image sizes come from the mask's host
+        // copy (kept by the collate): on a GPU nothing here waits for the device.
+        let host_mask = images.host_mask()?;
         let (mut srcs, mut masks, mut poss) = (Vec::new(), Vec::new(), Vec::new());
         for (k, f) in maps.iter().enumerate() {
             let (_, d, h, w) = f.dims4()?;
             srcs.push(f.flatten_from(2)?.transpose(1, 2)?); // (b, h w, d)
-            let fmask = downsample_mask(&images.mask, h, w)?;
+            let fmask = downsample_mask(&host_mask, h, w)?;
             let mut pos = if self.position_encoding {
-                Some(sine_position_encoding(&fmask, d, 10000.0)?)
+                Some(sine_position_encoding(&fmask, d, 10000.0, dev)?)
             } else {
                 None
             };
@@ -157,7 +161,7 @@ impl GlipModel {
         }
         let src = Tensor::cat(&srcs, 1)?.contiguous()?; // (b, s, d)
         let fmask = Tensor::cat(&masks, 1)?;
-        let mask = if any_padding(&fmask)? { Some(fmask) } else { None };
+        let mask = if any_padding(&fmask)? { Some(fmask.to_device(dev)?) } else { None };
         let pos = match poss.iter().all(Option::is_some) && !poss.is_empty() {
             true => Some(Tensor::cat(&poss.into_iter().flatten().collect::<Vec<_>>(), 1)?),
             false => None,
@@ -175,7 +179,7 @@ impl GlipModel {
         trace("fusion: memory", memory.dims());
         trace("fusion: text tokens", tokens.dims());
         let tf = TextFeatures::new(tokens, tf.pooled, tf.mask)?;
-        let sizes = image_sizes(&images.mask)?;
+        let sizes = image_sizes(&host_mask)?;
         self.detector.forward(
             &Encoded {
                 memory: &memory,

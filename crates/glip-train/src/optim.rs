@@ -236,11 +236,25 @@ impl AdamW {
     /// One update from `grads`: clip the global norm, then AdamW with the scheduled rates, then
     /// the EMA. Parameters without a gradient are left as they are.
     pub fn step(&mut self, grads: &GradStore) -> Result<StepStats> {
-        self.step += 1;
-        let t = self.step;
+        let norm_sq = self.grad_norm_sq(grads)?.to_scalar::<f64>()?;
+        self.step_with_norm(grads, norm_sq.sqrt())
+    }
+
+    /// The squared global norm of the gradients of the parameters, a scalar f64 tensor on
+    /// their device: nothing is read back, so a trainer can read it with the loss in one copy
+    /// (one wait for a GPU per step) and pass its root to [`AdamW::step_with_norm`].
+    pub fn grad_norm_sq(&self, grads: &GradStore) -> Result<Tensor> {
         let present: Vec<&Tensor> =
             self.params.iter().filter_map(|p| grads.get(p.var.as_tensor())).collect();
-        let grad_norm = glip_kernels::optim::sum_squares_all(&present)?.sqrt();
+        let device = self.params.first().map_or(Device::Cpu, |p| p.var.device().clone());
+        glip_kernels::optim::sum_squares_all_on(&present, &device)
+    }
+
+    /// [`AdamW::step`] with the global gradient norm already known (the root of
+    /// [`AdamW::grad_norm_sq`] of the same gradients).
+    pub fn step_with_norm(&mut self, grads: &GradStore, grad_norm: f64) -> Result<StepStats> {
+        self.step += 1;
+        let t = self.step;
         let clip = if self.cfg.clip_norm > 0.0 && grad_norm > self.cfg.clip_norm {
             self.cfg.clip_norm / (grad_norm + 1e-6)
         } else {

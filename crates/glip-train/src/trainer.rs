@@ -40,6 +40,10 @@ pub enum TrainError {
     /// A loss term is NaN or infinite; the last good checkpoint is kept.
     #[error("step {step}: loss term {term} is {value}; stopped (the last good checkpoint is kept in {dir})")]
     NonFinite { step: u64, term: String, value: f32, dir: PathBuf },
+    /// The losses are finite but the global gradient norm is not; nothing was applied, the
+    /// last good checkpoint is kept.
+    #[error("step {step}: the gradient norm is {value} (the losses are finite); stopped before the update (the last good checkpoint is kept in {dir})")]
+    NonFiniteGradient { step: u64, value: f64, dir: PathBuf },
     /// A data error.
     #[error(transparent)]
     Data(#[from] glip_data::DataError),
@@ -256,18 +260,28 @@ impl<'a> Trainer<'a> {
                 self.model.forward(&batch.images, &batch.text, true)
             })?;
             let losses = self.criterion.forward(&out, &batch.targets)?;
-            let mut values = HashMap::new();
+            let mut grads = losses.total.backward()?;
+            if let Some(f) = self.on_grads.as_mut() {
+                f(&mut grads)?;
+            }
+            // Every term's value and the gradient norm in one copy from the device, once the
+            // whole backward is queued: one wait for a GPU per step. Nothing non-finite is
+            // applied: the update waits for the check.
             let named: Vec<(&String, &Tensor)> = losses
                 .terms
                 .iter()
                 .map(|(n, t)| (n, t))
                 .chain(std::iter::once((&total_name, &losses.total)))
                 .collect();
-            // Every term's value in one copy from the device (one synchronisation a step).
-            let scalars =
-                named.iter().map(|(_, t)| t.to_dtype(DType::F32)).collect::<Result<Vec<_>, _>>()?;
-            let read: Vec<f32> = Tensor::stack(&scalars, 0)?.to_vec1()?;
+            let mut scalars =
+                named.iter().map(|(_, t)| t.to_dtype(DType::F64)).collect::<Result<Vec<_>, _>>()?;
+            scalars.push(self.optimizer.grad_norm_sq(&grads)?);
+            let mut read: Vec<f64> = Tensor::stack(&scalars, 0)?.to_vec1()?;
+            let grad_norm = read.pop().unwrap_or(0.0).sqrt();
+            let mut values = HashMap::new();
             for ((name, _), v) in named.into_iter().zip(read) {
+                // The terms are f32 (or bf16) on the device: exact in f64 and back.
+                let v = v as f32;
                 if !v.is_finite() {
                     return Err(TrainError::NonFinite {
                         step: s + 1,
@@ -278,11 +292,14 @@ impl<'a> Trainer<'a> {
                 }
                 values.insert(name.clone(), v);
             }
-            let mut grads = losses.total.backward()?;
-            if let Some(f) = self.on_grads.as_mut() {
-                f(&mut grads)?;
+            if !grad_norm.is_finite() {
+                return Err(TrainError::NonFiniteGradient {
+                    step: s + 1,
+                    value: grad_norm,
+                    dir: self.dir.clone(),
+                });
             }
-            let stats = self.optimizer.step(&grads)?;
+            let stats = self.optimizer.step_with_norm(&grads, grad_norm)?;
             self.step += 1;
             window.1 += batch.image_ids.len();
             if let Some(f) = self.on_step.as_mut() {

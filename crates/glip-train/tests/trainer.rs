@@ -15,8 +15,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 fn model_config() -> ModelConfig {
+    toml::from_str(&model_toml()).unwrap()
+}
+
+fn model_toml() -> String {
     let tok = glip_testing::fixture("bert-tiny/tokenizer.json");
-    toml::from_str(&format!(
+    format!(
         r#"
 num_queries = 5
 position_encoding = true
@@ -41,8 +45,7 @@ dropout = 0.1
 type = "token"
 "#,
         tok.display()
-    ))
-    .unwrap()
+    )
 }
 
 fn loader() -> Loader {
@@ -141,6 +144,42 @@ fn resume_continues_with_the_same_losses() -> Result<()> {
     Ok(())
 }
 
+/// A batch collated for the test device keeps host copies equal to its device tensors (what
+/// the model and the dense criterion read instead of waiting for a GPU), and the dense head's
+/// locations come with theirs.
+#[test]
+fn collated_batches_and_dense_outputs_carry_equal_host_copies() -> Result<()> {
+    let cpu = Device::Cpu;
+    let back = |t: &candle_core::Tensor| t.to_device(&cpu)?.to_dtype(candle_core::DType::F32);
+    let same = |what: &str, host: &candle_core::Tensor, dev: &candle_core::Tensor| -> Result<()> {
+        assert!(host.device().is_cpu(), "{what}: the host copy is not on the CPU");
+        let (h, d) = (
+            back(host)?.flatten_all()?.to_vec1::<f32>()?,
+            back(dev)?.flatten_all()?.to_vec1::<f32>()?,
+        );
+        assert_eq!(h, d, "{what}: host copy and device tensor differ");
+        Ok(())
+    };
+    let batch = loader().step_batch(0).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    same("mask", &batch.images.host_mask()?, &batch.images.mask)?;
+    for t in &batch.targets {
+        same("boxes", &t.host_boxes()?, &t.boxes)?;
+        let (hp, p) =
+            (t.host_positive_map()?.expect("a host map"), t.positive_map.as_ref().expect("a map"));
+        same("positive map", &hp, p)?;
+    }
+    let cfg: ModelConfig =
+        toml::from_str(&format!("{}\n[detector]\ntype = \"dense\"\n", model_toml())).unwrap();
+    let dev = glip_testing::device();
+    let vm = candle_nn::VarMap::new();
+    let model = Registry::new().build_trainable(&cfg, &vm, 0, &dev)?;
+    let out = model.forward(&batch.images, &batch.text, false)?;
+    let dense = out.dense().expect("a dense output");
+    same("points", &dense.host_points()?, &dense.points)?;
+    same("strides", &dense.host_strides()?, &dense.strides)?;
+    Ok(())
+}
+
 /// A criterion that turns NaN at its third call.
 struct NanAtThird(SetCriterion, std::sync::atomic::AtomicUsize);
 
@@ -163,6 +202,38 @@ fn a_non_finite_loss_stops_naming_step_and_term_and_keeps_the_checkpoint() {
     let d = tmp("nan");
     let err = run(&d, 5, false, &crit).unwrap_err().to_string();
     assert!(err.starts_with("step 3: loss term loss_bbox is NaN"), "{err}");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("checkpoint.json")).unwrap()).unwrap();
+    assert_eq!(meta["step"], 2, "the step-2 checkpoint is the last good one");
+    std::fs::remove_dir_all(&d).ok();
+}
+
+/// A criterion whose gradient turns NaN at its third call while every loss stays finite: a
+/// term `sqrt(s - s)` of `s = sum(boxes)` is 0, its gradient reaches `s` as `inf - inf`, NaN
+/// (`s - s`, not `0 * s`: candle drops an affine map by 0 from the backward graph).
+struct NanGradientAtThird(SetCriterion, std::sync::atomic::AtomicUsize);
+
+impl Criterion for NanGradientAtThird {
+    fn forward(&self, out: &ModelOutput, targets: &[Target]) -> Result<Losses> {
+        let mut l = self.0.forward(out, targets)?;
+        if self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 2 {
+            let s = out.pred.pred_boxes.sum_all()?;
+            let z = s.sub(&s)?.sqrt()?;
+            l.total = (&l.total + &z)?;
+        }
+        Ok(l)
+    }
+}
+
+#[test]
+fn a_non_finite_gradient_stops_before_the_update_and_keeps_the_checkpoint() {
+    let crit = NanGradientAtThird(
+        SetCriterion::new(LossConfig::default(), Box::new(HungarianMatcher)),
+        Default::default(),
+    );
+    let d = tmp("nan-grad");
+    let err = run(&d, 5, false, &crit).unwrap_err().to_string();
+    assert!(err.starts_with("step 3: the gradient norm is NaN"), "{err}");
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(d.join("checkpoint.json")).unwrap()).unwrap();
     assert_eq!(meta["step"], 2, "the step-2 checkpoint is the last good one");

@@ -1,6 +1,6 @@
 //! DETR's 2-D sine positional encoding (`PositionEmbeddingSine`, normalised, scale 2*pi).
 
-use candle_core::{DeviceLocation, Result, Tensor};
+use candle_core::{Device, DeviceLocation, Result, Tensor};
 use std::cell::RefCell;
 
 /// What an encoding was computed from.
@@ -24,10 +24,17 @@ thread_local! {
 /// `(b, h * w, d)` with `d/2` channels for y then `d/2` for x, each interleaving sin and cos,
 /// cumulative positions normalised to `(0, 2*pi]` over the valid area.
 ///
-/// Computed on the host (in f64) and copied to the mask's device, so the last few are kept
-/// (per thread, keyed by the mask's contents, sizes, temperature and device): on a GPU the
-/// computation would otherwise run every step while the device waits.
-pub fn sine_position_encoding(mask: &Tensor, d: usize, temperature: f64) -> Result<Tensor> {
+/// Computed on the host (in f64) and copied to `device`, so the last few are kept (per
+/// thread, keyed by the mask's contents, sizes, temperature and device): on a GPU the
+/// computation would otherwise run every step while the device waits. Pass the mask on the
+/// CPU (e.g. [`glip_core::ImageBatch::host_mask`] downsampled): a mask on a GPU is read back,
+/// which waits for the device.
+pub fn sine_position_encoding(
+    mask: &Tensor,
+    d: usize,
+    temperature: f64,
+    device: &Device,
+) -> Result<Tensor> {
     if !d.is_multiple_of(4) {
         candle_core::bail!("sine positional encoding: width {d} is not a multiple of 4");
     }
@@ -37,7 +44,7 @@ pub fn sine_position_encoding(mask: &Tensor, d: usize, temperature: f64) -> Resu
         mask: m,
         dims: (b, h, w, d),
         temperature: temperature.to_bits(),
-        device: mask.device().location(),
+        device: device.location(),
     };
     let hit = KEEP.with(|k| {
         let mut k = k.borrow_mut();
@@ -50,7 +57,7 @@ pub fn sine_position_encoding(mask: &Tensor, d: usize, temperature: f64) -> Resu
     if let Some(t) = hit {
         return Ok(t);
     }
-    let t = compute_sine(&key.mask, (b, h, w), d, temperature, mask.device())?;
+    let t = compute_sine(&key.mask, (b, h, w), d, temperature, device)?;
     KEEP.with(|k| {
         let mut k = k.borrow_mut();
         k.insert(0, (key, t.clone()));
@@ -139,14 +146,14 @@ mod tests {
     #[test]
     fn encodings_are_kept_per_mask_and_equal_a_fresh_computation() -> Result<()> {
         let (a, b) = (mask(2, 4, 6, 6), mask(2, 4, 6, 4));
-        let first = sine_position_encoding(&a, 8, 10000.0)?;
-        let again = sine_position_encoding(&a, 8, 10000.0)?;
+        let first = sine_position_encoding(&a, 8, 10000.0, &Device::Cpu)?;
+        let again = sine_position_encoding(&a, 8, 10000.0, &Device::Cpu)?;
         assert_eq!(first.id(), again.id(), "the same mask was computed again");
-        let other = sine_position_encoding(&b, 8, 10000.0)?;
+        let other = sine_position_encoding(&b, 8, 10000.0, &Device::Cpu)?;
         assert_ne!(values(&other), values(&first), "another mask, the same encoding");
-        let wider = sine_position_encoding(&a, 12, 10000.0)?;
+        let wider = sine_position_encoding(&a, 12, 10000.0, &Device::Cpu)?;
         assert_eq!(wider.dims(), &[2, 24, 12]);
-        let warmer = sine_position_encoding(&a, 8, 20.0)?;
+        let warmer = sine_position_encoding(&a, 8, 20.0, &Device::Cpu)?;
         assert_ne!(values(&warmer), values(&first));
         let fresh = compute_sine(
             &values(&a.to_dtype(DType::F32)?).iter().map(|&v| v as u8).collect::<Vec<_>>(),
@@ -158,9 +165,9 @@ mod tests {
         assert_eq!(values(&fresh), values(&first));
         // Four other keys later the first is no longer kept.
         for d in [16, 20, 24, 28] {
-            sine_position_encoding(&a, d, 10000.0)?;
+            sine_position_encoding(&a, d, 10000.0, &Device::Cpu)?;
         }
-        assert_ne!(sine_position_encoding(&a, 8, 10000.0)?.id(), first.id());
+        assert_ne!(sine_position_encoding(&a, 8, 10000.0, &Device::Cpu)?.id(), first.id());
         Ok(())
     }
 }

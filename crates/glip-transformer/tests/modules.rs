@@ -105,7 +105,8 @@ fn dropout_acts_in_training_only() -> Result<()> {
 fn sine_encoding_follows_detr() -> Result<()> {
     // One 2x3 unpadded map, d = 8: y_embed = row + 1 normalised by 2, x by 3, times 2*pi.
     let m = Tensor::ones((1, 2, 3), DType::U8, &Device::Cpu)?;
-    let pos: Vec<Vec<f32>> = sine_position_encoding(&m, 8, 10000.0)?.squeeze(0)?.to_vec2()?;
+    let pos: Vec<Vec<f32>> =
+        sine_position_encoding(&m, 8, 10000.0, &Device::Cpu)?.squeeze(0)?.to_vec2()?;
     let two_pi = 2.0 * std::f64::consts::PI;
     for (k, row) in pos.iter().enumerate() {
         let (i, j) = (k / 3, k % 3);
