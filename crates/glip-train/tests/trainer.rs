@@ -180,64 +180,61 @@ fn collated_batches_and_dense_outputs_carry_equal_host_copies() -> Result<()> {
     Ok(())
 }
 
+/// What [`NanAtThird`] makes NaN at its third call.
+#[derive(Clone, Copy)]
+enum Fault {
+    /// The `loss_bbox` term.
+    Loss,
+    /// The gradient, every loss staying finite: a term `sqrt(s - s)` of `s = sum(boxes)` is 0,
+    /// its gradient reaches `s` as `inf - inf`, NaN (`s - s`, not `0 * s`: candle drops an
+    /// affine map by 0 from the backward graph).
+    Gradient,
+}
+
 /// A criterion that turns NaN at its third call.
-struct NanAtThird(SetCriterion, std::sync::atomic::AtomicUsize);
+struct NanAtThird(SetCriterion, std::sync::atomic::AtomicUsize, Fault);
 
 impl Criterion for NanAtThird {
     fn forward(&self, out: &ModelOutput, targets: &[Target]) -> Result<Losses> {
         let mut l = self.0.forward(out, targets)?;
         if self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 2 {
-            l.terms[1].1 = (&l.terms[1].1 * f64::NAN)?;
+            match self.2 {
+                Fault::Loss => l.terms[1].1 = (&l.terms[1].1 * f64::NAN)?,
+                Fault::Gradient => {
+                    let s = out.pred.pred_boxes.sum_all()?;
+                    l.total = (&l.total + s.sub(&s)?.sqrt()?)?;
+                }
+            }
         }
         Ok(l)
     }
+}
+
+/// A run whose third step goes NaN stops with an error starting `expected`, keeping the step-2
+/// checkpoint.
+fn stops_at_the_third_step(fault: Fault, tag: &str, expected: &str) {
+    let crit = NanAtThird(
+        SetCriterion::new(LossConfig::default(), Box::new(HungarianMatcher)),
+        Default::default(),
+        fault,
+    );
+    let d = tmp(tag);
+    let err = run(&d, 5, false, &crit).unwrap_err().to_string();
+    assert!(err.starts_with(expected), "{err}");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("checkpoint.json")).unwrap()).unwrap();
+    assert_eq!(meta["step"], 2, "the step-2 checkpoint is the last good one");
+    std::fs::remove_dir_all(&d).ok();
 }
 
 #[test]
 fn a_non_finite_loss_stops_naming_step_and_term_and_keeps_the_checkpoint() {
-    let crit = NanAtThird(
-        SetCriterion::new(LossConfig::default(), Box::new(HungarianMatcher)),
-        Default::default(),
-    );
-    let d = tmp("nan");
-    let err = run(&d, 5, false, &crit).unwrap_err().to_string();
-    assert!(err.starts_with("step 3: loss term loss_bbox is NaN"), "{err}");
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(d.join("checkpoint.json")).unwrap()).unwrap();
-    assert_eq!(meta["step"], 2, "the step-2 checkpoint is the last good one");
-    std::fs::remove_dir_all(&d).ok();
-}
-
-/// A criterion whose gradient turns NaN at its third call while every loss stays finite: a
-/// term `sqrt(s - s)` of `s = sum(boxes)` is 0, its gradient reaches `s` as `inf - inf`, NaN
-/// (`s - s`, not `0 * s`: candle drops an affine map by 0 from the backward graph).
-struct NanGradientAtThird(SetCriterion, std::sync::atomic::AtomicUsize);
-
-impl Criterion for NanGradientAtThird {
-    fn forward(&self, out: &ModelOutput, targets: &[Target]) -> Result<Losses> {
-        let mut l = self.0.forward(out, targets)?;
-        if self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 2 {
-            let s = out.pred.pred_boxes.sum_all()?;
-            let z = s.sub(&s)?.sqrt()?;
-            l.total = (&l.total + &z)?;
-        }
-        Ok(l)
-    }
+    stops_at_the_third_step(Fault::Loss, "nan", "step 3: loss term loss_bbox is NaN");
 }
 
 #[test]
 fn a_non_finite_gradient_stops_before_the_update_and_keeps_the_checkpoint() {
-    let crit = NanGradientAtThird(
-        SetCriterion::new(LossConfig::default(), Box::new(HungarianMatcher)),
-        Default::default(),
-    );
-    let d = tmp("nan-grad");
-    let err = run(&d, 5, false, &crit).unwrap_err().to_string();
-    assert!(err.starts_with("step 3: the gradient norm is NaN"), "{err}");
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(d.join("checkpoint.json")).unwrap()).unwrap();
-    assert_eq!(meta["step"], 2, "the step-2 checkpoint is the last good one");
-    std::fs::remove_dir_all(&d).ok();
+    stops_at_the_third_step(Fault::Gradient, "nan-grad", "step 3: the gradient norm is NaN");
 }
 
 #[test]
