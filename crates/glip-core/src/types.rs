@@ -35,6 +35,18 @@ impl HostCopy {
         Ok((moved, copy))
     }
 
+    /// [`HostCopy::moved`] for an optional tensor (none stays none).
+    fn moved_optional(
+        t: Option<&Tensor>,
+        copy: Option<&Self>,
+        device: &Device,
+    ) -> Result<(Option<Tensor>, Option<Self>)> {
+        match t {
+            Some(t) => Self::moved(t, copy, device).map(|(t, c)| (Some(t), c)),
+            None => Ok((None, None)),
+        }
+    }
+
     /// The host values of `t`: the copy when it mirrors `t`, else `t` read from its device.
     fn read(t: &Tensor, copy: Option<&Self>) -> Result<Tensor> {
         match copy.filter(|c| c.of == t.id()) {
@@ -191,20 +203,9 @@ impl Target {
     pub fn to_device(&self, device: &Device) -> Result<Self> {
         let [hb, hl, hp] = &self.host;
         let (boxes, hb) = HostCopy::moved(&self.boxes, hb.as_ref(), device)?;
-        let (labels, hl) = match &self.labels {
-            Some(l) => {
-                let (l, h) = HostCopy::moved(l, hl.as_ref(), device)?;
-                (Some(l), h)
-            }
-            None => (None, None),
-        };
-        let (positive_map, hp) = match &self.positive_map {
-            Some(p) => {
-                let (p, h) = HostCopy::moved(p, hp.as_ref(), device)?;
-                (Some(p), h)
-            }
-            None => (None, None),
-        };
+        let (labels, hl) = HostCopy::moved_optional(self.labels.as_ref(), hl.as_ref(), device)?;
+        let (positive_map, hp) =
+            HostCopy::moved_optional(self.positive_map.as_ref(), hp.as_ref(), device)?;
         Ok(Self { boxes, labels, positive_map, host: [hb, hl, hp] })
     }
 
