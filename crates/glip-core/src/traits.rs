@@ -180,11 +180,11 @@ pub trait Detector: Send + Sync {
     fn default_nms(&self) -> Option<f32> {
         None
     }
-    /// `(q, c)` detection scores of image `b` from per-category scores computed on its logits
-    /// (`per_category`, e.g. the token scores of a prompt). The default keeps them; a dense
-    /// head with centerness gives FCOS's `sqrt(score * sigmoid(centerness))`.
-    fn score(&self, out: &ModelOutput, b: usize, per_category: Tensor) -> Result<Tensor> {
-        let _ = (out, b);
+    /// `(b, q, c)` detection scores of the batch from per-category scores computed on its
+    /// logits (`per_category`, e.g. the token scores of a prompt), on the device. The default
+    /// keeps them; a dense head with centerness gives FCOS's `sqrt(score * sigmoid(centerness))`.
+    fn score(&self, out: &ModelOutput, per_category: Tensor) -> Result<Tensor> {
+        let _ = out;
         Ok(per_category)
     }
     /// Whether it runs the transformer's decoder (a dense head and query selection do not: the

@@ -199,10 +199,10 @@ impl Detector for DenseHead {
     }
 
     /// With centerness, FCOS's `sqrt(score * sigmoid(centerness))`.
-    fn score(&self, out: &ModelOutput, b: usize, per_category: Tensor) -> Result<Tensor> {
+    fn score(&self, out: &ModelOutput, per_category: Tensor) -> Result<Tensor> {
         match out.dense().and_then(|d| d.centerness.as_ref()) {
             Some(ctr) => {
-                let c = candle_nn::ops::sigmoid(&ctr.get(b)?)?.unsqueeze(1)?;
+                let c = candle_nn::ops::sigmoid(ctr)?.unsqueeze(2)?; // (b, q, 1)
                 per_category.broadcast_mul(&c)?.sqrt()
             }
             None => Ok(per_category),

@@ -12,7 +12,7 @@ use crate::{Error, GlipModel};
 use candle_core::{DType, Device, Tensor};
 use glip_core::LogitsKind;
 use glip_data::Sample;
-use glip_heads::postprocess::{class_scores, detections, token_scores, PostProcessConfig};
+use glip_heads::postprocess::{batch_detections, class_scores, token_scores, PostProcessConfig};
 use glip_text::{chunked_detection_prompts, Tokenizer};
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
@@ -404,16 +404,17 @@ impl<'a> Predictor<'a> {
                 }
                 LogitsKind::Classes(_) => None,
             };
-            for (b, orig) in images.iter().enumerate() {
-                let logits = out.pred.pred_logits.get(b)?;
-                let scores = match &pm {
-                    Some(pm) => token_scores(&logits, pm, post.token_reduce)?,
-                    None => class_scores(&logits)?,
-                };
-                let scores = self.model.detector.score(&out, b, scores)?;
-                let boxes = out.pred.pred_boxes.get(b)?;
-                let (w, h) = orig.dimensions();
-                for d in detections(&scores, &boxes, w as f32, h as f32, post)? {
+            let logits = &out.pred.pred_logits;
+            let scores = match &pm {
+                Some(pm) => token_scores(logits, pm, post.token_reduce)?,
+                None => class_scores(logits)?,
+            };
+            let scores = self.model.detector.score(&out, scores)?;
+            let sizes: Vec<(f32, f32)> =
+                images.iter().map(|i| (i.width() as f32, i.height() as f32)).collect();
+            let found = batch_detections(&scores, &out.pred.pred_boxes, &sizes, post)?;
+            for (b, found) in found.into_iter().enumerate() {
+                for d in found {
                     let (index, phrase) = match &pm {
                         Some(_) => {
                             let i = chunk.categories[d.category];
