@@ -234,18 +234,13 @@ pub fn select_detections(
     // GLIP's pre-NMS top-n: a dense head scores every location for every category.
     let k = if cfg.nms_iou.is_some() { PRE_NMS_TOP_N } else { cfg.top_k };
     let idx = best_indices(scores, k, |x| x >= cfg.score_threshold && x.is_finite());
-    let to_px = |bb: [f32; 4]| {
-        let [x0, y0, x1, y1] = cxcywh_to_xyxy_f32(bb);
-        [
-            (x0 * width).clamp(0.0, width),
-            (y0 * height).clamp(0.0, height),
-            (x1 * width).clamp(0.0, width),
-            (y1 * height).clamp(0.0, height),
-        ]
-    };
     let mut dets: Vec<Detection> = idx
         .iter()
-        .map(|&i| Detection { bbox: to_px(boxes[i / c]), score: scores[i], category: i % c })
+        .map(|&i| Detection {
+            bbox: to_pixels(boxes[i / c], width, height),
+            score: scores[i],
+            category: i % c,
+        })
         .collect();
     if let Some(thr) = cfg.nms_iou {
         let mut by_category: Vec<Vec<&Detection>> = vec![Vec::new(); c];
@@ -263,6 +258,17 @@ pub fn select_detections(
     }
     dets.truncate(cfg.top_k);
     Ok(dets)
+}
+
+/// A normalised cxcywh box in pixels of a `width x height` image, clamped to the image.
+pub fn to_pixels(cxcywh: [f32; 4], width: f32, height: f32) -> Xyxy {
+    let [x0, y0, x1, y1] = cxcywh_to_xyxy_f32(cxcywh);
+    [
+        (x0 * width).clamp(0.0, width),
+        (y0 * height).clamp(0.0, height),
+        (x1 * width).clamp(0.0, width),
+        (y1 * height).clamp(0.0, height),
+    ]
 }
 
 #[cfg(test)]

@@ -1,11 +1,11 @@
 //! Heads: gradients, shapes, text padding, post-processing.
 
 use candle_core::{DType, Device, Result, Tensor};
-use glip_core::boxes::{cxcywh_to_xyxy_f32, Xyxy};
+use glip_core::boxes::Xyxy;
 use glip_core::{BoxHead, ClassHead, TextFeatures};
 use glip_heads::postprocess::{
-    batch_detections, best_indices, class_scores, detections, nms, token_scores, Detection,
-    PostProcessConfig, TokenReduce, PRE_NMS_TOP_N,
+    batch_detections, best_indices, class_scores, detections, nms, to_pixels, token_scores,
+    Detection, PostProcessConfig, TokenReduce, PRE_NMS_TOP_N,
 };
 use glip_heads::{FixedClassHead, LinearBoxHead, MlpBoxHead, TokenAlignmentHead};
 use glip_testing::{assert_close, assert_every_parameter_learns, fresh_vars, probe_loss};
@@ -129,27 +129,21 @@ fn reference_detections(
     if cfg.nms_iou.is_some() {
         idx.truncate(PRE_NMS_TOP_N);
     }
-    let to_px = |bb: [f32; 4]| {
-        let [x0, y0, x1, y1] = cxcywh_to_xyxy_f32(bb);
-        [
-            (x0 * width).clamp(0.0, width),
-            (y0 * height).clamp(0.0, height),
-            (x1 * width).clamp(0.0, width),
-            (y1 * height).clamp(0.0, height),
-        ]
-    };
-    let mut dets: Vec<Detection> = idx
-        .iter()
-        .map(|&i| Detection { bbox: to_px(b[i / c]), score: s[i], category: i % c })
-        .collect();
+    let dets = idx.iter().map(|&i| Detection {
+        bbox: to_pixels(b[i / c], width, height),
+        score: s[i],
+        category: i % c,
+    });
+    let mut dets: Vec<Detection> = dets.collect();
     if let Some(thr) = cfg.nms_iou {
-        let mut kept = Vec::new();
-        for cat in 0..c {
-            let of: Vec<&Detection> = dets.iter().filter(|d| d.category == cat).collect();
-            let bx: Vec<Xyxy> = of.iter().map(|d| d.bbox).collect();
-            let sc: Vec<f32> = of.iter().map(|d| d.score).collect();
-            kept.extend(nms(&bx, &sc, thr).into_iter().map(|k| of[k].clone()));
-        }
+        let mut kept: Vec<Detection> = (0..c)
+            .flat_map(|cat| {
+                let of: Vec<&Detection> = dets.iter().filter(|d| d.category == cat).collect();
+                let boxes: Vec<Xyxy> = of.iter().map(|d| d.bbox).collect();
+                let scores: Vec<f32> = of.iter().map(|d| d.score).collect();
+                nms(&boxes, &scores, thr).into_iter().map(move |k| of[k].clone())
+            })
+            .collect();
         kept.sort_by(|x, y| y.score.total_cmp(&x.score));
         dets = kept;
     }
