@@ -194,18 +194,6 @@ impl QuerySelection {
         })
     }
 
-    /// Each image's `k` best-aligned real tokens, best first: `scores (b, s)`.
-    fn top_k(scores: &Tensor, k: usize) -> Result<Tensor> {
-        let rows: Vec<Vec<f32>> = scores.to_vec2()?;
-        let mut idx = Vec::with_capacity(rows.len() * k);
-        for r in &rows {
-            let mut order: Vec<u32> = (0..r.len() as u32).collect();
-            order.sort_by(|&a, &b| r[b as usize].total_cmp(&r[a as usize]).then(a.cmp(&b)));
-            idx.extend_from_slice(&order[..k]);
-        }
-        Tensor::from_vec(idx, (rows.len(), k), scores.device())
-    }
-
     fn query_pos(&self, reference: &Tensor) -> Result<Tensor> {
         let e = box_sine_embedding(reference, self.d)?;
         self.ref_point_head[1].forward(&self.ref_point_head[0].forward(&e)?.relu()?)
@@ -237,7 +225,8 @@ impl Detector for QuerySelection {
         if let Some(m) = x.memory_mask {
             score = (score + neg(m)?)?;
         }
-        let idx = Self::top_k(&score, k)?;
+        // Each image's `k` best-aligned real tokens, best first, found on the device.
+        let idx = glip_kernels::topk::top_k_indices(&score, k)?;
         trace("query selection: selected tokens", idx.dims());
         // Anchors: the token's point with a square of `anchor_scale` strides.
         let (points, strides, _) =

@@ -197,19 +197,10 @@ fn box_rows(v: &[f32], q: usize) -> Result<Vec<[f32; 4]>> {
 
 /// The `k` indices of `s` that pass `keep`, best first: by score descending, the lower index
 /// first among equal scores, which is what a stable sort of all of them truncated to `k`
-/// gives; in `O(n + k log k)` (a selection, then a sort of the `k`) instead of `O(n log n)`.
+/// gives; in `O(n + k log k)` ([`glip_kernels::topk::best_k`]) instead of `O(n log n)`.
 pub fn best_indices(s: &[f32], k: usize, keep: impl Fn(f32) -> bool) -> Vec<usize> {
-    if k == 0 {
-        return Vec::new();
-    }
-    let mut idx: Vec<usize> = (0..s.len()).filter(|&i| keep(s[i])).collect();
-    let order = |x: &usize, y: &usize| s[*y].total_cmp(&s[*x]).then(x.cmp(y));
-    if idx.len() > k {
-        idx.select_nth_unstable_by(k - 1, order);
-        idx.truncate(k);
-    }
-    idx.sort_unstable_by(order);
-    idx
+    let idx: Vec<usize> = (0..s.len()).filter(|&i| keep(s[i])).collect();
+    glip_kernels::topk::best_k(idx, k, |i| s[i])
 }
 
 /// Detections of one image from its scores, `scores[i * c + j]` for query `i` and category

@@ -61,6 +61,10 @@ pub(crate) static POOL: Module =
 pub(crate) static DROPOUT: Module =
     Module::new("glip_dropout", "glip's dropout kernel", crate::cuda_source::DROPOUT);
 
+/// Each row's best `k` ([`crate::cuda_layers::top_k`]).
+pub(crate) static TOP_K: Module =
+    Module::new("glip_top_k", "glip's top-k kernel", crate::cuda_source::TOP_K);
+
 /// At most this many blocks in a grid-stride launch (the loops stride over the rest).
 const MAX_BLOCKS: usize = 4096;
 /// At most this many blocks of rows or channels (grid-stride over the rest).

@@ -18,7 +18,7 @@
               the kernel reads and writes"
 )]
 
-use crate::cuda_launch::{elementwise, output, per_row, view, DROPOUT, NORM, POOL};
+use crate::cuda_launch::{elementwise, output, per_row, view, DROPOUT, NORM, POOL, TOP_K};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{LaunchArgs, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::CudaStorage;
@@ -396,6 +396,32 @@ pub(crate) fn dropout_mask(
     Ok((CudaStorage::wrap_cuda_slice(mask, dev), l.shape().clone()))
 }
 
+/// Each row's `k` best indices, best first, `(rows, s)` f32 -> `(rows, k)` u32
+/// ([`crate::cuda_source::TOP_K`]; `0 < k <= s`).
+pub(crate) fn top_k(s: &CudaStorage, l: &Layout, k: usize) -> Result<(CudaStorage, Shape)> {
+    let x = view(s, l, "top-k")?;
+    let (rows, len) = l.shape().dims2()?;
+    if k == 0 || k > len || rows > MAX_GRID_Y {
+        candle_core::bail!("top-k: {k} of rows of {len}, {rows} rows (at most {MAX_GRID_Y})")
+    }
+    let dev = s.device().clone();
+    // SAFETY: glip_top_k writes each row's k outputs once each (the ranks of a row's elements
+    // are 0..len, distinct, and those under k write).
+    let mut out = unsafe { dev.alloc::<u32>(rows * k) }?;
+    let (len32, k32) = (u32_of(len, "top-k")?, u32_of(k, "top-k")?);
+    let t = crate::cuda_source::THREADS;
+    let cfg = LaunchConfig {
+        grid_dim: (u32_of(len.div_ceil(t as usize), "top-k")?, rows as u32, 1),
+        block_dim: (t, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launch!(TOP_K, dev, "glip_top_k", cfg, [&x, &mut out, &len32, &k32])?;
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((rows, k))))
+}
+
+/// The most rows of a launch over `(blocks, rows)`: CUDA's limit on `gridDim.y`.
+const MAX_GRID_Y: usize = 65_535;
+
 /// Implements a candle custom op that runs only on CUDA: `cpu_fwd` is an error naming it,
 /// `cuda_fwd` is `$fwd` over the operands as `(storage, layout)` pairs (with `$me` for the op),
 /// and `bwd`, where given, is `$bwd`.
@@ -561,6 +587,13 @@ cuda_op!(CustomOp1 for DropoutMask, "glip-dropout-mask-cuda", |me, x| {
     dropout_mask(x.0, x.1, me.seed, me.p, me.scale)
 });
 
+/// Each row's best `k` indices on the device ([`crate::topk::top_k_indices`]).
+pub(crate) struct TopK {
+    pub(crate) k: usize,
+}
+
+cuda_op!(CustomOp1 for TopK, "glip-top-k-cuda", |me, x| top_k(x.0, x.1, me.k));
+
 #[cfg(test)]
 mod tests {
     /// NVRTC compiles the kernels (no GPU needed, only libnvrtc) and the PTX has every entry.
@@ -584,6 +617,7 @@ mod tests {
             assert!(ptx.contains(&format!(".entry {name}")), "{name} missing from the PTX");
         }
         assert!(super::DROPOUT.ptx().unwrap().contains(".entry glip_dropout_mask"));
+        assert!(super::TOP_K.ptx().unwrap().contains(".entry glip_top_k"));
         let ptx = super::POOL.ptx().unwrap();
         for name in ["glip_max_pool", "glip_max_pool_backward"] {
             assert!(ptx.contains(&format!(".entry {name}")), "{name} missing from the PTX");

@@ -410,6 +410,40 @@ extern "C" __global__ void glip_dropout_mask(float *mask, unsigned long long n,
 }
 "#;
 
+/// Each row's `k` best elements, best first ([`crate::topk::top_k_indices`]): the order of a
+/// stable sort by descending value under `f32::total_cmp`, ties by the lower index. Every
+/// element's rank is counted against its whole row (those with a greater key, or an equal key
+/// at a lower index), and one of rank under `k` writes its index at that rank: ranks are
+/// distinct, so the `k` outputs of a row are written once each. `O(s^2)` comparisons a row,
+/// the row read through shared memory a tile of `THREADS` at a time; grid `(s / THREADS, rows)`.
+pub(crate) const TOP_K: &str = r#"
+/// `f32::total_cmp`'s order as signed integers: the bits, the lower 31 flipped when negative.
+__device__ int glip_order_key(float v) {
+    int b = __float_as_int(v);
+    return b ^ (int)(((unsigned)(b >> 31)) >> 1);
+}
+
+extern "C" __global__ void glip_top_k(const float *x, unsigned *out, unsigned s, unsigned k) {
+    __shared__ int tile[256];
+    const float *row = x + (unsigned long long)blockIdx.y * s;
+    unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+    int key = i < s ? glip_order_key(row[i]) : 0;
+    unsigned before = 0;
+    for (unsigned t0 = 0; t0 < s; t0 += blockDim.x) {
+        unsigned j = t0 + threadIdx.x;
+        tile[threadIdx.x] = j < s ? glip_order_key(row[j]) : 0;
+        __syncthreads();
+        unsigned n = s - t0 < blockDim.x ? s - t0 : blockDim.x;
+        for (unsigned u = 0; u < n; ++u) {
+            int other = tile[u];
+            before += (other > key || (other == key && t0 + u < i)) ? 1u : 0u;
+        }
+        __syncthreads();
+    }
+    if (i < s && before < k) out[(unsigned long long)blockIdx.y * k + before] = i;
+}
+"#;
+
 /// [`DROPOUT`]'s draw of element `i`, in Rust: the tests' reference.
 #[cfg(test)]
 fn dropout_uniform(seed: u64, i: u64) -> f32 {
@@ -485,6 +519,7 @@ static std::barrier<> *glip_barrier = nullptr;
 #define __shared__ static
 #define __syncthreads() glip_barrier->arrive_and_wait()
 static inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, sizeof f); return f; }
+static inline int __float_as_int(float f) { int i; std::memcpy(&i, &f, sizeof i); return i; }
 // Runs `kernel` on a (gx, gy) grid of blocks of bx threads, one block at a time.
 template <class F> static void glip_launch(unsigned gx, unsigned gy, unsigned bx, F kernel) {
     gridDim = {gx, gy, 1};
@@ -896,6 +931,49 @@ mod emulation_pool {
             assert!(same(&out["dx"], &dx), "max pool gradient {h}x{w}: {:?} vs {dx:?}", out["dx"]);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod emulation_top_k {
+    //! The top-k kernel under the emulation against the host's selection
+    //! ([`crate::topk::best_k`], a stable sort's order), index for index: ties, both zeros,
+    //! infinities and NaNs of both signs, rows not a multiple of a block, `k` from 1 to `s`.
+
+    use super::emulation::{emulate, random};
+    use super::TOP_K;
+
+    #[test]
+    fn top_k_equals_the_host_selection() {
+        for (rows, s, k) in [(3usize, 300usize, 7usize), (2, 256, 256), (1, 5, 1), (2, 513, 100)] {
+            // A coarse grid of values, so that many tie.
+            let mut x: Vec<f32> =
+                random(rows * s, 61 + s as u64, 2.0).iter().map(|v| v.round()).collect();
+            x[1] = f32::NAN;
+            x[2] = -f32::NAN; // set again in C below: the literals drop a NaN's sign
+            x[3] = f32::INFINITY;
+            x[s / 2] = f32::NEG_INFINITY;
+            x[s - 1] = -0.0;
+            let body = format!(
+                "static unsigned idx[{n}]; static float out[{n}];
+                 x[2] = __int_as_float((int)0xffc00000u);
+                 glip_launch({gx}, {rows}, 256, [] {{ glip_top_k(x, idx, {s}, {k}); }});
+                 for (size_t i = 0; i < {n}; ++i) out[i] = (float)idx[i];
+                 glip_print(\"idx\", out, {n});",
+                n = rows * k,
+                gx = s.div_ceil(256),
+            );
+            let Some(out) = emulate(TOP_K, &[("x", x.clone())], &body) else {
+                return;
+            };
+            for r in 0..rows {
+                let row = &x[r * s..(r + 1) * s];
+                let want = crate::topk::best_k((0..s).collect(), k, |i| row[i]);
+                let got: Vec<usize> =
+                    out["idx"][r * k..(r + 1) * k].iter().map(|&v| v as usize).collect();
+                assert_eq!(got, want, "row {r} of {rows}x{s}, k {k}");
+            }
+        }
     }
 }
 

@@ -17,6 +17,7 @@
 //! - [`pool`]: the ResNet stem's 3x3 stride-2 max-pool with its backward.
 //! - [`optim`]: AdamW's moment and weight updates and the EMA in place (on CUDA one kernel each,
 //!   `cuda_optim`, private, compiled with NVRTC), gradient norms in one pass.
+//! - [`topk`]: each row's best `k`, best first (on CUDA one kernel, nothing read back).
 //! - [`nn`]: `Linear` (one op with its backward on the CPU), `LayerNorm`, seeded dropout, L2
 //!   normalisation: the layers the model crates build on.
 //!
@@ -86,3 +87,4 @@ pub mod nn;
 pub mod norm;
 pub mod optim;
 pub mod pool;
+pub mod topk;

@@ -17,8 +17,8 @@
 //!   autocast; `Linear` with its gradients in both; training batch norm, softmax and layer norm
 //!   with gradients (exact values: the same computation in f64 on the CPU, candle's own ops);
 //!   the frozen batch norm's affine map and ReLU, the stem max-pool with its gradient, dropout's
-//!   device-drawn masks, AdamW, the EMA and the gradient norm (against the CPU
-//!   kernels). Compared per element with the bounds derived at each test.
+//!   device-drawn masks, query selection's top-k, AdamW, the EMA and the gradient norm
+//!   (against the CPU kernels). Compared per element with the bounds derived at each test.
 //!
 //! These tests need `cuda:0`; they fail (not skip) without it, since a GPU check that silently
 //! ran on the CPU would prove nothing.
@@ -403,6 +403,24 @@ fn the_stem_max_pool_and_its_gradient_match_the_cpu_kernel() -> Result<()> {
     assert_within("max pool y", &y, &y_cpu.to_dtype(DType::F64)?, &zero)?;
     let bound = (dx_mag.to_dtype(DType::F64)? * gamma(4))?;
     assert_within("max pool dx", &dx, &dx_cpu.to_dtype(DType::F64)?, &bound)
+}
+
+/// Query selection's top-k on the device equals the host's, index for index (a choice, no
+/// arithmetic: ties by index, both zeros, infinities): rows of a 512-pixel C3+C4 memory (5120
+/// tokens, the kernel's tiles of 256 running 20 times), values on a coarse grid so that many
+/// tie, `k` 900 and all of them; with `GLIP_CUDA_COMPOSED` the device path is the host's.
+#[test]
+fn top_k_on_the_gpu_picks_what_the_host_picks() -> Result<()> {
+    let x = (random(&[3, 5120], 17) * 4.0)?.round()?;
+    let x =
+        x.slice_assign(&[0..1, 0..3], &Tensor::new(&[[f32::INFINITY, -0.0, 0.0]], &Device::Cpu)?)?;
+    for k in [900, 5120] {
+        let want: Vec<Vec<u32>> = glip_kernels::topk::top_k_indices(&x, k)?.to_vec2()?;
+        let got = glip_kernels::topk::top_k_indices(&x.to_device(&gpu())?, k)?;
+        assert!(got.device().is_cuda(), "the indices stay on the GPU");
+        assert_eq!(got.to_vec2::<u32>()?, want, "k {k}");
+    }
+    Ok(())
 }
 
 /// AdamW's composed update on CUDA against the CPU's in-place passes over three steps, with
