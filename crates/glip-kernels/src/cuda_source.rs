@@ -945,15 +945,17 @@ mod emulation_top_k {
 
     #[test]
     fn top_k_equals_the_host_selection() {
-        for (rows, s, k) in [(3usize, 300usize, 7usize), (2, 256, 256), (1, 5, 1), (2, 513, 100)] {
-            // A coarse grid of values, so that many tie.
+        let cases =
+            [(3usize, 300usize, 7usize), (2, 256, 256), (1, 5, 5), (1, 6, 1), (2, 513, 100)];
+        for (rows, s, k) in cases {
+            // A coarse grid of values, so that many tie (zeros among them), and the specials.
             let mut x: Vec<f32> =
                 random(rows * s, 61 + s as u64, 2.0).iter().map(|v| v.round()).collect();
+            x[0] = -0.0;
             x[1] = f32::NAN;
             x[2] = -f32::NAN; // set again in C below: the literals drop a NaN's sign
             x[3] = f32::INFINITY;
-            x[s / 2] = f32::NEG_INFINITY;
-            x[s - 1] = -0.0;
+            x[4] = f32::NEG_INFINITY;
             let body = format!(
                 "static unsigned idx[{n}]; static float out[{n}];
                  x[2] = __int_as_float((int)0xffc00000u);
