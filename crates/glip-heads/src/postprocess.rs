@@ -149,16 +149,16 @@ pub fn detections(
     height: f32,
     cfg: &PostProcessConfig,
 ) -> Result<Vec<Detection>> {
-    let (q, c) = scores.dims2()?;
-    let s: Vec<f32> = scores.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let b = box_rows(&boxes.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?, q)?;
-    select_detections(&s, c, &b, width, height, cfg)
+    scores.dims2()?; // one image: (q, c)
+    let one =
+        batch_detections(&scores.unsqueeze(0)?, &boxes.unsqueeze(0)?, &[(width, height)], cfg)?;
+    Ok(one.into_iter().next().unwrap_or_default())
 }
 
 /// Detections of every image of a batch from `scores (b, q, c)` and `boxes (b, q, 4)`
 /// normalised cxcywh, image `i` being `sizes[i] = (width, height)` pixels, read from the
-/// device for the whole batch at once (its scores, then its boxes, back to back); then [`select_detections`]
-/// per image, on the scores as read.
+/// device for the whole batch at once (its scores, then its boxes, back to back); then
+/// [`select_detections`] per image, on the scores as read.
 pub fn batch_detections(
     scores: &Tensor,
     boxes: &Tensor,
@@ -182,17 +182,13 @@ pub fn batch_detections(
         .iter()
         .enumerate()
         .map(|(i, &(w, h))| {
-            let rows = box_rows(&bx[i * q * 4..(i + 1) * q * 4], q)?;
+            let rows: Vec<[f32; 4]> = bx[i * q * 4..(i + 1) * q * 4]
+                .chunks_exact(4)
+                .map(|r| [r[0], r[1], r[2], r[3]])
+                .collect();
             select_detections(&s[i * q * c..(i + 1) * q * c], c, &rows, w, h, cfg)
         })
         .collect()
-}
-
-fn box_rows(v: &[f32], q: usize) -> Result<Vec<[f32; 4]>> {
-    if v.len() != 4 * q {
-        candle_core::bail!("detections: {} box values for {q} queries", v.len());
-    }
-    Ok(v.chunks_exact(4).map(|r| [r[0], r[1], r[2], r[3]]).collect())
 }
 
 /// The `k` indices of `s` that pass `keep`, best first: by score descending, the lower index
