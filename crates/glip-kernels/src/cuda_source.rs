@@ -26,8 +26,40 @@ pub(crate) fn block_threads(n: usize) -> u32 {
 }
 
 /// The optimiser's passes ([`crate::optim`]): AdamW's moment update and weight update and the
-/// EMA, grid-stride loops over `n` elements.
+/// EMA, grid-stride loops over `n` elements; and the gradient norm's sum of squares in f64: each
+/// block's partial sum of a tensor (`glip_sum_squares`, grid-stride, a tree in shared memory),
+/// then one block adding every tensor's partials (`glip_sum_f64`), so the order of the sums is
+/// fixed by the sizes alone (the same total on every run).
 pub(crate) const OPTIM: &str = r#"
+__device__ void glip_tree_sum_f64(double acc, double *sh) {
+    sh[threadIdx.x] = acc;
+    __syncthreads();
+    for (unsigned s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
+        __syncthreads();
+    }
+}
+
+extern "C" __global__ void glip_sum_squares(const float *x, unsigned long long n, double *parts) {
+    __shared__ double sh[256];
+    double acc = 0.0;
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
+         i += (unsigned long long)blockDim.x * gridDim.x) {
+        double v = (double)x[i];
+        acc += v * v;
+    }
+    glip_tree_sum_f64(acc, sh);
+    if (threadIdx.x == 0) parts[blockIdx.x] = sh[0];
+}
+
+extern "C" __global__ void glip_sum_f64(const double *parts, unsigned long long n, double *out) {
+    __shared__ double sh[256];
+    double acc = 0.0;
+    for (unsigned long long i = threadIdx.x; i < n; i += blockDim.x) acc += parts[i];
+    glip_tree_sum_f64(acc, sh);
+    if (threadIdx.x == 0) out[0] = sh[0];
+}
+
 extern "C" __global__ void glip_adamw_moments(float *mv, const float *g, unsigned long long n,
                                               float c, float b1, float a1, float b2, float a2) {
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
@@ -1056,5 +1088,45 @@ mod emulation_optim {
         let emag: Vec<f64> =
             (0..n).map(|i| (f(d) * f(w[i])).abs() + (f(a) * f(g[i])).abs()).collect();
         check("ema", &out["e"], &e2, &emag, 3.0);
+    }
+    /// The gradient norm's sum of squares as `cuda_optim::sum_squares_all` launches it
+    /// (partials per tensor side by side, then one block over them), over tensors of 1000, 1 and
+    /// 2999 elements (grids of 1, 1 and 3 blocks of 256: the grid-stride loop, a block with one
+    /// element and blocks with none), against the exact sum: each square of an f32 is exact in
+    /// f64, each of the at most `n` additions rounds once, so the error is at most
+    /// `n u64 sum(x^2)` (`u64 = 2^-53`). The total comes back as two f32 (high and low parts).
+    #[test]
+    fn sum_of_squares_matches_the_exact_sum() {
+        let sizes = [1000usize, 1, 2999];
+        let xs: Vec<Vec<f32>> =
+            sizes.iter().enumerate().map(|(i, &n)| random(n, 31 + i as u64, 3.0)).collect();
+        let blocks: Vec<usize> = sizes.iter().map(|n| n.div_ceil(1024).clamp(1, 256)).collect();
+        let total: usize = blocks.iter().sum();
+        let mut body = format!("static double parts[{total}], out[1];\n");
+        let mut at = 0;
+        for (i, (&n, &nb)) in sizes.iter().zip(&blocks).enumerate() {
+            body += &format!(
+                "glip_launch({nb}, 1, 256, [] {{ glip_sum_squares(x{i}, {n}, parts + {at}); }});\n"
+            );
+            at += nb;
+        }
+        body += &format!(
+            "glip_launch(1, 1, 256, [] {{ glip_sum_f64(parts, {total}, out); }});
+             float hl[2] = {{(float)out[0], (float)(out[0] - (double)(float)out[0])}};
+             glip_print(\"total\", hl, 2);"
+        );
+        let arrays: Vec<(String, Vec<f32>)> =
+            xs.iter().enumerate().map(|(i, x)| (format!("x{i}"), x.clone())).collect();
+        let named: Vec<(&str, Vec<f32>)> =
+            arrays.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+        let Some(out) = emulate(OPTIM, &named, &body) else {
+            return;
+        };
+        let got = out["total"][0] as f64 + out["total"][1] as f64;
+        let exact: f64 = xs.iter().flatten().map(|&v| (v as f64) * (v as f64)).sum();
+        let n: usize = sizes.iter().sum();
+        // The host's sum above rounds too: twice the bound covers both.
+        let bound = 2.0 * n as f64 * (f64::EPSILON / 2.0) * exact;
+        assert!((got - exact).abs() <= bound, "sum of squares {got} vs {exact} (bound {bound:e})");
     }
 }

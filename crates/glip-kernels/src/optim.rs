@@ -294,6 +294,10 @@ fn sum_squares_tensor(x: &Tensor) -> Result<Tensor> {
     if cpu_f32(&[x]) {
         return x.apply_op1_no_bwd(&SumSquares);
     }
+    #[cfg(feature = "cuda")]
+    if let (Device::Cuda(dev), DType::F32) = (x.device(), x.dtype()) {
+        return crate::cuda_optim::sum_squares_all(&[x], dev);
+    }
     x.to_dtype(DType::F64)?.sqr()?.sum_all()
 }
 
@@ -314,6 +318,12 @@ pub fn sum_squares_all_on(xs: &[&Tensor], device: &Device) -> Result<Tensor> {
             .iter()
             .try_fold(0f64, |acc, x| Ok::<_, candle_core::Error>(acc + sum_squares(x)?))?;
         return Tensor::new(total, &Device::Cpu)?.to_device(device);
+    }
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = device {
+        if xs.iter().all(|x| x.device().same_device(device) && x.dtype() == DType::F32) {
+            return crate::cuda_optim::sum_squares_all(xs, dev);
+        }
     }
     let parts = xs.iter().map(|x| sum_squares_tensor(x)).collect::<Result<Vec<_>>>()?;
     if parts.is_empty() {
