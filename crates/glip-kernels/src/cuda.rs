@@ -31,6 +31,31 @@ pub fn tf32() -> bool {
     TF32.load(Ordering::Relaxed)
 }
 
+static DETERMINISTIC: AtomicBool = AtomicBool::new(false);
+
+/// Asks for (or releases) convolution gradients on CUDA whose sums do not change from run to
+/// run, for the whole process: cuDNN's heuristics may rank first an algorithm that adds with
+/// atomics (backward-data algorithm 0, backward-filter 0 and 3), whose result changes in the
+/// last bits from one run to the next; then algorithm 1 of that direction is used instead, as
+/// `torch.backends.cudnn.deterministic` does. Off by default (PyTorch's default too), unless
+/// `GLIP_CUDNN_DETERMINISTIC=1` is set; every other GPU kernel of a training step already sums
+/// in a fixed order.
+pub fn set_deterministic(on: bool) {
+    DETERMINISTIC.store(on, Ordering::Relaxed);
+}
+
+/// Whether convolution gradients on CUDA avoid the algorithms that add with atomics (see
+/// [`set_deterministic`]).
+pub fn deterministic() -> bool {
+    static FROM_ENV: std::sync::Once = std::sync::Once::new();
+    FROM_ENV.call_once(|| {
+        if std::env::var("GLIP_CUDNN_DETERMINISTIC").is_ok_and(|v| v != "0") {
+            DETERMINISTIC.store(true, Ordering::Relaxed);
+        }
+    });
+    DETERMINISTIC.load(Ordering::Relaxed)
+}
+
 /// Whether this build runs CUDA convolutions (and their gradients) through cuDNN.
 pub const CUDNN: bool = cfg!(feature = "cudnn");
 

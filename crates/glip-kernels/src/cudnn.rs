@@ -21,8 +21,13 @@
 //! [`crate::cuda::set_tf32`] allows TF32 tensor cores (PyTorch's default for convolutions);
 //! bf16 ones compute in f32 on tensor cores (cuDNN's "pseudo bf16" configuration).
 //!
-//! Nothing here has run on a GPU in the session that wrote it (none was lent): the tests in
-//! `tests/cuda.rs` of glip-train compare every direction with the CPU path on a GPU machine.
+//! Backward-data and backward-filter pick the heuristics' first algorithm unless
+//! [`crate::cuda::set_deterministic`] asks for gradients that repeat bit for bit (then the
+//! atomics-based ones are replaced). `GLIP_CUDNN_LOG=1` prints each choice.
+//!
+//! Checked on the H200 (2026-12-04, `scripts/gpu-check.sh`): every direction of five shapes
+//! (3x3, strided non-square, 1x1, the 7x7 stem, depthwise) against exact values in f32 and bf16
+//! (glip-train's `tests/cuda.rs`), and the ResNet-50 and MobileNetV2 parity fixtures.
 
 #![allow(
     unsafe_code,
@@ -172,6 +177,7 @@ fn handle(dev: &CudaDevice) -> Result<Arc<Cudnn>> {
 struct PlanKey {
     g: Geometry,
     tf32: bool,
+    deterministic: bool,
     device: DeviceId,
 }
 
@@ -182,6 +188,7 @@ struct Plan<T> {
     x: TensorDescriptor<T>,
     w: FilterDescriptor<T>,
     y: TensorDescriptor<T>,
+    deterministic: bool,
     fwd: RefCell<Option<(sys::cudnnConvolutionFwdAlgo_t, usize)>>,
     bwd_data: RefCell<Option<(sys::cudnnConvolutionBwdDataAlgo_t, usize)>>,
     bwd_filter: RefCell<Option<(sys::cudnnConvolutionBwdFilterAlgo_t, usize)>>,
@@ -189,7 +196,12 @@ struct Plan<T> {
 
 impl<T: Elem> Plan<T> {
     fn get(dev: &CudaDevice, g: Geometry) -> Result<Rc<Self>> {
-        let key = PlanKey { g, tf32: crate::cuda::tf32(), device: dev.id() };
+        let key = PlanKey {
+            g,
+            tf32: crate::cuda::tf32(),
+            deterministic: crate::cuda::deterministic(),
+            device: dev.id(),
+        };
         if let Some(p) = T::plans().with(|p| p.borrow().get(&key).cloned()) {
             return Ok(p);
         }
@@ -200,6 +212,7 @@ impl<T: Elem> Plan<T> {
             x: c.create_4d_tensor::<T>(nchw, g.x).map_err(wrap)?,
             w: c.create_4d_filter::<T>(nchw, g.w).map_err(wrap)?,
             y: c.create_4d_tensor::<T>(nchw, g.y()).map_err(wrap)?,
+            deterministic: key.deterministic,
             fwd: RefCell::new(None),
             bwd_data: RefCell::new(None),
             bwd_filter: RefCell::new(None),
@@ -221,9 +234,11 @@ impl<T: Elem> Plan<T> {
     }
 }
 
-/// `cell`'s algorithm and workspace size, chosen by `pick` (and sized by `size`) on first use.
-fn chosen<A: Copy>(
+/// `cell`'s algorithm and workspace size, chosen by `pick` (and sized by `size`) on first use;
+/// with `GLIP_CUDNN_LOG=1` each choice is printed to stderr with `what` made it for.
+fn chosen<A: Copy + std::fmt::Debug>(
     cell: &RefCell<Option<(A, usize)>>,
+    what: (Direction, &Geometry),
     pick: impl FnOnce() -> std::result::Result<A, cudarc::cudnn::CudnnError>,
     size: impl FnOnce(A) -> std::result::Result<usize, cudarc::cudnn::CudnnError>,
 ) -> Result<(A, usize)> {
@@ -233,6 +248,14 @@ fn chosen<A: Copy>(
     let algo = pick().map_err(wrap)?;
     let c = (algo, size(algo).map_err(wrap)?);
     *cell.borrow_mut() = Some(c);
+    static LOG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *LOG.get_or_init(|| std::env::var("GLIP_CUDNN_LOG").is_ok_and(|v| v != "0")) {
+        let (dir, g) = what;
+        eprintln!(
+            "cudnn {dir:?} x {:?} w {:?} stride {} pad {} groups {}: {algo:?}, workspace {} B",
+            g.x, g.w, g.stride, g.pad, g.groups, c.1
+        );
+    }
     Ok(c)
 }
 
@@ -320,8 +343,12 @@ impl CudnnConv {
                 let x = view::<T>(a.0, a.1, g.x, "input")?;
                 let w = view::<T>(b.0, b.1, g.w, "weight")?;
                 let op = plan.forward();
-                let (algo, bytes) =
-                    chosen(&plan.fwd, || op.pick_algorithm(), |a| op.get_workspace_size(a))?;
+                let (algo, bytes) = chosen(
+                    &plan.fwd,
+                    (self.dir, &g),
+                    || op.pick_algorithm(),
+                    |a| op.get_workspace_size(a),
+                )?;
                 let mut y = output::<T>(&dev, g.y())?;
                 with_workspace(&dev, bytes, |ws| {
                     // SAFETY: x, w and y hold exactly the elements of the plan's descriptors
@@ -334,8 +361,17 @@ impl CudnnConv {
                 let dy = view::<T>(a.0, a.1, g.y(), "output gradient")?;
                 let w = view::<T>(b.0, b.1, g.w, "weight")?;
                 let op = plan.backward_data();
+                let pick = || {
+                    use sys::cudnnConvolutionBwdDataAlgo_t as A;
+                    op.pick_algorithm().map(|a| match a {
+                        A::CUDNN_CONVOLUTION_BWD_DATA_ALGO_0 if plan.deterministic => {
+                            A::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1
+                        }
+                        a => a,
+                    })
+                };
                 let (algo, bytes) =
-                    chosen(&plan.bwd_data, || op.pick_algorithm(), |a| op.get_workspace_size(a))?;
+                    chosen(&plan.bwd_data, (self.dir, &g), pick, |a| op.get_workspace_size(a))?;
                 let mut dx = output::<T>(&dev, g.x)?;
                 with_workspace(&dev, bytes, |ws| {
                     // SAFETY: as for the forward, with dx for x and dy for y.
@@ -347,8 +383,20 @@ impl CudnnConv {
                 let x = view::<T>(a.0, a.1, g.x, "input")?;
                 let dy = view::<T>(b.0, b.1, g.y(), "output gradient")?;
                 let op = plan.backward_filter();
+                let pick = || {
+                    use sys::cudnnConvolutionBwdFilterAlgo_t as A;
+                    op.pick_algorithm().map(|a| match a {
+                        A::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0
+                        | A::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_3
+                            if plan.deterministic =>
+                        {
+                            A::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1
+                        }
+                        a => a,
+                    })
+                };
                 let (algo, bytes) =
-                    chosen(&plan.bwd_filter, || op.pick_algorithm(), |a| op.get_workspace_size(a))?;
+                    chosen(&plan.bwd_filter, (self.dir, &g), pick, |a| op.get_workspace_size(a))?;
                 let mut dw = output::<T>(&dev, g.w)?;
                 with_workspace(&dev, bytes, |ws| {
                     // SAFETY: as for the forward, with dw for w and dy for y.

@@ -191,6 +191,9 @@ pub fn run_experiment_with(
     }
     trainer.precision = precision;
     glip_kernels::cuda::set_tf32(cfg.run.tf32 && dev.is_cuda());
+    if cfg.run.deterministic {
+        glip_kernels::cuda::set_deterministic(true);
+    }
     // Evaluation runs the same weights without a backprop graph (detached views that follow
     // the optimiser's in-place updates).
     let eval_model = crate::infer::inference_model(registry, &cfg.model, &varmap, &dev)?;

@@ -26,7 +26,7 @@ pub mod trainer;
 pub mod validate;
 
 pub use glip_kernels::bf16::{autocast, resolve as resolve_precision, Precision};
-pub use glip_kernels::cuda::set_tf32;
+pub use glip_kernels::cuda::{set_deterministic, set_tf32};
 pub use model::GlipModel;
 
 use std::path::{Path, PathBuf};

@@ -104,6 +104,13 @@ pub struct RunConfig {
     /// products). Default false: f32 throughout. No effect on the CPU.
     #[serde(default)]
     pub tf32: bool,
+    /// On CUDA, whether convolution gradients avoid cuDNN's algorithms that add with atomics,
+    /// so that a run repeats bit for bit (and a resumed run continues as the uninterrupted one
+    /// would): `torch.backends.cudnn.deterministic`. Default false (PyTorch's default too): the
+    /// heuristics' first choice, whose gradients can differ in the last bits from run to run.
+    /// The CPU always repeats.
+    #[serde(default)]
+    pub deterministic: bool,
 }
 
 fn five_hundred() -> u64 {
