@@ -532,9 +532,16 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Tenso
     }
 }
 
-/// A grouped convolution (`groups` of them side by side: `w (co, ci / groups, k, k)`) off the
-/// CPU, through cuDNN when this build has it ([`crate::cuda::CUDNN`]), candle's `conv2d`
-/// otherwise; the CPU's depthwise convolution is glip-backbone's.
+/// A grouped convolution (`groups` of them side by side: `w (co, ci / groups, k, k)`): through
+/// cuDNN on CUDA when this build has it ([`crate::cuda::CUDNN`]), candle's `conv2d` otherwise
+/// (the model's depthwise convolution on the CPU is glip-backbone's).
+///
+/// On the CPU, candle 0.11.1's backward derives the input gradient's output padding from the
+/// height and applies it to the width too, so where the two axes leave different remainders
+/// (`(n + 2 pad - k) % stride`; a 15x14 input at stride 2) the gradient comes out a column short
+/// and the backward fails. The axis with the smaller remainder gets that many zeros at its end
+/// first: no window reaches them (the output is the same), the remainders agree, and the zeros'
+/// gradient is dropped by the padding's own backward.
 pub fn conv2d_grouped(
     x: &Tensor,
     w: &Tensor,
@@ -543,6 +550,16 @@ pub fn conv2d_grouped(
     groups: usize,
 ) -> Result<Tensor> {
     if x.device().is_cpu() {
+        let ((_, _, h, wd), (_, _, kh, kw)) = (x.dims4()?, w.dims4()?);
+        if stride == 0 || h + 2 * pad < kh || wd + 2 * pad < kw {
+            candle_core::bail!("conv2d: kernel {kh}x{kw} over {h}x{wd} padded by {pad}")
+        }
+        let (rh, rw) = ((h + 2 * pad - kh) % stride, (wd + 2 * pad - kw) % stride);
+        let x = match rh.cmp(&rw) {
+            std::cmp::Ordering::Greater => x.pad_with_zeros(3, 0, rh - rw)?,
+            std::cmp::Ordering::Less => x.pad_with_zeros(2, 0, rw - rh)?,
+            std::cmp::Ordering::Equal => x.clone(),
+        };
         return x.conv2d(w, pad, stride, 1, groups);
     }
     crate::cuda::conv2d(x, w, stride, pad, groups)
@@ -628,6 +645,43 @@ mod tests {
         let candle = x.conv2d(&w, 3, 2, 1, 1).unwrap().sum_all().unwrap().backward();
         assert!(candle.is_err(), "candle's conv backward now handles this shape");
         check(1, 4, 2, (11, 8), 7, 2, 3);
+    }
+
+    /// The grouped convolution on the CPU where candle's own backward fails (axes leaving
+    /// different remainders at stride 2, either way round): per group, values and gradients
+    /// equal [`reference`]'s to f32 round-off.
+    #[test]
+    fn grouped_strided_non_square_inputs_get_gradients() {
+        let dev = Device::Cpu;
+        for hw in [(15, 14), (14, 15), (9, 9)] {
+            let (g, cig, cog) = (3usize, 2usize, 2usize);
+            let x = Var::randn(0f32, 1., (2, g * cig, hw.0, hw.1), &dev).unwrap();
+            let w = Var::randn(0f32, 1., (g * cog, cig, 3, 3), &dev).unwrap();
+            let ours = conv2d_grouped(&x, &w, 2, 1, g).unwrap();
+            let parts: Vec<Tensor> = (0..g)
+                .map(|i| {
+                    let xi = x.narrow(1, i * cig, cig).unwrap().contiguous().unwrap();
+                    let wi = w.narrow(0, i * cog, cog).unwrap().contiguous().unwrap();
+                    reference(&xi, &wi, 2, 1)
+                })
+                .collect();
+            let theirs = Tensor::cat(&parts, 1).unwrap();
+            let r = Tensor::randn(0f32, 1., theirs.shape(), &dev).unwrap();
+            let g1 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (&theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let pairs = [
+                (ours, theirs, "forward"),
+                (g1.get(&x).unwrap().clone(), g2.get(&x).unwrap().clone(), "input gradient"),
+                (g1.get(&w).unwrap().clone(), g2.get(&w).unwrap().clone(), "weight gradient"),
+            ];
+            for (a, b, what) in pairs {
+                assert_eq!(a.dims(), b.dims(), "{what} {hw:?}");
+                let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+                let d = d.to_scalar::<f32>().unwrap();
+                assert!(d <= 1e-4 * scale.max(1.0), "{what} {hw:?}: max |diff| {d}");
+            }
+        }
     }
 
     #[test]

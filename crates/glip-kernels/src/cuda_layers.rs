@@ -8,9 +8,9 @@
 //! candle's differentiable compositions of these (what the CUDA path ran before) are 5-12
 //! kernels forward and about twice that backward, each a pass over the tensor and an
 //! allocation; here the forward is one kernel (batch norm: two), the backward two or three.
-//! Whether that is faster on the GPU has not been measured yet (no GPU was lent to the session
-//! that wrote this): `GLIP_CUDA_COMPOSED=1` takes the compositions instead, to compare with
-//! `glip bench`.
+//! Measured on the H200 (2026-12-04, `glip bench`, one call, medians of 10): an f32 training
+//! step of seed-r50 (batch 8, 512 px) took 0.297 s with these kernels and 0.636 s with the
+//! compositions (`GLIP_CUDA_COMPOSED=1`), seed-r18 (batch 32, 256 px) 0.120 s against 0.141 s.
 
 #![allow(
     unsafe_code,

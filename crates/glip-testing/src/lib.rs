@@ -45,7 +45,8 @@ pub fn device() -> Device {
     };
     Device::new_cuda(ordinal).unwrap_or_else(|e| {
         panic!(
-            "GLIP_TEST_DEVICE={want}: no CUDA device ({e}); the test binary needs              `--features glip-kernels/cuda` and a GPU"
+            "GLIP_TEST_DEVICE={want}: no CUDA device ({e}); the test binary needs \
+             `--features glip-kernels/cuda` and a GPU"
         )
     })
 }
