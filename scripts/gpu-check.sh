@@ -1,42 +1,86 @@
 #!/usr/bin/env bash
 # The device check of issue 13 as one prepared script for a lent GPU machine, where nothing is
-# built: (a) the parity suite and the op tests on CUDA (the test binary of
-# crates/glip-train/tests/cuda.rs), (b) `glip bench` on the issue's presets in f32, f32 with
-# TF32 and bf16 (then each training step's phases, and glip's normalisation kernels against
-# candle's compositions), (c) the default experiment on the GPU for a short budget, printing validation
-# AP50 against training minutes.
+# built:
+#   (0) the first CUDA call's cost: one small `glip bench` with the driver's JIT cache empty,
+#       then the same again with it filled;
+#   (f) the fixtures the GPU tests read, written there by the PyTorch reference
+#       (`reference/make_fixtures.py --gpu-subset`, from the vocabulary and MobileNetV2 weights
+#       carried in gpu/fixture-inputs/) unless they were carried;
+#   (a) the parity suite and the op tests on CUDA (the test binary of
+#       crates/glip-train/tests/cuda.rs);
+#   (c) the default experiment on the GPU for a short budget, printing validation AP50 against
+#       training minutes;
+#   (b) `glip bench` on the issue's presets in f32 and bf16 with `reference/bench_torch.py`
+#       beside each (PyTorch on the same GPU in the same call), then f32 with TF32, each
+#       training step's phases, and (COMPOSED=1) glip's normalisation kernels against candle's
+#       compositions.
+# Every step has its own time limit and a failed step does not stop the others; the parts run
+# in the order above and a part that would not finish by DEADLINE_S is skipped (said so), so
+# one call brings back all it can. The summary at the end lists what failed.
 #
 # Here (no GPU needed): `bash scripts/gpu-pack.sh` builds both binaries with `--features cudnn`
-# into gpu/ (stripped, xz-compressed) and prints what each device call should carry. Then on the
-# device machine, from the repository root:
+# into gpu/ (stripped, xz-compressed) with the fixture inputs. Then, with `gpu` carried, on the
+# device machine from the repository root:
 #   GLIP_XZ=gpu/glip.xz GLIP_TESTS_XZ=gpu/cuda-tests.xz bash scripts/gpu-check.sh
 # The binaries load libcuda.so.1 (the driver's) at start-up and libcublas, libcurand, libnvrtc
 # and libcudnn from the CUDA 13 wheels of the machine's Python (PyTorch's), found below.
 # Smoke test on the CPU with the ordinary build: DEVICE=cpu PARTS=bc ITERS=1 BUDGET_MIN=0.2 QUICK=1
 #
-# Environment: GLIP (the binary, default target/release/glip) or GLIP_XZ (it, xz-compressed;
-# unpacked into OUT), GLIP_TESTS / GLIP_TESTS_XZ (the GPU test binary, for part a), PARTS (which
-# of a, b, c to run; default abc), DEVICE (cuda), ITERS (bench iterations, 10), BUDGET_MIN
-# (experiment training minutes, 3), EXPERIMENT_SET (one more --set for it, run.tf32=true), OUT (where the run goes, a temporary folder), QUICK (1: small
-# bench shapes, for the CPU smoke test), GLIP_FIXTURES (the fixtures, default fixtures/).
-set -euo pipefail
+# Environment: GLIP (the binary, default target/release/glip) or GLIP_XZ (it, xz-compressed),
+# GLIP_TESTS / GLIP_TESTS_XZ (the GPU test binary, for part a), PARTS (which of 0, f, a, c, b to
+# run; default 0facb), DEVICE (cuda), ITERS (bench iterations, 10), BUDGET_MIN (experiment
+# training minutes, 3), EXPERIMENT_SET (one more --set for it, run.tf32=true), DEADLINE_S (the
+# seconds this script may take, 540), OUT (logs and results: at most 8 files, default a
+# temporary folder), WORK (unpacked binaries, fixtures and the experiment's run folder, default
+# a temporary folder), QUICK (1: small bench shapes, for the CPU smoke test), GLIP_FIXTURES
+# (the fixtures, default fixtures/ if it holds seed-tiny, else WORK/fixtures written by part f),
+# TORCH_PYTHON (the Python with PyTorch for the side-by-side bench, python3; empty: none),
+# COMPOSED (1: also time training with candle's compositions of the normalisation kernels).
+set -uo pipefail
 cd "$(dirname "$0")/.."
+T0=$(date +%s)
 DEVICE="${DEVICE:-cuda}"
-PARTS="${PARTS:-abc}"
+PARTS="${PARTS:-0facb}"
 ITERS="${ITERS:-10}"
 BUDGET_MIN="${BUDGET_MIN:-3}"
+DEADLINE_S="${DEADLINE_S:-540}"
 # PyTorch's defaults, against which the issue's learning curve was measured: TF32 convolutions.
 EXPERIMENT_SET="${EXPERIMENT_SET:-run.tf32=true}"
+TORCH_PYTHON="${TORCH_PYTHON-python3}"
 OUT="${OUT:-$(mktemp -d)}"
-mkdir -p "$OUT"
-export GLIP_FIXTURES="${GLIP_FIXTURES:-$PWD/fixtures}"
+WORK="${WORK:-$(mktemp -d)}"
+mkdir -p "$OUT" "$WORK"
+exec > >(tee "$OUT/gpu-check.log") 2>&1
+failed=()
+
+elapsed() { echo $(($(date +%s) - T0)); }
+# `fits SECONDS WHAT`: whether SECONDS more stay within DEADLINE_S; says so when not.
+fits() {
+  if (($(elapsed) + $1 > DEADLINE_S)); then
+    echo "-- skipped at $(elapsed) s: $2 needs about $1 s and the deadline is $DEADLINE_S s"
+    return 1
+  fi
+}
+# `step LIMIT NAME CMD...`: runs CMD with a time limit; a failure is noted and the script goes on.
+step() {
+  local limit="$1" name="$2"
+  shift 2
+  timeout --kill-after=5 "$limit" "$@"
+  local rc=$?
+  if ((rc != 0)); then
+    ((rc == 124 || rc == 137)) && echo "-- $name: stopped at its limit of $limit s" ||
+      echo "-- $name: exit $rc"
+    failed+=("$name (exit $rc)")
+  fi
+  return $rc
+}
 
 # `unpack FILE.xz NAME`: xz, or Python's lzma where the machine has no xz; prints the path.
 unpack() {
-  xz -dc "$1" >"$OUT/$2" 2>/dev/null ||
-    python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$1" "$OUT/$2"
-  chmod +x "$OUT/$2"
-  echo "$OUT/$2"
+  xz -dc "$1" >"$WORK/$2" 2>/dev/null ||
+    python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$1" "$WORK/$2"
+  chmod +x "$WORK/$2"
+  echo "$WORK/$2"
 }
 GLIP="${GLIP:-target/release/glip}"
 [[ -n "${GLIP_XZ:-}" ]] && GLIP=$(unpack "$GLIP_XZ" glip)
@@ -59,24 +103,79 @@ PY
   # candle ships PTX, which the driver compiles for the GPU when a module is first loaded
   # (17-21 s measured on the H100 for a model's kernels); the driver's JIT cache keeps the
   # result for every later process on this machine. Large enough for all of candle's kernels.
-  export CUDA_CACHE_PATH="${CUDA_CACHE_PATH:-$HOME/.nv/ComputeCache}" CUDA_CACHE_MAXSIZE=4294967296
+  export CUDA_CACHE_PATH="${CUDA_CACHE_PATH:-$WORK/ComputeCache}" CUDA_CACHE_MAXSIZE=4294967296
 fi
 
-echo "== glip $("$GLIP" --version 2>&1), device $DEVICE, parts $PARTS"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || true
+echo "== glip $("$GLIP" --version 2>&1), device $DEVICE, parts $PARTS, deadline $DEADLINE_S s"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader 2>/dev/null || true
 
-# (a) The parity suite and the op tests on CUDA. Tests whose fixtures were not carried are
-# skipped by name (and said so); MiniLM's test skips itself without the real model.
+# `bench ARGS...`: one `glip bench` on $DEVICE; prints its JSON line and the process's time
+# (start-up, kernel loading and the warm-up included), appends the line to bench.jsonl and
+# everything it printed (with cuDNN's algorithm choices, GLIP_CUDNN_LOG) to bench.log.
+bench() {
+  local start end line
+  start=$(date +%s%N)
+  echo "== glip bench $*" >>"$OUT/bench.log"
+  line=$(GLIP_CUDNN_LOG=1 timeout --kill-after=5 120 "$GLIP" bench --device "$DEVICE" "$@" 2>&1 |
+    tee -a "$OUT/bench.log" | tail -1)
+  local rc=$?
+  end=$(date +%s%N)
+  ((rc != 0)) && failed+=("glip bench $* (exit $rc)")
+  echo "$line" >>"$OUT/bench.jsonl"
+  echo "  glip $*: $line (process $(((end - start) / 1000000)) ms)"
+}
+
+# (0) What the first CUDA call costs: candle's PTX is compiled by the driver at the first
+# load of each module (the JIT cache is empty on a fresh machine), glip's own kernels by NVRTC
+# in every process.
+if [[ "$PARTS" == *0* && "$DEVICE" != cpu ]] && fits 90 "(0) first-call cost"; then
+  state=empty
+  [[ -d "$CUDA_CACHE_PATH" ]] && state="already there"
+  echo "== (0) the first CUDA call, JIT cache $state ($CUDA_CACHE_PATH), then filled"
+  for cache in "$state" filled; do
+    start=$(date +%s%N)
+    line=$(timeout 120 "$GLIP" bench --device "$DEVICE" --preset seed-r18 --mode train --batch 2 \
+      --size 128 --iters 1 2>&1 | tail -1)
+    end=$(date +%s%N)
+    echo "  cache $cache: process $(((end - start) / 1000000)) ms: $line"
+  done
+  du -sh "$CUDA_CACHE_PATH" 2>/dev/null | sed 's/^/  JIT cache size: /'
+fi
+
+# (f) The fixtures the GPU tests read.
+if [[ -z "${GLIP_FIXTURES:-}" ]]; then
+  if [[ -e fixtures/seed-tiny/model.safetensors ]]; then
+    GLIP_FIXTURES="$PWD/fixtures"
+  else
+    GLIP_FIXTURES="$WORK/fixtures"
+  fi
+fi
+export GLIP_FIXTURES
+if [[ "$PARTS" == *f* && ! -e "$GLIP_FIXTURES/seed-tiny/model.safetensors" ]]; then
+  if [[ ! -e gpu/fixture-inputs/tokenizer.json ]]; then
+    echo "== (f) skipped: no gpu/fixture-inputs (scripts/gpu-pack.sh puts them there)"
+  elif fits 120 "(f) fixtures"; then
+    echo "== (f) fixtures from the PyTorch reference into $GLIP_FIXTURES"
+    start=$(date +%s)
+    step 120 "fixtures" python3 reference/make_fixtures.py "$GLIP_FIXTURES" --gpu-subset \
+      gpu/fixture-inputs >"$WORK/fixtures.log" 2>&1
+    grep -E "^--gpu-subset|^fixtures written|Error|error" "$WORK/fixtures.log" | tail -8
+    echo "(f) took $(($(date +%s) - start)) s"
+  fi
+fi
+
+# (a) The parity suite and the op tests on CUDA. Tests whose fixtures are missing are skipped
+# by name (and said so); MiniLM's test skips itself without the real model.
 if [[ "$PARTS" == *a* ]]; then
   if [[ -z "$GLIP_TESTS" ]]; then
     echo "== (a) skipped: no GLIP_TESTS / GLIP_TESTS_XZ (scripts/gpu-pack.sh builds it)"
-  else
+  elif fits 180 "(a) tests"; then
     skip=()
     need() { # need FIXTURE TEST-NAME-FILTER...
       local f="$1"
       shift
       if [[ ! -e "$GLIP_FIXTURES/$f" ]]; then
-        echo "(a) not carried: $f; skipping $*"
+        echo "(a) no fixture $f; skipping $*"
         for t in "$@"; do skip+=(--skip "$t"); done
       fi
     }
@@ -95,83 +194,93 @@ if [[ "$PARTS" == *a* ]]; then
     need resnet50_io.safetensors backbone_parity::resnet50
     echo "== (a) parity suite and op tests on $DEVICE"
     start=$(date +%s)
-    GLIP_TEST_DEVICE="$DEVICE" "$GLIP_TESTS" --test-threads 4 "${skip[@]}" 2>&1 |
-      tee "$OUT/cuda-tests.log" | grep -E "^test |largest error|SKIP|skipped|panicked|test result" || true
-    echo "(a) took $(($(date +%s) - start)) s; whole log in $OUT/cuda-tests.log"
+    GLIP_TEST_DEVICE="$DEVICE" step 180 "tests" "$GLIP_TESTS" --test-threads 4 "${skip[@]}" \
+      >"$OUT/cuda-tests.log" 2>&1
+    grep -E "^test |largest error|SKIP|skipped|panicked|test result" "$OUT/cuda-tests.log"
+    echo "(a) took $(($(date +%s) - start)) s; whole log in cuda-tests.log"
   fi
-fi
-
-# (b) The issue's presets: (preset, batch, size, modes). PyTorch 2.11 on the H200:
-# seed-r50 b8@512 infer 0.031 s / train 0.083 s; seed-r18 b32@256 infer 0.0115 s / train
-# 0.081 s; seed-r18 b8@128 train 0.060 s.
-if [[ "$PARTS" == *b* ]]; then
-  if [[ "${QUICK:-0}" == 1 ]]; then
-    rows=("seed-r18 1 64 infer train")
-  else
-    rows=("seed-r50 8 512 infer train" "seed-r18 32 256 infer train" "seed-r18 8 128 train")
-  fi
-  echo "== (b) bench (medians of $ITERS after one warm-up; the process time includes start-up and any kernel compilation)"
-  for row in "${rows[@]}"; do
-    read -r preset batch size modes <<<"$row"
-    for mode in $modes; do
-      for variant in f32 tf32 bf16; do
-        case "$variant" in
-          tf32) flags=(--precision f32 --tf32) ;;
-          *) flags=(--precision "$variant") ;;
-        esac
-        start=$(date +%s%N)
-        line=$("$GLIP" bench --device "$DEVICE" --preset "$preset" --mode "$mode" \
-          --batch "$batch" --size "$size" --iters "$ITERS" "${flags[@]}" 2>&1 | tail -1)
-        end=$(date +%s%N)
-        echo "$preset $mode b$batch@$size $variant: $line (process $(((end - start) / 1000000)) ms)"
-      done
-    done
-  done
-fi
-
-# (b, continued) Where a training step's time goes: each phase with the device synchronised at
-# its boundaries (so the sum can exceed the plain step above).
-if [[ "$PARTS" == *b* ]]; then
-  echo "== (b) phases of a training step (medians; forward, loss, backward, optimizer)"
-  for row in "${rows[@]}"; do
-    read -r preset batch size modes <<<"$row"
-    [[ "$modes" == *train* ]] || continue
-    for precision in f32 bf16; do
-      line=$("$GLIP" bench --device "$DEVICE" --preset "$preset" --mode train --batch "$batch" \
-        --size "$size" --iters "$ITERS" --precision "$precision" --phases 2>&1 | tail -1)
-      echo "$preset train b$batch@$size $precision phases: $(python3 -c 'import json, sys; print(json.loads(sys.argv[1]).get("phases"))' "$line" 2>/dev/null || echo "$line")"
-    done
-  done
-fi
-
-# (b, continued) glip's CUDA kernels for softmax, layer norm and batch norm against candle's
-# compositions of them (GLIP_CUDA_COMPOSED=1), which the CUDA path ran before: which to keep.
-if [[ "$PARTS" == *b* && "$DEVICE" != cpu ]]; then
-  echo "== (b) training steps with candle's compositions for softmax, layer norm and batch norm"
-  for row in "${rows[@]}"; do
-    read -r preset batch size modes <<<"$row"
-    [[ "$modes" == *train* ]] || continue
-    line=$(GLIP_CUDA_COMPOSED=1 "$GLIP" bench --device "$DEVICE" --preset "$preset" --mode train \
-      --batch "$batch" --size "$size" --iters "$ITERS" --precision f32 2>&1 | tail -1)
-    echo "$preset train b$batch@$size f32 composed: $line"
-  done
 fi
 
 # (c) The default experiment on the device for a short budget.
-if [[ "$PARTS" == *c* ]]; then
-  echo "== (c) experiment: configs/shapes.toml, $BUDGET_MIN min of training, --set $EXPERIMENT_SET, out $OUT"
-  "$GLIP" experiment configs/shapes.toml --device "$DEVICE" --out "$OUT/shapes" \
-    --set "run.time_budget_min=$BUDGET_MIN" --set "$EXPERIMENT_SET" >"$OUT/experiment.log" 2>&1 || {
-    tail -20 "$OUT/experiment.log"
-    exit 1
-  }
-  echo "val AP50 against training minutes (eval.jsonl):"
-  python3 - "$OUT/shapes/eval.jsonl" <<'PY'
+if [[ "$PARTS" == *c* ]] && fits "$(python3 -c "print(int($BUDGET_MIN * 60 + 60))")" "(c) experiment"; then
+  echo "== (c) experiment: configs/shapes.toml, $BUDGET_MIN min of training, --set $EXPERIMENT_SET"
+  start=$(date +%s)
+  limit=$(python3 -c "print(int($BUDGET_MIN * 60 * 1.5 + 90))")
+  step "$limit" "experiment" "$GLIP" experiment configs/shapes.toml --device "$DEVICE" \
+    --out "$WORK/shapes" --set "run.time_budget_min=$BUDGET_MIN" --set "$EXPERIMENT_SET" \
+    >"$OUT/experiment.log" 2>&1 || tail -20 "$OUT/experiment.log"
+  echo "(c) took $(($(date +%s) - start)) s"
+  if [[ -e "$WORK/shapes/eval.jsonl" ]]; then
+    echo "val AP50 against training minutes (eval.jsonl):"
+    python3 - "$WORK/shapes/eval.jsonl" <<'PY'
 import json, sys
 for line in open(sys.argv[1]):
     e = json.loads(line)
     print(f"step {e['step']:5d}  {e['train_minutes']:5.2f} min  val AP50 {e['val']['stats']['AP50']:.3f}"
           f"  held-out AP50 {e['heldout_ap50']:.3f}")
 PY
+    tar -czf "$OUT/shapes-run.tar.gz" -C "$WORK" --exclude='checkpoint*' shapes
+  fi
 fi
-echo "== done"
+
+# (b) The issue's presets: (preset, batch, size, modes). PyTorch 2.11 on the H200 (an earlier
+# call): seed-r50 b8@512 infer 0.031 s / train 0.083 s; seed-r18 b32@256 infer 0.0115 s /
+# train 0.081 s; seed-r18 b8@128 train 0.060 s.
+if [[ "${QUICK:-0}" == 1 ]]; then
+  rows=("seed-r18 1 64 infer train")
+else
+  rows=("seed-r50 8 512 infer train" "seed-r18 32 256 infer train" "seed-r18 8 128 train")
+fi
+if [[ "$PARTS" == *b* ]]; then
+  echo "== (b) bench (medians of $ITERS after one warm-up; the process time includes start-up and kernel loading)"
+  for row in "${rows[@]}"; do
+    read -r preset batch size modes <<<"$row"
+    for mode in $modes; do
+      fits 40 "(b) $preset $mode b$batch@$size" || continue
+      args=(--preset "$preset" --mode "$mode" --batch "$batch" --size "$size" --iters "$ITERS")
+      bench "${args[@]}" --precision f32
+      bench "${args[@]}" --precision bf16
+      if [[ -n "$TORCH_PYTHON" && "$DEVICE" != cpu ]]; then
+        line=$(timeout 120 "$TORCH_PYTHON" reference/bench_torch.py --device "$DEVICE" "${args[@]}" \
+          2>/dev/null | tail -1)
+        echo "$line" >>"$OUT/bench.jsonl"
+        echo "  torch ${args[*]}: $line"
+      fi
+    done
+  done
+  echo "== (b) f32 with TF32 (PyTorch's default for convolutions)"
+  for row in "${rows[@]}"; do
+    read -r preset batch size modes <<<"$row"
+    for mode in $modes; do
+      fits 30 "(b) tf32 $preset $mode" || continue
+      bench --preset "$preset" --mode "$mode" --batch "$batch" --size "$size" --iters "$ITERS" --tf32
+    done
+  done
+  # Where a training step's time goes: each phase with the device synchronised at its
+  # boundaries (so the sum can exceed the plain step above).
+  echo "== (b) phases of a training step (medians; forward, loss, backward, optimizer)"
+  for row in "${rows[@]}"; do
+    read -r preset batch size modes <<<"$row"
+    [[ "$modes" == *train* ]] || continue
+    for precision in f32 bf16; do
+      fits 30 "(b) phases $preset $precision" || continue
+      bench --preset "$preset" --mode train --batch "$batch" --size "$size" --iters "$ITERS" \
+        --precision "$precision" --phases
+    done
+  done
+  # glip's CUDA kernels for softmax, layer norm and batch norm against candle's compositions
+  # of them (GLIP_CUDA_COMPOSED=1), which the CUDA path ran before: which to keep.
+  if [[ "$DEVICE" != cpu && "${COMPOSED:-0}" == 1 ]]; then
+    echo "== (b) training steps with candle's compositions for softmax, layer norm and batch norm"
+    for row in "${rows[@]}"; do
+      read -r preset batch size modes <<<"$row"
+      [[ "$modes" == *train* ]] || continue
+      fits 30 "(b) composed $preset" || continue
+      GLIP_CUDA_COMPOSED=1 bench --preset "$preset" --mode train --batch "$batch" --size "$size" \
+        --iters "$ITERS" --precision f32
+    done
+  fi
+fi
+
+echo "== done in $(elapsed) s; failed: ${failed[*]:-nothing}"
+((${#failed[@]} == 0))

