@@ -194,7 +194,7 @@ if [[ "$PARTS" == *a* ]]; then
     need resnet50_io.safetensors backbone_parity::resnet50
     echo "== (a) parity suite and op tests on $DEVICE"
     start=$(date +%s)
-    GLIP_TEST_DEVICE="$DEVICE" step 180 "tests" "$GLIP_TESTS" --test-threads 4 "${skip[@]}" \
+    GLIP_TEST_DEVICE="$DEVICE" step 180 "tests" "$GLIP_TESTS" --test-threads 4 --show-output "${skip[@]}" \
       >"$OUT/cuda-tests.log" 2>&1
     grep -E "^test |largest error|SKIP|skipped|panicked|test result" "$OUT/cuda-tests.log"
     echo "(a) took $(($(date +%s) - start)) s; whole log in cuda-tests.log"

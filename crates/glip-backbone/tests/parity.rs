@@ -113,14 +113,23 @@ fn pth_state_dicts_load_like_safetensors() -> Result<()> {
     let dir = std::env::temp_dir().join(format!("glip-pth-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let pth = dir.join("mobilenet_v2.pth");
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/safetensors_to_pth.py");
-    let status = std::process::Command::new("python3")
-        .args([
-            script,
-            fixture("mobilenet_v2/model.safetensors").to_str().unwrap(),
-            pth.to_str().unwrap(),
-        ])
-        .status();
+    // Beside this file, which the GPU test binary compiles into glip-train's tests (so not
+    // under that crate's manifest folder), and which the device check runs from the
+    // repository root on another machine (so not at the path it was compiled at either).
+    let here = std::path::Path::new(file!()).with_file_name("data").join("safetensors_to_pth.py");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let script = [root.join(&here), here.clone()].into_iter().find(|p| p.exists());
+    let status = match &script {
+        Some(script) => std::process::Command::new("python3")
+            .arg(script)
+            .args([
+                fixture("mobilenet_v2/model.safetensors").to_str().unwrap(),
+                pth.to_str().unwrap(),
+            ])
+            .status()
+            .map_err(|e| e.to_string()),
+        None => Err(format!("no {} from here or from {}", here.display(), root.display())),
+    };
     match status {
         Ok(s) if s.success() => {}
         other => {

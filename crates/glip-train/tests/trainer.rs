@@ -114,20 +114,40 @@ fn tmp(tag: &str) -> std::path::PathBuf {
     d
 }
 
-#[test]
-fn resume_continues_with_the_same_losses() -> Result<()> {
-    // On a GPU, only deterministic convolution gradients let the two runs agree (see below).
+/// The losses logged by `first` and by `second`, each training into a fresh folder (removed
+/// after) with the set criterion, in deterministic mode: on a GPU only deterministic
+/// convolution gradients let two runs agree (see the second test below).
+fn losses_of_two_runs(
+    tag: &str,
+    first: impl Fn(&Path, &dyn Criterion),
+    second: impl Fn(&Path, &dyn Criterion),
+) -> (Vec<(u64, f32)>, Vec<(u64, f32)>) {
     glip_train::set_deterministic(true);
     let crit = SetCriterion::new(LossConfig::default(), Box::new(HungarianMatcher));
-    let (a, b) = (tmp("a"), tmp("b"));
-    run(&a, 5, false, &crit).unwrap();
-    run(&b, 3, false, &crit).unwrap();
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(b.join("checkpoint.json")).unwrap()).unwrap();
-    assert_eq!(meta["step"], 3);
-    assert_eq!(meta["config"]["test"], true);
-    run(&b, 5, true, &crit).unwrap();
-    let (la, lb) = (losses(&a), losses(&b));
+    let (a, b) = (tmp(&format!("{tag}-a")), tmp(&format!("{tag}-b")));
+    first(&a, &crit);
+    second(&b, &crit);
+    let out = (losses(&a), losses(&b));
+    std::fs::remove_dir_all(&a).ok();
+    std::fs::remove_dir_all(&b).ok();
+    out
+}
+
+#[test]
+fn resume_continues_with_the_same_losses() {
+    let (la, lb) = losses_of_two_runs(
+        "resume",
+        |a, crit| run(a, 5, false, crit).unwrap(),
+        |b, crit| {
+            run(b, 3, false, crit).unwrap();
+            let meta: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(b.join("checkpoint.json")).unwrap())
+                    .unwrap();
+            assert_eq!(meta["step"], 3);
+            assert_eq!(meta["config"]["test"], true);
+            run(b, 5, true, crit).unwrap();
+        },
+    );
     assert_eq!(la.len(), 5);
     assert_eq!(lb.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
     for (x, y) in la.iter().zip(&lb) {
@@ -141,9 +161,6 @@ fn resume_continues_with_the_same_losses() -> Result<()> {
     }
     // The losses moved: training happened.
     assert_ne!(la[0].1, la[4].1);
-    std::fs::remove_dir_all(&a).ok();
-    std::fs::remove_dir_all(&b).ok();
-    Ok(())
 }
 
 /// Training is reproducible on the test device: two runs from the same start log the same
@@ -153,20 +170,13 @@ fn resume_continues_with_the_same_losses() -> Result<()> {
 /// once they were excluded (`set_deterministic`, `run.deterministic`): every other GPU kernel of
 /// a step sums in a fixed order. The CPU always repeats.
 #[test]
-fn two_runs_from_the_same_start_log_the_same_losses() -> Result<()> {
-    glip_train::set_deterministic(true);
-    let crit = SetCriterion::new(LossConfig::default(), Box::new(HungarianMatcher));
-    let (a, b) = (tmp("same-a"), tmp("same-b"));
-    run(&a, 4, false, &crit).unwrap();
-    run(&b, 4, false, &crit).unwrap();
-    let (la, lb) = (losses(&a), losses(&b));
+fn two_runs_from_the_same_start_log_the_same_losses() {
+    let twice = |d: &Path, crit: &dyn Criterion| run(d, 4, false, crit).unwrap();
+    let (la, lb) = losses_of_two_runs("same", twice, twice);
     assert_eq!(la.len(), 4);
     for (x, y) in la.iter().zip(&lb) {
         assert_eq!(x.1.to_bits(), y.1.to_bits(), "step {}: {} then {}", x.0, x.1, y.1);
     }
-    std::fs::remove_dir_all(&a).ok();
-    std::fs::remove_dir_all(&b).ok();
-    Ok(())
 }
 
 /// A batch collated for the test device keeps host copies equal to its device tensors (what
