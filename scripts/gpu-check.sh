@@ -26,6 +26,9 @@
 # and libcudnn from the CUDA 13 wheels of the machine's Python (PyTorch's), found below.
 # Smoke test on the CPU with the ordinary build: DEVICE=cpu PARTS=bc ITERS=1 BUDGET_MIN=0.2 QUICK=1
 #
+# The driver's JIT cache comes back as jit-cache.tar.gz; copied into gpu/, the next call on a
+# fresh machine starts from it instead of compiling candle's PTX again (about 20 s).
+#
 # Environment: GLIP (the binary, default target/release/glip) or GLIP_XZ (it, xz-compressed),
 # GLIP_TESTS / GLIP_TESTS_XZ (the GPU test binary, for part a), PARTS (which of 0, f, a, c, b to
 # run; default 0facb), DEVICE (cuda), ITERS (bench iterations, 10), BUDGET_MIN (experiment
@@ -104,6 +107,12 @@ PY
   # (17-21 s measured on the H100 for a model's kernels); the driver's JIT cache keeps the
   # result for every later process on this machine. Large enough for all of candle's kernels.
   export CUDA_CACHE_PATH="${CUDA_CACHE_PATH:-$WORK/ComputeCache}" CUDA_CACHE_MAXSIZE=4294967296
+  # A cache an earlier call brought back (jit-cache.tar.gz in its files, copied into gpu/)
+  # spares this machine the compilation: it is keyed by the PTX and the driver, so it stays
+  # valid while neither changes.
+  if [[ -e gpu/jit-cache.tar.gz && ! -d "$CUDA_CACHE_PATH" ]]; then
+    mkdir -p "$CUDA_CACHE_PATH" && tar -xzf gpu/jit-cache.tar.gz -C "$CUDA_CACHE_PATH"
+  fi
 fi
 
 echo "== glip $("$GLIP" --version 2>&1), device $DEVICE, parts $PARTS, deadline $DEADLINE_S s"
@@ -282,5 +291,10 @@ if [[ "$PARTS" == *b* ]]; then
   fi
 fi
 
+# The driver's JIT cache, for the next call to carry (in gpu/): about 11 MB.
+if [[ "$DEVICE" != cpu && -d "${CUDA_CACHE_PATH:-}" && ! -e gpu/jit-cache.tar.gz ]]; then
+  tar -czf "$OUT/jit-cache.tar.gz" -C "$CUDA_CACHE_PATH" . && echo "JIT cache in jit-cache.tar.gz" \
+    "($(du -h "$OUT/jit-cache.tar.gz" | cut -f1)): copy it into gpu/ to carry it next time"
+fi
 echo "== done in $(elapsed) s; failed: ${failed[*]:-nothing}"
 ((${#failed[@]} == 0))
