@@ -20,9 +20,9 @@
               signatures and the buffers' lengths here"
 )]
 
-use crate::cuda_launch::{elementwise, view, OPTIM};
+use crate::cuda_launch::{elementwise, per_row, view, OPTIM};
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
 use candle_core::cuda_backend::{CudaDevice, CudaStorage};
 use candle_core::op::BackpropOp;
 use candle_core::{DType, Layout, Result, Storage, Tensor};
@@ -137,11 +137,8 @@ pub(crate) fn sum_squares_all(xs: &[&Tensor], dev: &CudaDevice) -> Result<Tensor
         b.arg(&src);
         b.arg(&n);
         b.arg(&mut dst);
-        let cfg = LaunchConfig {
-            grid_dim: (nb as u32, 1, 1),
-            block_dim: (threads as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        // `nb` blocks of `THREADS` (the kernels' shared arrays hold one value per thread).
+        let cfg = per_row(nb, threads);
         // SAFETY: `glip_sum_squares(const float *x, unsigned long long n, double *parts)`
         // reads `x[0..n]` (the view's length) and writes `parts[blockIdx.x]` for the `nb`
         // blocks of this launch: `dst`'s length.
@@ -156,11 +153,7 @@ pub(crate) fn sum_squares_all(xs: &[&Tensor], dev: &CudaDevice) -> Result<Tensor
     b.arg(&parts);
     b.arg(&n);
     b.arg(&mut out);
-    let cfg = LaunchConfig {
-        grid_dim: (1, 1, 1),
-        block_dim: (threads as u32, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = per_row(1, threads);
     // SAFETY: `glip_sum_f64(const double *parts, unsigned long long n, double *out)` reads
     // `parts[0..n]` (`total` of them, all written above) and writes `out[0]`.
     unsafe { b.launch(cfg) }.map_err(candle_core::Error::wrap)?;
