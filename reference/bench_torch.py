@@ -100,12 +100,17 @@ def step():
 
 step()  # warm-up
 times = []
+# The timed iterations, for a CUDA profiler attached (cuProfilerStart / Stop, as glip bench).
+if dev.type == "cuda":
+    torch.cuda.profiler.start()
 for _ in range(args.iters):
     sync()
     t0 = time.perf_counter()
     step()
     sync()
     times.append(time.perf_counter() - t0)
+if dev.type == "cuda":
+    torch.cuda.profiler.stop()
 print(json.dumps({"preset": args.preset, "mode": args.mode, "batch": args.batch, "size": args.size,
                   "median_s": statistics.median(times), "min_s": min(times), "times": times,
                   "torch": torch.__version__, "device": args.device, "threads": args.threads}))

@@ -13,7 +13,9 @@
 #   (b) `glip bench` on the issue's presets in f32 and bf16 with `reference/bench_torch.py`
 #       beside each (PyTorch on the same GPU in the same call), then f32 with TF32, each
 #       training step's phases, and (COMPOSED=1) glip's normalisation kernels against candle's
-#       compositions.
+#       compositions;
+#   (p) kernel profiles: glip bench and bench_torch.py under glip's CUPTI tracer
+#       (scripts/gpu-trace.cpp), device time per kernel over the timed iterations.
 # Every step has its own time limit and a failed step does not stop the others; the parts run
 # in the order above and a part that would not finish by DEADLINE_S is skipped (said so), so
 # one call brings back all it can. The summary at the end lists what failed.
@@ -30,8 +32,8 @@
 # fresh machine starts from it instead of compiling candle's PTX again (about 20 s).
 #
 # Environment: GLIP (the binary, default target/release/glip) or GLIP_XZ (it, xz-compressed),
-# GLIP_TESTS / GLIP_TESTS_XZ (the GPU test binary, for part a), PARTS (which of 0, f, a, c, b to
-# run; default 0facb), DEVICE (cuda), ITERS (bench iterations, 10), BUDGET_MIN (experiment
+# GLIP_TESTS / GLIP_TESTS_XZ (the GPU test binary, for part a), PARTS (which of 0, f, a, c, b, p
+# to run; default 0facb), PROFILE_ROWS, PROFILE_ITERS and PROFILE_TORCH (0: glip alone; part p), DEVICE (cuda), ITERS (bench iterations, 10), BUDGET_MIN (experiment
 # training minutes, 3), EXPERIMENT_SET (one more --set for it, run.tf32=true), DEADLINE_S (the
 # seconds this script may take, 540), OUT (logs and results: at most 8 files, default a
 # temporary folder), WORK (unpacked binaries, fixtures and the experiment's run folder, default
@@ -288,6 +290,40 @@ if [[ "$PARTS" == *b* ]]; then
       GLIP_CUDA_COMPOSED=1 bench --preset "$preset" --mode train --batch "$batch" --size "$size" \
         --iters "$ITERS" --precision f32
     done
+  fi
+fi
+
+# (p) Where the device time goes, kernel by kernel: glip bench and bench_torch.py under glip's
+# CUPTI tracer (gpu/trace.tar.xz from gpu-pack.sh: scripts/gpu-trace.cpp and its libcupti),
+# over their timed iterations (both mark them with cuProfilerStart / Stop). PROFILE_ROWS:
+# `preset batch size mode precision[+tf32]` per row, `;` between rows.
+if [[ "$PARTS" == *p* && "$DEVICE" != cpu ]]; then
+  if [[ ! -e gpu/trace.tar.xz ]]; then
+    echo "== (p) skipped: no gpu/trace.tar.xz (scripts/gpu-pack.sh builds it)"
+  else
+    mkdir -p "$WORK/trace" && tar -xJf gpu/trace.tar.xz -C "$WORK/trace"
+    PROFILE_ITERS="${PROFILE_ITERS:-5}"
+    IFS=';' read -ra prows <<<"${PROFILE_ROWS:-seed-r50 8 512 train f32;seed-r50 8 512 train bf16;seed-r18 32 256 train f32;seed-r18 8 128 train f32;seed-r50 8 512 infer f32}"
+    echo "== (p) kernel profiles of $PROFILE_ITERS timed iterations (whole tables in trace.txt)"
+    for row in "${prows[@]}"; do
+      read -r preset batch size mode precision <<<"$row"
+      args=(--preset "$preset" --mode "$mode" --batch "$batch" --size "$size" --iters "$PROFILE_ITERS")
+      fits 40 "(p) $row" || continue
+      tf=()
+      [[ "$precision" == *+tf32 ]] && tf=(--tf32)
+      label="glip $preset $mode b$batch@$size ${precision} x$PROFILE_ITERS"
+      CUDA_INJECTION64_PATH="$WORK/trace/libglip-trace.so" GLIP_TRACE_OUT="$OUT/trace.txt" \
+        GLIP_TRACE_LABEL="$label" timeout --kill-after=5 120 "$GLIP" bench --device "$DEVICE" \
+        "${args[@]}" --precision "${precision%+tf32}" "${tf[@]}" 2>&1 | tail -1 | sed 's/^/  /'
+      if [[ -n "$TORCH_PYTHON" && "${PROFILE_TORCH:-1}" == 1 && "$precision" == f32 ]] &&
+        fits 40 "(p) torch $row"; then
+        CUDA_INJECTION64_PATH="$WORK/trace/libglip-trace.so" GLIP_TRACE_OUT="$OUT/trace.txt" \
+          GLIP_TRACE_LABEL="torch $preset $mode b$batch@$size x$PROFILE_ITERS" \
+          timeout --kill-after=5 120 "$TORCH_PYTHON" reference/bench_torch.py --device "$DEVICE" \
+          "${args[@]}" 2>&1 | tail -1 | sed 's/^/  /'
+      fi
+    done
+    [[ -e "$OUT/trace.txt" ]] && grep -A 16 "^== glip-trace" "$OUT/trace.txt"
   fi
 fi
 

@@ -18,7 +18,7 @@
 # candle is built without CUDA).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-eval "$(cargo xtask cuda-env --cudnn)"
+eval "$(cargo xtask cuda-env --cudnn --cupti)"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target/cuda}"
 cargo build --release -p glip-cli --features cudnn
 tests=$(cargo test --release -p glip-train --features cudnn --test cuda --no-run \
@@ -30,11 +30,17 @@ for line in sys.stdin:
         print(m["executable"])')
 [[ -n "$tests" ]] || { echo "gpu-pack: no test binary for tests/cuda.rs" >&2; exit 1; }
 mkdir -p gpu
+# glip's CUPTI tracer (part p of gpu-check.sh), with the libcupti it was built against.
+mkdir -p "$CARGO_TARGET_DIR/trace"
+g++ -O2 -shared -fPIC -std=c++17 -Wall -I"$GLIP_CUPTI/include" -o "$CARGO_TARGET_DIR/trace/libglip-trace.so" \
+  scripts/gpu-trace.cpp -L"$GLIP_CUPTI/lib" -l:libcupti.so.13 -Wl,-rpath,'$ORIGIN'
+cp "$GLIP_CUPTI/lib/libcupti.so.13" "$CARGO_TARGET_DIR/trace/"
+tar -cJf gpu/trace.tar.xz -C "$CARGO_TARGET_DIR/trace" libglip-trace.so libcupti.so.13
 strip -o gpu/glip "$CARGO_TARGET_DIR/release/glip"
 strip -o gpu/cuda-tests "$tests"
 xz -T2 -6 -f gpu/glip gpu/cuda-tests
 size() { du -cb "$@" | tail -1 | awk '{printf "%.1f MB", $1 / 1e6}'; }
-echo "gpu-pack: gpu/glip.xz and gpu/cuda-tests.xz ($(size gpu/*.xz))"
+echo "gpu-pack: gpu/glip.xz, gpu/cuda-tests.xz and gpu/trace.tar.xz ($(size gpu/*.xz))"
 # The fixture inputs, from the reference's venv (cargo xtask fixtures makes it).
 venv_python="${GLIP_CACHE_DIR:-$HOME/.cache/glip-rs}/venv/bin/python"
 mkdir -p gpu/fixture-inputs

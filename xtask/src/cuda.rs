@@ -29,23 +29,40 @@ const CUDA_WHEELS: &[&str] = &[
 ];
 /// cuDNN 9 for CUDA 13 (the version PyTorch 2.11+cu130 pins).
 const CUDNN_WHEEL: &str = "nvidia-cudnn-cu13==9.19.0.56";
+/// CUPTI for CUDA 13.0: the GPU tracer's headers and library (`--cupti`).
+const CUPTI_WHEEL: &str = "nvidia-cuda-cupti==13.0.85";
 
 /// The libraries the build links against, by their unversioned names.
 const LINKED: &[&str] =
     &["libcublas.so", "libcublasLt.so", "libcudart.so", "libnvrtc.so", "libcurand.so"];
 
-/// The venv's `site-packages/nvidia` folder, with the wheels installed.
-fn install(cudnn: bool) -> Result<PathBuf> {
+/// The venv's `site-packages/nvidia` folder, with the wheels installed. The stamp file lists
+/// the wheels installed so far: only the missing ones are installed (a pin changed replaces
+/// its package's line).
+fn install(cudnn: bool, cupti: bool) -> Result<PathBuf> {
     let venv = cache_dir().join("cuda-venv");
     let mut wheels: Vec<&str> = CUDA_WHEELS.to_vec();
     if cudnn {
         wheels.push(CUDNN_WHEEL);
     }
-    let want = wheels.join(" ");
+    if cupti {
+        wheels.push(CUPTI_WHEEL);
+    }
     let stamp = venv.join(".glip-wheels");
     let python = venv.join("bin/python");
-    if !(python.exists() && crate::fixtures::stamp_matches(&stamp, &want)) {
-        eprintln!("cuda-env: installing {} wheels into {}", wheels.len(), venv.display());
+    let installed: Vec<String> = if python.exists() {
+        std::fs::read_to_string(&stamp)
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let missing: Vec<&str> =
+        wheels.iter().copied().filter(|w| !installed.iter().any(|i| i == w)).collect();
+    if !missing.is_empty() {
+        eprintln!("cuda-env: installing {} wheels into {}", missing.len(), venv.display());
         let host = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
         if !python.exists() {
             let s = Command::new(&host).args(["-m", "venv"]).arg(&venv).status()?;
@@ -55,13 +72,19 @@ fn install(cudnn: bool) -> Result<PathBuf> {
         }
         let s = Command::new(&python)
             .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
-            .args(&wheels)
+            .args(&missing)
             .stdout(std::process::Stdio::null())
             .status()?;
         if !s.success() {
-            bail!("pip install of the CUDA wheels failed");
+            bail!("pip install of the CUDA wheels failed: {}", missing.join(" "));
         }
-        std::fs::write(&stamp, &want)?;
+        let package = |w: &str| w.split("==").next().unwrap_or(w).to_owned();
+        let mut now: Vec<String> = installed
+            .into_iter()
+            .filter(|i| missing.iter().all(|m| package(m) != package(i)))
+            .collect();
+        now.extend(missing.iter().map(|m| m.to_string()));
+        std::fs::write(&stamp, now.join(" "))?;
     }
     let lib = std::fs::read_dir(venv.join("lib"))?
         .filter_map(|e| e.ok())
@@ -163,8 +186,8 @@ fn link_root(nvidia: &Path, cudnn: bool) -> Result<PathBuf> {
 }
 
 /// Prints the environment for a CUDA build.
-pub fn run(cudnn: bool) -> Result<()> {
-    let nvidia = install(cudnn)?;
+pub fn run(cudnn: bool, cupti: bool) -> Result<()> {
+    let nvidia = install(cudnn, cupti)?;
     let root = link_root(&nvidia, cudnn)?;
     let w = nvidia.join("cu13");
     println!("export PATH=\"{}:$PATH\"", w.join("bin").display());
@@ -179,6 +202,10 @@ pub fn run(cudnn: bool) -> Result<()> {
     );
     if cudnn {
         println!("export CUDNN_LIB=\"{}\"", root.display());
+    }
+    if cupti {
+        // The tracer's build reads these (scripts/gpu-pack.sh).
+        println!("export GLIP_CUPTI=\"{}\"", w.display());
     }
     eprintln!(
         "cuda-env: ready; eval these exports, then cargo build --release -p glip-cli --features {}",

@@ -38,6 +38,9 @@ enum Cmd {
         /// Also cuDNN 9 (for `--features cudnn`).
         #[arg(long)]
         cudnn: bool,
+        /// Also CUPTI (headers and libcupti), for glip's GPU tracer (`scripts/gpu-trace.cpp`).
+        #[arg(long)]
+        cupti: bool,
     },
     /// glip bench and the PyTorch reference's bench_torch.py on the same presets, side by
     /// side, with the table of ratios (release build; the reference's venv).
@@ -65,7 +68,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Experiment(a) => experiment::run(a),
         Cmd::Fixtures { force } => fixtures::run(force),
         Cmd::Test { args } => fixtures::test(&args),
-        Cmd::CudaEnv { cudnn } => cuda::run(cudnn),
+        Cmd::CudaEnv { cudnn, cupti } => cuda::run(cudnn, cupti),
         Cmd::BenchVsTorch { iters, rounds } => bench::run(iters, rounds),
     }
 }

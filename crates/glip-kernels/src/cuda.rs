@@ -56,6 +56,21 @@ pub fn deterministic() -> bool {
     DETERMINISTIC.load(Ordering::Relaxed)
 }
 
+/// Marks the start (`on`) or the end of a region for a CUDA profiler attached to the process
+/// (`cuProfilerStart` / `cuProfilerStop`): `nsys profile -c cudaProfilerApi`, or glip's own
+/// tracer (`scripts/gpu-trace.cpp`), then look at that region only. `glip bench` marks its
+/// timed iterations. Nothing happens on other devices, nor without a profiler.
+pub fn profiler_range(device: &candle_core::Device, on: bool) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        use candle_core::cuda_backend::cudarc::driver;
+        let r = if on { driver::profiler_start() } else { driver::profiler_stop() };
+        return r.map_err(|e| candle_core::Error::Msg(format!("cuProfiler: {e}")));
+    }
+    let _ = (device, on);
+    Ok(())
+}
+
 /// Whether this build runs CUDA convolutions (and their gradients) through cuDNN.
 pub const CUDNN: bool = cfg!(feature = "cudnn");
 

@@ -267,11 +267,14 @@ pub fn run(spec: &BenchSpec, dev: &Device) -> Result<BenchResult> {
     let times = glip_kernels::bf16::autocast(scope, || -> Result<Vec<f64>> {
         step(false)?;
         let mut times = Vec::with_capacity(spec.iters);
+        // The timed iterations, for a profiler attached (the warm-up left out).
+        glip_kernels::cuda::profiler_range(dev, true)?;
         for _ in 0..spec.iters {
             let t = Instant::now();
             step(true)?;
             times.push(t.elapsed().as_secs_f64());
         }
+        glip_kernels::cuda::profiler_range(dev, false)?;
         Ok(times)
     })?;
     let phases = spec.phases.then(|| {
