@@ -182,8 +182,14 @@ impl Loader {
             let (tx, rx) = std::sync::mpsc::sync_channel(self.prefetch);
             scope.spawn(move || {
                 for s in from..to {
+                    // On a GPU this thread's copies run on its own stream (candle's streams are
+                    // per thread): the batch goes over once its copy has finished.
+                    let batch = self.step_batch(s).and_then(|b| {
+                        self.device.synchronize().map_err(DataError::from)?;
+                        Ok(b)
+                    });
                     // A closed channel: training stopped; make nothing more.
-                    if tx.send((s, self.step_batch(s))).is_err() {
+                    if tx.send((s, batch)).is_err() {
                         break;
                     }
                 }

@@ -56,6 +56,27 @@ pub fn deterministic() -> bool {
     DETERMINISTIC.load(Ordering::Relaxed)
 }
 
+/// CUDA device `ordinal` as glip computes on it. candle runs everything on one stream (the
+/// calling thread's default stream), and cudarc's per-buffer events, which order a buffer's uses
+/// across streams, are only consulted once a context has a second stream; yet with event
+/// tracking on (cudarc's default) every allocation created and destroyed two of them: 97,260
+/// `cuEventCreate` and as many `cuEventDestroy` calls in five seed-r50 training steps on the
+/// H200 (`scripts/gpu-trace.cpp`), about 10 ms of host time a step. They are turned off here.
+#[cfg_attr(feature = "cuda", allow(unsafe_code, reason = "cudarc's switch for its events"))]
+pub fn new_device(ordinal: usize) -> Result<candle_core::Device> {
+    let device = candle_core::Device::new_cuda(ordinal)?;
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(c) = &device {
+        // SAFETY: cudarc's condition for turning the events off is that the caller orders
+        // uses across streams itself. glip computes on candle's stream alone; the one other
+        // stream is the data loader's worker thread (its own default stream), which waits for
+        // its host-to-device copy to finish before it hands a batch over (glip-data's
+        // `Loader::for_steps`), so no buffer is used on two streams at once.
+        unsafe { c.disable_event_tracking() };
+    }
+    Ok(device)
+}
+
 /// Marks the start (`on`) or the end of a region for a CUDA profiler attached to the process
 /// (`cuProfilerStart` / `cuProfilerStop`): `nsys profile -c cudaProfilerApi`, or glip's own
 /// tracer (`scripts/gpu-trace.cpp`), then look at that region only. `glip bench` marks its

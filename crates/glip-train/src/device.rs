@@ -77,7 +77,7 @@ impl DeviceSpec {
             DeviceSpec::Cpu => Ok(Device::Cpu),
             DeviceSpec::Auto => {
                 if cuda_built() {
-                    if let Ok(d) = Device::new_cuda(0) {
+                    if let Ok(d) = glip_kernels::cuda::new_device(0) {
                         return Ok(d);
                     }
                 }
@@ -90,7 +90,7 @@ impl DeviceSpec {
                         msg: format!("cuda:{n}: {NO_CUDA}"),
                     });
                 }
-                Device::new_cuda(n).map_err(|e| Error::Config {
+                glip_kernels::cuda::new_device(n).map_err(|e| Error::Config {
                     key: "device".into(),
                     msg: format!("cuda:{n}: no such GPU ({e})"),
                 })

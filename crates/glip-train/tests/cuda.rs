@@ -38,7 +38,7 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use glip_kernels::bf16::{autocast, Precision};
 
 fn gpu() -> Device {
-    Device::new_cuda(0).expect("the GPU tests need cuda:0 (a GPU and a CUDA build)")
+    glip_kernels::cuda::new_device(0).expect("the GPU tests need cuda:0 (a GPU and a CUDA build)")
 }
 
 /// f32's unit round-off.
