@@ -8,14 +8,14 @@
 #       carried in gpu/fixture-inputs/) unless they were carried;
 #   (a) the parity suite and the op tests on CUDA (the test binary of
 #       crates/glip-train/tests/cuda.rs);
-#   (c) the default experiment on the GPU for a short budget, printing validation AP50 against
-#       training minutes;
 #   (b) `glip bench` on the issue's presets in f32 and bf16 with `reference/bench_torch.py`
 #       beside each (PyTorch on the same GPU in the same call), then f32 with TF32, each
-#       training step's phases, and (COMPOSED=1) glip's normalisation kernels against candle's
-#       compositions;
+#       training step's phases, and (COMPOSED=1) glip's normalisation kernels against
+#       candle's compositions;
 #   (p) kernel profiles: glip bench and bench_torch.py under glip's CUPTI tracer
-#       (scripts/gpu-trace.cpp), device time per kernel over the timed iterations.
+#       (scripts/gpu-trace.cpp), device time per kernel over the timed iterations;
+#   (c) the default experiment on the GPU for a short budget, printing validation AP50 against
+#       training minutes.
 # Every step has its own time limit and a failed step does not stop the others; the parts run
 # in the order above and a part that would not finish by DEADLINE_S is skipped (said so), so
 # one call brings back all it can. The summary at the end lists what failed.
@@ -32,8 +32,8 @@
 # fresh machine starts from it instead of compiling candle's PTX again (about 20 s).
 #
 # Environment: GLIP (the binary, default target/release/glip) or GLIP_XZ (it, xz-compressed),
-# GLIP_TESTS / GLIP_TESTS_XZ (the GPU test binary, for part a), PARTS (which of 0, f, a, c, b, p
-# to run; default 0facb), PROFILE_ROWS, PROFILE_ITERS and PROFILE_TORCH (0: glip alone; part p), DEVICE (cuda), ITERS (bench iterations, 10), BUDGET_MIN (experiment
+# GLIP_TESTS / GLIP_TESTS_XZ (the GPU test binary, for part a), PARTS (which of 0, f, a, b, p, c
+# to run; default 0fabc), PROFILE_ROWS, PROFILE_ITERS and PROFILE_TORCH (0: glip alone; part p), DEVICE (cuda), ITERS (bench iterations, 10), BUDGET_MIN (experiment
 # training minutes, 3), EXPERIMENT_SET (one more --set for it, run.tf32=true), DEADLINE_S (the
 # seconds this script may take, 540), OUT (logs and results: at most 8 files, default a
 # temporary folder), WORK (unpacked binaries, fixtures and the experiment's run folder, default
@@ -45,7 +45,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 T0=$(date +%s)
 DEVICE="${DEVICE:-cuda}"
-PARTS="${PARTS:-0facb}"
+PARTS="${PARTS:-0fabc}"
 ITERS="${ITERS:-10}"
 BUDGET_MIN="${BUDGET_MIN:-3}"
 DEADLINE_S="${DEADLINE_S:-540}"
@@ -212,28 +212,6 @@ if [[ "$PARTS" == *a* ]]; then
   fi
 fi
 
-# (c) The default experiment on the device for a short budget.
-if [[ "$PARTS" == *c* ]] && fits "$(python3 -c "print(int($BUDGET_MIN * 60 + 60))")" "(c) experiment"; then
-  echo "== (c) experiment: configs/shapes.toml, $BUDGET_MIN min of training, --set $EXPERIMENT_SET"
-  start=$(date +%s)
-  limit=$(python3 -c "print(int($BUDGET_MIN * 60 * 1.5 + 90))")
-  step "$limit" "experiment" "$GLIP" experiment configs/shapes.toml --device "$DEVICE" \
-    --out "$WORK/shapes" --set "run.time_budget_min=$BUDGET_MIN" --set "$EXPERIMENT_SET" \
-    >"$OUT/experiment.log" 2>&1 || tail -20 "$OUT/experiment.log"
-  echo "(c) took $(($(date +%s) - start)) s"
-  if [[ -e "$WORK/shapes/eval.jsonl" ]]; then
-    echo "val AP50 against training minutes (eval.jsonl):"
-    python3 - "$WORK/shapes/eval.jsonl" <<'PY'
-import json, sys
-for line in open(sys.argv[1]):
-    e = json.loads(line)
-    print(f"step {e['step']:5d}  {e['train_minutes']:5.2f} min  val AP50 {e['val']['stats']['AP50']:.3f}"
-          f"  held-out AP50 {e['heldout_ap50']:.3f}")
-PY
-    tar -czf "$OUT/shapes-run.tar.gz" -C "$WORK" --exclude='checkpoint*' shapes
-  fi
-fi
-
 # (b) The issue's presets: (preset, batch, size, modes). PyTorch 2.11 on the H200 (an earlier
 # call): seed-r50 b8@512 infer 0.031 s / train 0.083 s; seed-r18 b32@256 infer 0.0115 s /
 # train 0.081 s; seed-r18 b8@128 train 0.060 s.
@@ -324,6 +302,28 @@ if [[ "$PARTS" == *p* && "$DEVICE" != cpu ]]; then
       fi
     done
     [[ -e "$OUT/trace.txt" ]] && grep -A 16 "^== glip-trace" "$OUT/trace.txt"
+  fi
+fi
+
+# (c) The default experiment on the device for a short budget.
+if [[ "$PARTS" == *c* ]] && fits "$(python3 -c "print(int($BUDGET_MIN * 60 + 60))")" "(c) experiment"; then
+  echo "== (c) experiment: configs/shapes.toml, $BUDGET_MIN min of training, --set $EXPERIMENT_SET"
+  start=$(date +%s)
+  limit=$(python3 -c "print(int($BUDGET_MIN * 60 * 1.5 + 90))")
+  step "$limit" "experiment" "$GLIP" experiment configs/shapes.toml --device "$DEVICE" \
+    --out "$WORK/shapes" --set "run.time_budget_min=$BUDGET_MIN" --set "$EXPERIMENT_SET" \
+    >"$OUT/experiment.log" 2>&1 || tail -20 "$OUT/experiment.log"
+  echo "(c) took $(($(date +%s) - start)) s"
+  if [[ -e "$WORK/shapes/eval.jsonl" ]]; then
+    echo "val AP50 against training minutes (eval.jsonl):"
+    python3 - "$WORK/shapes/eval.jsonl" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    e = json.loads(line)
+    print(f"step {e['step']:5d}  {e['train_minutes']:5.2f} min  val AP50 {e['val']['stats']['AP50']:.3f}"
+          f"  held-out AP50 {e['heldout_ap50']:.3f}")
+PY
+    tar -czf "$OUT/shapes-run.tar.gz" -C "$WORK" --exclude='checkpoint*' shapes
   fi
 fi
 

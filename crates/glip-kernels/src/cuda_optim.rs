@@ -22,7 +22,7 @@
 
 use crate::cuda_launch::{elementwise, per_row, view, OPTIM};
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, PushKernelArg};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage};
 use candle_core::op::BackpropOp;
 use candle_core::{DType, Layout, Result, Storage, Tensor};
@@ -97,8 +97,63 @@ pub(crate) fn ema(
     launch("glip_ema", e, w, (1, 1), &[d as f32, (1.0 - d) as f32])
 }
 
-/// At most this many blocks (partial sums) per tensor in [`sum_squares_all`].
-const MAX_PARTS: usize = 256;
+/// Elements per block in the many-tensor kernels (`glip_sum_squares_all`, `glip_adamw_all`):
+/// 128 per thread; a tensor of fewer takes one block.
+const CHUNK: usize = 1 << 15;
+
+/// One tensor's row of the many-tensor kernels' table (`crate::cuda_source::OPTIM`).
+struct Row<'a> {
+    w: Option<&'a Tensor>,
+    mv: Option<&'a Tensor>,
+    g: &'a Tensor,
+    scalars: [f32; 9],
+}
+
+/// The table of `rows` on `dev` (uploaded in one copy) and the number of chunks (blocks). The
+/// storages' read guards are held while the addresses are taken; the caller keeps the tensors
+/// alive until its launch is queued (after that, candle's stream orders any later use or
+/// release of their memory behind the kernel).
+fn table(rows: &[Row<'_>], dev: &CudaDevice) -> Result<(CudaSlice<u64>, usize)> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    let stream = dev.cuda_stream();
+    let words = crate::cuda_source::TABLE_WORDS;
+    let mut t = vec![0u64; rows.len() * words];
+    let mut chunks = 0usize;
+    let address = |x: &Tensor, what: &str, len: usize| -> Result<u64> {
+        let (storage, layout) = x.storage_and_layout();
+        let Storage::Cuda(s) = &*storage else {
+            candle_core::bail!("{what}: a tensor is not on the GPU")
+        };
+        if s.device().id() != dev.id() {
+            candle_core::bail!("{what}: the tensors are on different GPUs")
+        }
+        let v = view(s, layout, what)?;
+        if v.len() != len {
+            candle_core::bail!("{what}: {} elements where {len} were expected", v.len())
+        }
+        let (ptr, _record) = v.device_ptr(&stream);
+        Ok(ptr)
+    };
+    for (row, e) in rows.iter().zip(t.chunks_mut(words)) {
+        let n = row.g.elem_count();
+        e[2] = address(row.g, "optimizer (gradient)", n)?;
+        if let Some(w) = row.w {
+            e[0] = address(w, "optimizer (weight)", n)?;
+        }
+        if let Some(mv) = row.mv {
+            e[1] = address(mv, "optimizer (moments)", 2 * n)?;
+        }
+        e[3] = n as u64;
+        e[4] = chunks as u64;
+        for (k, pair) in row.scalars.chunks(2).enumerate() {
+            let lo = pair[0].to_bits() as u64;
+            let hi = pair.get(1).map_or(0, |v| v.to_bits() as u64);
+            e[5 + k] = lo | (hi << 32);
+        }
+        chunks += n.div_ceil(CHUNK);
+    }
+    Ok((stream.clone_htod(&t).map_err(candle_core::Error::wrap)?, chunks))
+}
 
 /// The sum of the squares of every element of `xs` (f32 tensors on `dev`), accumulated in f64,
 /// as a scalar f64 tensor on `dev`; nothing is read back.
@@ -107,43 +162,37 @@ const MAX_PARTS: usize = 256;
 /// is five kernels and three allocations per tensor, and candle reduces a `sum_all` in a
 /// single block, one multiprocessor reading the whole tensor: on the H200 the gradient norm of
 /// seed-r50's 135 M parameters made most of the optimiser phase's 0.116 s
-/// (`glip bench --phases`). Here each tensor is one launch of up to [`MAX_PARTS`] blocks of
-/// grid-stride partial sums (a block per 1,024 elements at least), written side by side into
-/// one buffer, then one block adds the buffer. The order of every sum depends on the sizes only.
+/// (`glip bench --phases`). Here one launch sums every tensor: a block per chunk of
+/// [`CHUNK`] elements of one tensor (blocks stride over the chunks beyond 65,535) adds into its
+/// partial sum, side by side in one buffer, then one block adds the buffer. The order of every
+/// sum depends on the sizes only.
 pub(crate) fn sum_squares_all(xs: &[&Tensor], dev: &CudaDevice) -> Result<Tensor> {
     let threads = crate::cuda_source::THREADS as usize;
-    let blocks: Vec<usize> =
-        xs.iter().map(|x| x.elem_count().div_ceil(4 * threads).clamp(1, MAX_PARTS)).collect();
-    let total: usize = blocks.iter().sum();
-    // SAFETY: every one of the `total` partials is written by the block of its tensor below
-    // (a block with no elements writes 0) before `glip_sum_f64` reads them.
+    let xs: Vec<Tensor> = xs.iter().map(|x| x.contiguous()).collect::<Result<_>>()?;
+    let rows: Vec<Row<'_>> =
+        xs.iter().map(|g| Row { w: None, mv: None, g, scalars: [0.0; 9] }).collect();
+    let (table, chunks) = table(&rows, dev)?;
+    let cfg = per_row(chunks, threads);
+    let total = if chunks == 0 { 0 } else { cfg.grid_dim.0 as usize };
+    // SAFETY: every one of the `total` partials is written by its block below before
+    // `glip_sum_f64` reads them.
     let mut parts = unsafe { dev.alloc::<f64>(total.max(1)) }?;
     let stream = dev.cuda_stream();
-    let func = OPTIM.func(dev, "glip_sum_squares")?;
-    let mut at = 0;
-    for (x, &nb) in xs.iter().zip(&blocks) {
-        let x = x.contiguous()?;
-        let (storage, layout) = x.storage_and_layout();
-        let Storage::Cuda(s) = &*storage else {
-            candle_core::bail!("sum of squares: a tensor is not on the GPU")
-        };
-        if s.device().id() != dev.id() {
-            candle_core::bail!("sum of squares: the tensors are on different GPUs")
-        }
-        let src = view(s, layout, "sum of squares")?;
-        let n = src.len() as u64;
-        let mut dst = parts.slice_mut(at..at + nb);
+    if total > 0 {
+        let func = OPTIM.func(dev, "glip_sum_squares_all")?;
+        let (tensors, chunk, n_chunks) = (rows.len() as u32, CHUNK as u64, chunks as u64);
         let mut b = stream.launch_builder(&func);
-        b.arg(&src);
-        b.arg(&n);
-        b.arg(&mut dst);
-        // `nb` blocks of `THREADS` (the kernels' shared arrays hold one value per thread).
-        let cfg = per_row(nb, threads);
-        // SAFETY: `glip_sum_squares(const float *x, unsigned long long n, double *parts)`
-        // reads `x[0..n]` (the view's length) and writes `parts[blockIdx.x]` for the `nb`
-        // blocks of this launch: `dst`'s length.
+        b.arg(&table);
+        b.arg(&tensors);
+        b.arg(&chunk);
+        b.arg(&n_chunks);
+        b.arg(&mut parts);
+        // SAFETY: `glip_sum_squares_all(const unsigned long long *table, unsigned tensors,
+        // unsigned long long chunk, unsigned long long chunks, double *parts)`: `table` holds
+        // `tensors` rows, each gradient's address and length checked against its view; the
+        // blocks read the `chunks` chunks of them and block `b` writes `parts[b]`: `total`
+        // blocks for the `total` partials.
         unsafe { b.launch(cfg) }.map_err(candle_core::Error::wrap)?;
-        at += nb;
     }
     // SAFETY: `glip_sum_f64` writes its one element.
     let mut out = unsafe { dev.alloc::<f64>(1) }?;
@@ -161,14 +210,65 @@ pub(crate) fn sum_squares_all(xs: &[&Tensor], dev: &CudaDevice) -> Result<Tensor
     Ok(Tensor::from_storage(storage, (), BackpropOp::none(), false))
 }
 
+/// AdamW's step ([`moments`] then [`apply`], the same arithmetic) of every `(weight, moments,
+/// gradient, constants)` on `dev` in one launch: a block per chunk of [`CHUNK`] elements of
+/// one tensor (striding over the chunks beyond 65,535). One AdamW step of seed-r50's 434 parameter tensors was 868 launches (and as
+/// many of the norm's); the launches, not the work, made the optimiser's share of a step.
+/// Weights and moments are written in place: the optimiser owns them, and candle's stream
+/// orders the writes after every earlier use.
+pub(crate) fn adamw_all(
+    items: &[(&Tensor, &Tensor, &Tensor, crate::optim::AdamWStep)],
+    dev: &CudaDevice,
+) -> Result<()> {
+    let rows: Vec<Row<'_>> = items
+        .iter()
+        .map(|(w, mv, g, h)| Row {
+            w: Some(*w),
+            mv: Some(*mv),
+            g,
+            scalars: [
+                h.clip,
+                h.b1,
+                1.0 - h.b1,
+                h.b2,
+                1.0 - h.b2,
+                1.0 - h.lr * h.weight_decay,
+                h.lr / h.bc1,
+                1.0 / h.bc2.sqrt(),
+                h.eps,
+            ]
+            .map(|v| v as f32),
+        })
+        .collect();
+    let (table, chunks) = table(&rows, dev)?;
+    if chunks == 0 {
+        return Ok(());
+    }
+    let func = OPTIM.func(dev, "glip_adamw_all")?;
+    let (tensors, chunk, n_chunks) = (rows.len() as u32, CHUNK as u64, chunks as u64);
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&func);
+    b.arg(&table);
+    b.arg(&tensors);
+    b.arg(&chunk);
+    b.arg(&n_chunks);
+    // SAFETY: `glip_adamw_all(const unsigned long long *table, unsigned tensors,
+    // unsigned long long chunk, unsigned long long chunks)`: each row's weight (n), moments
+    // (2 n) and gradient (n) were checked against their views' lengths; the blocks stride over
+    // the `chunks` chunks, each read and written by one block.
+    unsafe { b.launch(per_row(chunks, crate::cuda_source::THREADS as usize)) }
+        .map_err(candle_core::Error::wrap)?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     /// NVRTC compiles the kernels (no GPU needed, only libnvrtc) and the PTX has all five.
     #[test]
     fn the_kernels_compile_with_nvrtc() {
         let ptx = crate::cuda_launch::OPTIM.ptx().unwrap();
-        let names = ["glip_adamw_moments", "glip_adamw_apply", "glip_ema", "glip_sum_squares"];
-        for name in names.into_iter().chain(["glip_sum_f64"]) {
+        let names = ["glip_adamw_moments", "glip_adamw_apply", "glip_ema", "glip_sum_squares_all"];
+        for name in names.into_iter().chain(["glip_adamw_all", "glip_sum_f64"]) {
             assert!(ptx.contains(&format!(".entry {name}")), "{name} missing from the PTX");
         }
     }

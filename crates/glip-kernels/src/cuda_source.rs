@@ -25,11 +25,22 @@ pub(crate) fn block_threads(n: usize) -> u32 {
     (n.next_power_of_two() as u32).clamp(32, THREADS)
 }
 
+/// 64-bit words per tensor in the many-tensor kernels' table (`GLIP_TABLE_WORDS` in [`OPTIM`]).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code, reason = "read by cuda_optim and the tests"))]
+pub(crate) const TABLE_WORDS: usize = 10;
+
 /// The optimiser's passes ([`crate::optim`]): AdamW's moment update and weight update and the
-/// EMA, grid-stride loops over `n` elements; and the gradient norm's sum of squares in f64: each
-/// block's partial sum of a tensor (`glip_sum_squares`, grid-stride, a tree in shared memory),
-/// then one block adding every tensor's partials (`glip_sum_f64`), so the order of the sums is
+/// EMA, grid-stride loops over `n` elements; the same AdamW update for many tensors in one
+/// launch (`glip_adamw_all`); and the gradient norm's sum of squares in f64 over many tensors:
+/// each block's partial sum of one chunk of one tensor (`glip_sum_squares_all`, a tree in shared
+/// memory), then one block adding every partial (`glip_sum_f64`), so the order of the sums is
 /// fixed by the sizes alone (the same total on every run).
+///
+/// The many-tensor kernels read a table of [`TABLE_WORDS`] 64-bit words per tensor: the
+/// addresses of the weight, its moments `[m; v]` and its gradient, its length `n`, the index of
+/// its first chunk, then 32-bit floats (AdamW's `c, b1, a1, b2, a2, keep, step, r, eps`). Chunk
+/// `b` (of `chunks`; blocks stride over them) is `chunk` elements of the tensor whose chunks hold
+/// `b` (a binary search over the first-chunk indices), from `(b - first) chunk` on.
 pub(crate) const OPTIM: &str = r#"
 __device__ void glip_tree_sum_f64(double acc, double *sh) {
     sh[threadIdx.x] = acc;
@@ -40,16 +51,64 @@ __device__ void glip_tree_sum_f64(double acc, double *sh) {
     }
 }
 
-extern "C" __global__ void glip_sum_squares(const float *x, unsigned long long n, double *parts) {
+#define GLIP_TABLE_WORDS 10
+
+/// The table entry of the tensor whose chunks hold chunk `b`, and the chunk's first element.
+__device__ const unsigned long long *glip_entry(const unsigned long long *table,
+                                                unsigned int tensors, unsigned long long chunk,
+                                                unsigned long long b, unsigned long long *start) {
+    unsigned int lo = 0, hi = tensors - 1;
+    while (lo < hi) {
+        unsigned int mid = (lo + hi + 1) / 2;
+        if (table[mid * GLIP_TABLE_WORDS + 4] <= b) lo = mid; else hi = mid - 1;
+    }
+    const unsigned long long *e = table + lo * GLIP_TABLE_WORDS;
+    *start = (b - e[4]) * chunk;
+    return e;
+}
+
+extern "C" __global__ void glip_sum_squares_all(const unsigned long long *table,
+                                                unsigned int tensors, unsigned long long chunk,
+                                                unsigned long long chunks, double *parts) {
     __shared__ double sh[256];
     double acc = 0.0;
-    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
-         i += (unsigned long long)blockDim.x * gridDim.x) {
-        double v = (double)x[i];
-        acc += v * v;
+    for (unsigned long long b = blockIdx.x; b < chunks; b += gridDim.x) {
+        unsigned long long start;
+        const unsigned long long *e = glip_entry(table, tensors, chunk, b, &start);
+        const float *x = (const float *)e[2];
+        unsigned long long n = e[3];
+        unsigned long long end = start + chunk < n ? start + chunk : n;
+        for (unsigned long long i = start + threadIdx.x; i < end; i += blockDim.x) {
+            double v = (double)x[i];
+            acc += v * v;
+        }
     }
     glip_tree_sum_f64(acc, sh);
     if (threadIdx.x == 0) parts[blockIdx.x] = sh[0];
+}
+
+extern "C" __global__ void glip_adamw_all(const unsigned long long *table, unsigned int tensors,
+                                          unsigned long long chunk, unsigned long long chunks) {
+    for (unsigned long long b = blockIdx.x; b < chunks; b += gridDim.x) {
+        unsigned long long start;
+        const unsigned long long *e = glip_entry(table, tensors, chunk, b, &start);
+        float *w = (float *)e[0];
+        float *mv = (float *)e[1];
+        const float *g = (const float *)e[2];
+        unsigned long long n = e[3];
+        const float *s = (const float *)(e + 5);
+        float c = s[0], b1 = s[1], a1 = s[2], b2 = s[3], a2 = s[4];
+        float keep = s[5], step = s[6], r = s[7], eps = s[8];
+        unsigned long long end = start + chunk < n ? start + chunk : n;
+        for (unsigned long long i = start + threadIdx.x; i < end; i += blockDim.x) {
+            float gi = c * g[i];
+            float m = b1 * mv[i] + a1 * gi;
+            float v = b2 * mv[n + i] + a2 * (gi * gi);
+            mv[i] = m;
+            mv[n + i] = v;
+            w[i] = w[i] * keep - step * m / (sqrtf(v) * r + eps);
+        }
+    }
 }
 
 extern "C" __global__ void glip_sum_f64(const double *parts, unsigned long long n, double *out) {
@@ -1089,34 +1148,56 @@ mod emulation_optim {
             (0..n).map(|i| (f(d) * f(w[i])).abs() + (f(a) * f(g[i])).abs()).collect();
         check("ema", &out["e"], &e2, &emag, 3.0);
     }
-    /// The gradient norm's sum of squares as `cuda_optim::sum_squares_all` launches it
-    /// (partials per tensor side by side, then one block over them), over tensors of 1000, 1 and
-    /// 2999 elements (grids of 1, 1 and 3 blocks of 256: the grid-stride loop, a block with one
-    /// element and blocks with none), against the exact sum: each square of an f32 is exact in
-    /// f64, each of the at most `n` additions rounds once, so the error is at most
-    /// `n u64 sum(x^2)` (`u64 = 2^-53`). The total comes back as two f32 (high and low parts).
+    /// C++ that fills `table` (`GLIP_TABLE_WORDS` words a row) for the arrays named `w{i}`,
+    /// `mv{i}`, `g{i}` of `sizes` (a weight and moments only with `adamw`), chunks of `chunk`,
+    /// and scalars `sc{i}` (nine floats each, with `adamw`); returns it and the chunk count.
+    fn table_code(sizes: &[usize], chunk: usize, adamw: bool) -> (String, usize) {
+        let words = super::TABLE_WORDS;
+        let mut code =
+            format!("static unsigned long long table[{}] = {{0}};\n", sizes.len() * words);
+        let mut first = 0;
+        for (i, &n) in sizes.iter().enumerate() {
+            let row = i * words;
+            code += &format!(
+                "table[{row} + 2] = (unsigned long long)g{i}; table[{row} + 3] = {n}; \
+                 table[{row} + 4] = {first};\n"
+            );
+            if adamw {
+                code += &format!(
+                    "table[{row}] = (unsigned long long)w{i}; table[{row} + 1] = (unsigned long long)mv{i}; \
+                     std::memcpy(&table[{row} + 5], sc{i}, 9 * sizeof(float));\n"
+                );
+            }
+            first += n.div_ceil(chunk);
+        }
+        (code, first)
+    }
+
+    /// The gradient norm's sum of squares as `cuda_optim::sum_squares_all` launches it (one
+    /// table of tensors, chunks of 512 here, fewer blocks than chunks so that blocks stride over
+    /// them, then one block over the partials), over tensors of 1000, 1 and 2999 elements
+    /// (chunks of one tensor, a tensor of one element, a last chunk partly filled), against the
+    /// exact sum: each square of an f32 is exact in f64, each of the at most `n` additions
+    /// rounds once, so the error is at most `n u64 sum(x^2)` (`u64 = 2^-53`). The total comes
+    /// back as two f32 (high and low parts).
     #[test]
     fn sum_of_squares_matches_the_exact_sum() {
         let sizes = [1000usize, 1, 2999];
         let xs: Vec<Vec<f32>> =
             sizes.iter().enumerate().map(|(i, &n)| random(n, 31 + i as u64, 3.0)).collect();
-        let blocks: Vec<usize> = sizes.iter().map(|n| n.div_ceil(1024).clamp(1, 256)).collect();
-        let total: usize = blocks.iter().sum();
-        let mut body = format!("static double parts[{total}], out[1];\n");
-        let mut at = 0;
-        for (i, (&n, &nb)) in sizes.iter().zip(&blocks).enumerate() {
-            body += &format!(
-                "glip_launch({nb}, 1, 256, [] {{ glip_sum_squares(x{i}, {n}, parts + {at}); }});\n"
-            );
-            at += nb;
-        }
-        body += &format!(
-            "glip_launch(1, 1, 256, [] {{ glip_sum_f64(parts, {total}, out); }});
+        let (table, chunks) = table_code(&sizes, 512, false);
+        let grid = 4;
+        assert!(chunks > grid);
+        let body = format!(
+            "{table}static double parts[{grid}], out[1];
+             glip_launch({grid}, 1, 256, [] {{ glip_sum_squares_all(table, {}, 512, {chunks}, parts); }});
+             glip_launch(1, 1, 256, [] {{ glip_sum_f64(parts, {grid}, out); }});
              float hl[2] = {{(float)out[0], (float)(out[0] - (double)(float)out[0])}};
-             glip_print(\"total\", hl, 2);"
+             glip_print(\"total\", hl, 2);",
+            sizes.len()
         );
         let arrays: Vec<(String, Vec<f32>)> =
-            xs.iter().enumerate().map(|(i, x)| (format!("x{i}"), x.clone())).collect();
+            xs.iter().enumerate().map(|(i, x)| (format!("g{i}"), x.clone())).collect();
         let named: Vec<(&str, Vec<f32>)> =
             arrays.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
         let Some(out) = emulate(OPTIM, &named, &body) else {
@@ -1128,5 +1209,59 @@ mod emulation_optim {
         // The host's sum above rounds too: twice the bound covers both.
         let bound = 2.0 * n as f64 * (f64::EPSILON / 2.0) * exact;
         assert!((got - exact).abs() <= bound, "sum of squares {got} vs {exact} (bound {bound:e})");
+    }
+
+    /// AdamW over three tensors in one launch (`glip_adamw_all`, as `cuda_optim::adamw_all`
+    /// builds its table: each tensor its own constants) against the per-tensor kernels
+    /// (`glip_adamw_moments` then `glip_adamw_apply`, checked against exact arithmetic above)
+    /// on copies of the same inputs: the same operations on the same values, so the same bits.
+    /// Chunks of 512 and fewer blocks than chunks, as in the sum of squares.
+    #[test]
+    fn adamw_over_many_tensors_matches_the_kernels_per_tensor() {
+        let sizes = [1000usize, 1, 1500];
+        let mut arrays: Vec<(String, Vec<f32>)> = Vec::new();
+        let mut per_tensor = String::new();
+        for (i, &n) in sizes.iter().enumerate() {
+            let k = 40 + 4 * i as u64;
+            let v: Vec<f32> = random(n, k + 2, 0.001).iter().map(|x| x * x).collect();
+            let mv: Vec<f32> = random(n, k + 1, 0.01).into_iter().chain(v).collect();
+            // c, b1, a1, b2, a2, keep, step, r, eps: a learning rate and decay per tensor.
+            let lr = 1e-3 * (i + 1) as f32;
+            let sc = [0.8, 0.9, 0.1, 0.999, 0.001, 1.0 - lr * 0.01 * i as f32, lr / 0.1, 5.0, 1e-8];
+            arrays.push((format!("g{i}"), random(n, k, 0.1)));
+            arrays.push((format!("w{i}"), random(n, k + 3, 1.0)));
+            arrays.push((format!("pw{i}"), arrays.last().unwrap().1.clone()));
+            arrays.push((format!("mv{i}"), mv.clone()));
+            arrays.push((format!("pmv{i}"), mv));
+            arrays.push((format!("sc{i}"), sc.to_vec()));
+            per_tensor += &format!(
+                "glip_launch(2, 1, 256, [] {{ glip_adamw_moments(pmv{i}, g{i}, {n}, sc{i}[0], sc{i}[1], sc{i}[2], sc{i}[3], sc{i}[4]); }});
+                 glip_launch(2, 1, 256, [] {{ glip_adamw_apply(pw{i}, pmv{i}, {n}, sc{i}[5], sc{i}[6], sc{i}[7], sc{i}[8]); }});
+                 glip_print(\"w{i}\", w{i}, {n}); glip_print(\"pw{i}\", pw{i}, {n});
+                 glip_print(\"mv{i}\", mv{i}, {}); glip_print(\"pmv{i}\", pmv{i}, {});\n",
+                2 * n,
+                2 * n
+            );
+        }
+        let (table, chunks) = table_code(&sizes, 512, true);
+        assert!(chunks > 3);
+        let body = format!(
+            "{table}glip_launch(3, 1, 256, [] {{ glip_adamw_all(table, {}, 512, {chunks}); }});\n{per_tensor}",
+            sizes.len()
+        );
+        let named: Vec<(&str, Vec<f32>)> =
+            arrays.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+        let Some(out) = emulate(OPTIM, &named, &body) else {
+            return;
+        };
+        for i in 0..sizes.len() {
+            for what in ["w", "mv"] {
+                let (all, one) = (&out[&format!("{what}{i}")], &out[&format!("p{what}{i}")]);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(all), bits(one), "{what}{i}: one launch against per tensor");
+                let before = &arrays.iter().find(|(k, _)| *k == format!("{what}{i}")).unwrap().1;
+                assert_ne!(bits(all), bits(before), "{what}{i} was not updated");
+            }
+        }
     }
 }

@@ -233,6 +233,29 @@ pub fn adamw_update(w: &Var, moments: &mut Tensor, g: &Tensor, h: &AdamWStep) ->
     w.set(&new_w)
 }
 
+/// [`adamw_update`] of every `(weight, moments, gradient, constants)`: on CUDA (contiguous f32
+/// tensors on one GPU, the `cuda` feature) one kernel launch for them all, the same arithmetic
+/// per element ([`crate::cuda_optim`]); elsewhere one [`adamw_update`] each, in order.
+pub fn adamw_update_all(items: &mut [(&Var, &mut Tensor, &Tensor, AdamWStep)]) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Some(Device::Cuda(dev)) = items.first().map(|i| i.0.device()) {
+        let one_gpu = items.iter().all(|(w, mv, g, _)| {
+            [w.as_tensor(), &**mv, *g].iter().all(|t| {
+                t.device().same_device(w.device()) && t.dtype() == DType::F32 && t.is_contiguous()
+            })
+        });
+        if one_gpu {
+            let rows: Vec<(&Tensor, &Tensor, &Tensor, AdamWStep)> =
+                items.iter().map(|(w, mv, g, h)| (w.as_tensor(), &**mv, *g, *h)).collect();
+            return crate::cuda_optim::adamw_all(&rows, dev);
+        }
+    }
+    for (w, mv, g, h) in items.iter_mut() {
+        adamw_update(w, mv, g, h)?;
+    }
+    Ok(())
+}
+
 /// AdamW in candle ops (`torch.optim.AdamW`'s update): the new weight and moments.
 pub fn adamw_composed(
     w: &Tensor,

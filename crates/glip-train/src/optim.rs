@@ -263,9 +263,10 @@ impl AdamW {
         let factor = self.cfg.lr_factor(t);
         let (b1, b2) = self.cfg.betas;
         let (bc1, bc2) = (1.0 - b1.powi(t as i32), 1.0 - b2.powi(t as i32));
-        for i in 0..self.params.len() {
-            let lr = self.group_lr(self.params[i].group) * factor;
-            let p = &mut self.params[i];
+        let lrs: Vec<f64> = self.params.iter().map(|p| self.group_lr(p.group) * factor).collect();
+        // Every parameter with a gradient in one update (one kernel launch on a GPU).
+        let mut items = Vec::with_capacity(self.params.len());
+        for (p, lr) in self.params.iter_mut().zip(lrs) {
             let Some(g) = grads.get(p.var.as_tensor()) else { continue };
             let h = glip_kernels::optim::AdamWStep {
                 clip,
@@ -277,9 +278,15 @@ impl AdamW {
                 weight_decay: if p.decay { self.cfg.weight_decay } else { 0.0 },
                 eps: self.cfg.eps,
             };
-            glip_kernels::optim::adamw_update(&p.var, &mut p.moments, g, &h)?;
-            if let (Some(d), Some(e)) = (self.cfg.ema_decay, p.ema.as_mut()) {
-                glip_kernels::optim::ema_update(e, p.var.as_tensor(), d)?;
+            items.push((&p.var, &mut p.moments, g, h));
+        }
+        glip_kernels::optim::adamw_update_all(&mut items)?;
+        drop(items);
+        if let Some(d) = self.cfg.ema_decay {
+            for p in &mut self.params {
+                if let (Some(e), true) = (p.ema.as_mut(), grads.get(p.var.as_tensor()).is_some()) {
+                    glip_kernels::optim::ema_update(e, p.var.as_tensor(), d)?;
+                }
             }
         }
         Ok(StepStats { grad_norm, lr: self.cfg.lr * factor })

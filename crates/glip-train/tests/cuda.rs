@@ -479,13 +479,26 @@ fn top_k_on_the_gpu_picks_what_the_host_picks() -> Result<()> {
 
 /// AdamW's composed update on CUDA against the CPU's in-place passes over three steps, with
 /// clipping and decay, within `k u (4|w| + 320 lr)` after `k` steps (the bound and its
-/// derivation are those of the CPU test in glip-kernels' `optim`); the EMA within the bound
-/// carried through its recurrence below; the gradient-norm total within f64 round-off.
+/// derivation are those of the CPU test in glip-kernels' `optim`), per tensor and as the
+/// trainer runs it, every parameter in one launch (`adamw_update_all`, here two tensors of
+/// other sizes with their own rates and decay); the EMA within the bound carried through its
+/// recurrence below; the gradient-norm total within f64 round-off.
 #[test]
 fn adamw_ema_and_the_gradient_norm_match_the_cpu_passes() -> Result<()> {
-    use glip_kernels::optim::{adamw_update, ema_update, moments_like, sum_squares_all, AdamWStep};
+    use glip_kernels::optim::{
+        adamw_update, adamw_update_all, ema_update, moments_like, sum_squares_all, AdamWStep,
+    };
     let dev = gpu();
     let w0 = random(&[257, 9], 17);
+    // Two more weights, updated together on the GPU: one over several of the kernel's chunks
+    // (32,768 elements), one of a single element.
+    let x0 = [random(&[70_001], 18), random(&[1], 19)];
+    let xc: Vec<Var> = x0.iter().map(Var::from_tensor).collect::<Result<_>>()?;
+    let xg: Vec<Var> =
+        x0.iter().map(|x| Var::from_tensor(&x.to_device(&dev)?)).collect::<Result<_>>()?;
+    let mut xmc: Vec<Tensor> = x0.iter().map(moments_like).collect::<Result<_>>()?;
+    let mut xmg: Vec<Tensor> =
+        x0.iter().map(|x| moments_like(x)?.to_device(&dev)).collect::<Result<_>>()?;
     let (wc, wg) = (Var::from_tensor(&w0)?, Var::from_tensor(&w0.to_device(&dev)?)?);
     let (mut mc, mut mg) = (moments_like(&w0)?, moments_like(&w0)?.to_device(&dev)?);
     let (mut ec, mut eg) = (w0.copy()?, w0.to_device(&dev)?);
@@ -508,6 +521,27 @@ fn adamw_ema_and_the_gradient_norm_match_the_cpu_passes() -> Result<()> {
         let want = wc.as_tensor().to_dtype(DType::F64)?;
         let bound = (((want.abs()? * 4.0)? + 320.0 * lr)? * (t as f64 * U32))?;
         assert_within(&format!("adamw step {t}"), wg.as_tensor(), &want, &bound)?;
+        let hx = [AdamWStep { lr: 3e-3, weight_decay: 0.0, ..h }, AdamWStep { lr: 2e-2, ..h }];
+        let gx: Vec<Tensor> = x0
+            .iter()
+            .enumerate()
+            .map(|(i, x)| random(x.dims(), 40 + 2 * t as u64 + i as u64))
+            .collect();
+        let gxg: Vec<Tensor> = gx.iter().map(|g| g.to_device(&dev)).collect::<Result<_>>()?;
+        let mut items: Vec<_> = xg
+            .iter()
+            .zip(xmg.iter_mut())
+            .zip(&gxg)
+            .zip(hx)
+            .map(|(((w, m), g), h)| (w, m, g, h))
+            .collect();
+        adamw_update_all(&mut items)?;
+        for i in 0..2 {
+            adamw_update(&xc[i], &mut xmc[i], &gx[i], &hx[i])?;
+            let want = xc[i].as_tensor().to_dtype(DType::F64)?;
+            let bound = (((want.abs()? * 4.0)? + 320.0 * hx[i].lr)? * (t as f64 * U32))?;
+            assert_within(&format!("adamw (all) {i} step {t}"), xg[i].as_tensor(), &want, &bound)?;
+        }
         // `e = d e + (1 - d) w`: the difference carried from the last step shrinks by `d`, the
         // weights' difference enters with `1 - d`, and each side's three roundings add at most
         // `3u max(|e|, |w|)`.
