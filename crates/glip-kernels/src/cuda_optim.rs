@@ -117,7 +117,9 @@ fn table(rows: &[Row<'_>], dev: &CudaDevice) -> Result<(CudaSlice<u64>, usize)> 
     use candle_core::cuda_backend::cudarc::driver::DevicePtr;
     let stream = dev.cuda_stream();
     let words = crate::cuda_source::TABLE_WORDS;
-    let mut t = vec![0u64; rows.len() * words];
+    // At least one word: an empty upload would be an allocation of zero bytes, which the
+    // driver refuses.
+    let mut t = vec![0u64; (rows.len() * words).max(1)];
     let mut chunks = 0usize;
     let address = |x: &Tensor, what: &str, len: usize| -> Result<u64> {
         let (storage, layout) = x.storage_and_layout();
