@@ -240,9 +240,8 @@ pub fn adamw_update_all(items: &mut [(&Var, &mut Tensor, &Tensor, AdamWStep)]) -
     #[cfg(feature = "cuda")]
     if let Some(Device::Cuda(dev)) = items.first().map(|i| i.0.device()) {
         let one_gpu = items.iter().all(|(w, mv, g, _)| {
-            [w.as_tensor(), &**mv, *g].iter().all(|t| {
-                t.device().same_device(w.device()) && t.dtype() == DType::F32 && t.is_contiguous()
-            })
+            let ts = [w.as_tensor(), &**mv, *g];
+            in_place(&ts) && ts.iter().all(|t| t.device().same_device(items[0].0.device()))
         });
         if one_gpu {
             let rows: Vec<(&Tensor, &Tensor, &Tensor, AdamWStep)> =
