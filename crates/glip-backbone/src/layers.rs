@@ -34,23 +34,23 @@ impl BatchNorm2d {
         Ok(Self { weight, bias, running_mean, running_var, eps: 1e-5, frozen })
     }
 
-    fn per_channel(t: &Tensor) -> Result<Tensor> {
-        t.reshape((1, (), 1, 1))
-    }
-
-    /// The constant per-channel `(scale, shift)` of a frozen batch norm (or of any batch norm
-    /// outside training): `y = x * scale + shift`.
-    fn constant_affine(&self) -> Result<(Tensor, Tensor)> {
-        let rv = self.running_var.detach();
-        let rm = self.running_mean.detach();
-        let scale = self.weight.broadcast_mul(&(rv + self.eps)?.sqrt()?.recip()?)?;
-        let shift = (&self.bias - rm.mul(&scale)?)?;
-        Ok((scale, shift))
+    /// The constant `[scale; shift]` `(2, c)` of a frozen batch norm (or of any batch norm
+    /// outside training): `y = x * scale + shift` ([`glip_kernels::affine::batch_norm_constants`];
+    /// one kernel on CUDA).
+    fn constants(&self) -> Result<Tensor> {
+        glip_kernels::affine::batch_norm_constants(
+            &self.weight,
+            &self.bias,
+            &self.running_mean,
+            &self.running_var,
+            self.eps,
+        )
     }
 
     /// `relu(batch_norm(x) (+ residual))`: with constant statistics and parameters (frozen, or
     /// not training) one fused pass forward and backward
-    /// ([`glip_kernels::affine::affine_relu`]), else the batch norm then the sum and ReLU.
+    /// ([`glip_kernels::affine::channel_affine`]), else the batch norm then the sum and ReLU.
+    /// The result has `x`'s dtype (bf16 activations stay bf16; the residual must match).
     pub fn forward_relu(
         &self,
         x: &Tensor,
@@ -58,13 +58,7 @@ impl BatchNorm2d {
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
         if self.frozen || !train {
-            let (scale, shift) = self.constant_affine()?;
-            return glip_kernels::affine::affine_relu(
-                x,
-                &scale.detach(),
-                &shift.detach(),
-                residual,
-            );
+            return glip_kernels::affine::channel_affine(x, &self.constants()?, residual, true);
         }
         let y = self.forward(x, train)?;
         match residual {
@@ -73,13 +67,14 @@ impl BatchNorm2d {
         }
     }
 
-    /// `x (b, c, h, w)` -> normalised `(b, c, h, w)`.
+    /// `x (b, c, h, w)` -> normalised `(b, c, h, w)`, in `x`'s dtype. A training batch norm
+    /// normalises in f32 (bf16 activations are cast to f32 and back).
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         if self.frozen || !train {
-            let (scale, shift) = self.constant_affine()?;
-            return x
-                .broadcast_mul(&Self::per_channel(&scale)?)?
-                .broadcast_add(&Self::per_channel(&shift)?);
+            return glip_kernels::affine::channel_affine(x, &self.constants()?, None, false);
+        }
+        if x.dtype() != DType::F32 {
+            return self.forward(&x.to_dtype(DType::F32)?, train)?.to_dtype(x.dtype());
         }
         let (b, _, h, w) = x.dims4()?;
         let n = (b * h * w) as f64;
@@ -190,7 +185,8 @@ impl Conv {
         }
     }
 
-    /// Applies the convolution.
+    /// Applies the convolution; the result has `x`'s dtype (bf16 activations compute in bf16,
+    /// [`glip_kernels::conv::conv2d`]).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Conv::Dense(c) => {
@@ -200,7 +196,7 @@ impl Conv {
                 }
                 let y = glip_kernels::conv::conv2d(x, c.weight(), cfg.stride, cfg.padding)?;
                 match c.bias() {
-                    Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+                    Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?.reshape((1, (), 1, 1))?),
                     None => Ok(y),
                 }
             }
@@ -257,14 +253,15 @@ fn max3_stride2_axis(x: &Tensor, axis: usize) -> Result<Tensor> {
 /// `(b, c, (h - 1) / 2 + 1, (w - 1) / 2 + 1)` as PyTorch.
 ///
 /// candle's `max_pool2d` has no backward when kernel != stride and takes no padding
-/// (CANDLE-NOTES.md). In f32 on the CPU, and on CUDA in a `cuda` build, this is
+/// (CANDLE-NOTES.md). In f32 on the CPU, and on CUDA in a `cuda` build (f32 or bf16), this is
 /// [`glip_kernels::pool`]'s op (forward and backward; parallel over planes on the CPU, a
 /// thread per element on CUDA). Elsewhere, when `x` carries a gradient this composes the
 /// pool from pads, reshapes, narrows and elementwise maxima (separable: rows then columns), all
 /// differentiable; otherwise it pads and calls candle's pool.
 pub fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
-    let ours = x.device().is_cpu() || glip_kernels::cuda::own_kernels(x);
-    if ours && x.dtype() == DType::F32 {
+    let cpu = x.device().is_cpu() && x.dtype() == DType::F32;
+    let cuda = glip_kernels::cuda::own_kernels(x) && matches!(x.dtype(), DType::F32 | DType::BF16);
+    if cpu || cuda {
         return glip_kernels::pool::max_pool_3x3_s2_p1(x);
     }
     max_pool_composite(x)

@@ -187,9 +187,13 @@ impl ResNet {
         &self.config
     }
 
-    /// `x (b, 3, h, w)` -> `[C2, C3, C4, C5]` with strides 4, 8, 16, 32 (the first `stages`).
+    /// `x (b, 3, h, w)` -> `[C2, C3, C4, C5]` with strides 4, 8, 16, 32 (the first `stages`), in
+    /// [`glip_kernels::bf16::activation_dtype`] (bf16 inside a bf16 autocast on CUDA, else f32).
     pub fn forward_levels(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
-        let x = self.bn1.forward_relu(&self.conv1.forward(x)?, train, None)?;
+        // bf16 activations where they pay (a bf16 autocast on CUDA): one cast of the image here
+        // instead of two around every convolution.
+        let x = x.to_dtype(glip_kernels::bf16::activation_dtype(x))?;
+        let x = self.bn1.forward_relu(&self.conv1.forward(&x)?, train, None)?;
         let mut x = max_pool_3x3_s2_p1(&x)?;
         let mut out: Vec<Tensor> = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {

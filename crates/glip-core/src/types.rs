@@ -239,7 +239,8 @@ impl Target {
 /// One backbone output level.
 #[derive(Debug, Clone)]
 pub struct FeatureMap {
-    /// `(b, c, h, w)`.
+    /// `(b, c, h, w)`: f32, or bf16 where the backbone keeps bf16 activations (inside a bf16
+    /// autocast on CUDA); whoever takes it casts it to the dtype it computes in.
     pub tensor: Tensor,
     /// Its stride in input pixels (4 for C2, 32 for C5).
     pub stride: usize,

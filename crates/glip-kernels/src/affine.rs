@@ -1,23 +1,27 @@
-//! A per-channel affine map followed by ReLU, optionally with a residual added before the ReLU,
-//! as one pass forward and one backward: what a frozen batch norm (constant scale and shift)
-//! and its activation cost in a ResNet.
+//! A per-channel affine map, optionally with a residual added and a ReLU after, as one pass
+//! forward and one backward: what a frozen batch norm (constant scale and shift) and its
+//! activation cost in a ResNet; and the constants of a batch norm outside training.
 //!
-//! `y = relu(x * scale[c] + shift[c] (+ residual))` over `(b, c, h, w)`; the backward is
-//! `g = dy * (y > 0)`, `dx = g * scale[c]`, `dresidual = g`. `scale` and `shift` are constants
-//! (no gradient). candle's composition is four or five element-wise passes forward and as many
-//! backward (a `perf` profile of `glip bench --preset seed-r18 --mode train --batch 8 --size
-//! 128` had 20 % of its samples in candle's element-wise maps). On CUDA (the `cuda` feature)
-//! the same maps are this crate's kernels (`cuda_layers`); other devices and dtypes use the
-//! composition; the tests compare the two, values and gradients.
+//! `y = relu?(x * scale[c] + shift[c] (+ residual))` over `(b, c, h, w)`, the constants packed as
+//! `ss = [scale; shift]` `(2, c)` ([`batch_norm_constants`]); the backward is `g = dy` (with the
+//! ReLU `dy * (y > 0)`), `dx = g * scale[c]`, `dresidual = g`. The constants get no gradient.
+//! candle's composition is four or five element-wise passes forward and as many backward (a
+//! `perf` profile of `glip bench --preset seed-r18 --mode train --batch 8 --size 128` had 20 % of
+//! its samples in candle's element-wise maps), and the constants eight small kernels per batch
+//! norm per forward on a GPU. On CUDA (the `cuda` feature) both are this crate's kernels
+//! (`cuda_layers`), on f32 or bf16 activations (f32 arithmetic, one rounding to bf16); on the
+//! CPU f32 is one parallel pass; other devices and dtypes use the composition (in f32, the
+//! result cast back); the tests compare them, values and gradients.
 
 use crate::conv::contiguous_f32;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// Per-channel constants.
+/// Per-channel constants, and whether the ReLU follows.
 struct Affine {
     scale: Vec<f32>,
     shift: Vec<f32>,
+    relu: bool,
 }
 
 impl Affine {
@@ -30,9 +34,10 @@ impl Affine {
         Ok(d[2] * d[3])
     }
 
-    /// `y = relu(x * s + t (+ r))`, one task per (image, channel) plane.
+    /// `y = relu?(x * s + t (+ r))`, one task per (image, channel) plane.
     fn forward(&self, x: &[f32], r: Option<&[f32]>, hw: usize) -> Vec<f32> {
         let c = self.scale.len();
+        let floor = if self.relu { 0.0 } else { f32::NEG_INFINITY };
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(hw).enumerate().for_each(|(p, yo)| {
             let (s, t) = (self.scale[p % c], self.shift[p % c]);
@@ -41,44 +46,58 @@ impl Affine {
                 Some(r) => {
                     let ri = &r[p * hw..(p + 1) * hw];
                     for ((o, &v), &q) in yo.iter_mut().zip(xi).zip(ri) {
-                        *o = (v * s + t + q).max(0.0);
+                        *o = (v * s + t + q).max(floor);
                     }
                 }
                 None => {
                     for (o, &v) in yo.iter_mut().zip(xi) {
-                        *o = (v * s + t).max(0.0);
+                        *o = (v * s + t).max(floor);
                     }
                 }
             }
         });
         y
     }
+
+    /// The gradient reaching the pre-activation: `dy`, masked by `y > 0` after a ReLU.
+    fn gate(&self, y: &Tensor, dy: &Tensor) -> Result<Tensor> {
+        if self.relu {
+            dy.mul(&y.gt(0f32)?.to_dtype(dy.dtype())?)
+        } else {
+            Ok(dy.clone())
+        }
+    }
+
+    /// `(1, c, 1, 1)` of the scale, on `like`'s device.
+    fn scale_like(&self, like: &Tensor) -> Result<Tensor> {
+        Tensor::from_slice(&self.scale, (1, self.scale.len(), 1, 1), like.device())
+    }
 }
 
-struct AffineRelu(Affine);
+struct AffineCpu(Affine);
 
-impl CustomOp1 for AffineRelu {
+impl CustomOp1 for AffineCpu {
     fn name(&self) -> &'static str {
-        "glip-affine-relu"
+        "glip-channel-affine"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let hw = self.0.plane(l)?;
-        let x = contiguous_f32(s, l, "affine-relu")?;
+        let x = contiguous_f32(s, l, "channel affine")?;
         Ok((CpuStorage::F32(self.0.forward(x, None, hw)), l.shape().clone()))
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        let g = masked(y, dy)?;
-        Ok(Some(g.broadcast_mul(&channels(&self.0.scale, y)?)?))
+        let g = self.0.gate(y, dy)?;
+        Ok(Some(g.broadcast_mul(&self.0.scale_like(y)?)?))
     }
 }
 
-struct AffineAddRelu(Affine);
+struct AffineAddCpu(Affine);
 
-impl CustomOp2 for AffineAddRelu {
+impl CustomOp2 for AffineAddCpu {
     fn name(&self) -> &'static str {
-        "glip-affine-add-relu"
+        "glip-channel-affine-add"
     }
 
     fn cpu_fwd(
@@ -90,10 +109,14 @@ impl CustomOp2 for AffineAddRelu {
     ) -> Result<(CpuStorage, Shape)> {
         let hw = self.0.plane(l1)?;
         if l1.dims() != l2.dims() {
-            candle_core::bail!("affine-add-relu: {:?} against {:?}", l1.dims(), l2.dims());
+            candle_core::bail!(
+                "channel affine: {:?} against a residual {:?}",
+                l1.dims(),
+                l2.dims()
+            );
         }
-        let x = contiguous_f32(s1, l1, "affine-add-relu")?;
-        let r = contiguous_f32(s2, l2, "affine-add-relu")?;
+        let x = contiguous_f32(s1, l1, "channel affine")?;
+        let r = contiguous_f32(s2, l2, "channel affine residual")?;
         Ok((CpuStorage::F32(self.0.forward(x, Some(r), hw)), l1.shape().clone()))
     }
 
@@ -104,75 +127,114 @@ impl CustomOp2 for AffineAddRelu {
         y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = masked(y, dy)?;
-        let dx = g.broadcast_mul(&channels(&self.0.scale, y)?)?;
+        let g = self.0.gate(y, dy)?;
+        let dx = g.broadcast_mul(&self.0.scale_like(y)?)?;
         Ok((Some(dx), Some(g)))
     }
 }
 
-/// `dy * (y > 0)`.
-fn masked(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
-    dy.mul(&y.gt(0f32)?.to_dtype(dy.dtype())?)
+/// The constants `[scale; shift]` `(2, c)` of a batch norm outside training (frozen, or
+/// evaluating): `scale = weight / sqrt(running_var + eps)`, `shift = bias - running_mean *
+/// scale`, all `(c,)`; no gradient. One kernel on CUDA ([`crate::cuda::own_kernels`]), candle's
+/// composition elsewhere (the same operations: the reciprocal of the root, then products).
+pub fn batch_norm_constants(
+    weight: &Tensor,
+    bias: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    let (w, b, rm, rv) =
+        (weight.detach(), bias.detach(), running_mean.detach(), running_var.detach());
+    #[cfg(feature = "cuda")]
+    if crate::cuda::own_kernels(&w) && [&w, &b, &rm, &rv].iter().all(|t| t.dtype() == DType::F32) {
+        let [w, b, rm, rv] = [&w, &b, &rm, &rv].map(|t| t.flatten_all()?.contiguous());
+        return crate::cuda_layers::bn_constants(&w?, &b?, &rm?, &rv?, eps as f32);
+    }
+    let scale = w.broadcast_mul(&(rv + eps)?.sqrt()?.recip()?)?;
+    let shift = (&b - rm.mul(&scale)?)?;
+    Tensor::stack(&[scale.flatten_all()?, shift.flatten_all()?], 0)
 }
 
-/// `(1, c, 1, 1)` of the constants, on `like`'s device.
-fn channels(v: &[f32], like: &Tensor) -> Result<Tensor> {
-    Tensor::from_slice(v, (1, v.len(), 1, 1), like.device())
-}
-
-fn constants(t: &Tensor) -> Result<Vec<f32>> {
-    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
+/// `x * scale[c] + shift[c] (+ residual)`, then with `relu` the ReLU, for `x (b, c, h, w)` and
+/// the constants `ss = [scale; shift]` `(2, c)` (f32, no gradient). The result has `x`'s dtype.
+/// One pass on CUDA (f32 or bf16 `x`, the residual alike; [`crate::cuda::own_kernels`]) and on
+/// the CPU in f32; elsewhere [`reference`] in f32 (f64 for f64 tensors).
+pub fn channel_affine(
+    x: &Tensor,
+    ss: &Tensor,
+    residual: Option<&Tensor>,
+    relu: bool,
+) -> Result<Tensor> {
+    let ss = ss.detach();
+    let same = |dtype: DType| residual.is_none_or(|r| r.dtype() == dtype);
+    #[cfg(feature = "cuda")]
+    if crate::cuda::own_kernels(x)
+        && matches!(x.dtype(), DType::F32 | DType::BF16)
+        && same(x.dtype())
+        && ss.dtype() == DType::F32
+    {
+        let ss = ss.contiguous()?;
+        return match residual {
+            Some(r) => x.contiguous()?.apply_op3(
+                &ss,
+                &r.contiguous()?,
+                crate::cuda_layers::AffineAdd { relu },
+            ),
+            None => x.contiguous()?.apply_op2(&ss, crate::cuda_layers::Affine { relu }),
+        };
+    }
+    let (c, two) = (ss.dim(1)?, ss.dim(0)?);
+    if two != 2 {
+        candle_core::bail!("channel affine: constants of shape {:?}, expected (2, c)", ss.dims());
+    }
+    if !(x.device().is_cpu() && x.dtype() == DType::F32 && same(DType::F32)) {
+        // f32 arithmetic (f64 for f64 tensors), the result in x's dtype.
+        let dt = if x.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+        let up = |t: &Tensor| t.to_dtype(dt);
+        let r = residual.map(up).transpose()?;
+        let (scale, shift) = (up(&ss.get(0)?)?, up(&ss.get(1)?)?);
+        return reference(&up(x)?, &scale, &shift, r.as_ref(), relu)?.to_dtype(x.dtype());
+    }
+    let v = |i: usize| -> Result<Vec<f32>> { ss.get(i)?.to_dtype(DType::F32)?.to_vec1() };
+    let op = Affine { scale: v(0)?, shift: v(1)?, relu };
+    debug_assert_eq!(op.scale.len(), c);
+    match residual {
+        Some(r) => x.apply_op2(r, AffineAddCpu(op)),
+        None => x.apply_op1(AffineCpu(op)),
+    }
 }
 
 /// `relu(x * scale[c] + shift[c] (+ residual))` for `x (b, c, h, w)`; `scale` and `shift` `(c,)`
-/// are constants. One pass in f32 on the CPU and on CUDA ([`crate::cuda::own_kernels`]),
-/// candle's composition elsewhere.
+/// are constants: [`channel_affine`] with the ReLU.
 pub fn affine_relu(
     x: &Tensor,
     scale: &Tensor,
     shift: &Tensor,
     residual: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let fused = x.device().is_cpu()
-        && x.dtype() == DType::F32
-        && residual.is_none_or(|r| r.dtype() == DType::F32);
-    #[cfg(feature = "cuda")]
-    if crate::cuda::own_kernels(x)
-        && [Some(x), Some(scale), Some(shift), residual]
-            .iter()
-            .flatten()
-            .all(|t| t.dtype() == DType::F32)
-    {
-        let ss = Tensor::cat(&[scale.flatten_all()?, shift.flatten_all()?], 0)?.detach();
-        return match residual {
-            Some(r) => {
-                x.contiguous()?.apply_op3(&ss, &r.contiguous()?, crate::cuda_layers::AffineAddRelu)
-            }
-            None => x.contiguous()?.apply_op2(&ss, crate::cuda_layers::AffineRelu),
-        };
-    }
-    if !fused {
-        return reference(x, scale, shift, residual);
-    }
-    let op = Affine { scale: constants(scale)?, shift: constants(shift)? };
-    match residual {
-        Some(r) => x.apply_op2(r, AffineAddRelu(op)),
-        None => x.apply_op1(AffineRelu(op)),
-    }
+    let ss = Tensor::stack(&[scale.flatten_all()?, shift.flatten_all()?], 0)?;
+    channel_affine(x, &ss, residual, true)
 }
 
-/// The composition: `relu(x * scale + shift (+ residual))`.
+/// The composition: `x * scale + shift (+ residual)`, then with `relu` the ReLU.
 pub fn reference(
     x: &Tensor,
     scale: &Tensor,
     shift: &Tensor,
     residual: Option<&Tensor>,
+    relu: bool,
 ) -> Result<Tensor> {
     let per = |t: &Tensor| t.reshape((1, (), 1, 1));
     let y = x.broadcast_mul(&per(scale)?)?.broadcast_add(&per(shift)?)?;
-    match residual {
-        Some(r) => (y + r)?.relu(),
-        None => y.relu(),
+    let y = match residual {
+        Some(r) => (y + r)?,
+        None => y,
+    };
+    if relu {
+        y.relu()
+    } else {
+        Ok(y)
     }
 }
 
@@ -194,7 +256,7 @@ mod tests {
         let probe = Tensor::randn(0f32, 1., (2, 3, 5, 7), &dev).unwrap();
         for residual in [None, Some(r.as_tensor())] {
             let ours = affine_relu(&x, &scale, &shift, residual).unwrap();
-            let theirs = reference(&x, &scale, &shift, residual).unwrap();
+            let theirs = reference(&x, &scale, &shift, residual, true).unwrap();
             let close = |a: &Tensor, b: &Tensor| {
                 let m = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1.0);
                 let d =

@@ -120,6 +120,9 @@ thread_local! {
     static PACKED: RefCell<HashMap<TensorId, Arc<PackedA>>> = RefCell::new(HashMap::new());
     /// The transposed linear weights packed inside the current bf16 scope, by tensor.
     static PACKED_T: RefCell<HashMap<TensorId, Arc<PackedB>>> = RefCell::new(HashMap::new());
+    /// The bf16 copies of gradient-free weights made inside the current bf16 scope (CUDA), by
+    /// tensor.
+    static CAST: RefCell<HashMap<TensorId, Tensor>> = RefCell::new(HashMap::new());
 }
 
 /// The precision in force on this thread (f32 unless inside [`autocast`]).
@@ -144,6 +147,7 @@ pub fn autocast<T>(precision: Precision, f: impl FnOnce() -> T) -> T {
             if self.0 != self.1 {
                 PACKED.with(|c| c.borrow_mut().clear());
                 PACKED_T.with(|c| c.borrow_mut().clear());
+                CAST.with(|c| c.borrow_mut().clear());
             }
         }
     }
@@ -187,6 +191,73 @@ pub fn packed_weight(w: &Tensor, rows: usize, cols: usize) -> Result<Arc<PackedA
             Ok(PackedA::new(&v, rows, cols))
         },
     )
+}
+
+/// `w` cast to bf16 for a product on a GPU. Inside a bf16 [`autocast`] the copy of a
+/// gradient-free weight (inference, a frozen layer) is made once and reused until the outermost
+/// bf16 scope ends, as `torch.autocast`'s weight-cast cache: one scope around an evaluation casts
+/// each weight once instead of once per batch. Trainable weights (the optimiser changes them)
+/// are cast at every use. The same rule as the CPU's packed weights: such weights must not
+/// change inside the scope.
+pub fn bf16_weight(w: &Tensor) -> Result<Tensor> {
+    if w.dtype() == DType::BF16 {
+        return Ok(w.clone());
+    }
+    let cache = precision() == Precision::Bf16 && !w.track_op();
+    if cache {
+        if let Some(c) = CAST.with(|c| c.borrow().get(&w.id()).cloned()) {
+            return Ok(c);
+        }
+    }
+    let c = w.to_dtype(DType::BF16)?;
+    if cache {
+        CAST.with(|m| m.borrow_mut().insert(w.id(), c.clone()));
+    }
+    Ok(c)
+}
+
+thread_local! {
+    /// Whether [`with_bf16_activations`] asked for bf16 activations on every device.
+    static FORCE_ACTIVATIONS: Cell<bool> = const { Cell::new(false) };
+}
+
+/// The dtype a backbone keeps its activations in for the input `x`: bf16 inside a bf16
+/// [`autocast`] on CUDA where this crate's kernels take bf16 activations (a `cuda` build;
+/// [`crate::cuda::own_kernels`]), unless `GLIP_BF16_ACTIVATIONS=0` keeps them f32 (to compare
+/// the two); f32 otherwise (on the CPU a bf16 scope computes the products in bf16 and keeps
+/// f32 activations). With bf16 activations a convolution reads and writes bf16 (its weight cast
+/// to bf16 once per use, its sums f32) and the frozen batch norms, ReLUs, residual sums and the
+/// stem pool run on bf16 in f32 arithmetic: no cast around every convolution, half the memory
+/// traffic. The backbone's caller casts what it takes back to f32. An input that is not f32 keeps
+/// its dtype.
+pub fn activation_dtype(x: &Tensor) -> DType {
+    if x.dtype() != DType::F32 {
+        return x.dtype();
+    }
+    if FORCE_ACTIVATIONS.with(Cell::get) {
+        return DType::BF16;
+    }
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let on = *ON.get_or_init(|| std::env::var("GLIP_BF16_ACTIVATIONS").map_or(true, |v| v != "0"));
+    if on && precision() == Precision::Bf16 && x.device().is_cuda() && crate::cuda::own_kernels(x) {
+        DType::BF16
+    } else {
+        DType::F32
+    }
+}
+
+/// Runs `f` with [`activation_dtype`] bf16 on every device, the CPU included (there candle's
+/// generic bf16 operations, slow): for tests of a model's bf16 data flow on a machine without a
+/// GPU. Restores the previous setting.
+pub fn with_bf16_activations<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            FORCE_ACTIVATIONS.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(FORCE_ACTIVATIONS.with(|c| c.replace(true)));
+    f()
 }
 
 /// Whether a product of `x` with the weight `w` runs in bf16 here: inside a bf16 [`autocast`]
@@ -771,6 +842,27 @@ mod tests {
         let d = autocast(Precision::Bf16, || packed_weight(&w, 2, 3).unwrap());
         assert!(!Arc::ptr_eq(&a, &d), "the cache outlived its scope");
         assert!(packed_weight(&w, 3, 3).is_err());
+    }
+
+    #[test]
+    fn bf16_weight_casts_a_frozen_weight_once_per_scope_and_a_trainable_one_every_time() {
+        let dev = candle_core::Device::Cpu;
+        let frozen = Tensor::new(&[1.0f32, 1.0 + 2f32.powi(-8), -3.0], &dev).unwrap();
+        let var = candle_core::Var::new(&[0.5f32, 2.0], &dev).unwrap();
+        let (a, b, v1, v2) = autocast(Precision::Bf16, || {
+            let a = bf16_weight(&frozen).unwrap();
+            let b = bf16_weight(&frozen).unwrap();
+            (a, b, bf16_weight(var.as_tensor()).unwrap(), bf16_weight(var.as_tensor()).unwrap())
+        });
+        assert_eq!(a.dtype(), DType::BF16);
+        // 1 + 2^-8 is halfway between the bf16 values 1 and 1 + 2^-7: ties to even, 1.
+        assert_eq!(a.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap(), [1.0, 1.0, -3.0]);
+        assert_eq!(a.id(), b.id(), "the frozen weight was cast twice in one scope");
+        assert_ne!(v1.id(), v2.id(), "a trainable weight's copy was reused");
+        let again = autocast(Precision::Bf16, || bf16_weight(&frozen).unwrap());
+        assert_ne!(again.id(), a.id(), "the copy outlived its scope");
+        let outside = bf16_weight(&frozen).unwrap();
+        assert_ne!(outside.id(), again.id(), "a copy was cached outside a bf16 scope");
     }
 
     #[test]

@@ -504,6 +504,8 @@ fn geometry(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Geometr
 /// `conv2d(x (b, ci, h, w), w (co, ci, k, k))` with zero padding `pad` and stride `stride`, no
 /// groups, no dilation; on the CPU in f32 with this module's im2col + gemm passes, on CUDA with
 /// cuDNN (the `cudnn` feature; in bf16 inside a bf16 [`bf16::autocast`], see [`crate::cuda`]).
+/// The result has `x`'s dtype: a bf16 `x` (bf16 activations) computes in bf16 with the weight
+/// cast to bf16 on CUDA, in f32 on the bf16 values on the CPU (rounded to bf16 after).
 pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
     if !x.device().is_cpu() {
         return crate::cuda::conv2d(x, w, stride, pad, 1);
@@ -527,6 +529,10 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Tenso
             return Ok(y);
         }
         y.apply_op3(x, w, AttachConvGrad { stride, pad })
+    } else if x.dtype() == DType::BF16 && w.dtype() == DType::F32 {
+        // bf16 activations on the CPU (candle has no bf16 product there): f32 arithmetic on
+        // the bf16 values, the result rounded to bf16.
+        conv2d(&x.to_dtype(DType::F32)?, w, stride, pad)?.to_dtype(DType::BF16)
     } else {
         x.conv2d(w, pad, stride, 1, 1)
     }
@@ -550,6 +556,11 @@ pub fn conv2d_grouped(
     groups: usize,
 ) -> Result<Tensor> {
     if x.device().is_cpu() {
+        if x.dtype() == DType::BF16 && w.dtype() == DType::F32 {
+            // As in `conv2d`: f32 arithmetic on bf16 activations, the result rounded.
+            let y = conv2d_grouped(&x.to_dtype(DType::F32)?, w, stride, pad, groups)?;
+            return y.to_dtype(DType::BF16);
+        }
         let ((_, _, h, wd), (_, _, kh, kw)) = (x.dims4()?, w.dims4()?);
         if stride == 0 || h + 2 * pad < kh || wd + 2 * pad < kw {
             candle_core::bail!("conv2d: kernel {kh}x{kw} over {h}x{wd} padded by {pad}")

@@ -112,17 +112,55 @@ pub fn own_kernels(x: &Tensor) -> bool {
 }
 
 /// `f(x, w)` in bf16 when both are f32 on CUDA inside a bf16 autocast scope (the result cast
-/// back to f32), as given otherwise.
+/// back to f32); with a bf16 `x` (bf16 activations, [`crate::bf16::activation_dtype`]) in bf16
+/// with `w` cast to bf16, the result left in bf16; as given otherwise. A gradient-free weight's
+/// bf16 copy is made once per bf16 scope ([`crate::bf16::bf16_weight`]).
 pub(crate) fn in_autocast(
     x: &Tensor,
     w: &Tensor,
     f: impl FnOnce(&Tensor, &Tensor) -> Result<Tensor>,
 ) -> Result<Tensor> {
     let f32_pair = x.dtype() == DType::F32 && w.dtype() == DType::F32;
-    if precision() == Precision::Bf16 && f32_pair && x.device().is_cuda() {
-        f(&x.to_dtype(DType::BF16)?, &w.to_dtype(DType::BF16)?)?.to_dtype(DType::F32)
+    if x.dtype() == DType::BF16 && w.dtype() == DType::F32 {
+        f(x, &crate::bf16::bf16_weight(w)?)
+    } else if precision() == Precision::Bf16 && f32_pair && x.device().is_cuda() {
+        f(&x.to_dtype(DType::BF16)?, &crate::bf16::bf16_weight(w)?)?.to_dtype(DType::F32)
     } else {
         f(x, w)
+    }
+}
+
+/// Whether `x (rows, in) @ w (out, in)^T` takes cuBLAS's bf16 product with an f32 result
+/// (`cuda_linear`): inside a bf16 autocast, `x` and `w` f32 on CUDA, in a `cuda` build, unless
+/// `GLIP_BF16_LINEAR=candle`.
+pub(crate) fn bf16_linear_applies(x: &Tensor, w: &Tensor) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        precision() == Precision::Bf16
+            && x.device().is_cuda()
+            && x.dtype() == DType::F32
+            && w.dtype() == DType::F32
+            && w.rank() == 2
+            && crate::cuda_linear::enabled()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (x, w);
+        false
+    }
+}
+
+/// `x (rows, in) @ w (out, in)^T` in bf16 with f32 sums and result, on CUDA (where
+/// [`bf16_linear_applies`]).
+pub(crate) fn bf16_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    {
+        crate::cuda_linear::linear(x, w)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (x, w);
+        candle_core::bail!("bf16 linear on CUDA: this build has no `cuda` feature")
     }
 }
 

@@ -9,9 +9,11 @@
 )]
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, CudaView, LaunchConfig};
-use candle_core::cuda_backend::{CudaDevice, CudaStorage};
-use candle_core::{DType, Layout, Result};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig,
+};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
+use candle_core::{DType, Layout, Result, WithDType};
 use std::sync::OnceLock;
 
 /// A CUDA C module: its name (candle caches the loaded module under it), source and PTX.
@@ -95,6 +97,27 @@ pub(crate) fn view<'a>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<Cud
         candle_core::bail!("{what}: the operand must be contiguous")
     };
     Ok(s.as_cuda_slice::<f32>()?.slice(a..b))
+}
+
+/// The contiguous elements of an operand of element type `T`, or an error naming `what`.
+pub(crate) fn view_of<'a, T: CudaDType + DeviceRepr + WithDType>(
+    s: &'a CudaStorage,
+    l: &Layout,
+    what: &str,
+) -> Result<CudaView<'a, T>> {
+    if s.dtype() != T::DTYPE {
+        candle_core::bail!("{what}: expected {:?}, got {:?}", T::DTYPE, s.dtype())
+    }
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{what}: the operand must be contiguous")
+    };
+    Ok(s.as_cuda_slice::<T>()?.slice(a..b))
+}
+
+/// `n` uninitialised elements of `T` on `dev`, for a kernel that writes every one.
+pub(crate) fn output_of<T: DeviceRepr>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
+    // SAFETY: as `output`'s.
+    unsafe { dev.alloc::<T>(n.max(1)) }
 }
 
 /// `n` uninitialised f32 on `dev`, for a kernel that writes every element.

@@ -18,11 +18,15 @@
               the kernel reads and writes"
 )]
 
-use crate::cuda_launch::{elementwise, output, per_row, view, DROPOUT, NORM, POOL, TOP_K};
+use crate::cuda_launch::{
+    elementwise, output, output_of, per_row, view, view_of, DROPOUT, NORM, POOL, TOP_K,
+};
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{LaunchArgs, LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::CudaStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::cuda_backend::cudarc::driver::{
+    DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
+use candle_core::{Layout, Result, Shape, Tensor, WithDType};
 
 /// Whether the fused kernels are used (unless `GLIP_CUDA_COMPOSED` is set to anything but `0`,
 /// read once).
@@ -52,7 +56,7 @@ fn planes(l: &Layout) -> Result<(u32, u32, u32)> {
 /// Launches kernel `$name` of `$module` on `$dev`'s stream with `$cfg` and the arguments in
 /// the kernel's order.
 macro_rules! launch {
-    ($module:expr, $dev:expr, $name:literal, $cfg:expr, [$($arg:expr),* $(,)?]) => {{
+    ($module:expr, $dev:expr, $name:expr, $cfg:expr, [$($arg:expr),* $(,)?]) => {{
         let f = $module.func(&$dev, $name)?;
         let stream = $dev.cuda_stream();
         let mut b = stream.launch_builder(&f);
@@ -268,66 +272,173 @@ pub(crate) fn batch_norm_backward(
     Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(n + 2 * cu)))
 }
 
-/// `relu(x s + t (+ r))` with `ss (2, c)` = `[s; t]`.
-pub(crate) fn affine_relu(
+/// The activations the affine and pool kernels read and write: f32 and bf16 (computed in f32),
+/// with their kernels' names.
+trait Act: CudaDType + DeviceRepr + WithDType {
+    const AFFINE: &'static str;
+    const AFFINE_BACKWARD: &'static str;
+    const MAX_POOL: &'static str;
+    const MAX_POOL_BACKWARD: &'static str;
+}
+
+impl Act for f32 {
+    const AFFINE: &'static str = "glip_affine_f32";
+    const AFFINE_BACKWARD: &'static str = "glip_affine_backward_f32";
+    const MAX_POOL: &'static str = "glip_max_pool_f32";
+    const MAX_POOL_BACKWARD: &'static str = "glip_max_pool_backward_f32";
+}
+
+impl Act for half::bf16 {
+    const AFFINE: &'static str = "glip_affine_bf16";
+    const AFFINE_BACKWARD: &'static str = "glip_affine_backward_bf16";
+    const MAX_POOL: &'static str = "glip_max_pool_bf16";
+    const MAX_POOL_BACKWARD: &'static str = "glip_max_pool_backward_bf16";
+}
+
+/// `f::<T>()` for the activation type of `dtype`, or an error naming `what`.
+macro_rules! by_act {
+    ($dtype:expr, $what:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        match $dtype {
+            candle_core::DType::F32 => $f::<f32>($($arg),*),
+            candle_core::DType::BF16 => $f::<half::bf16>($($arg),*),
+            d => candle_core::bail!("{}: f32 or bf16 on CUDA, got {d:?}", $what),
+        }
+    };
+}
+
+/// The kernels' `flags`: `GLIP_ADD` (1) with a residual, `GLIP_RELU` (2) with the ReLU.
+fn affine_flags(residual: bool, relu: bool) -> u32 {
+    u32::from(residual) | (u32::from(relu) << 1)
+}
+
+/// `x s + t (+ r)`, then with `relu` the ReLU, with `ss (2, c)` = `[s; t]` (f32), in `x`'s
+/// dtype (f32 or bf16; `r` the same).
+pub(crate) fn affine(
+    x: (&CudaStorage, &Layout),
+    ss: (&CudaStorage, &Layout),
+    residual: Option<(&CudaStorage, &Layout)>,
+    relu: bool,
+) -> Result<(CudaStorage, Shape)> {
+    by_act!(x.0.dtype(), "channel affine", affine_of(x, ss, residual, relu))
+}
+
+fn affine_of<T: Act>(
     (s1, l1): (&CudaStorage, &Layout),
     (s2, l2): (&CudaStorage, &Layout),
     residual: Option<(&CudaStorage, &Layout)>,
+    relu: bool,
 ) -> Result<(CudaStorage, Shape)> {
-    let (x, ss) = (view(s1, l1, "affine-relu")?, view(s2, l2, "affine-relu constants")?);
+    let x = view_of::<T>(s1, l1, "channel affine")?;
+    let ss = view(s2, l2, "channel affine constants")?;
     let (_, c, hw) = planes(l1)?;
-    check_len("affine-relu constants", ss.len(), 2 * c as usize)?;
+    check_len("channel affine constants", ss.len(), 2 * c as usize)?;
     let r = match residual {
         Some((s, l)) => {
-            let r = view(s, l, "affine-add-relu residual")?;
-            check_len("affine-add-relu residual", r.len(), x.len())?;
+            let r = view_of::<T>(s, l, "channel affine residual")?;
+            check_len("channel affine residual", r.len(), x.len())?;
             Some(r)
         }
         None => None,
     };
     let dev = s1.device().clone();
-    let (total, with_r) = (x.len() as u64, u32::from(r.is_some()));
-    // Written in full by glip_affine_relu.
-    let mut y = output(&dev, x.len())?;
+    let (total, flags) = (x.len() as u64, affine_flags(r.is_some(), relu));
+    // Written in full by glip_affine_*.
+    let mut y = output_of::<T>(&dev, x.len())?;
     // Without a residual the kernel does not read `r`; `x` stands in for the pointer.
     let r = r.as_ref().unwrap_or(&x);
     launch!(
         NORM,
         dev,
-        "glip_affine_relu",
+        T::AFFINE,
         elementwise(x.len()),
-        [&x, &ss, r, &mut y, &total, &c, &hw, &with_r]
+        [&x, &ss, r, &mut y, &total, &c, &hw, &flags]
     )?;
     Ok((CudaStorage::wrap_cuda_slice(y, dev), l1.shape().clone()))
 }
 
-/// `(y, dy, ss)` -> `dx` (`n`), or with `with_residual` `[dx; dresidual]` (`2 n`).
-pub(crate) fn affine_relu_backward(
+/// `(y, dy, ss)` -> `dx` (`n`), or with `residual` `[dx; dresidual]` (`2 n`), in `y`'s dtype;
+/// with `relu` the gradient is masked by `y > 0`.
+pub(crate) fn affine_backward(
+    y: (&CudaStorage, &Layout),
+    dy: (&CudaStorage, &Layout),
+    ss: (&CudaStorage, &Layout),
+    residual: bool,
+    relu: bool,
+) -> Result<(CudaStorage, Shape)> {
+    by_act!(y.0.dtype(), "channel affine backward", affine_backward_of(y, dy, ss, residual, relu))
+}
+
+fn affine_backward_of<T: Act>(
     (s1, l1): (&CudaStorage, &Layout),
     (s2, l2): (&CudaStorage, &Layout),
     (s3, l3): (&CudaStorage, &Layout),
-    with_residual: bool,
+    residual: bool,
+    relu: bool,
 ) -> Result<(CudaStorage, Shape)> {
-    let y = view(s1, l1, "affine-relu backward")?;
-    let dy = view(s2, l2, "affine-relu backward")?;
-    let ss = view(s3, l3, "affine-relu backward constants")?;
+    let y = view_of::<T>(s1, l1, "channel affine backward")?;
+    let dy = view_of::<T>(s2, l2, "channel affine backward")?;
+    let ss = view(s3, l3, "channel affine backward constants")?;
     let (_, c, hw) = planes(l1)?;
-    check_len("affine-relu backward", dy.len(), y.len())?;
-    check_len("affine-relu backward constants", ss.len(), 2 * c as usize)?;
+    check_len("channel affine backward", dy.len(), y.len())?;
+    check_len("channel affine backward constants", ss.len(), 2 * c as usize)?;
     let n = y.len();
-    let len = if with_residual { 2 * n } else { n };
+    let len = if residual { 2 * n } else { n };
     let dev = s1.device().clone();
-    let (total, with_r) = (n as u64, u32::from(with_residual));
-    // Written in full by glip_affine_relu_backward (dx, and dr with a residual).
-    let mut out = output(&dev, len)?;
+    let (total, flags) = (n as u64, affine_flags(residual, relu));
+    // Written in full by glip_affine_backward_* (dx, and dr with a residual).
+    let mut out = output_of::<T>(&dev, len)?;
     launch!(
         NORM,
         dev,
-        "glip_affine_relu_backward",
+        T::AFFINE_BACKWARD,
         elementwise(n),
-        [&y, &dy, &ss, &mut out, &total, &c, &hw, &with_r]
+        [&y, &dy, &ss, &mut out, &total, &c, &hw, &flags]
     )?;
     Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(len)))
+}
+
+/// A batch norm's constants outside training, `[s; t]` `(2, c)` with `s = w / sqrt(rv + eps)`
+/// and `t = b - rm s`, in one launch (candle's composition is eight); no gradient.
+pub(crate) fn bn_constants(
+    w: &Tensor,
+    b: &Tensor,
+    rm: &Tensor,
+    rv: &Tensor,
+    eps: f32,
+) -> Result<Tensor> {
+    let c = w.elem_count();
+    let guards = [w, b, rm, rv].map(|t| t.storage_and_layout());
+    let mut views = Vec::with_capacity(4);
+    let mut dev = None;
+    for (what, (storage, layout)) in
+        ["weight", "bias", "running mean", "running variance"].into_iter().zip(guards.iter())
+    {
+        let candle_core::Storage::Cuda(s) = &**storage else {
+            candle_core::bail!("batch norm constants: the {what} is not on the GPU")
+        };
+        let v = view(s, layout, "batch norm constants")?;
+        check_len(&format!("batch norm {what}"), v.len(), c)?;
+        if dev.as_ref().is_some_and(|d: &CudaDevice| d.id() != s.device().id()) {
+            candle_core::bail!("batch norm constants: the parameters are on different GPUs")
+        }
+        dev = Some(s.device().clone());
+        views.push(v);
+    }
+    let Some(dev) = dev else { unreachable!("four parameters") };
+    let c32 = u32_of(c, "batch norm constants")?;
+    // Written in full by glip_bn_constants (one thread per channel).
+    let mut ss = output(&dev, 2 * c)?;
+    launch!(
+        NORM,
+        dev,
+        "glip_bn_constants",
+        elementwise(c),
+        [&views[0], &views[1], &views[2], &views[3], &mut ss, &c32, &eps]
+    )?;
+    drop(views);
+    drop(guards);
+    let storage = candle_core::Storage::Cuda(CudaStorage::wrap_cuda_slice(ss, dev));
+    Ok(Tensor::from_storage(storage, (2, c), candle_core::op::BackpropOp::none(), false))
 }
 
 /// `(planes, h, w, oh, ow)` of the stem pool's input `l`.
@@ -338,34 +449,46 @@ fn pool_dims(l: &Layout) -> Result<(u64, u32, u32, u32, u32)> {
     Ok(((b * c) as u64, u(h)?, u(w)?, u(oh)?, u(ow)?))
 }
 
-/// The stem's max-pool of `x (b, c, h, w)`.
+/// The stem's max-pool of `x (b, c, h, w)`, f32 or bf16.
 pub(crate) fn max_pool(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-    let x = view(s, l, "max pool")?;
+    by_act!(s.dtype(), "max pool", max_pool_of(s, l))
+}
+
+fn max_pool_of<T: Act>(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+    let x = view_of::<T>(s, l, "max pool")?;
     let (planes, h, w, oh, ow) = pool_dims(l)?;
     let n = planes as usize * oh as usize * ow as usize;
     let dev = s.device().clone();
-    // Written in full (one thread per output) by glip_max_pool.
-    let mut y = output(&dev, n)?;
-    launch!(POOL, dev, "glip_max_pool", elementwise(n), [&x, &mut y, &planes, &h, &w, &oh, &ow])?;
+    // Written in full (one thread per output) by glip_max_pool_*.
+    let mut y = output_of::<T>(&dev, n)?;
+    launch!(POOL, dev, T::MAX_POOL, elementwise(n), [&x, &mut y, &planes, &h, &w, &oh, &ow])?;
     let (bs, c, _, _) = l.shape().dims4()?;
     Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((bs, c, oh as usize, ow as usize))))
 }
 
-/// The stem pool's input gradient from `x` and the output gradient `g`.
+/// The stem pool's input gradient from `x` and the output gradient `g` (both f32 or both bf16).
 pub(crate) fn max_pool_backward(
+    x: (&CudaStorage, &Layout),
+    g: (&CudaStorage, &Layout),
+) -> Result<(CudaStorage, Shape)> {
+    by_act!(x.0.dtype(), "max pool backward", max_pool_backward_of(x, g))
+}
+
+fn max_pool_backward_of<T: Act>(
     (s1, l1): (&CudaStorage, &Layout),
     (s2, l2): (&CudaStorage, &Layout),
 ) -> Result<(CudaStorage, Shape)> {
-    let (x, g) = (view(s1, l1, "max pool backward")?, view(s2, l2, "max pool backward")?);
+    let x = view_of::<T>(s1, l1, "max pool backward")?;
+    let g = view_of::<T>(s2, l2, "max pool backward")?;
     let (planes, h, w, oh, ow) = pool_dims(l1)?;
     check_len("max pool backward", g.len(), planes as usize * oh as usize * ow as usize)?;
     let dev = s1.device().clone();
-    // Written in full (one thread per input) by glip_max_pool_backward.
-    let mut dx = output(&dev, x.len())?;
+    // Written in full (one thread per input) by glip_max_pool_backward_*.
+    let mut dx = output_of::<T>(&dev, x.len())?;
     launch!(
         POOL,
         dev,
-        "glip_max_pool_backward",
+        T::MAX_POOL_BACKWARD,
         elementwise(x.len()),
         [&x, &g, &mut dx, &planes, &h, &w, &oh, &ow]
     )?;
@@ -422,97 +545,6 @@ pub(crate) fn top_k(s: &CudaStorage, l: &Layout, k: usize) -> Result<(CudaStorag
 /// The most rows of a launch over `(blocks, rows)`: CUDA's limit on `gridDim.y`.
 const MAX_GRID_Y: usize = 65_535;
 
-/// Implements a candle custom op that runs only on CUDA: `cpu_fwd` is an error naming it,
-/// `cuda_fwd` is `$fwd` over the operands as `(storage, layout)` pairs (with `$me` for the op),
-/// and `bwd`, where given, is `$bwd`.
-macro_rules! cuda_op {
-    (CustomOp1 for $ty:ty, $name:literal, |$me:ident, $a:ident| $fwd:expr
-     $(, bwd |$ba:ident, $by:ident, $bg:ident| $bwd:expr)?) => {
-        impl CustomOp1 for $ty {
-            fn name(&self) -> &'static str {
-                $name
-            }
-
-            fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-                Err(cuda_only($name))
-            }
-
-            cuda_fwd!(|$me, $a| $fwd);
-
-            $(fn bwd(&self, $ba: &Tensor, $by: &Tensor, $bg: &Tensor) -> Result<Option<Tensor>> {
-                $bwd
-            })?
-        }
-    };
-    (CustomOp2 for $ty:ty, $name:literal, |$me:ident, $a:ident, $b:ident| $fwd:expr
-     $(, bwd |$ba:ident, $bb:ident, $by:ident, $bg:ident| $bwd:expr)?) => {
-        impl CustomOp2 for $ty {
-            fn name(&self) -> &'static str {
-                $name
-            }
-
-            fn cpu_fwd(
-                &self,
-                _: &CpuStorage,
-                _: &Layout,
-                _: &CpuStorage,
-                _: &Layout,
-            ) -> Result<(CpuStorage, Shape)> {
-                Err(cuda_only($name))
-            }
-
-            cuda_fwd!(|$me, $a, $b| $fwd);
-
-            $(fn bwd(
-                &self,
-                $ba: &Tensor,
-                $bb: &Tensor,
-                $by: &Tensor,
-                $bg: &Tensor,
-            ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-                $bwd
-            })?
-        }
-    };
-    (CustomOp3 for $ty:ty, $name:literal, |$me:ident, $a:ident, $b:ident, $c:ident| $fwd:expr
-     $(, bwd |$ba:ident, $bb:ident, $bc:ident, $by:ident, $bg:ident| $bwd:expr)?) => {
-        impl CustomOp3 for $ty {
-            fn name(&self) -> &'static str {
-                $name
-            }
-
-            fn cpu_fwd(
-                &self,
-                _: &CpuStorage,
-                _: &Layout,
-                _: &CpuStorage,
-                _: &Layout,
-                _: &CpuStorage,
-                _: &Layout,
-            ) -> Result<(CpuStorage, Shape)> {
-                Err(cuda_only($name))
-            }
-
-            cuda_fwd!(|$me, $a, $b, $c| $fwd);
-
-            $(fn bwd(
-                &self,
-                $ba: &Tensor,
-                $bb: &Tensor,
-                $bc: &Tensor,
-                $by: &Tensor,
-                $bg: &Tensor,
-            ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-                $bwd
-            })?
-        }
-    };
-}
-
-fn cuda_only(name: &str) -> candle_core::Error {
-    candle_core::Error::Msg(format!("{name} runs on CUDA only (its CPU path is another op)"))
-}
-
 /// Batch norm's statistics `(3, c)` on the device: mean, biased variance, inverse standard
 /// deviation ([`crate::norm::batch_norm_train`]).
 pub(crate) struct BnStats {
@@ -541,28 +573,35 @@ cuda_op!(CustomOp3 for BnBackward, "glip-bn-backward-cuda", |_me, x, p, dy| {
     batch_norm_backward(x, p, dy)
 });
 
-/// `relu(x s + t)` with the constants `ss = [s; t]` `(2c,)` ([`crate::affine::affine_relu`]);
-/// no gradient for the constants.
-pub(crate) struct AffineRelu;
+/// `x s + t`, with `relu` its ReLU, with the constants `ss = [s; t]` `(2, c)`
+/// ([`crate::affine::channel_affine`]); no gradient for the constants.
+pub(crate) struct Affine {
+    pub(crate) relu: bool,
+}
 
-cuda_op!(CustomOp2 for AffineRelu, "glip-affine-relu-cuda", |_me, x, ss| affine_relu(x, ss, None),
+cuda_op!(CustomOp2 for Affine, "glip-channel-affine-cuda",
+|me, x, ss| affine(x, ss, None, me.relu),
 bwd |_x, ss, y, dy| {
-    let dx = y.apply_op3_no_bwd(&dy.contiguous()?, ss, &AffineBackward { residual: false })?;
+    let op = AffineBackward { residual: false, relu: me.relu };
+    let dx = y.apply_op3_no_bwd(&dy.contiguous()?, ss, &op)?;
     Ok((Some(dx.reshape(y.shape())?), None))
 });
 
-/// `relu(x s + t + r)`, the same with a residual.
-pub(crate) struct AffineAddRelu;
+/// `x s + t + r`, the same with a residual.
+pub(crate) struct AffineAdd {
+    pub(crate) relu: bool,
+}
 
-cuda_op!(CustomOp3 for AffineAddRelu, "glip-affine-add-relu-cuda",
-|_me, x, ss, r| {
+cuda_op!(CustomOp3 for AffineAdd, "glip-channel-affine-add-cuda",
+|me, x, ss, r| {
     if x.1.dims() != r.1.dims() {
-        candle_core::bail!("affine-add-relu: {:?} against {:?}", x.1.dims(), r.1.dims());
+        candle_core::bail!("channel affine: {:?} against a residual {:?}", x.1.dims(), r.1.dims());
     }
-    affine_relu(x, ss, Some(r))
+    affine(x, ss, Some(r), me.relu)
 },
 bwd |_x, ss, _r, y, dy| {
-    let both = y.apply_op3_no_bwd(&dy.contiguous()?, ss, &AffineBackward { residual: true })?;
+    let op = AffineBackward { residual: true, relu: me.relu };
+    let both = y.apply_op3_no_bwd(&dy.contiguous()?, ss, &op)?;
     let both = both.reshape((2, ()))?;
     let part = |i: usize| both.get(i)?.reshape(y.shape());
     Ok((Some(part(0)?), None, Some(part(1)?)))
@@ -570,10 +609,11 @@ bwd |_x, ss, _r, y, dy| {
 
 struct AffineBackward {
     residual: bool,
+    relu: bool,
 }
 
-cuda_op!(CustomOp3 for AffineBackward, "glip-affine-relu-backward-cuda", |me, y, dy, ss| {
-    affine_relu_backward(y, dy, ss, me.residual)
+cuda_op!(CustomOp3 for AffineBackward, "glip-channel-affine-backward-cuda", |me, y, dy, ss| {
+    affine_backward(y, dy, ss, me.residual, me.relu)
 });
 
 /// A dropout mask of its input's shape drawn on the device ([`crate::nn::dropout`]).
@@ -611,15 +651,23 @@ mod tests {
             "glip_batch_norm",
             "glip_batch_norm_sums",
             "glip_batch_norm_backward",
-            "glip_affine_relu",
-            "glip_affine_relu_backward",
+            "glip_bn_constants",
+            "glip_affine_f32",
+            "glip_affine_bf16",
+            "glip_affine_backward_f32",
+            "glip_affine_backward_bf16",
         ] {
             assert!(ptx.contains(&format!(".entry {name}")), "{name} missing from the PTX");
         }
         assert!(super::DROPOUT.ptx().unwrap().contains(".entry glip_dropout_mask"));
         assert!(super::TOP_K.ptx().unwrap().contains(".entry glip_top_k"));
         let ptx = super::POOL.ptx().unwrap();
-        for name in ["glip_max_pool", "glip_max_pool_backward"] {
+        for name in [
+            "glip_max_pool_f32",
+            "glip_max_pool_bf16",
+            "glip_max_pool_backward_f32",
+            "glip_max_pool_backward_bf16",
+        ] {
             assert!(ptx.contains(&format!(".entry {name}")), "{name} missing from the PTX");
         }
     }

@@ -147,6 +147,29 @@ extern "C" __global__ void glip_ema(float *e, const float *w, unsigned long long
 }
 "#;
 
+/// bf16 in the kernels, without `cuda_bf16.h` (which NVRTC would need on its include path and
+/// the CPU's compiler has not): `glip_bf16` is the 16 bits of a bf16 (the top half of an f32's),
+/// `glip_load` reads an element as f32 (exact), `glip_put` writes an f32 rounded to the nearest
+/// even bf16 (a NaN stays a NaN), as CUDA's `__float2bfloat16` and the `half` crate round.
+macro_rules! bf16_prelude {
+    () => {
+        r#"
+struct glip_bf16 { unsigned short bits; };
+__device__ inline float glip_load(float v) { return v; }
+__device__ inline float glip_load(glip_bf16 v) {
+    return __int_as_float((int)((unsigned)v.bits << 16));
+}
+__device__ inline unsigned short glip_bf16_bits(float v) {
+    unsigned u = (unsigned)__float_as_int(v);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);
+    return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+__device__ inline void glip_put(float *p, float v) { *p = v; }
+__device__ inline void glip_put(glip_bf16 *p, float v) { p->bits = glip_bf16_bits(v); }
+"#
+    };
+}
+
 /// Softmax over the last axis, layer norm, training batch norm and a frozen batch norm with
 /// its ReLU, forward and backward ([`crate::fused`], [`crate::norm`], [`crate::affine`]), the
 /// same closed forms as the CPU ops:
@@ -159,8 +182,12 @@ extern "C" __global__ void glip_ema(float *e, const float *w, unsigned long long
 /// * batch norm: one block per channel for the statistics and the backward's two sums, in f64
 ///   as on the CPU, then element-wise passes. `p` is `(5, c)`: mean, biased variance, inverse
 ///   standard deviation, weight, bias;
-/// * the frozen batch norm's affine map and ReLU: element-wise, forward and backward.
-pub(crate) const NORM: &str = r#"
+/// * a batch norm's constants outside training, and the frozen batch norm's affine map (with or
+///   without a residual, with or without its ReLU): element-wise, forward and backward, on f32
+///   or bf16 activations (f32 arithmetic, the constants f32).
+pub(crate) const NORM: &str = concat!(
+    bf16_prelude!(),
+    r#"
 template <typename T> __device__ T glip_block_sum(T v, T *sh) {
     sh[threadIdx.x] = v;
     __syncthreads();
@@ -383,35 +410,79 @@ extern "C" __global__ void glip_batch_norm_backward(const float *x, const float 
     }
 }
 
-/// A frozen batch norm and its ReLU: `y = relu(x s + t (+ r))` with `ss = [s; t]` `(2, c)`
-/// (`with_r` says whether `r` is read).
-extern "C" __global__ void glip_affine_relu(const float *x, const float *ss, const float *r,
-                                            float *y, unsigned long long total, unsigned c,
-                                            unsigned hw, unsigned with_r) {
-    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
-         i < total; i += (unsigned long long)blockDim.x * gridDim.x) {
-        unsigned ch = (unsigned)((i / hw) % c);
-        float v = x[i] * ss[ch] + ss[c + ch];
-        if (with_r) v += r[i];
-        y[i] = fmaxf(v, 0.0f);
+/// The constants of a batch norm outside training: `ss = [s; t]` `(2, c)` with
+/// `s = w / sqrt(rv + eps)` (as the CPU's composition: the reciprocal of the root, then the
+/// product) and `t = b - rm s`, one thread per channel.
+extern "C" __global__ void glip_bn_constants(const float *w, const float *b, const float *rm,
+                                             const float *rv, float *ss, unsigned c, float eps) {
+    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < c; i += blockDim.x * gridDim.x) {
+        float s = w[i] * (1.0f / sqrtf(rv[i] + eps));
+        ss[i] = s;
+        ss[c + i] = b[i] - rm[i] * s;
     }
 }
 
-/// `g = dy (y > 0)`: `dx = g s` into `out[0..total]`, and with `with_r` `dr = g` into
-/// `out[total..2 total]`.
-extern "C" __global__ void glip_affine_relu_backward(const float *y, const float *dy,
-                                                     const float *ss, float *out,
-                                                     unsigned long long total, unsigned c,
-                                                     unsigned hw, unsigned with_r) {
+/// A constant per-channel affine map (a frozen batch norm): `y = x s + t (+ r)`, then with
+/// `GLIP_RELU` in `flags` the ReLU, with `ss = [s; t]` `(2, c)`; `r` is read with `GLIP_ADD`.
+/// Computed in f32 whatever `T` is (one rounding to `T` at the end).
+#define GLIP_ADD 1u
+#define GLIP_RELU 2u
+template <typename T>
+__device__ void glip_affine(const T *x, const float *ss, const T *r, T *y,
+                            unsigned long long total, unsigned c, unsigned hw, unsigned flags) {
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
          i < total; i += (unsigned long long)blockDim.x * gridDim.x) {
         unsigned ch = (unsigned)((i / hw) % c);
-        float g = dy[i] * (y[i] > 0.0f ? 1.0f : 0.0f);
-        out[i] = g * ss[ch];
-        if (with_r) out[total + i] = g;
+        float v = glip_load(x[i]) * ss[ch] + ss[c + ch];
+        if (flags & GLIP_ADD) v += glip_load(r[i]);
+        glip_put(y + i, (flags & GLIP_RELU) ? fmaxf(v, 0.0f) : v);
     }
 }
-"#;
+
+/// Its backward: `g = dy` (with `GLIP_RELU`, `dy (y > 0)`), `dx = g s` into `out[0..total]`,
+/// and with `GLIP_ADD` `dr = g` into `out[total..2 total]`.
+template <typename T>
+__device__ void glip_affine_backward(const T *y, const T *dy, const float *ss, T *out,
+                                     unsigned long long total, unsigned c, unsigned hw,
+                                     unsigned flags) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+         i < total; i += (unsigned long long)blockDim.x * gridDim.x) {
+        unsigned ch = (unsigned)((i / hw) % c);
+        float g = glip_load(dy[i]);
+        if (flags & GLIP_RELU) g *= glip_load(y[i]) > 0.0f ? 1.0f : 0.0f;
+        glip_put(out + i, g * ss[ch]);
+        if (flags & GLIP_ADD) glip_put(out + total + i, g);
+    }
+}
+
+extern "C" __global__ void glip_affine_f32(const float *x, const float *ss, const float *r,
+                                           float *y, unsigned long long total, unsigned c,
+                                           unsigned hw, unsigned flags) {
+    glip_affine(x, ss, r, y, total, c, hw, flags);
+}
+
+extern "C" __global__ void glip_affine_bf16(const glip_bf16 *x, const float *ss,
+                                            const glip_bf16 *r, glip_bf16 *y,
+                                            unsigned long long total, unsigned c, unsigned hw,
+                                            unsigned flags) {
+    glip_affine(x, ss, r, y, total, c, hw, flags);
+}
+
+extern "C" __global__ void glip_affine_backward_f32(const float *y, const float *dy,
+                                                    const float *ss, float *out,
+                                                    unsigned long long total, unsigned c,
+                                                    unsigned hw, unsigned flags) {
+    glip_affine_backward(y, dy, ss, out, total, c, hw, flags);
+}
+
+extern "C" __global__ void glip_affine_backward_bf16(const glip_bf16 *y, const glip_bf16 *dy,
+                                                     const float *ss, glip_bf16 *out,
+                                                     unsigned long long total, unsigned c,
+                                                     unsigned hw, unsigned flags) {
+    glip_affine_backward(y, dy, ss, out, total, c, hw, flags);
+}
+"#
+);
 
 /// Layer norm's parameter gradients: the rows per chunk of `glip_layer_norm_params` (at least
 /// 32, at most 128 chunks), and the number of chunks.
@@ -425,9 +496,12 @@ pub(crate) fn layer_norm_chunks(rows: usize) -> (usize, usize) {
 /// wins), its gradient to that one input. Forward one thread per output; backward one thread
 /// per input, gathering the gradients of the (at most four) windows whose maximum it is, in
 /// the CPU's order (windows row-major), so the sums are the CPU's.
-pub(crate) const POOL: &str = r#"
+pub(crate) const POOL: &str = concat!(
+    bf16_prelude!(),
+    r#"
 /// The index in its plane of the maximum of window (oy, ox).
-__device__ unsigned glip_pool_argmax(const float *plane, unsigned h, unsigned w, unsigned oy,
+template <typename T>
+__device__ unsigned glip_pool_argmax(const T *plane, unsigned h, unsigned w, unsigned oy,
                                      unsigned ox) {
     unsigned y0 = oy > 0 ? 2 * oy - 1 : 0, y1 = 2 * oy + 2 < h ? 2 * oy + 2 : h;
     unsigned x0 = ox > 0 ? 2 * ox - 1 : 0, x1 = 2 * ox + 2 < w ? 2 * ox + 2 : w;
@@ -435,7 +509,7 @@ __device__ unsigned glip_pool_argmax(const float *plane, unsigned h, unsigned w,
     unsigned at = y0 * w + x0;
     for (unsigned iy = y0; iy < y1; ++iy)
         for (unsigned ix = x0; ix < x1; ++ix) {
-            float v = plane[iy * w + ix];
+            float v = glip_load(plane[iy * w + ix]);
             if (v > best || (v != v && best == best)) {
                 best = v;
                 at = iy * w + ix;
@@ -444,40 +518,69 @@ __device__ unsigned glip_pool_argmax(const float *plane, unsigned h, unsigned w,
     return at;
 }
 
-extern "C" __global__ void glip_max_pool(const float *x, float *y, unsigned long long planes,
-                                         unsigned h, unsigned w, unsigned oh, unsigned ow) {
+/// Each output is its window's maximum element, copied (bf16 stays bf16 bit for bit).
+template <typename T>
+__device__ void glip_max_pool(const T *x, T *y, unsigned long long planes, unsigned h,
+                              unsigned w, unsigned oh, unsigned ow) {
     const unsigned long long total = planes * oh * ow;
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
          i < total; i += (unsigned long long)blockDim.x * gridDim.x) {
         unsigned long long p = i / ((unsigned long long)oh * ow);
         unsigned o = (unsigned)(i % ((unsigned long long)oh * ow));
-        const float *plane = x + p * h * w;
+        const T *plane = x + p * h * w;
         y[i] = plane[glip_pool_argmax(plane, h, w, o / ow, o % ow)];
     }
 }
 
-extern "C" __global__ void glip_max_pool_backward(const float *x, const float *g, float *dx,
-                                                  unsigned long long planes, unsigned h,
-                                                  unsigned w, unsigned oh, unsigned ow) {
+/// Each input's gradient: the sum (in f32, then rounded once to `T`) of the gradients of the
+/// windows whose maximum it is, windows row-major.
+template <typename T>
+__device__ void glip_max_pool_backward(const T *x, const T *g, T *dx, unsigned long long planes,
+                                       unsigned h, unsigned w, unsigned oh, unsigned ow) {
     const unsigned long long total = planes * h * w;
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
          i < total; i += (unsigned long long)blockDim.x * gridDim.x) {
         unsigned long long p = i / ((unsigned long long)h * w);
         unsigned at = (unsigned)(i % ((unsigned long long)h * w));
         unsigned iy = at / w, ix = at % w;
-        const float *plane = x + p * h * w;
-        const float *gp = g + p * oh * ow;
+        const T *plane = x + p * h * w;
+        const T *gp = g + p * oh * ow;
         // Windows 2o-1..2o+1 hold row iy for o in [ceil((iy-1)/2), floor((iy+1)/2)].
         unsigned oy0 = iy / 2, oy1 = (iy + 1) / 2 < oh - 1 ? (iy + 1) / 2 : oh - 1;
         unsigned ox0 = ix / 2, ox1 = (ix + 1) / 2 < ow - 1 ? (ix + 1) / 2 : ow - 1;
         float s = 0.0f;
         for (unsigned oy = oy0; oy <= oy1; ++oy)
             for (unsigned ox = ox0; ox <= ox1; ++ox)
-                if (glip_pool_argmax(plane, h, w, oy, ox) == at) s += gp[oy * ow + ox];
-        dx[i] = s;
+                if (glip_pool_argmax(plane, h, w, oy, ox) == at) s += glip_load(gp[oy * ow + ox]);
+        glip_put(dx + i, s);
     }
 }
-"#;
+
+extern "C" __global__ void glip_max_pool_f32(const float *x, float *y, unsigned long long planes,
+                                             unsigned h, unsigned w, unsigned oh, unsigned ow) {
+    glip_max_pool(x, y, planes, h, w, oh, ow);
+}
+
+extern "C" __global__ void glip_max_pool_bf16(const glip_bf16 *x, glip_bf16 *y,
+                                              unsigned long long planes, unsigned h, unsigned w,
+                                              unsigned oh, unsigned ow) {
+    glip_max_pool(x, y, planes, h, w, oh, ow);
+}
+
+extern "C" __global__ void glip_max_pool_backward_f32(const float *x, const float *g, float *dx,
+                                                      unsigned long long planes, unsigned h,
+                                                      unsigned w, unsigned oh, unsigned ow) {
+    glip_max_pool_backward(x, g, dx, planes, h, w, oh, ow);
+}
+
+extern "C" __global__ void glip_max_pool_backward_bf16(const glip_bf16 *x, const glip_bf16 *g,
+                                                       glip_bf16 *dx, unsigned long long planes,
+                                                       unsigned h, unsigned w, unsigned oh,
+                                                       unsigned ow) {
+    glip_max_pool_backward(x, g, dx, planes, h, w, oh, ow);
+}
+"#
+);
 
 /// Dropout masks on the device ([`crate::nn::dropout`]): element `i` keeps (`scale`) when the
 /// top 24 bits of SplitMix64's finaliser of `seed + (i + 1) golden`, as a fraction of `2^24`,
@@ -710,6 +813,14 @@ static void glip_print(const char *name, const float *p, size_t n) {
         )
     }
 
+    /// Whether `a` and `b` hold the same floats bit for bit (any NaN equal to any NaN).
+    pub(super) fn same(a: &[f32], b: &[f32]) -> bool {
+        a.len() == b.len()
+            && a.iter()
+                .zip(b)
+                .all(|(p, q)| p.to_bits() == q.to_bits() || (p.is_nan() && q.is_nan()))
+    }
+
     pub(super) fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
         let mut rng = glip_core::rng::Rng::new(seed);
         (0..n).map(|_| rng.normal() * scale).collect()
@@ -897,44 +1008,92 @@ static void glip_print(const char *name, const float *p, size_t n) {
 
 #[cfg(test)]
 mod emulation_affine {
-    //! The frozen batch norm's affine map and ReLU under the emulation, against the CPU op
-    //! (the same f32 arithmetic), values and gradients, at the fixture README's tolerances.
-    //! Every pre-activation is at least 0.01 from zero, so that no rounding decides a mask.
+    //! A batch norm's constants and the frozen batch norm's affine map (with and without a
+    //! residual, with and without its ReLU) under the emulation, against the CPU ops: in f32 at
+    //! the fixture README's tolerances, in bf16 within one bf16 rounding of the f32 result. Every
+    //! pre-activation is at least 0.01 from zero, so that no rounding decides a mask.
 
     use super::emulation::{emulate, random};
     use super::NORM;
-    use candle_core::{Device, Result, Tensor, Var};
+    use candle_core::{DType, Device, Result, Tensor, Var};
 
-    #[test]
-    fn affine_relu_with_and_without_a_residual_matches_the_cpu_op() -> Result<()> {
-        let (b, c, h, w) = (3usize, 5usize, 6usize, 7usize);
-        let n = b * c * h * w;
-        let scale: Vec<f32> = random(c, 31, 0.5).iter().map(|v| v.abs() + 0.5).collect();
-        let shift = random(c, 32, 0.5);
-        let r = random(n, 33, 1.0);
-        let pre = random(n, 34, 1.0);
-        // x from the wanted pre-activation, `+-(0.01 + |p|)`, with and without the residual.
-        let x_for = |with_r: bool| -> Vec<f32> {
-            (0..n)
+    /// The bf16 value nearest `v` (ties to even), as f32: candle's cast on the CPU.
+    fn bf16_round(v: &[f32]) -> Vec<f32> {
+        let t = Tensor::new(v, &Device::Cpu).unwrap();
+        t.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap().to_vec1().unwrap()
+    }
+
+    /// `relu?(x s + t (+ r))` and its gradients `dx`, `dr` for `dy`, on the CPU in f32.
+    fn cpu_op(
+        x: &[f32],
+        ss: &[f32],
+        r: Option<&[f32]>,
+        dy: &[f32],
+        shape: (usize, usize, usize, usize),
+        relu: bool,
+    ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+        let dev = Device::Cpu;
+        let xv = Var::from_vec(x.to_vec(), shape, &dev)?;
+        let rv = r.map(|r| Var::from_vec(r.to_vec(), shape, &dev)).transpose()?;
+        let sst = Tensor::from_vec(ss.to_vec(), (2, shape.1), &dev)?;
+        let y = crate::affine::channel_affine(&xv, &sst, rv.as_ref().map(|v| v.as_tensor()), relu)?;
+        let g = (&y * Tensor::from_vec(dy.to_vec(), shape, &dev)?)?.sum_all()?.backward()?;
+        let dx = g.get(&xv).expect("dx").clone();
+        let dr = rv.map(|v| g.get(&v).expect("dr").clone());
+        Ok((y, dx, dr))
+    }
+
+    /// Per-channel constants (scales at least 0.5) and, with the residual `r` or without, the
+    /// input whose pre-activation `x s + t (+ r)` is `+-(margin + |p|)` for normal `p`.
+    struct Case {
+        scale: Vec<f32>,
+        shift: Vec<f32>,
+        ss: Vec<f32>,
+        pre: Vec<f32>,
+        hw: usize,
+    }
+
+    impl Case {
+        fn new((b, c, h, w): (usize, usize, usize, usize), seed: u64) -> Case {
+            let scale: Vec<f32> = random(c, seed, 0.5).iter().map(|v| v.abs() + 0.5).collect();
+            let shift = random(c, seed + 1, 0.5);
+            let ss = scale.iter().chain(&shift).copied().collect();
+            Case { scale, shift, ss, pre: random(b * c * h * w, seed + 2, 1.0), hw: h * w }
+        }
+
+        fn channel(&self, i: usize) -> usize {
+            (i / self.hw) % self.scale.len()
+        }
+
+        fn x(&self, margin: f32, r: Option<&[f32]>) -> Vec<f32> {
+            (0..self.pre.len())
                 .map(|i| {
-                    let ch = (i / (h * w)) % c;
-                    let p = pre[i].signum() * (0.01 + pre[i].abs());
-                    (p - shift[ch] - if with_r { r[i] } else { 0.0 }) / scale[ch]
+                    let ch = self.channel(i);
+                    let p = self.pre[i].signum() * (margin + self.pre[i].abs());
+                    (p - self.shift[ch] - r.map_or(0.0, |r| r[i])) / self.scale[ch]
                 })
                 .collect()
-        };
+        }
+    }
+
+    #[test]
+    fn affine_with_and_without_residual_and_relu_matches_the_cpu_op() -> Result<()> {
+        let (b, c, h, w) = (3usize, 5usize, 6usize, 7usize);
+        let n = b * c * h * w;
+        let case = Case::new((b, c, h, w), 31);
+        let ss = case.ss.clone();
+        let r = random(n, 34, 1.0);
         let dy = random(n, 35, 1.0);
-        let ss: Vec<f32> = scale.iter().chain(&shift).copied().collect();
-        for with_r in [false, true] {
-            let x = x_for(with_r);
-            let flag = u32::from(with_r);
+        for (with_r, relu) in [(false, true), (true, true), (false, false), (true, false)] {
+            let x = case.x(0.01, with_r.then_some(r.as_slice()));
+            let flags = u32::from(with_r) | (u32::from(relu) << 1);
             let body = format!(
                 "static float y[{n}], out[{}];
-                 glip_launch(3, 1, 256, [] {{ glip_affine_relu(x, ss, r, y, {n}, {c}, {}, {flag}); }});
+                 glip_launch(3, 1, 256, [] {{ glip_affine_f32(x, ss, r, y, {n}, {c}, {}, {flags}); }});
                  glip_launch(3, 1, 256, [] {{
-                     glip_affine_relu_backward(y, dy, ss, out, {n}, {c}, {}, {flag}); }});
+                     glip_affine_backward_f32(y, dy, ss, out, {n}, {c}, {}, {flags}); }});
                  glip_print(\"y\", y, {n}); glip_print(\"dx\", out, {n});
-                 if ({flag}) glip_print(\"dr\", out + {n}, {n});",
+                 if ({flags} & 1) glip_print(\"dr\", out + {n}, {n});",
                 2 * n,
                 h * w,
                 h * w,
@@ -944,24 +1103,118 @@ mod emulation_affine {
             let Some(out) = emulate(NORM, &arrays, &body) else {
                 return Ok(());
             };
-            let dev = Device::Cpu;
             let shape = (b, c, h, w);
-            let xv = Var::from_vec(x, shape, &dev)?;
-            let rv = Var::from_vec(r.clone(), shape, &dev)?;
-            let (st, sh) =
-                (Tensor::new(scale.as_slice(), &dev)?, Tensor::new(shift.as_slice(), &dev)?);
-            let y = crate::affine::affine_relu(&xv, &st, &sh, with_r.then_some(rv.as_tensor()))?;
-            let g = (&y * Tensor::from_vec(dy.clone(), shape, &dev)?)?.sum_all()?.backward()?;
-            let got = |name: &str| Tensor::from_vec(out[name].clone(), shape, &dev);
-            glip_testing::assert_forward_close("affine-relu", &got("y")?, &y)?;
-            glip_testing::assert_grad_close("affine-relu dx", &got("dx")?, g.get(&xv).unwrap())?;
-            if with_r {
-                glip_testing::assert_grad_close(
-                    "affine-relu dr",
-                    &got("dr")?,
-                    g.get(&rv).unwrap(),
-                )?;
+            let (y, dx, dr) = cpu_op(&x, &ss, with_r.then_some(&r), &dy, shape, relu)?;
+            let got = |name: &str| Tensor::from_vec(out[name].clone(), shape, &Device::Cpu);
+            let what = format!("affine (residual {with_r}, relu {relu})");
+            glip_testing::assert_forward_close(&what, &got("y")?, &y)?;
+            glip_testing::assert_grad_close(&format!("{what} dx"), &got("dx")?, &dx)?;
+            if let Some(dr) = dr {
+                glip_testing::assert_grad_close(&format!("{what} dr"), &got("dr")?, &dr)?;
             }
+        }
+        Ok(())
+    }
+
+    /// bf16 activations: inputs that are bf16 values, the kernel's f32 arithmetic rounded once.
+    /// Each output is within one rounding to bf16 of the CPU's f32 result `v` (`2^-8 |v|`, the
+    /// unit roundoff of bf16's 8-bit significand) plus the f32 difference a fused multiply-add
+    /// may make (`2^-24` of each product and sum: `2^-23 (|x s| + |t| + |r|)` bounds both
+    /// roundings); `dr = dy` or 0, exactly.
+    #[test]
+    fn affine_on_bf16_activations_rounds_the_f32_result_once() -> Result<()> {
+        let (b, c, h, w) = (2usize, 4usize, 5usize, 9usize);
+        let n = b * c * h * w;
+        let case = Case::new((b, c, h, w), 51);
+        let (scale, shift, ss) = (&case.scale, &case.shift, case.ss.clone());
+        let r = bf16_round(&random(n, 54, 1.0));
+        let dy = bf16_round(&random(n, 55, 1.0));
+        let ch = |i: usize| case.channel(i);
+        for (with_r, relu) in [(false, true), (true, true), (true, false)] {
+            // Pre-activations at least 0.1 from zero before x is rounded to bf16, which moves
+            // x s by at most 2^-8 |x s| (under 0.04 here).
+            let x = bf16_round(&case.x(0.1, with_r.then_some(r.as_slice())));
+            let flags = u32::from(with_r) | (u32::from(relu) << 1);
+            let body = format!(
+                "static glip_bf16 xb[{n}], rb[{n}], dyb[{n}], yb[{n}], outb[{}];
+                 static float y[{n}], out[{}];
+                 for (size_t i = 0; i < {n}; ++i) {{
+                     xb[i].bits = glip_bf16_bits(x[i]); rb[i].bits = glip_bf16_bits(r[i]);
+                     dyb[i].bits = glip_bf16_bits(dy[i]);
+                 }}
+                 glip_launch(2, 1, 128, [] {{ glip_affine_bf16(xb, ss, rb, yb, {n}, {c}, {}, {flags}); }});
+                 glip_launch(2, 1, 128, [] {{
+                     glip_affine_backward_bf16(yb, dyb, ss, outb, {n}, {c}, {}, {flags}); }});
+                 for (size_t i = 0; i < {n}; ++i) y[i] = glip_load(yb[i]);
+                 for (size_t i = 0; i < {}; ++i) out[i] = glip_load(outb[i]);
+                 glip_print(\"y\", y, {n}); glip_print(\"dx\", out, {n});
+                 if ({flags} & 1) glip_print(\"dr\", out + {n}, {n});",
+                2 * n,
+                2 * n,
+                h * w,
+                h * w,
+                2 * n,
+            );
+            let arrays =
+                [("x", x.clone()), ("ss", ss.clone()), ("r", r.clone()), ("dy", dy.clone())];
+            let Some(out) = emulate(NORM, &arrays, &body) else {
+                return Ok(());
+            };
+            let (y, dx, dr) = cpu_op(&x, &ss, with_r.then_some(&r), &dy, (b, c, h, w), relu)?;
+            let (y, dx): (Vec<f32>, Vec<f32>) =
+                (y.flatten_all()?.to_vec1()?, dx.flatten_all()?.to_vec1()?);
+            for i in 0..n {
+                let (s, t) = (scale[ch(i)], shift[ch(i)]);
+                let terms = (x[i] * s).abs() + t.abs() + if with_r { r[i].abs() } else { 0.0 };
+                let f32_part = 2f32.powi(-23) * terms;
+                let bound = 2f32.powi(-8) * y[i].abs() + f32_part;
+                let d = (out["y"][i] - y[i]).abs();
+                assert!(d <= bound, "y[{i}] {} vs {} (bound {bound})", out["y"][i], y[i]);
+                let bound = 2f32.powi(-8) * dx[i].abs() + 2f32.powi(-23) * dx[i].abs();
+                let d = (out["dx"][i] - dx[i]).abs();
+                assert!(d <= bound, "dx[{i}] {} vs {} (bound {bound})", out["dx"][i], dx[i]);
+            }
+            if let Some(dr) = dr {
+                let dr: Vec<f32> = dr.flatten_all()?.to_vec1()?;
+                assert_eq!(out["dr"], dr, "dr is dy where the ReLU passes, 0 elsewhere");
+            }
+        }
+        Ok(())
+    }
+
+    /// The constants of a batch norm outside training against the CPU's composition: the
+    /// scale to within two roundings of the same operations (`2^-23 |s|`), the shift to within
+    /// the rounding a fused multiply-add may save (`2^-23 (|rm s| + |t|)`).
+    #[test]
+    fn batch_norm_constants_match_the_cpu_composition() -> Result<()> {
+        let c = 300usize;
+        let w = random(c, 61, 1.0);
+        let b = random(c, 62, 1.0);
+        let rm = random(c, 63, 2.0);
+        let rv: Vec<f32> = random(c, 64, 1.0).iter().map(|v| v * v + 1e-3).collect();
+        let eps = 1e-5f32;
+        let body = format!(
+            "static float ss[{}];
+             glip_launch(2, 1, 256, [] {{ glip_bn_constants(w, b, rm, rv, ss, {c}, {eps:e}f); }});
+             glip_print(\"ss\", ss, {});",
+            2 * c,
+            2 * c
+        );
+        let arrays = [("w", w.clone()), ("b", b.clone()), ("rm", rm.clone()), ("rv", rv.clone())];
+        let Some(out) = emulate(NORM, &arrays, &body) else {
+            return Ok(());
+        };
+        let t = |v: &[f32]| Tensor::new(v, &Device::Cpu);
+        let want: Vec<f32> =
+            crate::affine::batch_norm_constants(&t(&w)?, &t(&b)?, &t(&rm)?, &t(&rv)?, eps as f64)?
+                .flatten_all()?
+                .to_vec1()?;
+        for i in 0..c {
+            let (s, sh) = (want[i], want[c + i]);
+            let (gs, gsh) = (out["ss"][i], out["ss"][c + i]);
+            assert!((gs - s).abs() <= 2f32.powi(-23) * s.abs(), "scale {i}: {gs} vs {s}");
+            let bound = 2f32.powi(-23) * ((rm[i] * s).abs() + sh.abs());
+            assert!((gsh - sh).abs() <= bound, "shift {i}: {gsh} vs {sh} (bound {bound})");
         }
         Ok(())
     }
@@ -973,7 +1226,7 @@ mod emulation_pool {
     //! exact, and each input's gradient is the same f32 values added in the same order (windows
     //! row-major). Ties, NaNs, `-inf` and odd and even sizes included.
 
-    use super::emulation::{emulate, random};
+    use super::emulation::{emulate, random, same};
     use super::POOL;
     use candle_core::{Device, Result, Tensor, Var};
 
@@ -990,9 +1243,9 @@ mod emulation_pool {
             let g = random(m, 42, 1.0);
             let body = format!(
                 "static float y[{m}], dx[{n}];
-                 glip_launch(2, 1, 64, [] {{ glip_max_pool(x, y, {}, {h}, {w}, {oh}, {ow}); }});
+                 glip_launch(2, 1, 64, [] {{ glip_max_pool_f32(x, y, {}, {h}, {w}, {oh}, {ow}); }});
                  glip_launch(2, 1, 64, [] {{
-                     glip_max_pool_backward(x, g, dx, {}, {h}, {w}, {oh}, {ow}); }});
+                     glip_max_pool_backward_f32(x, g, dx, {}, {h}, {w}, {oh}, {ow}); }});
                  glip_print(\"y\", y, {m}); glip_print(\"dx\", dx, {n});",
                 b * c,
                 b * c,
@@ -1006,12 +1259,6 @@ mod emulation_pool {
             let dx = (&y * gy)?.sum_all()?.backward()?.get(&xv).expect("dx").flatten_all()?;
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             let y: Vec<f32> = y.flatten_all()?.to_vec1()?;
-            let same = |a: &[f32], b: &[f32]| {
-                a.len() == b.len()
-                    && a.iter()
-                        .zip(b)
-                        .all(|(p, q)| p.to_bits() == q.to_bits() || (p.is_nan() && q.is_nan()))
-            };
             assert!(
                 same(&out["y"], &y),
                 "max pool {h}x{w}: {:?} vs {:?}",
@@ -1021,6 +1268,60 @@ mod emulation_pool {
             let dx: Vec<f32> = dx.to_vec1()?;
             assert!(same(&out["dx"], &dx), "max pool gradient {h}x{w}: {:?} vs {dx:?}", out["dx"]);
         }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod emulation_pool_bf16 {
+    //! The stem's max-pool on bf16 activations under the emulation: the maxima are the inputs'
+    //! bf16 values, and each input's gradient is the f32 sum of the CPU's (the same bf16 terms
+    //! in the same order) rounded once to bf16, bit for bit.
+
+    use super::emulation::{emulate, random, same};
+    use super::POOL;
+    use candle_core::{DType, Device, Result, Tensor, Var};
+
+    #[test]
+    fn max_pool_on_bf16_equals_the_cpu_op_rounded() -> Result<()> {
+        let (b, c, h, w) = (2usize, 3usize, 11usize, 8usize);
+        let n = b * c * h * w;
+        // Small integers (bf16 values) so that windows tie; a NaN and a -inf.
+        let mut x: Vec<f32> = random(n, 71, 3.0).iter().map(|v| v.round()).collect();
+        x[n / 4] = f32::NAN;
+        x[n / 2] = f32::NEG_INFINITY;
+        let (oh, ow) = crate::pool::out_dims(h, w);
+        let m = b * c * oh * ow;
+        let round = |v: Vec<f32>, shape: (usize, usize, usize, usize)| -> Result<Tensor> {
+            Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(DType::BF16)?.to_dtype(DType::F32)
+        };
+        let g = round(random(m, 72, 1.0), (b, c, oh, ow))?;
+        let gv: Vec<f32> = g.flatten_all()?.to_vec1()?;
+        let body = format!(
+            "static glip_bf16 xb[{n}], gb[{m}], yb[{m}], dxb[{n}];
+             static float y[{m}], dx[{n}];
+             for (size_t i = 0; i < {n}; ++i) xb[i].bits = glip_bf16_bits(x[i]);
+             for (size_t i = 0; i < {m}; ++i) gb[i].bits = glip_bf16_bits(g[i]);
+             glip_launch(2, 1, 64, [] {{ glip_max_pool_bf16(xb, yb, {}, {h}, {w}, {oh}, {ow}); }});
+             glip_launch(2, 1, 64, [] {{
+                 glip_max_pool_backward_bf16(xb, gb, dxb, {}, {h}, {w}, {oh}, {ow}); }});
+             for (size_t i = 0; i < {m}; ++i) y[i] = glip_load(yb[i]);
+             for (size_t i = 0; i < {n}; ++i) dx[i] = glip_load(dxb[i]);
+             glip_print(\"y\", y, {m}); glip_print(\"dx\", dx, {n});",
+            b * c,
+            b * c,
+        );
+        let Some(out) = emulate(POOL, &[("x", x.clone()), ("g", gv)], &body) else {
+            return Ok(());
+        };
+        let xv = Var::from_vec(x, (b, c, h, w), &Device::Cpu)?;
+        let y = crate::pool::max_pool_3x3_s2_p1(&xv)?;
+        let dx = (&y * g)?.sum_all()?.backward()?.get(&xv).expect("dx").clone();
+        let dx: Vec<f32> =
+            round(dx.flatten_all()?.to_vec1()?, (b, c, h, w))?.flatten_all()?.to_vec1()?;
+        let y: Vec<f32> = y.flatten_all()?.to_vec1()?;
+        assert!(same(&out["y"], &y), "bf16 max pool: {:?} vs {y:?}", out["y"]);
+        assert!(same(&out["dx"], &dx), "bf16 max pool gradient: {:?} vs {dx:?}", out["dx"]);
         Ok(())
     }
 }

@@ -68,6 +68,113 @@ macro_rules! cuda_fwd {
     };
 }
 
+/// Implements a candle custom op that runs only on CUDA: `cpu_fwd` is an error naming it,
+/// `cuda_fwd` is `$fwd` over the operands as `(storage, layout)` pairs (with `$me` for the op),
+/// and `bwd`, where given, is `$bwd` (with `$me` for the op too).
+#[cfg(feature = "cuda")]
+macro_rules! cuda_op {
+    (CustomOp1 for $ty:ty, $name:literal, |$me:ident, $a:ident| $fwd:expr
+     $(, bwd |$ba:ident, $by:ident, $bg:ident| $bwd:expr)?) => {
+        impl candle_core::CustomOp1 for $ty {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+                Err(candle_core::Error::Msg(format!(
+                    "{} runs on CUDA only (its CPU path is another op)",
+                    $name
+                )))
+            }
+
+            cuda_fwd!(|$me, $a| $fwd);
+
+            $(fn bwd(&self, $ba: &candle_core::Tensor, $by: &candle_core::Tensor, $bg: &candle_core::Tensor) -> candle_core::Result<Option<candle_core::Tensor>> {
+                let $me = self;
+                let _ = $me;
+                $bwd
+            })?
+        }
+    };
+    (CustomOp2 for $ty:ty, $name:literal, |$me:ident, $a:ident, $b:ident| $fwd:expr
+     $(, bwd |$ba:ident, $bb:ident, $by:ident, $bg:ident| $bwd:expr)?) => {
+        impl candle_core::CustomOp2 for $ty {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            fn cpu_fwd(
+                &self,
+                _: &candle_core::CpuStorage,
+                _: &candle_core::Layout,
+                _: &candle_core::CpuStorage,
+                _: &candle_core::Layout,
+            ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+                Err(candle_core::Error::Msg(format!(
+                    "{} runs on CUDA only (its CPU path is another op)",
+                    $name
+                )))
+            }
+
+            cuda_fwd!(|$me, $a, $b| $fwd);
+
+            $(fn bwd(
+                &self,
+                $ba: &candle_core::Tensor,
+                $bb: &candle_core::Tensor,
+                $by: &candle_core::Tensor,
+                $bg: &candle_core::Tensor,
+            ) -> candle_core::Result<(Option<candle_core::Tensor>, Option<candle_core::Tensor>)> {
+                let $me = self;
+                let _ = $me;
+                $bwd
+            })?
+        }
+    };
+    (CustomOp3 for $ty:ty, $name:literal, |$me:ident, $a:ident, $b:ident, $c:ident| $fwd:expr
+     $(, bwd |$ba:ident, $bb:ident, $bc:ident, $by:ident, $bg:ident| $bwd:expr)?) => {
+        impl candle_core::CustomOp3 for $ty {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            fn cpu_fwd(
+                &self,
+                _: &candle_core::CpuStorage,
+                _: &candle_core::Layout,
+                _: &candle_core::CpuStorage,
+                _: &candle_core::Layout,
+                _: &candle_core::CpuStorage,
+                _: &candle_core::Layout,
+            ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+                Err(candle_core::Error::Msg(format!(
+                    "{} runs on CUDA only (its CPU path is another op)",
+                    $name
+                )))
+            }
+
+            cuda_fwd!(|$me, $a, $b, $c| $fwd);
+
+            $(fn bwd(
+                &self,
+                $ba: &candle_core::Tensor,
+                $bb: &candle_core::Tensor,
+                $bc: &candle_core::Tensor,
+                $by: &candle_core::Tensor,
+                $bg: &candle_core::Tensor,
+            ) -> candle_core::Result<(
+                Option<candle_core::Tensor>,
+                Option<candle_core::Tensor>,
+                Option<candle_core::Tensor>,
+            )> {
+                let $me = self;
+                let _ = $me;
+                $bwd
+            })?
+        }
+    };
+}
+
 pub mod affine;
 pub mod bf16;
 pub mod conv;
@@ -76,6 +183,8 @@ pub mod cuda;
 mod cuda_launch;
 #[cfg(feature = "cuda")]
 mod cuda_layers;
+#[cfg(feature = "cuda")]
+mod cuda_linear;
 #[cfg(feature = "cuda")]
 mod cuda_optim;
 mod cuda_source;

@@ -66,10 +66,11 @@ impl Linear {
     }
 
     /// `x (..., in)` -> `(..., out)`. Inside a bf16 `autocast` the product runs in bf16 with f32
-    /// sums: on the CPU without gradients ([`crate::bf16::linear`]), on CUDA with them
-    /// ([`crate::cuda`]).
+    /// sums: on the CPU without gradients ([`crate::bf16::linear`]), on CUDA with them and an
+    /// f32 result (cuBLAS, `cuda_linear`).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let bf16 = crate::bf16::applies(x, &self.weight);
+        let cuda_bf16 = crate::cuda::bf16_linear_applies(x, &self.weight);
         let cpu_f32 = x.device().is_cpu()
             && x.dtype() == DType::F32
             && self.weight.dtype() == DType::F32
@@ -81,13 +82,16 @@ impl Linear {
         // A contiguous `(b, t, in)` is one product (candle folds the batch into the rows); any
         // other input is flattened (one copy of `x`) rather than given to `broadcast_matmul`,
         // which would copy the weight once per batch element.
-        let y = if x.rank() == 3 && !bf16 && !cpu_f32 && x.is_contiguous() {
+        let y = if x.rank() == 3 && !bf16 && !cuda_bf16 && !cpu_f32 && x.is_contiguous() {
             product(x)?
         } else {
             let dims = x.dims();
             let flat = x.reshape(((), dims[dims.len() - 1]))?;
             let flat = if bf16 {
                 crate::bf16::linear(&flat, &self.weight)?
+            } else if cuda_bf16 {
+                // bf16 operands, f32 sums and result (cuBLAS), no cast of the result.
+                crate::cuda::bf16_linear(&flat, &self.weight)?
             } else if cpu_f32 {
                 // candle records no backward when neither input is tracked.
                 flat.contiguous()?.apply_op2(&self.weight.contiguous()?, LinearF32)?

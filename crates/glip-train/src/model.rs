@@ -121,7 +121,9 @@ impl GlipModel {
                     levels.len()
                 )
             };
-            let f = proj.forward(&level.tensor)?;
+            // A bf16 level (bf16 activations) is projected in bf16, then cast: the projection
+            // is narrower than the level.
+            let f = proj.forward(&level.tensor)?.to_dtype(candle_core::DType::F32)?;
             trace(&format!("input_proj (level {li})"), f.dims());
             let (_, _, h, w) = f.dims4()?;
             shapes.push(LevelShape { h, w, stride: level.stride });

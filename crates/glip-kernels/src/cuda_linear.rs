@@ -1,0 +1,289 @@
+//! `Linear` inside a bf16 autocast on CUDA: bf16 operands, f32 sums and **f32 results**, one
+//! cuBLAS `GemmEx` per product.
+//!
+//! candle's bf16 product writes bf16, so the composition was: cast `x` and `w` to bf16, the
+//! product, cast `y` back to f32; and backward: cast `dy` to bf16, two products (with copies for
+//! the transposed operands), cast `dx` and `dw` back to f32: about ten launches and as many
+//! allocations per layer and step, most of them casts (the profile of a seed-r50 bf16 training
+//! step on the H200 counted about a thousand casts a step, `docs/results`). cuBLAS takes bf16
+//! operands with an f32 output (`CUDA_R_16BF` x `CUDA_R_16BF` -> `CUDA_R_32F`, compute
+//! `CUBLAS_COMPUTE_32F`, as `torch.autocast` computes): here the forward is the cast of `x`
+//! (kept for the backward), the weight's bf16 copy (cached per bf16 scope when gradient-free,
+//! [`crate::bf16::bf16_weight`]) and one product; the backward one cast of `dy` and one product
+//! per gradient, written in f32. The values: every product reads two bf16-rounded operands and
+//! sums in f32, as before, without the rounding of the result to bf16.
+//!
+//! Row-major `(rows, cols)` buffers are column-major `(cols, rows)` ones to cuBLAS, so with
+//! `x (m, k)`, `w (n, k)`, `y (m, n)`:
+//! * `y = x w^T`: column-major `y^T (n, m) = op_T(w as (k, n)) * (x as (k, m))`;
+//! * `dx = dy w`: `dx^T (k, m) = (w as (k, n)) * (dy as (n, m))`;
+//! * `dw = dy^T x`: `dw^T (k, n) = (x as (k, m)) * op_T(dy as (n, m))`.
+//!
+//! `GLIP_BF16_LINEAR=candle` keeps candle's composition (to compare the two).
+
+#![allow(
+    unsafe_code,
+    reason = "cuBLAS calls through cudarc: the dimensions and leading dimensions are derived \
+              from the checked shapes of the buffers passed, and outputs are allocated \
+              uninitialised for cuBLAS to write whole (beta = 0)"
+)]
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::cublas::{result, sys};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice};
+use candle_core::op::BackpropOp;
+use candle_core::{DType, Layout, Result, Shape, Storage, Tensor};
+use half::bf16;
+use std::sync::Mutex;
+
+/// Whether [`linear`] is used (unless `GLIP_BF16_LINEAR=candle`, read once).
+pub(crate) fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("GLIP_BF16_LINEAR").map_or(true, |v| v != "candle"))
+}
+
+fn i32_of(n: usize, what: &str) -> Result<i32> {
+    i32::try_from(n).map_err(|_| candle_core::Error::Msg(format!("{what}: {n} is over 2^31")))
+}
+
+/// `c (col-major, ldc = m') = op_a(a) op_b(b)` with bf16 `a`, `b` (each with its leading
+/// dimension) and f32 `c` (`(buffer, len)`): cuBLAS's `(m', n', k')`, column-major, `beta = 0`.
+fn gemm(
+    dev: &CudaDevice,
+    (ta, tb): (bool, bool),
+    (m, n, k): (usize, usize, usize),
+    (a, lda): (&CudaView<'_, bf16>, usize),
+    (b, ldb): (&CudaView<'_, bf16>, usize),
+    (c, c_len): (&mut impl DevicePtrMut<f32>, usize),
+) -> Result<()> {
+    let (a_len, b_len) = (a.len(), b.len());
+    let op = |t: bool| {
+        if t {
+            sys::cublasOperation_t::CUBLAS_OP_T
+        } else {
+            sys::cublasOperation_t::CUBLAS_OP_N
+        }
+    };
+    // What cuBLAS reads and writes, checked against the buffers: op(a) is m' x k' (stored
+    // k' x m' when transposed), op(b) k' x n' (stored n' x k' when transposed).
+    let (a_rows, a_cols) = if ta { (k, m) } else { (m, k) };
+    let (b_rows, b_cols) = if tb { (n, k) } else { (k, n) };
+    if lda < a_rows || ldb < b_rows || a_len < lda * a_cols || b_len < ldb * b_cols {
+        candle_core::bail!("bf16 linear: operands too short for a ({m}, {n}, {k}) product")
+    }
+    if c_len < m * n {
+        candle_core::bail!("bf16 linear: an output of {c_len} for ({m}, {n})")
+    }
+    let what = "bf16 linear";
+    let (mi, ni, ki) = (i32_of(m, what)?, i32_of(n, what)?, i32_of(k, what)?);
+    let (ldai, ldbi) = (i32_of(lda, what)?, i32_of(ldb, what)?);
+    let (alpha, beta) = (1f32, 0f32);
+    let blas = dev.cublas_handle();
+    let stream = dev.cuda_stream();
+    let (pa, _ga) = a.device_ptr(&stream);
+    let (pb, _gb) = b.device_ptr(&stream);
+    let (pc, _gc) = c.device_ptr_mut(&stream);
+    // SAFETY: `a` holds `lda * a_cols` bf16 and `b` `ldb * b_cols` (checked above) for the
+    // column-major operands of `op(a) (m x k)` and `op(b) (k x n)`; `c` holds the `m * n` f32 of
+    // the result (ldc = m), written whole (beta = 0); alpha and beta are f32 host scalars, as
+    // CUBLAS_COMPUTE_32F takes them; the handle works on the device's stream, where the buffers
+    // are ordered.
+    unsafe {
+        result::gemm_ex(
+            *blas.handle(),
+            op(ta),
+            op(tb),
+            mi,
+            ni,
+            ki,
+            (&alpha) as *const f32 as *const _,
+            pa as *const _,
+            sys::cudaDataType_t::CUDA_R_16BF,
+            ldai,
+            pb as *const _,
+            sys::cudaDataType_t::CUDA_R_16BF,
+            ldbi,
+            (&beta) as *const f32 as *const _,
+            pc as *mut _,
+            sys::cudaDataType_t::CUDA_R_32F,
+            mi,
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .map_err(candle_core::Error::wrap)
+}
+
+/// An operand in bf16: the storage's own contiguous bf16 elements, or a cast of an f32 one.
+enum Bf16<'a> {
+    View(CudaView<'a, bf16>),
+    Cast(CudaSlice<bf16>),
+}
+
+impl Bf16<'_> {
+    /// `(storage, layout)` (f32 or bf16) as `len` contiguous bf16 elements, or an error naming
+    /// `what`.
+    fn of<'a>(s: &'a CudaStorage, l: &Layout, len: usize, what: &str) -> Result<Bf16<'a>> {
+        if l.shape().elem_count() != len {
+            candle_core::bail!(
+                "{what}: {} elements where {len} were expected",
+                l.shape().elem_count()
+            )
+        }
+        match (s.dtype(), l.contiguous_offsets()) {
+            (DType::BF16, Some((a, b))) => Ok(Bf16::View(s.as_cuda_slice::<bf16>()?.slice(a..b))),
+            (DType::F32 | DType::BF16, _) => match s.to_dtype(l, DType::BF16)?.slice {
+                CudaStorageSlice::BF16(c) => Ok(Bf16::Cast(c)),
+                _ => candle_core::bail!("{what}: the cast to bf16 gave another dtype"),
+            },
+            (d, _) => candle_core::bail!("{what}: f32 or bf16, got {d:?}"),
+        }
+    }
+
+    /// The elements.
+    fn view(&self) -> CudaView<'_, bf16> {
+        match self {
+            Bf16::View(v) => v.slice(0..v.len()),
+            Bf16::Cast(c) => c.slice(0..c.len()),
+        }
+    }
+}
+
+fn unsafe_alloc<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
+    dev: &CudaDevice,
+    n: usize,
+) -> Result<CudaSlice<T>> {
+    // SAFETY: every caller writes all `n` elements (cuBLAS products with beta = 0) before
+    // anything reads them.
+    unsafe { dev.alloc::<T>(n.max(1)) }
+}
+
+/// `x (m, k) @ w (n, k)^T -> (m, n)` f32, from `(x f32, w f32, wb = w in bf16)`; gradients
+/// for `x` and `w` (f32), none for `wb`.
+struct LinearBf16 {
+    /// `x` in bf16, made by the forward for the weight's gradient.
+    saved: Mutex<Option<CudaSlice<bf16>>>,
+}
+
+cuda_op!(CustomOp3 for LinearBf16, "glip-linear-bf16-cuda",
+|me, x, w, wb| me.forward(x, w, wb),
+bwd |x, w, wb, _y, grad| me.backward(x, w, wb, grad));
+
+impl LinearBf16 {
+    fn forward(
+        &self,
+        (xs, xl): (&CudaStorage, &Layout),
+        (_, wl): (&CudaStorage, &Layout),
+        (bs, bl): (&CudaStorage, &Layout),
+    ) -> Result<(CudaStorage, Shape)> {
+        let ((m, k), (n, kw)) = (xl.shape().dims2()?, wl.shape().dims2()?);
+        if k != kw || bl.dims() != wl.dims() {
+            candle_core::bail!(
+                "bf16 linear: input {:?}, weight {:?}, bf16 weight {:?}",
+                xl.dims(),
+                wl.dims(),
+                bl.dims()
+            )
+        }
+        let dev = xs.device().clone();
+        let xb = Bf16::of(xs, xl, m * k, "bf16 linear input")?;
+        let wb = Bf16::of(bs, bl, n * k, "bf16 linear weight")?;
+        let mut y = unsafe_alloc::<f32>(&dev, m * n)?;
+        gemm(&dev, (true, false), (n, m, k), (&wb.view(), k), (&xb.view(), k), (&mut y, m * n))?;
+        // The cast input, for the weight's gradient (a bf16 input is its own).
+        if let Bf16::Cast(c) = xb {
+            *self.saved.lock().expect("saved input") = Some(c);
+        }
+        Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((m, n))))
+    }
+
+    fn backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        wb: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (want_x, want_w) = (x.track_op(), w.track_op());
+        if !(want_x || want_w) {
+            return Ok((None, None, None));
+        }
+        let (m, k) = x.dims2()?;
+        let n = w.dim(0)?;
+        // The forward's bf16 input, or (a second backward of the same graph) a fresh cast.
+        let xb = match self.saved.lock().expect("saved input").take() {
+            Some(s) => {
+                let Storage::Cuda(xs) = &*x.storage_and_layout().0 else {
+                    candle_core::bail!("bf16 linear: the input left the GPU")
+                };
+                let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(s, xs.device().clone()));
+                Tensor::from_storage(storage, (m, k), BackpropOp::none(), false)
+            }
+            None => x.detach().to_dtype(DType::BF16)?,
+        };
+        let op = LinearGrad { dx: want_x, dw: want_w };
+        let both = grad.contiguous()?.apply_op3_no_bwd(&wb.detach(), &xb, &op)?;
+        let dx = want_x.then(|| both.narrow(0, 0, m * k)?.reshape((m, k))).transpose()?;
+        let at = if want_x { m * k } else { 0 };
+        let dw = want_w.then(|| both.narrow(0, at, n * k)?.reshape((n, k))).transpose()?;
+        Ok((dx, dw, None))
+    }
+}
+
+/// `(dy (m, n) f32, wb (n, k) bf16, xb (m, k) bf16)` -> `[dx (m k); dw (n k)]` f32, each part
+/// only when asked for.
+struct LinearGrad {
+    dx: bool,
+    dw: bool,
+}
+
+cuda_op!(CustomOp3 for LinearGrad, "glip-linear-bf16-backward-cuda",
+|me, dy, wb, xb| me.run(dy, wb, xb));
+
+impl LinearGrad {
+    fn run(
+        &self,
+        (gs, gl): (&CudaStorage, &Layout),
+        (ws, wl): (&CudaStorage, &Layout),
+        (xs, xl): (&CudaStorage, &Layout),
+    ) -> Result<(CudaStorage, Shape)> {
+        let ((m, n), (nw, k), (mx, kx)) =
+            (gl.shape().dims2()?, wl.shape().dims2()?, xl.shape().dims2()?);
+        if n != nw || m != mx || k != kx {
+            candle_core::bail!(
+                "bf16 linear backward: gradient {:?}, weight {:?}, input {:?}",
+                gl.dims(),
+                wl.dims(),
+                xl.dims()
+            )
+        }
+        let dev = gs.device().clone();
+        let gb = Bf16::of(gs, gl, m * n, "bf16 linear gradient")?;
+        let len = usize::from(self.dx) * m * k + usize::from(self.dw) * n * k;
+        let mut out = unsafe_alloc::<f32>(&dev, len)?;
+        let mut at = 0;
+        if self.dx {
+            let wb = Bf16::of(ws, wl, n * k, "bf16 linear weight")?;
+            let mut dx = out.slice_mut(0..m * k);
+            let (a, b) = ((&wb.view(), k), (&gb.view(), n));
+            gemm(&dev, (false, false), (k, m, n), a, b, (&mut dx, m * k))?;
+            at = m * k;
+        }
+        if self.dw {
+            let xb = Bf16::of(xs, xl, m * k, "bf16 linear input")?;
+            let mut dw = out.slice_mut(at..at + n * k);
+            let (a, b) = ((&xb.view(), k), (&gb.view(), n));
+            gemm(&dev, (false, true), (k, n, m), a, b, (&mut dw, n * k))?;
+        }
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(len)))
+    }
+}
+
+/// `x (m, k) @ w (n, k)^T` in bf16 with f32 sums and an f32 result, differentiable in `x` and
+/// `w` (f32 gradients): `x` and `w` f32 on CUDA, `w`'s bf16 copy from
+/// [`crate::bf16::bf16_weight`].
+pub(crate) fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let wb = crate::bf16::bf16_weight(w)?.detach();
+    x.apply_op3(w, &wb, LinearBf16 { saved: Mutex::new(None) })
+}
