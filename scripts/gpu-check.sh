@@ -40,7 +40,8 @@
 # a temporary folder), QUICK (1: small bench shapes, for the CPU smoke test), GLIP_FIXTURES
 # (the fixtures, default fixtures/ if it holds seed-tiny, else WORK/fixtures written by part f),
 # TORCH_PYTHON (the Python with PyTorch for the side-by-side bench, python3; empty: none),
-# COMPOSED (1: also time training with candle's compositions of the normalisation kernels).
+# COMPOSED (1: also time training with candle's compositions of the normalisation kernels),
+# BF16_AB (1: each bf16 row again with GLIP_BF16_ACTIVATIONS=0, f32 activations in the backbone).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 T0=$(date +%s)
@@ -229,6 +230,14 @@ if [[ "$PARTS" == *b* ]]; then
       args=(--preset "$preset" --mode "$mode" --batch "$batch" --size "$size" --iters "$ITERS")
       bench "${args[@]}" --precision f32
       bench "${args[@]}" --precision bf16
+      if [[ "${BF16_AB:-0}" == 1 ]]; then
+        # bf16 with the backbone's activations kept f32 (a cast around every convolution), as
+        # before bf16 activations: the two side by side in one call.
+        echo "  (the next row: GLIP_BF16_ACTIVATIONS=0)"
+        export GLIP_BF16_ACTIVATIONS=0
+        bench "${args[@]}" --precision bf16
+        unset GLIP_BF16_ACTIVATIONS
+      fi
       if [[ -n "$TORCH_PYTHON" && "$DEVICE" != cpu ]]; then
         line=$(timeout 120 "$TORCH_PYTHON" reference/bench_torch.py --device "$DEVICE" "${args[@]}" \
           2>/dev/null | tail -1)
