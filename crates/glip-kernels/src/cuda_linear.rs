@@ -13,11 +13,8 @@
 //! per gradient, written in f32. The values: every product reads two bf16-rounded operands and
 //! sums in f32, as before, without the rounding of the result to bf16.
 //!
-//! Row-major `(rows, cols)` buffers are column-major `(cols, rows)` ones to cuBLAS, so with
-//! `x (m, k)`, `w (n, k)`, `y (m, n)`:
-//! * `y = x w^T`: column-major `y^T (n, m) = op_T(w as (k, n)) * (x as (k, m))`;
-//! * `dx = dy w`: `dx^T (k, m) = (w as (k, n)) * (dy as (n, m))`;
-//! * `dw = dy^T x`: `dw^T (k, n) = (x as (k, m)) * op_T(dy as (n, m))`.
+//! The column-major arguments of the three products for row-major buffers are
+//! `crate::linear_plan`'s (tested on the CPU against BLAS's definition).
 //!
 //! `GLIP_BF16_LINEAR=candle` keeps candle's composition (to compare the two).
 
@@ -28,6 +25,7 @@
               uninitialised for cuBLAS to write whole (beta = 0)"
 )]
 
+use crate::linear_plan::{plan, ColMajor, Operand, Product};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublas::{result, sys};
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut};
@@ -47,16 +45,39 @@ fn i32_of(n: usize, what: &str) -> Result<i32> {
     i32::try_from(n).map_err(|_| candle_core::Error::Msg(format!("{what}: {n} is over 2^31")))
 }
 
-/// `c (col-major, ldc = m') = op_a(a) op_b(b)` with bf16 `a`, `b` (each with its leading
-/// dimension) and f32 `c` (`(buffer, len)`): cuBLAS's `(m', n', k')`, column-major, `beta = 0`.
+/// A linear layer's bf16 operands, those a product needs.
+#[derive(Default)]
+struct Operands<'a, 'b> {
+    x: Option<&'a CudaView<'b, bf16>>,
+    w: Option<&'a CudaView<'b, bf16>>,
+    dy: Option<&'a CudaView<'b, bf16>>,
+}
+
+impl<'a, 'b> Operands<'a, 'b> {
+    fn get(&self, o: Operand) -> Result<&'a CudaView<'b, bf16>> {
+        let v = match o {
+            Operand::X => self.x,
+            Operand::W => self.w,
+            Operand::Dy => self.dy,
+        };
+        v.ok_or_else(|| candle_core::Error::Msg(format!("bf16 linear: no {o:?} operand")))
+    }
+}
+
+/// `product`'s column-major call (`crate::linear_plan`) with cuBLAS for `x (m, k)`, `w (n, k)`,
+/// `dy (m, n)`: bf16 operands from `ops`, f32 sums, the f32 result written to `c`
+/// (`(buffer, len)`, `beta = 0`).
 fn gemm(
     dev: &CudaDevice,
-    (ta, tb): (bool, bool),
+    product: Product,
     (m, n, k): (usize, usize, usize),
-    (a, lda): (&CudaView<'_, bf16>, usize),
-    (b, ldb): (&CudaView<'_, bf16>, usize),
+    ops: &Operands<'_, '_>,
     (c, c_len): (&mut impl DevicePtrMut<f32>, usize),
 ) -> Result<()> {
+    let plan: ColMajor = plan(product, m, n, k);
+    let (a, b) = (ops.get(plan.a)?, ops.get(plan.b)?);
+    let (ta, tb, lda, ldb) = (plan.transpose_a, plan.transpose_b, plan.lda, plan.ldb);
+    let (m, n, k) = (plan.rows, plan.cols, plan.inner);
     let (a_len, b_len) = (a.len(), b.len());
     let op = |t: bool| {
         if t {
@@ -190,7 +211,9 @@ impl LinearBf16 {
         let xb = Bf16::of(xs, xl, m * k, "bf16 linear input")?;
         let wb = Bf16::of(bs, bl, n * k, "bf16 linear weight")?;
         let mut y = unsafe_alloc::<f32>(&dev, m * n)?;
-        gemm(&dev, (true, false), (n, m, k), (&wb.view(), k), (&xb.view(), k), (&mut y, m * n))?;
+        let (xv, wv) = (xb.view(), wb.view());
+        let ops = Operands { x: Some(&xv), w: Some(&wv), dy: None };
+        gemm(&dev, Product::Forward, (m, n, k), &ops, (&mut y, m * n))?;
         // The cast input, for the weight's gradient (a bf16 input is its own).
         if let Bf16::Cast(c) = xb {
             *self.saved.lock().expect("saved input") = Some(c);
@@ -266,15 +289,17 @@ impl LinearGrad {
         if self.dx {
             let wb = Bf16::of(ws, wl, n * k, "bf16 linear weight")?;
             let mut dx = out.slice_mut(0..m * k);
-            let (a, b) = ((&wb.view(), k), (&gb.view(), n));
-            gemm(&dev, (false, false), (k, m, n), a, b, (&mut dx, m * k))?;
+            let (wv, gv) = (wb.view(), gb.view());
+            let ops = Operands { w: Some(&wv), dy: Some(&gv), ..Default::default() };
+            gemm(&dev, Product::InputGrad, (m, n, k), &ops, (&mut dx, m * k))?;
             at = m * k;
         }
         if self.dw {
             let xb = Bf16::of(xs, xl, m * k, "bf16 linear input")?;
             let mut dw = out.slice_mut(at..at + n * k);
-            let (a, b) = ((&xb.view(), k), (&gb.view(), n));
-            gemm(&dev, (false, true), (k, n, m), a, b, (&mut dw, n * k))?;
+            let (xv, gv) = (xb.view(), gb.view());
+            let ops = Operands { x: Some(&xv), dy: Some(&gv), ..Default::default() };
+            gemm(&dev, Product::WeightGrad, (m, n, k), &ops, (&mut dw, n * k))?;
         }
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(len)))
     }

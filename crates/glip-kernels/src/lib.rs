@@ -192,6 +192,7 @@ mod cuda_source;
 mod cudnn;
 pub mod fused;
 mod gemm;
+mod linear_plan;
 pub mod nn;
 pub mod norm;
 pub mod optim;
