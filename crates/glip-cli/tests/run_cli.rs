@@ -304,6 +304,10 @@ fn bench_prints_one_json_line_like_bench_torch() {
     assert_eq!(v["times"].as_array().unwrap().len(), 2);
     assert!(v["median_s"].as_f64().unwrap() > 0.0);
     assert!(v.get("phases").is_none(), "phases without --phases: {v}");
+    // Training reports the warm-up's loss and the last step's, both finite.
+    let loss = v["loss"].as_array().unwrap_or_else(|| panic!("no loss in {v}"));
+    assert_eq!(loss.len(), 2, "{v}");
+    assert!(loss.iter().all(|l| l.as_f64().is_some_and(f64::is_finite)), "{v}");
     // With --phases: the four phases of a training step, in order, each timed.
     let (ok, out, err) = glip(&[
         "bench", "--preset", "seed-r18", "--mode", "train", "--batch", "1", "--size", "64",

@@ -114,6 +114,11 @@ pub struct BenchResult {
     pub precision: &'static str,
     /// Whether f32 products on CUDA could use TF32.
     pub tf32: bool,
+    /// Training: the loss of the warm-up step and of the last timed step (the same batch
+    /// every step, so it falls as AdamW fits it; a sanity check of the step's arithmetic, read
+    /// back outside the timed region).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss: Option<[f32; 2]>,
     /// With `phases`: median seconds of each phase, in order.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub phases: Option<Vec<(String, f64)>>,
@@ -233,8 +238,10 @@ pub fn run(spec: &BenchSpec, dev: &Device) -> Result<BenchResult> {
     };
     // Per timed iteration, each phase's seconds (with `spec.phases`).
     let mut phase_times: Vec<Vec<(&'static str, f64)>> = Vec::new();
-    let mut step = |record: bool| -> Result<()> {
+    // A step, returning its loss when it trains.
+    let mut step = |record: bool| -> Result<Option<Tensor>> {
         let mut marks = Marks { on: spec.phases, dev, last: Instant::now(), times: Vec::new() };
+        let mut loss = None;
         match opt.as_mut() {
             None => {
                 let model = frozen.as_ref().unwrap_or(&model);
@@ -254,29 +261,38 @@ pub fn run(spec: &BenchSpec, dev: &Device) -> Result<BenchResult> {
                 marks.mark("backward")?;
                 opt.step(&grads)?;
                 marks.mark("optimizer")?;
+                // Detached: the step's graph is not kept alive by it.
+                loss = Some(losses.total.detach());
             }
         }
         if record && spec.phases {
             phase_times.push(marks.times);
         }
-        dev.synchronize()
+        dev.synchronize()?;
+        Ok(loss)
     };
     // One scope for the warm-up and the timed iterations: bf16 weights are packed in the
     // warm-up (as a bf16 model would be stored), then reused.
     let scope = if spec.train { crate::Precision::F32 } else { precision };
-    let times = glip_kernels::bf16::autocast(scope, || -> Result<Vec<f64>> {
-        step(false)?;
+    let (times, first, last) = glip_kernels::bf16::autocast(scope, || -> Result<_> {
+        let first = step(false)?;
+        let mut last = None;
         let mut times = Vec::with_capacity(spec.iters);
         // The timed iterations, for a profiler attached (the warm-up left out).
         glip_kernels::cuda::profiler_range(dev, true)?;
         for _ in 0..spec.iters {
             let t = Instant::now();
-            step(true)?;
+            last = step(true)?;
             times.push(t.elapsed().as_secs_f64());
         }
         glip_kernels::cuda::profiler_range(dev, false)?;
-        Ok(times)
+        Ok((times, first, last))
     })?;
+    // Read back after the timing (each read waits for the device).
+    let loss = match (first, last) {
+        (Some(a), Some(b)) => Some([a.to_scalar::<f32>()?, b.to_scalar::<f32>()?]),
+        _ => None,
+    };
     let phases = spec.phases.then(|| {
         let names: Vec<&str> =
             phase_times.first().map(|p| p.iter().map(|m| m.0).collect()).unwrap_or_default();
@@ -299,6 +315,7 @@ pub fn run(spec: &BenchSpec, dev: &Device) -> Result<BenchResult> {
         min_s: fastest,
         precision: precision.name(),
         tf32,
+        loss,
         phases,
         times,
         candle: "candle 0.11.1",
