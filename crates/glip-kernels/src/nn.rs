@@ -103,7 +103,7 @@ impl Linear {
             flat.reshape(out)?
         };
         match &self.bias {
-            Some(b) => y.broadcast_add(b),
+            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
             None => Ok(y),
         }
     }
