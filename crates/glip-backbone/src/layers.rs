@@ -196,7 +196,15 @@ impl Conv {
                 }
                 let y = glip_kernels::conv::conv2d(x, c.weight(), cfg.stride, cfg.padding)?;
                 match c.bias() {
-                    Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?.reshape((1, (), 1, 1))?),
+                    Some(b) => {
+                        // On bf16 activations the bias in bf16 (a gradient-free one cast once
+                        // per bf16 scope).
+                        let b = match y.dtype() {
+                            DType::BF16 => glip_kernels::bf16::bf16_weight(b)?,
+                            dtype => b.to_dtype(dtype)?,
+                        };
+                        y.broadcast_add(&b.reshape((1, (), 1, 1))?)
+                    }
                     None => Ok(y),
                 }
             }
