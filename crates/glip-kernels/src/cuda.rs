@@ -130,10 +130,10 @@ pub(crate) fn in_autocast(
     }
 }
 
-/// Whether `x (rows, in) @ w (out, in)^T` takes cuBLAS's bf16 product with an f32 result
-/// (`cuda_linear`): inside a bf16 autocast, `x` and `w` f32 on CUDA, in a `cuda` build, unless
-/// `GLIP_BF16_LINEAR=candle`.
-pub(crate) fn bf16_linear_applies(x: &Tensor, w: &Tensor) -> bool {
+/// Whether `x (rows, in) @ w (out, in)^T (+ bias)` takes cuBLAS's bf16 product with an f32
+/// result (`cuda_linear`): inside a bf16 autocast, `x`, `w` (and the bias) f32 on CUDA, in a
+/// `cuda` build, unless `GLIP_BF16_LINEAR=candle`.
+pub(crate) fn bf16_linear_applies(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> bool {
     #[cfg(feature = "cuda")]
     {
         precision() == Precision::Bf16
@@ -141,25 +141,26 @@ pub(crate) fn bf16_linear_applies(x: &Tensor, w: &Tensor) -> bool {
             && x.dtype() == DType::F32
             && w.dtype() == DType::F32
             && w.rank() == 2
+            && bias.is_none_or(|b| b.dtype() == DType::F32 && b.rank() == 1)
             && crate::cuda_linear::enabled()
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (x, w);
+        let _ = (x, w, bias);
         false
     }
 }
 
-/// `x (rows, in) @ w (out, in)^T` in bf16 with f32 sums and result, on CUDA (where
+/// `x (rows, in) @ w (out, in)^T (+ bias)` in bf16 with f32 sums and result, on CUDA (where
 /// [`bf16_linear_applies`]).
-pub(crate) fn bf16_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+pub(crate) fn bf16_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     {
-        crate::cuda_linear::linear(x, w)
+        crate::cuda_linear::linear(x, w, bias)
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (x, w);
+        let _ = (x, w, bias);
         candle_core::bail!("bf16 linear on CUDA: this build has no `cuda` feature")
     }
 }

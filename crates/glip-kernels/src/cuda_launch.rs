@@ -59,6 +59,10 @@ pub(crate) static NORM: Module =
 pub(crate) static POOL: Module =
     Module::new("glip_pool", "glip's max-pool kernels", crate::cuda_source::POOL);
 
+/// `Linear`'s bf16 casts, bias prefill and bias gradient ([`crate::cuda_linear`]).
+pub(crate) static LINEAR: Module =
+    Module::new("glip_linear", "glip's linear-layer kernels", crate::cuda_source::LINEAR);
+
 /// Dropout masks ([`crate::cuda_layers::dropout_mask`]).
 pub(crate) static DROPOUT: Module =
     Module::new("glip_dropout", "glip's dropout kernel", crate::cuda_source::DROPOUT);

@@ -2,16 +2,19 @@
 //! cuBLAS `GemmEx` per product.
 //!
 //! candle's bf16 product writes bf16, so the composition was: cast `x` and `w` to bf16, the
-//! product, cast `y` back to f32; and backward: cast `dy` to bf16, two products (with copies for
-//! the transposed operands), cast `dx` and `dw` back to f32: about ten launches and as many
-//! allocations per layer and step, most of them casts (the profile of a seed-r50 bf16 training
-//! step on the H200 counted about a thousand casts a step, `docs/results`). cuBLAS takes bf16
-//! operands with an f32 output (`CUDA_R_16BF` x `CUDA_R_16BF` -> `CUDA_R_32F`, compute
-//! `CUBLAS_COMPUTE_32F`, as `torch.autocast` computes): here the forward is the cast of `x`
-//! (kept for the backward), the weight's bf16 copy (cached per bf16 scope when gradient-free,
-//! [`crate::bf16::bf16_weight`]) and one product; the backward one cast of `dy` and one product
-//! per gradient, written in f32. The values: every product reads two bf16-rounded operands and
-//! sums in f32, as before, without the rounding of the result to bf16.
+//! product, cast `y` back to f32, add the bias (copying its broadcast layout to the device);
+//! and backward: cast `dy` to bf16, two products, cast `dx` and `dw` back to f32, sum the bias's
+//! gradient: about a dozen launches and as many allocations per layer and step, most of them
+//! casts (the profile of a seed-r50 bf16 training step on the H200 counted about a thousand
+//! casts a step, `docs/results`). cuBLAS takes bf16 operands with an f32 output (`CUDA_R_16BF`
+//! x `CUDA_R_16BF` -> `CUDA_R_32F`, compute `CUBLAS_COMPUTE_32F`, as `torch.autocast`
+//! computes): here the forward is one pass casting `x` (kept for the backward) and prefilling
+//! the output with the bias (`crate::cuda_source::LINEAR`), the weight's bf16 copy (cached per
+//! bf16 scope when gradient-free, [`crate::bf16::bf16_weight`]) and one product adding onto the
+//! bias (`beta = 1`); the backward one cast of `dy`, one product per gradient written in f32,
+//! and the bias's gradient (the column sums of `dy`). The values: every product reads two
+//! bf16-rounded operands and sums in f32, as before, without the rounding of the result to
+//! bf16; the bias is added in f32 (one rounding, as the separate sum did).
 //!
 //! The column-major arguments of the three products for row-major buffers are
 //! `crate::linear_plan`'s (tested on the CPU against BLAS's definition).
@@ -20,15 +23,18 @@
 
 #![allow(
     unsafe_code,
-    reason = "cuBLAS calls through cudarc: the dimensions and leading dimensions are derived \
-              from the checked shapes of the buffers passed, and outputs are allocated \
-              uninitialised for cuBLAS to write whole (beta = 0)"
+    reason = "cuBLAS calls and a kernel launch through cudarc: the dimensions and leading \
+              dimensions are derived from the checked shapes of the buffers passed, and outputs \
+              are allocated uninitialised for the kernel or cuBLAS to write whole"
 )]
 
+use crate::cuda_launch::{view, LINEAR};
 use crate::linear_plan::{plan, ColMajor, Operand, Product};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublas::{result, sys};
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DevicePtr, DevicePtrMut, PushKernelArg,
+};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice};
 use candle_core::op::BackpropOp;
 use candle_core::{DType, Layout, Result, Shape, Storage, Tensor};
@@ -39,6 +45,17 @@ use std::sync::Mutex;
 pub(crate) fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("GLIP_BF16_LINEAR").map_or(true, |v| v != "candle"))
+}
+
+fn u32_of(n: usize, what: &str) -> Result<u32> {
+    u32::try_from(n).map_err(|_| candle_core::Error::Msg(format!("{what}: {n} is over 2^32")))
+}
+
+fn check_len(what: &str, got: usize, want: usize) -> Result<()> {
+    if got != want {
+        candle_core::bail!("{what}: {got} elements where {want} were expected")
+    }
+    Ok(())
 }
 
 fn i32_of(n: usize, what: &str) -> Result<i32> {
@@ -65,14 +82,15 @@ impl<'a, 'b> Operands<'a, 'b> {
 }
 
 /// `product`'s column-major call (`crate::linear_plan`) with cuBLAS for `x (m, k)`, `w (n, k)`,
-/// `dy (m, n)`: bf16 operands from `ops`, f32 sums, the f32 result written to `c`
-/// (`(buffer, len)`, `beta = 0`).
+/// `dy (m, n)`: bf16 operands from `ops`, f32 sums, the f32 result written to `c` (`(buffer,
+/// len)`; `beta = 0`), or added to it (`beta = 1`).
 fn gemm(
     dev: &CudaDevice,
     product: Product,
     (m, n, k): (usize, usize, usize),
     ops: &Operands<'_, '_>,
     (c, c_len): (&mut impl DevicePtrMut<f32>, usize),
+    beta: f32,
 ) -> Result<()> {
     let plan: ColMajor = plan(product, m, n, k);
     let (a, b) = (ops.get(plan.a)?, ops.get(plan.b)?);
@@ -99,7 +117,7 @@ fn gemm(
     let what = "bf16 linear";
     let (mi, ni, ki) = (i32_of(m, what)?, i32_of(n, what)?, i32_of(k, what)?);
     let (ldai, ldbi) = (i32_of(lda, what)?, i32_of(ldb, what)?);
-    let (alpha, beta) = (1f32, 0f32);
+    let alpha = 1f32;
     let blas = dev.cublas_handle();
     let stream = dev.cuda_stream();
     let (pa, _ga) = a.device_ptr(&stream);
@@ -107,7 +125,8 @@ fn gemm(
     let (pc, _gc) = c.device_ptr_mut(&stream);
     // SAFETY: `a` holds `lda * a_cols` bf16 and `b` `ldb * b_cols` (checked above) for the
     // column-major operands of `op(a) (m x k)` and `op(b) (k x n)`; `c` holds the `m * n` f32 of
-    // the result (ldc = m), written whole (beta = 0); alpha and beta are f32 host scalars, as
+    // the result (ldc = m), written whole (beta = 0) or read first where the caller filled it
+    // (beta = 1); alpha and beta are f32 host scalars, as
     // CUBLAS_COMPUTE_32F takes them; the handle works on the device's stream, where the buffers
     // are ordered.
     unsafe {
@@ -175,49 +194,96 @@ fn unsafe_alloc<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
     dev: &CudaDevice,
     n: usize,
 ) -> Result<CudaSlice<T>> {
-    // SAFETY: every caller writes all `n` elements (cuBLAS products with beta = 0) before
-    // anything reads them.
+    // SAFETY: every caller writes all `n` elements (a cast, a prefill, cuBLAS products with
+    // beta = 0) before anything reads them.
     unsafe { dev.alloc::<T>(n.max(1)) }
 }
 
-/// `x (m, k) @ w (n, k)^T -> (m, n)` f32, from `(x f32, w f32, wb = w in bf16)`; gradients
-/// for `x` and `w` (f32), none for `wb`.
+/// `x (m, k) @ w (n, k)^T (+ bias (n,)) -> (m, n)` f32 from f32 `x`, `w` and bias, with `w`'s
+/// bf16 copy `wb` (detached); gradients for `x`, `w` and the bias, in f32.
 struct LinearBf16 {
+    wb: Tensor,
     /// `x` in bf16, made by the forward for the weight's gradient.
     saved: Mutex<Option<CudaSlice<bf16>>>,
 }
 
-cuda_op!(CustomOp3 for LinearBf16, "glip-linear-bf16-cuda",
-|me, x, w, wb| me.forward(x, w, wb),
-bwd |x, w, wb, _y, grad| me.backward(x, w, wb, grad));
+cuda_op!(CustomOp2 for LinearBf16, "glip-linear-bf16-cuda",
+|me, x, w| me.forward(x, w, None),
+bwd |x, w, _y, grad| {
+    let (dx, dw, _) = me.backward(x, w, None, grad)?;
+    Ok((dx, dw))
+});
+
+/// The same with a bias, as a three-operand op.
+struct LinearBf16Bias(LinearBf16);
+
+cuda_op!(CustomOp3 for LinearBf16Bias, "glip-linear-bf16-bias-cuda",
+|me, x, w, b| me.0.forward(x, w, Some(b)),
+bwd |x, w, b, _y, grad| me.0.backward(x, w, Some(b), grad));
 
 impl LinearBf16 {
     fn forward(
         &self,
         (xs, xl): (&CudaStorage, &Layout),
         (_, wl): (&CudaStorage, &Layout),
-        (bs, bl): (&CudaStorage, &Layout),
+        bias: Option<(&CudaStorage, &Layout)>,
     ) -> Result<(CudaStorage, Shape)> {
         let ((m, k), (n, kw)) = (xl.shape().dims2()?, wl.shape().dims2()?);
-        if k != kw || bl.dims() != wl.dims() {
+        if k != kw || self.wb.dims() != wl.dims() {
             candle_core::bail!(
                 "bf16 linear: input {:?}, weight {:?}, bf16 weight {:?}",
                 xl.dims(),
                 wl.dims(),
-                bl.dims()
+                self.wb.dims()
             )
         }
         let dev = xs.device().clone();
-        let xb = Bf16::of(xs, xl, m * k, "bf16 linear input")?;
-        let wb = Bf16::of(bs, bl, n * k, "bf16 linear weight")?;
+        let x = view(xs, xl, "bf16 linear input")?;
+        check_len("bf16 linear input", x.len(), m * k)?;
+        let (rows, cols) = (m as u64, u32_of(n, "bf16 linear")?);
+        let mut xb = unsafe_alloc::<bf16>(&dev, m * k)?;
         let mut y = unsafe_alloc::<f32>(&dev, m * n)?;
-        let (xv, wv) = (xb.view(), wb.view());
-        let ops = Operands { x: Some(&xv), w: Some(&wv), dy: None };
-        gemm(&dev, Product::Forward, (m, n, k), &ops, (&mut y, m * n))?;
-        // The cast input, for the weight's gradient (a bf16 input is its own).
-        if let Bf16::Cast(c) = xb {
-            *self.saved.lock().expect("saved input") = Some(c);
-        }
+        // One launch: x to bf16, and y prefilled with the bias for the product to add onto.
+        let func = LINEAR.func(&dev, "glip_bf16_cast_fill")?;
+        let stream = dev.cuda_stream();
+        let mut launch = stream.launch_builder(&func);
+        let total = (m * k) as u64;
+        launch.arg(&x).arg(&mut xb).arg(&total);
+        let b = match bias {
+            Some((bs, bl)) => {
+                let b = view(bs, bl, "bf16 linear bias")?;
+                check_len("bf16 linear bias", b.len(), n)?;
+                Some(b)
+            }
+            None => None,
+        };
+        // Without a bias: null pointers (the kernel skips the fill), no rows, no columns.
+        let (null, none_rows, none_cols) = (0u64, 0u64, 0u32);
+        match &b {
+            Some(b) => launch.arg(b).arg(&mut y).arg(&rows).arg(&cols),
+            None => launch.arg(&null).arg(&null).arg(&none_rows).arg(&none_cols),
+        };
+        let len = (m * k).max(m * n);
+        // SAFETY: glip_bf16_cast_fill(const float *x, glip_bf16 *xb, unsigned long long n,
+        // const float *bias, float *y, unsigned long long rows, unsigned cols) reads x[0..n] and
+        // writes xb[0..n] (both m k long), and with a bias reads bias[0..cols] (checked n long)
+        // and writes y[0..rows cols] (m n long); without one it reads and writes nothing more.
+        unsafe { launch.launch(crate::cuda_launch::elementwise(len)) }
+            .map_err(candle_core::Error::wrap)?;
+        let product = {
+            let (ws, wbl) = self.wb.storage_and_layout();
+            let Storage::Cuda(ws) = &*ws else {
+                candle_core::bail!("bf16 linear: the bf16 weight is not on the GPU")
+            };
+            let wb = Bf16::of(ws, wbl, n * k, "bf16 linear weight")?;
+            let xv = xb.slice(0..m * k);
+            let wv = wb.view();
+            let ops = Operands { x: Some(&xv), w: Some(&wv), dy: None };
+            let beta = if b.is_some() { 1.0 } else { 0.0 };
+            gemm(&dev, Product::Forward, (m, n, k), &ops, (&mut y, m * n), beta)
+        };
+        product?;
+        *self.saved.lock().expect("saved input") = Some(xb);
         Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((m, n))))
     }
 
@@ -225,12 +291,15 @@ impl LinearBf16 {
         &self,
         x: &Tensor,
         w: &Tensor,
-        wb: &Tensor,
+        bias: Option<&Tensor>,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let want_b = bias.is_some_and(|b| b.track_op());
+        // The bias's gradient: the output gradient's column sums, in f32.
+        let db = if want_b { Some(grad.sum(0)?) } else { None };
         let (want_x, want_w) = (x.track_op(), w.track_op());
         if !(want_x || want_w) {
-            return Ok((None, None, None));
+            return Ok((None, None, db));
         }
         let (m, k) = x.dims2()?;
         let n = w.dim(0)?;
@@ -246,11 +315,11 @@ impl LinearBf16 {
             None => x.detach().to_dtype(DType::BF16)?,
         };
         let op = LinearGrad { dx: want_x, dw: want_w };
-        let both = grad.contiguous()?.apply_op3_no_bwd(&wb.detach(), &xb, &op)?;
+        let both = grad.contiguous()?.apply_op3_no_bwd(&self.wb, &xb, &op)?;
         let dx = want_x.then(|| both.narrow(0, 0, m * k)?.reshape((m, k))).transpose()?;
         let at = if want_x { m * k } else { 0 };
         let dw = want_w.then(|| both.narrow(0, at, n * k)?.reshape((n, k))).transpose()?;
-        Ok((dx, dw, None))
+        Ok((dx, dw, db))
     }
 }
 
@@ -291,7 +360,7 @@ impl LinearGrad {
             let mut dx = out.slice_mut(0..m * k);
             let (wv, gv) = (wb.view(), gb.view());
             let ops = Operands { w: Some(&wv), dy: Some(&gv), ..Default::default() };
-            gemm(&dev, Product::InputGrad, (m, n, k), &ops, (&mut dx, m * k))?;
+            gemm(&dev, Product::InputGrad, (m, n, k), &ops, (&mut dx, m * k), 0.0)?;
             at = m * k;
         }
         if self.dw {
@@ -299,16 +368,31 @@ impl LinearGrad {
             let mut dw = out.slice_mut(at..at + n * k);
             let (xv, gv) = (xb.view(), gb.view());
             let ops = Operands { x: Some(&xv), dy: Some(&gv), ..Default::default() };
-            gemm(&dev, Product::WeightGrad, (m, n, k), &ops, (&mut dw, n * k))?;
+            gemm(&dev, Product::WeightGrad, (m, n, k), &ops, (&mut dw, n * k), 0.0)?;
         }
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(len)))
     }
 }
 
-/// `x (m, k) @ w (n, k)^T` in bf16 with f32 sums and an f32 result, differentiable in `x` and
-/// `w` (f32 gradients): `x` and `w` f32 on CUDA, `w`'s bf16 copy from
+/// `x (m, k) @ w (n, k)^T (+ bias)` in bf16 with f32 sums and an f32 result, differentiable in
+/// `x`, `w` and the bias (f32 gradients): all f32 on CUDA, `w`'s bf16 copy from
 /// [`crate::bf16::bf16_weight`].
-pub(crate) fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+pub(crate) fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let wb = crate::bf16::bf16_weight(w)?.detach();
-    x.apply_op3(w, &wb, LinearBf16 { saved: Mutex::new(None) })
+    let op = LinearBf16 { wb, saved: Mutex::new(None) };
+    let x = x.contiguous()?;
+    match bias {
+        Some(b) => x.apply_op3(w, &b.contiguous()?, LinearBf16Bias(op)),
+        None => x.apply_op2(w, op),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// NVRTC compiles the cast-and-prefill kernel (no GPU needed, only libnvrtc).
+    #[test]
+    fn the_kernel_compiles_with_nvrtc() {
+        let ptx = crate::cuda_launch::LINEAR.ptx().unwrap();
+        assert!(ptx.contains(".entry glip_bf16_cast_fill"), "glip_bf16_cast_fill missing");
+    }
 }

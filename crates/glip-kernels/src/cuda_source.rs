@@ -582,6 +582,26 @@ extern "C" __global__ void glip_max_pool_backward_bf16(const glip_bf16 *x, const
 "#
 );
 
+/// The element-wise pass before `Linear`'s bf16 product (`cuda_linear`): the input cast to bf16
+/// and, with a bias (not null), the output prefilled with it row by row (the product then adds
+/// onto it, `beta = 1`): one launch for the cast and the bias sum.
+pub(crate) const LINEAR: &str = concat!(
+    bf16_prelude!(),
+    r#"
+extern "C" __global__ void glip_bf16_cast_fill(const float *x, glip_bf16 *xb,
+                                               unsigned long long n, const float *bias,
+                                               float *y, unsigned long long rows,
+                                               unsigned cols) {
+    const unsigned long long stride = (unsigned long long)blockDim.x * gridDim.x;
+    const unsigned long long first = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+    for (unsigned long long i = first; i < n; i += stride) glip_put(xb + i, x[i]);
+    if (bias)
+        for (unsigned long long i = first; i < rows * cols; i += stride) y[i] = bias[i % cols];
+}
+
+"#
+);
+
 /// Dropout masks on the device ([`crate::nn::dropout`]): element `i` keeps (`scale`) when the
 /// top 24 bits of SplitMix64's finaliser of `seed + (i + 1) golden`, as a fraction of `2^24`,
 /// are at least `p`, else drops (0). Counter-based, so every thread draws its own elements and
@@ -1323,6 +1343,49 @@ mod emulation_pool_bf16 {
         assert!(same(&out["y"], &y), "bf16 max pool: {:?} vs {y:?}", out["y"]);
         assert!(same(&out["dx"], &dx), "bf16 max pool gradient: {:?} vs {dx:?}", out["dx"]);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod emulation_linear {
+    //! `Linear`'s bf16 pass under the emulation: the cast rounds to nearest even (candle's cast
+    //! on the CPU, bit for bit) and the prefill is the bias row by row.
+
+    use super::emulation::{emulate, random, same};
+    use super::LINEAR;
+    use candle_core::{DType, Device, Tensor};
+
+    fn bf16(v: &[f32]) -> Vec<f32> {
+        let t = Tensor::new(v, &Device::Cpu).unwrap();
+        t.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap().to_vec1().unwrap()
+    }
+
+    #[test]
+    fn the_cast_and_the_prefill_match_the_cpu() {
+        let (rows, cols) = (37usize, 300usize);
+        let n = rows * cols;
+        let mut x = random(n, 81, 3.0);
+        x[5] = f32::INFINITY;
+        x[6] = -0.0;
+        x[7] = 1.0 + 2f32.powi(-8); // a tie: to even, 1
+        let bias = random(cols, 82, 1.0);
+        let body = format!(
+            "static glip_bf16 xb[{n}], xb2[{n}];
+             static float y[{n}], xr[{n}], xr2[{n}];
+             glip_launch(3, 1, 128, [] {{ glip_bf16_cast_fill(x, xb, {n}, bias, y, {rows}, {cols}); }});
+             glip_launch(2, 1, 64, [] {{ glip_bf16_cast_fill(x, xb2, {n}, nullptr, nullptr, 0, 0); }});
+             for (size_t i = 0; i < {n}; ++i) {{ xr[i] = glip_load(xb[i]); xr2[i] = glip_load(xb2[i]); }}
+             glip_print(\"xb\", xr, {n}); glip_print(\"xb2\", xr2, {n}); glip_print(\"y\", y, {n});"
+        );
+        let Some(out) = emulate(LINEAR, &[("x", x.clone()), ("bias", bias.clone())], &body) else {
+            return;
+        };
+        let want = bf16(&x);
+        assert!(same(&out["xb"], &want), "the cast with the prefill");
+        assert!(same(&out["xb2"], &want), "the cast alone");
+        assert_eq!(out["xb"][7], 1.0, "a tie rounds to even");
+        let fill: Vec<f32> = (0..n).map(|i| bias[i % cols]).collect();
+        assert!(same(&out["y"], &fill), "the prefill");
     }
 }
 

@@ -70,7 +70,7 @@ impl Linear {
     /// f32 result (cuBLAS, `cuda_linear`).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let bf16 = crate::bf16::applies(x, &self.weight);
-        let cuda_bf16 = crate::cuda::bf16_linear_applies(x, &self.weight);
+        let cuda_bf16 = crate::cuda::bf16_linear_applies(x, &self.weight, self.bias.as_ref());
         let cpu_f32 = x.device().is_cpu()
             && x.dtype() == DType::F32
             && self.weight.dtype() == DType::F32
@@ -90,8 +90,9 @@ impl Linear {
             let flat = if bf16 {
                 crate::bf16::linear(&flat, &self.weight)?
             } else if cuda_bf16 {
-                // bf16 operands, f32 sums and result (cuBLAS), no cast of the result.
-                crate::cuda::bf16_linear(&flat, &self.weight)?
+                // bf16 operands, f32 sums and result (cuBLAS), no cast of the result; the bias
+                // is added by the product (below, not again).
+                crate::cuda::bf16_linear(&flat, &self.weight, self.bias.as_ref())?
             } else if cpu_f32 {
                 // candle records no backward when neither input is tracked.
                 flat.contiguous()?.apply_op2(&self.weight.contiguous()?, LinearF32)?
@@ -103,8 +104,8 @@ impl Linear {
             flat.reshape(out)?
         };
         match &self.bias {
-            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
-            None => Ok(y),
+            Some(b) if !cuda_bf16 => y.broadcast_add(&b.to_dtype(y.dtype())?),
+            _ => Ok(y),
         }
     }
 
