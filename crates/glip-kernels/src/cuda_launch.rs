@@ -13,7 +13,7 @@ use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
-use candle_core::{DType, Layout, Result, WithDType};
+use candle_core::{Layout, Result, WithDType};
 use std::sync::OnceLock;
 
 /// A CUDA C module: its name (candle caches the loaded module under it), source and PTX.
@@ -92,15 +92,22 @@ pub(crate) fn per_row(rows: usize, len: usize) -> LaunchConfig {
     }
 }
 
+/// `n` as a kernel's `unsigned`, or an error naming `what`.
+pub(crate) fn u32_of(n: usize, what: &str) -> Result<u32> {
+    u32::try_from(n).map_err(|_| candle_core::Error::Msg(format!("{what}: {n} is over 2^32")))
+}
+
+/// `got == want` elements, or an error naming `what`.
+pub(crate) fn check_len(what: &str, got: usize, want: usize) -> Result<()> {
+    if got != want {
+        candle_core::bail!("{what}: {got} elements where {want} were expected")
+    }
+    Ok(())
+}
+
 /// The contiguous f32 elements of an operand, or an error naming `what`.
 pub(crate) fn view<'a>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, f32>> {
-    if s.dtype() != DType::F32 {
-        candle_core::bail!("{what}: f32 only on CUDA, got {:?}", s.dtype())
-    }
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("{what}: the operand must be contiguous")
-    };
-    Ok(s.as_cuda_slice::<f32>()?.slice(a..b))
+    view_of::<f32>(s, l, what)
 }
 
 /// The contiguous elements of an operand of element type `T`, or an error naming `what`.
@@ -118,15 +125,15 @@ pub(crate) fn view_of<'a, T: CudaDType + DeviceRepr + WithDType>(
     Ok(s.as_cuda_slice::<T>()?.slice(a..b))
 }
 
-/// `n` uninitialised elements of `T` on `dev`, for a kernel that writes every one.
+/// `n` uninitialised elements of `T` on `dev`, for a kernel (or a cuBLAS product with
+/// `beta = 0`) that writes every one.
 pub(crate) fn output_of<T: DeviceRepr>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
-    // SAFETY: as `output`'s.
+    // SAFETY: the callers launch kernels (or cuBLAS products with beta = 0) that write all `n`
+    // elements before anything reads them (each says which).
     unsafe { dev.alloc::<T>(n.max(1)) }
 }
 
 /// `n` uninitialised f32 on `dev`, for a kernel that writes every element.
 pub(crate) fn output(dev: &CudaDevice, n: usize) -> Result<CudaSlice<f32>> {
-    // SAFETY: the callers launch kernels that write all `n` elements before anything reads
-    // them (each says which).
-    unsafe { dev.alloc::<f32>(n.max(1)) }
+    output_of::<f32>(dev, n)
 }

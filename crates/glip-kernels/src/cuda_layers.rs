@@ -19,7 +19,8 @@
 )]
 
 use crate::cuda_launch::{
-    elementwise, output, output_of, per_row, view, view_of, DROPOUT, NORM, POOL, TOP_K,
+    check_len, elementwise, output, output_of, per_row, u32_of, view, view_of, DROPOUT, NORM, POOL,
+    TOP_K,
 };
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
@@ -33,11 +34,6 @@ use candle_core::{Layout, Result, Shape, Tensor, WithDType};
 pub(crate) fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("GLIP_CUDA_COMPOSED").map_or(true, |v| v == "0"))
-}
-
-/// `n` as a kernel's `unsigned`, or an error naming `what`.
-fn u32_of(n: usize, what: &str) -> Result<u32> {
-    u32::try_from(n).map_err(|_| candle_core::Error::Msg(format!("{what}: {n} is over 2^32")))
 }
 
 /// `(rows, d)` of a tensor normalised over its last axis.
@@ -69,13 +65,6 @@ fn run(b: &mut LaunchArgs<'_>, cfg: LaunchConfig) -> Result<()> {
     // SAFETY: every caller pushed the arguments of its kernel's signature in order, with
     // buffers of the lengths the kernel indexes (checked or allocated by the caller).
     unsafe { b.launch(cfg) }.map(|_| ()).map_err(candle_core::Error::wrap)
-}
-
-fn check_len(what: &str, got: usize, want: usize) -> Result<()> {
-    if got != want {
-        candle_core::bail!("{what}: {got} elements where {want} were expected")
-    }
-    Ok(())
 }
 
 /// `softmax(x)` over the last axis.
@@ -417,7 +406,9 @@ pub(crate) fn bn_constants(
             candle_core::bail!("batch norm constants: the {what} is not on the GPU")
         };
         let v = view(s, layout, "batch norm constants")?;
-        check_len(&format!("batch norm {what}"), v.len(), c)?;
+        if v.len() != c {
+            candle_core::bail!("batch norm constants: the {what} has {} of {c} channels", v.len())
+        }
         if dev.as_ref().is_some_and(|d: &CudaDevice| d.id() != s.device().id()) {
             candle_core::bail!("batch norm constants: the parameters are on different GPUs")
         }

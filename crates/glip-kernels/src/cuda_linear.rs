@@ -28,7 +28,7 @@
               are allocated uninitialised for the kernel or cuBLAS to write whole"
 )]
 
-use crate::cuda_launch::{view, LINEAR};
+use crate::cuda_launch::{check_len, output_of, u32_of, view, LINEAR};
 use crate::linear_plan::{plan, ColMajor, Operand, Product};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublas::{result, sys};
@@ -45,17 +45,6 @@ use std::sync::Mutex;
 pub(crate) fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("GLIP_BF16_LINEAR").map_or(true, |v| v != "candle"))
-}
-
-fn u32_of(n: usize, what: &str) -> Result<u32> {
-    u32::try_from(n).map_err(|_| candle_core::Error::Msg(format!("{what}: {n} is over 2^32")))
-}
-
-fn check_len(what: &str, got: usize, want: usize) -> Result<()> {
-    if got != want {
-        candle_core::bail!("{what}: {got} elements where {want} were expected")
-    }
-    Ok(())
 }
 
 fn i32_of(n: usize, what: &str) -> Result<i32> {
@@ -190,15 +179,6 @@ impl Bf16<'_> {
     }
 }
 
-fn unsafe_alloc<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
-    dev: &CudaDevice,
-    n: usize,
-) -> Result<CudaSlice<T>> {
-    // SAFETY: every caller writes all `n` elements (a cast, a prefill, cuBLAS products with
-    // beta = 0) before anything reads them.
-    unsafe { dev.alloc::<T>(n.max(1)) }
-}
-
 /// `x (m, k) @ w (n, k)^T (+ bias (n,)) -> (m, n)` f32 from f32 `x`, `w` and bias, with `w`'s
 /// bf16 copy `wb` (detached); gradients for `x`, `w` and the bias, in f32.
 struct LinearBf16 {
@@ -241,8 +221,9 @@ impl LinearBf16 {
         let x = view(xs, xl, "bf16 linear input")?;
         check_len("bf16 linear input", x.len(), m * k)?;
         let (rows, cols) = (m as u64, u32_of(n, "bf16 linear")?);
-        let mut xb = unsafe_alloc::<bf16>(&dev, m * k)?;
-        let mut y = unsafe_alloc::<f32>(&dev, m * n)?;
+        // Written in full: xb by the cast below, y by its bias prefill or the product (beta 0).
+        let mut xb = output_of::<bf16>(&dev, m * k)?;
+        let mut y = output_of::<f32>(&dev, m * n)?;
         // One launch: x to bf16, and y prefilled with the bias for the product to add onto.
         let func = LINEAR.func(&dev, "glip_bf16_cast_fill")?;
         let stream = dev.cuda_stream();
@@ -353,7 +334,8 @@ impl LinearGrad {
         let dev = gs.device().clone();
         let gb = Bf16::of(gs, gl, m * n, "bf16 linear gradient")?;
         let len = usize::from(self.dx) * m * k + usize::from(self.dw) * n * k;
-        let mut out = unsafe_alloc::<f32>(&dev, len)?;
+        // Written in full by the products below (beta 0), one part each.
+        let mut out = output_of::<f32>(&dev, len)?;
         let mut at = 0;
         if self.dx {
             let wb = Bf16::of(ws, wl, n * k, "bf16 linear weight")?;
