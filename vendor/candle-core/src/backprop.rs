@@ -191,16 +191,24 @@ impl Tensor {
                         grads.accumulate_neg(rhs, &grad)?;
                     }
                     Op::Binary(lhs, rhs, BinaryOp::Mul) => {
-                        let lhs_grad = grad.mul(rhs)?;
-                        grads.accumulate(lhs, &lhs_grad)?;
-                        let rhs_grad = grad.mul(lhs)?;
-                        grads.accumulate(rhs, &rhs_grad)?;
+                        if lhs.track_op() {
+                            let lhs_grad = grad.mul(rhs)?;
+                            grads.accumulate(lhs, &lhs_grad)?;
+                        }
+                        if rhs.track_op() {
+                            let rhs_grad = grad.mul(lhs)?;
+                            grads.accumulate(rhs, &rhs_grad)?;
+                        }
                     }
                     Op::Binary(lhs, rhs, BinaryOp::Div) => {
-                        let lhs_grad = grad.div(rhs)?;
-                        grads.accumulate(lhs, &lhs_grad)?;
-                        let rhs_grad = grad.mul(lhs)?.div(&rhs.sqr()?)?;
-                        grads.accumulate_neg(rhs, &rhs_grad)?;
+                        if lhs.track_op() {
+                            let lhs_grad = grad.div(rhs)?;
+                            grads.accumulate(lhs, &lhs_grad)?;
+                        }
+                        if rhs.track_op() {
+                            let rhs_grad = grad.mul(lhs)?.div(&rhs.sqr()?)?;
+                            grads.accumulate_neg(rhs, &rhs_grad)?;
+                        }
                     }
                     Op::Binary(lhs, rhs, BinaryOp::Minimum)
                     | Op::Binary(lhs, rhs, BinaryOp::Maximum) => {
@@ -209,18 +217,25 @@ impl Tensor {
 
                         // If both masks are 1 one the same point, we want to scale the
                         // gradient by 0.5 rather than 1.
-                        let lhs_grad = mask_lhs.mul(&grad)?.div(&(&mask_rhs + 1.)?)?;
-                        grads.accumulate(lhs, &lhs_grad)?;
-
-                        let rhs_grad = mask_rhs.mul(&grad)?.div(&(&mask_lhs + 1.)?)?;
-                        grads.accumulate(rhs, &rhs_grad)?;
+                        if lhs.track_op() {
+                            let lhs_grad = mask_lhs.mul(&grad)?.div(&(&mask_rhs + 1.)?)?;
+                            grads.accumulate(lhs, &lhs_grad)?;
+                        }
+                        if rhs.track_op() {
+                            let rhs_grad = mask_rhs.mul(&grad)?.div(&(&mask_lhs + 1.)?)?;
+                            grads.accumulate(rhs, &rhs_grad)?;
+                        }
                     }
                     Op::WhereCond(pred, t, f) => {
                         let zeros = grad.zeros_like()?;
-                        let t_grad = pred.where_cond(&grad, &zeros)?;
-                        grads.accumulate(t, &t_grad)?;
-                        let f_grad = pred.where_cond(&zeros, &grad)?;
-                        grads.accumulate(f, &f_grad)?;
+                        if t.track_op() {
+                            let t_grad = pred.where_cond(&grad, &zeros)?;
+                            grads.accumulate(t, &t_grad)?;
+                        }
+                        if f.track_op() {
+                            let f_grad = pred.where_cond(&zeros, &grad)?;
+                            grads.accumulate(f, &f_grad)?;
+                        }
                     }
                     Op::Conv1D {
                         arg,
@@ -432,11 +447,14 @@ impl Tensor {
                         // Skipping checks, the op went ok, we can skip
                         // the matmul size checks for now.
 
-                        let lhs_grad = grad.matmul(&rhs.t()?)?;
-                        grads.accumulate(lhs, &lhs_grad)?;
-
-                        let rhs_grad = lhs.t()?.matmul(&grad)?;
-                        grads.accumulate(rhs, &rhs_grad)?;
+                        if lhs.track_op() {
+                            let lhs_grad = grad.matmul(&rhs.t()?)?;
+                            grads.accumulate(lhs, &lhs_grad)?;
+                        }
+                        if rhs.track_op() {
+                            let rhs_grad = lhs.t()?.matmul(&grad)?;
+                            grads.accumulate(rhs, &rhs_grad)?;
+                        }
                     }
                     Op::Cat(args, dim) => {
                         let mut start_idx = 0;
@@ -524,6 +542,9 @@ impl Tensor {
                         grads.accumulate_neg(arg, &grad)?;
                     }
                     &Op::Narrow(ref arg, dim, start_idx, len) => {
+                        if grads.accumulate_narrow(arg, &grad, dim, start_idx, len)? {
+                            continue;
+                        }
                         let arg_dims = arg.dims();
                         let left_pad = if start_idx == 0 {
                             None
@@ -666,7 +687,17 @@ impl Tensor {
 
 /// A store for gradients, associating a tensor id to the corresponding gradient tensor, used for back propagation.
 #[derive(Default, Debug)]
-pub struct GradStore(HashMap<TensorId, Tensor>);
+pub struct GradStore(HashMap<TensorId, Tensor>, HashMap<TensorId, NarrowSlices>);
+
+/// glip-rs patch: a gradient that narrow contributions write into in place (see
+/// [`GradStore::accumulate_narrow`]): the buffer's id (the store may have replaced it since
+/// by a sum) and the ranges written along `dim`.
+#[derive(Debug)]
+struct NarrowSlices {
+    buffer: TensorId,
+    dim: usize,
+    written: Vec<(usize, usize)>,
+}
 
 impl GradStore {
     /// Create a new gradient store
@@ -725,6 +756,53 @@ impl GradStore {
             }
         }
         Ok(())
+    }
+
+    /// glip-rs patch: adds the gradient `grad` of `tensor.narrow(dim, start, len)` to the
+    /// gradient of `tensor`, in place where that is exact, returning whether it did. candle
+    /// 0.11.1 concatenates `grad` between tensors of zeros and adds the result: for the q, k
+    /// and v thirds of an attention's packed projection, four zero fills, seven copies and two
+    /// sums of the whole parameter. Here the first contribution writes `grad` into a zeroed
+    /// buffer and later ones into ranges of it that no contribution wrote yet (one copy each);
+    /// any other case (an overlapping range, another axis, a gradient that came some other way,
+    /// a narrow that spans the whole axis) is left to the caller's general path. The values
+    /// are the same: each element is the one contribution it received, or zero.
+    fn accumulate_narrow(
+        &mut self,
+        tensor: &Tensor,
+        grad: &Tensor,
+        dim: usize,
+        start: usize,
+        len: usize,
+    ) -> Result<bool> {
+        if (start == 0 && len == tensor.dim(dim)?)
+            || grad.dtype() != tensor.dtype()
+            || !grad.device().same_device(tensor.device())
+        {
+            return Ok(false);
+        }
+        match self.0.get(&tensor.id()) {
+            None => {
+                let buffer = Tensor::zeros(tensor.shape(), grad.dtype(), grad.device())?;
+                buffer.slice_set(&grad.contiguous()?, dim, start)?;
+                let written = vec![(start, len)];
+                self.1.insert(tensor.id(), NarrowSlices { buffer: buffer.id(), dim, written });
+                self.0.insert(tensor.id(), buffer);
+                Ok(true)
+            }
+            Some(buffer) => match self.1.get_mut(&tensor.id()) {
+                Some(slices)
+                    if slices.buffer == buffer.id()
+                        && slices.dim == dim
+                        && slices.written.iter().all(|&(s, l)| start + len <= s || s + l <= start) =>
+                {
+                    buffer.slice_set(&grad.contiguous()?, dim, start)?;
+                    slices.written.push((start, len));
+                    Ok(true)
+                }
+                _ => Ok(false),
+            },
+        }
     }
 
     /// glip-rs patch: subtracts `grad` from the gradient of `tensor`, as [`Self::accumulate`]
