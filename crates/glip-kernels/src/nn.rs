@@ -79,12 +79,11 @@ impl Linear {
         let product = |x: &Tensor| {
             crate::cuda::in_autocast(x, &self.weight, |x, w| x.broadcast_matmul(&w.t()?))
         };
-        // A contiguous `(b, t, in)` is one product (candle folds the batch into the rows); any
-        // other input is flattened (one copy of `x`) rather than given to `broadcast_matmul`,
-        // which would copy the weight once per batch element.
-        let y = if x.rank() == 3 && !bf16 && !cuda_bf16 && !cpu_f32 && x.is_contiguous() {
-            product(x)?
-        } else {
+        // The input flattened to rows (free when contiguous; else one copy of `x`): one 2-D
+        // product, whose weight gradient is one product too. `broadcast_matmul` of a `(b, t,
+        // in)` input would broadcast the weight, and its backward make a gradient per batch
+        // element and sum them (a `(b, in, out)` buffer and a reduction per layer and step).
+        let y = {
             let dims = x.dims();
             let flat = x.reshape(((), dims[dims.len() - 1]))?;
             let flat = if bf16 {

@@ -9,8 +9,10 @@ use glip_kernels::nn::{dropout, mask_to_bias, softmax_last, Linear};
 /// `(b, len, d)`.
 #[derive(Debug, Clone)]
 pub struct MultiheadAttention {
-    in_proj_weight: Tensor,
-    in_proj_bias: Tensor,
+    /// The q, k and v projections: `Linear`s over row blocks of the packed `in_proj_weight`
+    /// and `in_proj_bias`, views made once (the gradients reach the packed parameters through
+    /// them; a view's identity is what a bf16 scope caches its weight's cast by).
+    in_proj: [Linear; 3],
     out_proj: Linear,
     heads: usize,
     d: usize,
@@ -36,13 +38,19 @@ impl MultiheadAttention {
             vb.get_with_hints((d, d), "out_proj.weight", Init::Uniform { lo: -ob, up: ob })?,
             Some(vb.get_with_hints(d, "out_proj.bias", Init::Const(0.0))?),
         );
-        Ok(Self { in_proj_weight, in_proj_bias, out_proj, heads, d, dropout })
+        let block = |i: usize| -> Result<Linear> {
+            Ok(Linear::from_tensors(
+                in_proj_weight.narrow(0, i * d, d)?,
+                Some(in_proj_bias.narrow(0, i * d, d)?),
+            ))
+        };
+        let in_proj = [block(0)?, block(1)?, block(2)?];
+        Ok(Self { in_proj, out_proj, heads, d, dropout })
     }
 
+    /// `x (b, len, d)` through the q (`i = 0`), k (1) or v (2) projection.
     fn project(&self, x: &Tensor, i: usize) -> Result<Tensor> {
-        let w = self.in_proj_weight.narrow(0, i * self.d, self.d)?;
-        let b = self.in_proj_bias.narrow(0, i * self.d, self.d)?;
-        x.broadcast_matmul(&w.t()?)?.broadcast_add(&b)
+        self.in_proj[i].forward(x)
     }
 
     fn split_heads(&self, x: Tensor) -> Result<Tensor> {
