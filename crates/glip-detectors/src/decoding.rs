@@ -196,7 +196,8 @@ impl QuerySelection {
 
     fn query_pos(&self, reference: &Tensor) -> Result<Tensor> {
         let e = box_sine_embedding(reference, self.d)?;
-        self.ref_point_head[1].forward(&self.ref_point_head[0].forward(&e)?.relu()?)
+        let h = glip_kernels::fused::relu(&self.ref_point_head[0].forward(&e)?)?;
+        self.ref_point_head[1].forward(&h)
     }
 }
 

@@ -103,9 +103,10 @@ impl DenseHead {
             let n = l.h * l.w;
             let mut x = memory.narrow(1, off, n)?.transpose(1, 2)?.reshape((b, d, l.h, l.w))?;
             for (w, bias) in tower {
-                x = glip_kernels::conv::conv2d(&x, w, 1, 1)?
-                    .broadcast_add(&bias.reshape((1, d, 1, 1))?)?
-                    .relu()?;
+                x = glip_kernels::fused::relu(
+                    &glip_kernels::conv::conv2d(&x, w, 1, 1)?
+                        .broadcast_add(&bias.reshape((1, d, 1, 1))?)?,
+                )?;
             }
             out.push(x.flatten_from(2)?.transpose(1, 2)?);
             off += n;

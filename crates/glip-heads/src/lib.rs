@@ -66,7 +66,7 @@ impl MlpBoxHead {
         for (i, l) in self.layers.iter().enumerate() {
             x = l.forward(&x)?;
             if i + 1 < self.layers.len() {
-                x = x.relu()?;
+                x = glip_kernels::fused::relu(&x)?;
             }
         }
         Ok(x)

@@ -63,9 +63,9 @@ pub(crate) static POOL: Module =
 pub(crate) static LINEAR: Module =
     Module::new("glip_linear", "glip's linear-layer kernels", crate::cuda_source::LINEAR);
 
-/// Dropout masks ([`crate::cuda_layers::dropout_mask`]).
-pub(crate) static DROPOUT: Module =
-    Module::new("glip_dropout", "glip's dropout kernel", crate::cuda_source::DROPOUT);
+/// Dropout and the activations' gradients ([`crate::cuda_layers`]' element-wise launches).
+pub(crate) static ELEMENTWISE: Module =
+    Module::new("glip_elementwise", "glip's element-wise kernels", crate::cuda_source::ELEMENTWISE);
 
 /// Each row's best `k` ([`crate::cuda_layers::top_k`]).
 pub(crate) static TOP_K: Module =

@@ -19,8 +19,8 @@
 )]
 
 use crate::cuda_launch::{
-    check_len, elementwise, output, output_of, per_row, u32_of, view, view_of, DROPOUT, NORM, POOL,
-    TOP_K,
+    check_len, elementwise, output, output_of, per_row, u32_of, view, view_of, ELEMENTWISE, NORM,
+    POOL, TOP_K,
 };
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
@@ -486,28 +486,47 @@ fn max_pool_backward_of<T: Act>(
     Ok((CudaStorage::wrap_cuda_slice(dx, dev), l1.shape().clone()))
 }
 
-/// A dropout mask of `l`'s shape (`scale` kept, 0 dropped) drawn on the device from `seed`
-/// ([`crate::cuda_source::DROPOUT`]); `s` only names the device.
-pub(crate) fn dropout_mask(
+/// Dropout applied to `x` (`x * mask`, the mask `scale` kept and 0 dropped, drawn from
+/// `seed` in the same pass: [`crate::cuda_source::ELEMENTWISE`]).
+pub(crate) fn dropout(
     s: &CudaStorage,
     l: &Layout,
     seed: u64,
     p: f32,
     scale: f32,
 ) -> Result<(CudaStorage, Shape)> {
-    let n = l.shape().elem_count();
+    let x = view(s, l, "dropout")?;
+    let n = x.len();
     let dev = s.device().clone();
-    // Written in full by glip_dropout_mask.
-    let mut mask = output(&dev, n)?;
+    // Written in full by glip_dropout.
+    let mut y = output(&dev, n)?;
     let n64 = n as u64;
     launch!(
-        DROPOUT,
+        ELEMENTWISE,
         dev,
-        "glip_dropout_mask",
+        "glip_dropout",
         elementwise(n),
-        [&mut mask, &n64, &seed, &p, &scale]
+        [&x, &mut y, &n64, &seed, &p, &scale]
     )?;
-    Ok((CudaStorage::wrap_cuda_slice(mask, dev), l.shape().clone()))
+    Ok((CudaStorage::wrap_cuda_slice(y, dev), l.shape().clone()))
+}
+
+/// An activation's gradient `dx` from its input `x` and output gradient `dy` (kernel `name` of
+/// [`crate::cuda_source::ELEMENTWISE`]: `glip_relu_backward` or `glip_gelu_erf_backward`).
+pub(crate) fn activation_backward(
+    name: &str,
+    (s1, l1): (&CudaStorage, &Layout),
+    (s2, l2): (&CudaStorage, &Layout),
+) -> Result<(CudaStorage, Shape)> {
+    let (x, dy) = (view(s1, l1, name)?, view(s2, l2, name)?);
+    check_len(name, dy.len(), x.len())?;
+    let n = x.len();
+    let dev = s1.device().clone();
+    // Written in full by the kernel.
+    let mut dx = output(&dev, n)?;
+    let n64 = n as u64;
+    launch!(ELEMENTWISE, dev, name, elementwise(n), [&x, &dy, &mut dx, &n64])?;
+    Ok((CudaStorage::wrap_cuda_slice(dx, dev), l1.shape().clone()))
 }
 
 /// Each row's `k` best indices, best first, `(rows, s)` f32 -> `(rows, k)` u32
@@ -607,17 +626,6 @@ cuda_op!(CustomOp3 for AffineBackward, "glip-channel-affine-backward-cuda", |me,
     affine_backward(y, dy, ss, me.residual, me.relu)
 });
 
-/// A dropout mask of its input's shape drawn on the device ([`crate::nn::dropout`]).
-pub(crate) struct DropoutMask {
-    pub(crate) seed: u64,
-    pub(crate) p: f32,
-    pub(crate) scale: f32,
-}
-
-cuda_op!(CustomOp1 for DropoutMask, "glip-dropout-mask-cuda", |me, x| {
-    dropout_mask(x.0, x.1, me.seed, me.p, me.scale)
-});
-
 /// Each row's best `k` indices on the device ([`crate::topk::top_k_indices`]).
 pub(crate) struct TopK {
     pub(crate) k: usize,
@@ -650,7 +658,12 @@ mod tests {
         ] {
             assert!(ptx.contains(&format!(".entry {name}")), "{name} missing from the PTX");
         }
-        assert!(super::DROPOUT.ptx().unwrap().contains(".entry glip_dropout_mask"));
+        let elementwise = super::ELEMENTWISE.ptx().unwrap();
+        for entry in
+            ["glip_dropout_mask", "glip_dropout", "glip_relu_backward", "glip_gelu_erf_backward"]
+        {
+            assert!(elementwise.contains(&format!(".entry {entry}(")), "{entry} missing");
+        }
         assert!(super::TOP_K.ptx().unwrap().contains(".entry glip_top_k"));
         let ptx = super::POOL.ptx().unwrap();
         for name in [

@@ -602,11 +602,20 @@ extern "C" __global__ void glip_bf16_cast_fill(const float *x, glip_bf16 *xb,
 "#
 );
 
-/// Dropout masks on the device ([`crate::nn::dropout`]): element `i` keeps (`scale`) when the
-/// top 24 bits of SplitMix64's finaliser of `seed + (i + 1) golden`, as a fraction of `2^24`,
-/// are at least `p`, else drops (0). Counter-based, so every thread draws its own elements and
-/// the mask depends only on `(seed, i)`.
-pub(crate) const DROPOUT: &str = r#"
+/// Element-wise kernels over f32 ([`crate::nn::dropout`], [`crate::fused::relu`],
+/// [`crate::fused::gelu_erf`]).
+///
+/// Dropout: element `i` keeps (`scale`) when the top 24 bits of SplitMix64's finaliser of
+/// `seed + (i + 1) golden`, as a fraction of `2^24`, are at least `p`, else drops (0).
+/// Counter-based, so every thread draws its own elements and the mask depends only on
+/// `(seed, i)`: `glip_dropout` applies it to `x` in the pass that draws it (`x * mask`, the
+/// product the separate mask and multiplication computed), and the backward is the same
+/// launch on the output's gradient. `glip_dropout_mask` writes the mask itself (the tests').
+///
+/// Activation gradients in one pass (candle's backward composes them: ReLU's from a tensor of
+/// zeros, a comparison, a cast and a product; GELU's from a dozen): ReLU's `dy * (x >= 0)`,
+/// candle's rule; GELU's (erf form) `dy * (Phi(x) + x phi(x))`, PyTorch's formula.
+pub(crate) const ELEMENTWISE: &str = r#"
 __device__ unsigned long long glip_mix(unsigned long long seed, unsigned long long i) {
     unsigned long long z = seed + (i + 1ull) * 0x9e3779b97f4a7c15ull;
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
@@ -614,12 +623,37 @@ __device__ unsigned long long glip_mix(unsigned long long seed, unsigned long lo
     return z ^ (z >> 31);
 }
 
+__device__ float glip_keep(unsigned long long seed, unsigned long long i, float p, float scale) {
+    float u = (float)(glip_mix(seed, i) >> 40) * 5.9604644775390625e-8f;
+    return u >= p ? scale : 0.0f;
+}
+
+#define GLIP_EACH(n) \
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; \
+         i < (n); i += (unsigned long long)blockDim.x * gridDim.x)
+
 extern "C" __global__ void glip_dropout_mask(float *mask, unsigned long long n,
                                              unsigned long long seed, float p, float scale) {
-    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
-         i += (unsigned long long)blockDim.x * gridDim.x) {
-        float u = (float)(glip_mix(seed, i) >> 40) * 5.9604644775390625e-8f;
-        mask[i] = u >= p ? scale : 0.0f;
+    GLIP_EACH(n) mask[i] = glip_keep(seed, i, p, scale);
+}
+
+extern "C" __global__ void glip_dropout(const float *x, float *y, unsigned long long n,
+                                        unsigned long long seed, float p, float scale) {
+    GLIP_EACH(n) y[i] = x[i] * glip_keep(seed, i, p, scale);
+}
+
+extern "C" __global__ void glip_relu_backward(const float *x, const float *dy, float *dx,
+                                              unsigned long long n) {
+    GLIP_EACH(n) dx[i] = dy[i] * (x[i] >= 0.0f ? 1.0f : 0.0f);
+}
+
+extern "C" __global__ void glip_gelu_erf_backward(const float *x, const float *dy, float *dx,
+                                                  unsigned long long n) {
+    GLIP_EACH(n) {
+        float v = x[i];
+        float cdf = 0.5f * (1.0f + erff(v * 0.70710678118654752f));
+        float pdf = expf(-0.5f * v * v) * 0.39894228040143268f;
+        dx[i] = dy[i] * (cdf + v * pdf);
     }
 }
 "#;
@@ -658,23 +692,113 @@ extern "C" __global__ void glip_top_k(const float *x, unsigned *out, unsigned s,
 }
 "#;
 
-/// [`DROPOUT`]'s draw of element `i`, in Rust: the tests' reference.
-#[cfg(test)]
-fn dropout_uniform(seed: u64, i: u64) -> f32 {
+/// [`ELEMENTWISE`]'s dropout draw of element `i`, in Rust: the CPU implementation of the
+/// device's dropout op and the tests' reference.
+pub(crate) fn dropout_uniform(seed: u64, i: u64) -> f32 {
     let mut z = seed.wrapping_add((i + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32
 }
 
+/// [`ELEMENTWISE`]'s dropout factor of element `i`: `scale` kept, 0 dropped.
+pub(crate) fn dropout_keep(seed: u64, i: u64, p: f32, scale: f32) -> f32 {
+    if dropout_uniform(seed, i) >= p {
+        scale
+    } else {
+        0.0
+    }
+}
+
 #[cfg(test)]
-mod emulation_dropout {
-    //! The dropout mask kernel under the emulation: equal to the Rust reference of its hash,
-    //! element by element (integer arithmetic and exact f32 scaling), and keeping a fraction
-    //! of elements within 5 standard deviations of `1 - p`.
+mod emulation_elementwise {
+    //! [`ELEMENTWISE`]'s kernels under the emulation. Dropout: the mask equal to the Rust
+    //! reference of its hash, element by element (integer arithmetic and exact f32 scaling),
+    //! keeping a fraction of elements within 5 standard deviations of `1 - p`, and the fused
+    //! pass equal to `x * mask` bit for bit (one f32 product either way). ReLU's gradient bit
+    //! for bit against candle's rule (`dy * 1` or `dy * 0`). GELU's against the f64 derivative.
 
     use super::emulation::emulate;
-    use super::{dropout_uniform, DROPOUT};
+    use super::{dropout_keep, ELEMENTWISE};
+
+    /// `n` values in about `[-4, 4]`, with exact zeros among them.
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = glip_core::rng::Rng::new(seed);
+        (0..n).map(|i| if i % 17 == 0 { 0.0 } else { 8.0 * rng.uniform() - 4.0 }).collect()
+    }
+
+    /// Runs `kernel(x, dy, out, n)` (or `kernel(x, out, n, ...)` through `call`) on `x` and
+    /// `dy` and returns `out`.
+    fn run(x: &[f32], dy: &[f32], call: &str) -> Option<Vec<f32>> {
+        let n = x.len();
+        let body = format!(
+            "static float out[{n}];
+             glip_launch(4, 1, 64, [] {{ {call}; }});
+             glip_print(\"out\", out, {n});"
+        );
+        let out = emulate(ELEMENTWISE, &[("x", x.to_vec()), ("dy", dy.to_vec())], &body)?;
+        Some(out["out"].clone())
+    }
+
+    #[test]
+    fn fused_dropout_is_x_times_the_mask() {
+        let (n, seed, p) = (5_000usize, 0x1234_5678_u64, 0.25f32);
+        let scale = 1.0 / (1.0 - p);
+        let x = values(n, 1);
+        let call = format!("glip_dropout(x, out, {n}, {seed}ull, {p:e}f, {scale:e}f)");
+        let Some(y) = run(&x, &x, &call) else {
+            return;
+        };
+        for (i, (&y, &x)) in y.iter().zip(&x).enumerate() {
+            let want = x * dropout_keep(seed, i as u64, p, scale);
+            assert_eq!(y.to_bits(), want.to_bits(), "element {i}: {y} vs {want}");
+        }
+    }
+
+    #[test]
+    fn relu_gradient_is_candles_rule() {
+        let n = 3_000;
+        let (x, dy) = (values(n, 2), values(n, 3));
+        let Some(dx) = run(&x, &dy, &format!("glip_relu_backward(x, dy, out, {n})")) else {
+            return;
+        };
+        for i in 0..n {
+            let want = dy[i] * if x[i] >= 0.0 { 1.0 } else { 0.0 };
+            assert_eq!(dx[i].to_bits(), want.to_bits(), "element {i}: {} vs {want}", dx[i]);
+        }
+    }
+
+    /// Against `dy (Phi(x) + x phi(x))` in f64: f32 arithmetic rounds about ten times and
+    /// `erff` / `expf` are within 2 ulp, each relative to its term, so the bound is
+    /// `16 u ((1 + |erf|) / 2 + |x phi|) |dy|` (`Phi = (1 + erf) / 2` cancels for negative
+    /// `x`, so its error is relative to the terms, not to `Phi`), plus the exponent's
+    /// argument's own rounding carried through `exp` (`|x^2 / 2| u` relative to `|x phi|`);
+    /// `u = 2^-24`.
+    #[test]
+    fn gelu_erf_gradient_matches_f64() {
+        let n = 3_000;
+        let (x, dy) = (values(n, 4), values(n, 5));
+        let Some(dx) = run(&x, &dy, &format!("glip_gelu_erf_backward(x, dy, out, {n})")) else {
+            return;
+        };
+        let u = f64::from(f32::EPSILON) / 2.0;
+        for i in 0..n {
+            let (v, g) = (f64::from(x[i]), f64::from(dy[i]));
+            let erf = candle_core::cpu::erf::erf_f64(v / std::f64::consts::SQRT_2);
+            let cdf = 0.5 * (1.0 + erf);
+            let xpdf = v * (-0.5 * v * v).exp() / (2.0 * std::f64::consts::PI).sqrt();
+            let want = g * (cdf + xpdf);
+            let bound = (16.0 * u * (0.5 * (1.0 + erf.abs()) + xpdf.abs())
+                + 0.5 * v * v * u * xpdf.abs())
+                * g.abs();
+            let err = (f64::from(dx[i]) - want).abs();
+            assert!(
+                err <= bound,
+                "element {i} (x {v}): {} vs {want}, error {err} > {bound}",
+                dx[i]
+            );
+        }
+    }
 
     #[test]
     fn dropout_masks_follow_the_hash_and_keep_one_minus_p() {
@@ -685,13 +809,13 @@ mod emulation_dropout {
              glip_launch(16, 1, 256, [] {{ glip_dropout_mask(mask, {n}, {seed}ull, {p:e}f, {scale:e}f); }});
              glip_print(\"mask\", mask, {n});"
         );
-        let Some(out) = emulate(DROPOUT, &[], &body) else {
+        let Some(out) = emulate(ELEMENTWISE, &[], &body) else {
             return;
         };
         let mask = &out["mask"];
         assert_eq!(mask.len(), n);
         for (i, &m) in mask.iter().enumerate() {
-            let want = if dropout_uniform(seed, i as u64) >= p { scale } else { 0.0 };
+            let want = dropout_keep(seed, i as u64, p, scale);
             assert_eq!(m.to_bits(), want.to_bits(), "element {i}: {m} vs {want}");
         }
         let kept = mask.iter().filter(|&&m| m != 0.0).count() as f64;

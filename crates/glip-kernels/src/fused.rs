@@ -288,6 +288,141 @@ pub fn layer_norm_composed(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64)
     y.broadcast_mul(weight)?.broadcast_add(bias)
 }
 
+/// An activation whose gradient is one pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Activation {
+    Relu,
+    GeluErf,
+}
+
+impl Activation {
+    /// The gradient `dy * act'(x)`: ReLU's as candle's (`dy * 1` where `x >= 0`, else
+    /// `dy * 0`), GELU's (erf form) as PyTorch's, `dy * (Phi(x) + x phi(x))`.
+    fn grad(self, x: f32, dy: f32) -> f32 {
+        match self {
+            Activation::Relu => dy * if x >= 0.0 { 1.0 } else { 0.0 },
+            Activation::GeluErf => {
+                let cdf = 0.5
+                    * (1.0 + candle_core::cpu::erf::erf_f32(x * std::f32::consts::FRAC_1_SQRT_2));
+                let pdf = (-0.5 * x * x).exp() * 0.398_942_3;
+                dy * (cdf + x * pdf)
+            }
+        }
+    }
+
+    /// The CUDA kernel of [`Activation::grad`] (`crate::cuda_source::ELEMENTWISE`).
+    #[cfg(feature = "cuda")]
+    fn kernel(self) -> &'static str {
+        match self {
+            Activation::Relu => "glip_relu_backward",
+            Activation::GeluErf => "glip_gelu_erf_backward",
+        }
+    }
+}
+
+/// The activation forward: candle's own kernels (the same values as `Tensor::relu` /
+/// `gelu_erf`), with [`ActivationBackward`] as its gradient.
+struct Activate(Activation);
+
+impl CustomOp1 for Activate {
+    fn name(&self) -> &'static str {
+        match self.0 {
+            Activation::Relu => "glip-relu",
+            Activation::GeluErf => "glip-gelu-erf",
+        }
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let y = match self.0 {
+            Activation::Relu => s.unary_impl::<candle_core::op::Relu>(l)?,
+            Activation::GeluErf => s.unary_impl::<candle_core::op::GeluErf>(l)?,
+        };
+        Ok((y, l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let y = match self.0 {
+            Activation::Relu => s.unary_impl::<candle_core::op::Relu>(l)?,
+            Activation::GeluErf => s.unary_impl::<candle_core::op::GeluErf>(l)?,
+        };
+        Ok((y, l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let dx =
+            x.contiguous()?.apply_op2_no_bwd(&dy.contiguous()?, &ActivationBackward(self.0))?;
+        Ok(Some(dx))
+    }
+}
+
+/// `dx = dy * act'(x)` from `(x, dy)`, one pass.
+struct ActivationBackward(Activation);
+
+impl CustomOp2 for ActivationBackward {
+    fn name(&self) -> &'static str {
+        "glip-activation-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, "activation backward")?;
+        let dy = contiguous_f32(s2, l2, "activation backward")?;
+        if x.len() != dy.len() {
+            candle_core::bail!("activation backward: {} gradients for {} inputs", dy.len(), x.len())
+        }
+        let mut dx = vec![0f32; x.len()];
+        const CHUNK: usize = 1 << 14;
+        dx.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK))).for_each(
+            |(o, (x, dy))| {
+                for ((o, &x), &g) in o.iter_mut().zip(x).zip(dy) {
+                    *o = self.0.grad(x, g);
+                }
+            },
+        );
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+
+    cuda_fwd!(|me, x, dy| crate::cuda_layers::activation_backward(me.0.kernel(), x, dy));
+}
+
+/// `x`'s activation through [`Activate`] where the fused ops take it (f32 on the CPU or on
+/// CUDA with this crate's kernels), else candle's `fallback`.
+fn activate(
+    x: &Tensor,
+    act: Activation,
+    fallback: fn(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    if fused(x) {
+        x.apply_op1(Activate(act))
+    } else {
+        fallback(x)
+    }
+}
+
+/// ReLU with candle's values forward and backward (`Tensor::relu`), its gradient one pass
+/// (candle's backward: a tensor of zeros, a comparison, a cast and a product).
+pub fn relu(x: &Tensor) -> Result<Tensor> {
+    activate(x, Activation::Relu, Tensor::relu)
+}
+
+/// GELU, erf form (`Tensor::gelu_erf`, PyTorch's default `nn.GELU`), its gradient one pass with
+/// PyTorch's formula (candle's backward: a dozen element-wise passes).
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    activate(x, Activation::GeluErf, Tensor::gelu_erf)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -348,5 +483,73 @@ mod tests {
                 assert!(diff <= 1e-5 * scale.max(1.0), "({rows}, {d}) d{name}: differs by {diff}");
             }
         }
+    }
+
+    /// Values in about `[-4, 4]` with exact zeros (ReLU's kink) among them, as a variable.
+    fn activation_input(n: usize) -> Var {
+        let mut rng = glip_core::rng::Rng::new(11);
+        let v: Vec<f32> =
+            (0..n).map(|i| if i % 13 == 0 { 0.0 } else { 8.0 * rng.uniform() - 4.0 }).collect();
+        Var::from_tensor(&Tensor::from_vec(v, (n / 50, 50), &Device::Cpu).unwrap()).unwrap()
+    }
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
+    }
+
+    /// [`relu`] against candle's `Tensor::relu` and its backward: the same values and
+    /// gradients bit for bit (the same products, `dy * 1` or `dy * 0`), zeros included.
+    #[test]
+    fn relu_matches_candles_values_and_gradient_bit_for_bit() {
+        let x = activation_input(5_000);
+        let r = Tensor::randn(0f32, 1.0, x.shape(), &Device::Cpu).unwrap();
+        let ours = relu(x.as_tensor()).unwrap();
+        let theirs = x.as_tensor().relu().unwrap();
+        assert_eq!(bits(&ours), bits(&theirs));
+        let g1 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        assert_eq!(bits(g1.get(&x).unwrap()), bits(g2.get(&x).unwrap()));
+    }
+
+    /// [`gelu_erf`]: the values bit for bit as `Tensor::gelu_erf` (candle's kernel runs them);
+    /// the gradient against the exact derivative `dy (Phi(x) + x phi(x))` in f64, within
+    /// `16 u ((1 + |erf|) / 2 + |x phi|) |dy| + (x^2 / 2) u |x phi dy|`: about ten f32
+    /// roundings and libm's `erff` / `expf` (within 2 ulp) each relative to its term (`Phi`
+    /// is `(1 + erf) / 2`, whose sum cancels for negative `x`: its error is relative to
+    /// `(1 + |erf|) / 2`), and the exponent's own rounding carried through `exp`;
+    /// `u = 2^-24`.
+    #[test]
+    fn gelu_erf_gradient_matches_the_exact_derivative() {
+        let x = activation_input(5_000);
+        let dy = Tensor::randn(0f32, 1.0, x.shape(), &Device::Cpu).unwrap();
+        let ours = gelu_erf(x.as_tensor()).unwrap();
+        assert_eq!(bits(&ours), bits(&x.as_tensor().gelu_erf().unwrap()));
+        let g = (&ours * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+        let dx: Vec<f32> = g.get(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let xs: Vec<f32> = x.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        let dys: Vec<f32> = dy.flatten_all().unwrap().to_vec1().unwrap();
+        let u = f64::from(f32::EPSILON) / 2.0;
+        for i in 0..xs.len() {
+            let (v, g) = (f64::from(xs[i]), f64::from(dys[i]));
+            let erf = candle_core::cpu::erf::erf_f64(v / std::f64::consts::SQRT_2);
+            let cdf = 0.5 * (1.0 + erf);
+            let xpdf = v * (-0.5 * v * v).exp() / (2.0 * std::f64::consts::PI).sqrt();
+            let want = g * (cdf + xpdf);
+            let bound = (16.0 * u * (0.5 * (1.0 + erf.abs()) + xpdf.abs())
+                + 0.5 * v * v * u * xpdf.abs())
+                * g.abs();
+            let err = (f64::from(dx[i]) - want).abs();
+            assert!(err <= bound, "x {v}: {} vs {want}, error {err} > {bound}", dx[i]);
+        }
+    }
+
+    /// An activation of a gradient-free tensor records no backward, and a non-f32 input takes
+    /// candle's op.
+    #[test]
+    fn activations_of_constants_and_other_dtypes() {
+        let x = Tensor::new(&[-1f32, 0.0, 2.0], &Device::Cpu).unwrap();
+        assert!(!relu(&x).unwrap().track_op());
+        let h = x.to_dtype(DType::F64).unwrap();
+        assert_eq!(relu(&h).unwrap().to_vec1::<f64>().unwrap(), vec![0.0, 0.0, 2.0]);
     }
 }

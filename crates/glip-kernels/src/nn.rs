@@ -4,7 +4,7 @@
 
 use crate::conv::contiguous_f32;
 use crate::gemm::{self, Mat};
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
 /// Layer normalisation over the last axis, differentiable in its input, weight and bias.
@@ -191,10 +191,11 @@ pub fn seed_dropout(seed: u64) {
 /// Inverted dropout, active only when `train` and `p > 0`; masks from the seeded stream of
 /// [`seed_dropout`]. On the CPU a mask is drawn element by element from glip-core's generator;
 /// on CUDA (the `cuda` feature) on the device from a counter-based hash of (stream, element)
-/// (`cuda_source::DROPOUT`), with no host work or copy (a host-drawn mask is one draw per
+/// (`cuda_source::ELEMENTWISE`), with no host work or copy (a host-drawn mask is one draw per
 /// element on one thread and a copy of the whole mask to the GPU, for every dropout of every
-/// layer, attention probabilities included). The two devices draw different masks of the same
-/// distribution, each the same for the same stream.
+/// layer, attention probabilities included), in the pass that applies it, and the backward is
+/// the same pass over the gradient ([`HashDropout`]; no mask is stored). The two devices draw
+/// different masks of the same distribution, each the same for the same stream.
 pub fn dropout(x: &Tensor, p: f32, train: bool) -> Result<Tensor> {
     if !train || p <= 0.0 {
         return Ok(x.clone());
@@ -208,20 +209,52 @@ pub fn dropout(x: &Tensor, p: f32, train: bool) -> Result<Tensor> {
         v
     });
     let scale = 1.0 / (1.0 - p);
-    #[cfg(feature = "cuda")]
-    if crate::cuda::own_kernels(x) {
-        let mask = x.detach().apply_op1_no_bwd(&crate::cuda_layers::DropoutMask {
-            seed: stream,
-            p,
-            scale,
-        })?;
-        return x.mul(&mask.to_dtype(x.dtype())?);
+    if x.dtype() == DType::F32 && crate::cuda::own_kernels(x) {
+        return x.contiguous()?.apply_op1(HashDropout { seed: stream, p, scale });
     }
     let mut rng = glip_core::rng::Rng::new(stream);
     let keep: Vec<f32> =
         (0..x.elem_count()).map(|_| if rng.uniform() >= p { scale } else { 0.0 }).collect();
     let mask = Tensor::from_vec(keep, x.shape(), x.device())?.to_dtype(x.dtype())?;
     x.mul(&mask)
+}
+
+/// Dropout with the device's counter-based mask: `y = x * mask`, element `i`'s factor `scale`
+/// or 0 from `(seed, i)` alone (`cuda_source::ELEMENTWISE`; the CPU computes the same hash, so
+/// the two devices agree bit for bit), and the gradient the same map of `dy`. [`dropout`]
+/// uses it on CUDA; f32, contiguous.
+#[derive(Debug, Clone, Copy)]
+pub struct HashDropout {
+    /// The stream the mask is drawn from.
+    pub seed: u64,
+    /// Probability of dropping an element.
+    pub p: f32,
+    /// The factor of a kept element (`1 / (1 - p)` for inverted dropout).
+    pub scale: f32,
+}
+
+impl CustomOp1 for HashDropout {
+    fn name(&self) -> &'static str {
+        "glip-dropout"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, "dropout")?;
+        let y = x
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                v * crate::cuda_source::dropout_keep(self.seed, i as u64, self.p, self.scale)
+            })
+            .collect();
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    cuda_fwd!(|me, x| crate::cuda_layers::dropout(x.0, x.1, me.seed, me.p, me.scale));
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(dy.contiguous()?.apply_op1_no_bwd(self)?))
+    }
 }
 
 /// L2-normalises the last axis: `x / max(||x||, 1e-12)` (PyTorch `F.normalize`).
@@ -316,5 +349,31 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The device's dropout op ([`HashDropout`]) on the CPU: `x * keep(seed, i)` bit for bit
+    /// (the hash the CUDA kernel draws from, `cuda_source::dropout_keep`), the gradient the same
+    /// map of `dy`, about `1 - p` of the elements kept (within 5 standard deviations).
+    #[test]
+    fn hash_dropout_is_x_times_the_hashed_mask_forward_and_backward() {
+        let (n, p) = (20_000usize, 0.2f32);
+        let op = HashDropout { seed: 99, p, scale: 1.0 / (1.0 - p) };
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, n, &Device::Cpu).unwrap()).unwrap();
+        let dy = Tensor::randn(0f32, 1.0, n, &Device::Cpu).unwrap();
+        let y = x.as_tensor().apply_op1(op).unwrap();
+        let dx = (&y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+        let dx: Vec<f32> = dx.get(&x).unwrap().to_vec1().unwrap();
+        let (xv, yv, dyv): (Vec<f32>, Vec<f32>, Vec<f32>) =
+            (x.as_tensor().to_vec1().unwrap(), y.to_vec1().unwrap(), dy.to_vec1().unwrap());
+        for i in 0..n {
+            let keep = crate::cuda_source::dropout_keep(op.seed, i as u64, op.p, op.scale);
+            assert_eq!(yv[i].to_bits(), (xv[i] * keep).to_bits(), "y[{i}]");
+            assert_eq!(dx[i].to_bits(), (dyv[i] * keep).to_bits(), "dx[{i}]");
+        }
+        let kept = (0..n)
+            .filter(|&i| crate::cuda_source::dropout_keep(op.seed, i as u64, p, 1.0) != 0.0)
+            .count() as f64;
+        let (mean, sd) = (n as f64 * 0.8, (n as f64 * 0.2 * 0.8).sqrt());
+        assert!((kept - mean).abs() <= 5.0 * sd, "kept {kept} of {n}");
     }
 }

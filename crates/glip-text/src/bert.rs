@@ -185,9 +185,9 @@ impl Bert {
 
     fn act(&self, x: &Tensor) -> Result<Tensor> {
         match self.config.hidden_act.as_str() {
-            "relu" => x.relu(),
+            "relu" => glip_kernels::fused::relu(x),
             "gelu_new" | "gelu_pytorch_tanh" => x.gelu(),
-            _ => x.gelu_erf(),
+            _ => glip_kernels::fused::gelu_erf(x),
         }
     }
 

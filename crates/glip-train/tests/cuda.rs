@@ -460,6 +460,91 @@ fn dropout_on_the_gpu_keeps_one_minus_p_and_repeats_per_stream() -> Result<()> {
     Ok(())
 }
 
+/// The fused dropout (`glip_dropout`: the mask drawn and applied in one pass, the backward the
+/// same pass over the gradient) against the same op on the CPU, which computes the same hash:
+/// outputs and gradients bit for bit (one f32 product per element on both).
+#[test]
+fn the_fused_dropout_and_its_gradient_match_the_cpu_op_bit_for_bit() -> Result<()> {
+    let op = glip_kernels::nn::HashDropout { seed: 0xd80f, p: 0.1, scale: 1.0 / 0.9 };
+    let (x, dy) = (random(&[64, 300], 31), random(&[64, 300], 32));
+    let run = |dev: &Device| -> Result<(Vec<u32>, Vec<u32>)> {
+        let xv = Var::from_tensor(&x.to_device(dev)?)?;
+        let y = xv.as_tensor().apply_op1(op)?;
+        let g = (&y * dy.to_device(dev)?)?.sum_all()?.backward()?;
+        let bits = |t: &Tensor| -> Result<Vec<u32>> {
+            let v: Vec<f32> = t.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+            Ok(v.iter().map(|v| v.to_bits()).collect())
+        };
+        Ok((bits(&y)?, bits(g.get(&xv).expect("dx"))?))
+    };
+    let (gpu_y, gpu_dx) = run(&gpu())?;
+    let (cpu_y, cpu_dx) = run(&Device::Cpu)?;
+    assert_eq!(gpu_y, cpu_y, "outputs differ");
+    assert_eq!(gpu_dx, cpu_dx, "gradients differ");
+    Ok(())
+}
+
+/// ReLU and GELU (`glip_kernels::fused`) on the GPU against the CPU: values and ReLU's
+/// gradient bit for bit (candle's kernels forward; `dy * 1` or `dy * 0` backward), GELU's
+/// gradient within twice the CPU test's bound of the exact derivative, `2 (16 u ((1 + |erf|) /
+/// 2 + |x phi|) + (x^2 / 2) u |x phi|) |dy|` (CUDA's `erff` / `expf` against libm's, each
+/// within 2 ulp).
+#[test]
+fn relu_and_gelu_with_their_gradients_match_the_cpu() -> Result<()> {
+    let (x, dy) = (random(&[40, 250], 33), random(&[40, 250], 34));
+    let run = |dev: &Device, gelu: bool| -> Result<(Tensor, Tensor)> {
+        let xv = Var::from_tensor(&(x.to_device(dev)? * 2.0)?)?;
+        let y = if gelu {
+            glip_kernels::fused::gelu_erf(xv.as_tensor())?
+        } else {
+            glip_kernels::fused::relu(xv.as_tensor())?
+        };
+        let g = (&y * dy.to_device(dev)?)?.sum_all()?.backward()?;
+        let dx = g.get(&xv).expect("dx").to_device(&Device::Cpu)?;
+        Ok((y.to_device(&Device::Cpu)?, dx))
+    };
+    let bits = |t: &Tensor| -> Result<Vec<u32>> {
+        Ok(t.flatten_all()?.to_vec1::<f32>()?.iter().map(|v| v.to_bits()).collect())
+    };
+    let (gy, gdx) = run(&gpu(), false)?;
+    let (cy, cdx) = run(&Device::Cpu, false)?;
+    assert_eq!(bits(&gy)?, bits(&cy)?, "relu values");
+    assert_eq!(bits(&gdx)?, bits(&cdx)?, "relu gradients");
+    let (gy, gdx) = run(&gpu(), true)?;
+    let (cy, _) = run(&Device::Cpu, true)?;
+    let (yv, cv): (Vec<f32>, Vec<f32>) =
+        (gy.flatten_all()?.to_vec1()?, cy.flatten_all()?.to_vec1()?);
+    let xs: Vec<f32> = (x * 2.0)?.flatten_all()?.to_vec1()?;
+    // candle's forward kernels, `x Phi(x)`: the GPU's and libm's each within a few roundings
+    // of the terms `|x| (1 + |erf|) / 2` (Phi's sum cancels for negative x), so within
+    // `16 u` of them of each other.
+    for (i, (a, b)) in yv.iter().zip(&cv).enumerate() {
+        let v = f64::from(xs[i]);
+        let erf = candle_core::cpu::erf::erf_f64(v / std::f64::consts::SQRT_2);
+        let bound = 16.0 * U32 * 0.5 * v.abs() * (1.0 + erf.abs());
+        assert!(f64::from((a - b).abs()) <= bound, "gelu[{i}] at x {v}: {a} vs {b}");
+    }
+    let (dys, dxs): (Vec<f32>, Vec<f32>) =
+        (dy.flatten_all()?.to_vec1()?, gdx.flatten_all()?.to_vec1()?);
+    for i in 0..xs.len() {
+        let (v, g) = (f64::from(xs[i]), f64::from(dys[i]));
+        let erf = candle_core::cpu::erf::erf_f64(v / std::f64::consts::SQRT_2);
+        let xpdf = v * (-0.5 * v * v).exp() / (2.0 * std::f64::consts::PI).sqrt();
+        let want = g * (0.5 * (1.0 + erf) + xpdf);
+        let bound = 2.0
+            * (16.0 * U32 * (0.5 * (1.0 + erf.abs()) + xpdf.abs())
+                + 0.5 * v * v * U32 * xpdf.abs())
+            * g.abs();
+        let err = (f64::from(dxs[i]) - want).abs();
+        assert!(
+            err <= bound,
+            "gelu gradient at x {v}: {} vs {want}, error {err:e} > {bound:e}",
+            dxs[i]
+        );
+    }
+    Ok(())
+}
+
 /// The suite only means something on the GPU: `GLIP_TEST_DEVICE` must name one (the parity
 /// modules above read it).
 #[test]

@@ -109,8 +109,8 @@ impl FeedForward {
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let h = self.linear1.forward(x)?;
         let h = match self.activation {
-            Activation::Relu => h.relu()?,
-            Activation::Gelu => h.gelu_erf()?,
+            Activation::Relu => glip_kernels::fused::relu(&h)?,
+            Activation::Gelu => glip_kernels::fused::gelu_erf(&h)?,
         };
         let h = self.linear2.forward(&dropout(&h, self.dropout, train)?)?;
         dropout(&h, self.dropout, train)
