@@ -137,7 +137,25 @@ impl CustomOp2 for AffineAddCpu {
 /// evaluating): `scale = weight / sqrt(running_var + eps)`, `shift = bias - running_mean *
 /// scale`, all `(c,)`; no gradient. One kernel on CUDA ([`crate::cuda::own_kernels`]), candle's
 /// composition elsewhere (the same operations: the reciprocal of the root, then products).
+/// Where the four tensors have no gradient (a frozen batch norm, an inference model) the
+/// constants are made once per bf16 scope ([`crate::bf16::scope_cached`], keyed by the
+/// running variance): in an evaluation or a bench's inference once in all.
 pub fn batch_norm_constants(
+    weight: &Tensor,
+    bias: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    if [weight, bias, running_mean].iter().any(|t| t.track_op()) {
+        return batch_norm_constants_now(weight, bias, running_mean, running_var, eps);
+    }
+    crate::bf16::scope_cached(running_var, "batch-norm constants", || {
+        batch_norm_constants_now(weight, bias, running_mean, running_var, eps)
+    })
+}
+
+fn batch_norm_constants_now(
     weight: &Tensor,
     bias: &Tensor,
     running_mean: &Tensor,
@@ -280,5 +298,25 @@ mod tests {
         let s = Tensor::ones(3, DType::F32, &dev).unwrap();
         let e = affine_relu(&x, &s, &s, None).unwrap_err().to_string();
         assert!(e.contains("3 channels"), "{e}");
+    }
+
+    /// A frozen batch norm's constants are made once per bf16 scope (the same tensor back),
+    /// afresh in the next scope and outside one; a trainable weight's at every call.
+    #[test]
+    fn frozen_constants_are_made_once_per_bf16_scope() {
+        use crate::bf16::{autocast, Precision};
+        let dev = Device::Cpu;
+        let t = |v: &[f32]| Tensor::new(v, &dev).unwrap();
+        let (w, b, m, v) = (t(&[1.0, 2.0]), t(&[0.5, -0.5]), t(&[0.1, 0.2]), t(&[1.0, 4.0]));
+        let make = |w: &Tensor| batch_norm_constants(w, &b, &m, &v, 1e-5).unwrap();
+        let (a1, a2) = autocast(Precision::Bf16, || (make(&w), make(&w)));
+        assert_eq!(a1.id(), a2.id(), "made twice in one scope");
+        let a3 = autocast(Precision::Bf16, || make(&w));
+        assert_ne!(a3.id(), a1.id(), "outlived its scope");
+        assert_eq!(a3.to_vec2::<f32>().unwrap(), a1.to_vec2::<f32>().unwrap());
+        assert_ne!(make(&w).id(), make(&w).id(), "cached outside a bf16 scope");
+        let var = Var::from_tensor(&w).unwrap();
+        let (t1, t2) = autocast(Precision::Bf16, || (make(var.as_tensor()), make(var.as_tensor())));
+        assert_ne!(t1.id(), t2.id(), "a trainable weight's constants were reused");
     }
 }

@@ -120,9 +120,10 @@ thread_local! {
     static PACKED: RefCell<HashMap<TensorId, Arc<PackedA>>> = RefCell::new(HashMap::new());
     /// The transposed linear weights packed inside the current bf16 scope, by tensor.
     static PACKED_T: RefCell<HashMap<TensorId, Arc<PackedB>>> = RefCell::new(HashMap::new());
-    /// The bf16 copies of gradient-free weights made inside the current bf16 scope (CUDA), by
-    /// tensor.
-    static CAST: RefCell<HashMap<TensorId, Tensor>> = RefCell::new(HashMap::new());
+    /// What [`scope_cached`] made inside the current bf16 scope from gradient-free tensors (the
+    /// bf16 copies of weights, batch norms' constants), by tensor and kind.
+    static DERIVED: RefCell<HashMap<(TensorId, &'static str), Tensor>> =
+        RefCell::new(HashMap::new());
 }
 
 /// The precision in force on this thread (f32 unless inside [`autocast`]).
@@ -147,7 +148,7 @@ pub fn autocast<T>(precision: Precision, f: impl FnOnce() -> T) -> T {
             if self.0 != self.1 {
                 PACKED.with(|c| c.borrow_mut().clear());
                 PACKED_T.with(|c| c.borrow_mut().clear());
-                CAST.with(|c| c.borrow_mut().clear());
+                DERIVED.with(|c| c.borrow_mut().clear());
             }
         }
     }
@@ -203,15 +204,28 @@ pub fn bf16_weight(w: &Tensor) -> Result<Tensor> {
     if w.dtype() == DType::BF16 {
         return Ok(w.clone());
     }
-    let cache = precision() == Precision::Bf16 && !w.track_op();
+    scope_cached(w, "bf16 copy", || w.to_dtype(DType::BF16))
+}
+
+/// `make()`, a value computed from `key` (and other tensors that belong to it, such as a batch
+/// norm's parameters beside its running variance), made once and reused until the outermost
+/// bf16 [`autocast`] scope ends when `key` has no gradient, as [`bf16_weight`]'s casts: such
+/// tensors must not change inside the scope. Outside a bf16 scope, or for a tensor that tracks
+/// a gradient, made at every call. `what` names the kind of value (one tensor may key several).
+pub fn scope_cached(
+    key: &Tensor,
+    what: &'static str,
+    make: impl FnOnce() -> Result<Tensor>,
+) -> Result<Tensor> {
+    let cache = precision() == Precision::Bf16 && !key.track_op();
     if cache {
-        if let Some(c) = CAST.with(|c| c.borrow().get(&w.id()).cloned()) {
+        if let Some(c) = DERIVED.with(|c| c.borrow().get(&(key.id(), what)).cloned()) {
             return Ok(c);
         }
     }
-    let c = w.to_dtype(DType::BF16)?;
+    let c = make()?;
     if cache {
-        CAST.with(|m| m.borrow_mut().insert(w.id(), c.clone()));
+        DERIVED.with(|m| m.borrow_mut().insert((key.id(), what), c.clone()));
     }
     Ok(c)
 }
