@@ -768,12 +768,8 @@ mod emulation_elementwise {
         }
     }
 
-    /// Against `dy (Phi(x) + x phi(x))` in f64: f32 arithmetic rounds about ten times and
-    /// `erff` / `expf` are within 2 ulp, each relative to its term, so the bound is
-    /// `16 u ((1 + |erf|) / 2 + |x phi|) |dy|` (`Phi = (1 + erf) / 2` cancels for negative
-    /// `x`, so its error is relative to the terms, not to `Phi`), plus the exponent's
-    /// argument's own rounding carried through `exp` (`|x^2 / 2| u` relative to `|x phi|`);
-    /// `u = 2^-24`.
+    /// Against the exact derivative within [`crate::fused::check_gelu_erf_gradient`]'s bound
+    /// (derived there for f32 arithmetic with `erff` / `expf` within 2 ulp).
     #[test]
     fn gelu_erf_gradient_matches_f64() {
         let n = 3_000;
@@ -781,23 +777,7 @@ mod emulation_elementwise {
         let Some(dx) = run(&x, &dy, &format!("glip_gelu_erf_backward(x, dy, out, {n})")) else {
             return;
         };
-        let u = f64::from(f32::EPSILON) / 2.0;
-        for i in 0..n {
-            let (v, g) = (f64::from(x[i]), f64::from(dy[i]));
-            let erf = candle_core::cpu::erf::erf_f64(v / std::f64::consts::SQRT_2);
-            let cdf = 0.5 * (1.0 + erf);
-            let xpdf = v * (-0.5 * v * v).exp() / (2.0 * std::f64::consts::PI).sqrt();
-            let want = g * (cdf + xpdf);
-            let bound = (16.0 * u * (0.5 * (1.0 + erf.abs()) + xpdf.abs())
-                + 0.5 * v * v * u * xpdf.abs())
-                * g.abs();
-            let err = (f64::from(dx[i]) - want).abs();
-            assert!(
-                err <= bound,
-                "element {i} (x {v}): {} vs {want}, error {err} > {bound}",
-                dx[i]
-            );
-        }
+        crate::fused::check_gelu_erf_gradient(&x, &dy, &dx);
     }
 
     #[test]

@@ -423,6 +423,28 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     activate(x, Activation::GeluErf, Tensor::gelu_erf)
 }
 
+/// Checks `dx`, GELU's (erf form) gradient at `x` for `dy`, against the exact derivative
+/// `dy (Phi(x) + x phi(x))` in f64, within `16 u ((1 + |erf|) / 2 + |x phi|) |dy| + (x^2 / 2) u
+/// |x phi dy|`: about ten f32 roundings and `erff` / `expf` (within 2 ulp) each relative to its
+/// term (`Phi = (1 + erf) / 2`, whose sum cancels for negative `x`, so its error is relative to
+/// its terms, not to `Phi`), and the exponent's own rounding carried through `exp`;
+/// `u = 2^-24`. The CPU op's test and the CUDA kernel's emulation use it.
+#[cfg(test)]
+pub(crate) fn check_gelu_erf_gradient(x: &[f32], dy: &[f32], dx: &[f32]) {
+    let u = f64::from(f32::EPSILON) / 2.0;
+    for i in 0..x.len() {
+        let (v, g) = (f64::from(x[i]), f64::from(dy[i]));
+        let erf = candle_core::cpu::erf::erf_f64(v / std::f64::consts::SQRT_2);
+        let xpdf = v * (-0.5 * v * v).exp() / (2.0 * std::f64::consts::PI).sqrt();
+        let want = g * (0.5 * (1.0 + erf) + xpdf);
+        let bound = (16.0 * u * (0.5 * (1.0 + erf.abs()) + xpdf.abs())
+            + 0.5 * v * v * u * xpdf.abs())
+            * g.abs();
+        let err = (f64::from(dx[i]) - want).abs();
+        assert!(err <= bound, "element {i} (x {v}): {} vs {want}, error {err} > {bound}", dx[i]);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -512,12 +534,7 @@ mod tests {
     }
 
     /// [`gelu_erf`]: the values bit for bit as `Tensor::gelu_erf` (candle's kernel runs them);
-    /// the gradient against the exact derivative `dy (Phi(x) + x phi(x))` in f64, within
-    /// `16 u ((1 + |erf|) / 2 + |x phi|) |dy| + (x^2 / 2) u |x phi dy|`: about ten f32
-    /// roundings and libm's `erff` / `expf` (within 2 ulp) each relative to its term (`Phi`
-    /// is `(1 + erf) / 2`, whose sum cancels for negative `x`: its error is relative to
-    /// `(1 + |erf|) / 2`), and the exponent's own rounding carried through `exp`;
-    /// `u = 2^-24`.
+    /// the gradient against the exact derivative within [`check_gelu_erf_gradient`]'s bound.
     #[test]
     fn gelu_erf_gradient_matches_the_exact_derivative() {
         let x = activation_input(5_000);
@@ -528,19 +545,7 @@ mod tests {
         let dx: Vec<f32> = g.get(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         let xs: Vec<f32> = x.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
         let dys: Vec<f32> = dy.flatten_all().unwrap().to_vec1().unwrap();
-        let u = f64::from(f32::EPSILON) / 2.0;
-        for i in 0..xs.len() {
-            let (v, g) = (f64::from(xs[i]), f64::from(dys[i]));
-            let erf = candle_core::cpu::erf::erf_f64(v / std::f64::consts::SQRT_2);
-            let cdf = 0.5 * (1.0 + erf);
-            let xpdf = v * (-0.5 * v * v).exp() / (2.0 * std::f64::consts::PI).sqrt();
-            let want = g * (cdf + xpdf);
-            let bound = (16.0 * u * (0.5 * (1.0 + erf.abs()) + xpdf.abs())
-                + 0.5 * v * v * u * xpdf.abs())
-                * g.abs();
-            let err = (f64::from(dx[i]) - want).abs();
-            assert!(err <= bound, "x {v}: {} vs {want}, error {err} > {bound}", dx[i]);
-        }
+        check_gelu_erf_gradient(&xs, &dys, &dx);
     }
 
     /// An activation of a gradient-free tensor records no backward, and a non-f32 input takes
