@@ -147,31 +147,24 @@ pub fn batch_norm_constants(
     running_var: &Tensor,
     eps: f64,
 ) -> Result<Tensor> {
+    let make = || -> Result<Tensor> {
+        let (w, b, rm, rv) =
+            (weight.detach(), bias.detach(), running_mean.detach(), running_var.detach());
+        #[cfg(feature = "cuda")]
+        if crate::cuda::own_kernels(&w)
+            && [&w, &b, &rm, &rv].iter().all(|t| t.dtype() == DType::F32)
+        {
+            let [w, b, rm, rv] = [&w, &b, &rm, &rv].map(|t| t.flatten_all()?.contiguous());
+            return crate::cuda_layers::bn_constants(&w?, &b?, &rm?, &rv?, eps as f32);
+        }
+        let scale = w.broadcast_mul(&(rv + eps)?.sqrt()?.recip()?)?;
+        let shift = (&b - rm.mul(&scale)?)?;
+        Tensor::stack(&[scale.flatten_all()?, shift.flatten_all()?], 0)
+    };
     if [weight, bias, running_mean].iter().any(|t| t.track_op()) {
-        return batch_norm_constants_now(weight, bias, running_mean, running_var, eps);
+        return make();
     }
-    crate::bf16::scope_cached(running_var, "batch-norm constants", || {
-        batch_norm_constants_now(weight, bias, running_mean, running_var, eps)
-    })
-}
-
-fn batch_norm_constants_now(
-    weight: &Tensor,
-    bias: &Tensor,
-    running_mean: &Tensor,
-    running_var: &Tensor,
-    eps: f64,
-) -> Result<Tensor> {
-    let (w, b, rm, rv) =
-        (weight.detach(), bias.detach(), running_mean.detach(), running_var.detach());
-    #[cfg(feature = "cuda")]
-    if crate::cuda::own_kernels(&w) && [&w, &b, &rm, &rv].iter().all(|t| t.dtype() == DType::F32) {
-        let [w, b, rm, rv] = [&w, &b, &rm, &rv].map(|t| t.flatten_all()?.contiguous());
-        return crate::cuda_layers::bn_constants(&w?, &b?, &rm?, &rv?, eps as f32);
-    }
-    let scale = w.broadcast_mul(&(rv + eps)?.sqrt()?.recip()?)?;
-    let shift = (&b - rm.mul(&scale)?)?;
-    Tensor::stack(&[scale.flatten_all()?, shift.flatten_all()?], 0)
+    crate::bf16::scope_cached(running_var, "batch-norm constants", make)
 }
 
 /// `x * scale[c] + shift[c] (+ residual)`, then with `relu` the ReLU, for `x (b, c, h, w)` and

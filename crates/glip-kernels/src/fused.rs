@@ -310,6 +310,15 @@ impl Activation {
         }
     }
 
+    /// The activation of `x` by candle's own kernel on either device (the values of
+    /// `Tensor::relu` / `gelu_erf`).
+    fn forward<S: candle_core::backend::BackendStorage>(self, s: &S, l: &Layout) -> Result<S> {
+        match self {
+            Activation::Relu => s.unary_impl::<candle_core::op::Relu>(l),
+            Activation::GeluErf => s.unary_impl::<candle_core::op::GeluErf>(l),
+        }
+    }
+
     /// The CUDA kernel of [`Activation::grad`] (`crate::cuda_source::ELEMENTWISE`).
     #[cfg(feature = "cuda")]
     fn kernel(self) -> &'static str {
@@ -333,27 +342,10 @@ impl CustomOp1 for Activate {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let y = match self.0 {
-            Activation::Relu => s.unary_impl::<candle_core::op::Relu>(l)?,
-            Activation::GeluErf => s.unary_impl::<candle_core::op::GeluErf>(l)?,
-        };
-        Ok((y, l.shape().clone()))
+        Ok((self.0.forward(s, l)?, l.shape().clone()))
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let y = match self.0 {
-            Activation::Relu => s.unary_impl::<candle_core::op::Relu>(l)?,
-            Activation::GeluErf => s.unary_impl::<candle_core::op::GeluErf>(l)?,
-        };
-        Ok((y, l.shape().clone()))
-    }
+    cuda_fwd!(|me, x| Ok((me.0.forward(x.0, x.1)?, x.1.shape().clone())));
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
         let dx =

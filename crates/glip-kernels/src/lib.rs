@@ -68,6 +68,12 @@ macro_rules! cuda_fwd {
     };
 }
 
+/// The error of a `cuda_op!` op's CPU forward.
+#[cfg(feature = "cuda")]
+pub(crate) fn cuda_only(name: &str) -> candle_core::Error {
+    candle_core::Error::Msg(format!("{name} runs on CUDA only (its CPU path is another op)"))
+}
+
 /// Implements a candle custom op that runs only on CUDA: `cpu_fwd` is an error naming it,
 /// `cuda_fwd` is `$fwd` over the operands as `(storage, layout)` pairs (with `$me` for the op),
 /// and `bwd`, where given, is `$bwd` (with `$me` for the op too).
@@ -81,10 +87,7 @@ macro_rules! cuda_op {
             }
 
             fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-                Err(candle_core::Error::Msg(format!(
-                    "{} runs on CUDA only (its CPU path is another op)",
-                    $name
-                )))
+                Err($crate::cuda_only($name))
             }
 
             cuda_fwd!(|$me, $a| $fwd);
@@ -110,10 +113,7 @@ macro_rules! cuda_op {
                 _: &candle_core::CpuStorage,
                 _: &candle_core::Layout,
             ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-                Err(candle_core::Error::Msg(format!(
-                    "{} runs on CUDA only (its CPU path is another op)",
-                    $name
-                )))
+                Err($crate::cuda_only($name))
             }
 
             cuda_fwd!(|$me, $a, $b| $fwd);
@@ -147,10 +147,7 @@ macro_rules! cuda_op {
                 _: &candle_core::CpuStorage,
                 _: &candle_core::Layout,
             ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-                Err(candle_core::Error::Msg(format!(
-                    "{} runs on CUDA only (its CPU path is another op)",
-                    $name
-                )))
+                Err($crate::cuda_only($name))
             }
 
             cuda_fwd!(|$me, $a, $b, $c| $fwd);
