@@ -844,3 +844,40 @@ fn adamw_ema_and_the_gradient_norm_match_the_cpu_passes() -> Result<()> {
     }
     Ok(())
 }
+
+/// candle's strided kernels read their dims and strides from device memory; the vendored
+/// candle-core uploads each such vector once and shares it (`params_from_vec`,
+/// vendor/README.md). A layout reused with other data, and layouts past the cache's bound
+/// (16,384 vectors, after which it empties), give the CPU's values bit for bit (a copy and one
+/// f32 sum or product per element: the same arithmetic on both devices).
+#[test]
+fn strided_kernels_reusing_uploaded_layouts_match_the_cpu() -> Result<()> {
+    let dev = gpu();
+    let check = |rows: usize, seed: u64| -> Result<()> {
+        let (a, b) = (random(&[3, rows], seed), random(&[1, 3], seed + 1));
+        let cpu = (a.t()?.broadcast_add(&b)? * a.t()?)?.to_vec2::<f32>()?;
+        let (ag, bg) = (a.to_device(&dev)?, b.to_device(&dev)?);
+        let got = (ag.t()?.broadcast_add(&bg)? * ag.t()?)?.to_vec2::<f32>()?;
+        assert_eq!(got, cpu, "rows {rows}, seed {seed}");
+        Ok(())
+    };
+    for rows in 1..=40 {
+        check(rows, 2 * rows as u64)?;
+        check(rows, 2 * rows as u64 + 1)?;
+    }
+    // 19,960 more distinct layouts (each transposed view's dims), past the bound; every
+    // 997th copy checked (a copy is exact).
+    let big_cpu = random(&[3, 20_000], 5);
+    let big = big_cpu.to_device(&dev)?;
+    for rows in 41..=20_000 {
+        let part = big.narrow(1, 0, rows)?.t()?.contiguous()?;
+        if rows % 997 == 0 {
+            let want = big_cpu.narrow(1, 0, rows)?.t()?.contiguous()?.to_vec2::<f32>()?;
+            assert_eq!(part.to_vec2::<f32>()?, want, "copy of {rows} rows");
+        }
+    }
+    for rows in 1..=40 {
+        check(rows, 100 + rows as u64)?;
+    }
+    Ok(())
+}

@@ -28,6 +28,11 @@ type ParamCache = HashMap<(DeviceId, Vec<usize>), Arc<CudaSlice<usize>>>;
 
 static CUDA_PARAM_CACHE: OnceLock<Mutex<ParamCache>> = OnceLock::new();
 
+/// How many dims-and-strides vectors `params_from_vec` keeps (glip-rs patch). The layouts of
+/// one training or inference step repeat at every step; inputs of many sizes (`glip detect`
+/// over a folder of photos) add more, and the cache starts again from empty at this bound.
+const PARAM_CACHE_MAX_ENTRIES: usize = 16_384;
+
 pub enum SlicePtrOrNull<T> {
     Ptr(CudaSlice<T>),
     Cached(Arc<CudaSlice<T>>),
@@ -63,14 +68,22 @@ impl crate::scalar::Scalar {
 }
 
 impl SlicePtrOrNull<usize> {
+    /// A kernel's dims and strides on the device. Patched (glip-rs, vendor/README.md): every
+    /// vector is uploaded once per device and shared from then on, not only while a CUDA
+    /// graph is captured; the shapes of a training step repeat, so after the first step a
+    /// strided operation costs no host-to-device copy, allocation or free. The buffers are
+    /// never written after their upload, so sharing them between launches is safe; the cache
+    /// is emptied when it reaches `PARAM_CACHE_MAX_ENTRIES` (a launch still in flight keeps
+    /// its buffer through its `Arc`, and the stream orders the free after it).
     pub fn params_from_vec(dev: &CudaDevice, params: Vec<usize>) -> Result<Self> {
-        if device::cuda_graph_htod_cache_enabled() {
-            let key = (dev.id(), params.clone());
-            let cache = CUDA_PARAM_CACHE.get_or_init(|| Mutex::new(HashMap::new()));
-            if let Some(slice) = cache.lock().unwrap().get(&key).cloned() {
-                return Ok(SlicePtrOrNull::Cached(slice));
-            }
+        let key = (dev.id(), params);
+        let cache = CUDA_PARAM_CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+        let lock = || cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(slice) = lock().get(&key).cloned() {
+            return Ok(SlicePtrOrNull::Cached(slice));
+        }
 
+        if device::cuda_graph_htod_cache_enabled() {
             let is_capturing = dev.cuda_stream().capture_status()
                 == Ok(cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE);
             if is_capturing {
@@ -79,14 +92,15 @@ impl SlicePtrOrNull<usize> {
                      warmup did not populate all required parameter vectors"
                 );
             }
-
-            let slice = Arc::new(dev.cuda_stream().clone_htod(&params).w()?);
-            let mut cache = cache.lock().unwrap();
-            let slice = cache.entry(key).or_insert_with(|| slice).clone();
-            return Ok(SlicePtrOrNull::Cached(slice));
         }
 
-        Ok(SlicePtrOrNull::Ptr(dev.clone_htod(&params)?))
+        let slice = Arc::new(dev.cuda_stream().clone_htod(&key.1).w()?);
+        let mut cache = lock();
+        if cache.len() >= PARAM_CACHE_MAX_ENTRIES {
+            cache.clear();
+        }
+        let slice = cache.entry(key).or_insert_with(|| slice).clone();
+        Ok(SlicePtrOrNull::Cached(slice))
     }
 
     pub fn params_from_layout(dev: &CudaDevice, l: &Layout) -> Result<Self> {
