@@ -41,7 +41,8 @@
 # (the fixtures, default fixtures/ if it holds seed-tiny, else WORK/fixtures written by part f),
 # TORCH_PYTHON (the Python with PyTorch for the side-by-side bench, python3; empty: none),
 # COMPOSED (1: also time training with candle's compositions of the normalisation kernels),
-# BF16_AB (1: each bf16 row again with GLIP_BF16_ACTIVATIONS=0, f32 activations in the backbone).
+# BF16_AB (1: each bf16 row again with GLIP_BF16_ACTIVATIONS=0, f32 activations in the backbone),
+# ATTN_AB (1: each bf16 inference row again with GLIP_CUDA_ATTENTION=composed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 T0=$(date +%s)
@@ -237,6 +238,13 @@ if [[ "$PARTS" == *b* ]]; then
         export GLIP_BF16_ACTIVATIONS=0
         bench "${args[@]}" --precision bf16
         unset GLIP_BF16_ACTIVATIONS
+      fi
+      if [[ "${ATTN_AB:-0}" == 1 && "$mode" == infer ]]; then
+        # Inference with candle's composed attention instead of the one-launch core.
+        echo "  (the next row: GLIP_CUDA_ATTENTION=composed)"
+        export GLIP_CUDA_ATTENTION=composed
+        bench "${args[@]}" --precision bf16
+        unset GLIP_CUDA_ATTENTION
       fi
       if [[ -n "$TORCH_PYTHON" && "$DEVICE" != cpu ]]; then
         line=$(timeout 120 "$TORCH_PYTHON" reference/bench_torch.py --device "$DEVICE" "${args[@]}" \

@@ -71,6 +71,10 @@ pub(crate) static ELEMENTWISE: Module =
 pub(crate) static TOP_K: Module =
     Module::new("glip_top_k", "glip's top-k kernel", crate::cuda_source::TOP_K);
 
+/// Multi-head attention for inference ([`crate::cuda_layers::attention`]).
+pub(crate) static ATTENTION: Module =
+    Module::new("glip_attention", "glip's attention kernel", crate::cuda_source::ATTENTION);
+
 /// At most this many blocks in a grid-stride launch (the loops stride over the rest).
 const MAX_BLOCKS: usize = 4096;
 /// At most this many blocks of rows or channels (grid-stride over the rest).

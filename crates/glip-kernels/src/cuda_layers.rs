@@ -19,8 +19,8 @@
 )]
 
 use crate::cuda_launch::{
-    check_len, elementwise, output, output_of, per_row, u32_of, view, view_of, ELEMENTWISE, NORM,
-    POOL, TOP_K,
+    check_len, elementwise, output, output_of, per_row, u32_of, view, view_of, ATTENTION,
+    ELEMENTWISE, NORM, POOL, TOP_K,
 };
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
@@ -432,6 +432,78 @@ pub(crate) fn bn_constants(
     Ok(Tensor::from_storage(storage, (2, c), candle_core::op::BackpropOp::none(), false))
 }
 
+/// `softmax(q k^T s + bias) v` per head in one launch ([`crate::attention::fused`], which checks
+/// the shapes, dtypes and head width): `q (b, lq, d)`, `k`, `v (b, lk, d)` contiguous f32 on one
+/// GPU, `mask (b, lk)` u8; `(b, lq, d)`, no gradient.
+pub(crate) fn attention(
+    [q, k, v]: [&Tensor; 3],
+    mask: Option<&Tensor>,
+    heads: usize,
+    scale: f32,
+    scale_scores: bool,
+) -> Result<Tensor> {
+    let (b, lq, d) = q.dims3()?;
+    let lk = k.dim(1)?;
+    let guards = [q, k, v].map(|t| t.storage_and_layout());
+    let mask_guard = mask.map(|m| m.storage_and_layout());
+    let mut views = Vec::with_capacity(3);
+    let mut dev: Option<CudaDevice> = None;
+    for (what, (storage, layout)) in ["query", "key", "value"].into_iter().zip(guards.iter()) {
+        let candle_core::Storage::Cuda(s) = &**storage else {
+            candle_core::bail!("attention: the {what} is not on the GPU")
+        };
+        if dev.as_ref().is_some_and(|d| d.id() != s.device().id()) {
+            candle_core::bail!("attention: the operands are on different GPUs")
+        }
+        dev = Some(s.device().clone());
+        views.push(view(s, layout, "attention")?);
+    }
+    let Some(dev) = dev else { unreachable!("three operands") };
+    let mask_view = match &mask_guard {
+        Some((storage, layout)) => {
+            let candle_core::Storage::Cuda(s) = &**storage else {
+                candle_core::bail!("attention: the key mask is not on the GPU")
+            };
+            if s.device().id() != dev.id() {
+                candle_core::bail!("attention: the key mask is on another GPU")
+            }
+            let m = view_of::<u8>(s, layout, "attention key mask")?;
+            check_len("attention key mask", m.len(), b * lk)?;
+            Some(m)
+        }
+        None => None,
+    };
+    let u = |n: usize| u32_of(n, "attention");
+    let (hu, dh) = (u(heads)?, u(d / heads)?);
+    let (lq32, lk32, d32) = (u(lq)?, u(lk)?, u(d)?);
+    let qt = crate::cuda_source::ATTENTION_QUERY_TILE;
+    let cfg = LaunchConfig {
+        grid_dim: (u(lq.div_ceil(qt))?, u(b * heads)?, 1),
+        block_dim: (crate::cuda_source::ATTENTION_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let flag = u32::from(scale_scores);
+    // Written in full by glip_attention (every query row of every head, all dh columns).
+    let mut out = output(&dev, b * lq * d)?;
+    let f = ATTENTION.func(&dev, "glip_attention")?;
+    let stream = dev.cuda_stream();
+    let mut builder = stream.launch_builder(&f);
+    builder.arg(&views[0]).arg(&views[1]).arg(&views[2]);
+    let null = 0usize;
+    match &mask_view {
+        Some(m) => builder.arg(m),
+        None => builder.arg(&null),
+    };
+    builder.arg(&mut out).arg(&hu).arg(&lq32).arg(&lk32).arg(&dh);
+    builder.arg(&d32).arg(&d32).arg(&d32).arg(&scale).arg(&flag);
+    run(&mut builder, cfg)?;
+    drop(builder);
+    drop((views, mask_view));
+    drop((guards, mask_guard));
+    let storage = candle_core::Storage::Cuda(CudaStorage::wrap_cuda_slice(out, dev));
+    Ok(Tensor::from_storage(storage, (b, lq, d), candle_core::op::BackpropOp::none(), false))
+}
+
 /// `(planes, h, w, oh, ow)` of the stem pool's input `l`.
 fn pool_dims(l: &Layout) -> Result<(u64, u32, u32, u32, u32)> {
     let (b, c, h, w) = l.shape().dims4()?;
@@ -665,6 +737,7 @@ mod tests {
             assert!(elementwise.contains(&format!(".entry {entry}(")), "{entry} missing");
         }
         assert!(super::TOP_K.ptx().unwrap().contains(".entry glip_top_k"));
+        assert!(super::ATTENTION.ptx().unwrap().contains(".entry glip_attention("));
         let ptx = super::POOL.ptx().unwrap();
         for name in [
             "glip_max_pool_f32",

@@ -692,6 +692,121 @@ extern "C" __global__ void glip_top_k(const float *x, unsigned *out, unsigned s,
 }
 "#;
 
+/// Query rows per block of [`ATTENTION`] (`GLIP_ATT_QT`).
+pub(crate) const ATTENTION_QUERY_TILE: usize = 16;
+/// Keys per tile of [`ATTENTION`] (`GLIP_ATT_KT`): the bound of its tests counts the tiles.
+#[allow(dead_code, reason = "read by the tests' bound; the kernel has its own #define")]
+pub(crate) const ATTENTION_KEY_TILE: usize = 32;
+/// The widest head [`ATTENTION`] takes (`GLIP_ATT_DH`).
+pub(crate) const ATTENTION_MAX_HEAD: usize = 64;
+/// [`ATTENTION`]'s threads per block (its accumulators assume it).
+pub(crate) const ATTENTION_THREADS: u32 = 128;
+
+/// Multi-head attention in one launch, for inference ([`crate::attention::fused`]):
+/// `out = softmax(q k^T s + bias) v` per head, `bias_j = (1 - mask_j) f32::MIN` as
+/// [`crate::nn::mask_to_bias`] adds it, `s` multiplying the query (`scale_scores = 0`, as
+/// `torch.nn.MultiheadAttention`) or the scores (as BERT). Grid `(ceil(lq / 16), b heads)`,
+/// 128 threads: a block's 16 query rows of one head stay in shared memory while the keys and
+/// values pass through it in tiles of 32 (loaded coalesced), and the softmax is the online one
+/// (a running maximum and sum per row; the accumulated outputs rescaled by `exp(m_old - m_new)`
+/// when the maximum grows), so nothing of size `lq x lk` is written. `q`, `k`, `v` are rows of
+/// `ld*` floats (`(b, l, ld)`, head `h` at columns `h dh ..`), `out` is `(b, lq, heads dh)`.
+pub(crate) const ATTENTION: &str = r#"
+#define GLIP_ATT_QT 16
+#define GLIP_ATT_KT 32
+#define GLIP_ATT_DH 64
+#define GLIP_ATT_ACC (GLIP_ATT_QT * GLIP_ATT_DH / 128)
+
+extern "C" __global__ void glip_attention(const float *q, const float *k, const float *v,
+                                          const unsigned char *mask, float *out,
+                                          unsigned heads, unsigned lq, unsigned lk,
+                                          unsigned dh, unsigned ldq, unsigned ldk,
+                                          unsigned ldv, float scale, unsigned scale_scores) {
+    __shared__ float qs[GLIP_ATT_QT][GLIP_ATT_DH];
+    __shared__ float ks[GLIP_ATT_KT][GLIP_ATT_DH + 1];
+    __shared__ float vs[GLIP_ATT_KT][GLIP_ATT_DH];
+    __shared__ float p[GLIP_ATT_QT][GLIP_ATT_KT + 1];
+    __shared__ float row_max[GLIP_ATT_QT], row_sum[GLIP_ATT_QT], row_corr[GLIP_ATT_QT];
+    const float neg_inf = -__int_as_float(0x7f800000);
+    const unsigned t = threadIdx.x, nt = blockDim.x;
+    const unsigned bi = blockIdx.y / heads, h = blockIdx.y % heads, i0 = blockIdx.x * GLIP_ATT_QT;
+    const unsigned outs = GLIP_ATT_QT * dh;
+    for (unsigned e = t; e < outs; e += nt) {
+        unsigned r = e / dh, c = e % dh, i = i0 + r;
+        float x = i < lq ? q[((unsigned long long)bi * lq + i) * ldq + h * dh + c] : 0.0f;
+        qs[r][c] = scale_scores ? x : x * scale;
+    }
+    if (t < GLIP_ATT_QT) {
+        row_max[t] = neg_inf;
+        row_sum[t] = 0.0f;
+    }
+    float acc[GLIP_ATT_ACC];
+    for (unsigned a = 0; a < GLIP_ATT_ACC; ++a) acc[a] = 0.0f;
+    for (unsigned j0 = 0; j0 < lk; j0 += GLIP_ATT_KT) {
+        const unsigned n = lk - j0 < GLIP_ATT_KT ? lk - j0 : GLIP_ATT_KT;
+        __syncthreads();
+        for (unsigned e = t; e < GLIP_ATT_KT * dh; e += nt) {
+            unsigned j = e / dh, c = e % dh;
+            unsigned long long row = (unsigned long long)bi * lk + j0 + j;
+            ks[j][c] = j < n ? k[row * ldk + h * dh + c] : 0.0f;
+            vs[j][c] = j < n ? v[row * ldv + h * dh + c] : 0.0f;
+        }
+        __syncthreads();
+        for (unsigned e = t; e < GLIP_ATT_QT * GLIP_ATT_KT; e += nt) {
+            unsigned r = e / GLIP_ATT_KT, j = e % GLIP_ATT_KT;
+            float s = neg_inf;
+            if (j < n) {
+                float dot = 0.0f;
+                for (unsigned c = 0; c < dh; ++c) dot += qs[r][c] * ks[j][c];
+                if (scale_scores) dot = dot * scale;
+                if (mask) {
+                    float bias = (1.0f - (float)mask[(unsigned long long)bi * lk + j0 + j]) *
+                                 -3.40282347e38f;
+                    dot = dot + bias;
+                }
+                s = dot;
+            }
+            p[r][j] = s;
+        }
+        __syncthreads();
+        if (t < GLIP_ATT_QT) {
+            float m = row_max[t];
+            for (unsigned j = 0; j < n; ++j) m = fmaxf(m, p[t][j]);
+            // The first tile: exp(-inf - m) = 0 clears the (zero) sums.
+            float corr = expf(row_max[t] - m);
+            float sum = 0.0f;
+            for (unsigned j = 0; j < GLIP_ATT_KT; ++j) {
+                float e = j < n ? expf(p[t][j] - m) : 0.0f;
+                p[t][j] = e;
+                sum += e;
+            }
+            row_sum[t] = row_sum[t] * corr + sum;
+            row_max[t] = m;
+            row_corr[t] = corr;
+        }
+        __syncthreads();
+        for (unsigned a = 0; a < GLIP_ATT_ACC; ++a) {
+            unsigned o = t + a * nt;
+            if (o < outs) {
+                unsigned r = o / dh, c = o % dh;
+                float x = acc[a] * row_corr[r];
+                for (unsigned j = 0; j < GLIP_ATT_KT; ++j) x += p[r][j] * vs[j][c];
+                acc[a] = x;
+            }
+        }
+    }
+    for (unsigned a = 0; a < GLIP_ATT_ACC; ++a) {
+        unsigned o = t + a * nt;
+        if (o < outs) {
+            unsigned r = o / dh, c = o % dh, i = i0 + r;
+            if (i < lq)
+                out[((unsigned long long)bi * lq + i) * (heads * dh) + h * dh + c] =
+                    acc[a] / row_sum[r];
+        }
+    }
+}
+"#;
+
 /// [`ELEMENTWISE`]'s dropout draw of element `i`, in Rust: the CPU implementation of the
 /// device's dropout op and the tests' reference.
 pub(crate) fn dropout_uniform(seed: u64, i: u64) -> f32 {
@@ -1730,6 +1845,83 @@ mod emulation_optim {
                 let before = &arrays.iter().find(|(k, _)| *k == format!("{what}{i}")).unwrap().1;
                 assert_ne!(bits(all), bits(before), "{what}{i} was not updated");
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod emulation_attention {
+    //! The attention kernel under the emulation against the exact core (f64, glip-testing's
+    //! `attention_reference`) within the bound derived there: several query tiles, key tiles
+    //! with a partial last one, heads of 8, 33 and 64 columns, the scale on the query or the
+    //! scores, key masks attending to some keys, to all and to none (a row masking every key
+    //! weighs them equally, as the composition's `f32::MIN` bias does), one key.
+
+    use super::emulation::{emulate, random};
+    use super::{ATTENTION, ATTENTION_KEY_TILE, ATTENTION_QUERY_TILE};
+    use glip_testing::{attention_reference, AttentionShape};
+
+    #[test]
+    fn attention_matches_the_exact_core_within_its_bound() {
+        // (b, lq, lk, heads, dh, mask, scale on the scores, spread of the inputs)
+        type Case = (usize, usize, usize, usize, usize, Option<fn(usize, usize) -> u8>, bool, f32);
+        let cases: [Case; 4] = [
+            (2, 20, 40, 2, 8, Some(|b, j| u8::from(b == 0 && j % 3 != 1)), false, 1.0),
+            (1, 17, 70, 3, 33, None, true, 1.0),
+            (2, 5, 1, 1, 64, Some(|_, _| 1), false, 1.0),
+            (1, 16, 64, 2, 64, Some(|_, j| u8::from(j >= 40)), true, 3.0),
+        ];
+        for (n, (b, lq, lk, heads, dh, mask, scale_scores, spread)) in cases.into_iter().enumerate()
+        {
+            let d = heads * dh;
+            let seed = 70 + 3 * n as u64;
+            let (q, k, v) = (
+                random(b * lq * d, seed, spread),
+                random(b * lk * d, seed + 1, spread),
+                random(b * lk * d, seed + 2, 1.0),
+            );
+            let mask: Option<Vec<u8>> =
+                mask.map(|f| (0..b * lk).map(|e| f(e / lk, e % lk)).collect());
+            let scale = 1.0 / (dh as f32).sqrt();
+            let (mask_decl, mask_arg) = match &mask {
+                Some(m) => {
+                    let items: Vec<String> = m.iter().map(u8::to_string).collect();
+                    (format!("static unsigned char mask[] = {{{}}};", items.join(",")), "mask")
+                }
+                None => (String::new(), "nullptr"),
+            };
+            let body = format!(
+                "{mask_decl} static float out[{total}];
+                 glip_launch({gx}, {gy}, 128, [] {{ glip_attention(q, k, v, {mask_arg}, out,
+                     {heads}, {lq}, {lk}, {dh}, {d}, {d}, {d}, {scale:e}f, {flag}); }});
+                 glip_print(\"out\", out, {total});",
+                total = b * lq * d,
+                gx = lq.div_ceil(ATTENTION_QUERY_TILE),
+                gy = b * heads,
+                flag = u32::from(scale_scores),
+            );
+            let arrays = [("q", q.clone()), ("k", k.clone()), ("v", v.clone())];
+            let Some(out) = emulate(ATTENTION, &arrays, &body) else {
+                return;
+            };
+            let shape = AttentionShape { b, lq, lk, heads, dh };
+            let (exact, bound) =
+                attention_reference(&q, &k, &v, mask.as_deref(), shape, scale, ATTENTION_KEY_TILE);
+            let max_v = v.iter().fold(0.0f64, |m, &x| m.max(f64::from(x).abs()));
+            let mut margin = 0.0f64;
+            for (e, ((&got, &want), &bound)) in
+                out["out"].iter().zip(&exact).zip(&bound).enumerate()
+            {
+                let err = (f64::from(got) - want).abs();
+                assert!(
+                    err <= bound,
+                    "case {n}, element {e}: {got} against {want}, bound {bound:e}"
+                );
+                // Not vacuous: a lost key or a wrong weight moves an output by far more.
+                assert!(bound <= 1e-3 * max_v, "case {n}: bound {bound:e}");
+                margin = margin.max(err / bound);
+            }
+            eprintln!("attention case {n}: largest error / bound {margin:.4}");
         }
     }
 }

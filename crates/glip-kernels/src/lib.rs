@@ -173,6 +173,7 @@ macro_rules! cuda_op {
 }
 
 pub mod affine;
+pub mod attention;
 pub mod bf16;
 pub mod conv;
 pub mod cuda;

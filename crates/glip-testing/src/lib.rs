@@ -6,6 +6,9 @@ use candle_core::{DType, Device, Result, Tensor};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+mod attention;
+pub use attention::{attention_reference, AttentionShape};
+
 /// The reference fixtures folder: `$GLIP_FIXTURES`, else `fixtures/` at the workspace root
 /// (where `cargo xtask fixtures` writes them).
 pub fn fixtures_dir() -> PathBuf {

@@ -216,20 +216,37 @@ impl Bert {
             .broadcast_add(&self.position.forward(&pos)?)?
             .add(&self.token_type.forward(&types)?)?;
         let mut x = dropout(&self.emb_norm.forward(&x)?, cfg.hidden_dropout_prob, train)?;
-        let bias = mask_to_bias(attention_mask, x.dtype())?;
+        // Made where the composed attention first needs it.
+        let mut bias: Option<Tensor> = None;
         let h = cfg.num_attention_heads;
         let dh = cfg.hidden_size / h;
         let scale = 1.0 / (dh as f64).sqrt();
         let heads = |y: Tensor| -> Result<Tensor> {
             y.reshape((b, t, h, dh))?.transpose(1, 2)?.contiguous()
         };
+        let attend_dropout = if train { cfg.attention_probs_dropout_prob } else { 0.0 };
         for l in &self.layers {
-            let q = heads(l.query.forward(&x)?)?;
-            let k = heads(l.key.forward(&x)?)?;
-            let v = heads(l.value.forward(&x)?)?;
-            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias)?;
-            let p = dropout(&softmax_last(&scores)?, cfg.attention_probs_dropout_prob, train)?;
-            let ctx = p.matmul(&v)?.transpose(1, 2)?.reshape((b, t, cfg.hidden_size))?;
+            let (q, k, v) = (l.query.forward(&x)?, l.key.forward(&x)?, l.value.forward(&x)?);
+            // Inference on CUDA: the core in one launch, the mask's bias added inside.
+            let fused = if attend_dropout == 0.0 {
+                let at = glip_kernels::attention::ScaleAt::Scores;
+                glip_kernels::attention::fused(&q, &k, &v, Some(attention_mask), h, scale, at)?
+            } else {
+                None
+            };
+            let ctx = match fused {
+                Some(ctx) => ctx,
+                None => {
+                    let (q, k, v) = (heads(q)?, heads(k)?, heads(v)?);
+                    let bias = match &bias {
+                        Some(bias) => bias,
+                        None => bias.insert(mask_to_bias(attention_mask, x.dtype())?),
+                    };
+                    let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(bias)?;
+                    let p = dropout(&softmax_last(&scores)?, attend_dropout, train)?;
+                    p.matmul(&v)?.transpose(1, 2)?.reshape((b, t, cfg.hidden_size))?
+                }
+            };
             let a = dropout(&l.attn_out.forward(&ctx)?, cfg.hidden_dropout_prob, train)?;
             let a = l.attn_norm.forward(&(a + &x)?)?;
             let f = self.act(&l.intermediate.forward(&a)?)?;

@@ -881,3 +881,126 @@ fn strided_kernels_reusing_uploaded_layouts_match_the_cpu() -> Result<()> {
     }
     Ok(())
 }
+
+/// The attention core in one launch (`glip_kernels::attention::fused`, inference) against the
+/// exact core within the bound glip-testing's `attention_reference` derives (the online
+/// softmax over tiles of 32 keys, CUDA's `expf` at 2 ulp): the kernel's test under the CPU
+/// emulation, on the GPU, plus a seed-r50-sized cross-attention (100 queries, 256 keys, 8
+/// heads of 32).
+#[test]
+fn fused_attention_matches_the_exact_core_within_its_bound() -> Result<()> {
+    use glip_kernels::attention::{fused, ScaleAt};
+    use glip_testing::{attention_reference, AttentionShape};
+    let dev = gpu();
+    // (b, lq, lk, heads, dh, masked keys, scale on the scores, spread)
+    let cases: [(usize, usize, usize, usize, usize, u8, bool, f32); 5] = [
+        (2, 20, 40, 2, 8, 1, false, 1.0),
+        (1, 17, 70, 3, 33, 0, true, 1.0),
+        (2, 5, 1, 1, 64, 0, false, 1.0),
+        (1, 16, 64, 2, 64, 2, true, 3.0),
+        (2, 100, 256, 8, 32, 1, false, 1.0),
+    ];
+    for (n, (b, lq, lk, heads, dh, masking, at_scores, spread)) in cases.into_iter().enumerate() {
+        let d = heads * dh;
+        let seed = 400 + 3 * n as u64;
+        let q = (random(&[b, lq, d], seed) * f64::from(spread))?;
+        let k = (random(&[b, lk, d], seed + 1) * f64::from(spread))?;
+        let v = random(&[b, lk, d], seed + 2);
+        // 1: every third key of the first image masked, the second image masking all; 2: the
+        // first 40 keys masked.
+        let mask: Option<Vec<u8>> = match masking {
+            0 => None,
+            1 => Some((0..b * lk).map(|e| u8::from(e / lk == 0 && e % 3 != 1)).collect()),
+            _ => Some((0..b * lk).map(|e| u8::from(e % lk >= 40)).collect()),
+        };
+        let mask_t =
+            mask.as_ref().map(|m| Tensor::from_vec(m.clone(), (b, lk), &dev)).transpose()?;
+        let scale = 1.0 / (dh as f64).sqrt();
+        let at = if at_scores { ScaleAt::Scores } else { ScaleAt::Query };
+        let on = |t: &Tensor| t.to_device(&dev);
+        let got = fused(&on(&q)?, &on(&k)?, &on(&v)?, mask_t.as_ref(), heads, scale, at)?
+            .expect("f32, contiguous, no gradient, on the GPU: fused");
+        let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+        let (exact, bound) = attention_reference(
+            &flat(&q)?,
+            &flat(&k)?,
+            &flat(&v)?,
+            mask.as_deref(),
+            AttentionShape { b, lq, lk, heads, dh },
+            scale as f32,
+            32,
+        );
+        let exact = Tensor::from_vec(exact, (b, lq, d), &Device::Cpu)?;
+        let bound = Tensor::from_vec(bound, (b, lq, d), &Device::Cpu)?;
+        assert_within(&format!("attention case {n}"), &got, &exact, &bound)?;
+    }
+    Ok(())
+}
+
+/// `MultiheadAttention` in inference on the GPU (the fused core) against the same module on
+/// the CPU (candle's composition), with a key mask. Inputs and projection weights lie on a
+/// coarse grid (multiples of 1/4 and 1/8, heads of 4 so that the scale is 1/2), so that q, k
+/// and v are exact on both devices; each core is then within glip-testing's bound `B` of the
+/// exact one (the composition's error is that of one tile), so the two contexts differ by at
+/// most `2B`, and the output projections by `sum |w| 2B` plus each one's f32 rounding
+/// `g(d + 1) (sum |w| (|ctx| + B) + |bias|)`.
+#[test]
+fn multihead_attention_in_inference_on_the_gpu_matches_the_cpu() -> Result<()> {
+    use glip_testing::{attention_reference, AttentionShape};
+    let (b, lq, lk, d, heads) = (2usize, 30usize, 45usize, 16usize, 4usize);
+    let grid = |shape: &[usize], seed: u64, step: f64| -> Result<Tensor> {
+        ((random(shape, seed) * 1.5)?.round()?.clamp(-2.0, 2.0)? * step)?.to_dtype(DType::F32)
+    };
+    let weights: std::collections::HashMap<String, Tensor> = [
+        ("in_proj_weight", grid(&[3 * d, d], 500, 0.125)?),
+        ("in_proj_bias", grid(&[3 * d], 501, 0.125)?),
+        ("out_proj.weight", random(&[d, d], 502)),
+        ("out_proj.bias", random(&[d], 503)),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let (query, memory) = (grid(&[b, lq, d], 504, 0.25)?, grid(&[b, lk, d], 505, 0.25)?);
+    let mask: Vec<u8> = (0..b * lk).map(|e| u8::from(e % lk < 40 || e / lk == 0)).collect();
+    let mask_t = Tensor::from_vec(mask.clone(), (b, lk), &Device::Cpu)?;
+    let run = |dev: &Device| -> Result<Tensor> {
+        let on: std::collections::HashMap<String, Tensor> = weights
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), v.to_device(dev)?)))
+            .collect::<Result<_>>()?;
+        let vb = candle_nn::VarBuilder::from_tensors(on, DType::F32, dev);
+        let mha = glip_transformer::attention::MultiheadAttention::new(d, heads, 0.1, vb)?;
+        let (q, m, mask) = (query.to_device(dev)?, memory.to_device(dev)?, mask_t.to_device(dev)?);
+        mha.forward(&q, &m, &m, Some(&mask), false)?.to_device(&Device::Cpu)
+    };
+    let (gpu_out, cpu_out) = (run(&gpu())?, run(&Device::Cpu)?);
+    // The exact projections (grid values) and the bound of each core.
+    let w = &weights["in_proj_weight"];
+    let proj = |x: &Tensor, i: usize| -> Result<Vec<f32>> {
+        let wi = w.narrow(0, i * d, d)?;
+        let bi = weights["in_proj_bias"].narrow(0, i * d, d)?;
+        x.reshape((b * x.dim(1)?, d))?
+            .matmul(&wi.t()?)?
+            .broadcast_add(&bi)?
+            .flatten_all()?
+            .to_vec1()
+    };
+    let (q, k, v) = (proj(&query, 0)?, proj(&memory, 1)?, proj(&memory, 2)?);
+    let shape = AttentionShape { b, lq, lk, heads, dh: d / heads };
+    let (ctx, core) = attention_reference(&q, &k, &v, Some(&mask), shape, 0.5, 32);
+    let wo = weights["out_proj.weight"].to_dtype(DType::F64)?.abs()?;
+    let bo = weights["out_proj.bias"].to_dtype(DType::F64)?.abs()?;
+    let ctx = Tensor::from_vec(ctx, (b * lq, d), &Device::Cpu)?.abs()?;
+    let core = Tensor::from_vec(core, (b * lq, d), &Device::Cpu)?;
+    let g = gamma(d + 1);
+    let spread = (core.matmul(&wo.t()?)? * 2.0)?;
+    let rounding = ((ctx + &core)?.matmul(&wo.t()?)?.broadcast_add(&bo)? * (2.0 * g))?;
+    let bound = (spread + rounding)?.reshape((b, lq, d))?;
+    assert_within(
+        "attention module, GPU against CPU",
+        &gpu_out,
+        &cpu_out.to_dtype(DType::F64)?,
+        &bound,
+    )?;
+    Ok(())
+}

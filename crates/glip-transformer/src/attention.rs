@@ -70,9 +70,19 @@ impl MultiheadAttention {
     ) -> Result<Tensor> {
         let (b, lq, _) = query.dims3()?;
         let dh = self.d / self.heads;
-        let q = (self.split_heads(self.project(query, 0)?)? * (1.0 / (dh as f64).sqrt()))?;
-        let k = self.split_heads(self.project(key, 1)?)?;
-        let v = self.split_heads(self.project(value, 2)?)?;
+        let scale = 1.0 / (dh as f64).sqrt();
+        let (q, k, v) = (self.project(query, 0)?, self.project(key, 1)?, self.project(value, 2)?);
+        // Inference on CUDA: the core in one launch (`None` elsewhere, and in training).
+        if !train || self.dropout == 0.0 {
+            let at = glip_kernels::attention::ScaleAt::Query;
+            if let Some(ctx) =
+                glip_kernels::attention::fused(&q, &k, &v, key_mask, self.heads, scale, at)?
+            {
+                return self.out_proj.forward(&ctx);
+            }
+        }
+        let q = (self.split_heads(q)? * scale)?;
+        let (k, v) = (self.split_heads(k)?, self.split_heads(v)?);
         let mut scores = q.matmul(&k.t()?)?; // (b, h, lq, lk)
         if let Some(m) = key_mask {
             scores = scores.broadcast_add(&mask_to_bias(m, scores.dtype())?)?;
@@ -80,5 +90,61 @@ impl MultiheadAttention {
         let p = dropout(&softmax_last(&scores)?, self.dropout, train)?;
         let ctx = p.matmul(&v)?.transpose(1, 2)?.reshape((b, lq, self.d))?;
         self.out_proj.forward(&ctx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use glip_testing::{attention_reference, AttentionShape};
+
+    /// The composed attention (the CPU's, and training's on every device) computes the core
+    /// that glip-testing's `attention_reference` states (heads in column blocks, the scale on
+    /// the query, the key mask's bias) within its bound for one tile of keys: the reference
+    /// the fused CUDA kernel is tested against on the GPU (glip-train's `tests/cuda.rs`) is
+    /// this module's. The output projection is the identity with zero bias, so the output is
+    /// the core.
+    #[test]
+    fn the_composed_core_is_the_reference_core() -> Result<()> {
+        let (b, lq, lk, d, heads) = (2usize, 7usize, 11usize, 12usize, 3usize);
+        let dev = Device::Cpu;
+        let mut rng = glip_core::rng::Rng::new(9);
+        let mut normal = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.normal()).collect() };
+        let eye = Tensor::eye(d, DType::F32, &dev)?;
+        let packed = Tensor::cat(&[&eye, &eye, &eye], 0)?;
+        let weights: std::collections::HashMap<String, Tensor> = [
+            ("in_proj_weight", packed),
+            ("in_proj_bias", Tensor::zeros(3 * d, DType::F32, &dev)?),
+            ("out_proj.weight", eye),
+            ("out_proj.bias", Tensor::zeros(d, DType::F32, &dev)?),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let vb = VarBuilder::from_tensors(weights, DType::F32, &dev);
+        let mha = MultiheadAttention::new(d, heads, 0.0, vb)?;
+        let (q, kv) = (normal(b * lq * d), normal(b * lk * d));
+        // The first image attends to every key but the 2nd and 5th, the second to none.
+        let mask: Vec<u8> = (0..b * lk).map(|e| u8::from(e < lk && e != 1 && e != 4)).collect();
+        let out = mha.forward(
+            &Tensor::from_vec(q.clone(), (b, lq, d), &dev)?,
+            &Tensor::from_vec(kv.clone(), (b, lk, d), &dev)?,
+            &Tensor::from_vec(kv.clone(), (b, lk, d), &dev)?,
+            Some(&Tensor::from_vec(mask.clone(), (b, lk), &dev)?),
+            false,
+        )?;
+        let shape = AttentionShape { b, lq, lk, heads, dh: d / heads };
+        let scale = 1.0 / ((d / heads) as f32).sqrt();
+        let (exact, bound) = attention_reference(&q, &kv, &kv, Some(&mask), shape, scale, lk);
+        // The identity projections add their own f32 rounding: none (x * 1 + 0 summed with
+        // zeros is x).
+        for (i, (got, (want, bound))) in
+            out.flatten_all()?.to_vec1::<f32>()?.iter().zip(exact.iter().zip(&bound)).enumerate()
+        {
+            let err = (f64::from(*got) - want).abs();
+            assert!(err <= *bound, "element {i}: {got} against {want}, bound {bound:e}");
+        }
+        Ok(())
     }
 }

@@ -1,0 +1,90 @@
+//! Multi-head attention's core, `softmax(q k^T s + bias) v` per head, in one CUDA launch for
+//! inference ([`fused`]).
+//!
+//! Composed from candle's ops, the core is three copies splitting the heads, a scaling, two
+//! products, the key mask's bias (a cast, two scalings and a broadcast sum), a softmax and a
+//! copy merging the heads: up to thirteen launches, each with an allocation, on a GPU whose
+//! inference steps are bound by the host's launches (`docs/results/README.md`, GPU). The fused
+//! kernel (`glip_attention` in [`crate::cuda_source::ATTENTION`]) reads the projections where
+//! they are and writes the merged heads. Training keeps the composition, whose backward candle
+//! derives.
+
+use candle_core::{Result, Tensor};
+
+/// Where attention's scale multiplies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScaleAt {
+    /// The query, before the product (`torch.nn.MultiheadAttention`).
+    Query,
+    /// The scores, after it (Hugging Face BERT).
+    Scores,
+}
+
+/// Whether [`fused`] may run (unless `GLIP_CUDA_ATTENTION` is `composed`, or
+/// `GLIP_CUDA_COMPOSED` turns every fused kernel off; read once).
+#[cfg(feature = "cuda")]
+fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        crate::cuda_layers::enabled()
+            && std::env::var("GLIP_CUDA_ATTENTION").map_or(true, |v| v != "composed")
+    })
+}
+
+/// `softmax(q k^T s + bias) v` per head, heads merged: `q (b, lq, d)`, `k`, `v (b, lk, d)` with
+/// head `h` in columns `h d / heads ..`, `key_mask (b, lk)` (1 = attend; the bias is
+/// `(1 - mask) f32::MIN`, as [`crate::nn::mask_to_bias`]), `scale` at `at`; `(b, lq, d)`.
+///
+/// `Some` where it ran as one launch: on CUDA, f32 operands, contiguous, none of them tracking
+/// a gradient (inference), at least one key, a head at most
+/// [`crate::cuda_source::ATTENTION_MAX_HEAD`] wide, a u8 mask; `None` otherwise (the CPU, a
+/// training step), and the caller composes. The kernel sums in another order than the
+/// composition (the online softmax, a tile of keys at a time): the bound its tests derive is
+/// in glip-testing's `attention_reference`.
+pub fn fused(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    key_mask: Option<&Tensor>,
+    heads: usize,
+    scale: f64,
+    at: ScaleAt,
+) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    {
+        if fusable(q, k, v, key_mask, heads) {
+            let ops = [q, k, v];
+            let at_scores = at == ScaleAt::Scores;
+            return crate::cuda_layers::attention(ops, key_mask, heads, scale as f32, at_scores)
+                .map(Some);
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = (q, k, v, key_mask, heads, scale, at);
+    Ok(None)
+}
+
+/// The conditions of [`fused`].
+#[cfg(feature = "cuda")]
+fn fusable(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, heads: usize) -> bool {
+    let (Ok((b, _, d)), Ok((bk, lk, dk))) = (q.dims3(), k.dims3()) else { return false };
+    let ops = [q, k, v];
+    q.device().is_cuda()
+        && enabled()
+        && heads > 0
+        && d % heads == 0
+        && (1..=crate::cuda_source::ATTENTION_MAX_HEAD).contains(&(d / heads))
+        && (bk, dk) == (b, d)
+        && v.dims() == k.dims()
+        && lk > 0
+        && ops
+            .iter()
+            .all(|t| t.dtype() == candle_core::DType::F32 && t.is_contiguous() && !t.track_op())
+        && ops.iter().all(|t| t.device().same_device(q.device()))
+        && mask.is_none_or(|m| {
+            m.dtype() == candle_core::DType::U8
+                && m.dims() == [b, lk]
+                && m.is_contiguous()
+                && m.device().same_device(q.device())
+        })
+}
