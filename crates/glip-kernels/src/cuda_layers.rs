@@ -24,7 +24,7 @@ use crate::cuda_launch::{
 };
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
+    CudaSlice, CudaView, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
 use candle_core::{Layout, Result, Shape, Tensor, WithDType};
@@ -386,6 +386,39 @@ fn affine_backward_of<T: Act>(
     Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(len)))
 }
 
+/// Runs `f` on the GPU of `operands` with their contiguous f32 elements (named by `names` in
+/// errors: not on the GPU, on different GPUs, not f32 or not contiguous), the operands'
+/// storage read-locked meanwhile: for launches of gradient-free results made from tensors
+/// (`bn_constants`, `attention`, `add_layer_norm`).
+fn with_f32_views<const N: usize, R>(
+    what: &str,
+    operands: [&Tensor; N],
+    names: [&str; N],
+    f: impl FnOnce(&CudaDevice, &[CudaView<'_, f32>]) -> Result<R>,
+) -> Result<R> {
+    let guards = operands.map(|t| t.storage_and_layout());
+    let mut views = Vec::with_capacity(N);
+    let mut dev: Option<CudaDevice> = None;
+    for (name, (storage, layout)) in names.into_iter().zip(guards.iter()) {
+        let candle_core::Storage::Cuda(s) = &**storage else {
+            candle_core::bail!("{what}: the {name} is not on the GPU")
+        };
+        if dev.as_ref().is_some_and(|d| d.id() != s.device().id()) {
+            candle_core::bail!("{what}: the operands are on different GPUs")
+        }
+        dev = Some(s.device().clone());
+        views.push(view(s, layout, what)?);
+    }
+    let Some(dev) = dev else { candle_core::bail!("{what}: no operands") };
+    f(&dev, &views)
+}
+
+/// `slice` as a gradient-free tensor of `shape` on `dev`.
+fn tensor_of(slice: CudaSlice<f32>, dev: CudaDevice, shape: impl Into<Shape>) -> Tensor {
+    let storage = candle_core::Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, dev));
+    Tensor::from_storage(storage, shape, candle_core::op::BackpropOp::none(), false)
+}
+
 /// A batch norm's constants outside training, `[s; t]` `(2, c)` with `s = w / sqrt(rv + eps)`
 /// and `t = b - rm s`, in one launch (candle's composition is eight); no gradient.
 pub(crate) fn bn_constants(
@@ -396,40 +429,57 @@ pub(crate) fn bn_constants(
     eps: f32,
 ) -> Result<Tensor> {
     let c = w.elem_count();
-    let guards = [w, b, rm, rv].map(|t| t.storage_and_layout());
-    let mut views = Vec::with_capacity(4);
-    let mut dev = None;
-    for (what, (storage, layout)) in
-        ["weight", "bias", "running mean", "running variance"].into_iter().zip(guards.iter())
-    {
-        let candle_core::Storage::Cuda(s) = &**storage else {
-            candle_core::bail!("batch norm constants: the {what} is not on the GPU")
-        };
-        let v = view(s, layout, "batch norm constants")?;
-        if v.len() != c {
-            candle_core::bail!("batch norm constants: the {what} has {} of {c} channels", v.len())
+    let names = ["weight", "bias", "running mean", "running variance"];
+    with_f32_views("batch norm constants", [w, b, rm, rv], names, |dev, views| {
+        for (name, v) in names.iter().zip(views) {
+            if v.len() != c {
+                candle_core::bail!(
+                    "batch norm constants: the {name} has {} of {c} channels",
+                    v.len()
+                )
+            }
         }
-        if dev.as_ref().is_some_and(|d: &CudaDevice| d.id() != s.device().id()) {
-            candle_core::bail!("batch norm constants: the parameters are on different GPUs")
-        }
-        dev = Some(s.device().clone());
-        views.push(v);
-    }
-    let Some(dev) = dev else { unreachable!("four parameters") };
-    let c32 = u32_of(c, "batch norm constants")?;
-    // Written in full by glip_bn_constants (one thread per channel).
-    let mut ss = output(&dev, 2 * c)?;
-    launch!(
-        NORM,
-        dev,
-        "glip_bn_constants",
-        elementwise(c),
-        [&views[0], &views[1], &views[2], &views[3], &mut ss, &c32, &eps]
-    )?;
-    drop(views);
-    drop(guards);
-    let storage = candle_core::Storage::Cuda(CudaStorage::wrap_cuda_slice(ss, dev));
-    Ok(Tensor::from_storage(storage, (2, c), candle_core::op::BackpropOp::none(), false))
+        let c32 = u32_of(c, "batch norm constants")?;
+        // Written in full by glip_bn_constants (one thread per channel).
+        let mut ss = output(dev, 2 * c)?;
+        launch!(
+            NORM,
+            dev,
+            "glip_bn_constants",
+            elementwise(c),
+            [&views[0], &views[1], &views[2], &views[3], &mut ss, &c32, &eps]
+        )?;
+        Ok(tensor_of(ss, dev.clone(), (2, c)))
+    })
+}
+
+/// `layer_norm(x + r)` over the last axis in one launch ([`crate::fused::layer_norm_residual`]
+/// checks the operands): the sum rounded once, as candle's `add`, then `glip_layer_norm`'s
+/// arithmetic, so the result is the composition's bit for bit; no gradient.
+pub(crate) fn add_layer_norm(
+    x: &Tensor,
+    r: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f32,
+) -> Result<Tensor> {
+    let names = ["input", "residual", "weight", "bias"];
+    with_f32_views("layer norm", [x, r, w, b], names, |dev, views| {
+        let (rows, d) = rows(x.layout(), "layer norm")?;
+        check_len("layer norm residual", views[1].len(), views[0].len())?;
+        check_len("layer norm weight", views[2].len(), d as usize)?;
+        check_len("layer norm bias", views[3].len(), d as usize)?;
+        // Written in full by glip_add_layer_norm (every row of d).
+        let mut y = output(dev, views[0].len())?;
+        launch!(
+            NORM,
+            dev,
+            "glip_add_layer_norm",
+            per_row(rows as usize, d as usize),
+            [&views[0], &views[1], &views[2], &views[3], &mut y, &rows, &d, &eps]
+        )?;
+        Ok(tensor_of(y, dev.clone(), x.shape()))
+    })
 }
 
 /// `softmax(q k^T s + bias) v` per head in one launch ([`crate::attention::fused`], which checks
@@ -444,64 +494,48 @@ pub(crate) fn attention(
 ) -> Result<Tensor> {
     let (b, lq, d) = q.dims3()?;
     let lk = k.dim(1)?;
-    let guards = [q, k, v].map(|t| t.storage_and_layout());
     let mask_guard = mask.map(|m| m.storage_and_layout());
-    let mut views = Vec::with_capacity(3);
-    let mut dev: Option<CudaDevice> = None;
-    for (what, (storage, layout)) in ["query", "key", "value"].into_iter().zip(guards.iter()) {
-        let candle_core::Storage::Cuda(s) = &**storage else {
-            candle_core::bail!("attention: the {what} is not on the GPU")
-        };
-        if dev.as_ref().is_some_and(|d| d.id() != s.device().id()) {
-            candle_core::bail!("attention: the operands are on different GPUs")
-        }
-        dev = Some(s.device().clone());
-        views.push(view(s, layout, "attention")?);
-    }
-    let Some(dev) = dev else { unreachable!("three operands") };
-    let mask_view = match &mask_guard {
-        Some((storage, layout)) => {
-            let candle_core::Storage::Cuda(s) = &**storage else {
-                candle_core::bail!("attention: the key mask is not on the GPU")
-            };
-            if s.device().id() != dev.id() {
-                candle_core::bail!("attention: the key mask is on another GPU")
+    with_f32_views("attention", [q, k, v], ["query", "key", "value"], |dev, views| {
+        let mask_view = match &mask_guard {
+            Some((storage, layout)) => {
+                let candle_core::Storage::Cuda(s) = &**storage else {
+                    candle_core::bail!("attention: the key mask is not on the GPU")
+                };
+                if s.device().id() != dev.id() {
+                    candle_core::bail!("attention: the key mask is on another GPU")
+                }
+                let m = view_of::<u8>(s, layout, "attention key mask")?;
+                check_len("attention key mask", m.len(), b * lk)?;
+                Some(m)
             }
-            let m = view_of::<u8>(s, layout, "attention key mask")?;
-            check_len("attention key mask", m.len(), b * lk)?;
-            Some(m)
-        }
-        None => None,
-    };
-    let u = |n: usize| u32_of(n, "attention");
-    let (hu, dh) = (u(heads)?, u(d / heads)?);
-    let (lq32, lk32, d32) = (u(lq)?, u(lk)?, u(d)?);
-    let qt = crate::cuda_source::ATTENTION_QUERY_TILE;
-    let cfg = LaunchConfig {
-        grid_dim: (u(lq.div_ceil(qt))?, u(b * heads)?, 1),
-        block_dim: (crate::cuda_source::ATTENTION_THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let flag = u32::from(scale_scores);
-    // Written in full by glip_attention (every query row of every head, all dh columns).
-    let mut out = output(&dev, b * lq * d)?;
-    let f = ATTENTION.func(&dev, "glip_attention")?;
-    let stream = dev.cuda_stream();
-    let mut builder = stream.launch_builder(&f);
-    builder.arg(&views[0]).arg(&views[1]).arg(&views[2]);
-    let null = 0usize;
-    match &mask_view {
-        Some(m) => builder.arg(m),
-        None => builder.arg(&null),
-    };
-    builder.arg(&mut out).arg(&hu).arg(&lq32).arg(&lk32).arg(&dh);
-    builder.arg(&d32).arg(&d32).arg(&d32).arg(&scale).arg(&flag);
-    run(&mut builder, cfg)?;
-    drop(builder);
-    drop((views, mask_view));
-    drop((guards, mask_guard));
-    let storage = candle_core::Storage::Cuda(CudaStorage::wrap_cuda_slice(out, dev));
-    Ok(Tensor::from_storage(storage, (b, lq, d), candle_core::op::BackpropOp::none(), false))
+            None => None,
+        };
+        let u = |n: usize| u32_of(n, "attention");
+        let (hu, dh) = (u(heads)?, u(d / heads)?);
+        let (lq32, lk32, d32) = (u(lq)?, u(lk)?, u(d)?);
+        let qt = crate::cuda_source::ATTENTION_QUERY_TILE;
+        let cfg = LaunchConfig {
+            grid_dim: (u(lq.div_ceil(qt))?, u(b * heads)?, 1),
+            block_dim: (crate::cuda_source::ATTENTION_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let flag = u32::from(scale_scores);
+        // Written in full by glip_attention (every query row of every head, all dh columns).
+        let mut out = output(dev, b * lq * d)?;
+        let f = ATTENTION.func(dev, "glip_attention")?;
+        let stream = dev.cuda_stream();
+        let mut builder = stream.launch_builder(&f);
+        builder.arg(&views[0]).arg(&views[1]).arg(&views[2]);
+        let null = 0usize;
+        match &mask_view {
+            Some(m) => builder.arg(m),
+            None => builder.arg(&null),
+        };
+        builder.arg(&mut out).arg(&hu).arg(&lq32).arg(&lk32).arg(&dh);
+        builder.arg(&d32).arg(&d32).arg(&d32).arg(&scale).arg(&flag);
+        run(&mut builder, cfg)?;
+        Ok(tensor_of(out, dev.clone(), (b, lq, d)))
+    })
 }
 
 /// `(planes, h, w, oh, ow)` of the stem pool's input `l`.
@@ -715,6 +749,7 @@ mod tests {
             "glip_softmax",
             "glip_softmax_backward",
             "glip_layer_norm",
+            "glip_add_layer_norm",
             "glip_layer_norm_backward",
             "glip_layer_norm_params",
             "glip_sum_parts",

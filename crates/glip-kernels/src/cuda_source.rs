@@ -270,6 +270,22 @@ extern "C" __global__ void glip_layer_norm(const float *x, const float *w, const
     }
 }
 
+/// `layer_norm(x + res)`: the sum written to `y`, then `glip_layer_norm`'s arithmetic over it
+/// in place (each thread reads back only the elements it wrote).
+extern "C" __global__ void glip_add_layer_norm(const float *x, const float *res, const float *w,
+                                               const float *b, float *y, unsigned rows,
+                                               unsigned d, float eps) {
+    __shared__ float sh[256];
+    for (unsigned r = blockIdx.x; r < rows; r += gridDim.x) {
+        const unsigned long long o = (unsigned long long)r * d;
+        for (unsigned k = threadIdx.x; k < d; k += blockDim.x) y[o + k] = x[o + k] + res[o + k];
+        float m, inv;
+        glip_row_stats(y + o, d, eps, sh, &m, &inv);
+        for (unsigned k = threadIdx.x; k < d; k += blockDim.x)
+            y[o + k] = (y[o + k] - m) * inv * w[k] + b[k];
+    }
+}
+
 /// `dx` of every row, and each row's (mean, inverse standard deviation) into `stats`.
 extern "C" __global__ void glip_layer_norm_backward(const float *x, const float *w,
                                                     const float *dy, float *dx, float *stats,
@@ -1177,6 +1193,33 @@ static void glip_print(const char *name, const float *p, size_t n) {
             glip_testing::assert_grad_close("layer norm db", &got(&out, "db", &[d]), &g[2])?;
         }
         Ok(())
+    }
+
+    /// The residual's layer norm (`glip_add_layer_norm`) is `glip_layer_norm` of the f32 sum,
+    /// bit for bit (the same arithmetic on the same sums), at widths under and over a block.
+    #[test]
+    fn the_residual_layer_norm_is_the_layer_norm_of_the_sum_bit_for_bit() {
+        for (rows, d) in [(9usize, 64usize), (5, 300), (3, 7)] {
+            let n = rows * d;
+            let (x, r) = (random(n, 30 + d as u64, 2.0), random(n, 31 + d as u64, 1.0));
+            let w: Vec<f32> = random(d, 32, 0.5).iter().map(|v| v.abs() + 0.5).collect();
+            let b = random(d, 33, 0.5);
+            let threads = block_threads(d);
+            let body = format!(
+                "static float s[{n}], y[{n}], fused[{n}];
+                 for (size_t i = 0; i < {n}; ++i) s[i] = x[i] + r[i];
+                 glip_launch(4, 1, {threads}, [] {{ glip_layer_norm(s, w, b, y, {rows}, {d}, 1e-5f); }});
+                 glip_launch(4, 1, {threads}, [] {{
+                     glip_add_layer_norm(x, r, w, b, fused, {rows}, {d}, 1e-5f); }});
+                 glip_print(\"y\", y, {n}); glip_print(\"fused\", fused, {n});"
+            );
+            let arrays = [("x", x), ("r", r), ("w", w), ("b", b)];
+            let Some(out) = emulate(NORM, &arrays, &body) else {
+                return;
+            };
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&out["fused"]), bits(&out["y"]), "rows {rows}, width {d}");
+        }
     }
 
     /// Channels in a grid smaller than their number, planes of one element, more elements per

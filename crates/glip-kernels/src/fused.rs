@@ -278,6 +278,34 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     }
 }
 
+/// `layer_norm(x + r)` (a residual sum, then the norm). Inference on CUDA (f32, contiguous,
+/// nothing tracking a gradient) is one launch, bit for bit the composition's result; elsewhere
+/// `x + r` then [`layer_norm`].
+pub fn layer_norm_residual(
+    x: &Tensor,
+    r: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    {
+        let operands = [x, r, weight, bias];
+        if crate::cuda::own_kernels(x)
+            && x.dims() == r.dims()
+            && operands.iter().all(|t| {
+                t.dtype() == DType::F32
+                    && t.is_contiguous()
+                    && !t.track_op()
+                    && t.device().same_device(x.device())
+            })
+        {
+            return crate::cuda_layers::add_layer_norm(x, r, weight, bias, eps as f32);
+        }
+    }
+    layer_norm(&(x + r)?, weight, bias, eps)
+}
+
 /// [`layer_norm`] from candle element-wise ops (other devices and dtypes, CUDA with
 /// `GLIP_CUDA_COMPOSED=1`; the tests' reference).
 pub fn layer_norm_composed(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {

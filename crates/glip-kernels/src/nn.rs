@@ -33,6 +33,12 @@ impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         crate::fused::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
+
+    /// `x + r` normalised: the residual sum and the norm, one launch in inference on CUDA
+    /// ([`crate::fused::layer_norm_residual`]).
+    pub fn forward_residual(&self, x: &Tensor, r: &Tensor) -> Result<Tensor> {
+        crate::fused::layer_norm_residual(x, r, &self.weight, &self.bias, self.eps)
+    }
 }
 
 pub use crate::fused::softmax_last;

@@ -248,10 +248,10 @@ impl Bert {
                 }
             };
             let a = dropout(&l.attn_out.forward(&ctx)?, cfg.hidden_dropout_prob, train)?;
-            let a = l.attn_norm.forward(&(a + &x)?)?;
+            let a = l.attn_norm.forward_residual(&a, &x)?;
             let f = self.act(&l.intermediate.forward(&a)?)?;
             let f = dropout(&l.output.forward(&f)?, cfg.hidden_dropout_prob, train)?;
-            x = l.out_norm.forward(&(f + a)?)?;
+            x = l.out_norm.forward_residual(&f, &a)?;
         }
         let pooled = match &self.pooler {
             Some(p) => Some(p.forward(&x.narrow(1, 0, 1)?.squeeze(1)?)?.tanh()?),

@@ -1004,3 +1004,23 @@ fn multihead_attention_in_inference_on_the_gpu_matches_the_cpu() -> Result<()> {
     )?;
     Ok(())
 }
+
+/// The residual's layer norm in one launch (`glip_kernels::fused::layer_norm_residual`,
+/// inference) is the composition's `layer_norm(x + r)` on the GPU bit for bit (the sum rounded
+/// once, then the same kernel arithmetic); widths under and over a block.
+#[test]
+fn the_residual_layer_norm_is_the_composition_bit_for_bit() -> Result<()> {
+    use glip_kernels::fused::{layer_norm, layer_norm_residual};
+    let dev = gpu();
+    for (rows, d) in [(300usize, 256usize), (17, 384), (5, 7)] {
+        let x = random(&[rows, d], 600 + d as u64).to_device(&dev)?;
+        let r = random(&[rows, d], 601 + d as u64).to_device(&dev)?;
+        let w = (random(&[d], 602).abs()? + 0.5)?.to_device(&dev)?;
+        let b = random(&[d], 603).to_device(&dev)?;
+        let fused = layer_norm_residual(&x, &r, &w, &b, 1e-12)?.flatten_all()?.to_vec1::<f32>()?;
+        let composed = layer_norm(&(&x + &r)?, &w, &b, 1e-12)?.flatten_all()?.to_vec1::<f32>()?;
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&fused), bits(&composed), "rows {rows}, width {d}");
+    }
+    Ok(())
+}

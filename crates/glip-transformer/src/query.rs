@@ -114,7 +114,8 @@ impl QueryGenerator for TextAttendQueries {
         let t = self.text_proj.forward(&inputs.text.tokens)?;
         let mask = inputs.text.mask.to_dtype(DType::U8)?;
         let a = self.cross_attn.forward(&q, &t, &t, Some(&mask), train)?;
-        Ok(Queries { content: self.norm.forward(&(q + a)?)?, pos: None, reference_boxes: None })
+        let content = self.norm.forward_residual(&q, &a)?;
+        Ok(Queries { content, pos: None, reference_boxes: None })
     }
 
     fn num_queries(&self) -> usize {

@@ -164,9 +164,9 @@ impl EncoderLayer {
         } else {
             let qk = with_pos(x, pos)?;
             let a = self.self_attn.forward(&qk, &qk, x, mask, train)?;
-            let x = self.norm1.forward(&(x + dropout(&a, self.dropout, train)?)?)?;
+            let x = self.norm1.forward_residual(x, &dropout(&a, self.dropout, train)?)?;
             let f = self.ff.forward(&x, train)?;
-            self.norm2.forward(&(x + f)?)
+            self.norm2.forward_residual(&x, &f)
         }
     }
 }
@@ -241,7 +241,7 @@ impl DecoderLayer {
             let qk = with_pos(x, qpos)?;
             let x = self
                 .norm1
-                .forward(&(x + drop(&self.self_attn.forward(&qk, &qk, x, None, train)?)?)?)?;
+                .forward_residual(x, &drop(&self.self_attn.forward(&qk, &qk, x, None, train)?)?)?;
             let a = self.multihead_attn.forward(
                 &with_pos(&x, qpos)?,
                 &mem_k,
@@ -249,9 +249,9 @@ impl DecoderLayer {
                 mem_mask,
                 train,
             )?;
-            let x = self.norm2.forward(&(&x + drop(&a)?)?)?;
+            let x = self.norm2.forward_residual(&x, &drop(&a)?)?;
             let f = self.ff.forward(&x, train)?;
-            self.norm3.forward(&(x + f)?)
+            self.norm3.forward_residual(&x, &f)
         }
     }
 }
