@@ -35,8 +35,9 @@ fn enabled() -> bool {
 /// head `h` in columns `h d / heads ..`, `key_mask (b, lk)` (1 = attend; the bias is
 /// `(1 - mask) f32::MIN`, as [`crate::nn::mask_to_bias`]), `scale` at `at`; `(b, lq, d)`.
 ///
-/// `Some` where it ran as one launch: on CUDA, f32 operands, contiguous, none of them tracking
-/// a gradient (inference), at least one key, a head at most
+/// `Some` where it ran as one launch: on CUDA, f32 operands whose rows are each contiguous and
+/// evenly spaced (contiguous tensors, or column blocks of a packed projection), none of them
+/// tracking a gradient (inference), at least one key, a head at most
 /// [`crate::cuda_source::ATTENTION_MAX_HEAD`] wide, a u8 mask; `None` otherwise (the CPU, a
 /// training step), and the caller composes. The kernel sums in another order than the
 /// composition (the online softmax, a tile of keys at a time): the bound its tests derive is
@@ -64,6 +65,35 @@ pub fn fused(
     Ok(None)
 }
 
+/// Whether [`fused`] may run on operands made from `x` by gradient-free layers: a `cuda` build,
+/// `x` on CUDA and tracking no gradient, the fused kernels on. Callers use it to choose inputs
+/// the fused core reads best (q, k and v out of one packed projection) before calling it.
+pub fn may_fuse(x: &Tensor) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        x.device().is_cuda() && !x.track_op() && enabled()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = x;
+        false
+    }
+}
+
+/// The stride between consecutive rows of a `(b, l, w)` layout (across images where each has
+/// one row) when each row is contiguous and the rows are evenly spaced: a contiguous tensor, or
+/// a block of columns of one (q, k and v out of a packed projection); `None` otherwise.
+#[cfg(feature = "cuda")]
+pub(crate) fn row_stride(dims: &[usize], stride: &[usize]) -> Option<usize> {
+    let (&[b, rows, w], &[sb, sr, sc]) = (dims, stride) else { return None };
+    let ld = match (rows, b) {
+        (1, 1) => w,
+        (1, _) => sb,
+        _ => sr,
+    };
+    ((w <= 1 || sc == 1) && (b <= 1 || sb == rows * ld) && ld >= w).then_some(ld)
+}
+
 /// The conditions of [`fused`].
 #[cfg(feature = "cuda")]
 fn fusable(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, heads: usize) -> bool {
@@ -77,9 +107,11 @@ fn fusable(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, heads: usi
         && (bk, dk) == (b, d)
         && v.dims() == k.dims()
         && lk > 0
-        && ops
-            .iter()
-            .all(|t| t.dtype() == candle_core::DType::F32 && t.is_contiguous() && !t.track_op())
+        && ops.iter().all(|t| {
+            t.dtype() == candle_core::DType::F32
+                && row_stride(t.dims(), t.stride()).is_some()
+                && !t.track_op()
+        })
         && ops.iter().all(|t| t.device().same_device(q.device()))
         && mask.is_none_or(|m| {
             m.dtype() == candle_core::DType::U8

@@ -389,15 +389,29 @@ fn affine_backward_of<T: Act>(
 /// Runs `f` on the GPU of `operands` with their contiguous f32 elements (named by `names` in
 /// errors: not on the GPU, on different GPUs, not f32 or not contiguous), the operands'
 /// storage read-locked meanwhile: for launches of gradient-free results made from tensors
-/// (`bn_constants`, `attention`, `add_layer_norm`).
+/// (`bn_constants`, `add_layer_norm`).
 fn with_f32_views<const N: usize, R>(
     what: &str,
     operands: [&Tensor; N],
     names: [&str; N],
     f: impl FnOnce(&CudaDevice, &[CudaView<'_, f32>]) -> Result<R>,
 ) -> Result<R> {
+    with_storages(what, operands, names, |dev, storages| {
+        let views = storages.iter().map(|(s, l)| view(s, l, what)).collect::<Result<Vec<_>>>()?;
+        f(dev, &views)
+    })
+}
+
+/// Runs `f` on the GPU of `operands` with their storages and layouts (read-locked meanwhile),
+/// after checking that they are on one GPU (errors naming `what` and the operand's name).
+fn with_storages<const N: usize, R>(
+    what: &str,
+    operands: [&Tensor; N],
+    names: [&str; N],
+    f: impl FnOnce(&CudaDevice, &[(&CudaStorage, &Layout)]) -> Result<R>,
+) -> Result<R> {
     let guards = operands.map(|t| t.storage_and_layout());
-    let mut views = Vec::with_capacity(N);
+    let mut storages = Vec::with_capacity(N);
     let mut dev: Option<CudaDevice> = None;
     for (name, (storage, layout)) in names.into_iter().zip(guards.iter()) {
         let candle_core::Storage::Cuda(s) = &**storage else {
@@ -407,10 +421,26 @@ fn with_f32_views<const N: usize, R>(
             candle_core::bail!("{what}: the operands are on different GPUs")
         }
         dev = Some(s.device().clone());
-        views.push(view(s, layout, what)?);
+        storages.push((s, *layout));
     }
     let Some(dev) = dev else { candle_core::bail!("{what}: no operands") };
-    f(&dev, &views)
+    f(&dev, &storages)
+}
+
+/// The f32 rows of a `(b, l, w)` operand whose rows are evenly spaced and each contiguous (a
+/// contiguous tensor, or a block of columns of one: q, k and v out of a packed projection),
+/// from its first element, with the row stride; an error naming `what` otherwise.
+fn row_view<'a>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<(CudaView<'a, f32>, u32)> {
+    let (b, rows, w) = l.shape().dims3()?;
+    let Some(ld) = crate::attention::row_stride(l.dims(), l.stride()) else {
+        candle_core::bail!("{what}: the rows are not evenly spaced and contiguous")
+    };
+    if s.dtype() != candle_core::DType::F32 {
+        candle_core::bail!("{what}: expected F32, got {:?}", s.dtype())
+    }
+    let start = l.start_offset();
+    let len = (b * rows - 1) * ld + w;
+    Ok((s.as_cuda_slice::<f32>()?.slice(start..start + len), u32_of(ld, what)?))
 }
 
 /// `slice` as a gradient-free tensor of `shape` on `dev`.
@@ -483,8 +513,9 @@ pub(crate) fn add_layer_norm(
 }
 
 /// `softmax(q k^T s + bias) v` per head in one launch ([`crate::attention::fused`], which checks
-/// the shapes, dtypes and head width): `q (b, lq, d)`, `k`, `v (b, lk, d)` contiguous f32 on one
-/// GPU, `mask (b, lk)` u8; `(b, lq, d)`, no gradient.
+/// the shapes, dtypes and head width): `q (b, lq, d)`, `k`, `v (b, lk, d)` f32 on one GPU, each
+/// row contiguous and the rows evenly spaced ([`row_view`]: contiguous, or column blocks of a
+/// packed projection), `mask (b, lk)` u8; `(b, lq, d)` contiguous, no gradient.
 pub(crate) fn attention(
     [q, k, v]: [&Tensor; 3],
     mask: Option<&Tensor>,
@@ -495,7 +526,12 @@ pub(crate) fn attention(
     let (b, lq, d) = q.dims3()?;
     let lk = k.dim(1)?;
     let mask_guard = mask.map(|m| m.storage_and_layout());
-    with_f32_views("attention", [q, k, v], ["query", "key", "value"], |dev, views| {
+    let names = ["query", "key", "value"];
+    with_storages("attention", [q, k, v], names, |dev, storages| {
+        let views = storages
+            .iter()
+            .map(|(s, l)| row_view(s, l, "attention"))
+            .collect::<Result<Vec<_>>>()?;
         let mask_view = match &mask_guard {
             Some((storage, layout)) => {
                 let candle_core::Storage::Cuda(s) = &**storage else {
@@ -512,7 +548,7 @@ pub(crate) fn attention(
         };
         let u = |n: usize| u32_of(n, "attention");
         let (hu, dh) = (u(heads)?, u(d / heads)?);
-        let (lq32, lk32, d32) = (u(lq)?, u(lk)?, u(d)?);
+        let (lq32, lk32) = (u(lq)?, u(lk)?);
         let qt = crate::cuda_source::ATTENTION_QUERY_TILE;
         let cfg = LaunchConfig {
             grid_dim: (u(lq.div_ceil(qt))?, u(b * heads)?, 1),
@@ -525,14 +561,14 @@ pub(crate) fn attention(
         let f = ATTENTION.func(dev, "glip_attention")?;
         let stream = dev.cuda_stream();
         let mut builder = stream.launch_builder(&f);
-        builder.arg(&views[0]).arg(&views[1]).arg(&views[2]);
+        builder.arg(&views[0].0).arg(&views[1].0).arg(&views[2].0);
         let null = 0usize;
         match &mask_view {
             Some(m) => builder.arg(m),
             None => builder.arg(&null),
         };
         builder.arg(&mut out).arg(&hu).arg(&lq32).arg(&lk32).arg(&dh);
-        builder.arg(&d32).arg(&d32).arg(&d32).arg(&scale).arg(&flag);
+        builder.arg(&views[0].1).arg(&views[1].1).arg(&views[2].1).arg(&scale).arg(&flag);
         run(&mut builder, cfg)?;
         Ok(tensor_of(out, dev.clone(), (b, lq, d)))
     })

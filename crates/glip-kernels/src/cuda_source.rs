@@ -1967,4 +1967,39 @@ mod emulation_attention {
             eprintln!("attention case {n}: largest error / bound {margin:.4}");
         }
     }
+
+    /// q, k and v as column blocks of one packed projection `(b, l, 3d)` (rows `3d` apart, the
+    /// blocks `d` apart), as self-attention reads them: the same core as from three tensors.
+    #[test]
+    fn attention_reads_q_k_v_out_of_a_packed_projection() {
+        let (b, l, heads, dh) = (2usize, 20usize, 2usize, 16usize);
+        let d = heads * dh;
+        let qkv = random(b * l * 3 * d, 90, 1.0);
+        let block = |i: usize| -> Vec<f32> {
+            qkv.chunks(3 * d).flat_map(|row| row[i * d..(i + 1) * d].to_vec()).collect()
+        };
+        let (q, k, v) = (block(0), block(1), block(2));
+        let scale = 1.0 / (dh as f32).sqrt();
+        let body = format!(
+            "static float out[{total}];
+             glip_launch({gx}, {gy}, 128, [] {{ glip_attention(qkv, qkv + {d}, qkv + {two_d},
+                 nullptr, out, {heads}, {l}, {l}, {dh}, {ld}, {ld}, {ld}, {scale:e}f, 0); }});
+             glip_print(\"out\", out, {total});",
+            total = b * l * d,
+            gx = l.div_ceil(ATTENTION_QUERY_TILE),
+            gy = b * heads,
+            two_d = 2 * d,
+            ld = 3 * d,
+        );
+        let Some(out) = emulate(ATTENTION, &[("qkv", qkv.clone())], &body) else {
+            return;
+        };
+        let shape = AttentionShape { b, lq: l, lk: l, heads, dh };
+        let (exact, bound) =
+            attention_reference(&q, &k, &v, None, shape, scale, ATTENTION_KEY_TILE);
+        for (e, ((&got, &want), &bound)) in out["out"].iter().zip(&exact).zip(&bound).enumerate() {
+            let err = (f64::from(got) - want).abs();
+            assert!(err <= bound, "element {e}: {got} against {want}, bound {bound:e}");
+        }
+    }
 }

@@ -937,19 +937,20 @@ fn fused_attention_matches_the_exact_core_within_its_bound() -> Result<()> {
     Ok(())
 }
 
-/// `MultiheadAttention` in inference on the GPU (the fused core) against the same module on
-/// the CPU (candle's composition), with a key mask. Inputs and projection weights lie on a
-/// coarse grid (multiples of 1/4 and 1/8, heads of 4 so that the scale is 1/2), so that q, k
-/// and v are exact on both devices; each core is then within glip-testing's bound `B` of the
-/// exact one (the composition's error is that of one tile), so the two contexts differ by at
-/// most `2B`, and the output projections by `sum |w| 2B` plus each one's f32 rounding
-/// `g(d + 1) (sum |w| (|ctx| + B) + |bias|)`.
+/// `MultiheadAttention` in inference on the GPU (the fused core; for self-attention q, k and v
+/// out of one packed product) against the same module on the CPU (candle's composition), with
+/// a key mask: cross-attention, self-attention with one input, and with q = k but another v.
+/// Inputs and projection weights lie on a coarse grid (multiples of 1/4 and 1/8, heads of 4 so
+/// that the scale is 1/2), so that q, k and v are exact on both devices; each core is then
+/// within glip-testing's bound `B` of the exact one (the composition's error is that of one
+/// tile), so the two contexts differ by at most `2B`, and the output projections by
+/// `sum |w| 2B` plus each one's f32 rounding `g(d + 1) (sum |w| (|ctx| + B) + |bias|)`.
 #[test]
 fn multihead_attention_in_inference_on_the_gpu_matches_the_cpu() -> Result<()> {
     use glip_testing::{attention_reference, AttentionShape};
     let (b, lq, lk, d, heads) = (2usize, 30usize, 45usize, 16usize, 4usize);
     let grid = |shape: &[usize], seed: u64, step: f64| -> Result<Tensor> {
-        ((random(shape, seed) * 1.5)?.round()?.clamp(-2.0, 2.0)? * step)?.to_dtype(DType::F32)
+        (random(shape, seed) * 1.5)?.round()?.clamp(-2.0, 2.0)? * step
     };
     let weights: std::collections::HashMap<String, Tensor> = [
         ("in_proj_weight", grid(&[3 * d, d], 500, 0.125)?),
@@ -960,48 +961,52 @@ fn multihead_attention_in_inference_on_the_gpu_matches_the_cpu() -> Result<()> {
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
-    let (query, memory) = (grid(&[b, lq, d], 504, 0.25)?, grid(&[b, lk, d], 505, 0.25)?);
+    let query = grid(&[b, lq, d], 504, 0.25)?;
+    let (memory, other) = (grid(&[b, lk, d], 505, 0.25)?, grid(&[b, lk, d], 506, 0.25)?);
     let mask: Vec<u8> = (0..b * lk).map(|e| u8::from(e % lk < 40 || e / lk == 0)).collect();
     let mask_t = Tensor::from_vec(mask.clone(), (b, lk), &Device::Cpu)?;
-    let run = |dev: &Device| -> Result<Tensor> {
-        let on: std::collections::HashMap<String, Tensor> = weights
-            .iter()
-            .map(|(k, v)| Ok((k.clone(), v.to_device(dev)?)))
-            .collect::<Result<_>>()?;
-        let vb = candle_nn::VarBuilder::from_tensors(on, DType::F32, dev);
-        let mha = glip_transformer::attention::MultiheadAttention::new(d, heads, 0.1, vb)?;
-        let (q, m, mask) = (query.to_device(dev)?, memory.to_device(dev)?, mask_t.to_device(dev)?);
-        mha.forward(&q, &m, &m, Some(&mask), false)?.to_device(&Device::Cpu)
-    };
-    let (gpu_out, cpu_out) = (run(&gpu())?, run(&Device::Cpu)?);
-    // The exact projections (grid values) and the bound of each core.
     let w = &weights["in_proj_weight"];
+    // The exact projection `i` of `x` (grid values: f32 is exact).
     let proj = |x: &Tensor, i: usize| -> Result<Vec<f32>> {
         let wi = w.narrow(0, i * d, d)?;
         let bi = weights["in_proj_bias"].narrow(0, i * d, d)?;
-        x.reshape((b * x.dim(1)?, d))?
-            .matmul(&wi.t()?)?
-            .broadcast_add(&bi)?
-            .flatten_all()?
-            .to_vec1()
+        let rows = x.reshape((b * x.dim(1)?, d))?;
+        rows.matmul(&wi.t()?)?.broadcast_add(&bi)?.flatten_all()?.to_vec1()
     };
-    let (q, k, v) = (proj(&query, 0)?, proj(&memory, 1)?, proj(&memory, 2)?);
-    let shape = AttentionShape { b, lq, lk, heads, dh: d / heads };
-    let (ctx, core) = attention_reference(&q, &k, &v, Some(&mask), shape, 0.5, 32);
-    let wo = weights["out_proj.weight"].to_dtype(DType::F64)?.abs()?;
-    let bo = weights["out_proj.bias"].to_dtype(DType::F64)?.abs()?;
-    let ctx = Tensor::from_vec(ctx, (b * lq, d), &Device::Cpu)?.abs()?;
-    let core = Tensor::from_vec(core, (b * lq, d), &Device::Cpu)?;
-    let g = gamma(d + 1);
-    let spread = (core.matmul(&wo.t()?)? * 2.0)?;
-    let rounding = ((ctx + &core)?.matmul(&wo.t()?)?.broadcast_add(&bo)? * (2.0 * g))?;
-    let bound = (spread + rounding)?.reshape((b, lq, d))?;
-    assert_within(
-        "attention module, GPU against CPU",
-        &gpu_out,
-        &cpu_out.to_dtype(DType::F64)?,
-        &bound,
-    )?;
+    let cases = [("cross", &query, &memory, &memory), ("self", &memory, &memory, &memory)];
+    let cases = cases.into_iter().chain([("self, another v", &memory, &memory, &other)]);
+    for (name, q_in, k_in, v_in) in cases {
+        let same_kv = std::ptr::eq(k_in, v_in);
+        let run = |dev: &Device| -> Result<Tensor> {
+            let on: std::collections::HashMap<String, Tensor> = weights
+                .iter()
+                .map(|(k, v)| Ok((k.clone(), v.to_device(dev)?)))
+                .collect::<Result<_>>()?;
+            let vb = candle_nn::VarBuilder::from_tensors(on, DType::F32, dev);
+            let mha = glip_transformer::attention::MultiheadAttention::new(d, heads, 0.1, vb)?;
+            let mask = mask_t.to_device(dev)?;
+            let (q, k) = (q_in.to_device(dev)?, k_in.to_device(dev)?);
+            // The module packs its projections where its inputs are one tensor (not a copy).
+            let q = if std::ptr::eq(q_in, k_in) { k.clone() } else { q };
+            let v = if same_kv { k.clone() } else { v_in.to_device(dev)? };
+            mha.forward(&q, &k, &v, Some(&mask), false)?.to_device(&Device::Cpu)
+        };
+        let (gpu_out, cpu_out) = (run(&gpu())?, run(&Device::Cpu)?);
+        let (q, k, v) = (proj(q_in, 0)?, proj(k_in, 1)?, proj(v_in, 2)?);
+        let lq = q_in.dim(1)?;
+        let shape = AttentionShape { b, lq, lk, heads, dh: d / heads };
+        let (ctx, core) = attention_reference(&q, &k, &v, Some(&mask), shape, 0.5, 32);
+        let wo = weights["out_proj.weight"].to_dtype(DType::F64)?.abs()?;
+        let bo = weights["out_proj.bias"].to_dtype(DType::F64)?.abs()?;
+        let ctx = Tensor::from_vec(ctx, (b * lq, d), &Device::Cpu)?.abs()?;
+        let core = Tensor::from_vec(core, (b * lq, d), &Device::Cpu)?;
+        let g = gamma(d + 1);
+        let spread = (core.matmul(&wo.t()?)? * 2.0)?;
+        let rounding = ((ctx + &core)?.matmul(&wo.t()?)?.broadcast_add(&bo)? * (2.0 * g))?;
+        let bound = (spread + rounding)?.reshape((b, lq, d))?;
+        let name = format!("attention module ({name}), GPU against CPU");
+        assert_within(&name, &gpu_out, &cpu_out.to_dtype(DType::F64)?, &bound)?;
+    }
     Ok(())
 }
 

@@ -13,6 +13,11 @@ pub struct MultiheadAttention {
     /// and `in_proj_bias`, views made once (the gradients reach the packed parameters through
     /// them; a view's identity is what a bf16 scope caches its weight's cast by).
     in_proj: [Linear; 3],
+    /// The q and k projections together (the first `2d` rows), and all three: one product
+    /// where the inputs are one tensor, in inference on CUDA (the fused core reads the column
+    /// blocks of their output).
+    in_proj_qk: Linear,
+    in_proj_qkv: Linear,
     out_proj: Linear,
     heads: usize,
     d: usize,
@@ -45,12 +50,23 @@ impl MultiheadAttention {
             ))
         };
         let in_proj = [block(0)?, block(1)?, block(2)?];
-        Ok(Self { in_proj, out_proj, heads, d, dropout })
+        let in_proj_qk = Linear::from_tensors(
+            in_proj_weight.narrow(0, 0, 2 * d)?,
+            Some(in_proj_bias.narrow(0, 0, 2 * d)?),
+        );
+        let in_proj_qkv = Linear::from_tensors(in_proj_weight, Some(in_proj_bias));
+        Ok(Self { in_proj, in_proj_qk, in_proj_qkv, out_proj, heads, d, dropout })
     }
 
     /// `x (b, len, d)` through the q (`i = 0`), k (1) or v (2) projection.
     fn project(&self, x: &Tensor, i: usize) -> Result<Tensor> {
         self.in_proj[i].forward(x)
+    }
+
+    /// Whether projecting `x` through a packed product pays: where the fused core will read it
+    /// (inference on CUDA, no gradient through `x` or the weights).
+    fn packs(&self, x: &Tensor) -> bool {
+        glip_kernels::attention::may_fuse(x) && !self.in_proj_qkv.weight().track_op()
     }
 
     fn split_heads(&self, x: Tensor) -> Result<Tensor> {
@@ -71,9 +87,23 @@ impl MultiheadAttention {
         let (b, lq, _) = query.dims3()?;
         let dh = self.d / self.heads;
         let scale = 1.0 / (dh as f64).sqrt();
-        let (q, k, v) = (self.project(query, 0)?, self.project(key, 1)?, self.project(value, 2)?);
+        let inference = !train || self.dropout == 0.0;
+        let (q, k, v) = if inference && self.packs(query) && query.id() == key.id() {
+            // Inference on CUDA with one input for q and k (and v): one product, whose column
+            // blocks the fused core reads in place.
+            let d = self.d;
+            if key.id() == value.id() {
+                let qkv = self.in_proj_qkv.forward(query)?;
+                (qkv.narrow(2, 0, d)?, qkv.narrow(2, d, d)?, qkv.narrow(2, 2 * d, d)?)
+            } else {
+                let qk = self.in_proj_qk.forward(query)?;
+                (qk.narrow(2, 0, d)?, qk.narrow(2, d, d)?, self.project(value, 2)?)
+            }
+        } else {
+            (self.project(query, 0)?, self.project(key, 1)?, self.project(value, 2)?)
+        };
         // Inference on CUDA: the core in one launch (`None` elsewhere, and in training).
-        if !train || self.dropout == 0.0 {
+        if inference {
             let at = glip_kernels::attention::ScaleAt::Query;
             if let Some(ctx) =
                 glip_kernels::attention::fused(&q, &k, &v, key_mask, self.heads, scale, at)?
