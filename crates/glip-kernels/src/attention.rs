@@ -11,6 +11,9 @@
 
 use candle_core::{Result, Tensor};
 
+/// The widest head [`fused`] takes.
+pub const MAX_HEAD_WIDTH: usize = crate::cuda_source::ATTENTION_MAX_HEAD;
+
 /// Where attention's scale multiplies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ScaleAt {
@@ -37,9 +40,8 @@ fn enabled() -> bool {
 ///
 /// `Some` where it ran as one launch: on CUDA, f32 operands whose rows are each contiguous and
 /// evenly spaced (contiguous tensors, or column blocks of a packed projection), none of them
-/// tracking a gradient (inference), at least one key, a head at most
-/// [`crate::cuda_source::ATTENTION_MAX_HEAD`] wide, a u8 mask; `None` otherwise (the CPU, a
-/// training step), and the caller composes. The kernel sums in another order than the
+/// tracking a gradient (inference), at least one key, a head at most [`MAX_HEAD_WIDTH`] wide,
+/// a u8 mask; `None` otherwise (the CPU, a training step), and the caller composes. The kernel sums in another order than the
 /// composition (the online softmax, a tile of keys at a time): the bound its tests derive is
 /// in glip-testing's `attention_reference`.
 pub fn fused(
@@ -103,7 +105,7 @@ fn fusable(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, heads: usi
         && enabled()
         && heads > 0
         && d % heads == 0
-        && (1..=crate::cuda_source::ATTENTION_MAX_HEAD).contains(&(d / heads))
+        && (1..=MAX_HEAD_WIDTH).contains(&(d / heads))
         && (bk, dk) == (b, d)
         && v.dims() == k.dims()
         && lk > 0

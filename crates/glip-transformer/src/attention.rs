@@ -66,7 +66,9 @@ impl MultiheadAttention {
     /// Whether projecting `x` through a packed product pays: where the fused core will read it
     /// (inference on CUDA, no gradient through `x` or the weights).
     fn packs(&self, x: &Tensor) -> bool {
-        glip_kernels::attention::may_fuse(x) && !self.in_proj_qkv.weight().track_op()
+        glip_kernels::attention::may_fuse(x)
+            && self.d / self.heads <= glip_kernels::attention::MAX_HEAD_WIDTH
+            && !self.in_proj_qkv.weight().track_op()
     }
 
     fn split_heads(&self, x: Tensor) -> Result<Tensor> {
