@@ -107,6 +107,8 @@ fn fusable(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, heads: usi
         && d % heads == 0
         && (1..=MAX_HEAD_WIDTH).contains(&(d / heads))
         && (bk, dk) == (b, d)
+        // A grid's y extent (images x heads) is at most 65,535.
+        && b * heads <= 65_535
         && v.dims() == k.dims()
         && lk > 0
         && ops.iter().all(|t| {

@@ -937,9 +937,10 @@ fn fused_attention_matches_the_exact_core_within_its_bound() -> Result<()> {
     Ok(())
 }
 
-/// `MultiheadAttention` in inference on the GPU (the fused core; for self-attention q, k and v
-/// out of one packed product) against the same module on the CPU (candle's composition), with
-/// a key mask: cross-attention, self-attention with one input, and with q = k but another v.
+/// `MultiheadAttention` in inference on the GPU (the fused core, reading inputs that are one
+/// tensor out of one packed product) against the same module on the CPU (candle's
+/// composition), with a key mask: cross-attention with k = v (k and v packed) and with three
+/// inputs, self-attention with one input (q, k and v packed) and with q = k but another v.
 /// Inputs and projection weights lie on a coarse grid (multiples of 1/4 and 1/8, heads of 4 so
 /// that the scale is 1/2), so that q, k and v are exact on both devices; each core is then
 /// within glip-testing's bound `B` of the exact one (the composition's error is that of one
@@ -974,7 +975,9 @@ fn multihead_attention_in_inference_on_the_gpu_matches_the_cpu() -> Result<()> {
         rows.matmul(&wi.t()?)?.broadcast_add(&bi)?.flatten_all()?.to_vec1()
     };
     let cases = [("cross", &query, &memory, &memory), ("self", &memory, &memory, &memory)];
-    let cases = cases.into_iter().chain([("self, another v", &memory, &memory, &other)]);
+    let more =
+        [("self, another v", &memory, &memory, &other), ("cross, three", &query, &memory, &other)];
+    let cases = cases.into_iter().chain(more);
     for (name, q_in, k_in, v_in) in cases {
         let same_kv = std::ptr::eq(k_in, v_in);
         let run = |dev: &Device| -> Result<Tensor> {

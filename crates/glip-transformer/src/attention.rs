@@ -13,10 +13,11 @@ pub struct MultiheadAttention {
     /// and `in_proj_bias`, views made once (the gradients reach the packed parameters through
     /// them; a view's identity is what a bf16 scope caches its weight's cast by).
     in_proj: [Linear; 3],
-    /// The q and k projections together (the first `2d` rows), and all three: one product
-    /// where the inputs are one tensor, in inference on CUDA (the fused core reads the column
-    /// blocks of their output).
+    /// The q and k projections together (the first `2d` rows), k and v (the last `2d`), and
+    /// all three: one product where the inputs are one tensor, in inference on CUDA (the fused
+    /// core reads the column blocks of their output).
     in_proj_qk: Linear,
+    in_proj_kv: Linear,
     in_proj_qkv: Linear,
     out_proj: Linear,
     heads: usize,
@@ -50,12 +51,15 @@ impl MultiheadAttention {
             ))
         };
         let in_proj = [block(0)?, block(1)?, block(2)?];
-        let in_proj_qk = Linear::from_tensors(
-            in_proj_weight.narrow(0, 0, 2 * d)?,
-            Some(in_proj_bias.narrow(0, 0, 2 * d)?),
-        );
+        let rows = |from: usize, n: usize| -> Result<Linear> {
+            Ok(Linear::from_tensors(
+                in_proj_weight.narrow(0, from, n)?,
+                Some(in_proj_bias.narrow(0, from, n)?),
+            ))
+        };
+        let (in_proj_qk, in_proj_kv) = (rows(0, 2 * d)?, rows(d, 2 * d)?);
         let in_proj_qkv = Linear::from_tensors(in_proj_weight, Some(in_proj_bias));
-        Ok(Self { in_proj, in_proj_qk, in_proj_qkv, out_proj, heads, d, dropout })
+        Ok(Self { in_proj, in_proj_qk, in_proj_kv, in_proj_qkv, out_proj, heads, d, dropout })
     }
 
     /// `x (b, len, d)` through the q (`i = 0`), k (1) or v (2) projection.
@@ -90,19 +94,25 @@ impl MultiheadAttention {
         let dh = self.d / self.heads;
         let scale = 1.0 / (dh as f64).sqrt();
         let inference = !train || self.dropout == 0.0;
-        let (q, k, v) = if inference && self.packs(query) && query.id() == key.id() {
-            // Inference on CUDA with one input for q and k (and v): one product, whose column
-            // blocks the fused core reads in place.
-            let d = self.d;
-            if key.id() == value.id() {
+        // Inference on CUDA where inputs are one tensor: one product for them, whose column
+        // blocks the fused core reads in place.
+        let d = self.d;
+        let packs = inference && self.packs(query) && self.packs(key);
+        let (same_qk, same_kv) = (query.id() == key.id(), key.id() == value.id());
+        let (q, k, v) = match (packs, same_qk, same_kv) {
+            (true, true, true) => {
                 let qkv = self.in_proj_qkv.forward(query)?;
                 (qkv.narrow(2, 0, d)?, qkv.narrow(2, d, d)?, qkv.narrow(2, 2 * d, d)?)
-            } else {
+            }
+            (true, true, false) => {
                 let qk = self.in_proj_qk.forward(query)?;
                 (qk.narrow(2, 0, d)?, qk.narrow(2, d, d)?, self.project(value, 2)?)
             }
-        } else {
-            (self.project(query, 0)?, self.project(key, 1)?, self.project(value, 2)?)
+            (true, false, true) => {
+                let kv = self.in_proj_kv.forward(key)?;
+                (self.project(query, 0)?, kv.narrow(2, 0, d)?, kv.narrow(2, d, d)?)
+            }
+            _ => (self.project(query, 0)?, self.project(key, 1)?, self.project(value, 2)?),
         };
         // Inference on CUDA: the core in one launch (`None` elsewhere, and in training).
         if inference {
