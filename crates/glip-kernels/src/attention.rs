@@ -85,7 +85,7 @@ pub fn may_fuse(x: &Tensor) -> bool {
 /// The stride between consecutive rows of a `(b, l, w)` layout (across images where each has
 /// one row) when each row is contiguous and the rows are evenly spaced: a contiguous tensor, or
 /// a block of columns of one (q, k and v out of a packed projection); `None` otherwise.
-#[cfg(feature = "cuda")]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code, reason = "read by the cuda build and tests"))]
 pub(crate) fn row_stride(dims: &[usize], stride: &[usize]) -> Option<usize> {
     let (&[b, rows, w], &[sb, sr, sc]) = (dims, stride) else { return None };
     let ld = match (rows, b) {
@@ -123,4 +123,33 @@ fn fusable(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, heads: usi
                 && m.is_contiguous()
                 && m.device().same_device(q.device())
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::row_stride;
+    use candle_core::{DType, Device, Result, Tensor};
+
+    fn stride_of(t: &Tensor) -> Option<usize> {
+        row_stride(t.dims(), t.stride())
+    }
+
+    /// The layouts the fused core reads in place (contiguous tensors, column blocks of a packed
+    /// projection, one row per image) and those it must not (a transposed view, columns that
+    /// are not adjacent, rows of other spacing across images).
+    #[test]
+    fn row_stride_accepts_evenly_spaced_contiguous_rows_only() -> Result<()> {
+        let dev = Device::Cpu;
+        let packed = Tensor::zeros((2, 5, 12), DType::F32, &dev)?;
+        assert_eq!(stride_of(&packed), Some(12));
+        assert_eq!(stride_of(&packed.narrow(2, 4, 4)?), Some(12), "a column block");
+        let one_row = Tensor::zeros((3, 1, 12), DType::F32, &dev)?;
+        assert_eq!(stride_of(&one_row.narrow(2, 8, 4)?), Some(12), "one row per image");
+        assert_eq!(stride_of(&Tensor::zeros((1, 1, 4), DType::F32, &dev)?), Some(4));
+        assert_eq!(stride_of(&packed.transpose(1, 2)?), None, "a transposed view");
+        let every_other = Tensor::zeros((2, 5, 4, 2), DType::F32, &dev)?.narrow(3, 0, 1)?;
+        assert_eq!(stride_of(&every_other.squeeze(3)?), None, "columns two apart");
+        assert_eq!(stride_of(&packed.narrow(1, 0, 3)?), None, "rows of images 5 rows apart");
+        Ok(())
+    }
 }
