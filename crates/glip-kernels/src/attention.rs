@@ -3,7 +3,7 @@
 //!
 //! Composed from candle's ops, the core is three copies splitting the heads, a scaling, two
 //! products, the key mask's bias (a cast, two scalings and a broadcast sum), a softmax and a
-//! copy merging the heads: up to thirteen launches, each with an allocation, on a GPU whose
+//! copy merging the heads: up to twelve launches, each with an allocation, on a GPU whose
 //! inference steps are bound by the host's launches (`docs/results/README.md`, GPU). The fused
 //! kernel (`glip_attention` in [`crate::cuda_source::ATTENTION`]) reads the projections where
 //! they are and writes the merged heads. Training keeps the composition, whose backward candle
@@ -41,9 +41,9 @@ fn enabled() -> bool {
 /// `Some` where it ran as one launch: on CUDA, f32 operands whose rows are each contiguous and
 /// evenly spaced (contiguous tensors, or column blocks of a packed projection), none of them
 /// tracking a gradient (inference), at least one key, a head at most [`MAX_HEAD_WIDTH`] wide,
-/// a u8 mask; `None` otherwise (the CPU, a training step), and the caller composes. The kernel sums in another order than the
-/// composition (the online softmax, a tile of keys at a time): the bound its tests derive is
-/// in glip-testing's `attention_reference`.
+/// a u8 mask; `None` otherwise (the CPU, a training step), and the caller composes. The
+/// kernel sums in another order than the composition (the online softmax, a tile of keys at a
+/// time): the bound its tests derive is in glip-testing's `attention_reference`.
 pub fn fused(
     q: &Tensor,
     k: &Tensor,
@@ -99,7 +99,7 @@ pub(crate) fn row_stride(dims: &[usize], stride: &[usize]) -> Option<usize> {
 /// The conditions of [`fused`].
 #[cfg(feature = "cuda")]
 fn fusable(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, heads: usize) -> bool {
-    let (Ok((b, _, d)), Ok((bk, lk, dk))) = (q.dims3(), k.dims3()) else { return false };
+    let (Ok((b, lq, d)), Ok((bk, lk, dk))) = (q.dims3(), k.dims3()) else { return false };
     let ops = [q, k, v];
     q.device().is_cuda()
         && enabled()
@@ -110,6 +110,9 @@ fn fusable(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, heads: usi
         // A grid's y extent (images x heads) is at most 65,535.
         && b * heads <= 65_535
         && v.dims() == k.dims()
+        // A launch needs at least one image, query and key.
+        && b > 0
+        && lq > 0
         && lk > 0
         && ops.iter().all(|t| {
             t.dtype() == candle_core::DType::F32
