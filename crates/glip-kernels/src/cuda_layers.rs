@@ -396,7 +396,7 @@ fn with_f32_views<const N: usize, R>(
     names: [&str; N],
     f: impl FnOnce(&CudaDevice, &[CudaView<'_, f32>]) -> Result<R>,
 ) -> Result<R> {
-    with_storages(what, operands, names, |dev, storages| {
+    with_storages(what, &operands, &names, |dev, storages| {
         let views = storages.iter().map(|(s, l)| view(s, l, what)).collect::<Result<Vec<_>>>()?;
         f(dev, &views)
     })
@@ -404,16 +404,16 @@ fn with_f32_views<const N: usize, R>(
 
 /// Runs `f` on the GPU of `operands` with their storages and layouts (read-locked meanwhile),
 /// after checking that they are on one GPU (errors naming `what` and the operand's name).
-fn with_storages<const N: usize, R>(
+fn with_storages<R>(
     what: &str,
-    operands: [&Tensor; N],
-    names: [&str; N],
+    operands: &[&Tensor],
+    names: &[&str],
     f: impl FnOnce(&CudaDevice, &[(&CudaStorage, &Layout)]) -> Result<R>,
 ) -> Result<R> {
-    let guards = operands.map(|t| t.storage_and_layout());
-    let mut storages = Vec::with_capacity(N);
+    let guards: Vec<_> = operands.iter().map(|t| t.storage_and_layout()).collect();
+    let mut storages = Vec::with_capacity(guards.len());
     let mut dev: Option<CudaDevice> = None;
-    for (name, (storage, layout)) in names.into_iter().zip(guards.iter()) {
+    for (name, (storage, layout)) in names.iter().zip(guards.iter()) {
         let candle_core::Storage::Cuda(s) = &**storage else {
             candle_core::bail!("{what}: the {name} is not on the GPU")
         };
@@ -525,22 +525,17 @@ pub(crate) fn attention(
 ) -> Result<Tensor> {
     let (b, lq, d) = q.dims3()?;
     let lk = k.dim(1)?;
-    let mask_guard = mask.map(|m| m.storage_and_layout());
-    let names = ["query", "key", "value"];
-    with_storages("attention", [q, k, v], names, |dev, storages| {
-        let views = storages
+    // The key mask, where given, is the fourth operand.
+    let operands: Vec<&Tensor> = [q, k, v].into_iter().chain(mask).collect();
+    let names = ["query", "key", "value", "key mask"];
+    with_storages("attention", &operands, &names, |dev, storages| {
+        let views = storages[..3]
             .iter()
             .map(|(s, l)| row_view(s, l, "attention"))
             .collect::<Result<Vec<_>>>()?;
-        let mask_view = match &mask_guard {
-            Some((storage, layout)) => {
-                let candle_core::Storage::Cuda(s) = &**storage else {
-                    candle_core::bail!("attention: the key mask is not on the GPU")
-                };
-                if s.device().id() != dev.id() {
-                    candle_core::bail!("attention: the key mask is on another GPU")
-                }
-                let m = view_of::<u8>(s, layout, "attention key mask")?;
+        let mask_view = match storages.get(3) {
+            Some((s, l)) => {
+                let m = view_of::<u8>(s, l, "attention key mask")?;
                 check_len("attention key mask", m.len(), b * lk)?;
                 Some(m)
             }
