@@ -72,24 +72,18 @@ pub fn attention_reference(
                 let qr = &q[(bi * lq + i) * d + h * dh..][..dh];
                 let key = |j: usize| &k[(bi * lk + j) * d + h * dh..][..dh];
                 let s = f64::from(scale);
-                let scores: Vec<f64> = attended
+                // Each attended key's score and the sum of its products' magnitudes.
+                let (scores, magnitudes): (Vec<f64>, Vec<f64>) = attended
                     .iter()
                     .map(|&j| {
-                        let dot: f64 =
-                            qr.iter().zip(key(j)).map(|(&a, &c)| f64::from(a) * f64::from(c)).sum();
-                        dot * s
+                        let products =
+                            qr.iter().zip(key(j)).map(|(&a, &c)| f64::from(a) * f64::from(c));
+                        let (dot, mag) =
+                            products.fold((0.0, 0.0), |(d, m), p| (d + p, m + p.abs()));
+                        (dot * s, mag * s)
                     })
-                    .collect();
-                let magnitude = attended
-                    .iter()
-                    .map(|&j| {
-                        qr.iter()
-                            .zip(key(j))
-                            .map(|(&a, &c)| (f64::from(a) * f64::from(c)).abs())
-                            .sum::<f64>()
-                            * s
-                    })
-                    .fold(0.0f64, f64::max);
+                    .unzip();
+                let magnitude = magnitudes.into_iter().fold(0.0f64, f64::max);
                 let (scores, delta) = if all_masked {
                     (vec![0.0; attended.len()], 0.0)
                 } else {
