@@ -33,6 +33,16 @@ static CUDA_PARAM_CACHE: OnceLock<Mutex<ParamCache>> = OnceLock::new();
 /// over a folder of photos) add more, and the cache starts again from empty at this bound.
 const PARAM_CACHE_MAX_ENTRIES: usize = 16_384;
 
+/// Every dims-and-strides vector `params_from_vec` holds now (glip-rs patch). A CUDA graph
+/// captured after its warm-up reads these buffers at every replay, so its owner keeps them
+/// alive with these handles: the cache may be emptied at its bound later on.
+pub fn cached_params() -> Vec<Arc<CudaSlice<usize>>> {
+    CUDA_PARAM_CACHE.get().map_or_else(Vec::new, |cache| {
+        let cache = cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        cache.values().cloned().collect()
+    })
+}
+
 pub enum SlicePtrOrNull<T> {
     Ptr(CudaSlice<T>),
     Cached(Arc<CudaSlice<T>>),
