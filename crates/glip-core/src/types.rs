@@ -101,6 +101,32 @@ impl ImageBatch {
         HostCopy::read(&self.mask, self.host_mask.as_ref())
     }
 
+    /// This batch over other tensors of the same shapes, dtypes and device that hold the same
+    /// values (a CUDA graph's input buffers, copied from this batch): the mask's host copy, if
+    /// there is one, now mirrors `mask`. Different values are the caller's error: what reads
+    /// the host copy would see this batch's mask.
+    pub fn with_tensors(&self, pixels: Tensor, mask: Tensor) -> Result<Self> {
+        for (name, new, old) in [("pixels", &pixels, &self.pixels), ("mask", &mask, &self.mask)] {
+            if new.dims() != old.dims()
+                || new.dtype() != old.dtype()
+                || !new.device().same_device(old.device())
+            {
+                candle_core::bail!(
+                    "image batch: {name} {:?} {:?} on {:?} in place of {:?} {:?} on {:?}",
+                    new.dims(),
+                    new.dtype(),
+                    new.device().location(),
+                    old.dims(),
+                    old.dtype(),
+                    old.device().location()
+                )
+            }
+        }
+        let host = self.host_mask.as_ref().filter(|c| c.of == self.mask.id());
+        let host_mask = host.map(|c| HostCopy { of: mask.id(), host: c.host.clone() });
+        Ok(Self { pixels, mask, host_mask })
+    }
+
     /// A batch with no padding: the mask is all ones.
     pub fn unpadded(pixels: Tensor) -> Result<Self> {
         let (b, _, h, w) = pixels.dims4()?;
@@ -516,6 +542,25 @@ mod tests {
         assert_eq!(u8s(&replaced.host_mask()?), vec![0; 12], "a stale host copy was used");
         let unpadded = ImageBatch::unpadded(pixels)?;
         assert_eq!(u8s(&unpadded.host_mask()?), vec![1; 12]);
+        Ok(())
+    }
+
+    /// `with_tensors` moves the mask's host copy to the new mask (a CUDA graph's input buffer
+    /// holding the same values), and refuses tensors of another shape or dtype by name.
+    #[test]
+    fn with_tensors_keeps_the_host_mask_for_the_new_mask() -> Result<()> {
+        let dev = Device::Cpu;
+        let batch = ImageBatch::unpadded(Tensor::zeros((2, 3, 2, 3), DType::F32, &dev)?)?;
+        let (pixels, mask) = (batch.pixels.copy()?, Tensor::zeros((2, 2, 3), DType::U8, &dev)?);
+        let moved = batch.with_tensors(pixels.clone(), mask.clone())?;
+        assert_eq!(moved.mask.id(), mask.id());
+        // The copy answers for the new mask (its values are the caller's promise), so the
+        // host copy of the ones is what is read, not the zeros.
+        assert_eq!(u8s(&moved.host_mask()?), vec![1; 12]);
+        let e = batch.with_tensors(pixels.clone(), mask.to_dtype(DType::F32)?).unwrap_err();
+        assert!(e.to_string().contains("mask [2, 2, 3] F32"), "{e}");
+        let e = batch.with_tensors(pixels.narrow(0, 0, 1)?, mask).unwrap_err();
+        assert!(e.to_string().contains("pixels [1, 3, 2, 3]"), "{e}");
         Ok(())
     }
 

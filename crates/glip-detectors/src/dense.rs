@@ -147,6 +147,65 @@ pub fn locations(
     ))
 }
 
+/// [`locations`] made on the host and copied to a device.
+#[derive(Clone)]
+struct Located {
+    host_points: Tensor,
+    host_strides: Tensor,
+    points: Tensor,
+    strides: Tensor,
+    level: Vec<usize>,
+}
+
+/// Locations kept per thread, the most recent first: fixed-size batches (training, the
+/// evaluation of a synthetic split) need one.
+const KEPT_LOCATIONS: usize = 4;
+
+type LocationKey = (Vec<(usize, usize, usize)>, Vec<(u32, u32)>, candle_core::DeviceLocation);
+
+thread_local! {
+    static LOCATIONS: std::cell::RefCell<Vec<(LocationKey, Located)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// [`locations`] on the host and on `device`, kept per thread for the last few level shapes and
+/// image sizes: on a GPU each forward pass would otherwise upload them again (and a CUDA graph
+/// cannot record that upload; a kept copy is [`glip_kernels::graph::keep_alive`]d instead).
+fn device_locations(
+    levels: &[LevelShape],
+    image_sizes: &[(f32, f32)],
+    device: &candle_core::Device,
+) -> Result<Located> {
+    let key: LocationKey = (
+        levels.iter().map(|l| (l.h, l.w, l.stride)).collect(),
+        image_sizes.iter().map(|&(w, h)| (w.to_bits(), h.to_bits())).collect(),
+        device.location(),
+    );
+    let hit = LOCATIONS.with(|k| {
+        let mut k = k.borrow_mut();
+        let at = k.iter().position(|(kk, _)| *kk == key)?;
+        let entry = k.remove(at);
+        let found = entry.1.clone();
+        k.insert(0, entry);
+        Some(found)
+    });
+    if let Some(found) = hit {
+        glip_kernels::graph::keep_alive(&found.points);
+        glip_kernels::graph::keep_alive(&found.strides);
+        return Ok(found);
+    }
+    let (host_points, host_strides, level) =
+        locations(levels, image_sizes, &candle_core::Device::Cpu)?;
+    let (points, strides) = (host_points.to_device(device)?, host_strides.to_device(device)?);
+    let made = Located { host_points, host_strides, points, strides, level };
+    LOCATIONS.with(|k| {
+        let mut k = k.borrow_mut();
+        k.insert(0, (key, made.clone()));
+        k.truncate(KEPT_LOCATIONS);
+    });
+    Ok(made)
+}
+
 impl Detector for DenseHead {
     fn forward(
         &self,
@@ -159,10 +218,8 @@ impl Detector for DenseHead {
         trace("dense head: token tower", feat.dims());
         trace("dense head: box tower", bfeat.dims());
         // Made on the host and kept there too: the dense criterion assigns on the host.
-        let (host_points, host_strides, level) =
-            locations(x.levels, x.image_sizes, &candle_core::Device::Cpu)?;
-        let dev = x.memory.device();
-        let (points, strides) = (host_points.to_device(dev)?, host_strides.to_device(dev)?);
+        let Located { host_points, host_strides, points, strides, level } =
+            device_locations(x.levels, x.image_sizes, x.memory.device())?;
         // Distances l, t, r, b in strides -> normalised (x0, y0, x1, y1) -> cxcywh.
         let dist =
             self.bbox_pred.forward(&bfeat)?.clamp(-MAX_LOG_DISTANCE, MAX_LOG_DISTANCE)?.exp()?;

@@ -230,6 +230,14 @@ pub fn scope_cached(
     Ok(c)
 }
 
+/// Every tensor [`scope_cached`] holds now (for a CUDA graph recorded inside the scope, which
+/// reads them at every replay and so keeps them alive past the scope:
+/// [`crate::graph::capture`]).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code, reason = "used by the CUDA capture"))]
+pub(crate) fn scope_tensors() -> Vec<Tensor> {
+    DERIVED.with(|c| c.borrow().values().cloned().collect())
+}
+
 thread_local! {
     /// Whether [`with_bf16_activations`] asked for bf16 activations on every device.
     static FORCE_ACTIVATIONS: Cell<bool> = const { Cell::new(false) };

@@ -268,6 +268,13 @@ fn with_workspace<R>(
     if bytes == 0 {
         return f(None);
     }
+    if crate::graph::capturing() {
+        // Recorded into a CUDA graph: a workspace of the graph's own (allocated and freed by
+        // it), as the thread's may grow later and free the buffer the graph would read.
+        // SAFETY: as below.
+        let mut ws = unsafe { dev.alloc::<u8>(bytes) }?;
+        return f(Some(&mut ws));
+    }
     let mut ws = WORKSPACES.with(|w| w.borrow_mut().remove(&dev.id()));
     if ws.as_ref().is_none_or(|w| w.len() < bytes) {
         drop(ws.take());

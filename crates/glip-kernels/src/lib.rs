@@ -190,6 +190,7 @@ mod cuda_source;
 mod cudnn;
 pub mod fused;
 mod gemm;
+pub mod graph;
 mod linear_plan;
 pub mod nn;
 pub mod norm;

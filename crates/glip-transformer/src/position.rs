@@ -55,6 +55,8 @@ pub fn sine_position_encoding(
         Some(t)
     });
     if let Some(t) = hit {
+        // Made before a CUDA graph being recorded: the graph keeps it.
+        glip_kernels::graph::keep_alive(&t);
         return Ok(t);
     }
     let t = compute_sine(&key.mask, (b, h, w), d, temperature, device)?;
