@@ -40,6 +40,13 @@ pub struct BenchArgs {
     /// each boundary) and print their medians in `phases`.
     #[arg(long)]
     phases: bool,
+    /// Inference on CUDA: time replays of the pass recorded as a CUDA graph after the warm-up
+    /// (one launch for the whole pass; inputs copied in, outputs copied out each iteration).
+    /// `bench_torch.py` times eager launches. A pass that cannot be recorded is timed eagerly,
+    /// with the reason; `graph` in the output says which ran. No effect on the CPU or in
+    /// training.
+    #[arg(long)]
+    cuda_graph: bool,
 }
 
 /// Runs `glip bench`.
@@ -54,9 +61,16 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
         precision: a.precision,
         tf32: a.tf32,
         phases: a.phases,
+        graph: a.cuda_graph,
     };
+    if a.cuda_graph && a.mode == "train" {
+        eprintln!("warning: --cuda-graph applies to inference only; timing eager training steps");
+    }
     let dev = a.device.unwrap_or_default().resolve()?;
     crate::precision_on(a.precision, &dev);
+    if spec.graph && !spec.train && !dev.is_cuda() {
+        eprintln!("warning: --cuda-graph applies on CUDA only; timing eager launches on {dev:?}");
+    }
     let r = run(&spec, &dev)?;
     println!("{}", serde_json::to_string(&r)?);
     Ok(())

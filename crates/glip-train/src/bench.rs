@@ -93,6 +93,11 @@ pub struct BenchSpec {
     /// overlap of host and GPU between phases, so the phases can add up to more than a plain
     /// iteration).
     pub phases: bool,
+    /// Inference on CUDA: record the forward pass (and the softmax) as a CUDA graph after the
+    /// warm-up and time its replays ([`glip_kernels::graph`]; each iteration copies the inputs
+    /// into the graph's buffers and the outputs out). Ignored elsewhere; a pass that cannot be
+    /// recorded is timed eagerly, with the reason on stderr.
+    pub graph: bool,
 }
 
 /// The timings, as `bench_torch.py` prints them.
@@ -114,6 +119,8 @@ pub struct BenchResult {
     pub precision: &'static str,
     /// Whether f32 products on CUDA could use TF32.
     pub tf32: bool,
+    /// Whether the timed iterations replayed a CUDA graph ([`BenchSpec::graph`]).
+    pub graph: bool,
     /// Training: the loss of the warm-up step and of the last timed step (the same batch
     /// every step, so it falls as AdamW fits it; a sanity check of the step's arithmetic, read
     /// back outside the timed region).
@@ -238,15 +245,51 @@ pub fn run(spec: &BenchSpec, dev: &Device) -> Result<BenchResult> {
     };
     // Per timed iteration, each phase's seconds (with `spec.phases`).
     let mut phase_times: Vec<Vec<(&'static str, f64)>> = Vec::new();
+    // Inference as a function of its tensors (what a CUDA graph records): pixels, mask, token
+    // ids, attention mask -> class probabilities, boxes.
+    let infer = |t: &[Tensor]| -> Result<Vec<Tensor>> {
+        let model = frozen.as_ref().unwrap_or(&model);
+        let images = images.with_tensors(t[0].clone(), t[1].clone())?;
+        let text = TextBatch::new(
+            t[2].clone(),
+            t[3].clone(),
+            text.offsets.clone(),
+            text.captions.clone(),
+        )?;
+        let out = model.forward(&images, &text, false)?;
+        Ok(vec![candle_nn::ops::softmax_last_dim(&out.pred.pred_logits)?, out.pred.pred_boxes])
+    };
+    let infer_inputs = || {
+        vec![
+            images.pixels.clone(),
+            images.mask.clone(),
+            text.input_ids.clone(),
+            text.attention_mask.clone(),
+        ]
+    };
+    // Set in the warm-up when a graph was recorded.
+    let mut graph: Option<glip_kernels::graph::Graph> = None;
+    let want_graph = spec.graph && !spec.train && dev.is_cuda() && glip_kernels::graph::allowed();
     // A step, returning its loss when it trains.
     let mut step = |record: bool| -> Result<Option<Tensor>> {
         let mut marks = Marks { on: spec.phases, dev, last: Instant::now(), times: Vec::new() };
         let mut loss = None;
         match opt.as_mut() {
+            None if !record && want_graph => {
+                // The warm-up: eager, then recorded (or eager alone when it cannot be), over
+                // buffers of the graph's own, so that each timed replay copies the inputs in.
+                let buffers = infer_inputs().iter().map(Tensor::copy).collect::<Result<_>>()?;
+                match glip_kernels::graph::capture(buffers, infer) {
+                    Ok((g, _)) => graph = Some(g),
+                    Err(e) => eprintln!("bench: timing eager launches: {e}"),
+                }
+                marks.mark("forward")?;
+            }
             None => {
-                let model = frozen.as_ref().unwrap_or(&model);
-                let out = model.forward(&images, &text, false)?;
-                candle_nn::ops::softmax_last_dim(&out.pred.pred_logits)?;
+                match &graph {
+                    Some(g) => g.run(&infer_inputs())?,
+                    None => infer(&infer_inputs())?,
+                };
                 marks.mark("forward")?;
             }
             Some(opt) => {
@@ -293,6 +336,7 @@ pub fn run(spec: &BenchSpec, dev: &Device) -> Result<BenchResult> {
         (Some(a), Some(b)) => Some([a.to_scalar::<f32>()?, b.to_scalar::<f32>()?]),
         _ => None,
     };
+    let graph = want_graph && graph.is_some();
     let phases = spec.phases.then(|| {
         let names: Vec<&str> =
             phase_times.first().map(|p| p.iter().map(|m| m.0).collect()).unwrap_or_default();
@@ -315,6 +359,7 @@ pub fn run(spec: &BenchSpec, dev: &Device) -> Result<BenchResult> {
         min_s: fastest,
         precision: precision.name(),
         tf32,
+        graph,
         loss,
         phases,
         times,
