@@ -64,6 +64,25 @@ pub(crate) fn precision_on(
     effective
 }
 
+/// `--cuda-graph` on `device`: a cache of CUDA graphs for the passes on CUDA; elsewhere a
+/// warning and none.
+pub(crate) fn graphs_on(
+    on: bool,
+    device: &candle_core::Device,
+) -> Option<glip_train::infer::GraphCache> {
+    if on && !device.is_cuda() {
+        eprintln!("warning: --cuda-graph applies on CUDA only; launching eagerly on {device:?}");
+    }
+    (on && device.is_cuda()).then(glip_train::infer::GraphCache::new)
+}
+
+/// The summary of what `--cuda-graph` did, on stderr.
+pub(crate) fn report_graphs(graphs: Option<&glip_train::infer::GraphCache>) {
+    if let Some(g) = graphs {
+        eprintln!("{}", g.report());
+    }
+}
+
 /// `--tf32` on `device`: TF32 for f32 convolutions and matrix products on CUDA; elsewhere a
 /// warning on stderr that it has no effect.
 pub(crate) fn tf32_on(on: bool, device: &candle_core::Device) {

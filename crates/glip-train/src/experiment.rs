@@ -236,6 +236,7 @@ pub fn run_experiment_with(
             tokenizer: &tok,
             device: &dev,
             precision,
+            graphs: None,
         };
         // One scope for the evaluation: its weights do not change until it ends.
         let ev = crate::autocast(precision, || match &eval_target {

@@ -8,6 +8,7 @@
 
 use crate::config::{ModelConfig, Registry};
 use crate::eval::{evaluate_coco, CocoDetection, CocoMetrics};
+pub use crate::graphs::{GraphCache, GraphKey, GraphReport};
 use crate::{Error, GlipModel};
 use candle_core::{DType, Device, Tensor};
 use glip_core::LogitsKind;
@@ -151,6 +152,8 @@ pub struct Detector {
     pub device: Device,
     /// What its convolutions compute in ([`crate::Precision::F32`] as loaded).
     pub precision: crate::Precision,
+    /// CUDA graphs of its passes, when asked for (`None` as loaded: eager launches).
+    pub graphs: Option<GraphCache>,
 }
 
 impl std::fmt::Debug for Detector {
@@ -213,7 +216,14 @@ impl Detector {
             msg: "the run's model names no tokenizer".into(),
         })?;
         let tokenizer = Arc::new(Tokenizer::from_file(&tok)?);
-        Ok(Self { model, spec, tokenizer, device: device.clone(), precision: Default::default() })
+        Ok(Self {
+            model,
+            spec,
+            tokenizer,
+            device: device.clone(),
+            precision: Default::default(),
+            graphs: None,
+        })
     }
 
     /// The borrowing view that runs inference.
@@ -224,6 +234,7 @@ impl Detector {
             tokenizer: &self.tokenizer,
             device: &self.device,
             precision: self.precision,
+            graphs: self.graphs.as_ref(),
         }
     }
 }
@@ -301,6 +312,10 @@ pub struct Predictor<'a> {
     /// What the convolutions compute in (inputs and weights rounded to bf16 with f32 sums, or
     /// f32; see `glip_kernels::bf16`).
     pub precision: crate::Precision,
+    /// Where to keep CUDA graphs of the passes (on CUDA: a pass whose shapes and host-side
+    /// inputs repeat is recorded at its second run and replayed from its third; see
+    /// [`GraphCache`]); `None`: every pass launches its kernels one by one.
+    pub graphs: Option<&'a GraphCache>,
 }
 
 impl std::fmt::Debug for Predictor<'_> {
@@ -317,7 +332,7 @@ impl<'a> Predictor<'a> {
         tokenizer: &'a Tokenizer,
         device: &'a Device,
     ) -> Self {
-        Self { model, spec, tokenizer, device, precision: crate::Precision::F32 }
+        Self { model, spec, tokenizer, device, precision: crate::Precision::F32, graphs: None }
     }
 
     /// Words of `phrases` that the tokenizer does not know (they become `[UNK]`).
@@ -389,38 +404,57 @@ impl<'a> Predictor<'a> {
                 })
                 .collect();
             let batch = glip_data::collate(&samples, self.tokenizer, self.device)?;
-            let out = glip_kernels::bf16::autocast(self.precision, || {
-                self.model.forward(&batch.images, &batch.text, false)
-            })?;
-            let pm = match out.logits_kind {
-                LogitsKind::Tokens => {
-                    let e = &chunk.encoding;
-                    let pm = glip_core::prompt::positive_map(
-                        &e.offsets,
-                        &chunk.prompt.spans,
-                        e.ids.len(),
-                    );
-                    Some(Tensor::new(pm, self.device)?)
+            let e = &chunk.encoding;
+            let pm = glip_core::prompt::positive_map(&e.offsets, &chunk.prompt.spans, e.ids.len());
+            let pm = Tensor::new(pm, self.device)?;
+            // The pass as a function of its tensors (what a CUDA graph records): pixels, mask,
+            // token ids, attention mask, positive map -> scores, boxes.
+            let pass = |t: &[Tensor]| -> candle_core::Result<(Vec<Tensor>, LogitsKind)> {
+                let images = batch.images.with_tensors(t[0].clone(), t[1].clone())?;
+                let text = glip_core::TextBatch::new(
+                    t[2].clone(),
+                    t[3].clone(),
+                    batch.text.offsets.clone(),
+                    batch.text.captions.clone(),
+                )?;
+                let out = glip_kernels::bf16::autocast(self.precision, || {
+                    self.model.forward(&images, &text, false)
+                })?;
+                let logits = &out.pred.pred_logits;
+                let scores = match out.logits_kind {
+                    LogitsKind::Tokens => token_scores(logits, &t[4], post.token_reduce)?,
+                    LogitsKind::Classes(_) => class_scores(logits)?,
+                };
+                let scores = self.model.detector.score(&out, scores)?;
+                Ok((vec![scores, out.pred.pred_boxes], out.logits_kind))
+            };
+            let inputs = vec![
+                batch.images.pixels.clone(),
+                batch.images.mask.clone(),
+                batch.text.input_ids.clone(),
+                batch.text.attention_mask.clone(),
+                pm,
+            ];
+            let (outputs, kind) = match self.graphs {
+                Some(graphs) => {
+                    let key = GraphKey::new(&inputs, &batch, self.precision, post)?;
+                    graphs.run(key, inputs, &pass)?
                 }
-                LogitsKind::Classes(_) => None,
+                None => pass(&inputs)?,
             };
-            let logits = &out.pred.pred_logits;
-            let scores = match &pm {
-                Some(pm) => token_scores(logits, pm, post.token_reduce)?,
-                None => class_scores(logits)?,
-            };
-            let scores = self.model.detector.score(&out, scores)?;
+            let (scores, boxes) = (&outputs[0], &outputs[1]);
+            let tokens = kind == LogitsKind::Tokens;
             let sizes: Vec<(f32, f32)> =
                 images.iter().map(|i| (i.width() as f32, i.height() as f32)).collect();
-            let found = batch_detections(&scores, &out.pred.pred_boxes, &sizes, post)?;
+            let found = batch_detections(scores, boxes, &sizes, post)?;
             for (b, found) in found.into_iter().enumerate() {
                 for d in found {
-                    let (index, phrase) = match &pm {
-                        Some(_) => {
+                    let (index, phrase) = match tokens {
+                        true => {
                             let i = chunk.categories[d.category];
                             (i, phrases[i].clone())
                         }
-                        None => (
+                        false => (
                             d.category,
                             self.spec
                                 .class_names
@@ -437,7 +471,7 @@ impl<'a> Predictor<'a> {
                     });
                 }
             }
-            if pm.is_none() {
+            if !tokens {
                 break; // the classes do not depend on the chunk
             }
         }

@@ -15,6 +15,7 @@ pub mod config;
 pub mod device;
 pub mod eval;
 pub mod experiment;
+pub mod graphs;
 pub mod infer;
 pub mod model;
 pub mod optim;
