@@ -42,7 +42,9 @@
 # TORCH_PYTHON (the Python with PyTorch for the side-by-side bench, python3; empty: none),
 # COMPOSED (1: also time training with candle's compositions of the normalisation kernels),
 # BF16_AB (1: each bf16 row again with GLIP_BF16_ACTIVATIONS=0, f32 activations in the backbone),
-# ATTN_AB (1: each bf16 inference row again with GLIP_CUDA_ATTENTION=composed).
+# ATTN_AB (1: each bf16 inference row again with GLIP_CUDA_ATTENTION=composed), GRAPH (0: leave
+# out the inference rows replaying a CUDA graph, `--cuda-graph`, and part c's evaluations with
+# and without graphs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 T0=$(date +%s)
@@ -136,6 +138,9 @@ bench() {
   ((rc != 0)) && failed+=("glip bench $* (exit $rc)")
   echo "$line" >>"$OUT/bench.jsonl"
   echo "  glip $*: $line (process $(((end - start) / 1000000)) ms)"
+  if [[ "$*" == *--cuda-graph* && "$line" != *'"graph":true'* ]]; then
+    tail -n 40 "$OUT/bench.log" | grep -m1 "timing eager" | sed 's/^/    /'
+  fi
 }
 
 # (0) What the first CUDA call costs: candle's PTX is compiled by the driver at the first
@@ -238,6 +243,11 @@ if [[ "$PARTS" == *b* ]]; then
         export GLIP_BF16_ACTIVATIONS=0
         bench "${args[@]}" --precision bf16
         unset GLIP_BF16_ACTIVATIONS
+      fi
+      if [[ "${GRAPH:-1}" == 1 && "$mode" == infer ]]; then
+        # The pass recorded once as a CUDA graph and replayed (inputs copied in, outputs out).
+        bench "${args[@]}" --precision f32 --cuda-graph
+        bench "${args[@]}" --precision bf16 --cuda-graph
       fi
       if [[ "${ATTN_AB:-0}" == 1 && "$mode" == infer ]]; then
         # Inference with candle's composed attention instead of the one-launch core.
@@ -343,6 +353,19 @@ for line in open(sys.argv[1]):
           f"  held-out AP50 {e['heldout_ap50']:.3f}")
 PY
     tar -czf "$OUT/shapes-run.tar.gz" -C "$WORK" --exclude='checkpoint*' shapes
+  fi
+  # The trained run evaluated on its validation split in bf16, eagerly and with CUDA graphs
+  # (`--cuda-graph`): the same numbers (graphs replay the eager pass bit for bit), and the
+  # seconds each took.
+  if [[ "${GRAPH:-1}" == 1 && -e "$WORK/shapes/checkpoint.safetensors" ]]; then
+    for g in "" --cuda-graph; do
+      fits 60 "(c) eval $g" || continue
+      start=$(date +%s.%N)
+      step 90 "eval $g" "$GLIP" eval --run "$WORK/shapes" --device "$DEVICE" --precision bf16 \
+        --json $g >"$WORK/eval.log" 2>&1
+      tail -2 "$WORK/eval.log" | sed 's/^/  /'
+      echo "  eval ${g:-(eager)} took $(python3 -c "print(round($(date +%s.%N) - $start, 1))") s"
+    done
   fi
 fi
 

@@ -1032,3 +1032,186 @@ fn the_residual_layer_norm_is_the_composition_bit_for_bit() -> Result<()> {
     }
     Ok(())
 }
+
+/// Every element of `a` and `b` as bits (f32 values), for exact comparisons.
+fn bits(t: &Tensor) -> Result<Vec<u32>> {
+    let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    Ok(v.iter().map(|x| x.to_bits()).collect())
+}
+
+/// A CUDA graph of the seed-r18 inference pass (`glip_kernels::graph::capture`, what `glip
+/// bench --cuda-graph` times) replays the eager pass bit for bit: on the inputs it was recorded
+/// with (checked by the capture itself), on new pixels, token ids and text mask, and on the
+/// first inputs again (nothing stale), in f32 and in a bf16 autocast scope; after that scope
+/// has ended (its weight copies released) the graph still gives the scope's outputs.
+#[test]
+fn a_cuda_graph_of_the_seed_pass_replays_the_eager_pass_bit_for_bit() -> Result<()> {
+    let dev = gpu();
+    let cfg = glip_train::bench::preset("seed-r18")?;
+    let varmap = candle_nn::VarMap::new();
+    let registry = glip_train::config::Registry::new();
+    registry.build_trainable(&cfg, &varmap, 0, &dev)?;
+    let model = glip_train::infer::inference_model(&registry, &cfg, &varmap, &dev)
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    let (b, s, t) = (2, 64, 8);
+    let template = glip_core::ImageBatch::unpadded(Tensor::zeros((b, 3, s, s), DType::F32, &dev)?)?;
+    let inputs = |seed: u64| -> Result<Vec<Tensor>> {
+        let mut rng = glip_core::rng::Rng::new(seed);
+        let ids: Vec<u32> = (0..b * t).map(|_| 1000 + rng.below(28000) as u32).collect();
+        // The second caption is shorter by `seed % 3` tokens: the text mask is an input too.
+        let mask: Vec<u8> =
+            (0..b * t).map(|i| u8::from(i < t || i % t < t - (seed % 3) as usize)).collect();
+        Ok(vec![
+            random(&[b, 3, s, s], seed).to_device(&dev)?,
+            template.mask.copy()?,
+            Tensor::from_vec(ids, (b, t), &dev)?,
+            Tensor::from_vec(mask, (b, t), &dev)?,
+        ])
+    };
+    let pass = |x: &[Tensor]| -> Result<Vec<Tensor>> {
+        let images = template.with_tensors(x[0].clone(), x[1].clone())?;
+        let text = glip_core::TextBatch::new(
+            x[2].clone(),
+            x[3].clone(),
+            vec![vec![(0, 0); t]; b],
+            vec![String::new(); b],
+        )?;
+        let out = model.forward(&images, &text, false)?;
+        Ok(vec![candle_nn::ops::softmax_last_dim(&out.pred.pred_logits)?, out.pred.pred_boxes])
+    };
+    let same = |what: &str, got: &[Tensor], want: &[Tensor]| -> Result<()> {
+        assert_eq!(got.len(), want.len(), "{what}");
+        for (k, (g, w)) in got.iter().zip(want).enumerate() {
+            assert_eq!(g.dims(), w.dims(), "{what}: output {k}");
+            assert!(bits(g)? == bits(w)?, "{what}: output {k} differs from the eager pass");
+        }
+        Ok(())
+    };
+    for precision in [Precision::F32, Precision::Bf16] {
+        let (graph, want_b) = autocast(precision, || -> Result<_> {
+            let a = inputs(1)?;
+            let (graph, eager_a) = glip_kernels::graph::capture(a.clone(), pass)?;
+            same(&format!("{precision}: eager outputs"), &eager_a, &pass(&a)?)?;
+            let b_in = inputs(2)?;
+            let want_b = pass(&b_in)?;
+            same(&format!("{precision}: replay on new inputs"), &graph.run(&b_in)?, &want_b)?;
+            same(&format!("{precision}: replay on the first inputs"), &graph.run(&a)?, &eager_a)?;
+            // The recorded buffers passed as themselves are not copied onto themselves.
+            let own = graph.inputs().to_vec();
+            same(&format!("{precision}: replay on its own buffers"), &graph.run(&own)?, &eager_a)?;
+            Ok((graph, want_b))
+        })?;
+        // Outside the scope: the bf16 weight copies the graph reads are its own to keep.
+        same(&format!("{precision}: replay after the scope"), &graph.run(&inputs(2)?)?, &want_b)?;
+        let wrong =
+            inputs(3)?.into_iter().map(|x| x.narrow(0, 0, 1)).collect::<Result<Vec<_>>>()?;
+        let e = graph.run(&wrong).unwrap_err().to_string();
+        assert!(e.contains("input 0 is [1, 3, 64, 64]"), "{e}");
+    }
+    Ok(())
+}
+
+/// A pass that reads a value back to the host cannot be recorded: `capture` says so, keeps
+/// nothing, and the device computes as before.
+#[test]
+fn a_pass_reading_the_host_is_not_recorded_and_the_device_recovers() -> Result<()> {
+    let dev = gpu();
+    let x = random(&[4, 5], 7).to_device(&dev)?;
+    let reads = |t: &[Tensor]| -> Result<Vec<Tensor>> {
+        let s = t[0].sum_all()?.to_scalar::<f32>()?;
+        Ok(vec![(&t[0] * f64::from(s))?])
+    };
+    let e = glip_kernels::graph::capture(vec![x.clone()], reads).unwrap_err().to_string();
+    assert!(e.contains("could not be recorded"), "{e}");
+    let want = (random(&[4, 5], 7) + 1.0)?.to_vec2::<f32>()?;
+    assert_eq!((&x + 1.0)?.to_vec2::<f32>()?, want);
+    // And a pass that can be recorded still is.
+    let (g, _) = glip_kernels::graph::capture(vec![x.clone()], |t| Ok(vec![(&t[0] + 1.0)?]))?;
+    assert_eq!(g.run(&[x])?[0].to_vec2::<f32>()?, want);
+    Ok(())
+}
+
+/// `Predictor::detect_batch` with a `GraphCache` (what `glip detect --cuda-graph` and `glip eval
+/// --cuda-graph` use) on a dense model with positional encodings and centerness: a batch shape
+/// seen once runs eagerly, twice is recorded, then replayed, and every call finds exactly the
+/// detections of a predictor without graphs, for three different sets of images.
+#[test]
+fn detection_with_cuda_graphs_finds_what_eager_detection_finds(
+) -> std::result::Result<(), Box<dyn std::error::Error>> {
+    let dev = gpu();
+    let tok_path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../configs/shapes-tokenizer.json");
+    let doc = format!(
+        r#"
+name = "graph-dense"
+[model]
+num_queries = 4
+position_encoding = true
+feature_levels = [1, 2]
+[model.backbone]
+type = "resnet"
+depth = 18
+freeze_at = 0
+stages = 3
+[model.text]
+tokenizer = "{}"
+hidden = 16
+layers = 1
+heads = 2
+[model.transformer]
+d_model = 16
+nhead = 2
+num_encoder_layers = 1
+num_decoder_layers = 1
+dim_feedforward = 32
+[model.fusion]
+type = "bi-attention"
+heads = 2
+[model.detector]
+type = "dense"
+centerness = true
+[model.head]
+type = "token"
+[data.shapes]
+image_size = 48
+val_images = 9
+"#,
+        tok_path.display()
+    );
+    let cfg = glip_train::experiment::config_from_table(toml::from_str(&doc)?)?;
+    let registry = glip_train::config::Registry::new();
+    let varmap = candle_nn::VarMap::new();
+    let trainable = registry.build_trainable(&cfg.model, &varmap, 0, &dev)?;
+    let spec = cfg.inference_spec(&trainable)?;
+    let model = glip_train::infer::inference_model(&registry, &cfg.model, &varmap, &dev)?;
+    let tok = glip_text::Tokenizer::from_file(&tok_path)?;
+    let ds = glip_data::ShapesDataset::new(cfg.data.shapes.clone(), glip_data::Split::Val)?;
+    let cats = glip_data::Dataset::categories(&ds).to_vec();
+    let post =
+        glip_heads::postprocess::PostProcessConfig { score_threshold: 0.0, ..spec.post.clone() };
+    let graphs = glip_train::infer::GraphCache::new();
+    let plain = glip_train::infer::Predictor::new(&model, &spec, &tok, &dev);
+    let graphed = glip_train::infer::Predictor { graphs: Some(&graphs), ..plain };
+    for precision in [Precision::F32, Precision::Bf16] {
+        let (plain, graphed) = (
+            glip_train::infer::Predictor { precision, ..plain },
+            glip_train::infer::Predictor { precision, ..graphed },
+        );
+        autocast(precision, || -> std::result::Result<(), glip_train::Error> {
+            for set in 0..3 {
+                let images: Vec<_> = (3 * set..3 * set + 3).map(|k| ds.render(k).0).collect();
+                let want = plain.detect_batch(&images, &cats, &post)?;
+                let got = graphed.detect_batch(&images, &cats, &post)?;
+                assert!(want.iter().all(|d| !d.is_empty()), "{precision} set {set}: nothing found");
+                assert_eq!(got, want, "{precision}, set {set}");
+            }
+            Ok(())
+        })?;
+    }
+    let r = graphs.report();
+    eprintln!("{r}");
+    assert!(r.failures.is_empty(), "{r}");
+    // Per precision and prompt chunk: one eager pass, one recorded, one replayed.
+    assert!(r.eager >= 2 && r.recorded == r.eager && r.replayed == r.eager, "{r}");
+    Ok(())
+}
