@@ -129,6 +129,13 @@ fn record(
     use candle_core::cuda_backend::cudarc::driver::sys;
     let cuda = device.as_cuda_device()?;
     let stream = cuda.cuda_stream();
+    if stream.context().is_managing_stream_synchronization() {
+        // Each buffer's events, recorded outside the capture, would be waited on inside it.
+        candle_core::bail!(
+            "CUDA graph: the device orders buffers with events (a device made by \
+             candle_core::Device::new_cuda); make it with glip_kernels::cuda::new_device"
+        )
+    }
     let wrap = |what: &str, e: &dyn std::fmt::Display| {
         candle_core::Error::Msg(format!("CUDA graph: {what}: {e}"))
     };

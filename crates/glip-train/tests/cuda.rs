@@ -1112,7 +1112,8 @@ fn a_cuda_graph_of_the_seed_pass_replays_the_eager_pass_bit_for_bit() -> Result<
 }
 
 /// A pass that reads a value back to the host cannot be recorded: `capture` says so, keeps
-/// nothing, and the device computes as before.
+/// nothing, and the device computes as before; a device made without glip's `new_device` is
+/// refused with a reason.
 #[test]
 fn a_pass_reading_the_host_is_not_recorded_and_the_device_recovers() -> Result<()> {
     let dev = gpu();
@@ -1128,6 +1129,11 @@ fn a_pass_reading_the_host_is_not_recorded_and_the_device_recovers() -> Result<(
     // And a pass that can be recorded still is.
     let (g, _) = glip_kernels::graph::capture(vec![x.clone()], |t| Ok(vec![(&t[0] + 1.0)?]))?;
     assert_eq!(g.run(&[x])?[0].to_vec2::<f32>()?, want);
+    // A device that orders its buffers with events cannot record: said before trying.
+    let tracked = Device::new_cuda(0)?;
+    let y = random(&[4, 5], 7).to_device(&tracked)?;
+    let e = glip_kernels::graph::capture(vec![y], |t| Ok(vec![(&t[0] + 1.0)?])).unwrap_err();
+    assert!(e.to_string().contains("glip_kernels::cuda::new_device"), "{e}");
     Ok(())
 }
 
