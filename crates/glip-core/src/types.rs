@@ -67,6 +67,26 @@ fn expect_dtype(name: &str, t: &Tensor, dtypes: &[DType]) -> Result<()> {
     }
 }
 
+/// Checks that `new` can stand in for `old` (a buffer for a tensor): the same shape, dtype and
+/// device; the error names `what` and both.
+pub fn check_stands_in(what: &str, new: &Tensor, old: &Tensor) -> Result<()> {
+    if new.dims() == old.dims()
+        && new.dtype() == old.dtype()
+        && new.device().same_device(old.device())
+    {
+        return Ok(());
+    }
+    candle_core::bail!(
+        "{what} is {:?} {:?} on {:?}, in place of {:?} {:?} on {:?}",
+        new.dims(),
+        new.dtype(),
+        new.device().location(),
+        old.dims(),
+        old.dtype(),
+        old.device().location()
+    )
+}
+
 /// A batch of images padded to a common size.
 #[derive(Debug, Clone)]
 pub struct ImageBatch {
@@ -106,22 +126,8 @@ impl ImageBatch {
     /// there is one, now mirrors `mask`. Different values are the caller's error: what reads
     /// the host copy would see this batch's mask.
     pub fn with_tensors(&self, pixels: Tensor, mask: Tensor) -> Result<Self> {
-        for (name, new, old) in [("pixels", &pixels, &self.pixels), ("mask", &mask, &self.mask)] {
-            if new.dims() != old.dims()
-                || new.dtype() != old.dtype()
-                || !new.device().same_device(old.device())
-            {
-                candle_core::bail!(
-                    "image batch: {name} {:?} {:?} on {:?} in place of {:?} {:?} on {:?}",
-                    new.dims(),
-                    new.dtype(),
-                    new.device().location(),
-                    old.dims(),
-                    old.dtype(),
-                    old.device().location()
-                )
-            }
-        }
+        check_stands_in("image batch: pixels", &pixels, &self.pixels)?;
+        check_stands_in("image batch: mask", &mask, &self.mask)?;
         let host = self.host_mask.as_ref().filter(|c| c.of == self.mask.id());
         let host_mask = host.map(|c| HostCopy { of: mask.id(), host: c.host.clone() });
         Ok(Self { pixels, mask, host_mask })
@@ -558,9 +564,12 @@ mod tests {
         // host copy of the ones is what is read, not the zeros.
         assert_eq!(u8s(&moved.host_mask()?), vec![1; 12]);
         let e = batch.with_tensors(pixels.clone(), mask.to_dtype(DType::F32)?).unwrap_err();
-        assert!(e.to_string().contains("mask [2, 2, 3] F32"), "{e}");
+        assert!(
+            e.to_string().contains("mask is [2, 2, 3] F32 on Cpu, in place of [2, 2, 3] U8"),
+            "{e}"
+        );
         let e = batch.with_tensors(pixels.narrow(0, 0, 1)?, mask).unwrap_err();
-        assert!(e.to_string().contains("pixels [1, 3, 2, 3]"), "{e}");
+        assert!(e.to_string().contains("pixels is [1, 3, 2, 3]"), "{e}");
         Ok(())
     }
 

@@ -164,8 +164,8 @@ const KEPT_LOCATIONS: usize = 4;
 type LocationKey = (Vec<(usize, usize, usize)>, Vec<(u32, u32)>, candle_core::DeviceLocation);
 
 thread_local! {
-    static LOCATIONS: std::cell::RefCell<Vec<(LocationKey, Located)>> =
-        const { std::cell::RefCell::new(Vec::new()) };
+    static LOCATIONS: std::cell::RefCell<glip_kernels::graph::Recent<LocationKey, Located>> =
+        const { std::cell::RefCell::new(glip_kernels::graph::Recent::new(KEPT_LOCATIONS)) };
 }
 
 /// [`locations`] on the host and on `device`, kept per thread for the last few level shapes and
@@ -181,29 +181,19 @@ fn device_locations(
         image_sizes.iter().map(|&(w, h)| (w.to_bits(), h.to_bits())).collect(),
         device.location(),
     );
-    let hit = LOCATIONS.with(|k| {
-        let mut k = k.borrow_mut();
-        let at = k.iter().position(|(kk, _)| *kk == key)?;
-        let entry = k.remove(at);
-        let found = entry.1.clone();
-        k.insert(0, entry);
-        Some(found)
-    });
-    if let Some(found) = hit {
-        glip_kernels::graph::keep_alive(&found.points);
-        glip_kernels::graph::keep_alive(&found.strides);
-        return Ok(found);
-    }
-    let (host_points, host_strides, level) =
-        locations(levels, image_sizes, &candle_core::Device::Cpu)?;
-    let (points, strides) = (host_points.to_device(device)?, host_strides.to_device(device)?);
-    let made = Located { host_points, host_strides, points, strides, level };
     LOCATIONS.with(|k| {
-        let mut k = k.borrow_mut();
-        k.insert(0, (key, made.clone()));
-        k.truncate(KEPT_LOCATIONS);
-    });
-    Ok(made)
+        k.borrow_mut().get_or_make(
+            key,
+            |_| {
+                let (host_points, host_strides, level) =
+                    locations(levels, image_sizes, &candle_core::Device::Cpu)?;
+                let (points, strides) =
+                    (host_points.to_device(device)?, host_strides.to_device(device)?);
+                Ok(Located { host_points, host_strides, points, strides, level })
+            },
+            |l| vec![&l.points, &l.strides],
+        )
+    })
 }
 
 impl Detector for DenseHead {

@@ -55,6 +55,44 @@ pub fn keep_alive(t: &Tensor) {
     }
 }
 
+/// A few values by key, the most recently used first: a per-thread cache of tensors made from
+/// host data (positional encodings, a dense head's locations), which on a GPU would otherwise
+/// be made and uploaded at every step, and which a CUDA graph could not record being uploaded.
+#[derive(Debug)]
+pub struct Recent<K, V> {
+    keep: usize,
+    entries: Vec<(K, V)>,
+}
+
+impl<K: PartialEq, V: Clone> Recent<K, V> {
+    /// An empty cache that keeps at most `keep` values.
+    pub const fn new(keep: usize) -> Self {
+        Self { keep, entries: Vec::new() }
+    }
+
+    /// The value kept for `key`, or `make(&key)` kept from now on (the least recently used
+    /// value dropped beyond the bound). A value found while a graph is being recorded was made
+    /// before it: its device tensors, `tensors(&value)`, are [`keep_alive`]d.
+    pub fn get_or_make(
+        &mut self,
+        key: K,
+        make: impl FnOnce(&K) -> Result<V>,
+        tensors: impl Fn(&V) -> Vec<&Tensor>,
+    ) -> Result<V> {
+        if let Some(at) = self.entries.iter().position(|(k, _)| *k == key) {
+            let entry = self.entries.remove(at);
+            let found = entry.1.clone();
+            self.entries.insert(0, entry);
+            tensors(&found).into_iter().for_each(keep_alive);
+            return Ok(found);
+        }
+        let made = make(&key)?;
+        self.entries.insert(0, (key, made.clone()));
+        self.entries.truncate(self.keep);
+        Ok(made)
+    }
+}
+
 /// Whether CUDA graphs may be used: not when `GLIP_CUDA_GRAPH=0` is set (to compare with the
 /// eager launches, or to rule the graphs out).
 pub fn allowed() -> bool {
@@ -247,14 +285,6 @@ impl Graph {
         &self.inputs
     }
 
-    /// Whether `inputs` have the recorded inputs' shapes, dtypes and device.
-    pub fn fits(&self, inputs: &[Tensor]) -> bool {
-        inputs.len() == self.inputs.len()
-            && inputs.iter().zip(&self.inputs).all(|(a, b)| {
-                a.dims() == b.dims() && a.dtype() == b.dtype() && a.device().same_device(b.device())
-            })
-    }
-
     /// Copies `inputs` into the recorded input buffers (a recorded buffer passed as itself is
     /// left as it is), replays the pass and returns copies of its outputs (the next replay
     /// overwrites the recorded ones). An error naming the input whose shape, dtype or device
@@ -268,20 +298,7 @@ impl Graph {
             )
         }
         for (k, (new, buf)) in inputs.iter().zip(&self.inputs).enumerate() {
-            if new.dims() != buf.dims()
-                || new.dtype() != buf.dtype()
-                || !new.device().same_device(buf.device())
-            {
-                candle_core::bail!(
-                    "CUDA graph: input {k} is {:?} {:?} on {:?}, the graph was recorded with {:?} {:?} on {:?}",
-                    new.dims(),
-                    new.dtype(),
-                    new.device().location(),
-                    buf.dims(),
-                    buf.dtype(),
-                    buf.device().location()
-                )
-            }
+            glip_core::types::check_stands_in(&format!("CUDA graph: input {k}"), new, buf)?;
             if new.id() != buf.id() {
                 buf.slice_set(&new.contiguous()?, 0, 0)?;
             }
@@ -305,6 +322,33 @@ impl Graph {
 mod tests {
     use super::*;
     use candle_core::DType;
+
+    #[test]
+    fn recent_keeps_the_most_recently_used_values() {
+        let mut r: Recent<u32, u32> = Recent::new(2);
+        let made = std::cell::Cell::new(0);
+        let get = |r: &mut Recent<u32, u32>, k: u32| {
+            r.get_or_make(
+                k,
+                |k| {
+                    made.set(made.get() + 1);
+                    Ok(k * 10)
+                },
+                |_| Vec::new(),
+            )
+            .unwrap()
+        };
+        assert_eq!((get(&mut r, 1), get(&mut r, 2), get(&mut r, 1)), (10, 20, 10));
+        assert_eq!(made.get(), 2, "1 was found, not made again");
+        // 3 pushes out 2, the least recently used.
+        assert_eq!((get(&mut r, 3), get(&mut r, 1)), (30, 10));
+        assert_eq!(made.get(), 3);
+        assert_eq!(get(&mut r, 2), 20);
+        assert_eq!(made.get(), 4, "2 had been dropped");
+        let e = r.get_or_make(9, |_| candle_core::bail!("no"), |_| Vec::new()).unwrap_err();
+        assert!(e.to_string().contains("no"));
+        assert_eq!(get(&mut r, 2), 20, "a failed make keeps nothing and drops nothing");
+    }
 
     #[test]
     fn capture_refuses_the_cpu_with_a_reason() {

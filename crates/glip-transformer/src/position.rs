@@ -1,6 +1,7 @@
 //! DETR's 2-D sine positional encoding (`PositionEmbeddingSine`, normalised, scale 2*pi).
 
 use candle_core::{Device, DeviceLocation, Result, Tensor};
+use glip_kernels::graph::Recent;
 use std::cell::RefCell;
 
 /// What an encoding was computed from.
@@ -17,7 +18,7 @@ struct Key {
 const KEPT: usize = 4;
 
 thread_local! {
-    static KEEP: RefCell<Vec<(Key, Tensor)>> = const { RefCell::new(Vec::new()) };
+    static KEEP: RefCell<Recent<Key, Tensor>> = const { RefCell::new(Recent::new(KEPT)) };
 }
 
 /// Sine positional encoding of a `(b, h, w)` u8 valid-pixel mask at feature resolution:
@@ -46,26 +47,13 @@ pub fn sine_position_encoding(
         temperature: temperature.to_bits(),
         device: device.location(),
     };
-    let hit = KEEP.with(|k| {
-        let mut k = k.borrow_mut();
-        let at = k.iter().position(|(kk, _)| *kk == key)?;
-        let entry = k.remove(at);
-        let t = entry.1.clone();
-        k.insert(0, entry);
-        Some(t)
-    });
-    if let Some(t) = hit {
-        // Made before a CUDA graph being recorded: the graph keeps it.
-        glip_kernels::graph::keep_alive(&t);
-        return Ok(t);
-    }
-    let t = compute_sine(&key.mask, (b, h, w), d, temperature, device)?;
     KEEP.with(|k| {
-        let mut k = k.borrow_mut();
-        k.insert(0, (key, t.clone()));
-        k.truncate(KEPT);
-    });
-    Ok(t)
+        k.borrow_mut().get_or_make(
+            key,
+            |key| compute_sine(&key.mask, (b, h, w), d, temperature, device),
+            |t| vec![t],
+        )
+    })
 }
 
 fn compute_sine(
