@@ -301,7 +301,8 @@ fi
 # (p) Where the device time goes, kernel by kernel: glip bench and bench_torch.py under glip's
 # CUPTI tracer (gpu/trace.tar.xz from gpu-pack.sh: scripts/gpu-trace.cpp and its libcupti),
 # over their timed iterations (both mark them with cuProfilerStart / Stop). PROFILE_ROWS:
-# `preset batch size mode precision[+tf32]` per row, `;` between rows.
+# `preset batch size mode precision[+tf32][+graph]` per row, `;` between rows (+graph:
+# `--cuda-graph`, the replays of a recorded pass).
 if [[ "$PARTS" == *p* && "$DEVICE" != cpu ]]; then
   if [[ ! -e gpu/trace.tar.xz ]]; then
     echo "== (p) skipped: no gpu/trace.tar.xz (scripts/gpu-pack.sh builds it)"
@@ -310,18 +311,19 @@ if [[ "$PARTS" == *p* && "$DEVICE" != cpu ]]; then
     PROFILE_ITERS="${PROFILE_ITERS:-5}"
     # By default the rows where bf16 is not yet at PyTorch's f32 (docs/results), PyTorch beside
     # the f32 ones.
-    IFS=';' read -ra prows <<<"${PROFILE_ROWS:-seed-r18 32 256 infer bf16;seed-r18 32 256 infer f32;seed-r50 8 512 infer bf16;seed-r50 8 512 train bf16;seed-r50 8 512 train f32}"
+    IFS=';' read -ra prows <<<"${PROFILE_ROWS:-seed-r18 32 256 infer bf16+graph;seed-r18 32 256 infer bf16;seed-r18 32 256 infer f32;seed-r50 8 512 infer bf16+graph;seed-r50 8 512 train bf16;seed-r50 8 512 train f32}"
     echo "== (p) kernel profiles of $PROFILE_ITERS timed iterations (whole tables in trace.txt)"
     for row in "${prows[@]}"; do
       read -r preset batch size mode precision <<<"$row"
       args=(--preset "$preset" --mode "$mode" --batch "$batch" --size "$size" --iters "$PROFILE_ITERS")
       fits 40 "(p) $row" || continue
       tf=()
-      [[ "$precision" == *+tf32 ]] && tf=(--tf32)
+      [[ "$precision" == *+tf32* ]] && tf+=(--tf32)
+      [[ "$precision" == *+graph* ]] && tf+=(--cuda-graph)
       label="glip $preset $mode b$batch@$size ${precision} x$PROFILE_ITERS"
       CUDA_INJECTION64_PATH="$WORK/trace/libglip-trace.so" GLIP_TRACE_OUT="$OUT/trace.txt" \
         GLIP_TRACE_LABEL="$label" timeout --kill-after=5 120 "$GLIP" bench --device "$DEVICE" \
-        "${args[@]}" --precision "${precision%+tf32}" "${tf[@]}" 2>&1 | tail -1 | sed 's/^/  /'
+        "${args[@]}" --precision "${precision%%+*}" "${tf[@]}" 2>&1 | tail -1 | sed 's/^/  /'
       if [[ -n "$TORCH_PYTHON" && "${PROFILE_TORCH:-1}" == 1 && "$precision" == f32 ]] &&
         fits 40 "(p) torch $row"; then
         CUDA_INJECTION64_PATH="$WORK/trace/libglip-trace.so" GLIP_TRACE_OUT="$OUT/trace.txt" \
