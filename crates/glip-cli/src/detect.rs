@@ -70,7 +70,7 @@ pub fn run(registry: &glip_train::config::Registry, a: DetectArgs) -> Result<()>
     let mut det = Detector::load_with(registry, &a.run, &dev)?;
     det.precision = crate::precision_on(a.precision, &dev);
     crate::tf32_on(a.tf32, &dev);
-    det.graphs = crate::graphs_on(a.cuda_graph, &dev);
+    let graphs = crate::graphs_on(a.cuda_graph, &dev);
     let unknown = det.predictor().unknown_words(&phrases);
     if !unknown.is_empty() {
         eprintln!(
@@ -91,10 +91,9 @@ pub fn run(registry: &glip_train::config::Registry, a: DetectArgs) -> Result<()>
     glip_train::autocast(det.precision, || -> Result<()> {
         for path in &a.images {
             let img = glip_data::detection::load_image(path)?;
-            let found = det
-                .predictor()
-                .detect(&img, &phrases, &post)
-                .with_context(|| path.display().to_string())?;
+            let p = glip_train::infer::Predictor { graphs: graphs.as_ref(), ..det.predictor() };
+            let found =
+                p.detect(&img, &phrases, &post).with_context(|| path.display().to_string())?;
             let drawn = a.out.join(format!(
                 "{}.detections.png",
                 path.file_stem().unwrap_or_default().to_string_lossy()
@@ -113,7 +112,7 @@ pub fn run(registry: &glip_train::config::Registry, a: DetectArgs) -> Result<()>
         }
         Ok(())
     })?;
-    crate::report_graphs(det.graphs.as_ref());
+    crate::report_graphs(graphs.as_ref());
     println!("{}", serde_json::to_string_pretty(&results)?);
     Ok(())
 }

@@ -47,8 +47,8 @@ pub fn run(registry: &glip_train::config::Registry, a: EvalArgs) -> Result<()> {
     let mut det = Detector::load_with(registry, &a.run, &dev)?;
     det.precision = crate::precision_on(a.precision, &dev);
     crate::tf32_on(a.tf32, &dev);
-    det.graphs = crate::graphs_on(a.cuda_graph, &dev);
-    let p = det.predictor();
+    let graphs = crate::graphs_on(a.cuda_graph, &dev);
+    let p = glip_train::infer::Predictor { graphs: graphs.as_ref(), ..det.predictor() };
     // One bf16 scope for the whole evaluation: each convolution's weight is packed once.
     let ev = glip_train::autocast(det.precision, || -> Result<_> {
         Ok(match (&a.coco, &a.images) {
@@ -77,7 +77,7 @@ pub fn run(registry: &glip_train::config::Registry, a: EvalArgs) -> Result<()> {
             }
         })
     })?;
-    crate::report_graphs(det.graphs.as_ref());
+    crate::report_graphs(graphs.as_ref());
     let mut obj: serde_json::Map<String, serde_json::Value> = COCO_STAT_NAMES
         .iter()
         .map(|n| (n.to_string(), serde_json::json!(ev.coco.get(n))))

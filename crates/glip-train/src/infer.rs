@@ -152,8 +152,6 @@ pub struct Detector {
     pub device: Device,
     /// What its convolutions compute in ([`crate::Precision::F32`] as loaded).
     pub precision: crate::Precision,
-    /// CUDA graphs of its passes, when asked for (`None` as loaded: eager launches).
-    pub graphs: Option<GraphCache>,
 }
 
 impl std::fmt::Debug for Detector {
@@ -216,17 +214,12 @@ impl Detector {
             msg: "the run's model names no tokenizer".into(),
         })?;
         let tokenizer = Arc::new(Tokenizer::from_file(&tok)?);
-        Ok(Self {
-            model,
-            spec,
-            tokenizer,
-            device: device.clone(),
-            precision: Default::default(),
-            graphs: None,
-        })
+        Ok(Self { model, spec, tokenizer, device: device.clone(), precision: Default::default() })
     }
 
-    /// The borrowing view that runs inference.
+    /// The borrowing view that runs inference (launching eagerly; for CUDA graphs set its
+    /// `graphs` to a [`GraphCache`] the caller keeps, which, unlike the detector, stays on its
+    /// thread).
     pub fn predictor(&self) -> Predictor<'_> {
         Predictor {
             model: &self.model,
@@ -234,7 +227,7 @@ impl Detector {
             tokenizer: &self.tokenizer,
             device: &self.device,
             precision: self.precision,
-            graphs: self.graphs.as_ref(),
+            graphs: None,
         }
     }
 }
@@ -449,19 +442,18 @@ impl<'a> Predictor<'a> {
             let found = batch_detections(scores, boxes, &sizes, post)?;
             for (b, found) in found.into_iter().enumerate() {
                 for d in found {
-                    let (index, phrase) = match tokens {
-                        true => {
-                            let i = chunk.categories[d.category];
-                            (i, phrases[i].clone())
-                        }
-                        false => (
+                    let (index, phrase) = if tokens {
+                        let i = chunk.categories[d.category];
+                        (i, phrases[i].clone())
+                    } else {
+                        (
                             d.category,
                             self.spec
                                 .class_names
                                 .get(d.category)
                                 .cloned()
                                 .unwrap_or_else(|| format!("class {}", d.category)),
-                        ),
+                        )
                     };
                     all[b].push(Grounded {
                         bbox: d.bbox,

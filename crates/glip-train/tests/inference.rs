@@ -211,3 +211,11 @@ fn degenerate_images_are_an_error_not_a_panic() {
     let one = image::RgbImage::new(1, 1);
     assert!(p.detect(&one, &phrases, &spec.post).is_ok());
 }
+
+/// A loaded detector can move to, and be shared between, threads (a server's workers); a
+/// `GraphCache` of CUDA graphs is kept beside it by the thread that uses it.
+#[test]
+fn a_detector_is_send_and_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Detector>();
+}
