@@ -196,21 +196,25 @@ fn record(
         .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
         .map_err(|e| wrap("begin", &e))?;
     let recorded = f(&inputs);
-    // Always ended, so that the stream leaves capture mode whatever `f` did.
+    // Always ended, so that the stream leaves capture mode whatever `f` did. cudarc keeps the
+    // errors of calls that cannot return one (a free) and returns the first from its next
+    // call that checks, which `end_capture` is: taken first, or capture mode would stay on.
+    let stale = stream.context().check_err();
     let ended = stream.end_capture(
         sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,
     );
     drop(recording);
     let kept = KEPT.with(|k| std::mem::take(&mut *k.borrow_mut()));
-    let (outputs, exec) = match (recorded, ended) {
-        (Ok(outputs), Ok(Some(exec))) => (outputs, exec),
-        (recorded, ended) => {
+    let (outputs, exec) = match (recorded, ended, stale) {
+        (Ok(outputs), Ok(Some(exec)), Ok(())) => (outputs, exec),
+        (recorded, ended, stale) => {
             // What the failed recording made is dropped now; its frees were recorded against
             // a capture that no longer exists, and cudarc keeps their errors for the next
             // call that checks: cleared, as nothing of it is used.
-            let why = match (&recorded, &ended) {
-                (Err(e), _) => e.to_string(),
-                (_, Err(e)) => e.to_string(),
+            let why = match (&recorded, &ended, &stale) {
+                (Err(e), _, _) => e.to_string(),
+                (_, _, Err(e)) => format!("a call during the capture failed: {e}"),
+                (_, Err(e), _) => e.to_string(),
                 _ => "the capture recorded nothing".to_string(),
             };
             drop(recorded);
@@ -233,7 +237,11 @@ fn record(
         _params: candle_core::cuda_backend::cached_params(),
         _kept: [kept, crate::bf16::scope_tensors()].concat(),
     };
-    graph.exec.launch().map_err(|e| wrap("first replay", &e))?;
+    if let Err(e) = graph.exec.launch() {
+        drop(graph);
+        let _ = stream.context().check_err();
+        return Err(wrap("first replay", &e));
+    }
     for (k, (got, want)) in graph.outputs.iter().zip(&eager).enumerate() {
         if let Some(why) = differs(got, want)? {
             candle_core::bail!(
