@@ -20,47 +20,14 @@ fn scratch(name: &str) -> PathBuf {
     d
 }
 
-/// A model small enough to train a few steps in seconds, on 48-pixel shapes.
+/// A model small enough to train a few steps in seconds, on 48-pixel shapes
+/// (`glip_testing::tiny_experiment` with positional encodings and auxiliary losses), written to
+/// `dir/tiny.toml`.
 fn tiny_config(dir: &Path) -> PathBuf {
-    let tok = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/shapes-tokenizer.json");
-    let text = format!(
-        r#"
-name = "tiny"
-[model]
-num_queries = 4
-position_encoding = true
-aux_loss = true
-[model.backbone]
-type = "resnet"
-depth = 18
-freeze_at = 5
-[model.text]
-tokenizer = "{}"
-hidden = 16
-layers = 1
-heads = 2
-[model.transformer]
-d_model = 16
-nhead = 2
-num_encoder_layers = 1
-num_decoder_layers = 1
-dim_feedforward = 32
-[model.head]
-type = "token"
-[data]
-batch_size = 2
-[data.shapes]
-image_size = 48
-train_images = 4
-val_images = 4
-[run]
-steps = 4
-eval_every = 2
-log_every = 1
-checkpoint_every = 0
-"#,
-        tok.display()
-    );
+    let mut doc = glip_testing::tiny_experiment();
+    let sets = ["model.position_encoding = true", "model.aux_loss = true"];
+    glip_train::experiment::apply_overrides(&mut doc, &sets.map(String::from)).unwrap();
+    let text = toml::to_string(&doc).unwrap();
     let p = dir.join("tiny.toml");
     std::fs::write(&p, text).unwrap();
     p

@@ -37,53 +37,22 @@ fn detect_json_of_a_fixed_checkpoint() {
     let d = std::env::temp_dir().join(format!("glip-snap-detect-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    let tok = root().join("configs/shapes-tokenizer.json");
     let cfg = d.join("fixed.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"
-name = "fixed"
-[model]
-num_queries = 4
-[model.backbone]
-type = "resnet"
-depth = 18
-freeze_at = 5
-[model.text]
-tokenizer = "{}"
-hidden = 16
-layers = 1
-heads = 2
-dropout = 0.0
-[model.transformer]
-d_model = 16
-nhead = 2
-num_encoder_layers = 1
-num_decoder_layers = 1
-dim_feedforward = 32
-dropout = 0.0
-[model.head]
-type = "token"
-[data]
-batch_size = 2
-[data.shapes]
-image_size = 48
-train_images = 2
-val_images = 2
-[optim]
-lr = 0.0
-backbone_lr = 0.0
-text_lr = 0.0
-[run]
-steps = 1
-eval_every = 1
-checkpoint_every = 0
-"#,
-            tok.display()
-        ),
-    )
-    .unwrap();
+    let mut doc = glip_testing::tiny_experiment();
+    let sets = [
+        "name = \"fixed\"",
+        "model.text.dropout = 0.0",
+        "model.transformer.dropout = 0.0",
+        "data.shapes.train_images = 2",
+        "data.shapes.val_images = 2",
+        "optim.lr = 0.0",
+        "optim.backbone_lr = 0.0",
+        "optim.text_lr = 0.0",
+        "run.steps = 1",
+        "run.eval_every = 1",
+    ];
+    glip_train::experiment::apply_overrides(&mut doc, &sets.map(String::from)).unwrap();
+    std::fs::write(&cfg, toml::to_string(&doc).unwrap()).unwrap();
     let run = d.join("run");
     let (ok, _, err) =
         glip(&["train", "--config", cfg.to_str().unwrap(), "--out", run.to_str().unwrap()]);

@@ -54,6 +54,52 @@ pub fn device() -> Device {
     })
 }
 
+/// The tests' tiny experiment, a config document: the seed design on a frozen ResNet-18, a
+/// one-layer text encoder and transformer 16 wide, on 48-pixel shapes (4 training
+/// and 4 validation images, batch 2), trained 4 steps and evaluated every 2: seconds on a CPU.
+/// The tokenizer is the repository's shapes tokenizer, by absolute path, so the document can
+/// be written anywhere. A test states what it needs on top as `--set` overrides
+/// (`glip_train::experiment::apply_overrides`), so the differences are all it lists.
+pub fn tiny_experiment() -> toml::Table {
+    let tokenizer = concat!(env!("CARGO_MANIFEST_DIR"), "/../../configs/shapes-tokenizer.json");
+    let doc = format!(
+        r#"
+name = "tiny"
+[model]
+num_queries = 4
+[model.backbone]
+type = "resnet"
+depth = 18
+freeze_at = 5
+[model.text]
+tokenizer = '{tokenizer}'
+hidden = 16
+layers = 1
+heads = 2
+[model.transformer]
+d_model = 16
+nhead = 2
+num_encoder_layers = 1
+num_decoder_layers = 1
+dim_feedforward = 32
+[model.head]
+type = "token"
+[data]
+batch_size = 2
+[data.shapes]
+image_size = 48
+train_images = 4
+val_images = 4
+[run]
+steps = 4
+eval_every = 2
+log_every = 1
+checkpoint_every = 0
+"#
+    );
+    toml::from_str(&doc).expect("the tiny experiment is valid TOML")
+}
+
 /// Loads a safetensors fixture as f32 tensors on `device` (integer tensors keep their dtype).
 pub fn load(rel: &str, device: &Device) -> Result<HashMap<String, Tensor>> {
     let map = candle_core::safetensors::load(fixture(rel), device)?;

@@ -1149,7 +1149,7 @@ fn a_pass_reading_the_host_is_not_recorded_and_the_device_recovers() -> Result<(
 fn detection_with_cuda_graphs_finds_what_eager_detection_finds(
 ) -> std::result::Result<(), Box<dyn std::error::Error>> {
     let dev = gpu();
-    let cfg = tiny_dense::config(&tiny_dense::shapes_text(), "");
+    let cfg = tiny_dense::config(&[]);
     let registry = glip_train::config::Registry::new();
     let varmap = candle_nn::VarMap::new();
     let trainable = registry.build_trainable(&cfg.model, &varmap, 0, &dev)?;

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 #[path = "common/tiny_dense.rs"]
 mod tiny_dense;
-use tiny_dense::{config, shapes_text};
+use tiny_dense::config;
 
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("glip-infer-{name}-{}", std::process::id()));
@@ -28,7 +28,7 @@ fn quiet(_: &str) {}
 /// the same boxes, scores and phrases: both go through `Predictor::detect_batch`.
 #[test]
 fn evaluation_and_detect_give_the_same_boxes_for_the_same_image() {
-    let cfg = config(&shapes_text(), "");
+    let cfg = config(&[]);
     let dev = Device::Cpu;
     let model =
         Registry::new().build_trainable(&cfg.model, &candle_nn::VarMap::new(), 0, &dev).unwrap();
@@ -71,11 +71,11 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 fn a_folder_bert_trains_and_round_trips_through_the_checkpoint() {
     let folder = glip_testing::fixture("bert-tiny");
     let text = format!(
-        "folder = \"{}\"\ntokenizer = \"{}\"",
+        "model.text = {{ folder = '{}', tokenizer = '{}' }}",
         folder.display(),
         folder.join("tokenizer.json").display()
     );
-    let cfg = config(&text, "");
+    let cfg = config(&[&text]);
     let dir = tmp("folder-bert");
     run_experiment(&cfg, &dir, false, &mut quiet).unwrap();
     let ckpt = checkpoint(&dir);
@@ -102,7 +102,7 @@ fn a_folder_bert_trains_and_round_trips_through_the_checkpoint() {
 #[test]
 fn names_missing_from_a_weights_file_are_an_error_unless_allowed() {
     let dir = tmp("missing");
-    let cfg = config(&shapes_text(), "");
+    let cfg = config(&[]);
     let vm = candle_nn::VarMap::new();
     Registry::new().build_trainable(&cfg.model, &vm, 0, &Device::Cpu).unwrap();
     // The backbone's weights without layer3.
@@ -149,7 +149,7 @@ fn forward_logits(model: &glip_train::GlipModel) -> Tensor {
 /// With `optim.ema_decay`, evaluation during training and `detect` use the EMA weights.
 #[test]
 fn an_ema_run_evaluates_and_detects_with_its_ema_weights() {
-    let cfg = config(&shapes_text(), "[optim]\nema_decay = 0.5\nlr = 1e-2");
+    let cfg = config(&["optim.ema_decay = 0.5", "optim.lr = 1e-2"]);
     let dir = tmp("ema");
     let result = run_experiment(&cfg, &dir, false, &mut quiet).unwrap();
     let ckpt = checkpoint(&dir);
@@ -193,7 +193,7 @@ fn an_ema_run_evaluates_and_detects_with_its_ema_weights() {
 /// (it was given boxes), no image at all. Each is an error or an empty answer, never a panic.
 #[test]
 fn degenerate_images_are_an_error_not_a_panic() {
-    let cfg = config(&shapes_text(), "");
+    let cfg = config(&[]);
     let dev = Device::Cpu;
     let model =
         Registry::new().build_trainable(&cfg.model, &candle_nn::VarMap::new(), 0, &dev).unwrap();

@@ -274,47 +274,12 @@ fn a_non_finite_gradient_stops_before_the_update_and_keeps_the_checkpoint() {
 
 #[test]
 fn an_experiment_trains_evaluates_and_records_everything() {
-    use glip_train::experiment::{run_experiment, ExperimentConfig};
-    let tok = std::path::Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../configs/shapes-tokenizer.json"
-    ));
-    let mut cfg: ExperimentConfig = toml::from_str(&format!(
-        r#"
-[model]
-num_queries = 4
-[model.backbone]
-type = "resnet"
-depth = 18
-freeze_at = 5
-[model.text]
-tokenizer = "{}"
-hidden = 16
-layers = 1
-heads = 2
-[model.transformer]
-d_model = 16
-nhead = 2
-num_encoder_layers = 1
-num_decoder_layers = 1
-dim_feedforward = 32
-[model.head]
-type = "token"
-[data]
-batch_size = 2
-[data.shapes]
-image_size = 48
-train_images = 4
-val_images = 6
-[run]
-steps = 4
-eval_every = 2
-log_every = 1
-checkpoint_every = 0
-"#,
-        tok.display()
-    ))
-    .unwrap();
+    use glip_train::experiment::{
+        apply_overrides, config_from_table, run_experiment, ExperimentConfig,
+    };
+    let mut doc = glip_testing::tiny_experiment();
+    apply_overrides(&mut doc, &["data.shapes.val_images = 6".to_string()]).unwrap();
+    let mut cfg = config_from_table(doc).unwrap();
     cfg.name = "smoke".into();
     let d = tmp("experiment");
     let mut messages = Vec::new();

@@ -1,59 +1,28 @@
 //! A tiny dense model on 48-pixel shapes, for the inference tests on the CPU
 //! (`tests/inference.rs`) and on the GPU (`tests/cuda.rs`).
 
-use glip_train::experiment::ExperimentConfig;
-use std::path::Path;
+use glip_train::experiment::{apply_overrides, config_from_table, ExperimentConfig};
 
-/// A dense model (centerness on, so the detector's own scoring is exercised) on 48-pixel
-/// shapes; `text` is the `[model.text]` table.
-pub fn config(text: &str, extra: &str) -> ExperimentConfig {
-    let doc = format!(
-        r#"
-name = "tiny-dense"
-[model]
-num_queries = 4
-position_encoding = true
-feature_levels = [1, 2]
-[model.backbone]
-type = "resnet"
-depth = 18
-freeze_at = 0
-trainable_bn = true
-stages = 3
-[model.text]
-{text}
-[model.transformer]
-d_model = 16
-nhead = 2
-num_encoder_layers = 1
-num_decoder_layers = 1
-dim_feedforward = 32
-[model.fusion]
-type = "bi-attention"
-heads = 2
-[model.detector]
-type = "dense"
-centerness = true
-[model.head]
-type = "token"
-[data]
-batch_size = 2
-[data.shapes]
-image_size = 48
-train_images = 4
-val_images = 5
-[run]
-steps = 2
-eval_every = 2
-log_every = 1
-checkpoint_every = 0
-{extra}
-"#
-    );
-    glip_train::experiment::config_from_table(toml::from_str(&doc).unwrap()).unwrap()
-}
-
-pub fn shapes_text() -> String {
-    let tok = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/shapes-tokenizer.json");
-    format!("tokenizer = \"{}\"\nhidden = 16\nlayers = 1\nheads = 2", tok.display())
+/// `glip_testing::tiny_experiment` with the dense design (centerness on, so the detector's own
+/// scoring is exercised) over C3 and C4 with positional encodings and a fusion block, trained
+/// 2 steps, then `sets` (`--set` overrides).
+pub fn config(sets: &[&str]) -> ExperimentConfig {
+    let dense = [
+        "name = \"tiny-dense\"",
+        "model.position_encoding = true",
+        "model.feature_levels = [1, 2]",
+        "model.backbone.freeze_at = 0",
+        "model.backbone.trainable_bn = true",
+        "model.backbone.stages = 3",
+        "model.fusion.type = \"bi-attention\"",
+        "model.fusion.heads = 2",
+        "model.detector.type = \"dense\"",
+        "model.detector.centerness = true",
+        "data.shapes.val_images = 5",
+        "run.steps = 2",
+    ];
+    let sets: Vec<String> = dense.iter().chain(sets).map(|s| s.to_string()).collect();
+    let mut doc = glip_testing::tiny_experiment();
+    apply_overrides(&mut doc, &sets).unwrap();
+    config_from_table(doc).unwrap()
 }
