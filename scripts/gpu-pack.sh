@@ -3,7 +3,8 @@
 # binary and the GPU test binary (crates/glip-train/tests/cuda.rs) with `--features cudnn`, from
 # the pinned CUDA 13.0 and cuDNN 9 wheels (`cargo xtask cuda-env --cudnn`), stripped and
 # xz-compressed into gpu/ (ignored by git). About 10 minutes on 2 cores from a warm target
-# folder, longer from a cold one.
+# folder; from a cold one (a fresh machine) start it first: on 2026-12-05 it took 61 minutes,
+# with candle built twice (see below) and part of the time beside other builds.
 #
 # Each binary is about 80 MB (candle's PTX is in it) and about 9-10 MB compressed. A device call
 # carries 64 MiB at most (working tree included) and the fixtures are over 100 MB, so they are
@@ -20,14 +21,23 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(cargo xtask cuda-env --cudnn --cupti)"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target/cuda}"
-cargo build --release -p glip-cli --features cudnn
-tests=$(cargo test --release -p glip-train --features cudnn --test cuda --no-run \
-  --message-format=json 2>/dev/null | python3 -c '
+# Both binaries from one cargo invocation: built apart, the binary's dependencies and the test's
+# (dev-dependencies included) resolve with different features for a few shared crates, which
+# is enough to build candle, its CUDA kernels included, twice. `--test run_cli` (a glip-cli
+# test, not run) makes cargo build the plain `glip` binary in the same invocation.
+artifacts=$(cargo test --release -p glip-cli -p glip-train --features glip-cli/cudnn,glip-train/cudnn \
+  --test cuda --test run_cli --no-run --message-format=json | python3 -c '
 import json, sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "cuda":
-        print(m["executable"])')
+    if m.get("reason") != "compiler-artifact" or not m.get("executable"):
+        continue
+    kind, name = m["target"]["kind"], m["target"]["name"]
+    if (kind, name, m["profile"]["test"]) in ((["bin"], "glip", False), (["test"], "cuda", True)):
+        print(name, m["executable"])')
+glip=$(awk '$1 == "glip" {print $2}' <<<"$artifacts")
+tests=$(awk '$1 == "cuda" {print $2}' <<<"$artifacts")
+[[ -n "$glip" ]] || { echo "gpu-pack: cargo built no glip binary" >&2; exit 1; }
 [[ -n "$tests" ]] || { echo "gpu-pack: no test binary for tests/cuda.rs" >&2; exit 1; }
 mkdir -p gpu
 # glip's CUPTI tracer (part p of gpu-check.sh), with the libcupti it was built against.
@@ -36,7 +46,7 @@ g++ -O2 -shared -fPIC -std=c++17 -Wall -I"$GLIP_CUPTI/include" -o "$CARGO_TARGET
   scripts/gpu-trace.cpp -L"$GLIP_CUPTI/lib" -l:libcupti.so.13 -Wl,-rpath,'$ORIGIN'
 cp "$GLIP_CUPTI/lib/libcupti.so.13" "$CARGO_TARGET_DIR/trace/"
 tar -cJf gpu/trace.tar.xz -C "$CARGO_TARGET_DIR/trace" libglip-trace.so libcupti.so.13
-strip -o gpu/glip "$CARGO_TARGET_DIR/release/glip"
+strip -o gpu/glip "$glip"
 strip -o gpu/cuda-tests "$tests"
 xz -T2 -6 -f gpu/glip gpu/cuda-tests
 size() { du -cb "$@" | tail -1 | awk '{printf "%.1f MB", $1 / 1e6}'; }
