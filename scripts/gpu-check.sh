@@ -136,6 +136,12 @@ bench() {
   local rc=$?
   end=$(date +%s%N)
   ((rc != 0)) && failed+=("glip bench $* (exit $rc)")
+  # A row run with an environment switch (BENCH_VARIANT names it) is marked in bench.jsonl, so
+  # that the summary's verdict counts the plain rows alone.
+  if [[ -n "${BENCH_VARIANT:-}" ]]; then
+    line=$(python3 -c 'import json, sys; d = json.loads(sys.argv[1]); d["variant"] = sys.argv[2]; print(json.dumps(d))' \
+      "$line" "$BENCH_VARIANT" 2>/dev/null || echo "$line")
+  fi
   echo "$line" >>"$OUT/bench.jsonl"
   echo "  glip $*: $line (process $(((end - start) / 1000000)) ms)"
   if [[ "$*" == *--cuda-graph* && "$line" != *'"graph":true'* ]]; then
@@ -240,9 +246,7 @@ if [[ "$PARTS" == *b* ]]; then
         # bf16 with the backbone's activations kept f32 (a cast around every convolution), as
         # before bf16 activations: the two side by side in one call.
         echo "  (the next row: GLIP_BF16_ACTIVATIONS=0)"
-        export GLIP_BF16_ACTIVATIONS=0
-        bench "${args[@]}" --precision bf16
-        unset GLIP_BF16_ACTIVATIONS
+        GLIP_BF16_ACTIVATIONS=0 BENCH_VARIANT=GLIP_BF16_ACTIVATIONS=0 bench "${args[@]}" --precision bf16
       fi
       if [[ "${GRAPH:-1}" == 1 && "$mode" == infer ]]; then
         # The pass recorded once as a CUDA graph and replayed (inputs copied in, outputs out).
@@ -252,9 +256,7 @@ if [[ "$PARTS" == *b* ]]; then
       if [[ "${ATTN_AB:-0}" == 1 && "$mode" == infer ]]; then
         # Inference with candle's composed attention instead of the one-launch core.
         echo "  (the next row: GLIP_CUDA_ATTENTION=composed)"
-        export GLIP_CUDA_ATTENTION=composed
-        bench "${args[@]}" --precision bf16
-        unset GLIP_CUDA_ATTENTION
+        GLIP_CUDA_ATTENTION=composed BENCH_VARIANT=GLIP_CUDA_ATTENTION=composed bench "${args[@]}" --precision bf16
       fi
       if [[ -n "$TORCH_PYTHON" && "$DEVICE" != cpu ]]; then
         line=$(timeout 120 "$TORCH_PYTHON" reference/bench_torch.py --device "$DEVICE" "${args[@]}" \
@@ -264,6 +266,11 @@ if [[ "$PARTS" == *b* ]]; then
       fi
     done
   done
+  # The verdict on the issue's targets, from the rows above (before the extra rows below).
+  if [[ -n "$TORCH_PYTHON" && "$DEVICE" != cpu ]]; then
+    echo "== (b) the targets: glip beside PyTorch f32 in this call (scripts/bench-summary.py)"
+    python3 scripts/bench-summary.py "$OUT/bench.jsonl"
+  fi
   echo "== (b) f32 with TF32 (PyTorch's default for convolutions)"
   for row in "${rows[@]}"; do
     read -r preset batch size modes <<<"$row"
@@ -292,7 +299,7 @@ if [[ "$PARTS" == *b* ]]; then
       read -r preset batch size modes <<<"$row"
       [[ "$modes" == *train* ]] || continue
       fits 30 "(b) composed $preset" || continue
-      GLIP_CUDA_COMPOSED=1 bench --preset "$preset" --mode train --batch "$batch" --size "$size" \
+      GLIP_CUDA_COMPOSED=1 BENCH_VARIANT=GLIP_CUDA_COMPOSED=1 bench --preset "$preset" --mode train --batch "$batch" --size "$size" \
         --iters "$ITERS" --precision f32
     done
   fi
