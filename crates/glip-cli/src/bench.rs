@@ -23,19 +23,8 @@ pub struct BenchArgs {
     /// Timed iterations (after one warm-up).
     #[arg(long, default_value_t = 5, value_parser = crate::count(1, 1_000_000))]
     iters: usize,
-    /// Where to compute: auto (the first GPU of a CUDA build, else the CPU), cpu, cuda, cuda:N.
-    #[arg(long, value_parser = crate::parse_device)]
-    device: Option<glip_train::device::DeviceSpec>,
-    /// What convolutions' forward products (and inference's linear layers) compute in: f32, or
-    /// bf16 (inputs and weights rounded to bf16, f32 sums; on CUDA forward and backward, on
-    /// the CPU with AVX512_BF16 the forward, else f32 with a warning). Weights and the
-    /// optimiser are f32 either way.
-    #[arg(long, default_value = "f32", value_parser = crate::parse_precision)]
-    precision: glip_train::Precision,
-    /// On CUDA, let f32 convolutions and matrix products use TF32 tensor cores (PyTorch's
-    /// default for convolutions; `run.tf32` in configs). No effect on the CPU or in bf16.
-    #[arg(long)]
-    tf32: bool,
+    #[command(flatten)]
+    compute: crate::Compute,
     /// Also time each phase (forward, loss, backward, optimiser; the device synchronised at
     /// each boundary) and print their medians in `phases`.
     #[arg(long)]
@@ -58,16 +47,15 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
         batch: a.batch,
         size: a.size,
         iters: a.iters,
-        precision: a.precision,
-        tf32: a.tf32,
+        precision: a.compute.precision,
+        tf32: a.compute.tf32,
         phases: a.phases,
         graph: a.cuda_graph,
     };
     if a.cuda_graph && a.mode == "train" {
         eprintln!("warning: --cuda-graph applies to inference only; timing eager training steps");
     }
-    let dev = a.device.unwrap_or_default().resolve()?;
-    crate::precision_on(a.precision, &dev);
+    let (dev, _) = a.compute.resolve()?;
     if spec.graph && !spec.train && !dev.is_cuda() {
         eprintln!("warning: --cuda-graph applies on CUDA only; timing eager launches on {dev:?}");
     }

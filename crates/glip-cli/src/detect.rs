@@ -33,18 +33,8 @@ pub struct DetectArgs {
     /// prediction).
     #[arg(long, value_parser = crate::parse_unit)]
     nms: Option<f32>,
-    /// Where to compute: auto (the first GPU of a CUDA build, else the CPU), cpu, cuda, cuda:N.
-    #[arg(long, value_parser = crate::parse_device)]
-    device: Option<glip_train::device::DeviceSpec>,
-    /// What convolutions (and on CUDA linear layers) compute in: f32, or bf16 (inputs and
-    /// weights rounded to bf16, f32 sums; on CUDA, or CPUs with AVX512_BF16, else f32 with a
-    /// warning).
-    #[arg(long, default_value = "f32", value_parser = crate::parse_precision)]
-    precision: glip_train::Precision,
-    /// On CUDA, let f32 convolutions and matrix products use TF32 tensor cores (PyTorch's
-    /// default for convolutions). No effect on the CPU or in bf16.
-    #[arg(long)]
-    tf32: bool,
+    #[command(flatten)]
+    compute: crate::Compute,
     /// On CUDA, replay passes as CUDA graphs: a pass whose batch shape, padding and prompt were
     /// seen before is recorded (second time) and then replayed in one launch. Pays off when
     /// images share a size; a summary goes to stderr. No effect on the CPU.
@@ -66,10 +56,9 @@ pub fn run(registry: &glip_train::config::Registry, a: DetectArgs) -> Result<()>
             a.prompt
         ));
     }
-    let dev = a.device.unwrap_or_default().resolve()?;
+    let (dev, precision) = a.compute.resolve()?;
     let mut det = Detector::load_with(registry, &a.run, &dev)?;
-    det.precision = crate::precision_on(a.precision, &dev);
-    crate::tf32_on(a.tf32, &dev);
+    det.precision = precision;
     let graphs = crate::graphs_on(a.cuda_graph, &dev);
     let unknown = det.predictor().unknown_words(&phrases);
     if !unknown.is_empty() {

@@ -52,16 +52,39 @@ pub(crate) fn parse_precision(s: &str) -> Result<glip_train::Precision, String> 
     s.parse()
 }
 
-/// `precision` on `device`, after a warning on stderr when it cannot take effect there.
-pub(crate) fn precision_on(
-    precision: glip_train::Precision,
-    device: &candle_core::Device,
-) -> glip_train::Precision {
-    let (effective, why) = glip_train::resolve_precision(precision, device);
-    if let Some(why) = why {
-        eprintln!("warning: --precision {precision}: {why}");
+/// Where and how `detect`, `eval` and `bench` compute (flattened into their arguments).
+#[derive(clap::Args, Debug)]
+pub(crate) struct Compute {
+    /// Where to compute: auto (the first GPU of a CUDA build, else the CPU), cpu, cuda, cuda:N.
+    #[arg(long, value_parser = parse_device)]
+    device: Option<glip_train::device::DeviceSpec>,
+    /// What convolutions and linear layers compute in: f32, or bf16 (inputs and weights rounded
+    /// to bf16, f32 sums): on CUDA forward and backward; on a CPU with AVX512_BF16 the
+    /// convolutions' forward; on other CPUs f32, with a warning. Weights, and in training the
+    /// optimiser, stay f32.
+    #[arg(long, default_value = "f32", value_parser = parse_precision)]
+    pub(crate) precision: glip_train::Precision,
+    /// On CUDA, let f32 convolutions and matrix products use TF32 tensor cores (PyTorch's
+    /// default for convolutions; `run.tf32` in configs). No effect on the CPU or in bf16.
+    #[arg(long)]
+    pub(crate) tf32: bool,
+}
+
+impl Compute {
+    /// The device, with TF32 set as asked where it applies, and the precision that takes effect
+    /// there; a warning on stderr for each flag that cannot take effect on it.
+    pub(crate) fn resolve(&self) -> anyhow::Result<(candle_core::Device, glip_train::Precision)> {
+        let device = self.device.unwrap_or_default().resolve()?;
+        if self.tf32 && !device.is_cuda() {
+            eprintln!("warning: --tf32 applies on CUDA only; computing in plain f32 on {device:?}");
+        }
+        glip_train::set_tf32(self.tf32 && device.is_cuda());
+        let (precision, why) = glip_train::resolve_precision(self.precision, &device);
+        if let Some(why) = why {
+            eprintln!("warning: --precision {}: {why}", self.precision);
+        }
+        Ok((device, precision))
     }
-    effective
 }
 
 /// `--cuda-graph` on `device`: a cache of CUDA graphs for the passes on CUDA; elsewhere a
@@ -81,15 +104,6 @@ pub(crate) fn report_graphs(graphs: Option<&glip_train::infer::GraphCache>) {
     if let Some(g) = graphs {
         eprintln!("{}", g.report());
     }
-}
-
-/// `--tf32` on `device`: TF32 for f32 convolutions and matrix products on CUDA; elsewhere a
-/// warning on stderr that it has no effect.
-pub(crate) fn tf32_on(on: bool, device: &candle_core::Device) {
-    if on && !device.is_cuda() {
-        eprintln!("warning: --tf32 applies on CUDA only; computing in plain f32 on {device:?}");
-    }
-    glip_train::set_tf32(on && device.is_cuda());
 }
 
 /// Grounded object detection in the style of GLIP.

@@ -77,6 +77,22 @@ fn experiment_then_eval_detect_and_inspect() {
         assert!((0.0..=1.0).contains(&r), "{k} {r}");
         assert_eq!(res["recall"][k].as_f64(), Some(r), "{k}");
     }
+    // The CUDA-only flags on the CPU: a warning each, and the same numbers.
+    let (ok, out, err) = glip(&[
+        "eval",
+        "--run",
+        run.to_str().unwrap(),
+        "--json",
+        "--device",
+        "cpu",
+        "--tf32",
+        "--cuda-graph",
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("--tf32 applies on CUDA only"), "{err}");
+    assert!(err.contains("--cuda-graph applies on CUDA only"), "{err}");
+    let m2: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(m2["AP50"], m["AP50"]);
 
     // `glip detect`: JSON with one entry per image, the phrases it grounds, a drawn PNG.
     let shapes = d.join("shapes");
