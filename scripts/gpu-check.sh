@@ -131,13 +131,14 @@ bench() {
   local start end line
   start=$(date +%s%N)
   echo "== glip bench $*" >>"$OUT/bench.log"
-  line=$(GLIP_CUDNN_LOG=1 timeout --kill-after=5 120 "$GLIP" bench --device "$DEVICE" "$@" 2>&1 |
+  line=$(GLIP_CUDNN_LOG=1 timeout --kill-after=5 120 env ${BENCH_VARIANT:+"$BENCH_VARIANT"} \
+    "$GLIP" bench --device "$DEVICE" "$@" 2>&1 |
     tee -a "$OUT/bench.log" | tail -1)
   local rc=$?
   end=$(date +%s%N)
   ((rc != 0)) && failed+=("glip bench $* (exit $rc)")
-  # A row run with an environment switch (BENCH_VARIANT names it) is marked in bench.jsonl, so
-  # that the summary's verdict counts the plain rows alone.
+  # A row run with an environment switch (BENCH_VARIANT=NAME=VALUE, set for this glip alone) is
+  # marked in bench.jsonl, so that the summary's verdict counts the plain rows alone.
   if [[ -n "${BENCH_VARIANT:-}" ]]; then
     line=$(python3 -c 'import json, sys; d = json.loads(sys.argv[1]); d["variant"] = sys.argv[2]; print(json.dumps(d))' \
       "$line" "$BENCH_VARIANT" 2>/dev/null || echo "$line")
@@ -246,7 +247,7 @@ if [[ "$PARTS" == *b* ]]; then
         # bf16 with the backbone's activations kept f32 (a cast around every convolution), as
         # before bf16 activations: the two side by side in one call.
         echo "  (the next row: GLIP_BF16_ACTIVATIONS=0)"
-        GLIP_BF16_ACTIVATIONS=0 BENCH_VARIANT=GLIP_BF16_ACTIVATIONS=0 bench "${args[@]}" --precision bf16
+        BENCH_VARIANT=GLIP_BF16_ACTIVATIONS=0 bench "${args[@]}" --precision bf16
       fi
       if [[ "${GRAPH:-1}" == 1 && "$mode" == infer ]]; then
         # The pass recorded once as a CUDA graph and replayed (inputs copied in, outputs out).
@@ -256,7 +257,7 @@ if [[ "$PARTS" == *b* ]]; then
       if [[ "${ATTN_AB:-0}" == 1 && "$mode" == infer ]]; then
         # Inference with candle's composed attention instead of the one-launch core.
         echo "  (the next row: GLIP_CUDA_ATTENTION=composed)"
-        GLIP_CUDA_ATTENTION=composed BENCH_VARIANT=GLIP_CUDA_ATTENTION=composed bench "${args[@]}" --precision bf16
+        BENCH_VARIANT=GLIP_CUDA_ATTENTION=composed bench "${args[@]}" --precision bf16
       fi
       if [[ -n "$TORCH_PYTHON" && "$DEVICE" != cpu ]]; then
         line=$(timeout 120 "$TORCH_PYTHON" reference/bench_torch.py --device "$DEVICE" "${args[@]}" \
@@ -299,7 +300,7 @@ if [[ "$PARTS" == *b* ]]; then
       read -r preset batch size modes <<<"$row"
       [[ "$modes" == *train* ]] || continue
       fits 30 "(b) composed $preset" || continue
-      GLIP_CUDA_COMPOSED=1 BENCH_VARIANT=GLIP_CUDA_COMPOSED=1 bench --preset "$preset" --mode train --batch "$batch" --size "$size" \
+      BENCH_VARIANT=GLIP_CUDA_COMPOSED=1 bench --preset "$preset" --mode train --batch "$batch" --size "$size" \
         --iters "$ITERS" --precision f32
     done
   fi
