@@ -1,10 +1,10 @@
-//! The bf16 gemm of `glip_kernels::bf16` (packing of `B` included, as a convolution pays it)
-//! against candle's f32 matmul, at the convolution shapes of ResNet-50 at batch 2, 384 px
+//! The bf16 gemm of `glip_kernels::bf16` (packing of `B` included, as a convolution pays it),
+//! with each kernel the CPU runs (AVX512_BF16, AMX), against candle's f32 matmul, at the convolution shapes of ResNet-50 at batch 2, 384 px
 //! (`(m, k, n)` = output channels, input channels x kernel area, batch x output pixels).
 
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion};
-use glip_kernels::bf16;
+use glip_kernels::bf16::{self, Kernel};
 
 fn gemm(c: &mut Criterion) {
     let mut g = c.benchmark_group("gemm");
@@ -20,13 +20,15 @@ fn gemm(c: &mut Criterion) {
         let a = Tensor::randn(0f32, 1., (m, k), &Device::Cpu).unwrap();
         let b = Tensor::randn(0f32, 1., (k, n), &Device::Cpu).unwrap();
         g.bench_function(format!("f32/{name}"), |bench| bench.iter(|| a.matmul(&b).unwrap()));
-        if bf16::available() {
-            let av: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
-            let bv: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
-            let pa = bf16::PackedA::new(&av, m, k);
-            g.bench_function(format!("bf16/{name}"), |bench| {
-                bench.iter(|| bf16::gemm(&pa, &bf16::PackedB::new(&bv, k, n)))
-            });
+        let av: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+        let bv: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+        for (kernel, label) in [(Kernel::Avx512, "bf16-avx512"), (Kernel::Amx, "bf16-amx")] {
+            if kernel.runs_here() {
+                let pa = bf16::PackedA::for_kernel(kernel, &av, m, k);
+                g.bench_function(format!("{label}/{name}"), |bench| {
+                    bench.iter(|| bf16::gemm(&pa, &bf16::PackedB::for_kernel(kernel, &bv, k, n)))
+                });
+            }
         }
     }
     g.finish();
@@ -46,9 +48,8 @@ fn conv(c: &mut Criterion) {
     let conv = || glip_kernels::conv::conv2d(&x, &w, 1, 1).unwrap();
     g.bench_function("f32/layer1-3x3", |b| b.iter(conv));
     if bf16::available() {
-        g.bench_function("bf16/layer1-3x3", |b| {
-            bf16::autocast(bf16::Precision::Bf16, || b.iter(conv))
-        });
+        let label = format!("bf16-{:?}/layer1-3x3", Kernel::best()).to_lowercase();
+        g.bench_function(label, |b| bf16::autocast(bf16::Precision::Bf16, || b.iter(conv)));
     }
     g.finish();
 }

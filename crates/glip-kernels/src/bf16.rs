@@ -16,19 +16,28 @@
 //! * `k` is cut into blocks of [`KC`] so a panel of `B` (24 KiB) stays in L1 while every panel
 //!   of `A` in a block of [`MC`] rows passes over it; rayon splits the `(m, n)` blocks.
 //!
+//! On CPUs with AMX (Intel Sapphire Rapids on) the same packed `B` feeds AMX's tile
+//! instructions instead ([`Kernel::Amx`]): `tdpbf16ps` multiplies a 16 x 32 bf16 tile of `A` by
+//! a 32 x 16 tile of `B` into 16 x 16 f32 sums, 8,192 multiply-adds per instruction. There
+//! `vdpbf16ps` is no faster than an f32 FMA (one port against two), and the AVX-512 kernel lost
+//! to candle's f32 gemm by 1.3-2x (`benches/benches/gemm.rs` on a 2-core Intel Xeon with AMX,
+//! 2026-12-05); the AMX kernel is what makes bf16 pay there. `A` is packed as rows of pairs for
+//! it, and `k` padded with zeros to whole tiles (32) in both operands.
+//!
 //! Every product of two bf16 numbers is exact in f32, so the only errors are the roundings of
 //! the inputs to bf16 (8 significant bits: relative `2^-8` each) and f32 summation: for
 //! `c = sum_k a_k b_k`, `|c - c_exact| <= (2^-7 + 2^-16 + gamma_k) * sum_k |a_k b_k|` with `gamma_k = k 2^-24 /
-//! (1 - k 2^-24)`, the bound the tests check against an f64 product. CPUs without AVX512_BF16 get
-//! [`gemm_portable`] (the same sums in the same order, one scalar at a time), used by the tests
-//! there (the same sums, possibly in another order within a pair, and without the instruction's
-//! flushing of subnormals); callers use [`available`] to choose f32 instead, which is faster on
-//! such CPUs.
+//! (1 - k 2^-24)`, the bound the tests check against an f64 product, for every kernel the CPU
+//! has. CPUs without AVX512_BF16 get [`Kernel::Portable`] (the same sums, one scalar at a time,
+//! possibly in another order within a pair, and without the instructions' flushing of
+//! subnormals), used by the tests there; callers use [`available`] to choose f32 instead, which
+//! is faster on such CPUs.
 
 #![allow(
     unsafe_code,
-    reason = "SIMD intrinsics behind a run-time CPU check, and one output buffer written by \
-              rayon's tasks in disjoint tiles; the only other unsafe code in glip-kernels is `gemm`"
+    reason = "SIMD intrinsics and AMX instructions (inline assembly: Rust has no stable AMX \
+              intrinsics) behind a run-time CPU check, and one output buffer written by rayon's \
+              tasks in disjoint tiles; the only other unsafe code in glip-kernels is `gemm`"
 )]
 
 use candle_core::{DType, Result, Tensor, TensorId};
@@ -385,69 +394,185 @@ fn pair(lo: f32, hi: f32) -> u32 {
     to_bf16(lo) as u32 | (to_bf16(hi) as u32) << 16
 }
 
-/// `A (m, k)` as bf16 pairs in panels of [`MR`] rows: panel `p`, pair `q`, row `i` at
-/// `(p * kp + q) * MR + i`, with `kp = ceil(k / 2)`.
+/// The micro-kernels of [`gemm`], and the packing each reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// One scalar multiply-add at a time: every CPU (the tests' reference where nothing else
+    /// runs; callers compute in f32 instead, see [`available`]).
+    Portable,
+    /// `vdpbf16ps` on an `MR x NR` tile of sums in AVX-512 registers (AVX512_BF16).
+    Avx512,
+    /// AMX's `tdpbf16ps` on three 16 x 16 tiles of sums (AMX-BF16, with Linux's permission to
+    /// use the tile registers). `A` rows of pairs, `k` padded to whole tiles.
+    Amx,
+}
+
+impl Kernel {
+    /// The fastest kernel this CPU runs (checked once): AMX, else AVX512_BF16, else portable.
+    /// `GLIP_BF16_KERNEL=avx512` or `=portable` picks a slower one that the CPU also runs (to
+    /// compare them); an unknown or unavailable name is ignored.
+    pub fn best() -> Kernel {
+        static BEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| {
+            let asked = std::env::var("GLIP_BF16_KERNEL").ok().and_then(|v| match v.as_str() {
+                "amx" => Some(Kernel::Amx),
+                "avx512" => Some(Kernel::Avx512),
+                "portable" => Some(Kernel::Portable),
+                _ => None,
+            });
+            match asked {
+                Some(k) if k.runs_here() => k,
+                _ => [Kernel::Amx, Kernel::Avx512, Kernel::Portable]
+                    .into_iter()
+                    .find(|k| k.runs_here())
+                    .unwrap_or(Kernel::Portable),
+            }
+        })
+    }
+
+    /// Whether this CPU (and OS) runs the kernel.
+    pub fn runs_here(self) -> bool {
+        match self {
+            Kernel::Portable => true,
+            Kernel::Avx512 => available(),
+            Kernel::Amx => available() && amx_enabled(),
+        }
+    }
+
+    /// Pairs of `k` a packing for this kernel stores (the AMX kernel reads whole tiles of 16).
+    fn pairs(self, k: usize) -> usize {
+        match self {
+            Kernel::Amx => k.div_ceil(2 * AMX_K) * AMX_K,
+            Kernel::Portable | Kernel::Avx512 => k.div_ceil(2),
+        }
+    }
+}
+
+/// Pairs of `k` in one AMX tile of `A` (a row of 64 bytes) or of `B` (its 16 rows).
+const AMX_K: usize = 16;
+/// Rows of an AMX tile of `A` and of sums, columns of a tile of `B` and of sums.
+const AMX_ROWS: usize = 16;
+
+/// Whether AMX-BF16 is there and Linux lets this process use the tile registers (asked once:
+/// `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, Linux 5.16 on).
+fn amx_enabled() -> bool {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ON.get_or_init(amx::enable)
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    {
+        false
+    }
+}
+
+/// `A (m, k)` as bf16 pairs, for its [`Kernel`]: for [`Kernel::Avx512`] and
+/// [`Kernel::Portable`] in panels of [`MR`] rows (panel `p`, pair `q`, row `i` at `(p * kq + q)
+/// * MR + i`), for [`Kernel::Amx`] as rows of pairs (row `i`, pair `q` at `i * kq + q`, rows
+/// padded to a multiple of 16); `kq` pairs per row ([`Kernel::pairs`]), zeros past `k`.
 #[derive(Debug, Clone)]
 pub struct PackedA {
+    kernel: Kernel,
     m: usize,
     k: usize,
+    kq: usize,
     data: Vec<u32>,
 }
 
 /// `B (k, n)` as bf16 pairs in panels of [`NR`] columns: panel `p`, pair `q`, column `j` at
-/// `(p * kp + q) * NR + j`.
+/// `(p * kq + q) * NR + j`, `kq` pairs per panel as its [`Kernel`] reads ([`Kernel::pairs`]),
+/// zeros past `k` and `n`.
 #[derive(Debug, Clone)]
 pub struct PackedB {
+    kernel: Kernel,
     k: usize,
     n: usize,
+    kq: usize,
     data: Vec<u32>,
 }
 
 impl PackedA {
-    /// Packs the row-major `a` of `m` rows and `k` columns.
+    /// Packs the row-major `a` of `m` rows and `k` columns for [`Kernel::best`].
     pub fn new(a: &[f32], m: usize, k: usize) -> Self {
+        Self::for_kernel(Kernel::best(), a, m, k)
+    }
+
+    /// Packs the row-major `a` of `m` rows and `k` columns for `kernel`.
+    pub fn for_kernel(kernel: Kernel, a: &[f32], m: usize, k: usize) -> Self {
         assert_eq!(a.len(), m * k, "PackedA: {} values for ({m}, {k})", a.len());
-        let kp = k.div_ceil(2);
-        let mut data = vec![0u32; m.div_ceil(MR) * kp * MR];
+        let kq = kernel.pairs(k);
         let at = |i: usize, j: usize| if i < m && j < k { a[i * k + j] } else { 0.0 };
-        data.par_chunks_mut(kp * MR).enumerate().for_each(|(p, panel)| {
-            for (q, pairs) in panel.chunks_exact_mut(MR).enumerate() {
-                for (r, d) in pairs.iter_mut().enumerate() {
-                    let i = p * MR + r;
+        let data = if kernel == Kernel::Amx {
+            let mut data = vec![0u32; m.div_ceil(AMX_ROWS) * AMX_ROWS * kq];
+            data.par_chunks_mut(kq).enumerate().for_each(|(i, row)| {
+                for (q, d) in row.iter_mut().enumerate() {
                     *d = pair(at(i, 2 * q), at(i, 2 * q + 1));
                 }
-            }
-        });
-        Self { m, k, data }
+            });
+            data
+        } else {
+            let mut data = vec![0u32; m.div_ceil(MR) * kq * MR];
+            data.par_chunks_mut(kq * MR).enumerate().for_each(|(p, panel)| {
+                for (q, pairs) in panel.chunks_exact_mut(MR).enumerate() {
+                    for (r, d) in pairs.iter_mut().enumerate() {
+                        let i = p * MR + r;
+                        *d = pair(at(i, 2 * q), at(i, 2 * q + 1));
+                    }
+                }
+            });
+            data
+        };
+        Self { kernel, m, k, kq, data }
     }
 
     /// Rows.
     pub fn rows(&self) -> usize {
         self.m
     }
+
+    /// The kernel it is packed for.
+    pub fn kernel(&self) -> Kernel {
+        self.kernel
+    }
 }
 
 impl PackedB {
-    /// Packs the row-major `b` of `k` rows and `n` columns.
+    /// Packs the row-major `b` of `k` rows and `n` columns for [`Kernel::best`].
     pub fn new(b: &[f32], k: usize, n: usize) -> Self {
+        Self::for_kernel(Kernel::best(), b, k, n)
+    }
+
+    /// Packs the row-major `b` of `k` rows and `n` columns for `kernel`.
+    pub fn for_kernel(kernel: Kernel, b: &[f32], k: usize, n: usize) -> Self {
         assert_eq!(b.len(), k * n, "PackedB: {} values for ({k}, {n})", b.len());
-        Self::from_panels(k, n, |j0, width, scratch| {
+        Self::from_panels_for(kernel, k, n, |j0, width, scratch| {
             for (r, row) in scratch.chunks_exact_mut(NR).enumerate() {
                 row[..width].copy_from_slice(&b[r * n + j0..][..width]);
             }
         })
     }
 
-    /// Packs a `(k, n)` matrix that `fill` writes one panel at a time: `fill(j0, width,
-    /// scratch)` writes columns `j0..j0 + width` into `scratch`, `k` rows of [`NR`] f32 that
-    /// start as zeros (entries it leaves are zeros). Panels run in parallel, each with its own
-    /// scratch, small enough to stay in cache between `fill` and the conversion, so a caller
-    /// that makes `B` (im2col) never writes it out in f32.
+    /// Packs a `(k, n)` matrix that `fill` writes one panel at a time, for [`Kernel::best`]:
+    /// `fill(j0, width, scratch)` writes columns `j0..j0 + width` into `scratch`, `k` rows of
+    /// [`NR`] f32 that start as zeros (entries it leaves are zeros). Panels run in parallel,
+    /// each with its own scratch, small enough to stay in cache between `fill` and the
+    /// conversion, so a caller that makes `B` (im2col) never writes it out in f32.
     pub fn from_panels(k: usize, n: usize, fill: impl Fn(usize, usize, &mut [f32]) + Sync) -> Self {
-        let kp = k.div_ceil(2);
-        let mut data = vec![0u32; n.div_ceil(NR) * kp * NR];
-        data.par_chunks_mut(kp * NR).enumerate().for_each_init(
-            || vec![0f32; 2 * kp * NR],
+        Self::from_panels_for(Kernel::best(), k, n, fill)
+    }
+
+    /// [`PackedB::from_panels`] for `kernel`.
+    pub fn from_panels_for(
+        kernel: Kernel,
+        k: usize,
+        n: usize,
+        fill: impl Fn(usize, usize, &mut [f32]) + Sync,
+    ) -> Self {
+        let kq = kernel.pairs(k);
+        let mut data = vec![0u32; n.div_ceil(NR) * kq * NR];
+        data.par_chunks_mut(kq * NR).enumerate().for_each_init(
+            || vec![0f32; 2 * kq * NR],
             |scratch, (p, panel)| {
                 scratch.fill(0.0);
                 let j0 = p * NR;
@@ -455,7 +580,7 @@ impl PackedB {
                 pack_panel(scratch, panel);
             },
         );
-        Self { k, n, data }
+        Self { kernel, k, n, kq, data }
     }
 
     /// Columns.
@@ -501,42 +626,54 @@ impl Out {
 
 /// One micro-kernel call: `kp` pairs of the `A` panel at `a` and the `B` panel at `b` into the
 /// `mr x nr` corner of the tile at `c` (row stride `ldc`), added to it when `add`.
-type Kernel = unsafe fn(usize, *const u32, *const u32, *mut f32, usize, usize, usize, bool);
+type MicroKernel = unsafe fn(usize, *const u32, *const u32, *mut f32, usize, usize, usize, bool);
 
-/// `A @ B` as a row-major `(m, n)` f32 matrix, with the AVX512_BF16 kernel where the CPU has it,
-/// else [`gemm_portable`].
+/// `A @ B` as a row-major `(m, n)` f32 matrix, with the kernel both are packed for.
+///
+/// # Panics
+/// If `A` has not as many columns as `B` rows, or the two are packed for different kernels
+/// (the packings of one [`Kernel::best`] always match).
 pub fn gemm(a: &PackedA, b: &PackedB) -> Vec<f32> {
-    #[cfg(target_arch = "x86_64")]
-    if available() {
-        return gemm_with(a, b, avx512::kernel);
-    }
-    gemm_portable(a, b)
-}
-
-/// `A @ B` one scalar multiply-add at a time (each pair's two exact products into an f32 sum):
-/// what CPUs without AVX512_BF16 can run.
-pub fn gemm_portable(a: &PackedA, b: &PackedB) -> Vec<f32> {
-    gemm_with(a, b, portable_kernel)
-}
-
-fn gemm_with(a: &PackedA, b: &PackedB, kernel: Kernel) -> Vec<f32> {
     assert_eq!(a.k, b.k, "bf16 gemm: A has {} columns, B {} rows", a.k, b.k);
-    let (m, n, kp) = (a.m, b.n, a.k.div_ceil(2));
-    let mut c = vec![0f32; m * n];
-    if m == 0 || n == 0 {
-        return c;
+    assert_eq!(a.kernel, b.kernel, "bf16 gemm: A and B packed for different kernels");
+    debug_assert_eq!(a.kq, b.kq, "one kernel and one k store as many pairs");
+    match a.kernel {
+        Kernel::Portable => gemm_with(a, b, portable_kernel),
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512 if available() => gemm_with(a, b, avx512::kernel),
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        Kernel::Amx if amx_enabled() => gemm_amx(a, b),
+        // Packed by `for_kernel` for a kernel this CPU does not run.
+        kernel => panic!("bf16 gemm: this CPU does not run the {kernel:?} kernel"),
     }
+}
+
+/// The `(row block, column block)` tasks of a product: `MC x NC` tiles of the `(m, n)`
+/// output, each run by `task(i0..i1, j0..j1, out)` on one of rayon's threads.
+fn for_each_block(
+    m: usize,
+    n: usize,
+    c: &mut [f32],
+    task: impl Fn(std::ops::Range<usize>, std::ops::Range<usize>, Out) + Sync,
+) {
     let out = Out(c.as_mut_ptr());
     let (mb, nb) = (m.div_ceil(MC), n.div_ceil(NC));
     (0..mb * nb).into_par_iter().for_each(|t| {
         let (i0, j0) = ((t / nb) * MC, (t % nb) * NC);
-        let (i1, j1) = ((i0 + MC).min(m), (j0 + NC).min(n));
-        for q0 in (0..kp).step_by(KC / 2) {
-            let qn = (KC / 2).min(kp - q0);
-            for j in (j0..j1).step_by(NR) {
-                let bp = &b.data[((j / NR) * kp + q0) * NR..];
-                for i in (i0..i1).step_by(MR) {
-                    let ap = &a.data[((i / MR) * kp + q0) * MR..];
+        task(i0..(i0 + MC).min(m), j0..(j0 + NC).min(n), out);
+    });
+}
+
+fn gemm_with(a: &PackedA, b: &PackedB, kernel: MicroKernel) -> Vec<f32> {
+    let (m, n, kq) = (a.m, b.n, a.kq);
+    let mut c = vec![0f32; m * n];
+    for_each_block(m, n, &mut c, |is, js, out| {
+        for q0 in (0..kq).step_by(KC / 2) {
+            let qn = (KC / 2).min(kq - q0);
+            for j in js.clone().step_by(NR) {
+                let bp = &b.data[((j / NR) * kq + q0) * NR..];
+                for i in is.clone().step_by(MR) {
+                    let ap = &a.data[((i / MR) * kq + q0) * MR..];
                     // SAFETY: the panels hold `qn` pairs from `q0` on (both are padded to
                     // whole panels); the tile `(i.., j..)` of `mr x nr` lies inside `c`, and
                     // no other task writes it.
@@ -547,14 +684,29 @@ fn gemm_with(a: &PackedA, b: &PackedB, kernel: Kernel) -> Vec<f32> {
                             bp.as_ptr(),
                             out.at(i * n + j),
                             n,
-                            MR.min(i1 - i),
-                            NR.min(j1 - j),
+                            MR.min(is.end - i),
+                            NR.min(js.end - j),
                             q0 > 0,
                         );
                     }
                 }
             }
         }
+    });
+    c
+}
+
+/// [`gemm`] with AMX: per task, for each panel of `B`, each 16 rows of `A` against its three
+/// 16-column tiles over the whole of `k`.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn gemm_amx(a: &PackedA, b: &PackedB) -> Vec<f32> {
+    let (m, n) = (a.m, b.n);
+    let mut c = vec![0f32; m * n];
+    for_each_block(m, n, &mut c, |is, js, out| {
+        // SAFETY: `amx_enabled()` (checked by `gemm`); `A` holds whole tiles of rows and pairs
+        // (`Kernel::Amx`'s packing) and `B` whole panels of `kq` pairs; rows `is` and columns
+        // `js` of `c` (`n` a row) are this task's alone.
+        unsafe { amx::block(&a.data, &b.data, a.kq, out.at(0), n, is, js) }
     });
     c
 }
@@ -698,6 +850,147 @@ mod avx512 {
     }
 }
 
+/// The AMX kernel: tile registers through inline assembly (Rust's AMX intrinsics and target
+/// features are unstable; the assembler knows the instructions whatever the target features).
+/// No Rust code touches the tile registers, so they keep their values between the `asm!`
+/// blocks of one call.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+mod amx {
+    use super::{AMX_K, AMX_ROWS, NR};
+    use std::arch::asm;
+    use std::ops::Range;
+
+    /// `ldtilecfg`'s 64-byte operand: palette 1, bytes per row and rows of each tile.
+    #[repr(C, align(64))]
+    struct TileConfig {
+        palette: u8,
+        start_row: u8,
+        reserved: [u8; 14],
+        bytes_per_row: [u16; 16],
+        rows: [u8; 16],
+    }
+
+    /// Whether the CPU has AMX-TILE and AMX-BF16 (CPUID leaf 7: EDX bits 24 and 22) and Linux
+    /// grants this process the tile data state (`ARCH_REQ_XCOMP_PERM`; refused by kernels
+    /// before 5.16 and where the hypervisor hides it).
+    pub(super) fn enable() -> bool {
+        use std::arch::x86_64::{__cpuid, __cpuid_count};
+        if __cpuid(0).eax < 7 {
+            return false;
+        }
+        let edx = __cpuid_count(7, 0).edx;
+        if edx & (1 << 24) == 0 || edx & (1 << 22) == 0 {
+            return false;
+        }
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: a request for a permission; no memory is passed.
+        unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+    }
+
+    /// Rows `rows` and columns `cols` of `C = A @ B` into `c` (row stride `ldc`): `a` in
+    /// rows of `kq` pairs (rows padded to whole tiles), `b` in panels of [`NR`] columns of `kq`
+    /// pairs, `kq` a multiple of [`AMX_K`]. Tiles 0-2 hold the sums of 16 rows by 48 columns,
+    /// tile 3 the rows of `A`, tiles 4-6 the three column tiles of a panel of `B`.
+    ///
+    /// # Safety
+    /// [`enable`] returned true; `rows.start` is a multiple of 16 and `cols.start` of [`NR`];
+    /// `a` holds the tiles of `rows` and `b` the panels of `cols`; `c` has `rows.end` rows of
+    /// `ldc >= cols.end` writable values that no other thread touches meanwhile.
+    pub(super) unsafe fn block(
+        a: &[u32],
+        b: &[u32],
+        kq: usize,
+        c: *mut f32,
+        ldc: usize,
+        rows: Range<usize>,
+        cols: Range<usize>,
+    ) {
+        debug_assert!(
+            kq.is_multiple_of(AMX_K)
+                && rows.start.is_multiple_of(AMX_ROWS)
+                && cols.start.is_multiple_of(NR)
+        );
+        let cfg = TileConfig {
+            palette: 1,
+            start_row: 0,
+            reserved: [0; 14],
+            bytes_per_row: [64, 64, 64, 64, 64, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            rows: [16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        };
+        // A tile of sums that is not whole inside `c` goes through here.
+        let mut edge = [0f32; AMX_ROWS * 16];
+        // SAFETY (whole block): the tiles read lie inside `a` and `b` (asserted per panel and
+        // row tile), the sums go to this task's part of `c` or to `edge`.
+        unsafe {
+            asm!("ldtilecfg [{}]", in(reg) &cfg, options(nostack, readonly));
+            for j in cols.clone().step_by(NR) {
+                let panel = &b[(j / NR) * kq * NR..][..kq * NR];
+                for i in rows.clone().step_by(AMX_ROWS) {
+                    let tiles = &a[i * kq..][..AMX_ROWS * kq];
+                    asm!(
+                        "tilezero tmm0",
+                        "tilezero tmm1",
+                        "tilezero tmm2",
+                        options(nostack, nomem)
+                    );
+                    for q in (0..kq).step_by(AMX_K) {
+                        asm!(
+                            "tileloadd tmm3, [{a} + {lda}]",
+                            "tileloadd tmm4, [{b} + {ldb}]",
+                            "tileloadd tmm5, [{b} + {ldb} + 64]",
+                            "tileloadd tmm6, [{b} + {ldb} + 128]",
+                            "tdpbf16ps tmm0, tmm3, tmm4",
+                            "tdpbf16ps tmm1, tmm3, tmm5",
+                            "tdpbf16ps tmm2, tmm3, tmm6",
+                            a = in(reg) tiles.as_ptr().add(q),
+                            lda = in(reg) kq * 4,
+                            b = in(reg) panel.as_ptr().add(q * NR),
+                            ldb = in(reg) NR * 4,
+                            options(nostack, readonly),
+                        );
+                    }
+                    let mr = AMX_ROWS.min(rows.end - i);
+                    for t in 0..NR / 16 {
+                        let jt = j + 16 * t;
+                        if jt >= cols.end {
+                            break;
+                        }
+                        let nr = 16.min(cols.end - jt);
+                        let whole = mr == AMX_ROWS && nr == 16;
+                        let (dst, stride) = if whole {
+                            (c.add(i * ldc + jt), ldc * 4)
+                        } else {
+                            (edge.as_mut_ptr(), 64)
+                        };
+                        match t {
+                            0 => {
+                                asm!("tilestored [{} + {}], tmm0", in(reg) dst, in(reg) stride, options(nostack))
+                            }
+                            1 => {
+                                asm!("tilestored [{} + {}], tmm1", in(reg) dst, in(reg) stride, options(nostack))
+                            }
+                            _ => {
+                                asm!("tilestored [{} + {}], tmm2", in(reg) dst, in(reg) stride, options(nostack))
+                            }
+                        }
+                        if !whole {
+                            for r in 0..mr {
+                                std::ptr::copy_nonoverlapping(
+                                    edge.as_ptr().add(r * 16),
+                                    c.add((i + r) * ldc + jt),
+                                    nr,
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+            asm!("tilerelease", options(nostack, nomem));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -749,16 +1042,18 @@ mod tests {
         }
     }
 
-    /// `gemm(A, B)` within the module doc's bound.
-    fn check(m: usize, k: usize, n: usize, run: fn(&PackedA, &PackedB) -> Vec<f32>) {
+    /// `gemm(A, B)` with both packed for `kernel`, within the module doc's bound.
+    fn check(m: usize, k: usize, n: usize, kernel: Kernel) {
         let (a, b) = (values(m * k, 1 + m as u64), values(k * n, 7 + n as u64));
-        let c = run(&PackedA::new(&a, m, k), &PackedB::new(&b, k, n));
+        let c =
+            gemm(&PackedA::for_kernel(kernel, &a, m, k), &PackedB::for_kernel(kernel, &b, k, n));
         assert_within_bound(&c, (m, k, n), |i, q| a[i * k + q], |q, j| b[q * n + j]);
     }
 
-    /// Shapes with tails in every dimension (odd `k`, `m` not a multiple of `MR`, `n` not of
-    /// `NR`), several `KC` blocks and several parallel blocks.
-    const SHAPES: [(usize, usize, usize); 7] = [
+    /// Shapes with tails in every dimension (odd `k`, `m` not a multiple of `MR` nor of 16,
+    /// `n` not of `NR` nor of 16), several `KC` blocks, several parallel blocks (`MC`, `NC`),
+    /// and `k` of exactly one and of several AMX tiles.
+    const SHAPES: [(usize, usize, usize); 10] = [
         (1, 1, 1),
         (3, 5, 7),
         (8, 2, 48),
@@ -766,23 +1061,67 @@ mod tests {
         (64, 576, 100),
         (300, 9, 400),
         (20, 1001, 97),
+        (16, 32, 16),
+        (33, 64, 50),
+        (270, 96, 800),
     ];
 
-    #[test]
-    fn portable_kernel_is_within_the_bf16_bound() {
+    /// Each kernel this CPU runs, within the bound on every shape; says which it skipped.
+    fn check_kernel(kernel: Kernel) {
+        if !kernel.runs_here() {
+            eprintln!("skipped: this CPU (or OS) does not run the {kernel:?} kernel");
+            return;
+        }
         for &(m, k, n) in &SHAPES {
-            check(m, k, n, gemm_portable);
+            check(m, k, n, kernel);
         }
     }
 
     #[test]
+    fn portable_kernel_is_within_the_bf16_bound() {
+        check_kernel(Kernel::Portable);
+    }
+
+    #[test]
     fn avx512_kernel_is_within_the_bf16_bound() {
-        if !available() {
-            eprintln!("skipped: this CPU has no AVX512_BF16 (the portable kernel is tested)");
+        check_kernel(Kernel::Avx512);
+    }
+
+    #[test]
+    fn amx_kernel_is_within_the_bf16_bound() {
+        check_kernel(Kernel::Amx);
+    }
+
+    /// The AMX and AVX-512 kernels sum the same bf16 products: where both run, their results
+    /// differ by no more than the two summation orders allow (`2 gamma_k sum |a b|` over the
+    /// rounded inputs, plus the flushed subnormals), far inside the bf16 bound each meets.
+    #[test]
+    fn amx_and_avx512_kernels_agree_within_summation_error() {
+        if !(Kernel::Amx.runs_here() && Kernel::Avx512.runs_here()) {
+            eprintln!("skipped: this CPU does not run both the AMX and the AVX-512 kernel");
             return;
         }
-        for &(m, k, n) in &SHAPES {
-            check(m, k, n, gemm);
+        let (m, k, n) = (40, 700, 130);
+        let (a, b) = (values(m * k, 11), values(k * n, 13));
+        let run = |kernel| {
+            gemm(&PackedA::for_kernel(kernel, &a, m, k), &PackedB::for_kernel(kernel, &b, k, n))
+        };
+        let (x, y) = (run(Kernel::Amx), run(Kernel::Avx512));
+        let u = 2f64.powi(-24);
+        let gamma = k as f64 * u / (1.0 - k as f64 * u);
+        let r = |v: f32| from_bf16(to_bf16(v)) as f64;
+        for i in 0..m {
+            for j in 0..n {
+                let mag: f64 = (0..k).map(|q| (r(a[i * k + q]) * r(b[q * n + j])).abs()).sum();
+                let bound = 2.0 * gamma * mag + (k + 1) as f64 * f64::from(f32::MIN_POSITIVE);
+                let d = (x[i * n + j] as f64 - y[i * n + j] as f64).abs();
+                assert!(
+                    d <= bound,
+                    "at ({i}, {j}): AMX {} AVX-512 {} (bound {bound})",
+                    x[i * n + j],
+                    y[i * n + j]
+                );
+            }
         }
     }
 
