@@ -378,7 +378,8 @@ impl CustomOp2 for ConvGrad {
 /// im2col ([`Geometry::im2col_channel`]) straight into the bf16 panels of [`bf16::PackedB`],
 /// one panel of columns at a time: the f32 columns (9x the input for a 3x3 kernel) are never
 /// written out, which is what made bf16 lose to f32 on ResNet-50's early layers
-/// (`benches/benches/gemm.rs`).
+/// (`benches/benches/gemm.rs`). Every entry of the panel's columns is written, the padding's
+/// zeros included, so the scratch is not cleared before each panel.
 fn im2col_packed(x: &[f32], g: Geometry) -> bf16::PackedB {
     let (oh, ow) = g.out();
     let (len, hw) = (oh * ow, g.h * g.w);
@@ -394,17 +395,20 @@ fn im2col_packed(x: &[f32], g: Geometry) -> bf16::PackedB {
             for c in 0..g.ci {
                 let plane = &x[(bi * g.ci + c) * hw..][..hw];
                 for ky in 0..g.k {
-                    let Some(iy) = (oy * g.stride + ky).checked_sub(g.pad).filter(|&iy| iy < g.h)
-                    else {
-                        continue;
-                    };
+                    let iy = (oy * g.stride + ky).checked_sub(g.pad).filter(|&iy| iy < g.h);
                     for (kx, &(xlo, xhi)) in spans.iter().enumerate() {
-                        let (lo, hi) = (xlo.max(ox0), xhi.min(ox0 + count));
-                        if lo >= hi {
-                            continue;
-                        }
                         let row = (c * g.k + ky) * g.k + kx;
-                        let dst = &mut scratch[row * bf16::NR + j - j0 + lo - ox0..][..hi - lo];
+                        // Output columns `ox0..ox0 + count` of this row; those that read
+                        // outside the image (the padding) are zeros.
+                        let seg = &mut scratch[row * bf16::NR + j - j0..][..count];
+                        let (lo, hi) = (xlo.max(ox0), xhi.min(ox0 + count));
+                        let Some(iy) = iy.filter(|_| lo < hi) else {
+                            seg.fill(0.0);
+                            continue;
+                        };
+                        seg[..lo - ox0].fill(0.0);
+                        seg[hi - ox0..].fill(0.0);
+                        let dst = &mut seg[lo - ox0..hi - ox0];
                         let src = &plane[iy * g.w + lo * g.stride + kx - g.pad..];
                         if g.stride == 1 {
                             dst.copy_from_slice(&src[..hi - lo]);
