@@ -28,6 +28,11 @@ fn gemm(c: &mut Criterion) {
                 g.bench_function(format!("{label}/{name}"), |bench| {
                     bench.iter(|| bf16::gemm(&pa, &bf16::PackedB::for_kernel(kernel, &bv, k, n)))
                 });
+                // The product alone, `B` packed beforehand: the kernel's own speed.
+                let pb = bf16::PackedB::for_kernel(kernel, &bv, k, n);
+                g.bench_function(format!("{label}-product/{name}"), |bench| {
+                    bench.iter(|| bf16::gemm(&pa, &pb))
+                });
             }
         }
     }
