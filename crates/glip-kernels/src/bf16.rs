@@ -502,11 +502,12 @@ impl PackedA {
     /// Packs the row-major `a` of `m` rows and `k` columns for `kernel`.
     pub fn for_kernel(kernel: Kernel, a: &[f32], m: usize, k: usize) -> Self {
         assert_eq!(a.len(), m * k, "PackedA: {} values for ({m}, {k})", a.len());
+        // (`max(1)` below: with `k == 0` there is nothing to pack, and no chunk of length 0.)
         let kq = kernel.pairs(k);
         let at = |i: usize, j: usize| if i < m && j < k { a[i * k + j] } else { 0.0 };
         let data = if kernel == Kernel::Amx {
             let mut data = vec![0u32; m.div_ceil(AMX_ROWS) * AMX_ROWS * kq];
-            data.par_chunks_mut(kq).enumerate().for_each(|(i, row)| {
+            data.par_chunks_mut(kq.max(1)).enumerate().for_each(|(i, row)| {
                 for (q, d) in row.iter_mut().enumerate() {
                     *d = pair(at(i, 2 * q), at(i, 2 * q + 1));
                 }
@@ -514,7 +515,7 @@ impl PackedA {
             data
         } else {
             let mut data = vec![0u32; m.div_ceil(MR) * kq * MR];
-            data.par_chunks_mut(kq * MR).enumerate().for_each(|(p, panel)| {
+            data.par_chunks_mut((kq * MR).max(1)).enumerate().for_each(|(p, panel)| {
                 for (q, pairs) in panel.chunks_exact_mut(MR).enumerate() {
                     for (r, d) in pairs.iter_mut().enumerate() {
                         let i = p * MR + r;
@@ -577,20 +578,23 @@ impl PackedB {
         // Not zeroed first: `pack_panel` writes every pair of every panel (for large `B`s,
         // zeroing cost as much as the product on AMX).
         let mut data: Vec<u32> = Vec::with_capacity(len);
-        data.spare_capacity_mut()[..len].par_chunks_mut(kq * NR).enumerate().for_each_init(
-            || vec![0f32; 2 * kq * NR],
-            |scratch, (p, panel)| {
-                let (j0, rows) = (p * NR, &mut scratch[..k * NR]);
-                let width = NR.min(n - j0);
-                fill(j0, width, rows);
-                if width < NR {
-                    rows.chunks_exact_mut(NR).for_each(|r| r[width..].fill(0.0));
-                }
-                // Rows `k..2 * kq` are the zeros the scratch was made with: `fill` never sees
-                // them.
-                pack_panel(scratch, panel);
-            },
-        );
+        data.spare_capacity_mut()[..len]
+            .par_chunks_mut((kq * NR).max(1))
+            .enumerate()
+            .for_each_init(
+                || vec![0f32; 2 * kq * NR],
+                |scratch, (p, panel)| {
+                    let (j0, rows) = (p * NR, &mut scratch[..k * NR]);
+                    let width = NR.min(n - j0);
+                    fill(j0, width, rows);
+                    if width < NR {
+                        rows.chunks_exact_mut(NR).for_each(|r| r[width..].fill(0.0));
+                    }
+                    // Rows `k..2 * kq` are the zeros the scratch was made with: `fill` never sees
+                    // them.
+                    pack_panel(scratch, panel);
+                },
+            );
         // SAFETY: the `len` values were written above, one panel by each task.
         unsafe { data.set_len(len) };
         Self { kernel, k, n, kq, data }
@@ -919,7 +923,8 @@ mod amx {
     /// # Safety
     /// [`enable`] returned true; `rows.start` is a multiple of 16 and `cols.start` of [`NR`];
     /// `a` holds the tiles of `rows` and `b` the panels of `cols`; `c` has `rows.end` rows of
-    /// `ldc >= cols.end` writable values that no other thread touches meanwhile.
+    /// `ldc >= cols.end` writable values that no other thread touches meanwhile. Every value of
+    /// `rows` x `cols` is written (zeros when `kq == 0`).
     pub(super) unsafe fn block(
         a: &[u32],
         b: &[u32],
@@ -1074,9 +1079,11 @@ mod tests {
     }
 
     /// Shapes with tails in every dimension (odd `k`, `m` not a multiple of `MR` nor of 16,
-    /// `n` not of `NR` nor of 16), several `KC` blocks, several parallel blocks (`MC`, `NC`),
-    /// and `k` of exactly one and of several AMX tiles.
-    const SHAPES: [(usize, usize, usize); 10] = [
+    /// `n` not of `NR` nor of 16), several `KC` blocks with a short last one, several parallel
+    /// blocks (`MC`, `NC`), `k` of exactly one and of several AMX tiles, and no `k` at all
+    /// (zeros).
+    const SHAPES: [(usize, usize, usize); 11] = [
+        (5, 0, 7),
         (1, 1, 1),
         (3, 5, 7),
         (8, 2, 48),
