@@ -385,7 +385,7 @@ fn im2col_packed(x: &[f32], g: Geometry) -> bf16::PackedB {
     let (len, hw) = (oh * ow, g.h * g.w);
     // The output columns that read inside the image, per kernel column offset.
     let spans: Vec<(usize, usize)> = (0..g.k).map(|kx| g.span(kx, g.w, ow)).collect();
-    bf16::PackedB::from_panels(g.rows(), g.b * len, |j0, width, scratch| {
+    bf16::PackedB::from_panels_reusing(g.rows(), g.b * len, |j0, width, scratch| {
         let mut j = j0;
         // One run of the panel's columns per output row of one image.
         while j < j0 + width {
