@@ -578,9 +578,9 @@ impl PackedB {
 
     /// [`PackedB::from_panels`] into the memory of the largest `PackedB` dropped on this thread
     /// before (up to 64 MiB): for the columns of a convolution, made and dropped at every call.
-    /// Fresh memory from the OS is faulted in and cleared by the kernel page by page, which
-    /// took a fifth of a bf16 inference (ResNet-50, AMX). (Not for a `PackedB` that is kept:
-    /// it would hold that memory.)
+    /// Fresh memory from the OS is faulted in and cleared by the kernel page by page: most of
+    /// the 18 % of a bf16 ResNet-50 inference (AMX) that went to page clearing. (Not for a
+    /// `PackedB` that is kept: it would hold that memory.)
     pub fn from_panels_reusing(
         k: usize,
         n: usize,
