@@ -705,49 +705,80 @@ type MicroKernel = unsafe fn(usize, *const u32, *const u32, *mut f32, usize, usi
 /// If `A` has not as many columns as `B` rows, or the two are packed for different kernels
 /// (the packings of one [`Kernel::best`] always match).
 pub fn gemm(a: &PackedA, b: &PackedB) -> Vec<f32> {
+    gemm_each(a, 1, b.n, |_| b)
+}
+
+/// `count` products `A @ B_i` one after the other in one `(count, m, n)` row-major buffer,
+/// `B_i` made by `make(i)` just before its product (so that one kept buffer serves them in
+/// turn, [`PackedB::from_panels_reusing`]), each `n` columns wide: a convolution image by image
+/// writes `(batch, channels, pixels)` with no transposing copy after.
+///
+/// # Panics
+/// As [`gemm`], and if a `B_i` is not `n` columns wide.
+pub fn gemm_each<B: std::borrow::Borrow<PackedB>>(
+    a: &PackedA,
+    count: usize,
+    n: usize,
+    make: impl Fn(usize) -> B,
+) -> Vec<f32> {
+    let part = a.m * n;
+    let mut c: Vec<f32> = Vec::with_capacity(count * part);
+    for (i, out) in c.spare_capacity_mut()[..count * part].chunks_mut(part.max(1)).enumerate() {
+        let b = make(i);
+        let b = b.borrow();
+        assert_eq!(b.n, n, "bf16 gemm: B_{i} has {} columns, not {n}", b.n);
+        gemm_into(a, b, out);
+    }
+    // SAFETY: `gemm_into` wrote every value of each of the `count` parts.
+    unsafe { c.set_len(count * part) };
+    c
+}
+
+/// `A @ B` into `c`, `a.rows() * b.cols()` values, every one written.
+fn gemm_into(a: &PackedA, b: &PackedB, c: &mut [MaybeUninit<f32>]) {
     assert_eq!(a.k, b.k, "bf16 gemm: A has {} columns, B {} rows", a.k, b.k);
     assert_eq!(a.kernel, b.kernel, "bf16 gemm: A and B packed for different kernels");
     debug_assert_eq!(a.kq, b.kq, "one kernel and one k store as many pairs");
+    assert_eq!(c.len(), a.m * b.n, "bf16 gemm: an output of {} values", c.len());
     match a.kernel {
-        Kernel::Portable => gemm_with(a, b, portable_kernel),
+        Kernel::Portable => gemm_with(a, b, c, portable_kernel),
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx512 if available() => gemm_with(a, b, avx512::kernel),
+        Kernel::Avx512 if available() => gemm_with(a, b, c, avx512::kernel),
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-        Kernel::Amx if amx_enabled() => gemm_amx(a, b),
+        Kernel::Amx if amx_enabled() => gemm_amx(a, b, c),
         // Packed by `for_kernel` for a kernel this CPU does not run.
         kernel => panic!("bf16 gemm: this CPU does not run the {kernel:?} kernel"),
     }
 }
 
-/// The `(m, n)` product that `task` writes in `MC x NC` tiles, each on one of rayon's threads
-/// as `task(i0..i1, j0..j1, out)`, `out` pointing at the (uninitialised) output. Every task
-/// must write every value of its tile (not zeroed first: for the large outputs of early
-/// convolutions, zeroing cost a tenth of a bf16 inference on AMX).
+/// The `(m, n)` product into `c` that `task` writes in `MC x NC` tiles, each on one of rayon's
+/// threads as `task(i0..i1, j0..j1, out)`, `out` pointing at `c`. Every task must write every
+/// value of its tile (`c` is not zeroed first: for the large outputs of early convolutions,
+/// zeroing cost a tenth of a bf16 inference on AMX).
 fn product(
     m: usize,
     n: usize,
+    c: &mut [MaybeUninit<f32>],
     task: impl Fn(std::ops::Range<usize>, std::ops::Range<usize>, Out) + Sync,
-) -> Vec<f32> {
-    let mut c: Vec<f32> = Vec::with_capacity(m * n);
-    let out = Out(c.as_mut_ptr());
+) {
+    assert_eq!(c.len(), m * n);
+    let out = Out(c.as_mut_ptr().cast());
     let (mb, nb) = (m.div_ceil(MC), n.div_ceil(NC));
     (0..mb * nb).into_par_iter().for_each(|t| {
         let (i0, j0) = ((t / nb) * MC, (t % nb) * NC);
         task(i0..(i0 + MC).min(m), j0..(j0 + NC).min(n), out);
     });
-    // SAFETY: the tasks cover the `(m, n)` output in disjoint tiles and wrote each in full.
-    unsafe { c.set_len(m * n) };
-    c
 }
 
-fn gemm_with(a: &PackedA, b: &PackedB, kernel: MicroKernel) -> Vec<f32> {
+fn gemm_with(a: &PackedA, b: &PackedB, c: &mut [MaybeUninit<f32>], kernel: MicroKernel) {
     let (m, n, kq) = (a.m, b.n, a.kq);
     if kq == 0 {
         // No sums: the micro-kernel, which writes its tile at the first block of `k`, never
         // runs.
-        return vec![0.0; m * n];
+        c.fill(MaybeUninit::new(0.0));
+        return;
     }
-    product(m, n, |is, js, out| {
+    product(m, n, c, |is, js, out| {
         for q0 in (0..kq).step_by(KC / 2) {
             let qn = (KC / 2).min(kq - q0);
             for j in js.clone().step_by(NR) {
@@ -778,8 +809,8 @@ fn gemm_with(a: &PackedA, b: &PackedB, kernel: MicroKernel) -> Vec<f32> {
 /// [`gemm`] with AMX: per task, for each panel of `B`, each 16 rows of `A` against its three
 /// 16-column tiles over the whole of `k`.
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-fn gemm_amx(a: &PackedA, b: &PackedB) -> Vec<f32> {
-    product(a.m, b.n, |is, js, out| {
+fn gemm_amx(a: &PackedA, b: &PackedB, c: &mut [MaybeUninit<f32>]) {
+    product(a.m, b.n, c, |is, js, out| {
         // SAFETY: `amx_enabled()` (checked by `gemm`); `A` holds whole tiles of rows and pairs
         // (`Kernel::Amx`'s packing) and `B` whole panels of `kq` pairs; rows `is` and columns
         // `js` of the output (`n` a row) are this task's alone, and `block` writes every value
@@ -1227,6 +1258,24 @@ mod tests {
         // SAFETY: both arrays were initialised when made.
         let bits = |p: [MaybeUninit<u32>; 3 * NR]| p.map(|v| unsafe { v.assume_init() });
         assert_eq!(bits(simd), bits(scalar));
+    }
+
+    /// `gemm_each` lays the products side by side exactly as separate `gemm`s compute them.
+    #[test]
+    fn gemm_each_concatenates_the_products() {
+        let (m, k, n) = (20, 70, 33);
+        let a = PackedA::new(&values(m * k, 4), m, k);
+        let bs: Vec<Vec<f32>> = (0..3).map(|i| values(k * n, 20 + i)).collect();
+        let all = gemm_each(&a, 3, n, |i| {
+            PackedB::from_panels_reusing(k, n, |j0, width, s| {
+                for (r, row) in s.chunks_exact_mut(NR).enumerate() {
+                    row[..width].copy_from_slice(&bs[i][r * n + j0..][..width]);
+                }
+            })
+        });
+        let parts: Vec<f32> = bs.iter().flat_map(|b| gemm(&a, &PackedB::new(b, k, n))).collect();
+        assert_eq!(all, parts);
+        assert!(gemm_each(&a, 0, n, |_| PackedB::new(&bs[0], k, n)).is_empty());
     }
 
     /// A dropped `PackedB`'s memory serves the next `from_panels_reusing` on the thread; a
