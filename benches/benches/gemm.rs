@@ -1,5 +1,6 @@
-//! The bf16 gemm of `glip_kernels::bf16` (packing of `B` included, as a convolution pays it),
-//! with each kernel the CPU runs (AVX512_BF16, AMX), against candle's f32 matmul, at the convolution shapes of ResNet-50 at batch 2, 384 px
+//! The bf16 gemm of `glip_kernels::bf16` (packing of `B` included, as a convolution pays it,
+//! and the product alone), with each kernel the CPU runs (AVX512_BF16, AMX), against candle's
+//! f32 matmul, at the convolution shapes of ResNet-50 at batch 2, 384 px
 //! (`(m, k, n)` = output channels, input channels x kernel area, batch x output pixels).
 
 use candle_core::{Device, Tensor};
