@@ -532,11 +532,6 @@ impl PackedA {
     pub fn rows(&self) -> usize {
         self.m
     }
-
-    /// The kernel it is packed for.
-    pub fn kernel(&self) -> Kernel {
-        self.kernel
-    }
 }
 
 impl PackedB {
@@ -637,9 +632,9 @@ thread_local! {
     static PANELS: Cell<Vec<u32>> = const { Cell::new(Vec::new()) };
 }
 
-/// The largest packed buffer a thread keeps (16 Mi pairs, 64 MiB), as the f32 convolution's
-/// column buffer: larger ones go back to the allocator.
-const KEEP_PANELS: usize = 16 << 20;
+/// The largest packed buffer a thread keeps: the f32 convolution's cap (16 Mi values, 64 MiB);
+/// larger ones go back to the allocator.
+const KEEP_PANELS: usize = crate::conv::KEEP_COLUMNS;
 
 /// Keeps `data` for the next [`PackedB`] made on this thread if it is larger than the buffer
 /// kept now and not over [`KEEP_PANELS`].

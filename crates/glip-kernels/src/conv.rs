@@ -128,7 +128,7 @@ thread_local! {
 
 /// The largest column buffer a thread keeps between convolutions (16 Mi values, 64 MiB): larger
 /// ones (ResNet-50's first stages on detection-sized images) go back to the allocator.
-const KEEP_COLUMNS: usize = 16 << 20;
+pub(crate) const KEEP_COLUMNS: usize = 16 << 20;
 
 /// Puts a column buffer back for the next convolution on this thread, unless it is large.
 fn keep_columns(cols: Vec<f32>) {
