@@ -1,5 +1,6 @@
 //! A bf16 matrix product with f32 accumulation for the CPU's AVX-512 BF16 instructions, and
-//! the autocast scope that routes inference convolutions through it.
+//! the autocast scope that routes convolutions (forward and backward) and gradient-free linear
+//! layers through it.
 //!
 //! candle 0.11.1 has no bf16 gemm on the CPU (its bf16 matmul widens both operands to f32), and
 //! neither has the `gemm` crate (its f16 kernels widen too), so bf16 would only add conversions.
@@ -143,8 +144,10 @@ pub fn precision() -> Precision {
 
 /// Runs `f` with this thread's CPU convolutions and gradient-free `Linear` layers computing
 /// their forward products in `precision` (as PyTorch's `torch.autocast`), then restores the
-/// previous setting. Backward products (a convolution's gradients) stay f32, as do other
-/// devices. Where the CPU has no AVX512_BF16, `Bf16` is f32 (see [`available`]).
+/// previous setting. A convolution made inside the scope computes its gradients' products in
+/// the same precision when the backward runs (after the scope, as a training step's does);
+/// a trainable `Linear` stays f32. Where the CPU has no AVX512_BF16, `Bf16` is f32 (see
+/// [`available`]).
 ///
 /// Like `torch.autocast`'s weight-cast cache, a bf16 scope packs each gradient-free weight once
 /// and reuses it until the outermost bf16 scope ends: such weights must not change inside it
@@ -502,29 +505,84 @@ impl PackedA {
     /// Packs the row-major `a` of `m` rows and `k` columns for `kernel`.
     pub fn for_kernel(kernel: Kernel, a: &[f32], m: usize, k: usize) -> Self {
         assert_eq!(a.len(), m * k, "PackedA: {} values for ({m}, {k})", a.len());
-        // (`max(1)` below: with `k == 0` there is nothing to pack, and no chunk of length 0.)
-        let kq = kernel.pairs(k);
-        let at = |i: usize, j: usize| if i < m && j < k { a[i * k + j] } else { 0.0 };
-        let data = if kernel == Kernel::Amx {
-            let mut data = vec![0u32; m.div_ceil(AMX_ROWS) * AMX_ROWS * kq];
-            data.par_chunks_mut(kq.max(1)).enumerate().for_each(|(i, row)| {
-                for (q, d) in row.iter_mut().enumerate() {
-                    *d = pair(at(i, 2 * q), at(i, 2 * q + 1));
+        Self::from_rows_for(kernel, m, k, |i, row| row.copy_from_slice(&a[i * k..][..k]))
+    }
+
+    /// Packs an `(m, k)` matrix whose rows `row(i, dst)` writes (all `k` values of `dst`), for
+    /// [`Kernel::best`]: for an `A` that is not one row-major matrix (a gradient gathered from
+    /// a batch), packed without an f32 copy of it first.
+    pub fn from_rows(m: usize, k: usize, row: impl Fn(usize, &mut [f32]) + Sync) -> Self {
+        Self::from_rows_for(Kernel::best(), m, k, row)
+    }
+
+    /// Packs the transpose of the row-major `a` of `k` rows and `m` columns (a weight's
+    /// transpose), for [`Kernel::best`]: read in blocks of rows of `A` (a column of `a` at a
+    /// time would read one value per cache line).
+    pub fn transposed(a: &[f32], k: usize, m: usize) -> Self {
+        Self::transposed_for(Kernel::best(), a, k, m)
+    }
+
+    /// [`PackedA::transposed`] for `kernel`.
+    pub fn transposed_for(kernel: Kernel, a: &[f32], k: usize, m: usize) -> Self {
+        assert_eq!(a.len(), m * k, "PackedA: {} values for ({k}, {m}) transposed", a.len());
+        Self::from_row_blocks_for(kernel, m, k, |i0, rows, ld| {
+            let count = rows.len().div_ceil(ld);
+            for (j, src) in a.chunks_exact(m).enumerate() {
+                for (r, &v) in src[i0..][..count].iter().enumerate() {
+                    rows[r * ld + j] = v;
                 }
-            });
-            data
-        } else {
-            let mut data = vec![0u32; m.div_ceil(MR) * kq * MR];
-            data.par_chunks_mut((kq * MR).max(1)).enumerate().for_each(|(p, panel)| {
-                for (q, pairs) in panel.chunks_exact_mut(MR).enumerate() {
-                    for (r, d) in pairs.iter_mut().enumerate() {
-                        let i = p * MR + r;
-                        *d = pair(at(i, 2 * q), at(i, 2 * q + 1));
+            }
+        })
+    }
+
+    /// [`PackedA::from_rows`] for `kernel`.
+    pub fn from_rows_for(
+        kernel: Kernel,
+        m: usize,
+        k: usize,
+        row: impl Fn(usize, &mut [f32]) + Sync,
+    ) -> Self {
+        Self::from_row_blocks_for(kernel, m, k, |i0, rows, ld| {
+            for (r, dst) in rows.chunks_mut(ld).enumerate() {
+                row(i0 + r, &mut dst[..k]);
+            }
+        })
+    }
+
+    /// The packing: `fill(i0, rows, ld)` writes rows `i0..` of `A` (as many as `rows` holds,
+    /// each the first `k` of `ld` values: row `r` at `rows[r * ld..][..k]`) for one block of
+    /// rows (a tile of 16 for AMX, a panel of [`MR`] else), in parallel over blocks; the values
+    /// past `k` in each row and the rows past `m` are zeros here.
+    fn from_row_blocks_for(
+        kernel: Kernel,
+        m: usize,
+        k: usize,
+        fill: impl Fn(usize, &mut [f32], usize) + Sync,
+    ) -> Self {
+        let kq = kernel.pairs(k);
+        let (block, ld) = (if kernel == Kernel::Amx { AMX_ROWS } else { MR }, 2 * kq);
+        let mut data = vec![0u32; m.div_ceil(block) * block * kq];
+        if kq > 0 {
+            // Each task's rows (the zeros past `k` stay as made: `fill` never writes them).
+            let init = || vec![0f32; block * ld];
+            data.par_chunks_mut(block * kq).enumerate().for_each_init(init, |s, (b, out)| {
+                let (i0, count) = (b * block, block.min(m.saturating_sub(b * block)));
+                if count < block {
+                    s.fill(0.0);
+                }
+                fill(i0, &mut s[..count * ld], ld);
+                if kernel == Kernel::Amx {
+                    pack_pairs(s, out);
+                } else {
+                    for (q, pairs) in out.chunks_exact_mut(MR).enumerate() {
+                        for (r, d) in pairs.iter_mut().enumerate() {
+                            let v = &s[r * ld + 2 * q..];
+                            *d = pair(v[0], v[1]);
+                        }
                     }
                 }
             });
-            data
-        };
+        }
         Self { kernel, m, k, kq, data }
     }
 
@@ -543,11 +601,13 @@ impl PackedB {
     /// Packs the row-major `b` of `k` rows and `n` columns for `kernel`.
     pub fn for_kernel(kernel: Kernel, b: &[f32], k: usize, n: usize) -> Self {
         assert_eq!(b.len(), k * n, "PackedB: {} values for ({k}, {n})", b.len());
-        Self::from_panels_for(kernel, k, n, |j0, width, scratch| {
-            for (r, row) in scratch.chunks_exact_mut(NR).enumerate() {
-                row[..width].copy_from_slice(&b[r * n + j0..][..width]);
-            }
-        })
+        Self::from_panels_for(kernel, k, n, copy_rows(b, n))
+    }
+
+    /// [`PackedB::new`] into the memory of a dropped one, as [`PackedB::from_panels_reusing`].
+    pub fn new_reusing(b: &[f32], k: usize, n: usize) -> Self {
+        assert_eq!(b.len(), k * n, "PackedB: {} values for ({k}, {n})", b.len());
+        Self::from_panels_reusing(k, n, copy_rows(b, n))
     }
 
     /// Packs a `(k, n)` matrix that `fill` writes one panel at a time, for [`Kernel::best`]:
@@ -626,6 +686,15 @@ impl PackedB {
     }
 }
 
+/// The panel filler of a row-major `b` of `n` columns.
+fn copy_rows(b: &[f32], n: usize) -> impl Fn(usize, usize, &mut [f32]) + Sync + '_ {
+    move |j0, width, scratch| {
+        for (r, row) in scratch.chunks_exact_mut(NR).enumerate() {
+            row[..width].copy_from_slice(&b[r * n + j0..][..width]);
+        }
+    }
+}
+
 thread_local! {
     /// The buffer of the largest [`PackedB`] dropped on this thread (up to [`KEEP_PANELS`]),
     /// for the next one made here (every value is rewritten).
@@ -663,6 +732,21 @@ fn pack_panel(scratch: &[f32], panel: &mut [MaybeUninit<u32>]) {
         return unsafe { avx512::pack_panel(scratch, panel) };
     }
     pack_panel_portable(scratch, panel);
+}
+
+/// Consecutive values of `src` as bf16 pairs `(src[2q], src[2q + 1])` into `dst` (`src` holds
+/// twice as many values): rows of AMX's `A`.
+fn pack_pairs(src: &[f32], dst: &mut [u32]) {
+    assert_eq!(src.len(), 2 * dst.len(), "pairs from twice as many values");
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: the CPU has the instructions; `src` holds `2 * dst.len()` values.
+        done = unsafe { avx512::pack_pairs(src, dst) };
+    }
+    for (d, v) in dst[done..].iter_mut().zip(src[2 * done..].chunks_exact(2)) {
+        *d = pair(v[0], v[1]);
+    }
 }
 
 /// [`pack_panel`] one value at a time.
@@ -729,8 +813,16 @@ pub fn gemm_each<B: std::borrow::Borrow<PackedB>>(
     c
 }
 
+/// `A @ B` into the row-major `c` of `a.rows() * b.cols()` values.
+pub(crate) fn gemm_to(a: &PackedA, b: &PackedB, c: &mut [f32]) {
+    // SAFETY: `MaybeUninit<f32>` has `f32`'s layout, and `gemm_into` writes only f32 values (an
+    // initialised slice stays initialised).
+    let c = unsafe { &mut *(std::ptr::from_mut::<[f32]>(c) as *mut [MaybeUninit<f32>]) };
+    gemm_into(a, b, c);
+}
+
 /// `A @ B` into `c`, `a.rows() * b.cols()` values, every one written.
-fn gemm_into(a: &PackedA, b: &PackedB, c: &mut [MaybeUninit<f32>]) {
+pub(crate) fn gemm_into(a: &PackedA, b: &PackedB, c: &mut [MaybeUninit<f32>]) {
     assert_eq!(a.k, b.k, "bf16 gemm: A has {} columns, B {} rows", a.k, b.k);
     assert_eq!(a.kernel, b.kernel, "bf16 gemm: A and B packed for different kernels");
     debug_assert_eq!(a.kq, b.kq, "one kernel and one k store as many pairs");
@@ -746,7 +838,7 @@ fn gemm_into(a: &PackedA, b: &PackedB, c: &mut [MaybeUninit<f32>]) {
     }
 }
 
-/// The `(m, n)` product into `c` that `task` writes in `MC x NC` tiles, each on one of rayon's
+/// The `(m, n)` product into `c` that `task` writes in tiles ([`tiles`]), each on one of rayon's
 /// threads as `task(i0..i1, j0..j1, out)`, `out` pointing at `c`. Every task must write every
 /// value of its tile (`c` is not zeroed first: for the large outputs of early convolutions,
 /// zeroing cost a tenth of a bf16 inference on AMX).
@@ -757,12 +849,39 @@ fn product(
     task: impl Fn(std::ops::Range<usize>, std::ops::Range<usize>, Out) + Sync,
 ) {
     assert_eq!(c.len(), m * n);
+    if c.is_empty() {
+        return;
+    }
     let out = Out(c.as_mut_ptr().cast());
-    let (mb, nb) = (m.div_ceil(MC), n.div_ceil(NC));
+    let (mc, nc) = tiles(m, n, rayon::current_num_threads());
+    let (mb, nb) = (m.div_ceil(mc), n.div_ceil(nc));
     (0..mb * nb).into_par_iter().for_each(|t| {
-        let (i0, j0) = ((t / nb) * MC, (t % nb) * NC);
-        task(i0..(i0 + MC).min(m), j0..(j0 + NC).min(n), out);
+        let (i0, j0) = ((t / nb) * mc, (t % nb) * nc);
+        task(i0..(i0 + mc).min(m), j0..(j0 + nc).min(n), out);
     });
+}
+
+/// The tile of an `(m, n)` product each task writes: [`MC`] x [`NC`], halved (the larger side
+/// first, in whole tiles of every kernel: multiples of 16 rows and of [`NR`] columns) until there
+/// are two tiles per thread where the product has that many. A weight gradient is a small
+/// `(m, n)` with a long `k` (a channel count by a kernel's inputs, summed over the batch's
+/// pixels): in `MC x NC` tiles a 64 x 576 one was two tasks and a 64 x 64 one, one thread's work.
+fn tiles(m: usize, n: usize, threads: usize) -> (usize, usize) {
+    // In units of 16 rows and NR columns, no more than the product has.
+    let (mut mu, mut nu) =
+        ((MC / AMX_ROWS).min(m.div_ceil(AMX_ROWS)), (NC / NR).min(n.div_ceil(NR)));
+    let count = |mu: usize, nu: usize| m.div_ceil(mu * AMX_ROWS) * n.div_ceil(nu * NR);
+    while count(mu, nu) < 2 * threads {
+        let rows = mu > 1 && count(mu.div_ceil(2), nu) > count(mu, nu);
+        let cols = nu > 1 && count(mu, nu.div_ceil(2)) > count(mu, nu);
+        match (rows, cols) {
+            (true, true) if mu * AMX_ROWS >= nu * NR => mu = mu.div_ceil(2),
+            (_, true) => nu = nu.div_ceil(2),
+            (true, false) => mu = mu.div_ceil(2),
+            (false, false) => break,
+        }
+    }
+    (mu.max(1) * AMX_ROWS, nu.max(1) * NR)
 }
 
 fn gemm_with(a: &PackedA, b: &PackedB, c: &mut [MaybeUninit<f32>], kernel: MicroKernel) {
@@ -877,6 +996,26 @@ mod avx512 {
                 }
             }
         }
+    }
+
+    /// [`super::pack_pairs`] for the whole blocks of 16 pairs (`vcvtne2ps2bf16` on 32
+    /// consecutive values writes their bf16 in order: 16 pairs); returns the pairs written.
+    ///
+    /// # Safety
+    /// The CPU has AVX512F and AVX512_BF16; `src` holds `2 * dst.len()` values.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn pack_pairs(src: &[f32], dst: &mut [u32]) -> usize {
+        let whole = dst.len() / 16 * 16;
+        for (d, v) in dst[..whole].chunks_exact_mut(16).zip(src.chunks_exact(32)) {
+            // SAFETY: 32 values read, 16 pairs written.
+            unsafe {
+                let l = _mm512_loadu_ps(v.as_ptr());
+                let h = _mm512_loadu_ps(v.as_ptr().add(16));
+                let x: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(h, l));
+                _mm512_storeu_si512(d.as_mut_ptr().cast(), x);
+            }
+        }
+        whole
     }
 
     /// The AVX512_BF16 micro-kernel: see the module doc.
@@ -1233,6 +1372,47 @@ mod tests {
         }
     }
 
+    /// The tiles rayon's tasks take: whole tiles of every kernel (multiples of 16 rows, of `NR`
+    /// columns), at most `MC x NC`, covering the product, and at least two per thread where
+    /// the product has that many tiles of 16 x `NR`.
+    #[test]
+    fn product_tiles_are_whole_and_enough_for_every_thread() {
+        for threads in [1, 2, 4, 16] {
+            for (m, n) in
+                [(1, 1), (2, 196), (64, 64), (64, 576), (512, 4608), (577, 1025), (3000, 48)]
+            {
+                let (mc, nc) = tiles(m, n, threads);
+                assert!(
+                    mc.is_multiple_of(16) && mc.is_multiple_of(MR) && mc <= MC,
+                    "{m}x{n}: {mc}"
+                );
+                assert!(nc.is_multiple_of(NR) && nc <= NC, "{m}x{n}: {nc}");
+                let count = m.div_ceil(mc) * n.div_ceil(nc);
+                let most = m.div_ceil(16) * n.div_ceil(NR);
+                assert!(count >= (2 * threads).min(most), "{m}x{n} on {threads}: {count} tiles");
+            }
+        }
+    }
+
+    /// `PackedA::from_rows` (rows written by a closure) and `PackedA::transposed` pack what
+    /// `for_kernel` packs from the same matrix written out, for every kernel's layout.
+    #[test]
+    fn packing_rows_by_a_closure_equals_packing_the_matrix() {
+        let (m, k) = (37, 45);
+        let t = values(k * m, 5);
+        let a: Vec<f32> = (0..m * k).map(|i| t[(i % k) * m + i / k]).collect();
+        for kernel in [Kernel::Portable, Kernel::Avx512, Kernel::Amx] {
+            let by_rows = PackedA::from_rows_for(kernel, m, k, |i, row| {
+                for (j, d) in row.iter_mut().enumerate() {
+                    *d = t[j * m + i];
+                }
+            });
+            let packed = PackedA::for_kernel(kernel, &a, m, k);
+            assert_eq!(by_rows.data, packed.data, "{kernel:?}");
+            assert_eq!(PackedA::transposed_for(kernel, &t, k, m).data, packed.data, "{kernel:?}");
+        }
+    }
+
     /// The AVX-512 packing (`vcvtne2ps2bf16` and a permutation) writes the same bits as the
     /// scalar rounding, infinities and a signed zero included.
     #[test]
@@ -1253,6 +1433,13 @@ mod tests {
         // SAFETY: both arrays were initialised when made.
         let bits = |p: [MaybeUninit<u32>; 3 * NR]| p.map(|v| unsafe { v.assume_init() });
         assert_eq!(bits(simd), bits(scalar));
+        // Rows of pairs (AMX's `A`): whole blocks of 16 pairs by the instruction, the rest one
+        // at a time; 37 pairs cover both.
+        let mut pairs = vec![0u32; 37];
+        pack_pairs(&scratch[..74], &mut pairs);
+        let one_by_one: Vec<u32> =
+            scratch[..74].chunks_exact(2).map(|v| pair(v[0], v[1])).collect();
+        assert_eq!(pairs, one_by_one);
     }
 
     /// `gemm_each` lays the products side by side exactly as separate `gemm`s compute them.

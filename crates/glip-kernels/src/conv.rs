@@ -14,16 +14,17 @@
 //! private `gemm` module), `im2col` / `col2im` as plain loops here (candle has no public 2-D
 //! col2im), images split over threads where they split evenly (`ConvF32`). Checked against
 //! autograd through differentiable candle ops in this module's tests. Inside
-//! [`bf16::autocast`]`(Bf16, ..)` on a CPU with AVX512_BF16 the forward product runs in bf16
-//! ([`bf16::gemm`], im2col written straight into its panels); the gradients stay the f32 ones.
+//! [`bf16::autocast`]`(Bf16, ..)` on a CPU with AVX512_BF16 all three products run in bf16 with
+//! f32 sums ([`bf16::gemm`]; `Bf16Conv`): the forward with im2col written straight into the
+//! packed panels, the input gradient as `w^T @ grad` then col2im, the weight gradient as one
+//! product over the batch with each image's im2col transposed into the panels; small images
+//! go several to a product. Checked against f64 sums within the bf16 bound.
 //! On CUDA [`conv2d`] is cuDNN's (forward and both gradients, [`crate::cudnn`]) where the build
 //! has the `cudnn` feature, candle's `conv2d` otherwise; on other CPU dtypes candle's.
 
 use crate::bf16;
 use crate::gemm::{self, Mat};
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
-};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Geometry of one convolution (square kernel, same stride and zero padding on both axes).
@@ -89,32 +90,71 @@ impl Geometry {
         let (oh, ow) = self.out();
         let len = oh * ow;
         for ky in 0..self.k {
-            let (ylo, yhi) = self.span(ky, self.h, oh);
             for kx in 0..self.k {
-                let (xlo, xhi) = self.span(kx, self.w, ow);
-                let row = &mut rows[(ky * self.k + kx) * len..][..len];
-                if xlo == xhi || ylo == yhi {
-                    row.fill(0.0);
-                    continue;
-                }
-                row[..ylo * ow].fill(0.0);
-                row[yhi * ow..].fill(0.0);
-                let ix0 = xlo * self.stride + kx - self.pad;
-                for oy in ylo..yhi {
-                    let out = &mut row[oy * ow..][..ow];
-                    out[..xlo].fill(0.0);
-                    out[xhi..].fill(0.0);
-                    let src = &plane[(oy * self.stride + ky - self.pad) * self.w + ix0..];
-                    let out = &mut out[xlo..xhi];
-                    if self.stride == 1 {
-                        out.copy_from_slice(&src[..out.len()]);
-                    } else {
-                        for (d, &v) in out.iter_mut().zip(src.iter().step_by(self.stride)) {
-                            *d = v;
-                        }
-                    }
+                self.im2col_row(plane, ky, kx, &mut rows[(ky * self.k + kx) * len..][..len]);
+            }
+        }
+    }
+
+    /// The im2col row of kernel offset `(ky, kx)` of one channel `plane (h, w)` into `row`
+    /// (`oh*ow` values, every one written).
+    fn im2col_row(&self, plane: &[f32], ky: usize, kx: usize, row: &mut [f32]) {
+        let (oh, ow) = self.out();
+        let (ylo, yhi) = self.span(ky, self.h, oh);
+        let (xlo, xhi) = self.span(kx, self.w, ow);
+        if xlo == xhi || ylo == yhi {
+            row.fill(0.0);
+            return;
+        }
+        row[..ylo * ow].fill(0.0);
+        row[yhi * ow..].fill(0.0);
+        let ix0 = xlo * self.stride + kx - self.pad;
+        for oy in ylo..yhi {
+            let out = &mut row[oy * ow..][..ow];
+            out[..xlo].fill(0.0);
+            out[xhi..].fill(0.0);
+            let src = &plane[(oy * self.stride + ky - self.pad) * self.w + ix0..];
+            let out = &mut out[xlo..xhi];
+            if self.stride == 1 {
+                out.copy_from_slice(&src[..out.len()]);
+            } else {
+                for (d, &v) in out.iter_mut().zip(src.iter().step_by(self.stride)) {
+                    *d = v;
                 }
             }
+        }
+    }
+}
+
+/// `dst[c * ld + r] = src[r * cols + c]` for the `rows x cols` row-major `src`: its transpose
+/// into rows of `ld` (the first `rows` values of each), in blocks of 16 columns so that the
+/// lines read and written stay in L1 (a column at a time writes one value per cache line).
+fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32], ld: usize) {
+    for c0 in (0..cols).step_by(16) {
+        let c1 = (c0 + 16).min(cols);
+        for r in 0..rows {
+            let line = &src[r * cols..][c0..c1];
+            for (c, &v) in (c0..c1).zip(line) {
+                dst[c * ld + r] = v;
+            }
+        }
+    }
+}
+
+/// How many images a bf16 product takes side by side: enough for 192 columns (four of the
+/// kernels' panels of 48) where the images are that small, else one. Image by image, a 4 x 4
+/// output (ResNet's layer4 at 128 px) filled a third of each panel, and every image streamed
+/// the whole weight through the kernel again.
+fn images_per_product(b: usize, len: usize) -> usize {
+    (4 * bf16::NR).div_ceil(len.max(1)).clamp(1, b.max(1))
+}
+
+/// The product `p (rows, count * len)` of `count` images side by side (image `t` in columns
+/// `t * len..`) into `out (count, rows, len)`.
+fn scatter(p: &[f32], rows: usize, len: usize, count: usize, out: &mut [f32]) {
+    for (t, image) in out.chunks_exact_mut(rows * len).take(count).enumerate() {
+        for (r, dst) in image.chunks_exact_mut(len).enumerate() {
+            dst.copy_from_slice(&p[r * count * len + t * len..][..len]);
         }
     }
 }
@@ -149,13 +189,13 @@ fn with_buffer<R>(n: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
 
 impl Geometry {
     /// The adjoint of [`Geometry::im2col_channel`]: adds each of the `k*k` rows of one channel
-    /// (`oh*ow` each) onto the input pixels they were read from.
-    fn col2im_channel(&self, rows: &[f32], plane: &mut [f32]) {
+    /// (the first `oh*ow` values of rows `ld` apart) onto the input pixels they were read from.
+    fn col2im_channel(&self, rows: &[f32], ld: usize, plane: &mut [f32]) {
         let (oh, ow) = self.out();
         let len = oh * ow;
         for ky in 0..self.k {
             for kx in 0..self.k {
-                let row = &rows[(ky * self.k + kx) * len..][..len];
+                let row = &rows[(ky * self.k + kx) * ld..][..len];
                 self.runs(ky, kx, |i, o, n| {
                     let src = &row[o..o + n];
                     if self.stride == 1 {
@@ -251,7 +291,7 @@ impl ConvF32 {
                 gemm::set_product(cols, wt, gb, !by);
                 out.fill(|gx| {
                     let add = |(c, plane): (usize, &mut [f32])| {
-                        g.col2im_channel(&cols[c * kk * len..][..kk * len], plane);
+                        g.col2im_channel(&cols[c * kk * len..][..kk * len], len, plane);
                     };
                     if by {
                         gx.chunks_mut(hw).enumerate().for_each(add);
@@ -298,6 +338,105 @@ impl ConvF32 {
     }
 }
 
+impl ConvF32 {
+    /// [`ConvF32::input_grad`] with bf16 products and f32 sums ([`bf16::gemm`]): `w^T @ grad`
+    /// over a group of images side by side ([`images_per_product`]; `w^T` packed once, each
+    /// group's gradient gathered into the panels of `B`), then col2im in f32, image by image.
+    fn input_grad_bf16(&self, grad: &[f32], w: &[f32], co: usize) -> Vec<f32> {
+        let g = self.0;
+        let (oh, ow) = g.out();
+        let (len, hw, kk, rows) = (oh * ow, g.h * g.w, g.k * g.k, g.rows());
+        let wt = bf16::PackedA::transposed(w, co, rows);
+        let group = images_per_product(g.b, len);
+        let mut gx = vec![0f32; g.b * g.ci * hw];
+        for (i0, out) in (0..g.b).step_by(group).zip(gx.chunks_mut(group * g.ci * hw)) {
+            let count = group.min(g.b - i0);
+            let n = count * len;
+            // Column `t * len + p` of `B (co, n)` is pixel `p` of image `i0 + t`'s gradient.
+            let gb = bf16::PackedB::from_panels_reusing(co, n, |j0, width, scratch| {
+                for (o, row) in scratch.chunks_exact_mut(bf16::NR).enumerate() {
+                    let mut j = j0;
+                    while j < j0 + width {
+                        let (t, p) = (j / len, j % len);
+                        let run = (len - p).min(j0 + width - j);
+                        let src = &grad[((i0 + t) * co + o) * len + p..][..run];
+                        row[j - j0..][..run].copy_from_slice(src);
+                        j += run;
+                    }
+                }
+            });
+            if g.pointwise() && count == 1 {
+                bf16::gemm_to(&wt, &gb, out);
+                continue;
+            }
+            with_buffer(rows * n, |cols| {
+                bf16::gemm_to(&wt, &gb, cols);
+                if g.pointwise() {
+                    return scatter(cols, g.ci, len, count, out);
+                }
+                out.par_chunks_mut(hw).enumerate().for_each(|(i, plane)| {
+                    let (t, c) = (i / g.ci, i % g.ci);
+                    g.col2im_channel(&cols[c * kk * n + t * len..], n, plane);
+                });
+            });
+        }
+        gx
+    }
+
+    /// [`ConvF32::weight_grad`] with bf16 products and f32 sums: one product over the whole
+    /// batch, `grad (co, b*oh*ow) @ cols^T (b*oh*ow, ci*k*k)`, `grad` gathered image after
+    /// image into the packed rows of `A`, and each image's im2col rows for a panel of `B` made
+    /// in f32 (one image's at a time, small) and transposed into the panel. One sum of
+    /// `b*oh*ow` terms per weight. (The other way round, `cols @ grad^T` transposing the
+    /// gradient and the product, was slower at ResNet-18's layer3 and layer4 shapes and no
+    /// faster at layer1's, `benches/gemm`'s `conv-train`.)
+    fn weight_grad_bf16(&self, x: &[f32], grad: &[f32], co: usize) -> Vec<f32> {
+        let g = self.0;
+        let (oh, ow) = g.out();
+        let (len, hw, kk) = (oh * ow, g.h * g.w, g.k * g.k);
+        let a = bf16::PackedA::from_rows(co, g.b * len, |i, dst| {
+            for (bi, d) in dst.chunks_exact_mut(len).enumerate() {
+                d.copy_from_slice(&grad[(bi * co + i) * len..][..len]);
+            }
+        });
+        let cols = bf16::PackedB::from_panels_reusing(g.b * len, g.rows(), |j0, width, scratch| {
+            let mut part = vec![0f32; width * len];
+            for bi in 0..g.b {
+                let image = g.image(x, bi);
+                for (jj, row) in part.chunks_exact_mut(len).enumerate() {
+                    let (c, o) = ((j0 + jj) / kk, (j0 + jj) % kk);
+                    g.im2col_row(&image[c * hw..][..hw], o / g.k, o % g.k, row);
+                }
+                transpose_into(&part, width, len, &mut scratch[bi * len * bf16::NR..], bf16::NR);
+            }
+        });
+        bf16::gemm(&a, &cols)
+    }
+
+    /// The gradients of [`ConvF32`] for those of `x` and `w` that are tracked: f32 products,
+    /// or bf16 ones (f32 sums) with `bf16`.
+    fn grads(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        grad: &Tensor,
+        bf16: bool,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let gx = if x.track_op() {
+            Some(grad.apply_op2_no_bwd(w, &ConvGrad { g: self.0, input: true, bf16 })?)
+        } else {
+            None
+        };
+        let gw = if w.track_op() {
+            Some(x.detach().apply_op2_no_bwd(&grad, &ConvGrad { g: self.0, input: false, bf16 })?)
+        } else {
+            None
+        };
+        Ok((gx, gw))
+    }
+}
+
 impl CustomOp2 for ConvF32 {
     fn name(&self) -> &'static str {
         "glip-conv2d-f32"
@@ -325,31 +464,25 @@ impl CustomOp2 for ConvF32 {
         _y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let gx = if x.track_op() {
-            Some(grad.apply_op2_no_bwd(w, &ConvGrad { g: self.0, input: true })?)
-        } else {
-            None
-        };
-        let gw = if w.track_op() {
-            Some(x.detach().apply_op2_no_bwd(&grad, &ConvGrad { g: self.0, input: false })?)
-        } else {
-            None
-        };
-        Ok((gx, gw))
+        self.grads(x, w, grad, false)
     }
 }
 
 /// [`ConvF32`]'s gradients as ops: `(grad, w)` -> the input gradient with `input`, `(x, grad)`
-/// -> the weight gradient without.
+/// -> the weight gradient without; their products in bf16 (f32 sums) with `bf16`.
 struct ConvGrad {
     g: Geometry,
     input: bool,
+    bf16: bool,
 }
 
 impl CustomOp2 for ConvGrad {
     fn name(&self) -> &'static str {
-        "glip-conv2d-f32-grad"
+        if self.bf16 {
+            "glip-conv2d-bf16-grad"
+        } else {
+            "glip-conv2d-f32-grad"
+        }
     }
 
     fn cpu_fwd(
@@ -365,11 +498,12 @@ impl CustomOp2 for ConvGrad {
         let op = ConvF32(g);
         if self.input {
             let co = l2.dims()[0];
-            let gx = op.input_grad(a, b, co);
+            let gx = if self.bf16 { op.input_grad_bf16(a, b, co) } else { op.input_grad(a, b, co) };
             Ok((CpuStorage::F32(gx), Shape::from((g.b, g.ci, g.h, g.w))))
         } else {
             let co = l2.dims()[1];
-            let gw = op.weight_grad(a, b, co);
+            let gw =
+                if self.bf16 { op.weight_grad_bf16(a, b, co) } else { op.weight_grad(a, b, co) };
             Ok((CpuStorage::F32(gw), Shape::from((co, g.ci, g.k, g.k))))
         }
     }
@@ -425,27 +559,59 @@ fn im2col_packed(x: &[f32], g: Geometry) -> bf16::PackedB {
     })
 }
 
-/// The forward product of a gradient-free convolution in bf16 ([`bf16::gemm_each`]): `x (b,
-/// ci, h, w)` and the packed weight `(co, ci*k*k)` -> `(b, co, oh, ow)` f32, image by image
-/// (the columns of one image packed, then its product written in place: no `(co, b*oh*ow)`
-/// intermediate to transpose, which candle did on one thread, 6 % of a bf16 ResNet-50
-/// inference).
+/// A convolution in bf16 (f32 sums) on the CPU, `(x, w)` -> `(b, co, oh, ow)` f32, with its
+/// backward in bf16 too ([`ConvF32::grads`]). The forward ([`bf16::gemm_each`]) reads `w` as
+/// the op's packed weight (`(co, ci*k*k)`, packed once per bf16 scope for a frozen weight),
+/// image by image (the columns of one image packed, then its product written in place: no
+/// `(co, b*oh*ow)` intermediate to transpose, which candle did on one thread, 6 % of a bf16
+/// ResNet-50 inference), or small images several to a product ([`images_per_product`]).
 struct Bf16Conv(Geometry, std::sync::Arc<bf16::PackedA>);
 
-impl CustomOp1 for Bf16Conv {
+impl CustomOp2 for Bf16Conv {
     fn name(&self) -> &'static str {
         "glip-conv2d-bf16"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s, l, "conv2d-bf16")?;
         let g = self.0;
-        let ((oh, ow), image) = (g.out(), g.ci * g.h * g.w);
-        let one = Geometry { b: 1, ..g };
-        let y = bf16::gemm_each(&self.1, g.b, oh * ow, |i| {
-            im2col_packed(&x[i * image..][..image], one)
-        });
-        Ok((CpuStorage::F32(y), Shape::from((g.b, self.1.rows(), oh, ow))))
+        let ((oh, ow), image, co) = (g.out(), g.ci * g.h * g.w, self.1.rows());
+        let group = images_per_product(g.b, oh * ow);
+        let y = if group == 1 {
+            let one = Geometry { b: 1, ..g };
+            bf16::gemm_each(&self.1, g.b, oh * ow, |i| im2col_packed(&x[i * image..][..image], one))
+        } else {
+            // Small images: several side by side in one product, then each image's block of
+            // it copied out (small, as the images are).
+            let mut y = vec![0f32; g.b * co * oh * ow];
+            for (i0, out) in (0..g.b).step_by(group).zip(y.chunks_mut(group * co * oh * ow)) {
+                let count = group.min(g.b - i0);
+                let cols =
+                    im2col_packed(&x[i0 * image..][..count * image], Geometry { b: count, ..g });
+                scatter(&bf16::gemm(&self.1, &cols), co, oh * ow, count, out);
+            }
+            y
+        };
+        Ok((CpuStorage::F32(y), Shape::from((g.b, co, oh, ow))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // The backward of a bf16 forward computes in bf16 too (f32 sums), as PyTorch's
+        // autocast and this crate's CUDA path do: both gradient products are as large as the
+        // forward's.
+        ConvF32(self.0).grads(x, w, grad, true)
     }
 }
 
@@ -459,47 +625,6 @@ pub(crate) fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Res
     }
 }
 
-/// Carries the forward result `y = conv2d(x, w)` (computed without a graph) and attaches the
-/// gemm backward pass above to `x` and `w`: its own forward is a copy of `y`.
-struct AttachConvGrad {
-    stride: usize,
-    pad: usize,
-}
-
-impl CustomOp3 for AttachConvGrad {
-    fn name(&self) -> &'static str {
-        "glip-conv2d"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let y = contiguous_f32(s1, l1, "conv2d")?;
-        Ok((CpuStorage::F32(y.to_vec()), l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        y: &Tensor,
-        x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // The f32 backward of [`ConvF32`], so that gradients do not depend on the forward's
-        // precision.
-        let g = geometry(x, w, self.stride, self.pad)?;
-        let (gx, gw) = ConvF32(g).bwd(&x.contiguous()?, &w.contiguous()?, y, grad)?;
-        Ok((None, gx, gw))
-    }
-}
-
 fn geometry(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Geometry> {
     let (b, ci, h, wd) = x.dims4()?;
     let (_, _, k, _) = w.dims4()?;
@@ -507,7 +632,8 @@ fn geometry(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Geometr
 }
 
 /// `conv2d(x (b, ci, h, w), w (co, ci, k, k))` with zero padding `pad` and stride `stride`, no
-/// groups, no dilation; on the CPU in f32 with this module's im2col + gemm passes, on CUDA with
+/// groups, no dilation; on the CPU with this module's im2col + gemm passes (in bf16, forward
+/// and backward, inside a bf16 [`bf16::autocast`] on a CPU with AVX512_BF16), on CUDA with
 /// cuDNN (the `cudnn` feature; in bf16 inside a bf16 [`bf16::autocast`], see [`crate::cuda`]).
 /// The result has `x`'s dtype: a bf16 `x` (bf16 activations) computes in bf16 with the weight
 /// cast to bf16 on CUDA, in f32 on the bf16 values on the CPU (rounded to bf16 after).
@@ -525,13 +651,9 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Tenso
             // candle records no backward when neither input is tracked.
             return x.contiguous()?.apply_op2(&w.contiguous()?, ConvF32(g));
         }
-        // The forward product in bf16; the backward stays f32.
+        // Forward and backward products in bf16.
         let a = bf16::packed_weight(w, co, g.rows())?;
-        let y = x.detach().contiguous()?.apply_op1_no_bwd(&Bf16Conv(g, a))?;
-        if !(x.track_op() || w.track_op()) {
-            return Ok(y);
-        }
-        y.apply_op3(x, w, AttachConvGrad { stride, pad })
+        x.contiguous()?.apply_op2(&w.contiguous()?, Bf16Conv(g, a))
     } else if x.dtype() == DType::BF16 && w.dtype() == DType::F32 {
         // bf16 activations on the CPU (candle has no bf16 product there): f32 arithmetic on
         // the bf16 values, the result rounded to bf16.
@@ -737,6 +859,9 @@ mod tests {
             (2, 6, 8, (9, 6), 1, 2, 0),
             (1, 2, 2, (1, 1), 7, 2, 3),
             (2, 17, 19, (13, 30), 3, 1, 1),
+            // Small images, several per product (`images_per_product`), the last group short.
+            (3, 4, 6, (10, 10), 3, 1, 1),
+            (5, 3, 4, (8, 8), 1, 1, 0),
         ] {
             let x = Tensor::randn(0f32, 1., (b, ci, h, wd), &dev).unwrap();
             let w = Tensor::randn(0f32, 1., (co, ci, k, k), &dev).unwrap();
@@ -783,30 +908,129 @@ mod tests {
         }
     }
 
-    /// Under a bf16 autocast the backward is the f32 one: the gradients of `sum(conv(x, w) * r)`
-    /// (which depend on `x`, `w` and `r`, not on the forward's values) equal the f32 path's bit
-    /// for bit, while the forward differs (it ran in bf16).
+    /// `gamma_n = n u / (1 - n u)`, `u = 2^-24`: the bound on f32 summation of `n` terms.
+    fn gamma(n: usize) -> f64 {
+        let nu = n as f64 * 2f64.powi(-24);
+        nu / (1.0 - nu)
+    }
+
+    /// Under a bf16 autocast the backward computes in bf16 too: the gradients of
+    /// `sum(conv(x, w) * r)` against direct f64 sums over every `(output, kernel offset)` pair
+    /// of the unrounded inputs, per gradient value within
+    /// * weight gradient, one product of `B = b*oh*ow` terms: `relative_error_bound(B)` (the
+    ///   bf16 module's bound) times the sum of the terms' magnitudes;
+    /// * input gradient, products of `co` terms (bound `e = relative_error_bound(co)`) of
+    ///   which col2im adds up to `k*k` in f32: `e + gamma_kk (1 + e)` times the sum of the
+    ///   magnitudes.
+    ///
+    /// Geometries: padding, strides, a stride wider than the kernel, padding wider than the
+    /// stride, pointwise, a 1x1 image under a 7x7 kernel, batches that do and do not split over
+    /// two threads, one with enough channels to cross the packing's panel widths, and small
+    /// images several to a product with a short last group (3x3 and pointwise).
     #[test]
-    fn bf16_forward_keeps_f32_gradients() {
+    fn bf16_gradients_are_within_the_rounding_bound() {
         if !bf16::available() {
             eprintln!("skipped: this CPU has no AVX512_BF16, so autocast keeps f32");
             return;
         }
         let dev = Device::Cpu;
-        let x = Var::randn(0f32, 1., (2, 5, 9, 7), &dev).unwrap();
-        let w = Var::randn(0f32, 1., (6, 5, 3, 3), &dev).unwrap();
-        let r = Tensor::randn(0f32, 1., (2, 6, 5, 4), &dev).unwrap();
-        let run = |p| {
-            let y = bf16::autocast(p, || conv2d(&x, &w, 2, 1)).unwrap();
-            let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        for (b, ci, co, (h, wd), k, stride, pad) in [
+            (2, 3, 4, (9, 7), 3, 1, 1),
+            (2, 3, 5, (10, 10), 3, 2, 1),
+            (1, 4, 2, (11, 8), 7, 2, 3),
+            (3, 6, 8, (5, 5), 1, 1, 0),
+            (2, 6, 8, (9, 6), 1, 2, 0),
+            (1, 2, 2, (1, 1), 7, 2, 3),
+            (1, 1, 2, (2, 3), 3, 3, 2),
+            (3, 2, 3, (33, 32), 3, 1, 1),
+            (2, 21, 53, (13, 30), 3, 1, 1),
+            (3, 4, 6, (10, 10), 3, 1, 1),
+            (5, 3, 4, (8, 8), 1, 1, 0),
+        ] {
+            let (oh, ow) = ((h + 2 * pad - k) / stride + 1, (wd + 2 * pad - k) / stride + 1);
+            let x = Var::randn(0f32, 1., (b, ci, h, wd), &dev).unwrap();
+            let w = Var::randn(0f32, 1., (co, ci, k, k), &dev).unwrap();
+            let r = Tensor::randn(0f32, 1., (b, co, oh, ow), &dev).unwrap();
+            let run = |p| {
+                let y = bf16::autocast(p, || conv2d(&x, &w, stride, pad)).unwrap();
+                let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                (v(g.get(&x).unwrap()), v(g.get(&w).unwrap()))
+            };
+            let (gx, gw) = run(bf16::Precision::Bf16);
+            let (gx32, gw32) = run(bf16::Precision::F32);
             let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            (v(&y), v(g.get(&x).unwrap()), v(g.get(&w).unwrap()))
-        };
-        let (y16, gx16, gw16) = run(bf16::Precision::Bf16);
-        let (y32, gx32, gw32) = run(bf16::Precision::F32);
-        assert_ne!(y16, y32, "the forward did not run in bf16");
-        assert_eq!(gx16, gx32, "input gradient");
-        assert_eq!(gw16, gw32, "weight gradient");
+            let (xv, wv, rv) = (v(&x), v(&w), v(&r));
+            // Exact gradients and the magnitudes of their terms.
+            let (mut ex, mut mx) = (vec![0f64; xv.len()], vec![0f64; xv.len()]);
+            let (mut ew, mut mw) = (vec![0f64; wv.len()], vec![0f64; wv.len()]);
+            for bi in 0..b {
+                for o in 0..co {
+                    for oy in 0..oh {
+                        for ox in 0..ow {
+                            let rr = rv[((bi * co + o) * oh + oy) * ow + ox] as f64;
+                            for c in 0..ci {
+                                for ky in 0..k {
+                                    for kx in 0..k {
+                                        let (iy, ix) = (
+                                            (oy * stride + ky) as isize - pad as isize,
+                                            (ox * stride + kx) as isize - pad as isize,
+                                        );
+                                        if iy < 0 || ix < 0 || iy >= h as isize || ix >= wd as isize
+                                        {
+                                            continue;
+                                        }
+                                        let xi =
+                                            ((bi * ci + c) * h + iy as usize) * wd + ix as usize;
+                                        let wi = ((o * ci + c) * k + ky) * k + kx;
+                                        let (t, u) = (rr * wv[wi] as f64, rr * xv[xi] as f64);
+                                        ex[xi] += t;
+                                        mx[xi] += t.abs();
+                                        ew[wi] += u;
+                                        mw[wi] += u.abs();
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            let what = format!("b{b} ci{ci} co{co} {h}x{wd} k{k} s{stride} p{pad}");
+            let e = bf16::relative_error_bound(co);
+            let rel_x = e + gamma(k * k) * (1.0 + e);
+            let rel_w = bf16::relative_error_bound(b * oh * ow);
+            for (name, got, exact, mag, rel) in
+                [("input", &gx, &ex, &mx, rel_x), ("weight", &gw, &ew, &mw, rel_w)]
+            {
+                assert_eq!(got.len(), exact.len());
+                for (i, ((&g, &e), &m)) in got.iter().zip(exact).zip(mag).enumerate() {
+                    assert!(
+                        (g as f64 - e).abs() <= rel * m,
+                        "{what}: {name} gradient {i}: {g} against {e} (terms' magnitude {m})"
+                    );
+                }
+            }
+            assert_ne!(gw, gw32, "{what}: the weight gradient did not run in bf16");
+            if gx.iter().any(|&v| v != 0.0) {
+                assert_ne!(gx, gx32, "{what}: the input gradient did not run in bf16");
+            }
+        }
+    }
+
+    /// A frozen input under a bf16 autocast: the weight gradient only (bf16), none for `x`.
+    #[test]
+    fn a_frozen_input_gets_only_the_bf16_weight_gradient() {
+        if !bf16::available() {
+            eprintln!("skipped: this CPU has no AVX512_BF16, so autocast keeps f32");
+            return;
+        }
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (2, 3, 6, 6), &dev).unwrap();
+        let w = Var::randn(0f32, 1., (4, 3, 3, 3), &dev).unwrap();
+        let y = bf16::autocast(bf16::Precision::Bf16, || conv2d(&x, &w, 1, 1)).unwrap();
+        let g = y.sum_all().unwrap().backward().unwrap();
+        assert!(g.get(&x).is_none());
+        assert_eq!(g.get(&w).unwrap().dims(), &[4, 3, 3, 3]);
     }
 
     #[test]
