@@ -1,7 +1,13 @@
 //! The bf16 gemm of `glip_kernels::bf16` (packing of `B` included, as a convolution pays it,
 //! and the product alone), with each kernel the CPU runs (AVX512_BF16, AMX), against candle's
 //! f32 matmul, at the convolution shapes of ResNet-50 at batch 2, 384 px
-//! (`(m, k, n)` = output channels, input channels x kernel area, batch x output pixels).
+//! (`(m, k, n)` = output channels, input channels x kernel area, batch x output pixels); whole
+//! convolutions, gradient-free and trained (forward and both gradients), in f32 and bf16.
+
+/// As `glip` (freed pages kept for reuse): the convolutions' large buffers are not faulted in
+/// afresh at every call.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion};
@@ -43,9 +49,6 @@ fn gemm(c: &mut Criterion) {
 /// A whole gradient-free convolution (im2col, product, layout) in f32 and under a bf16
 /// `autocast` (im2col written straight into bf16 panels): ResNet-50's layer1 3x3 at batch 2,
 /// 384 px, where the product alone favours f32 because packing `B` from f32 costs as much.
-/// This bench runs on the system allocator, so its large buffers are faulted in afresh each
-/// call (`glip` keeps freed memory with mimalloc): compare with `glip bench` before trusting
-/// the f32 figure.
 fn conv(c: &mut Criterion) {
     let mut g = c.benchmark_group("conv");
     g.sample_size(10);
@@ -60,5 +63,31 @@ fn conv(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, gemm, conv);
+/// A trained convolution: forward, then both gradients of `sum(y * r)`, in f32 and under a
+/// bf16 `autocast` (where the backward's products are bf16 too), at the 3x3 convolutions of
+/// `glip bench --preset seed-r18 --mode train --batch 8 --size 128` (ResNet-18 on 128 px:
+/// layer1 at 32 x 32, layer3 at 8 x 8, layer4 at 4 x 4).
+fn conv_train(c: &mut Criterion) {
+    let mut g = c.benchmark_group("conv-train");
+    g.sample_size(10);
+    let dev = Device::Cpu;
+    for (name, ch, side) in [("layer1-3x3", 64, 32), ("layer3-3x3", 256, 8), ("layer4-3x3", 512, 4)]
+    {
+        let x = candle_core::Var::randn(0f32, 1., (8, ch, side, side), &dev).unwrap();
+        let w = candle_core::Var::randn(0f32, 0.05, (ch, ch, 3, 3), &dev).unwrap();
+        let r = Tensor::randn(0f32, 1., (8, ch, side, side), &dev).unwrap();
+        let step = || {
+            let y = glip_kernels::conv::conv2d(&x, &w, 1, 1).unwrap();
+            (y * &r).unwrap().sum_all().unwrap().backward().unwrap()
+        };
+        g.bench_function(format!("f32/{name}"), |b| b.iter(step));
+        if bf16::available() {
+            let label = format!("bf16-{:?}/{name}", Kernel::best()).to_lowercase();
+            g.bench_function(label, |b| b.iter(|| bf16::autocast(bf16::Precision::Bf16, step)));
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, gemm, conv, conv_train);
 criterion_main!(benches);

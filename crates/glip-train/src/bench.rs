@@ -84,7 +84,7 @@ pub struct BenchSpec {
     pub size: usize,
     /// Timed iterations (after one warm-up).
     pub iters: usize,
-    /// What convolutions' forward products (and inference's linear layers) compute in.
+    /// What convolutions' products (and inference's linear layers) compute in.
     pub precision: crate::Precision,
     /// TF32 for f32 products on CUDA ([`glip_kernels::cuda::set_tf32`]).
     pub tf32: bool,
