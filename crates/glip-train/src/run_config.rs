@@ -95,8 +95,9 @@ pub struct RunConfig {
     /// What convolutions compute in: `"f32"` (default) or `"bf16"`. On CUDA, convolutions and
     /// linear layers compute forward and backward in bf16 with f32 sums (autocast: the weights,
     /// the loss and the optimiser stay f32, gradients reach the weights as f32). On CPUs with
-    /// AVX512_BF16, forward products with inputs and weights rounded to bf16 and f32 sums,
-    /// backward products f32. Elsewhere f32, with a warning.
+    /// AVX512_BF16 (AMX where there is), convolutions' forward and gradient products with their
+    /// operands rounded to bf16 and f32 sums; linear layers f32 in training. Elsewhere f32,
+    /// with a warning.
     #[serde(default)]
     pub precision: crate::Precision,
     /// On CUDA, whether f32 convolutions and matrix products may use TF32 tensor cores (10-bit
