@@ -1,7 +1,8 @@
 //! `cargo xtask bench-vs-torch [--iters N] [--rounds R]`: `glip bench` (release build) and
 //! `reference/bench_torch.py` (the reference's venv) on the same presets, side by side in one
-//! run on this machine's cores, and the table of their ratios. Inference rows also time glip
-//! with `--precision bf16` (against PyTorch's f32) where the CPU has AVX512_BF16.
+//! run on this machine's cores, and the table of their ratios. Every row also times glip with
+//! `--precision bf16` (against PyTorch's f32) where the CPU has AVX512_BF16 (training rows too:
+//! a convolution's gradients are bf16 products there).
 
 use anyhow::{bail, Context, Result};
 use std::process::Command;
@@ -64,13 +65,9 @@ fn one_round(
     let common = ["--preset", preset, "--mode", mode, "--batch", &b, "--size", &sz, "--iters", &it];
     let ours = glip_bench(glip, &common)?;
     // bf16 only where it ran as bf16 (the JSON says what the convolutions computed in).
-    let bf16 = if mode == "infer" {
-        let out = glip_bench(glip, &[&common[..], &["--precision", "bf16"]].concat())?;
-        let v = json_of(&out.stdout, "glip bench --precision bf16")?;
-        (v["precision"] == "bf16").then(|| v["median_s"].as_f64()).flatten()
-    } else {
-        None
-    };
+    let out = glip_bench(glip, &[&common[..], &["--precision", "bf16"]].concat())?;
+    let v = json_of(&out.stdout, "glip bench --precision bf16")?;
+    let bf16 = (v["precision"] == "bf16").then(|| v["median_s"].as_f64()).flatten();
     let theirs = Command::new(python)
         .arg(root.join("reference/bench_torch.py"))
         .args(common)
