@@ -511,13 +511,18 @@ impl PackedA {
     /// Packs an `(m, k)` matrix whose rows `row(i, dst)` writes (all `k` values of `dst`), for
     /// [`Kernel::best`]: for an `A` that is not one row-major matrix (a gradient gathered from
     /// a batch), packed without an f32 copy of it first.
+    ///
+    /// The packing goes into the memory of a dropped packing, as
+    /// [`PackedB::from_panels_reusing`]'s (for packings made and dropped at every call: not for
+    /// one that is kept).
     pub fn from_rows(m: usize, k: usize, row: impl Fn(usize, &mut [f32]) + Sync) -> Self {
-        Self::from_rows_for(Kernel::best(), m, k, row)
+        Self::from_row_blocks_for(Kernel::best(), m, k, PANELS.take(), rows_filler(k, row))
     }
 
     /// Packs the transpose of the row-major `a` of `k` rows and `m` columns (a weight's
     /// transpose), for [`Kernel::best`]: read in blocks of rows of `A` (a column of `a` at a
-    /// time would read one value per cache line).
+    /// time would read one value per cache line). Into reused memory, as
+    /// [`PackedA::from_rows`].
     pub fn transposed(a: &[f32], k: usize, m: usize) -> Self {
         Self::transposed_for(Kernel::best(), a, k, m)
     }
@@ -525,7 +530,7 @@ impl PackedA {
     /// [`PackedA::transposed`] for `kernel`.
     pub fn transposed_for(kernel: Kernel, a: &[f32], k: usize, m: usize) -> Self {
         assert_eq!(a.len(), m * k, "PackedA: {} values for ({k}, {m}) transposed", a.len());
-        Self::from_row_blocks_for(kernel, m, k, |i0, rows, ld| {
+        Self::from_row_blocks_for(kernel, m, k, PANELS.take(), |i0, rows, ld| {
             let count = rows.len().div_ceil(ld);
             for (j, src) in a.chunks_exact(m).enumerate() {
                 for (r, &v) in src[i0..][..count].iter().enumerate() {
@@ -542,47 +547,51 @@ impl PackedA {
         k: usize,
         row: impl Fn(usize, &mut [f32]) + Sync,
     ) -> Self {
-        Self::from_row_blocks_for(kernel, m, k, |i0, rows, ld| {
-            for (r, dst) in rows.chunks_mut(ld).enumerate() {
-                row(i0 + r, &mut dst[..k]);
-            }
-        })
+        Self::from_row_blocks_for(kernel, m, k, Vec::new(), rows_filler(k, row))
     }
 
-    /// The packing: `fill(i0, rows, ld)` writes rows `i0..` of `A` (as many as `rows` holds,
-    /// each the first `k` of `ld` values: row `r` at `rows[r * ld..][..k]`) for one block of
-    /// rows (a tile of 16 for AMX, a panel of [`MR`] else), in parallel over blocks; the values
-    /// past `k` in each row and the rows past `m` are zeros here.
+    /// The packing, into `data`'s memory: `fill(i0, rows, ld)` writes rows `i0..` of `A` (as
+    /// many as `rows` holds, each the first `k` of `ld` values: row `r` at `rows[r * ld..][..k]`)
+    /// for one block of rows (a tile of 16 for AMX, a panel of [`MR`] else), in parallel over
+    /// blocks; the values past `k` in each row and the rows past `m` are zeros here.
     fn from_row_blocks_for(
         kernel: Kernel,
         m: usize,
         k: usize,
+        mut data: Vec<u32>,
         fill: impl Fn(usize, &mut [f32], usize) + Sync,
     ) -> Self {
         let kq = kernel.pairs(k);
         let (block, ld) = (if kernel == Kernel::Amx { AMX_ROWS } else { MR }, 2 * kq);
-        let mut data = vec![0u32; m.div_ceil(block) * block * kq];
+        let len = m.div_ceil(block) * block * kq;
+        data.clear();
+        data.reserve_exact(len);
         if kq > 0 {
-            // Each task's rows (the zeros past `k` stay as made: `fill` never writes them).
-            let init = || vec![0f32; block * ld];
-            data.par_chunks_mut(block * kq).enumerate().for_each_init(init, |s, (b, out)| {
-                let (i0, count) = (b * block, block.min(m.saturating_sub(b * block)));
-                if count < block {
-                    s.fill(0.0);
-                }
-                fill(i0, &mut s[..count * ld], ld);
-                if kernel == Kernel::Amx {
-                    pack_pairs(s, out);
-                } else {
-                    for (q, pairs) in out.chunks_exact_mut(MR).enumerate() {
-                        for (r, d) in pairs.iter_mut().enumerate() {
-                            let v = &s[r * ld + 2 * q..];
-                            *d = pair(v[0], v[1]);
+            let spare = &mut data.spare_capacity_mut()[..len];
+            spare.par_chunks_mut(block * kq).enumerate().for_each(|(b, out)| {
+                with_scratch(block * ld, |s| {
+                    let (i0, count) = (b * block, block.min(m.saturating_sub(b * block)));
+                    fill(i0, &mut s[..count * ld], ld);
+                    for row in s[..count * ld].chunks_exact_mut(ld) {
+                        row[k..].fill(0.0);
+                    }
+                    s[count * ld..].fill(0.0);
+                    if kernel == Kernel::Amx {
+                        pack_pairs(s, out);
+                    } else {
+                        for (q, pairs) in out.chunks_exact_mut(MR).enumerate() {
+                            for (r, d) in pairs.iter_mut().enumerate() {
+                                let v = &s[r * ld + 2 * q..];
+                                d.write(pair(v[0], v[1]));
+                            }
                         }
                     }
-                }
+                })
             });
         }
+        // SAFETY: every block of `len` was written above (every pair of it: `pack_pairs`, or
+        // the loop over all `MR` rows of `kq` pairs); with `kq == 0`, `len` is 0.
+        unsafe { data.set_len(len) };
         Self { kernel, m, k, kq, data }
     }
 
@@ -658,23 +667,21 @@ impl PackedB {
         // zeroing cost as much as the product on AMX).
         data.clear();
         data.reserve_exact(len);
-        data.spare_capacity_mut()[..len]
-            .par_chunks_mut((kq * NR).max(1))
-            .enumerate()
-            .for_each_init(
-                || vec![0f32; 2 * kq * NR],
-                |scratch, (p, panel)| {
+        data.spare_capacity_mut()[..len].par_chunks_mut((kq * NR).max(1)).enumerate().for_each(
+            |(p, panel)| {
+                with_scratch(2 * kq * NR, |scratch| {
                     let (j0, rows) = (p * NR, &mut scratch[..k * NR]);
                     let width = NR.min(n - j0);
                     fill(j0, width, rows);
                     if width < NR {
                         rows.chunks_exact_mut(NR).for_each(|r| r[width..].fill(0.0));
                     }
-                    // Rows `k..2 * kq` are the zeros the scratch was made with: `fill` never sees
-                    // them.
+                    // Rows `k..2 * kq`, the padding `fill` never sees.
+                    scratch[k * NR..].fill(0.0);
                     pack_panel(scratch, panel);
-                },
-            );
+                })
+            },
+        );
         // SAFETY: the `len` values were written above, one panel by each task.
         unsafe { data.set_len(len) };
         Self { kernel, k, n, kq, data }
@@ -684,6 +691,40 @@ impl PackedB {
     pub fn cols(&self) -> usize {
         self.n
     }
+}
+
+/// The block filler of [`PackedA::from_row_blocks_for`] from a filler of single rows.
+fn rows_filler(
+    k: usize,
+    row: impl Fn(usize, &mut [f32]) + Sync,
+) -> impl Fn(usize, &mut [f32], usize) + Sync {
+    move |i0, rows, ld| {
+        for (r, dst) in rows.chunks_mut(ld).enumerate() {
+            row(i0 + r, &mut dst[..k]);
+        }
+    }
+}
+
+thread_local! {
+    /// Each thread's f32 scratch for the packings (their values are whatever the last use
+    /// left), kept between calls: made afresh per task, the scratch of a weight gradient's
+    /// packing (a panel of 48 columns by every pixel of the batch) was fresh memory cleared by
+    /// the kernel page by page, a tenth of a bf16 training step.
+    static SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+}
+
+/// Calls `f` with `n` values of this thread's scratch (taken out while in use, so a nested
+/// use gets its own), then keeps it unless it is over [`KEEP_PANELS`].
+fn with_scratch<R>(n: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let mut buf = SCRATCH.take();
+    if buf.len() < n {
+        buf.resize(n, 0.0);
+    }
+    let r = f(&mut buf[..n]);
+    if buf.capacity() <= KEEP_PANELS {
+        SCRATCH.set(buf);
+    }
+    r
 }
 
 /// The panel filler of a row-major `b` of `n` columns.
@@ -722,6 +763,12 @@ impl Drop for PackedB {
     }
 }
 
+impl Drop for PackedA {
+    fn drop(&mut self) {
+        keep_panels(std::mem::take(&mut self.data));
+    }
+}
+
 /// Rows `2q, 2q + 1` of `scratch` (`2 * kp` rows of [`NR`]) into pairs `q` of `panel`, every
 /// one of its values written.
 fn pack_panel(scratch: &[f32], panel: &mut [MaybeUninit<u32>]) {
@@ -736,7 +783,7 @@ fn pack_panel(scratch: &[f32], panel: &mut [MaybeUninit<u32>]) {
 
 /// Consecutive values of `src` as bf16 pairs `(src[2q], src[2q + 1])` into `dst` (`src` holds
 /// twice as many values): rows of AMX's `A`.
-fn pack_pairs(src: &[f32], dst: &mut [u32]) {
+fn pack_pairs(src: &[f32], dst: &mut [MaybeUninit<u32>]) {
     assert_eq!(src.len(), 2 * dst.len(), "pairs from twice as many values");
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
@@ -745,7 +792,7 @@ fn pack_pairs(src: &[f32], dst: &mut [u32]) {
         done = unsafe { avx512::pack_pairs(src, dst) };
     }
     for (d, v) in dst[done..].iter_mut().zip(src[2 * done..].chunks_exact(2)) {
-        *d = pair(v[0], v[1]);
+        d.write(pair(v[0], v[1]));
     }
 }
 
@@ -1004,7 +1051,7 @@ mod avx512 {
     /// # Safety
     /// The CPU has AVX512F and AVX512_BF16; `src` holds `2 * dst.len()` values.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn pack_pairs(src: &[f32], dst: &mut [u32]) -> usize {
+    pub(super) unsafe fn pack_pairs(src: &[f32], dst: &mut [MaybeUninit<u32>]) -> usize {
         let whole = dst.len() / 16 * 16;
         for (d, v) in dst[..whole].chunks_exact_mut(16).zip(src.chunks_exact(32)) {
             // SAFETY: 32 values read, 16 pairs written.
@@ -1435,8 +1482,10 @@ mod tests {
         assert_eq!(bits(simd), bits(scalar));
         // Rows of pairs (AMX's `A`): whole blocks of 16 pairs by the instruction, the rest one
         // at a time; 37 pairs cover both.
-        let mut pairs = vec![0u32; 37];
+        let mut pairs = [MaybeUninit::new(0u32); 37];
         pack_pairs(&scratch[..74], &mut pairs);
+        // SAFETY: initialised when made.
+        let pairs: Vec<u32> = pairs.iter().map(|p| unsafe { p.assume_init() }).collect();
         let one_by_one: Vec<u32> =
             scratch[..74].chunks_exact(2).map(|v| pair(v[0], v[1])).collect();
         assert_eq!(pairs, one_by_one);

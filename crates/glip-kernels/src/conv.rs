@@ -400,15 +400,17 @@ impl ConvF32 {
             }
         });
         let cols = bf16::PackedB::from_panels_reusing(g.b * len, g.rows(), |j0, width, scratch| {
-            let mut part = vec![0f32; width * len];
-            for bi in 0..g.b {
-                let image = g.image(x, bi);
-                for (jj, row) in part.chunks_exact_mut(len).enumerate() {
-                    let (c, o) = ((j0 + jj) / kk, (j0 + jj) % kk);
-                    g.im2col_row(&image[c * hw..][..hw], o / g.k, o % g.k, row);
+            with_buffer(width * len, |part| {
+                for bi in 0..g.b {
+                    let image = g.image(x, bi);
+                    for (jj, row) in part.chunks_exact_mut(len).enumerate() {
+                        let (c, o) = ((j0 + jj) / kk, (j0 + jj) % kk);
+                        g.im2col_row(&image[c * hw..][..hw], o / g.k, o % g.k, row);
+                    }
+                    let panel = &mut scratch[bi * len * bf16::NR..];
+                    transpose_into(part, width, len, panel, bf16::NR);
                 }
-                transpose_into(&part, width, len, &mut scratch[bi * len * bf16::NR..], bf16::NR);
-            }
+            })
         });
         bf16::gemm(&a, &cols)
     }
