@@ -842,72 +842,109 @@ mod tests {
         check(2, 3, 2, (32, 33), 1, 1, 0);
     }
 
+    /// `(b, ci, co, (h, w), k, stride, pad)` of the bf16 tests: padding, strides, a stride
+    /// wider than the kernel, padding wider than the stride, pointwise, a 1x1 image under a 7x7
+    /// kernel, batches that do and do not split over two threads, enough channels to cross the
+    /// packings' panel widths, and small images several to a product (`images_per_product`)
+    /// with a short last group (3x3 and pointwise).
+    type Case = (usize, usize, usize, (usize, usize), usize, usize, usize);
+    const BF16_CASES: [Case; 12] = [
+        (2, 3, 4, (9, 7), 3, 1, 1),
+        (2, 3, 5, (10, 10), 3, 2, 1),
+        (1, 4, 2, (11, 8), 7, 2, 3),
+        (3, 6, 8, (5, 5), 1, 1, 0),
+        (2, 6, 8, (9, 6), 1, 2, 0),
+        (1, 2, 2, (1, 1), 7, 2, 3),
+        (1, 1, 2, (2, 3), 3, 3, 2),
+        (3, 2, 3, (33, 32), 3, 1, 1),
+        (2, 17, 19, (13, 30), 3, 1, 1),
+        (2, 21, 53, (13, 30), 3, 1, 1),
+        (3, 4, 6, (10, 10), 3, 1, 1),
+        (5, 3, 4, (8, 8), 1, 1, 0),
+    ];
+
+    /// The output size of a case.
+    fn out_size((_, _, _, (h, wd), k, stride, pad): Case) -> (usize, usize) {
+        ((h + 2 * pad - k) / stride + 1, (wd + 2 * pad - k) / stride + 1)
+    }
+
+    /// Calls `f(y index, x index, w index)` for every term of a direct convolution: each output
+    /// and each kernel tap of it that reads inside the image (flat indices into `y (b, co, oh,
+    /// ow)`, `x (b, ci, h, w)` and `w (co, ci, k, k)`).
+    fn terms(case: Case, mut f: impl FnMut(usize, usize, usize)) {
+        let (b, ci, co, (h, wd), k, stride, pad) = case;
+        let (oh, ow) = out_size(case);
+        for yi in 0..b * co * oh * ow {
+            let (bi, o, oy, ox) = (yi / (co * oh * ow), yi / (oh * ow) % co, yi / ow % oh, yi % ow);
+            for c in 0..ci {
+                for ky in 0..k {
+                    for kx in 0..k {
+                        let (iy, ix) = (oy * stride + ky, ox * stride + kx);
+                        if iy < pad || ix < pad || iy - pad >= h || ix - pad >= wd {
+                            continue;
+                        }
+                        let xi = ((bi * ci + c) * h + iy - pad) * wd + ix - pad;
+                        f(yi, xi, ((o * ci + c) * k + ky) * k + kx);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Asserts `|got - exact| <= rel * mag` value by value.
+    fn assert_within(what: &str, got: &[f32], exact: &[f64], mag: &[f64], rel: f64) {
+        assert_eq!(got.len(), exact.len(), "{what}");
+        for (i, ((&g, &e), &m)) in got.iter().zip(exact).zip(mag).enumerate() {
+            assert!(
+                (g as f64 - e).abs() <= rel * m,
+                "{what} {i}: {g} against {e} (terms' magnitude {m})"
+            );
+        }
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    /// Runs `f` on each of [`BF16_CASES`] with the CPU device, or says why not (a CPU without
+    /// AVX512_BF16, where autocast keeps f32).
+    fn each_bf16_case(mut f: impl FnMut(Case, &Device)) {
+        if !bf16::available() {
+            eprintln!("skipped: this CPU has no AVX512_BF16, so autocast keeps f32");
+            return;
+        }
+        BF16_CASES.into_iter().for_each(|case| f(case, &Device::Cpu));
+    }
+
     /// The bf16 forward (inside `autocast`) against a direct f64 convolution of the unrounded
     /// inputs, within `bf16`'s bound per output: `(2^-7 + 2^-16 + gamma_K) * sum |x w|` over the
     /// `K = ci*k*k` terms of that output (inputs rounded to 8 significant bits, exact products,
     /// f32 sums).
     #[test]
     fn bf16_forward_is_within_the_rounding_bound() {
-        if !bf16::available() {
-            eprintln!("skipped: this CPU has no AVX512_BF16, so autocast keeps f32");
-            return;
-        }
-        let dev = Device::Cpu;
-        for (b, ci, co, (h, wd), k, stride, pad) in [
-            (2, 3, 4, (9, 7), 3, 1, 1),
-            (2, 3, 5, (10, 10), 3, 2, 1),
-            (1, 4, 2, (11, 8), 7, 2, 3),
-            (3, 6, 8, (5, 5), 1, 1, 0),
-            (2, 6, 8, (9, 6), 1, 2, 0),
-            (1, 2, 2, (1, 1), 7, 2, 3),
-            (2, 17, 19, (13, 30), 3, 1, 1),
-            // Small images, several per product (`images_per_product`), the last group short.
-            (3, 4, 6, (10, 10), 3, 1, 1),
-            (5, 3, 4, (8, 8), 1, 1, 0),
-        ] {
-            let x = Tensor::randn(0f32, 1., (b, ci, h, wd), &dev).unwrap();
-            let w = Tensor::randn(0f32, 1., (co, ci, k, k), &dev).unwrap();
+        each_bf16_case(|case, dev| {
+            let (b, ci, co, (h, wd), k, stride, pad) = case;
+            let (oh, ow) = out_size(case);
+            let x = Tensor::randn(0f32, 1., (b, ci, h, wd), dev).unwrap();
+            let w = Tensor::randn(0f32, 1., (co, ci, k, k), dev).unwrap();
             let got =
                 bf16::autocast(bf16::Precision::Bf16, || conv2d(&x, &w, stride, pad)).unwrap();
-            let f32_out = conv2d(&x, &w, stride, pad).unwrap();
-            let (oh, ow) = ((h + 2 * pad - k) / stride + 1, (wd + 2 * pad - k) / stride + 1);
             assert_eq!(got.dims(), &[b, co, oh, ow]);
-            let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
-            let wv: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
-            let gv: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
-            let fv: Vec<f32> = f32_out.flatten_all().unwrap().to_vec1().unwrap();
-            let rel = bf16::relative_error_bound(ci * k * k);
-            let mut differs = false;
-            for (o, (&g, &f)) in gv.iter().zip(&fv).enumerate() {
-                let (bi, oc, oy, ox) =
-                    (o / (co * oh * ow), o / (oh * ow) % co, o / ow % oh, o % ow);
-                let (mut exact, mut mag) = (0f64, 0f64);
-                for c in 0..ci {
-                    for ky in 0..k {
-                        for kx in 0..k {
-                            let (iy, ix) = (
-                                (oy * stride + ky) as isize - pad as isize,
-                                (ox * stride + kx) as isize - pad as isize,
-                            );
-                            if iy < 0 || ix < 0 || iy >= h as isize || ix >= wd as isize {
-                                continue;
-                            }
-                            let xi =
-                                xv[((bi * ci + c) * h + iy as usize) * wd + ix as usize] as f64;
-                            let p = xi * wv[((oc * ci + c) * k + ky) * k + kx] as f64;
-                            exact += p;
-                            mag += p.abs();
-                        }
-                    }
-                }
-                assert!(
-                    (g as f64 - exact).abs() <= rel * mag,
-                    "b{b} ci{ci} co{co} k{k} s{stride} p{pad} at {o}: {g} against {exact}"
-                );
-                differs |= g != f;
-            }
-            assert!(differs || gv.iter().all(|&v| v == 0.0), "autocast left the f32 path in place");
-        }
+            let (xv, wv, gv) = (values(&x), values(&w), values(&got));
+            let (mut exact, mut mag) = (vec![0f64; gv.len()], vec![0f64; gv.len()]);
+            terms(case, |yi, xi, wi| {
+                let p = xv[xi] as f64 * wv[wi] as f64;
+                exact[yi] += p;
+                mag[yi] += p.abs();
+            });
+            let what = format!("{case:?}: output");
+            assert_within(&what, &gv, &exact, &mag, bf16::relative_error_bound(ci * k * k));
+            let f32_out = values(&conv2d(&x, &w, stride, pad).unwrap());
+            assert!(
+                gv != f32_out || gv.iter().all(|&v| v == 0.0),
+                "{case:?}: autocast left the f32 path in place"
+            );
+        });
     }
 
     /// `gamma_n = n u / (1 - n u)`, `u = 2^-24`: the bound on f32 summation of `n` terms.
@@ -924,99 +961,42 @@ mod tests {
     /// * input gradient, products of `co` terms (bound `e = relative_error_bound(co)`) of
     ///   which col2im adds up to `k*k` in f32: `e + gamma_kk (1 + e)` times the sum of the
     ///   magnitudes.
-    ///
-    /// Geometries: padding, strides, a stride wider than the kernel, padding wider than the
-    /// stride, pointwise, a 1x1 image under a 7x7 kernel, batches that do and do not split over
-    /// two threads, one with enough channels to cross the packing's panel widths, and small
-    /// images several to a product with a short last group (3x3 and pointwise).
     #[test]
     fn bf16_gradients_are_within_the_rounding_bound() {
-        if !bf16::available() {
-            eprintln!("skipped: this CPU has no AVX512_BF16, so autocast keeps f32");
-            return;
-        }
-        let dev = Device::Cpu;
-        for (b, ci, co, (h, wd), k, stride, pad) in [
-            (2, 3, 4, (9, 7), 3, 1, 1),
-            (2, 3, 5, (10, 10), 3, 2, 1),
-            (1, 4, 2, (11, 8), 7, 2, 3),
-            (3, 6, 8, (5, 5), 1, 1, 0),
-            (2, 6, 8, (9, 6), 1, 2, 0),
-            (1, 2, 2, (1, 1), 7, 2, 3),
-            (1, 1, 2, (2, 3), 3, 3, 2),
-            (3, 2, 3, (33, 32), 3, 1, 1),
-            (2, 21, 53, (13, 30), 3, 1, 1),
-            (3, 4, 6, (10, 10), 3, 1, 1),
-            (5, 3, 4, (8, 8), 1, 1, 0),
-        ] {
-            let (oh, ow) = ((h + 2 * pad - k) / stride + 1, (wd + 2 * pad - k) / stride + 1);
-            let x = Var::randn(0f32, 1., (b, ci, h, wd), &dev).unwrap();
-            let w = Var::randn(0f32, 1., (co, ci, k, k), &dev).unwrap();
-            let r = Tensor::randn(0f32, 1., (b, co, oh, ow), &dev).unwrap();
+        each_bf16_case(|case, dev| {
+            let (b, ci, co, (h, wd), k, stride, pad) = case;
+            let (oh, ow) = out_size(case);
+            let x = Var::randn(0f32, 1., (b, ci, h, wd), dev).unwrap();
+            let w = Var::randn(0f32, 1., (co, ci, k, k), dev).unwrap();
+            let r = Tensor::randn(0f32, 1., (b, co, oh, ow), dev).unwrap();
             let run = |p| {
                 let y = bf16::autocast(p, || conv2d(&x, &w, stride, pad)).unwrap();
                 let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-                let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                (v(g.get(&x).unwrap()), v(g.get(&w).unwrap()))
+                (values(g.get(&x).unwrap()), values(g.get(&w).unwrap()))
             };
             let (gx, gw) = run(bf16::Precision::Bf16);
             let (gx32, gw32) = run(bf16::Precision::F32);
-            let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let (xv, wv, rv) = (v(&x), v(&w), v(&r));
+            let (xv, wv, rv) = (values(&x), values(&w), values(&r));
             // Exact gradients and the magnitudes of their terms.
             let (mut ex, mut mx) = (vec![0f64; xv.len()], vec![0f64; xv.len()]);
             let (mut ew, mut mw) = (vec![0f64; wv.len()], vec![0f64; wv.len()]);
-            for bi in 0..b {
-                for o in 0..co {
-                    for oy in 0..oh {
-                        for ox in 0..ow {
-                            let rr = rv[((bi * co + o) * oh + oy) * ow + ox] as f64;
-                            for c in 0..ci {
-                                for ky in 0..k {
-                                    for kx in 0..k {
-                                        let (iy, ix) = (
-                                            (oy * stride + ky) as isize - pad as isize,
-                                            (ox * stride + kx) as isize - pad as isize,
-                                        );
-                                        if iy < 0 || ix < 0 || iy >= h as isize || ix >= wd as isize
-                                        {
-                                            continue;
-                                        }
-                                        let xi =
-                                            ((bi * ci + c) * h + iy as usize) * wd + ix as usize;
-                                        let wi = ((o * ci + c) * k + ky) * k + kx;
-                                        let (t, u) = (rr * wv[wi] as f64, rr * xv[xi] as f64);
-                                        ex[xi] += t;
-                                        mx[xi] += t.abs();
-                                        ew[wi] += u;
-                                        mw[wi] += u.abs();
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-            let what = format!("b{b} ci{ci} co{co} {h}x{wd} k{k} s{stride} p{pad}");
+            terms(case, |yi, xi, wi| {
+                let (t, u) = (rv[yi] as f64 * wv[wi] as f64, rv[yi] as f64 * xv[xi] as f64);
+                ex[xi] += t;
+                mx[xi] += t.abs();
+                ew[wi] += u;
+                mw[wi] += u.abs();
+            });
             let e = bf16::relative_error_bound(co);
             let rel_x = e + gamma(k * k) * (1.0 + e);
             let rel_w = bf16::relative_error_bound(b * oh * ow);
-            for (name, got, exact, mag, rel) in
-                [("input", &gx, &ex, &mx, rel_x), ("weight", &gw, &ew, &mw, rel_w)]
-            {
-                assert_eq!(got.len(), exact.len());
-                for (i, ((&g, &e), &m)) in got.iter().zip(exact).zip(mag).enumerate() {
-                    assert!(
-                        (g as f64 - e).abs() <= rel * m,
-                        "{what}: {name} gradient {i}: {g} against {e} (terms' magnitude {m})"
-                    );
-                }
-            }
-            assert_ne!(gw, gw32, "{what}: the weight gradient did not run in bf16");
+            assert_within(&format!("{case:?}: input gradient"), &gx, &ex, &mx, rel_x);
+            assert_within(&format!("{case:?}: weight gradient"), &gw, &ew, &mw, rel_w);
+            assert_ne!(gw, gw32, "{case:?}: the weight gradient did not run in bf16");
             if gx.iter().any(|&v| v != 0.0) {
-                assert_ne!(gx, gx32, "{what}: the input gradient did not run in bf16");
+                assert_ne!(gx, gx32, "{case:?}: the input gradient did not run in bf16");
             }
-        }
+        });
     }
 
     /// A frozen input under a bf16 autocast: the weight gradient only (bf16), none for `x`.
