@@ -1441,23 +1441,70 @@ mod tests {
         }
     }
 
-    /// `PackedA::from_rows` (rows written by a closure) and `PackedA::transposed` pack what
-    /// `for_kernel` packs from the same matrix written out, for every kernel's layout.
-    #[test]
-    fn packing_rows_by_a_closure_equals_packing_the_matrix() {
-        let (m, k) = (37, 45);
-        let t = values(k * m, 5);
-        let a: Vec<f32> = (0..m * k).map(|i| t[(i % k) * m + i / k]).collect();
-        for kernel in [Kernel::Portable, Kernel::Avx512, Kernel::Amx] {
-            let by_rows = PackedA::from_rows_for(kernel, m, k, |i, row| {
-                for (j, d) in row.iter_mut().enumerate() {
-                    *d = t[j * m + i];
-                }
-            });
-            let packed = PackedA::for_kernel(kernel, &a, m, k);
-            assert_eq!(by_rows.data, packed.data, "{kernel:?}");
-            assert_eq!(PackedA::transposed_for(kernel, &t, k, m).data, packed.data, "{kernel:?}");
+    /// `A`'s packing for `kernel` written out one value at a time from its layout (the doc of
+    /// `PackedA`): zeros past `k` and past `m`.
+    fn layout_a(kernel: Kernel, a: &[f32], m: usize, k: usize) -> Vec<u32> {
+        let kq = kernel.pairs(k);
+        let at = |i: usize, j: usize| if i < m && j < k { a[i * k + j] } else { 0.0 };
+        let pq = |i: usize, q: usize| pair(at(i, 2 * q), at(i, 2 * q + 1));
+        if kernel == Kernel::Amx {
+            (0..m.div_ceil(16) * 16).flat_map(|i| (0..kq).map(move |q| pq(i, q))).collect()
+        } else {
+            (0..m.div_ceil(MR))
+                .flat_map(|p| (0..kq).flat_map(move |q| (0..MR).map(move |r| pq(p * MR + r, q))))
+                .collect()
         }
+    }
+
+    /// `B`'s packing for `kernel` written out one value at a time (the doc of `PackedB`).
+    fn layout_b(kernel: Kernel, b: &[f32], k: usize, n: usize) -> Vec<u32> {
+        let kq = kernel.pairs(k);
+        let at = |i: usize, j: usize| if i < k && j < n { b[i * n + j] } else { 0.0 };
+        (0..n.div_ceil(NR))
+            .flat_map(|p| {
+                (0..kq).flat_map(move |q| {
+                    (0..NR).map(move |j| pair(at(2 * q, p * NR + j), at(2 * q + 1, p * NR + j)))
+                })
+            })
+            .collect()
+    }
+
+    /// Every packing equals its layout written out value by value, for every kernel's layout,
+    /// with this thread's kept scratch and packing buffer full of NaNs (and all-ones bits)
+    /// beforehand: the padding past `k`, `m` and `n` is written, not inherited. On a one-thread
+    /// pool, so that the packings' tasks run where the poison is.
+    #[test]
+    fn packings_are_their_layouts_whatever_the_kept_memory_held() {
+        let (m, k, n) = (37, 45, 53);
+        let (a, b) = (values(m * k, 5), values(k * n, 6));
+        let at: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
+        let poison = || {
+            SCRATCH.set(vec![f32::NAN; 1 << 16]);
+            PANELS.set(vec![u32::MAX; 1 << 16]);
+        };
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        pool.install(|| {
+            for kernel in [Kernel::Portable, Kernel::Avx512, Kernel::Amx] {
+                let want_a = layout_a(kernel, &a, m, k);
+                poison();
+                let rows = PackedA::from_rows_for(kernel, m, k, |i, r| {
+                    r.copy_from_slice(&a[i * k..][..k]);
+                });
+                assert_eq!(rows.data, want_a, "{kernel:?}: from_rows");
+                poison();
+                assert_eq!(PackedA::transposed_for(kernel, &at, k, m).data, want_a, "{kernel:?}");
+                poison();
+                let packed = PackedB::for_kernel(kernel, &b, k, n);
+                assert_eq!(packed.data, layout_b(kernel, &b, k, n), "{kernel:?}: B");
+            }
+            // The kept-memory packings, for this CPU's kernel.
+            poison();
+            let reused = PackedB::new_reusing(&b, k, n);
+            assert_eq!(reused.data, layout_b(Kernel::best(), &b, k, n), "B into kept memory");
+            poison();
+            let reused = PackedA::from_rows(m, k, |i, r| r.copy_from_slice(&a[i * k..][..k]));
+            assert_eq!(reused.data, layout_a(Kernel::best(), &a, m, k), "A into kept memory");
+        });
     }
 
     /// The AVX-512 packing (`vcvtne2ps2bf16` and a permutation) writes the same bits as the
