@@ -713,18 +713,9 @@ thread_local! {
     static SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
-/// Calls `f` with `n` values of this thread's scratch (taken out while in use, so a nested
-/// use gets its own), then keeps it unless it is over [`KEEP_PANELS`].
+/// Calls `f` with `n` values of this thread's scratch ([`crate::conv::with_kept`]).
 fn with_scratch<R>(n: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    let mut buf = SCRATCH.take();
-    if buf.len() < n {
-        buf.resize(n, 0.0);
-    }
-    let r = f(&mut buf[..n]);
-    if buf.capacity() <= KEEP_PANELS {
-        SCRATCH.set(buf);
-    }
-    r
+    crate::conv::with_kept(&SCRATCH, n, f)
 }
 
 /// The panel filler of a row-major `b` of `n` columns.

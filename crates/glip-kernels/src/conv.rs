@@ -170,21 +170,32 @@ thread_local! {
 /// ones (ResNet-50's first stages on detection-sized images) go back to the allocator.
 pub(crate) const KEEP_COLUMNS: usize = 16 << 20;
 
-/// Puts a column buffer back for the next convolution on this thread, unless it is large.
-fn keep_columns(cols: Vec<f32>) {
-    if cols.capacity() <= KEEP_COLUMNS {
-        COLUMNS.set(cols);
+/// A thread's kept f32 buffer, for [`with_kept`].
+pub(crate) type Kept = std::thread::LocalKey<std::cell::Cell<Vec<f32>>>;
+
+/// Puts `buf` back in `key` for the next use on this thread, unless it is over
+/// [`KEEP_COLUMNS`].
+fn keep(key: &'static Kept, buf: Vec<f32>) {
+    if buf.capacity() <= KEEP_COLUMNS {
+        key.set(buf);
     }
 }
 
-/// Calls `f` with this thread's column buffer, `n` values long (their contents are whatever
-/// the last use left).
-fn with_buffer<R>(n: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    let mut buf = COLUMNS.take();
+/// Calls `f` with `n` values of the buffer `key` keeps on this thread (their contents are
+/// whatever the last use left), taken out while in use (a nested use gets a buffer of its own)
+/// and kept after unless it is large: this module's column buffer, and the scratch of
+/// [`bf16`]'s packings.
+pub(crate) fn with_kept<R>(key: &'static Kept, n: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let mut buf = key.take();
     buf.resize(n, 0.0);
     let r = f(&mut buf[..n]);
-    keep_columns(buf);
+    keep(key, buf);
     r
+}
+
+/// Calls `f` with this thread's column buffer, `n` values long ([`with_kept`]).
+fn with_buffer<R>(n: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    with_kept(&COLUMNS, n, f)
 }
 
 impl Geometry {
@@ -1017,9 +1028,9 @@ mod tests {
 
     #[test]
     fn large_column_buffers_are_not_kept() {
-        keep_columns(Vec::with_capacity(1000));
+        keep(&COLUMNS, Vec::with_capacity(1000));
         assert!(COLUMNS.take().capacity() >= 1000, "a small buffer is kept");
-        keep_columns(Vec::with_capacity(KEEP_COLUMNS + 1));
+        keep(&COLUMNS, Vec::with_capacity(KEEP_COLUMNS + 1));
         assert_eq!(COLUMNS.take().capacity(), 0, "a large buffer went back to the allocator");
     }
 
