@@ -12,8 +12,9 @@
 //!
 //! the products by the `gemm` crate (candle's CPU matmul) into uninitialised output (the
 //! private `gemm` module), `im2col` / `col2im` as plain loops here (candle has no public 2-D
-//! col2im), images split over threads where they split evenly (`ConvF32`). Checked against
-//! autograd through differentiable candle ops in this module's tests. Inside
+//! col2im), images split over threads where they split evenly (`ConvF32`); small images
+//! (under 192 output pixels) go several to a product, their columns side by side. Checked
+//! against autograd through differentiable candle ops in this module's tests. Inside
 //! [`bf16::autocast`]`(Bf16, ..)` on a CPU with AVX512_BF16 all three products run in bf16 with
 //! f32 sums ([`bf16::gemm`]; `Bf16Conv`): the forward with im2col written straight into the
 //! packed panels, the input gradient as `w^T @ grad` then col2im, the weight gradient as one
@@ -223,12 +224,12 @@ impl Geometry {
         }
     }
 
-    /// Whether a pass over the batch gives each thread whole images (the images split evenly
-    /// over the threads: serial products, no hand-offs inside one), or goes one image after
-    /// another with every thread on each image's im2col and product.
-    fn by_image(&self) -> bool {
+    /// Whether a pass over `count` groups of images gives each thread whole groups (they split
+    /// evenly over the threads: serial products, no hand-offs inside one), or goes one group
+    /// after another with every thread on each group's im2col and product.
+    fn splits(&self, count: usize) -> bool {
         let threads = rayon::current_num_threads();
-        threads > 1 && self.b.is_multiple_of(threads)
+        threads > 1 && count.is_multiple_of(threads)
     }
 
     fn image<'a>(&self, x: &'a [f32], bi: usize) -> &'a [f32] {
@@ -236,54 +237,156 @@ impl Geometry {
         &x[bi * n..][..n]
     }
 
-    /// Calls `f` with the column matrix `(ci*k*k, oh*ow)` of one image `x (ci, h, w)`: the
-    /// image itself for a pointwise convolution, else its im2col in this thread's buffer
-    /// (filled on every thread when `parallel`).
-    fn with_columns<R>(&self, x: &[f32], parallel: bool, f: impl FnOnce(Mat<'_>) -> R) -> R {
+    /// Calls `f` with the column matrix `(ci*k*k, count*oh*ow)` of the images `i0..i0 + count`
+    /// of `x (b, ci, h, w)` side by side (image `i0 + t` in columns `t*oh*ow..`): one image's
+    /// own values for a pointwise convolution, else im2col in this thread's buffer (filled on
+    /// every thread when `parallel`).
+    fn with_columns<R>(
+        &self,
+        x: &[f32],
+        i0: usize,
+        count: usize,
+        parallel: bool,
+        f: impl FnOnce(Mat<'_>) -> R,
+    ) -> R {
         let (oh, ow) = self.out();
-        let len = oh * ow;
-        if self.pointwise() {
-            return f(Mat::rows(x, self.ci, len));
+        let (len, kk, hw) = (oh * ow, self.k * self.k, self.h * self.w);
+        if self.pointwise() && count == 1 {
+            return f(Mat::rows(self.image(x, i0), self.ci, len));
         }
-        let (kk, hw) = (self.k * self.k, self.h * self.w);
-        with_buffer(self.rows() * len, |cols| {
-            let fill =
-                |(c, rows): (usize, &mut [f32])| self.im2col_channel(&x[c * hw..][..hw], rows);
+        let n = count * len;
+        with_buffer(self.rows() * n, |cols| {
+            let fill = |(c, rows): (usize, &mut [f32])| {
+                if count == 1 {
+                    return self.im2col_channel(&self.image(x, i0)[c * hw..][..hw], rows);
+                }
+                for t in 0..count {
+                    let plane = &self.image(x, i0 + t)[c * hw..][..hw];
+                    for o in 0..kk {
+                        let row = &mut rows[o * n + t * len..][..len];
+                        self.im2col_row(plane, o / self.k, o % self.k, row);
+                    }
+                }
+            };
             if parallel {
-                cols.par_chunks_mut(kk * len).enumerate().for_each(fill);
+                cols.par_chunks_mut(kk * n).enumerate().for_each(fill);
             } else {
-                cols.chunks_mut(kk * len).enumerate().for_each(fill);
+                cols.chunks_mut(kk * n).enumerate().for_each(fill);
             }
-            f(Mat::rows(cols, self.rows(), len))
+            f(Mat::rows(cols, self.rows(), n))
         })
     }
 }
 
+/// How many images an f32 product takes side by side: one where an image's output has at
+/// least 192 pixels, else the smallest divisor of the batch that gives 192 columns, or the
+/// whole batch (groups of one size, so that each is one chunk of the output). At 4 x 4 output
+/// pixels (ResNet's layer4 at 128 px) a product of one image ran gemm's narrowest kernel (16
+/// columns: `x1x6`, 14 % of a training step's `perf` samples), streamed the whole weight (9.4
+/// MB in f32) per image, and its weight gradient read and wrote the 512 x 4608 sum for every
+/// 16 terms.
+fn f32_images_per_product(b: usize, len: usize) -> usize {
+    let want = 192usize.div_ceil(len.max(1));
+    if want <= 1 {
+        return 1;
+    }
+    (want..b).find(|&d| b.is_multiple_of(d)).unwrap_or(b).max(1)
+}
+
+thread_local! {
+    /// Each thread's buffer for a group of images' gradients side by side, or their product
+    /// before [`scatter`]: small (it is used only for small images), kept like [`COLUMNS`].
+    static GROUP: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Calls `f` with the rows `(co, count*len)` of the images `i0..i0 + count` of `grad (b, co,
+/// len)` side by side: the image's own block for one image, else gathered into this thread's
+/// group buffer.
+fn with_grad_group<R>(
+    grad: &[f32],
+    co: usize,
+    len: usize,
+    i0: usize,
+    count: usize,
+    f: impl FnOnce(Mat<'_>) -> R,
+) -> R {
+    if count == 1 {
+        return f(Mat::rows(&grad[i0 * co * len..][..co * len], co, len));
+    }
+    let n = count * len;
+    with_kept(&GROUP, co * n, |dst| {
+        for (o, row) in dst.chunks_exact_mut(n).enumerate() {
+            for (t, part) in row.chunks_exact_mut(len).enumerate() {
+                part.copy_from_slice(&grad[((i0 + t) * co + o) * len..][..len]);
+            }
+        }
+        f(Mat::rows(dst, co, n))
+    })
+}
+
 /// A convolution on the CPU in f32, `x (b, ci, h, w)`, `w (co, ci, k, k)` -> `(b, co, oh, ow)`,
-/// image by image, with its backward:
+/// image by image, or for small images a group of them side by side
+/// ([`f32_images_per_product`]), with its backward:
 ///
-/// * forward: per image `y_b (co, oh*ow) = w (co, ci*k*k) @ cols_b`, straight into that image's
-///   block of the output (`cols_b` is im2col of the image in a reused per-thread buffer, or the
-///   image itself for a pointwise convolution);
-/// * input gradient: per image `col2im(w^T @ grad_b)` (pointwise: `w^T @ grad_b`, straight
-///   into the output);
-/// * weight gradient: `sum_b grad_b @ cols_b^T`, one partial sum per thread, then their sum.
+/// * forward: per group `y (co, count*oh*ow) = w (co, ci*k*k) @ cols`, straight into that
+///   image's block of the output for one image (`cols` is im2col in a reused per-thread buffer,
+///   or the image itself for a pointwise convolution), scattered to the images' blocks for more;
+/// * input gradient: per group `col2im(w^T @ grad)` (pointwise: `w^T @ grad`, straight into the
+///   output for one image);
+/// * weight gradient: `sum grad @ cols^T` over the groups, one partial sum per thread, then
+///   their sum.
 ///
-/// [`Geometry::by_image`] decides whether threads take whole images or share each one. Against
+/// [`Geometry::splits`] decides whether threads take whole groups or share each one. Against
 /// one im2col and one gemm over the whole batch (Caffe's `(ci*k*k, b*oh*ow)` layout, what this
 /// module did first): no transposed copies of outputs and gradients, no zero-filled outputs or
-/// column matrices, column buffers the size of one image (`perf` and `glip bench` figures in
-/// docs/results).
+/// column matrices, column buffers the size of one image or group (`perf` and `glip bench`
+/// figures in docs/results).
 struct ConvF32(Geometry);
 
 impl ConvF32 {
+    /// Images per product, and the number of groups.
+    fn groups(&self) -> (usize, usize) {
+        let (oh, ow) = self.0.out();
+        let per = f32_images_per_product(self.0.b, oh * ow);
+        (per, self.0.b / per)
+    }
+
+    /// Calls `f` with group `gi`'s gradient rows `(co, per*oh*ow)` and its column matrix
+    /// transposed, `(per*oh*ow, ci*k*k)`: the two factors of its weight gradient.
+    fn with_group<R>(
+        &self,
+        x: &[f32],
+        grad: &[f32],
+        co: usize,
+        gi: usize,
+        parallel: bool,
+        f: impl FnOnce(Mat<'_>, Mat<'_>) -> R,
+    ) -> R {
+        let g = self.0;
+        let (oh, ow) = g.out();
+        let (per, _) = self.groups();
+        with_grad_group(grad, co, oh * ow, gi * per, per, |gb| {
+            g.with_columns(x, gi * per, per, parallel, |cols| f(gb, cols.t()))
+        })
+    }
+
     fn forward(&self, x: &[f32], w: &[f32], co: usize) -> Vec<f32> {
         let g = self.0;
         let (oh, ow) = g.out();
+        let len = oh * ow;
         let wm = Mat::rows(w, co, g.rows());
-        let by = g.by_image();
-        gemm::build(g.b, co * oh * ow, by, |bi, out| {
-            g.with_columns(g.image(x, bi), !by, |cols| out.gemm(wm, cols, !by))
+        let (per, groups) = self.groups();
+        let by = g.splits(groups);
+        gemm::build(groups, per * co * len, by, |gi, out| {
+            g.with_columns(x, gi * per, per, !by, |cols| {
+                if per == 1 {
+                    return out.gemm(wm, cols, !by);
+                }
+                with_kept(&GROUP, co * per * len, |y| {
+                    gemm::set_product(y, wm, cols, !by);
+                    out.fill(|o| scatter(y, co, len, per, o))
+                })
+            })
         })
     }
 
@@ -292,23 +395,30 @@ impl ConvF32 {
         let (oh, ow) = g.out();
         let (len, hw, kk) = (oh * ow, g.h * g.w, g.k * g.k);
         let wt = Mat::rows(w, co, g.rows()).t();
-        let by = g.by_image();
-        gemm::build(g.b, g.ci * hw, by, |bi, out| {
-            let gb = Mat::rows(&grad[bi * co * len..][..co * len], co, len);
-            if g.pointwise() {
-                return out.gemm(wt, gb, !by);
-            }
-            with_buffer(g.rows() * len, |cols| {
-                gemm::set_product(cols, wt, gb, !by);
-                out.fill(|gx| {
-                    let add = |(c, plane): (usize, &mut [f32])| {
-                        g.col2im_channel(&cols[c * kk * len..][..kk * len], len, plane);
-                    };
-                    if by {
-                        gx.chunks_mut(hw).enumerate().for_each(add);
-                    } else {
-                        gx.par_chunks_mut(hw).enumerate().for_each(add);
-                    }
+        let (per, groups) = self.groups();
+        let by = g.splits(groups);
+        let n = per * len;
+        gemm::build(groups, per * g.ci * hw, by, |gi, out| {
+            with_grad_group(grad, co, len, gi * per, per, |gb| {
+                if g.pointwise() && per == 1 {
+                    return out.gemm(wt, gb, !by);
+                }
+                with_buffer(g.rows() * n, |cols| {
+                    gemm::set_product(cols, wt, gb, !by);
+                    out.fill(|gx| {
+                        if g.pointwise() {
+                            return scatter(cols, g.ci, len, per, gx);
+                        }
+                        let add = |(i, plane): (usize, &mut [f32])| {
+                            let (t, c) = (i / g.ci, i % g.ci);
+                            g.col2im_channel(&cols[c * kk * n + t * len..], n, plane);
+                        };
+                        if by {
+                            gx.chunks_mut(hw).enumerate().for_each(add);
+                        } else {
+                            gx.par_chunks_mut(hw).enumerate().for_each(add);
+                        }
+                    })
                 })
             })
         })
@@ -316,27 +426,23 @@ impl ConvF32 {
 
     fn weight_grad(&self, x: &[f32], grad: &[f32], co: usize) -> Vec<f32> {
         let g = self.0;
-        let (oh, ow) = g.out();
-        let len = oh * ow;
-        let by = g.by_image();
-        let groups = if by { rayon::current_num_threads() } else { 1 };
-        let per = g.b.div_ceil(groups);
+        let (_, groups) = self.groups();
+        let by = g.splits(groups);
+        let parts = if by { rayon::current_num_threads() } else { 1 };
+        let each = groups / parts;
         let n = co * g.rows();
-        let grad_of = |bi: usize| Mat::rows(&grad[bi * co * len..][..co * len], co, len);
-        let partial = gemm::build(groups, n, by, |t, out| {
-            let mut images = (t * per)..((t + 1) * per).min(g.b);
-            let Some(first) = images.next() else { return out.fill(|_| {}) };
-            let mut sum = g.with_columns(g.image(x, first), !by, |cols| {
-                out.gemm(grad_of(first), cols.t(), !by)
-            });
-            for bi in images {
-                g.with_columns(g.image(x, bi), !by, |cols| {
-                    gemm::add_product(sum.as_mut(), grad_of(bi), cols.t(), !by);
+        let partial = gemm::build(parts, n, by, |t, out| {
+            let mut mine = (t * each)..((t + 1) * each);
+            let Some(first) = mine.next() else { return out.fill(|_| {}) };
+            let mut sum = self.with_group(x, grad, co, first, !by, |gb, ct| out.gemm(gb, ct, !by));
+            for gi in mine {
+                self.with_group(x, grad, co, gi, !by, |gb, ct| {
+                    gemm::add_product(sum.as_mut(), gb, ct, !by);
                 });
             }
             sum
         });
-        if groups == 1 {
+        if parts == 1 {
             return partial;
         }
         let mut gw = partial[..n].to_vec();
@@ -771,10 +877,11 @@ mod tests {
         let ours = conv2d(&x, &w, stride, pad).unwrap();
         let theirs = reference(&x, &w, stride, pad);
         let r = Tensor::randn(0f32, 1., theirs.shape(), &dev).unwrap();
-        let close = |a: &Tensor, b: &Tensor, what: &str| {
-            assert_eq!(a.dims(), b.dims(), "{what}");
-            let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1.0);
-            let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let close = |got: &Tensor, want: &Tensor, what: &str| {
+            assert_eq!(got.dims(), want.dims(), "{what}");
+            let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1.0);
+            let d = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+            let d = d.to_scalar::<f32>().unwrap();
             assert!(d <= 1e-4 * scale, "{what}: max |diff| {d} (scale {scale}) for b{b} ci{ci} co{co} {hw:?} k{k} s{stride} p{pad}");
         };
         close(&ours, &theirs, "forward");
@@ -851,6 +958,51 @@ mod tests {
         check(2, 2, 3, (34, 34), 3, 1, 1);
         check(3, 2, 3, (33, 32), 3, 1, 1);
         check(2, 3, 2, (32, 33), 1, 1, 0);
+    }
+
+    /// Small images several to an f32 product, in more than one group
+    /// ([`f32_images_per_product`]): 3x3 with padding, pointwise, a strided 1x1, a short
+    /// stride-2 window; on pools of one, two and three threads, so that the groups go whole to
+    /// each thread, or one after another with the threads sharing each.
+    #[test]
+    fn small_images_in_groups_match_the_reference() {
+        let cases = [
+            (6, 3, 4, (8, 8), 3, 1, 1),   // 64 pixels: groups of 3
+            (12, 2, 3, (7, 7), 3, 1, 1),  // 49: groups of 4
+            (4, 2, 5, (8, 12), 3, 1, 1),  // 96: groups of 2
+            (6, 4, 3, (8, 8), 1, 1, 0),   // pointwise
+            (4, 3, 2, (16, 24), 1, 2, 0), // strided 1x1, 96 outputs
+            (8, 2, 3, (15, 17), 3, 2, 0), // 7 x 8 outputs: groups of 4
+        ];
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            for (b, ci, co, hw, k, stride, pad) in cases {
+                let (oh, ow) =
+                    ((hw.0 + 2 * pad - k) / stride + 1, (hw.1 + 2 * pad - k) / stride + 1);
+                let per = f32_images_per_product(b, oh * ow);
+                assert!(per > 1 && per < b, "b{b} {oh}x{ow}: {per} images a product");
+                pool.install(|| check(b, ci, co, hw, k, stride, pad));
+            }
+        }
+    }
+
+    /// Groups are whole divisors of the batch, one image where an image has 192 outputs,
+    /// else the fewest images that give 192 columns (or the whole batch).
+    #[test]
+    fn f32_groups_divide_the_batch_and_fill_192_columns() {
+        for b in 1..=16 {
+            for len in 1..=300 {
+                let per = f32_images_per_product(b, len);
+                assert!(b.is_multiple_of(per), "b{b} len{len}: {per}");
+                if len >= 192 {
+                    assert_eq!(per, 1, "b{b} len{len}");
+                    continue;
+                }
+                assert!(per * len >= 192 || per == b, "b{b} len{len}: {per}");
+                let fewer = (1..per).filter(|d| b.is_multiple_of(*d)).any(|d| d * len >= 192);
+                assert!(!fewer, "b{b} len{len}: {per} where fewer give 192 columns");
+            }
+        }
     }
 
     /// `(b, ci, co, (h, w), k, stride, pad)` of the bf16 tests: padding, strides, a stride
