@@ -1,0 +1,131 @@
+//! The workspace's candle-core carries two patches to its CPU backend (vendor/README.md), checked
+//! here for what they must keep.
+//!
+//! `candle-core-threads.patch` splits large element-wise maps (64 Ki values and up) over the
+//! rayon pool the caller is in instead of candle's own barrier pool: every output value written
+//! exactly once, by the same arithmetic, whatever the number of threads, the tensor's size (on
+//! and either side of the 64 Ki threshold, a last chunk of 16 Ki values that is short) and the
+//! operands' layouts (contiguous, broadcast, transposed). Element-wise f32 negation, squaring,
+//! addition and multiplication are exactly rounded, so the expected values are the same
+//! operations on the values read back, compared bit for bit.
+//!
+//! `candle-core-reduce.patch` sums a contiguous tensor over dims that are not the last ones a
+//! block of the trailing dims at a time: each sum must take the same terms in the same order as
+//! before (source order), so it is compared bit for bit with that sum written out.
+
+use candle_core::{Device, Result, Tensor};
+
+/// Shapes of 65,535, 65,536, 82,173 and 1,007,287 values: one below candle's threshold for a
+/// parallel map, one on it, and two whose last chunk of 16,384 values is short.
+const SHAPES: [(usize, usize); 4] = [(257, 255), (256, 256), (301, 273), (1031, 977)];
+
+/// `n` values in (-2, 2), no two neighbours alike (a 32-bit LCG's high bits).
+fn values(n: usize, seed: u32) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (s >> 8) as f32 / (1u32 << 24) as f32 * 4.0 - 2.0
+        })
+        .collect()
+}
+
+fn matrix(rows: usize, cols: usize, seed: u32) -> Result<Tensor> {
+    Tensor::from_vec(values(rows * cols, seed), (rows, cols), &Device::Cpu)
+}
+
+/// `got` against `f(i, j)` at every position, bit for bit.
+fn assert_each(what: &str, got: &Tensor, f: impl Fn(usize, usize) -> f32) -> Result<()> {
+    for (i, row) in got.to_vec2::<f32>()?.iter().enumerate() {
+        for (j, &v) in row.iter().enumerate() {
+            let want = f(i, j);
+            assert!(v.to_bits() == want.to_bits(), "{what} at ({i}, {j}): {v} against {want}");
+        }
+    }
+    Ok(())
+}
+
+fn check_maps(rows: usize, cols: usize) -> Result<()> {
+    let what =
+        |op: &str| format!("{op} on {rows} x {cols}, {} threads", rayon::current_num_threads());
+    let a = matrix(rows, cols, 1)?;
+    let b = matrix(rows, cols, 2)?;
+    let at = matrix(cols, rows, 3)?; // read through its transpose: a strided operand
+    let bias = matrix(1, cols, 4)?;
+    let scale = matrix(rows, 1, 5)?;
+    let (va, vb) = (a.to_vec2::<f32>()?, b.to_vec2::<f32>()?);
+    let (vt, vbias, vscale) =
+        (at.to_vec2::<f32>()?, bias.to_vec2::<f32>()?, scale.to_vec2::<f32>()?);
+
+    assert_each(&what("neg"), &a.neg()?, |i, j| -va[i][j])?;
+    assert_each(&what("sqr"), &a.sqr()?, |i, j| va[i][j] * va[i][j])?;
+    assert_each(&what("add"), &(&a + &b)?, |i, j| va[i][j] + vb[i][j])?;
+    assert_each(&what("mul"), &(&a * &b)?, |i, j| va[i][j] * vb[i][j])?;
+    assert_each(&what("broadcast add (row)"), &a.broadcast_add(&bias)?, |i, j| {
+        va[i][j] + vbias[0][j]
+    })?;
+    assert_each(&what("broadcast mul (column)"), &a.broadcast_mul(&scale)?, |i, j| {
+        va[i][j] * vscale[i][0]
+    })?;
+    assert_each(&what("add (transposed lhs)"), &(at.t()? + &b)?, |i, j| vt[j][i] + vb[i][j])?;
+    assert_each(&what("sqr (transposed)"), &at.t()?.sqr()?, |i, j| vt[j][i] * vt[j][i])?;
+    Ok(())
+}
+
+#[test]
+fn large_element_wise_maps_write_every_value_once_on_any_pool() -> Result<()> {
+    for threads in [1, 2, 3, 7] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        for (rows, cols) in SHAPES {
+            pool.install(|| check_maps(rows, cols))?;
+        }
+    }
+    Ok(())
+}
+
+/// `x`'s sum over `dims` (keeping them), added up in source order, each value's terms one
+/// after another from zero: candle's order, except over the last dims (its own vectorised
+/// path, not patched, not tested here).
+fn sum_in_source_order(x: &[f32], shape: &[usize], dims: &[usize]) -> Vec<f32> {
+    let out: Vec<usize> =
+        shape.iter().enumerate().map(|(d, &n)| if dims.contains(&d) { 1 } else { n }).collect();
+    let mut sums = vec![0f32; out.iter().product()];
+    for (i, &v) in x.iter().enumerate() {
+        let (mut rest, mut at, mut step) = (i, 0, 1);
+        for d in (0..shape.len()).rev() {
+            let index = rest % shape[d];
+            rest /= shape[d];
+            at += if dims.contains(&d) { 0 } else { index * step };
+            step *= out[d];
+        }
+        sums[at] += v;
+    }
+    sums
+}
+
+#[test]
+fn sums_over_leading_and_middle_dims_keep_their_order() -> Result<()> {
+    let cases: [(&[usize], &[usize]); 9] = [
+        (&[4, 5, 6, 7], &[0]),
+        (&[4, 5, 6, 7], &[1]),
+        (&[4, 5, 6, 7], &[0, 1]),
+        (&[4, 5, 6, 7], &[0, 2]),
+        (&[4, 5, 6, 7], &[1, 2]),
+        (&[4, 5, 6, 7], &[0, 1, 2]),
+        (&[4, 5, 6, 7], &[0, 3]), // the last dim among them: candle's path per element
+        (&[64, 33, 96], &[0, 1]), // a linear layer's bias gradient
+        (&[3, 1, 8], &[1]),       // a reduced dim of one
+    ];
+    for (seed, (shape, dims)) in (10..).zip(cases) {
+        let n = shape.iter().product();
+        let data = values(n, seed);
+        let x = Tensor::from_vec(data.clone(), shape, &Device::Cpu)?;
+        let got = x.sum_keepdim(dims)?.flatten_all()?.to_vec1::<f32>()?;
+        let want = sum_in_source_order(&data, shape, dims);
+        assert_eq!(got.len(), want.len(), "{shape:?} over {dims:?}");
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(g.to_bits() == w.to_bits(), "{shape:?} over {dims:?} at {i}: {g} against {w}");
+        }
+    }
+    Ok(())
+}
