@@ -1,4 +1,4 @@
-//! The workspace's candle-core carries two patches to its CPU backend (vendor/README.md), checked
+//! The workspace's candle-core carries three patches to its CPU backend (vendor/README.md), checked
 //! here for what they must keep.
 //!
 //! `candle-core-threads.patch` splits large element-wise maps (64 Ki values and up) over the
@@ -8,6 +8,11 @@
 //! operands' layouts (contiguous, broadcast, transposed). Element-wise f32 negation, squaring,
 //! addition and multiplication are exactly rounded, so the expected values are the same
 //! operations on the values read back, compared bit for bit.
+//!
+//! `candle-core-matmul.patch` computes a batched matrix product's products in parallel, each on
+//! one thread, where the batch splits over the threads: each must be the same gemm of the same
+//! operands as the product of that batch element alone (whose gemm splits over the threads; its
+//! sums run over `k` in one order either way), compared bit for bit.
 //!
 //! `candle-core-reduce.patch` sums a contiguous tensor over dims that are not the last ones a
 //! block of the trailing dims at a time: each sum must take the same terms in the same order as
@@ -125,6 +130,40 @@ fn sums_over_leading_and_middle_dims_keep_their_order() -> Result<()> {
         assert_eq!(got.len(), want.len(), "{shape:?} over {dims:?}");
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             assert!(g.to_bits() == w.to_bits(), "{shape:?} over {dims:?} at {i}: {g} against {w}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn batched_products_are_each_batch_elements_product_on_any_pool() -> Result<()> {
+    // (batch, m, k, n): an attention's heads, a batch that does not split evenly, one of
+    // fewer elements than threads, odd sizes.
+    let shapes = [(32, 40, 32, 40), (6, 5, 7, 3), (3, 64, 16, 64), (33, 17, 9, 21)];
+    for threads in [1, 2, 3, 7] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        for (seed, (b, m, k, n)) in (20..).zip(shapes) {
+            pool.install(|| -> Result<()> {
+                let dev = Device::Cpu;
+                let a = Tensor::from_vec(values(b * m * k, seed), (b, m, k), &dev)?;
+                let c = Tensor::from_vec(values(b * n * k, seed + 1), (b, n, k), &dev)?;
+                // The right operand read through its transpose, as attention's `q @ k^T`.
+                let got = a.matmul(&c.transpose(1, 2)?)?;
+                for i in 0..b {
+                    let want = a.get(i)?.matmul(&c.get(i)?.t()?)?;
+                    let (g, w) = (got.get(i)?.to_vec2::<f32>()?, want.to_vec2::<f32>()?);
+                    for (r, (gr, wr)) in g.iter().zip(&w).enumerate() {
+                        for (j, (x, y)) in gr.iter().zip(wr).enumerate() {
+                            assert!(
+                                x.to_bits() == y.to_bits(),
+                                "{b} x {m} x {k} x {n}, {threads} threads, element {i} at ({r}, \
+                                 {j}): {x} against {y}"
+                            );
+                        }
+                    }
+                }
+                Ok(())
+            })?;
         }
     }
     Ok(())

@@ -1521,6 +1521,43 @@ impl Map2 for MatMul {
             // over itself, so a stride-zero batch on lhs goes through the loop below.
             (b, m, n, k)
         };
+        // glip-rs patch (`candle-core-matmul.patch`): where the batch splits over the threads
+        // in whole products (a multiple of the threads, or at least four products each), the
+        // threads take whole products, each computed on one thread: an attention's `(batch * heads, t, d)`
+        // products had been one gemm after another, each split over every thread and joined
+        // again. Each product is the same gemm of the same operands as in the loop below.
+        let threads = rayon::current_num_threads();
+        if b > 1 && threads > 1 && (b % threads == 0 || b >= 4 * threads) {
+            use rayon::prelude::*;
+            dst.par_chunks_mut(c_skip).enumerate().for_each(|(step, dst_p)| {
+                let lhs_p = &lhs[step * a_skip..];
+                let rhs_p = &rhs[step * b_skip..];
+                unsafe {
+                    gemm(
+                        m,
+                        n,
+                        k,
+                        dst_p.as_mut_ptr(),
+                        dst_cs as isize,
+                        dst_rs as isize,
+                        false,
+                        lhs_p.as_ptr(),
+                        lhs_cs as isize,
+                        lhs_rs as isize,
+                        rhs_p.as_ptr(),
+                        rhs_cs as isize,
+                        rhs_rs as isize,
+                        T::zero(),
+                        T::one(),
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
+                    )
+                }
+            });
+            return Ok(dst);
+        }
         for step in 0..b {
             let lhs_p = &lhs[step * a_skip..];
             let rhs_p = &rhs[step * b_skip..];
