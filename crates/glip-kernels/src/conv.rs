@@ -84,15 +84,15 @@ impl Geometry {
         self.k == 1 && self.stride == 1 && self.pad == 0
     }
 
-    /// The `k*k` im2col rows of one input channel `plane (h, w)` of one image into `rows`
-    /// (`k*k` rows of `oh*ow`, contiguous), every element written: the input pixel each output
-    /// pixel sees through that kernel offset, zero where it falls in the padding.
-    fn im2col_channel(&self, plane: &[f32], rows: &mut [f32]) {
+    /// The `k*k` im2col rows of one input channel `plane (h, w)` of one image into the first
+    /// `oh*ow` values of rows `ld` apart in `rows`, each of those written: the input pixel each
+    /// output pixel sees through that kernel offset, zero where it falls in the padding.
+    fn im2col_channel(&self, plane: &[f32], rows: &mut [f32], ld: usize) {
         let (oh, ow) = self.out();
         let len = oh * ow;
         for ky in 0..self.k {
             for kx in 0..self.k {
-                self.im2col_row(plane, ky, kx, &mut rows[(ky * self.k + kx) * len..][..len]);
+                self.im2col_row(plane, ky, kx, &mut rows[(ky * self.k + kx) * ld..][..len]);
             }
         }
     }
@@ -257,15 +257,9 @@ impl Geometry {
         let n = count * len;
         with_buffer(self.rows() * n, |cols| {
             let fill = |(c, rows): (usize, &mut [f32])| {
-                if count == 1 {
-                    return self.im2col_channel(&self.image(x, i0)[c * hw..][..hw], rows);
-                }
                 for t in 0..count {
                     let plane = &self.image(x, i0 + t)[c * hw..][..hw];
-                    for o in 0..kk {
-                        let row = &mut rows[o * n + t * len..][..len];
-                        self.im2col_row(plane, o / self.k, o % self.k, row);
-                    }
+                    self.im2col_channel(plane, &mut rows[t * len..], n);
                 }
             };
             if parallel {
