@@ -12,7 +12,9 @@
 //! `candle-core-matmul.patch` computes a batched matrix product's products in parallel, each on
 //! one thread, where the batch splits over the threads: each must be the same gemm of the same
 //! operands as the product of that batch element alone (whose gemm splits over the threads; its
-//! sums run over `k` in one order either way), compared bit for bit.
+//! sums run over `k` in one order either way), compared bit for bit. It also leaves the output
+//! unzeroed for gemm to write: every value of it must be written, whatever the shape (checked
+//! against f64 sums within f32's summation bound, on memory left full of NaN).
 //!
 //! `candle-core-reduce.patch` sums a contiguous tensor over dims that are not the last ones a
 //! block of the trailing dims at a time: each sum must take the same terms in the same order as
@@ -161,6 +163,86 @@ fn batched_products_are_each_batch_elements_product_on_any_pool() -> Result<()> 
                             );
                         }
                     }
+                }
+                Ok(())
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// `a @ b` for `a (bs, m, k)` and `b (bs or 1, k, n)` in f64 from the same f32 values, with
+/// each sum's `sum |a_ik b_kj|` for its error bound.
+fn exact_products(
+    a: &[f32],
+    b: &[f32],
+    (bs, m, k, n): (usize, usize, usize, usize),
+    shared: bool,
+) -> Vec<(f64, f64)> {
+    let mut out = Vec::with_capacity(bs * m * n);
+    for e in 0..bs {
+        let (ae, be) = (&a[e * m * k..], &b[if shared { 0 } else { e * k * n }..]);
+        for i in 0..m {
+            for j in 0..n {
+                let terms = (0..k).map(|t| ae[i * k + t] as f64 * be[t * n + j] as f64);
+                out.push(terms.clone().fold((0.0, 0.0), |(s, abs), v| (s + v, abs + v.abs())));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn products_write_every_output_value_of_any_shape() -> Result<()> {
+    // (batch, m, k, n, right operand shared by the batch): gemm's general kernels, its vector
+    // paths (one row, one column), batches split over the threads or not, a shared right
+    // operand (candle folds the batch into the rows of one product), no inner dimension (zeros)
+    // and no rows at all (an empty output).
+    let shapes = [
+        (1, 1, 17, 9, false),
+        (4, 13, 17, 1, false),
+        (6, 5, 7, 3, false),
+        (3, 64, 16, 64, false),
+        (5, 33, 40, 29, true),
+        (8, 9, 11, 10, true),
+        (4, 6, 0, 5, false),
+        (4, 0, 5, 3, false),
+    ];
+    // u = 2^-24, f32's unit roundoff: a sum of k exact f64 products of f32 values, rounded to
+    // f32 after each of its k operations (any order, with or without FMA), is within
+    // gamma_k * sum |a_ik b_kj| of the exact sum, gamma_k = k u / (1 - k u) (Higham, 3.1).
+    let u = f64::from(f32::EPSILON) / 2.0;
+    for threads in [1, 2, 3, 7] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        for (seed, (bs, m, k, n, shared)) in (40..).zip(shapes) {
+            pool.install(|| -> Result<()> {
+                let dev = Device::Cpu;
+                let (av, bv) = (
+                    values(bs * m * k, seed),
+                    values(if shared { 1 } else { bs } * k * n, seed + 1),
+                );
+                let a = Tensor::from_vec(av.clone(), (bs, m, k), &dev)?;
+                // Memory a vector of the output's size left behind (the test binary's allocator
+                // hands small blocks back): an output value the product does not write reads NaN.
+                drop(vec![f32::NAN; bs * m * n]);
+                let got = if shared {
+                    a.broadcast_matmul(&Tensor::from_vec(bv.clone(), (k, n), &dev)?)?
+                } else {
+                    a.matmul(&Tensor::from_vec(bv.clone(), (bs, k, n), &dev)?)?
+                };
+                assert_eq!(got.dims(), [bs, m, n]);
+                let gamma = k as f64 * u / (1.0 - k as f64 * u);
+                let got = got.flatten_all()?.to_vec1::<f32>()?;
+                for (idx, (g, (exact, abs))) in
+                    got.iter().zip(exact_products(&av, &bv, (bs, m, k, n), shared)).enumerate()
+                {
+                    let err = (*g as f64 - exact).abs();
+                    assert!(
+                        err <= gamma * abs,
+                        "{bs} x {m} x {k} x {n} (shared {shared}), {threads} threads, value {idx}: \
+                         {g} against {exact} (bound {})",
+                        gamma * abs
+                    );
                 }
                 Ok(())
             })?;
