@@ -15,7 +15,6 @@
 
 use crate::conv::contiguous_f32;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 /// Per-channel constants, and whether the ReLU follows.
 struct Affine {
@@ -38,8 +37,7 @@ impl Affine {
     fn forward(&self, x: &[f32], r: Option<&[f32]>, hw: usize) -> Vec<f32> {
         let c = self.scale.len();
         let floor = if self.relu { 0.0 } else { f32::NEG_INFINITY };
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(hw).enumerate().for_each(|(p, yo)| {
+        crate::buf::par_zeroed(x.len(), hw, |p, yo| {
             let (s, t) = (self.scale[p % c], self.shift[p % c]);
             let xi = &x[p * hw..(p + 1) * hw];
             match r {
@@ -55,8 +53,7 @@ impl Affine {
                     }
                 }
             }
-        });
-        y
+        })
     }
 
     /// The gradient reaching the pre-activation: `dy`, masked by `y > 0` after a ReLU.

@@ -20,7 +20,6 @@ use crate::conv::contiguous_f32;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
 };
-use rayon::prelude::*;
 
 fn last_dim(l: &Layout) -> usize {
     l.dims().last().copied().unwrap_or(1).max(1)
@@ -46,9 +45,9 @@ impl CustomOp1 for Softmax {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s, l, "softmax")?;
         let d = last_dim(l);
-        let mut y = vec![0f32; x.len()];
         let rt = rows_per_task(d);
-        y.par_chunks_mut(d * rt).zip(x.par_chunks(d * rt)).for_each(|(yo, xi)| {
+        let y = crate::buf::par_zeroed(x.len(), d * rt, |t, yo| {
+            let xi = &x[t * d * rt..][..yo.len()];
             for (yr, xr) in yo.chunks_mut(d).zip(xi.chunks(d)) {
                 let m = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let m = if m.is_finite() { m } else { 0.0 };
@@ -88,9 +87,8 @@ impl CustomOp2 for SoftmaxBackward {
         let y = contiguous_f32(s1, l1, "softmax backward")?;
         let dy = contiguous_f32(s2, l2, "softmax backward")?;
         let d = last_dim(l1);
-        let mut dx = vec![0f32; y.len()];
         let rt = rows_per_task(d);
-        dx.par_chunks_mut(d * rt).enumerate().for_each(|(t, o)| {
+        let dx = crate::buf::par_zeroed(y.len(), d * rt, |t, o| {
             let base = t * d * rt;
             for (r, orow) in o.chunks_mut(d).enumerate() {
                 let yr = &y[base + r * d..][..d];
@@ -158,9 +156,9 @@ impl CustomOp3 for LayerNormOp {
         if w.len() != d || b.len() != d {
             candle_core::bail!("layer norm: weight {} and bias {} for width {d}", w.len(), b.len());
         }
-        let mut y = vec![0f32; x.len()];
         let rt = rows_per_task(d);
-        y.par_chunks_mut(d * rt).zip(x.par_chunks(d * rt)).for_each(|(yo, xi)| {
+        let y = crate::buf::par_zeroed(x.len(), d * rt, |t, yo| {
+            let xi = &x[t * d * rt..][..yo.len()];
             for (yr, xr) in yo.chunks_mut(d).zip(xi.chunks(d)) {
                 let (mean, inv) = row_stats(xr, self.eps);
                 for (k, o) in yr.iter_mut().enumerate() {
@@ -220,37 +218,33 @@ impl CustomOp3 for LayerNormBackward {
         let d = last_dim(l1);
         let n = x.len();
         let rt = rows_per_task(d);
-        let mut dx = vec![0f32; n];
-        // Per task: dx of its rows, and its partial sums of dweight and dbias.
-        let partial: Vec<Vec<f32>> = dx
-            .par_chunks_mut(d * rt)
-            .enumerate()
-            .map(|(t, o)| {
-                let mut acc = vec![0f32; 2 * d];
-                let base = t * d * rt;
-                for (r, orow) in o.chunks_mut(d).enumerate() {
-                    let xr = &x[base + r * d..][..d];
-                    let gr = &dy[base + r * d..][..d];
-                    let (mean, inv) = row_stats(xr, self.eps);
-                    let (mut mg, mut mgx) = (0f32, 0f32);
-                    for k in 0..d {
-                        let xhat = (xr[k] - mean) * inv;
-                        let g = gr[k] * w[k];
-                        mg += g;
-                        mgx += g * xhat;
-                        acc[k] += gr[k] * xhat;
-                        acc[d + k] += gr[k];
-                    }
-                    let (mg, mgx) = (mg / d as f32, mgx / d as f32);
-                    for k in 0..d {
-                        let xhat = (xr[k] - mean) * inv;
-                        orow[k] = inv * (gr[k] * w[k] - mg - xhat * mgx);
-                    }
+        // Per task: dx of its rows, and its partial sums of dweight and dbias (appended to dx
+        // after the tasks, in the room left for them).
+        let (dx, partial) = crate::buf::par_zeroed_map(n, 2 * d, d * rt, |t, o| {
+            let mut acc = vec![0f32; 2 * d];
+            let base = t * d * rt;
+            for (r, orow) in o.chunks_mut(d).enumerate() {
+                let xr = &x[base + r * d..][..d];
+                let gr = &dy[base + r * d..][..d];
+                let (mean, inv) = row_stats(xr, self.eps);
+                let (mut mg, mut mgx) = (0f32, 0f32);
+                for k in 0..d {
+                    let xhat = (xr[k] - mean) * inv;
+                    let g = gr[k] * w[k];
+                    mg += g;
+                    mgx += g * xhat;
+                    acc[k] += gr[k] * xhat;
+                    acc[d + k] += gr[k];
                 }
-                acc
-            })
-            .collect();
-        let mut out = dx;
+                let (mg, mgx) = (mg / d as f32, mgx / d as f32);
+                for k in 0..d {
+                    let xhat = (xr[k] - mean) * inv;
+                    orow[k] = inv * (gr[k] * w[k] - mg - xhat * mgx);
+                }
+            }
+            acc
+        });
+        let mut out: Vec<f32> = dx;
         let mut sums = vec![0f32; 2 * d];
         for p in &partial {
             for (s, v) in sums.iter_mut().zip(p) {
@@ -402,15 +396,13 @@ impl CustomOp2 for ActivationBackward {
         if x.len() != dy.len() {
             candle_core::bail!("activation backward: {} gradients for {} inputs", dy.len(), x.len())
         }
-        let mut dx = vec![0f32; x.len()];
         const CHUNK: usize = 1 << 14;
-        dx.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK))).for_each(
-            |(o, (x, dy))| {
-                for ((o, &x), &g) in o.iter_mut().zip(x).zip(dy) {
-                    *o = self.0.grad(x, g);
-                }
-            },
-        );
+        let dx = crate::buf::par_zeroed(x.len(), CHUNK, |i, o| {
+            let (x, dy) = (&x[i * CHUNK..][..o.len()], &dy[i * CHUNK..][..o.len()]);
+            for ((o, &x), &g) in o.iter_mut().zip(x).zip(dy) {
+                *o = self.0.grad(x, g);
+            }
+        });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 

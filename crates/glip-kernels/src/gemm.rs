@@ -16,6 +16,7 @@
               written (Written)"
 )]
 
+use crate::buf::assume_init;
 use rayon::prelude::*;
 use std::marker::PhantomData;
 use std::mem::MaybeUninit;
@@ -156,13 +157,6 @@ impl<'a> Uninit<'a> {
         f(init);
         Written(init)
     }
-}
-
-/// # Safety
-/// Every element of `s` must be initialised.
-unsafe fn assume_init(s: &mut [MaybeUninit<f32>]) -> &mut [f32] {
-    // SAFETY: `MaybeUninit<f32>` has `f32`'s layout; the caller vouches for the values.
-    unsafe { &mut *(std::ptr::from_mut::<[MaybeUninit<f32>]>(s) as *mut [f32]) }
 }
 
 /// A new vector of `count * chunk` elements whose `i`-th chunk of `chunk` elements is written

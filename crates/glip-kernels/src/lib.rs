@@ -175,6 +175,7 @@ macro_rules! cuda_op {
 pub mod affine;
 pub mod attention;
 pub mod bf16;
+mod buf;
 pub mod conv;
 pub mod cuda;
 #[cfg(feature = "cuda")]

@@ -83,8 +83,7 @@ impl CustomOp3 for Normalize {
         let gamma = contiguous_f32(s2, l2, "batch norm weight")?;
         let beta = contiguous_f32(s3, l3, "batch norm bias")?;
         let hw = h * w;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(hw.max(1)).enumerate().for_each(|(p, out)| {
+        let y = crate::buf::par_zeroed(x.len(), hw, |p, out| {
             let ch = p % c;
             let scale = self.invstd[ch] * gamma[ch];
             let shift = beta[ch] - self.mean[ch] * scale;
@@ -151,9 +150,8 @@ impl CustomOp2 for NormalizeBackward {
                 (acc.0 + g as f64, acc.1 + (g * (xv - m) * is) as f64)
             })
         });
-        let mut out = vec![0f32; x.len() + 2 * c];
-        let (dx, rest) = out.split_at_mut(x.len());
-        dx.par_chunks_mut(hw.max(1)).enumerate().for_each(|(p, o)| {
+        // dx, then (in the room left for them) dgamma and dbeta.
+        let (mut out, _) = crate::buf::par_zeroed_map(x.len(), 2 * c, hw, |p, o| {
             let ch = p % c;
             let (m, is, g) = (self.mean[ch], self.invstd[ch], self.gamma[ch]);
             let (sdy, sdyx) = (sums[ch].0 as f32, sums[ch].1 as f32);
@@ -163,10 +161,8 @@ impl CustomOp2 for NormalizeBackward {
                 *o = k * (n * gy - sdy - xhat * sdyx);
             }
         });
-        for ch in 0..c {
-            rest[ch] = sums[ch].1 as f32;
-            rest[c + ch] = sums[ch].0 as f32;
-        }
+        out.extend(sums.iter().map(|s| s.1 as f32));
+        out.extend(sums.iter().map(|s| s.0 as f32));
         Ok((CpuStorage::F32(out), Shape::from(x.len() + 2 * c)))
     }
 }

@@ -50,13 +50,12 @@ impl CustomOp1 for MaxPool {
         let x = contiguous_f32(s, l, "max pool")?;
         let (b, c, h, w) = l.shape().dims4()?;
         let (oh, ow) = out_dims(h, w);
-        let mut y = vec![0f32; b * c * oh * ow];
-        if h * w > 0 {
-            y.par_chunks_mut(oh * ow).enumerate().for_each(|(p, out)| {
+        let y = crate::buf::par_zeroed(b * c * oh * ow, oh * ow, |p, out| {
+            if h * w > 0 {
                 let plane = &x[p * h * w..][..h * w];
                 argmax(plane, h, w, |o, i| out[o] = plane[i]);
-            });
-        }
+            }
+        });
         Ok((CpuStorage::F32(y), Shape::from((b, c, oh, ow))))
     }
 
