@@ -17,6 +17,7 @@
 //! other devices and dtypes use the compositions.
 
 use crate::conv::contiguous_f32;
+use crate::reduce::{self, Pair};
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
 };
@@ -49,14 +50,12 @@ impl CustomOp1 for Softmax {
         let y = crate::buf::par_zeroed(x.len(), d * rt, |t, yo| {
             let xi = &x[t * d * rt..][..yo.len()];
             for (yr, xr) in yo.chunks_mut(d).zip(xi.chunks(d)) {
-                let m = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let m = reduce::max(xr);
                 let m = if m.is_finite() { m } else { 0.0 };
-                let mut sum = 0f32;
                 for (o, &v) in yr.iter_mut().zip(xr) {
                     *o = (v - m).exp();
-                    sum += *o;
                 }
-                let inv = 1.0 / sum;
+                let inv = 1.0 / reduce::sum(yr);
                 yr.iter_mut().for_each(|o| *o *= inv);
             }
         });
@@ -93,7 +92,7 @@ impl CustomOp2 for SoftmaxBackward {
             for (r, orow) in o.chunks_mut(d).enumerate() {
                 let yr = &y[base + r * d..][..d];
                 let gr = &dy[base + r * d..][..d];
-                let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+                let dot: f32 = reduce::sum_zip_by(yr, gr, |a, b| a * b);
                 for ((o, &yv), &g) in orow.iter_mut().zip(yr).zip(gr) {
                     *o = yv * (g - dot);
                 }
@@ -130,8 +129,8 @@ struct LayerNormOp {
 /// Mean and inverse standard deviation of a row.
 fn row_stats(r: &[f32], eps: f32) -> (f32, f32) {
     let n = r.len() as f32;
-    let mean = r.iter().sum::<f32>() / n;
-    let var = r.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    let mean = reduce::sum(r) / n;
+    let var = reduce::sum_by(r, |v| (v - mean) * (v - mean)) / n;
     (mean, 1.0 / (var + eps).sqrt())
 }
 
@@ -227,15 +226,13 @@ impl CustomOp3 for LayerNormBackward {
                 let xr = &x[base + r * d..][..d];
                 let gr = &dy[base + r * d..][..d];
                 let (mean, inv) = row_stats(xr, self.eps);
-                let (mut mg, mut mgx) = (0f32, 0f32);
-                for k in 0..d {
+                let Pair(mg, mgx) = reduce::sum_indexed(d, |k| {
                     let xhat = (xr[k] - mean) * inv;
                     let g = gr[k] * w[k];
-                    mg += g;
-                    mgx += g * xhat;
                     acc[k] += gr[k] * xhat;
                     acc[d + k] += gr[k];
-                }
+                    Pair(g, g * xhat)
+                });
                 let (mg, mgx) = (mg / d as f32, mgx / d as f32);
                 for k in 0..d {
                     let xhat = (xr[k] - mean) * inv;

@@ -18,6 +18,9 @@
 //! - [`optim`]: AdamW's moment and weight updates and the EMA in place (on CUDA one kernel each,
 //!   `cuda_optim`, private, compiled with NVRTC), gradient norms in one pass.
 //! - [`topk`]: each row's best `k`, best first (on CUDA one kernel, nothing read back).
+//! - `buf` and `reduce` (crate-private): the CPU kernels' outputs zeroed chunk by chunk on the
+//!   threads that write them, and their row and plane sums and maxima in interleaved partial
+//!   results (vector code where one chain of additions was scalar).
 //! - [`nn`]: `Linear` (one op with its backward on the CPU), `LayerNorm`, seeded dropout, L2
 //!   normalisation: the layers the model crates build on.
 //!
@@ -197,4 +200,5 @@ pub mod nn;
 pub mod norm;
 pub mod optim;
 pub mod pool;
+mod reduce;
 pub mod topk;

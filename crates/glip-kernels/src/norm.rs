@@ -15,19 +15,19 @@
 //! block per channel in f64 as here, then element-wise passes).
 
 use crate::conv::contiguous_f32;
+use crate::reduce::{self, Pair};
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
 };
 use rayon::prelude::*;
+use std::ops::Add;
 
 /// Per channel of a `(b, c, h, w)` tensor: the sums of `f(plane index) -> (a, b)` over the `b`
 /// planes of that channel (f64 accumulation), channels in parallel.
-fn per_channel_sums(b: usize, c: usize, f: impl Fn(usize) -> (f64, f64) + Sync) -> Vec<(f64, f64)> {
+fn per_channel_sums(b: usize, c: usize, f: impl Fn(usize) -> Pair<f64> + Sync) -> Vec<Pair<f64>> {
     (0..c)
         .into_par_iter()
-        .map(|ch| {
-            (0..b).map(|bi| f(bi * c + ch)).fold((0.0, 0.0), |acc, v| (acc.0 + v.0, acc.1 + v.1))
-        })
+        .map(|ch| (0..b).map(|bi| f(bi * c + ch)).fold(Pair(0.0, 0.0), Add::add))
         .collect()
 }
 
@@ -45,11 +45,11 @@ impl CustomOp1 for Stats {
         let hw = h * w;
         let n = (b * hw).max(1) as f64;
         let plane = |p: usize| &x[p * hw..][..hw];
-        let sums = per_channel_sums(b, c, |p| (plane(p).iter().map(|&v| v as f64).sum(), 0.0));
+        let sums = per_channel_sums(b, c, |p| Pair(reduce::sum_by(plane(p), f64::from), 0.0));
         let means: Vec<f64> = sums.iter().map(|s| s.0 / n).collect();
         let sq = per_channel_sums(b, c, |p| {
             let m = means[p % c];
-            (plane(p).iter().map(|&v| (v as f64 - m).powi(2)).sum(), 0.0)
+            Pair(reduce::sum_by(plane(p), |v| (f64::from(v) - m).powi(2)), 0.0)
         });
         let mut out: Vec<f32> = means.iter().map(|&m| m as f32).collect();
         out.extend(sq.iter().map(|s| (s.0 / n) as f32));
@@ -146,8 +146,8 @@ impl CustomOp2 for NormalizeBackward {
         let sums = per_channel_sums(b, c, |p| {
             let ch = p % c;
             let (m, is) = (self.mean[ch], self.invstd[ch]);
-            x[p * hw..][..hw].iter().zip(&dy[p * hw..][..hw]).fold((0.0, 0.0), |acc, (&xv, &g)| {
-                (acc.0 + g as f64, acc.1 + (g * (xv - m) * is) as f64)
+            reduce::sum_zip_by(&x[p * hw..][..hw], &dy[p * hw..][..hw], |xv, g| {
+                Pair(f64::from(g), f64::from(g * (xv - m) * is))
             })
         });
         // dx, then (in the room left for them) dgamma and dbeta.
