@@ -28,12 +28,49 @@ fn argmax(plane: &[f32], h: usize, w: usize, mut f: impl FnMut(usize, usize)) {
             for iy in y0..y1 {
                 for ix in x0..x1 {
                     let v = plane[iy * w + ix];
-                    if v > best || (v.is_nan() && !best.is_nan()) {
-                        (best, at) = (v, iy * w + ix);
-                    }
+                    // Selects, not a branch: which value wins is data, and mispredicted
+                    // branches on it were most of this loop's time.
+                    let wins = v > best || (v.is_nan() && !best.is_nan());
+                    best = if wins { v } else { best };
+                    at = if wins { iy * w + ix } else { at };
                 }
             }
             f(oy * ow + ox, at);
+        }
+    }
+}
+
+/// `v` where [`argmax`] would take it over `m` (larger, or the first NaN), else `m`: as a
+/// select the compiler makes vector code over a row.
+#[inline(always)]
+fn pick(m: f32, v: f32) -> f32 {
+    if v > m || (v.is_nan() && !m.is_nan()) {
+        v
+    } else {
+        m
+    }
+}
+
+/// The pooled `(oh, ow)` values of one `(h, w)` plane (`h, w > 0`) into `out`: for each
+/// output the value [`argmax`] picks, bit for bit. First each input row's window maxima along
+/// the row (`rows`, `h x ow` scratch), then each output row's 2-3 of those rows element by
+/// element (vector code). The first pick in row-major order survives both steps: within a row
+/// the leftmost, across rows the topmost; so do ties between `-0.0` and `0.0` and NaN payloads.
+fn pooled(plane: &[f32], h: usize, w: usize, out: &mut [f32], rows: &mut [f32]) {
+    let (oh, ow) = out_dims(h, w);
+    for (r, m) in plane.chunks_exact(w).zip(rows.chunks_exact_mut(ow)) {
+        for (ox, m) in m.iter_mut().enumerate() {
+            let (x0, x1) = ((2 * ox).saturating_sub(1), (2 * ox + 2).min(w));
+            *m = r[x0 + 1..x1].iter().fold(r[x0], |m, &v| pick(m, v));
+        }
+    }
+    for (oy, o) in out[..oh * ow].chunks_exact_mut(ow).enumerate() {
+        let (y0, y1) = ((2 * oy).saturating_sub(1), (2 * oy + 2).min(h));
+        o.copy_from_slice(&rows[y0 * ow..][..ow]);
+        for iy in y0 + 1..y1 {
+            for (m, &v) in o.iter_mut().zip(&rows[iy * ow..][..ow]) {
+                *m = pick(*m, v);
+            }
         }
     }
 }
@@ -52,8 +89,7 @@ impl CustomOp1 for MaxPool {
         let (oh, ow) = out_dims(h, w);
         let y = crate::buf::par_zeroed(b * c * oh * ow, oh * ow, |p, out| {
             if h * w > 0 {
-                let plane = &x[p * h * w..][..h * w];
-                argmax(plane, h, w, |o, i| out[o] = plane[i]);
+                pooled(&x[p * h * w..][..h * w], h, w, out, &mut vec![0.0; h * ow]);
             }
         });
         Ok((CpuStorage::F32(y), Shape::from((b, c, oh, ow))))
@@ -113,4 +149,47 @@ impl CustomOp2 for MaxPoolGrad {
 pub fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
     // candle records no backward for an untracked input.
     x.contiguous()?.apply_op1(MaxPool)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The forward's values are the values `argmax` picks (which the backward routes the
+    /// gradient to), bit for bit: every plane size from 1 x 1 to 9 x 9, values drawn from a
+    /// few levels (ties, signed zeros), NaNs and infinities mixed in after the first round.
+    #[test]
+    fn pooled_values_are_the_argmax_picks() {
+        // Ties between -0.0 and 0.0, and two NaNs of other payloads (the pick is the first).
+        let nan2 = f32::from_bits(f32::NAN.to_bits() | 1);
+        let levels = [-1.5, 0.0, -0.0, 2.0, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, -nan2];
+        let mut s = 12345u32;
+        for h in 1..=9 {
+            for w in 1..=9 {
+                for round in 0..4 {
+                    // Round 0: no NaN or infinity; later rounds draw from all the levels.
+                    let plane: Vec<f32> = (0..h * w)
+                        .map(|_| {
+                            s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                            let n = if round == 0 { 4 } else { levels.len() };
+                            levels[(s >> 16) as usize % n]
+                        })
+                        .collect();
+                    let (oh, ow) = out_dims(h, w);
+                    let mut got = vec![0f32; oh * ow];
+                    pooled(&plane, h, w, &mut got, &mut vec![0.0; h * ow]);
+                    let mut want = vec![0f32; oh * ow];
+                    argmax(&plane, h, w, |o, i| want[o] = plane[i]);
+                    for (o, (g, w_)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            g.to_bits() == w_.to_bits(),
+                            "{h} x {w}, round {round}, output {o}: {g} against {w_} (bits {:#x}, {:#x})",
+                            g.to_bits(),
+                            w_.to_bits()
+                        );
+                    }
+                }
+            }
+        }
+    }
 }
