@@ -126,17 +126,7 @@ pub(crate) fn max(a: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// `n` values in (-2, 2) from an LCG.
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                (s >> 8) as f32 / (1u32 << 24) as f32 * 4.0 - 2.0
-            })
-            .collect()
-    }
+    use glip_testing::lcg_values as values;
 
     /// `gamma_(n-1)` for a sum of `n` terms with unit roundoff `u`.
     fn gamma(n: usize, u: f64) -> f64 {

@@ -21,21 +21,11 @@
 //! before (source order), so it is compared bit for bit with that sum written out.
 
 use candle_core::{Device, Result, Tensor};
+use glip_testing::lcg_values as values;
 
 /// Shapes of 65,535, 65,536, 82,173 and 1,007,287 values: one below candle's threshold for a
 /// parallel map, one on it, and two whose last chunk of 16,384 values is short.
 const SHAPES: [(usize, usize); 4] = [(257, 255), (256, 256), (301, 273), (1031, 977)];
-
-/// `n` values in (-2, 2), no two neighbours alike (a 32-bit LCG's high bits).
-fn values(n: usize, seed: u32) -> Vec<f32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-            (s >> 8) as f32 / (1u32 << 24) as f32 * 4.0 - 2.0
-        })
-        .collect()
-}
 
 fn matrix(rows: usize, cols: usize, seed: u32) -> Result<Tensor> {
     Tensor::from_vec(values(rows * cols, seed), (rows, cols), &Device::Cpu)

@@ -246,3 +246,15 @@ pub fn probe_loss(t: &Tensor) -> Result<Tensor> {
     let r = Tensor::randn(0f32, 1.0, t.dims(), t.device())?;
     (t * r)?.sum_all()
 }
+
+/// `n` values in (-2, 2), no two neighbours alike: a 32-bit LCG's high bits, the same for a
+/// seed on every machine (kernels' tests that need plain numbers, not tensors).
+pub fn lcg_values(n: usize, seed: u32) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (s >> 8) as f32 / (1u32 << 24) as f32 * 4.0 - 2.0
+        })
+        .collect()
+}
