@@ -3,8 +3,8 @@
 //!
 //! `vec![0f32; n]` zeroes the vector on the calling thread before the parallel pass that
 //! overwrites it: mimalloc hands back reused memory, which `calloc` semantics must clear with a
-//! serial `memset` (3 % of a default training run's samples, from the normalisation, softmax and
-//! activation kernels here, `perf` on `glip train --config configs/shapes.toml`), the other
+//! serial `memset` (2.4 % of a default training run's samples, from the normalisation, softmax
+//! and activation kernels here, `perf` on `glip train --config configs/shapes.toml`), the other
 //! threads waiting. [`par_zeroed`] gives the same result (each chunk zeroed, then written by
 //! `f`), but each chunk is zeroed by the thread that writes it, just before, while it sits in
 //! that core's cache.
