@@ -20,7 +20,7 @@
 //! - [`topk`]: each row's best `k`, best first (on CUDA one kernel, nothing read back).
 //! - `buf` and `reduce` (crate-private): the CPU kernels' outputs zeroed chunk by chunk on the
 //!   threads that write them, and their row and plane sums and maxima in interleaved partial
-//!   results (vector code where one chain of additions was scalar).
+//!   results (independent chains where there was one chain of dependent additions).
 //! - [`nn`]: `Linear` (one op with its backward on the CPU), `LayerNorm`, seeded dropout, L2
 //!   normalisation: the layers the model crates build on.
 //!

@@ -40,8 +40,8 @@ fn argmax(plane: &[f32], h: usize, w: usize, mut f: impl FnMut(usize, usize)) {
     }
 }
 
-/// `v` where [`argmax`] would take it over `m` (larger, or the first NaN), else `m`: as a
-/// select the compiler makes vector code over a row.
+/// `v` where [`argmax`] would take it over `m` (larger, or the first NaN), else `m`: a select,
+/// no branch on the data.
 #[inline(always)]
 fn pick(m: f32, v: f32) -> f32 {
     if v > m || (v.is_nan() && !m.is_nan()) {
@@ -54,8 +54,9 @@ fn pick(m: f32, v: f32) -> f32 {
 /// The pooled `(oh, ow)` values of one `(h, w)` plane (`h, w > 0`) into `out`: for each
 /// output the value [`argmax`] picks, bit for bit. First each input row's window maxima along
 /// the row (`rows`, `h x ow` scratch), then each output row's 2-3 of those rows element by
-/// element (vector code). The first pick in row-major order survives both steps: within a row
-/// the leftmost, across rows the topmost; so do ties between `-0.0` and `0.0` and NaN payloads.
+/// element, selects without branches. The first pick in row-major order survives both steps:
+/// within a row the leftmost, across rows the topmost; so do ties between `-0.0` and `0.0` and
+/// NaN payloads.
 fn pooled(plane: &[f32], h: usize, w: usize, out: &mut [f32], rows: &mut [f32]) {
     let (oh, ow) = out_dims(h, w);
     for (r, m) in plane.chunks_exact(w).zip(rows.chunks_exact_mut(ow)) {
