@@ -167,7 +167,7 @@ pub fn batch_norm_constants(
 /// `x * scale[c] + shift[c] (+ residual)`, then with `relu` the ReLU, for `x (b, c, h, w)` and
 /// the constants `ss = [scale; shift]` `(2, c)` (f32, no gradient). The result has `x`'s dtype.
 /// One pass on CUDA (f32 or bf16 `x`, the residual alike; [`crate::cuda::own_kernels`]) and on
-/// the CPU in f32; elsewhere [`reference`] in f32 (f64 for f64 tensors).
+/// the CPU in f32; elsewhere [`reference`](fn@reference) in f32 (f64 for f64 tensors).
 pub fn channel_affine(
     x: &Tensor,
     ss: &Tensor,

@@ -5,7 +5,7 @@
 //! products, the key mask's bias (a cast, two scalings and a broadcast sum), a softmax and a
 //! copy merging the heads: up to twelve launches, each with an allocation, on a GPU whose
 //! inference steps are bound by the host's launches (`docs/results/README.md`, GPU). The fused
-//! kernel (`glip_attention` in [`crate::cuda_source::ATTENTION`]) reads the projections where
+//! kernel (`glip_attention` in `cuda_source::ATTENTION`) reads the projections where
 //! they are and writes the merged heads. Training keeps the composition, whose backward candle
 //! derives.
 

@@ -398,7 +398,7 @@ fn pair(lo: f32, hi: f32) -> u32 {
     to_bf16(lo) as u32 | (to_bf16(hi) as u32) << 16
 }
 
-/// The micro-kernels of [`gemm`], and the packing each reads.
+/// The micro-kernels of [`gemm`](fn@gemm), and the packing each reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
     /// One scalar multiply-add at a time: every CPU (the tests' reference where nothing else
@@ -485,7 +485,7 @@ pub struct PackedA {
 }
 
 /// `B (k, n)` as bf16 pairs in panels of [`NR`] columns: panel `p`, pair `q`, column `j` at
-/// `(p * kq + q) * NR + j`, `kq` pairs per panel as its [`Kernel`] reads ([`Kernel::pairs`]),
+/// `(p * kq + q) * NR + j`, `kq` pairs per panel as its [`Kernel`] reads (`Kernel::pairs`),
 /// zeros past `k` and `n`.
 #[derive(Debug, Clone)]
 pub struct PackedB {
@@ -831,7 +831,7 @@ pub fn gemm(a: &PackedA, b: &PackedB) -> Vec<f32> {
 /// writes `(batch, channels, pixels)` with no transposing copy after.
 ///
 /// # Panics
-/// As [`gemm`], and if a `B_i` is not `n` columns wide.
+/// As [`gemm`](fn@gemm), and if a `B_i` is not `n` columns wide.
 pub fn gemm_each<B: std::borrow::Borrow<PackedB>>(
     a: &PackedA,
     count: usize,

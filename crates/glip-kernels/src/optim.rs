@@ -6,7 +6,7 @@
 //! parameters about 2 GB of memory traffic a step. Here the moments of a parameter live in one
 //! `(2, n)` tensor updated in place from the gradient, then the weight in place from the moments:
 //! two passes, no allocation, split over rayon's threads for large tensors; on CUDA the same two
-//! passes as one kernel each ([`crate::cuda_optim`], the `cuda` feature). Other devices and
+//! passes as one kernel each (the private `cuda_optim` module, the `cuda` feature). Other devices and
 //! dtypes run [`adamw_composed`], the candle-op formulation the tests compare against.
 
 use crate::conv::contiguous_f32;
@@ -235,7 +235,7 @@ pub fn adamw_update(w: &Var, moments: &mut Tensor, g: &Tensor, h: &AdamWStep) ->
 
 /// [`adamw_update`] of every `(weight, moments, gradient, constants)`: on CUDA (contiguous f32
 /// tensors on one GPU, the `cuda` feature) one kernel launch for them all, the same arithmetic
-/// per element ([`crate::cuda_optim`]); elsewhere one [`adamw_update`] each, in order.
+/// per element (`cuda_optim`); elsewhere one [`adamw_update`] each, in order.
 pub fn adamw_update_all(items: &mut [(&Var, &mut Tensor, &Tensor, AdamWStep)]) -> Result<()> {
     #[cfg(feature = "cuda")]
     if let Some(Device::Cuda(dev)) = items.first().map(|i| i.0.device()) {

@@ -4,7 +4,7 @@
 //!
 //! The sections of the component crates check themselves ([`Validate`] impls beside their
 //! structs); what spans sections is here. Registered components' parameters are checked by the
-//! [`Registry`](crate::config::Registry) (their types), and by their factories.
+//! [`Registry`] (their types), and by their factories.
 
 use crate::config::*;
 use crate::optim::{OptimConfig, Schedule};
