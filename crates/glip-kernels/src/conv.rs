@@ -20,8 +20,8 @@
 //! packed panels, the input gradient as `w^T @ grad` then col2im, the weight gradient as one
 //! product over the batch with each image's im2col transposed into the panels; small images
 //! go several to a product. Checked against f64 sums within the bf16 bound.
-//! On CUDA [`conv2d`] is cuDNN's (forward and both gradients, the private `cudnn` module) where the build
-//! has the `cudnn` feature, candle's `conv2d` otherwise; on other CPU dtypes candle's.
+//! On CUDA [`conv2d`] is cuDNN's (forward and both gradients, the private `cudnn` module) where
+//! the build has the `cudnn` feature, candle's `conv2d` otherwise; on other CPU dtypes candle's.
 
 use crate::bf16;
 use crate::gemm::{self, Mat};

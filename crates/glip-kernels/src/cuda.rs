@@ -10,8 +10,9 @@
 //!   the result back to f32, forward and backward (as `torch.autocast`): the weights stay f32
 //!   (the optimiser's master copy), gradients reach them through the casts as f32, and the loss
 //!   and its reductions stay f32. bf16 has f32's exponent range, so no loss scaling.
-//! * The convolution: cuDNN with both gradients (the private `cudnn` module, the `cudnn` feature), else
-//!   candle's `conv2d` (im2col and a cuBLAS product forward, its autograd backward).
+//! * The convolution: cuDNN with both gradients (the private `cudnn` module, the `cudnn`
+//!   feature), else candle's `conv2d` (im2col and a cuBLAS product forward, its autograd
+//!   backward).
 
 use crate::bf16::{precision, Precision};
 use candle_core::{DType, Result, Tensor};

@@ -241,7 +241,7 @@ impl CustomOp3 for LayerNormBackward {
             }
             acc
         });
-        let mut out: Vec<f32> = dx;
+        let mut out = dx;
         let mut sums = vec![0f32; 2 * d];
         for p in &partial {
             for (s, v) in sums.iter_mut().zip(p) {

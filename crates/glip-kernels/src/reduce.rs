@@ -7,10 +7,10 @@
 //! statistics, softmax's maximum and sums). Here [`LANES`] partial results are kept side by
 //! side, element `i` going to partial `i % LANES`, and added pairwise at the end: independent
 //! chains, which the core overlaps (and the compiler may put in vector registers; batch norm's
-//! backward f64 sums are eight scalar chains in the SSE2 build). The order of the sums changes, not their accuracy class: a
-//! sum of `n` terms in any order is within `gamma_(n-1) sum |t_i|` of the exact one, `gamma_m =
-//! m u / (1 - m u)` with `u` the unit roundoff of its accumulator (Higham, "Accuracy and
-//! Stability of Numerical Algorithms", 2nd ed., 4.2).
+//! backward f64 sums are eight scalar chains in the SSE2 build). The order of the sums changes,
+//! not their accuracy class: a sum of `n` terms in any order is within `gamma_(n-1) sum |t_i|`
+//! of the exact one, `gamma_m = m u / (1 - m u)` with `u` the unit roundoff of its accumulator
+//! (Higham, "Accuracy and Stability of Numerical Algorithms", 2nd ed., 4.2).
 
 use std::ops::Add;
 

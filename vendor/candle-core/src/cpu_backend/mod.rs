@@ -1532,51 +1532,10 @@ impl Map2 for MatMul {
             // over itself, so a stride-zero batch on lhs goes through the loop below.
             (b, m, n, k)
         };
-        // glip-rs patch (`candle-core-matmul.patch`): where the batch splits over the threads
-        // in whole products (a multiple of the threads, or at least four products each), the
-        // threads take whole products, each computed on one thread: an attention's `(batch * heads, t, d)`
-        // products had been one gemm after another, each split over every thread and joined
-        // again. Each product is the same gemm of the same operands as in the loop below.
-        let threads = rayon::current_num_threads();
-        if b > 1 && threads > 1 && (b % threads == 0 || b >= 4 * threads) {
-            use rayon::prelude::*;
-            let spare = &mut dst.spare_capacity_mut()[..len];
-            spare.par_chunks_mut(c_skip).enumerate().for_each(|(step, dst_p)| {
-                let lhs_p = &lhs[step * a_skip..];
-                let rhs_p = &rhs[step * b_skip..];
-                unsafe {
-                    gemm(
-                        m,
-                        n,
-                        k,
-                        dst_p.as_mut_ptr().cast::<T>(),
-                        dst_cs as isize,
-                        dst_rs as isize,
-                        false,
-                        lhs_p.as_ptr(),
-                        lhs_cs as isize,
-                        lhs_rs as isize,
-                        rhs_p.as_ptr(),
-                        rhs_cs as isize,
-                        rhs_rs as isize,
-                        T::zero(),
-                        T::one(),
-                        false,
-                        false,
-                        false,
-                        Parallelism::None,
-                    )
-                }
-            });
-            // SAFETY: each of the `b` chunks of `c_skip` was written in full by its gemm.
-            unsafe { dst.set_len(len) };
-            return Ok(dst);
-        }
-        for step in 0..b {
+        // Product `step` of the batch into `dst_p`: its `m x n` values, written, not read.
+        let product = |step: usize, dst_p: &mut [std::mem::MaybeUninit<T>], parallelism| {
             let lhs_p = &lhs[step * a_skip..];
             let rhs_p = &rhs[step * b_skip..];
-            // Within the capacity: `step * c_skip + m * n <= len` for every step.
-            let dst_p = &mut dst.spare_capacity_mut()[step * c_skip..];
             unsafe {
                 gemm(
                     /* m: usize = */ m,
@@ -1600,6 +1559,27 @@ impl Map2 for MatMul {
                     parallelism,
                 )
             }
+        };
+        // glip-rs patch (`candle-core-matmul.patch`): where the batch splits over the threads
+        // in whole products (a multiple of the threads, or at least four products each), the
+        // threads take whole products, each computed on one thread: an attention's
+        // `(batch * heads, t, d)` products had been one gemm after another, each split over
+        // every thread and joined again. Each is the same gemm of the same operands as in the
+        // loop below.
+        let threads = rayon::current_num_threads();
+        if b > 1 && threads > 1 && (b % threads == 0 || b >= 4 * threads) {
+            use rayon::prelude::*;
+            dst.spare_capacity_mut()[..len]
+                .par_chunks_mut(c_skip)
+                .enumerate()
+                .for_each(|(step, dst_p)| product(step, dst_p, Parallelism::None));
+            // SAFETY: each of the `b` chunks of `c_skip` was written in full by its gemm.
+            unsafe { dst.set_len(len) };
+            return Ok(dst);
+        }
+        for step in 0..b {
+            // Within the capacity: `step * c_skip + m * n <= len` for every step.
+            product(step, &mut dst.spare_capacity_mut()[step * c_skip..], parallelism);
         }
         // SAFETY: the products wrote every element of `dst[..len]` (see above).
         unsafe { dst.set_len(len) };
