@@ -87,8 +87,8 @@ impl Affine {
 
     /// `(y, dy)` -> `dx` (and `dr` with `residual`) as tensors of `y`'s shape.
     fn grads(&self, y: &Tensor, dy: &Tensor, residual: bool) -> Result<(Tensor, Option<Tensor>)> {
-        let op = AffineBackwardCpu { scale: self.scale.clone(), relu: self.relu, residual };
-        let out = y.apply_op2_no_bwd(&dy.contiguous()?, &op)?;
+        let op = Affine { scale: self.scale.clone(), shift: Vec::new(), relu: self.relu };
+        let out = y.apply_op2_no_bwd(&dy.contiguous()?, &AffineBackwardCpu { op, residual })?;
         if !residual {
             return Ok((out.reshape(y.shape())?, None));
         }
@@ -97,10 +97,10 @@ impl Affine {
     }
 }
 
-/// [`Affine::backward`] as an op on `(y, dy)`: `dx`, or `[dx; dr]` flat with `residual`.
+/// [`Affine::backward`] as an op on `(y, dy)`: `dx`, or `[dx; dr]` flat with `residual` (the
+/// shift is not needed).
 struct AffineBackwardCpu {
-    scale: Vec<f32>,
-    relu: bool,
+    op: Affine,
     residual: bool,
 }
 
@@ -116,8 +116,7 @@ impl CustomOp2 for AffineBackwardCpu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let op = Affine { scale: self.scale.clone(), shift: Vec::new(), relu: self.relu };
-        let hw = op.plane(l1)?;
+        let hw = self.op.plane(l1)?;
         if l1.dims() != l2.dims() {
             candle_core::bail!(
                 "channel affine backward: {:?} against a gradient {:?}",
@@ -127,7 +126,7 @@ impl CustomOp2 for AffineBackwardCpu {
         }
         let y = contiguous_f32(s1, l1, "channel affine backward")?;
         let dy = contiguous_f32(s2, l2, "channel affine backward gradient")?;
-        let out = op.backward(y, dy, hw, self.residual);
+        let out = self.op.backward(y, dy, hw, self.residual);
         let len = out.len();
         Ok((CpuStorage::F32(out), Shape::from(len)))
     }
