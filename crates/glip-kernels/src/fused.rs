@@ -51,9 +51,17 @@ impl CustomOp1 for Softmax {
             let xi = &x[t * d * rt..][..yo.len()];
             for (yr, xr) in yo.chunks_mut(d).zip(xi.chunks(d)) {
                 let m = reduce::max(xr);
-                let m = if m.is_finite() { m } else { 0.0 };
-                for (o, &v) in yr.iter_mut().zip(xr) {
-                    *o = (v - m).exp();
+                if m == f32::INFINITY {
+                    // Some `v - 0` may be positive: glibc's `expf` (the row gives NaN anyway).
+                    for (o, &v) in yr.iter_mut().zip(xr) {
+                        *o = v.exp();
+                    }
+                } else {
+                    // Every `v - m <= 0` or NaN (`m` is -inf only for a row of -inf and NaN).
+                    let m = if m.is_finite() { m } else { 0.0 };
+                    for (o, &v) in yr.iter_mut().zip(xr) {
+                        *o = crate::exp::exp_le0(v - m);
+                    }
                 }
                 let inv = 1.0 / reduce::sum(yr);
                 yr.iter_mut().for_each(|o| *o *= inv);

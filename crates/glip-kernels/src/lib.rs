@@ -192,6 +192,7 @@ mod cuda_optim;
 mod cuda_source;
 #[cfg(feature = "cudnn")]
 mod cudnn;
+mod exp;
 pub mod fused;
 mod gemm;
 pub mod graph;
