@@ -35,6 +35,23 @@ impl Affine {
         Ok(d[2] * d[3])
     }
 
+    /// The plane size of `a` and the contiguous f32 values of `a` and `b`, which must have
+    /// `a`'s dims (`what` names the op and `other` the second operand in errors).
+    fn operands<'a>(
+        &self,
+        what: &str,
+        other: &str,
+        (s1, l1): (&'a CpuStorage, &Layout),
+        (s2, l2): (&'a CpuStorage, &Layout),
+    ) -> Result<(usize, &'a [f32], &'a [f32])> {
+        let hw = self.plane(l1)?;
+        if l1.dims() != l2.dims() {
+            candle_core::bail!("{what}: {:?} against a {other} {:?}", l1.dims(), l2.dims());
+        }
+        let b = contiguous_f32(s2, l2, &format!("{what} {other}"))?;
+        Ok((hw, contiguous_f32(s1, l1, what)?, b))
+    }
+
     /// `y = relu?(x * s + t (+ r))`, one task per (image, channel) plane.
     fn forward(&self, x: &[f32], r: Option<&[f32]>, hw: usize) -> Vec<f32> {
         let c = self.scale.len();
@@ -116,16 +133,8 @@ impl CustomOp2 for AffineBackwardCpu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let hw = self.op.plane(l1)?;
-        if l1.dims() != l2.dims() {
-            candle_core::bail!(
-                "channel affine backward: {:?} against a gradient {:?}",
-                l1.dims(),
-                l2.dims()
-            );
-        }
-        let y = contiguous_f32(s1, l1, "channel affine backward")?;
-        let dy = contiguous_f32(s2, l2, "channel affine backward gradient")?;
+        let (hw, y, dy) =
+            self.op.operands("channel affine backward", "gradient", (s1, l1), (s2, l2))?;
         let out = self.op.backward(y, dy, hw, self.residual);
         let len = out.len();
         Ok((CpuStorage::F32(out), Shape::from(len)))
@@ -164,16 +173,7 @@ impl CustomOp2 for AffineAddCpu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let hw = self.0.plane(l1)?;
-        if l1.dims() != l2.dims() {
-            candle_core::bail!(
-                "channel affine: {:?} against a residual {:?}",
-                l1.dims(),
-                l2.dims()
-            );
-        }
-        let x = contiguous_f32(s1, l1, "channel affine")?;
-        let r = contiguous_f32(s2, l2, "channel affine residual")?;
+        let (hw, x, r) = self.0.operands("channel affine", "residual", (s1, l1), (s2, l2))?;
         Ok((CpuStorage::F32(self.0.forward(x, Some(r), hw)), l1.shape().clone()))
     }
 
