@@ -17,8 +17,10 @@
 //! against f64 sums within f32's summation bound, on memory left full of NaN).
 //!
 //! `candle-core-reduce.patch` sums a contiguous tensor over dims that are not the last ones a
-//! block of the trailing dims at a time: each sum must take the same terms in the same order as
-//! before (source order), so it is compared bit for bit with that sum written out.
+//! block of the trailing dims at a time, and over dims that end with the last one but are not
+//! all the trailing ones (a convolution bias's gradient) a run of the trailing reduced dims at
+//! a time: each sum must take the same terms in the same order as before (source order), so it
+//! is compared bit for bit with that sum written out.
 
 use candle_core::{Device, Result, Tensor};
 use glip_testing::lcg_values as values;
@@ -81,8 +83,8 @@ fn large_element_wise_maps_write_every_value_once_on_any_pool() -> Result<()> {
 }
 
 /// `x`'s sum over `dims` (keeping them), added up in source order, each value's terms one
-/// after another from zero: candle's order, except over the last dims (its own vectorised
-/// path, not patched, not tested here).
+/// after another from zero: candle's order, except over all the trailing dims (its own
+/// vectorised path, not patched, not tested here).
 fn sum_in_source_order(x: &[f32], shape: &[usize], dims: &[usize]) -> Vec<f32> {
     let out: Vec<usize> =
         shape.iter().enumerate().map(|(d, &n)| if dims.contains(&d) { 1 } else { n }).collect();
@@ -102,16 +104,20 @@ fn sum_in_source_order(x: &[f32], shape: &[usize], dims: &[usize]) -> Vec<f32> {
 
 #[test]
 fn sums_over_leading_and_middle_dims_keep_their_order() -> Result<()> {
-    let cases: [(&[usize], &[usize]); 9] = [
+    let cases: [(&[usize], &[usize]); 13] = [
         (&[4, 5, 6, 7], &[0]),
         (&[4, 5, 6, 7], &[1]),
         (&[4, 5, 6, 7], &[0, 1]),
         (&[4, 5, 6, 7], &[0, 2]),
         (&[4, 5, 6, 7], &[1, 2]),
         (&[4, 5, 6, 7], &[0, 1, 2]),
-        (&[4, 5, 6, 7], &[0, 3]), // the last dim among them: candle's path per element
-        (&[64, 33, 96], &[0, 1]), // a linear layer's bias gradient
-        (&[3, 1, 8], &[1]),       // a reduced dim of one
+        (&[4, 5, 6, 7], &[0, 3]), // the last dim among them: runs of 7
+        (&[4, 5, 6, 7], &[1, 3]),
+        (&[4, 5, 6, 7], &[0, 2, 3]),  // runs of 42
+        (&[8, 16, 9, 9], &[0, 2, 3]), // a convolution bias's gradient
+        (&[2, 3, 0], &[0, 2]),        // empty: no runs
+        (&[64, 33, 96], &[0, 1]),     // a linear layer's bias gradient
+        (&[3, 1, 8], &[1]),           // a reduced dim of one
     ];
     for (seed, (shape, dims)) in (10..).zip(cases) {
         let n = shape.iter().product();

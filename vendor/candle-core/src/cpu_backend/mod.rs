@@ -366,6 +366,34 @@ impl ReduceSum<'_> {
                     }
                     return Ok(dst);
                 }
+                // glip-rs patch (`candle-core-reduce.patch`, second part): with the last dim
+                // reduced too, the trailing run of reduced dims is contiguous in `src` and maps
+                // to one `dst` value (a convolution bias's gradient, a sum of `(b, c, h, w)` over
+                // `(b, h, w)`: runs of `h * w`): one index computation per run, whose values
+                // are added in order, the same additions in the same order as the loop below.
+                let run: usize = src_l
+                    .dims()
+                    .iter()
+                    .enumerate()
+                    .rev()
+                    .take_while(|(axis, _)| self.reduce_dims.contains(axis))
+                    .map(|(_, &size)| size)
+                    .product();
+                if run > 1 {
+                    for (block_index, block) in src.chunks_exact(run).enumerate() {
+                        let mut dst_index = block_index * run;
+                        for &(dim, stride) in self.reduce_dims_and_stride.iter() {
+                            let (pre, post) = (dst_index / stride, dst_index % stride);
+                            dst_index = (pre / dim) * stride + post;
+                        }
+                        let mut acc = dst[dst_index];
+                        for &s in block {
+                            acc += s;
+                        }
+                        dst[dst_index] = acc;
+                    }
+                    return Ok(dst);
+                }
                 for (unstr_index, &src) in src.iter().enumerate() {
                     let mut dst_index = unstr_index;
                     // Set the reduce_dims indexes to 0.
