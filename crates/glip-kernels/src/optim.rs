@@ -6,8 +6,9 @@
 //! parameters about 2 GB of memory traffic a step. Here the moments of a parameter live in one
 //! `(2, n)` tensor updated in place from the gradient, then the weight in place from the moments:
 //! two passes, no allocation, split over rayon's threads for large tensors; on CUDA the same two
-//! passes as one kernel each (the private `cuda_optim` module, the `cuda` feature). Other devices and
-//! dtypes run [`adamw_composed`], the candle-op formulation the tests compare against.
+//! passes as one kernel each (the private `cuda_optim` module, the `cuda` feature). Other
+//! devices and dtypes run [`adamw_composed`], the candle-op formulation the tests compare
+//! against.
 
 use crate::conv::contiguous_f32;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor, Var};
