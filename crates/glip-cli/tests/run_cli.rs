@@ -364,6 +364,8 @@ fn dense_and_query_selection_experiments_round_trip() {
             assert!(b[0] <= b[2] && b[1] <= b[3] && b[2] <= 40.0 && b[3] <= 30.0, "{b:?}");
         }
     }
+    // Two runs' checkpoints (with AdamW's moments) are ~260 MB: not left in the temp dir.
+    std::fs::remove_dir_all(&d).ok();
 }
 
 /// A run killed between checkpoints and resumed logs every step (and every evaluation) once:
