@@ -196,6 +196,28 @@ pub fn pin_thread_count() {
     }
 }
 
+/// Makes the calling thread (the process's main thread) worker 0 of rayon's global pool, of
+/// `RAYON_NUM_THREADS` threads in all, when that is more than one. A training step makes
+/// hundreds of parallel calls (candle's element-wise maps, the gemm crate, this workspace's
+/// kernels); from a thread outside the pool each one is handed to the pool and the caller
+/// sleeps on a lock until it is done (two futex round trips per call), while from a worker it is
+/// split in place and the other workers steal their share. With one thread the pool keeps its
+/// own worker: the main thread blocks on the data loader's channel while the loader's thread
+/// hands its decoding to the pool, which a pool made only of the blocked thread would never
+/// run. Does nothing if the global pool already exists.
+pub fn join_thread_pool() {
+    if let Some(n) = pool_to_join(std::env::var("RAYON_NUM_THREADS").ok().as_deref()) {
+        // An error means the pool exists (a caller set it up first): keep it.
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).use_current_thread().build_global();
+    }
+}
+
+/// The size of the pool [`join_thread_pool`] makes from `RAYON_NUM_THREADS`: that count when
+/// it is 2 or more, else none (one thread, or a value rayon itself would not read).
+fn pool_to_join(threads: Option<&str>) -> Option<usize> {
+    threads?.trim().parse().ok().filter(|&n: &usize| n >= 2)
+}
+
 /// candle ships its CUDA kernels as PTX, which the driver compiles for the GPU when a module is
 /// first loaded (17-21 s for a model's kernels, measured on the H100 of `../shared/docs/CUDA.md`)
 /// and keeps in its JIT cache for later processes: let that cache (256 MiB by default) hold all
@@ -233,6 +255,7 @@ pub fn keep_freed_memory() {
 pub fn main_with(registry: Registry) -> std::process::ExitCode {
     keep_freed_memory();
     pin_thread_count();
+    join_thread_pool();
     keep_compiled_kernels();
     run_args(&registry, std::env::args_os())
 }
@@ -269,6 +292,20 @@ where
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pool_to_join;
+
+    #[test]
+    fn only_a_pool_of_two_or_more_threads_is_joined() {
+        assert_eq!(pool_to_join(Some("2")), Some(2));
+        assert_eq!(pool_to_join(Some("16")), Some(16));
+        for one_or_unread in [None, Some("1"), Some("0"), Some(""), Some("two"), Some("-3")] {
+            assert_eq!(pool_to_join(one_or_unread), None, "{one_or_unread:?}");
         }
     }
 }
