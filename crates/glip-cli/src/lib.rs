@@ -213,9 +213,10 @@ pub fn join_thread_pool() {
 }
 
 /// The size of the pool [`join_thread_pool`] makes from `RAYON_NUM_THREADS`: that count when
-/// it is 2 or more, else none (one thread, or a value rayon itself would not read).
+/// it is 2 or more, else none (one thread, or a value rayon itself does not read: rayon parses
+/// it as it is, `0` meaning its default).
 fn pool_to_join(threads: Option<&str>) -> Option<usize> {
-    threads?.trim().parse().ok().filter(|&n: &usize| n >= 2)
+    threads?.parse().ok().filter(|&n: &usize| n >= 2)
 }
 
 /// candle ships its CUDA kernels as PTX, which the driver compiles for the GPU when a module is
@@ -304,7 +305,9 @@ mod tests {
     fn only_a_pool_of_two_or_more_threads_is_joined() {
         assert_eq!(pool_to_join(Some("2")), Some(2));
         assert_eq!(pool_to_join(Some("16")), Some(16));
-        for one_or_unread in [None, Some("1"), Some("0"), Some(""), Some("two"), Some("-3")] {
+        for one_or_unread in
+            [None, Some("1"), Some("0"), Some(""), Some(" 2"), Some("two"), Some("-3")]
+        {
             assert_eq!(pool_to_join(one_or_unread), None, "{one_or_unread:?}");
         }
     }
