@@ -197,11 +197,11 @@ pub fn pin_thread_count() {
 }
 
 /// Makes the calling thread (the process's main thread) worker 0 of rayon's global pool, of
-/// `RAYON_NUM_THREADS` threads in all, when that is more than one. A training step makes
-/// hundreds of parallel calls (candle's element-wise maps, the gemm crate, this workspace's
+/// `RAYON_NUM_THREADS` threads in all, when that is more than one. A training step's work is
+/// mostly parallel calls (candle's element-wise maps, the gemm crate, this workspace's
 /// kernels); from a thread outside the pool each one is handed to the pool and the caller
-/// sleeps on a lock until it is done (two futex round trips per call), while from a worker it is
-/// split in place and the other workers steal their share. With one thread the pool keeps its
+/// sleeps on a lock until a worker has finished it, while from a worker it is split in place
+/// and the other workers steal their share. With one thread the pool keeps its
 /// own worker: the main thread blocks on the data loader's channel while the loader's thread
 /// hands its decoding to the pool, which a pool made only of the blocked thread would never
 /// run. Does nothing if the global pool already exists.
