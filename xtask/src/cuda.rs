@@ -1,4 +1,4 @@
-//! `cargo xtask cuda-env [--cudnn]`: what building glip's `cuda` (or `cudnn`) feature needs on a
+//! `cargo xtask cuda-env [--cudnn] [--compute-cap N]`: what building glip's `cuda` (or `cudnn`) feature needs on a
 //! machine with no GPU and no CUDA install, from pinned PyPI wheels (CUDA 13.0, the lent
 //! GPUs' driver): nvcc, nvvm, the runtime, cuBLAS, cuRAND, NVRTC (and cuDNN 9), in a venv in the
 //! cache folder; a folder of unversioned `lib*.so` links and a stub `libcuda.so` (the real one
@@ -185,15 +185,87 @@ fn link_root(nvidia: &Path, cudnn: bool) -> Result<PathBuf> {
     Ok(root)
 }
 
+/// The oldest compute capability the pinned CUDA 13.0 toolkit builds for (Turing, sm_75).
+const OLDEST_CAP: u32 = 75;
+/// The lent GPUs' (H100, H200): what a machine without `nvidia-smi` builds for.
+const DEFAULT_CAP: u32 = 90;
+
+/// Parses a compute capability written `86`, `8.6` or `sm_86` (as nvidia-smi, candle's
+/// `CUDA_COMPUTE_CAP` and nvcc write it) into `86`; refuses what CUDA 13.0 cannot build for.
+fn parse_cap(text: &str) -> Result<u32> {
+    let t = text.trim();
+    let t = t.strip_prefix("sm_").unwrap_or(t);
+    let cap = match t.split_once('.') {
+        Some((major, minor)) if !major.is_empty() && minor.len() == 1 => {
+            major.parse::<u32>().ok().zip(minor.parse::<u32>().ok()).map(|(a, b)| 10 * a + b)
+        }
+        Some(_) => None,
+        None if t.len() >= 2 => t.parse::<u32>().ok(),
+        None => None,
+    };
+    let cap = cap.with_context(|| {
+        format!("{text:?} is not a compute capability (write it as 86, 8.6 or sm_86)")
+    })?;
+    if cap < OLDEST_CAP {
+        bail!(
+            "compute capability {}.{} is older than CUDA 13.0 supports ({}.{} and newer); \
+             the pinned wheels cannot build for it",
+            cap / 10,
+            cap % 10,
+            OLDEST_CAP / 10,
+            OLDEST_CAP % 10
+        );
+    }
+    Ok(cap)
+}
+
+/// The compute capability to build candle's kernels for, and where it came from: the flag, then
+/// `CUDA_COMPUTE_CAP` (what candle's build reads), then the lowest of the GPUs `nvidia-smi`
+/// lists (`--query-gpu=compute_cap`, one line a GPU: PTX for the lowest runs on the others),
+/// then the lent GPUs' 90. A bad value names where it came from.
+fn compute_cap(
+    flag: Option<&str>,
+    env: Option<&str>,
+    smi: Option<&str>,
+) -> Result<(u32, &'static str)> {
+    if let Some(f) = flag {
+        return Ok((parse_cap(f).context("--compute-cap")?, "--compute-cap"));
+    }
+    if let Some(e) = env.filter(|e| !e.trim().is_empty()) {
+        return Ok((parse_cap(e).context("$CUDA_COMPUTE_CAP")?, "$CUDA_COMPUTE_CAP"));
+    }
+    let listed: Vec<&str> = smi.unwrap_or("").lines().filter(|l| !l.trim().is_empty()).collect();
+    if !listed.is_empty() {
+        let caps = listed
+            .iter()
+            .map(|l| parse_cap(l))
+            .collect::<Result<Vec<u32>>>()
+            .context("nvidia-smi --query-gpu=compute_cap")?;
+        return Ok((caps.into_iter().min().expect("one line at least"), "nvidia-smi"));
+    }
+    Ok((DEFAULT_CAP, "default: H100 / H200, no nvidia-smi here; --compute-cap N for another GPU"))
+}
+
+/// What `nvidia-smi` says of this machine's GPUs' compute capabilities, if it runs.
+fn nvidia_smi_caps() -> Option<String> {
+    let out = Command::new("nvidia-smi")
+        .args(["--query-gpu=compute_cap", "--format=csv,noheader"])
+        .output()
+        .ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// Prints the environment for a CUDA build.
-pub fn run(cudnn: bool, cupti: bool) -> Result<()> {
+pub fn run(cudnn: bool, cupti: bool, cap_flag: Option<&str>) -> Result<()> {
+    let env_cap = std::env::var("CUDA_COMPUTE_CAP").ok();
+    let (cap, from) = compute_cap(cap_flag, env_cap.as_deref(), nvidia_smi_caps().as_deref())?;
     let nvidia = install(cudnn, cupti)?;
     let root = link_root(&nvidia, cudnn)?;
     let w = nvidia.join("cu13");
     println!("export PATH=\"{}:$PATH\"", w.join("bin").display());
     println!("export CUDA_HOME=\"{}\"", w.display());
     println!("export CUDA_ROOT=\"{}\"", root.display());
-    println!("export CUDA_COMPUTE_CAP=90  # H100 / H200 (sm_90); no nvidia-smi here");
+    println!("export CUDA_COMPUTE_CAP={cap}  # {from}");
     println!("export CUDARC_CUDA_VERSION=13000");
     println!(
         "export LIBRARY_PATH=\"{}:{}${{LIBRARY_PATH:+:$LIBRARY_PATH}}\"",
@@ -212,4 +284,41 @@ pub fn run(cudnn: bool, cupti: bool) -> Result<()> {
         if cudnn { "cudnn" } else { "cuda" }
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compute_capabilities_parse_in_each_spelling() {
+        for (text, want) in [("90", 90), ("8.6", 86), ("sm_89", 89), (" 9.0\n", 90), ("12.0", 120)]
+        {
+            assert_eq!(parse_cap(text).unwrap(), want, "{text:?}");
+        }
+        for bad in ["", "9", "nine", "9.", ".9", "8.65", "sm_", "-80"] {
+            let err = format!("{:#}", parse_cap(bad).unwrap_err());
+            assert!(err.contains("not a compute capability"), "{bad:?}: {err}");
+        }
+        let err = format!("{:#}", parse_cap("7.0").unwrap_err());
+        assert!(err.contains("7.0 is older than CUDA 13.0 supports (7.5"), "{err}");
+    }
+
+    #[test]
+    fn the_flag_then_the_environment_then_nvidia_smi_then_the_lent_gpus() {
+        let smi = Some("9.0\n8.6\n");
+        assert_eq!(compute_cap(Some("80"), Some("89"), smi).unwrap(), (80, "--compute-cap"));
+        assert_eq!(compute_cap(None, Some("89"), smi).unwrap(), (89, "$CUDA_COMPUTE_CAP"));
+        assert_eq!(compute_cap(None, Some(" "), smi).unwrap(), (86, "nvidia-smi"), "the lowest");
+        assert_eq!(compute_cap(None, None, Some("\n")).unwrap().0, DEFAULT_CAP);
+        assert_eq!(compute_cap(None, None, None).unwrap().0, DEFAULT_CAP);
+        for (flag, env, smi, named) in [
+            (Some("x"), None, None, "--compute-cap"),
+            (None, Some("6.1"), None, "$CUDA_COMPUTE_CAP"),
+            (None, None, Some("9.0\n[N/A]\n"), "nvidia-smi"),
+        ] {
+            let err = format!("{:#}", compute_cap(flag, env, smi).unwrap_err());
+            assert!(err.starts_with(named), "{err}");
+        }
+    }
 }

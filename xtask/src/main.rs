@@ -41,6 +41,10 @@ enum Cmd {
         /// Also CUPTI (headers and libcupti), for glip's GPU tracer (`scripts/gpu-trace.cpp`).
         #[arg(long)]
         cupti: bool,
+        /// The GPU's compute capability candle's kernels are built for (`86` or `8.6`);
+        /// default: $CUDA_COMPUTE_CAP, else the lowest nvidia-smi reports, else 90 (H100/H200).
+        #[arg(long, value_name = "N")]
+        compute_cap: Option<String>,
     },
     /// glip bench and the PyTorch reference's bench_torch.py on the same presets, side by
     /// side, with the table of ratios (release build; the reference's venv).
@@ -68,7 +72,9 @@ fn main() -> anyhow::Result<()> {
         Cmd::Experiment(a) => experiment::run(a),
         Cmd::Fixtures { force } => fixtures::run(force),
         Cmd::Test { args } => fixtures::test(&args),
-        Cmd::CudaEnv { cudnn, cupti } => cuda::run(cudnn, cupti),
+        Cmd::CudaEnv { cudnn, cupti, compute_cap } => {
+            cuda::run(cudnn, cupti, compute_cap.as_deref())
+        }
         Cmd::BenchVsTorch { iters, rounds } => bench::run(iters, rounds),
     }
 }
