@@ -99,12 +99,12 @@ impl std::str::FromStr for Precision {
 }
 
 /// Why `precision` cannot take effect on `device` (it would run in f32), or `None` when it
-/// does: bf16 exists on CUDA (convolutions and `Linear`, see [`crate::cuda`]) and on CPUs with
-/// AVX512_BF16.
+/// does: bf16 exists on CUDA GPUs of compute capability 8.0 (Ampere) and newer (convolutions
+/// and `Linear`, see [`crate::cuda`]) and on CPUs with AVX512_BF16.
 pub fn fallback_reason(precision: Precision, device: &candle_core::Device) -> Option<String> {
     match precision {
         Precision::F32 => None,
-        Precision::Bf16 if device.is_cuda() => None,
+        Precision::Bf16 if device.is_cuda() => gpu_fallback_reason(cuda_capability(device)),
         Precision::Bf16 if !device.is_cpu() => {
             Some(format!("bf16 is not implemented on {device:?} yet: computing in f32"))
         }
@@ -114,6 +114,34 @@ pub fn fallback_reason(precision: Precision, device: &candle_core::Device) -> Op
         ),
         Precision::Bf16 => None,
     }
+}
+
+/// Why bf16 cannot run on a GPU of compute capability `cap` (`None` when it can, or when the
+/// driver did not say): candle-kernels compiles its bf16 kernels for 8.0 (Ampere) and newer
+/// only (`#if __CUDA_ARCH__ >= 800`), so on a Turing GPU (7.5: a T4, an RTX 20x0) it has no
+/// bf16 cast or map to launch.
+fn gpu_fallback_reason(cap: Option<(i32, i32)>) -> Option<String> {
+    let (major, minor) = cap?;
+    ((major, minor) < (8, 0)).then(|| {
+        format!(
+            "this GPU (compute capability {major}.{minor}) has no bf16 kernels (8.0, Ampere, and \
+             newer have): computing in f32"
+        )
+    })
+}
+
+/// The compute capability of a CUDA device, as its driver reports it.
+#[cfg(feature = "cuda")]
+fn cuda_capability(device: &candle_core::Device) -> Option<(i32, i32)> {
+    match device {
+        candle_core::Device::Cuda(d) => d.cuda_stream().context().compute_capability().ok(),
+        _ => None,
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_capability(_: &candle_core::Device) -> Option<(i32, i32)> {
+    None
 }
 
 /// The precision that takes effect for `precision` on `device`, and why it differs when it
@@ -1277,6 +1305,21 @@ mod amx {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bf16_falls_back_to_f32_on_gpus_before_ampere_only() {
+        for cap in [(7, 5), (7, 0), (6, 1)] {
+            let why = gpu_fallback_reason(Some(cap)).expect("no bf16 before 8.0");
+            assert!(why.contains(&format!("compute capability {}.{}", cap.0, cap.1)), "{why}");
+            assert!(why.ends_with("computing in f32"), "{why}");
+        }
+        for cap in [(8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0)] {
+            assert_eq!(gpu_fallback_reason(Some(cap)), None, "{cap:?}");
+        }
+        assert_eq!(gpu_fallback_reason(None), None, "a driver that does not say is not refused");
+        // Off CUDA nothing asks a driver.
+        assert_eq!(cuda_capability(&candle_core::Device::Cpu), None);
+    }
 
     /// A deterministic stream of values in [-1, 1) with a few exact zeros and large entries.
     fn values(n: usize, seed: u64) -> Vec<f32> {

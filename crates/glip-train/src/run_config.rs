@@ -92,7 +92,8 @@ pub struct RunConfig {
     /// `cuda`, `cuda:N`. A command's `--device` overrides it.
     #[serde(default)]
     pub device: crate::device::DeviceSpec,
-    /// What convolutions compute in: `"f32"` (default) or `"bf16"`. On CUDA, convolutions and
+    /// What convolutions compute in: `"f32"` (default) or `"bf16"`. On CUDA (GPUs of compute
+    /// capability 8.0, Ampere, and newer), convolutions and
     /// linear layers compute forward and backward in bf16 with f32 sums (autocast: the weights,
     /// the loss and the optimiser stay f32, gradients reach the weights as f32). On CPUs with
     /// AVX512_BF16 (AMX where there is), convolutions' forward and gradient products with their

@@ -215,6 +215,18 @@ fn check_convs(dev: &Device, precision: Precision) -> Result<()> {
 /// The direct reference itself, on the host: glip's CPU convolutions (im2col and GEMM, both
 /// gradients; held against PyTorch by the parity suite) agree with it within the same f32
 /// bounds, every case including the 17x16 stride-2 one. Needs no GPU.
+/// The GPU reports a compute capability, and at 8.0 or newer (the lent H100 / H200: 9.0) bf16
+/// takes effect there: a driver that did not answer would silently keep bf16, and one that
+/// answered wrongly would turn every bf16 row of the device check into f32.
+#[test]
+fn bf16_takes_effect_on_this_gpu() {
+    let dev = gpu();
+    let Device::Cuda(d) = &dev else { unreachable!("gpu() is CUDA") };
+    let (major, minor) = d.cuda_stream().context().compute_capability().expect("the driver says");
+    let why = glip_kernels::bf16::fallback_reason(Precision::Bf16, &dev);
+    assert_eq!(why.is_none(), major >= 8, "compute capability {major}.{minor}: {why:?}");
+}
+
 #[test]
 fn the_direct_reference_agrees_with_the_cpu_convolutions() -> Result<()> {
     check_convs(&Device::Cpu, Precision::F32)
