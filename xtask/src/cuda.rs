@@ -255,29 +255,82 @@ fn nvidia_smi_caps() -> Option<String> {
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Prints the environment for a CUDA build.
-pub fn run(cudnn: bool, cupti: bool, cap_flag: Option<&str>) -> Result<()> {
+/// One variable of a CUDA build's environment.
+pub struct EnvVar {
+    /// Its name.
+    pub name: &'static str,
+    /// Its value, or (`prepend`) what goes before the present value, `:`-separated.
+    pub value: String,
+    /// Whether `value` goes before the present value (a search path) instead of replacing it.
+    pub prepend: bool,
+    /// Why, for the printed `export` line.
+    pub note: Option<String>,
+}
+
+impl EnvVar {
+    pub(crate) fn set(name: &'static str, value: impl ToString) -> Self {
+        Self { name, value: value.to_string(), prepend: false, note: None }
+    }
+
+    fn prepend(name: &'static str, value: impl ToString) -> Self {
+        Self { prepend: true, ..Self::set(name, value) }
+    }
+
+    /// The value with `present` (the variable's value now, if set) after a prepended one.
+    pub fn resolved(&self, present: Option<&str>) -> String {
+        match present.filter(|p| self.prepend && !p.is_empty()) {
+            Some(p) => format!("{}:{p}", self.value),
+            None => self.value.clone(),
+        }
+    }
+
+    /// The shell's `export` line, expanding the present value at `eval` time.
+    fn export_line(&self) -> String {
+        let value = if self.prepend {
+            format!("\"{}${{{n}:+:${n}}}\"", self.value, n = self.name)
+        } else {
+            format!("\"{}\"", self.value)
+        };
+        match &self.note {
+            Some(note) => format!("export {}={value}  # {note}", self.name),
+            None => format!("export {}={value}", self.name),
+        }
+    }
+}
+
+/// The environment for a CUDA build from the pinned wheels (installed first where missing),
+/// with cuDNN and CUPTI as asked; `cap_flag` is `--compute-cap`.
+pub fn environment(cudnn: bool, cupti: bool, cap_flag: Option<&str>) -> Result<Vec<EnvVar>> {
     let env_cap = std::env::var("CUDA_COMPUTE_CAP").ok();
     let (cap, from) = compute_cap(cap_flag, env_cap.as_deref(), nvidia_smi_caps().as_deref())?;
     let nvidia = install(cudnn, cupti)?;
     let root = link_root(&nvidia, cudnn)?;
     let w = nvidia.join("cu13");
-    println!("export PATH=\"{}:$PATH\"", w.join("bin").display());
-    println!("export CUDA_HOME=\"{}\"", w.display());
-    println!("export CUDA_ROOT=\"{}\"", root.display());
-    println!("export CUDA_COMPUTE_CAP={cap}  # {from}");
-    println!("export CUDARC_CUDA_VERSION=13000");
-    println!(
-        "export LIBRARY_PATH=\"{}:{}${{LIBRARY_PATH:+:$LIBRARY_PATH}}\"",
-        root.join("lib").display(),
-        root.join("lib/stubs").display()
-    );
+    let mut vars = vec![
+        EnvVar::prepend("PATH", w.join("bin").display()),
+        EnvVar::set("CUDA_HOME", w.display()),
+        EnvVar::set("CUDA_ROOT", root.display()),
+        EnvVar { note: Some(from.into()), ..EnvVar::set("CUDA_COMPUTE_CAP", cap) },
+        EnvVar::set("CUDARC_CUDA_VERSION", "13000"),
+        EnvVar::prepend(
+            "LIBRARY_PATH",
+            format!("{}:{}", root.join("lib").display(), root.join("lib/stubs").display()),
+        ),
+    ];
     if cudnn {
-        println!("export CUDNN_LIB=\"{}\"", root.display());
+        vars.push(EnvVar::set("CUDNN_LIB", root.display()));
     }
     if cupti {
         // The tracer's build reads these (scripts/gpu-pack.sh).
-        println!("export GLIP_CUPTI=\"{}\"", w.display());
+        vars.push(EnvVar::set("GLIP_CUPTI", w.display()));
+    }
+    Ok(vars)
+}
+
+/// Prints the environment for a CUDA build.
+pub fn run(cudnn: bool, cupti: bool, cap_flag: Option<&str>) -> Result<()> {
+    for v in environment(cudnn, cupti, cap_flag)? {
+        println!("{}", v.export_line());
     }
     eprintln!(
         "cuda-env: ready; eval these exports, then cargo build --release -p glip-cli --features {}",
@@ -289,6 +342,18 @@ pub fn run(cudnn: bool, cupti: bool, cap_flag: Option<&str>) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn search_paths_are_prepended_and_other_variables_replaced() {
+        let path = EnvVar::prepend("PATH", "/cuda/bin");
+        assert_eq!(path.resolved(Some("/usr/bin")), "/cuda/bin:/usr/bin");
+        assert_eq!(path.resolved(Some("")), "/cuda/bin");
+        assert_eq!(path.resolved(None), "/cuda/bin");
+        assert_eq!(path.export_line(), "export PATH=\"/cuda/bin${PATH:+:$PATH}\"");
+        let cap = EnvVar { note: Some("nvidia-smi".into()), ..EnvVar::set("CUDA_COMPUTE_CAP", 86) };
+        assert_eq!(cap.resolved(Some("90")), "86");
+        assert_eq!(cap.export_line(), "export CUDA_COMPUTE_CAP=\"86\"  # nvidia-smi");
+    }
 
     #[test]
     fn compute_capabilities_parse_in_each_spelling() {

@@ -1,11 +1,14 @@
 //! `cargo xtask experiment [CONFIG] [--set key.path=value ...] [--out DIR] [--resume]
-//! [--bin NAME]`: builds `glip` (or another binary of the workspace built on
-//! `glip_cli::main_with`, such as the example's `custom-glip`) in release mode and runs its
-//! `experiment` on CONFIG, by default the shapes task of `configs/shapes.toml` (embedded data,
-//! no download). Build and run times are printed apart.
+//! [--bin NAME] [--device D] [--cuda [--compute-cap N]]`: builds `glip` (or another binary of
+//! the workspace built on `glip_cli::main_with`, such as the example's `custom-glip`) in release
+//! mode and runs its `experiment` on CONFIG, by default the shapes task of `configs/shapes.toml`
+//! (embedded data, no download). With `--cuda` the binary is built with CUDA and cuDNN from the
+//! pinned toolkit of `cargo xtask cuda-env` (into `target/cuda`, beside the CPU build) and trains
+//! on the GPU. Build and run times are printed apart.
 
 use anyhow::{bail, Context, Result};
-use std::path::PathBuf;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
@@ -30,6 +33,18 @@ pub struct Args {
     /// examples/custom-loss).
     #[arg(long, default_value = "glip")]
     bin: String,
+    /// Where to compute, passed to `glip experiment --device`: auto, cpu, cuda, cuda:N
+    /// (default: the config's `run.device`; with --cuda, cuda).
+    #[arg(long, value_name = "DEVICE")]
+    device: Option<String>,
+    /// Build with CUDA and cuDNN, from the pinned toolkit of `cargo xtask cuda-env --cudnn`
+    /// (its wheels come from PyPI the first time), into `target/cuda`, and train on the GPU.
+    #[arg(long)]
+    cuda: bool,
+    /// With --cuda: the GPU's compute capability, as `cargo xtask cuda-env --compute-cap`
+    /// (default: $CUDA_COMPUTE_CAP, else nvidia-smi's, else 9.0).
+    #[arg(long, value_name = "N", requires = "cuda")]
+    compute_cap: Option<String>,
 }
 
 /// Runs the experiment.
@@ -37,30 +52,24 @@ pub fn run(a: Args) -> Result<()> {
     let root = workspace_root();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let t0 = Instant::now();
-    let status = Command::new(&cargo)
-        .args(["build", "--release", "--bin", &a.bin])
-        .current_dir(&root)
-        .status()
-        .context("running cargo build")?;
-    if !status.success() {
-        bail!("cargo build --release --bin {} failed", a.bin);
-    }
-    let build_s = t0.elapsed().as_secs_f64();
     let target =
         std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
-    let glip = target.join("release").join(format!("{}{}", a.bin, std::env::consts::EXE_SUFFIX));
-    let config = a.config.unwrap_or_else(|| root.join("configs").join("shapes.toml"));
+    let cuda = if a.cuda {
+        eprintln!("xtask: the CUDA toolkit from pinned wheels, as `cargo xtask cuda-env --cudnn`");
+        Some(crate::cuda::environment(true, false, a.compute_cap.as_deref())?)
+    } else {
+        None
+    };
+    let (mut build, glip) = build_command(&cargo, &root, &target, &a.bin, cuda.as_deref());
+    let status = build.status().context("running cargo build")?;
+    if !status.success() {
+        let args: Vec<_> = build.get_args().map(|s| s.to_string_lossy()).collect();
+        bail!("cargo {} failed", args.join(" "));
+    }
+    let build_s = t0.elapsed().as_secs_f64();
+    let config = a.config.clone().unwrap_or_else(|| root.join("configs").join("shapes.toml"));
     let mut cmd = Command::new(&glip);
-    cmd.arg("experiment").arg(&config);
-    for s in &a.sets {
-        cmd.arg("--set").arg(s);
-    }
-    if let Some(o) = &a.out {
-        cmd.arg("--out").arg(o);
-    }
-    if a.resume {
-        cmd.arg("--resume");
-    }
+    cmd.args(experiment_args(&a, &config));
     eprintln!("xtask: {} experiment {} (build took {build_s:.0} s)", a.bin, config.display());
     let t1 = Instant::now();
     let status = cmd.status().with_context(|| format!("running {}", glip.display()))?;
@@ -75,4 +84,111 @@ pub fn run(a: Args) -> Result<()> {
         bail!("{} experiment failed ({status})", a.bin);
     }
     Ok(())
+}
+
+/// The `cargo build` of `bin` into `target`, or, given the CUDA toolkit's environment, with
+/// CUDA and cuDNN into `target/cuda` (apart from the CPU build: candle built with CUDA would
+/// replace it at every switch); and the binary it makes.
+fn build_command(
+    cargo: &str,
+    root: &Path,
+    target: &Path,
+    bin: &str,
+    cuda: Option<&[crate::cuda::EnvVar]>,
+) -> (Command, PathBuf) {
+    let mut build = Command::new(cargo);
+    build.args(["build", "--release", "--bin", bin]).current_dir(root);
+    let mut target = target.to_path_buf();
+    if let Some(vars) = cuda {
+        for v in vars {
+            build.env(v.name, v.resolved(std::env::var(v.name).ok().as_deref()));
+        }
+        target = target.join("cuda");
+        build.args(["--features", "glip-cli/cudnn"]).env("CARGO_TARGET_DIR", &target);
+    }
+    let binary = target.join("release").join(format!("{bin}{}", std::env::consts::EXE_SUFFIX));
+    (build, binary)
+}
+
+/// `glip experiment`'s arguments: `--cuda` computes on the GPU unless `--device` says otherwise.
+fn experiment_args(a: &Args, config: &Path) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec!["experiment".into(), config.into()];
+    for s in &a.sets {
+        args.extend(["--set".into(), s.into()]);
+    }
+    if let Some(o) = &a.out {
+        args.extend(["--out".into(), o.into()]);
+    }
+    if a.resume {
+        args.push("--resume".into());
+    }
+    if let Some(d) = a.device.as_deref().or(a.cuda.then_some("cuda")) {
+        args.extend(["--device".into(), d.into()]);
+    }
+    args
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn args(line: &[&str]) -> Args {
+        Cli::try_parse_from(std::iter::once("experiment").chain(line.iter().copied()))
+            .unwrap_or_else(|e| panic!("{line:?}: {e}"))
+            .args
+    }
+
+    fn strings(v: impl IntoIterator<Item = impl AsRef<std::ffi::OsStr>>) -> Vec<String> {
+        v.into_iter().map(|s| s.as_ref().to_string_lossy().into_owned()).collect()
+    }
+
+    #[test]
+    fn cuda_trains_on_the_gpu_unless_the_device_is_named() {
+        let c = Path::new("c.toml");
+        let tail = |a: &Args| strings(experiment_args(a, c))[2..].join(" ");
+        assert_eq!(tail(&args(&[])), "");
+        assert_eq!(tail(&args(&["--cuda"])), "--device cuda");
+        assert_eq!(tail(&args(&["--cuda", "--device", "cuda:1"])), "--device cuda:1");
+        assert_eq!(tail(&args(&["--device", "cpu"])), "--device cpu");
+        assert_eq!(
+            tail(&args(&["--set", "run.steps=9", "--out", "o", "--resume", "--cuda"])),
+            "--set run.steps=9 --out o --resume --device cuda"
+        );
+        let err = Cli::try_parse_from(["experiment", "--compute-cap", "86"]).err().unwrap();
+        assert!(err.to_string().contains("--cuda"), "--compute-cap needs --cuda: {err}");
+    }
+
+    #[test]
+    fn the_cuda_build_has_its_own_target_folder_features_and_toolkit() {
+        let (root, target) = (Path::new("/ws"), Path::new("/ws/target"));
+        let (cpu, bin) = build_command("cargo", root, target, "glip", None);
+        assert_eq!(strings(cpu.get_args()), ["build", "--release", "--bin", "glip"]);
+        assert_eq!(cpu.get_envs().count(), 0);
+        assert_eq!(
+            bin,
+            target.join("release").join(format!("glip{}", std::env::consts::EXE_SUFFIX))
+        );
+
+        let vars = [crate::cuda::EnvVar::set("CUDA_COMPUTE_CAP", "86")];
+        let (gpu, bin) = build_command("cargo", root, target, "custom-glip", Some(&vars));
+        assert_eq!(
+            strings(gpu.get_args()),
+            ["build", "--release", "--bin", "custom-glip", "--features", "glip-cli/cudnn"]
+        );
+        let envs: Vec<(String, String)> = gpu
+            .get_envs()
+            .map(|(k, v)| (strings([k]).remove(0), strings([v.unwrap()]).remove(0)))
+            .collect();
+        let cuda_target = target.join("cuda");
+        assert!(envs.contains(&("CUDA_COMPUTE_CAP".into(), "86".into())), "{envs:?}");
+        assert!(envs.contains(&("CARGO_TARGET_DIR".into(), cuda_target.display().to_string())));
+        assert_eq!(bin.parent().unwrap(), cuda_target.join("release"));
+    }
 }
