@@ -317,6 +317,18 @@ pub fn environment(cudnn: bool, cupti: bool, cap_flag: Option<&str>) -> Result<V
             format!("{}:{}", root.join("lib").display(), root.join("lib/stubs").display()),
         ),
     ];
+    // What the binary loads at start-up (cuBLAS, cuRAND, NVRTC, the runtime, cuDNN): linked by
+    // name, found through the loader's path, so the shell (or the run) that starts the binary
+    // needs it too. The driver's libcuda.so.1 comes with the NVIDIA driver.
+    let mut runtime = vec![w.join("lib")];
+    if cudnn {
+        runtime.push(nvidia.join("cudnn/lib"));
+    }
+    let runtime: Vec<String> = runtime.iter().map(|p| p.display().to_string()).collect();
+    vars.push(EnvVar {
+        note: Some("for running the binary: cuBLAS, NVRTC, ... of the wheels".into()),
+        ..EnvVar::prepend("LD_LIBRARY_PATH", runtime.join(":"))
+    });
     if cudnn {
         vars.push(EnvVar::set("CUDNN_LIB", root.display()));
     }

@@ -70,6 +70,8 @@ pub fn run(a: Args) -> Result<()> {
     let config = a.config.clone().unwrap_or_else(|| root.join("configs").join("shapes.toml"));
     let mut cmd = Command::new(&glip);
     cmd.args(experiment_args(&a, &config));
+    // The binary loads the toolkit's libraries at start-up (LD_LIBRARY_PATH).
+    set_env(&mut cmd, cuda.as_deref().unwrap_or_default());
     eprintln!("xtask: {} experiment {} (build took {build_s:.0} s)", a.bin, config.display());
     let t1 = Instant::now();
     let status = cmd.status().with_context(|| format!("running {}", glip.display()))?;
@@ -81,6 +83,14 @@ pub fn run(a: Args) -> Result<()> {
         (build_s + run_s) / 60.0
     );
     if !status.success() {
+        if a.cuda && status.code() == Some(127) {
+            // The loader's exit status: a library it links was not found (said above).
+            bail!(
+                "{} could not start ({status}): the CUDA build needs the NVIDIA driver's \
+                 libcuda.so.1 (`nvidia-smi` shows whether this machine has a driver and a GPU)",
+                glip.display()
+            );
+        }
         bail!("{} experiment failed ({status})", a.bin);
     }
     Ok(())
@@ -100,14 +110,19 @@ fn build_command(
     build.args(["build", "--release", "--bin", bin]).current_dir(root);
     let mut target = target.to_path_buf();
     if let Some(vars) = cuda {
-        for v in vars {
-            build.env(v.name, v.resolved(std::env::var(v.name).ok().as_deref()));
-        }
+        set_env(&mut build, vars);
         target = target.join("cuda");
         build.args(["--features", "glip-cli/cudnn"]).env("CARGO_TARGET_DIR", &target);
     }
     let binary = target.join("release").join(format!("{bin}{}", std::env::consts::EXE_SUFFIX));
     (build, binary)
+}
+
+/// Sets `vars` on `cmd`, each from its value in this process's environment.
+fn set_env(cmd: &mut Command, vars: &[crate::cuda::EnvVar]) {
+    for v in vars {
+        cmd.env(v.name, v.resolved(std::env::var(v.name).ok().as_deref()));
+    }
 }
 
 /// `glip experiment`'s arguments: `--cuda` computes on the GPU unless `--device` says otherwise.
