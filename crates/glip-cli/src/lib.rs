@@ -74,7 +74,10 @@ impl Compute {
     /// The device, with TF32 set as asked where it applies, and the precision that takes effect
     /// there; a warning on stderr for each flag that cannot take effect on it.
     pub(crate) fn resolve(&self) -> anyhow::Result<(candle_core::Device, glip_train::Precision)> {
-        let device = self.device.unwrap_or_default().resolve()?;
+        let (device, note) = self.device.unwrap_or_default().resolve_noted()?;
+        if let Some(why) = note {
+            eprintln!("warning: --device {why}");
+        }
         if self.tf32 && !device.is_cuda() {
             eprintln!("warning: --tf32 applies on CUDA only; computing in plain f32 on {device:?}");
         }

@@ -73,16 +73,25 @@ const NO_CUDA: &str = "this glip was built without CUDA: build it with \
 impl DeviceSpec {
     /// The device, or an error that says why not (and how to build with CUDA).
     pub fn resolve(self) -> Result<Device, Error> {
+        self.resolve_noted().map(|(d, _)| d)
+    }
+
+    /// [`DeviceSpec::resolve`], and why `auto` took the CPU in a build with CUDA (no GPU, or
+    /// none visible: `CUDA_VISIBLE_DEVICES`), for the run to say so.
+    pub fn resolve_noted(self) -> Result<(Device, Option<String>), Error> {
         match self {
-            DeviceSpec::Cpu => Ok(Device::Cpu),
-            DeviceSpec::Auto => {
-                if cuda_built() {
-                    if let Ok(d) = glip_kernels::cuda::new_device(0) {
-                        return Ok(d);
-                    }
-                }
-                Ok(Device::Cpu)
-            }
+            DeviceSpec::Cpu => Ok((Device::Cpu, None)),
+            DeviceSpec::Auto if cuda_built() => match glip_kernels::cuda::new_device(0) {
+                Ok(d) => Ok((d, None)),
+                Err(e) => Ok((
+                    Device::Cpu,
+                    Some(format!(
+                        "auto: this build has CUDA, but cuda:0 did not open ({e}): computing \
+                         on the CPU"
+                    )),
+                )),
+            },
+            DeviceSpec::Auto => Ok((Device::Cpu, None)),
             DeviceSpec::Cuda(n) => {
                 if !cuda_built() {
                     return Err(Error::Config {
@@ -90,10 +99,11 @@ impl DeviceSpec {
                         msg: format!("cuda:{n}: {NO_CUDA}"),
                     });
                 }
-                glip_kernels::cuda::new_device(n).map_err(|e| Error::Config {
+                let d = glip_kernels::cuda::new_device(n).map_err(|e| Error::Config {
                     key: "device".into(),
                     msg: format!("cuda:{n}: no such GPU ({e})"),
-                })
+                })?;
+                Ok((d, None))
             }
         }
     }
@@ -141,6 +151,8 @@ mod tests {
         assert!(DeviceSpec::Cpu.resolve().unwrap().is_cpu());
         if !cuda_built() {
             assert!(DeviceSpec::Auto.resolve().unwrap().is_cpu());
+            let (d, note) = DeviceSpec::Auto.resolve_noted().unwrap();
+            assert!(d.is_cpu() && note.is_none(), "a CPU-only build's auto is the CPU, silently");
             let e = DeviceSpec::Cuda(0).resolve().unwrap_err().to_string();
             assert!(e.contains("--features cuda") && e.contains("cargo xtask cuda-env"), "{e}");
         }

@@ -87,8 +87,13 @@ pub fn run_experiment_with(
             let _ = std::fs::remove_file(dir.join(f));
         }
     }
-    let dev = cfg.run.device.resolve()?;
-    progress.message(&format!("device: {}", crate::device::describe(&dev)));
+    let (dev, note) = cfg.run.device.resolve_noted()?;
+    match note {
+        Some(why) => {
+            progress.message(&format!("device: {} ({why})", crate::device::describe(&dev)))
+        }
+        None => progress.message(&format!("device: {}", crate::device::describe(&dev))),
+    }
     let varmap = candle_nn::VarMap::new();
     let model = registry.build_trainable(&cfg.model, &varmap, cfg.run.seed, &dev)?;
     if cfg.loss.criterion.is_none() {
