@@ -227,6 +227,13 @@ fn bf16_takes_effect_on_this_gpu() {
     assert_eq!(why.is_none(), major >= 8, "compute capability {major}.{minor}: {why:?}");
 }
 
+/// `auto` takes the GPU in this CUDA build, without a note.
+#[test]
+fn auto_takes_the_gpu() {
+    let (dev, note) = glip_train::device::DeviceSpec::Auto.resolve_noted().unwrap();
+    assert!(dev.is_cuda() && note.is_none(), "{dev:?}: {note:?}");
+}
+
 #[test]
 fn the_direct_reference_agrees_with_the_cpu_convolutions() -> Result<()> {
     check_convs(&Device::Cpu, Precision::F32)
