@@ -4,7 +4,8 @@
 # the pinned CUDA 13.0 and cuDNN 9 wheels (`cargo xtask cuda-env --cudnn`), stripped and
 # xz-compressed into gpu/ (ignored by git). About 10 minutes on 2 cores from a warm target
 # folder; from a cold one (a fresh machine) start it first: on 2026-12-05 it took 61 minutes,
-# with candle built twice (see below) and part of the time beside other builds.
+# with candle built twice (see below) and part of the time beside other builds; on 2026-12-06,
+# 18 minutes (crates and wheels already downloaded, one core busy with something else).
 #
 # Each binary is about 80 MB (candle's PTX is in it) and about 9-10 MB compressed. A device call
 # carries 64 MiB at most (working tree included) and the fixtures are over 100 MB, so they are
