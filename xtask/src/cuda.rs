@@ -255,6 +255,33 @@ fn nvidia_smi_caps() -> Option<String> {
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The CUDA version this machine's NVIDIA driver runs, from `nvidia-smi`'s header
+/// (`CUDA Version: 12.4`), if nvidia-smi runs.
+pub fn driver_cuda_version() -> Option<(u32, u32)> {
+    let out = Command::new("nvidia-smi").output().ok()?;
+    parse_driver_cuda(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// `(12, 4)` from a header saying `CUDA Version: 12.4`.
+fn parse_driver_cuda(header: &str) -> Option<(u32, u32)> {
+    let version = header.split("CUDA Version:").nth(1)?.split_whitespace().next()?;
+    let (major, minor) = version.split_once('.')?;
+    Some((major.parse().ok()?, minor.parse().ok()?))
+}
+
+/// Why binaries of the pinned toolkit (CUDA 13.0) cannot run under a driver for CUDA `driver`:
+/// the driver loads no PTX of a newer toolkit.
+pub fn driver_too_old(driver: Option<(u32, u32)>) -> Option<String> {
+    let (major, minor) = driver?;
+    ((major, minor) < (13, 0)).then(|| {
+        format!(
+            "this machine's NVIDIA driver runs CUDA {major}.{minor} (nvidia-smi), and the pinned \
+             toolkit is CUDA 13.0, whose binaries need a driver for CUDA 13.0 or newer: update \
+             the driver"
+        )
+    })
+}
+
 /// One variable of a CUDA build's environment.
 pub struct EnvVar {
     /// Its name.
@@ -341,6 +368,9 @@ pub fn environment(cudnn: bool, cupti: bool, cap_flag: Option<&str>) -> Result<V
 
 /// Prints the environment for a CUDA build.
 pub fn run(cudnn: bool, cupti: bool, cap_flag: Option<&str>) -> Result<()> {
+    if let Some(why) = driver_too_old(driver_cuda_version()) {
+        eprintln!("cuda-env: warning: {why} (a binary built here runs only on another machine)");
+    }
     for v in environment(cudnn, cupti, cap_flag)? {
         println!("{}", v.export_line());
     }
@@ -365,6 +395,22 @@ mod tests {
         let cap = EnvVar { note: Some("nvidia-smi".into()), ..EnvVar::set("CUDA_COMPUTE_CAP", 86) };
         assert_eq!(cap.resolved(Some("90")), "86");
         assert_eq!(cap.export_line(), "export CUDA_COMPUTE_CAP=\"86\"  # nvidia-smi");
+    }
+
+    #[test]
+    fn a_driver_older_than_the_toolkit_is_named() {
+        let header =
+            "| NVIDIA-SMI 550.54.15   Driver Version: 550.54.15   CUDA Version: 12.4     |";
+        assert_eq!(parse_driver_cuda(header), Some((12, 4)));
+        let why = driver_too_old(parse_driver_cuda(header)).expect("12.4 < 13.0");
+        assert!(why.contains("runs CUDA 12.4") && why.contains("CUDA 13.0 or newer"), "{why}");
+        for ok in ["CUDA Version: 13.0", "CUDA Version: 13.1 |", "CUDA Version: 14.0"] {
+            assert_eq!(driver_too_old(parse_driver_cuda(ok)), None, "{ok}");
+        }
+        for unknown in ["", "NVIDIA-SMI has failed", "CUDA Version: N/A"] {
+            assert_eq!(parse_driver_cuda(unknown), None, "{unknown:?}");
+        }
+        assert_eq!(driver_too_old(None), None, "no nvidia-smi: nothing to say");
     }
 
     #[test]

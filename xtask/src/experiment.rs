@@ -55,6 +55,10 @@ pub fn run(a: Args) -> Result<()> {
     let target =
         std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
     let cuda = if a.cuda {
+        // The binary runs here: a driver too old for it would fail only after the build.
+        if let Some(why) = crate::cuda::driver_too_old(crate::cuda::driver_cuda_version()) {
+            bail!("--cuda: {why}");
+        }
         eprintln!("xtask: the CUDA toolkit from pinned wheels, as `cargo xtask cuda-env --cudnn`");
         Some(crate::cuda::environment(true, false, a.compute_cap.as_deref())?)
     } else {
