@@ -1,8 +1,9 @@
-//! `cargo xtask cuda-env [--cudnn] [--compute-cap N]`: what building glip's `cuda` (or `cudnn`) feature needs on a
-//! machine with no GPU and no CUDA install, from pinned PyPI wheels (CUDA 13.0, the lent
-//! GPUs' driver): nvcc, nvvm, the runtime, cuBLAS, cuRAND, NVRTC (and cuDNN 9), in a venv in the
-//! cache folder; a folder of unversioned `lib*.so` links and a stub `libcuda.so` (the real one
-//! comes with the driver) to link against. Prints `export` lines for the build:
+//! `cargo xtask cuda-env [--cudnn] [--compute-cap N]`: what building glip's `cuda` (or `cudnn`)
+//! feature needs on a machine with no GPU and no CUDA install, from pinned PyPI wheels (CUDA
+//! 13.0, the lent GPUs' driver): nvcc, nvvm, the runtime, cuBLAS, cuRAND, NVRTC (and cuDNN 9),
+//! in a venv in the cache folder; a folder of unversioned `lib*.so` links and a stub
+//! `libcuda.so` (the real one comes with the driver) to link against. Prints `export` lines for
+//! the build and for running what it builds (`LD_LIBRARY_PATH`):
 //!
 //! ```sh
 //! eval "$(cargo xtask cuda-env)"
