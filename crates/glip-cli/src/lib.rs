@@ -59,9 +59,10 @@ pub(crate) struct Compute {
     #[arg(long, value_parser = parse_device)]
     device: Option<glip_train::device::DeviceSpec>,
     /// What convolutions and linear layers compute in: f32, or bf16 (inputs and weights rounded
-    /// to bf16, f32 sums): on CUDA (compute capability 8.0 and newer) forward and backward; on a CPU with AVX512_BF16 (AMX where
-    /// there is) convolutions forward and backward, and linear layers in inference; on other
-    /// CPUs f32, with a warning. Weights, and in training the optimiser, stay f32.
+    /// to bf16, f32 sums): on CUDA (compute capability 8.0 and newer) forward and backward; on a
+    /// CPU with AVX512_BF16 (AMX where there is) convolutions forward and backward, and linear
+    /// layers in inference; on other CPUs and GPUs f32, with a warning. Weights, and in
+    /// training the optimiser, stay f32.
     #[arg(long, default_value = "f32", value_parser = parse_precision)]
     pub(crate) precision: glip_train::Precision,
     /// On CUDA, let f32 convolutions and matrix products use TF32 tensor cores (PyTorch's

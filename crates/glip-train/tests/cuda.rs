@@ -212,9 +212,6 @@ fn check_convs(dev: &Device, precision: Precision) -> Result<()> {
     Ok(())
 }
 
-/// The direct reference itself, on the host: glip's CPU convolutions (im2col and GEMM, both
-/// gradients; held against PyTorch by the parity suite) agree with it within the same f32
-/// bounds, every case including the 17x16 stride-2 one. Needs no GPU.
 /// The GPU reports a compute capability, and at 8.0 or newer (the lent H100 / H200: 9.0) bf16
 /// takes effect there: a driver that did not answer would silently keep bf16, and one that
 /// answered wrongly would turn every bf16 row of the device check into f32.
@@ -234,6 +231,9 @@ fn auto_takes_the_gpu() {
     assert!(dev.is_cuda() && note.is_none(), "{dev:?}: {note:?}");
 }
 
+/// The direct reference itself, on the host: glip's CPU convolutions (im2col and GEMM, both
+/// gradients; held against PyTorch by the parity suite) agree with it within the same f32
+/// bounds, every case including the 17x16 stride-2 one. Needs no GPU.
 #[test]
 fn the_direct_reference_agrees_with_the_cpu_convolutions() -> Result<()> {
     check_convs(&Device::Cpu, Precision::F32)
