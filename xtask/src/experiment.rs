@@ -54,16 +54,7 @@ pub fn run(a: Args) -> Result<()> {
     let t0 = Instant::now();
     let target =
         std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
-    let cuda = if a.cuda {
-        // The binary runs here: a driver too old for it would fail only after the build.
-        if let Some(why) = crate::cuda::driver_too_old(crate::cuda::driver_cuda_version()) {
-            bail!("--cuda: {why}");
-        }
-        eprintln!("xtask: the CUDA toolkit from pinned wheels, as `cargo xtask cuda-env --cudnn`");
-        Some(crate::cuda::environment(true, false, a.compute_cap.as_deref())?)
-    } else {
-        None
-    };
+    let cuda = if a.cuda { Some(cuda_environment(a.compute_cap.as_deref())?) } else { None };
     let (mut build, glip) = build_command(&cargo, &root, &target, &a.bin, cuda.as_deref());
     let status = build.status().context("running cargo build")?;
     if !status.success() {
@@ -100,10 +91,20 @@ pub fn run(a: Args) -> Result<()> {
     Ok(())
 }
 
+/// The pinned toolkit's environment (`cargo xtask cuda-env --cudnn`) for a `--cuda` build whose
+/// binary runs on this machine: refused up front where the driver is too old to run it.
+pub(crate) fn cuda_environment(compute_cap: Option<&str>) -> Result<Vec<crate::cuda::EnvVar>> {
+    if let Some(why) = crate::cuda::driver_too_old(crate::cuda::driver_cuda_version()) {
+        bail!("--cuda: {why}");
+    }
+    eprintln!("xtask: the CUDA toolkit from pinned wheels, as `cargo xtask cuda-env --cudnn`");
+    crate::cuda::environment(true, false, compute_cap)
+}
+
 /// The `cargo build` of `bin` into `target`, or, given the CUDA toolkit's environment, with
 /// CUDA and cuDNN into `target/cuda` (apart from the CPU build: candle built with CUDA would
 /// replace it at every switch); and the binary it makes.
-fn build_command(
+pub(crate) fn build_command(
     cargo: &str,
     root: &Path,
     target: &Path,
@@ -123,7 +124,7 @@ fn build_command(
 }
 
 /// Sets `vars` on `cmd`, each from its value in this process's environment.
-fn set_env(cmd: &mut Command, vars: &[crate::cuda::EnvVar]) {
+pub(crate) fn set_env(cmd: &mut Command, vars: &[crate::cuda::EnvVar]) {
     for v in vars {
         cmd.env(v.name, v.resolved(std::env::var(v.name).ok().as_deref()));
     }
