@@ -115,21 +115,14 @@ fn one_round(
 
 /// Runs both sides, `rounds` times over all rows, and prints the table (medians over the
 /// rounds; with several rounds, each round's f32 ratio too).
-pub fn run(iters: usize, rounds: usize, cuda: bool, compute_cap: Option<&str>) -> Result<()> {
+pub fn run(iters: usize, rounds: usize, gpu: &crate::experiment::CudaBuild) -> Result<()> {
     if rounds == 0 || iters == 0 {
         bail!("--iters and --rounds must be at least 1");
     }
     let root = crate::fixtures::workspace_root();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let env = if cuda { crate::experiment::cuda_environment(compute_cap)? } else { Vec::new() };
-    let target: std::path::PathBuf =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), Into::into);
-    let (mut build, glip) =
-        crate::experiment::build_command(&cargo, &root, &target, "glip", cuda.then_some(&env[..]));
-    if !build.status().context("running cargo build")?.success() {
-        let args: Vec<_> = build.get_args().map(|s| s.to_string_lossy()).collect();
-        bail!("cargo {} failed", args.join(" "));
-    }
+    let env = gpu.environment()?;
+    let glip = crate::experiment::build(&root, "glip", env.as_deref())?;
+    let (cuda, env) = (env.is_some(), env.unwrap_or_default());
     let python = crate::fixtures::python()?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let (at, rows) = if cuda {

@@ -37,30 +37,45 @@ pub struct Args {
     /// (default: the config's `run.device`; with --cuda, cuda).
     #[arg(long, value_name = "DEVICE")]
     device: Option<String>,
+    #[command(flatten)]
+    gpu: CudaBuild,
+}
+
+/// `--cuda [--compute-cap N]`: a build for the GPU (`experiment`, `bench-vs-torch`).
+#[derive(clap::Args, Debug)]
+pub struct CudaBuild {
     /// Build with CUDA and cuDNN, from the pinned toolkit of `cargo xtask cuda-env --cudnn`
-    /// (its wheels come from PyPI the first time), into `target/cuda`, and train on the GPU.
+    /// (its wheels come from PyPI the first time), into `target/cuda`, and compute on the GPU.
     #[arg(long)]
-    cuda: bool,
+    pub cuda: bool,
     /// With --cuda: the GPU's compute capability, as `cargo xtask cuda-env --compute-cap`
     /// (default: $CUDA_COMPUTE_CAP, else nvidia-smi's, else 9.0).
     #[arg(long, value_name = "N", requires = "cuda")]
-    compute_cap: Option<String>,
+    pub compute_cap: Option<String>,
+}
+
+impl CudaBuild {
+    /// With `--cuda`, the pinned toolkit's environment (`cargo xtask cuda-env --cudnn`) for a
+    /// build whose binary runs on this machine: refused up front where the driver is too old
+    /// to run it.
+    pub fn environment(&self) -> Result<Option<Vec<crate::cuda::EnvVar>>> {
+        if !self.cuda {
+            return Ok(None);
+        }
+        if let Some(why) = crate::cuda::driver_too_old(crate::cuda::driver_cuda_version()) {
+            bail!("--cuda: {why}");
+        }
+        eprintln!("xtask: the CUDA toolkit from pinned wheels, as `cargo xtask cuda-env --cudnn`");
+        crate::cuda::environment(true, false, self.compute_cap.as_deref()).map(Some)
+    }
 }
 
 /// Runs the experiment.
 pub fn run(a: Args) -> Result<()> {
     let root = workspace_root();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let t0 = Instant::now();
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
-    let cuda = if a.cuda { Some(cuda_environment(a.compute_cap.as_deref())?) } else { None };
-    let (mut build, glip) = build_command(&cargo, &root, &target, &a.bin, cuda.as_deref());
-    let status = build.status().context("running cargo build")?;
-    if !status.success() {
-        let args: Vec<_> = build.get_args().map(|s| s.to_string_lossy()).collect();
-        bail!("cargo {} failed", args.join(" "));
-    }
+    let cuda = a.gpu.environment()?;
+    let glip = build(&root, &a.bin, cuda.as_deref())?;
     let build_s = t0.elapsed().as_secs_f64();
     let config = a.config.clone().unwrap_or_else(|| root.join("configs").join("shapes.toml"));
     let mut cmd = Command::new(&glip);
@@ -78,7 +93,7 @@ pub fn run(a: Args) -> Result<()> {
         (build_s + run_s) / 60.0
     );
     if !status.success() {
-        if a.cuda && status.code() == Some(127) {
+        if a.gpu.cuda && status.code() == Some(127) {
             // The loader's exit status: a library it links was not found (said above).
             bail!(
                 "{} could not start ({status}): the CUDA build needs the NVIDIA driver's \
@@ -91,20 +106,28 @@ pub fn run(a: Args) -> Result<()> {
     Ok(())
 }
 
-/// The pinned toolkit's environment (`cargo xtask cuda-env --cudnn`) for a `--cuda` build whose
-/// binary runs on this machine: refused up front where the driver is too old to run it.
-pub(crate) fn cuda_environment(compute_cap: Option<&str>) -> Result<Vec<crate::cuda::EnvVar>> {
-    if let Some(why) = crate::cuda::driver_too_old(crate::cuda::driver_cuda_version()) {
-        bail!("--cuda: {why}");
+/// Builds `bin` in release mode (given the CUDA toolkit's environment, with CUDA and cuDNN into
+/// `target/cuda`: [`build_command`]) and returns the binary's path.
+pub(crate) fn build(
+    root: &Path,
+    bin: &str,
+    cuda: Option<&[crate::cuda::EnvVar]>,
+) -> Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    let (mut build, binary) = build_command(&cargo, root, &target, bin, cuda);
+    if !build.status().context("running cargo build")?.success() {
+        let args: Vec<_> = build.get_args().map(|s| s.to_string_lossy()).collect();
+        bail!("cargo {} failed", args.join(" "));
     }
-    eprintln!("xtask: the CUDA toolkit from pinned wheels, as `cargo xtask cuda-env --cudnn`");
-    crate::cuda::environment(true, false, compute_cap)
+    Ok(binary)
 }
 
 /// The `cargo build` of `bin` into `target`, or, given the CUDA toolkit's environment, with
 /// CUDA and cuDNN into `target/cuda` (apart from the CPU build: candle built with CUDA would
 /// replace it at every switch); and the binary it makes.
-pub(crate) fn build_command(
+fn build_command(
     cargo: &str,
     root: &Path,
     target: &Path,
@@ -142,7 +165,7 @@ fn experiment_args(a: &Args, config: &Path) -> Vec<OsString> {
     if a.resume {
         args.push("--resume".into());
     }
-    if let Some(d) = a.device.as_deref().or(a.cuda.then_some("cuda")) {
+    if let Some(d) = a.device.as_deref().or(a.gpu.cuda.then_some("cuda")) {
         args.extend(["--device".into(), d.into()]);
     }
     args

@@ -56,14 +56,10 @@ enum Cmd {
         /// the rounds (this shared machine's speed drifts within minutes).
         #[arg(long, default_value_t = 1)]
         rounds: usize,
-        /// On the GPU: glip built with CUDA and cuDNN as `cargo xtask experiment --cuda` builds
-        /// it, issue 13's presets (seed-r50 b8 @512, seed-r18 b32 @256, seed-r18 b8 @128),
-        /// PyTorch on the same GPU.
-        #[arg(long)]
-        cuda: bool,
-        /// With --cuda: the GPU's compute capability, as `cargo xtask cuda-env --compute-cap`.
-        #[arg(long, value_name = "N", requires = "cuda")]
-        compute_cap: Option<String>,
+        // With --cuda, on the GPU: issue 13's presets (seed-r50 b8 @512, seed-r18 b32 @256,
+        // seed-r18 b8 @128), PyTorch on the same GPU.
+        #[command(flatten)]
+        gpu: experiment::CudaBuild,
     },
     /// The tests as CI runs them: fetch-models, fixtures, then `cargo test --workspace ARGS`.
     Test {
@@ -83,8 +79,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::CudaEnv { cudnn, cupti, compute_cap } => {
             cuda::run(cudnn, cupti, compute_cap.as_deref())
         }
-        Cmd::BenchVsTorch { iters, rounds, cuda, compute_cap } => {
-            bench::run(iters, rounds, cuda, compute_cap.as_deref())
-        }
+        Cmd::BenchVsTorch { iters, rounds, gpu } => bench::run(iters, rounds, &gpu),
     }
 }
