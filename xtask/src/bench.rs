@@ -1,4 +1,4 @@
-//! `cargo xtask bench-vs-torch [--iters N] [--rounds R] [--cuda [--compute-cap N]]`: `glip
+//! `cargo xtask bench-vs-torch [--iters N] [--rounds R] [--cuda [--compute-cap N] [--toolkit T]]`: `glip
 //! bench` (release build) and `reference/bench_torch.py` (the reference's venv) on the same
 //! presets, side by side in one run on this machine's cores, and the table of their ratios.
 //! Every row also times glip with `--precision bf16` (against PyTorch's f32) where the CPU has
@@ -121,8 +121,8 @@ pub fn run(iters: usize, rounds: usize, gpu: &crate::experiment::CudaBuild) -> R
     }
     let root = crate::fixtures::workspace_root();
     let env = gpu.environment()?;
-    let glip = crate::experiment::build(&root, "glip", env.as_deref())?;
-    let (cuda, env) = (env.is_some(), env.unwrap_or_default());
+    let glip = crate::experiment::build(&root, "glip", env.as_ref())?;
+    let (cuda, env) = (env.is_some(), env.map(|e| e.vars).unwrap_or_default());
     let python = crate::fixtures::python()?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let (at, rows) = if cuda {

@@ -1,14 +1,19 @@
-//! `cargo xtask cuda-env [--cudnn] [--compute-cap N]`: what building glip's `cuda` (or `cudnn`)
-//! feature needs on a machine with no GPU and no CUDA install, from pinned PyPI wheels (CUDA
-//! 13.0, the lent GPUs' driver): nvcc, nvvm, the runtime, cuBLAS, cuRAND, NVRTC (and cuDNN 9),
-//! in a venv in the cache folder; a folder of unversioned `lib*.so` links and a stub
-//! `libcuda.so` (the real one comes with the driver) to link against. Prints `export` lines for
-//! the build and for running what it builds (`LD_LIBRARY_PATH`):
+//! `cargo xtask cuda-env [--cudnn] [--compute-cap N] [--toolkit wheels|system]`: what building
+//! glip's `cuda` (or `cudnn`) feature needs on a machine with no GPU and no CUDA install, from
+//! pinned PyPI wheels (CUDA 13.0, the lent GPUs' driver): nvcc, nvvm, the runtime, cuBLAS,
+//! cuRAND, NVRTC (and cuDNN 9), in a venv in the cache folder; a folder of unversioned `lib*.so`
+//! links and a stub `libcuda.so` (the real one comes with the driver) to link against. Prints
+//! `export` lines for the build and for running what it builds (`LD_LIBRARY_PATH`):
 //!
 //! ```sh
 //! eval "$(cargo xtask cuda-env)"
 //! cargo build --release -p glip-cli --features cuda
 //! ```
+//!
+//! A driver older than CUDA 13.0 (R580) loads no PTX that CUDA 13 writes, and PyPI has no CUDA
+//! 12 compiler (the `-cu12` nvcc wheels hold ptxas and libnvvm, not nvcc): `--toolkit system`
+//! builds with the toolkit installed on the machine instead (`$CUDA_HOME/bin/nvcc`, else the
+//! `nvcc` on PATH, else `/usr/local/cuda`; CUDA 12.0 or newer), cuDNN from its pinned wheel.
 //!
 //! Progress goes to stderr; only the exports go to stdout.
 
@@ -37,18 +42,11 @@ const CUPTI_WHEEL: &str = "nvidia-cuda-cupti==13.0.85";
 const LINKED: &[&str] =
     &["libcublas.so", "libcublasLt.so", "libcudart.so", "libnvrtc.so", "libcurand.so"];
 
-/// The venv's `site-packages/nvidia` folder, with the wheels installed. The stamp file lists
-/// the wheels installed so far: only the missing ones are installed (a pin changed replaces
-/// its package's line).
-fn install(cudnn: bool, cupti: bool) -> Result<PathBuf> {
-    let venv = cache_dir().join("cuda-venv");
-    let mut wheels: Vec<&str> = CUDA_WHEELS.to_vec();
-    if cudnn {
-        wheels.push(CUDNN_WHEEL);
-    }
-    if cupti {
-        wheels.push(CUPTI_WHEEL);
-    }
+/// The venv `venv` (in the cache folder) with `wheels` installed (with their dependencies unless
+/// `no_deps`); its `site-packages/nvidia` folder. The stamp file lists the wheels installed so
+/// far: only the missing ones are installed (a pin changed replaces its package's line).
+fn install(venv: &str, wheels: &[&str], no_deps: bool) -> Result<PathBuf> {
+    let venv = cache_dir().join(venv);
     let stamp = venv.join(".glip-wheels");
     let python = venv.join("bin/python");
     let installed: Vec<String> = if python.exists() {
@@ -73,6 +71,7 @@ fn install(cudnn: bool, cupti: bool) -> Result<PathBuf> {
         }
         let s = Command::new(&python)
             .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+            .args(no_deps.then_some("--no-deps"))
             .args(&missing)
             .stdout(std::process::Stdio::null())
             .status()?;
@@ -91,7 +90,7 @@ fn install(cudnn: bool, cupti: bool) -> Result<PathBuf> {
         .filter_map(|e| e.ok())
         .map(|e| e.path().join("site-packages/nvidia"))
         .find(|p| p.exists())
-        .context("no site-packages/nvidia in the CUDA venv")?;
+        .with_context(|| format!("no site-packages/nvidia in {}", venv.display()))?;
     Ok(lib)
 }
 
@@ -116,8 +115,8 @@ fn link(target: &Path, at: &Path) -> Result<()> {
         .with_context(|| format!("linking {} -> {}", at.display(), target.display()))
 }
 
-/// The driver functions cudarc declares, from its source (`fn cuXxx(`).
-fn driver_functions() -> Result<Vec<String>> {
+/// cudarc's package in `cargo metadata` of the `cuda` feature (its manifest and features).
+fn cudarc_package() -> Result<serde_json::Value> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)
         .args(["metadata", "--format-version", "1", "--features", "glip-cli/cuda"])
@@ -127,14 +126,18 @@ fn driver_functions() -> Result<Vec<String>> {
     if !out.status.success() {
         bail!("cargo metadata failed: {}", String::from_utf8_lossy(&out.stderr));
     }
-    let meta: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let manifest = meta["packages"]
-        .as_array()
+    let mut meta: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let packages = meta["packages"].as_array_mut().map(std::mem::take).unwrap_or_default();
+    packages
         .into_iter()
-        .flatten()
         .find(|p| p["name"] == "cudarc")
-        .and_then(|p| p["manifest_path"].as_str())
-        .context("cudarc is not among the cuda feature's packages")?;
+        .context("cudarc is not among the cuda feature's packages")
+}
+
+/// The driver functions cudarc declares, from its source (`fn cuXxx(`).
+fn driver_functions() -> Result<Vec<String>> {
+    let cudarc = cudarc_package()?;
+    let manifest = cudarc["manifest_path"].as_str().context("cudarc has no manifest_path")?;
     let src = Path::new(manifest).with_file_name("src/driver/sys/mod.rs");
     let text =
         std::fs::read_to_string(&src).with_context(|| format!("reading {}", src.display()))?;
@@ -152,18 +155,17 @@ fn driver_functions() -> Result<Vec<String>> {
     Ok(names)
 }
 
-/// Builds the link folder (`lib/` with unversioned links and `lib/stubs/libcuda.so`).
-fn link_root(nvidia: &Path, cudnn: bool) -> Result<PathBuf> {
-    let root = cache_dir().join("cuda-root");
+/// Builds the link folder `name` in the cache folder: `lib/` with unversioned links to the
+/// toolkit's libraries in `libs` (and cuDNN's in `cudnn`), and `lib/stubs/libcuda.so`.
+fn link_root(name: &str, libs: &Path, cudnn: Option<&Path>) -> Result<PathBuf> {
+    let root = cache_dir().join(name);
     let lib = root.join("lib");
     std::fs::create_dir_all(lib.join("stubs"))?;
-    let cu13 = nvidia.join("cu13/lib");
     for name in LINKED {
-        link(&versioned(&cu13, name)?, &lib.join(name))?;
+        link(&versioned(libs, name)?, &lib.join(name))?;
     }
-    if cudnn {
-        let dir = nvidia.join("cudnn/lib");
-        link(&versioned(&dir, "libcudnn.so")?, &lib.join("libcudnn.so"))?;
+    if let Some(dir) = cudnn {
+        link(&versioned(dir, "libcudnn.so")?, &lib.join("libcudnn.so"))?;
     }
     let stub = lib.join("stubs/libcuda.so");
     if !stub.exists() {
@@ -186,14 +188,229 @@ fn link_root(nvidia: &Path, cudnn: bool) -> Result<PathBuf> {
     Ok(root)
 }
 
-/// The oldest compute capability the pinned CUDA 13.0 toolkit builds for (Turing, sm_75).
-const OLDEST_CAP: u32 = 75;
+/// Where the CUDA toolkit comes from (`--toolkit`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Source {
+    /// The pinned CUDA 13.0 wheels from PyPI: nothing to install first; the GPU's driver must run
+    /// CUDA 13.0 or newer.
+    #[default]
+    Wheels,
+    /// The toolkit installed here (`$CUDA_HOME/bin/nvcc`, else `nvcc` on PATH, else
+    /// /usr/local/cuda; CUDA 12.0 or newer), for a driver older than CUDA 13.0.
+    System,
+}
+
+/// An installed toolkit's folders.
+#[derive(Debug, Clone, PartialEq)]
+struct Installed {
+    /// Its root (`CUDA_HOME`): `bin/nvcc`, `include/`.
+    home: PathBuf,
+    /// The folder of its shared libraries (`libcudart.so.12`, `libcublas.so.12`, ...).
+    libs: PathBuf,
+}
+
+/// The CUDA toolkit a build uses: the pinned wheels or one installed here.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Toolkit {
+    /// Its CUDA version, `(12, 4)`.
+    version: (u32, u32),
+    /// The oldest compute capability it builds for (`nvcc --list-gpu-arch`), `75`.
+    oldest_cap: u32,
+    /// `None` for the pinned wheels.
+    installed: Option<Installed>,
+}
+
+/// The pinned wheels' toolkit: CUDA 13.0, which builds for Turing (7.5) and newer.
+const PINNED: Toolkit = Toolkit { version: (13, 0), oldest_cap: 75, installed: None };
+
+impl Toolkit {
+    /// The toolkit of `source`; an installed one is found and asked its version (and refused if
+    /// older than 12.0: the pinned cuDNN 9.19 has wheels for CUDA 12 and 13 only, its CUDA 11
+    /// ones stop at 9.10, and nothing here was built with CUDA 11).
+    pub fn find(source: Source) -> Result<Self> {
+        match source {
+            Source::Wheels => Ok(PINNED),
+            Source::System => {
+                let (home, path) = (std::env::var_os("CUDA_HOME"), std::env::var_os("PATH"));
+                Self::installed(home.as_deref(), path.as_deref())
+            }
+        }
+    }
+
+    /// The toolkit installed here, found from `$CUDA_HOME` and `$PATH` ([`find_nvcc`]).
+    fn installed(
+        cuda_home: Option<&std::ffi::OsStr>,
+        path: Option<&std::ffi::OsStr>,
+    ) -> Result<Self> {
+        let nvcc = find_nvcc(cuda_home, path).context(
+            "--toolkit system: no nvcc ($CUDA_HOME/bin/nvcc where CUDA_HOME is set, else nvcc on \
+             PATH or /usr/local/cuda/bin/nvcc): install a CUDA toolkit (or load its module), or \
+             leave out --toolkit for the pinned wheels",
+        )?;
+        let ask = |arg: &str| -> Result<String> {
+            let out = Command::new(&nvcc)
+                .arg(arg)
+                .output()
+                .with_context(|| format!("running {} {arg}", nvcc.display()))?;
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        };
+        let version = parse_nvcc_version(&ask("--version")?)
+            .with_context(|| format!("{} --version names no release", nvcc.display()))?;
+        if version < (12, 0) {
+            bail!(
+                "--toolkit system: {} is CUDA {}.{}; glip builds with CUDA 12.0 or newer (the \
+                 pinned cuDNN 9.19 has no CUDA 11 wheel)",
+                nvcc.display(),
+                version.0,
+                version.1
+            );
+        }
+        // An nvcc that lists no architectures leaves the floor to itself: it refuses one it
+        // lacks when it builds candle's kernels.
+        let oldest_cap = oldest_arch(&ask("--list-gpu-arch").unwrap_or_default());
+        let home = nvcc
+            .canonicalize()
+            .with_context(|| format!("resolving {}", nvcc.display()))?
+            .parent()
+            .and_then(Path::parent)
+            .map(Path::to_path_buf)
+            .with_context(|| format!("{} has no root folder", nvcc.display()))?;
+        let libs = library_dir(&home)?;
+        Ok(Toolkit {
+            version,
+            oldest_cap: oldest_cap.unwrap_or(0),
+            installed: Some(Installed { home, libs }),
+        })
+    }
+
+    /// What it is, for progress lines.
+    pub fn describe(&self) -> String {
+        match &self.installed {
+            None => "the CUDA 13.0 toolkit from pinned wheels".into(),
+            Some(i) => format!("the CUDA {} toolkit at {}", self.version_text(), i.home.display()),
+        }
+    }
+
+    fn version_text(&self) -> String {
+        format!("{}.{}", self.version.0, self.version.1)
+    }
+
+    /// The folder under `target/` a build with it goes to: `cuda` for the wheels, `cuda-12.4` for
+    /// an installed toolkit (cargo's fingerprints do not follow a toolkit switch).
+    pub fn target_folder(&self) -> String {
+        match self.installed {
+            None => "cuda".into(),
+            Some(_) => format!("cuda-{}", self.version_text()),
+        }
+    }
+
+    /// Why its binaries cannot run under a driver for CUDA `driver` (from nvidia-smi; `None`
+    /// says nothing): the driver loads no PTX of a newer toolkit, and candle's kernels are PTX.
+    pub fn driver_too_old(&self, driver: Option<(u32, u32)>) -> Option<String> {
+        let (major, minor) = driver?;
+        if (major, minor) >= self.version {
+            return None;
+        }
+        let has = format!("this machine's NVIDIA driver runs CUDA {major}.{minor} (nvidia-smi)");
+        Some(match &self.installed {
+            None if major >= 12 => format!(
+                "{has}, and the pinned toolkit is CUDA 13.0, whose binaries need a driver for \
+                 CUDA 13.0 or newer: update the driver, or build with a CUDA toolkit of \
+                 {major}.{minor} or older installed here (--toolkit system)"
+            ),
+            None => format!(
+                "{has}, and the pinned toolkit is CUDA 13.0, whose binaries need a driver for \
+                 CUDA 13.0 or newer: update the driver (to CUDA 12.0 at least for a toolkit \
+                 installed here, --toolkit system)"
+            ),
+            Some(i) => format!(
+                "{has}, and the toolkit at {} is CUDA {}, whose PTX that driver cannot load: \
+                 set CUDA_HOME to a toolkit of CUDA {major}.{minor} or older, or update the driver",
+                i.home.display(),
+                self.version_text()
+            ),
+        })
+    }
+}
+
+/// The nvcc of an installed toolkit: `$CUDA_HOME/bin/nvcc` where CUDA_HOME is set, else the
+/// first on `path`, else /usr/local/cuda's.
+fn find_nvcc(
+    cuda_home: Option<&std::ffi::OsStr>,
+    path: Option<&std::ffi::OsStr>,
+) -> Option<PathBuf> {
+    if let Some(home) = cuda_home.filter(|h| !h.is_empty()) {
+        return Some(Path::new(home).join("bin/nvcc")).filter(|n| n.is_file());
+    }
+    let on_path = path.into_iter().flat_map(std::env::split_paths).map(|d| d.join("nvcc"));
+    on_path.chain([PathBuf::from("/usr/local/cuda/bin/nvcc")]).find(|n| n.is_file())
+}
+
+/// `(12, 4)` from `nvcc --version`'s `Cuda compilation tools, release 12.4, V12.4.131`.
+fn parse_nvcc_version(text: &str) -> Option<(u32, u32)> {
+    let release = text.split("release ").nth(1)?;
+    let version = release.split(|c: char| c == ',' || c.is_whitespace()).next()?;
+    let (major, minor) = version.split_once('.')?;
+    Some((major.parse().ok()?, minor.parse().ok()?))
+}
+
+/// The oldest of `nvcc --list-gpu-arch`'s `compute_NN` lines (`compute_90a` counts as 90).
+fn oldest_arch(text: &str) -> Option<u32> {
+    text.split_whitespace()
+        .filter_map(|w| w.strip_prefix("compute_"))
+        .filter_map(|n| n.trim_end_matches(|c: char| c.is_ascii_alphabetic()).parse::<u32>().ok())
+        .min()
+}
+
+/// The folder of an installed toolkit's shared libraries: the first of `lib64`,
+/// `targets/x86_64-linux/lib`, `lib/x86_64-linux-gnu` (Debian's packages) and `lib` under
+/// `home` that holds `libcudart.so.N`.
+fn library_dir(home: &Path) -> Result<PathBuf> {
+    let tried = ["lib64", "targets/x86_64-linux/lib", "lib/x86_64-linux-gnu", "lib"];
+    tried
+        .iter()
+        .map(|d| home.join(d))
+        .find(|d| versioned(d, "libcudart.so").is_ok())
+        .with_context(|| format!("no libcudart.so.N in {} ({})", home.display(), tried.join(", ")))
+}
+
+/// The newest of cudarc's bindings (`supported`, as `12040` for 12.4) for a toolkit of
+/// `version`: its own, else the newest of its major version cudarc has (a toolkit keeps the
+/// functions of the ones before it).
+fn cudarc_version(version: (u32, u32), supported: &[u32]) -> Result<u32> {
+    let want = version.0 * 1000 + version.1 * 10;
+    supported.iter().copied().filter(|&v| v <= want && v / 1000 == version.0).max().with_context(
+        || {
+            let mut known = supported.to_vec();
+            known.sort_unstable();
+            let name = |v: &u32| format!("{}.{}", v / 1000, v % 1000 / 10);
+            format!(
+                "cudarc has no bindings for CUDA {}.{} (it knows {} to {})",
+                version.0,
+                version.1,
+                known.first().map(name).unwrap_or_default(),
+                known.last().map(name).unwrap_or_default()
+            )
+        },
+    )
+}
+
+/// The CUDA versions cudarc has bindings for (its features `cuda-12040`, ...).
+fn cudarc_versions() -> Result<Vec<u32>> {
+    let cudarc = cudarc_package()?;
+    let features = cudarc["features"].as_object().context("cudarc has no features")?;
+    Ok(features
+        .keys()
+        .filter_map(|f| f.strip_prefix("cuda-").and_then(|v| v.parse::<u32>().ok()))
+        .collect())
+}
+
 /// The lent GPUs' (H100, H200): what a machine without `nvidia-smi` builds for.
 const DEFAULT_CAP: u32 = 90;
 
 /// Parses a compute capability written `86`, `8.6` or `sm_86` (as nvidia-smi, candle's
-/// `CUDA_COMPUTE_CAP` and nvcc write it) into `86`; refuses what CUDA 13.0 cannot build for.
-fn parse_cap(text: &str) -> Result<u32> {
+/// `CUDA_COMPUTE_CAP` and nvcc write it) into `86`; refuses what `toolkit` cannot build for.
+fn parse_cap(text: &str, toolkit: &Toolkit) -> Result<u32> {
     let t = text.trim();
     let t = t.strip_prefix("sm_").unwrap_or(t);
     let cap = match t.split_once('.') {
@@ -207,14 +424,16 @@ fn parse_cap(text: &str) -> Result<u32> {
     let cap = cap.with_context(|| {
         format!("{text:?} is not a compute capability (write it as 86, 8.6 or sm_86)")
     })?;
-    if cap < OLDEST_CAP {
+    if cap < toolkit.oldest_cap {
         bail!(
-            "compute capability {}.{} is older than CUDA 13.0 supports ({}.{} and newer); \
-             the pinned wheels cannot build for it",
+            "compute capability {}.{} is older than CUDA {} supports ({}.{} and newer); \
+             {} cannot build for it",
             cap / 10,
             cap % 10,
-            OLDEST_CAP / 10,
-            OLDEST_CAP % 10
+            toolkit.version_text(),
+            toolkit.oldest_cap / 10,
+            toolkit.oldest_cap % 10,
+            toolkit.describe()
         );
     }
     Ok(cap)
@@ -228,7 +447,9 @@ fn compute_cap(
     flag: Option<&str>,
     env: Option<&str>,
     smi: Option<&str>,
+    toolkit: &Toolkit,
 ) -> Result<(u32, &'static str)> {
+    let parse_cap = |text: &str| parse_cap(text, toolkit);
     if let Some(f) = flag {
         return Ok((parse_cap(f).context("--compute-cap")?, "--compute-cap"));
     }
@@ -268,19 +489,6 @@ fn parse_driver_cuda(header: &str) -> Option<(u32, u32)> {
     let version = header.split("CUDA Version:").nth(1)?.split_whitespace().next()?;
     let (major, minor) = version.split_once('.')?;
     Some((major.parse().ok()?, minor.parse().ok()?))
-}
-
-/// Why binaries of the pinned toolkit (CUDA 13.0) cannot run under a driver for CUDA `driver`:
-/// the driver loads no PTX of a newer toolkit.
-pub fn driver_too_old(driver: Option<(u32, u32)>) -> Option<String> {
-    let (major, minor) = driver?;
-    ((major, minor) < (13, 0)).then(|| {
-        format!(
-            "this machine's NVIDIA driver runs CUDA {major}.{minor} (nvidia-smi), and the pinned \
-             toolkit is CUDA 13.0, whose binaries need a driver for CUDA 13.0 or newer: update \
-             the driver"
-        )
-    })
 }
 
 /// One variable of a CUDA build's environment.
@@ -326,20 +534,67 @@ impl EnvVar {
     }
 }
 
-/// The environment for a CUDA build from the pinned wheels (installed first where missing),
-/// with cuDNN and CUPTI as asked; `cap_flag` is `--compute-cap`.
-pub fn environment(cudnn: bool, cupti: bool, cap_flag: Option<&str>) -> Result<Vec<EnvVar>> {
+/// A CUDA build's environment and where it builds.
+pub struct CudaEnv {
+    /// The variables: for the build, and `LD_LIBRARY_PATH` for running what it builds.
+    pub vars: Vec<EnvVar>,
+    /// Its folder under `target/` ([`Toolkit::target_folder`]).
+    pub target: String,
+}
+
+/// cuDNN 9 for an installed toolkit of CUDA `major`: the same release as [`CUDNN_WHEEL`], built
+/// for that major version; and the venv it goes to (the wheels' own for 13).
+fn cudnn_for(major: u32) -> (String, &'static str) {
+    let wheel = CUDNN_WHEEL.replace("-cu13==", &format!("-cu{major}=="));
+    (wheel, if major == 13 { "cuda-venv" } else { "cuda12-venv" })
+}
+
+/// The environment for a CUDA build with `toolkit` (the pinned wheels installed first where
+/// missing), with cuDNN and CUPTI as asked; `cap_flag` is `--compute-cap`.
+pub fn environment(
+    toolkit: &Toolkit,
+    cudnn: bool,
+    cupti: bool,
+    cap_flag: Option<&str>,
+) -> Result<CudaEnv> {
     let env_cap = std::env::var("CUDA_COMPUTE_CAP").ok();
-    let (cap, from) = compute_cap(cap_flag, env_cap.as_deref(), nvidia_smi_caps().as_deref())?;
-    let nvidia = install(cudnn, cupti)?;
-    let root = link_root(&nvidia, cudnn)?;
-    let w = nvidia.join("cu13");
+    let (cap, from) =
+        compute_cap(cap_flag, env_cap.as_deref(), nvidia_smi_caps().as_deref(), toolkit)?;
+    // The toolkit's root, its libraries' folder, cuDNN's and CUPTI's, the link folder's name and
+    // cudarc's bindings.
+    let (home, libs, cudnn_lib, cupti_root, root_name, cudarc) = match &toolkit.installed {
+        None => {
+            let mut wheels: Vec<&str> = CUDA_WHEELS.to_vec();
+            wheels.extend(cudnn.then_some(CUDNN_WHEEL));
+            wheels.extend(cupti.then_some(CUPTI_WHEEL));
+            let nvidia = install("cuda-venv", &wheels, false)?;
+            let home = nvidia.join("cu13");
+            let cudnn_lib = cudnn.then(|| nvidia.join("cudnn/lib"));
+            let cupti_root = cupti.then(|| home.clone());
+            (home.clone(), home.join("lib"), cudnn_lib, cupti_root, "cuda-root", 13000)
+        }
+        Some(Installed { home, libs }) => {
+            if cupti {
+                bail!("--cupti comes with the pinned wheels only (leave out --toolkit system)");
+            }
+            let cudnn_lib = if cudnn {
+                let (wheel, venv) = cudnn_for(toolkit.version.0);
+                // Without its dependencies: cuBLAS comes from the installed toolkit.
+                Some(install(venv, &[wheel.as_str()], true)?.join("cudnn/lib"))
+            } else {
+                None
+            };
+            let cudarc = cudarc_version(toolkit.version, &cudarc_versions()?)?;
+            (home.clone(), libs.clone(), cudnn_lib, None, "cuda-root-system", cudarc)
+        }
+    };
+    let root = link_root(root_name, &libs, cudnn_lib.as_deref())?;
     let mut vars = vec![
-        EnvVar::prepend("PATH", w.join("bin").display()),
-        EnvVar::set("CUDA_HOME", w.display()),
+        EnvVar::prepend("PATH", home.join("bin").display()),
+        EnvVar::set("CUDA_HOME", home.display()),
         EnvVar::set("CUDA_ROOT", root.display()),
         EnvVar { note: Some(from.into()), ..EnvVar::set("CUDA_COMPUTE_CAP", cap) },
-        EnvVar::set("CUDARC_CUDA_VERSION", "13000"),
+        EnvVar::set("CUDARC_CUDA_VERSION", cudarc),
         EnvVar::prepend(
             "LIBRARY_PATH",
             format!("{}:{}", root.join("lib").display(), root.join("lib/stubs").display()),
@@ -348,31 +603,33 @@ pub fn environment(cudnn: bool, cupti: bool, cap_flag: Option<&str>) -> Result<V
     // What the binary loads at start-up (cuBLAS, cuRAND, NVRTC, the runtime, cuDNN): linked by
     // name, found through the loader's path, so the shell (or the run) that starts the binary
     // needs it too. The driver's libcuda.so.1 comes with the NVIDIA driver.
-    let mut runtime = vec![w.join("lib")];
-    if cudnn {
-        runtime.push(nvidia.join("cudnn/lib"));
-    }
-    let runtime: Vec<String> = runtime.iter().map(|p| p.display().to_string()).collect();
+    let runtime: Vec<String> = [Some(&libs), cudnn_lib.as_ref()]
+        .into_iter()
+        .flatten()
+        .map(|p| p.display().to_string())
+        .collect();
     vars.push(EnvVar {
-        note: Some("for running the binary: cuBLAS, NVRTC, ... of the wheels".into()),
+        note: Some(format!("for running the binary: cuBLAS, NVRTC, ... of {}", toolkit.describe())),
         ..EnvVar::prepend("LD_LIBRARY_PATH", runtime.join(":"))
     });
     if cudnn {
         vars.push(EnvVar::set("CUDNN_LIB", root.display()));
     }
-    if cupti {
+    if let Some(c) = cupti_root {
         // The tracer's build reads these (scripts/gpu-pack.sh).
-        vars.push(EnvVar::set("GLIP_CUPTI", w.display()));
+        vars.push(EnvVar::set("GLIP_CUPTI", c.display()));
     }
-    Ok(vars)
+    Ok(CudaEnv { vars, target: toolkit.target_folder() })
 }
 
 /// Prints the environment for a CUDA build.
-pub fn run(cudnn: bool, cupti: bool, cap_flag: Option<&str>) -> Result<()> {
-    if let Some(why) = driver_too_old(driver_cuda_version()) {
+pub fn run(cudnn: bool, cupti: bool, cap_flag: Option<&str>, source: Source) -> Result<()> {
+    let toolkit = Toolkit::find(source)?;
+    eprintln!("cuda-env: {}", toolkit.describe());
+    if let Some(why) = toolkit.driver_too_old(driver_cuda_version()) {
         eprintln!("cuda-env: warning: {why} (a binary built here runs only on another machine)");
     }
-    for v in environment(cudnn, cupti, cap_flag)? {
+    for v in environment(&toolkit, cudnn, cupti, cap_flag)?.vars {
         println!("{}", v.export_line());
     }
     eprintln!(
@@ -398,51 +655,210 @@ mod tests {
         assert_eq!(cap.export_line(), "export CUDA_COMPUTE_CAP=\"86\"  # nvidia-smi");
     }
 
+    /// An installed CUDA 12.4 toolkit at `/opt/cuda-12.4` (not on disk).
+    fn cuda_12_4() -> Toolkit {
+        let home = PathBuf::from("/opt/cuda-12.4");
+        Toolkit {
+            version: (12, 4),
+            oldest_cap: 50,
+            installed: Some(Installed { libs: home.join("lib64"), home }),
+        }
+    }
+
     #[test]
     fn a_driver_older_than_the_toolkit_is_named() {
         let header =
             "| NVIDIA-SMI 550.54.15   Driver Version: 550.54.15   CUDA Version: 12.4     |";
         assert_eq!(parse_driver_cuda(header), Some((12, 4)));
-        let why = driver_too_old(parse_driver_cuda(header)).expect("12.4 < 13.0");
+        let why = PINNED.driver_too_old(parse_driver_cuda(header)).expect("12.4 < 13.0");
         assert!(why.contains("runs CUDA 12.4") && why.contains("CUDA 13.0 or newer"), "{why}");
+        assert!(why.contains("--toolkit system"), "the way out for a driver one cannot update");
+        let why = PINNED.driver_too_old(Some((11, 8))).expect("11.8 < 13.0");
+        assert!(why.contains("update the driver (to CUDA 12.0 at least"), "{why}");
         for ok in ["CUDA Version: 13.0", "CUDA Version: 13.1 |", "CUDA Version: 14.0"] {
-            assert_eq!(driver_too_old(parse_driver_cuda(ok)), None, "{ok}");
+            assert_eq!(PINNED.driver_too_old(parse_driver_cuda(ok)), None, "{ok}");
         }
         for unknown in ["", "NVIDIA-SMI has failed", "CUDA Version: N/A"] {
             assert_eq!(parse_driver_cuda(unknown), None, "{unknown:?}");
         }
-        assert_eq!(driver_too_old(None), None, "no nvidia-smi: nothing to say");
+        assert_eq!(PINNED.driver_too_old(None), None, "no nvidia-smi: nothing to say");
+
+        // An installed toolkit: its own version against the driver's.
+        let t = cuda_12_4();
+        for ok in [(12, 4), (12, 8), (13, 0)] {
+            assert_eq!(t.driver_too_old(Some(ok)), None, "{ok:?}");
+        }
+        let why = t.driver_too_old(Some((12, 2))).expect("12.2 < 12.4");
+        assert!(
+            why.contains("runs CUDA 12.2")
+                && why.contains("/opt/cuda-12.4 is CUDA 12.4")
+                && why.contains("CUDA_HOME"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn an_installed_toolkit_builds_into_its_own_target_folder() {
+        assert_eq!(PINNED.target_folder(), "cuda", "gpu-pack.sh's and CI's folder");
+        assert_eq!(cuda_12_4().target_folder(), "cuda-12.4");
+        assert_eq!(cuda_12_4().describe(), "the CUDA 12.4 toolkit at /opt/cuda-12.4");
+        let (wheel, venv) = cudnn_for(12);
+        assert_eq!(wheel, "nvidia-cudnn-cu12==9.19.0.56");
+        assert_eq!(venv, "cuda12-venv", "apart from the cu13 wheels: both install nvidia/cudnn");
+        assert_eq!(cudnn_for(13), (CUDNN_WHEEL.to_string(), "cuda-venv"));
+    }
+
+    #[test]
+    fn nvcc_says_its_version_and_oldest_architecture() {
+        // `nvcc --version` of the pinned wheel (13.0.88) and of a CUDA 12.4 install.
+        let v13 = "nvcc: NVIDIA (R) Cuda compiler driver\nCopyright (c) 2005-2025 NVIDIA \
+                   Corporation\nBuilt on Wed_Aug_20_01:58:59_PM_PDT_2025\nCuda compilation \
+                   tools, release 13.0, V13.0.88\nBuild cuda_13.0.r13.0/compiler.36424714_0\n";
+        assert_eq!(parse_nvcc_version(v13), Some((13, 0)));
+        let v12 = "Cuda compilation tools, release 12.4, V12.4.131\nBuild cuda_12.4.r12.4/\n";
+        assert_eq!(parse_nvcc_version(v12), Some((12, 4)));
+        for bad in ["", "nvcc: command not found", "release twelve, V12"] {
+            assert_eq!(parse_nvcc_version(bad), None, "{bad:?}");
+        }
+        // `nvcc --list-gpu-arch` of the pinned wheel, and a CUDA 12 one's (with `90a`).
+        let a13 = "compute_75\ncompute_80\ncompute_86\ncompute_90\ncompute_100\ncompute_120\n";
+        assert_eq!(oldest_arch(a13), Some(PINNED.oldest_cap));
+        assert_eq!(oldest_arch("compute_90a\ncompute_50\ncompute_52\n"), Some(50));
+        assert_eq!(oldest_arch("nvcc fatal   : Unknown option"), None);
+    }
+
+    #[test]
+    fn cudarc_bindings_are_the_toolkits_or_the_newest_of_its_major_version() {
+        let known = [12000, 12010, 12020, 12040, 12060, 12080, 12090, 13000, 13040];
+        assert_eq!(cudarc_version((12, 4), &known).unwrap(), 12040);
+        assert_eq!(cudarc_version((12, 5), &known).unwrap(), 12040, "none for 12.5 here");
+        assert_eq!(cudarc_version((13, 5), &known).unwrap(), 13040);
+        assert_eq!(cudarc_version((13, 0), &known).unwrap(), 13000);
+        for v in [(11, 8), (14, 0)] {
+            let err = cudarc_version(v, &known).unwrap_err().to_string();
+            assert!(err.contains(&format!("CUDA {}.{}", v.0, v.1)), "{err}");
+            assert!(err.contains("12.0 to 13.4"), "{err}");
+        }
+    }
+
+    /// A folder of its own under the system's temporary one, removed on drop.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(name: &str) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("glip-xtask-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+
+        /// Writes `text` to `rel` (folders made), executable if `exec`.
+        fn file(&self, rel: &str, text: &str, exec: bool) -> PathBuf {
+            use std::os::unix::fs::PermissionsExt;
+            let p = self.0.join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, text).unwrap();
+            if exec {
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+            }
+            p
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn an_installed_toolkit_is_found_from_cuda_home_or_path() {
+        let s = Scratch::new("toolkit");
+        let nvcc = "#!/bin/sh\ncase $1 in\n  --version) echo 'Cuda compilation tools, release 12.4, \
+                    V12.4.131';;\n  --list-gpu-arch) printf 'compute_50\\ncompute_90a\\n';;\nesac\n";
+        s.file("cuda-12.4/bin/nvcc", nvcc, true);
+        s.file("cuda-12.4/targets/x86_64-linux/lib/libcudart.so.12", "", false);
+        let home = s.0.join("cuda-12.4").canonicalize().unwrap();
+        let want = Toolkit {
+            version: (12, 4),
+            oldest_cap: 50,
+            installed: Some(Installed {
+                libs: home.join("targets/x86_64-linux/lib"),
+                home: home.clone(),
+            }),
+        };
+        let path = std::env::join_paths([s.0.join("none"), home.join("bin")]).unwrap();
+        assert_eq!(Toolkit::installed(None, Some(&path)).unwrap(), want, "from PATH");
+        assert_eq!(Toolkit::installed(Some(home.as_os_str()), None).unwrap(), want, "CUDA_HOME");
+
+        // CUDA_HOME set wins over PATH, and says so when it holds no nvcc.
+        let empty = s.0.join("empty");
+        std::fs::create_dir_all(&empty).unwrap();
+        if Path::new("/usr/local/cuda/bin/nvcc").exists() {
+            eprintln!("skipped the not-found cases: this machine has /usr/local/cuda");
+            return;
+        }
+        let err =
+            format!("{:#}", Toolkit::installed(Some(empty.as_os_str()), Some(&path)).unwrap_err());
+        assert!(err.contains("$CUDA_HOME/bin/nvcc"), "{err}");
+        let err = format!("{:#}", Toolkit::installed(None, Some(empty.as_os_str())).unwrap_err());
+        assert!(err.contains("no nvcc") && err.contains("pinned wheels"), "{err}");
+
+        // Too old, and no libraries beside it.
+        s.file("old/bin/nvcc", "#!/bin/sh\necho 'release 11.8, V11.8.89'\n", true);
+        let err = format!(
+            "{:#}",
+            Toolkit::installed(Some(s.0.join("old").as_os_str()), None).unwrap_err()
+        );
+        assert!(err.contains("is CUDA 11.8; glip builds with CUDA 12.0 or newer"), "{err}");
+        s.file("bare/bin/nvcc", nvcc, true);
+        let err = format!(
+            "{:#}",
+            Toolkit::installed(Some(s.0.join("bare").as_os_str()), None).unwrap_err()
+        );
+        assert!(err.contains("no libcudart.so.N in") && err.contains("lib64"), "{err}");
     }
 
     #[test]
     fn compute_capabilities_parse_in_each_spelling() {
         for (text, want) in [("90", 90), ("8.6", 86), ("sm_89", 89), (" 9.0\n", 90), ("12.0", 120)]
         {
-            assert_eq!(parse_cap(text).unwrap(), want, "{text:?}");
+            assert_eq!(parse_cap(text, &PINNED).unwrap(), want, "{text:?}");
         }
         for bad in ["", "9", "nine", "9.", ".9", "8.65", "sm_", "-80"] {
-            let err = format!("{:#}", parse_cap(bad).unwrap_err());
+            let err = format!("{:#}", parse_cap(bad, &PINNED).unwrap_err());
             assert!(err.contains("not a compute capability"), "{bad:?}: {err}");
         }
-        let err = format!("{:#}", parse_cap("7.0").unwrap_err());
+        let err = format!("{:#}", parse_cap("7.0", &PINNED).unwrap_err());
         assert!(err.contains("7.0 is older than CUDA 13.0 supports (7.5"), "{err}");
+        assert_eq!(parse_cap("7.0", &cuda_12_4()).unwrap(), 70, "CUDA 12.4 builds for a V100");
     }
 
     #[test]
     fn the_flag_then_the_environment_then_nvidia_smi_then_the_lent_gpus() {
         let smi = Some("9.0\n8.6\n");
-        assert_eq!(compute_cap(Some("80"), Some("89"), smi).unwrap(), (80, "--compute-cap"));
-        assert_eq!(compute_cap(None, Some("89"), smi).unwrap(), (89, "$CUDA_COMPUTE_CAP"));
-        assert_eq!(compute_cap(None, Some(" "), smi).unwrap(), (86, "nvidia-smi"), "the lowest");
-        assert_eq!(compute_cap(None, None, Some("\n")).unwrap().0, DEFAULT_CAP);
-        assert_eq!(compute_cap(None, None, None).unwrap().0, DEFAULT_CAP);
+        assert_eq!(
+            compute_cap(Some("80"), Some("89"), smi, &PINNED).unwrap(),
+            (80, "--compute-cap")
+        );
+        assert_eq!(compute_cap(None, Some("89"), smi, &PINNED).unwrap(), (89, "$CUDA_COMPUTE_CAP"));
+        assert_eq!(
+            compute_cap(None, Some(" "), smi, &PINNED).unwrap(),
+            (86, "nvidia-smi"),
+            "the lowest"
+        );
+        assert_eq!(compute_cap(None, None, Some("\n"), &PINNED).unwrap().0, DEFAULT_CAP);
+        assert_eq!(compute_cap(None, None, None, &PINNED).unwrap().0, DEFAULT_CAP);
         for (flag, env, smi, named) in [
             (Some("x"), None, None, "--compute-cap"),
             (None, Some("6.1"), None, "$CUDA_COMPUTE_CAP"),
             (None, None, Some("9.0\n[N/A]\n"), "nvidia-smi"),
         ] {
-            let err = format!("{:#}", compute_cap(flag, env, smi).unwrap_err());
+            let err = format!("{:#}", compute_cap(flag, env, smi, &PINNED).unwrap_err());
             assert!(err.starts_with(named), "{err}");
         }
+        let smi = Some("7.0\n");
+        assert_eq!(compute_cap(None, None, smi, &cuda_12_4()).unwrap(), (70, "nvidia-smi"));
     }
 }

@@ -1,10 +1,11 @@
 //! `cargo xtask experiment [CONFIG] [--set key.path=value ...] [--out DIR] [--resume]
-//! [--bin NAME] [--device D] [--cuda [--compute-cap N]]`: builds `glip` (or another binary of
+//! [--bin NAME] [--device D] [--cuda [--compute-cap N] [--toolkit T]]`: builds `glip` (or another binary of
 //! the workspace built on `glip_cli::main_with`, such as the example's `custom-glip`) in release
 //! mode and runs its `experiment` on CONFIG, by default the shapes task of `configs/shapes.toml`
 //! (embedded data, no download). With `--cuda` the binary is built with CUDA and cuDNN from the
-//! pinned toolkit of `cargo xtask cuda-env` (into `target/cuda`, beside the CPU build) and trains
-//! on the GPU. Build and run times are printed apart.
+//! pinned toolkit of `cargo xtask cuda-env` (into `target/cuda`, beside the CPU build; with
+//! `--toolkit system`, the toolkit installed here, into `target/cuda-12.4` for its version) and
+//! trains on the GPU. Build and run times are printed apart.
 
 use anyhow::{bail, Context, Result};
 use std::ffi::OsString;
@@ -41,7 +42,8 @@ pub struct Args {
     gpu: CudaBuild,
 }
 
-/// `--cuda [--compute-cap N]`: a build for the GPU (`experiment`, `bench-vs-torch`).
+/// `--cuda [--compute-cap N] [--toolkit T]`: a build for the GPU (`experiment`,
+/// `bench-vs-torch`).
 #[derive(clap::Args, Debug)]
 pub struct CudaBuild {
     /// Build with CUDA and cuDNN, from the pinned toolkit of `cargo xtask cuda-env --cudnn`
@@ -52,21 +54,26 @@ pub struct CudaBuild {
     /// (default: $CUDA_COMPUTE_CAP, else nvidia-smi's, else 9.0).
     #[arg(long, value_name = "N", requires = "cuda")]
     pub compute_cap: Option<String>,
+    /// With --cuda: where the toolkit comes from, as `cargo xtask cuda-env --toolkit` (default:
+    /// the pinned wheels; `system` for a driver older than CUDA 13.0).
+    #[arg(long, value_enum, requires = "cuda")]
+    pub toolkit: Option<crate::cuda::Source>,
 }
 
 impl CudaBuild {
-    /// With `--cuda`, the pinned toolkit's environment (`cargo xtask cuda-env --cudnn`) for a
-    /// build whose binary runs on this machine: refused up front where the driver is too old
-    /// to run it.
-    pub fn environment(&self) -> Result<Option<Vec<crate::cuda::EnvVar>>> {
+    /// With `--cuda`, the toolkit's environment (`cargo xtask cuda-env --cudnn`) for a build
+    /// whose binary runs on this machine: refused up front where the driver is too old to run
+    /// it.
+    pub fn environment(&self) -> Result<Option<crate::cuda::CudaEnv>> {
         if !self.cuda {
             return Ok(None);
         }
-        if let Some(why) = crate::cuda::driver_too_old(crate::cuda::driver_cuda_version()) {
+        let toolkit = crate::cuda::Toolkit::find(self.toolkit.unwrap_or_default())?;
+        if let Some(why) = toolkit.driver_too_old(crate::cuda::driver_cuda_version()) {
             bail!("--cuda: {why}");
         }
-        eprintln!("xtask: the CUDA toolkit from pinned wheels, as `cargo xtask cuda-env --cudnn`");
-        crate::cuda::environment(true, false, self.compute_cap.as_deref()).map(Some)
+        eprintln!("xtask: {}, as `cargo xtask cuda-env --cudnn`", toolkit.describe());
+        crate::cuda::environment(&toolkit, true, false, self.compute_cap.as_deref()).map(Some)
     }
 }
 
@@ -75,13 +82,13 @@ pub fn run(a: Args) -> Result<()> {
     let root = workspace_root();
     let t0 = Instant::now();
     let cuda = a.gpu.environment()?;
-    let glip = build(&root, &a.bin, cuda.as_deref())?;
+    let glip = build(&root, &a.bin, cuda.as_ref())?;
     let build_s = t0.elapsed().as_secs_f64();
     let config = a.config.clone().unwrap_or_else(|| root.join("configs").join("shapes.toml"));
     let mut cmd = Command::new(&glip);
     cmd.args(experiment_args(&a, &config));
     // The binary loads the toolkit's libraries at start-up (LD_LIBRARY_PATH).
-    set_env(&mut cmd, cuda.as_deref().unwrap_or_default());
+    set_env(&mut cmd, cuda.as_ref().map_or(&[], |c| &c.vars));
     eprintln!("xtask: {} experiment {} (build took {build_s:.0} s)", a.bin, config.display());
     let t1 = Instant::now();
     let status = cmd.status().with_context(|| format!("running {}", glip.display()))?;
@@ -111,7 +118,7 @@ pub fn run(a: Args) -> Result<()> {
 pub(crate) fn build(
     root: &Path,
     bin: &str,
-    cuda: Option<&[crate::cuda::EnvVar]>,
+    cuda: Option<&crate::cuda::CudaEnv>,
 ) -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let target =
@@ -125,21 +132,21 @@ pub(crate) fn build(
 }
 
 /// The `cargo build` of `bin` into `target`, or, given the CUDA toolkit's environment, with
-/// CUDA and cuDNN into `target/cuda` (apart from the CPU build: candle built with CUDA would
-/// replace it at every switch); and the binary it makes.
+/// CUDA and cuDNN into its folder under `target` (`cuda`: apart from the CPU build, as candle
+/// built with CUDA would replace it at every switch); and the binary it makes.
 fn build_command(
     cargo: &str,
     root: &Path,
     target: &Path,
     bin: &str,
-    cuda: Option<&[crate::cuda::EnvVar]>,
+    cuda: Option<&crate::cuda::CudaEnv>,
 ) -> (Command, PathBuf) {
     let mut build = Command::new(cargo);
     build.args(["build", "--release", "--bin", bin]).current_dir(root);
     let mut target = target.to_path_buf();
-    if let Some(vars) = cuda {
-        set_env(&mut build, vars);
-        target = target.join("cuda");
+    if let Some(env) = cuda {
+        set_env(&mut build, &env.vars);
+        target = target.join(&env.target);
         build.args(["--features", "glip-cli/cudnn"]).env("CARGO_TARGET_DIR", &target);
     }
     let binary = target.join("release").join(format!("{bin}{}", std::env::consts::EXE_SUFFIX));
@@ -219,8 +226,11 @@ mod tests {
             target.join("release").join(format!("glip{}", std::env::consts::EXE_SUFFIX))
         );
 
-        let vars = [crate::cuda::EnvVar::set("CUDA_COMPUTE_CAP", "86")];
-        let (gpu, bin) = build_command("cargo", root, target, "custom-glip", Some(&vars));
+        let env = crate::cuda::CudaEnv {
+            vars: vec![crate::cuda::EnvVar::set("CUDA_COMPUTE_CAP", "86")],
+            target: "cuda-12.4".into(),
+        };
+        let (gpu, bin) = build_command("cargo", root, target, "custom-glip", Some(&env));
         assert_eq!(
             strings(gpu.get_args()),
             ["build", "--release", "--bin", "custom-glip", "--features", "glip-cli/cudnn"]
@@ -229,7 +239,7 @@ mod tests {
             .get_envs()
             .map(|(k, v)| (strings([k]).remove(0), strings([v.unwrap()]).remove(0)))
             .collect();
-        let cuda_target = target.join("cuda");
+        let cuda_target = target.join("cuda-12.4");
         assert!(envs.contains(&("CUDA_COMPUTE_CAP".into(), "86".into())), "{envs:?}");
         assert!(envs.contains(&("CARGO_TARGET_DIR".into(), cuda_target.display().to_string())));
         assert_eq!(bin.parent().unwrap(), cuda_target.join("release"));

@@ -45,6 +45,10 @@ enum Cmd {
         /// default: $CUDA_COMPUTE_CAP, else the lowest nvidia-smi reports, else 90 (H100/H200).
         #[arg(long, value_name = "N")]
         compute_cap: Option<String>,
+        /// Where the toolkit comes from: the pinned CUDA 13.0 wheels, or the one installed here
+        /// (`$CUDA_HOME`, else `nvcc` on PATH: CUDA 12.x for a driver older than 13.0).
+        #[arg(long, value_enum, default_value_t)]
+        toolkit: cuda::Source,
     },
     /// glip bench and the PyTorch reference's bench_torch.py on the same presets, side by
     /// side, with the table of ratios (release build; the reference's venv).
@@ -76,8 +80,8 @@ fn main() -> anyhow::Result<()> {
         Cmd::Experiment(a) => experiment::run(a),
         Cmd::Fixtures { force } => fixtures::run(force),
         Cmd::Test { args } => fixtures::test(&args),
-        Cmd::CudaEnv { cudnn, cupti, compute_cap } => {
-            cuda::run(cudnn, cupti, compute_cap.as_deref())
+        Cmd::CudaEnv { cudnn, cupti, compute_cap, toolkit } => {
+            cuda::run(cudnn, cupti, compute_cap.as_deref(), toolkit)
         }
         Cmd::BenchVsTorch { iters, rounds, gpu } => bench::run(iters, rounds, &gpu),
     }
