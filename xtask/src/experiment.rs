@@ -211,8 +211,13 @@ mod tests {
             tail(&args(&["--set", "run.steps=9", "--out", "o", "--resume", "--cuda"])),
             "--set run.steps=9 --out o --resume --device cuda"
         );
-        let err = Cli::try_parse_from(["experiment", "--compute-cap", "86"]).err().unwrap();
-        assert!(err.to_string().contains("--cuda"), "--compute-cap needs --cuda: {err}");
+        for flag in [["--compute-cap", "86"], ["--toolkit", "system"]] {
+            let err = Cli::try_parse_from(["experiment", flag[0], flag[1]]).err().unwrap();
+            assert!(err.to_string().contains("--cuda"), "{} needs --cuda: {err}", flag[0]);
+        }
+        let a = args(&["--cuda", "--toolkit", "system"]);
+        assert_eq!(a.gpu.toolkit, Some(crate::cuda::Source::System));
+        assert_eq!(args(&["--cuda"]).gpu.toolkit, None, "the pinned wheels");
     }
 
     #[test]
