@@ -1,6 +1,7 @@
-//! `cargo xtask bench-vs-torch [--iters N] [--rounds R] [--cuda [--compute-cap N] [--toolkit T]]`: `glip
-//! bench` (release build) and `reference/bench_torch.py` (the reference's venv) on the same
-//! presets, side by side in one run on this machine's cores, and the table of their ratios.
+//! `cargo xtask bench-vs-torch [--iters N] [--rounds R] [--cuda [--compute-cap N] [--toolkit
+//! T]]`: `glip bench` (release build) and `reference/bench_torch.py` (the reference's venv) on
+//! the same presets, side by side in one run on this machine's cores, and the table of their
+//! ratios.
 //! Every row also times glip with `--precision bf16` (against PyTorch's f32) where the CPU has
 //! AVX512_BF16 (training rows too: a convolution's gradients are bf16 products there). With
 //! `--cuda`, the same on the GPU: glip built as `cargo xtask experiment --cuda` builds it, the

@@ -775,8 +775,9 @@ mod tests {
     #[test]
     fn an_installed_toolkit_is_found_from_cuda_home_or_path() {
         let s = Scratch::new("toolkit");
-        let nvcc = "#!/bin/sh\ncase $1 in\n  --version) echo 'Cuda compilation tools, release 12.4, \
-                    V12.4.131';;\n  --list-gpu-arch) printf 'compute_50\\ncompute_90a\\n';;\nesac\n";
+        let nvcc = "#!/bin/sh\ncase $1 in\n  --version) echo 'Cuda compilation tools, release \
+                    12.4, V12.4.131';;\n  --list-gpu-arch) printf \
+                    'compute_50\\ncompute_90a\\n';;\nesac\n";
         s.file("cuda-12.4/bin/nvcc", nvcc, true);
         s.file("cuda-12.4/targets/x86_64-linux/lib/libcudart.so.12", "", false);
         let home = s.0.join("cuda-12.4").canonicalize().unwrap();
