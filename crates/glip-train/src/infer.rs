@@ -78,6 +78,20 @@ pub struct InferenceSpec {
     pub ema: bool,
 }
 
+/// A run's folder (its `inference.json`) and checkpoint, from what `--run` names: a run folder,
+/// or a checkpoint file whose folder holds the spec (`ckpt.safetensors` alone: the current
+/// folder). A path that is neither is named, not mistaken for a file in its parent folder.
+fn run_files(path: &Path) -> Result<(PathBuf, PathBuf), Error> {
+    if path.is_dir() {
+        return Ok((path.to_path_buf(), path.join("checkpoint.safetensors")));
+    }
+    if !path.is_file() {
+        return Err(Error::file(path, "no such run folder or checkpoint file"));
+    }
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    Ok((dir.to_path_buf(), path.to_path_buf()))
+}
+
 /// The spec's file in a run folder.
 pub const SPEC_FILE: &str = "inference.json";
 /// The tokenizer's copy in a run folder.
@@ -197,11 +211,7 @@ impl Detector {
 
     /// [`Detector::load`] with a registry that knows a researcher's components.
     pub fn load_with(registry: &Registry, path: &Path, device: &Device) -> Result<Self, Error> {
-        let (dir, ckpt) = if path.is_dir() {
-            (path.to_path_buf(), path.join("checkpoint.safetensors"))
-        } else {
-            (path.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf), path.into())
-        };
+        let (dir, ckpt) = run_files(path)?;
         let spec = InferenceSpec::load(&dir)?;
         if !ckpt.exists() {
             return Err(Error::file(&ckpt, "no checkpoint (train first)"));
@@ -629,4 +639,29 @@ pub fn evaluate_shapes(
         evaluate_coco(&path, &hd)?.get("AP50")
     };
     Ok(Evaluation { coco, heldout_ap50, recall: recall(&grounding) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--run` as a folder, a checkpoint file (alone: in the current folder, which for tests is
+    /// the crate's), or a path that is neither.
+    #[test]
+    fn a_run_path_is_a_folder_a_checkpoint_file_or_named_as_missing() {
+        let (dir, ckpt) = run_files(Path::new("src")).unwrap();
+        assert_eq!(
+            (dir.as_path(), ckpt.as_path()),
+            (Path::new("src"), Path::new("src/checkpoint.safetensors"))
+        );
+        let (dir, ckpt) = run_files(Path::new("Cargo.toml")).unwrap();
+        assert_eq!((dir.as_path(), ckpt.as_path()), (Path::new("."), Path::new("Cargo.toml")));
+        let (dir, _) = run_files(Path::new("src/lib.rs")).unwrap();
+        assert_eq!(dir, Path::new("src"));
+        let err = run_files(Path::new("runs/typo")).unwrap_err().to_string();
+        assert!(
+            err.contains("runs/typo") && err.contains("no such run folder or checkpoint"),
+            "{err}"
+        );
+    }
 }
