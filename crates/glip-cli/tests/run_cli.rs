@@ -252,7 +252,7 @@ fn bad_input_gets_a_message_naming_it() {
     assert!(!ok && err.contains("stepz") && !err.contains("panicked"), "{err}");
     let (ok, _, err) =
         glip(&["detect", "--run", d.join("nope").to_str().unwrap(), "--prompt", "x", "a.png"]);
-    assert!(!ok && err.contains("inference.json") && !err.contains("panicked"), "{err}");
+    assert!(!ok && err.contains("nope: no such run folder") && !err.contains("panicked"), "{err}");
     let (ok, _, err) = glip(&["detect", "--run", d.to_str().unwrap(), "--prompt", " . ", "a.png"]);
     assert!(!ok && err.contains("names nothing"), "{err}");
     // Devices: a word that is none, and CUDA asked of a CPU-only build (this test's).
