@@ -88,12 +88,8 @@ pub fn run_experiment_with(
         }
     }
     let (dev, note) = cfg.run.device.resolve_noted()?;
-    match note {
-        Some(why) => {
-            progress.message(&format!("device: {} ({why})", crate::device::describe(&dev)))
-        }
-        None => progress.message(&format!("device: {}", crate::device::describe(&dev))),
-    }
+    let why = note.map(|why| format!(" ({why})")).unwrap_or_default();
+    progress.message(&format!("device: {}{why}", crate::device::describe(&dev)));
     let varmap = candle_nn::VarMap::new();
     let model = registry.build_trainable(&cfg.model, &varmap, cfg.run.seed, &dev)?;
     if cfg.loss.criterion.is_none() {
