@@ -642,6 +642,7 @@ pub fn run(cudnn: bool, cupti: bool, cap_flag: Option<&str>, source: Source) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scratch::Scratch;
 
     #[test]
     fn search_paths_are_prepended_and_other_variables_replaced() {
@@ -738,37 +739,6 @@ mod tests {
             let err = cudarc_version(v, &known).unwrap_err().to_string();
             assert!(err.contains(&format!("CUDA {}.{}", v.0, v.1)), "{err}");
             assert!(err.contains("12.0 to 13.4"), "{err}");
-        }
-    }
-
-    /// A folder of its own under the system's temporary one, removed on drop.
-    struct Scratch(PathBuf);
-
-    impl Scratch {
-        fn new(name: &str) -> Self {
-            let dir =
-                std::env::temp_dir().join(format!("glip-xtask-{name}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
-            Self(dir)
-        }
-
-        /// Writes `text` to `rel` (folders made), executable if `exec`.
-        fn file(&self, rel: &str, text: &str, exec: bool) -> PathBuf {
-            use std::os::unix::fs::PermissionsExt;
-            let p = self.0.join(rel);
-            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-            std::fs::write(&p, text).unwrap();
-            if exec {
-                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-            }
-            p
-        }
-    }
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
         }
     }
 

