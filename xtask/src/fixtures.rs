@@ -23,9 +23,10 @@ const MODEL_PACKAGES: [&str; 2] =
 ///
 /// `cargo run` (the alias behind `cargo xtask`) sets `CARGO_MANIFEST_DIR` for the program it
 /// runs, and that is read first. The path compiled into the binary is not enough: cargo's
-/// fingerprints are relative to the workspace, so with one target folder shared by two
-/// checkouts (`CARGO_TARGET_DIR`, `build.target-dir`, git worktrees of an ablation) the xtask
-/// built in the first one is run as it is from the second, and would build and run the first
+/// fingerprints are relative to the workspace and its freshness is by modification times, so
+/// with one target folder shared by two checkouts (`CARGO_TARGET_DIR`, `build.target-dir`, git
+/// worktrees of an ablation) the xtask built in the first one is run as it is from the second
+/// when the second's files are not newer than that build, and would build and run the first
 /// checkout's code and configs. The compiled path is the fallback for the binary run by hand.
 pub fn workspace_root() -> PathBuf {
     root_of(std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from), env!("CARGO_MANIFEST_DIR"))
