@@ -214,14 +214,16 @@ struct Installed {
 pub struct Toolkit {
     /// Its CUDA version, `(12, 4)`.
     version: (u32, u32),
-    /// The oldest compute capability it builds for (`nvcc --list-gpu-arch`), `75`.
-    oldest_cap: u32,
+    /// The oldest and the newest compute capability it builds for (`nvcc --list-gpu-arch`),
+    /// `(75, 121)`.
+    caps: (u32, u32),
     /// `None` for the pinned wheels.
     installed: Option<Installed>,
 }
 
-/// The pinned wheels' toolkit: CUDA 13.0, which builds for Turing (7.5) and newer.
-const PINNED: Toolkit = Toolkit { version: (13, 0), oldest_cap: 75, installed: None };
+/// The pinned wheels' toolkit: CUDA 13.0, which builds for Turing (7.5) up to 12.1 (its `nvcc
+/// --list-gpu-arch`: compute_75 to compute_121).
+const PINNED: Toolkit = Toolkit { version: (13, 0), caps: (75, 121), installed: None };
 
 impl Toolkit {
     /// The toolkit of `source`; an installed one is found and asked its version (and refused if
@@ -265,9 +267,9 @@ impl Toolkit {
                 version.1
             );
         }
-        // An nvcc that lists no architectures leaves the floor to itself: it refuses one it
+        // An nvcc that lists no architectures leaves the bounds to itself: it refuses one it
         // lacks when it builds candle's kernels.
-        let oldest_cap = oldest_arch(&ask("--list-gpu-arch").unwrap_or_default());
+        let caps = arch_range(&ask("--list-gpu-arch").unwrap_or_default());
         let home = nvcc
             .canonicalize()
             .with_context(|| format!("resolving {}", nvcc.display()))?
@@ -278,7 +280,7 @@ impl Toolkit {
         let libs = library_dir(&home)?;
         Ok(Toolkit {
             version,
-            oldest_cap: oldest_cap.unwrap_or(0),
+            caps: caps.unwrap_or((0, u32::MAX)),
             installed: Some(Installed { home, libs }),
         })
     }
@@ -354,12 +356,17 @@ fn parse_nvcc_version(text: &str) -> Option<(u32, u32)> {
     Some((major.parse().ok()?, minor.parse().ok()?))
 }
 
-/// The oldest of `nvcc --list-gpu-arch`'s `compute_NN` lines (`compute_90a` counts as 90).
-fn oldest_arch(text: &str) -> Option<u32> {
-    text.split_whitespace()
+/// The oldest and the newest of `nvcc --list-gpu-arch`'s `compute_NN` lines (`compute_90a`
+/// counts as 90).
+fn arch_range(text: &str) -> Option<(u32, u32)> {
+    let caps = text
+        .split_whitespace()
         .filter_map(|w| w.strip_prefix("compute_"))
-        .filter_map(|n| n.trim_end_matches(|c: char| c.is_ascii_alphabetic()).parse::<u32>().ok())
-        .min()
+        .filter_map(|n| n.trim_end_matches(|c: char| c.is_ascii_alphabetic()).parse::<u32>().ok());
+    caps.fold(None, |range, c| match range {
+        None => Some((c, c)),
+        Some((lo, hi)) => Some((lo.min(c), hi.max(c))),
+    })
 }
 
 /// The folder of an installed toolkit's shared libraries: the first of `lib64`,
@@ -424,16 +431,36 @@ fn parse_cap(text: &str, toolkit: &Toolkit) -> Result<u32> {
     let cap = cap.with_context(|| {
         format!("{text:?} is not a compute capability (write it as 86, 8.6 or sm_86)")
     })?;
-    if cap < toolkit.oldest_cap {
+    let (oldest, newest) = toolkit.caps;
+    if cap < oldest {
         bail!(
             "compute capability {}.{} is older than CUDA {} supports ({}.{} and newer); \
              {} cannot build for it",
             cap / 10,
             cap % 10,
             toolkit.version_text(),
-            toolkit.oldest_cap / 10,
-            toolkit.oldest_cap % 10,
+            oldest / 10,
+            oldest % 10,
             toolkit.describe()
+        );
+    }
+    // Checked here, not left to nvcc: it would refuse the architecture only after minutes of
+    // building, in the middle of candle-kernels' build script output.
+    if cap > newest {
+        let newer = match toolkit.installed {
+            Some(_) => {
+                "a newer toolkit, or the pinned CUDA 13.0 wheels (leave out --toolkit system) \
+                        where the GPU's driver runs CUDA 13.0 or newer"
+            }
+            None => "a toolkit installed here that knows it (--toolkit system)",
+        };
+        bail!(
+            "compute capability {}.{} is newer than {} builds for (up to {}.{}): build with {newer}",
+            cap / 10,
+            cap % 10,
+            toolkit.describe(),
+            newest / 10,
+            newest % 10,
         );
     }
     Ok(cap)
@@ -661,7 +688,7 @@ mod tests {
         let home = PathBuf::from("/opt/cuda-12.4");
         Toolkit {
             version: (12, 4),
-            oldest_cap: 50,
+            caps: (50, 90),
             installed: Some(Installed { libs: home.join("lib64"), home }),
         }
     }
@@ -710,7 +737,7 @@ mod tests {
     }
 
     #[test]
-    fn nvcc_says_its_version_and_oldest_architecture() {
+    fn nvcc_says_its_version_and_architectures() {
         // `nvcc --version` of the pinned wheel (13.0.88) and of a CUDA 12.4 install.
         let v13 = "nvcc: NVIDIA (R) Cuda compiler driver\nCopyright (c) 2005-2025 NVIDIA \
                    Corporation\nBuilt on Wed_Aug_20_01:58:59_PM_PDT_2025\nCuda compilation \
@@ -721,11 +748,17 @@ mod tests {
         for bad in ["", "nvcc: command not found", "release twelve, V12"] {
             assert_eq!(parse_nvcc_version(bad), None, "{bad:?}");
         }
-        // `nvcc --list-gpu-arch` of the pinned wheel, and a CUDA 12 one's (with `90a`).
-        let a13 = "compute_75\ncompute_80\ncompute_86\ncompute_90\ncompute_100\ncompute_120\n";
-        assert_eq!(oldest_arch(a13), Some(PINNED.oldest_cap));
-        assert_eq!(oldest_arch("compute_90a\ncompute_50\ncompute_52\n"), Some(50));
-        assert_eq!(oldest_arch("nvcc fatal   : Unknown option"), None);
+        // `nvcc --list-gpu-arch` of the pinned wheel (13.0.88) and of NVIDIA's CUDA 12.4 nvcc
+        // (12.4.131, from Debian's packages), as they print it; an `a` suffix counts as its number.
+        let a13 = "compute_75\ncompute_80\ncompute_86\ncompute_87\ncompute_88\ncompute_89\n\
+                   compute_90\ncompute_100\ncompute_110\ncompute_103\ncompute_120\ncompute_121\n";
+        assert_eq!(arch_range(a13), Some(PINNED.caps));
+        let a12 = "compute_50\ncompute_52\ncompute_53\ncompute_60\ncompute_61\ncompute_62\n\
+                   compute_70\ncompute_72\ncompute_75\ncompute_80\ncompute_86\ncompute_87\n\
+                   compute_89\ncompute_90\n";
+        assert_eq!(arch_range(a12), Some(cuda_12_4().caps));
+        assert_eq!(arch_range("compute_90a\ncompute_50\ncompute_52\n"), Some((50, 90)));
+        assert_eq!(arch_range("nvcc fatal   : Unknown option"), None);
     }
 
     #[test]
@@ -753,7 +786,7 @@ mod tests {
         let home = s.0.join("cuda-12.4").canonicalize().unwrap();
         let want = Toolkit {
             version: (12, 4),
-            oldest_cap: 50,
+            caps: (50, 90),
             installed: Some(Installed {
                 libs: home.join("targets/x86_64-linux/lib"),
                 home: home.clone(),
@@ -804,6 +837,17 @@ mod tests {
         let err = format!("{:#}", parse_cap("7.0", &PINNED).unwrap_err());
         assert!(err.contains("7.0 is older than CUDA 13.0 supports (7.5"), "{err}");
         assert_eq!(parse_cap("7.0", &cuda_12_4()).unwrap(), 70, "CUDA 12.4 builds for a V100");
+        // Newer than the toolkit knows: a B200 (10.0) with CUDA 12.4, and past the pinned 13.0.
+        assert_eq!(parse_cap("12.1", &PINNED).unwrap(), 121);
+        let err = format!("{:#}", parse_cap("10.0", &cuda_12_4()).unwrap_err());
+        assert!(
+            err.contains(
+                "10.0 is newer than the CUDA 12.4 toolkit at /opt/cuda-12.4 builds for (up to 9.0)"
+            ) && err.contains("leave out --toolkit system"),
+            "{err}"
+        );
+        let err = format!("{:#}", parse_cap("13.0", &PINNED).unwrap_err());
+        assert!(err.contains("(up to 12.1)") && err.contains("--toolkit system"), "{err}");
     }
 
     #[test]
