@@ -381,6 +381,24 @@ fn library_dir(home: &Path) -> Result<PathBuf> {
         .with_context(|| format!("no libcudart.so.N in {} ({})", home.display(), tried.join(", ")))
 }
 
+/// The headers candle's kernels include that a partial toolkit lacks, of: the runtime's
+/// `cuda_fp16.h`, and CCCL's `nv/target` (libcu++, which `cuda_fp16.h` includes) and
+/// `thrust/device_ptr.h` (its static MoE kernels). Looked for in `include/` (NVIDIA's installer;
+/// Debian's `/usr/include`) and `targets/x86_64-linux/include/` (conda), and their `cccl/`
+/// (where CUDA 13 keeps CCCL). A warning, not a refusal: nvcc's profile may name other folders.
+fn missing_headers(home: &Path) -> Vec<&'static str> {
+    const DIRS: [&str; 4] = [
+        "include",
+        "include/cccl",
+        "targets/x86_64-linux/include",
+        "targets/x86_64-linux/include/cccl",
+    ];
+    ["cuda_fp16.h", "nv/target", "thrust/device_ptr.h"]
+        .into_iter()
+        .filter(|h| !DIRS.iter().any(|d| home.join(d).join(h).is_file()))
+        .collect()
+}
+
 /// The newest of cudarc's bindings (`supported`, as `12040` for 12.4) for a toolkit of
 /// `version`: its own, else the newest of its major version cudarc has (a toolkit keeps the
 /// functions of the ones before it).
@@ -601,6 +619,19 @@ pub fn environment(
             (home.clone(), home.join("lib"), cudnn_lib, cupti_root, "cuda-root", 13000)
         }
         Some(Installed { home, libs }) => {
+            let missing = missing_headers(home);
+            if !missing.is_empty() {
+                eprintln!(
+                    "cuda-env: warning: {} has no {} under include/ (nor \
+                     targets/x86_64-linux/include/): candle's kernels include them, so their \
+                     build would stop there. A toolkit from NVIDIA's installer has them; a \
+                     partial one needs the runtime's headers and CCCL's (thrust, cub, libcu++: \
+                     Debian's libthrust-dev, libcub-dev and libcu++-dev; conda's cuda-cudart-dev \
+                     and cuda-cccl)",
+                    toolkit.describe(),
+                    missing.join(", ")
+                );
+            }
             if cupti {
                 bail!("--cupti comes with the pinned wheels only (leave out --toolkit system)");
             }
@@ -773,6 +804,24 @@ mod tests {
             assert!(err.contains(&format!("CUDA {}.{}", v.0, v.1)), "{err}");
             assert!(err.contains("12.0 to 13.4"), "{err}");
         }
+    }
+
+    /// The headers a partial toolkit lacks are named (`environment` warns of them); NVIDIA's
+    /// layout, conda's and CUDA 13's `cccl/` folder each hold them.
+    #[test]
+    fn headers_a_partial_toolkit_lacks_are_named() {
+        let s = Scratch::new("headers");
+        let all = ["cuda_fp16.h", "nv/target", "thrust/device_ptr.h"];
+        assert_eq!(missing_headers(&s.0.join("none")), all);
+        s.file("nvidia/include/cuda_fp16.h", "", false);
+        assert_eq!(missing_headers(&s.0.join("nvidia")), all[1..], "no CCCL (Debian without it)");
+        s.file("nvidia/include/nv/target", "", false);
+        s.file("nvidia/include/thrust/device_ptr.h", "", false);
+        assert_eq!(missing_headers(&s.0.join("nvidia")), [""; 0]);
+        for h in ["cuda_fp16.h", "cccl/nv/target", "cccl/thrust/device_ptr.h"] {
+            s.file(&format!("conda/targets/x86_64-linux/include/{h}"), "", false);
+        }
+        assert_eq!(missing_headers(&s.0.join("conda")), [""; 0]);
     }
 
     #[test]
