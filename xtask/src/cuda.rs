@@ -818,10 +818,13 @@ mod tests {
         s.file("nvidia/include/nv/target", "", false);
         s.file("nvidia/include/thrust/device_ptr.h", "", false);
         assert_eq!(missing_headers(&s.0.join("nvidia")), [""; 0]);
-        for h in ["cuda_fp16.h", "cccl/nv/target", "cccl/thrust/device_ptr.h"] {
-            s.file(&format!("conda/targets/x86_64-linux/include/{h}"), "", false);
+        // The CUDA 13 wheels' layout (`nvidia/cu13/include/cccl/`), and conda's.
+        for (home, dir) in [("cu13", "include"), ("conda", "targets/x86_64-linux/include")] {
+            for h in ["cuda_fp16.h", "cccl/nv/target", "cccl/thrust/device_ptr.h"] {
+                s.file(&format!("{home}/{dir}/{h}"), "", false);
+            }
+            assert_eq!(missing_headers(&s.0.join(home)), [""; 0], "{home}");
         }
-        assert_eq!(missing_headers(&s.0.join("conda")), [""; 0]);
     }
 
     #[test]
