@@ -17,7 +17,8 @@ pub struct DetectArgs {
     /// What to find: phrases separated by `.` (`"red circle. blue square"`).
     #[arg(long)]
     prompt: String,
-    /// Images (PNG or JPEG).
+    /// Images (PNG or JPEG), turned upright by their EXIF orientation as viewers show them (the
+    /// boxes are in that image; the JSON says `exif_orientation` when one was applied).
     #[arg(required = true)]
     images: Vec<PathBuf>,
     /// Folder for the drawn images (`<stem>.detections.png`).
@@ -79,7 +80,7 @@ pub fn run(registry: &glip_train::config::Registry, a: DetectArgs) -> Result<()>
     // One bf16 scope for every image: each convolution's weight is packed once.
     glip_train::autocast(det.precision, || -> Result<()> {
         for path in &a.images {
-            let img = glip_data::detection::load_image(path)?;
+            let (img, orientation) = glip_data::detection::load_image_upright(path)?;
             let p = glip_train::infer::Predictor { graphs: graphs.as_ref(), ..det.predictor() };
             let found =
                 p.detect(&img, &phrases, &post).with_context(|| path.display().to_string())?;
@@ -90,14 +91,19 @@ pub fn run(registry: &glip_train::config::Registry, a: DetectArgs) -> Result<()>
             let mut canvas = img.clone();
             draw(&mut canvas, &found);
             save_png_atomic(&canvas, &drawn)?;
-            results.push(serde_json::json!({
+            let mut result = serde_json::json!({
                 "image": path,
                 "width": img.width(),
                 "height": img.height(),
                 "prompt": a.prompt,
                 "detections": found,
                 "drawn": drawn,
-            }));
+            });
+            if orientation != 1 {
+                // Turned upright: the size and the boxes are the upright image's.
+                result["exif_orientation"] = orientation.into();
+            }
+            results.push(result);
         }
         Ok(())
     })?;

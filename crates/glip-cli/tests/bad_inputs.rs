@@ -2,7 +2,7 @@
 //! arguments, prompts, images, checkpoints, run folders, COCO/ODVG files) through the `glip`
 //! binary: every case must exit non-zero with a message naming what is wrong and where (each
 //! `expect` string on stderr), and none may panic. Cases marked `ok` are valid inputs that must
-//! keep working. `GLIP_CORPUS_SHOW=1` prints every case's message, for reading them all.
+//! keep working (and print their `expect` strings, if any). `GLIP_CORPUS_SHOW=1` prints every case's message, for reading them all.
 
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -209,6 +209,11 @@ fn every_bad_input_gets_a_clear_error_and_none_panics() {
             good += 1;
             if code != Some(0) {
                 wrong.push(format!("valid input failed (exit {code:?})"));
+            }
+            for e in &case.expect {
+                if !err.contains(e.as_str()) {
+                    wrong.push(format!("output lacks {e:?}"));
+                }
             }
         } else {
             bad += 1;

@@ -87,17 +87,47 @@ pub fn check_box(b: [f64; 4], w: f64, h: f64) -> Result<[f32; 4], String> {
     Ok([c[0] as f32, c[1] as f32, c[2] as f32, c[3] as f32])
 }
 
-/// Loads and decodes an image (JPEG or PNG) as RGB.
+/// Loads and decodes an image (JPEG or PNG) as RGB, its pixels as stored.
 pub fn load_image(path: &Path) -> Result<RgbImage, DataError> {
+    Ok(read_and_decode(path)?.1.to_rgb8())
+}
+
+/// Loads an image as [`load_image`] does, then turns it upright by its EXIF orientation, as
+/// image viewers show it (a phone stores a portrait photo sideways, tagged "rotate 90
+/// degrees"); returns the EXIF orientation applied, 1 (as stored) to 8. For the photos given to
+/// `glip detect`: the model sees them upright and the boxes are in the image a viewer shows.
+/// Datasets keep [`load_image`]: COCO's boxes are in the stored pixels, as pycocotools and the
+/// PyTorch reference read them (PIL without `exif_transpose`). Metadata that does not parse
+/// leaves the image as stored.
+pub fn load_image_upright(path: &Path) -> Result<(RgbImage, u8), DataError> {
+    let (bytes, mut img) = read_and_decode(path)?;
+    let orientation = image::ImageReader::new(std::io::Cursor::new(&bytes))
+        .with_guessed_format()
+        .ok()
+        .and_then(|reader| reader.into_decoder().ok())
+        .and_then(|mut decoder| image::ImageDecoder::orientation(&mut decoder).ok())
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    img.apply_orientation(orientation);
+    Ok((img.to_rgb8(), orientation.to_exif()))
+}
+
+/// The file's bytes and the image they decode to (within `image`'s default limits on size).
+fn read_and_decode(path: &Path) -> Result<(Vec<u8>, image::DynamicImage), DataError> {
     let bytes = std::fs::read(path).map_err(|e| DataError::Image {
         path: path.to_path_buf(),
         what: format!("cannot be read: {e}"),
     })?;
-    let img = image::load_from_memory(&bytes).map_err(|e| DataError::Image {
-        path: path.to_path_buf(),
-        what: format!("cannot be decoded: {e}"),
+    let img = image::load_from_memory(&bytes).map_err(|e| {
+        let formats = match e {
+            image::ImageError::Unsupported(_) => " (glip reads PNG and JPEG)",
+            _ => "",
+        };
+        DataError::Image {
+            path: path.to_path_buf(),
+            what: format!("cannot be decoded: {e}{formats}"),
+        }
     })?;
-    Ok(img.to_rgb8())
+    Ok((bytes, img))
 }
 
 /// Builds the sample of one image: the prompt over its positive categories plus up to
@@ -173,4 +203,88 @@ pub fn detection_sample(
     }
     let orig = image.dimensions();
     Ok(Sample { image, image_id, orig_size: orig, caption: prompt.caption, boxes, phrases, labels })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use image::Rgb;
+
+    /// A JPEG of `img`, with an EXIF block (APP1) holding only `orientation` where given: a
+    /// big-endian TIFF header and one IFD entry, Orientation (tag 0x0112, one SHORT).
+    fn jpeg(img: &RgbImage, orientation: Option<u16>) -> Vec<u8> {
+        let mut jpeg = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 95)
+            .encode_image(img)
+            .unwrap();
+        let Some(o) = orientation else { return jpeg };
+        let mut app1 = b"Exif\0\0MM\0\x2a\0\0\0\x08\0\x01\x01\x12\0\x03\0\0\0\x01".to_vec();
+        app1.extend(o.to_be_bytes());
+        app1.extend([0; 6]); // the value's padding, then no next IFD
+        let mut out = jpeg[..2].to_vec(); // SOI
+        out.extend([0xFF, 0xE1]);
+        out.extend(u16::try_from(app1.len() + 2).unwrap().to_be_bytes());
+        out.extend(app1);
+        out.extend(&jpeg[2..]);
+        out
+    }
+
+    /// `load_image_upright` turns a photo as its EXIF orientation says (6: 90 degrees clockwise,
+    /// 8: 90 counter-clockwise, 3: 180), as viewers do; `load_image` keeps the stored pixels.
+    #[test]
+    fn a_photo_is_turned_upright_by_its_exif_orientation() {
+        // 32 wide, 16 tall: the left half red, the right half blue.
+        let stored =
+            RgbImage::from_fn(
+                32,
+                16,
+                |x, _| {
+                    if x < 16 {
+                        Rgb([220, 30, 30])
+                    } else {
+                        Rgb([30, 30, 220])
+                    }
+                },
+            );
+        let dir = std::env::temp_dir().join(format!("glip-data-exif-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let red = |img: &RgbImage, x: u32, y: u32| {
+            let p = img.get_pixel(x, y);
+            assert!(p[0].abs_diff(p[2]) > 100, "({x}, {y}) is {p:?}: neither red nor blue");
+            p[0] > p[2]
+        };
+        // (EXIF orientation, upright size, a point in the red half, one in the blue half).
+        let cases = [
+            (None, (32, 16), (8, 8), (24, 8)),
+            (Some(1), (32, 16), (8, 8), (24, 8)),
+            (Some(6), (16, 32), (8, 8), (8, 24)),
+            (Some(8), (16, 32), (8, 24), (8, 8)),
+            (Some(3), (32, 16), (24, 8), (8, 8)),
+        ];
+        for (orientation, size, r, b) in cases {
+            let path = dir.join(format!("photo-{orientation:?}.jpg"));
+            std::fs::write(&path, jpeg(&stored, orientation)).unwrap();
+            let (upright, applied) = load_image_upright(&path).unwrap();
+            assert_eq!(applied, orientation.map_or(1, |o| o as u8), "{orientation:?}");
+            assert_eq!(upright.dimensions(), size, "{orientation:?}");
+            assert!(red(&upright, r.0, r.1) && !red(&upright, b.0, b.1), "{orientation:?}");
+            let as_stored = load_image(&path).unwrap();
+            assert_eq!(as_stored.dimensions(), (32, 16), "{orientation:?}");
+            assert!(red(&as_stored, 8, 8) && !red(&as_stored, 24, 8), "{orientation:?}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A format glip does not read is named with the ones it does.
+    #[test]
+    fn an_unsupported_format_names_png_and_jpeg() {
+        let path = std::env::temp_dir().join(format!("glip-data-{}.gif", std::process::id()));
+        std::fs::write(&path, b"GIF89a\x01\0\x01\0\0\0\0;").unwrap();
+        let err = load_image(&path).unwrap_err().to_string();
+        std::fs::remove_file(&path).unwrap();
+        assert!(
+            err.contains("cannot be decoded") && err.contains("glip reads PNG and JPEG"),
+            "{err}"
+        );
+    }
 }
