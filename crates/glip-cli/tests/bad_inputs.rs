@@ -2,7 +2,8 @@
 //! arguments, prompts, images, checkpoints, run folders, COCO/ODVG files) through the `glip`
 //! binary: every case must exit non-zero with a message naming what is wrong and where (each
 //! `expect` string on stderr), and none may panic. Cases marked `ok` are valid inputs that must
-//! keep working (and print their `expect` strings, if any). `GLIP_CORPUS_SHOW=1` prints every case's message, for reading them all.
+//! keep working (and print their `expect` strings, if any). `GLIP_CORPUS_SHOW=1` prints every
+//! case's message, for reading them all.
 
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
