@@ -1,7 +1,10 @@
 //! Every kind of bad input is an error naming the file and the record, or, under the skip
-//! policy, left out and counted. Nothing panics.
+//! policy, left out and counted. Nothing panics. Odd but valid images (a photo stored sideways)
+//! load as viewers show them where asked to.
 
+use glip_data::detection::{load_image, load_image_upright};
 use glip_data::{CocoDataset, DataError, ErrorPolicy, OdvgDataset};
+use image::{Rgb, RgbImage};
 use std::path::{Path, PathBuf};
 
 struct Dir(PathBuf);
@@ -180,4 +183,65 @@ fn odvg_errors_name_file_and_line() {
     let err =
         OdvgDataset::open(&p, &d.0, Some(&lm_bad), ErrorPolicy::Fail).unwrap_err().to_string();
     assert!(err.contains("bad_labels.json: label 0: empty category name"), "{err}");
+}
+
+/// A JPEG of `img`, with an EXIF block (APP1) holding only `orientation` where given: a
+/// big-endian TIFF header and one IFD entry, Orientation (tag 0x0112, one SHORT).
+fn jpeg(img: &RgbImage, orientation: Option<u16>) -> Vec<u8> {
+    let mut jpeg = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 95).encode_image(img).unwrap();
+    let Some(o) = orientation else { return jpeg };
+    let mut app1 = b"Exif\0\0MM\0\x2a\0\0\0\x08\0\x01\x01\x12\0\x03\0\0\0\x01".to_vec();
+    app1.extend(o.to_be_bytes());
+    app1.extend([0; 6]); // the value's padding, then no next IFD
+    let mut out = jpeg[..2].to_vec(); // SOI
+    out.extend([0xFF, 0xE1]);
+    out.extend(u16::try_from(app1.len() + 2).unwrap().to_be_bytes());
+    out.extend(app1);
+    out.extend(&jpeg[2..]);
+    out
+}
+
+/// `load_image_upright` turns a photo as its EXIF orientation says (6: 90 degrees clockwise,
+/// 8: 90 counter-clockwise, 3: 180), as viewers do; `load_image` keeps the stored pixels.
+#[test]
+fn a_photo_is_turned_upright_by_its_exif_orientation() {
+    // 32 wide, 16 tall: the left half red, the right half blue.
+    let stored =
+        RgbImage::from_fn(32, 16, |x, _| Rgb(if x < 16 { [220, 30, 30] } else { [30, 30, 220] }));
+    let dir = Dir::new("exif");
+    let red = |img: &RgbImage, x: u32, y: u32| {
+        let p = img.get_pixel(x, y);
+        assert!(p[0].abs_diff(p[2]) > 100, "({x}, {y}) is {p:?}: neither red nor blue");
+        p[0] > p[2]
+    };
+    // (EXIF orientation, upright size, a point in the red half, one in the blue half).
+    let cases = [
+        (None, (32, 16), (8, 8), (24, 8)),
+        (Some(1), (32, 16), (8, 8), (24, 8)),
+        (Some(6), (16, 32), (8, 8), (8, 24)),
+        (Some(8), (16, 32), (8, 24), (8, 8)),
+        (Some(3), (32, 16), (24, 8), (8, 8)),
+    ];
+    for (orientation, size, r, b) in cases {
+        let path = dir.0.join(format!("photo-{orientation:?}.jpg"));
+        std::fs::write(&path, jpeg(&stored, orientation)).unwrap();
+        let (upright, applied) = load_image_upright(&path).unwrap();
+        assert_eq!(applied, orientation.map_or(1, |o| o as u8), "{orientation:?}");
+        assert_eq!(upright.dimensions(), size, "{orientation:?}");
+        assert!(red(&upright, r.0, r.1) && !red(&upright, b.0, b.1), "{orientation:?}");
+        let as_stored = load_image(&path).unwrap();
+        assert_eq!(as_stored.dimensions(), (32, 16), "{orientation:?}");
+        assert!(red(&as_stored, 8, 8) && !red(&as_stored, 24, 8), "{orientation:?}");
+    }
+}
+
+/// A format glip does not read is named with the ones it does.
+#[test]
+fn an_unsupported_format_names_png_and_jpeg() {
+    let dir = Dir::new("gif");
+    let path = dir.0.join("image.gif");
+    std::fs::write(&path, b"GIF89a\x01\0\x01\0\0\0\0;").unwrap();
+    let err = load_image(&path).unwrap_err().to_string();
+    assert!(err.contains("cannot be decoded") && err.contains("glip reads PNG and JPEG"), "{err}");
 }
