@@ -101,6 +101,8 @@ pub fn load_image(path: &Path) -> Result<RgbImage, DataError> {
 /// leaves the image as stored.
 pub fn load_image_upright(path: &Path) -> Result<(RgbImage, u8), DataError> {
     let (bytes, mut img) = read_and_decode(path)?;
+    // A second decoder reads only the headers: decoding through it instead would skip the
+    // allocation limit `load_from_memory` checks (a header claiming 60000x60000).
     let orientation = image::ImageReader::new(std::io::Cursor::new(&bytes))
         .with_guessed_format()
         .ok()
