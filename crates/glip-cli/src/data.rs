@@ -28,6 +28,10 @@ pub struct CheckArgs {
     /// The label map of the ODVG file's detection records.
     #[arg(long, requires = "odvg")]
     label_map: Option<PathBuf>,
+    /// A tokenizer.json to check the ODVG file's captions with: each within the token budget,
+    /// each phrase covering a token (as training checks them).
+    #[arg(long, requires = "odvg")]
+    tokenizer: Option<PathBuf>,
     /// The images folder.
     #[arg(long)]
     images: PathBuf,
@@ -59,6 +63,11 @@ pub struct ExportArgs {
     /// Which formats.
     #[arg(long, value_enum, default_value = "coco")]
     format: Format,
+    /// ODVG as grounding records, the kind of data GLIP pre-trains on: per image a caption
+    /// naming its objects ("a red circle left of a blue square") and each box's phrase in it,
+    /// instead of detection records with a label map.
+    #[arg(long)]
+    grounding: bool,
     /// Training images.
     #[arg(long, default_value_t = 256, value_parser = crate::count(0, glip_core::validate::limits::IMAGES as u64))]
     train_images: usize,
@@ -95,16 +104,30 @@ pub fn run(cmd: DataCmd) -> Result<()> {
                 problems.extend(ds.check_images());
                 report(&problems, &coco.display().to_string(), ds.len())
             } else if let Some(odvg) = a.odvg {
-                let ds =
+                let mut ds =
                     OdvgDataset::open(&odvg, &a.images, a.label_map.as_deref(), ErrorPolicy::Skip)?;
+                if let Some(t) = &a.tokenizer {
+                    let tok = glip_text::Tokenizer::from_file(t)?;
+                    let tok: std::sync::Arc<dyn glip_core::prompt::CaptionTokenizer> =
+                        std::sync::Arc::new(tok);
+                    ds = ds.with_prompts(Default::default(), Some(tok));
+                    ds = ds.check_captions(ErrorPolicy::Skip)?;
+                }
                 let mut problems = ds.report.problems.clone();
+                // Records left out count among those read (one or more problems each).
+                let skipped: std::collections::HashSet<&str> =
+                    problems.iter().map(|p| p.record.as_str()).collect();
+                let records = ds.len() + skipped.len();
                 problems.extend(ds.check_images());
-                report(&problems, &odvg.display().to_string(), ds.len())
+                report(&problems, &odvg.display().to_string(), records)
             } else {
                 bail!("give --coco GT.json or --odvg FILE.jsonl")
             }
         }
         DataCmd::ExportShapes(a) => {
+            if a.grounding && a.format == Format::Coco {
+                bail!("--grounding writes ODVG grounding records: add --format odvg (or both)");
+            }
             let cfg = ShapesConfig {
                 train_images: a.train_images,
                 val_images: a.val_images,
@@ -129,9 +152,13 @@ pub fn run(cmd: DataCmd) -> Result<()> {
                     );
                 }
                 if matches!(a.format, Format::Odvg | Format::Both) {
-                    ds.export_odvg(&dir).with_context(|| format!("exporting {name} as ODVG"))?;
+                    let (kind, r) = match a.grounding {
+                        true => ("grounding", ds.export_odvg_grounding(&dir)),
+                        false => ("detection", ds.export_odvg(&dir)),
+                    };
+                    r.with_context(|| format!("exporting {name} as ODVG"))?;
                     println!(
-                        "{name}: {} images as ODVG in {}",
+                        "{name}: {} images as ODVG {kind} records in {}",
                         ds.len(),
                         dir.join("odvg.jsonl").display()
                     );

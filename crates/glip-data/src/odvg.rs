@@ -13,7 +13,7 @@ use crate::detection::{check_box, detection_sample, load_image, Object, PromptCo
 use crate::error::{Collector, ErrorPolicy, SkipReport};
 use crate::rng::Rng;
 use crate::{DataError, Dataset, Sample};
-use glip_core::prompt::{check_spans, CaptionTokenizer};
+use glip_core::prompt::{check_spans, positive_row, CaptionTokenizer};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -167,9 +167,13 @@ impl OdvgDataset {
                             .get("label")
                             .and_then(Value::as_u64)
                             .ok_or(format!("instance {k}: missing `label`"))?;
-                        let &category = label_index
-                            .get(&l)
-                            .ok_or(format!("instance {k}: unknown category label {l}"))?;
+                        let &category = label_index.get(&l).ok_or_else(|| match label_map {
+                            Some(_) => format!("instance {k}: unknown category label {l}"),
+                            None => format!(
+                                "instance {k}: category label {l} without a label map (detection \
+                                 records name categories through one: {{\"{l}\": \"name\", ...}})"
+                            ),
+                        })?;
                         objects.push(Object { bbox, category, crowd: false });
                     }
                     Ok(OdvgRecord::Detection { filename, objects })
@@ -249,6 +253,58 @@ impl OdvgDataset {
         self.prompt = prompt;
         self.tokenizer = tokenizer;
         self
+    }
+
+    /// Checks every grounding record's caption against the tokenizer given to
+    /// [`OdvgDataset::with_prompts`] (nothing to check without one): a caption over the token
+    /// budget (captions are not truncated, which would cut phrases off their boxes) and a region
+    /// whose phrase covers no token (its box would have nothing to align with) are problems.
+    /// Under [`ErrorPolicy::Fail`] they are an error naming each line; under `Skip` those
+    /// records are left out and added to [`OdvgDataset::report`].
+    pub fn check_captions(mut self, policy: ErrorPolicy) -> Result<Self, DataError> {
+        let Some(tok) = self.tokenizer.clone() else { return Ok(self) };
+        let mut c = Collector::default();
+        let mut bad = vec![false; self.records.len()];
+        for (i, r) in self.records.iter().enumerate() {
+            let OdvgRecord::Grounding { caption, regions, .. } = r else { continue };
+            let line = format!("line {}", self.lines[i]);
+            let offsets = match tok.encode_caption(caption) {
+                Ok((_, offsets)) => offsets,
+                Err(e) => {
+                    c.push(&self.path, line, format!("caption not usable: {e}"));
+                    bad[i] = true;
+                    continue;
+                }
+            };
+            for (k, (_, spans)) in regions.iter().enumerate() {
+                let row = positive_row(&offsets, spans, offsets.len());
+                if row.iter().all(|&x| x == 0.0) {
+                    let chars: Vec<char> = caption.chars().collect();
+                    let phrase: Vec<String> =
+                        spans.iter().map(|&(s, e)| chars[s..e].iter().collect()).collect();
+                    c.push(
+                        &self.path,
+                        line.clone(),
+                        format!("phrase covers no token: region {k}, {:?}", phrase.join(" ")),
+                    );
+                    bad[i] = true;
+                }
+            }
+        }
+        let report = c.finish(&self.path, policy)?;
+        if !report.problems.is_empty() {
+            let kept =
+                std::mem::take(&mut self.records).into_iter().zip(std::mem::take(&mut self.lines));
+            (self.records, self.lines) = kept.zip(bad).filter(|(_, b)| !b).map(|(r, _)| r).unzip();
+            self.report.problems.extend(report.problems);
+        }
+        Ok(self)
+    }
+
+    /// Counts of `(detection, grounding)` records.
+    pub fn record_kinds(&self) -> (usize, usize) {
+        let det = self.records.iter().filter(|r| matches!(r, OdvgRecord::Detection { .. })).count();
+        (det, self.records.len() - det)
     }
 
     fn filename(&self, i: usize) -> &str {

@@ -344,6 +344,48 @@ impl ShapesDataset {
     /// Writes the split as ODVG detection records (`odvg.jsonl`, `label_map.json`) with the
     /// images under `images/` (as [`ShapesDataset::export_coco`] names them).
     pub fn export_odvg(&self, dir: &Path) -> Result<(), DataError> {
+        self.write_odvg(dir, false)
+    }
+
+    /// Writes the split as ODVG grounding records (`odvg.jsonl`): per image a caption naming
+    /// its objects ([`ShapesDataset::caption`]) and each object's box with the span of its
+    /// phrase, the images under `images/`. Data of the kind GLIP pre-trains on (captions, no
+    /// label map, no negatives).
+    pub fn export_odvg_grounding(&self, dir: &Path) -> Result<(), DataError> {
+        self.write_odvg(dir, true)
+    }
+
+    /// A caption naming `objects` and, per object, the character span of its phrase in it. The
+    /// categories are named from left to right (by the centre of each one's leftmost object);
+    /// objects of one category share a phrase. One category: "a red circle"; two: "a red circle
+    /// left of a blue square"; more: "a red circle, a blue square and a green star".
+    pub fn caption(&self, objects: &[Object]) -> (String, Vec<(usize, usize)>) {
+        let centre = |o: &Object| o.bbox[0] + o.bbox[2];
+        let mut cats: Vec<(f32, usize)> = Vec::new();
+        for o in objects {
+            match cats.iter_mut().find(|c| c.1 == o.category) {
+                Some(c) => c.0 = c.0.min(centre(o)),
+                None => cats.push((centre(o), o.category)),
+            }
+        }
+        cats.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        let mut caption = String::new();
+        let mut span = vec![(0, 0); self.names.len()];
+        for (k, &(_, cat)) in cats.iter().enumerate() {
+            caption += match (k, cats.len()) {
+                (0, _) => "a ",
+                (1, 2) => " left of a ",
+                (k, n) if k + 1 == n => " and a ",
+                _ => ", a ",
+            };
+            let start = caption.chars().count();
+            caption += &self.names[cat];
+            span[cat] = (start, caption.chars().count());
+        }
+        (caption, objects.iter().map(|o| span[o.category]).collect())
+    }
+
+    fn write_odvg(&self, dir: &Path, grounding: bool) -> Result<(), DataError> {
         let img_dir = dir.join("images");
         std::fs::create_dir_all(&img_dir)
             .map_err(|e| DataError::Io { path: img_dir.clone(), source: e })?;
@@ -355,24 +397,39 @@ impl ShapesDataset {
             if !path.exists() {
                 write_png(&img, &path)?;
             }
-            let inst: Vec<_> = objects
-                .iter()
-                .map(|o| serde_json::json!({"bbox": o.bbox, "label": o.category, "category": self.names[o.category]}))
-                .collect();
-            let rec = serde_json::json!({"filename": format!("images/{name}"), "height": img.height(), "width": img.width(), "detection": {"instances": inst}});
+            let mut rec = serde_json::json!({"filename": format!("images/{name}"), "height": img.height(), "width": img.width()});
+            if grounding {
+                let (caption, spans) = self.caption(&objects);
+                let regions: Vec<_> = objects
+                    .iter()
+                    .zip(&spans)
+                    .map(|(o, &(s, e))| {
+                        serde_json::json!({"bbox": o.bbox, "phrase": self.names[o.category], "tokens_positive": [[s, e]]})
+                    })
+                    .collect();
+                rec["grounding"] = serde_json::json!({"caption": caption, "regions": regions});
+            } else {
+                let inst: Vec<_> = objects
+                    .iter()
+                    .map(|o| serde_json::json!({"bbox": o.bbox, "label": o.category, "category": self.names[o.category]}))
+                    .collect();
+                rec["detection"] = serde_json::json!({ "instances": inst });
+            }
             lines.push_str(&rec.to_string());
             lines.push('\n');
         }
-        let map: serde_json::Map<String, serde_json::Value> = self
-            .names
-            .iter()
-            .enumerate()
-            .map(|(i, n)| (i.to_string(), serde_json::json!(n)))
-            .collect();
-        write_atomic(
-            &dir.join("label_map.json"),
-            serde_json::Value::Object(map).to_string().as_bytes(),
-        )?;
+        if !grounding {
+            let map: serde_json::Map<String, serde_json::Value> = self
+                .names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (i.to_string(), serde_json::json!(n)))
+                .collect();
+            write_atomic(
+                &dir.join("label_map.json"),
+                serde_json::Value::Object(map).to_string().as_bytes(),
+            )?;
+        }
         write_atomic(&dir.join("odvg.jsonl"), lines.as_bytes())
     }
 }
@@ -502,5 +559,68 @@ impl Dataset for ShapesDataset {
             rng,
             &record,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    fn obj(x0: f32, category: usize) -> Object {
+        Object { bbox: [x0, 10.0, x0 + 20.0, 30.0], category, crowd: false }
+    }
+
+    /// The text of every object's phrase, as its span cuts it out of `caption`.
+    fn phrases(caption: &str, spans: &[(usize, usize)]) -> Vec<String> {
+        let chars: Vec<char> = caption.chars().collect();
+        spans.iter().map(|&(s, e)| chars[s..e].iter().collect()).collect()
+    }
+
+    #[test]
+    fn captions_name_the_objects_left_to_right_with_their_phrases() {
+        let ds = ShapesDataset::new(ShapesConfig::default(), Split::Val).unwrap();
+        let name = |c: usize| ds.categories()[c].clone();
+        let (c, spans) = ds.caption(&[obj(50.0, 6)]);
+        assert_eq!(c, format!("a {}", name(6)));
+        assert_eq!(phrases(&c, &spans), [name(6)]);
+        // Two categories: the one further left first, whatever the objects' order.
+        let objects = [obj(70.0, 1), obj(5.0, 12)];
+        let (c, spans) = ds.caption(&objects);
+        assert_eq!(c, format!("a {} left of a {}", name(12), name(1)));
+        assert_eq!(phrases(&c, &spans), [name(1), name(12)]);
+        // Objects of one category share one phrase (at its leftmost object's place); more than
+        // two categories are listed.
+        let objects = [obj(90.0, 3), obj(40.0, 0), obj(10.0, 3), obj(60.0, 7)];
+        let (c, spans) = ds.caption(&objects);
+        assert_eq!(c, format!("a {}, a {} and a {}", name(3), name(0), name(7)));
+        assert_eq!(spans[0], spans[2]);
+        assert_eq!(phrases(&c, &spans), [name(3), name(0), name(3), name(7)]);
+    }
+
+    #[test]
+    fn grounding_export_reads_back_as_the_rendered_objects() {
+        let cfg = ShapesConfig { train_images: 12, val_images: 1, ..Default::default() };
+        let ds = ShapesDataset::new(cfg, Split::Train).unwrap();
+        let dir = std::env::temp_dir().join(format!("glip-data-grounding-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        ds.export_odvg_grounding(&dir).unwrap();
+        let read =
+            crate::OdvgDataset::open(&dir.join("odvg.jsonl"), &dir, None, crate::ErrorPolicy::Fail);
+        let back = read.map(|r| (0..ds.len()).map(|i| r.get(i, &mut Rng::new(0))).collect());
+        let label_map = dir.join("label_map.json").exists();
+        std::fs::remove_dir_all(&dir).ok();
+        let back: Vec<Result<crate::Sample, DataError>> = back.unwrap();
+        assert!(!label_map, "grounding records need no label map");
+        for (i, s) in back.into_iter().enumerate() {
+            let s = s.unwrap();
+            let (img, objects) = ds.render(i);
+            assert_eq!(s.image, img, "image {i}");
+            assert_eq!(s.boxes, objects.iter().map(|o| o.bbox).collect::<Vec<_>>(), "image {i}");
+            let named: Vec<String> = objects.iter().map(|o| ds.names[o.category].clone()).collect();
+            let spans: Vec<(usize, usize)> = s.phrases.iter().map(|p| p[0]).collect();
+            assert_eq!(phrases(&s.caption, &spans), named, "image {i}: {:?}", s.caption);
+            assert!(s.labels.iter().all(Option::is_none), "grounding records have no labels");
+        }
     }
 }

@@ -185,6 +185,104 @@ fn odvg_errors_name_file_and_line() {
     assert!(err.contains("bad_labels.json: label 0: empty category name"), "{err}");
 }
 
+/// Words split at spaces, each its own token, `[CLS]` and `[SEP]` around them (empty offsets),
+/// at most `budget` tokens: enough of a tokenizer to check captions against.
+struct Words {
+    budget: usize,
+}
+
+impl glip_core::prompt::CaptionTokenizer for Words {
+    fn encode_caption(&self, caption: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>), String> {
+        let mut offsets = vec![(0, 0)];
+        let mut start = None;
+        for (i, c) in caption.chars().chain([' ']).enumerate() {
+            match (c == ' ', start) {
+                (true, Some(s)) => {
+                    offsets.push((s, i));
+                    start = None;
+                }
+                (false, None) => start = Some(i),
+                _ => {}
+            }
+        }
+        offsets.push((0, 0));
+        if offsets.len() > self.budget {
+            return Err(format!("{} tokens, over the budget of {}", offsets.len(), self.budget));
+        }
+        Ok((vec![1; offsets.len()], offsets))
+    }
+    fn count_tokens(&self, caption: &str) -> Result<usize, String> {
+        Ok(Words { budget: usize::MAX }.encode_caption(caption)?.0.len())
+    }
+    fn token_budget(&self) -> usize {
+        self.budget
+    }
+}
+
+#[test]
+fn odvg_captions_are_checked_against_the_tokenizer() {
+    let d = Dir::new("odvg-captions");
+    let lm = d.write("labels.json", r#"{"0": "cat"}"#);
+    let gr = |caption: &str, spans: &str| {
+        format!(
+            r#"{{"filename": "a.png", "height": 30, "width": 40, "grounding": {{"caption": "{caption}", "regions": [{{"bbox": [1, 1, 5, 5], "tokens_positive": {spans}}}]}}}}"#
+        )
+    };
+    let det = r#"{"filename": "a.png", "height": 30, "width": 40, "detection": {"instances": [{"bbox": [1, 1, 5, 5], "label": 0}]}}"#;
+    // Lines: 1 fine, 2 a phrase of the space between two words, 3 over a budget of 7 tokens (7
+    // words), 4 a detection record (its prompts are made within the budget), 5 fine.
+    let text = [
+        gr("a black cat", "[[2, 11]]"),
+        gr("a  cat", "[[1, 2]]"),
+        gr("one two three four five six cat", "[[28, 31]]"),
+        det.to_string(),
+        gr("a dog and a cat", "[[2, 5], [12, 15]]"),
+    ]
+    .join("\n");
+    let p = d.write("odvg.jsonl", &text);
+    let open = || OdvgDataset::open(&p, &d.0, Some(&lm), ErrorPolicy::Fail).unwrap();
+    let tok: std::sync::Arc<dyn glip_core::prompt::CaptionTokenizer> =
+        std::sync::Arc::new(Words { budget: 7 });
+    let with_tok = || open().with_prompts(Default::default(), Some(tok.clone()));
+
+    // Without a tokenizer there is nothing to check against.
+    assert_eq!(open().check_captions(ErrorPolicy::Fail).unwrap().records.len(), 5);
+    let err = with_tok().check_captions(ErrorPolicy::Fail).unwrap_err().to_string();
+    for want in [
+        "odvg.jsonl",
+        "line 2: phrase covers no token: region 0, \" \"",
+        "line 3: caption not usable: 9 tokens, over the budget of 7",
+    ] {
+        assert!(err.contains(want), "expected {want:?} in {err:?}");
+    }
+    assert!(!err.contains("line 1") && !err.contains("line 4") && !err.contains("line 5"), "{err}");
+
+    let ds = with_tok().check_captions(ErrorPolicy::Skip).unwrap();
+    assert_eq!(ds.lines, vec![1, 4, 5]);
+    assert_eq!(ds.record_kinds(), (1, 2));
+    assert_eq!(ds.report.problems.len(), 2);
+    assert!(ds.report.problems[1].record.contains("line 3"), "{:?}", ds.report);
+    // The records kept are those lines' records.
+    use glip_data::{rng::Rng, Dataset};
+    png(&d.0.join("a.png"), 40, 30);
+    let s = ds.get(2, &mut Rng::new(0)).unwrap();
+    assert_eq!((s.caption.as_str(), s.phrases), ("a dog and a cat", vec![vec![(2, 5), (12, 15)]]));
+}
+
+#[test]
+fn odvg_detection_records_without_a_label_map_say_so() {
+    let d = Dir::new("odvg-no-map");
+    let p = d.write(
+        "odvg.jsonl",
+        r#"{"filename": "a.png", "height": 30, "width": 40, "detection": {"instances": [{"bbox": [1, 1, 5, 5], "label": 3}]}}"#,
+    );
+    let err = OdvgDataset::open(&p, &d.0, None, ErrorPolicy::Fail).unwrap_err().to_string();
+    assert!(
+        err.contains("odvg.jsonl: line 1: instance 0: category label 3 without a label map"),
+        "{err}"
+    );
+}
+
 /// A JPEG of `img`, with an EXIF block (APP1) holding only `orientation` where given: a
 /// big-endian TIFF header and one IFD entry, Orientation (tag 0x0112, one SHORT).
 fn jpeg(img: &RgbImage, orientation: Option<u16>) -> Vec<u8> {
