@@ -1,5 +1,6 @@
-//! `glip eval`: a trained run on the synthetic validation split (AP and the held-out pairs'
-//! AP50), or on a COCO folder (every image prompted with every category name).
+//! `glip eval`: a trained run on its own validation data (the synthetic task's split, with AP
+//! and the held-out pairs' AP50, or the COCO split it trained against), or on a COCO folder
+//! (every image prompted with every category name).
 
 use anyhow::{anyhow, Result};
 use clap::Args;
@@ -13,7 +14,8 @@ pub struct EvalArgs {
     /// A run folder (`config.resolved.toml` + `checkpoint.safetensors`) or a checkpoint file.
     #[arg(long)]
     run: PathBuf,
-    /// COCO annotations to evaluate on instead of the synthetic validation split.
+    /// COCO annotations to evaluate on instead of the run's validation data (the synthetic
+    /// task's split, or the COCO split named in its config).
     #[arg(long, requires = "images")]
     coco: Option<PathBuf>,
     /// The COCO images folder.
@@ -38,29 +40,38 @@ pub fn run(registry: &glip_train::config::Registry, a: EvalArgs) -> Result<()> {
     det.precision = precision;
     let graphs = crate::graphs_on(a.cuda_graph, &dev);
     let p = glip_train::infer::Predictor { graphs: graphs.as_ref(), ..det.predictor() };
+    use glip_train::experiment::EvalData;
+    let data = match (&a.coco, &a.images) {
+        (Some(ann), Some(images)) => EvalData::Coco(ann.clone(), images.clone()),
+        _ => {
+            // The run's own evaluation data, as its config says: the COCO validation split it
+            // trained against, or the synthetic task's.
+            let dir = if a.run.is_dir() { a.run.clone() } else { a.run.with_file_name("") };
+            let cfg_path = dir.join("config.resolved.toml");
+            let cfg = glip_train::experiment::load_config(&cfg_path).map_err(|e| {
+                anyhow!("{e} (the run's validation data is named there; give --coco and --images to evaluate on a COCO folder)")
+            })?;
+            let data = cfg.eval_data()?;
+            if let EvalData::Coco(ann, _) = &data {
+                eprintln!("evaluating on {} (the run's validation split)", ann.display());
+            }
+            data
+        }
+    };
     // One bf16 scope for the whole evaluation: each convolution's weight is packed once.
     let ev = glip_train::autocast(det.precision, || -> Result<_> {
-        Ok(match (&a.coco, &a.images) {
-            (Some(ann), Some(images)) => {
+        Ok(match &data {
+            EvalData::Coco(ann, images) => {
                 p.evaluate_coco_folder(ann, images, &det.spec.post, |i, n| {
                     if i % 50 == 0 || i == n {
                         eprintln!("{i}/{n} images");
                     }
                 })?
             }
-            _ => {
-                // The synthetic validation split is part of the training config.
-                let dir = if a.run.is_dir() { a.run.clone() } else { a.run.with_file_name("") };
-                let cfg_path = dir.join("config.resolved.toml");
-                let cfg = glip_train::experiment::load_config(&cfg_path).map_err(|e| {
-                    anyhow!("{e} (the synthetic validation split is described there; give --coco and --images to evaluate on a COCO folder)")
-                })?;
-                let ds =
-                    glip_data::ShapesDataset::new(cfg.data.shapes.clone(), glip_data::Split::Val)?;
-                let n = glip_data::Dataset::len(&ds);
+            EvalData::Shapes(ds, n) => {
                 let scratch =
                     std::env::temp_dir().join(format!("glip-eval-{}", std::process::id()));
-                let r = glip_train::infer::evaluate_shapes(&p, &ds, n, &scratch);
+                let r = glip_train::infer::evaluate_shapes(&p, ds, *n, &scratch);
                 std::fs::remove_dir_all(&scratch).ok();
                 r?
             }

@@ -200,47 +200,93 @@ set = ["run.steps=2", "run.eval_every=1"]
     std::fs::remove_dir_all(&d).ok();
 }
 
-#[test]
-fn an_experiment_trains_and_evaluates_on_a_coco_folder() {
-    let d = scratch("coco");
-    let shapes = d.join("shapes");
-    let (ok, _, err) = glip(&[
-        "data",
-        "export-shapes",
-        "--out",
-        shapes.to_str().unwrap(),
-        "--train-images",
-        "4",
-        "--val-images",
-        "2",
-        "--size",
-        "48",
-    ]);
-    assert!(ok, "{err}");
-    let cfg = tiny_config(&d);
-    let mut text = std::fs::read_to_string(&cfg).unwrap();
-    text += r#"
-[data.coco]
-train_annotations = "shapes/train/annotations.json"
-train_images = "shapes/train/images"
-val_annotations = "shapes/val/annotations.json"
-val_images = "shapes/val/images"
-"#;
+/// The losses of every logged step of a run, as `log.jsonl` has them.
+fn logged_losses(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["losses"].clone())
+        .collect()
+}
+
+/// Trains `cfg` with `data` appended (a TOML table) for 2 steps into `dir/name`, checks that
+/// `glip eval --run` (no data named) evaluates on the run's own COCO validation split and gets
+/// its last evaluation's numbers, and returns the run folder and what training printed.
+fn train_on_files(dir: &Path, name: &str, data: &str) -> (PathBuf, String) {
+    let cfg = dir.join(format!("{name}.toml"));
+    let text = std::fs::read_to_string(tiny_config(dir)).unwrap() + data;
     std::fs::write(&cfg, text).unwrap();
-    let run = d.join("run");
-    let (ok, out, err) = glip(&[
-        "experiment",
-        cfg.to_str().unwrap(),
-        "--out",
-        run.to_str().unwrap(),
-        "--set",
-        "run.steps=2",
-    ]);
-    assert!(ok, "{out}{err}");
+    let run = dir.join(name);
+    let out_dir = run.to_str().unwrap();
+    let sets = ["--set", "run.steps=2", "--set", "run.log_every=1"];
+    let (ok, out, printed) =
+        glip(&[&["experiment", cfg.to_str().unwrap(), "--out", out_dir][..], &sets].concat());
+    assert!(ok, "{out}{printed}");
     let res = json(&run.join("results.json"));
     assert_eq!(res["steps"], 2);
     assert!((0.0..=1.0).contains(&res["val"]["AP50"].as_f64().unwrap()), "{res}");
     assert_eq!(res["heldout"]["AP50"].as_f64(), Some(-1.0), "no held-out pairs in a COCO folder");
+    // Before `glip eval` read the run's data, it evaluated every run on the synthetic task.
+    let (ok, out, err) = glip(&["eval", "--run", out_dir, "--json"]);
+    assert!(ok, "{err}");
+    assert!(err.contains("shapes/val/annotations.json (the run's validation split)"), "{err}");
+    let m: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    for k in ["AP", "AP50", "AR100"] {
+        assert_eq!(m[k], res["val"][k], "{k}: {m} against {res}");
+    }
+    assert!(m.get("heldout_AP50").is_none(), "{m}");
+    (run, printed)
+}
+
+#[test]
+fn experiments_train_on_coco_and_odvg_files() {
+    let d = scratch("files");
+    let export = |args: &[&str]| {
+        let base = ["data", "export-shapes", "--train-images", "4", "--val-images", "2"];
+        let (ok, out, err) = glip(&[&base[..], &["--size", "48"], args].concat());
+        assert!(ok, "{err}");
+        out
+    };
+    export(&["--out", d.join("shapes").to_str().unwrap(), "--format", "both"]);
+    let out = export(&[
+        "--out",
+        d.join("captions").to_str().unwrap(),
+        "--format",
+        "odvg",
+        "--grounding",
+        "--split",
+        "train",
+    ]);
+    assert!(out.contains("4 images as ODVG grounding records"), "{out}");
+    let val =
+        "val_annotations = \"shapes/val/annotations.json\"\nval_images = \"shapes/val/images\"\n";
+    let (coco, _) = train_on_files(
+        &d,
+        "coco",
+        &format!(
+            "[data.coco]\ntrain_annotations = \"shapes/train/annotations.json\"\ntrain_images = \"shapes/train/images\"\n{val}"
+        ),
+    );
+    // The same images and boxes as ODVG detection records: the same prompts, so the same
+    // training, loss for loss.
+    let (odvg, printed) = train_on_files(
+        &d,
+        "odvg",
+        &format!(
+            "[data.odvg]\ntrain = \"shapes/train/odvg.jsonl\"\ntrain_images = \"shapes/train\"\nlabel_map = \"shapes/train/label_map.json\"\n{val}"
+        ),
+    );
+    assert!(printed.contains("4 detection and 0 grounding records"), "{printed}");
+    assert_eq!(logged_losses(&odvg), logged_losses(&coco));
+    assert_eq!(logged_losses(&coco).len(), 2);
+    // Captions only (grounding records, no label map), evaluated on the COCO split.
+    let (captions, printed) = train_on_files(
+        &d,
+        "captions",
+        &format!("[data.odvg]\ntrain = \"captions/train/odvg.jsonl\"\ntrain_images = \"captions/train\"\n{val}"),
+    );
+    assert!(printed.contains("0 detection and 4 grounding records"), "{printed}");
+    assert_ne!(logged_losses(&captions)[0], logged_losses(&coco)[0]);
     std::fs::remove_dir_all(&d).ok();
 }
 

@@ -6,13 +6,13 @@ use crate::infer::{evaluate_shapes, model_from_weights, Predictor};
 pub use crate::results::{EvalPoint, ExperimentResult, Progress};
 pub use crate::run_config::{
     apply_overrides, config_from_table, load_config, resolve_paths, CocoDataConfig, DataConfig,
-    ExperimentConfig, RunConfig,
+    EvalData, ExperimentConfig, OdvgDataConfig, RunConfig,
 };
 use crate::trainer::{LogLine, Trainer};
 use crate::{write_atomic, Error, GlipModel};
 use candle_core::Device;
-use glip_data::{CocoDataset, Dataset, ErrorPolicy, Loader, ShapesDataset, Split};
-use std::path::{Path, PathBuf};
+use glip_data::{CocoDataset, Dataset, ErrorPolicy, Loader, OdvgDataset, ShapesDataset, Split};
+use std::path::Path;
 use std::sync::Arc;
 
 /// A subset of a dataset (its first `n` samples).
@@ -44,12 +44,6 @@ pub fn run_experiment(
     progress: &mut dyn Progress,
 ) -> Result<ExperimentResult, Error> {
     run_experiment_with(&Registry::new(), cfg, dir, resume, progress)
-}
-
-/// Where a run evaluates.
-enum EvalTarget {
-    Shapes(Box<ShapesDataset>, usize),
-    Coco(PathBuf, PathBuf),
 }
 
 /// Keeps the lines of a JSON-lines file whose `step` is at most `step` (a resumed run
@@ -109,42 +103,10 @@ pub fn run_experiment_with(
     })?;
     let tok = Arc::new(glip_text::Tokenizer::from_file(&tok_path)?);
     let caption_tok: Arc<dyn glip_core::prompt::CaptionTokenizer> = tok.clone();
-    let (full, eval_target): (Arc<dyn Dataset>, EvalTarget) = match &cfg.data.coco {
-        Some(c) => {
-            let policy = if c.skip_bad_records { ErrorPolicy::Skip } else { ErrorPolicy::Fail };
-            let ds = CocoDataset::open(&c.train_annotations, &c.train_images, policy)?;
-            if ds.categories.is_empty() {
-                return Err(Error::file(
-                    &c.train_annotations,
-                    "no categories: prompts are made of category names, so there is nothing to ground",
-                ));
-            }
-            if !ds.report.problems.is_empty() {
-                progress.message(&ds.report.summary());
-            }
-            let ds = ds.with_prompts(cfg.data.prompts.clone(), Some(caption_tok));
-            let target = EvalTarget::Coco(c.val_annotations.clone(), c.val_images.clone());
-            (Arc::new(ds), target)
-        }
-        None => {
-            let train = ShapesDataset::new(cfg.data.shapes.clone(), Split::Train)?
-                .with_prompts(cfg.data.prompts.clone(), Some(caption_tok));
-            let split = if cfg.data.eval_on_train { Split::Train } else { Split::Val };
-            let eval = ShapesDataset::new(cfg.data.shapes.clone(), split)?;
-            let n = if cfg.data.eval_on_train {
-                cfg.data.train_subset.unwrap_or(train.len()).min(train.len())
-            } else {
-                eval.len()
-            };
-            (Arc::new(train), EvalTarget::Shapes(Box::new(eval), n))
-        }
-    };
+    let (full, source) = training_data(cfg, caption_tok, progress)?;
+    let eval_target = cfg.eval_data()?;
     let n_train = cfg.data.train_subset.unwrap_or(full.len()).min(full.len());
     if n_train < cfg.data.batch_size {
-        let source = match &cfg.data.coco {
-            Some(c) => c.train_annotations.display().to_string(),
-            None => "the synthetic task".into(),
-        };
         return Err(Error::Invalid(glip_core::validate::Problems(vec![
             glip_core::validate::Problem {
                 key: "data.batch_size".into(),
@@ -241,8 +203,8 @@ pub fn run_experiment_with(
         };
         // One scope for the evaluation: its weights do not change until it ends.
         let ev = crate::autocast(precision, || match &eval_target {
-            EvalTarget::Shapes(ds, n) => evaluate_shapes(&p, ds, *n, dir),
-            EvalTarget::Coco(ann, images) => {
+            EvalData::Shapes(ds, n) => evaluate_shapes(&p, ds, *n, dir),
+            EvalData::Coco(ann, images) => {
                 p.evaluate_coco_folder(ann, images, &spec.post, |_, _| {})
             }
         })?;
@@ -281,6 +243,49 @@ pub fn run_experiment_with(
     let json = serde_json::to_string_pretty(&result.to_json()).expect("json");
     write_atomic(&dir.join("results.json"), json.as_bytes())?;
     Ok(result)
+}
+
+/// The training images of `cfg` (a COCO folder, ODVG records or the synthetic task), prompted
+/// through `tok`, and how to name them in a message.
+fn training_data(
+    cfg: &ExperimentConfig,
+    tok: Arc<dyn glip_core::prompt::CaptionTokenizer>,
+    progress: &mut dyn Progress,
+) -> Result<(Arc<dyn Dataset>, String), Error> {
+    let policy = |skip| if skip { ErrorPolicy::Skip } else { ErrorPolicy::Fail };
+    if let Some(c) = &cfg.data.coco {
+        let ds =
+            CocoDataset::open(&c.train_annotations, &c.train_images, policy(c.skip_bad_records))?;
+        if ds.categories.is_empty() {
+            return Err(Error::file(
+                &c.train_annotations,
+                "no categories: prompts are made of category names, so there is nothing to ground",
+            ));
+        }
+        if !ds.report.problems.is_empty() {
+            progress.message(&ds.report.summary());
+        }
+        let ds = ds.with_prompts(cfg.data.prompts.clone(), Some(tok));
+        return Ok((Arc::new(ds), c.train_annotations.display().to_string()));
+    }
+    if let Some(o) = &cfg.data.odvg {
+        let policy = policy(o.skip_bad_records);
+        let ds = OdvgDataset::open(&o.train, &o.train_images, o.label_map.as_deref(), policy)?
+            .with_prompts(cfg.data.prompts.clone(), Some(tok))
+            .check_captions(policy)?;
+        if !ds.report.problems.is_empty() {
+            progress.message(&ds.report.summary());
+        }
+        let (det, grounding) = ds.record_kinds();
+        progress.message(&format!(
+            "{}: {det} detection and {grounding} grounding records",
+            o.train.display()
+        ));
+        return Ok((Arc::new(ds), o.train.display().to_string()));
+    }
+    let train = ShapesDataset::new(cfg.data.shapes.clone(), Split::Train)?
+        .with_prompts(cfg.data.prompts.clone(), Some(tok));
+    Ok((Arc::new(train), "the synthetic task".into()))
 }
 
 /// The model with the optimizer's EMA of every parameter (batch-norm statistics as they are).

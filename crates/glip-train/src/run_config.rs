@@ -31,6 +31,39 @@ pub struct CocoDataConfig {
     pub skip_bad_records: bool,
 }
 
+/// Grounding data in ODVG jsonl (the format of mmdetection's and Grounding DINO's grounded
+/// pre-training): detection records (boxes with labels, prompted as COCO's are) and grounding
+/// records (a caption with its phrases' boxes), in any mix; evaluation is COCO bbox AP on a COCO
+/// validation split, every image prompted with its categories (as GLIP evaluates).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OdvgDataConfig {
+    /// The training records (ODVG jsonl).
+    pub train: PathBuf,
+    /// The folder the records' `filename`s are relative to.
+    pub train_images: PathBuf,
+    /// The detection records' label map (`{"0": "person", ...}`); needed when there are any.
+    #[serde(default)]
+    pub label_map: Option<PathBuf>,
+    /// Validation annotations (COCO json).
+    pub val_annotations: PathBuf,
+    /// Validation images folder.
+    pub val_images: PathBuf,
+    /// Skip (and count) bad records instead of stopping at the first. Default false.
+    #[serde(default)]
+    pub skip_bad_records: bool,
+}
+
+/// Where a run evaluates.
+#[derive(Debug)]
+pub enum EvalData {
+    /// The synthetic task's images (validation, or training with `data.eval_on_train`): their
+    /// first `n`.
+    Shapes(Box<ShapesDataset>, usize),
+    /// A COCO validation split: annotations and images folder.
+    Coco(PathBuf, PathBuf),
+}
+
 /// The data of a run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -42,6 +75,10 @@ pub struct DataConfig {
     /// evaluation is COCO bbox AP on the validation annotations (no held-out pairs).
     #[serde(default)]
     pub coco: Option<CocoDataConfig>,
+    /// ODVG grounding data instead of the synthetic task (or COCO): captions with their
+    /// phrases' boxes and detection records; evaluation on a COCO validation split.
+    #[serde(default)]
+    pub odvg: Option<OdvgDataConfig>,
     /// Train on only the first this many training images (overfitting checks). Default all.
     #[serde(default)]
     pub train_subset: Option<usize>,
@@ -150,6 +187,7 @@ impl Default for DataConfig {
         Self {
             shapes: ShapesConfig::default(),
             coco: None,
+            odvg: None,
             train_subset: None,
             eval_on_train: false,
             transforms: TransformConfig::default(),
@@ -182,6 +220,31 @@ impl ExperimentConfig {
             true => Ok(()),
             false => Err(Error::Invalid(glip_core::validate::Problems(problems))),
         }
+    }
+
+    /// Where this run evaluates: the COCO validation split of `data.coco` or `data.odvg`, else
+    /// the synthetic task's validation images (its training images with `data.eval_on_train`,
+    /// as many as it trains on).
+    pub fn eval_data(&self) -> Result<EvalData, Error> {
+        let d = &self.data;
+        if let Some(c) = &d.coco {
+            return Ok(EvalData::Coco(c.val_annotations.clone(), c.val_images.clone()));
+        }
+        if let Some(o) = &d.odvg {
+            return Ok(EvalData::Coco(o.val_annotations.clone(), o.val_images.clone()));
+        }
+        Ok(match d.eval_on_train {
+            true => {
+                let ds = ShapesDataset::new(d.shapes.clone(), Split::Train)?;
+                let n = d.train_subset.unwrap_or(ds.len()).min(ds.len());
+                EvalData::Shapes(Box::new(ds), n)
+            }
+            false => {
+                let ds = ShapesDataset::new(d.shapes.clone(), Split::Val)?;
+                let n = ds.len();
+                EvalData::Shapes(Box::new(ds), n)
+            }
+        })
     }
 
     /// The resize rule of evaluation and detection: the training's largest shorter side and
@@ -281,16 +344,27 @@ pub fn apply_overrides(doc: &mut toml::Table, sets: &[String]) -> Result<(), Err
 pub fn resolve_paths(cfg: &mut ExperimentConfig, base: &Path) {
     let base = std::fs::canonicalize(base).unwrap_or_else(|_| base.to_path_buf());
     cfg.model.resolve_paths(&base);
+    let mut paths: Vec<&mut PathBuf> = Vec::new();
     if let Some(c) = cfg.data.coco.as_mut() {
-        for p in [
+        paths.extend([
             &mut c.train_annotations,
             &mut c.train_images,
             &mut c.val_annotations,
             &mut c.val_images,
-        ] {
-            if !p.as_os_str().is_empty() && p.is_relative() {
-                *p = base.join(&*p);
-            }
+        ]);
+    }
+    if let Some(o) = cfg.data.odvg.as_mut() {
+        paths.extend([
+            &mut o.train,
+            &mut o.train_images,
+            &mut o.val_annotations,
+            &mut o.val_images,
+        ]);
+        paths.extend(o.label_map.as_mut());
+    }
+    for p in paths {
+        if !p.as_os_str().is_empty() && p.is_relative() {
+            *p = base.join(&*p);
         }
     }
 }

@@ -289,6 +289,20 @@ impl Validate for DataConfig {
         c.in_range("prefetch", self.prefetch, 0, limits::PREFETCH);
         c.section("transforms", &self.transforms);
         c.section("prompts", &self.prompts);
+        if let Some(o) = &self.odvg {
+            c.within("odvg", |c| {
+                if self.coco.is_some() {
+                    c.fail_rule("", "train on data.coco or on data.odvg, not both");
+                }
+                file_exists(c, "train", &o.train, "ODVG jsonl");
+                dir_exists(c, "train_images", &o.train_images, "the training images");
+                if let Some(lm) = &o.label_map {
+                    file_exists(c, "label_map", lm, "a json object from label to name");
+                }
+                file_exists(c, "val_annotations", &o.val_annotations, "COCO json");
+                dir_exists(c, "val_images", &o.val_images, "the validation images");
+            });
+        }
         match &self.coco {
             Some(coco) => c.within("coco", |c| {
                 file_exists(c, "train_annotations", &coco.train_annotations, "COCO json");
@@ -296,6 +310,7 @@ impl Validate for DataConfig {
                 file_exists(c, "val_annotations", &coco.val_annotations, "COCO json");
                 dir_exists(c, "val_images", &coco.val_images, "the validation images");
             }),
+            None if self.odvg.is_some() => {}
             None => {
                 c.section("shapes", &self.shapes);
                 let train = self.shapes.train_images;
@@ -321,7 +336,7 @@ impl Validate for DataConfig {
                 n,
                 format!("must hold at least one batch (data.batch_size = {})", self.batch_size),
             );
-            if self.coco.is_none() && n > self.shapes.train_images {
+            if self.coco.is_none() && self.odvg.is_none() && n > self.shapes.train_images {
                 c.fail(
                     "train_subset",
                     n,
@@ -350,7 +365,15 @@ impl Validate for ExperimentConfig {
         if self.model.tokenizer().is_none() && self.model.text.builtin().is_some() {
             c.fail_rule("model.text.tokenizer", "training needs a tokenizer (a tokenizer.json)");
         }
-        if let (Some(HeadConfig::Class(p)), None) = (self.model.head.builtin(), &self.data.coco) {
+        if let (Some(HeadConfig::Class(_)), Some(_)) = (self.model.head.builtin(), &self.data.odvg)
+        {
+            c.fail_rule(
+                "model.head",
+                "a fixed-class head needs a class for every box; ODVG's grounding records have phrases, not classes: use the token head (type = \"token\")",
+            );
+        }
+        let synthetic = self.data.coco.is_none() && self.data.odvg.is_none();
+        if let (Some(HeadConfig::Class(p)), true) = (self.model.head.builtin(), synthetic) {
             let n = shapes_categories(&self.data);
             if p.num_classes < n {
                 c.fail(
@@ -477,10 +500,11 @@ impl MemoryFloor {
         let parameters = backbone_params + transformer + text + fusion + proj + queries;
         let per_param = if cfg.optim.ema_decay.is_some() { 20.0 } else { 16.0 };
 
-        let side = match (&cfg.data.coco, cfg.data.transforms.shorter_side.iter().max()) {
+        let files = cfg.data.coco.is_some() || cfg.data.odvg.is_some();
+        let side = match (files, cfg.data.transforms.shorter_side.iter().max()) {
             (_, Some(&s)) => f(s as usize),
-            (None, None) => f(cfg.data.shapes.image_size as usize),
-            (Some(_), None) => 0.0, // unresized images: their sizes are in the files
+            (false, None) => f(cfg.data.shapes.image_size as usize),
+            (true, None) => 0.0, // unresized images: their sizes are in the files
         };
         let b = f(cfg.data.batch_size);
         let tokens: f64 = levels.iter().map(|&l| (side / f(strides[l])).powi(2)).sum();

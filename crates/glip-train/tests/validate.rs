@@ -66,6 +66,60 @@ fn every_broken_rule_is_reported_with_its_key() {
 }
 
 #[test]
+fn odvg_data_is_checked_before_anything_runs() {
+    let d = std::env::temp_dir().join(format!("glip-validate-odvg-{}", std::process::id()));
+    std::fs::create_dir_all(d.join("images")).unwrap();
+    for f in ["train.jsonl", "val.json", "labels.json"] {
+        std::fs::write(d.join(f), "").unwrap();
+    }
+    let odvg = |extra: &str| {
+        format!(
+            "data.odvg={{train=\"{0}/train.jsonl\",train_images=\"{0}/images\",val_annotations=\"{0}/val.json\",val_images=\"{0}/images\"{extra}}}",
+            d.display()
+        )
+    };
+    // Files that exist: no problem, and the synthetic task's own rules no longer apply.
+    let ok = shapes(&[&odvg(""), "data.shapes.val_images=0"]);
+    let ok_lm = shapes(&[&odvg(&format!(",label_map=\"{}/labels.json\"", d.display()))]);
+    let missing = shapes(&[
+        &odvg(",label_map=\"nope.json\""),
+        "model.head={type=\"class\", num_classes=20}",
+        "model.detector={type=\"decoder\"}",
+    ]);
+    let both = shapes(&[
+        &odvg(""),
+        "data.coco={train_annotations=\"a\",train_images=\"b\",val_annotations=\"c\",val_images=\"d\"}",
+    ]);
+    let (ok, ok_lm, missing, both) =
+        (validate(&ok), validate(&ok_lm), validate(&missing), validate(&both));
+    let mut gone = shapes(&[&odvg("")]);
+    std::fs::remove_dir_all(&d).unwrap();
+    assert!(ok.is_ok() && ok_lm.is_ok(), "{ok:?} {ok_lm:?}");
+    let problems = missing.unwrap_err();
+    let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+    assert_eq!(keys, ["data.odvg.label_map", "model.head"], "{problems}");
+    assert!(problems[1].rule.contains("use the token head"), "{problems}");
+    let problems = both.unwrap_err();
+    assert_eq!(problems.iter().next().map(|p| p.key.as_str()), Some("data.odvg"), "{problems}");
+    assert!(problems.to_string().contains("data.coco or on data.odvg, not both"), "{problems}");
+    // Every file of the section, named by its key.
+    gone.data.odvg.as_mut().unwrap().label_map = Some(d.join("labels.json"));
+    let problems = validate(&gone).unwrap_err();
+    let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "data.odvg.train",
+            "data.odvg.train_images",
+            "data.odvg.label_map",
+            "data.odvg.val_annotations",
+            "data.odvg.val_images"
+        ],
+        "{problems}"
+    );
+}
+
+#[test]
 fn the_memory_floor_never_counts_more_parameters_than_the_model_has() {
     for sets in [
         &[][..],
