@@ -206,3 +206,10 @@ pub fn detection_sample(
     let orig = image.dimensions();
     Ok(Sample { image, image_id, orig_size: orig, caption: prompt.caption, boxes, phrases, labels })
 }
+
+/// The indices, ascending, of the `files` (relative to `dir`) that are no file there.
+pub(crate) fn missing_files(dir: &Path, files: &[&str]) -> Vec<usize> {
+    use rayon::prelude::*;
+    // `collect` keeps the order of an indexed parallel iterator.
+    (0..files.len()).into_par_iter().filter(|&i| !dir.join(files[i]).is_file()).collect()
+}

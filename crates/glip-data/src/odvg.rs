@@ -9,7 +9,9 @@
 //! ```
 //! Detection records name categories through a label map (`{"3": "dog", ...}`).
 
-use crate::detection::{check_box, detection_sample, load_image, Object, PromptConfig};
+use crate::detection::{
+    check_box, detection_sample, load_image, missing_files, Object, PromptConfig,
+};
 use crate::error::{Collector, ErrorPolicy, SkipReport};
 use crate::rng::Rng;
 use crate::{DataError, Dataset, Sample};
@@ -298,6 +300,29 @@ impl OdvgDataset {
             (self.records, self.lines) = kept.zip(bad).filter(|(_, b)| !b).map(|(r, _)| r).unzip();
             self.report.problems.extend(report.problems);
         }
+        Ok(self)
+    }
+
+    /// Looks for every record's image file, as [`crate::CocoDataset::without_missing_files`]
+    /// does: missing ones are an error naming each line (`Fail`), or their records are left
+    /// out and added to [`OdvgDataset::report`] (`Skip`).
+    pub fn without_missing_files(mut self, policy: ErrorPolicy) -> Result<Self, DataError> {
+        let names: Vec<&str> = (0..self.records.len()).map(|i| self.filename(i)).collect();
+        let missing = missing_files(&self.images_dir, &names);
+        let mut c = Collector::default();
+        for &i in &missing {
+            let record = format!("line {} ({})", self.lines[i], self.filename(i));
+            c.push(&self.path, record, "image file missing");
+        }
+        let report = c.finish(&self.path, policy)?;
+        let kept =
+            std::mem::take(&mut self.records).into_iter().zip(std::mem::take(&mut self.lines));
+        (self.records, self.lines) = kept
+            .enumerate()
+            .filter(|(i, _)| missing.binary_search(i).is_err())
+            .map(|(_, r)| r)
+            .unzip();
+        self.report.problems.extend(report.problems);
         Ok(self)
     }
 

@@ -270,6 +270,46 @@ fn odvg_captions_are_checked_against_the_tokenizer() {
 }
 
 #[test]
+fn missing_image_files_are_found_before_training() {
+    let d = Dir::new("missing-files");
+    png(&d.0.join("a.png"), 40, 30);
+    png(&d.0.join("c.png"), 40, 30);
+    let imgs = r#"[{"id": 1, "file_name": "a.png", "width": 40, "height": 30},
+                   {"id": 2, "file_name": "b.png", "width": 40, "height": 30},
+                   {"id": 3, "file_name": "c.png", "width": 40, "height": 30},
+                   {"id": 4, "file_name": "d.png", "width": 40, "height": 30}]"#;
+    let anns = r#"[{"id": 1, "image_id": 3, "category_id": 9, "bbox": [1, 1, 5, 5]}]"#;
+    let gt = coco(&d, anns, imgs, CATS);
+    let open = || CocoDataset::open(&gt, &d.0, ErrorPolicy::Fail).unwrap();
+    let err = open().without_missing_files(ErrorPolicy::Fail).unwrap_err().to_string();
+    for want in ["gt.json", "image id 2 (b.png): image file missing", "image id 4 (d.png)"] {
+        assert!(err.contains(want), "expected {want:?} in {err:?}");
+    }
+    assert!(!err.contains("a.png") && !err.contains("c.png"), "{err}");
+    let ds = open().without_missing_files(ErrorPolicy::Skip).unwrap();
+    let ids: Vec<u64> = ds.images.iter().map(|im| im.id).collect();
+    assert_eq!(ids, [1, 3]);
+    // Each image keeps its own objects.
+    assert_eq!(ds.objects.iter().map(Vec::len).collect::<Vec<_>>(), [0, 1]);
+    assert_eq!(ds.report.problems.len(), 2);
+
+    let lm = d.write("labels.json", r#"{"0": "cat"}"#);
+    let rec = |f: &str| {
+        format!(
+            r#"{{"filename": "{f}", "height": 30, "width": 40, "detection": {{"instances": [{{"bbox": [1, 1, 5, 5], "label": 0}}]}}}}"#
+        )
+    };
+    let text = ["a.png", "b.png", "c.png"].map(rec).join("\n");
+    let p = d.write("odvg.jsonl", &text);
+    let open = || OdvgDataset::open(&p, &d.0, Some(&lm), ErrorPolicy::Fail).unwrap();
+    let err = open().without_missing_files(ErrorPolicy::Fail).unwrap_err().to_string();
+    assert!(err.contains("odvg.jsonl: line 2 (b.png): image file missing"), "{err}");
+    let ds = open().without_missing_files(ErrorPolicy::Skip).unwrap();
+    assert_eq!(ds.lines, [1, 3]);
+    assert_eq!(ds.report.problems.len(), 1);
+}
+
+#[test]
 fn odvg_detection_records_without_a_label_map_say_so() {
     let d = Dir::new("odvg-no-map");
     let p = d.write(

@@ -254,8 +254,9 @@ fn training_data(
 ) -> Result<(Arc<dyn Dataset>, String), Error> {
     let policy = |skip| if skip { ErrorPolicy::Skip } else { ErrorPolicy::Fail };
     if let Some(c) = &cfg.data.coco {
-        let ds =
-            CocoDataset::open(&c.train_annotations, &c.train_images, policy(c.skip_bad_records))?;
+        let policy = policy(c.skip_bad_records);
+        let ds = CocoDataset::open(&c.train_annotations, &c.train_images, policy)?
+            .without_missing_files(policy)?;
         if ds.categories.is_empty() {
             return Err(Error::file(
                 &c.train_annotations,
@@ -272,7 +273,8 @@ fn training_data(
         let policy = policy(o.skip_bad_records);
         let ds = OdvgDataset::open(&o.train, &o.train_images, o.label_map.as_deref(), policy)?
             .with_prompts(cfg.data.prompts.clone(), Some(tok))
-            .check_captions(policy)?;
+            .check_captions(policy)?
+            .without_missing_files(policy)?;
         if !ds.report.problems.is_empty() {
             progress.message(&ds.report.summary());
         }

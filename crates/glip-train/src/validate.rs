@@ -329,6 +329,12 @@ impl Validate for DataConfig {
                 }
             }
         }
+        if self.eval_on_train && (self.coco.is_some() || self.odvg.is_some()) {
+            c.fail_rule(
+                "eval_on_train",
+                "applies to the synthetic task: a run on files evaluates on the validation split it names (name the training annotations there to evaluate on them)",
+            );
+        }
         if let Some(n) = self.train_subset {
             c.ensure(
                 n >= self.batch_size,
