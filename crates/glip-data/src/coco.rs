@@ -211,7 +211,7 @@ impl CocoDataset {
         self
     }
 
-    /// Looks for every image file (a `stat` each, no decoding: seconds for a million images),
+    /// Looks for every image file (a `stat` each, in parallel; nothing is decoded),
     /// so that a missing one stops a run before it trains, not when a batch first needs it.
     /// Under [`ErrorPolicy::Fail`] missing files are an error naming each; under `Skip` their
     /// images are left out and added to [`CocoDataset::report`].
