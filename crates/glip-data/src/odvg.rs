@@ -265,34 +265,40 @@ impl OdvgDataset {
     /// records are left out and added to [`OdvgDataset::report`].
     pub fn check_captions(mut self, policy: ErrorPolicy) -> Result<Self, DataError> {
         let Some(tok) = self.tokenizer.clone() else { return Ok(self) };
+        use rayon::prelude::*;
+        // Per record, what is wrong with it (tokenised in parallel: pre-training sets hold
+        // hundreds of thousands of captions).
+        let found: Vec<Vec<String>> = self
+            .records
+            .par_iter()
+            .map(|r| {
+                let OdvgRecord::Grounding { caption, regions, .. } = r else { return Vec::new() };
+                let offsets = match tok.encode_caption(caption) {
+                    Ok((_, offsets)) => offsets,
+                    Err(e) => return vec![format!("caption not usable: {e}")],
+                };
+                let chars: Vec<char> = caption.chars().collect();
+                let mut wrong = Vec::new();
+                for (k, (_, spans)) in regions.iter().enumerate() {
+                    if positive_row(&offsets, spans, offsets.len()).iter().all(|&x| x == 0.0) {
+                        let phrase: Vec<String> =
+                            spans.iter().map(|&(s, e)| chars[s..e].iter().collect()).collect();
+                        wrong.push(format!(
+                            "phrase covers no token: region {k}, {:?}",
+                            phrase.join(" ")
+                        ));
+                    }
+                }
+                wrong
+            })
+            .collect();
         let mut c = Collector::default();
-        let mut bad = vec![false; self.records.len()];
-        for (i, r) in self.records.iter().enumerate() {
-            let OdvgRecord::Grounding { caption, regions, .. } = r else { continue };
-            let line = format!("line {}", self.lines[i]);
-            let offsets = match tok.encode_caption(caption) {
-                Ok((_, offsets)) => offsets,
-                Err(e) => {
-                    c.push(&self.path, line, format!("caption not usable: {e}"));
-                    bad[i] = true;
-                    continue;
-                }
-            };
-            for (k, (_, spans)) in regions.iter().enumerate() {
-                let row = positive_row(&offsets, spans, offsets.len());
-                if row.iter().all(|&x| x == 0.0) {
-                    let chars: Vec<char> = caption.chars().collect();
-                    let phrase: Vec<String> =
-                        spans.iter().map(|&(s, e)| chars[s..e].iter().collect()).collect();
-                    c.push(
-                        &self.path,
-                        line.clone(),
-                        format!("phrase covers no token: region {k}, {:?}", phrase.join(" ")),
-                    );
-                    bad[i] = true;
-                }
+        for (i, wrong) in found.iter().enumerate() {
+            for w in wrong {
+                c.push(&self.path, format!("line {}", self.lines[i]), w.clone());
             }
         }
+        let bad: Vec<bool> = found.iter().map(|w| !w.is_empty()).collect();
         let report = c.finish(&self.path, policy)?;
         if !report.problems.is_empty() {
             let kept =

@@ -34,7 +34,7 @@ pub struct CocoDataConfig {
 /// Grounding data in ODVG jsonl (the format of mmdetection's and Grounding DINO's grounded
 /// pre-training): detection records (boxes with labels, prompted as COCO's are) and grounding
 /// records (a caption with its phrases' boxes), in any mix; evaluation is COCO bbox AP on a COCO
-/// validation split, every image prompted with its categories (as GLIP evaluates).
+/// validation split, every image prompted with every category name (as GLIP evaluates).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OdvgDataConfig {
