@@ -1,7 +1,7 @@
 //! COCO detection json: validated, then served as GLIP grounding samples.
 
 use crate::detection::{
-    check_box, detection_sample, load_image, missing_files, Object, PromptConfig,
+    check_box, detection_sample, keep, load_image, missing_files, Object, PromptConfig,
 };
 use crate::error::{Collector, ErrorPolicy, SkipReport};
 use crate::rng::Rng;
@@ -217,25 +217,14 @@ impl CocoDataset {
     /// images are left out and added to [`CocoDataset::report`].
     pub fn without_missing_files(mut self, policy: ErrorPolicy) -> Result<Self, DataError> {
         let names: Vec<&str> = self.images.iter().map(|im| im.file_name.as_str()).collect();
-        let missing = missing_files(&self.images_dir, &names);
-        let mut c = Collector::default();
-        for &i in &missing {
-            let im = &self.images[i];
-            c.push(
-                &self.path,
-                format!("image id {} ({})", im.id, im.file_name),
-                "image file missing",
-            );
-        }
-        let report = c.finish(&self.path, policy)?;
-        let kept =
-            std::mem::take(&mut self.images).into_iter().zip(std::mem::take(&mut self.objects));
-        (self.images, self.objects) = kept
-            .enumerate()
-            .filter(|(i, _)| missing.binary_search(i).is_err())
-            .map(|(_, r)| r)
-            .unzip();
-        self.report.problems.extend(report.problems);
+        let images = &self.images;
+        let record = |i: usize| format!("image id {} ({})", images[i].id, images[i].file_name);
+        let (problems, missing) =
+            missing_files(&self.path, &self.images_dir, &names, record, policy)?;
+        let (images, objects) =
+            (std::mem::take(&mut self.images), std::mem::take(&mut self.objects));
+        (self.images, self.objects) = keep(images, objects, &missing);
+        self.report.problems.extend(problems);
         Ok(self)
     }
 

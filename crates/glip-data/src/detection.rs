@@ -1,6 +1,7 @@
 //! What COCO and ODVG detection records share: validated boxes, categories, and GLIP's
 //! detection prompt over the positive categories plus sampled negatives.
 
+use crate::error::{Collector, ErrorPolicy};
 use crate::rng::Rng;
 use crate::{DataError, Sample};
 use glip_core::prompt::{CaptionTokenizer, Prompt};
@@ -207,9 +208,27 @@ pub fn detection_sample(
     Ok(Sample { image, image_id, orig_size: orig, caption: prompt.caption, boxes, phrases, labels })
 }
 
-/// The indices, ascending, of the `files` (relative to `dir`) that are no file there.
-pub(crate) fn missing_files(dir: &Path, files: &[&str]) -> Vec<usize> {
+/// Looks for every one of `files` (relative to `dir`; a `stat` each, in parallel) and applies
+/// `policy` to those missing, each a problem of `path` named by `record(i)`: an error under
+/// `Fail`; under `Skip`, the problems and, per file, whether it is missing.
+pub(crate) fn missing_files(
+    path: &Path,
+    dir: &Path,
+    files: &[&str],
+    record: impl Fn(usize) -> String,
+    policy: ErrorPolicy,
+) -> Result<(Vec<crate::Problem>, Vec<bool>), DataError> {
     use rayon::prelude::*;
-    // `collect` keeps the order of an indexed parallel iterator.
-    (0..files.len()).into_par_iter().filter(|&i| !dir.join(files[i]).is_file()).collect()
+    let missing: Vec<bool> = files.par_iter().map(|f| !dir.join(f).is_file()).collect();
+    let mut c = Collector::default();
+    for i in (0..files.len()).filter(|&i| missing[i]) {
+        c.push(path, record(i), "image file missing");
+    }
+    Ok((c.finish(path, policy)?.problems, missing))
+}
+
+/// The pairs `(a[i], b[i])` whose `drop[i]` is false: a dataset's records and what goes with
+/// them, without those left out.
+pub(crate) fn keep<A, B>(a: Vec<A>, b: Vec<B>, drop: &[bool]) -> (Vec<A>, Vec<B>) {
+    a.into_iter().zip(b).zip(drop).filter(|(_, &d)| !d).map(|(pair, _)| pair).unzip()
 }

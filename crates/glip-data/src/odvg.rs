@@ -10,7 +10,7 @@
 //! Detection records name categories through a label map (`{"3": "dog", ...}`).
 
 use crate::detection::{
-    check_box, detection_sample, load_image, missing_files, Object, PromptConfig,
+    check_box, detection_sample, keep, load_image, missing_files, Object, PromptConfig,
 };
 use crate::error::{Collector, ErrorPolicy, SkipReport};
 use crate::rng::Rng;
@@ -301,9 +301,9 @@ impl OdvgDataset {
         let bad: Vec<bool> = found.iter().map(|w| !w.is_empty()).collect();
         let report = c.finish(&self.path, policy)?;
         if !report.problems.is_empty() {
-            let kept =
-                std::mem::take(&mut self.records).into_iter().zip(std::mem::take(&mut self.lines));
-            (self.records, self.lines) = kept.zip(bad).filter(|(_, b)| !b).map(|(r, _)| r).unzip();
+            let (records, lines) =
+                (std::mem::take(&mut self.records), std::mem::take(&mut self.lines));
+            (self.records, self.lines) = keep(records, lines, &bad);
             self.report.problems.extend(report.problems);
         }
         Ok(self)
@@ -314,21 +314,12 @@ impl OdvgDataset {
     /// out and added to [`OdvgDataset::report`] (`Skip`).
     pub fn without_missing_files(mut self, policy: ErrorPolicy) -> Result<Self, DataError> {
         let names: Vec<&str> = (0..self.records.len()).map(|i| self.filename(i)).collect();
-        let missing = missing_files(&self.images_dir, &names);
-        let mut c = Collector::default();
-        for &i in &missing {
-            let record = format!("line {} ({})", self.lines[i], self.filename(i));
-            c.push(&self.path, record, "image file missing");
-        }
-        let report = c.finish(&self.path, policy)?;
-        let kept =
-            std::mem::take(&mut self.records).into_iter().zip(std::mem::take(&mut self.lines));
-        (self.records, self.lines) = kept
-            .enumerate()
-            .filter(|(i, _)| missing.binary_search(i).is_err())
-            .map(|(_, r)| r)
-            .unzip();
-        self.report.problems.extend(report.problems);
+        let record = |i: usize| format!("line {} ({})", self.lines[i], names[i]);
+        let (problems, missing) =
+            missing_files(&self.path, &self.images_dir, &names, record, policy)?;
+        let (records, lines) = (std::mem::take(&mut self.records), std::mem::take(&mut self.lines));
+        (self.records, self.lines) = keep(records, lines, &missing);
+        self.report.problems.extend(problems);
         Ok(self)
     }
 
