@@ -63,9 +63,7 @@ pub fn run(registry: &glip_train::config::Registry, a: EvalArgs) -> Result<()> {
         Ok(match &data {
             EvalData::Coco(ann, images) => {
                 p.evaluate_coco_folder(ann, images, &det.spec.post, |i, n| {
-                    if i % 50 == 0 || i == n {
-                        eprintln!("{i}/{n} images");
-                    }
+                    eprintln!("{i}/{n} images");
                 })?
             }
             EvalData::Shapes(ds, n) => {

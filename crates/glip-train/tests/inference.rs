@@ -57,6 +57,69 @@ fn evaluation_and_detect_give_the_same_boxes_for_the_same_image() {
     assert!(compared > 0, "random weights still give boxes at threshold 0");
 }
 
+/// A COCO folder's images of two sizes, interleaved, pass in same-size batches
+/// (`Predictor::coco_folder_detections`) and each gets what `detect` finds in it alone.
+#[test]
+fn a_coco_folder_is_detected_in_same_size_batches_as_image_by_image() {
+    let cfg = config(&[]);
+    let dev = Device::Cpu;
+    let model =
+        Registry::new().build_trainable(&cfg.model, &candle_nn::VarMap::new(), 0, &dev).unwrap();
+    let spec = cfg.inference_spec(&model).unwrap();
+    let tok = glip_text::Tokenizer::from_file(&cfg.model.tokenizer().unwrap()).unwrap();
+    let p = Predictor::new(&model, &spec, &tok, &dev);
+    let shapes =
+        glip_data::ShapesDataset::new(cfg.data.shapes.clone(), glip_data::Split::Val).unwrap();
+    let cats = glip_data::Dataset::categories(&shapes).to_vec();
+    let side = cfg.data.shapes.image_size;
+    let dir = tmp("coco-batches");
+    let mut images = Vec::new();
+    let mut records = Vec::new();
+    for k in 0..5 {
+        let (img, _) = shapes.render(k);
+        // Every other image wider: it resizes to another size than the square ones.
+        let img = match k % 2 {
+            1 => image::imageops::resize(
+                &img,
+                side * 4 / 3,
+                side,
+                image::imageops::FilterType::Triangle,
+            ),
+            _ => img,
+        };
+        let name = format!("{k}.png");
+        img.save(dir.join(&name)).unwrap();
+        records.push(serde_json::json!({"id": k + 1, "file_name": name, "width": img.width(), "height": img.height()}));
+        images.push(img);
+    }
+    let categories: Vec<_> =
+        cats.iter().enumerate().map(|(i, c)| serde_json::json!({"id": i + 1, "name": c})).collect();
+    let gt = dir.join("gt.json");
+    let doc = serde_json::json!({"images": records, "annotations": [], "categories": categories});
+    std::fs::write(&gt, doc.to_string()).unwrap();
+    let ds = glip_data::CocoDataset::open(&gt, &dir, glip_data::ErrorPolicy::Fail).unwrap();
+    let mut calls = Vec::new();
+    let batched = p.coco_folder_detections(&ds, &spec.post, |i, n| calls.push((i, n))).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    assert_eq!(calls, [(5, 5)]);
+    assert_eq!(batched.len(), 5);
+    let mut compared = 0;
+    for (k, (img, from_batch)) in images.iter().zip(&batched).enumerate() {
+        let alone = p.detect(img, &cats, &spec.post).unwrap();
+        assert_eq!(alone.len(), from_batch.len(), "image {k}");
+        for (a, b) in alone.iter().zip(from_batch) {
+            assert_eq!(a.phrase, b.phrase, "image {k}");
+            // As in the test above: another batch, another order of f32 sums.
+            assert!((a.score - b.score).abs() <= 1e-5, "image {k}: {} vs {}", a.score, b.score);
+            for (x, y) in a.bbox.iter().zip(b.bbox) {
+                assert!((x - y).abs() <= 1e-3, "image {k}: {:?} vs {:?}", a.bbox, b.bbox);
+            }
+            compared += 1;
+        }
+    }
+    assert!(compared > 0, "random weights still give boxes at threshold 0");
+}
+
 fn checkpoint(dir: &Path) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(dir.join("checkpoint.safetensors"), &Device::Cpu).unwrap()
 }
