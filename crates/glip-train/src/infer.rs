@@ -48,12 +48,18 @@ impl Preprocess {
     /// `img` resized by the rule (unchanged when it already has the target size).
     pub fn apply(&self, img: &RgbImage) -> RgbImage {
         let (w, h) = img.dimensions();
-        let (nw, nh) = glip_data::transforms::target_size(w, h, self.shorter_side, self.max_size);
+        let (nw, nh) = self.size(img);
         if (nw, nh) == (w, h) {
             img.clone()
         } else {
             image::imageops::resize(img, nw, nh, image::imageops::FilterType::Triangle)
         }
+    }
+
+    /// The `(width, height)` that [`Preprocess::apply`] gives `img`.
+    pub fn size(&self, img: &RgbImage) -> (u32, u32) {
+        let (w, h) = img.dimensions();
+        glip_data::transforms::target_size(w, h, self.shorter_side, self.max_size)
     }
 }
 
@@ -510,19 +516,10 @@ impl<'a> Predictor<'a> {
                 .par_iter()
                 .map(|im| glip_data::detection::load_image(&ds.images_dir.join(&im.file_name)))
                 .collect::<Result<_, _>>()?;
-            let p = &self.spec.preprocess;
-            let size = |img: &RgbImage| {
-                glip_data::transforms::target_size(
-                    img.width(),
-                    img.height(),
-                    p.shorter_side,
-                    p.max_size,
-                )
-            };
             // Same-size groups in order of first appearance, each cut into passes.
             let mut groups: Vec<((u32, u32), Vec<usize>)> = Vec::new();
             for (k, img) in decoded.iter().enumerate() {
-                let s = size(img);
+                let s = self.spec.preprocess.size(img);
                 match groups.iter_mut().find(|g| g.0 == s) {
                     Some(g) => g.1.push(k),
                     None => groups.push((s, vec![k])),
