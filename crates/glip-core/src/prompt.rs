@@ -13,6 +13,9 @@ pub enum PromptError {
     /// A category name is empty.
     #[error("category {index} has an empty name")]
     EmptyCategory { index: usize },
+    /// A caption's phrase marking (`[...]`) is wrong.
+    #[error("{problem} at character {at} of {text:?} (mark each phrase as [phrase]: \"a [dog] on a [sofa]\")")]
+    Marking { text: String, at: usize, problem: &'static str },
 }
 
 /// A caption and the character span of each phrase in it.
@@ -31,6 +34,50 @@ impl Prompt {
         let n = caption.chars().count();
         check_spans(&spans, n)?;
         Ok(Self { caption: caption.to_string(), spans })
+    }
+
+    /// A caption whose phrases are marked with brackets, `"a [red circle] left of a [blue
+    /// square]"`: the caption without them and each marked phrase's span in it, in order.
+    /// Brackets are not nested, each phrase holds a character besides spaces, and there is at
+    /// least one.
+    pub fn marked(text: &str) -> Result<Self, PromptError> {
+        let fail = |at, problem| PromptError::Marking { text: text.to_string(), at, problem };
+        let mut caption = String::with_capacity(text.len());
+        let mut spans = Vec::new();
+        let mut open: Option<(usize, usize)> = None; // (position in text, start in caption)
+        let mut len = 0usize; // the caption's length in characters
+        for (at, c) in text.chars().enumerate() {
+            match (c, open) {
+                ('[', None) => open = Some((at, len)),
+                ('[', Some(_)) => return Err(fail(at, "'[' inside a phrase")),
+                (']', None) => return Err(fail(at, "']' without '['")),
+                (']', Some((from, start))) => {
+                    let phrase: String = caption.chars().skip(start).collect();
+                    if phrase.trim().is_empty() {
+                        return Err(fail(from, "empty phrase"));
+                    }
+                    spans.push((start, len));
+                    open = None;
+                }
+                (c, _) => {
+                    caption.push(c);
+                    len += 1;
+                }
+            }
+        }
+        if let Some((from, _)) = open {
+            return Err(fail(from, "'[' not closed"));
+        }
+        if spans.is_empty() {
+            return Err(fail(0, "no phrase marked"));
+        }
+        Ok(Self { caption, spans })
+    }
+
+    /// The text of each phrase.
+    pub fn phrases(&self) -> Vec<String> {
+        let chars: Vec<char> = self.caption.chars().collect();
+        self.spans.iter().map(|&(s, e)| chars[s..e].iter().collect()).collect()
     }
 
     /// GLIP's detection prompt `"person. bicycle. car."` with each name's span (`build_prompt`).

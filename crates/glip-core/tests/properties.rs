@@ -160,3 +160,42 @@ fn error_message_names_tensor_axis_binding_and_shape() {
         "pred_logits: axis b = 3, expected 2 (bound by images) in shape [3, 100, 6]"
     );
 }
+
+/// A phrase (no brackets, something besides spaces) and the text around it.
+fn marked_parts() -> impl Strategy<Value = Vec<(String, String)>> {
+    let text = "[a-zé ,.]{0,8}";
+    let phrase = "[a-zé ]{0,3}[a-zé][a-zé ]{0,3}";
+    prop::collection::vec((text, phrase), 1..5)
+}
+
+proptest! {
+    /// `Prompt::marked` drops the brackets and each span selects its phrase's text, in
+    /// characters (multi-byte ones included).
+    #[test]
+    fn marked_captions_give_each_phrase_its_span(parts in marked_parts(), tail in "[a-z .]{0,6}") {
+        let marked: String =
+            parts.iter().map(|(t, p)| format!("{t}[{p}]")).collect::<String>() + &tail;
+        let prompt = glip_core::prompt::Prompt::marked(&marked).unwrap();
+        let caption: String = parts.iter().map(|(t, p)| format!("{t}{p}")).collect::<String>() + &tail;
+        prop_assert_eq!(&prompt.caption, &caption);
+        let phrases: Vec<String> = parts.iter().map(|(_, p)| p.clone()).collect();
+        prop_assert_eq!(prompt.phrases(), phrases);
+    }
+}
+
+/// Wrong markings are errors naming the problem and where, never a panic.
+#[test]
+fn wrong_markings_are_errors_naming_where() {
+    use glip_core::prompt::Prompt;
+    for (text, problem, at) in [
+        ("a [dog", "'[' not closed", 2),
+        ("a dog]", "']' without '['", 5),
+        ("a [big [dog]]", "'[' inside a phrase", 7),
+        ("a [ ] dog", "empty phrase", 2),
+        ("a dog", "no phrase marked", 0),
+        ("", "no phrase marked", 0),
+    ] {
+        let e = Prompt::marked(text).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("{problem} at character {at} of")), "{text:?}: {e}");
+    }
+}
