@@ -202,11 +202,18 @@ pub fn run_experiment_with(
             graphs: None,
         };
         // One scope for the evaluation: its weights do not change until it ends.
-        let ev = crate::autocast(precision, || match &eval_target {
-            EvalData::Shapes(ds, n) => evaluate_shapes(&p, ds, *n, dir),
-            EvalData::Coco(ann, images) => {
-                p.evaluate_coco_folder(ann, images, &spec.post, |_, _| {})
-            }
+        let (ev, caption) = crate::autocast(precision, || -> Result<_, Error> {
+            let ev = match &eval_target {
+                EvalData::Shapes(ds, n) => evaluate_shapes(&p, ds, *n, dir)?,
+                EvalData::Coco(ann, images) => {
+                    p.evaluate_coco_folder(ann, images, &spec.post, |_, _| {})?
+                }
+            };
+            let caption = match &cfg.data.val_grounding {
+                Some(g) => Some(p.evaluate_grounding(&g.odvg, &g.images, &spec.post, |_, _| {})?),
+                None => None,
+            };
+            Ok((ev, caption))
         })?;
         let p = EvalPoint {
             step,
@@ -214,9 +221,14 @@ pub fn run_experiment_with(
             val: ev.coco,
             heldout_ap50: ev.heldout_ap50,
             recall: ev.recall,
+            caption,
+        };
+        let caption = match &p.caption {
+            Some(c) => format!(", caption R@1 {:.3}", c.recall[0]),
+            None => String::new(),
         };
         progress.borrow_mut().message(&format!(
-            "step {step}: val AP50 {:.3}, AP {:.3}, held-out AP50 {:.3}, R@1 {:.3} ({:.1} min of training)",
+            "step {step}: val AP50 {:.3}, AP {:.3}, held-out AP50 {:.3}, R@1 {:.3}{caption} ({:.1} min of training)",
             p.val.get("AP50"),
             p.val.get("AP"),
             p.heldout_ap50,

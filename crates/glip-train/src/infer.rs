@@ -1,6 +1,7 @@
 //! The one inference path: preprocessing (the training resize rule), prompt chunking, forward,
 //! scoring (the detector's), top-k, threshold and NMS. Evaluation during training,
-//! `glip eval` and `glip detect` all go through [`Predictor::detect_batch`].
+//! `glip eval` and `glip detect` all go through one pass runner: [`Predictor::detect_batch`] for
+//! detection prompts made of phrases, [`Predictor::ground_batch`] for a caption's phrases.
 //!
 //! Every run saves an [`InferenceSpec`] (`inference.json`: the model config, the resize rule,
 //! the class names, the score rule) and its tokenizer (`tokenizer.json`) beside the
@@ -333,6 +334,15 @@ impl std::fmt::Debug for Predictor<'_> {
     }
 }
 
+/// One forward pass's prompt: the caption, its tokens, each phrase's character spans (the
+/// rows of the positive map) and the index of each phrase in the caller's list.
+struct PromptPass<'p> {
+    caption: &'p str,
+    encoding: &'p glip_text::Encoded,
+    rows: Vec<Vec<(usize, usize)>>,
+    phrases: &'p [usize],
+}
+
 impl<'a> Predictor<'a> {
     /// A predictor computing in f32 (set `precision` for bf16).
     pub fn new(
@@ -383,6 +393,74 @@ impl<'a> Predictor<'a> {
                 "the prompt needs at least one phrase, none of them empty".into(),
             ));
         }
+        let chunks = chunked_detection_prompts(self.tokenizer, phrases, ". ")?;
+        let passes: Vec<PromptPass<'_>> = chunks
+            .iter()
+            .map(|c| PromptPass {
+                caption: &c.prompt.caption,
+                encoding: &c.encoding,
+                rows: c.prompt.spans.iter().map(|&s| vec![s]).collect(),
+                phrases: &c.categories,
+            })
+            .collect();
+        self.run_passes(images, phrases, &passes, post)
+    }
+
+    /// Grounds the phrases of a free caption in every image of `images` (one forward pass for
+    /// the batch, the caption whole): per image, a detection list, best first, in its pixels,
+    /// each detection's `phrase_index` an index into `phrases`. A phrase is one or more
+    /// `[start, end)` character spans of `caption` (ODVG's `tokens_positive`) and is scored
+    /// over the tokens they cover, as training aligns it. A caption over the token budget, a
+    /// span outside it or a phrase that covers no token is an error.
+    pub fn ground_batch(
+        &self,
+        images: &[RgbImage],
+        caption: &str,
+        phrases: &[Vec<(usize, usize)>],
+        post: &PostProcessConfig,
+    ) -> Result<Vec<Vec<Grounded>>, Error> {
+        let chars: Vec<char> = caption.chars().collect();
+        if caption.trim().is_empty() || phrases.is_empty() {
+            return Err(Error::Msg(
+                "grounding needs a caption and at least one phrase in it".into(),
+            ));
+        }
+        let mut names = Vec::with_capacity(phrases.len());
+        for (i, spans) in phrases.iter().enumerate() {
+            glip_core::prompt::check_spans(spans, chars.len())
+                .map_err(|e| Error::Msg(format!("phrase {i} of {caption:?}: {e}")))?;
+            if spans.is_empty() {
+                return Err(Error::Msg(format!("phrase {i} of {caption:?} has no span")));
+            }
+            let text: Vec<String> =
+                spans.iter().map(|&(s, e)| chars[s..e].iter().collect()).collect();
+            names.push(text.join(" "));
+        }
+        let encoding = self.tokenizer.encode(caption)?;
+        for (i, spans) in phrases.iter().enumerate() {
+            let row = glip_core::prompt::positive_row(&encoding.offsets, spans, encoding.ids.len());
+            if row.iter().all(|&x| x == 0.0) {
+                return Err(Error::Msg(format!(
+                    "phrase {i} ({:?}) covers no token of {caption:?}",
+                    names[i]
+                )));
+            }
+        }
+        let index: Vec<usize> = (0..phrases.len()).collect();
+        let pass =
+            PromptPass { caption, encoding: &encoding, rows: phrases.to_vec(), phrases: &index };
+        self.run_passes(images, &names, &[pass], post)
+    }
+
+    /// Runs every prompt pass over `images` and merges their detections per image, best
+    /// first, `post.top_k` at most; `names[i]` is phrase `i`'s text.
+    fn run_passes(
+        &self,
+        images: &[RgbImage],
+        names: &[String],
+        passes: &[PromptPass<'_>],
+        post: &PostProcessConfig,
+    ) -> Result<Vec<Vec<Grounded>>, Error> {
         if images.is_empty() {
             return Ok(Vec::new());
         }
@@ -396,9 +474,8 @@ impl<'a> Predictor<'a> {
             )));
         }
         let small: Vec<RgbImage> = images.iter().map(|i| self.spec.preprocess.apply(i)).collect();
-        let chunks = chunked_detection_prompts(self.tokenizer, phrases, ". ")?;
         let mut all: Vec<Vec<Grounded>> = vec![Vec::new(); images.len()];
-        for chunk in &chunks {
+        for chunk in passes {
             let samples: Vec<Sample> = small
                 .iter()
                 .zip(images)
@@ -406,15 +483,19 @@ impl<'a> Predictor<'a> {
                     image: s.clone(),
                     image_id: 0,
                     orig_size: orig.dimensions(),
-                    caption: chunk.prompt.caption.clone(),
+                    caption: chunk.caption.to_string(),
                     boxes: vec![],
                     phrases: vec![],
                     labels: vec![],
                 })
                 .collect();
             let batch = glip_data::collate(&samples, self.tokenizer, self.device)?;
-            let e = &chunk.encoding;
-            let pm = glip_core::prompt::positive_map(&e.offsets, &chunk.prompt.spans, e.ids.len());
+            let e = chunk.encoding;
+            let pm: Vec<Vec<f32>> = chunk
+                .rows
+                .iter()
+                .map(|spans| glip_core::prompt::positive_row(&e.offsets, spans, e.ids.len()))
+                .collect();
             let pm = Tensor::new(pm, self.device)?;
             // The pass as a function of its tensors (what a CUDA graph records): pixels, mask,
             // token ids, attention mask, positive map -> scores, boxes.
@@ -459,8 +540,8 @@ impl<'a> Predictor<'a> {
             for (b, found) in found.into_iter().enumerate() {
                 for d in found {
                     let (index, phrase) = if tokens {
-                        let i = chunk.categories[d.category];
-                        (i, phrases[i].clone())
+                        let i = chunk.phrases[d.category];
+                        (i, names[i].clone())
                     } else {
                         (
                             d.category,
@@ -543,6 +624,89 @@ impl<'a> Predictor<'a> {
         Ok(found)
     }
 
+    /// Phrase grounding on the grounding records of an ODVG file (Flickr30k Entities style):
+    /// each image grounded with its own caption ([`Predictor::ground_batch`]), and per phrase
+    /// ([`record_phrases`]) whether one of its k best boxes has IoU >= 0.5 with one of its
+    /// ground-truth boxes. Images are decoded in parallel a window at a time; `progress(done, n)`
+    /// after each window. A record that cannot be grounded (a caption over the token budget, a
+    /// phrase that covers no token) is an error naming its line, and so is a detection record
+    /// (it has no caption).
+    pub fn evaluate_grounding(
+        &self,
+        odvg: &Path,
+        images: &Path,
+        post: &PostProcessConfig,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<CaptionRecall, Error> {
+        use glip_data::odvg::OdvgRecord;
+        use rayon::prelude::*;
+        const WINDOW: usize = 32;
+        if !self.spec.class_names.is_empty() {
+            return Err(Error::Msg(format!(
+                "{}: phrase grounding needs a token head; this run's fixed-class head labels boxes with its {} classes, not with a caption's phrases",
+                odvg.display(),
+                self.spec.class_names.len()
+            )));
+        }
+        let policy = glip_data::ErrorPolicy::Fail;
+        // A detection record has no caption: say so before the reader asks for its label map.
+        let text = std::fs::read_to_string(odvg).map_err(|e| Error::file(odvg, e))?;
+        let detection = text.lines().position(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .is_ok_and(|v| v.get("detection").is_some() && v.get("grounding").is_none())
+        });
+        if let Some(i) = detection {
+            return Err(Error::file(
+                odvg,
+                format!("line {}: a detection record; phrase grounding is evaluated on grounding records (a caption and its regions)", i + 1),
+            ));
+        }
+        let ds = glip_data::OdvgDataset::open(odvg, images, None, policy)?
+            .without_missing_files(policy)?;
+        let records: Vec<(usize, &str, &String, &Vec<_>)> = ds
+            .records
+            .iter()
+            .zip(&ds.lines)
+            .filter_map(|(r, &line)| match r {
+                OdvgRecord::Grounding { filename, caption, regions } => {
+                    Some((line, filename.as_str(), caption, regions))
+                }
+                OdvgRecord::Detection { .. } => None,
+            })
+            .collect();
+        if records.is_empty() {
+            return Err(Error::file(
+                odvg,
+                "no grounding records (captions with regions) to evaluate",
+            ));
+        }
+        let n = records.len();
+        let mut cases = Vec::new();
+        let mut done = 0;
+        for window in records.chunks(WINDOW) {
+            let decoded: Vec<RgbImage> = window
+                .par_iter()
+                .map(|(_, f, _, _)| glip_data::detection::load_image(&images.join(f)))
+                .collect::<Result<_, _>>()?;
+            for ((line, _, caption, regions), img) in window.iter().zip(&decoded) {
+                let phrases = record_phrases(regions);
+                let spans: Vec<Vec<(usize, usize)>> = phrases.iter().map(|p| p.0.clone()).collect();
+                let found = self
+                    .ground_batch(std::slice::from_ref(img), caption, &spans, post)
+                    .map_err(|e| Error::file(odvg, format!("line {line}: {e}")))?
+                    .pop()
+                    .unwrap_or_default();
+                for (k, (_, gt)) in phrases.into_iter().enumerate() {
+                    let pred = found.iter().filter(|d| d.phrase_index == k).map(|d| d.bbox);
+                    cases.push((pred.collect(), gt));
+                }
+            }
+            done += window.len();
+            progress(done, n);
+        }
+        Ok(CaptionRecall { recall: recall(&cases), phrases: cases.len(), captions: n })
+    }
+
     /// COCO bbox evaluation on a COCO folder ([`Predictor::coco_folder_detections`]), with
     /// Recall@k of each image's categories.
     pub fn evaluate_coco_folder(
@@ -585,6 +749,35 @@ pub struct Evaluation {
     /// Recall@1, @5, @10 of phrase grounding: per image and phrase with ground truth, whether
     /// one of the phrase's k best boxes has IoU >= 0.5 with one of its boxes.
     pub recall: [f64; 3],
+}
+
+/// Phrase grounding on captions: what [`Predictor::evaluate_grounding`] measured.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CaptionRecall {
+    /// Recall@1, @5, @10 over the phrases.
+    pub recall: [f64; 3],
+    /// Phrases with ground truth (the denominator).
+    pub phrases: usize,
+    /// Captions (grounding records) grounded.
+    pub captions: usize,
+}
+
+/// The phrases of a grounding record's regions: regions with the same spans are one phrase
+/// (a Flickr30k entity with several boxes), in order of first appearance; per phrase its
+/// spans and its ground-truth boxes.
+pub fn record_phrases(
+    regions: &[([f32; 4], Vec<(usize, usize)>)],
+) -> Vec<(Vec<(usize, usize)>, Vec<[f32; 4]>)> {
+    let mut out: Vec<(Vec<(usize, usize)>, Vec<[f32; 4]>)> = Vec::new();
+    for (bbox, spans) in regions {
+        let mut key = spans.clone();
+        key.sort_unstable();
+        match out.iter_mut().find(|(s, _)| *s == key) {
+            Some((_, boxes)) => boxes.push(*bbox),
+            None => out.push((key, vec![*bbox])),
+        }
+    }
+    out
 }
 
 /// The k of [`Evaluation::recall`].

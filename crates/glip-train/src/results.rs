@@ -19,6 +19,9 @@ pub struct EvalPoint {
     /// Recall@1, @5, @10 of phrase grounding (see [`crate::infer::Evaluation::recall`]).
     #[serde(default)]
     pub recall: [f64; 3],
+    /// Phrase grounding on the captions of `data.val_grounding` (absent without them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caption: Option<crate::infer::CaptionRecall>,
 }
 
 /// What a run reports while it works (a progress bar, log lines).
@@ -67,8 +70,9 @@ impl ExperimentResult {
     }
 
     /// `results.json`: `val` (AP, AP50 and the other COCO numbers of the last evaluation, and
-    /// AP per category id),
-    /// `heldout.AP50`, `best`, `steps`, `wall_s`, `train_minutes`, and every evaluation.
+    /// AP per category id), `recall` (Recall@k of the category prompts), `caption_recall`
+    /// (Recall@k on `data.val_grounding`'s captions, null without them), `heldout.AP50`,
+    /// `best`, `steps`, `wall_s`, `train_minutes`, and every evaluation.
     pub fn to_json(&self) -> serde_json::Value {
         let val = |p: Option<&EvalPoint>| match p {
             Some(p) => {
@@ -86,16 +90,31 @@ impl ExperimentResult {
         let recall = |p: Option<&EvalPoint>| {
             p.map(|p| serde_json::json!({"R@1": p.recall[0], "R@5": p.recall[1], "R@10": p.recall[2]}))
         };
+        let caption = self.last().and_then(|p| p.caption.as_ref()).map(|c| {
+            serde_json::json!({"R@1": c.recall[0], "R@5": c.recall[1], "R@10": c.recall[2], "phrases": c.phrases, "captions": c.captions})
+        });
+        let evals: Vec<serde_json::Value> = self
+            .evals
+            .iter()
+            .map(|p| {
+                let mut e = serde_json::json!({"step": p.step, "train_minutes": p.train_minutes, "AP": p.val.get("AP"), "AP50": p.val.get("AP50"), "heldout_AP50": p.heldout_ap50, "R@1": p.recall[0]});
+                if let Some(c) = &p.caption {
+                    e["caption_R@1"] = serde_json::json!(c.recall[0]);
+                }
+                e
+            })
+            .collect();
         serde_json::json!({
             "name": self.name,
             "recall": recall(self.last()),
+            "caption_recall": caption,
             "val": val(self.last()),
             "heldout": {"AP50": self.last().map(|p| p.heldout_ap50), "best_AP50": heldout_best.is_finite().then_some(heldout_best)},
             "best": self.best().map(|p| serde_json::json!({"step": p.step, "train_minutes": p.train_minutes, "AP50": p.val.get("AP50"), "AP": p.val.get("AP"), "heldout_AP50": p.heldout_ap50})),
             "steps": self.steps,
             "wall_s": self.wall_s,
             "train_minutes": self.train_minutes,
-            "evals": self.evals.iter().map(|p| serde_json::json!({"step": p.step, "train_minutes": p.train_minutes, "AP": p.val.get("AP"), "AP50": p.val.get("AP50"), "heldout_AP50": p.heldout_ap50, "R@1": p.recall[0]})).collect::<Vec<_>>(),
+            "evals": evals,
         })
     }
 }

@@ -54,6 +54,19 @@ pub struct OdvgDataConfig {
     pub skip_bad_records: bool,
 }
 
+/// Phrase grounding evaluated on captions (Flickr30k Entities style), beside the run's COCO
+/// AP: ODVG grounding records, each image grounded with its own caption, and Recall@1, @5, @10
+/// of its phrases (a phrase is hit at k when one of its k best boxes has IoU >= 0.5 with one of
+/// its ground-truth boxes; regions with the same `tokens_positive` are one phrase).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroundingValConfig {
+    /// The grounding records (ODVG jsonl; detection records are not read here).
+    pub odvg: PathBuf,
+    /// The folder the records' `filename`s are relative to.
+    pub images: PathBuf,
+}
+
 /// Where a run evaluates.
 #[derive(Debug)]
 pub enum EvalData {
@@ -79,6 +92,10 @@ pub struct DataConfig {
     /// phrases' boxes and detection records; evaluation on a COCO validation split.
     #[serde(default)]
     pub odvg: Option<OdvgDataConfig>,
+    /// Captions to evaluate phrase grounding on besides the COCO AP (any training data; a token
+    /// head): Recall@1, @5, @10 in every evaluation and in `results.json` (`caption_recall`).
+    #[serde(default)]
+    pub val_grounding: Option<GroundingValConfig>,
     /// Train on only the first this many training images (overfitting checks). Default all.
     #[serde(default)]
     pub train_subset: Option<usize>,
@@ -188,6 +205,7 @@ impl Default for DataConfig {
             shapes: ShapesConfig::default(),
             coco: None,
             odvg: None,
+            val_grounding: None,
             train_subset: None,
             eval_on_train: false,
             transforms: TransformConfig::default(),
@@ -361,6 +379,9 @@ pub fn resolve_paths(cfg: &mut ExperimentConfig, base: &Path) {
             &mut o.val_images,
         ]);
         paths.extend(o.label_map.as_mut());
+    }
+    if let Some(g) = cfg.data.val_grounding.as_mut() {
+        paths.extend([&mut g.odvg, &mut g.images]);
     }
     for p in paths {
         if !p.as_os_str().is_empty() && p.is_relative() {

@@ -303,6 +303,12 @@ impl Validate for DataConfig {
                 dir_exists(c, "val_images", &o.val_images, "the validation images");
             });
         }
+        if let Some(g) = &self.val_grounding {
+            c.within("val_grounding", |c| {
+                file_exists(c, "odvg", &g.odvg, "ODVG jsonl with grounding records");
+                dir_exists(c, "images", &g.images, "the captions' images");
+            });
+        }
         match &self.coco {
             Some(coco) => c.within("coco", |c| {
                 file_exists(c, "train_annotations", &coco.train_annotations, "COCO json");
@@ -376,6 +382,14 @@ impl Validate for ExperimentConfig {
             c.fail_rule(
                 "model.head",
                 "a fixed-class head needs a class for every box; ODVG's grounding records have phrases, not classes: use the token head (type = \"token\")",
+            );
+        }
+        if let (Some(HeadConfig::Class(_)), Some(_)) =
+            (self.model.head.builtin(), &self.data.val_grounding)
+        {
+            c.fail_rule(
+                "data.val_grounding",
+                "grounding a caption's phrases needs the token head (type = \"token\"): a fixed-class head labels boxes with classes, not phrases",
             );
         }
         let synthetic = self.data.coco.is_none() && self.data.odvg.is_none();

@@ -281,3 +281,76 @@ fn a_detector_is_send_and_sync() {
     fn send_sync<T: Send + Sync>() {}
     send_sync::<Detector>();
 }
+
+/// A caption is grounded as a detection prompt is when it is one: `ground_batch` on the
+/// detection prompt's caption and spans gives what `detect_batch` gives for its phrases (the
+/// same pass), and a phrase given as two spans covering the same tokens as one span gives the
+/// same boxes and scores.
+#[test]
+fn a_caption_grounds_its_phrases_as_the_same_detection_prompt_does() {
+    let (cfg, model, spec, tok) = untrained();
+    let dev = Device::Cpu;
+    let p = Predictor::new(&model, &spec, &tok, &dev);
+    let ds = glip_data::ShapesDataset::new(cfg.data.shapes.clone(), glip_data::Split::Val).unwrap();
+    let images: Vec<image::RgbImage> = (0..3).map(|k| ds.render(k).0).collect();
+    let names = vec!["red circle".to_string(), "blue square".to_string()];
+    let prompt = glip_core::prompt::Prompt::detection(&names, ". ").unwrap();
+    let spans: Vec<Vec<(usize, usize)>> = prompt.spans.iter().map(|&s| vec![s]).collect();
+    let grounded = p.ground_batch(&images, &prompt.caption, &spans, &spec.post).unwrap();
+    let detected = p.detect_batch(&images, &names, &spec.post).unwrap();
+    assert_same_detections(&detected, &grounded);
+    // "red circle" as the spans of "red" and "circle": the same tokens, the same phrase.
+    let split = vec![vec![(0, 3), (4, 10)], spans[1].clone()];
+    let regrounded = p.ground_batch(&images, &prompt.caption, &split, &spec.post).unwrap();
+    assert_same_detections(&grounded, &regrounded);
+}
+
+/// What cannot be grounded is an error that says why: caption grounding evaluated on a
+/// fixed-class run, no phrase, a span outside the caption, a phrase of spaces only (it covers no
+/// token), a caption over the token budget (captions are never truncated, which would cut
+/// phrases off).
+#[test]
+fn captions_that_cannot_be_grounded_are_errors() {
+    let (_, model, spec, tok) = untrained();
+    let dev = Device::Cpu;
+    let p = Predictor::new(&model, &spec, &tok, &dev);
+    let img = vec![image::RgbImage::new(32, 32)];
+    let caption = "a red circle";
+    let long = "red ".repeat(tok.max_tokens() + 1);
+    // A fixed-class head's run labels boxes with classes: caption grounding refuses it.
+    let class_spec =
+        glip_train::infer::InferenceSpec { class_names: vec!["red circle".into()], ..spec.clone() };
+    let with_classes = Predictor::new(&model, &class_spec, &tok, &dev);
+    let e = with_classes
+        .evaluate_grounding(Path::new("val.jsonl"), Path::new("."), &spec.post, |_, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("needs a token head"), "{e}");
+    for (caption, spans, want) in [
+        (caption, vec![], "at least one phrase"),
+        (caption, vec![vec![(2, 40)]], "outside the caption"),
+        (caption, vec![vec![(5, 6)]], "covers no token"),
+        (long.as_str(), vec![vec![(0, 3)]], "over the budget"),
+    ] {
+        let e = p.ground_batch(&img, caption, &spans, &spec.post).unwrap_err().to_string();
+        assert!(e.contains(want), "{spans:?}: {e}");
+    }
+}
+
+/// The phrases of a grounding record: regions with the same spans (in any order) are one
+/// phrase with all their boxes, in order of first appearance.
+#[test]
+fn regions_with_the_same_spans_are_one_phrase() {
+    let b = |x: f32| [x, 0.0, x + 1.0, 1.0];
+    let regions = vec![
+        (b(0.0), vec![(0, 3)]),
+        (b(1.0), vec![(4, 7), (9, 12)]),
+        (b(2.0), vec![(0, 3)]),
+        (b(3.0), vec![(9, 12), (4, 7)]),
+    ];
+    let phrases = glip_train::infer::record_phrases(&regions);
+    assert_eq!(
+        phrases,
+        vec![(vec![(0, 3)], vec![b(0.0), b(2.0)]), (vec![(4, 7), (9, 12)], vec![b(1.0), b(3.0)])]
+    );
+}
