@@ -10,13 +10,19 @@ use std::path::{Path, PathBuf};
 
 /// `glip detect`.
 #[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["prompt", "caption"])))]
 pub struct DetectArgs {
     /// A run folder (`config.resolved.toml` + `checkpoint.safetensors`) or a checkpoint file.
     #[arg(long)]
     run: PathBuf,
-    /// What to find: phrases separated by `.` (`"red circle. blue square"`).
+    /// What to find: phrases separated by `.` (`"red circle. blue square"`), each name
+    /// prompted as GLIP's detection prompts are.
     #[arg(long)]
-    prompt: String,
+    prompt: Option<String>,
+    /// Or a caption with the phrases to ground marked in brackets (`"a [red circle] left of a
+    /// [blue square]"`): the model reads the caption whole, as it reads grounding data.
+    #[arg(long)]
+    caption: Option<String>,
     /// Images (PNG or JPEG), turned upright by their EXIF orientation as viewers show them (the
     /// boxes are in that image; the JSON says `exif_orientation` when one was applied).
     #[arg(required = true)]
@@ -50,13 +56,23 @@ pub fn phrases(prompt: &str) -> Vec<String> {
 
 /// Runs `glip detect`.
 pub fn run(registry: &glip_train::config::Registry, a: DetectArgs) -> Result<()> {
-    let phrases = phrases(&a.prompt);
-    if phrases.is_empty() {
-        return Err(anyhow!(
-            "--prompt {:?} names nothing (phrases are separated by '.')",
-            a.prompt
-        ));
-    }
+    // What the model reads: a detection prompt made of the phrases, or a marked caption.
+    let (phrases, caption) = match (&a.prompt, &a.caption) {
+        (Some(prompt), _) => {
+            let phrases = phrases(prompt);
+            if phrases.is_empty() {
+                return Err(anyhow!(
+                    "--prompt {prompt:?} names nothing (phrases are separated by '.')"
+                ));
+            }
+            (phrases, None)
+        }
+        (None, Some(marked)) => {
+            let p = glip_core::prompt::Prompt::marked(marked).context("--caption")?;
+            (p.phrases(), Some(p))
+        }
+        (None, None) => return Err(anyhow!("give --prompt or --caption")),
+    };
     let (dev, precision) = a.compute.resolve()?;
     let mut det = Detector::load_with(registry, &a.run, &dev)?;
     det.precision = precision;
@@ -82,8 +98,16 @@ pub fn run(registry: &glip_train::config::Registry, a: DetectArgs) -> Result<()>
         for path in &a.images {
             let (img, orientation) = glip_data::detection::load_image_upright(path)?;
             let p = glip_train::infer::Predictor { graphs: graphs.as_ref(), ..det.predictor() };
-            let found =
-                p.detect(&img, &phrases, &post).with_context(|| path.display().to_string())?;
+            let found = match &caption {
+                None => p.detect(&img, &phrases, &post),
+                Some(c) => {
+                    let spans: Vec<Vec<(usize, usize)>> =
+                        c.spans.iter().map(|&s| vec![s]).collect();
+                    p.ground_batch(std::slice::from_ref(&img), &c.caption, &spans, &post)
+                        .map(|mut f| f.pop().unwrap_or_default())
+                }
+            }
+            .with_context(|| path.display().to_string())?;
             let drawn = a.out.join(format!(
                 "{}.detections.png",
                 path.file_stem().unwrap_or_default().to_string_lossy()
@@ -95,7 +119,7 @@ pub fn run(registry: &glip_train::config::Registry, a: DetectArgs) -> Result<()>
                 "image": path,
                 "width": img.width(),
                 "height": img.height(),
-                "prompt": a.prompt,
+                "prompt": a.prompt.as_ref().or(a.caption.as_ref()),
                 "detections": found,
                 "drawn": drawn,
             });

@@ -1,6 +1,7 @@
 //! `glip eval`: a trained run on its own validation data (the synthetic task's split, with AP
-//! and the held-out pairs' AP50, or the COCO split it trained against), or on a COCO folder
-//! (every image prompted with every category name).
+//! and the held-out pairs' AP50, or the COCO split it trained against, and the captions of
+//! `data.val_grounding`), on a COCO folder (every image prompted with every category name), or
+//! on ODVG captions (phrase grounding, Recall@k).
 
 use anyhow::{anyhow, Result};
 use clap::Args;
@@ -16,10 +17,14 @@ pub struct EvalArgs {
     run: PathBuf,
     /// COCO annotations to evaluate on instead of the run's validation data (the synthetic
     /// task's split, or the COCO split named in its config).
-    #[arg(long, requires = "images")]
+    #[arg(long, requires = "images", conflicts_with = "odvg")]
     coco: Option<PathBuf>,
-    /// The COCO images folder.
-    #[arg(long, requires = "coco")]
+    /// ODVG grounding records to evaluate phrase grounding on instead (each image grounded with
+    /// its own caption: Recall@1, @5, @10 of its phrases).
+    #[arg(long, requires = "images")]
+    odvg: Option<PathBuf>,
+    /// The images folder of `--coco` or `--odvg`.
+    #[arg(long)]
     images: Option<PathBuf>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
@@ -41,11 +46,18 @@ pub fn run(registry: &glip_train::config::Registry, a: EvalArgs) -> Result<()> {
     let graphs = crate::graphs_on(a.cuda_graph, &dev);
     let p = glip_train::infer::Predictor { graphs: graphs.as_ref(), ..det.predictor() };
     use glip_train::experiment::EvalData;
-    let data = match (&a.coco, &a.images) {
-        (Some(ann), Some(images)) => EvalData::Coco(ann.clone(), images.clone()),
+    // What to evaluate on: a COCO folder, ODVG captions, or the run's own validation data.
+    let (data, captions) = match (&a.coco, &a.odvg, &a.images) {
+        (Some(ann), None, Some(images)) => {
+            (Some(EvalData::Coco(ann.clone(), images.clone())), None)
+        }
+        (None, Some(odvg), Some(images)) => (None, Some((odvg.clone(), images.clone()))),
+        (None, None, Some(_)) => {
+            return Err(anyhow!("--images names the images of --coco or --odvg: give one of them"))
+        }
         _ => {
             // The run's own evaluation data, as its config says: the COCO validation split it
-            // trained against, or the synthetic task's.
+            // trained against, or the synthetic task's, and its captions (`data.val_grounding`).
             let dir = if a.run.is_dir() { a.run.clone() } else { a.run.with_file_name("") };
             let cfg_path = dir.join("config.resolved.toml");
             let cfg = glip_train::experiment::load_config(&cfg_path).map_err(|e| {
@@ -55,42 +67,66 @@ pub fn run(registry: &glip_train::config::Registry, a: EvalArgs) -> Result<()> {
             if let EvalData::Coco(ann, _) = &data {
                 eprintln!("evaluating on {} (the run's validation split)", ann.display());
             }
-            data
+            let captions = cfg.data.val_grounding.map(|g| (g.odvg, g.images));
+            (Some(data), captions)
         }
     };
     // One bf16 scope for the whole evaluation: each convolution's weight is packed once.
-    let ev = glip_train::autocast(det.precision, || -> Result<_> {
-        Ok(match &data {
-            EvalData::Coco(ann, images) => {
-                p.evaluate_coco_folder(ann, images, &det.spec.post, |i, n| {
+    let (ev, caption) = glip_train::autocast(det.precision, || -> Result<_> {
+        let ev = match &data {
+            Some(EvalData::Coco(ann, images)) => {
+                Some(p.evaluate_coco_folder(ann, images, &det.spec.post, |i, n| {
                     eprintln!("{i}/{n} images");
-                })?
+                })?)
             }
-            EvalData::Shapes(ds, n) => {
+            Some(EvalData::Shapes(ds, n)) => {
                 let scratch =
                     std::env::temp_dir().join(format!("glip-eval-{}", std::process::id()));
                 let r = glip_train::infer::evaluate_shapes(&p, ds, *n, &scratch);
                 std::fs::remove_dir_all(&scratch).ok();
-                r?
+                Some(r?)
             }
-        })
+            None => None,
+        };
+        let caption = match &captions {
+            Some((odvg, images)) => {
+                eprintln!("grounding the captions of {}", odvg.display());
+                Some(p.evaluate_grounding(odvg, images, &det.spec.post, |i, n| {
+                    eprintln!("{i}/{n} captions");
+                })?)
+            }
+            None => None,
+        };
+        Ok((ev, caption))
     })?;
     crate::report_graphs(graphs.as_ref());
-    let mut obj: serde_json::Map<String, serde_json::Value> = COCO_STAT_NAMES
-        .iter()
-        .map(|n| (n.to_string(), serde_json::json!(ev.coco.get(n))))
-        .collect();
-    if ev.heldout_ap50 >= 0.0 {
-        obj.insert("heldout_AP50".into(), serde_json::json!(ev.heldout_ap50));
+    let mut obj = serde_json::Map::new();
+    if let Some(ev) = &ev {
+        for n in COCO_STAT_NAMES {
+            obj.insert(n.to_string(), serde_json::json!(ev.coco.get(n)));
+        }
+        if ev.heldout_ap50 >= 0.0 {
+            obj.insert("heldout_AP50".into(), serde_json::json!(ev.heldout_ap50));
+        }
+        for (k, r) in glip_train::infer::RECALL_KS.iter().zip(ev.recall) {
+            obj.insert(format!("R@{k}"), serde_json::json!(r));
+        }
     }
-    for (k, r) in glip_train::infer::RECALL_KS.iter().zip(ev.recall) {
-        obj.insert(format!("R@{k}"), serde_json::json!(r));
+    if let Some(c) = &caption {
+        for (k, r) in glip_train::infer::RECALL_KS.iter().zip(c.recall) {
+            obj.insert(format!("caption_R@{k}"), serde_json::json!(r));
+        }
+        obj.insert("caption_phrases".into(), serde_json::json!(c.phrases));
+        obj.insert("captions".into(), serde_json::json!(c.captions));
     }
     if a.json {
         println!("{}", serde_json::Value::Object(obj));
     } else {
         for (k, v) in &obj {
-            println!("{k:>13} {:.4}", v.as_f64().unwrap_or(f64::NAN));
+            match v.as_u64() {
+                Some(count) => println!("{k:>15} {count}"),
+                None => println!("{k:>15} {:.4}", v.as_f64().unwrap_or(f64::NAN)),
+            }
         }
     }
     Ok(())

@@ -51,17 +51,37 @@ pub fn write_run_markdown(dir: &Path, r: &ExperimentResult) -> Result<()> {
         r.train_minutes,
         r.wall_s / 60.0
     );
-    s +=
-        "| step | training min | val AP | val AP50 | held-out AP50 |\n|---:|---:|---:|---:|---:|\n";
+    // Phrase grounding on captions, where the run has them (`data.val_grounding`).
+    let captions = r.evals.iter().any(|p| p.caption.is_some());
+    if let Some(c) = r.last().and_then(|p| p.caption.as_ref()) {
+        s += &format!(
+            "Phrase grounding on {} captions ({} phrases): R@1 {} / R@5 {} / R@10 {}.\n\n",
+            c.captions,
+            c.phrases,
+            fmt(c.recall[0]),
+            fmt(c.recall[1]),
+            fmt(c.recall[2])
+        );
+    }
+    s += "| step | training min | val AP | val AP50 | held-out AP50 |";
+    s += if captions {
+        " caption R@1 |\n|---:|---:|---:|---:|---:|---:|\n"
+    } else {
+        "\n|---:|---:|---:|---:|---:|\n"
+    };
     for p in &r.evals {
         s += &format!(
-            "| {} | {:.1} | {} | {} | {} |\n",
+            "| {} | {:.1} | {} | {} | {} |",
             p.step,
             p.train_minutes,
             fmt(p.val.get("AP")),
             fmt(p.val.get("AP50")),
             fmt(p.heldout_ap50)
         );
+        if captions {
+            s += &format!(" {} |", fmt(p.caption.as_ref().map_or(-1.0, |c| c.recall[0])));
+        }
+        s += "\n";
     }
     s += "\n![loss and AP against steps](curves.svg)\n\nFiles: `config.resolved.toml` (the full config), `log.jsonl` (losses), `eval.jsonl`, `results.json`, `checkpoint.safetensors`.\n";
     Ok(write_atomic(&dir.join("results.md"), s.as_bytes())?)
@@ -180,6 +200,7 @@ pub fn write_ablation(dir: &Path, title: &str, cells: &[Cell]) -> Result<()> {
         "best_step",
         "heldout_AP50",
         "best_heldout_AP50",
+        "caption_R@1",
     ];
     let mut csv = header.join(",") + "\n";
     let mut md = format!(
@@ -194,6 +215,7 @@ pub fn write_ablation(dir: &Path, title: &str, cells: &[Cell]) -> Result<()> {
             .map_or((-1.0, -1.0, -1.0), |p| (p.val.get("AP"), p.val.get("AP50"), p.heldout_ap50));
         let (best, best_step) = r.best().map_or((-1.0, 0), |p| (p.val.get("AP50"), p.step));
         let best_held = r.evals.iter().map(|p| p.heldout_ap50).fold(-1.0, f64::max);
+        let caption = r.last().and_then(|p| p.caption.as_ref()).map_or(-1.0, |c| c.recall[0]);
         let row = [
             c.name.clone(),
             c.sets.join(" "),
@@ -205,6 +227,7 @@ pub fn write_ablation(dir: &Path, title: &str, cells: &[Cell]) -> Result<()> {
             best_step.to_string(),
             fmt(held),
             fmt(best_held),
+            fmt(caption),
         ];
         csv += &row.iter().map(|v| csv_field(v)).collect::<Vec<_>>().join(",");
         csv += "\n";

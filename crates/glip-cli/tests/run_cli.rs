@@ -248,15 +248,8 @@ fn experiments_train_on_coco_and_odvg_files() {
         out
     };
     export(&["--out", d.join("shapes").to_str().unwrap(), "--format", "both"]);
-    let out = export(&[
-        "--out",
-        d.join("captions").to_str().unwrap(),
-        "--format",
-        "odvg",
-        "--grounding",
-        "--split",
-        "train",
-    ]);
+    let out =
+        export(&["--out", d.join("captions").to_str().unwrap(), "--format", "odvg", "--grounding"]);
     assert!(out.contains("4 images as ODVG grounding records"), "{out}");
     let val =
         "val_annotations = \"shapes/val/annotations.json\"\nval_images = \"shapes/val/images\"\n";
@@ -279,15 +272,86 @@ fn experiments_train_on_coco_and_odvg_files() {
     assert!(printed.contains("4 detection and 0 grounding records"), "{printed}");
     assert_eq!(logged_losses(&odvg), logged_losses(&coco));
     assert_eq!(logged_losses(&coco).len(), 2);
-    // Captions only (grounding records, no label map), evaluated on the COCO split.
+    // Captions only (grounding records, no label map), evaluated on the COCO split and on the
+    // validation images' captions (phrase grounding, `data.val_grounding`).
     let (captions, printed) = train_on_files(
         &d,
         "captions",
-        &format!("[data.odvg]\ntrain = \"captions/train/odvg.jsonl\"\ntrain_images = \"captions/train\"\n{val}"),
+        &format!("[data.odvg]\ntrain = \"captions/train/odvg.jsonl\"\ntrain_images = \"captions/train\"\n{val}\
+                  [data.val_grounding]\nodvg = \"captions/val/odvg.jsonl\"\nimages = \"captions/val\"\n"),
     );
     assert!(printed.contains("0 detection and 4 grounding records"), "{printed}");
+    assert!(printed.contains("caption R@1"), "{printed}");
     assert_ne!(logged_losses(&captions)[0], logged_losses(&coco)[0]);
+    assert_caption_recall(&d, &captions);
     std::fs::remove_dir_all(&d).ok();
+}
+
+/// A run with `data.val_grounding`: `results.json` holds Recall@k over every phrase of the
+/// validation captions (regions with the same spans are one phrase, counted here from the file),
+/// and `glip eval` gives the same numbers from the checkpoint, for the run's own data and for
+/// `--odvg` alone; `glip detect --caption` grounds a marked caption's phrases.
+fn assert_caption_recall(d: &Path, run: &Path) {
+    let val = d.join("captions/val");
+    let text = std::fs::read_to_string(val.join("odvg.jsonl")).unwrap();
+    let mut phrases = 0;
+    for line in text.lines() {
+        let r: serde_json::Value = serde_json::from_str(line).unwrap();
+        let mut seen: Vec<String> = Vec::new();
+        for region in r["grounding"]["regions"].as_array().unwrap() {
+            let spans = region["tokens_positive"].to_string();
+            if !seen.contains(&spans) {
+                seen.push(spans);
+            }
+        }
+        phrases += seen.len();
+    }
+    let res = json(&run.join("results.json"));
+    let c = &res["caption_recall"];
+    assert_eq!(c["captions"].as_u64(), Some(text.lines().count() as u64), "{res}");
+    assert_eq!(c["phrases"].as_u64(), Some(phrases as u64), "{res}");
+    let r: Vec<f64> = ["R@1", "R@5", "R@10"].iter().map(|k| c[k].as_f64().unwrap()).collect();
+    assert!(0.0 <= r[0] && r[0] <= r[1] && r[1] <= r[2] && r[2] <= 1.0, "{res}");
+    let md = std::fs::read_to_string(run.join("results.md")).unwrap();
+    let said = format!("Phrase grounding on {} captions ({phrases} phrases)", c["captions"]);
+    assert!(md.contains(&said) && md.contains("caption R@1 |"), "{md}");
+    let (run_s, val_s) = (run.to_str().unwrap(), val.to_str().unwrap());
+    let odvg = val.join("odvg.jsonl");
+    for args in [vec![], vec!["--odvg", odvg.to_str().unwrap(), "--images", val_s]] {
+        let (ok, out, err) = glip(&[&["eval", "--run", run_s, "--json"][..], &args].concat());
+        assert!(ok, "{err}");
+        let m: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        for (k, want) in ["R@1", "R@5", "R@10"].iter().zip(&r) {
+            assert_eq!(m[format!("caption_{k}")].as_f64(), Some(*want), "{k}: {m}");
+        }
+        assert_eq!(m["caption_phrases"], c["phrases"], "{m}");
+        // Captions alone: no COCO numbers.
+        assert_eq!(m.get("AP50").is_some(), args.is_empty(), "{m}");
+    }
+    let image = val.join("images/000000.png");
+    let caption = "a [red circle] left of a [blue square]";
+    let out_dir = d.join("drawn");
+    let (ok, out, err) = glip(&[
+        "detect",
+        "--run",
+        run_s,
+        "--caption",
+        caption,
+        "--threshold",
+        "0",
+        "--out",
+        out_dir.to_str().unwrap(),
+        image.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v[0]["prompt"], caption);
+    let found = v[0]["detections"].as_array().unwrap();
+    assert!(!found.is_empty(), "{v}");
+    for det in found {
+        let phrase = det["phrase"].as_str().unwrap();
+        assert!(["red circle", "blue square"].contains(&phrase), "{phrase}");
+    }
 }
 
 #[test]
