@@ -71,8 +71,8 @@ pub struct CheckpointMeta {
 pub struct LogLine {
     /// Step (1-based).
     pub step: u64,
-    /// Each loss term and `loss`.
-    pub losses: HashMap<String, f32>,
+    /// Each loss term and `loss`, by name (written in name order, the same every line).
+    pub losses: std::collections::BTreeMap<String, f32>,
     /// Base learning rate.
     pub lr: f64,
     /// Gradient norm before clipping.
@@ -278,7 +278,7 @@ impl<'a> Trainer<'a> {
             scalars.push(self.optimizer.grad_norm_sq(&grads)?);
             let mut read: Vec<f64> = Tensor::stack(&scalars, 0)?.to_vec1()?;
             let grad_norm = read.pop().unwrap_or(0.0).sqrt();
-            let mut values = HashMap::new();
+            let mut values = std::collections::BTreeMap::new();
             for ((name, _), v) in named.into_iter().zip(read) {
                 // The terms are f32 (or bf16) on the device: exact in f64 and back.
                 let v = v as f32;

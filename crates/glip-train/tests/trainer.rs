@@ -423,3 +423,25 @@ fn a_checkpoint_resumes_on_the_cpu_whatever_device_wrote_it() -> Result<()> {
     std::fs::remove_dir_all(&d).ok();
     Ok(())
 }
+
+/// `log.jsonl` writes every line's loss terms in name order (they came in a hash map's order,
+/// which changes from process to process), so lines and runs read side by side.
+#[test]
+fn logged_loss_terms_come_in_name_order() {
+    let crit = SetCriterion::new(LossConfig::default(), Box::new(HungarianMatcher));
+    let d = tmp("order");
+    run(&d, 3, false, &crit).unwrap();
+    let text = std::fs::read_to_string(d.join("log.jsonl")).unwrap();
+    std::fs::remove_dir_all(&d).ok();
+    assert_eq!(text.lines().count(), 3);
+    for line in text.lines() {
+        let start = line.find("\"losses\":{").unwrap() + "\"losses\":{".len();
+        let end = start + line[start..].find('}').unwrap();
+        let keys: Vec<&str> =
+            line[start..end].split(',').map(|kv| kv.split(':').next().unwrap()).collect();
+        let mut sorted = keys.clone();
+        sorted.sort_unstable();
+        assert!(keys.len() > 2, "{line}");
+        assert_eq!(keys, sorted, "{line}");
+    }
+}
