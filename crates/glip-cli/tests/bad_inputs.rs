@@ -2,7 +2,8 @@
 //! arguments, prompts, images, checkpoints, run folders, COCO/ODVG files) through the `glip`
 //! binary: every case must exit non-zero with a message naming what is wrong and where (each
 //! `expect` string on stderr), and none may panic. Cases marked `ok` are valid inputs that must
-//! keep working (and print their `expect` strings, if any). `GLIP_CORPUS_SHOW=1` prints every
+//! keep working (and print their `expect` strings, if any). A case's `absent` strings must not be
+//! in its output (work that should not have started). `GLIP_CORPUS_SHOW=1` prints every
 //! case's message, for reading them all.
 
 use serde::Deserialize;
@@ -23,6 +24,9 @@ struct Case {
     args: Vec<String>,
     #[serde(default)]
     expect: Vec<String>,
+    /// Strings the output must not hold (work that should not have started: `step 1: loss`).
+    #[serde(default)]
+    absent: Vec<String>,
     #[serde(default)]
     ok: bool,
 }
@@ -205,6 +209,11 @@ fn every_bad_input_gets_a_clear_error_and_none_panics() {
         let mut wrong = Vec::new();
         if err.contains("panicked") || code == Some(101) || code.is_none() {
             wrong.push(format!("panicked or was killed (exit {code:?})"));
+        }
+        for a in &case.absent {
+            if err.contains(a.as_str()) {
+                wrong.push(format!("output holds {a:?}"));
+            }
         }
         if case.ok {
             good += 1;

@@ -60,6 +60,12 @@ pub fn evaluate_coco(gt: &Path, dets: &[CocoDetection]) -> Result<CocoMetrics, E
     summarize(coco, res, gt)
 }
 
+/// Reads a ground-truth file as [`evaluate_coco`] will, to find a fault in it before the work
+/// that ends in an evaluation.
+pub fn check_ground_truth(gt: &Path) -> Result<(), EvalError> {
+    hotcoco::COCO::new(gt).map(|_| ()).map_err(|e| err(gt, e))
+}
+
 /// Evaluates a COCO results file against a ground truth file, as `pycocotools` would.
 pub fn evaluate_coco_files(gt: &Path, dets: &Path) -> Result<CocoMetrics, EvalError> {
     let coco = hotcoco::COCO::new(gt).map_err(|e| err(gt, e))?;

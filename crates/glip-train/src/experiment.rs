@@ -105,6 +105,7 @@ pub fn run_experiment_with(
     let caption_tok: Arc<dyn glip_core::prompt::CaptionTokenizer> = tok.clone();
     let (full, source) = training_data(cfg, caption_tok, progress)?;
     let eval_target = cfg.eval_data()?;
+    check_eval_data(cfg, &eval_target, &tok)?;
     let n_train = cfg.data.train_subset.unwrap_or(full.len()).min(full.len());
     if n_train < cfg.data.batch_size {
         return Err(Error::Invalid(glip_core::validate::Problems(vec![
@@ -300,6 +301,25 @@ fn training_data(
     let train = ShapesDataset::new(cfg.data.shapes.clone(), Split::Train)?
         .with_prompts(cfg.data.prompts.clone(), Some(tok));
     Ok((Arc::new(train), "the synthetic task".into()))
+}
+
+/// Reads the run's validation data once before training, as its evaluations will (the COCO
+/// split's records and image files, the `data.val_grounding` captions against the tokenizer):
+/// a fault in it stops the run now, not at its first evaluation `run.eval_every` steps later.
+fn check_eval_data(
+    cfg: &ExperimentConfig,
+    target: &EvalData,
+    tok: &glip_text::Tokenizer,
+) -> Result<(), Error> {
+    if let EvalData::Coco(ann, images) = target {
+        CocoDataset::open(ann, images, ErrorPolicy::Fail)?
+            .without_missing_files(ErrorPolicy::Fail)?;
+        crate::eval::check_ground_truth(ann)?;
+    }
+    if let Some(g) = &cfg.data.val_grounding {
+        crate::infer::grounding_records(&g.odvg, &g.images, tok)?;
+    }
+    Ok(())
 }
 
 /// The model with the optimizer's EMA of every parameter (batch-norm statistics as they are).

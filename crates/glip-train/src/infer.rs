@@ -628,9 +628,8 @@ impl<'a> Predictor<'a> {
     /// each image grounded with its own caption ([`Predictor::ground_batch`]), and per phrase
     /// ([`record_phrases`]) whether one of its k best boxes has IoU >= 0.5 with one of its
     /// ground-truth boxes. Images are decoded in parallel a window at a time; `progress(done, n)`
-    /// after each window. A record that cannot be grounded (a caption over the token budget, a
-    /// phrase that covers no token) is an error naming its line, and so is a detection record
-    /// (it has no caption).
+    /// after each window. The records are read by [`grounding_records`]: a record that cannot be
+    /// grounded is an error naming its line.
     pub fn evaluate_grounding(
         &self,
         odvg: &Path,
@@ -648,21 +647,7 @@ impl<'a> Predictor<'a> {
                 self.spec.class_names.len()
             )));
         }
-        let policy = glip_data::ErrorPolicy::Fail;
-        // A detection record has no caption: say so before the reader asks for its label map.
-        let text = std::fs::read_to_string(odvg).map_err(|e| Error::file(odvg, e))?;
-        let detection = text.lines().position(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .is_ok_and(|v| v.get("detection").is_some() && v.get("grounding").is_none())
-        });
-        if let Some(i) = detection {
-            return Err(Error::file(
-                odvg,
-                format!("line {}: a detection record; phrase grounding is evaluated on grounding records (a caption and its regions)", i + 1),
-            ));
-        }
-        let ds = glip_data::OdvgDataset::open(odvg, images, None, policy)?
-            .without_missing_files(policy)?;
+        let ds = grounding_records(odvg, images, self.tokenizer)?;
         let records: Vec<(usize, &str, &String, &Vec<_>)> = ds
             .records
             .iter()
@@ -674,12 +659,6 @@ impl<'a> Predictor<'a> {
                 OdvgRecord::Detection { .. } => None,
             })
             .collect();
-        if records.is_empty() {
-            return Err(Error::file(
-                odvg,
-                "no grounding records (captions with regions) to evaluate",
-            ));
-        }
         let n = records.len();
         let mut cases = Vec::new();
         let mut done = 0;
@@ -749,6 +728,40 @@ pub struct Evaluation {
     /// Recall@1, @5, @10 of phrase grounding: per image and phrase with ground truth, whether
     /// one of the phrase's k best boxes has IoU >= 0.5 with one of its boxes.
     pub recall: [f64; 3],
+}
+
+/// The grounding records of an ODVG file, read for phrase grounding: every caption checked
+/// against `tokenizer` (one over the token budget, or a phrase that covers no token, is an
+/// error naming its line), every image file present, and a detection record an error (it has no
+/// caption). What [`Predictor::evaluate_grounding`] reads, and what a run checks before training
+/// so that a fault in its validation captions does not wait for the first evaluation.
+pub fn grounding_records(
+    odvg: &Path,
+    images: &Path,
+    tokenizer: &Tokenizer,
+) -> Result<glip_data::OdvgDataset, Error> {
+    let policy = glip_data::ErrorPolicy::Fail;
+    // A detection record has no caption: say so before the reader asks for its label map.
+    let text = std::fs::read_to_string(odvg).map_err(|e| Error::file(odvg, e))?;
+    let detection = text.lines().position(|l| {
+        serde_json::from_str::<serde_json::Value>(l)
+            .is_ok_and(|v| v.get("detection").is_some() && v.get("grounding").is_none())
+    });
+    if let Some(i) = detection {
+        return Err(Error::file(
+            odvg,
+            format!("line {}: a detection record; phrase grounding is evaluated on grounding records (a caption and its regions)", i + 1),
+        ));
+    }
+    let tok: Arc<dyn glip_core::prompt::CaptionTokenizer> = Arc::new(tokenizer.clone());
+    let ds = glip_data::OdvgDataset::open(odvg, images, None, policy)?
+        .with_prompts(Default::default(), Some(tok))
+        .check_captions(policy)?
+        .without_missing_files(policy)?;
+    if ds.records.is_empty() {
+        return Err(Error::file(odvg, "no grounding records (captions with regions) to evaluate"));
+    }
+    Ok(ds)
 }
 
 /// Phrase grounding on captions: what [`Predictor::evaluate_grounding`] measured.
