@@ -93,10 +93,22 @@ pub fn run(registry: &glip_train::config::Registry, a: DetectArgs) -> Result<()>
     };
     std::fs::create_dir_all(&a.out).with_context(|| a.out.display().to_string())?;
     let mut results = Vec::new();
+    let mut unreadable = 0usize;
+    let drawn_names = drawn_names(&a.images);
     // One bf16 scope for every image: each convolution's weight is packed once.
     glip_train::autocast(det.precision, || -> Result<()> {
-        for path in &a.images {
-            let (img, orientation) = glip_data::detection::load_image_upright(path)?;
+        for (path, name) in a.images.iter().zip(&drawn_names) {
+            // An image that does not decode is reported and left out; the others go on (the
+            // JSON says which failed, and the exit status is 1).
+            let (img, orientation) = match glip_data::detection::load_image_upright(path) {
+                Ok(read) => read,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    results.push(serde_json::json!({"image": path, "error": e.to_string()}));
+                    unreadable += 1;
+                    continue;
+                }
+            };
             let p = glip_train::infer::Predictor { graphs: graphs.as_ref(), ..det.predictor() };
             let found = match &caption {
                 None => p.detect(&img, &phrases, &post),
@@ -108,10 +120,7 @@ pub fn run(registry: &glip_train::config::Registry, a: DetectArgs) -> Result<()>
                 }
             }
             .with_context(|| path.display().to_string())?;
-            let drawn = a.out.join(format!(
-                "{}.detections.png",
-                path.file_stem().unwrap_or_default().to_string_lossy()
-            ));
+            let drawn = a.out.join(name);
             let mut canvas = img.clone();
             draw(&mut canvas, &found);
             save_png_atomic(&canvas, &drawn)?;
@@ -133,7 +142,33 @@ pub fn run(registry: &glip_train::config::Registry, a: DetectArgs) -> Result<()>
     })?;
     crate::report_graphs(graphs.as_ref());
     println!("{}", serde_json::to_string_pretty(&results)?);
-    Ok(())
+    match unreadable {
+        0 => Ok(()),
+        n => Err(anyhow!(
+            "{n} of {} images could not be read (named above; the others were detected)",
+            a.images.len()
+        )),
+    }
+}
+
+/// The drawn file of each image, `<stem>.detections.png`; an image whose name would repeat an
+/// earlier one's (`a/x.png`, `b/x.png`, `x.jpg`) gets `<stem>-2.detections.png` (or the next
+/// number free), so that none overwrites another's.
+fn drawn_names(images: &[PathBuf]) -> Vec<String> {
+    let mut used = std::collections::HashSet::new();
+    images
+        .iter()
+        .map(|p| {
+            let stem = p.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+            let mut name = format!("{stem}.detections.png");
+            let mut k = 1;
+            while !used.insert(name.clone()) {
+                k += 1;
+                name = format!("{stem}-{k}.detections.png");
+            }
+            name
+        })
+        .collect()
 }
 
 fn save_png_atomic(img: &RgbImage, path: &Path) -> Result<()> {
@@ -219,6 +254,22 @@ fn text(img: &mut RgbImage, x: u32, y: u32, s: &str, scale: u32, c: Rgb<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn images_with_the_same_stem_are_drawn_to_different_files() {
+        let paths: Vec<PathBuf> =
+            ["a/x.png", "b/x.png", "x.jpg", "x-2.png", "y.png"].iter().map(PathBuf::from).collect();
+        assert_eq!(
+            drawn_names(&paths),
+            [
+                "x.detections.png",
+                "x-2.detections.png",
+                "x-3.detections.png",
+                "x-2-2.detections.png",
+                "y.detections.png"
+            ]
+        );
+    }
 
     #[test]
     fn prompts_split_into_trimmed_phrases() {
