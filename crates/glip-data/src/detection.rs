@@ -27,6 +27,14 @@ pub struct PromptConfig {
     /// Use every category in a fixed order (evaluation prompts): no sampling, no shuffle.
     #[serde(default)]
     pub all_categories: bool,
+    /// Negative phrases added to each grounding record's caption, at most (`"a dog on a sofa.
+    /// red car. cat."`, or before it: `"red car. cat. a dog on a sofa"`, at random): phrases of
+    /// the dataset's other captions and its label map's names that the caption does not contain,
+    /// sampled, as many as fit the token budget. A caption names only what is in its image, so
+    /// without them nothing teaches the model that a phrase can be absent; they assume a caption
+    /// names everything in its image that they could name. Default 0 (captions as they are).
+    #[serde(default)]
+    pub caption_negatives: usize,
 }
 
 fn default_negatives() -> usize {
@@ -41,7 +49,13 @@ fn default_sep() -> String {
 
 impl Default for PromptConfig {
     fn default() -> Self {
-        Self { max_negatives: 8, shuffle: true, separator: default_sep(), all_categories: false }
+        Self {
+            max_negatives: 8,
+            shuffle: true,
+            separator: default_sep(),
+            all_categories: false,
+            caption_negatives: 0,
+        }
     }
 }
 
@@ -50,6 +64,7 @@ impl Validate for PromptConfig {
         // A prompt holds every positive name and these negatives; far more than any
         // tokenizer's budget only costs sampling time, so bound it where that stays small.
         c.in_range("max_negatives", self.max_negatives, 0, 100_000);
+        c.in_range("caption_negatives", self.caption_negatives, 0, 100_000);
         if self.separator.trim().is_empty() {
             c.fail("separator", format!("{:?}", self.separator), "must hold a visible character (GLIP's is \". \"): without one the names run together");
         }

@@ -56,9 +56,12 @@ pub struct OdvgDataset {
     pub categories: Vec<String>,
     /// What was skipped.
     pub report: SkipReport,
-    /// Prompt construction for detection records.
+    /// Prompt construction for detection records (and grounding records' negatives).
     pub prompt: PromptConfig,
     tokenizer: Option<Arc<dyn CaptionTokenizer>>,
+    /// Every distinct phrase of the grounding records and name of the label map, lowercase:
+    /// where a caption's negatives come from (`PromptConfig::caption_negatives`).
+    phrases: Vec<String>,
 }
 
 impl std::fmt::Debug for OdvgDataset {
@@ -234,15 +237,26 @@ impl OdvgDataset {
             }
         }
         let report = c.finish(path, policy)?;
+        let categories: Vec<String> = labels.into_iter().map(|(_, n)| n).collect();
+        let mut phrases: Vec<String> = categories.iter().map(|n| n.to_lowercase()).collect();
+        for r in &records {
+            if let OdvgRecord::Grounding { caption, regions, .. } = r {
+                phrases.extend(phrase_texts(caption, regions));
+            }
+        }
+        phrases.retain(|p| !p.is_empty());
+        phrases.sort_unstable();
+        phrases.dedup();
         Ok(Self {
             path: path.to_path_buf(),
             images_dir: images_dir.to_path_buf(),
             records,
             lines,
-            categories: labels.into_iter().map(|(_, n)| n).collect(),
+            categories,
             report,
             prompt: PromptConfig::default(),
             tokenizer: None,
+            phrases,
         })
     }
 
@@ -323,6 +337,62 @@ impl OdvgDataset {
         Ok(self)
     }
 
+    /// `caption` with up to `prompt.caption_negatives` negative phrases (see
+    /// [`PromptConfig::caption_negatives`]) and how far the caption moved: phrases of the
+    /// dataset that are not among `regions`' and that `caption` does not contain, sampled,
+    /// dropped until the whole fits the token budget, and put before the caption or after it
+    /// at random (always after, a model could tell them by their place). The regions' spans
+    /// move by the returned number of characters.
+    pub fn with_negatives(
+        &self,
+        caption: &str,
+        regions: &[([f32; 4], Vec<(usize, usize)>)],
+        rng: &mut Rng,
+    ) -> Result<(String, usize), DataError> {
+        let n = self.prompt.caption_negatives;
+        if n == 0 {
+            return Ok((caption.to_string(), 0));
+        }
+        let lower = caption.to_lowercase();
+        let own = phrase_texts(caption, regions);
+        let mut pool: Vec<&String> = self
+            .phrases
+            .iter()
+            .filter(|p| !lower.contains(p.as_str()) && !own.contains(p))
+            .collect();
+        rng.shuffle(&mut pool);
+        pool.truncate(n);
+        let before = rng.below(2) == 0;
+        let sep = &self.prompt.separator;
+        // Before: "red car. bird. a dog on a sofa"; after: "a dog on a sofa. red car. bird."
+        // (a space after a caption that ends a sentence already).
+        let joined = |negs: &[&String]| -> (String, usize) {
+            let names: Vec<&str> = negs.iter().map(|p| p.as_str()).collect();
+            let names = names.join(sep);
+            if before {
+                let head = format!("{names}{sep}");
+                (format!("{head}{caption}"), head.chars().count())
+            } else {
+                let gap = if caption.trim_end().ends_with('.') { " " } else { sep.as_str() };
+                (format!("{caption}{gap}{names}."), 0)
+            }
+        };
+        if let Some(tok) = &self.tokenizer {
+            while !pool.is_empty() {
+                let (c, _) = joined(&pool);
+                let fits = tok.count_tokens(&c).is_ok_and(|t| t <= tok.token_budget());
+                if fits {
+                    break;
+                }
+                pool.pop();
+            }
+        }
+        Ok(match pool.is_empty() {
+            true => (caption.to_string(), 0),
+            false => joined(&pool),
+        })
+    }
+
     /// Counts of `(detection, grounding)` records.
     pub fn record_kinds(&self) -> (usize, usize) {
         let det = self.records.iter().filter(|r| matches!(r, OdvgRecord::Detection { .. })).count();
@@ -354,6 +424,19 @@ impl OdvgDataset {
     }
 }
 
+/// The text of each region's phrase (its spans joined by a space), trimmed and lowercase.
+fn phrase_texts(caption: &str, regions: &[([f32; 4], Vec<(usize, usize)>)]) -> Vec<String> {
+    let chars: Vec<char> = caption.chars().collect();
+    regions
+        .iter()
+        .map(|(_, spans)| {
+            let text: Vec<String> =
+                spans.iter().map(|&(s, e)| chars[s..e].iter().collect()).collect();
+            text.join(" ").trim().to_lowercase()
+        })
+        .collect()
+}
+
 impl Dataset for OdvgDataset {
     fn len(&self) -> usize {
         self.records.len()
@@ -382,13 +465,17 @@ impl Dataset for OdvgDataset {
             }
             OdvgRecord::Grounding { caption, regions, .. } => {
                 let orig = image.dimensions();
+                let (caption, shift) = self.with_negatives(caption, regions, rng)?;
+                let moved = |spans: &Vec<(usize, usize)>| -> Vec<(usize, usize)> {
+                    spans.iter().map(|&(s, e)| (s + shift, e + shift)).collect()
+                };
                 Ok(Sample {
                     image,
                     image_id: index as u64,
                     orig_size: orig,
-                    caption: caption.clone(),
+                    caption,
                     boxes: regions.iter().map(|r| r.0).collect(),
-                    phrases: regions.iter().map(|r| r.1.clone()).collect(),
+                    phrases: regions.iter().map(|r| moved(&r.1)).collect(),
                     labels: vec![None; regions.len()],
                 })
             }

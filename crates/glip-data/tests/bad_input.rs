@@ -383,3 +383,86 @@ fn an_unsupported_format_names_png_and_jpeg() {
     let err = load_image(&path).unwrap_err().to_string();
     assert!(err.contains("cannot be decoded") && err.contains("glip reads PNG and JPEG"), "{err}");
 }
+
+/// `caption_negatives`: a grounding record's caption gets phrases of the other captions and
+/// names of the label map that it does not contain, after its own characters (so its regions'
+/// spans still hold), as many as asked and as fit the token budget; none by default.
+#[test]
+fn caption_negatives_name_only_phrases_the_caption_lacks() {
+    use glip_core::prompt::CaptionTokenizer;
+    use glip_data::{rng::Rng, Dataset, PromptConfig};
+    let d = Dir::new("caption-negatives");
+    png(&d.0.join("a.png"), 40, 30);
+    let lm = d.write("labels.json", r#"{"0": "bird"}"#);
+    let gr = |caption: &str, spans: &str| {
+        format!(
+            r#"{{"filename": "a.png", "height": 30, "width": 40, "grounding": {{"caption": "{caption}", "regions": [{{"bbox": [1, 1, 5, 5], "tokens_positive": {spans}}}]}}}}"#
+        )
+    };
+    let text = [
+        gr("a black cat", "[[2, 11]]"),
+        gr("a dog and a Cat", "[[2, 5], [12, 15]]"),
+        gr("a red car.", "[[2, 9]]"),
+    ]
+    .join("\n");
+    let p = d.write("odvg.jsonl", &text);
+    let open = |n: usize, budget: usize| {
+        let tok: std::sync::Arc<dyn glip_core::prompt::CaptionTokenizer> =
+            std::sync::Arc::new(Words { budget });
+        let prompt = PromptConfig { caption_negatives: n, ..Default::default() };
+        OdvgDataset::open(&p, &d.0, Some(&lm), ErrorPolicy::Fail)
+            .unwrap()
+            .with_prompts(prompt, Some(tok))
+    };
+    // The phrases are "black cat", "dog cat" (a phrase of two spans: the caption does not
+    // contain it as written, but it is its own), "red car" and "bird".
+    // Each sample: the caption whole, before or after the negatives, its phrase's spans moved
+    // with it; over seeds, both places.
+    let ds = open(10, 1000);
+    let mut places = [0, 0];
+    for seed in 0..16 {
+        let s = ds.get(1, &mut Rng::new(seed)).unwrap();
+        let caption = "a dog and a Cat";
+        let (negs, shift) = match s.caption.strip_prefix(caption) {
+            Some(tail) => (tail.strip_prefix(". ").unwrap().strip_suffix('.').unwrap(), 0),
+            None => {
+                let head = s.caption.strip_suffix(caption).unwrap_or_else(|| panic!("{s:?}"));
+                (head.strip_suffix(". ").unwrap(), head.chars().count())
+            }
+        };
+        places[(shift > 0) as usize] += 1;
+        let mut negs: Vec<&str> = negs.split(". ").collect();
+        negs.sort_unstable();
+        assert_eq!(negs, ["bird", "black cat", "red car"], "{s:?}");
+        assert_eq!(s.phrases, vec![vec![(2 + shift, 5 + shift), (12 + shift, 15 + shift)]]);
+        let chars: Vec<char> = s.caption.chars().collect();
+        let text: String = chars[12 + shift..15 + shift].iter().collect();
+        assert_eq!(text, "Cat");
+    }
+    assert!(places[0] > 0 && places[1] > 0, "{places:?}");
+    // After a caption that ends a sentence already: a space, then the negatives.
+    for seed in 0..8 {
+        let s = ds.get(2, &mut Rng::new(seed)).unwrap();
+        let after = s.caption.starts_with("a red car. ");
+        assert!(after || s.caption.ends_with(". a red car."), "{s:?}");
+    }
+    // At most as many as asked, and within the budget: "a black cat" is 3 words + 2 specials.
+    for seed in 0..4 {
+        let s = open(1, 1000).get(0, &mut Rng::new(seed)).unwrap();
+        assert_eq!(s.caption.matches(". ").count(), 1, "{s:?}");
+    }
+    for budget in [5, 6, 7, 9] {
+        let s = open(10, budget).get(0, &mut Rng::new(3)).unwrap();
+        let tokens = Words { budget: usize::MAX }.count_tokens(&s.caption).unwrap();
+        assert!(tokens <= budget && s.caption.contains("a black cat"), "{budget}: {s:?}");
+        // 5: no room; from 7 on, any one negative (two words at most) fits.
+        match budget {
+            5 => assert_eq!(s.caption, "a black cat"),
+            7 | 9 => assert!(s.caption.len() > "a black cat".len(), "{budget}: {s:?}"),
+            _ => {}
+        }
+    }
+    // None by default: the caption as written.
+    let s = open(0, 1000).get(1, &mut Rng::new(3)).unwrap();
+    assert_eq!(s.caption, "a dog and a Cat");
+}
