@@ -237,35 +237,40 @@ impl OdvgDataset {
             }
         }
         let report = c.finish(path, policy)?;
-        let categories: Vec<String> = labels.into_iter().map(|(_, n)| n).collect();
-        let mut phrases: Vec<String> = categories.iter().map(|n| n.to_lowercase()).collect();
-        for r in &records {
-            if let OdvgRecord::Grounding { caption, regions, .. } = r {
-                phrases.extend(phrase_texts(caption, regions));
-            }
-        }
-        phrases.retain(|p| !p.is_empty());
-        phrases.sort_unstable();
-        phrases.dedup();
         Ok(Self {
             path: path.to_path_buf(),
             images_dir: images_dir.to_path_buf(),
             records,
             lines,
-            categories,
+            categories: labels.into_iter().map(|(_, n)| n).collect(),
             report,
             prompt: PromptConfig::default(),
             tokenizer: None,
-            phrases,
+            phrases: Vec::new(),
         })
     }
 
-    /// Sets prompt construction for detection records.
+    /// Sets prompt construction for detection records, and grounding records' negatives (with
+    /// `caption_negatives`, the phrases they are drawn from are gathered here, once).
     pub fn with_prompts(
         mut self,
         prompt: PromptConfig,
         tokenizer: Option<Arc<dyn CaptionTokenizer>>,
     ) -> Self {
+        self.phrases = Vec::new();
+        if prompt.caption_negatives > 0 {
+            let mut phrases: Vec<String> =
+                self.categories.iter().map(|n| n.to_lowercase()).collect();
+            for r in &self.records {
+                if let OdvgRecord::Grounding { caption, regions, .. } = r {
+                    phrases.extend(phrase_texts(caption, regions));
+                }
+            }
+            phrases.retain(|p| !p.is_empty());
+            phrases.sort_unstable();
+            phrases.dedup();
+            self.phrases = phrases;
+        }
         self.prompt = prompt;
         self.tokenizer = tokenizer;
         self
@@ -339,8 +344,9 @@ impl OdvgDataset {
 
     /// `caption` with up to `prompt.caption_negatives` negative phrases (see
     /// [`PromptConfig::caption_negatives`]) and how far the caption moved: phrases of the
-    /// dataset that are not among `regions`' and that `caption` does not contain, sampled,
-    /// dropped until the whole fits the token budget, and put before the caption or after it
+    /// dataset that are not among `regions`' and that `caption` does not contain, drawn at
+    /// random (up to `8 n + 8` draws, so fewer when few phrases qualify), dropped until the
+    /// whole fits the token budget, and put before the caption or after it
     /// at random (always after, a model could tell them by their place). The regions' spans
     /// move by the returned number of characters.
     pub fn with_negatives(
@@ -355,13 +361,19 @@ impl OdvgDataset {
         }
         let lower = caption.to_lowercase();
         let own = phrase_texts(caption, regions);
-        let mut pool: Vec<&String> = self
-            .phrases
-            .iter()
-            .filter(|p| !lower.contains(p.as_str()) && !own.contains(p))
-            .collect();
-        rng.shuffle(&mut pool);
-        pool.truncate(n);
+        // Drawn at random and kept when new, not the caption's and not in it: a few draws per
+        // negative instead of a pass over a pre-training set's every phrase per sample.
+        let mut pool: Vec<&String> = Vec::with_capacity(n);
+        let m = self.phrases.len();
+        for _ in 0..(8 * n + 8) {
+            if pool.len() == n || m == 0 {
+                break;
+            }
+            let p = &self.phrases[rng.below(m)];
+            if !pool.contains(&p) && !lower.contains(p.as_str()) && !own.contains(p) {
+                pool.push(p);
+            }
+        }
         let before = rng.below(2) == 0;
         let sep = &self.prompt.separator;
         // Before: "red car. bird. a dog on a sofa"; after: "a dog on a sofa. red car. bird."
