@@ -74,10 +74,14 @@ impl Prompt {
         Ok(Self { caption, spans })
     }
 
-    /// The text of each phrase.
+    /// The text of each phrase (empty for a span outside the caption: the fields are public, so
+    /// a hand-made prompt may hold one).
     pub fn phrases(&self) -> Vec<String> {
         let chars: Vec<char> = self.caption.chars().collect();
-        self.spans.iter().map(|&(s, e)| chars[s..e].iter().collect()).collect()
+        self.spans
+            .iter()
+            .map(|&(s, e)| chars.get(s..e).map(|c| c.iter().collect()).unwrap_or_default())
+            .collect()
     }
 
     /// GLIP's detection prompt `"person. bicycle. car."` with each name's span (`build_prompt`).

@@ -198,4 +198,7 @@ fn wrong_markings_are_errors_naming_where() {
         let e = Prompt::marked(text).unwrap_err().to_string();
         assert!(e.starts_with(&format!("{problem} at character {at} of")), "{text:?}: {e}");
     }
+    // A hand-made prompt with a span past its caption: an empty phrase, not a panic.
+    let p = Prompt { caption: "a dog".into(), spans: vec![(2, 5), (3, 9), (4, 2)] };
+    assert_eq!(p.phrases(), ["dog", "", ""]);
 }
