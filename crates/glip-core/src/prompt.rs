@@ -78,10 +78,7 @@ impl Prompt {
     /// a hand-made prompt may hold one).
     pub fn phrases(&self) -> Vec<String> {
         let chars: Vec<char> = self.caption.chars().collect();
-        self.spans
-            .iter()
-            .map(|&(s, e)| chars.get(s..e).map(|c| c.iter().collect()).unwrap_or_default())
-            .collect()
+        self.spans.iter().map(|&s| phrase_text(&chars, &[s])).collect()
     }
 
     /// GLIP's detection prompt `"person. bicycle. car."` with each name's span (`build_prompt`).
@@ -109,6 +106,16 @@ impl Prompt {
         caption.push('.');
         Ok(Self { caption, spans })
     }
+}
+
+/// The text of a phrase made of `spans` of a caption's `chars` (ODVG's `tokens_positive`): the
+/// pieces joined by a space; a span outside the caption gives nothing.
+pub fn phrase_text(chars: &[char], spans: &[(usize, usize)]) -> String {
+    let pieces: Vec<String> = spans
+        .iter()
+        .map(|&(s, e)| chars.get(s..e).map(|c| c.iter().collect()).unwrap_or_default())
+        .collect();
+    pieces.join(" ")
 }
 
 /// Checks that every span is non-empty and inside a caption of `len` characters.

@@ -15,7 +15,7 @@ use crate::detection::{
 use crate::error::{Collector, ErrorPolicy, SkipReport};
 use crate::rng::Rng;
 use crate::{DataError, Dataset, Sample};
-use glip_core::prompt::{check_spans, positive_row, CaptionTokenizer};
+use glip_core::prompt::{check_spans, phrase_text, positive_row, CaptionTokenizer};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -300,11 +300,9 @@ impl OdvgDataset {
                 let mut wrong = Vec::new();
                 for (k, (_, spans)) in regions.iter().enumerate() {
                     if positive_row(&offsets, spans, offsets.len()).iter().all(|&x| x == 0.0) {
-                        let phrase: Vec<String> =
-                            spans.iter().map(|&(s, e)| chars[s..e].iter().collect()).collect();
                         wrong.push(format!(
                             "phrase covers no token: region {k}, {:?}",
-                            phrase.join(" ")
+                            phrase_text(&chars, spans)
                         ));
                     }
                 }
@@ -439,14 +437,7 @@ impl OdvgDataset {
 /// The text of each region's phrase (its spans joined by a space), trimmed and lowercase.
 fn phrase_texts(caption: &str, regions: &[([f32; 4], Vec<(usize, usize)>)]) -> Vec<String> {
     let chars: Vec<char> = caption.chars().collect();
-    regions
-        .iter()
-        .map(|(_, spans)| {
-            let text: Vec<String> =
-                spans.iter().map(|&(s, e)| chars[s..e].iter().collect()).collect();
-            text.join(" ").trim().to_lowercase()
-        })
-        .collect()
+    regions.iter().map(|(_, spans)| phrase_text(&chars, spans).trim().to_lowercase()).collect()
 }
 
 impl Dataset for OdvgDataset {

@@ -432,9 +432,7 @@ impl<'a> Predictor<'a> {
             if spans.is_empty() {
                 return Err(Error::Msg(format!("phrase {i} of {caption:?} has no span")));
             }
-            let text: Vec<String> =
-                spans.iter().map(|&(s, e)| chars[s..e].iter().collect()).collect();
-            names.push(text.join(" "));
+            names.push(glip_core::prompt::phrase_text(&chars, spans));
         }
         let encoding = self.tokenizer.encode(caption)?;
         for (i, spans) in phrases.iter().enumerate() {
