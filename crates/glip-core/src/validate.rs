@@ -227,6 +227,9 @@ pub mod limits {
     pub const BATCH: usize = 4096;
     /// Images of a synthetic split.
     pub const IMAGES: usize = 100_000_000;
+    /// Batches of one optimiser step (gradient accumulation; with at most `1 << 40` steps the
+    /// count of batches stays far below `u64::MAX`).
+    pub const ACCUMULATE: u64 = 65_536;
     /// Batches made ahead of the step (each holds a batch in memory).
     pub const PREFETCH: usize = 64;
     /// A vocabulary.

@@ -271,6 +271,7 @@ impl Validate for TrainConfig {
     fn validate(&self, c: &mut Checker) {
         c.in_range("steps", self.steps, 1, 1 << 40);
         c.in_range("log_every", self.log_every, 1, 1 << 40);
+        c.in_range("accumulate", self.accumulate, 1, limits::ACCUMULATE);
     }
 }
 

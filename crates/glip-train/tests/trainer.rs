@@ -84,13 +84,24 @@ fn run(
     resume: bool,
     criterion: &dyn Criterion,
 ) -> std::result::Result<(), TrainError> {
+    run_accumulating(dir, steps, resume, criterion, 1)
+}
+
+/// [`run`] with `accumulate` batches per step.
+fn run_accumulating(
+    dir: &Path,
+    steps: u64,
+    resume: bool,
+    criterion: &dyn Criterion,
+    accumulate: u64,
+) -> std::result::Result<(), TrainError> {
     let cfg = model_config();
     let dev = glip_testing::device();
     let vm = candle_nn::VarMap::new();
     let model = Registry::new().build_trainable(&cfg, &vm, 0, &dev)?;
     let l = loader();
     let optim = OptimConfig { lr: 1e-3, warmup_steps: 2, ..Default::default() };
-    let tc = TrainConfig { steps, log_every: 1, checkpoint_every: 2 };
+    let tc = TrainConfig { steps, log_every: 1, checkpoint_every: 2, accumulate };
     let mut t = Trainer::new(
         &model,
         &vm,
@@ -365,7 +376,7 @@ fn the_gradient_hook_sees_every_step_and_its_edits_are_applied() -> Result<()> {
     let vars = vm.all_vars();
     let l = loader();
     let optim = OptimConfig { lr: 1e-2, weight_decay: 0.0, warmup_steps: 0, ..Default::default() };
-    let tc = TrainConfig { steps: 3, log_every: 1, checkpoint_every: 0 };
+    let tc = TrainConfig { steps: 3, log_every: 1, checkpoint_every: 0, accumulate: 1 };
     let calls = std::cell::Cell::new(0);
     let mut t = Trainer::new(&model, &vm, &crit, &l, optim, tc, &dir, serde_json::json!({}), dev)?;
     t.on_grads = Some(Box::new(|grads| {
@@ -405,7 +416,7 @@ fn a_checkpoint_resumes_on_the_cpu_whatever_device_wrote_it() -> Result<()> {
     let model = Registry::new().build_trainable(&model_config(), &vm, 0, &Device::Cpu)?;
     let l = loader_on(Device::Cpu);
     let optim = OptimConfig { lr: 1e-3, warmup_steps: 2, ..Default::default() };
-    let tc = TrainConfig { steps: 3, log_every: 1, checkpoint_every: 0 };
+    let tc = TrainConfig { steps: 3, log_every: 1, checkpoint_every: 0, accumulate: 1 };
     let mut t =
         Trainer::new(&model, &vm, &crit, &l, optim, tc, &d, serde_json::json!({}), Device::Cpu)?;
     t.resume().unwrap();
@@ -444,4 +455,92 @@ fn logged_loss_terms_come_in_name_order() {
         assert!(keys.len() > 2, "{line}");
         assert_eq!(keys, sorted, "{line}");
     }
+}
+
+/// Gradient accumulation (`run.accumulate = 2`): one step's gradients are the mean of those of
+/// the loader's batches 0 and 1, each computed alone (same weights, same dropout masks, seeded
+/// per batch), and its logged loss is the mean of theirs. Exact, not approximate: the trainer
+/// scales each batch's loss by 1/2 before its backward, a power of two that every product and
+/// sum of the backward carries through without rounding (no gradient here is near f32's
+/// subnormal range), so `g0/2 + g1/2` and `(g0 + g1) / 2` are the same numbers; the losses
+/// are summed in f64, where two f32 values add exactly, then rounded to f32 once either way.
+#[test]
+fn accumulated_gradients_are_the_mean_of_each_batch_alone() -> Result<()> {
+    glip_train::set_deterministic(true);
+    let crit = SetCriterion::new(LossConfig::default(), Box::new(HungarianMatcher));
+    let dev = glip_testing::device();
+    let l = loader();
+    let vars_of = |vm: &candle_nn::VarMap| glip_train::trainer::trainable_vars(vm);
+
+    // The reference: batches 0 and 1 through a model with the same initial weights.
+    let vm = candle_nn::VarMap::new();
+    let model = Registry::new().build_trainable(&model_config(), &vm, 0, &dev)?;
+    let mut want: std::collections::BTreeMap<String, candle_core::Tensor> = Default::default();
+    let mut loss = 0f64;
+    for t in 0..2u64 {
+        glip_kernels::nn::seed_dropout(glip_core::rng::Rng::for_sample(l.seed, t, 0).next_u64());
+        let batch = l.step_batch(t).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let losses =
+            crit.forward(&model.forward(&batch.images, &batch.text, true)?, &batch.targets)?;
+        loss += losses.total.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        let grads = losses.total.backward()?;
+        for (name, var) in vars_of(&vm) {
+            if let Some(g) = grads.get(var.as_tensor()) {
+                let sum = match want.remove(&name) {
+                    Some(prev) => (prev + g)?,
+                    None => g.clone(),
+                };
+                want.insert(name, sum);
+            }
+        }
+    }
+    assert!(!want.is_empty());
+
+    // The trainer, accumulating both into one step; the hook sees what the optimiser applies.
+    let dir = tmp("accumulate");
+    let vm = candle_nn::VarMap::new();
+    let model = Registry::new().build_trainable(&model_config(), &vm, 0, &dev)?;
+    let vars = vars_of(&vm);
+    let tc = TrainConfig { steps: 1, log_every: 1, checkpoint_every: 0, accumulate: 2 };
+    let optim = OptimConfig { lr: 1e-3, ..Default::default() };
+    let got = std::cell::RefCell::new(std::collections::BTreeMap::new());
+    let mut tr = Trainer::new(&model, &vm, &crit, &l, optim, tc, &dir, serde_json::json!({}), dev)?;
+    tr.on_grads = Some(Box::new(|grads| {
+        for (name, var) in &vars {
+            if let Some(g) = grads.get(var.as_tensor()) {
+                got.borrow_mut().insert(name.clone(), g.clone());
+            }
+        }
+        Ok(())
+    }));
+    tr.run().unwrap();
+    drop(tr);
+    let logged = losses(&dir);
+    std::fs::remove_dir_all(&dir).ok();
+
+    let got = got.into_inner();
+    assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>());
+    for (name, sum) in &want {
+        let mean = sum.affine(0.5, 0.0)?.flatten_all()?.to_vec1::<f32>()?;
+        let acc = got[name].flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(acc, mean, "{name}: the accumulated gradient is not the mean of the two");
+    }
+    assert_eq!(logged, vec![(1, (loss / 2.0) as f32)], "the logged loss is the mean of the two");
+    Ok(())
+}
+
+/// With gradient accumulation a resumed run still continues with the same losses: the loader
+/// restarts at batch `step * accumulate`, the dropout masks follow the batch.
+#[test]
+fn an_accumulating_run_resumes_with_the_same_losses() {
+    let (la, lb) = losses_of_two_runs(
+        "resume-acc",
+        |a, crit| run_accumulating(a, 3, false, crit, 2).unwrap(),
+        |b, crit| {
+            run_accumulating(b, 2, false, crit, 2).unwrap();
+            run_accumulating(b, 3, true, crit, 2).unwrap();
+        },
+    );
+    assert_eq!(la.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert_eq!(la, lb, "uninterrupted vs resumed");
 }
