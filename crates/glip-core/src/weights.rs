@@ -92,6 +92,32 @@ struct Overlay {
     varmap: candle_nn::VarMap,
     sources: Vec<Source>,
     seed: u64,
+    freeze: Freeze,
+}
+
+/// Which parameters a trainable builder hands out frozen: as detached views of their variables
+/// (the same storage, so a checkpoint saves and restores them), through which no gradient is
+/// computed and which the optimiser therefore leaves as they are. Prefixes are whole name
+/// components: `backbone` covers `backbone.conv1.weight`, not `backbone2.x`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Freeze {
+    /// Parameters under any of these prefixes are frozen.
+    pub freeze: Vec<String>,
+    /// If set, every parameter under none of these prefixes is frozen too.
+    pub only: Option<Vec<String>>,
+}
+
+/// Whether `name` is `prefix` or lies under it (`prefix.` then more).
+pub fn under_prefix(name: &str, prefix: &str) -> bool {
+    name.strip_prefix(prefix).is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+}
+
+impl Freeze {
+    /// Whether parameter `name` is frozen.
+    pub fn frozen(&self, name: &str) -> bool {
+        let under = |ps: &[String]| ps.iter().any(|p| under_prefix(name, p));
+        under(&self.freeze) || self.only.as_ref().is_some_and(|only| !under(only))
+    }
 }
 
 /// Draws an initial value for `name` from `init` with a generator seeded by `(seed, name)`:
@@ -138,6 +164,33 @@ fn seeded_init(
 }
 
 impl Overlay {
+    /// `name`'s variable: the one `varmap` holds, else a new one initialised from a source or
+    /// the seeded initialiser, registered.
+    fn var(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<candle_core::Var> {
+        if let Some(v) = self.varmap.data().lock().expect("varmap lock").get(name) {
+            return Ok(v.clone());
+        }
+        let t = match self.source_for(name) {
+            Some((src, rest)) => src
+                .weights
+                .get(s, rest)
+                .map_err(|e| e.context(format!("initialising {name} from {}", src.origin)))?
+                .to_dtype(dtype)?
+                .to_device(dev)?,
+            None => seeded_init(h, &s, name, self.seed, dtype, dev)?,
+        };
+        let var = candle_core::Var::from_tensor(&t)?;
+        self.varmap.data().lock().expect("varmap lock").insert(name.to_string(), var.clone());
+        Ok(var)
+    }
+
     fn source_for<'a>(&'a self, name: &'a str) -> Option<(&'a Source, &'a str)> {
         self.sources.iter().rev().find_map(|s| {
             if s.prefix.is_empty() {
@@ -158,24 +211,11 @@ impl candle_nn::var_builder::SimpleBackend for Overlay {
         dtype: DType,
         dev: &Device,
     ) -> Result<candle_core::Tensor> {
-        if let Some(t) = self.varmap.data().lock().expect("varmap lock").get(name) {
-            return Ok(t.as_tensor().clone());
-        }
-        if let Some((src, rest)) = self.source_for(name) {
-            let t = src
-                .weights
-                .get(s, rest)
-                .map_err(|e| e.context(format!("initialising {name} from {}", src.origin)))?;
-            let var = candle_core::Var::from_tensor(&t.to_dtype(dtype)?.to_device(dev)?)?;
-            let out = var.as_tensor().clone();
-            self.varmap.data().lock().expect("varmap lock").insert(name.to_string(), var);
-            return Ok(out);
-        }
-        let t = seeded_init(h, &s, name, self.seed, dtype, dev)?;
-        let var = candle_core::Var::from_tensor(&t)?;
-        let out = var.as_tensor().clone();
-        self.varmap.data().lock().expect("varmap lock").insert(name.to_string(), var);
-        Ok(out)
+        let var = self.var(s, name, h, dtype, dev)?;
+        Ok(match self.freeze.frozen(name) {
+            true => var.as_tensor().detach(),
+            false => var.as_tensor().clone(),
+        })
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> Result<candle_core::Tensor> {
@@ -202,9 +242,64 @@ pub fn trainable(
     dtype: DType,
     device: &Device,
 ) -> VarBuilder<'static> {
+    trainable_with(varmap, sources, seed, Freeze::default(), dtype, device)
+}
+
+/// [`trainable`], with the parameters `freeze` names handed out frozen (still registered in
+/// `varmap`, initialised the same way).
+pub fn trainable_with(
+    varmap: &candle_nn::VarMap,
+    sources: Vec<Source>,
+    seed: u64,
+    freeze: Freeze,
+    dtype: DType,
+    device: &Device,
+) -> VarBuilder<'static> {
     VarBuilder::from_backend(
-        Box::new(Overlay { varmap: varmap.clone(), sources, seed }),
+        Box::new(Overlay { varmap: varmap.clone(), sources, seed, freeze }),
         dtype,
         device.clone(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_are_whole_name_components() {
+        let f = Freeze { freeze: vec!["backbone".into(), "text.embeddings".into()], only: None };
+        assert!(f.frozen("backbone"));
+        assert!(f.frozen("backbone.conv1.weight"));
+        assert!(!f.frozen("backbone2.x"));
+        assert!(f.frozen("text.embeddings.word_embeddings.weight"));
+        assert!(!f.frozen("text.encoder.layer.0.output.dense.weight"));
+        assert!(!f.frozen("detector.cls.bias"));
+        let only = Freeze { freeze: vec!["prompt.x".into()], only: Some(vec!["prompt".into()]) };
+        assert!(!only.frozen("prompt.offsets"));
+        assert!(only.frozen("prompt.x"), "freeze applies on top of only");
+        assert!(only.frozen("prompts.offsets"));
+        assert!(only.frozen("backbone.conv1.weight"));
+        assert!(!Freeze::default().frozen("anything"));
+    }
+
+    /// A frozen parameter is registered like any other (a checkpoint holds it) and handed out
+    /// as a view of the same storage that records no gradient: updating the variable (a
+    /// resume) shows through it, and a loss over it has no gradient for it.
+    #[test]
+    fn a_frozen_parameter_is_a_detached_view_of_its_variable() -> Result<()> {
+        let vm = candle_nn::VarMap::new();
+        let freeze = Freeze { freeze: vec!["a".into()], only: None };
+        let vb = trainable_with(&vm, vec![], 7, freeze, DType::F32, &Device::Cpu);
+        let a = vb.get_with_hints(3, "a.w", candle_nn::Init::Const(1.0))?;
+        let b = vb.get_with_hints(3, "b.w", candle_nn::Init::Const(2.0))?;
+        assert!(!a.is_variable() && b.is_variable());
+        let var = vm.data().lock().expect("lock")["a.w"].clone();
+        var.set(&candle_core::Tensor::new(&[4f32, 5., 6.], &Device::Cpu)?)?;
+        assert_eq!(a.to_vec1::<f32>()?, vec![4., 5., 6.]);
+        let grads = (&a * &b)?.sum_all()?.backward()?;
+        assert!(grads.get(&a).is_none() && grads.get(var.as_tensor()).is_none());
+        assert_eq!(grads.get(&b).expect("b trains").to_vec1::<f32>()?, vec![4., 5., 6.]);
+        Ok(())
+    }
 }

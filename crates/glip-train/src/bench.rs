@@ -68,6 +68,9 @@ pub fn preset(name: &str) -> Result<ModelConfig> {
         aux_loss: false,
         weights: Default::default(),
         allow_missing: Vec::new(),
+        freeze: Vec::new(),
+        trainable: None,
+        prompt_positions: 0,
     })
 }
 

@@ -277,6 +277,14 @@ impl Registry {
         } else {
             None
         };
+        let prompt = match cfg.prompt_positions {
+            0 => None,
+            n => Some(vb.get_with_hints(
+                (n, ctx.text_dim),
+                "prompt.offsets",
+                candle_nn::Init::Const(0.0),
+            )?),
+        };
         Ok(GlipModel {
             backbone,
             feature_levels: levels,
@@ -289,6 +297,7 @@ impl Registry {
             detector,
             position_encoding: cfg.position_encoding,
             d_model: d,
+            prompt,
         })
     }
 
@@ -360,8 +369,18 @@ impl Registry {
                 )
             })
             .collect();
-        let vb = glip_core::weights::trainable(varmap, sources, seed, DType::F32, device);
+        let freeze =
+            glip_core::weights::Freeze { freeze: cfg.freeze.clone(), only: cfg.trainable.clone() };
+        let vb = glip_core::weights::trainable_with(
+            varmap,
+            sources,
+            seed,
+            freeze.clone(),
+            DType::F32,
+            device,
+        );
         let model = self.build(cfg, vb, device)?;
+        check_freeze(varmap, &freeze)?;
         let missing = missing_weights(varmap, &covered, &cfg.allow_missing);
         if !missing.is_empty() {
             candle_core::bail!(
@@ -374,6 +393,33 @@ impl Registry {
         }
         Ok(model)
     }
+}
+
+/// Every prefix of `model.freeze` and `model.trainable` names a parameter of the model, and
+/// something is left to train.
+fn check_freeze(varmap: &candle_nn::VarMap, freeze: &glip_core::weights::Freeze) -> Result<()> {
+    let names: Vec<String> =
+        crate::trainer::trainable_vars(varmap).into_iter().map(|v| v.0).collect();
+    let keys = freeze.freeze.iter().map(|p| ("freeze", p));
+    for (key, prefix) in keys.chain(freeze.only.iter().flatten().map(|p| ("trainable", p))) {
+        if !names.iter().any(|n| glip_core::weights::under_prefix(n, prefix)) {
+            let mut tops: Vec<&str> =
+                names.iter().map(|n| n.split('.').next().unwrap_or(n)).collect();
+            tops.dedup();
+            candle_core::bail!(
+                "model.{key}: \"{prefix}\" names no parameter of the model (its parameters are \
+                 under {})",
+                tops.join(", ")
+            );
+        }
+    }
+    if names.iter().all(|n| freeze.frozen(n)) {
+        candle_core::bail!(
+            "model.freeze / model.trainable: every parameter of the model is frozen; nothing \
+             would train"
+        );
+    }
+    Ok(())
 }
 
 /// The parameters of `varmap` under a `weights` prefix that no file covering them holds.

@@ -309,6 +309,24 @@ pub struct ModelConfig {
     /// at random instead). Default none: a missing name is an error listing them.
     #[serde(default)]
     pub allow_missing: Vec<String>,
+    /// Parameter-name prefixes (whole components: `backbone`, `text.embeddings`, `detector`)
+    /// whose parameters stay as they are in training: no gradient is computed for them and the
+    /// optimizer leaves them (their batch norms' running statistics included; with
+    /// `trainable_bn` a batch still normalises by its own statistics). They are saved in
+    /// checkpoints like the rest. Each must name a parameter of the model. Default none.
+    #[serde(default)]
+    pub freeze: Vec<String>,
+    /// If set, only parameters under these prefixes train (`freeze` applies on top), e.g.
+    /// `["prompt"]` for GLIP's prompt tuning, `["detector"]` to train a head alone. Each must
+    /// name a parameter of the model. Default: every parameter.
+    #[serde(default)]
+    pub trainable: Option<Vec<String>>,
+    /// GLIP's prompt tuning: a learned offset per token position (`prompt.offsets`,
+    /// `(prompt_positions, text width)`, from zeros) added to the text encoder's token features
+    /// before fusion; with `trainable = ["prompt"]` it is all that trains. A prompt longer than
+    /// this many tokens is an error. Default 0: none.
+    #[serde(default)]
+    pub prompt_positions: usize,
 }
 
 fn decoder_detector() -> Slot<DetectorConfig> {

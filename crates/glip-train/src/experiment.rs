@@ -86,6 +86,21 @@ pub fn run_experiment_with(
     progress.message(&format!("device: {}{why}", crate::device::describe(&dev)));
     let varmap = candle_nn::VarMap::new();
     let model = registry.build_trainable(&cfg.model, &varmap, cfg.run.seed, &dev)?;
+    if !cfg.model.freeze.is_empty() || cfg.model.trainable.is_some() {
+        let rule = glip_core::weights::Freeze {
+            freeze: cfg.model.freeze.clone(),
+            only: cfg.model.trainable.clone(),
+        };
+        let (mut train, mut all) = (0usize, 0usize);
+        for (name, var) in crate::trainer::trainable_vars(&varmap) {
+            let n = var.as_tensor().elem_count();
+            all += n;
+            train += if rule.frozen(&name) { 0 } else { n };
+        }
+        progress.message(&format!(
+            "model.freeze / model.trainable: {train} of the model's {all} parameters train"
+        ));
+    }
     if cfg.loss.criterion.is_none() {
         // The detector's criterion, written out so that the resolved config says it.
         let kind = model.detector.default_criterion();

@@ -37,6 +37,9 @@ pub struct GlipModel {
     pub position_encoding: bool,
     /// Transformer width.
     pub d_model: usize,
+    /// GLIP's prompt tuning: `(positions, text width)` offsets added to the text encoder's
+    /// token features (`model.prompt_positions`).
+    pub prompt: Option<Tensor>,
 }
 
 impl std::fmt::Debug for GlipModel {
@@ -168,7 +171,18 @@ impl GlipModel {
             true => Some(Tensor::cat(&poss.into_iter().flatten().collect::<Vec<_>>(), 1)?),
             false => None,
         };
-        let tf = self.text.forward(&text.input_ids, &text.attention_mask, train)?;
+        let mut tf = self.text.forward(&text.input_ids, &text.attention_mask, train)?;
+        if let Some(offsets) = &self.prompt {
+            let (t, positions) = (tf.tokens.dim(1)?, offsets.dim(0)?);
+            if t > positions {
+                candle_core::bail!(
+                    "a prompt of {t} tokens, but model.prompt_positions = {positions}: the prompt \
+                     offsets cover that many positions"
+                );
+            }
+            tf.tokens = tf.tokens.broadcast_add(&offsets.narrow(0, 0, t)?.unsqueeze(0)?)?;
+            trace("text.tokens + prompt offsets", tf.tokens.dims());
+        }
         trace("text.tokens", tf.tokens.dims());
         if let Some(p) = &tf.pooled {
             trace("text.pooled", p.dims());

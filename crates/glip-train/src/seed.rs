@@ -73,5 +73,6 @@ pub fn build_seed(spec: &SeedSpec, freeze_at: usize, vb: VarBuilder<'_>) -> Resu
         }),
         position_encoding: false,
         d_model: d,
+        prompt: None,
     })
 }

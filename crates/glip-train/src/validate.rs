@@ -137,6 +137,16 @@ impl Validate for ModelConfig {
             None => self.d_model().ok(),
         };
         c.in_range("num_queries", self.num_queries, 1, limits::QUERIES);
+        c.in_range("prompt_positions", self.prompt_positions, 0, limits::WIDTH);
+        let prefixes = self.freeze.iter().map(|p| ("freeze", p));
+        for (key, p) in prefixes.chain(self.trainable.iter().flatten().map(|p| ("trainable", p))) {
+            if p.is_empty() || p.starts_with('.') || p.ends_with('.') || p.contains("..") {
+                c.fail(key, format!("{p:?}"), "give parameter-name prefixes such as \"backbone\"");
+            }
+        }
+        if self.trainable.as_ref().is_some_and(Vec::is_empty) {
+            c.fail_rule("trainable", "names nothing: no parameter would train");
+        }
         let d = d_model.unwrap_or(0);
         if let Some(QueryGeneratorConfig::TextAttend(p)) = self.query_generator.builtin() {
             c.within("query_generator", |c| {

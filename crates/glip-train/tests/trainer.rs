@@ -544,3 +544,131 @@ fn an_accumulating_run_resumes_with_the_same_losses() {
     assert_eq!(la.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 2, 3]);
     assert_eq!(la, lb, "uninterrupted vs resumed");
 }
+
+/// Every variable of `vm` (parameters and buffers) by name, as host values.
+fn values(vm: &candle_nn::VarMap) -> std::collections::BTreeMap<String, Vec<f32>> {
+    glip_train::trainer::named_vars(vm)
+        .into_iter()
+        .map(|(k, v)| (k, v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect()
+}
+
+/// The model of `extra` (top-level `model.*` lines) + [`model_toml`] trained for `steps`
+/// steps: its variables before and after, and the names of the parameters that received a
+/// gradient.
+#[allow(clippy::type_complexity)]
+fn train_with(
+    tag: &str,
+    extra: &str,
+    steps: u64,
+) -> (
+    std::collections::BTreeMap<String, Vec<f32>>,
+    std::collections::BTreeMap<String, Vec<f32>>,
+    std::collections::BTreeSet<String>,
+) {
+    // Batch norm that trains, from the stem on: its running statistics move in training.
+    let body = model_toml().replace("freeze_at = 2", "freeze_at = 0\ntrainable_bn = true");
+    let cfg: ModelConfig = toml::from_str(&format!("{extra}\n{body}")).unwrap();
+    let crit = SetCriterion::new(LossConfig::default(), Box::new(HungarianMatcher));
+    let dir = tmp(tag);
+    let dev = glip_testing::device();
+    let vm = candle_nn::VarMap::new();
+    let model = Registry::new().build_trainable(&cfg, &vm, 0, &dev).unwrap();
+    let before = values(&vm);
+    let vars = glip_train::trainer::trainable_vars(&vm);
+    let l = loader();
+    let optim = OptimConfig { lr: 1e-2, warmup_steps: 0, ..Default::default() };
+    let tc = TrainConfig { steps, log_every: 1, checkpoint_every: 0, accumulate: 1 };
+    let seen = std::cell::RefCell::new(std::collections::BTreeSet::new());
+    let mut t =
+        Trainer::new(&model, &vm, &crit, &l, optim, tc, &dir, serde_json::json!({}), dev).unwrap();
+    t.on_grads = Some(Box::new(|grads| {
+        for (name, var) in &vars {
+            if grads.get(var.as_tensor()).is_some() {
+                seen.borrow_mut().insert(name.clone());
+            }
+        }
+        Ok(())
+    }));
+    t.run().unwrap();
+    drop(t);
+    std::fs::remove_dir_all(&dir).ok();
+    (before, values(&vm), seen.into_inner())
+}
+
+/// `model.freeze`: no gradient reaches a parameter under a frozen prefix and nothing under it
+/// changes, batch norm's running statistics included; the rest trains.
+#[test]
+fn frozen_prefixes_stay_as_they_are_and_the_rest_trains() {
+    let stats = |n: &str| n.starts_with("backbone.") && n.ends_with("running_mean");
+    let (before, after, _) = train_with("unfrozen", "", 2);
+    assert!(before.iter().any(|(n, v)| stats(n) && after[n] != *v), "no running mean moved");
+    let (before, after, grads) = train_with("frozen", r#"freeze = ["backbone", "text"]"#, 2);
+    let frozen = |n: &str| n.starts_with("backbone.") || n.starts_with("text.");
+    assert!(before.keys().any(|n| frozen(n)) && before.keys().any(|n| !frozen(n)));
+    for (name, v) in &before {
+        if frozen(name) {
+            assert_eq!(&after[name], v, "{name} is frozen but changed");
+            assert!(!grads.contains(name), "{name} is frozen but had a gradient");
+        }
+    }
+    assert!(grads.iter().all(|n| !frozen(n)) && !grads.is_empty());
+    let changed = before.iter().filter(|(n, v)| !frozen(n) && after[*n] != **v).count();
+    assert!(changed > 10, "only {changed} trainable parameters changed");
+}
+
+/// GLIP's prompt tuning: `prompt_positions` adds offsets from zeros (the model computes what it
+/// did without them, to the bit: `x + 0 = x`), and with `trainable = ["prompt"]` they are the
+/// one parameter that gets a gradient and changes.
+#[test]
+fn prompt_tuning_trains_the_prompt_offsets_alone() -> Result<()> {
+    let dev = glip_testing::device();
+    let batch = loader().step_batch(0).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    let forward = |extra: &str| -> Result<Vec<f32>> {
+        let cfg: ModelConfig = toml::from_str(&format!("{extra}\n{}", model_toml())).unwrap();
+        let vm = candle_nn::VarMap::new();
+        let model = Registry::new().build_trainable(&cfg, &vm, 0, &dev)?;
+        let out = model.forward(&batch.images, &batch.text, false)?;
+        out.pred.pred_logits.flatten_all()?.to_vec1::<f32>()
+    };
+    assert_eq!(forward("prompt_positions = 64")?, forward("")?);
+    let t = batch.text.num_tokens();
+    let err = forward(&format!("prompt_positions = {}", t - 1)).unwrap_err().to_string();
+    assert!(err.contains(&format!("a prompt of {t} tokens")), "{err}");
+    assert!(err.contains(&format!("model.prompt_positions = {}", t - 1)), "{err}");
+
+    let (before, after, grads) =
+        train_with("prompt", "prompt_positions = 64\ntrainable = [\"prompt\"]", 2);
+    assert_eq!(grads.into_iter().collect::<Vec<_>>(), vec!["prompt.offsets".to_string()]);
+    for (name, v) in &before {
+        match name.as_str() {
+            "prompt.offsets" => {
+                assert!(v.iter().all(|&x| x == 0.0), "the offsets start at zero");
+                assert!(after[name].iter().any(|&x| x != 0.0), "the offsets did not train");
+            }
+            _ => assert_eq!(&after[name], v, "{name} changed under trainable = [\"prompt\"]"),
+        }
+    }
+    Ok(())
+}
+
+/// A prefix that names no parameter, and a rule that freezes everything, are errors before
+/// anything trains, naming the key.
+#[test]
+fn freeze_rules_that_name_nothing_or_everything_are_refused() {
+    let build = |extra: &str| {
+        let cfg: ModelConfig = toml::from_str(&format!("{extra}\n{}", model_toml())).unwrap();
+        let vm = candle_nn::VarMap::new();
+        Registry::new().build_trainable(&cfg, &vm, 0, &Device::Cpu).unwrap_err().to_string()
+    };
+    let err = build(r#"freeze = ["backbon"]"#);
+    assert!(err.contains(r#"model.freeze: "backbon" names no parameter"#), "{err}");
+    assert!(err.contains("backbone, "), "{err}");
+    let err = build(r#"trainable = ["prompt"]"#);
+    assert!(err.contains(r#"model.trainable: "prompt" names no parameter"#), "{err}");
+    let err = build(
+        r#"trainable = ["backbone"]
+freeze = ["backbone"]"#,
+    );
+    assert!(err.contains("every parameter of the model is frozen"), "{err}");
+}
