@@ -309,7 +309,7 @@ pub struct ModelConfig {
     /// at random instead). Default none: a missing name is an error listing them.
     #[serde(default)]
     pub allow_missing: Vec<String>,
-    /// Parameter-name prefixes (whole components: `backbone`, `text.embeddings`, `detector`)
+    /// Parameter-name prefixes (whole components: `backbone`, `text.embeddings`, `dense_head`)
     /// whose parameters stay as they are in training: no gradient is computed for them and the
     /// optimizer leaves them (their batch norms' running statistics included; with
     /// `trainable_bn` a batch still normalises by its own statistics). They are saved in
@@ -317,8 +317,9 @@ pub struct ModelConfig {
     #[serde(default)]
     pub freeze: Vec<String>,
     /// If set, only parameters under these prefixes train (`freeze` applies on top), e.g.
-    /// `["prompt"]` for GLIP's prompt tuning, `["detector"]` to train a head alone. Each must
-    /// name a parameter of the model. Default: every parameter.
+    /// `["prompt"]` for GLIP's prompt tuning, `["dense_head"]` to train the dense head alone.
+    /// Each must name a parameter of the model (`glip inspect` lists the components). Default:
+    /// every parameter.
     #[serde(default)]
     pub trainable: Option<Vec<String>>,
     /// GLIP's prompt tuning: a learned offset per token position (`prompt.offsets`,

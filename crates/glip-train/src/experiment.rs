@@ -243,11 +243,15 @@ pub fn run_experiment_with(
             Some(c) => format!(", caption R@1 {:.3}", c.recall[0]),
             None => String::new(),
         };
+        // COCO's -1: no held-out pairs (`data.shapes.held_out = []`, or a COCO folder).
+        let heldout = match p.heldout_ap50 {
+            v if v >= 0.0 => format!(", held-out AP50 {v:.3}"),
+            _ => String::new(),
+        };
         progress.borrow_mut().message(&format!(
-            "step {step}: val AP50 {:.3}, AP {:.3}, held-out AP50 {:.3}, R@1 {:.3}{caption} ({:.1} min of training)",
+            "step {step}: val AP50 {:.3}, AP {:.3}{heldout}, R@1 {:.3}{caption} ({:.1} min of training)",
             p.val.get("AP50"),
             p.val.get("AP"),
-            p.heldout_ap50,
             p.recall[0],
             p.train_minutes,
         ));
