@@ -180,7 +180,9 @@ impl GlipModel {
                      offsets cover that many positions"
                 );
             }
-            tf.tokens = tf.tokens.broadcast_add(&offsets.narrow(0, 0, t)?.unsqueeze(0)?)?;
+            // In the tokens' dtype (f32 from the built-in BERT; a no-op then).
+            let offsets = offsets.narrow(0, 0, t)?.to_dtype(tf.tokens.dtype())?;
+            tf.tokens = tf.tokens.broadcast_add(&offsets.unsqueeze(0)?)?;
             trace("text.tokens + prompt offsets", tf.tokens.dims());
         }
         trace("text.tokens", tf.tokens.dims());

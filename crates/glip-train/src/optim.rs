@@ -157,8 +157,9 @@ struct Param {
     var: Var,
     group: Group,
     decay: bool,
-    /// `(2, shape...)`: Adam's first and second moments.
-    moments: Tensor,
+    /// `(2, shape...)`: Adam's first and second moments, made at the parameter's first gradient
+    /// (zeros then, as from the start): a frozen parameter never has any.
+    moments: Option<Tensor>,
     ema: Option<Tensor>,
 }
 
@@ -200,7 +201,7 @@ impl AdamW {
             params.push(Param {
                 group: Group::of(&name),
                 decay: t.rank() >= 2,
-                moments: glip_kernels::optim::moments_like(t)?,
+                moments: None,
                 ema,
                 name,
                 var,
@@ -278,7 +279,11 @@ impl AdamW {
                 weight_decay: if p.decay { self.cfg.weight_decay } else { 0.0 },
                 eps: self.cfg.eps,
             };
-            items.push((&p.var, &mut p.moments, g, h));
+            let moments = match &mut p.moments {
+                Some(m) => m,
+                empty => empty.insert(glip_kernels::optim::moments_like(p.var.as_tensor())?),
+            };
+            items.push((&p.var, moments, g, h));
         }
         glip_kernels::optim::adamw_update_all(&mut items)?;
         drop(items);
@@ -309,8 +314,10 @@ impl AdamW {
         let mut out = HashMap::new();
         for p in &self.params {
             // Copies: the moments are updated in place by the next step.
-            out.insert(format!("m.{}", p.name), p.moments.get(0)?.copy()?);
-            out.insert(format!("v.{}", p.name), p.moments.get(1)?.copy()?);
+            if let Some(m) = &p.moments {
+                out.insert(format!("m.{}", p.name), m.get(0)?.copy()?);
+                out.insert(format!("v.{}", p.name), m.get(1)?.copy()?);
+            }
             if let Some(e) = &p.ema {
                 out.insert(format!("ema.{}", p.name), e.copy()?);
             }
@@ -318,8 +325,9 @@ impl AdamW {
         Ok((out, self.step))
     }
 
-    /// Restores what [`AdamW::state`] returned; a missing or mis-shaped moment is an error
-    /// naming it.
+    /// Restores what [`AdamW::state`] returned. A parameter with neither moment had no
+    /// gradient yet (a frozen one); one moment without the other, or a mis-shaped one, is an
+    /// error naming it.
     pub fn load_state(
         &mut self,
         state: &HashMap<String, Tensor>,
@@ -327,22 +335,35 @@ impl AdamW {
         device: &Device,
     ) -> Result<()> {
         for p in &mut self.params {
-            let mut halves = Vec::with_capacity(2);
-            for key in [format!("m.{}", p.name), format!("v.{}", p.name)] {
-                let t = state.get(&key).ok_or_else(|| {
-                    candle_core::Error::Msg(format!("optimizer state has no {key}"))
-                })?;
-                let want = &p.moments.dims()[1..];
-                if t.dims() != want {
-                    candle_core::bail!(
-                        "optimizer state {key}: shape {:?}, parameter has {want:?}",
-                        t.dims(),
-                    );
+            let t = p.var.as_tensor();
+            let keys = [format!("m.{}", p.name), format!("v.{}", p.name)];
+            let halves: Vec<Option<&Tensor>> = keys.iter().map(|k| state.get(k)).collect();
+            p.moments = match halves[..] {
+                [None, None] => None,
+                [Some(m), Some(v)] => {
+                    let mut both = Vec::with_capacity(2);
+                    for (key, h) in keys.iter().zip([m, v]) {
+                        if h.dims() != t.dims() {
+                            candle_core::bail!(
+                                "optimizer state {key}: shape {:?}, parameter has {:?}",
+                                h.dims(),
+                                t.dims()
+                            );
+                        }
+                        both.push(h.to_device(device)?.to_dtype(t.dtype())?);
+                    }
+                    // A new tensor: the in-place updates never write into the caller's.
+                    Some(Tensor::stack(&both, 0)?)
                 }
-                halves.push(t.to_device(device)?.to_dtype(p.moments.dtype())?);
-            }
-            // A new tensor: the in-place updates never write into the caller's.
-            p.moments = Tensor::stack(&halves, 0)?;
+                _ => {
+                    let (have, lack) = if halves[0].is_some() {
+                        (&keys[0], &keys[1])
+                    } else {
+                        (&keys[1], &keys[0])
+                    };
+                    candle_core::bail!("optimizer state has {have} but no {lack}")
+                }
+            };
             if let Some(e) = p.ema.as_mut() {
                 if let Some(t) = state.get(&format!("ema.{}", p.name)) {
                     *e = t.to_device(device)?.copy()?;

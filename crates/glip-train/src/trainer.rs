@@ -120,8 +120,9 @@ pub struct Trainer<'a> {
     /// Called after every step with the step number and the total loss (progress bars).
     pub on_step: Option<Box<dyn FnMut(u64, f32) + 'a>>,
     /// Called with each step's gradients (summed over `config.accumulate` batches) between
-    /// backward and the optimiser's update: where a data-parallel run all-reduces them across processes (each on its shard of the data,
-    /// `glip_data::Loader::sharded`), or a researcher inspects or edits them.
+    /// backward and the optimiser's update: where a data-parallel run all-reduces them across
+    /// processes (each on its shard of the data, `glip_data::Loader::sharded`), or a
+    /// researcher inspects or edits them.
     #[allow(clippy::type_complexity)]
     pub on_grads: Option<Box<dyn FnMut(&mut GradStore) -> candle_core::Result<()> + 'a>>,
     /// Stop after the step that ends past this instant (a time budget), checkpointing.
@@ -297,8 +298,8 @@ impl<'a> Trainer<'a> {
             let losses = self.criterion.forward(&out, &batch.targets)?;
             let grads = match n {
                 1 => losses.total.backward()?,
-                // 1/n is a power of two for n = 2, 4, 8, ...: then the scaled gradients are
-                // the unscaled ones to the bit, halved.
+                // For n = 2, 4, 8, ... 1/n is a power of two: the scaled gradients are then
+                // exactly the unscaled ones times 1/n (no rounding, short of underflow).
                 _ => losses.total.affine(1.0 / n as f64, 0.0)?.backward()?,
             };
             let terms = losses

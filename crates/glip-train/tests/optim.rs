@@ -145,3 +145,28 @@ fn restored_state_continues_exactly() -> Result<()> {
     assert_eq!(run(2, 3)?[..3], run(5, 0)?[..3]);
     Ok(())
 }
+
+/// Adam's moments are made at a parameter's first gradient: one that never has a gradient (a
+/// frozen one) costs none and has none in the state, the state of a later step restores, and
+/// half a pair of moments is an error naming the missing one.
+#[test]
+fn moments_exist_only_for_parameters_with_gradients() -> Result<()> {
+    let (w, frozen) = (var(&[0.1, 0.2, 0.3], &[3]), var(&[1.0, 2.0], &[2]));
+    let params = || vec![("w".to_string(), w.clone()), ("frozen".to_string(), frozen.clone())];
+    let mut opt = AdamW::new(params(), OptimConfig::default())?;
+    assert!(opt.state()?.0.is_empty(), "no moments before a gradient");
+    opt.step(&grads(&[&w], &[vec![1.0, -2.0, 0.5]])?)?;
+    let (state, step) = opt.state()?;
+    let mut keys: Vec<&String> = state.keys().collect();
+    keys.sort();
+    assert_eq!(keys, ["m.w", "v.w"]);
+    assert_eq!(frozen.as_tensor().to_vec1::<f32>()?, [1.0, 2.0]);
+    let mut again = AdamW::new(params(), OptimConfig::default())?;
+    again.load_state(&state, step, &Device::Cpu)?;
+    assert_eq!(again.state()?.0.len(), 2);
+    let mut half = state.clone();
+    half.remove("v.w");
+    let err = again.load_state(&half, step, &Device::Cpu).unwrap_err().to_string();
+    assert!(err.contains("has m.w but no v.w"), "{err}");
+    Ok(())
+}

@@ -672,3 +672,43 @@ freeze = ["backbone"]"#,
     );
     assert!(err.contains("every parameter of the model is frozen"), "{err}");
 }
+
+/// With `model.freeze` a checkpoint keeps every parameter but Adam's moments only for what
+/// trains, and a run resumed from it continues with the losses of an uninterrupted one.
+#[test]
+fn a_run_with_frozen_parts_checkpoints_and_resumes() {
+    glip_train::set_deterministic(true);
+    let crit = SetCriterion::new(LossConfig::default(), Box::new(HungarianMatcher));
+    let cfg: ModelConfig =
+        toml::from_str(&format!("freeze = [\"backbone\"]\n{}", model_toml())).unwrap();
+    let dev = glip_testing::device();
+    let train = |dir: &Path, steps: u64, resume: bool| {
+        let vm = candle_nn::VarMap::new();
+        let model = Registry::new().build_trainable(&cfg, &vm, 0, &dev).unwrap();
+        let l = loader();
+        let optim = OptimConfig { lr: 1e-3, ..Default::default() };
+        let tc = TrainConfig { steps, log_every: 1, checkpoint_every: 0, accumulate: 1 };
+        let json = serde_json::json!({});
+        let mut t =
+            Trainer::new(&model, &vm, &crit, &l, optim, tc, dir, json, dev.clone()).unwrap();
+        if resume {
+            t.resume().unwrap();
+        }
+        t.run().unwrap();
+    };
+    let (a, b) = (tmp("frozen-a"), tmp("frozen-b"));
+    train(&a, 3, false);
+    train(&b, 2, false);
+    let saved =
+        candle_core::safetensors::load(b.join("checkpoint.safetensors"), &Device::Cpu).unwrap();
+    assert!(saved.contains_key("backbone.conv1.weight"), "a frozen parameter is checkpointed");
+    assert!(saved.keys().any(|k| k.starts_with("optim.m.transformer.")));
+    let frozen_moments: Vec<&String> =
+        saved.keys().filter(|k| k.starts_with("optim.m.backbone.")).collect();
+    assert!(frozen_moments.is_empty(), "moments of frozen parameters: {frozen_moments:?}");
+    train(&b, 3, true);
+    let (la, lb) = (losses(&a), losses(&b));
+    std::fs::remove_dir_all(&a).ok();
+    std::fs::remove_dir_all(&b).ok();
+    assert_eq!(la, lb, "uninterrupted vs resumed");
+}
