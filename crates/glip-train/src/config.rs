@@ -311,9 +311,10 @@ pub struct ModelConfig {
     pub allow_missing: Vec<String>,
     /// Parameter-name prefixes (whole components: `backbone`, `text.embeddings`, `dense_head`)
     /// whose parameters stay as they are in training: no gradient is computed for them and the
-    /// optimizer leaves them (their batch norms' running statistics included; with
-    /// `trainable_bn` a batch still normalises by its own statistics). They are saved in
-    /// checkpoints like the rest. Each must name a parameter of the model. Default none.
+    /// optimizer leaves them and keeps no moments for them (their batch norms' running
+    /// statistics stay too; with `trainable_bn` a batch still normalises by its own
+    /// statistics). They are saved in checkpoints like the rest. Each must name a parameter of
+    /// the model. Default none.
     #[serde(default)]
     pub freeze: Vec<String>,
     /// If set, only parameters under these prefixes train (`freeze` applies on top), e.g.
