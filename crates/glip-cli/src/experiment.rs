@@ -18,7 +18,7 @@
 //! ```
 
 use crate::report::{self, Cell};
-use crate::train::{default_dir, read_config, run_single, summary_line};
+use crate::train::{default_dir, read_config, read_config_set, run_single, summary_line};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use glip_train::config::Registry;
@@ -138,6 +138,20 @@ fn expand(ab: &Ablation) -> Result<Vec<(String, Vec<String>)>> {
     Ok(out)
 }
 
+/// An ablation cell's overrides, each with the folder its relative paths resolve against: the
+/// ablation file's for the file's `set`s (common and the cell's), the working directory for the
+/// command line's.
+fn ablation_sets(
+    file: &Path,
+    common: &[String],
+    cell: &[String],
+    cli: &[String],
+) -> Vec<(String, PathBuf)> {
+    let dir = file.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let in_file = common.iter().chain(cell).map(|s| (s.clone(), dir.clone()));
+    in_file.chain(cli.iter().map(|s| (s.clone(), PathBuf::from(".")))).collect()
+}
+
 /// Runs `glip experiment`.
 pub fn run(registry: &Registry, a: ExperimentArgs) -> Result<()> {
     let text =
@@ -167,8 +181,9 @@ pub fn run(registry: &Registry, a: ExperimentArgs) -> Result<()> {
     // Every cell's config is read (and so checked) before the first one trains.
     let mut configs = Vec::with_capacity(cells.len());
     for (cell, sets) in &cells {
-        let all: Vec<String> = ab.set.iter().chain(sets).chain(&a.sets).cloned().collect();
-        let mut cfg = read_config(&base, &all).with_context(|| format!("ablation cell {cell}"))?;
+        let all = ablation_sets(&a.config, &ab.set, sets, &a.sets);
+        let mut cfg =
+            read_config_set(&base, &all).with_context(|| format!("ablation cell {cell}"))?;
         cfg.check(registry).with_context(|| format!("ablation cell {cell}"))?;
         cfg.run.device = cfg.run.device.or(a.device);
         cfg.name = format!("{name}/{cell}");
@@ -269,8 +284,8 @@ mod tests {
             let cells = expand(&ab).unwrap();
             assert!(cells.len() >= 2, "{}", path.display());
             for (name, sets) in &cells {
-                let all: Vec<String> = ab.set.iter().chain(sets).cloned().collect();
-                let cfg = read_config(&base, &all)
+                let all = ablation_sets(&path, &ab.set, sets, &[]);
+                let cfg = read_config_set(&base, &all)
                     .unwrap_or_else(|e| panic!("{}: {name}: {e:#}", path.display()));
                 // Component parameters are checked when the model is built.
                 Registry::new()

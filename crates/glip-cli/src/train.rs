@@ -6,7 +6,7 @@ use anyhow::{anyhow, Context, Result};
 use clap::Args;
 use glip_train::config::Registry;
 use glip_train::experiment::{
-    apply_overrides, config_from_table, load_config, resolve_paths, run_experiment_with,
+    apply_overrides, config_from_table, load_config, resolve_paths_set, run_experiment_with,
     ExperimentConfig, ExperimentResult,
 };
 use std::path::PathBuf;
@@ -31,14 +31,27 @@ pub struct TrainArgs {
     device: Option<glip_train::device::DeviceSpec>,
 }
 
-/// Reads a config with overrides, relative paths resolved against its folder.
+/// Reads a config with command-line overrides: relative paths in the file resolve against its
+/// folder, those in an override against the working directory (where the command was typed).
 pub fn read_config(path: &std::path::Path, sets: &[String]) -> Result<ExperimentConfig> {
+    let here = std::path::PathBuf::from(".");
+    let sets: Vec<(String, PathBuf)> = sets.iter().map(|s| (s.clone(), here.clone())).collect();
+    read_config_set(path, &sets)
+}
+
+/// [`read_config`] with each override's relative paths resolved against its own folder
+/// (`glip_train::experiment::resolve_paths_set`).
+pub fn read_config_set(
+    path: &std::path::Path,
+    sets: &[(String, PathBuf)],
+) -> Result<ExperimentConfig> {
     load_config(path)?; // validates the file as written, naming it
     let mut doc: toml::Table = toml::from_str(&std::fs::read_to_string(path)?)?;
-    apply_overrides(&mut doc, sets)?;
+    let keys: Vec<String> = sets.iter().map(|(s, _)| s.clone()).collect();
+    apply_overrides(&mut doc, &keys)?;
     let mut cfg = config_from_table(doc)
         .map_err(|e| anyhow!("{} with --set overrides: {e}", path.display()))?;
-    resolve_paths(&mut cfg, path.parent().unwrap_or(std::path::Path::new(".")));
+    resolve_paths_set(&mut cfg, path.parent().unwrap_or(std::path::Path::new(".")), sets);
     Ok(cfg)
 }
 

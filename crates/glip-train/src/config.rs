@@ -378,34 +378,36 @@ impl ModelConfig {
         }
     }
 
-    /// Every file path of the config (tokenizer, text folder, weights), for resolving them
-    /// against the config's folder.
-    pub fn paths_mut(&mut self) -> Vec<&mut PathBuf> {
-        let mut out: Vec<&mut PathBuf> = self.weights.values_mut().collect();
-        if let Slot::Builtin(TextConfig::Bert(p)) = &mut self.text {
-            out.push(&mut p.tokenizer);
-            if let Some(f) = p.folder.as_mut() {
-                out.push(f);
-            }
-        }
-        out
-    }
-
     /// Makes relative paths (and a registered text encoder's `tokenizer` / `folder`) relative
     /// to `base`.
     pub fn resolve_paths(&mut self, base: &Path) {
-        for p in self.paths_mut() {
+        self.resolve_paths_with(&|_| base.to_path_buf());
+    }
+
+    /// Makes each relative path relative to `base(key)`, where `key` is the path's key under
+    /// `model.` (`weights.backbone`, `text.tokenizer`, `text.folder`).
+    pub fn resolve_paths_with(&mut self, base: &dyn Fn(&str) -> PathBuf) {
+        let resolve = |key: String, p: &mut PathBuf| {
             if !p.as_os_str().is_empty() && p.is_relative() {
-                *p = base.join(&*p);
+                *p = base(&key).join(&*p);
             }
+        };
+        for (k, p) in self.weights.iter_mut() {
+            resolve(format!("weights.{k}"), p);
         }
-        if let Slot::Custom { params, .. } = &mut self.text {
-            for key in ["tokenizer", "folder"] {
-                if let Some(p) = table_path(params, key).filter(|p| p.is_relative()) {
-                    params.insert(
-                        key.into(),
-                        toml::Value::String(base.join(p).to_string_lossy().into()),
-                    );
+        match &mut self.text {
+            Slot::Builtin(TextConfig::Bert(p)) => {
+                resolve("text.tokenizer".into(), &mut p.tokenizer);
+                if let Some(f) = p.folder.as_mut() {
+                    resolve("text.folder".into(), f);
+                }
+            }
+            Slot::Custom { params, .. } => {
+                for key in ["tokenizer", "folder"] {
+                    if let Some(mut p) = table_path(params, key) {
+                        resolve(format!("text.{key}"), &mut p);
+                        params.insert(key.into(), toml::Value::String(p.to_string_lossy().into()));
+                    }
                 }
             }
         }

@@ -5,8 +5,8 @@ use crate::config::{ModelConfig, Registry};
 use crate::infer::{evaluate_shapes, model_from_weights, Predictor};
 pub use crate::results::{EvalPoint, ExperimentResult, Progress};
 pub use crate::run_config::{
-    apply_overrides, config_from_table, load_config, resolve_paths, CocoDataConfig, DataConfig,
-    EvalData, ExperimentConfig, OdvgDataConfig, RunConfig,
+    apply_overrides, config_from_table, load_config, resolve_paths, resolve_paths_set,
+    CocoDataConfig, DataConfig, EvalData, ExperimentConfig, OdvgDataConfig, RunConfig,
 };
 use crate::trainer::{LogLine, Trainer};
 use crate::{write_atomic, Error, GlipModel};

@@ -360,32 +360,63 @@ pub fn apply_overrides(doc: &mut toml::Table, sets: &[String]) -> Result<(), Err
 /// Where relative paths in a config resolve: the config's folder.
 /// Made absolute, so a run folder's `config.resolved.toml` works from any directory.
 pub fn resolve_paths(cfg: &mut ExperimentConfig, base: &Path) {
-    let base = std::fs::canonicalize(base).unwrap_or_else(|_| base.to_path_buf());
-    cfg.model.resolve_paths(&base);
-    let mut paths: Vec<&mut PathBuf> = Vec::new();
+    resolve_paths_set(cfg, base, &[]);
+}
+
+/// [`resolve_paths`], except for the paths that overrides set: `sets` pairs each `key.path=value`
+/// override with the folder its relative paths resolve against (the working directory for a
+/// command line's `--set`, an ablation file's folder for its `set`). A path takes the folder of
+/// the last override whose key is the path's key or a table above it (`model.weights` for
+/// `model.weights.backbone`); every other path, the config's folder.
+pub fn resolve_paths_set(cfg: &mut ExperimentConfig, base: &Path, sets: &[(String, PathBuf)]) {
+    // `Path::parent` of a bare file name is "": the working directory.
+    let absolute = |p: &Path| {
+        let p = if p.as_os_str().is_empty() { Path::new(".") } else { p };
+        std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
+    };
+    let base = absolute(base);
+    let sets: Vec<(Vec<&str>, PathBuf)> = sets
+        .iter()
+        .filter_map(|(s, dir)| {
+            let key = s.split_once('=')?.0;
+            Some((key.split('.').map(str::trim).collect(), absolute(dir)))
+        })
+        .collect();
+    let base_of = |key: &str| -> PathBuf {
+        let parts: Vec<&str> = key.split('.').collect();
+        sets.iter()
+            .rev()
+            .find(|(k, _)| k.len() <= parts.len() && parts[..k.len()] == k[..])
+            .map_or_else(|| base.clone(), |(_, dir)| dir.clone())
+    };
+    cfg.model.resolve_paths_with(&|key| base_of(&format!("model.{key}")));
+    let mut paths: Vec<(&str, &mut PathBuf)> = Vec::new();
     if let Some(c) = cfg.data.coco.as_mut() {
         paths.extend([
-            &mut c.train_annotations,
-            &mut c.train_images,
-            &mut c.val_annotations,
-            &mut c.val_images,
+            ("data.coco.train_annotations", &mut c.train_annotations),
+            ("data.coco.train_images", &mut c.train_images),
+            ("data.coco.val_annotations", &mut c.val_annotations),
+            ("data.coco.val_images", &mut c.val_images),
         ]);
     }
     if let Some(o) = cfg.data.odvg.as_mut() {
         paths.extend([
-            &mut o.train,
-            &mut o.train_images,
-            &mut o.val_annotations,
-            &mut o.val_images,
+            ("data.odvg.train", &mut o.train),
+            ("data.odvg.train_images", &mut o.train_images),
+            ("data.odvg.val_annotations", &mut o.val_annotations),
+            ("data.odvg.val_images", &mut o.val_images),
         ]);
-        paths.extend(o.label_map.as_mut());
+        paths.extend(o.label_map.as_mut().map(|p| ("data.odvg.label_map", p)));
     }
     if let Some(g) = cfg.data.val_grounding.as_mut() {
-        paths.extend([&mut g.odvg, &mut g.images]);
+        paths.extend([
+            ("data.val_grounding.odvg", &mut g.odvg),
+            ("data.val_grounding.images", &mut g.images),
+        ]);
     }
-    for p in paths {
+    for (key, p) in paths {
         if !p.as_os_str().is_empty() && p.is_relative() {
-            *p = base.join(&*p);
+            *p = base_of(key).join(&*p);
         }
     }
 }
