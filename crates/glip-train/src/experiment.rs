@@ -91,14 +91,17 @@ pub fn run_experiment_with(
             freeze: cfg.model.freeze.clone(),
             only: cfg.model.trainable.clone(),
         };
-        let (mut train, mut all) = (0usize, 0usize);
+        let (mut frozen, mut all) = (0usize, 0usize);
         for (name, var) in crate::trainer::trainable_vars(&varmap) {
             let n = var.as_tensor().elem_count();
             all += n;
-            train += if rule.frozen(&name) { 0 } else { n };
+            frozen += if rule.frozen(&name) { n } else { 0 };
         }
+        // Counted by name: a backbone's `freeze_at` or a text encoder's `frozen` come on top.
         progress.message(&format!(
-            "model.freeze / model.trainable: {train} of the model's {all} parameters train"
+            "model.freeze / model.trainable: {frozen} of the model's {all} parameters frozen, {} \
+             not",
+            all - frozen
         ));
     }
     if cfg.loss.criterion.is_none() {
