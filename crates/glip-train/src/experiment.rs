@@ -104,6 +104,15 @@ pub fn run_experiment_with(
             all - frozen
         ));
     }
+    if cfg.model.prompt_positions > 0 && !cfg.data.prompts.all_categories {
+        progress.message(
+            "warning: model.prompt_positions: the prompt offsets are per token position, and the \
+             training prompts sample and shuffle each image's categories (data.prompts.\
+             all_categories = false), so a position is no category: tuned alone, the offsets \
+             learnt no new category on the synthetic task (docs/results, \"Freezing and prompt \
+             tuning\"); GLIP tunes a fixed prompt: data.prompts.all_categories = true",
+        );
+    }
     if cfg.loss.criterion.is_none() {
         // The detector's criterion, written out so that the resolved config says it.
         let kind = model.detector.default_criterion();

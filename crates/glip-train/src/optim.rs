@@ -160,6 +160,8 @@ struct Param {
     /// `(2, shape...)`: Adam's first and second moments, made at the parameter's first gradient
     /// (zeros then, as from the start): a frozen parameter never has any.
     moments: Option<Tensor>,
+    /// The EMA of the weights (`ema_decay`), made at the parameter's first gradient as a copy
+    /// of its weights then (unchanged since the start): a frozen parameter has none.
     ema: Option<Tensor>,
 }
 
@@ -194,15 +196,11 @@ impl AdamW {
         let mut params = Vec::with_capacity(vars.len());
         for (name, var) in vars {
             let t = var.as_tensor();
-            let ema = match cfg.ema_decay {
-                Some(_) => Some(t.copy()?.detach()),
-                None => None,
-            };
             params.push(Param {
                 group: Group::of(&name),
                 decay: t.rank() >= 2,
                 moments: None,
-                ema,
+                ema: None,
                 name,
                 var,
             });
@@ -266,9 +264,13 @@ impl AdamW {
         let (bc1, bc2) = (1.0 - b1.powi(t as i32), 1.0 - b2.powi(t as i32));
         let lrs: Vec<f64> = self.params.iter().map(|p| self.group_lr(p.group) * factor).collect();
         // Every parameter with a gradient in one update (one kernel launch on a GPU).
+        let keeps_ema = self.cfg.ema_decay.is_some();
         let mut items = Vec::with_capacity(self.params.len());
         for (p, lr) in self.params.iter_mut().zip(lrs) {
             let Some(g) = grads.get(p.var.as_tensor()) else { continue };
+            if keeps_ema && p.ema.is_none() {
+                p.ema = Some(p.var.as_tensor().copy()?.detach());
+            }
             let h = glip_kernels::optim::AdamWStep {
                 clip,
                 b1,
@@ -364,11 +366,11 @@ impl AdamW {
                     candle_core::bail!("optimizer state has {have} but no {lack}")
                 }
             };
-            if let Some(e) = p.ema.as_mut() {
-                if let Some(t) = state.get(&format!("ema.{}", p.name)) {
-                    *e = t.to_device(device)?.copy()?;
-                }
-            }
+            // None when the run had none for it (no gradient yet, or no EMA).
+            p.ema = match state.get(&format!("ema.{}", p.name)) {
+                Some(t) if self.cfg.ema_decay.is_some() => Some(t.to_device(device)?.copy()?),
+                _ => None,
+            };
         }
         self.step = step;
         Ok(())

@@ -146,24 +146,38 @@ fn restored_state_continues_exactly() -> Result<()> {
     Ok(())
 }
 
-/// Adam's moments are made at a parameter's first gradient: one that never has a gradient (a
-/// frozen one) costs none and has none in the state, the state of a later step restores, and
-/// half a pair of moments is an error naming the missing one.
+/// Adam's moments and the EMA are made at a parameter's first gradient: one that never has a
+/// gradient (a frozen one) costs none and has none in the state; the EMA starts from the
+/// weights before that first update (decay 1/2: `(w0 + w1) / 2`, exact); the state of a later
+/// step restores; half a pair of moments is an error naming the missing one.
 #[test]
 fn moments_exist_only_for_parameters_with_gradients() -> Result<()> {
     let (w, frozen) = (var(&[0.1, 0.2, 0.3], &[3]), var(&[1.0, 2.0], &[2]));
     let params = || vec![("w".to_string(), w.clone()), ("frozen".to_string(), frozen.clone())];
-    let mut opt = AdamW::new(params(), OptimConfig::default())?;
+    let cfg = OptimConfig { ema_decay: Some(0.5), ..Default::default() };
+    let mut opt = AdamW::new(params(), cfg.clone())?;
     assert!(opt.state()?.0.is_empty(), "no moments before a gradient");
+    let w0 = w.as_tensor().to_vec1::<f32>()?;
     opt.step(&grads(&[&w], &[vec![1.0, -2.0, 0.5]])?)?;
+    let w1 = w.as_tensor().to_vec1::<f32>()?;
+    assert_ne!(w0, w1);
+    let want: Vec<f32> = w0.iter().zip(&w1).map(|(a, b)| 0.5 * a + 0.5 * b).collect();
+    let ema = opt.ema()?;
+    assert_eq!(ema.len(), 1);
+    let got = ema["w"].to_vec1::<f32>()?;
+    for (g, x) in got.iter().zip(&want) {
+        // ema_update computes `d e + (1 - d) w` in f32: each product exact (halving), one
+        // rounding of the sum, which is also what `want` rounds: equal.
+        assert_eq!(g, x, "EMA {got:?}, want {want:?}");
+    }
     let (state, step) = opt.state()?;
     let mut keys: Vec<&String> = state.keys().collect();
     keys.sort();
-    assert_eq!(keys, ["m.w", "v.w"]);
+    assert_eq!(keys, ["ema.w", "m.w", "v.w"]);
     assert_eq!(frozen.as_tensor().to_vec1::<f32>()?, [1.0, 2.0]);
-    let mut again = AdamW::new(params(), OptimConfig::default())?;
+    let mut again = AdamW::new(params(), cfg)?;
     again.load_state(&state, step, &Device::Cpu)?;
-    assert_eq!(again.state()?.0.len(), 2);
+    assert_eq!(again.state()?.0.len(), 3);
     let mut half = state.clone();
     half.remove("v.w");
     let err = again.load_state(&half, step, &Device::Cpu).unwrap_err().to_string();

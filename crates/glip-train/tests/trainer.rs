@@ -712,3 +712,36 @@ fn a_run_with_frozen_parts_checkpoints_and_resumes() {
     std::fs::remove_dir_all(&b).ok();
     assert_eq!(la, lb, "uninterrupted vs resumed");
 }
+
+/// An experiment with prompt offsets says what they freeze and warns when the training prompts
+/// are sampled and shuffled (a position is then no category); with a fixed prompt it does not.
+#[test]
+fn prompt_tuning_over_sampled_prompts_is_warned_about() {
+    use glip_train::experiment::{apply_overrides, config_from_table, run_experiment};
+    let messages_of = |sets: &[&str]| {
+        let mut doc = glip_testing::tiny_experiment();
+        let mut all = vec![
+            "model.prompt_positions = 64",
+            "model.trainable = [\"prompt\"]",
+            "run.steps = 1",
+            "run.eval_every = 0",
+            "data.shapes.val_images = 2",
+        ];
+        all.extend(sets);
+        apply_overrides(&mut doc, &all.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        let cfg = config_from_table(doc).unwrap();
+        let d = tmp(&format!("prompt-warning-{}", sets.len()));
+        let mut messages = Vec::new();
+        run_experiment(&cfg, &d, false, &mut |m: &str| messages.push(m.to_string())).unwrap();
+        std::fs::remove_dir_all(&d).ok();
+        messages
+    };
+    let sampled = messages_of(&[]);
+    let warned =
+        |ms: &[String]| ms.iter().any(|m| m.starts_with("warning: model.prompt_positions"));
+    assert!(warned(&sampled), "{sampled:?}");
+    let frozen = sampled.iter().find(|m| m.starts_with("model.freeze / model.trainable"));
+    assert!(frozen.is_some_and(|m| m.contains(" parameters frozen, ")), "{sampled:?}");
+    let fixed = messages_of(&["data.prompts.all_categories = true"]);
+    assert!(!warned(&fixed), "{fixed:?}");
+}
