@@ -184,3 +184,24 @@ fn moments_exist_only_for_parameters_with_gradients() -> Result<()> {
     assert!(err.contains("has m.w but no v.w"), "{err}");
     Ok(())
 }
+
+/// A run that turns the EMA on when resuming from a checkpoint without one starts the average
+/// from the resumed weights at their first update, not from the values the parameters had
+/// before the checkpoint was loaded.
+#[test]
+fn an_ema_begun_on_resume_starts_from_the_resumed_weights() -> Result<()> {
+    let w = var(&[9.0, 9.0, 9.0], &[3]);
+    let cfg = OptimConfig { ema_decay: Some(0.5), ..Default::default() };
+    let mut opt = AdamW::new(vec![("w".into(), w.clone())], cfg)?;
+    // The checkpoint: weights, moments, no EMA.
+    w.set(&Tensor::new(&[0.1f32, 0.2, 0.3], &Device::Cpu)?)?;
+    let zeros = Tensor::zeros(3, candle_core::DType::F32, &Device::Cpu)?;
+    let state = [("m.w".to_string(), zeros.clone()), ("v.w".to_string(), zeros)].into();
+    opt.load_state(&state, 4, &Device::Cpu)?;
+    let w0 = w.as_tensor().to_vec1::<f32>()?;
+    opt.step(&grads(&[&w], &[vec![1.0, -2.0, 0.5]])?)?;
+    let w1 = w.as_tensor().to_vec1::<f32>()?;
+    let want: Vec<f32> = w0.iter().zip(&w1).map(|(a, b)| 0.5 * a + 0.5 * b).collect();
+    assert_eq!(opt.ema()?["w"].to_vec1::<f32>()?, want);
+    Ok(())
+}
