@@ -47,24 +47,48 @@ pub fn run(registry: &glip_train::config::Registry, a: InspectArgs) -> Result<()
     let model = registry
         .build_trainable(&cfg.model, &varmap, 0, &dev)
         .map_err(|e| anyhow!("{}: {e}", a.config.display()))?;
-    let mut per: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    // Per component: parameters, those `model.freeze` / `model.trainable` freeze, buffers.
+    let rule = glip_core::weights::Freeze {
+        freeze: cfg.model.freeze.clone(),
+        only: cfg.model.trainable.clone(),
+    };
+    let by_name = !rule.freeze.is_empty() || rule.only.is_some();
+    let mut per: BTreeMap<String, [usize; 3]> = BTreeMap::new();
     for (name, var) in varmap.data().lock().expect("varmap lock").iter() {
         let n = var.as_tensor().elem_count();
         let e = per.entry(component(name).to_string()).or_default();
         if glip_train::trainer::is_buffer(name) {
-            e.1 += n;
+            e[2] += n;
         } else {
-            e.0 += n;
+            e[0] += n;
+            e[1] += if rule.frozen(name) { n } else { 0 };
         }
     }
-    println!("{:<20} {:>14} {:>12}", "component", "parameters", "buffers");
-    let (mut tp, mut tb) = (0, 0);
-    for (c, (p, b)) in &per {
-        println!("{c:<20} {p:>14} {b:>12}");
-        tp += p;
-        tb += b;
+    let row = |c: &str, [p, f, b]: [usize; 3]| match by_name {
+        true => println!("{c:<20} {p:>14} {f:>14} {b:>12}"),
+        false => println!("{c:<20} {p:>14} {b:>12}"),
+    };
+    match by_name {
+        true => {
+            println!("{:<20} {:>14} {:>14} {:>12}", "component", "parameters", "frozen", "buffers")
+        }
+        false => println!("{:<20} {:>14} {:>12}", "component", "parameters", "buffers"),
     }
-    println!("{:<20} {tp:>14} {tb:>12}\n", "total");
+    let mut total = [0; 3];
+    for (c, counts) in &per {
+        row(c, *counts);
+        for (t, n) in total.iter_mut().zip(counts) {
+            *t += n;
+        }
+    }
+    row("total", total);
+    if by_name {
+        println!(
+            "(frozen: by model.freeze / model.trainable; a backbone's freeze_at or frozen, or a \
+             frozen text encoder, come on top)"
+        );
+    }
+    println!();
 
     let size = a.size.unwrap_or(cfg.data.shapes.image_size as usize);
     let tok_path = cfg

@@ -158,6 +158,20 @@ fn experiment_then_eval_detect_and_inspect() {
     for want in ["backbone", "transformer", "total", "pred_boxes", "[1, 4, 4]", "[1, 3, 64, 64]"] {
         assert!(out.contains(want), "{want} not in\n{out}");
     }
+    // With `model.freeze`, a column of what it freezes: all of the backbone, none of the rest.
+    let args =
+        ["inspect", "--config", cfg.to_str().unwrap(), "--set", "model.freeze=[\"backbone\"]"];
+    let (ok, out, err) = glip(&args);
+    assert!(ok, "{err}");
+    let row = |name: &str| -> Vec<u64> {
+        let line = out.lines().find(|l| l.split_whitespace().next() == Some(name)).unwrap();
+        line.split_whitespace().skip(1).map(|x| x.parse().unwrap()).collect()
+    };
+    assert!(out.lines().next().is_some_and(|l| l.contains("frozen")), "{out}");
+    let (b, t) = (row("backbone"), row("transformer"));
+    assert!(b[0] > 0 && b[1] == b[0], "backbone {b:?}\n{out}");
+    assert!(t[0] > 0 && t[1] == 0, "transformer {t:?}\n{out}");
+    assert_eq!(row("total")[1], b[1], "{out}");
     std::fs::remove_dir_all(&d).ok();
 }
 
