@@ -48,11 +48,8 @@ pub fn run(registry: &glip_train::config::Registry, a: InspectArgs) -> Result<()
         .build_trainable(&cfg.model, &varmap, 0, &dev)
         .map_err(|e| anyhow!("{}: {e}", a.config.display()))?;
     // Per component: parameters, those `model.freeze` / `model.trainable` freeze, buffers.
-    let rule = glip_core::weights::Freeze {
-        freeze: cfg.model.freeze.clone(),
-        only: cfg.model.trainable.clone(),
-    };
-    let by_name = !rule.freeze.is_empty() || rule.only.is_some();
+    let rule = cfg.model.freeze_rule();
+    let by_name = !rule.is_empty();
     let mut per: BTreeMap<String, [usize; 3]> = BTreeMap::new();
     for (name, var) in varmap.data().lock().expect("varmap lock").iter() {
         let n = var.as_tensor().elem_count();

@@ -113,6 +113,11 @@ pub fn under_prefix(name: &str, prefix: &str) -> bool {
 }
 
 impl Freeze {
+    /// Whether the rule freezes nothing (no prefix, no `only` list).
+    pub fn is_empty(&self) -> bool {
+        self.freeze.is_empty() && self.only.is_none()
+    }
+
     /// Whether parameter `name` is frozen.
     pub fn frozen(&self, name: &str) -> bool {
         let under = |ps: &[String]| ps.iter().any(|p| under_prefix(name, p));

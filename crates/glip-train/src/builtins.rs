@@ -369,8 +369,7 @@ impl Registry {
                 )
             })
             .collect();
-        let freeze =
-            glip_core::weights::Freeze { freeze: cfg.freeze.clone(), only: cfg.trainable.clone() };
+        let freeze = cfg.freeze_rule();
         let vb = glip_core::weights::trainable_with(
             varmap,
             sources,

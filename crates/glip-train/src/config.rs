@@ -378,6 +378,11 @@ impl ModelConfig {
         }
     }
 
+    /// The rule of `freeze` and `trainable`: which parameters are handed out frozen.
+    pub fn freeze_rule(&self) -> glip_core::weights::Freeze {
+        glip_core::weights::Freeze { freeze: self.freeze.clone(), only: self.trainable.clone() }
+    }
+
     /// Makes relative paths (and a registered text encoder's `tokenizer` / `folder`) relative
     /// to `base`.
     pub fn resolve_paths(&mut self, base: &Path) {

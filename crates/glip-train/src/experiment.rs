@@ -86,11 +86,8 @@ pub fn run_experiment_with(
     progress.message(&format!("device: {}{why}", crate::device::describe(&dev)));
     let varmap = candle_nn::VarMap::new();
     let model = registry.build_trainable(&cfg.model, &varmap, cfg.run.seed, &dev)?;
-    if !cfg.model.freeze.is_empty() || cfg.model.trainable.is_some() {
-        let rule = glip_core::weights::Freeze {
-            freeze: cfg.model.freeze.clone(),
-            only: cfg.model.trainable.clone(),
-        };
+    let rule = cfg.model.freeze_rule();
+    if !rule.is_empty() {
         let (mut frozen, mut all) = (0usize, 0usize);
         for (name, var) in crate::trainer::trainable_vars(&varmap) {
             let n = var.as_tensor().elem_count();
