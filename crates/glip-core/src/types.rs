@@ -524,6 +524,13 @@ pub struct Losses {
     pub terms: Vec<(String, Tensor)>,
     /// The final layer's matches, one per image.
     pub matches: Vec<Match>,
+    /// The count the whole loss is normalised by, when one count normalises every term (the
+    /// matched boxes, the positive locations): each term is then a sum over the batch divided
+    /// by `max(normaliser, 1)`. Gradient accumulation (`run.accumulate`) uses it to normalise
+    /// a step by the count of all its batches, as one large batch would be (and as GLIP's and
+    /// DETR's distributed training all-reduce the count). `None` when the terms are
+    /// normalised otherwise (a mean over queries, say): each batch then weighs alike.
+    pub normaliser: Option<f64>,
 }
 
 #[cfg(test)]

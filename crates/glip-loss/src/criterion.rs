@@ -347,7 +347,8 @@ impl SetCriterion {
 
 impl Criterion for SetCriterion {
     fn forward(&self, out: &ModelOutput, targets: &[Target]) -> Result<Losses> {
-        let num_boxes = targets.iter().map(Target::len).sum::<usize>().max(1) as f64;
+        let count = targets.iter().map(Target::len).sum::<usize>();
+        let num_boxes = count.max(1) as f64;
         let class_name = match out.logits_kind {
             LogitsKind::Classes(_) => "loss_ce",
             LogitsKind::Tokens => "loss_cls",
@@ -376,7 +377,18 @@ impl Criterion for SetCriterion {
                 add(format!("_{i}"), &l, &mut terms)?;
             }
         }
-        Ok(Losses { total: total.expect("at least one layer"), terms, matches: last.matches })
+        // With fixed classes the cross-entropy is a weighted mean over queries (DETR's): two
+        // normalisers, so no one count to normalise an accumulated step by.
+        let normaliser = match out.logits_kind {
+            LogitsKind::Classes(_) => None,
+            LogitsKind::Tokens => Some(count as f64),
+        };
+        Ok(Losses {
+            total: total.expect("at least one layer"),
+            terms,
+            matches: last.matches,
+            normaliser,
+        })
     }
 }
 

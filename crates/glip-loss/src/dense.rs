@@ -285,7 +285,8 @@ impl Criterion for DenseCriterion {
             }
             matches.push(m);
         }
-        let num_pos = ctr_idx.len().max(1) as f64;
+        let count = ctr_idx.len();
+        let num_pos = count.max(1) as f64;
         let tm = Tensor::from_vec(cls_target, (b, q, t), dev)?;
         let mask = out.text_mask.to_dtype(DType::F32)?.unsqueeze(1)?;
         let focal = sigmoid_focal(logits, &tm, c.focal_alpha, c.focal_gamma)?;
@@ -315,6 +316,6 @@ impl Criterion for DenseCriterion {
             total = (total + (&l * c.w_centerness)?)?;
             terms.push(("loss_centerness".to_string(), l));
         }
-        Ok(Losses { total, terms, matches })
+        Ok(Losses { total, terms, matches, normaliser: Some(count as f64) })
     }
 }

@@ -27,13 +27,16 @@ pub struct TrainConfig {
     pub checkpoint_every: u64,
     /// Batches per optimiser step (gradient accumulation). Default 1. With `n > 1`, a step
     /// runs forward and backward on `n` consecutive batches of `data.batch_size`, one at a
-    /// time (the memory of one batch), and applies the mean of their gradients: each batch's
-    /// loss is scaled by `1/n`, so a step sees `n * batch_size` images. That is the gradient
-    /// of the large batch exactly when each batch's loss is a mean over images; losses
-    /// normalised by the batch's own count of matches (boxes, positive locations) weigh each
-    /// batch by `1/n` instead, as data-parallel training does with per-process normalisers.
-    /// Batch norm's statistics are per batch and its running statistics move once per batch.
-    /// `steps`, the schedule, logging, checkpoints and evaluation count optimiser steps.
+    /// time (the memory of one batch), so a step sees `n * batch_size` images. When the
+    /// criterion normalises its loss by one count (`Losses::normaliser`: the dense
+    /// criterion's positive locations, the set criterion's matched boxes with a token head),
+    /// the step is normalised by the count of all `n` batches: batch `i`'s gradient weighs
+    /// `max(c_i, 1) / max(c_1 + .. + c_n, 1)`, the large batch's loss exactly (as GLIP's and
+    /// DETR's distributed training all-reduce the count). Otherwise (fixed-class
+    /// cross-entropy, a criterion without a count) the step applies the mean of the batches'
+    /// gradients. Logged losses are weighed alike. Batch norm's statistics are per batch and
+    /// its running statistics move once per batch. `steps`, the schedule, logging,
+    /// checkpoints and evaluation count optimiser steps.
     #[serde(default = "one")]
     pub accumulate: u64,
 }
@@ -119,10 +122,12 @@ pub struct Trainer<'a> {
     pub on_log: Option<Box<dyn FnMut(&LogLine) + 'a>>,
     /// Called after every step with the step number and the total loss (progress bars).
     pub on_step: Option<Box<dyn FnMut(u64, f32) + 'a>>,
-    /// Called with each step's gradients (summed over `config.accumulate` batches) between
-    /// backward and the optimiser's update: where a data-parallel run all-reduces them across
-    /// processes (each on its shard of the data, `glip_data::Loader::sharded`), or a
-    /// researcher inspects or edits them.
+    /// Called with each step's gradients between backward and the optimiser's update: where a
+    /// data-parallel run all-reduces them across processes (each on its shard of the data,
+    /// `glip_data::Loader::sharded`), or a researcher inspects or edits them. They are the
+    /// step's, over its `config.accumulate` batches and divided by this process's count (see
+    /// [`TrainConfig::accumulate`]): their mean across processes weighs every process alike,
+    /// where DETR and GLIP all-reduce the count before dividing.
     #[allow(clippy::type_complexity)]
     pub on_grads: Option<Box<dyn FnMut(&mut GradStore) -> candle_core::Result<()> + 'a>>,
     /// Stop after the step that ends past this instant (a time budget), checkpointing.
@@ -174,6 +179,18 @@ fn detach_all(grads: &mut GradStore) {
             grads.insert_id(id, g);
         }
     }
+}
+
+/// Multiplies every gradient of `grads` by `factor` (one rounding each), detached as in
+/// [`detach_all`].
+fn scale_all(grads: &mut GradStore, factor: f64) -> candle_core::Result<()> {
+    let ids: Vec<_> = grads.get_ids().copied().collect();
+    for id in ids {
+        if let Some(g) = grads.get_id(id).map(|g| g.detach().affine(factor, 0.0)).transpose()? {
+            grads.insert_id(id, g);
+        }
+    }
+    Ok(())
 }
 
 impl<'a> Trainer<'a> {
@@ -282,9 +299,11 @@ impl<'a> Trainer<'a> {
         let (from, to) = (self.step, self.config.steps);
         const TOTAL: &str = "loss";
         let n = self.config.accumulate.max(1);
-        // Across the `n` batches of one step: the summed gradients and, per loss term (the
-        // total under "loss"), the sum of its values, kept on the device as f64.
-        let mut pending: Option<(GradStore, std::collections::BTreeMap<String, Tensor>)> = None;
+        // Across the `n` batches of one step: the weighed sums of their gradients and, per
+        // loss term (the total under "loss"), of its values, kept on the device as f64; and
+        // the sum of their counts.
+        type Pending = (GradStore, std::collections::BTreeMap<String, Tensor>, f64);
+        let mut pending: Option<Pending> = None;
         loader.for_steps(from * n, to * n, |t, batch| -> Result<bool, TrainError> {
             // `t` counts batches; with `n == 1` it is the step.
             let (s, last) = (t / n, t % n == n - 1);
@@ -296,24 +315,35 @@ impl<'a> Trainer<'a> {
                 self.model.forward(&batch.images, &batch.text, true)
             })?;
             let losses = self.criterion.forward(&out, &batch.targets)?;
-            let grads = match n {
-                1 => losses.total.backward()?,
-                // For n = 2, 4, 8, ... 1/n is a power of two: the scaled gradients are then
-                // exactly the unscaled ones times 1/n (no rounding, short of underflow).
-                _ => losses.total.affine(1.0 / n as f64, 0.0)?.backward()?,
+            let mut grads = losses.total.backward()?;
+            // The batch's weight in its step, and its count. A loss normalised by a count `c`
+            // is the batch's sum divided by `max(c, 1)`: weighed by that and divided by the
+            // step's count, the batches' sums make the large batch's loss. Without a count
+            // every batch weighs 1 and counts 1: the step takes their mean.
+            let (weight, count) = match losses.normaliser {
+                Some(c) if n > 1 => (c.max(1.0), c),
+                _ => (1.0, 1.0),
             };
+            if weight != 1.0 {
+                // Each gradient is the batch's own (as computed alone) times its weight: one
+                // rounding, not a different backward.
+                scale_all(&mut grads, weight)?;
+            }
             let terms = losses
                 .terms
                 .iter()
                 .map(|(k, v)| (k.as_str(), v))
                 .chain(std::iter::once((TOTAL, &losses.total)))
                 // Detached: a term kept to the step's end must not keep its batch's graph.
-                .map(|(k, v)| Ok((k.to_string(), v.detach().to_dtype(DType::F64)?)))
+                // In f64 an f32 value times an integer count is exact.
+                .map(|(k, v)| {
+                    Ok((k.to_string(), v.detach().to_dtype(DType::F64)?.affine(weight, 0.0)?))
+                })
                 .collect::<candle_core::Result<Vec<_>>>()?;
             window.1 += batch.image_ids.len();
-            let (mut grads, sums) = match pending.take() {
-                None => (grads, terms.into_iter().collect()),
-                Some((mut acc, mut sums)) => {
+            let (mut grads, sums, counted) = match pending.take() {
+                None => (grads, terms.into_iter().collect(), count),
+                Some((mut acc, mut sums, counted)) => {
                     acc.extend(grads)?;
                     for (k, v) in terms {
                         let sum = match sums.remove(&k) {
@@ -322,14 +352,21 @@ impl<'a> Trainer<'a> {
                         };
                         sums.insert(k, sum);
                     }
-                    (acc, sums)
+                    (acc, sums, counted + count)
                 }
             };
             if !last {
                 // Kept for the next batch: without the graph of this one.
                 detach_all(&mut grads);
-                pending = Some((grads, sums));
+                pending = Some((grads, sums, counted));
                 return Ok(true);
+            }
+            // The step's normaliser: 1 for one batch a step; `n` for the mean of `n`
+            // batches without a count (for n = 2, 4, 8, ... a power of two: the mean is then
+            // the sum times 1/n with no further rounding).
+            let divisor = counted.max(1.0);
+            if divisor != 1.0 {
+                scale_all(&mut grads, 1.0 / divisor)?;
             }
             if let Some(f) = self.on_grads.as_mut() {
                 f(&mut grads)?;
@@ -341,10 +378,10 @@ impl<'a> Trainer<'a> {
             scalars.push(self.optimizer.grad_norm_sq(&grads)?);
             let mut read: Vec<f64> = Tensor::stack(&scalars, 0)?.to_vec1()?;
             let grad_norm = read.pop().unwrap_or(0.0).sqrt();
-            // The terms are f32 (or bf16) on the device: exact in f64 and back (a mean over `n`
-            // batches rounds once, to f32).
+            // The terms are f32 (or bf16) on the device: exact in f64 and back (a step over
+            // `n` batches rounds once, to f32).
             let values: std::collections::BTreeMap<String, f32> =
-                sums.keys().cloned().zip(read.into_iter().map(|v| (v / n as f64) as f32)).collect();
+                sums.keys().cloned().zip(read.into_iter().map(|v| (v / divisor) as f32)).collect();
             // A term that is not finite makes the total so too: name the term first.
             let bad = values.iter().filter(|(_, v)| !v.is_finite());
             if let Some((name, &v)) = bad.min_by_key(|(name, _)| name.as_str() == TOTAL) {

@@ -457,58 +457,70 @@ fn logged_loss_terms_come_in_name_order() {
     }
 }
 
-/// Gradient accumulation (`run.accumulate = 2`): one step's gradients are the mean of those of
-/// the loader's batches 0 and 1, each computed alone (same weights, same dropout masks, seeded
-/// per batch), and its logged loss is the mean of theirs. Exact, not approximate: the trainer
-/// scales each batch's loss by 1/2 before its backward, a power of two that every product and
-/// sum of the backward carries through without rounding (no gradient here is near f32's
-/// subnormal range), so `g0/2 + g1/2` and `(g0 + g1) / 2` are the same numbers; the losses
-/// are summed in f64, where two f32 values add exactly, then rounded to f32 once either way.
-#[test]
-fn accumulated_gradients_are_the_mean_of_each_batch_alone() -> Result<()> {
+/// The set criterion, reporting no normaliser: as a criterion whose loss is not one count's
+/// mean (fixed-class cross-entropy, or a researcher's criterion that gives none).
+struct NoCount(SetCriterion);
+
+impl Criterion for NoCount {
+    fn forward(&self, out: &ModelOutput, targets: &[Target]) -> Result<Losses> {
+        Ok(Losses { normaliser: None, ..self.0.forward(out, targets)? })
+    }
+}
+
+/// One batch's part in an accumulated step, computed alone.
+struct Alone {
+    /// Every parameter's gradient, by name.
+    grads: std::collections::BTreeMap<String, Vec<f32>>,
+    loss: f32,
+    normaliser: Option<f64>,
+}
+
+/// The loader's batches 0 and 1, each through a fresh model with the trainer's initial weights
+/// and dropout masks (seeded per batch); then a trainer's one step accumulating both: what the
+/// `on_grads` hook saw (what the optimiser applies) and the logged loss.
+#[allow(clippy::type_complexity)]
+fn accumulate_two(
+    crit: &dyn Criterion,
+    tag: &str,
+) -> Result<(Vec<Alone>, std::collections::BTreeMap<String, Vec<f32>>, Vec<(u64, f32)>)> {
     glip_train::set_deterministic(true);
-    let crit = SetCriterion::new(LossConfig::default(), Box::new(HungarianMatcher));
     let dev = glip_testing::device();
     let l = loader();
     let vars_of = |vm: &candle_nn::VarMap| glip_train::trainer::trainable_vars(vm);
+    let host = |t: &candle_core::Tensor| t.flatten_all()?.to_vec1::<f32>();
 
-    // The reference: batches 0 and 1 through a model with the same initial weights.
     let vm = candle_nn::VarMap::new();
     let model = Registry::new().build_trainable(&model_config(), &vm, 0, &dev)?;
-    let mut want: std::collections::BTreeMap<String, candle_core::Tensor> = Default::default();
-    let mut loss = 0f64;
+    let mut alone = Vec::new();
     for t in 0..2u64 {
         glip_kernels::nn::seed_dropout(glip_core::rng::Rng::for_sample(l.seed, t, 0).next_u64());
         let batch = l.step_batch(t).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let losses =
             crit.forward(&model.forward(&batch.images, &batch.text, true)?, &batch.targets)?;
-        loss += losses.total.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-        let grads = losses.total.backward()?;
+        let g = losses.total.backward()?;
+        let mut grads = std::collections::BTreeMap::new();
         for (name, var) in vars_of(&vm) {
-            if let Some(g) = grads.get(var.as_tensor()) {
-                let sum = match want.remove(&name) {
-                    Some(prev) => (prev + g)?,
-                    None => g.clone(),
-                };
-                want.insert(name, sum);
+            if let Some(g) = g.get(var.as_tensor()) {
+                grads.insert(name, host(g)?);
             }
         }
+        assert!(!grads.is_empty());
+        let loss = losses.total.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
+        alone.push(Alone { grads, loss, normaliser: losses.normaliser });
     }
-    assert!(!want.is_empty());
 
-    // The trainer, accumulating both into one step; the hook sees what the optimiser applies.
-    let dir = tmp("accumulate");
+    let dir = tmp(tag);
     let vm = candle_nn::VarMap::new();
     let model = Registry::new().build_trainable(&model_config(), &vm, 0, &dev)?;
     let vars = vars_of(&vm);
     let tc = TrainConfig { steps: 1, log_every: 1, checkpoint_every: 0, accumulate: 2 };
     let optim = OptimConfig { lr: 1e-3, ..Default::default() };
     let got = std::cell::RefCell::new(std::collections::BTreeMap::new());
-    let mut tr = Trainer::new(&model, &vm, &crit, &l, optim, tc, &dir, serde_json::json!({}), dev)?;
+    let mut tr = Trainer::new(&model, &vm, crit, &l, optim, tc, &dir, serde_json::json!({}), dev)?;
     tr.on_grads = Some(Box::new(|grads| {
         for (name, var) in &vars {
             if let Some(g) = grads.get(var.as_tensor()) {
-                got.borrow_mut().insert(name.clone(), g.clone());
+                got.borrow_mut().insert(name.clone(), host(g)?);
             }
         }
         Ok(())
@@ -517,15 +529,68 @@ fn accumulated_gradients_are_the_mean_of_each_batch_alone() -> Result<()> {
     drop(tr);
     let logged = losses(&dir);
     std::fs::remove_dir_all(&dir).ok();
-
     let got = got.into_inner();
-    assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>());
-    for (name, sum) in &want {
-        let mean = sum.affine(0.5, 0.0)?.flatten_all()?.to_vec1::<f32>()?;
-        let acc = got[name].flatten_all()?.to_vec1::<f32>()?;
-        assert_eq!(acc, mean, "{name}: the accumulated gradient is not the mean of the two");
+    assert_eq!(got.keys().collect::<Vec<_>>(), alone[0].grads.keys().collect::<Vec<_>>());
+    Ok((alone, got, logged))
+}
+
+/// Gradient accumulation (`run.accumulate = 2`) with a criterion that reports no normaliser:
+/// one step's gradients are the mean of those of the loader's batches 0 and 1, each computed
+/// alone (same weights, same dropout masks), and its logged loss is the mean of theirs. Exact,
+/// not approximate: the sum of the two rounds once, and halving it (a power of two) does not
+/// round (no gradient here is near f32's subnormal range), as `(g0 + g1) / 2` in f32 does; the
+/// losses are summed in f64, where two f32 values add exactly, then rounded to f32 once either
+/// way.
+#[test]
+fn accumulated_gradients_are_the_mean_of_each_batch_alone() -> Result<()> {
+    let crit = NoCount(SetCriterion::new(LossConfig::default(), Box::new(HungarianMatcher)));
+    let (alone, got, logged) = accumulate_two(&crit, "accumulate-mean")?;
+    for (name, acc) in &got {
+        let (g0, g1) = (&alone[0].grads[name], &alone[1].grads[name]);
+        let mean: Vec<f32> = g0.iter().zip(g1).map(|(a, b)| (a + b) * 0.5).collect();
+        assert_eq!(acc, &mean, "{name}: the accumulated gradient is not the mean of the two");
     }
-    assert_eq!(logged, vec![(1, (loss / 2.0) as f32)], "the logged loss is the mean of the two");
+    let loss = (alone[0].loss as f64 + alone[1].loss as f64) / 2.0;
+    assert_eq!(logged, vec![(1, loss as f32)], "the logged loss is the mean of the two");
+    Ok(())
+}
+
+/// Gradient accumulation with the set criterion over tokens, whose every term is a sum divided
+/// by the batch's matched boxes `max(c, 1)`: the step's gradient is that of the two batches'
+/// sums divided by their boxes together, `(w0 g0 + w1 g1) / max(c0 + c1, 1)` with
+/// `w = max(c, 1)`, as one batch of both would have it; its logged loss likewise. The batches
+/// hold different numbers of boxes (asserted), so the mean of the two would fail this.
+///
+/// Tolerance, per element, against the sum in f64 of the batches' f32 gradients: the trainer
+/// rounds each `w g` (`w` is an integer), the one sum, `1 / max(c0 + c1, 1)` and the product
+/// by it, each to f32 (unit round-off `u = 2^-24`): at most `4 u (w0 |g0| + w1 |g1|) / C` to
+/// first order (`4.0001` covers the second), plus two of f32's smallest subnormals for values
+/// that underflow. The logged loss is the same f64 arithmetic on the same f32 values.
+#[test]
+fn accumulated_gradients_are_normalised_by_the_count_of_the_whole_step() -> Result<()> {
+    let crit = SetCriterion::new(LossConfig::default(), Box::new(HungarianMatcher));
+    let (alone, got, logged) = accumulate_two(&crit, "accumulate-count")?;
+    let c: Vec<f64> =
+        alone.iter().map(|a| a.normaliser.expect("the set criterion's count")).collect();
+    assert_ne!(c[0], c[1], "the two batches hold the same number of boxes: the test cannot tell");
+    let w: Vec<f64> = c.iter().map(|c| c.max(1.0)).collect();
+    let total = (c[0] + c[1]).max(1.0);
+    let u = 2f64.powi(-24);
+    for (name, acc) in &got {
+        let (g0, g1) = (&alone[0].grads[name], &alone[1].grads[name]);
+        for (i, &a) in acc.iter().enumerate() {
+            let (p0, p1) = (w[0] * g0[i] as f64, w[1] * g1[i] as f64);
+            let want = (p0 + p1) / total;
+            let tol = 4.0001 * u * (p0.abs() + p1.abs()) / total + 2.0 * 2f64.powi(-149);
+            assert!(
+                (a as f64 - want).abs() <= tol,
+                "{name}[{i}]: {a} against {want} (tolerance {tol:e}; the mean would be {})",
+                (g0[i] as f64 + g1[i] as f64) / 2.0
+            );
+        }
+    }
+    let loss = (w[0] * alone[0].loss as f64 + w[1] * alone[1].loss as f64) / total;
+    assert_eq!(logged, vec![(1, loss as f32)], "the logged loss is the step's, normalised once");
     Ok(())
 }
 

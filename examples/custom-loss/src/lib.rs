@@ -123,7 +123,8 @@ impl Criterion for InsideBox {
             }
             matches.push(m);
         }
-        let num_pos = pos.len().max(1) as f64;
+        let count = pos.len();
+        let num_pos = count.max(1) as f64;
         // Binary cross-entropy with logits, stable form: max(x, 0) - x y + log(1 + exp(-|x|)).
         let y = Tensor::from_vec(cls_target, (b, q, t), dev)?;
         let bce =
@@ -144,6 +145,9 @@ impl Criterion for InsideBox {
             total,
             terms: vec![("loss_cls".into(), cls), ("loss_bbox".into(), l1)],
             matches,
+            // Both terms are sums divided by `max(count, 1)`: an accumulated step
+            // (`run.accumulate`) is then normalised by the count of all its batches.
+            normaliser: Some(count as f64),
         })
     }
 }
