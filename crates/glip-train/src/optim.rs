@@ -24,6 +24,17 @@ pub enum Schedule {
         /// Factor.
         gamma: f64,
     },
+    /// Multiply by `gamma` at each of the `milestones`, step numbers counted from the start
+    /// of training (warm-up included): the steps after milestone `m` run at the lower rate,
+    /// as maskrcnn-benchmark's `WarmupMultiStepLR` (GLIP's `SOLVER.STEPS`) and DETR's
+    /// `lr_drop` have it. `{ type = "multistep", milestones = [2000, 2600], gamma = 0.1 }`.
+    MultiStep {
+        /// Increasing step numbers.
+        milestones: Vec<u64>,
+        /// Factor. Default 0.1.
+        #[serde(default = "d_gamma")]
+        gamma: f64,
+    },
     /// Cosine from the base rate to `min_ratio` times it at `total` steps.
     Cosine {
         /// Steps to the end of the cosine.
@@ -89,6 +100,9 @@ fn d_eps() -> f64 {
 fn d_schedule() -> Schedule {
     Schedule::Constant
 }
+fn d_gamma() -> f64 {
+    0.1
+}
 fn d_clip() -> f64 {
     0.1
 }
@@ -120,6 +134,9 @@ impl OptimConfig {
         match &self.schedule {
             Schedule::Constant => 1.0,
             Schedule::Step { every, gamma } => gamma.powi((s / (*every).max(1)) as i32),
+            Schedule::MultiStep { milestones, gamma } => {
+                gamma.powi(milestones.iter().filter(|&&m| m < step).count() as i32)
+            }
             Schedule::Cosine { total, min_ratio } => {
                 let p = (s as f64 / (*total).max(1) as f64).min(1.0);
                 min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + (std::f64::consts::PI * p).cos())

@@ -263,6 +263,22 @@ impl Validate for OptimConfig {
                 c.in_range("every", *every, 1, 1 << 40);
                 c.finite_range("gamma", *gamma, 0.0, 1e3);
             }
+            Schedule::MultiStep { milestones, gamma } => {
+                if milestones.is_empty() {
+                    c.fail_rule("milestones", "must name at least one step");
+                }
+                for (i, &m) in milestones.iter().enumerate() {
+                    c.in_range(&format!("milestones[{i}]"), m, 1, 1 << 40);
+                    if i > 0 && m <= milestones[i - 1] {
+                        c.fail(
+                            &format!("milestones[{i}]"),
+                            m,
+                            format!("must be after milestones[{}] = {}", i - 1, milestones[i - 1]),
+                        );
+                    }
+                }
+                c.finite_range("gamma", *gamma, 0.0, 1e3);
+            }
             Schedule::Cosine { total, min_ratio } => {
                 c.in_range("total", *total, 1, 1 << 40);
                 c.probability("min_ratio", *min_ratio);

@@ -91,7 +91,7 @@ fn groups_take_their_own_rates() -> Result<()> {
 }
 
 #[test]
-fn warmup_then_step_or_cosine() {
+fn warmup_then_step_multistep_or_cosine() {
     let mut cfg = OptimConfig {
         warmup_steps: 10,
         schedule: Schedule::Step { every: 100, gamma: 0.1 },
@@ -101,6 +101,18 @@ fn warmup_then_step_or_cosine() {
     assert_eq!(cfg.lr_factor(10), 1.0);
     assert_eq!(cfg.lr_factor(109), 1.0);
     assert!((cfg.lr_factor(110) - 0.1).abs() < 1e-12);
+    // Milestones count from the start, warm-up included: the steps after 50 at gamma, after
+    // 80 at gamma^2 (as maskrcnn-benchmark's WarmupMultiStepLR); parsed as a config writes it.
+    cfg.schedule =
+        toml::from_str::<OptimConfig>("schedule = { type = \"multistep\", milestones = [50, 80] }")
+            .unwrap()
+            .schedule;
+    assert_eq!(cfg.schedule, Schedule::MultiStep { milestones: vec![50, 80], gamma: 0.1 });
+    assert_eq!(cfg.lr_factor(50), 1.0);
+    assert!((cfg.lr_factor(51) - 0.1).abs() < 1e-12);
+    assert!((cfg.lr_factor(80) - 0.1).abs() < 1e-12);
+    assert!((cfg.lr_factor(81) - 0.01).abs() < 1e-12);
+    assert!((cfg.lr_factor(5) - 0.5).abs() < 1e-12, "warm-up first");
     cfg.schedule = Schedule::Cosine { total: 100, min_ratio: 0.1 };
     assert!((cfg.lr_factor(60) - (0.1 + 0.9 * 0.5)).abs() < 1e-12);
     assert!((cfg.lr_factor(110) - 0.1).abs() < 1e-12);
