@@ -16,6 +16,10 @@
 //! name = "text-attend-8-heads"
 //! set = ['model.query_generator={type="text-attend", heads=8}']
 //! ```
+//!
+//! `seeds = [0, 1, 2]` in `[ablation]` runs every cell once per seed (`run.seed`: the model's
+//! initial weights, the order of the data, the dropout masks), into `<cell>/seed-<k>`; the table
+//! gives each cell's mean and standard deviation over them.
 
 use crate::report::{self, Cell};
 use crate::train::{default_dir, read_config, read_config_set, run_single, summary_line};
@@ -57,6 +61,9 @@ struct Ablation {
     grid: toml::Table,
     #[serde(default)]
     cells: Vec<ExplicitCell>,
+    /// Run every cell once with each of these `run.seed`s (default: once, with the config's).
+    #[serde(default)]
+    seeds: Vec<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -178,29 +185,53 @@ pub fn run(registry: &Registry, a: ExperimentArgs) -> Result<()> {
         ab.name.clone()
     };
     let dir = a.out.unwrap_or_else(|| PathBuf::from("runs").join(&name));
-    // Every cell's config is read (and so checked) before the first one trains.
-    let mut configs = Vec::with_capacity(cells.len());
+    let seeds = seeds(&ab).with_context(|| a.config.display().to_string())?;
+    // Every run's config is read (and so checked) before the first one trains.
+    let mut runs = Vec::with_capacity(cells.len() * seeds.len());
     for (cell, sets) in &cells {
-        let all = ablation_sets(&a.config, &ab.set, sets, &a.sets);
-        let mut cfg =
-            read_config_set(&base, &all).with_context(|| format!("ablation cell {cell}"))?;
-        cfg.check(registry).with_context(|| format!("ablation cell {cell}"))?;
-        cfg.run.device = cfg.run.device.or(a.device);
-        cfg.name = format!("{name}/{cell}");
-        configs.push(cfg);
+        for &seed in &seeds {
+            let mut all = ablation_sets(&a.config, &ab.set, sets, &a.sets);
+            // The seed last: it is what tells the runs of a cell apart.
+            let (label, folder) = match seed {
+                None => (cell.clone(), dir.join(cell)),
+                Some(k) => {
+                    all.push((format!("run.seed={k}"), PathBuf::from(".")));
+                    (format!("{cell}/seed-{k}"), dir.join(cell).join(format!("seed-{k}")))
+                }
+            };
+            let mut cfg =
+                read_config_set(&base, &all).with_context(|| format!("ablation cell {label}"))?;
+            cfg.check(registry).with_context(|| format!("ablation cell {label}"))?;
+            cfg.run.device = cfg.run.device.or(a.device);
+            cfg.name = format!("{name}/{label}");
+            runs.push((cell, sets, seed, label, folder, cfg));
+        }
     }
-    eprintln!("ablation {name}: {} cells into {}", cells.len(), dir.display());
+    match seeds.len() {
+        1 => eprintln!("ablation {name}: {} cells into {}", cells.len(), dir.display()),
+        n => eprintln!(
+            "ablation {name}: {} cells x {n} seeds = {} runs into {}",
+            cells.len(),
+            runs.len(),
+            dir.display()
+        ),
+    }
     let mut done = Vec::new();
     let mut failed = Vec::new();
-    for ((cell, sets), cfg) in cells.iter().zip(&configs) {
-        match run_single(registry, cfg, &dir.join(cell), a.resume, cell) {
+    for (cell, sets, seed, label, folder, cfg) in &runs {
+        match run_single(registry, cfg, folder, a.resume, label) {
             Ok(r) => {
                 println!("{}", summary_line(&r));
-                done.push(Cell { name: cell.clone(), sets: sets.clone(), result: r });
+                done.push(Cell {
+                    name: cell.to_string(),
+                    sets: sets.to_vec(),
+                    seed: *seed,
+                    result: r,
+                });
             }
             Err(e) => {
-                eprintln!("[{cell}] failed: {e:#}");
-                failed.push(cell.clone());
+                eprintln!("[{label}] failed: {e:#}");
+                failed.push(label.clone());
             }
         }
         // The table and the plot are rewritten after every cell, so a long ablation can be
@@ -210,13 +241,27 @@ pub fn run(registry: &Registry, a: ExperimentArgs) -> Result<()> {
     eprintln!("table: {}", dir.join("ablation.md").display());
     if !failed.is_empty() {
         return Err(anyhow!(
-            "{} of {} cells failed: {}",
+            "{} of {} {} failed: {}",
             failed.len(),
-            cells.len(),
+            runs.len(),
+            if seeds.len() == 1 { "cells" } else { "runs" },
             failed.join(", ")
         ));
     }
     Ok(())
+}
+
+/// The seeds each cell runs with: `None` once (the config's own) without `[ablation] seeds`.
+fn seeds(ab: &Ablation) -> Result<Vec<Option<u64>>> {
+    if ab.seeds.is_empty() {
+        return Ok(vec![None]);
+    }
+    for (i, s) in ab.seeds.iter().enumerate() {
+        if ab.seeds[..i].contains(s) {
+            bail!("ablation.seeds: {s} is listed twice (a seed's runs would overwrite each other)");
+        }
+    }
+    Ok(ab.seeds.iter().map(|&s| Some(s)).collect())
 }
 
 #[cfg(test)]
@@ -248,6 +293,18 @@ mod tests {
         let head: toml::Table =
             toml::from_str(&format!("v = {}", &cells[1].1[1]["model.head=".len()..])).unwrap();
         assert_eq!(head["v"]["num_classes"].as_integer(), Some(20));
+    }
+
+    #[test]
+    fn seeds_run_each_cell_once_each_and_must_differ() {
+        let base = "[ablation]\nbase = \"b.toml\"\n[ablation.grid]\n\"x.y\" = [1]\n";
+        assert_eq!(seeds(&ablation(base)).unwrap(), [None]);
+        let two = ablation(&base.replace("[ablation.grid]", "seeds = [7, 0]\n[ablation.grid]"));
+        assert_eq!(seeds(&two).unwrap(), [Some(7), Some(0)]);
+        let twice =
+            ablation(&base.replace("[ablation.grid]", "seeds = [1, 2, 1]\n[ablation.grid]"));
+        let err = seeds(&twice).unwrap_err().to_string();
+        assert!(err.contains("ablation.seeds: 1 is listed twice"), "{err}");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! What a run and an ablation leave behind for people: `results.md`, a CSV table, SVG plots.
 
 use anyhow::Result;
-use glip_train::experiment::ExperimentResult;
+use glip_train::experiment::{EvalPoint, ExperimentResult};
 use glip_train::trainer::LogLine;
 use glip_train::write_atomic;
 use plotters::prelude::*;
@@ -176,64 +176,165 @@ pub fn plot_run(dir: &Path, r: &ExperimentResult) -> Result<()> {
     Ok(write_atomic(&path, svg.as_bytes())?)
 }
 
-/// One ablation cell: its name, the overrides that make it, its result.
+/// One run of an ablation: its cell's name, the overrides that make the cell, the seed it ran
+/// with (`[ablation] seeds`), its result.
 #[derive(Debug, Clone)]
 pub struct Cell {
     /// Short name (folder name).
     pub name: String,
     /// `key=value` overrides over the base config.
     pub sets: Vec<String>,
+    /// `run.seed` of this run, when the ablation repeats every cell over seeds.
+    pub seed: Option<u64>,
     /// What it measured.
     pub result: ExperimentResult,
 }
 
-/// `ablation.md`, `ablation.csv` and `ablation.svg` in `dir`.
-pub fn write_ablation(dir: &Path, title: &str, cells: &[Cell]) -> Result<()> {
-    let header = [
-        "cell",
-        "overrides",
-        "steps",
-        "train_min",
-        "val_AP",
-        "val_AP50",
-        "best_val_AP50",
-        "best_step",
-        "heldout_AP50",
-        "best_heldout_AP50",
-        "caption_R@1",
-    ];
-    let mut csv = header.join(",") + "\n";
-    let mut md = format!(
-        "# {title}\n\n| {} |\n|{}|\n",
-        header.join(" | "),
-        header.iter().map(|_| "---").collect::<Vec<_>>().join("|")
-    );
-    for c in cells {
-        let r = &c.result;
-        let (ap, ap50, held) = r
-            .last()
-            .map_or((-1.0, -1.0, -1.0), |p| (p.val.get("AP"), p.val.get("AP50"), p.heldout_ap50));
-        let (best, best_step) = r.best().map_or((-1.0, 0), |p| (p.val.get("AP50"), p.step));
-        let best_held = r.evals.iter().map(|p| p.heldout_ap50).fold(-1.0, f64::max);
-        let caption = r.last().and_then(|p| p.caption.as_ref()).map_or(-1.0, |c| c.recall[0]);
-        let row = [
-            c.name.clone(),
-            c.sets.join(" "),
-            r.steps.to_string(),
-            format!("{:.1}", r.train_minutes),
-            fmt(ap),
-            fmt(ap50),
-            fmt(best),
-            best_step.to_string(),
-            fmt(held),
-            fmt(best_held),
-            fmt(caption),
-        ];
-        csv += &row.iter().map(|v| csv_field(v)).collect::<Vec<_>>().join(",");
-        csv += "\n";
-        md += &format!("| {} |\n", row.join(" | "));
+/// The table's columns after the cell, the overrides (and the seed).
+const NUMBERS: [&str; 9] = [
+    "steps",
+    "train_min",
+    "val_AP",
+    "val_AP50",
+    "best_val_AP50",
+    "best_step",
+    "heldout_AP50",
+    "best_heldout_AP50",
+    "caption_R@1",
+];
+
+/// A run's numbers, in [`NUMBERS`] order; -1 where it has none.
+fn numbers(r: &ExperimentResult) -> [f64; 9] {
+    let (ap, ap50, held) = r
+        .last()
+        .map_or((-1.0, -1.0, -1.0), |p| (p.val.get("AP"), p.val.get("AP50"), p.heldout_ap50));
+    let (best, best_step) = r.best().map_or((-1.0, 0), |p| (p.val.get("AP50"), p.step));
+    let best_held = r.evals.iter().map(|p| p.heldout_ap50).fold(-1.0, f64::max);
+    let caption = r.last().and_then(|p| p.caption.as_ref()).map_or(-1.0, |c| c.recall[0]);
+    [r.steps as f64, r.train_minutes, ap, ap50, best, best_step as f64, held, best_held, caption]
+}
+
+/// Column `k` of [`NUMBERS`] of one run as the table writes it.
+fn number(k: usize, v: f64) -> String {
+    match NUMBERS[k] {
+        "steps" | "best_step" => format!("{v:.0}"),
+        "train_min" => format!("{v:.1}"),
+        _ => fmt(v),
     }
-    md += "\n![validation AP50 against training minutes](ablation.svg)\n\nEach cell's folder holds its full run: `config.resolved.toml`, `log.jsonl`, `eval.jsonl`, `results.json`, `results.md`, `curves.svg`.\n";
+}
+
+/// Column `k` over the runs of one cell: the mean, and with two runs or more `± s` (the sample
+/// standard deviation); "n/a" when a run has none.
+fn mean_sd(k: usize, vs: &[f64]) -> String {
+    if vs.is_empty() || vs.iter().any(|&v| v < 0.0) {
+        return "n/a".into();
+    }
+    let n = vs.len() as f64;
+    let mean = vs.iter().sum::<f64>() / n;
+    if vs.len() < 2 {
+        return number(k, mean);
+    }
+    let sd = (vs.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
+    let digits = if matches!(NUMBERS[k], "steps" | "best_step" | "train_min") { 1 } else { 3 };
+    format!("{mean:.digits$} ± {sd:.digits$}")
+}
+
+/// The runs grouped by cell, in the order the cells first ran.
+fn by_cell(cells: &[Cell]) -> Vec<(&str, Vec<&Cell>)> {
+    let mut groups: Vec<(&str, Vec<&Cell>)> = Vec::new();
+    for c in cells {
+        match groups.iter_mut().find(|g| g.0 == c.name) {
+            Some(g) => g.1.push(c),
+            None => groups.push((&c.name, vec![c])),
+        }
+    }
+    groups
+}
+
+/// A cell's curve of `y` against training minutes: at every step that all its runs evaluated,
+/// the mean over the runs of both (one run: its own curve).
+fn mean_curve(runs: &[&Cell], y: impl Fn(&EvalPoint) -> Option<f64>) -> Vec<(f64, f64)> {
+    let Some(first) = runs.first() else { return Vec::new() };
+    first
+        .result
+        .evals
+        .iter()
+        .filter_map(|p| {
+            let at: Vec<&EvalPoint> = runs
+                .iter()
+                .filter_map(|c| c.result.evals.iter().find(|q| q.step == p.step))
+                .collect();
+            let ys: Option<Vec<f64>> = at.iter().map(|q| y(q)).collect();
+            let ys = ys.filter(|_| at.len() == runs.len())?;
+            let n = at.len() as f64;
+            Some((at.iter().map(|q| q.train_minutes).sum::<f64>() / n, ys.iter().sum::<f64>() / n))
+        })
+        .collect()
+}
+
+/// `ablation.md`, `ablation.csv` and `ablation.svg` in `dir`. The CSV has a row per run; with
+/// seeds the table has a row per cell (mean ± standard deviation over its seeds) and then a
+/// row per run, and the plot each cell's mean curve.
+pub fn write_ablation(dir: &Path, title: &str, cells: &[Cell]) -> Result<()> {
+    let seeded = cells.iter().any(|c| c.seed.is_some());
+    let header: Vec<&str> = ["cell", "seed", "overrides"].into_iter().chain(NUMBERS).collect();
+    let row = |c: &Cell| -> Vec<String> {
+        let seed = c.seed.map_or(String::new(), |s| s.to_string());
+        let nums = numbers(&c.result).into_iter().enumerate().map(|(k, v)| number(k, v));
+        [c.name.clone(), seed, c.sets.join(" ")].into_iter().chain(nums).collect()
+    };
+    let md_table = |header: &[&str], rows: &[Vec<String>]| -> String {
+        let mut t = format!(
+            "| {} |\n|{}|\n",
+            header.join(" | "),
+            header.iter().map(|_| "---").collect::<Vec<_>>().join("|")
+        );
+        for r in rows {
+            t += &format!("| {} |\n", r.join(" | "));
+        }
+        t
+    };
+    let mut csv = header.join(",") + "\n";
+    for c in cells {
+        csv += &row(c).iter().map(|v| csv_field(v)).collect::<Vec<_>>().join(",");
+        csv += "\n";
+    }
+    let groups = by_cell(cells);
+    let mut md = format!("# {title}\n\n");
+    if seeded {
+        let summary: Vec<&str> = ["cell", "overrides", "runs"].into_iter().chain(NUMBERS).collect();
+        let rows: Vec<Vec<String>> = groups
+            .iter()
+            .map(|(name, runs)| {
+                let all: Vec<[f64; 9]> = runs.iter().map(|c| numbers(&c.result)).collect();
+                let stats = (0..NUMBERS.len())
+                    .map(|k| mean_sd(k, &all.iter().map(|v| v[k]).collect::<Vec<_>>()));
+                [name.to_string(), runs[0].sets.join(" "), runs.len().to_string()]
+                    .into_iter()
+                    .chain(stats)
+                    .collect()
+            })
+            .collect();
+        md +=
+            "Each cell over its seeds (`run.seed`): the mean ± the sample standard deviation.\n\n";
+        md += &md_table(&summary, &rows);
+        md += "\n## Every run\n\n";
+        md += &md_table(&header, &cells.iter().map(row).collect::<Vec<_>>());
+    } else {
+        let header: Vec<&str> = ["cell", "overrides"].into_iter().chain(NUMBERS).collect();
+        let rows: Vec<Vec<String>> = cells
+            .iter()
+            .map(|c| {
+                let mut r = row(c);
+                r.remove(1);
+                r
+            })
+            .collect();
+        md += &md_table(&header, &rows);
+    }
+    let folders =
+        if seeded { "Each run's folder (`<cell>/seed-<k>`)" } else { "Each cell's folder" };
+    md += &format!("\n![validation AP50 against training minutes](ablation.svg)\n\n{folders} holds its full run: `config.resolved.toml`, `log.jsonl`, `eval.jsonl`, `results.json`, `results.md`, `curves.svg`.\n");
     write_atomic(&dir.join("ablation.csv"), csv.as_bytes())?;
     write_atomic(&dir.join("ablation.md"), md.as_bytes())?;
     let path = dir.join("ablation.svg");
@@ -242,22 +343,28 @@ pub fn write_ablation(dir: &Path, title: &str, cells: &[Cell]) -> Result<()> {
         let root = SVGBackend::with_string(&mut svg, (1000, 420)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| anyhow::anyhow!("plot: {e}"))?;
         let (left, right) = root.split_horizontally(500);
-        let val: Vec<Series> = cells
-            .iter()
-            .map(|c| {
-                let pts = c.result.evals.iter().map(|p| (p.train_minutes, p.val.get("AP50")));
-                (c.name.clone(), pts.collect())
-            })
-            .collect();
-        let held: Vec<Series> = cells
-            .iter()
-            .map(|c| {
-                let pts = c.result.evals.iter().filter(|p| p.heldout_ap50 >= 0.0);
-                (c.name.clone(), pts.map(|p| (p.train_minutes, p.heldout_ap50)).collect())
-            })
-            .collect();
-        panel(&left, "validation AP50", "training minutes", "AP50", &val, Some((0.0, 1.0)))?;
-        panel(&right, "held-out pairs AP50", "training minutes", "AP50", &held, Some((0.0, 1.0)))?;
+        let curves = |y: &dyn Fn(&EvalPoint) -> Option<f64>| -> Vec<Series> {
+            groups.iter().map(|(name, runs)| (name.to_string(), mean_curve(runs, y))).collect()
+        };
+        let val = curves(&|p| Some(p.val.get("AP50")));
+        let held = curves(&|p| (p.heldout_ap50 >= 0.0).then_some(p.heldout_ap50));
+        let what = if seeded { " (mean over seeds)" } else { "" };
+        panel(
+            &left,
+            &format!("validation AP50{what}"),
+            "training minutes",
+            "AP50",
+            &val,
+            Some((0.0, 1.0)),
+        )?;
+        panel(
+            &right,
+            &format!("held-out pairs AP50{what}"),
+            "training minutes",
+            "AP50",
+            &held,
+            Some((0.0, 1.0)),
+        )?;
         root.present().map_err(|e| anyhow::anyhow!("plot: {e}"))?;
     }
     Ok(write_atomic(&path, svg.as_bytes())?)
@@ -268,5 +375,22 @@ fn csv_field(v: &str) -> String {
         format!("\"{}\"", v.replace('"', "\"\""))
     } else {
         v.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The mean and the sample standard deviation (n - 1), written to the column's precision;
+    /// one run is its own value; a run without the number makes it "n/a".
+    #[test]
+    fn a_cell_over_seeds_is_its_mean_and_sample_deviation() {
+        let ap50 = NUMBERS.iter().position(|&n| n == "val_AP50").unwrap();
+        assert_eq!(mean_sd(ap50, &[0.5, 0.7]), "0.600 ± 0.141");
+        assert_eq!(mean_sd(ap50, &[0.25]), "0.250");
+        assert_eq!(mean_sd(ap50, &[0.5, -1.0]), "n/a");
+        let steps = NUMBERS.iter().position(|&n| n == "steps").unwrap();
+        assert_eq!(mean_sd(steps, &[100.0, 120.0, 110.0]), "110.0 ± 10.0");
     }
 }

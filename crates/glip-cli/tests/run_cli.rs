@@ -175,6 +175,59 @@ fn experiment_then_eval_detect_and_inspect() {
     std::fs::remove_dir_all(&d).ok();
 }
 
+/// `[ablation] seeds`: every cell runs once per seed into `<cell>/seed-<k>` with that
+/// `run.seed`; the CSV has a row per run, the table a row per cell over its seeds (mean and
+/// standard deviation) and then every run.
+#[test]
+fn an_ablation_over_seeds_runs_every_cell_with_each_seed() {
+    let d = scratch("ablation-seeds");
+    tiny_config(&d);
+    let ab = d.join("ab.toml");
+    std::fs::write(
+        &ab,
+        r#"
+[ablation]
+name = "tiny-seeds"
+base = "tiny.toml"
+set = ["run.steps=2", "run.eval_every=1"]
+seeds = [3, 4]
+[ablation.grid]
+"loss.matcher" = ["ordered", "hungarian"]
+"#,
+    )
+    .unwrap();
+    let out_dir = d.join("out");
+    let (ok, out, err) =
+        glip(&["experiment", ab.to_str().unwrap(), "--out", out_dir.to_str().unwrap()]);
+    assert!(ok, "{out}{err}");
+    assert!(err.contains("2 cells x 2 seeds = 4 runs"), "{err}");
+    let csv = std::fs::read_to_string(out_dir.join("ablation.csv")).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert!(lines[0].starts_with("cell,seed,overrides,"), "{csv}");
+    let firsts: Vec<String> =
+        lines[1..].iter().map(|l| l.split(',').take(2).collect::<Vec<_>>().join(",")).collect();
+    assert_eq!(firsts, ["ordered,3", "ordered,4", "hungarian,3", "hungarian,4"], "{csv}");
+    let mut losses = Vec::new();
+    for cell in ["ordered", "hungarian"] {
+        for seed in [3, 4] {
+            let run = out_dir.join(cell).join(format!("seed-{seed}"));
+            assert_eq!(json(&run.join("results.json"))["steps"], 2, "{cell} {seed}");
+            let resolved = std::fs::read_to_string(run.join("config.resolved.toml")).unwrap();
+            let cfg: toml::Table = toml::from_str(&resolved).unwrap();
+            assert_eq!(cfg["run"]["seed"].as_integer(), Some(seed), "{cell}: {resolved}");
+            losses.push(std::fs::read_to_string(run.join("log.jsonl")).unwrap());
+        }
+    }
+    assert_ne!(losses[0], losses[1], "two seeds trained alike: the seed was not applied");
+    let md = std::fs::read_to_string(out_dir.join("ablation.md")).unwrap();
+    let rows: Vec<&str> = md.lines().filter(|l| l.starts_with("| ordered |")).collect();
+    // The summary row (2 runs, mean ± sd) and the two runs' rows.
+    assert_eq!(rows.len(), 3, "{md}");
+    assert!(rows[0].contains("| 2 |") && rows[0].contains(" ± "), "{md}");
+    assert!(md.contains("## Every run"), "{md}");
+    std::fs::remove_dir_all(&d).ok();
+}
+
 #[test]
 fn an_ablation_grid_runs_every_cell_into_one_table() {
     let d = scratch("ablation");
