@@ -337,7 +337,8 @@ impl<'a> Trainer<'a> {
                 // Detached: a term kept to the step's end must not keep its batch's graph.
                 // In f64 an f32 value times an integer count is exact.
                 .map(|(k, v)| {
-                    Ok((k.to_string(), v.detach().to_dtype(DType::F64)?.affine(weight, 0.0)?))
+                    let v = v.detach().to_dtype(DType::F64)?;
+                    Ok((k.to_string(), if weight != 1.0 { v.affine(weight, 0.0)? } else { v }))
                 })
                 .collect::<candle_core::Result<Vec<_>>>()?;
             window.1 += batch.image_ids.len();
