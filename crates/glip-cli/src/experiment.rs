@@ -340,6 +340,7 @@ mod tests {
             let base = dir.join(&ab.base);
             let cells = expand(&ab).unwrap();
             assert!(cells.len() >= 2, "{}", path.display());
+            seeds(&ab).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
             for (name, sets) in &cells {
                 let all = ablation_sets(&path, &ab.set, sets, &[]);
                 let cfg = read_config_set(&base, &all)
@@ -356,7 +357,7 @@ mod tests {
             }
             n += 1;
         }
-        assert_eq!(n, 4, "design, query-generator, loss-head, fusion");
+        assert_eq!(n, 5, "design, query-generator, loss-head, fusion, accumulate");
     }
 
     #[test]
