@@ -29,6 +29,9 @@ pub struct EvalArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// Also print AP and AP50 per category (in the JSON: `per_category`, always).
+    #[arg(long)]
+    per_category: bool,
     #[command(flatten)]
     compute: crate::Compute,
     /// On CUDA, replay passes as CUDA graphs: a pass whose batch shape, padding and prompt were
@@ -120,6 +123,17 @@ pub fn run(registry: &glip_train::config::Registry, a: EvalArgs) -> Result<()> {
         obj.insert("captions".into(), serde_json::json!(c.captions));
     }
     if a.json {
+        if let Some(ev) = &ev {
+            let cats: Vec<serde_json::Value> = ev
+                .coco
+                .per_category()
+                .into_iter()
+                .map(|(id, name, ap, ap50)| {
+                    serde_json::json!({"id": id, "name": name, "AP": ap, "AP50": ap50})
+                })
+                .collect();
+            obj.insert("per_category".into(), cats.into());
+        }
         println!("{}", serde_json::Value::Object(obj));
     } else {
         for (k, v) in &obj {
@@ -127,6 +141,10 @@ pub fn run(registry: &glip_train::config::Registry, a: EvalArgs) -> Result<()> {
                 Some(count) => println!("{k:>15} {count}"),
                 None => println!("{k:>15} {:.4}", v.as_f64().unwrap_or(f64::NAN)),
             }
+        }
+        if let Some(ev) = ev.as_ref().filter(|_| a.per_category) {
+            println!();
+            print!("{}", crate::report::per_category_table(&ev.coco));
         }
     }
     Ok(())

@@ -77,6 +77,27 @@ fn experiment_then_eval_detect_and_inspect() {
         assert!((0.0..=1.0).contains(&r), "{k} {r}");
         assert_eq!(res["recall"][k].as_f64(), Some(r), "{k}");
     }
+    // Per category, in the eval's JSON and in results.json alike: every category named, its
+    // AP50 within [0, 1] or -1 (no ground truth), the mean over those with ground truth the AP50.
+    let cats = m["per_category"].as_array().unwrap();
+    assert!(!cats.is_empty(), "{m}");
+    let with_gt: Vec<f64> =
+        cats.iter().map(|c| c["AP50"].as_f64().unwrap()).filter(|&v| v >= 0.0).collect();
+    let mean = with_gt.iter().sum::<f64>() / with_gt.len() as f64;
+    assert!((mean - ap50).abs() < 1e-9, "mean per-category AP50 {mean} vs {ap50}");
+    for c in cats {
+        let (id, name) = (c["id"].to_string(), c["name"].as_str().unwrap());
+        assert!(!name.is_empty(), "{c}");
+        assert_eq!(res["val"]["category_names"][&id].as_str(), Some(name), "{id}");
+        assert_eq!(res["val"]["per_category_AP50"][&id], c["AP50"], "{id}");
+    }
+    let md = std::fs::read_to_string(run.join("results.md")).unwrap();
+    assert!(md.contains("| id | category | AP | AP50 |"), "{md}");
+    let first = cats[0]["name"].as_str().unwrap();
+    let (ok, out, err) = glip(&["eval", "--run", run.to_str().unwrap(), "--per-category"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("| id | category | AP | AP50 |") && out.contains(first), "{out}");
+
     // The CUDA-only flags on the CPU: a warning each, and the same numbers.
     let (ok, out, err) = glip(&[
         "eval",

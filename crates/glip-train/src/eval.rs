@@ -16,12 +16,30 @@ pub struct CocoMetrics {
     pub stats: BTreeMap<String, f64>,
     /// AP of each category id (area all, 100 detections); -1 for a category without ground truth.
     pub per_category_ap: BTreeMap<u64, f64>,
+    /// AP50 of each category id, the same way (IoU 0.5 alone).
+    #[serde(default)]
+    pub per_category_ap50: BTreeMap<u64, f64>,
+    /// The ground truth's name of each category id.
+    #[serde(default)]
+    pub category_names: BTreeMap<u64, String>,
 }
 
 impl CocoMetrics {
     /// One summary number by name.
     pub fn get(&self, name: &str) -> f64 {
         self.stats.get(name).copied().unwrap_or(-1.0)
+    }
+
+    /// Every evaluated category in id order: id, name (empty when the ground truth has none),
+    /// AP and AP50 (-1 without ground truth).
+    pub fn per_category(&self) -> Vec<(u64, &str, f64, f64)> {
+        self.per_category_ap
+            .iter()
+            .map(|(&id, &ap)| {
+                let name = self.category_names.get(&id).map_or("", String::as_str);
+                (id, name, ap, self.per_category_ap50.get(&id).copied().unwrap_or(-1.0))
+            })
+            .collect()
     }
 }
 
@@ -105,6 +123,7 @@ fn check_results(text: &str, gt_images: &[u64]) -> Result<usize, String> {
 }
 
 fn summarize(gt: hotcoco::COCO, dt: hotcoco::COCO, path: &Path) -> Result<CocoMetrics, EvalError> {
+    let category_names = gt.dataset.categories.iter().map(|c| (c.id, c.name.clone())).collect();
     let mut ev = hotcoco::COCOeval::new(gt, dt, hotcoco::params::IouType::Bbox);
     ev.evaluate().map_err(|e| err(path, e))?;
     ev.accumulate();
@@ -112,14 +131,15 @@ fn summarize(gt: hotcoco::COCO, dt: hotcoco::COCO, path: &Path) -> Result<CocoMe
     let stats = ev.stats().ok_or_else(|| err(path, "no statistics computed"))?;
     let stats: BTreeMap<String, f64> =
         COCO_STAT_NAMES.iter().map(|s| s.to_string()).zip(stats.iter().copied()).collect();
-    let mut per_category_ap = BTreeMap::new();
+    let (mut per_category_ap, mut per_category_ap50) = (BTreeMap::new(), BTreeMap::new());
     if let Some(acc) = ev.accumulated() {
         let a = ev.params.all_area_idx();
         let m = ev.params.max_det_idx();
-        for (k, &cat) in acc.cat_ids.iter().enumerate() {
-            let mut sum = 0.0;
-            let mut n = 0usize;
-            for t in 0..acc.shape.t {
+        // pycocotools' summary: the mean of the interpolated precisions that are defined (> -1)
+        // over the IoU thresholds `ts` and the recall thresholds, here of one category.
+        let mean = |k: usize, ts: &mut dyn Iterator<Item = usize>| {
+            let (mut sum, mut n) = (0.0, 0usize);
+            for t in ts {
                 for r in 0..acc.shape.r {
                     let p = acc.precision[acc.precision_idx(t, r, k, a, m)];
                     if p > -1.0 {
@@ -128,10 +148,21 @@ fn summarize(gt: hotcoco::COCO, dt: hotcoco::COCO, path: &Path) -> Result<CocoMe
                     }
                 }
             }
-            per_category_ap.insert(cat, if n > 0 { sum / n as f64 } else { -1.0 });
+            if n > 0 {
+                sum / n as f64
+            } else {
+                -1.0
+            }
+        };
+        let at50 = ev.params.iou_thrs.iter().position(|&t| (t - 0.5).abs() < 1e-12);
+        for (k, &cat) in acc.cat_ids.iter().enumerate() {
+            per_category_ap.insert(cat, mean(k, &mut (0..acc.shape.t)));
+            if let Some(t) = at50 {
+                per_category_ap50.insert(cat, mean(k, &mut std::iter::once(t)));
+            }
         }
     }
-    Ok(CocoMetrics { stats, per_category_ap })
+    Ok(CocoMetrics { stats, per_category_ap, per_category_ap50, category_names })
 }
 
 /// Recall@k for caption grounding (Flickr30k Entities style): for each phrase with ground-truth

@@ -81,6 +81,8 @@ impl ExperimentResult {
                     .map(|n| (n.to_string(), serde_json::json!(p.val.get(n))))
                     .collect();
                 m.insert("per_category_AP".into(), serde_json::json!(p.val.per_category_ap));
+                m.insert("per_category_AP50".into(), serde_json::json!(p.val.per_category_ap50));
+                m.insert("category_names".into(), serde_json::json!(p.val.category_names));
                 serde_json::Value::Object(m)
             }
             None => serde_json::Value::Null,
