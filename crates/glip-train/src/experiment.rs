@@ -77,7 +77,9 @@ pub fn run_experiment_with(
     cfg.check(registry)?;
     std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
     if !resume {
-        for f in ["log.jsonl", "eval.jsonl"] {
+        // A fresh run: nothing of an earlier run in the folder may pass for this one's (the
+        // checkpoint is overwritten at the first save).
+        for f in ["log.jsonl", "eval.jsonl", "best.safetensors", "best.json"] {
             let _ = std::fs::remove_file(dir.join(f));
         }
     }
@@ -273,6 +275,20 @@ pub fn run_experiment_with(
         writeln!(f, "{}", serde_json::to_string(&p).expect("json"))
             .map_err(|e| Error::file(&eval_log, e))?;
         result.evals.push(p);
+        // The best evaluation so far is this one: keep its weights (a tie keeps the later).
+        if let Some(b) = result.best().filter(|b| cfg.run.keep_best && b.step == step) {
+            trainer.save_weights(&dir.join("best.safetensors"))?;
+            let meta = serde_json::json!({
+                "step": b.step,
+                "train_minutes": b.train_minutes,
+                "AP50": b.val.get("AP50"),
+                "AP": b.val.get("AP"),
+                "heldout_AP50": b.heldout_ap50,
+                "ema": cfg.optim.ema_decay.is_some(),
+            });
+            let text = serde_json::to_string_pretty(&meta).expect("json");
+            write_atomic(&dir.join("best.json"), text.as_bytes())?;
+        }
         if let Some(b) = cfg.run.time_budget_min.filter(|&b| trained_s / 60.0 >= b) {
             progress.borrow_mut().message(&format!("time budget ({b} min) reached at step {step}"));
             break;

@@ -251,6 +251,16 @@ impl<'a> Trainer<'a> {
         crate::write_atomic(&json, text.as_bytes()).map_err(|e| self.io(&json, e))
     }
 
+    /// Writes the model's weights (parameters and buffers, and the optimiser's EMA of the
+    /// parameters as `optim.ema.<name>` when it keeps one) to `path`, atomically: a checkpoint
+    /// without the optimiser's moments, which inference loads as it loads a checkpoint.
+    pub fn save_weights(&self, path: &Path) -> Result<(), TrainError> {
+        let mut t: HashMap<String, Tensor> =
+            named_vars(self.varmap).into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
+        t.extend(self.optimizer.ema()?.into_iter().map(|(k, v)| (format!("optim.ema.{k}"), v)));
+        Ok(save_atomic(&t, path)?)
+    }
+
     /// Restores parameters, optimiser state and the step from the run folder's checkpoint.
     pub fn resume(&mut self) -> Result<(), TrainError> {
         let path = self.dir.join("checkpoint.safetensors");
