@@ -168,8 +168,8 @@ pub struct RunConfig {
     #[serde(default)]
     pub deterministic: bool,
     /// Keep the weights of the evaluation with the best validation AP50 so far as
-    /// `best.safetensors` beside the checkpoint (with the EMA when there is one; `best.json`
-    /// names its step and numbers), as GLIP keeps `model_best.pth`. `glip eval` and
+    /// `best.safetensors` beside the checkpoint (the EMA of the weights when there is one, as
+    /// evaluation uses it; `best.json` names its step and numbers), as GLIP keeps `model_best.pth`. `glip eval` and
     /// `glip detect` take it as `--run <run>/best.safetensors`. Default true.
     #[serde(default = "yes")]
     pub keep_best: bool,

@@ -251,13 +251,14 @@ impl<'a> Trainer<'a> {
         crate::write_atomic(&json, text.as_bytes()).map_err(|e| self.io(&json, e))
     }
 
-    /// Writes the model's weights (parameters and buffers, and the optimiser's EMA of the
-    /// parameters as `optim.ema.<name>` when it keeps one) to `path`, atomically: a checkpoint
-    /// without the optimiser's moments, which inference loads as it loads a checkpoint.
+    /// Writes the weights inference uses to `path`, atomically, under the model's names: every
+    /// parameter and buffer, a parameter as the optimiser's EMA of it where it keeps one. A
+    /// checkpoint without the optimiser's state, which inference (and `model.weights`) loads
+    /// as it loads a checkpoint.
     pub fn save_weights(&self, path: &Path) -> Result<(), TrainError> {
         let mut t: HashMap<String, Tensor> =
             named_vars(self.varmap).into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
-        t.extend(self.optimizer.ema()?.into_iter().map(|(k, v)| (format!("optim.ema.{k}"), v)));
+        t.extend(self.optimizer.ema()?);
         Ok(save_atomic(&t, path)?)
     }
 
