@@ -204,7 +204,18 @@ fn experiment_then_eval_detect_and_inspect() {
 /// reproduce it (saving at every evaluation fails here: checked).
 #[test]
 fn the_best_evaluation_keeps_its_weights() {
-    let d = scratch("best");
+    best_evaluation_kept("best", "run.seed=0");
+}
+
+/// With an EMA of the weights, evaluation uses it, and `best.safetensors` holds it.
+#[test]
+fn the_best_evaluation_keeps_its_ema() {
+    best_evaluation_kept("best-ema", "optim.ema_decay=0.9");
+}
+
+/// One run of [`the_best_evaluation_keeps_its_weights`] with one more override `set`.
+fn best_evaluation_kept(tag: &str, set: &str) {
+    let d = scratch(tag);
     let cfg = tiny_config(&d);
     let run = d.join("run");
     std::fs::create_dir_all(&run).unwrap();
@@ -218,6 +229,8 @@ fn the_best_evaluation_keeps_its_weights() {
         "run.eval_every=5",
         "--set",
         "run.steps=40",
+        "--set",
+        set,
     ]);
     assert!(ok, "{out}{err}");
     let evals: Vec<serde_json::Value> = std::fs::read_to_string(run.join("eval.jsonl"))
