@@ -1,5 +1,5 @@
 //! `cargo xtask experiment [CONFIG] [--set key.path=value ...] [--out DIR] [--resume]
-//! [--bin NAME] [--device D] [--cuda [--compute-cap N] [--toolkit T]]`: builds `glip` (or
+//! [--seeds 0,1,2] [--bin NAME] [--device D] [--cuda [--compute-cap N] [--toolkit T]]`: builds `glip` (or
 //! another binary of the workspace built on `glip_cli::main_with`, such as the example's
 //! `custom-glip`) in release mode and runs its `experiment` on CONFIG, by default the shapes
 //! task of `configs/shapes.toml` (embedded data, no download). With `--cuda` the binary is
@@ -30,6 +30,10 @@ pub struct Args {
     /// Continue from checkpoints.
     #[arg(long)]
     resume: bool,
+    /// Run once per seed (`--seeds 0,1,2`), passed to `glip experiment --seeds`: the mean and
+    /// standard deviation over them in `ablation.md`.
+    #[arg(long, value_delimiter = ',')]
+    seeds: Vec<u64>,
     /// The binary to build and run: `glip`, or a workspace binary built on
     /// `glip_cli::main_with` with your own components (e.g. `custom-glip` of
     /// examples/custom-loss).
@@ -173,6 +177,10 @@ fn experiment_args(a: &Args, config: &Path) -> Vec<OsString> {
     if a.resume {
         args.push("--resume".into());
     }
+    if !a.seeds.is_empty() {
+        let list: Vec<String> = a.seeds.iter().map(u64::to_string).collect();
+        args.extend(["--seeds".into(), list.join(",").into()]);
+    }
     if let Some(d) = a.device.as_deref().or(a.gpu.cuda.then_some("cuda")) {
         args.extend(["--device".into(), d.into()]);
     }
@@ -212,6 +220,7 @@ mod tests {
             tail(&args(&["--set", "run.steps=9", "--out", "o", "--resume", "--cuda"])),
             "--set run.steps=9 --out o --resume --device cuda"
         );
+        assert_eq!(tail(&args(&["--seeds", "0,1,2"])), "--seeds 0,1,2");
         for flag in [["--compute-cap", "86"], ["--toolkit", "system"]] {
             let err = Cli::try_parse_from(["experiment", flag[0], flag[1]]).err().unwrap();
             assert!(err.to_string().contains("--cuda"), "{} needs --cuda: {err}", flag[0]);

@@ -46,6 +46,11 @@ pub struct ExperimentArgs {
     /// Where to compute: auto (the first GPU of a CUDA build, else the CPU), cpu, cuda, cuda:N.
     #[arg(long, value_parser = crate::parse_device)]
     device: Option<glip_train::device::DeviceSpec>,
+    /// Run the config (every cell of an ablation, in place of its `seeds`) once with each of
+    /// these `run.seed`s, `--seeds 0,1,2`, into `seed-<k>` folders, and tabulate the mean and
+    /// standard deviation over them (`ablation.md`).
+    #[arg(long, value_delimiter = ',')]
+    seeds: Vec<u64>,
 }
 
 /// The `[ablation]` table.
@@ -169,11 +174,18 @@ pub fn run(registry: &Registry, a: ExperimentArgs) -> Result<()> {
         let mut cfg = read_config(&a.config, &a.sets)?;
         cfg.run.device = cfg.run.device.or(a.device);
         cfg.check(registry).with_context(|| a.config.display().to_string())?;
-        let dir = a.out.unwrap_or_else(|| default_dir(&cfg, &a.config));
-        let r = run_single(registry, &cfg, &dir, a.resume, "")?;
-        eprintln!("results: {}", dir.join("results.md").display());
-        println!("{}", summary_line(&r));
-        return Ok(());
+        let dir = a.out.clone().unwrap_or_else(|| default_dir(&cfg, &a.config));
+        if a.seeds.is_empty() {
+            let r = run_single(registry, &cfg, &dir, a.resume, "")?;
+            eprintln!("results: {}", dir.join("results.md").display());
+            println!("{}", summary_line(&r));
+            return Ok(());
+        }
+        // Over seeds: one cell, the config itself, its runs in `dir/seed-<k>`.
+        let seeds = seeds(&a.seeds).context("--seeds")?;
+        let name = dir.file_name().unwrap_or_default().to_string_lossy().to_string();
+        let grid = Grid { base: &a.config, common: &[], cells: vec![(String::new(), Vec::new())] };
+        return run_grid(registry, &a, &grid, &name, &seeds, &dir);
     }
     let ab: AblationFile = toml::from_str(&text).with_context(|| a.config.display().to_string())?;
     let ab = ab.ablation;
@@ -184,30 +196,63 @@ pub fn run(registry: &Registry, a: ExperimentArgs) -> Result<()> {
     } else {
         ab.name.clone()
     };
-    let dir = a.out.unwrap_or_else(|| PathBuf::from("runs").join(&name));
-    let seeds = seeds(&ab).with_context(|| a.config.display().to_string())?;
+    let dir = a.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(&name));
+    let seeds = match a.seeds.is_empty() {
+        true => seeds(&ab.seeds).with_context(|| format!("{}: ablation", a.config.display()))?,
+        false => seeds(&a.seeds).context("--seeds")?,
+    };
+    let grid = Grid { base: &base, common: &ab.set, cells };
+    run_grid(registry, &a, &grid, &name, &seeds, &dir)
+}
+
+/// What an ablation runs: the base config, the overrides of every cell, and each cell's name
+/// (empty: the base alone, its runs directly in the output folder) and overrides.
+struct Grid<'a> {
+    base: &'a Path,
+    common: &'a [String],
+    cells: Vec<(String, Vec<String>)>,
+}
+
+/// Runs every cell of `grid` once per seed into `dir` and writes the table and plot.
+fn run_grid(
+    registry: &Registry,
+    a: &ExperimentArgs,
+    grid: &Grid<'_>,
+    name: &str,
+    seeds: &[Option<u64>],
+    dir: &Path,
+) -> Result<()> {
+    let cells = &grid.cells;
     // Every run's config is read (and so checked) before the first one trains.
     let mut runs = Vec::with_capacity(cells.len() * seeds.len());
-    for (cell, sets) in &cells {
-        for &seed in &seeds {
-            let mut all = ablation_sets(&a.config, &ab.set, sets, &a.sets);
+    for (cell, sets) in cells {
+        for &seed in seeds {
+            let mut all = ablation_sets(&a.config, grid.common, sets, &a.sets);
             // The seed last: it is what tells the runs of a cell apart.
             let (label, folder) = match seed {
                 None => (cell.clone(), dir.join(cell)),
                 Some(k) => {
                     all.push((format!("run.seed={k}"), PathBuf::from(".")));
-                    (format!("{cell}/seed-{k}"), dir.join(cell).join(format!("seed-{k}")))
+                    let seed_dir = format!("seed-{k}");
+                    match cell.as_str() {
+                        "" => (seed_dir.clone(), dir.join(seed_dir)),
+                        _ => (format!("{cell}/{seed_dir}"), dir.join(cell).join(seed_dir)),
+                    }
                 }
             };
-            let mut cfg =
-                read_config_set(&base, &all).with_context(|| format!("ablation cell {label}"))?;
+            let mut cfg = read_config_set(grid.base, &all)
+                .with_context(|| format!("ablation cell {label}"))?;
             cfg.check(registry).with_context(|| format!("ablation cell {label}"))?;
             cfg.run.device = cfg.run.device.or(a.device);
             cfg.name = format!("{name}/{label}");
+            // A run of the config alone is named by the config in the table.
+            let cell = if cell.is_empty() { name } else { cell.as_str() };
             runs.push((cell, sets, seed, label, folder, cfg));
         }
     }
+    let alone = cells.len() == 1 && cells[0].0.is_empty();
     match seeds.len() {
+        n if alone => eprintln!("{name}: {n} seeds into {}", dir.display()),
         1 => eprintln!("ablation {name}: {} cells into {}", cells.len(), dir.display()),
         n => eprintln!(
             "ablation {name}: {} cells x {n} seeds = {} runs into {}",
@@ -236,7 +281,7 @@ pub fn run(registry: &Registry, a: ExperimentArgs) -> Result<()> {
         }
         // The table and the plot are rewritten after every cell, so a long ablation can be
         // read while it runs.
-        report::write_ablation(&dir, &name, &done)?;
+        report::write_ablation(dir, name, &done)?;
     }
     eprintln!("table: {}", dir.join("ablation.md").display());
     if !failed.is_empty() {
@@ -251,17 +296,18 @@ pub fn run(registry: &Registry, a: ExperimentArgs) -> Result<()> {
     Ok(())
 }
 
-/// The seeds each cell runs with: `None` once (the config's own) without `[ablation] seeds`.
-fn seeds(ab: &Ablation) -> Result<Vec<Option<u64>>> {
-    if ab.seeds.is_empty() {
+/// The seeds each cell runs with (`[ablation] seeds` or `--seeds`): `None` once (the config's
+/// own) when none are listed.
+fn seeds(listed: &[u64]) -> Result<Vec<Option<u64>>> {
+    if listed.is_empty() {
         return Ok(vec![None]);
     }
-    for (i, s) in ab.seeds.iter().enumerate() {
-        if ab.seeds[..i].contains(s) {
-            bail!("ablation.seeds: {s} is listed twice (a seed's runs would overwrite each other)");
+    for (i, s) in listed.iter().enumerate() {
+        if listed[..i].contains(s) {
+            bail!("seeds: {s} is listed twice (its runs would overwrite each other)");
         }
     }
-    Ok(ab.seeds.iter().map(|&s| Some(s)).collect())
+    Ok(listed.iter().map(|&s| Some(s)).collect())
 }
 
 #[cfg(test)]
@@ -298,13 +344,13 @@ mod tests {
     #[test]
     fn seeds_run_each_cell_once_each_and_must_differ() {
         let base = "[ablation]\nbase = \"b.toml\"\n[ablation.grid]\n\"x.y\" = [1]\n";
-        assert_eq!(seeds(&ablation(base)).unwrap(), [None]);
+        assert_eq!(seeds(&ablation(base).seeds).unwrap(), [None]);
         let two = ablation(&base.replace("[ablation.grid]", "seeds = [7, 0]\n[ablation.grid]"));
-        assert_eq!(seeds(&two).unwrap(), [Some(7), Some(0)]);
+        assert_eq!(seeds(&two.seeds).unwrap(), [Some(7), Some(0)]);
         let twice =
             ablation(&base.replace("[ablation.grid]", "seeds = [1, 2, 1]\n[ablation.grid]"));
-        let err = seeds(&twice).unwrap_err().to_string();
-        assert!(err.contains("ablation.seeds: 1 is listed twice"), "{err}");
+        let err = seeds(&twice.seeds).unwrap_err().to_string();
+        assert!(err.contains("seeds: 1 is listed twice"), "{err}");
     }
 
     #[test]
@@ -340,7 +386,7 @@ mod tests {
             let base = dir.join(&ab.base);
             let cells = expand(&ab).unwrap();
             assert!(cells.len() >= 2, "{}", path.display());
-            seeds(&ab).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+            seeds(&ab.seeds).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
             for (name, sets) in &cells {
                 let all = ablation_sets(&path, &ab.set, sets, &[]);
                 let cfg = read_config_set(&base, &all)

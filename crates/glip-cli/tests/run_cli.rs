@@ -309,6 +309,36 @@ seeds = [3, 4]
     std::fs::remove_dir_all(&d).ok();
 }
 
+/// `glip experiment <config> --seeds 1,2`: the config alone, once per seed, into `seed-<k>`,
+/// with the table over them; a seed listed twice is refused before anything trains.
+#[test]
+fn one_config_over_seeds() {
+    let d = scratch("config-seeds");
+    let cfg = tiny_config(&d);
+    let out_dir = d.join("out");
+    let (cfg_s, out_s) = (cfg.to_str().unwrap(), out_dir.to_str().unwrap());
+    let (ok, _, err) = glip(&["experiment", cfg_s, "--out", out_s, "--seeds", "1,2,1"]);
+    assert!(!ok && err.contains("--seeds") && err.contains("1 is listed twice"), "{err}");
+    assert!(!out_dir.exists(), "nothing ran");
+    let (ok, out, err) = glip(&["experiment", cfg_s, "--out", out_s, "--seeds", "1,2"]);
+    assert!(ok, "{out}{err}");
+    assert!(err.contains("out: 2 seeds into"), "{err}");
+    for seed in [1, 2] {
+        let run = out_dir.join(format!("seed-{seed}"));
+        let cfg: toml::Table =
+            toml::from_str(&std::fs::read_to_string(run.join("config.resolved.toml")).unwrap())
+                .unwrap();
+        assert_eq!(cfg["run"]["seed"].as_integer(), Some(seed));
+        assert!(run.join("results.json").exists());
+    }
+    let csv = std::fs::read_to_string(out_dir.join("ablation.csv")).unwrap();
+    let seeds: Vec<&str> = csv.lines().skip(1).map(|l| l.split(',').nth(1).unwrap()).collect();
+    assert_eq!(seeds, ["1", "2"], "{csv}");
+    let md = std::fs::read_to_string(out_dir.join("ablation.md")).unwrap();
+    assert!(md.contains("| out |  | 2 |"), "{md}");
+    std::fs::remove_dir_all(&d).ok();
+}
+
 #[test]
 fn an_ablation_grid_runs_every_cell_into_one_table() {
     let d = scratch("ablation");
