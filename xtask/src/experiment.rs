@@ -1,8 +1,9 @@
 //! `cargo xtask experiment [CONFIG] [--set key.path=value ...] [--out DIR] [--resume]
 //! [--seeds 0,1,2] [--bin NAME] [--device D] [--cuda [--compute-cap N] [--toolkit T]]`:
 //! builds `glip` (or another binary of the workspace built on `glip_cli::main_with`, such as
-//! the example's `custom-glip`) in release mode and runs its `experiment` on CONFIG, by default the shapes
-//! task of `configs/shapes.toml` (embedded data, no download). With `--cuda` the binary is
+//! the example's `custom-glip`) in release mode and runs its `experiment` on CONFIG, by
+//! default the shapes task of `configs/shapes.toml` (embedded data, no download). With
+//! `--cuda` the binary is
 //! built with CUDA and cuDNN from the pinned toolkit of `cargo xtask cuda-env` (into
 //! `target/cuda`, beside the CPU build; with `--toolkit system`, the toolkit installed here, into
 //! `target/cuda-12.4` for its version) and trains on the GPU. Build and run times are printed
