@@ -256,31 +256,32 @@ fn best_evaluation_kept(tag: &str, set: &str) {
     std::fs::remove_dir_all(&d).ok();
 }
 
+/// The tiny config's ablation of `loss.matcher` (ordered, Hungarian), 2 steps a cell, with
+/// `extra` lines in its `[ablation]` table, run into `<scratch>/out`: the scratch folder, the
+/// output folder and the command's stderr.
+fn tiny_matcher_ablation(tag: &str, extra: &str) -> (PathBuf, PathBuf, String) {
+    let d = scratch(tag);
+    tiny_config(&d);
+    let ab = d.join("ab.toml");
+    let text = format!(
+        "[ablation]\nname = \"tiny-{tag}\"\nbase = \"tiny.toml\"\n\
+         set = [\"run.steps=2\", \"run.eval_every=1\"]\n{extra}\n\
+         [ablation.grid]\n\"loss.matcher\" = [\"ordered\", \"hungarian\"]\n"
+    );
+    std::fs::write(&ab, text).unwrap();
+    let out_dir = d.join("out");
+    let (ok, out, err) =
+        glip(&["experiment", ab.to_str().unwrap(), "--out", out_dir.to_str().unwrap()]);
+    assert!(ok, "{out}{err}");
+    (d, out_dir, err)
+}
+
 /// `[ablation] seeds`: every cell runs once per seed into `<cell>/seed-<k>` with that
 /// `run.seed`; the CSV has a row per run, the table a row per cell over its seeds (mean and
 /// standard deviation) and then every run.
 #[test]
 fn an_ablation_over_seeds_runs_every_cell_with_each_seed() {
-    let d = scratch("ablation-seeds");
-    tiny_config(&d);
-    let ab = d.join("ab.toml");
-    std::fs::write(
-        &ab,
-        r#"
-[ablation]
-name = "tiny-seeds"
-base = "tiny.toml"
-set = ["run.steps=2", "run.eval_every=1"]
-seeds = [3, 4]
-[ablation.grid]
-"loss.matcher" = ["ordered", "hungarian"]
-"#,
-    )
-    .unwrap();
-    let out_dir = d.join("out");
-    let (ok, out, err) =
-        glip(&["experiment", ab.to_str().unwrap(), "--out", out_dir.to_str().unwrap()]);
-    assert!(ok, "{out}{err}");
+    let (d, out_dir, err) = tiny_matcher_ablation("ablation-seeds", "seeds = [3, 4]");
     assert!(err.contains("2 cells x 2 seeds = 4 runs"), "{err}");
     let csv = std::fs::read_to_string(out_dir.join("ablation.csv")).unwrap();
     let lines: Vec<&str> = csv.lines().collect();
@@ -341,25 +342,7 @@ fn one_config_over_seeds() {
 
 #[test]
 fn an_ablation_grid_runs_every_cell_into_one_table() {
-    let d = scratch("ablation");
-    tiny_config(&d);
-    let ab = d.join("ab.toml");
-    std::fs::write(
-        &ab,
-        r#"
-[ablation]
-name = "tiny-ablation"
-base = "tiny.toml"
-set = ["run.steps=2", "run.eval_every=1"]
-[ablation.grid]
-"loss.matcher" = ["ordered", "hungarian"]
-"#,
-    )
-    .unwrap();
-    let out_dir = d.join("out");
-    let (ok, out, err) =
-        glip(&["experiment", ab.to_str().unwrap(), "--out", out_dir.to_str().unwrap()]);
-    assert!(ok, "{out}{err}");
+    let (d, out_dir, _) = tiny_matcher_ablation("ablation", "");
     let csv = std::fs::read_to_string(out_dir.join("ablation.csv")).unwrap();
     let lines: Vec<&str> = csv.lines().collect();
     assert_eq!(lines.len(), 3, "{csv}");
