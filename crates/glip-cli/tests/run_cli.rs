@@ -256,6 +256,49 @@ fn best_evaluation_kept(tag: &str, set: &str) {
     std::fs::remove_dir_all(&d).ok();
 }
 
+/// `run.patience`: the run stops at the first evaluation that ends `patience` in a row without
+/// a higher validation AP50, before its steps are done (a tiny model evaluated every step has
+/// AP50 0 at its first steps, so it does stop), its checkpoint and results at that step.
+#[test]
+fn a_run_without_progress_stops_after_its_patience() {
+    let d = scratch("patience");
+    let cfg = tiny_config(&d);
+    let run = d.join("run");
+    let (ok, out, err) = glip(&[
+        "experiment",
+        cfg.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--set",
+        "run.eval_every=1",
+        "--set",
+        "run.steps=20",
+        "--set",
+        "run.patience=2",
+    ]);
+    assert!(ok, "{out}{err}");
+    let ap50: Vec<f64> = std::fs::read_to_string(run.join("eval.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|e| e["val"]["stats"]["AP50"].as_f64().unwrap())
+        .collect();
+    let n = ap50.len();
+    assert!(n < 20, "no stop: {ap50:?}");
+    // The last two are no higher than the best before them; no earlier pair was.
+    let stalled_at = |k: usize| {
+        k >= 3
+            && ap50[k - 2..k].iter().all(|&v| v <= ap50[..k - 2].iter().fold(0.0, |a, &b| b.max(a)))
+    };
+    assert!(stalled_at(n), "{ap50:?}");
+    assert!((1..n).all(|k| !stalled_at(k)), "{ap50:?}");
+    assert!(err.contains("(run.patience): stopped at step"), "{err}");
+    assert_eq!(json(&run.join("results.json"))["steps"], n as u64);
+    let meta = json(&run.join("checkpoint.json"));
+    assert_eq!(meta["step"], n as u64);
+    std::fs::remove_dir_all(&d).ok();
+}
+
 /// The tiny config's ablation of `loss.matcher` (ordered, Hungarian), 2 steps a cell, with
 /// `extra` lines in its `[ablation]` table, run into `<scratch>/out`: the scratch folder, the
 /// output folder and the command's stderr.

@@ -289,6 +289,13 @@ pub fn run_experiment_with(
             let text = serde_json::to_string_pretty(&meta).expect("json");
             write_atomic(&dir.join("best.json"), text.as_bytes())?;
         }
+        if let Some(n) = stalled(&result.evals, cfg.run.patience) {
+            let best = result.evals.iter().map(|p| p.val.get("AP50")).fold(f64::MIN, f64::max);
+            progress.borrow_mut().message(&format!(
+                "no better validation AP50 than {best:.3} in {n} evaluations (run.patience): stopped at step {step}"
+            ));
+            break;
+        }
         if let Some(b) = cfg.run.time_budget_min.filter(|&b| trained_s / 60.0 >= b) {
             progress.borrow_mut().message(&format!("time budget ({b} min) reached at step {step}"));
             break;
@@ -300,6 +307,15 @@ pub fn run_experiment_with(
     let json = serde_json::to_string_pretty(&result.to_json()).expect("json");
     write_atomic(&dir.join("results.json"), json.as_bytes())?;
     Ok(result)
+}
+
+/// `Some(patience)` when the last `patience` evaluations (0: never) each failed to raise the
+/// best validation AP50 of those before them; ties do not raise it.
+fn stalled(evals: &[EvalPoint], patience: u64) -> Option<u64> {
+    let n = usize::try_from(patience).ok().filter(|&n| n > 0 && evals.len() > n)?;
+    let (before, last) = evals.split_at(evals.len() - n);
+    let best = before.iter().map(|p| p.val.get("AP50")).fold(f64::MIN, f64::max);
+    last.iter().all(|p| p.val.get("AP50") <= best).then_some(patience)
 }
 
 /// The training images of `cfg` (a COCO folder, ODVG records or the synthetic task), prompted
@@ -381,4 +397,43 @@ fn ema_model(
             .collect();
     weights.extend(trainer.optimizer.ema()?);
     model_from_weights(registry, cfg, weights, dev)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn evals(ap50: &[f64]) -> Vec<EvalPoint> {
+        let val = |v: f64| crate::eval::CocoMetrics {
+            stats: [("AP50".to_string(), v)].into_iter().collect(),
+            per_category_ap: Default::default(),
+            per_category_ap50: Default::default(),
+            category_names: Default::default(),
+        };
+        ap50.iter()
+            .enumerate()
+            .map(|(i, &v)| EvalPoint {
+                step: i as u64 + 1,
+                train_minutes: 0.0,
+                val: val(v),
+                heldout_ap50: -1.0,
+                recall: [0.0; 3],
+                caption: None,
+            })
+            .collect()
+    }
+
+    /// `run.patience`: stop after that many evaluations in a row without a higher AP50 than
+    /// every one before them; an equal one is no higher; the first evaluation always counts
+    /// as one that raised it; 0 never stops.
+    #[test]
+    fn patience_counts_evaluations_that_did_not_raise_the_best() {
+        assert_eq!(stalled(&evals(&[0.1, 0.3, 0.2, 0.25]), 2), Some(2));
+        assert_eq!(stalled(&evals(&[0.1, 0.3, 0.2, 0.3]), 2), Some(2), "a tie is not a rise");
+        assert_eq!(stalled(&evals(&[0.1, 0.3, 0.2, 0.31]), 2), None);
+        assert_eq!(stalled(&evals(&[0.1, 0.3, 0.4, 0.2]), 2), None, "0.4 rose within the two");
+        assert_eq!(stalled(&evals(&[0.1, 0.1]), 2), None, "no evaluation before the two");
+        assert_eq!(stalled(&evals(&[0.0, 0.0, 0.0]), 2), Some(2));
+        assert_eq!(stalled(&evals(&[0.5, 0.1, 0.1, 0.1]), 0), None);
+    }
 }

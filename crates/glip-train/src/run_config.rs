@@ -173,6 +173,11 @@ pub struct RunConfig {
     /// `glip detect` take it as `--run <run>/best.safetensors`. Default true.
     #[serde(default = "yes")]
     pub keep_best: bool,
+    /// Stop once this many evaluations in a row have not raised the best validation AP50 (an
+    /// equal one does not), as GLIP's `SOLVER.AUTO_TERMINATE_PATIENCE`; the run ends with its
+    /// checkpoint at that step and its best weights kept. Default 0: never.
+    #[serde(default)]
+    pub patience: u64,
 }
 
 fn five_hundred() -> u64 {
