@@ -296,6 +296,24 @@ fn a_run_without_progress_stops_after_its_patience() {
     assert_eq!(json(&run.join("results.json"))["steps"], n as u64);
     let meta = json(&run.join("checkpoint.json"));
     assert_eq!(meta["step"], n as u64);
+    // Resumed, it stays stopped (as a finished run does), its results as they were.
+    let (ok, out, err) = glip(&[
+        "experiment",
+        cfg.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--resume",
+        "--set",
+        "run.eval_every=1",
+        "--set",
+        "run.steps=20",
+        "--set",
+        "run.patience=2",
+    ]);
+    assert!(ok, "{out}{err}");
+    assert!(err.contains("stopped there by run.patience, not resumed"), "{err}");
+    assert_eq!(json(&run.join("results.json"))["steps"], n as u64);
+    assert_eq!(json(&run.join("checkpoint.json"))["step"], n as u64);
     std::fs::remove_dir_all(&d).ok();
 }
 

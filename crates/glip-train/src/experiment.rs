@@ -198,7 +198,14 @@ pub fn run_experiment_with(
             trained_s = result.evals.last().map_or(0.0, |p| p.train_minutes * 60.0);
         }
     }
-    while step < total {
+    // A run that `run.patience` stopped stays stopped when resumed, as a finished one does.
+    let stopped = step < total && stalled(&result.evals, cfg.run.patience).is_some();
+    if stopped {
+        progress.borrow_mut().message(&format!(
+            "step {step}: stopped there by run.patience, not resumed (raise it to train on)"
+        ));
+    }
+    while step < total && !stopped {
         let target = (((step / eval_every) + 1) * eval_every).min(total);
         trainer.config.steps = target;
         progress.borrow_mut().segment(step, target, total);
