@@ -50,6 +50,7 @@ pub fn run(registry: &glip_train::config::Registry, a: EvalArgs) -> Result<()> {
     let p = glip_train::infer::Predictor { graphs: graphs.as_ref(), ..det.predictor() };
     use glip_train::experiment::EvalData;
     // What to evaluate on: a COCO folder, ODVG captions, or the run's own validation data.
+    let mut run_cfg = None;
     let (data, captions) = match (&a.coco, &a.odvg, &a.images) {
         (Some(ann), None, Some(images)) => {
             (Some(EvalData::Coco(ann.clone(), images.clone())), None)
@@ -70,7 +71,8 @@ pub fn run(registry: &glip_train::config::Registry, a: EvalArgs) -> Result<()> {
             if let EvalData::Coco(ann, _) = &data {
                 eprintln!("evaluating on {} (the run's validation split)", ann.display());
             }
-            let captions = cfg.data.val_grounding.map(|g| (g.odvg, g.images));
+            let captions = cfg.data.val_grounding.clone().map(|g| (g.odvg, g.images));
+            run_cfg = Some(cfg);
             (Some(data), captions)
         }
     };
@@ -78,9 +80,14 @@ pub fn run(registry: &glip_train::config::Registry, a: EvalArgs) -> Result<()> {
     let (ev, caption) = glip_train::autocast(det.precision, || -> Result<_> {
         let ev = match &data {
             Some(EvalData::Coco(ann, images)) => {
-                Some(p.evaluate_coco_folder(ann, images, &det.spec.post, |i, n| {
+                let mut ev = p.evaluate_coco_folder(ann, images, &det.spec.post, |i, n| {
                     eprintln!("{i}/{n} images");
-                })?)
+                })?;
+                // The run's held-out categories (`data.coco.held_out`), on its own split.
+                if let Some(cfg) = &run_cfg {
+                    ev.heldout_ap50 = cfg.heldout_ap50(&ev.coco);
+                }
+                Some(ev)
             }
             Some(EvalData::Shapes(ds, n)) => {
                 let scratch =

@@ -29,7 +29,7 @@ pub fn write_run_markdown(dir: &Path, r: &ExperimentResult) -> Result<()> {
     let mut s = format!("# {}\n\n", if r.name.is_empty() { "run" } else { &r.name });
     if let Some(p) = r.last() {
         s += &format!(
-            "Final (step {}): validation AP {} / AP50 {} / AP75 {}; held-out colour-shape pairs AP50 {}.\n\n",
+            "Final (step {}): validation AP {} / AP50 {} / AP75 {}; held-out AP50 {} (the synthetic task's held-out colour-shape pairs, or data.coco.held_out).\n\n",
             p.step,
             fmt(p.val.get("AP")),
             fmt(p.val.get("AP50")),

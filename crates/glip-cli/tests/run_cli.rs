@@ -494,6 +494,7 @@ fn experiments_train_on_coco_and_odvg_files() {
     assert!(printed.contains("4 detection and 0 grounding records"), "{printed}");
     assert_eq!(logged_losses(&odvg), logged_losses(&coco));
     assert_eq!(logged_losses(&coco).len(), 2);
+    assert_held_out_categories(&d, &coco, val);
     // Captions only (grounding records, no label map), evaluated on the COCO split and on the
     // validation images' captions (phrase grounding, `data.val_grounding`).
     let (captions, printed) = train_on_files(
@@ -507,6 +508,57 @@ fn experiments_train_on_coco_and_odvg_files() {
     assert_ne!(logged_losses(&captions)[0], logged_losses(&coco)[0]);
     assert_caption_recall(&d, &captions);
     std::fs::remove_dir_all(&d).ok();
+}
+
+/// `data.coco.held_out`: a category of the validation split held out of training changes the
+/// training (its boxes and name leave the targets and prompts), and the run's held-out AP50 (in
+/// `results.json` and from `glip eval`) is that category's AP50; a name the training file lacks
+/// is refused, naming it.
+fn assert_held_out_categories(d: &Path, coco: &Path, val: &str) {
+    let gt = json(&d.join("shapes/val/annotations.json"));
+    let first = gt["annotations"][0]["category_id"].clone();
+    let cats = gt["categories"].as_array().unwrap();
+    let name = cats.iter().find(|c| c["id"] == first).unwrap()["name"].as_str().unwrap();
+    let data = |held: &str| {
+        format!(
+            "[data.coco]\ntrain_annotations = \"shapes/train/annotations.json\"\n\
+             train_images = \"shapes/train/images\"\n{val}held_out = [\"{held}\"]\n"
+        )
+    };
+    let cfg = d.join("held.toml");
+    std::fs::write(&cfg, std::fs::read_to_string(tiny_config(d)).unwrap() + &data(name)).unwrap();
+    let run = d.join("held");
+    let (ok, out, err) = glip(&[
+        "experiment",
+        cfg.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--set",
+        "run.steps=2",
+        "--set",
+        "run.log_every=1",
+    ]);
+    assert!(ok, "{out}{err}");
+    assert_ne!(logged_losses(&run)[0], logged_losses(coco)[0], "the held-out category trained");
+    let res = json(&run.join("results.json"));
+    let id = first.to_string();
+    let ap50 = res["val"]["per_category_AP50"][&id].as_f64().unwrap();
+    assert!(ap50 >= 0.0, "{res}");
+    assert_eq!(res["heldout"]["AP50"].as_f64(), Some(ap50), "{res}");
+    let (ok, out, err) = glip(&["eval", "--run", run.to_str().unwrap(), "--json"]);
+    assert!(ok, "{err}");
+    let m: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(m["heldout_AP50"].as_f64(), Some(ap50), "{m}");
+    std::fs::write(&cfg, std::fs::read_to_string(tiny_config(d)).unwrap() + &data("unicorn"))
+        .unwrap();
+    let (ok, _, err) = glip(&["experiment", cfg.to_str().unwrap(), "--out", run.to_str().unwrap()]);
+    assert!(!ok && err.contains("no category named \"unicorn\" to hold out"), "{err}");
+    // Refused for its data, the run left the earlier one in the folder as it was.
+    for f in ["log.jsonl", "eval.jsonl", "best.safetensors", "best.json"] {
+        assert!(run.join(f).exists(), "{f} was removed");
+    }
+    let resolved = std::fs::read_to_string(run.join("config.resolved.toml")).unwrap();
+    assert!(resolved.contains(&format!("held_out = [\"{name}\"]")), "{resolved}");
 }
 
 /// A run with `data.val_grounding`: `results.json` holds Recall@k over every phrase of the

@@ -200,6 +200,47 @@ impl CocoDataset {
         })
     }
 
+    /// Holds out the categories named `held_out` (an open-vocabulary split: base categories to
+    /// train on, novel ones to find at evaluation): their objects leave the training targets
+    /// and their names the prompts, positive and negative alike, so that training never reads
+    /// them. A name that is not a category of the file is an error listing its categories.
+    pub fn without_categories(mut self, held_out: &[String]) -> Result<Self, DataError> {
+        if held_out.is_empty() {
+            return Ok(self);
+        }
+        if let Some(unknown) = held_out.iter().find(|n| !self.names.contains(n)) {
+            return Err(DataError::Record {
+                file: self.path.clone(),
+                record: "categories".into(),
+                problem: format!(
+                    "no category named {unknown:?} to hold out (the categories: {})",
+                    self.names.join(", ")
+                ),
+            });
+        }
+        // Old index -> new index of every kept category.
+        let mut new_index = vec![None; self.categories.len()];
+        let mut kept = Vec::new();
+        for (i, c) in std::mem::take(&mut self.categories).into_iter().enumerate() {
+            if !held_out.contains(&c.name) {
+                new_index[i] = Some(kept.len());
+                kept.push(c);
+            }
+        }
+        self.names = kept.iter().map(|c| c.name.clone()).collect();
+        self.categories = kept;
+        for objects in &mut self.objects {
+            objects.retain_mut(|o| match new_index[o.category] {
+                Some(k) => {
+                    o.category = k;
+                    true
+                }
+                None => false,
+            });
+        }
+        Ok(self)
+    }
+
     /// Sets the prompt construction and the tokenizer whose budget prompts must fit.
     pub fn with_prompts(
         mut self,

@@ -466,3 +466,39 @@ fn caption_negatives_name_only_phrases_the_caption_lacks() {
     let s = open(0, 1000).get(1, &mut Rng::new(3)).unwrap();
     assert_eq!(s.caption, "a dog and a Cat");
 }
+
+/// `without_categories` (an open-vocabulary split): the held-out category's objects leave the
+/// targets, its name every prompt (as a positive or a sampled negative), the other labels follow
+/// their categories; a name the file lacks is an error listing its categories.
+#[test]
+fn held_out_categories_leave_targets_and_prompts() {
+    use glip_data::{Dataset, PromptConfig};
+    let d = Dir::new("held-out");
+    png(&d.0.join("a.png"), 40, 30);
+    let cats =
+        r#"[{"id": 7, "name": "cat"}, {"id": 9, "name": "dog"}, {"id": 11, "name": "bird"}]"#;
+    let anns = format!(
+        "[{}, {}, {}]",
+        ann(1, 1, 7, "[1, 2, 3, 4]"),
+        ann(2, 1, 9, "[5, 6, 7, 8]"),
+        ann(3, 1, 11, "[9, 10, 3, 4]")
+    );
+    let p = coco(&d, &anns, IMGS, cats);
+    let open = || CocoDataset::open(&p, &d.0, ErrorPolicy::Fail).unwrap();
+    let ds = open()
+        .without_categories(&["dog".to_string()])
+        .unwrap()
+        .with_prompts(PromptConfig { max_negatives: 8, ..Default::default() }, None);
+    assert_eq!(ds.categories(), ["cat", "bird"]);
+    let kept: Vec<(usize, [f32; 4])> = ds.objects[0].iter().map(|o| (o.category, o.bbox)).collect();
+    assert_eq!(kept, [(0, [1.0, 2.0, 4.0, 6.0]), (1, [9.0, 10.0, 12.0, 14.0])]);
+    for seed in 0..20 {
+        let mut rng = glip_core::rng::Rng::for_sample(seed, 0, 0);
+        let s = ds.get(0, &mut rng).unwrap();
+        assert!(!s.caption.contains("dog"), "{}", s.caption);
+        assert!(s.caption.contains("cat") && s.caption.contains("bird"), "{}", s.caption);
+        assert_eq!(s.boxes.len(), 2, "{}", s.caption);
+    }
+    let err = open().without_categories(&["horse".to_string()]).unwrap_err().to_string();
+    assert!(err.contains("no category named \"horse\"") && err.contains("cat, dog, bird"), "{err}");
+}

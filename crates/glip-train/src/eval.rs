@@ -30,6 +30,22 @@ impl CocoMetrics {
         self.stats.get(name).copied().unwrap_or(-1.0)
     }
 
+    /// The mean AP50 of the categories named `names` that have ground truth here (-1 when none
+    /// has): the held-out (novel) categories' AP50 of an open-vocabulary split.
+    pub fn mean_ap50_of(&self, names: &[String]) -> f64 {
+        let v: Vec<f64> = self
+            .per_category()
+            .into_iter()
+            .filter(|&(_, name, _, ap50)| ap50 >= 0.0 && names.iter().any(|n| n == name))
+            .map(|(_, _, _, ap50)| ap50)
+            .collect();
+        if v.is_empty() {
+            -1.0
+        } else {
+            v.iter().sum::<f64>() / v.len() as f64
+        }
+    }
+
     /// Every evaluated category in id order: id, name (empty when the ground truth has none),
     /// AP and AP50 (-1 without ground truth).
     pub fn per_category(&self) -> Vec<(u64, &str, f64, f64)> {

@@ -76,13 +76,6 @@ pub fn run_experiment_with(
     let mut cfg = cfg.clone();
     cfg.check(registry)?;
     std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
-    if !resume {
-        // A fresh run: nothing of an earlier run in the folder may pass for this one's (the
-        // checkpoint is overwritten at the first save).
-        for f in ["log.jsonl", "eval.jsonl", "best.safetensors", "best.json"] {
-            let _ = std::fs::remove_file(dir.join(f));
-        }
-    }
     let (dev, note) = cfg.run.device.resolve_noted()?;
     let why = note.map(|why| format!(" ({why})")).unwrap_or_default();
     progress.message(&format!("device: {}{why}", crate::device::describe(&dev)));
@@ -121,8 +114,6 @@ pub fn run_experiment_with(
         );
     }
     let cfg = &cfg;
-    let resolved = toml::to_string(cfg).map_err(|e| Error::Msg(e.to_string()))?;
-    write_atomic(&dir.join("config.resolved.toml"), resolved.as_bytes())?;
     let tok_path = cfg.model.tokenizer().ok_or_else(|| Error::Config {
         key: "model.text.tokenizer".into(),
         msg: "training needs a tokenizer".into(),
@@ -132,6 +123,17 @@ pub fn run_experiment_with(
     let (full, source) = training_data(cfg, caption_tok, progress)?;
     let eval_target = cfg.eval_data()?;
     check_eval_data(cfg, &eval_target, &tok)?;
+    // The config and its data are good: only now does the run take over the folder, so that a
+    // run refused for its data leaves an earlier run there as it was.
+    if !resume {
+        // A fresh run: nothing of an earlier run in the folder may pass for this one's (the
+        // checkpoint is overwritten at the first save).
+        for f in ["log.jsonl", "eval.jsonl", "best.safetensors", "best.json"] {
+            let _ = std::fs::remove_file(dir.join(f));
+        }
+    }
+    let resolved = toml::to_string(cfg).map_err(|e| Error::Msg(e.to_string()))?;
+    write_atomic(&dir.join("config.resolved.toml"), resolved.as_bytes())?;
     let n_train = cfg.data.train_subset.unwrap_or(full.len()).min(full.len());
     if n_train < cfg.data.batch_size {
         return Err(Error::Invalid(glip_core::validate::Problems(vec![
@@ -240,7 +242,9 @@ pub fn run_experiment_with(
             let ev = match &eval_target {
                 EvalData::Shapes(ds, n) => evaluate_shapes(&p, ds, *n, dir)?,
                 EvalData::Coco(ann, images) => {
-                    p.evaluate_coco_folder(ann, images, &spec.post, |_, _| {})?
+                    let mut ev = p.evaluate_coco_folder(ann, images, &spec.post, |_, _| {})?;
+                    ev.heldout_ap50 = cfg.heldout_ap50(&ev.coco);
+                    ev
                 }
             };
             let caption = match &cfg.data.val_grounding {
@@ -336,7 +340,8 @@ fn training_data(
     if let Some(c) = &cfg.data.coco {
         let policy = policy(c.skip_bad_records);
         let ds = CocoDataset::open(&c.train_annotations, &c.train_images, policy)?
-            .without_missing_files(policy)?;
+            .without_missing_files(policy)?
+            .without_categories(&c.held_out)?;
         if ds.categories.is_empty() {
             return Err(Error::file(
                 &c.train_annotations,

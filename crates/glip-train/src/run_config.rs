@@ -29,6 +29,12 @@ pub struct CocoDataConfig {
     /// Skip (and count) bad records instead of stopping at the first. Default false.
     #[serde(default)]
     pub skip_bad_records: bool,
+    /// Category names held out of training (an open-vocabulary split, as OVR-CNN's and
+    /// GLIP's zero-shot COCO): their boxes leave the training targets and their names every
+    /// training prompt; evaluation still prompts every category and reports the held-out
+    /// categories' mean AP50 as "held-out AP50". Default none.
+    #[serde(default)]
+    pub held_out: Vec<String>,
 }
 
 /// Grounding data in ODVG jsonl (the format of mmdetection's and Grounding DINO's grounded
@@ -252,6 +258,15 @@ impl ExperimentConfig {
         match problems.is_empty() {
             true => Ok(()),
             false => Err(Error::Invalid(glip_core::validate::Problems(problems))),
+        }
+    }
+
+    /// The held-out AP50 of a COCO evaluation of this run: the mean AP50 of the categories
+    /// `data.coco.held_out` names (-1 without any).
+    pub fn heldout_ap50(&self, coco: &crate::eval::CocoMetrics) -> f64 {
+        match &self.data.coco {
+            Some(c) if !c.held_out.is_empty() => coco.mean_ap50_of(&c.held_out),
+            _ => -1.0,
         }
     }
 
