@@ -33,6 +33,16 @@ fn tiny_config(dir: &Path) -> PathBuf {
     p
 }
 
+/// `glip experiment <cfg> --out <run>` with `--set` of each of `sets`, and `extra` arguments.
+fn experiment(cfg: &Path, run: &Path, sets: &[&str], extra: &[&str]) -> (bool, String, String) {
+    let mut args = vec!["experiment", cfg.to_str().unwrap(), "--out", run.to_str().unwrap()];
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    args.extend(extra);
+    glip(&args)
+}
+
 fn json(path: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
@@ -220,18 +230,7 @@ fn best_evaluation_kept(tag: &str, set: &str) {
     let run = d.join("run");
     std::fs::create_dir_all(&run).unwrap();
     std::fs::write(run.join("best.json"), "{\"step\": 999}").unwrap();
-    let (ok, out, err) = glip(&[
-        "experiment",
-        cfg.to_str().unwrap(),
-        "--out",
-        run.to_str().unwrap(),
-        "--set",
-        "run.eval_every=5",
-        "--set",
-        "run.steps=40",
-        "--set",
-        set,
-    ]);
+    let (ok, out, err) = experiment(&cfg, &run, &["run.eval_every=5", "run.steps=40", set], &[]);
     assert!(ok, "{out}{err}");
     let evals: Vec<serde_json::Value> = std::fs::read_to_string(run.join("eval.jsonl"))
         .unwrap()
@@ -264,18 +263,8 @@ fn a_run_without_progress_stops_after_its_patience() {
     let d = scratch("patience");
     let cfg = tiny_config(&d);
     let run = d.join("run");
-    let (ok, out, err) = glip(&[
-        "experiment",
-        cfg.to_str().unwrap(),
-        "--out",
-        run.to_str().unwrap(),
-        "--set",
-        "run.eval_every=1",
-        "--set",
-        "run.steps=20",
-        "--set",
-        "run.patience=2",
-    ]);
+    let sets = ["run.eval_every=1", "run.steps=20", "run.patience=2"];
+    let (ok, out, err) = experiment(&cfg, &run, &sets, &[]);
     assert!(ok, "{out}{err}");
     let ap50: Vec<f64> = std::fs::read_to_string(run.join("eval.jsonl"))
         .unwrap()
@@ -297,19 +286,7 @@ fn a_run_without_progress_stops_after_its_patience() {
     let meta = json(&run.join("checkpoint.json"));
     assert_eq!(meta["step"], n as u64);
     // Resumed, it stays stopped (as a finished run does), its results as they were.
-    let (ok, out, err) = glip(&[
-        "experiment",
-        cfg.to_str().unwrap(),
-        "--out",
-        run.to_str().unwrap(),
-        "--resume",
-        "--set",
-        "run.eval_every=1",
-        "--set",
-        "run.steps=20",
-        "--set",
-        "run.patience=2",
-    ]);
+    let (ok, out, err) = experiment(&cfg, &run, &sets, &["--resume"]);
     assert!(ok, "{out}{err}");
     assert!(err.contains("stopped there by run.patience, not resumed"), "{err}");
     assert_eq!(json(&run.join("results.json"))["steps"], n as u64);
@@ -528,16 +505,7 @@ fn assert_held_out_categories(d: &Path, coco: &Path, val: &str) {
     let cfg = d.join("held.toml");
     std::fs::write(&cfg, std::fs::read_to_string(tiny_config(d)).unwrap() + &data(name)).unwrap();
     let run = d.join("held");
-    let (ok, out, err) = glip(&[
-        "experiment",
-        cfg.to_str().unwrap(),
-        "--out",
-        run.to_str().unwrap(),
-        "--set",
-        "run.steps=2",
-        "--set",
-        "run.log_every=1",
-    ]);
+    let (ok, out, err) = experiment(&cfg, &run, &["run.steps=2", "run.log_every=1"], &[]);
     assert!(ok, "{out}{err}");
     assert_ne!(logged_losses(&run)[0], logged_losses(coco)[0], "the held-out category trained");
     let res = json(&run.join("results.json"));
@@ -551,7 +519,7 @@ fn assert_held_out_categories(d: &Path, coco: &Path, val: &str) {
     assert_eq!(m["heldout_AP50"].as_f64(), Some(ap50), "{m}");
     std::fs::write(&cfg, std::fs::read_to_string(tiny_config(d)).unwrap() + &data("unicorn"))
         .unwrap();
-    let (ok, _, err) = glip(&["experiment", cfg.to_str().unwrap(), "--out", run.to_str().unwrap()]);
+    let (ok, _, err) = experiment(&cfg, &run, &[], &[]);
     assert!(!ok && err.contains("no category named \"unicorn\" to hold out"), "{err}");
     // Refused for its data, the run left the earlier one in the folder as it was.
     for f in ["log.jsonl", "eval.jsonl", "best.safetensors", "best.json"] {
