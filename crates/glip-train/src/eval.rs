@@ -153,7 +153,7 @@ fn summarize(gt: hotcoco::COCO, dt: hotcoco::COCO, path: &Path) -> Result<CocoMe
         let m = ev.params.max_det_idx();
         // pycocotools' summary: the mean of the interpolated precisions that are defined (> -1)
         // over the IoU thresholds `ts` and the recall thresholds, here of one category.
-        let mean = |k: usize, ts: &mut dyn Iterator<Item = usize>| {
+        let mean = |k: usize, ts: std::ops::Range<usize>| {
             let (mut sum, mut n) = (0.0, 0usize);
             for t in ts {
                 for r in 0..acc.shape.r {
@@ -172,9 +172,9 @@ fn summarize(gt: hotcoco::COCO, dt: hotcoco::COCO, path: &Path) -> Result<CocoMe
         };
         let at50 = ev.params.iou_thrs.iter().position(|&t| (t - 0.5).abs() < 1e-12);
         for (k, &cat) in acc.cat_ids.iter().enumerate() {
-            per_category_ap.insert(cat, mean(k, &mut (0..acc.shape.t)));
+            per_category_ap.insert(cat, mean(k, 0..acc.shape.t));
             if let Some(t) = at50 {
-                per_category_ap50.insert(cat, mean(k, &mut std::iter::once(t)));
+                per_category_ap50.insert(cat, mean(k, t..t + 1));
             }
         }
     }
