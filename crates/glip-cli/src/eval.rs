@@ -129,6 +129,9 @@ pub fn run(registry: &glip_train::config::Registry, a: EvalArgs) -> Result<()> {
         obj.insert("caption_phrases".into(), serde_json::json!(c.phrases));
         obj.insert("captions".into(), serde_json::json!(c.captions));
     }
+    // The run's held-out categories, marked in the per-category table and JSON when it is
+    // evaluated on its own data.
+    let held_out = run_cfg.as_ref().map_or(&[][..], |c| c.held_out());
     if a.json {
         if let Some(ev) = &ev {
             let cats: Vec<serde_json::Value> = ev
@@ -136,7 +139,8 @@ pub fn run(registry: &glip_train::config::Registry, a: EvalArgs) -> Result<()> {
                 .per_category()
                 .into_iter()
                 .map(|(id, name, ap, ap50)| {
-                    serde_json::json!({"id": id, "name": name, "AP": ap, "AP50": ap50})
+                    let h = held_out.iter().any(|h| h == name);
+                    serde_json::json!({"id": id, "name": name, "AP": ap, "AP50": ap50, "held_out": h})
                 })
                 .collect();
             obj.insert("per_category".into(), cats.into());
@@ -151,7 +155,7 @@ pub fn run(registry: &glip_train::config::Registry, a: EvalArgs) -> Result<()> {
         }
         if let Some(ev) = ev.as_ref().filter(|_| a.per_category) {
             println!();
-            print!("{}", crate::report::per_category_table(&ev.coco));
+            print!("{}", crate::report::per_category_table(&ev.coco, held_out));
         }
     }
     Ok(())

@@ -30,6 +30,10 @@ pub struct InspectArgs {
     /// Where to compute: auto (the first GPU of a CUDA build, else the CPU), cpu, cuda, cuda:N.
     #[arg(long, value_parser = crate::parse_device)]
     device: Option<glip_train::device::DeviceSpec>,
+    /// Print the config as a run would use it (its `base` chain and the overrides merged, every
+    /// default filled in, paths absolute: a run's `config.resolved.toml`) and trace nothing.
+    #[arg(long)]
+    resolved: bool,
 }
 
 /// The component a parameter belongs to: the first segment of its name (`bbox_embed`,
@@ -47,6 +51,11 @@ pub fn run(registry: &glip_train::config::Registry, a: InspectArgs) -> Result<()
     let model = registry
         .build_trainable(&cfg.model, &varmap, 0, &dev)
         .map_err(|e| anyhow!("{}: {e}", a.config.display()))?;
+    if a.resolved {
+        glip_train::experiment::write_default_criterion(&mut cfg, &model)?;
+        print!("{}", toml::to_string(&cfg)?);
+        return Ok(());
+    }
     // Per component: parameters, those `model.freeze` / `model.trainable` freeze, buffers.
     let rule = cfg.model.freeze_rule();
     let by_name = !rule.is_empty();

@@ -85,17 +85,19 @@ pub fn write_run_markdown(dir: &Path, r: &ExperimentResult) -> Result<()> {
     }
     if let Some(p) = r.last().filter(|p| !p.val.per_category_ap.is_empty()) {
         s += &format!("\nPer category at step {}:\n\n", p.step);
-        s += &per_category_table(&p.val);
+        s += &per_category_table(&p.val, &r.held_out);
     }
     s += "\n![loss and AP against steps](curves.svg)\n\nFiles: `config.resolved.toml` (the full config), `log.jsonl` (losses), `eval.jsonl`, `results.json`, `checkpoint.safetensors`.\n";
     Ok(write_atomic(&dir.join("results.md"), s.as_bytes())?)
 }
 
-/// A Markdown table of a COCO evaluation's categories: id, name, AP, AP50.
-pub fn per_category_table(m: &glip_train::eval::CocoMetrics) -> String {
+/// A Markdown table of a COCO evaluation's categories: id, name (marked when it is one of
+/// `held_out`, the categories held out of training), AP, AP50.
+pub fn per_category_table(m: &glip_train::eval::CocoMetrics, held_out: &[String]) -> String {
     let mut s = String::from("| id | category | AP | AP50 |\n|---:|---|---:|---:|\n");
     for (id, name, ap, ap50) in m.per_category() {
-        s += &format!("| {id} | {name} | {} | {} |\n", fmt(ap), fmt(ap50));
+        let mark = if held_out.iter().any(|h| h == name) { " (held out)" } else { "" };
+        s += &format!("| {id} | {name}{mark} | {} | {} |\n", fmt(ap), fmt(ap50));
     }
     s
 }

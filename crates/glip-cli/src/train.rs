@@ -6,7 +6,7 @@ use anyhow::{anyhow, Context, Result};
 use clap::Args;
 use glip_train::config::Registry;
 use glip_train::experiment::{
-    apply_overrides, config_from_table, load_config, resolve_paths_set, run_experiment_with,
+    apply_overrides, config_from_table, read_config_doc, resolve_paths_set, run_experiment_with,
     ExperimentConfig, ExperimentResult,
 };
 use std::path::PathBuf;
@@ -45,13 +45,16 @@ pub fn read_config_set(
     path: &std::path::Path,
     sets: &[(String, PathBuf)],
 ) -> Result<ExperimentConfig> {
-    load_config(path)?; // validates the file as written, naming it
-    let mut doc: toml::Table = toml::from_str(&std::fs::read_to_string(path)?)?;
+    let file = read_config_doc(path)?;
+    file.to_config(path)?; // validates the file (and its bases) as written, naming the file
+    let mut doc = file.doc.clone();
     let keys: Vec<String> = sets.iter().map(|(s, _)| s.clone()).collect();
     apply_overrides(&mut doc, &keys)?;
     let mut cfg = config_from_table(doc)
         .map_err(|e| anyhow!("{} with --set overrides: {e}", path.display()))?;
-    resolve_paths_set(&mut cfg, path.parent().unwrap_or(std::path::Path::new(".")), sets);
+    let mut origins = file.origins();
+    origins.extend_from_slice(sets);
+    resolve_paths_set(&mut cfg, path.parent().unwrap_or(std::path::Path::new(".")), &origins);
     Ok(cfg)
 }
 

@@ -212,6 +212,40 @@ fn experiment_then_eval_detect_and_inspect() {
 /// drops an earlier run's. Evaluating every 5 steps of 40 makes a best before the last likely
 /// (on the Xeon this was written on: step 25 of 40), where only the weights saved then can
 /// reproduce it (saving at every evaluation fails here: checked).
+/// A config on a base in another folder: `glip inspect --resolved` prints the config a run
+/// then uses (the run's `config.resolved.toml`, byte for byte): the base's values under the
+/// file's, the overrides over both, each relative path against its own file's folder.
+#[test]
+fn a_config_on_a_base_runs_as_inspect_resolves_it() {
+    let d = scratch("base");
+    let tiny = tiny_config(&d);
+    std::fs::create_dir_all(d.join("sub")).unwrap();
+    let child = d.join("sub/child.toml");
+    let text = "base = \"../tiny.toml\"\nname = \"child\"\n[run]\nlog_every = 1\n";
+    std::fs::write(&child, text).unwrap();
+    let child_s = child.to_str().unwrap();
+    let (ok, out, err) =
+        glip(&["inspect", "--config", child_s, "--resolved", "--set", "run.steps=2"]);
+    assert!(ok, "{err}");
+    let run = d.join("run");
+    let (ok, _, err) = experiment(&child, &run, &["run.steps=2"], &[]);
+    assert!(ok, "{err}");
+    assert_eq!(out, std::fs::read_to_string(run.join("config.resolved.toml")).unwrap());
+    let cfg: toml::Table = toml::from_str(&out).unwrap();
+    let base: toml::Table = toml::from_str(&std::fs::read_to_string(&tiny).unwrap()).unwrap();
+    assert_eq!(cfg["name"].as_str(), Some("child"));
+    assert_eq!(
+        (cfg["run"]["steps"].as_integer(), cfg["run"]["log_every"].as_integer()),
+        (Some(2), Some(1))
+    );
+    assert_eq!(cfg["model"]["transformer"]["d_model"], base["model"]["transformer"]["d_model"]);
+    // The base's tokenizer path, relative to the base's folder, made absolute.
+    let tok = Path::new(cfg["model"]["text"]["tokenizer"].as_str().unwrap());
+    assert!(tok.is_absolute() && tok.is_file(), "{}", tok.display());
+    assert_eq!(logged_losses(&run).len(), 2);
+    std::fs::remove_dir_all(&d).ok();
+}
+
 #[test]
 fn the_best_evaluation_keeps_its_weights() {
     best_evaluation_kept("best", "run.seed=0");
@@ -517,6 +551,16 @@ fn assert_held_out_categories(d: &Path, coco: &Path, val: &str) {
     assert!(ok, "{err}");
     let m: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(m["heldout_AP50"].as_f64(), Some(ap50), "{m}");
+    // The held-out category is named in results.json and marked in the per-category tables.
+    assert_eq!(res["heldout"]["categories"], serde_json::json!([name]), "{res}");
+    for c in m["per_category"].as_array().unwrap() {
+        assert_eq!(c["held_out"].as_bool(), Some(c["name"] == name), "{c}");
+    }
+    let row = format!("| {id} | {name} (held out) |");
+    let md = std::fs::read_to_string(run.join("results.md")).unwrap();
+    assert!(md.contains(&row) && md.matches("(held out)").count() == 1, "{md}");
+    let (ok, out, err) = glip(&["eval", "--run", run.to_str().unwrap(), "--per-category"]);
+    assert!(ok && out.contains(&row) && out.matches("(held out)").count() == 1, "{out}{err}");
     std::fs::write(&cfg, std::fs::read_to_string(tiny_config(d)).unwrap() + &data("unicorn"))
         .unwrap();
     let (ok, _, err) = experiment(&cfg, &run, &[], &[]);

@@ -5,8 +5,9 @@ use crate::config::{ModelConfig, Registry};
 use crate::infer::{evaluate_shapes, model_from_weights, Predictor};
 pub use crate::results::{EvalPoint, ExperimentResult, Progress};
 pub use crate::run_config::{
-    apply_overrides, config_from_table, load_config, resolve_paths, resolve_paths_set,
-    CocoDataConfig, DataConfig, EvalData, ExperimentConfig, OdvgDataConfig, RunConfig,
+    apply_overrides, config_from_table, load_config, read_config_doc, resolve_paths,
+    resolve_paths_set, CocoDataConfig, ConfigDoc, DataConfig, EvalData, ExperimentConfig,
+    OdvgDataConfig, RunConfig, MAX_BASE_DEPTH,
 };
 use crate::trainer::{LogLine, Trainer};
 use crate::{write_atomic, Error, GlipModel};
@@ -44,6 +45,19 @@ pub fn run_experiment(
     progress: &mut dyn Progress,
 ) -> Result<ExperimentResult, Error> {
     run_experiment_with(&Registry::new(), cfg, dir, resume, progress)
+}
+
+/// Writes the criterion of `model`'s detector into `cfg` when the config names none, so that
+/// the resolved config (`config.resolved.toml`, `glip inspect --resolved`) says it.
+pub fn write_default_criterion(cfg: &mut ExperimentConfig, model: &GlipModel) -> Result<(), Error> {
+    if cfg.loss.criterion.is_none() {
+        let kind = model.detector.default_criterion();
+        cfg.loss.criterion = Some(
+            serde_json::from_value(serde_json::json!({ "type": kind }))
+                .map_err(|e| Error::Config { key: "loss.criterion".into(), msg: e.to_string() })?,
+        );
+    }
+    Ok(())
 }
 
 /// Keeps the lines of a JSON-lines file whose `step` is at most `step` (a resumed run
@@ -105,14 +119,7 @@ pub fn run_experiment_with(
              tuning\"); GLIP tunes a fixed prompt: data.prompts.all_categories = true",
         );
     }
-    if cfg.loss.criterion.is_none() {
-        // The detector's criterion, written out so that the resolved config says it.
-        let kind = model.detector.default_criterion();
-        cfg.loss.criterion = Some(
-            serde_json::from_value(serde_json::json!({ "type": kind }))
-                .map_err(|e| Error::Config { key: "loss.criterion".into(), msg: e.to_string() })?,
-        );
-    }
+    write_default_criterion(&mut cfg, &model)?;
     let cfg = &cfg;
     let tok_path = cfg.model.tokenizer().ok_or_else(|| Error::Config {
         key: "model.text.tokenizer".into(),
@@ -160,6 +167,7 @@ pub fn run_experiment_with(
         wall_s: 0.0,
         train_minutes: 0.0,
         evals: Vec::new(),
+        held_out: cfg.held_out().to_vec(),
     };
     let total = cfg.run.train.steps;
     let eval_every = if cfg.run.eval_every == 0 { total } else { cfg.run.eval_every };

@@ -56,6 +56,9 @@ pub struct ExperimentResult {
     pub train_minutes: f64,
     /// Every evaluation, in order.
     pub evals: Vec<EvalPoint>,
+    /// The categories held out of training ([`crate::experiment::ExperimentConfig::held_out`]).
+    #[serde(default)]
+    pub held_out: Vec<String>,
 }
 
 impl ExperimentResult {
@@ -69,10 +72,11 @@ impl ExperimentResult {
         self.evals.iter().max_by(|a, b| a.val.get("AP50").total_cmp(&b.val.get("AP50")))
     }
 
-    /// `results.json`: `val` (AP, AP50 and the other COCO numbers of the last evaluation, and
-    /// AP per category id), `recall` (Recall@k of the category prompts), `caption_recall`
-    /// (Recall@k on `data.val_grounding`'s captions, null without them), `heldout.AP50`,
-    /// `best`, `steps`, `wall_s`, `train_minutes`, and every evaluation.
+    /// `results.json`: `val` (AP, AP50 and the other COCO numbers of the last evaluation, and AP
+    /// per category id), `recall` (Recall@k of the category prompts), `caption_recall` (Recall@k on
+    /// `data.val_grounding`'s captions, null without them), `heldout.AP50` (and `best_AP50`, and
+    /// `categories`: their names), `best`, `steps`, `wall_s`, `train_minutes`, and every
+    /// evaluation.
     pub fn to_json(&self) -> serde_json::Value {
         let val = |p: Option<&EvalPoint>| match p {
             Some(p) => {
@@ -111,7 +115,7 @@ impl ExperimentResult {
             "recall": recall(self.last()),
             "caption_recall": caption,
             "val": val(self.last()),
-            "heldout": {"AP50": self.last().map(|p| p.heldout_ap50), "best_AP50": heldout_best.is_finite().then_some(heldout_best)},
+            "heldout": {"AP50": self.last().map(|p| p.heldout_ap50), "best_AP50": heldout_best.is_finite().then_some(heldout_best), "categories": self.held_out},
             "best": self.best().map(|p| serde_json::json!({"step": p.step, "train_minutes": p.train_minutes, "AP50": p.val.get("AP50"), "AP": p.val.get("AP"), "heldout_AP50": p.heldout_ap50})),
             "steps": self.steps,
             "wall_s": self.wall_s,

@@ -261,6 +261,16 @@ impl ExperimentConfig {
         }
     }
 
+    /// The categories held out of training: `data.coco.held_out`, none for ODVG data, else the
+    /// synthetic task's held-out colour-shape pairs.
+    pub fn held_out(&self) -> &[String] {
+        match (&self.data.coco, &self.data.odvg) {
+            (Some(c), _) => &c.held_out,
+            (None, Some(_)) => &[],
+            (None, None) => &self.data.shapes.held_out,
+        }
+    }
+
     /// The held-out AP50 of a COCO evaluation of this run: the mean AP50 of the categories
     /// `data.coco.held_out` names (-1 without any).
     pub fn heldout_ap50(&self, coco: &crate::eval::CocoMetrics) -> f64 {
@@ -339,11 +349,165 @@ impl ExperimentConfig {
     }
 }
 
-/// Reads an experiment config, naming the file and the key on error.
+/// Reads an experiment config, naming the file and the key on error. Its `base` chain is
+/// merged in ([`read_config_doc`]); relative paths stay relative to the file's folder (as
+/// [`resolve_paths`] takes them), a base's rewritten so (`../fixtures/x` in a base one folder
+/// down is `down/../fixtures/x`; absolute when the base was named by an absolute path).
 pub fn load_config(path: &Path) -> Result<ExperimentConfig, Error> {
+    let doc = read_config_doc(path)?;
+    let mut cfg = doc.to_config(path)?;
+    let top = folder(path);
+    let origins: Vec<(String, PathBuf)> = doc
+        .origins()
+        .into_iter()
+        .map(|(k, dir)| {
+            let rel = dir.strip_prefix(&top).map(Path::to_path_buf).unwrap_or(dir);
+            (k, rel)
+        })
+        .collect();
+    rebase_paths(&mut cfg, Path::new(""), &origins);
+    Ok(cfg)
+}
+
+/// The most config files one chain of `base` keys may hold.
+pub const MAX_BASE_DEPTH: usize = 16;
+
+/// A config file's TOML document with the chain of configs it names in `base` merged under it.
+#[derive(Debug, Clone)]
+pub struct ConfigDoc {
+    /// The merged document, without `base` keys.
+    pub doc: toml::Table,
+    /// Each key path the files set a value at, with the file that set it, in merge order: the
+    /// furthest base's first, the file's own last.
+    pub keys: Vec<(String, PathBuf)>,
+}
+
+impl ConfigDoc {
+    /// The key paths with the folders their relative paths resolve against, as
+    /// [`resolve_paths_set`] takes them.
+    pub fn origins(&self) -> Vec<(String, PathBuf)> {
+        self.keys.iter().map(|(k, file)| (k.clone(), folder(file))).collect()
+    }
+
+    /// The file that set `key`, the table above it or a value under it last, if any file did.
+    pub fn file_of(&self, key: &str) -> Option<&Path> {
+        let parts: Vec<&str> = key.split('.').collect();
+        self.keys
+            .iter()
+            .rev()
+            .find(|(k, _)| {
+                let k: Vec<&str> = k.split('.').collect();
+                let n = k.len().min(parts.len());
+                parts[..n] == k[..n]
+            })
+            .map(|(_, f)| f.as_path())
+    }
+
+    /// The config, its errors naming the file that set the key (`path` when none did: a key
+    /// that is missing).
+    pub fn to_config(&self, path: &Path) -> Result<ExperimentConfig, Error> {
+        config_from_table(self.doc.clone()).map_err(|e| {
+            let file = match &e {
+                Error::Config { key, .. } => self.file_of(key).unwrap_or(path),
+                _ => path,
+            };
+            Error::file(file, e)
+        })
+    }
+}
+
+/// The folder a file's relative paths resolve against (empty for a bare file name: the
+/// working directory).
+fn folder(path: &Path) -> PathBuf {
+    path.parent().unwrap_or(Path::new("")).to_path_buf()
+}
+
+/// Reads a config file and the chain of configs its `base` key names (relative to the file; a base
+/// may name its own base), merged: the file's values over its base's, table by table, as
+/// detectron2's `_BASE_` and mmdetection's `_base_` do. A value that is not a table (numbers,
+/// strings, arrays) replaces the base's; a table merges into the base's key by key, except a
+/// component table that names another `type` than the base's (`model.detector = { type =
+/// "query-selection" }` over a dense detector): that replaces the base's table whole, since the
+/// other type's parameters would not fit it. Errors name the file; a chain that loops or holds more
+/// than [`MAX_BASE_DEPTH`] files is an error.
+pub fn read_config_doc(path: &Path) -> Result<ConfigDoc, Error> {
+    let mut chain = Vec::new();
+    read_config_chain(path, &mut chain)
+}
+
+fn read_config_chain(path: &Path, chain: &mut Vec<PathBuf>) -> Result<ConfigDoc, Error> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, e))?;
-    let doc: toml::Table = toml::from_str(&text).map_err(|e| Error::file(path, e))?;
-    config_from_table(doc).map_err(|e| Error::file(path, e))
+    let mut doc: toml::Table = toml::from_str(&text).map_err(|e| Error::file(path, e))?;
+    let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    if chain.contains(&canonical) {
+        let names: Vec<String> =
+            chain.iter().chain([&canonical]).map(|p| p.display().to_string()).collect();
+        return Err(Error::file(
+            path,
+            format!("base: the chain of bases loops: {}", names.join(" -> ")),
+        ));
+    }
+    chain.push(canonical);
+    if chain.len() > MAX_BASE_DEPTH {
+        return Err(Error::file(
+            path,
+            format!("base: a chain of more than {MAX_BASE_DEPTH} config files"),
+        ));
+    }
+    let own = |doc: &toml::Table| {
+        let mut keys = Vec::new();
+        leaf_keys(doc, "", &mut keys);
+        keys.into_iter().map(|k| (k, path.to_path_buf())).collect::<Vec<_>>()
+    };
+    let Some(base) = doc.remove("base") else {
+        return Ok(ConfigDoc { keys: own(&doc), doc });
+    };
+    let Some(base) = base.as_str().filter(|s| !s.trim().is_empty()) else {
+        return Err(Error::file(
+            path,
+            Error::Config { key: "base".into(), msg: "must be the path of a config file".into() },
+        ));
+    };
+    let base_path = folder(path).join(base);
+    let mut merged = read_config_chain(&base_path, chain).map_err(|e| match e {
+        Error::File { path: p, msg } if p == base_path && !msg.starts_with("base:") => {
+            Error::file(path, format!("base = {base:?}: {}: {msg}", p.display()))
+        }
+        e => e,
+    })?;
+    merge_tables(&mut merged.doc, doc.clone());
+    merged.keys.extend(own(&doc));
+    Ok(merged)
+}
+
+/// The key paths of a document's values (not of the tables holding them).
+fn leaf_keys(t: &toml::Table, prefix: &str, out: &mut Vec<String>) {
+    for (k, v) in t {
+        let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        match v {
+            toml::Value::Table(t) if !t.is_empty() => leaf_keys(t, &key, out),
+            _ => out.push(key),
+        }
+    }
+}
+
+/// Merges `over` into `base` (see [`read_config_doc`]).
+fn merge_tables(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) if !other_type(b, &o) => {
+                merge_tables(b, o)
+            }
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+/// Whether two component tables name different `type`s (a table naming none merges).
+fn other_type(base: &toml::Table, over: &toml::Table) -> bool {
+    matches!((base.get("type"), over.get("type")), (Some(a), Some(b)) if a != b)
 }
 
 /// An experiment config from a TOML document; errors name the key (`model.detector: ...`).
@@ -394,8 +558,9 @@ pub fn resolve_paths(cfg: &mut ExperimentConfig, base: &Path) {
 }
 
 /// [`resolve_paths`], except for the paths that overrides set: `sets` pairs each `key.path=value`
-/// override with the folder its relative paths resolve against (the working directory for a
-/// command line's `--set`, an ablation file's folder for its `set`). A path takes the folder of
+/// override (or a bare key path: [`ConfigDoc::origins`]) with the folder its relative paths
+/// resolve against (the working directory for a command line's `--set`, an ablation file's
+/// folder for its `set`, a base config's folder for what it sets). A path takes the folder of
 /// the last override whose key is the path's key or a table above it (`model.weights` for
 /// `model.weights.backbone`); every other path, the config's folder.
 pub fn resolve_paths_set(cfg: &mut ExperimentConfig, base: &Path, sets: &[(String, PathBuf)]) {
@@ -404,12 +569,19 @@ pub fn resolve_paths_set(cfg: &mut ExperimentConfig, base: &Path, sets: &[(Strin
         let p = if p.as_os_str().is_empty() { Path::new(".") } else { p };
         std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
     };
-    let base = absolute(base);
-    let sets: Vec<(Vec<&str>, PathBuf)> = sets
+    let sets: Vec<(String, PathBuf)> =
+        sets.iter().map(|(s, dir)| (s.clone(), absolute(dir))).collect();
+    rebase_paths(cfg, &absolute(base), &sets);
+}
+
+/// Joins each relative path of `cfg` to the folder of the last entry of `sets` whose key is the
+/// path's key or a table above it, else to `base` (see [`resolve_paths_set`]).
+fn rebase_paths(cfg: &mut ExperimentConfig, base: &Path, sets: &[(String, PathBuf)]) {
+    let sets: Vec<(Vec<&str>, &Path)> = sets
         .iter()
-        .filter_map(|(s, dir)| {
-            let key = s.split_once('=')?.0;
-            Some((key.split('.').map(str::trim).collect(), absolute(dir)))
+        .map(|(s, dir)| {
+            let key = s.split_once('=').map_or(s.as_str(), |(k, _)| k);
+            (key.split('.').map(str::trim).collect(), dir.as_path())
         })
         .collect();
     let base_of = |key: &str| -> PathBuf {
@@ -417,7 +589,8 @@ pub fn resolve_paths_set(cfg: &mut ExperimentConfig, base: &Path, sets: &[(Strin
         sets.iter()
             .rev()
             .find(|(k, _)| k.len() <= parts.len() && parts[..k.len()] == k[..])
-            .map_or_else(|| base.clone(), |(_, dir)| dir.clone())
+            .map_or(base, |(_, dir)| dir)
+            .to_path_buf()
     };
     cfg.model.resolve_paths_with(&|key| base_of(&format!("model.{key}")));
     let mut paths: Vec<(&str, &mut PathBuf)> = Vec::new();
