@@ -506,6 +506,7 @@ fn experiments_train_on_coco_and_odvg_files() {
     assert_eq!(logged_losses(&odvg), logged_losses(&coco));
     assert_eq!(logged_losses(&coco).len(), 2);
     assert_held_out_categories(&d, &coco, val);
+    assert_mixed_sources(&d, &coco, val);
     // Captions only (grounding records, no label map), evaluated on the COCO split and on the
     // validation images' captions (phrase grounding, `data.val_grounding`).
     let (captions, printed) = train_on_files(
@@ -519,6 +520,55 @@ fn experiments_train_on_coco_and_odvg_files() {
     assert_ne!(logged_losses(&captions)[0], logged_losses(&coco)[0]);
     assert_caption_recall(&d, &captions);
     std::fs::remove_dir_all(&d).ok();
+}
+
+/// `[[data.mix]]`: a source mixed into the training data is the two concatenated (the run on
+/// COCO with its own images mixed in as ODVG detection records trains loss for loss as one ODVG
+/// file holding them twice, and `repeat = 2` as three times: the loader draws the same
+/// permutation of the same samples); a mixed source naming a held-out category is refused.
+fn assert_mixed_sources(d: &Path, coco: &Path, val: &str) {
+    let records = std::fs::read_to_string(d.join("shapes/train/odvg.jsonl")).unwrap();
+    let coco_data = format!(
+        "[data.coco]\ntrain_annotations = \"shapes/train/annotations.json\"\n\
+         train_images = \"shapes/train/images\"\n{val}"
+    );
+    let mix = |repeat: usize| {
+        format!(
+            "[[data.mix]]\nodvg = \"shapes/train/odvg.jsonl\"\nimages = \"shapes/train\"\n\
+             label_map = \"shapes/train/label_map.json\"\nrepeat = {repeat}\n"
+        )
+    };
+    for repeat in [1, 2] {
+        let copies = d.join(format!("shapes/train/odvg-x{}.jsonl", repeat + 1));
+        std::fs::write(&copies, records.repeat(repeat + 1)).unwrap();
+        let (mixed, printed) =
+            train_on_files(d, &format!("mixed-{repeat}"), &(coco_data.clone() + &mix(repeat)));
+        assert!(
+            printed.contains(&format!("training on {} samples a pass", 4 * (repeat + 1))),
+            "{printed}"
+        );
+        let (joined, _) = train_on_files(
+            d,
+            &format!("joined-{repeat}"),
+            &format!(
+                "[data.odvg]\ntrain = \"{}\"\ntrain_images = \"shapes/train\"\n\
+                 label_map = \"shapes/train/label_map.json\"\n{val}",
+                copies.display()
+            ),
+        );
+        assert_eq!(logged_losses(&mixed), logged_losses(&joined), "repeat {repeat}");
+        assert_ne!(logged_losses(&mixed), logged_losses(coco), "repeat {repeat}");
+    }
+    let gt = json(&d.join("shapes/train/annotations.json"));
+    let held = gt["categories"][0]["name"].as_str().unwrap();
+    let cfg = d.join("mix-held.toml");
+    let text = std::fs::read_to_string(tiny_config(d)).unwrap()
+        + &coco_data
+        + &format!("held_out = [\"{held}\"]\n")
+        + &mix(1);
+    std::fs::write(&cfg, text).unwrap();
+    let (ok, _, err) = experiment(&cfg, &d.join("mix-held"), &[], &[]);
+    assert!(!ok && err.contains("data.mix[0].label_map") && err.contains(held), "{err}");
 }
 
 /// `data.coco.held_out`: a category of the validation split held out of training changes the

@@ -232,6 +232,8 @@ pub mod limits {
     pub const ACCUMULATE: u64 = 65_536;
     /// Batches made ahead of the step (each holds a batch in memory).
     pub const PREFETCH: usize = 64;
+    /// Times a mixed-in training source is repeated in one pass (`data.mix[i].repeat`).
+    pub const REPEAT: usize = 1000;
     /// A vocabulary.
     pub const VOCAB: usize = 10_000_000;
     /// Classes of a fixed-class head.

@@ -24,6 +24,7 @@
 //! ```
 
 pub mod coco;
+pub mod concat;
 pub mod detection;
 pub mod error;
 pub mod loader;
@@ -34,6 +35,7 @@ pub mod shapes;
 pub mod transforms;
 
 pub use coco::CocoDataset;
+pub use concat::Concat;
 pub use detection::PromptConfig;
 pub use error::{DataError, ErrorPolicy, Problem, SkipReport};
 pub use loader::Loader;

@@ -7,7 +7,7 @@ pub use crate::results::{EvalPoint, ExperimentResult, Progress};
 pub use crate::run_config::{
     apply_overrides, config_from_table, load_config, read_config_doc, resolve_paths,
     resolve_paths_set, CocoDataConfig, ConfigDoc, DataConfig, EvalData, ExperimentConfig,
-    OdvgDataConfig, RunConfig, MAX_BASE_DEPTH,
+    MixSource, OdvgDataConfig, RunConfig, MAX_BASE_DEPTH,
 };
 use crate::trainer::{LogLine, Trainer};
 use crate::{write_atomic, Error, GlipModel};
@@ -344,6 +344,77 @@ fn training_data(
     tok: Arc<dyn glip_core::prompt::CaptionTokenizer>,
     progress: &mut dyn Progress,
 ) -> Result<(Arc<dyn Dataset>, String), Error> {
+    let (main, source) = main_training_data(cfg, tok.clone(), progress)?;
+    if cfg.data.mix.is_empty() {
+        return Ok((main, source));
+    }
+    let main_len = main.len();
+    let mut parts = vec![(main, 1)];
+    let mut sizes = vec![format!("{main_len} from {source}")];
+    for (i, m) in cfg.data.mix.iter().enumerate() {
+        let ds = odvg_training_data(OdvgFiles::mix(m), cfg, tok.clone(), progress)?;
+        // A mixed-in source must not prompt a category `data.coco.held_out` keeps out of
+        // every training prompt (its label map's names are its prompts' negatives too).
+        let held_out = cfg.data.coco.as_ref().map_or(&[][..], |c| &c.held_out[..]);
+        if let Some(h) = held_out.iter().find(|h| ds.categories().contains(h)) {
+            return Err(Error::Config {
+                key: format!("data.mix[{i}].label_map"),
+                msg: format!("names {h:?}, a category held out of training (data.coco.held_out): its boxes and its name in prompts would train it"),
+            });
+        }
+        sizes.push(format!("{} x {} from {}", ds.len(), m.repeat, m.odvg.display()));
+        parts.push((Arc::new(ds) as Arc<dyn Dataset>, m.repeat));
+    }
+    let all = glip_data::Concat::new(parts)?;
+    progress.message(&format!("training on {} samples a pass: {}", all.len(), sizes.join(", ")));
+    Ok((Arc::new(all), format!("{source} and data.mix")))
+}
+
+/// An ODVG training source's files (`data.odvg`'s or a `data.mix` entry's): the records, the
+/// images folder, the label map, and whether bad records are skipped.
+struct OdvgFiles<'a>(&'a Path, &'a Path, Option<&'a Path>, bool);
+
+impl<'a> OdvgFiles<'a> {
+    fn train(o: &'a crate::run_config::OdvgDataConfig) -> Self {
+        Self(&o.train, &o.train_images, o.label_map.as_deref(), o.skip_bad_records)
+    }
+
+    fn mix(m: &'a crate::run_config::MixSource) -> Self {
+        Self(&m.odvg, &m.images, m.label_map.as_deref(), m.skip_bad_records)
+    }
+}
+
+/// An ODVG source's records prompted and checked for training, its problems and record kinds
+/// reported.
+fn odvg_training_data(
+    f: OdvgFiles<'_>,
+    cfg: &ExperimentConfig,
+    tok: Arc<dyn glip_core::prompt::CaptionTokenizer>,
+    progress: &mut dyn Progress,
+) -> Result<OdvgDataset, Error> {
+    let OdvgFiles(records, images, label_map, skip) = f;
+    let policy = if skip { ErrorPolicy::Skip } else { ErrorPolicy::Fail };
+    let ds = OdvgDataset::open(records, images, label_map, policy)?
+        .with_prompts(cfg.data.prompts.clone(), Some(tok))
+        .check_captions(policy)?
+        .without_missing_files(policy)?;
+    if !ds.report.problems.is_empty() {
+        progress.message(&ds.report.summary());
+    }
+    let (det, grounding) = ds.record_kinds();
+    progress.message(&format!(
+        "{}: {det} detection and {grounding} grounding records",
+        records.display()
+    ));
+    Ok(ds)
+}
+
+/// The training data of `data.coco`, `data.odvg` or the synthetic task, and its name.
+fn main_training_data(
+    cfg: &ExperimentConfig,
+    tok: Arc<dyn glip_core::prompt::CaptionTokenizer>,
+    progress: &mut dyn Progress,
+) -> Result<(Arc<dyn Dataset>, String), Error> {
     let policy = |skip| if skip { ErrorPolicy::Skip } else { ErrorPolicy::Fail };
     if let Some(c) = &cfg.data.coco {
         let policy = policy(c.skip_bad_records);
@@ -363,19 +434,7 @@ fn training_data(
         return Ok((Arc::new(ds), c.train_annotations.display().to_string()));
     }
     if let Some(o) = &cfg.data.odvg {
-        let policy = policy(o.skip_bad_records);
-        let ds = OdvgDataset::open(&o.train, &o.train_images, o.label_map.as_deref(), policy)?
-            .with_prompts(cfg.data.prompts.clone(), Some(tok))
-            .check_captions(policy)?
-            .without_missing_files(policy)?;
-        if !ds.report.problems.is_empty() {
-            progress.message(&ds.report.summary());
-        }
-        let (det, grounding) = ds.record_kinds();
-        progress.message(&format!(
-            "{}: {det} detection and {grounding} grounding records",
-            o.train.display()
-        ));
+        let ds = odvg_training_data(OdvgFiles::train(o), cfg, tok, progress)?;
         return Ok((Arc::new(ds), o.train.display().to_string()));
     }
     let train = ShapesDataset::new(cfg.data.shapes.clone(), Split::Train)?

@@ -60,6 +60,34 @@ pub struct OdvgDataConfig {
     pub skip_bad_records: bool,
 }
 
+/// More training data mixed into the run's own (`[[data.mix]]`), as GLIP trains on detection
+/// and grounding data at once (Objects365 with GoldG's captions): ODVG records (grounding
+/// captions and/or detection records) whose samples join the training data's, each pass over
+/// it seeing them `repeat` times. Evaluation stays on the run's validation data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MixSource {
+    /// The records (ODVG jsonl).
+    pub odvg: PathBuf,
+    /// The folder the records' `filename`s are relative to.
+    pub images: PathBuf,
+    /// The detection records' label map (`{"0": "person", ...}`); needed when there are any.
+    /// A category of the same name as one of the run's data is the same category.
+    #[serde(default)]
+    pub label_map: Option<PathBuf>,
+    /// How many times each record is seen in one pass over the training data (upsamples a
+    /// small source). Default 1.
+    #[serde(default = "one")]
+    pub repeat: usize,
+    /// Skip (and count) bad records instead of stopping at the first. Default false.
+    #[serde(default)]
+    pub skip_bad_records: bool,
+}
+
+fn one() -> usize {
+    1
+}
+
 /// Phrase grounding evaluated on captions (Flickr30k Entities style), beside the run's COCO
 /// AP: ODVG grounding records, each image grounded with its own caption, and Recall@1, @5, @10
 /// of its phrases (a phrase is hit at k when one of its k best boxes has IoU >= 0.5 with one of
@@ -102,6 +130,10 @@ pub struct DataConfig {
     /// head): Recall@1, @5, @10 in every evaluation and in `results.json` (`caption_recall`).
     #[serde(default)]
     pub val_grounding: Option<GroundingValConfig>,
+    /// More training sources mixed into the training data (`[[data.mix]]`, a token head).
+    /// Default none.
+    #[serde(default)]
+    pub mix: Vec<MixSource>,
     /// Train on only the first this many training images (overfitting checks). Default all.
     #[serde(default)]
     pub train_subset: Option<usize>,
@@ -227,6 +259,7 @@ impl Default for DataConfig {
             coco: None,
             odvg: None,
             val_grounding: None,
+            mix: Vec::new(),
             train_subset: None,
             eval_on_train: false,
             transforms: TransformConfig::default(),
@@ -616,6 +649,10 @@ fn rebase_paths(cfg: &mut ExperimentConfig, base: &Path, sets: &[(String, PathBu
             ("data.val_grounding.odvg", &mut g.odvg),
             ("data.val_grounding.images", &mut g.images),
         ]);
+    }
+    for m in cfg.data.mix.iter_mut() {
+        paths.extend([("data.mix", &mut m.odvg), ("data.mix", &mut m.images)]);
+        paths.extend(m.label_map.as_mut().map(|p| ("data.mix", p)));
     }
     for (key, p) in paths {
         if !p.as_os_str().is_empty() && p.is_relative() {

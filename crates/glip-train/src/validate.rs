@@ -330,6 +330,16 @@ impl Validate for DataConfig {
                 dir_exists(c, "val_images", &o.val_images, "the validation images");
             });
         }
+        for (i, m) in self.mix.iter().enumerate() {
+            c.within(&format!("mix[{i}]"), |c| {
+                file_exists(c, "odvg", &m.odvg, "ODVG jsonl");
+                dir_exists(c, "images", &m.images, "the records' images");
+                if let Some(lm) = &m.label_map {
+                    file_exists(c, "label_map", lm, "a json object from label to name");
+                }
+                c.in_range("repeat", m.repeat, 1, limits::REPEAT);
+            });
+        }
         if let Some(g) = &self.val_grounding {
             c.within("val_grounding", |c| {
                 file_exists(c, "odvg", &g.odvg, "ODVG jsonl with grounding records");
@@ -409,6 +419,14 @@ impl Validate for ExperimentConfig {
             c.fail_rule(
                 "model.head",
                 "a fixed-class head needs a class for every box; ODVG's grounding records have phrases, not classes: use the token head (type = \"token\")",
+            );
+        }
+        if let (Some(HeadConfig::Class(_)), false) =
+            (self.model.head.builtin(), self.data.mix.is_empty())
+        {
+            c.fail_rule(
+                "data.mix",
+                "mixing sources needs the token head (type = \"token\"): a fixed-class head's classes are one dataset's categories, and grounding records have phrases, not classes",
             );
         }
         if let (Some(HeadConfig::Class(_)), Some(_)) =
