@@ -515,8 +515,10 @@ pub struct Match {
     pub target: Vec<usize>,
 }
 
-/// A criterion's result.
+/// A criterion's result: built with [`Losses::new`] (and [`Losses::normalised_by`]), so that a
+/// criterion in another crate keeps compiling when a field is added (`#[non_exhaustive]`).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Losses {
     /// The weighted scalar to call `backward` on.
     pub total: Tensor,
@@ -531,6 +533,19 @@ pub struct Losses {
     /// DETR's distributed training all-reduce the count). `None` when the terms are
     /// normalised otherwise (a mean over queries, say): each batch then weighs alike.
     pub normaliser: Option<f64>,
+}
+
+impl Losses {
+    /// The weighted `total`, each unweighted term by name, and the final layer's matches (one
+    /// per image); no normaliser.
+    pub fn new(total: Tensor, terms: Vec<(String, Tensor)>, matches: Vec<Match>) -> Self {
+        Self { total, terms, matches, normaliser: None }
+    }
+
+    /// With the count the whole loss is normalised by ([`Losses::normaliser`]).
+    pub fn normalised_by(self, count: f64) -> Self {
+        Self { normaliser: Some(count), ..self }
+    }
 }
 
 #[cfg(test)]

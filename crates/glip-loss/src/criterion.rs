@@ -379,15 +379,10 @@ impl Criterion for SetCriterion {
         }
         // With fixed classes the cross-entropy is a weighted mean over queries (DETR's): two
         // normalisers, so no one count to normalise an accumulated step by.
-        let normaliser = match out.logits_kind {
-            LogitsKind::Classes(_) => None,
-            LogitsKind::Tokens => Some(count as f64),
-        };
-        Ok(Losses {
-            total: total.expect("at least one layer"),
-            terms,
-            matches: last.matches,
-            normaliser,
+        let losses = Losses::new(total.expect("at least one layer"), terms, last.matches);
+        Ok(match out.logits_kind {
+            LogitsKind::Classes(_) => losses,
+            LogitsKind::Tokens => losses.normalised_by(count as f64),
         })
     }
 }

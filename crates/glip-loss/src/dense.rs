@@ -316,6 +316,6 @@ impl Criterion for DenseCriterion {
             total = (total + (&l * c.w_centerness)?)?;
             terms.push(("loss_centerness".to_string(), l));
         }
-        Ok(Losses { total, terms, matches, normaliser: Some(count as f64) })
+        Ok(Losses::new(total, terms, matches).normalised_by(count as f64))
     }
 }

@@ -463,7 +463,9 @@ struct NoCount(SetCriterion);
 
 impl Criterion for NoCount {
     fn forward(&self, out: &ModelOutput, targets: &[Target]) -> Result<Losses> {
-        Ok(Losses { normaliser: None, ..self.0.forward(out, targets)? })
+        let mut losses = self.0.forward(out, targets)?;
+        losses.normaliser = None;
+        Ok(losses)
     }
 }
 

@@ -141,14 +141,10 @@ impl Criterion for InsideBox {
             ((pred - gt)?.abs()?.sum_all()? / num_pos)?
         };
         let total = ((&cls * self.0.w_cls)? + (&l1 * self.0.w_box)?)?;
-        Ok(Losses {
-            total,
-            terms: vec![("loss_cls".into(), cls), ("loss_bbox".into(), l1)],
-            matches,
-            // Both terms are sums divided by `max(count, 1)`: an accumulated step
-            // (`run.accumulate`) is then normalised by the count of all its batches.
-            normaliser: Some(count as f64),
-        })
+        let terms = vec![("loss_cls".into(), cls), ("loss_bbox".into(), l1)];
+        // Both terms are sums divided by `max(count, 1)`: an accumulated step
+        // (`run.accumulate`) is then normalised by the count of all its batches.
+        Ok(Losses::new(total, terms, matches).normalised_by(count as f64))
     }
 }
 
