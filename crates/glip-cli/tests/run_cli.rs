@@ -444,21 +444,35 @@ fn logged_losses(run: &Path) -> Vec<serde_json::Value> {
 
 /// Trains `cfg` with `data` appended (a TOML table) for 2 steps into `dir/name`, checks that
 /// `glip eval --run` (no data named) evaluates on the run's own COCO validation split and gets
-/// its last evaluation's numbers, and returns the run folder and what training printed.
+/// its last evaluation's numbers (the held-out AP50 too, when `data` holds categories out), and
+/// returns the run folder and what training printed.
 fn train_on_files(dir: &Path, name: &str, data: &str) -> (PathBuf, String) {
+    train_on_files_for(dir, name, data, 2)
+}
+
+/// [`train_on_files`] for `steps` steps.
+fn train_on_files_for(dir: &Path, name: &str, data: &str, steps: u64) -> (PathBuf, String) {
     let cfg = dir.join(format!("{name}.toml"));
     let text = std::fs::read_to_string(tiny_config(dir)).unwrap() + data;
     std::fs::write(&cfg, text).unwrap();
     let run = dir.join(name);
     let out_dir = run.to_str().unwrap();
-    let sets = ["--set", "run.steps=2", "--set", "run.log_every=1"];
+    let steps_set = format!("run.steps={steps}");
+    let sets = ["--set", &steps_set, "--set", "run.log_every=1"];
     let (ok, out, printed) =
         glip(&[&["experiment", cfg.to_str().unwrap(), "--out", out_dir][..], &sets].concat());
     assert!(ok, "{out}{printed}");
     let res = json(&run.join("results.json"));
-    assert_eq!(res["steps"], 2);
+    assert_eq!(res["steps"], steps);
     assert!((0.0..=1.0).contains(&res["val"]["AP50"].as_f64().unwrap()), "{res}");
-    assert_eq!(res["heldout"]["AP50"].as_f64(), Some(-1.0), "no held-out pairs in a COCO folder");
+    let held = data.contains("held_out");
+    if !held {
+        assert_eq!(
+            res["heldout"]["AP50"].as_f64(),
+            Some(-1.0),
+            "no held-out pairs in a COCO folder"
+        );
+    }
     // Before `glip eval` read the run's data, it evaluated every run on the synthetic task.
     let (ok, out, err) = glip(&["eval", "--run", out_dir, "--json"]);
     assert!(ok, "{err}");
@@ -467,7 +481,7 @@ fn train_on_files(dir: &Path, name: &str, data: &str) -> (PathBuf, String) {
     for k in ["AP", "AP50", "AR100"] {
         assert_eq!(m[k], res["val"][k], "{k}: {m} against {res}");
     }
-    assert!(m.get("heldout_AP50").is_none(), "{m}");
+    assert_eq!(m.get("heldout_AP50"), held.then_some(&res["heldout"]["AP50"]), "{m}");
     (run, printed)
 }
 
@@ -525,7 +539,7 @@ fn experiments_train_on_coco_and_odvg_files() {
 /// `[[data.mix]]`: a source mixed into the training data is the two concatenated (the run on
 /// COCO with its own images mixed in as ODVG detection records trains loss for loss as one ODVG
 /// file holding them twice, and `repeat = 2` as three times: the loader draws the same
-/// permutation of the same samples); a mixed source naming a held-out category is refused.
+/// permutation of the same samples); a held-out category leaves the mixed-in source too.
 fn assert_mixed_sources(d: &Path, coco: &Path, val: &str) {
     let records = std::fs::read_to_string(d.join("shapes/train/odvg.jsonl")).unwrap();
     let coco_data = format!(
@@ -559,16 +573,46 @@ fn assert_mixed_sources(d: &Path, coco: &Path, val: &str) {
         assert_eq!(logged_losses(&mixed), logged_losses(&joined), "repeat {repeat}");
         assert_ne!(logged_losses(&mixed), logged_losses(coco), "repeat {repeat}");
     }
-    let gt = json(&d.join("shapes/train/annotations.json"));
-    let held = gt["categories"][0]["name"].as_str().unwrap();
-    let cfg = d.join("mix-held.toml");
+    // Held out of the COCO data, a category leaves the mixed-in source's detection records
+    // too: the run trains as the ODVG file of both with `data.odvg.held_out`, loss for loss.
+    // A category with boxes in training (4 steps of 2 see all 8 samples) and one with boxes in
+    // validation (for the held-out AP50).
+    let name_of = |split: &str| {
+        let gt = json(&d.join(format!("shapes/{split}/annotations.json")));
+        let id = gt["annotations"][0]["category_id"].clone();
+        let cats = gt["categories"].as_array().unwrap();
+        cats.iter().find(|c| c["id"] == id).unwrap()["name"].as_str().unwrap().to_string()
+    };
+    let held = [name_of("train"), name_of("val")];
+    let held_out = format!("held_out = {held:?}\n");
+    let (mixed, _) =
+        train_on_files_for(d, "mixed-held", &(coco_data.clone() + &held_out + &mix(1)), 4);
+    let (joined, _) = train_on_files_for(
+        d,
+        "joined-held",
+        &format!(
+            "[data.odvg]\ntrain = \"shapes/train/odvg-x2.jsonl\"\ntrain_images = \"shapes/train\"\n\
+             label_map = \"shapes/train/label_map.json\"\n{val}{held_out}"
+        ),
+        4,
+    );
+    assert_eq!(logged_losses(&mixed), logged_losses(&joined));
+    for run in [&mixed, &joined] {
+        let res = json(&run.join("results.json"));
+        assert_eq!(res["heldout"]["categories"], serde_json::json!(held), "{res}");
+        assert!(res["heldout"]["AP50"].as_f64().unwrap() >= 0.0, "{res}");
+    }
+    // A name the ODVG label map lacks is an error listing its names.
+    let cfg = d.join("odvg-unicorn.toml");
     let text = std::fs::read_to_string(tiny_config(d)).unwrap()
-        + &coco_data
-        + &format!("held_out = [\"{held}\"]\n")
-        + &mix(1);
+        + "[data.odvg]\ntrain = \"shapes/train/odvg.jsonl\"\ntrain_images = \"shapes/train\"\n\
+           label_map = \"shapes/train/label_map.json\"\n"
+        + val
+        + "held_out = [\"unicorn\"]\n";
     std::fs::write(&cfg, text).unwrap();
-    let (ok, _, err) = experiment(&cfg, &d.join("mix-held"), &[], &[]);
-    assert!(!ok && err.contains("data.mix[0].label_map") && err.contains(held), "{err}");
+    let (ok, _, err) = experiment(&cfg, &d.join("odvg-unicorn"), &[], &[]);
+    assert!(!ok && err.contains("no category named \"unicorn\" to hold out"), "{err}");
+    assert!(err.contains(&held[0]), "the label map's names are listed: {err}");
 }
 
 /// `data.coco.held_out`: a category of the validation split held out of training changes the

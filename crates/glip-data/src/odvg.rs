@@ -62,6 +62,8 @@ pub struct OdvgDataset {
     /// Every distinct phrase of the grounding records and name of the label map, lowercase:
     /// where a caption's negatives come from (`PromptConfig::caption_negatives`).
     phrases: Vec<String>,
+    /// The names held out of training, lowercase: never a caption's negative phrase.
+    held_out: Vec<String>,
 }
 
 impl std::fmt::Debug for OdvgDataset {
@@ -247,7 +249,62 @@ impl OdvgDataset {
             prompt: PromptConfig::default(),
             tokenizer: None,
             phrases: Vec::new(),
+            held_out: Vec::new(),
         })
+    }
+
+    /// Holds categories out of training (an open-vocabulary split, as
+    /// [`crate::CocoDataset::without_categories`]): detection records lose their boxes of them,
+    /// and their names leave the label map's, so no prompt names them, not even as a negative
+    /// (nor as a caption's negative phrase). Grounding records are kept as written: a caption
+    /// may still name one. A name the label map lacks is an error listing its names.
+    pub fn without_categories(self, held_out: &[String]) -> Result<Self, DataError> {
+        if let Some(unknown) = held_out.iter().find(|n| !self.categories.contains(n)) {
+            return Err(DataError::Record {
+                file: self.path.clone(),
+                record: "label map".into(),
+                problem: format!(
+                    "no category named {unknown:?} to hold out (the categories: {})",
+                    if self.categories.is_empty() {
+                        "none".into()
+                    } else {
+                        self.categories.join(", ")
+                    }
+                ),
+            });
+        }
+        Ok(self.without_any_of(held_out))
+    }
+
+    /// [`OdvgDataset::without_categories`] of those of `names` the label map has (a source mixed
+    /// into a run's training data leaves out what the run holds out, whichever it names).
+    pub fn without_any_of(mut self, names: &[String]) -> Self {
+        if names.is_empty() {
+            return self;
+        }
+        let mut new_index = vec![None; self.categories.len()];
+        let mut kept = Vec::new();
+        for (i, c) in std::mem::take(&mut self.categories).into_iter().enumerate() {
+            if !names.contains(&c) {
+                new_index[i] = Some(kept.len());
+                kept.push(c);
+            }
+        }
+        self.categories = kept;
+        for r in &mut self.records {
+            if let OdvgRecord::Detection { objects, .. } = r {
+                objects.retain_mut(|o| match new_index[o.category] {
+                    Some(k) => {
+                        o.category = k;
+                        true
+                    }
+                    None => false,
+                });
+            }
+        }
+        self.held_out.extend(names.iter().map(|n| n.to_lowercase()));
+        self.phrases.retain(|p| !self.held_out.contains(p));
+        self
     }
 
     /// Sets prompt construction for detection records, and grounding records' negatives (with
@@ -266,7 +323,7 @@ impl OdvgDataset {
                     phrases.extend(phrase_texts(caption, regions));
                 }
             }
-            phrases.retain(|p| !p.is_empty());
+            phrases.retain(|p| !p.is_empty() && !self.held_out.contains(p));
             phrases.sort_unstable();
             phrases.dedup();
             self.phrases = phrases;

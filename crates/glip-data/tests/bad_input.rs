@@ -502,3 +502,47 @@ fn held_out_categories_leave_targets_and_prompts() {
     let err = open().without_categories(&["horse".to_string()]).unwrap_err().to_string();
     assert!(err.contains("no category named \"horse\"") && err.contains("cat, dog, bird"), "{err}");
 }
+
+/// ODVG's `without_categories`: a detection record loses the held-out category's boxes and its
+/// prompts its name (as a positive or a negative), the other labels follow their categories, a
+/// grounding caption's negatives never name it; a name the label map lacks is an error listing
+/// the label map's names, and `without_any_of` passes over it.
+#[test]
+fn odvg_held_out_categories_leave_boxes_prompts_and_caption_negatives() {
+    use glip_data::{rng::Rng, Dataset, PromptConfig};
+    let d = Dir::new("odvg-held-out");
+    png(&d.0.join("a.png"), 40, 30);
+    let lm = d.write("labels.json", r#"{"0": "cat", "1": "dog", "2": "bird"}"#);
+    let inst = |label: u32, bbox: &str| format!(r#"{{"bbox": {bbox}, "label": {label}}}"#);
+    let det = format!(
+        r#"{{"filename": "a.png", "height": 30, "width": 40, "detection": {{"instances": [{}, {}, {}]}}}}"#,
+        inst(0, "[1, 2, 4, 6]"),
+        inst(1, "[5, 6, 7, 8]"),
+        inst(2, "[9, 10, 12, 14]")
+    );
+    let gr = r#"{"filename": "a.png", "height": 30, "width": 40, "grounding": {"caption": "a red car", "regions": [{"bbox": [1, 1, 5, 5], "tokens_positive": [[2, 9]]}]}}"#;
+    // A caption whose phrase is the held-out name: kept as written, never another's negative.
+    let gr_dog = gr.replace("a red car", "a dog").replace("[[2, 9]]", "[[2, 5]]");
+    let p = d.write("odvg.jsonl", &format!("{det}\n{gr}\n{gr_dog}"));
+    let open = || OdvgDataset::open(&p, &d.0, Some(&lm), ErrorPolicy::Fail).unwrap();
+    let prompt = PromptConfig { max_negatives: 8, caption_negatives: 8, ..Default::default() };
+    let ds = open().without_categories(&["dog".to_string()]).unwrap().with_prompts(prompt, None);
+    assert_eq!(ds.categories(), ["cat", "bird"]);
+    for seed in 0..20 {
+        let s = ds.get(0, &mut Rng::for_sample(seed, 0, 0)).unwrap();
+        assert!(!s.caption.contains("dog"), "{}", s.caption);
+        assert!(s.caption.contains("cat") && s.caption.contains("bird"), "{}", s.caption);
+        let mut kept: Vec<(Option<u32>, [f32; 4])> =
+            s.labels.iter().copied().zip(s.boxes.iter().copied()).collect();
+        kept.sort_by_key(|k| k.0);
+        assert_eq!(kept, [(Some(0), [1.0, 2.0, 4.0, 6.0]), (Some(1), [9.0, 10.0, 12.0, 14.0])]);
+        let c = ds.get(1, &mut Rng::for_sample(seed, 0, 1)).unwrap();
+        assert!(c.caption.contains("a red car") && !c.caption.contains("dog"), "{}", c.caption);
+        assert!(c.caption.contains("cat"), "the other names are negatives: {}", c.caption);
+    }
+    assert!(ds.get(2, &mut Rng::new(0)).unwrap().caption.contains("a dog"));
+    let err = open().without_categories(&["horse".to_string()]).unwrap_err().to_string();
+    assert!(err.contains("no category named \"horse\"") && err.contains("cat, dog, bird"), "{err}");
+    let ds = open().without_any_of(&["horse".to_string(), "cat".to_string()]);
+    assert_eq!(ds.categories(), ["dog", "bird"]);
+}

@@ -351,17 +351,10 @@ fn training_data(
     let main_len = main.len();
     let mut parts = vec![(main, 1)];
     let mut sizes = vec![format!("{main_len} from {source}")];
-    for (i, m) in cfg.data.mix.iter().enumerate() {
-        let ds = odvg_training_data(OdvgFiles::mix(m), cfg, tok.clone(), progress)?;
-        // A mixed-in source must not prompt a category `data.coco.held_out` keeps out of
-        // every training prompt (its label map's names are its prompts' negatives too).
-        let held_out = cfg.data.coco.as_ref().map_or(&[][..], |c| &c.held_out[..]);
-        if let Some(h) = held_out.iter().find(|h| ds.categories().contains(h)) {
-            return Err(Error::Config {
-                key: format!("data.mix[{i}].label_map"),
-                msg: format!("names {h:?}, a category held out of training (data.coco.held_out): its boxes and its name in prompts would train it"),
-            });
-        }
+    for m in &cfg.data.mix {
+        // What the run holds out of training, a mixed-in source's detection records leave out.
+        let ds = odvg_training_data(OdvgFiles::mix(m), cfg, tok.clone(), progress)?
+            .without_any_of(cfg.held_out());
         sizes.push(format!("{} x {} from {}", ds.len(), m.repeat, m.odvg.display()));
         parts.push((Arc::new(ds) as Arc<dyn Dataset>, m.repeat));
     }
@@ -434,7 +427,8 @@ fn main_training_data(
         return Ok((Arc::new(ds), c.train_annotations.display().to_string()));
     }
     if let Some(o) = &cfg.data.odvg {
-        let ds = odvg_training_data(OdvgFiles::train(o), cfg, tok, progress)?;
+        let ds = odvg_training_data(OdvgFiles::train(o), cfg, tok, progress)?
+            .without_categories(&o.held_out)?;
         return Ok((Arc::new(ds), o.train.display().to_string()));
     }
     let train = ShapesDataset::new(cfg.data.shapes.clone(), Split::Train)?
