@@ -429,6 +429,13 @@ fn main_training_data(
     if let Some(o) = &cfg.data.odvg {
         let ds = odvg_training_data(OdvgFiles::train(o), cfg, tok, progress)?
             .without_categories(&o.held_out)?;
+        if !o.held_out.is_empty() && ds.categories().is_empty() && ds.record_kinds().1 == 0 {
+            return Err(Error::file(
+                &o.train,
+                "data.odvg.held_out holds out every category of the label map, and there is no \
+                 grounding record: nothing is left to ground",
+            ));
+        }
         return Ok((Arc::new(ds), o.train.display().to_string()));
     }
     let train = ShapesDataset::new(cfg.data.shapes.clone(), Split::Train)?

@@ -136,8 +136,8 @@ pub struct DataConfig {
     /// head): Recall@1, @5, @10 in every evaluation and in `results.json` (`caption_recall`).
     #[serde(default)]
     pub val_grounding: Option<GroundingValConfig>,
-    /// More training sources mixed into the training data (`[[data.mix]]`, a token head).
-    /// Default none.
+    /// More training sources mixed into the training data (`[[data.mix]]`, a token head),
+    /// after the run's own (so `train_subset` takes the run's own first). Default none.
     #[serde(default)]
     pub mix: Vec<MixSource>,
     /// Train on only the first this many training images (overfitting checks). Default all.
