@@ -403,7 +403,7 @@ mod tests {
             }
             n += 1;
         }
-        assert_eq!(n, 5, "design, query-generator, loss-head, fusion, accumulate");
+        assert_eq!(n, 6, "design, query-generator, loss-head, fusion, accumulate, mix-captions");
     }
 
     #[test]
