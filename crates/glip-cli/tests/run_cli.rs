@@ -539,7 +539,8 @@ fn experiments_train_on_coco_and_odvg_files() {
 /// `[[data.mix]]`: a source mixed into the training data is the two concatenated (the run on
 /// COCO with its own images mixed in as ODVG detection records trains loss for loss as one ODVG
 /// file holding them twice, and `repeat = 2` as three times: the loader draws the same
-/// permutation of the same samples); a held-out category leaves the mixed-in source too.
+/// permutation of the same samples; ODVG with the COCO file mixed in, as twice too); a held-out
+/// category leaves the mixed-in source too.
 fn assert_mixed_sources(d: &Path, coco: &Path, val: &str) {
     let records = std::fs::read_to_string(d.join("shapes/train/odvg.jsonl")).unwrap();
     let coco_data = format!(
@@ -573,6 +574,18 @@ fn assert_mixed_sources(d: &Path, coco: &Path, val: &str) {
         assert_eq!(logged_losses(&mixed), logged_losses(&joined), "repeat {repeat}");
         assert_ne!(logged_losses(&mixed), logged_losses(coco), "repeat {repeat}");
     }
+    // A COCO file mixed in (into ODVG data this time) is prompted as `data.coco` is.
+    let (mixed_coco, printed) = train_on_files(
+        d,
+        "mixed-coco",
+        &format!(
+            "[data.odvg]\ntrain = \"shapes/train/odvg.jsonl\"\ntrain_images = \"shapes/train\"\n\
+             label_map = \"shapes/train/label_map.json\"\n{val}\
+             [[data.mix]]\ncoco = \"shapes/train/annotations.json\"\nimages = \"shapes/train/images\"\n"
+        ),
+    );
+    assert!(printed.contains("training on 8 samples a pass"), "{printed}");
+    assert_eq!(logged_losses(&mixed_coco), logged_losses(&d.join("joined-1")));
     // Held out of the COCO data, a category leaves the mixed-in source's detection records
     // too: the run trains as the ODVG file of both with `data.odvg.held_out`, loss for loss.
     // A category with boxes in training (4 steps of 2 see all 8 samples) and one with boxes in

@@ -204,41 +204,24 @@ impl CocoDataset {
     /// train on, novel ones to find at evaluation): their objects leave the training targets
     /// and their names the prompts, positive and negative alike, so that training never reads
     /// them. A name that is not a category of the file is an error listing its categories.
-    pub fn without_categories(mut self, held_out: &[String]) -> Result<Self, DataError> {
+    pub fn without_categories(self, held_out: &[String]) -> Result<Self, DataError> {
+        crate::detection::check_held_out(&self.path, "categories", &self.names, held_out)?;
+        Ok(self.without_any_of(held_out))
+    }
+
+    /// [`CocoDataset::without_categories`] of those of `held_out` the file has (a source mixed
+    /// into a run's training data leaves out what the run holds out, whichever it names).
+    pub fn without_any_of(mut self, held_out: &[String]) -> Self {
         if held_out.is_empty() {
-            return Ok(self);
+            return self;
         }
-        if let Some(unknown) = held_out.iter().find(|n| !self.names.contains(n)) {
-            return Err(DataError::Record {
-                file: self.path.clone(),
-                record: "categories".into(),
-                problem: format!(
-                    "no category named {unknown:?} to hold out (the categories: {})",
-                    self.names.join(", ")
-                ),
-            });
-        }
-        // Old index -> new index of every kept category.
-        let mut new_index = vec![None; self.categories.len()];
-        let mut kept = Vec::new();
-        for (i, c) in std::mem::take(&mut self.categories).into_iter().enumerate() {
-            if !held_out.contains(&c.name) {
-                new_index[i] = Some(kept.len());
-                kept.push(c);
-            }
-        }
-        self.names = kept.iter().map(|c| c.name.clone()).collect();
-        self.categories = kept;
+        let new_index =
+            crate::detection::keep_categories(&mut self.categories, |c| &c.name, held_out);
+        self.names = self.categories.iter().map(|c| c.name.clone()).collect();
         for objects in &mut self.objects {
-            objects.retain_mut(|o| match new_index[o.category] {
-                Some(k) => {
-                    o.category = k;
-                    true
-                }
-                None => false,
-            });
+            crate::detection::renumber(objects, &new_index);
         }
-        Ok(self)
+        self
     }
 
     /// Sets the prompt construction and the tokenizer whose budget prompts must fit.

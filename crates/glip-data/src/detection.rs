@@ -82,6 +82,58 @@ pub struct Object {
     pub crowd: bool,
 }
 
+/// The error for the first of `held_out` that is not one of `names` (the file's categories),
+/// listing them.
+pub(crate) fn check_held_out(
+    file: &std::path::Path,
+    record: &str,
+    names: &[String],
+    held_out: &[String],
+) -> Result<(), DataError> {
+    match held_out.iter().find(|n| !names.contains(n)) {
+        None => Ok(()),
+        Some(unknown) => Err(DataError::Record {
+            file: file.to_path_buf(),
+            record: record.into(),
+            problem: format!(
+                "no category named {unknown:?} to hold out (the categories: {})",
+                if names.is_empty() { "none".into() } else { names.join(", ") }
+            ),
+        }),
+    }
+}
+
+/// Keeps the categories whose name is not one of `held_out`, in order; returns each old
+/// index's new one (`None`: held out).
+pub(crate) fn keep_categories<T>(
+    categories: &mut Vec<T>,
+    name: impl Fn(&T) -> &str,
+    held_out: &[String],
+) -> Vec<Option<usize>> {
+    let mut new_index = vec![None; categories.len()];
+    let mut kept = Vec::new();
+    for (i, c) in std::mem::take(categories).into_iter().enumerate() {
+        if !held_out.iter().any(|h| h == name(&c)) {
+            new_index[i] = Some(kept.len());
+            kept.push(c);
+        }
+    }
+    *categories = kept;
+    new_index
+}
+
+/// Keeps the objects whose category `new_index` maps to a new index (renumbered), drops the
+/// others: what holding categories out does to an image's objects.
+pub(crate) fn renumber(objects: &mut Vec<Object>, new_index: &[Option<usize>]) {
+    objects.retain_mut(|o| match new_index[o.category] {
+        Some(k) => {
+            o.category = k;
+            true
+        }
+        None => false,
+    });
+}
+
 /// Checks a box given as `(x0, y0, x1, y1)` against an image of `w x h`; returns it clipped.
 /// Non-finite values, zero or negative sizes, and boxes far outside the image (more than 10% of
 /// the image beyond an edge, or no overlap) are problems.

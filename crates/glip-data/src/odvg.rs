@@ -259,20 +259,7 @@ impl OdvgDataset {
     /// (nor as a caption's negative phrase). Grounding records are kept as written: a caption
     /// may still name one. A name the label map lacks is an error listing its names.
     pub fn without_categories(self, held_out: &[String]) -> Result<Self, DataError> {
-        if let Some(unknown) = held_out.iter().find(|n| !self.categories.contains(n)) {
-            return Err(DataError::Record {
-                file: self.path.clone(),
-                record: "label map".into(),
-                problem: format!(
-                    "no category named {unknown:?} to hold out (the categories: {})",
-                    if self.categories.is_empty() {
-                        "none".into()
-                    } else {
-                        self.categories.join(", ")
-                    }
-                ),
-            });
-        }
+        crate::detection::check_held_out(&self.path, "label map", &self.categories, held_out)?;
         Ok(self.without_any_of(held_out))
     }
 
@@ -282,24 +269,11 @@ impl OdvgDataset {
         if names.is_empty() {
             return self;
         }
-        let mut new_index = vec![None; self.categories.len()];
-        let mut kept = Vec::new();
-        for (i, c) in std::mem::take(&mut self.categories).into_iter().enumerate() {
-            if !names.contains(&c) {
-                new_index[i] = Some(kept.len());
-                kept.push(c);
-            }
-        }
-        self.categories = kept;
+        let new_index =
+            crate::detection::keep_categories(&mut self.categories, |c| c.as_str(), names);
         for r in &mut self.records {
             if let OdvgRecord::Detection { objects, .. } = r {
-                objects.retain_mut(|o| match new_index[o.category] {
-                    Some(k) => {
-                        o.category = k;
-                        true
-                    }
-                    None => false,
-                });
+                crate::detection::renumber(objects, &new_index);
             }
         }
         self.held_out.extend(names.iter().map(|n| n.to_lowercase()));

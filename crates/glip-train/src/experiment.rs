@@ -353,10 +353,26 @@ fn training_data(
     let mut sizes = vec![format!("{main_len} from {source}")];
     for m in &cfg.data.mix {
         // What the run holds out of training, a mixed-in source's detection records leave out.
-        let ds = odvg_training_data(OdvgFiles::mix(m), cfg, tok.clone(), progress)?
-            .without_any_of(cfg.held_out());
-        sizes.push(format!("{} x {} from {}", ds.len(), m.repeat, m.odvg.display()));
-        parts.push((Arc::new(ds) as Arc<dyn Dataset>, m.repeat));
+        let held_out = cfg.held_out();
+        let (ds, file): (Arc<dyn Dataset>, &Path) = match (&m.odvg, &m.coco) {
+            (Some(odvg), _) => {
+                let ds = odvg_training_data(OdvgFiles::mix(odvg, m), cfg, tok.clone(), progress)?;
+                (Arc::new(ds.without_any_of(held_out)), odvg)
+            }
+            (None, Some(ann)) => {
+                let files = (&**ann, &*m.images, m.skip_bad_records);
+                let ds = coco_training_data(files, held_out, false, cfg, tok.clone(), progress)?;
+                (Arc::new(ds), ann)
+            }
+            (None, None) => {
+                return Err(Error::Config {
+                    key: "data.mix".into(),
+                    msg: "give `odvg` or `coco`".into(),
+                })
+            }
+        };
+        sizes.push(format!("{} x {} from {}", ds.len(), m.repeat, file.display()));
+        parts.push((ds, m.repeat));
     }
     let all = glip_data::Concat::new(parts)?;
     progress.message(&format!("training on {} samples a pass: {}", all.len(), sizes.join(", ")));
@@ -372,8 +388,8 @@ impl<'a> OdvgFiles<'a> {
         Self(&o.train, &o.train_images, o.label_map.as_deref(), o.skip_bad_records)
     }
 
-    fn mix(m: &'a crate::run_config::MixSource) -> Self {
-        Self(&m.odvg, &m.images, m.label_map.as_deref(), m.skip_bad_records)
+    fn mix(odvg: &'a Path, m: &'a crate::run_config::MixSource) -> Self {
+        Self(odvg, &m.images, m.label_map.as_deref(), m.skip_bad_records)
     }
 }
 
@@ -402,28 +418,42 @@ fn odvg_training_data(
     Ok(ds)
 }
 
+/// A COCO file's images for training (annotations, images folder, whether bad records are
+/// skipped): missing files looked for, the categories `held_out` names left out (a name the
+/// file lacks is an error when `strict`: the run's own data, not a mixed-in source), prompted.
+fn coco_training_data(
+    (ann, images, skip): (&Path, &Path, bool),
+    held_out: &[String],
+    strict: bool,
+    cfg: &ExperimentConfig,
+    tok: Arc<dyn glip_core::prompt::CaptionTokenizer>,
+    progress: &mut dyn Progress,
+) -> Result<glip_data::CocoDataset, Error> {
+    let policy = if skip { ErrorPolicy::Skip } else { ErrorPolicy::Fail };
+    let ds = CocoDataset::open(ann, images, policy)?.without_missing_files(policy)?;
+    let ds = if strict { ds.without_categories(held_out)? } else { ds.without_any_of(held_out) };
+    if ds.categories.is_empty() {
+        return Err(Error::file(
+            ann,
+            "no categories (or every one held out): prompts are made of category names, so there \
+             is nothing to ground",
+        ));
+    }
+    if !ds.report.problems.is_empty() {
+        progress.message(&ds.report.summary());
+    }
+    Ok(ds.with_prompts(cfg.data.prompts.clone(), Some(tok)))
+}
+
 /// The training data of `data.coco`, `data.odvg` or the synthetic task, and its name.
 fn main_training_data(
     cfg: &ExperimentConfig,
     tok: Arc<dyn glip_core::prompt::CaptionTokenizer>,
     progress: &mut dyn Progress,
 ) -> Result<(Arc<dyn Dataset>, String), Error> {
-    let policy = |skip| if skip { ErrorPolicy::Skip } else { ErrorPolicy::Fail };
     if let Some(c) = &cfg.data.coco {
-        let policy = policy(c.skip_bad_records);
-        let ds = CocoDataset::open(&c.train_annotations, &c.train_images, policy)?
-            .without_missing_files(policy)?
-            .without_categories(&c.held_out)?;
-        if ds.categories.is_empty() {
-            return Err(Error::file(
-                &c.train_annotations,
-                "no categories: prompts are made of category names, so there is nothing to ground",
-            ));
-        }
-        if !ds.report.problems.is_empty() {
-            progress.message(&ds.report.summary());
-        }
-        let ds = ds.with_prompts(cfg.data.prompts.clone(), Some(tok));
+        let files = (&*c.train_annotations, &*c.train_images, c.skip_bad_records);
+        let ds = coco_training_data(files, &c.held_out, true, cfg, tok, progress)?;
         return Ok((Arc::new(ds), c.train_annotations.display().to_string()));
     }
     if let Some(o) = &cfg.data.odvg {

@@ -68,18 +68,24 @@ pub struct OdvgDataConfig {
 
 /// More training data mixed into the run's own (`[[data.mix]]`), as GLIP trains on detection
 /// and grounding data at once (Objects365 with GoldG's captions): ODVG records (grounding
-/// captions and/or detection records) whose samples join the training data's, each pass over
-/// it seeing them `repeat` times. Evaluation stays on the run's validation data.
+/// captions and/or detection records) or a COCO file, whose samples join the training data's,
+/// each pass over it seeing them `repeat` times. Evaluation stays on the run's validation data.
+/// A category of the same name as one of the run's data is the same category.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MixSource {
-    /// The records (ODVG jsonl).
-    pub odvg: PathBuf,
-    /// The folder the records' `filename`s are relative to.
+    /// ODVG records (jsonl); or give `coco`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub odvg: Option<PathBuf>,
+    /// COCO annotations (json), prompted from its category names as `data.coco` is; or give
+    /// `odvg`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coco: Option<PathBuf>,
+    /// The folder the records' `filename`s (COCO's `file_name`s) are relative to.
     pub images: PathBuf,
-    /// The detection records' label map (`{"0": "person", ...}`); needed when there are any.
-    /// A category of the same name as one of the run's data is the same category.
-    #[serde(default)]
+    /// The ODVG detection records' label map (`{"0": "person", ...}`); needed when there are
+    /// any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub label_map: Option<PathBuf>,
     /// How many times each record is seen in one pass over the training data (upsamples a
     /// small source). Default 1.
@@ -658,8 +664,10 @@ fn rebase_paths(cfg: &mut ExperimentConfig, base: &Path, sets: &[(String, PathBu
         ]);
     }
     for m in cfg.data.mix.iter_mut() {
-        paths.extend([("data.mix", &mut m.odvg), ("data.mix", &mut m.images)]);
-        paths.extend(m.label_map.as_mut().map(|p| ("data.mix", p)));
+        paths.push(("data.mix", &mut m.images));
+        for p in [&mut m.odvg, &mut m.coco, &mut m.label_map].into_iter().flatten() {
+            paths.push(("data.mix", p));
+        }
     }
     for (key, p) in paths {
         if !p.as_os_str().is_empty() && p.is_relative() {

@@ -332,10 +332,17 @@ impl Validate for DataConfig {
         }
         for (i, m) in self.mix.iter().enumerate() {
             c.within(&format!("mix[{i}]"), |c| {
-                file_exists(c, "odvg", &m.odvg, "ODVG jsonl");
+                match (&m.odvg, &m.coco) {
+                    (Some(o), None) => file_exists(c, "odvg", o, "ODVG jsonl"),
+                    (None, Some(a)) => file_exists(c, "coco", a, "COCO json"),
+                    _ => c.fail_rule("", "give `odvg` (ODVG jsonl) or `coco` (COCO json): one"),
+                }
                 dir_exists(c, "images", &m.images, "the records' images");
                 if let Some(lm) = &m.label_map {
                     file_exists(c, "label_map", lm, "a json object from label to name");
+                    if m.coco.is_some() {
+                        c.fail_rule("label_map", "is for ODVG records: COCO names its categories");
+                    }
                 }
                 c.in_range("repeat", m.repeat, 1, limits::REPEAT);
             });
