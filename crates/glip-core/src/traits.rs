@@ -152,6 +152,9 @@ pub struct Encoded<'a> {
     pub text: &'a TextFeatures,
     /// The encoder-decoder, for detectors that decode.
     pub transformer: &'a dyn Transformer,
+    /// The batch's targets in a training step (`None` in inference and evaluation), for
+    /// detectors that make queries from them (denoising, [`crate::DenoisingOutput`]).
+    pub targets: Option<&'a [Target]>,
 }
 
 impl std::fmt::Debug for Encoded<'_> {

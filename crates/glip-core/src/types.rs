@@ -453,6 +453,45 @@ impl DenseOutput {
     }
 }
 
+/// The denoising queries of a training step (DN-DETR; DINO's contrastive denoising): noised
+/// copies of the targets fed to the decoder beside its queries, each to be decoded back to the
+/// target it was made from (a positive) or to nothing (a negative, noised further), with the
+/// assignment known rather than matched. A detector that makes them stores this in
+/// [`ModelOutput::extensions`]; the `set` criterion adds their losses (`loss_*_dn`).
+#[derive(Debug, Clone)]
+pub struct DenoisingOutput {
+    /// Their predictions, `(b, n, 4)` boxes and `(b, n, t)` logits: every decoder layer's
+    /// when the detector returns auxiliary outputs, the last layer last; else the last alone.
+    pub preds: Vec<Prediction>,
+    /// Per image, which of the `n` queries reconstructs which target (the positives; the
+    /// others, negatives and padding, are trained to predict nothing).
+    pub matches: Vec<Match>,
+    /// How many noised copies of each target there are: the loss normalises by the target
+    /// count times this, as DINO does.
+    pub groups: usize,
+}
+
+impl DenoisingOutput {
+    /// Checks that every layer's prediction has the same `(b, n)` and that each image's
+    /// matches point inside it.
+    pub fn new(preds: Vec<Prediction>, matches: Vec<Match>, groups: usize) -> Result<Self> {
+        let Some(first) = preds.first() else {
+            candle_core::bail!("denoising output without any prediction")
+        };
+        let (b, n, _) = first.pred_boxes.dims3()?;
+        for p in &preds {
+            let (pb, pn, _) = p.pred_boxes.dims3()?;
+            if (pb, pn) != (b, n) {
+                candle_core::bail!("denoising predictions of ({pb}, {pn}) and ({b}, {n}) queries")
+            }
+        }
+        if matches.len() != b || matches.iter().any(|m| m.query.iter().any(|&q| q >= n)) {
+            candle_core::bail!("denoising matches for {} images outside ({b}, {n})", matches.len())
+        }
+        Ok(Self { preds, matches, groups })
+    }
+}
+
 impl ModelOutput {
     /// Checks every shape against one contract: `b`, `q`, `t` agree throughout.
     pub fn new(

@@ -62,7 +62,7 @@ proptest! {
         let memory = Tensor::randn(0f32, 1.0, (b, s, d), &Device::Cpu).unwrap();
         let sizes: Vec<(f32, f32)> = (0..b).map(|i| ((w * 8) as f32 - i as f32, (h * 8) as f32)).collect();
         let tf = text(b, t, dt);
-        let x = Encoded { memory: &memory, memory_mask: None, pos: None, levels: &levels, image_sizes: &sizes, text: &tf, transformer: &NoTransformer };
+        let x = Encoded { memory: &memory, memory_mask: None, pos: None, levels: &levels, image_sizes: &sizes, text: &tf, transformer: &NoTransformer, targets: None };
         let out = head.forward(&x, false, &mut |_, _| {}).unwrap();
         prop_assert_eq!(out.pred.pred_boxes.dims(), &[b, s, 4]);
         prop_assert_eq!(out.pred.pred_logits.dims(), &[b, s, t]);
@@ -106,6 +106,7 @@ fn every_parameter_of_the_dense_head_learns() -> Result<()> {
         image_sizes: &sizes,
         text: &tf,
         transformer: &NoTransformer,
+        targets: None,
     };
     let out = head.forward(&x, true, &mut |_, _| {})?;
     let ctr = out.dense().and_then(|d| d.centerness.clone()).expect("centerness");

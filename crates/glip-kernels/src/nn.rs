@@ -194,6 +194,17 @@ pub fn seed_dropout(seed: u64) {
     DROPOUT_STREAM.with(|s| s.set(seed));
 }
 
+/// The next seed of this thread's seeded stream (the one [`seed_dropout`] sets, advanced as a
+/// dropout advances it): for other random draws of a training step (DINO's denoising noise)
+/// that a resumed run must repeat.
+pub fn next_seed() -> u64 {
+    DROPOUT_STREAM.with(|s| {
+        let v = s.get();
+        s.set(v.wrapping_add(0x9e37_79b9_7f4a_7c15));
+        v
+    })
+}
+
 /// Inverted dropout, active only when `train` and `p > 0`; masks from the seeded stream of
 /// [`seed_dropout`]. On the CPU a mask is drawn element by element from glip-core's generator;
 /// on CUDA (the `cuda` feature) on the device from a counter-based hash of (stream, element)
@@ -209,11 +220,7 @@ pub fn dropout(x: &Tensor, p: f32, train: bool) -> Result<Tensor> {
     if p >= 1.0 {
         return x.zeros_like();
     }
-    let stream = DROPOUT_STREAM.with(|s| {
-        let v = s.get();
-        s.set(v.wrapping_add(0x9e37_79b9_7f4a_7c15));
-        v
-    });
+    let stream = next_seed();
     let scale = 1.0 / (1.0 - p);
     if x.dtype() == DType::F32 && crate::cuda::own_kernels(x) {
         return x.contiguous()?.apply_op1(HashDropout { seed: stream, p, scale });

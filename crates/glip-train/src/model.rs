@@ -5,7 +5,7 @@ use candle_core::{Result, Tensor};
 use glip_backbone::layers::Conv;
 use glip_core::{Backbone, Contract};
 use glip_core::{
-    Detector, Encoded, Fusion, ImageBatch, LevelShape, ModelOutput, TextBatch, TextEncoder,
+    Detector, Encoded, Fusion, ImageBatch, LevelShape, ModelOutput, Target, TextBatch, TextEncoder,
     TextFeatures, Transformer,
 };
 use glip_transformer::{downsample_mask, sine_position_encoding};
@@ -104,6 +104,31 @@ impl GlipModel {
         images: &ImageBatch,
         text: &TextBatch,
         train: bool,
+        trace: &mut dyn FnMut(&str, &[usize]),
+    ) -> Result<ModelOutput> {
+        self.run(images, text, train, None, trace)
+    }
+
+    /// A training step's forward pass, the batch's `targets` given to the detector (for
+    /// queries made from them: [`glip_core::DenoisingOutput`]).
+    pub fn forward_train(
+        &self,
+        images: &ImageBatch,
+        text: &TextBatch,
+        targets: &[Target],
+    ) -> Result<ModelOutput> {
+        if targets.len() != images.len() {
+            candle_core::bail!("{} targets for a batch of {} images", targets.len(), images.len())
+        }
+        self.run(images, text, true, Some(targets), &mut |_, _| {})
+    }
+
+    fn run(
+        &self,
+        images: &ImageBatch,
+        text: &TextBatch,
+        train: bool,
+        targets: Option<&[Target]>,
         trace: &mut dyn FnMut(&str, &[usize]),
     ) -> Result<ModelOutput> {
         let mut c = Contract::new();
@@ -207,6 +232,7 @@ impl GlipModel {
                 image_sizes: &sizes,
                 text: &tf,
                 transformer: self.transformer.as_ref(),
+                targets,
             },
             train,
             trace,

@@ -323,7 +323,7 @@ impl<'a> Trainer<'a> {
             );
             // One autocast scope per batch: the weights change between steps.
             let out = glip_kernels::bf16::autocast(self.precision, || {
-                self.model.forward(&batch.images, &batch.text, true)
+                self.model.forward_train(&batch.images, &batch.text, &batch.targets)
             })?;
             let losses = self.criterion.forward(&out, &batch.targets)?;
             let mut grads = losses.total.backward()?;

@@ -90,6 +90,22 @@ impl MultiheadAttention {
         key_mask: Option<&Tensor>,
         train: bool,
     ) -> Result<Tensor> {
+        self.forward_biased(query, key, value, key_mask, None, train)
+    }
+
+    /// [`MultiheadAttention::forward`] with `attn_bias (lq, lk)` added to every image's and
+    /// head's scores before the softmax: `f32::MIN` where a query must not see a key (DINO's
+    /// attention mask between denoising groups), 0 where it may. A row's masked keys then get
+    /// exactly zero weight, so what they hold cannot change its output.
+    pub fn forward_biased(
+        &self,
+        query: &Tensor,
+        key: &Tensor,
+        value: &Tensor,
+        key_mask: Option<&Tensor>,
+        attn_bias: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
         let (b, lq, _) = query.dims3()?;
         let dh = self.d / self.heads;
         let scale = 1.0 / (dh as f64).sqrt();
@@ -115,7 +131,7 @@ impl MultiheadAttention {
             _ => (self.project(query, 0)?, self.project(key, 1)?, self.project(value, 2)?),
         };
         // Inference on CUDA: the core in one launch (`None` elsewhere, and in training).
-        if inference {
+        if inference && attn_bias.is_none() {
             let at = glip_kernels::attention::ScaleAt::Query;
             if let Some(ctx) =
                 glip_kernels::attention::fused(&q, &k, &v, key_mask, self.heads, scale, at)?
@@ -128,6 +144,13 @@ impl MultiheadAttention {
         let mut scores = q.matmul(&k.t()?)?; // (b, h, lq, lk)
         if let Some(m) = key_mask {
             scores = scores.broadcast_add(&mask_to_bias(m, scores.dtype())?)?;
+        }
+        if let Some(bias) = attn_bias {
+            let (_, _, lq, lk) = scores.dims4()?;
+            if bias.dims() != [lq, lk] {
+                candle_core::bail!("attention bias {:?} for ({lq}, {lk}) scores", bias.dims())
+            }
+            scores = scores.broadcast_add(&bias.to_dtype(scores.dtype())?)?;
         }
         let p = dropout(&softmax_last(&scores)?, self.dropout, train)?;
         let ctx = p.matmul(&v)?.transpose(1, 2)?.reshape((b, lq, self.d))?;

@@ -220,12 +220,29 @@ impl DecoderLayer {
         pos: Option<&Tensor>,
         train: bool,
     ) -> Result<Tensor> {
+        self.forward_masked(x, qpos, memory, mem_mask, pos, None, train)
+    }
+
+    /// [`DecoderLayer::forward`] with `self_bias (q, q)` added to the self-attention's scores
+    /// (see [`MultiheadAttention::forward_biased`]): which queries may see which.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_masked(
+        &self,
+        x: &Tensor,
+        qpos: Option<&Tensor>,
+        memory: &Tensor,
+        mem_mask: Option<&Tensor>,
+        pos: Option<&Tensor>,
+        self_bias: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
         let mem_k = with_pos(memory, pos)?;
         let drop = |t: &Tensor| dropout(t, self.dropout, train);
         if self.pre_norm {
             let h = self.norm1.forward(x)?;
             let qk = with_pos(&h, qpos)?;
-            let x = (x + drop(&self.self_attn.forward(&qk, &qk, &h, None, train)?)?)?;
+            let x =
+                (x + drop(&self.self_attn.forward_biased(&qk, &qk, &h, None, self_bias, train)?)?)?;
             let h = self.norm2.forward(&x)?;
             let a = self.multihead_attn.forward(
                 &with_pos(&h, qpos)?,
@@ -239,9 +256,10 @@ impl DecoderLayer {
             x + f
         } else {
             let qk = with_pos(x, qpos)?;
-            let x = self
-                .norm1
-                .forward_residual(x, &drop(&self.self_attn.forward(&qk, &qk, x, None, train)?)?)?;
+            let x = self.norm1.forward_residual(
+                x,
+                &drop(&self.self_attn.forward_biased(&qk, &qk, x, None, self_bias, train)?)?,
+            )?;
             let a = self.multihead_attn.forward(
                 &with_pos(&x, qpos)?,
                 &mem_k,
