@@ -7,11 +7,13 @@
 //!   queries, each with a reference box predicted from its token; every decoder layer refines
 //!   its reference box (iterative refinement) and predicts, for auxiliary losses.
 
+use crate::denoising::{DenoisingConfig, DenoisingQueries};
 use candle_core::{DType, Result, Tensor, D};
 use candle_nn::VarBuilder;
 use glip_core::validate::{Checker, Validate};
 use glip_core::{
-    BoxHead, ClassHead, Detector, Encoded, ModelOutput, Prediction, QueryGenerator, QueryInputs,
+    BoxHead, ClassHead, DenoisingOutput, Detector, Encoded, ModelOutput, Prediction,
+    QueryGenerator, QueryInputs,
 };
 use glip_heads::{MlpBoxHead, TokenAlignmentHead};
 use glip_kernels::nn::{LayerNorm, Linear};
@@ -112,6 +114,10 @@ pub struct QuerySelectionConfig {
     /// Side of the anchor each encoder token's box is predicted from, in strides. Default 2.
     #[serde(default = "two")]
     pub anchor_scale: f64,
+    /// DINO's contrastive denoising queries in training (off unless `groups` is set; see
+    /// [`crate::denoising`]).
+    #[serde(default)]
+    pub denoising: DenoisingConfig,
 }
 
 fn two() -> f64 {
@@ -122,12 +128,13 @@ impl Validate for QuerySelectionConfig {
     fn validate(&self, c: &mut Checker) {
         // The anchor's side in strides: a box of side 0 has no logit-space reference.
         c.finite_above("anchor_scale", self.anchor_scale, 0.0, 1e4);
+        c.section("denoising", &self.denoising);
     }
 }
 
 impl Default for QuerySelectionConfig {
     fn default() -> Self {
-        Self { anchor_scale: 2.0 }
+        Self { anchor_scale: 2.0, denoising: DenoisingConfig::default() }
     }
 }
 
@@ -135,7 +142,8 @@ impl Default for QuerySelectionConfig {
 /// (`query_selection.*`): `enc_output` + `enc_norm`, `enc_token_head`, `enc_bbox_embed` score
 /// and box every encoder token; `decoder.layers.N`, `decoder.norm`, `ref_point_head` (an MLP
 /// over the reference box's sine embedding, the queries' positions), `bbox_embed` (the
-/// refinement, shared by the layers), `token_head`.
+/// refinement, shared by the layers), `token_head`; with denoising, `dn_content` (a query's
+/// content from its phrase, text width to `d`).
 #[derive(Debug, Clone)]
 pub struct QuerySelection {
     enc_output: Linear,
@@ -147,6 +155,7 @@ pub struct QuerySelection {
     ref_point_head: [Linear; 2],
     bbox_embed: MlpBoxHead,
     token_head: TokenAlignmentHead,
+    dn_content: Option<Linear>,
     num_queries: usize,
     aux_outputs: bool,
     d: usize,
@@ -187,6 +196,10 @@ impl QuerySelection {
             ],
             bbox_embed: MlpBoxHead::new(d, vb.pp("bbox_embed"))?,
             token_head: TokenAlignmentHead::new(text_dim, d, vb.pp("token_head"))?,
+            dn_content: match config.denoising.groups {
+                0 => None,
+                _ => Some(Linear::new(text_dim, d, vb.pp("dn_content"))?),
+            },
             num_queries,
             aux_outputs,
             d,
@@ -243,11 +256,44 @@ impl Detector for QuerySelection {
         trace("query selection: reference boxes", sel_boxes.dims());
         let mut tgt = gather_rows(&enc, &idx)?.detach();
         let mut reference = sel_boxes.detach();
+        // Denoising queries (training with targets only) before the selected ones, masked
+        // apart from them.
+        let dn = match (train, x.targets, &self.dn_content) {
+            (true, Some(targets), Some(content)) => {
+                let t = x.text.tokens.dim(1)?;
+                let seed = glip_kernels::nn::next_seed();
+                DenoisingQueries::new(targets, t, &self.config.denoising, seed)?
+                    .map(|q| -> Result<_> {
+                        let (b, dev) = (targets.len(), x.memory.device());
+                        let phrases = Tensor::from_vec(q.phrases.clone(), (b, q.n, t), dev)?
+                            .to_dtype(x.text.tokens.dtype())?;
+                        let c = content.forward(&phrases.matmul(&x.text.tokens)?)?;
+                        let boxes = Tensor::from_vec(q.boxes.clone(), (b, q.n, 4), dev)?;
+                        tgt = Tensor::cat(&[c.to_dtype(tgt.dtype())?, tgt.clone()], 1)?;
+                        reference = Tensor::cat(&[boxes, reference.clone()], 1)?;
+                        trace("denoising queries", &[b, q.n, self.d]);
+                        Ok((q.attention_bias(k, dev)?, q))
+                    })
+                    .transpose()?
+            }
+            _ => None,
+        };
+        let nd = dn.as_ref().map_or(0, |(_, q)| q.n);
         let mut preds = Vec::with_capacity(self.layers.len());
+        let mut dn_preds = Vec::new();
         let mut hs = tgt.clone();
         for (i, layer) in self.layers.iter().enumerate() {
             let qpos = self.query_pos(&reference)?;
-            tgt = layer.forward(&tgt, Some(&qpos), x.memory, x.memory_mask, x.pos, train)?;
+            let bias = dn.as_ref().map(|(bias, _)| bias);
+            tgt = layer.forward_masked(
+                &tgt,
+                Some(&qpos),
+                x.memory,
+                x.memory_mask,
+                x.pos,
+                bias,
+                train,
+            )?;
             hs = self.norm.forward(&tgt)?;
             let boxes = candle_nn::ops::sigmoid(
                 &(self.bbox_embed.forward_logits(&hs)? + inverse_sigmoid(&reference)?)?,
@@ -255,7 +301,19 @@ impl Detector for QuerySelection {
             let logits = self.token_head.logits(&hs, &x.text.tokens)?;
             trace(&format!("decoder layer {i} (refined boxes)"), boxes.dims());
             reference = boxes.detach();
-            preds.push(Prediction::new(boxes, logits)?);
+            if nd > 0 {
+                let last = i + 1 == self.layers.len();
+                if self.aux_outputs || last {
+                    dn_preds
+                        .push(Prediction::new(boxes.narrow(1, 0, nd)?, logits.narrow(1, 0, nd)?)?);
+                }
+                preds.push(Prediction::new(boxes.narrow(1, nd, k)?, logits.narrow(1, nd, k)?)?);
+            } else {
+                preds.push(Prediction::new(boxes, logits)?);
+            }
+        }
+        if nd > 0 {
+            hs = hs.narrow(1, nd, k)?;
         }
         let pred = preds.pop().expect("at least one layer");
         trace("pred_boxes", pred.pred_boxes.dims());
@@ -266,14 +324,18 @@ impl Detector for QuerySelection {
         if self.aux_outputs {
             aux.extend(preds);
         }
-        ModelOutput::new(
+        let mut out = ModelOutput::new(
             pred,
             glip_core::LogitsKind::Tokens,
             aux,
             hs,
             x.memory.clone(),
             x.text.mask.to_dtype(DType::U8)?,
-        )
+        )?;
+        if let Some((_, q)) = dn {
+            out.extensions.insert(DenoisingOutput::new(dn_preds, q.matches, q.groups)?);
+        }
+        Ok(out)
     }
 
     /// It runs its own decoder layers (each refines the previous layer's boxes): the

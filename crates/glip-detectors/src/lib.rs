@@ -5,13 +5,16 @@
 //! - [`DenseHead`]: GLIP's one-stage head. Every location of every level predicts a box from
 //!   its point and region-word alignment logits (optionally FCOS's centerness).
 //! - [`QuerySelection`]: Grounding DINO's language-guided query selection with box
-//!   refinement through its own decoder layers.
+//!   refinement through its own decoder layers, and DINO's contrastive denoising queries in
+//!   training ([`denoising`]).
 //!
 //! # Must not know about
 //! Configs, registries, losses, datasets (`glip-train` assembles and trains them).
 
 pub mod decoding;
+pub mod denoising;
 pub mod dense;
 
 pub use decoding::{DecoderDetector, QuerySelection, QuerySelectionConfig};
+pub use denoising::DenoisingConfig;
 pub use dense::{DenseHead, DenseHeadConfig};

@@ -7,7 +7,9 @@ use crate::terms::{giou_loss_sum, l1_sum, sigmoid_focal, weighted_cross_entropy}
 use candle_core::{DType, Result, Tensor, D};
 use glip_core::boxes::{cxcywh_to_xyxy, paired_generalized_box_iou};
 use glip_core::validate::{Checker, Validate};
-use glip_core::{Criterion, LogitsKind, Losses, Match, Matcher, ModelOutput, Prediction, Target};
+use glip_core::{
+    Criterion, DenoisingOutput, LogitsKind, Losses, Match, Matcher, ModelOutput, Prediction, Target,
+};
 use serde::{Deserialize, Serialize};
 
 /// Matching costs and loss weights. Defaults are the reference's for the token head; the
@@ -259,7 +261,7 @@ impl SetCriterion {
         text_mask: &Tensor,
         num_boxes: f64,
     ) -> Result<LayerLosses> {
-        let (b, q, nc) = pred.pred_logits.dims3()?;
+        let b = pred.pred_logits.dim(0)?;
         if targets.len() != b {
             candle_core::bail!("{} targets for a batch of {b} images", targets.len());
         }
@@ -268,6 +270,51 @@ impl SetCriterion {
             .iter()
             .map(|cost| cost.as_ref().map_or(Ok(Match::default()), |c| self.matcher.assign(c)))
             .collect::<Result<Vec<Match>>>()?;
+        self.matched(pred, kind, targets, text_mask, num_boxes, matches, all_boxes)
+    }
+
+    /// The three terms of `pred` with `matches` given (denoising queries, whose targets are
+    /// known), normalised by `num_boxes`.
+    fn known(
+        &self,
+        pred: &Prediction,
+        kind: LogitsKind,
+        targets: &[Target],
+        text_mask: &Tensor,
+        num_boxes: f64,
+        matches: Vec<Match>,
+    ) -> Result<LayerLosses> {
+        let b = pred.pred_logits.dim(0)?;
+        if targets.len() != b || matches.len() != b {
+            candle_core::bail!(
+                "{} targets and {} matches for a batch of {b} images",
+                targets.len(),
+                matches.len()
+            );
+        }
+        let all: Vec<Tensor> =
+            targets.iter().filter(|t| !t.is_empty()).map(|t| t.boxes.clone()).collect();
+        let all_boxes = match all.is_empty() {
+            true => None,
+            false => Some(Tensor::cat(&all, 0)?.to_dtype(DType::F32)?),
+        };
+        self.matched(pred, kind, targets, text_mask, num_boxes, matches, all_boxes)
+    }
+
+    /// The three terms of `pred` under `matches`, `all_boxes` every target box of the batch
+    /// (image-major).
+    #[allow(clippy::too_many_arguments)]
+    fn matched(
+        &self,
+        pred: &Prediction,
+        kind: LogitsKind,
+        targets: &[Target],
+        text_mask: &Tensor,
+        num_boxes: f64,
+        matches: Vec<Match>,
+        all_boxes: Option<Tensor>,
+    ) -> Result<LayerLosses> {
+        let (b, q, nc) = pred.pred_logits.dims3()?;
         let dev = pred.pred_logits.device();
         let class = match kind {
             LogitsKind::Classes(n) => {
@@ -377,6 +424,23 @@ impl Criterion for SetCriterion {
                 add(format!("_{i}"), &l, &mut terms)?;
             }
         }
+        // Denoising queries: the same terms under their known assignment, normalised by the
+        // count of their positives (DINO's `num_boxes * scalar`); the last layer's as
+        // `*_dn`, the earlier layers' as `*_dn_{i}` with auxiliary losses.
+        if let Some(dn) = out.extensions.get::<DenoisingOutput>() {
+            let dn_boxes = num_boxes * dn.groups.max(1) as f64;
+            let n = dn.preds.len();
+            for (i, p) in dn.preds.iter().enumerate() {
+                let is_last = i + 1 == n;
+                if !is_last && !c.aux_loss {
+                    continue;
+                }
+                let (kind, mask) = (out.logits_kind, &out.text_mask);
+                let l = self.known(p, kind, targets, mask, dn_boxes, dn.matches.clone())?;
+                let suffix = if is_last { "_dn".to_string() } else { format!("_dn_{i}") };
+                add(suffix, &l, &mut terms)?;
+            }
+        }
         // With fixed classes the cross-entropy is a weighted mean over queries (DETR's): two
         // normalisers, so no one count to normalise an accumulated step by.
         let losses = Losses::new(total.expect("at least one layer"), terms, last.matches);
@@ -393,6 +457,105 @@ mod tests {
     use crate::HungarianMatcher;
     use candle_core::Device;
     use glip_core::boxes::generalized_box_iou;
+
+    /// Denoising terms against the matched ones: one group whose predictions are the matched
+    /// queries' own, under the matches the matcher found, gives `*_dn` terms equal bit for bit
+    /// to the matched terms (the same operations on the same numbers, normalised by the same
+    /// count). With 3 groups of the same predictions, each term sums three times as much over
+    /// three times the count: the one-group term within the rounding of those sums (derived
+    /// below). Earlier layers' `*_dn_i` only with auxiliary losses.
+    #[test]
+    fn denoising_terms_under_known_matches_are_the_matched_terms() {
+        let dev = Device::Cpu;
+        let (b, q, t) = (2usize, 6usize, 7usize);
+        let mut rng = glip_core::rng::Rng::new(11);
+        let targets: Vec<Target> = [2usize, 3]
+            .iter()
+            .map(|&n| {
+                let bx: Vec<f32> = (0..n * 4).map(|_| 0.2 + 0.5 * rng.uniform()).collect();
+                let pm: Vec<f32> = (0..n * t).map(|k| (k % t == k / t + 1) as u8 as f32).collect();
+                Target::new(
+                    Tensor::from_vec(bx, (n, 4), &dev).unwrap(),
+                    None,
+                    Some(Tensor::from_vec(pm, (n, t), &dev).unwrap()),
+                )
+                .unwrap()
+            })
+            .collect();
+        let boxes = Tensor::rand(0.1f32, 0.9, (b, q, 4), &dev).unwrap();
+        let logits = Tensor::randn(0f32, 2.0, (b, q, t), &dev).unwrap();
+        let pred = Prediction::new(boxes.clone(), logits.clone()).unwrap();
+        let text_mask = Tensor::ones((b, t), DType::U8, &dev).unwrap();
+        let memory = Tensor::zeros((b, 3, 4), DType::F32, &dev).unwrap();
+        let output = |aux: Vec<Prediction>| {
+            ModelOutput::new(
+                pred.clone(),
+                LogitsKind::Tokens,
+                aux,
+                Tensor::zeros((b, q, 4), DType::F32, &dev).unwrap(),
+                memory.clone(),
+                text_mask.clone(),
+            )
+            .unwrap()
+        };
+        let crit = SetCriterion::new(LossConfig::default(), Box::new(HungarianMatcher));
+        let plain = crit.forward(&output(Vec::new()), &targets).unwrap();
+        let term = |l: &Losses, k: &str| -> f32 {
+            let v = l.terms.iter().find(|(n, _)| n == k).unwrap_or_else(|| panic!("no {k}"));
+            v.1.to_scalar::<f32>().unwrap()
+        };
+        let mut out = output(Vec::new());
+        let dn = DenoisingOutput::new(vec![pred.clone()], plain.matches.clone(), 1).unwrap();
+        out.extensions.insert(dn);
+        let with = crit.forward(&out, &targets).unwrap();
+        for k in ["loss_cls", "loss_bbox", "loss_giou"] {
+            assert_eq!(term(&with, k).to_bits(), term(&plain, k).to_bits(), "{k}");
+            assert_eq!(
+                term(&with, &format!("{k}_dn")).to_bits(),
+                term(&plain, k).to_bits(),
+                "{k}_dn"
+            );
+        }
+        let (tw, tp) =
+            (with.total.to_scalar::<f32>().unwrap(), plain.total.to_scalar::<f32>().unwrap());
+        assert_eq!(tw.to_bits(), (tp * 2.0).to_bits(), "total: matched plus denoising");
+
+        // Three groups: the queries repeated three times, each group's positives matched as
+        // the matcher matched them. Every term sums three copies of the one-group sum and
+        // divides by three times the count: equal to the one-group term within the rounding
+        // of those sums (the focal sum over `3 b q t` terms, `gamma_n` with `n = 3 b q t`).
+        let rep = |x: &Tensor| Tensor::cat(&[x, x, x], 1).unwrap();
+        let pred3 = Prediction::new(rep(&boxes), rep(&logits)).unwrap();
+        let matches3: Vec<Match> = plain
+            .matches
+            .iter()
+            .map(|m| Match {
+                query: (0..3).flat_map(|g| m.query.iter().map(move |&x| g * q + x)).collect(),
+                target: (0..3).flat_map(|_| m.target.iter().copied()).collect(),
+            })
+            .collect();
+        let mut out = output(vec![pred.clone()]);
+        let dn = DenoisingOutput::new(vec![pred3.clone(), pred3], matches3, 3).unwrap();
+        out.extensions.insert(dn);
+        let with = crit.forward(&out, &targets).unwrap();
+        let gamma = |n: usize| n as f64 * f32::EPSILON as f64 / 2.0;
+        for k in ["loss_cls", "loss_bbox", "loss_giou"] {
+            let want = term(&plain, k) as f64;
+            for suffix in ["_dn", "_dn_0"] {
+                let got = term(&with, &format!("{k}{suffix}")) as f64;
+                // Both sides' sums within gamma_n of the exact sum of their (non-negative)
+                // terms, twice that relative, plus the divisions and the weighting (a few
+                // roundings, gamma_4).
+                let bound = (2.0 * gamma(3 * b * q * t) + gamma(4)) * want.abs();
+                assert!((got - want).abs() <= bound, "{k}{suffix}: {got} vs {want}");
+            }
+        }
+        let no_aux = LossConfig { aux_loss: false, ..LossConfig::default() };
+        let crit = SetCriterion::new(no_aux, Box::new(HungarianMatcher));
+        let without = crit.forward(&out, &targets).unwrap();
+        let names: Vec<&str> = without.terms.iter().map(|(n, _)| n.as_str()).collect();
+        assert!(names.contains(&"loss_cls_dn") && !names.contains(&"loss_cls_dn_0"), "{names:?}");
+    }
 
     /// One image's `(q, n)` cost as the criterion computed it before the batch's were made
     /// together (the per-image code of 5871a66, verbatim but for its inputs).

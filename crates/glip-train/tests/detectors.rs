@@ -123,10 +123,11 @@ fn every_parameter_learns(detector: &str, fusion: &str, extra: &str, loss: &str)
     let images =
         ImageBatch::unpadded(Tensor::randn(0f32, 1.0, (b, 3, 64, 64), &Device::Cpu).unwrap())
             .unwrap();
-    let out = model.forward(&images, &text(b, t), true).unwrap();
+    let targets = targets(b, t);
+    let out = model.forward_train(&images, &text(b, t), &targets).unwrap();
     let lc: CriterionConfig = toml::from_str(loss).unwrap();
     let crit = Registry::new().build_criterion(&lc, &cfg, &model, &Device::Cpu).unwrap();
-    let l = crit.forward(&out, &targets(b, t)).unwrap();
+    let l = crit.forward(&out, &targets).unwrap();
     let grads = l.total.backward().unwrap();
     // BERT's pooler feeds only query generators that read the pooled sentence (the seed's);
     // these detectors use the token features alone.
@@ -147,6 +148,72 @@ fn every_parameter_of_a_dense_model_learns_through_the_atss_criterion() {
 #[test]
 fn every_parameter_of_a_query_selection_model_learns_through_the_hungarian_criterion() {
     every_parameter_learns(QSEL, BI, "", "");
+}
+
+#[test]
+fn every_parameter_of_a_query_selection_model_with_denoising_learns() {
+    every_parameter_learns(QSEL, BI, "denoising = { groups = 2 }", "");
+}
+
+/// DINO's denoising queries in a training step: `(b, groups 2 m, .)` predictions for every
+/// decoder layer, their positives matched to their targets; none in inference or without
+/// targets. Two steps whose targets differ (other boxes and phrases, so other denoising
+/// queries) but whose seeded stream is the same (the same dropout masks) give the selected
+/// queries' predictions equal bit for bit: the attention mask gives every denoising query
+/// exactly zero weight in a selected query's attention (`exp` of `f32::MIN` plus a score
+/// underflows to 0), so nothing of them reaches the matched predictions.
+#[test]
+fn denoising_queries_leave_the_selected_queries_as_they_are() {
+    let cfg = config(QSEL, BI, "[1, 2]", true, "denoising = { groups = 3 }");
+    let vm = candle_nn::VarMap::new();
+    let model = Registry::new().build_trainable(&cfg, &vm, 0, &Device::Cpu).unwrap();
+    let (b, t) = (2, 6);
+    let images =
+        ImageBatch::unpadded(Tensor::randn(0f32, 1.0, (b, 3, 64, 64), &Device::Cpu).unwrap())
+            .unwrap();
+    let text = text(b, t);
+    let first = targets(b, t);
+    // The same counts, other boxes and phrases.
+    let second: Vec<Target> = first
+        .iter()
+        .map(|tg| {
+            let boxes = Tensor::new(&[[0.5f32, 0.5, 0.2, 0.6], [0.2, 0.3, 0.3, 0.3]], &Device::Cpu)
+                .unwrap();
+            let pm = tg.positive_map.as_ref().unwrap().flip(&[0]).unwrap();
+            Target::new(boxes, None, Some(pm)).unwrap()
+        })
+        .collect();
+    let run = |targets: &[Target]| {
+        glip_kernels::nn::seed_dropout(42);
+        model.forward_train(&images, &text, targets).unwrap()
+    };
+    let (a, c) = (run(&first), run(&second));
+    let bits = |x: &Tensor| -> Vec<u32> {
+        x.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
+    };
+    for (pa, pc) in std::iter::once((&a.pred, &c.pred)).chain(a.aux.iter().zip(&c.aux)) {
+        assert_eq!(bits(&pa.pred_boxes), bits(&pc.pred_boxes), "selected queries' boxes");
+        assert_eq!(bits(&pa.pred_logits), bits(&pc.pred_logits), "selected queries' logits");
+    }
+    let (da, dc) = (
+        a.extensions.get::<glip_core::DenoisingOutput>().expect("denoising output"),
+        c.extensions.get::<glip_core::DenoisingOutput>().expect("denoising output"),
+    );
+    // Two layers (auxiliary outputs on), 3 groups of 2 m = 4 queries.
+    assert_eq!(da.preds.len(), 2);
+    assert_eq!(da.preds[1].pred_boxes.dims(), &[b, 12, 4]);
+    assert_eq!(da.preds[1].pred_logits.dims(), &[b, 12, t]);
+    assert_eq!(da.groups, 3);
+    for m in &da.matches {
+        assert_eq!(m.query, vec![0, 1, 4, 5, 8, 9]);
+        assert_eq!(m.target, vec![0, 1, 0, 1, 0, 1]);
+    }
+    assert_ne!(bits(&da.preds[1].pred_boxes), bits(&dc.preds[1].pred_boxes), "their own queries");
+    let inference = model.forward(&images, &text, false).unwrap();
+    assert!(inference.extensions.get::<glip_core::DenoisingOutput>().is_none());
+    let untargeted = model.forward(&images, &text, true).unwrap();
+    assert!(untargeted.extensions.get::<glip_core::DenoisingOutput>().is_none());
+    assert_eq!(untargeted.pred.pred_boxes.dims(), a.pred.pred_boxes.dims());
 }
 
 #[test]

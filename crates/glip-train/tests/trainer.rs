@@ -95,10 +95,21 @@ fn run_accumulating(
     criterion: &dyn Criterion,
     accumulate: u64,
 ) -> std::result::Result<(), TrainError> {
-    let cfg = model_config();
+    run_model(&model_config(), dir, steps, resume, criterion, accumulate)
+}
+
+/// [`run_accumulating`] of the model `cfg`.
+fn run_model(
+    cfg: &ModelConfig,
+    dir: &Path,
+    steps: u64,
+    resume: bool,
+    criterion: &dyn Criterion,
+    accumulate: u64,
+) -> std::result::Result<(), TrainError> {
     let dev = glip_testing::device();
     let vm = candle_nn::VarMap::new();
-    let model = Registry::new().build_trainable(&cfg, &vm, 0, &dev)?;
+    let model = Registry::new().build_trainable(cfg, &vm, 0, &dev)?;
     let l = loader();
     let optim = OptimConfig { lr: 1e-3, warmup_steps: 2, ..Default::default() };
     let tc = TrainConfig { steps, log_every: 1, checkpoint_every: 2, accumulate };
@@ -172,6 +183,45 @@ fn resume_continues_with_the_same_losses() {
     }
     // The losses moved: training happened.
     assert_ne!(la[0].1, la[4].1);
+}
+
+/// Query selection with DINO's denoising queries: their noise is drawn from the step's seeded
+/// stream, so a resumed run logs what an uninterrupted one does (the resume test's tolerance),
+/// and their losses are logged.
+#[test]
+fn a_run_with_denoising_queries_resumes_with_the_same_losses() {
+    let cfg: ModelConfig = toml::from_str(&format!(
+        "{}[detector]\ntype = \"query-selection\"\ndenoising = {{ groups = 2 }}\n",
+        model_toml()
+    ))
+    .unwrap();
+    let log = std::cell::RefCell::new(String::new());
+    let (la, lb) = losses_of_two_runs(
+        "denoising",
+        |a, crit| {
+            run_model(&cfg, a, 4, false, crit, 1).unwrap();
+            *log.borrow_mut() = std::fs::read_to_string(a.join("log.jsonl")).unwrap();
+        },
+        |b, crit| {
+            run_model(&cfg, b, 2, false, crit, 1).unwrap();
+            run_model(&cfg, b, 4, true, crit, 1).unwrap();
+        },
+    );
+    assert_eq!(lb.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+    for (x, y) in la.iter().zip(&lb) {
+        assert!(
+            (x.1 - y.1).abs() <= 1e-4 * x.1.abs().max(1.0),
+            "step {}: {} uninterrupted vs {} resumed",
+            x.0,
+            x.1,
+            y.1
+        );
+    }
+    let first: serde_json::Value =
+        serde_json::from_str(log.borrow().lines().next().unwrap()).unwrap();
+    for k in ["loss_cls_dn", "loss_bbox_dn", "loss_giou_dn"] {
+        assert!(first["losses"][k].as_f64().is_some_and(f64::is_finite), "{k} in {first}");
+    }
 }
 
 /// Training is reproducible on the test device: two runs from the same start log the same
@@ -497,8 +547,8 @@ fn accumulate_two(
     for t in 0..2u64 {
         glip_kernels::nn::seed_dropout(glip_core::rng::Rng::for_sample(l.seed, t, 0).next_u64());
         let batch = l.step_batch(t).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        let losses =
-            crit.forward(&model.forward(&batch.images, &batch.text, true)?, &batch.targets)?;
+        let out = model.forward_train(&batch.images, &batch.text, &batch.targets)?;
+        let losses = crit.forward(&out, &batch.targets)?;
         let g = losses.total.backward()?;
         let mut grads = std::collections::BTreeMap::new();
         for (name, var) in vars_of(&vm) {
