@@ -403,7 +403,10 @@ mod tests {
             }
             n += 1;
         }
-        assert_eq!(n, 6, "design, query-generator, loss-head, fusion, accumulate, mix-captions");
+        assert_eq!(
+            n, 7,
+            "design, query-generator, loss-head, fusion, accumulate, mix-captions, denoising"
+        );
     }
 
     #[test]
