@@ -285,15 +285,7 @@ impl Detector for QuerySelection {
         for (i, layer) in self.layers.iter().enumerate() {
             let qpos = self.query_pos(&reference)?;
             let bias = dn.as_ref().map(|(bias, _)| bias);
-            tgt = layer.forward_masked(
-                &tgt,
-                Some(&qpos),
-                x.memory,
-                x.memory_mask,
-                x.pos,
-                bias,
-                train,
-            )?;
+            tgt = layer.forward(&tgt, Some(&qpos), x.memory, x.memory_mask, x.pos, bias, train)?;
             hs = self.norm.forward(&tgt)?;
             let boxes = candle_nn::ops::sigmoid(
                 &(self.bbox_embed.forward_logits(&hs)? + inverse_sigmoid(&reference)?)?,

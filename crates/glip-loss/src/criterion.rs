@@ -122,6 +122,16 @@ impl std::fmt::Debug for SetCriterion {
     }
 }
 
+/// What a layer's terms are computed against: the logits' kind, the batch's targets, the text
+/// mask of the token logits and the count that normalises the sums.
+#[derive(Clone, Copy)]
+struct Against<'a> {
+    kind: LogitsKind,
+    targets: &'a [Target],
+    text_mask: &'a Tensor,
+    num_boxes: f64,
+}
+
 /// Per-layer result: the three unweighted terms and the matches.
 struct LayerLosses {
     class: Tensor,
@@ -253,14 +263,8 @@ impl SetCriterion {
         Ok((costs, Some(Tensor::from_vec(all_boxes, (n_all, 4), dev)?)))
     }
 
-    fn layer(
-        &self,
-        pred: &Prediction,
-        kind: LogitsKind,
-        targets: &[Target],
-        text_mask: &Tensor,
-        num_boxes: f64,
-    ) -> Result<LayerLosses> {
+    fn layer(&self, pred: &Prediction, on: Against<'_>) -> Result<LayerLosses> {
+        let (kind, targets) = (on.kind, on.targets);
         let b = pred.pred_logits.dim(0)?;
         if targets.len() != b {
             candle_core::bail!("{} targets for a batch of {b} images", targets.len());
@@ -270,50 +274,19 @@ impl SetCriterion {
             .iter()
             .map(|cost| cost.as_ref().map_or(Ok(Match::default()), |c| self.matcher.assign(c)))
             .collect::<Result<Vec<Match>>>()?;
-        self.matched(pred, kind, targets, text_mask, num_boxes, matches, all_boxes)
+        self.matched(pred, on, matches, all_boxes)
     }
 
-    /// The three terms of `pred` with `matches` given (denoising queries, whose targets are
-    /// known), normalised by `num_boxes`.
-    fn known(
-        &self,
-        pred: &Prediction,
-        kind: LogitsKind,
-        targets: &[Target],
-        text_mask: &Tensor,
-        num_boxes: f64,
-        matches: Vec<Match>,
-    ) -> Result<LayerLosses> {
-        let b = pred.pred_logits.dim(0)?;
-        if targets.len() != b || matches.len() != b {
-            candle_core::bail!(
-                "{} targets and {} matches for a batch of {b} images",
-                targets.len(),
-                matches.len()
-            );
-        }
-        let all: Vec<Tensor> =
-            targets.iter().filter(|t| !t.is_empty()).map(|t| t.boxes.clone()).collect();
-        let all_boxes = match all.is_empty() {
-            true => None,
-            false => Some(Tensor::cat(&all, 0)?.to_dtype(DType::F32)?),
-        };
-        self.matched(pred, kind, targets, text_mask, num_boxes, matches, all_boxes)
-    }
-
-    /// The three terms of `pred` under `matches`, `all_boxes` every target box of the batch
-    /// (image-major).
-    #[allow(clippy::too_many_arguments)]
+    /// The three terms of `pred` under `matches` (found by the matcher, or known: denoising
+    /// queries), `all_boxes` every target box of the batch (image-major).
     fn matched(
         &self,
         pred: &Prediction,
-        kind: LogitsKind,
-        targets: &[Target],
-        text_mask: &Tensor,
-        num_boxes: f64,
+        on: Against<'_>,
         matches: Vec<Match>,
         all_boxes: Option<Tensor>,
     ) -> Result<LayerLosses> {
+        let Against { kind, targets, text_mask, num_boxes } = on;
         let (b, q, nc) = pred.pred_logits.dims3()?;
         let dev = pred.pred_logits.device();
         let class = match kind {
@@ -416,11 +389,12 @@ impl Criterion for SetCriterion {
                 terms.push((format!("loss_giou{suffix}"), l.giou.clone()));
                 Ok(())
             };
-        let last = self.layer(&out.pred, out.logits_kind, targets, &out.text_mask, num_boxes)?;
+        let on = Against { kind: out.logits_kind, targets, text_mask: &out.text_mask, num_boxes };
+        let last = self.layer(&out.pred, on)?;
         add(String::new(), &last, &mut terms)?;
         if c.aux_loss {
             for (i, aux) in out.aux.iter().enumerate() {
-                let l = self.layer(aux, out.logits_kind, targets, &out.text_mask, num_boxes)?;
+                let l = self.layer(aux, on)?;
                 add(format!("_{i}"), &l, &mut terms)?;
             }
         }
@@ -428,15 +402,29 @@ impl Criterion for SetCriterion {
         // count of their positives (DINO's `num_boxes * scalar`); the last layer's as
         // `*_dn`, the earlier layers' as `*_dn_{i}` with auxiliary losses.
         if let Some(dn) = out.extensions.get::<DenoisingOutput>() {
+            if dn.matches.len() != targets.len() {
+                candle_core::bail!(
+                    "denoising matches for {} images, {} targets",
+                    dn.matches.len(),
+                    targets.len()
+                );
+            }
             let dn_boxes = num_boxes * dn.groups.max(1) as f64;
+            // Every target box of the batch, image-major (as `costs` returns them).
+            let all: Vec<Tensor> =
+                targets.iter().filter(|t| !t.is_empty()).map(|t| t.boxes.clone()).collect();
+            let all_boxes = match all.is_empty() {
+                true => None,
+                false => Some(Tensor::cat(&all, 0)?.to_dtype(DType::F32)?),
+            };
             let n = dn.preds.len();
             for (i, p) in dn.preds.iter().enumerate() {
                 let is_last = i + 1 == n;
                 if !is_last && !c.aux_loss {
                     continue;
                 }
-                let (kind, mask) = (out.logits_kind, &out.text_mask);
-                let l = self.known(p, kind, targets, mask, dn_boxes, dn.matches.clone())?;
+                let dn_on = Against { num_boxes: dn_boxes, ..on };
+                let l = self.matched(p, dn_on, dn.matches.clone(), all_boxes.clone())?;
                 let suffix = if is_last { "_dn".to_string() } else { format!("_dn_{i}") };
                 add(suffix, &l, &mut terms)?;
             }

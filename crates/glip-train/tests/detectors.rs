@@ -115,14 +115,25 @@ fn targets(b: usize, t: usize) -> Vec<Target> {
         .collect()
 }
 
-fn every_parameter_learns(detector: &str, fusion: &str, extra: &str, loss: &str) {
+/// A model of `config(detector, fusion, [1, 2] with an FPN, extra)` and a batch of 2 random
+/// 64 x 64 images.
+fn model_and_images(
+    detector: &str,
+    fusion: &str,
+    extra: &str,
+) -> (ModelConfig, candle_nn::VarMap, glip_train::GlipModel, ImageBatch) {
     let cfg = config(detector, fusion, "[1, 2]", true, extra);
     let vm = candle_nn::VarMap::new();
     let model = Registry::new().build_trainable(&cfg, &vm, 0, &Device::Cpu).unwrap();
-    let (b, t) = (2, 6);
     let images =
-        ImageBatch::unpadded(Tensor::randn(0f32, 1.0, (b, 3, 64, 64), &Device::Cpu).unwrap())
+        ImageBatch::unpadded(Tensor::randn(0f32, 1.0, (2, 3, 64, 64), &Device::Cpu).unwrap())
             .unwrap();
+    (cfg, vm, model, images)
+}
+
+fn every_parameter_learns(detector: &str, fusion: &str, extra: &str, loss: &str) {
+    let (cfg, vm, model, images) = model_and_images(detector, fusion, extra);
+    let (b, t) = (2, 6);
     let targets = targets(b, t);
     let out = model.forward_train(&images, &text(b, t), &targets).unwrap();
     let lc: CriterionConfig = toml::from_str(loss).unwrap();
@@ -164,13 +175,8 @@ fn every_parameter_of_a_query_selection_model_with_denoising_learns() {
 /// underflows to 0), so nothing of them reaches the matched predictions.
 #[test]
 fn denoising_queries_leave_the_selected_queries_as_they_are() {
-    let cfg = config(QSEL, BI, "[1, 2]", true, "denoising = { groups = 3 }");
-    let vm = candle_nn::VarMap::new();
-    let model = Registry::new().build_trainable(&cfg, &vm, 0, &Device::Cpu).unwrap();
+    let (_, _vm, model, images) = model_and_images(QSEL, BI, "denoising = { groups = 3 }");
     let (b, t) = (2, 6);
-    let images =
-        ImageBatch::unpadded(Tensor::randn(0f32, 1.0, (b, 3, 64, 64), &Device::Cpu).unwrap())
-            .unwrap();
     let text = text(b, t);
     let first = targets(b, t);
     // The same counts, other boxes and phrases.

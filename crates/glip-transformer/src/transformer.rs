@@ -210,23 +210,11 @@ impl DecoderLayer {
     }
 
     /// `x (b, q, d)` with query positions `qpos (b, q, d)`, over `memory (b, s, d)` with
-    /// `mem_mask (b, s)` and `pos (b, s, d)` -> `(b, q, d)`.
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        qpos: Option<&Tensor>,
-        memory: &Tensor,
-        mem_mask: Option<&Tensor>,
-        pos: Option<&Tensor>,
-        train: bool,
-    ) -> Result<Tensor> {
-        self.forward_masked(x, qpos, memory, mem_mask, pos, None, train)
-    }
-
-    /// [`DecoderLayer::forward`] with `self_bias (q, q)` added to the self-attention's scores
-    /// (see [`MultiheadAttention::forward_biased`]): which queries may see which.
+    /// `mem_mask (b, s)` and `pos (b, s, d)` -> `(b, q, d)`; `self_bias (q, q)`, if any, added
+    /// to the self-attention's scores (which queries may see which, see
+    /// [`MultiheadAttention::forward_biased`]).
     #[allow(clippy::too_many_arguments)]
-    pub fn forward_masked(
+    pub fn forward(
         &self,
         x: &Tensor,
         qpos: Option<&Tensor>,
@@ -345,7 +333,7 @@ impl glip_core::Transformer for DetrTransformer {
         let mut x = queries.content.clone();
         let mut out = Vec::with_capacity(self.decoder.len());
         for l in &self.decoder {
-            x = l.forward(&x, queries.pos.as_ref(), memory, memory_mask, pos, train)?;
+            x = l.forward(&x, queries.pos.as_ref(), memory, memory_mask, pos, None, train)?;
             out.push(norm.forward(&x)?);
         }
         Ok(out)
