@@ -114,10 +114,27 @@ pub struct QuerySelectionConfig {
     /// Side of the anchor each encoder token's box is predicted from, in strides. Default 2.
     #[serde(default = "two")]
     pub anchor_scale: f64,
+    /// What the decoder's queries start from. Default `selected`.
+    #[serde(default)]
+    pub content: QueryContent,
     /// DINO's contrastive denoising queries in training (off unless `groups` is set; see
     /// [`crate::denoising`]).
     #[serde(default)]
     pub denoising: DenoisingConfig,
+}
+
+/// The content part of query selection's decoder queries; their positions are always the
+/// selected tokens' boxes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum QueryContent {
+    /// The selected encoder tokens' features, detached (Deformable DETR's two-stage queries).
+    #[default]
+    Selected,
+    /// `num_queries` learned embeddings, the same for every image: DINO's mixed query
+    /// selection, which Grounding DINO uses (the selected tokens' features are single
+    /// locations' and may describe an object poorly; the boxes carry where to look).
+    Learned,
 }
 
 fn two() -> f64 {
@@ -134,7 +151,11 @@ impl Validate for QuerySelectionConfig {
 
 impl Default for QuerySelectionConfig {
     fn default() -> Self {
-        Self { anchor_scale: 2.0, denoising: DenoisingConfig::default() }
+        Self {
+            anchor_scale: 2.0,
+            content: QueryContent::default(),
+            denoising: DenoisingConfig::default(),
+        }
     }
 }
 
@@ -142,8 +163,9 @@ impl Default for QuerySelectionConfig {
 /// (`query_selection.*`): `enc_output` + `enc_norm`, `enc_token_head`, `enc_bbox_embed` score
 /// and box every encoder token; `decoder.layers.N`, `decoder.norm`, `ref_point_head` (an MLP
 /// over the reference box's sine embedding, the queries' positions), `bbox_embed` (the
-/// refinement, shared by the layers), `token_head`; with denoising, `dn_content` (a query's
-/// content from its phrase, text width to `d`).
+/// refinement, shared by the layers), `token_head`; with learned content, `tgt_embed
+/// (num_queries, d)`; with denoising, `dn_content` (a query's content from its phrase, text
+/// width to `d`).
 #[derive(Debug, Clone)]
 pub struct QuerySelection {
     enc_output: Linear,
@@ -156,6 +178,7 @@ pub struct QuerySelection {
     bbox_embed: MlpBoxHead,
     token_head: TokenAlignmentHead,
     dn_content: Option<Linear>,
+    tgt_embed: Option<Tensor>,
     num_queries: usize,
     aux_outputs: bool,
     d: usize,
@@ -199,6 +222,14 @@ impl QuerySelection {
             dn_content: match config.denoising.groups {
                 0 => None,
                 _ => Some(Linear::new(text_dim, d, vb.pp("dn_content"))?),
+            },
+            tgt_embed: match config.content {
+                QueryContent::Selected => None,
+                QueryContent::Learned => Some(vb.get_with_hints(
+                    (num_queries, d),
+                    "tgt_embed",
+                    candle_nn::Init::Randn { mean: 0.0, stdev: 1.0 },
+                )?),
             },
             num_queries,
             aux_outputs,
@@ -254,7 +285,13 @@ impl Detector for QuerySelection {
         let sel_logits = gather_rows(&enc_logits, &idx)?;
         let interm = Prediction::new(sel_boxes.clone(), sel_logits)?;
         trace("query selection: reference boxes", sel_boxes.dims());
-        let mut tgt = gather_rows(&enc, &idx)?.detach();
+        let mut tgt = match &self.tgt_embed {
+            None => gather_rows(&enc, &idx)?.detach(),
+            Some(e) => {
+                let (b, d) = (x.memory.dim(0)?, self.d);
+                e.narrow(0, 0, k)?.unsqueeze(0)?.broadcast_as((b, k, d))?.contiguous()?
+            }
+        };
         let mut reference = sel_boxes.detach();
         // Denoising queries (training with targets only) before the selected ones, masked
         // apart from them.

@@ -15,6 +15,6 @@ pub mod decoding;
 pub mod denoising;
 pub mod dense;
 
-pub use decoding::{DecoderDetector, QuerySelection, QuerySelectionConfig};
+pub use decoding::{DecoderDetector, QueryContent, QuerySelection, QuerySelectionConfig};
 pub use denoising::DenoisingConfig;
 pub use dense::{DenseHead, DenseHeadConfig};

@@ -273,9 +273,9 @@ pub struct ModelConfig {
     pub fpn: bool,
     /// What turns the fused tokens into predictions: `decoder` (the seed's: query generator,
     /// decoder, box and class heads), `dense` (GLIP's one-stage head; params `tower`,
-    /// `centerness`), `query-selection` (Grounding DINO's; params `anchor_scale`, `denoising`
-    /// = DINO's denoising queries `{ groups, box_noise, label_noise }`), or a registered name.
-    /// Default `decoder`.
+    /// `centerness`), `query-selection` (Grounding DINO's; params `anchor_scale`, `content` =
+    /// `selected` or `learned` (DINO's mixed query selection), `denoising` = DINO's denoising
+    /// queries `{ groups, box_noise, label_noise }`), or a registered name. Default `decoder`.
     #[serde(default = "decoder_detector")]
     pub detector: Slot<DetectorConfig>,
     /// Text encoder (default type `bert`).

@@ -166,6 +166,14 @@ fn every_parameter_of_a_query_selection_model_with_denoising_learns() {
     every_parameter_learns(QSEL, BI, "denoising = { groups = 2 }", "");
 }
 
+/// DINO's mixed query selection: learned content (`tgt_embed`) at the selected boxes, with and
+/// without denoising queries beside it.
+#[test]
+fn every_parameter_of_a_query_selection_model_with_learned_content_learns() {
+    every_parameter_learns(QSEL, NONE, "content = \"learned\"", "");
+    every_parameter_learns(QSEL, BI, "content = \"learned\"\ndenoising = { groups = 2 }", "");
+}
+
 /// DINO's denoising queries in a training step: `(b, groups 2 m, .)` predictions for every
 /// decoder layer, their positives matched to their targets; none in inference or without
 /// targets. Two steps whose targets differ (other boxes and phrases, so other denoising
