@@ -409,6 +409,14 @@ impl Criterion for SetCriterion {
                     targets.len()
                 );
             }
+            for (i, (m, t)) in dn.matches.iter().zip(targets).enumerate() {
+                if let Some(&bad) = m.target.iter().find(|&&j| j >= t.len()) {
+                    candle_core::bail!(
+                        "a denoising query of image {i} reconstructs target {bad}, of {}",
+                        t.len()
+                    );
+                }
+            }
             let dn_boxes = num_boxes * dn.groups.max(1) as f64;
             // Every target box of the batch, image-major (as `costs` returns them).
             let all: Vec<Tensor> =
@@ -538,6 +546,13 @@ mod tests {
                 assert!((got - want).abs() <= bound, "{k}{suffix}: {got} vs {want}");
             }
         }
+        // A detector's matches naming a target the image does not have: an error, no panic.
+        let mut broken = output(Vec::new());
+        let mut bad = plain.matches.clone();
+        bad[0].target[0] = 2;
+        broken.extensions.insert(DenoisingOutput::new(vec![pred.clone()], bad, 1).unwrap());
+        let e = crit.forward(&broken, &targets).unwrap_err().to_string();
+        assert!(e.contains("image 0 reconstructs target 2, of 2"), "{e}");
         let no_aux = LossConfig { aux_loss: false, ..LossConfig::default() };
         let crit = SetCriterion::new(no_aux, Box::new(HungarianMatcher));
         let without = crit.forward(&out, &targets).unwrap();
