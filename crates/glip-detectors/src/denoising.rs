@@ -25,7 +25,9 @@
 //!
 //! Images of a batch have different target counts: every group holds `m` positive and `m`
 //! negative slots (`m` the batch's largest count); an image's unused slots are padding (a
-//! unit box, no phrase) trained to predict nothing, as in DINO.
+//! unit box, no phrase) trained to predict nothing, as in DINO. As DINO bounds its denoising
+//! queries (`dn_number`), `max_queries` caps `2 m groups`: a batch with many objects gets
+//! fewer groups (one at least).
 
 use candle_core::{Device, Result, Tensor};
 use glip_core::rng::Rng;
@@ -49,6 +51,16 @@ pub struct DenoisingConfig {
     /// (DINO's effective rate).
     #[serde(default = "label_noise")]
     pub label_noise: f64,
+    /// At most this many denoising queries per image: a batch whose largest target count is
+    /// `m` uses `min(groups, max(1, max_queries / 2m))` groups, so images with many objects
+    /// (COCO's crowded ones) do not multiply the decoder's queries. Default 200 (DINO's: its
+    /// `dn_number` 100 positive and 100 negative).
+    #[serde(default = "max_queries")]
+    pub max_queries: usize,
+}
+
+fn max_queries() -> usize {
+    200
 }
 
 fn box_noise() -> f64 {
@@ -61,7 +73,12 @@ fn label_noise() -> f64 {
 
 impl Default for DenoisingConfig {
     fn default() -> Self {
-        Self { groups: 0, box_noise: box_noise(), label_noise: label_noise() }
+        Self {
+            groups: 0,
+            box_noise: box_noise(),
+            label_noise: label_noise(),
+            max_queries: max_queries(),
+        }
     }
 }
 
@@ -76,6 +93,8 @@ impl Validate for DenoisingConfig {
         // negative may then cross it (its box is reordered).
         c.finite_above("box_noise", self.box_noise, 0.0, 1.0);
         c.probability("label_noise", self.label_noise);
+        let rule = "must be at least 2 (one positive and one negative)";
+        c.ensure(self.max_queries >= 2, "max_queries", self.max_queries, rule);
     }
 }
 
@@ -100,7 +119,8 @@ pub struct DenoisingQueries {
 impl DenoisingQueries {
     /// The queries of `targets` over `t`-token prompts, noise drawn from `seed`; `None` when
     /// `config.groups` is 0 or no image has a target. Positive `j` of group `g` is query
-    /// `2 m g + j`, its negative `2 m g + m + j`.
+    /// `2 m g + j`, its negative `2 m g + m + j`; `config.groups` groups, fewer where
+    /// `config.max_queries` caps them (at least one).
     pub fn new(
         targets: &[Target],
         t: usize,
@@ -108,10 +128,10 @@ impl DenoisingQueries {
         seed: u64,
     ) -> Result<Option<Self>> {
         let m = targets.iter().map(Target::len).max().unwrap_or(0);
-        let groups = config.groups;
-        if groups == 0 || m == 0 {
+        if config.groups == 0 || m == 0 {
             return Ok(None);
         }
+        let groups = config.groups.min((config.max_queries / (2 * m)).max(1));
         let (b, n) = (targets.len(), groups * 2 * m);
         let mut boxes = [0.5f32, 0.5, 1.0, 1.0].repeat(b * n);
         let mut phrases = vec![0f32; b * n * t];
@@ -248,7 +268,7 @@ mod tests {
         let t = 8;
         let boxes = [[0.5, 0.5, 0.3, 0.2], [0.3, 0.6, 0.2, 0.3], [0.6, 0.4, 0.25, 0.25]];
         let targets = [target(&boxes, t), target(&[], t), target(&boxes[1..2], t)];
-        let config = DenoisingConfig { groups: 4, box_noise: 0.4, label_noise: 0.0 };
+        let config = DenoisingConfig { groups: 4, label_noise: 0.0, ..DenoisingConfig::default() };
         let eps = 8.0 * f32::EPSILON / 2.0 / 0.04;
         for seed in 0..50 {
             let q = DenoisingQueries::new(&targets, t, &config, seed).unwrap().unwrap();
@@ -306,7 +326,7 @@ mod tests {
         let t = 8;
         let boxes = [[0.5, 0.5, 0.3, 0.2], [0.3, 0.6, 0.2, 0.3], [0.6, 0.4, 0.25, 0.25]];
         let targets = [target(&boxes, t)];
-        let config = DenoisingConfig { groups: 20, box_noise: 0.4, label_noise: 1.0 };
+        let config = DenoisingConfig { groups: 20, label_noise: 1.0, ..DenoisingConfig::default() };
         let q = DenoisingQueries::new(&targets, t, &config, 7).unwrap().unwrap();
         let mut seen = [false; 3];
         for at in 0..q.n {
@@ -343,6 +363,22 @@ mod tests {
         }
     }
 
+    /// `max_queries` caps the groups by the batch's largest target count, never below one
+    /// group: 20 groups of 2 x 3 slots under a cap of 24 are 4 groups; under a cap of 2, one.
+    #[test]
+    fn max_queries_caps_the_groups() {
+        let t = 8;
+        let boxes = [[0.5, 0.5, 0.3, 0.2], [0.3, 0.6, 0.2, 0.3], [0.6, 0.4, 0.25, 0.25]];
+        let targets = [target(&boxes, t), target(&boxes[..1], t)];
+        for (cap, groups) in [(200, 20), (24, 4), (29, 4), (2, 1)] {
+            let config = DenoisingConfig { groups: 20, max_queries: cap, ..Default::default() };
+            let q = DenoisingQueries::new(&targets, t, &config, 3).unwrap().unwrap();
+            assert_eq!((q.groups, q.n), (groups, groups * 6), "cap {cap}");
+            assert_eq!(q.matches[0].query.len(), 3 * groups);
+            assert_eq!(q.matches[1].query.len(), groups);
+        }
+    }
+
     /// Off without groups or without any target; configs outside their ranges are refused.
     #[test]
     fn off_and_refused() {
@@ -359,6 +395,7 @@ mod tests {
             DenoisingConfig { box_noise: 1.5, ..on.clone() },
             DenoisingConfig { label_noise: -0.1, ..on.clone() },
             DenoisingConfig { label_noise: f64::NAN, ..on.clone() },
+            DenoisingConfig { max_queries: 1, ..on.clone() },
         ] {
             let mut c = Checker::new();
             bad.validate(&mut c);

@@ -275,7 +275,8 @@ pub struct ModelConfig {
     /// decoder, box and class heads), `dense` (GLIP's one-stage head; params `tower`,
     /// `centerness`), `query-selection` (Grounding DINO's; params `anchor_scale`, `content` =
     /// `selected` or `learned` (DINO's mixed query selection), `denoising` = DINO's denoising
-    /// queries `{ groups, box_noise, label_noise }`), or a registered name. Default `decoder`.
+    /// queries `{ groups, box_noise, label_noise, max_queries }`), or a registered name. Default
+    /// `decoder`.
     #[serde(default = "decoder_detector")]
     pub detector: Slot<DetectorConfig>,
     /// Text encoder (default type `bert`).
