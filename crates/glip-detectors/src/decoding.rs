@@ -300,12 +300,14 @@ impl Detector for QuerySelection {
                 let t = x.text.tokens.dim(1)?;
                 let seed = glip_kernels::nn::next_seed();
                 DenoisingQueries::new(targets, t, &self.config.denoising, seed)?
-                    .map(|q| -> Result<_> {
+                    .map(|mut q| -> Result<_> {
                         let (b, dev) = (targets.len(), x.memory.device());
-                        let phrases = Tensor::from_vec(q.phrases.clone(), (b, q.n, t), dev)?
+                        let phrases = std::mem::take(&mut q.phrases);
+                        let phrases = Tensor::from_vec(phrases, (b, q.n, t), dev)?
                             .to_dtype(x.text.tokens.dtype())?;
                         let c = content.forward(&phrases.matmul(&x.text.tokens)?)?;
-                        let boxes = Tensor::from_vec(q.boxes.clone(), (b, q.n, 4), dev)?;
+                        let boxes =
+                            Tensor::from_vec(std::mem::take(&mut q.boxes), (b, q.n, 4), dev)?;
                         tgt = Tensor::cat(&[c.to_dtype(tgt.dtype())?, tgt.clone()], 1)?;
                         reference = Tensor::cat(&[boxes, reference.clone()], 1)?;
                         trace("denoising queries", &[b, q.n, self.d]);

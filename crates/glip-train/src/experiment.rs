@@ -351,9 +351,9 @@ fn training_data(
     let main_len = main.len();
     let mut parts = vec![(main, 1)];
     let mut sizes = vec![format!("{main_len} from {source}")];
+    // What the run holds out of training, a mixed-in source's detection records leave out.
+    let held_out = cfg.held_out();
     for m in &cfg.data.mix {
-        // What the run holds out of training, a mixed-in source's detection records leave out.
-        let held_out = cfg.held_out();
         let (ds, file): (Arc<dyn Dataset>, &Path) = match (&m.odvg, &m.coco) {
             (Some(odvg), _) => {
                 let ds = odvg_training_data(OdvgFiles::mix(odvg, m), cfg, tok.clone(), progress)?;

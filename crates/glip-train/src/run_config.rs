@@ -521,8 +521,8 @@ fn read_config_chain(path: &Path, chain: &mut Vec<PathBuf>) -> Result<ConfigDoc,
         }
         e => e,
     })?;
-    merge_tables(&mut merged.doc, doc.clone());
     merged.keys.extend(own(&doc));
+    merge_tables(&mut merged.doc, doc);
     Ok(merged)
 }
 
