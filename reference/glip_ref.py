@@ -21,7 +21,8 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 __all__ = [
-    "FrozenBatchNorm2d", "ResNetBody", "SeedQueries", "TokenHead", "SeedGLIP", "cxcywh_to_xyxy",
+    "FrozenBatchNorm2d", "ResNetBody", "SeedQueries", "TokenHead", "SeedGLIP", "GroundingDecoderLayer",
+    "cxcywh_to_xyxy",
     "giou", "focal", "hungarian", "class_losses", "token_losses", "detection_prompt", "positive_map",
 ]
 
@@ -126,6 +127,39 @@ class SeedGLIP(nn.Module):
             logits = self.token_head(hs, text.last_hidden_state)
         return {"pred_logits": logits, "pred_boxes": torch.sigmoid(self.bbox_pred(hs)), "hs": hs,
                 "memory": memory.transpose(0, 1)}
+
+
+# ----------------------------------------------------------------------------------- query selection
+
+class GroundingDecoderLayer(nn.Module):
+    """Grounding DINO's cross-modality decoder layer (groundingdino's
+    DeformableTransformerDecoderLayer with use_text_cross_attention) with ordinary multi-head
+    attention over the image tokens where Grounding DINO's is deformable: self-attention, text
+    cross-attention, image cross-attention, feed-forward (relu), each followed by its residual
+    and LayerNorm (post-norm; dropout off). The queries' positions are added to their queries
+    in all three attentions, the image positions to the image keys; the text keys carry none.
+    Names: torch.nn.TransformerDecoderLayer's (self_attn, multihead_attn, linear1/2, norm1..3)
+    plus Grounding DINO's ca_text and catext_norm."""
+
+    def __init__(self, d, heads, ff):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.ca_text = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.multihead_attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.linear1, self.linear2 = nn.Linear(d, ff), nn.Linear(ff, d)
+        self.norm1, self.catext_norm = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.norm2, self.norm3 = nn.LayerNorm(d), nn.LayerNorm(d)
+
+    def forward(self, x, qpos, memory, memory_mask, pos, text, text_mask):
+        """x, qpos (B, Q, d); memory, pos (B, S, d); text (B, T, d); masks (B, S) / (B, T),
+        1 for real tokens."""
+        q = x + qpos
+        x = self.norm1(x + self.self_attn(q, q, x, need_weights=False)[0])
+        x = self.catext_norm(x + self.ca_text(x + qpos, text, text, key_padding_mask=text_mask == 0,
+                                              need_weights=False)[0])
+        x = self.norm2(x + self.multihead_attn(x + qpos, memory + pos, memory,
+                                               key_padding_mask=memory_mask == 0, need_weights=False)[0])
+        return self.norm3(x + self.linear2(F.relu(self.linear1(x))))
 
 
 # ----------------------------------------------------------------------------------- boxes

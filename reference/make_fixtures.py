@@ -230,6 +230,40 @@ with torch.enable_grad():
 save(io_, "seed-tiny/io.safetensors")
 write_json(meta, "seed-tiny/io.json", indent=1)
 
+# ---------------------------------------------------------------- Grounding DINO's decoder layer
+torch.manual_seed(5)
+gen = torch.Generator().manual_seed(5)
+layer = R.GroundingDecoderLayer(d=32, heads=4, ff=64).eval()
+with torch.no_grad():
+    for norm in (layer.norm1, layer.catext_norm, layer.norm2, layer.norm3):  # not the identity
+        norm.weight.copy_(0.75 + 0.5 * torch.rand(32, generator=gen))
+        norm.bias.copy_(0.1 * torch.randn(32, generator=gen))
+    for attn in (layer.self_attn, layer.ca_text, layer.multihead_attn):  # torch starts them at 0
+        attn.in_proj_bias.copy_(0.1 * torch.randn(96, generator=gen))
+        attn.out_proj.bias.copy_(0.1 * torch.randn(32, generator=gen))
+f16_roundtrip(layer)
+B, Q, S, T_ = 2, 5, 7, 6
+dec_in = {"x": torch.randn(B, Q, 32, generator=gen), "qpos": torch.randn(B, Q, 32, generator=gen),
+          "memory": torch.randn(B, S, 32, generator=gen), "pos": torch.randn(B, S, 32, generator=gen),
+          "text": torch.randn(B, T_, 32, generator=gen),
+          # the second image has 2 padded image tokens and 3 padded text tokens
+          "memory_mask": torch.tensor([[1] * S, [1] * (S - 2) + [0] * 2], dtype=torch.uint8),
+          "text_mask": torch.tensor([[1] * T_, [1] * (T_ - 3) + [0] * 3], dtype=torch.uint8),
+          "out_weight": torch.randn(B, Q, 32, generator=gen)}
+DEC_GRADS = ["self_attn.in_proj_weight", "ca_text.in_proj_weight", "ca_text.in_proj_bias",
+             "ca_text.out_proj.weight", "catext_norm.weight", "catext_norm.bias",
+             "multihead_attn.out_proj.weight", "norm2.weight", "linear1.weight"]
+with torch.enable_grad():
+    x = dec_in["x"].clone().requires_grad_(True)
+    text = dec_in["text"].clone().requires_grad_(True)
+    out = layer(x, dec_in["qpos"], dec_in["memory"], dec_in["memory_mask"], dec_in["pos"], text,
+                dec_in["text_mask"])
+    (out * dec_in["out_weight"]).sum().backward()
+params = dict(layer.named_parameters())
+save(f16_state(layer), "grounding-decoder-layer/model.safetensors")
+save({**dec_in, "out": out.detach(), "grad.x": x.grad, "grad.text": text.grad,
+      **{f"grad.{k}": params[k].grad for k in DEC_GRADS}}, "grounding-decoder-layer/io.safetensors")
+
 # ---------------------------------------------------------------- matcher cases (scipy)
 rng = np.random.default_rng(3)
 matcher_cases = []

@@ -17,8 +17,8 @@ use glip_core::{
 };
 use glip_heads::{MlpBoxHead, TokenAlignmentHead};
 use glip_kernels::nn::{LayerNorm, Linear};
-use glip_transformer::transformer::DecoderLayer;
 use glip_transformer::TransformerConfig;
+use glip_transformer::{DecoderLayer, DecoderMemory};
 
 /// The seed's design: query generator, the transformer's decoder, box and class heads.
 pub struct DecoderDetector {
@@ -121,6 +121,17 @@ pub struct QuerySelectionConfig {
     /// [`crate::denoising`]).
     #[serde(default)]
     pub denoising: DenoisingConfig,
+    /// Grounding DINO's text cross-attention in every decoder layer (`ca_text`, between the
+    /// self-attention and the image cross-attention; the prompt's tokens projected to the
+    /// model's width by `text_proj`). Default false.
+    #[serde(default)]
+    pub text_cross_attention: bool,
+    /// DINO's "look forward twice": in training, layer `i`'s boxes refine layer `i - 1`'s
+    /// boxes as they were predicted (not detached), so each box loss also trains the layer
+    /// before; the next layer's reference stays detached. The same values, other gradients.
+    /// Default false.
+    #[serde(default)]
+    pub look_forward_twice: bool,
 }
 
 /// The content part of query selection's decoder queries; their positions are always the
@@ -155,6 +166,8 @@ impl Default for QuerySelectionConfig {
             anchor_scale: 2.0,
             content: QueryContent::default(),
             denoising: DenoisingConfig::default(),
+            text_cross_attention: false,
+            look_forward_twice: false,
         }
     }
 }
@@ -165,7 +178,8 @@ impl Default for QuerySelectionConfig {
 /// over the reference box's sine embedding, the queries' positions), `bbox_embed` (the
 /// refinement, shared by the layers), `token_head`; with learned content, `tgt_embed
 /// (num_queries, d)`; with denoising, `dn_content` (a query's content from its phrase, text
-/// width to `d`).
+/// width to `d`); with text cross-attention, `text_proj` (text width to `d`) and each layer's
+/// `ca_text`, `catext_norm`.
 #[derive(Debug, Clone)]
 pub struct QuerySelection {
     enc_output: Linear,
@@ -178,6 +192,7 @@ pub struct QuerySelection {
     bbox_embed: MlpBoxHead,
     token_head: TokenAlignmentHead,
     dn_content: Option<Linear>,
+    text_proj: Option<Linear>,
     tgt_embed: Option<Tensor>,
     num_queries: usize,
     aux_outputs: bool,
@@ -204,7 +219,13 @@ impl QuerySelection {
             candle_core::bail!("query selection: d_model {d} is odd");
         }
         let layers = (0..tc.num_decoder_layers)
-            .map(|i| DecoderLayer::new(tc, vb.pp(format!("decoder.layers.{i}"))))
+            .map(|i| {
+                let vb = vb.pp(format!("decoder.layers.{i}"));
+                match config.text_cross_attention {
+                    true => DecoderLayer::with_text_attention(tc, vb),
+                    false => DecoderLayer::new(tc, vb),
+                }
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             enc_output: Linear::new(d, d, vb.pp("enc_output"))?,
@@ -222,6 +243,10 @@ impl QuerySelection {
             dn_content: match config.denoising.groups {
                 0 => None,
                 _ => Some(Linear::new(text_dim, d, vb.pp("dn_content"))?),
+            },
+            text_proj: match config.text_cross_attention {
+                true => Some(Linear::new(text_dim, d, vb.pp("text_proj"))?),
+                false => None,
             },
             tgt_embed: match config.content {
                 QueryContent::Selected => None,
@@ -318,20 +343,39 @@ impl Detector for QuerySelection {
             _ => None,
         };
         let nd = dn.as_ref().map_or(0, |(_, q)| q.n);
+        let text = match &self.text_proj {
+            Some(p) => Some(p.forward(&x.text.tokens)?.to_dtype(x.memory.dtype())?),
+            None => None,
+        };
+        let text_mask = x.text.mask.to_dtype(DType::U8)?;
+        let mem = DecoderMemory {
+            text: text.as_ref().map(|t| (t, &text_mask)),
+            ..DecoderMemory::image(x.memory, x.memory_mask, x.pos)
+        };
         let mut preds = Vec::with_capacity(self.layers.len());
         let mut dn_preds = Vec::new();
         let mut hs = tgt.clone();
+        // The previous layer's refined boxes as predicted, for look forward twice.
+        let mut predicted: Option<Tensor> = None;
         for (i, layer) in self.layers.iter().enumerate() {
             let qpos = self.query_pos(&reference)?;
             let bias = dn.as_ref().map(|(bias, _)| bias);
-            tgt = layer.forward(&tgt, Some(&qpos), x.memory, x.memory_mask, x.pos, bias, train)?;
+            tgt = layer.forward(&tgt, Some(&qpos), &mem, bias, train)?;
             hs = self.norm.forward(&tgt)?;
-            let boxes = candle_nn::ops::sigmoid(
-                &(self.bbox_embed.forward_logits(&hs)? + inverse_sigmoid(&reference)?)?,
-            )?;
+            let delta = self.bbox_embed.forward_logits(&hs)?;
+            let refined = candle_nn::ops::sigmoid(&(&delta + inverse_sigmoid(&reference)?)?)?;
+            // Look forward twice: the same values from the previous layer's boxes before their
+            // detach, so this layer's box losses reach that layer's refinement too.
+            let boxes = match &predicted {
+                Some(prev) => candle_nn::ops::sigmoid(&(&delta + inverse_sigmoid(prev)?)?)?,
+                None => refined.clone(),
+            };
             let logits = self.token_head.logits(&hs, &x.text.tokens)?;
             trace(&format!("decoder layer {i} (refined boxes)"), boxes.dims());
-            reference = boxes.detach();
+            reference = refined.detach();
+            if train && self.config.look_forward_twice {
+                predicted = Some(refined);
+            }
             if nd > 0 {
                 let last = i + 1 == self.layers.len();
                 if self.aux_outputs || last {

@@ -6,12 +6,13 @@
 //! ```
 //!
 //! * **The parity suite on CUDA.** The parity tests of glip-backbone (ResNet-50, MobileNetV2,
-//!   ResNet-50 in bf16), glip-loss, glip-text (BERT-tiny, MiniLM) and glip-train (seed-tiny
-//!   forward, losses, matches and gradients) are compiled into this binary as modules and compute
-//!   on `$GLIP_TEST_DEVICE` ([`glip_testing::device`]), at the fixture README's tolerances in f32
-//!   (TF32 off, the default) and the stated bound in bf16. The trainer's tests come too: resumed
-//!   training continues with the same losses on the GPU, and a GPU checkpoint resumes on the
-//!   CPU.
+//!   ResNet-50 in bf16), glip-loss, glip-text (BERT-tiny, MiniLM), glip-train (seed-tiny
+//!   forward, losses, matches and gradients) and glip-transformer (Grounding DINO's decoder layer
+//!   with its text cross-attention, forward and gradients) are compiled into this binary as
+//!   modules and compute on `$GLIP_TEST_DEVICE` ([`glip_testing::device`]), at the fixture
+//!   README's tolerances in f32 (TF32 off, the default) and the stated bound in bf16. The
+//!   trainer's tests come too: resumed training continues with the same losses on the GPU, and a
+//!   GPU checkpoint resumes on the CPU.
 //! * **Each op with a CUDA path against exact values or the CPU path.** Convolutions (3x3,
 //!   strided, 1x1, the 7x7 stem, depthwise) forward and both gradients, in f32 and under bf16
 //!   autocast; `Linear` with its gradients in both; training batch norm, softmax and layer norm
@@ -35,6 +36,8 @@ mod text_parity;
 mod tiny_dense;
 #[path = "trainer.rs"]
 mod trainer;
+#[path = "../../glip-transformer/tests/parity.rs"]
+mod transformer_parity;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use glip_kernels::bf16::{autocast, Precision};

@@ -20,8 +20,12 @@ fn try_config(
     fpn: bool,
     extra: &str,
 ) -> Result<ModelConfig, toml::de::Error> {
+    toml::from_str(&config_text(detector, fusion, levels, fpn, extra))
+}
+
+fn config_text(detector: &str, fusion: &str, levels: &str, fpn: bool, extra: &str) -> String {
     let tok = glip_testing::fixture("bert-tiny/tokenizer.json");
-    toml::from_str(&format!(
+    format!(
         r#"
 num_queries = 6
 position_encoding = true
@@ -54,7 +58,7 @@ dim_feedforward = 32
 type = "token"
 "#,
         tok.display()
-    ))
+    )
 }
 
 fn text(b: usize, t: usize) -> TextBatch {
@@ -243,4 +247,92 @@ fn detectors_that_predict_tokens_refuse_a_fixed_class_head() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("towr"), "{e}");
+}
+
+/// Grounding DINO's text cross-attention in every decoder layer (`ca_text`, `catext_norm`,
+/// `text_proj`), alone and with denoising queries and learned content.
+#[test]
+fn every_parameter_of_a_query_selection_model_with_text_cross_attention_learns() {
+    every_parameter_learns(QSEL, BI, "text_cross_attention = true", "");
+    let extra = "text_cross_attention = true\ncontent = \"learned\"\ndenoising = { groups = 2 }";
+    every_parameter_learns(QSEL, NONE, extra, "");
+}
+
+/// DINO's look forward twice changes gradients only: with the same weights and dropout masks a
+/// training step predicts the same boxes and logits bit for bit on every layer, and the set
+/// criterion's gradients are bit for bit the same for every parameter its extra path cannot
+/// reach (the last decoder layer's own, the selection heads', which the detached first reference
+/// keeps out) and differ for the layer before the last and the shared box refinement. With one
+/// decoder layer there is no layer before, and every gradient is the same.
+#[test]
+fn look_forward_twice_changes_the_gradients_it_should_and_no_value() {
+    for layers in [2, 1] {
+        let step = |lft: bool| {
+            let doc = config_text(QSEL, BI, "[1, 2]", true, &format!("look_forward_twice = {lft}"))
+                .replace("num_decoder_layers = 2", &format!("num_decoder_layers = {layers}"));
+            let cfg: ModelConfig = toml::from_str(&doc).unwrap();
+            let vm = candle_nn::VarMap::new();
+            let model = Registry::new().build_trainable(&cfg, &vm, 0, &Device::Cpu).unwrap();
+            let images = ImageBatch::unpadded(
+                Tensor::arange(0f32, (2 * 3 * 64 * 64) as f32, &Device::Cpu)
+                    .unwrap()
+                    .affine(1e-4, -0.5)
+                    .unwrap()
+                    .sin()
+                    .unwrap()
+                    .reshape((2, 3, 64, 64))
+                    .unwrap(),
+            )
+            .unwrap();
+            let (b, t) = (2, 6);
+            let targets = targets(b, t);
+            glip_kernels::nn::seed_dropout(7);
+            let out = model.forward_train(&images, &text(b, t), &targets).unwrap();
+            let crit = Registry::new()
+                .build_criterion(&toml::from_str("").unwrap(), &cfg, &model, &Device::Cpu)
+                .unwrap();
+            let grads = crit.forward(&out, &targets).unwrap().total.backward().unwrap();
+            let bits = |x: &Tensor| -> Vec<u32> {
+                let v = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                v.iter().map(|v| v.to_bits()).collect()
+            };
+            let preds: Vec<Vec<u32>> = std::iter::once(&out.pred)
+                .chain(&out.aux)
+                .flat_map(|p| [bits(&p.pred_boxes), bits(&p.pred_logits)])
+                .collect();
+            let vars = vm.data().lock().unwrap();
+            let grads: std::collections::BTreeMap<String, Vec<u32>> = vars
+                .iter()
+                .filter_map(|(n, v)| grads.get(v.as_tensor()).map(|g| (n.clone(), bits(g))))
+                .collect();
+            (preds, grads)
+        };
+        let (plain, lft) = (step(false), step(true));
+        assert_eq!(plain.0, lft.0, "{layers} layers: the same predictions");
+        assert_eq!(plain.1.keys().collect::<Vec<_>>(), lft.1.keys().collect::<Vec<_>>());
+        let differs = |n: &str| plain.1[n] != lft.1[n];
+        let (mut same, mut other) = (0, 0);
+        for name in plain.1.keys() {
+            // The extra path runs from the last layer's boxes into the first layer's refined
+            // boxes and from there back through everything that made them (the first layer,
+            // the shared refinement, the encoder, the backbone, ...): only the last layer, the
+            // selection heads (whose boxes and features enter the decoder detached) and the
+            // token head (the logits do not change) are out of its reach.
+            let last = format!("decoder.layers.{}.", layers - 1);
+            let out_of_reach = layers == 1
+                || name.contains(&last)
+                || name.contains(".enc_")
+                || name.contains("token_head");
+            if out_of_reach {
+                assert!(!differs(name), "{layers} layers: {name}'s gradient changed");
+                same += 1;
+            } else if name.contains("decoder.layers.0.") || name.contains(".bbox_embed.") {
+                other += usize::from(differs(name));
+            }
+        }
+        assert!(same > 0, "the unreachable parameters were found");
+        if layers == 2 {
+            assert!(other > 0, "look forward twice reached the layer before");
+        }
+    }
 }

@@ -36,4 +36,6 @@ pub use attention::MultiheadAttention;
 pub use fusion::{BiAttentionFusion, NoFusion};
 pub use position::{downsample_mask, sine_position_encoding};
 pub use query::{LearnedQueries, SeedQueries, TextAttendQueries};
-pub use transformer::{Activation, DetrTransformer, TransformerConfig};
+pub use transformer::{
+    Activation, DecoderLayer, DecoderMemory, DetrTransformer, TransformerConfig,
+};

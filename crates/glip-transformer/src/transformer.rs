@@ -171,10 +171,42 @@ impl EncoderLayer {
     }
 }
 
-/// One decoder layer.
+/// What a decoder layer's queries attend to: the image memory and, for a layer with text
+/// cross-attention, the text.
+#[derive(Debug, Clone, Copy)]
+pub struct DecoderMemory<'a> {
+    /// `(b, s, d)` image tokens.
+    pub memory: &'a Tensor,
+    /// `(b, s)` u8, 1 for real image tokens.
+    pub mask: Option<&'a Tensor>,
+    /// `(b, s, d)` their positions (added to the keys).
+    pub pos: Option<&'a Tensor>,
+    /// `(b, t, d)` text tokens at the model's width and their `(b, t)` u8 mask (1 for real
+    /// tokens): the keys and values of a layer's text cross-attention, without positions.
+    pub text: Option<(&'a Tensor, &'a Tensor)>,
+}
+
+impl<'a> DecoderMemory<'a> {
+    /// Image memory only.
+    pub fn image(memory: &'a Tensor, mask: Option<&'a Tensor>, pos: Option<&'a Tensor>) -> Self {
+        Self { memory, mask, pos, text: None }
+    }
+}
+
+/// Grounding DINO's text cross-attention in a decoder layer: `ca_text` over the text tokens,
+/// then `catext_norm` (its names).
+#[derive(Debug, Clone)]
+struct TextCrossAttention {
+    attn: MultiheadAttention,
+    norm: LayerNorm,
+}
+
+/// One decoder layer: self-attention, (with [`DecoderLayer::with_text_attention`]) text
+/// cross-attention, image cross-attention, feed-forward.
 #[derive(Debug, Clone)]
 pub struct DecoderLayer {
     self_attn: MultiheadAttention,
+    text_attn: Option<TextCrossAttention>,
     multihead_attn: MultiheadAttention,
     ff: FeedForward,
     norm1: LayerNorm,
@@ -187,19 +219,12 @@ pub struct DecoderLayer {
 impl DecoderLayer {
     /// Loads `self_attn`, `multihead_attn`, `linear1/2`, `norm1..3` from `vb`.
     pub fn new(cfg: &TransformerConfig, vb: VarBuilder<'_>) -> Result<Self> {
+        let attn =
+            |name: &str| MultiheadAttention::new(cfg.d_model, cfg.nhead, cfg.dropout, vb.pp(name));
         Ok(Self {
-            self_attn: MultiheadAttention::new(
-                cfg.d_model,
-                cfg.nhead,
-                cfg.dropout,
-                vb.pp("self_attn"),
-            )?,
-            multihead_attn: MultiheadAttention::new(
-                cfg.d_model,
-                cfg.nhead,
-                cfg.dropout,
-                vb.pp("multihead_attn"),
-            )?,
+            self_attn: attn("self_attn")?,
+            text_attn: None,
+            multihead_attn: attn("multihead_attn")?,
             ff: FeedForward::new(cfg, &vb)?,
             norm1: LayerNorm::new(cfg.d_model, 1e-5, vb.pp("norm1"))?,
             norm2: LayerNorm::new(cfg.d_model, 1e-5, vb.pp("norm2"))?,
@@ -209,56 +234,74 @@ impl DecoderLayer {
         })
     }
 
-    /// `x (b, q, d)` with query positions `qpos (b, q, d)`, over `memory (b, s, d)` with
-    /// `mem_mask (b, s)` and `pos (b, s, d)` -> `(b, q, d)`; `self_bias (q, q)`, if any, added
-    /// to the self-attention's scores (which queries may see which, see
-    /// [`MultiheadAttention::forward_biased`]).
-    #[allow(clippy::too_many_arguments)]
+    /// [`DecoderLayer::new`] plus Grounding DINO's text cross-attention (`ca_text`,
+    /// `catext_norm`) between the self-attention and the image cross-attention: the queries
+    /// (with their positions) attend to the prompt's tokens, which then need
+    /// [`DecoderMemory::text`].
+    pub fn with_text_attention(cfg: &TransformerConfig, vb: VarBuilder<'_>) -> Result<Self> {
+        let text_attn = TextCrossAttention {
+            attn: MultiheadAttention::new(cfg.d_model, cfg.nhead, cfg.dropout, vb.pp("ca_text"))?,
+            norm: LayerNorm::new(cfg.d_model, 1e-5, vb.pp("catext_norm"))?,
+        };
+        Ok(Self { text_attn: Some(text_attn), ..Self::new(cfg, vb)? })
+    }
+
+    /// Whether the layer attends to the text.
+    pub fn has_text_attention(&self) -> bool {
+        self.text_attn.is_some()
+    }
+
+    /// `x (b, q, d)` with query positions `qpos (b, q, d)` over `mem` -> `(b, q, d)`;
+    /// `self_bias (q, q)`, if any, added to the self-attention's scores (which queries may see
+    /// which, see [`MultiheadAttention::forward_biased`]). A layer with text cross-attention
+    /// needs `mem.text`; one without ignores it.
     pub fn forward(
         &self,
         x: &Tensor,
         qpos: Option<&Tensor>,
-        memory: &Tensor,
-        mem_mask: Option<&Tensor>,
-        pos: Option<&Tensor>,
+        mem: &DecoderMemory<'_>,
         self_bias: Option<&Tensor>,
         train: bool,
     ) -> Result<Tensor> {
-        let mem_k = with_pos(memory, pos)?;
+        let mem_k = with_pos(mem.memory, mem.pos)?;
         let drop = |t: &Tensor| dropout(t, self.dropout, train);
-        if self.pre_norm {
-            let h = self.norm1.forward(x)?;
-            let qk = with_pos(&h, qpos)?;
-            let x =
-                (x + drop(&self.self_attn.forward_biased(&qk, &qk, &h, None, self_bias, train)?)?)?;
-            let h = self.norm2.forward(&x)?;
+        let text = match (&self.text_attn, mem.text) {
+            (None, _) => None,
+            (Some(t), Some(text)) => Some((t, text)),
+            (Some(_), None) => {
+                candle_core::bail!("a decoder layer with text cross-attention was given no text")
+            }
+        };
+        // Each block: `attend(block input) -> residual`, around it the norm before (pre-norm)
+        // or after (post-norm).
+        let block = |x: &Tensor, norm: &LayerNorm, f: &dyn Fn(&Tensor) -> Result<Tensor>| {
+            if self.pre_norm {
+                x + f(&norm.forward(x)?)?
+            } else {
+                norm.forward_residual(x, &f(x)?)
+            }
+        };
+        let x = block(x, &self.norm1, &|h| {
+            let qk = with_pos(h, qpos)?;
+            drop(&self.self_attn.forward_biased(&qk, &qk, h, None, self_bias, train)?)
+        })?;
+        let x = match text {
+            None => x,
+            Some((t, (tokens, mask))) => block(&x, &t.norm, &|h| {
+                drop(&t.attn.forward(&with_pos(h, qpos)?, tokens, tokens, Some(mask), train)?)
+            })?,
+        };
+        let x = block(&x, &self.norm2, &|h| {
             let a = self.multihead_attn.forward(
-                &with_pos(&h, qpos)?,
+                &with_pos(h, qpos)?,
                 &mem_k,
-                memory,
-                mem_mask,
+                mem.memory,
+                mem.mask,
                 train,
             )?;
-            let x = (x + drop(&a)?)?;
-            let f = self.ff.forward(&self.norm3.forward(&x)?, train)?;
-            x + f
-        } else {
-            let qk = with_pos(x, qpos)?;
-            let x = self.norm1.forward_residual(
-                x,
-                &drop(&self.self_attn.forward_biased(&qk, &qk, x, None, self_bias, train)?)?,
-            )?;
-            let a = self.multihead_attn.forward(
-                &with_pos(&x, qpos)?,
-                &mem_k,
-                memory,
-                mem_mask,
-                train,
-            )?;
-            let x = self.norm2.forward_residual(&x, &drop(&a)?)?;
-            let f = self.ff.forward(&x, train)?;
-            self.norm3.forward_residual(&x, &f)
-        }
+            drop(&a)
+        })?;
+        block(&x, &self.norm3, &|h| self.ff.forward(h, train))
     }
 }
 
@@ -332,8 +375,9 @@ impl glip_core::Transformer for DetrTransformer {
         };
         let mut x = queries.content.clone();
         let mut out = Vec::with_capacity(self.decoder.len());
+        let mem = DecoderMemory::image(memory, memory_mask, pos);
         for l in &self.decoder {
-            x = l.forward(&x, queries.pos.as_ref(), memory, memory_mask, pos, None, train)?;
+            x = l.forward(&x, queries.pos.as_ref(), &mem, None, train)?;
             out.push(norm.forward(&x)?);
         }
         Ok(out)
