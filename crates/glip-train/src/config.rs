@@ -21,12 +21,24 @@ use std::path::{Path, PathBuf};
 #[serde(deny_unknown_fields)]
 pub struct NoParams {}
 
+/// `builtins!(Enum, "slot.key", ["name" => Variant, ...])`: the enum's `type` names and the
+/// variant each names (whose own type says where a wrong value is).
 macro_rules! builtins {
-    ($t:ty, $key:literal, [$($name:literal),*] $(, default $d:literal)?) => {
+    ($t:ident, $key:literal, [$($name:literal => $variant:ident),*] $(, default $d:literal)?) => {
         impl Builtins for $t {
             const KEY: &'static str = $key;
             const NAMES: &'static [&'static str] = &[$($name),*];
             $(const DEFAULT_TYPE: Option<&'static str> = Some($d);)?
+
+            fn param_error(
+                kind: &str,
+                params: &toml::Table,
+            ) -> Option<crate::registry::ParamError> {
+                match kind {
+                    $($name => crate::registry::params_of(params).map($t::$variant).err(),)*
+                    _ => None,
+                }
+            }
         }
     };
 }
@@ -69,7 +81,7 @@ pub enum BackboneConfig {
     /// torchvision MobileNetV2.
     MobilenetV2(MobilenetV2Params),
 }
-builtins!(BackboneConfig, "model.backbone", ["resnet", "mobilenet-v2"]);
+builtins!(BackboneConfig, "model.backbone", ["resnet" => Resnet, "mobilenet-v2" => MobilenetV2]);
 
 fn two() -> usize {
     2
@@ -127,7 +139,7 @@ pub enum TextConfig {
     /// BERT.
     Bert(BertParams),
 }
-builtins!(TextConfig, "model.text", ["bert"], default "bert");
+builtins!(TextConfig, "model.text", ["bert" => Bert], default "bert");
 
 /// The built-in transformers (`[model.transformer] type = ...`, default `detr`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -136,7 +148,7 @@ pub enum TransformerSlot {
     /// DETR's encoder-decoder.
     Detr(TransformerConfig),
 }
-builtins!(TransformerSlot, "model.transformer", ["detr"], default "detr");
+builtins!(TransformerSlot, "model.transformer", ["detr" => Detr], default "detr");
 
 /// Heads of an attention (`text-attend` queries, `bi-attention` fusion).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -158,7 +170,11 @@ pub enum QueryGeneratorConfig {
     /// Learned queries that attend to the text tokens.
     TextAttend(HeadsParams),
 }
-builtins!(QueryGeneratorConfig, "model.query_generator", ["seed", "learned", "text-attend"]);
+builtins!(
+    QueryGeneratorConfig,
+    "model.query_generator",
+    ["seed" => Seed, "learned" => Learned, "text-attend" => TextAttend]
+);
 
 /// Bidirectional image-text attention.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -184,7 +200,7 @@ pub enum FusionConfig {
     /// GLIP's bidirectional image-text attention.
     BiAttention(BiAttentionParams),
 }
-builtins!(FusionConfig, "model.fusion", ["none", "bi-attention"]);
+builtins!(FusionConfig, "model.fusion", ["none" => None, "bi-attention" => BiAttention]);
 
 fn eight() -> usize {
     8
@@ -201,7 +217,11 @@ pub enum DetectorConfig {
     /// Grounding DINO's language-guided query selection.
     QuerySelection(QuerySelectionConfig),
 }
-builtins!(DetectorConfig, "model.detector", ["decoder", "dense", "query-selection"]);
+builtins!(
+    DetectorConfig,
+    "model.detector",
+    ["decoder" => Decoder, "dense" => Dense, "query-selection" => QuerySelection]
+);
 
 /// Fixed classes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -220,7 +240,7 @@ pub enum HeadConfig {
     /// GLIP's token alignment (open vocabulary).
     Token(NoParams),
 }
-builtins!(HeadConfig, "model.head", ["class", "token"]);
+builtins!(HeadConfig, "model.head", ["class" => Class, "token" => Token]);
 
 /// The built-in box heads (`model.box_head = ...`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -231,7 +251,7 @@ pub enum BoxHeadConfig {
     /// DETR's 3-layer MLP.
     Mlp(NoParams),
 }
-builtins!(BoxHeadConfig, "model.box_head", ["linear", "mlp"]);
+builtins!(BoxHeadConfig, "model.box_head", ["linear" => Linear, "mlp" => Mlp]);
 
 /// The built-in matchers (`loss.matcher = ...`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -242,7 +262,7 @@ pub enum MatcherConfig {
     /// The seed tutorial's pairing: query i with target i.
     Ordered(NoParams),
 }
-builtins!(MatcherConfig, "loss.matcher", ["hungarian", "ordered"]);
+builtins!(MatcherConfig, "loss.matcher", ["hungarian" => Hungarian, "ordered" => Ordered]);
 
 /// The built-in criteria (`loss.criterion = ...`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -253,7 +273,7 @@ pub enum CriterionKind {
     /// FCOS/ATSS assignment for a dense head (`[loss.dense]`).
     Dense(NoParams),
 }
-builtins!(CriterionKind, "loss.criterion", ["set", "dense"]);
+builtins!(CriterionKind, "loss.criterion", ["set" => Set, "dense" => Dense]);
 
 /// The whole model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -29,6 +29,12 @@ pub trait Builtins: Serialize + DeserializeOwned + Clone + PartialEq + std::fmt:
     const NAMES: &'static [&'static str];
     /// The type of a slot whose table gives none (`[model.text]` is a BERT unless it says).
     const DEFAULT_TYPE: Option<&'static str> = None;
+
+    /// Where the parameters of the built-in `kind` (the slot's table without `type`) are wrong,
+    /// read as the variant's own type: the tagged enum's error does not say (serde buffers an
+    /// internally tagged enum's content, which loses the key a value was at). `None` if they
+    /// read.
+    fn param_error(kind: &str, params: &toml::Table) -> Option<ParamError>;
 }
 
 /// One slot of a config: a built-in with typed parameters, or a registered component.
@@ -141,9 +147,14 @@ impl<'de, B: Builtins> Deserialize<'de> for Slot<B> {
             }
         };
         if B::NAMES.contains(&kind.as_str()) {
-            B::deserialize(toml::Value::Table(t))
-                .map(Slot::Builtin)
-                .map_err(|e| D::Error::custom(format!("type {kind:?}: {}", e.message())))
+            B::deserialize(toml::Value::Table(t.clone())).map(Slot::Builtin).map_err(|e| {
+                t.remove("type");
+                let msg = match B::param_error(&kind, &t) {
+                    Some(ParamError { path, msg }) if !path.is_empty() => format!("{path}: {msg}"),
+                    _ => e.message().trim().to_string(),
+                };
+                D::Error::custom(format!("type {kind:?}: {msg}"))
+            })
         } else {
             t.remove("type");
             Ok(Slot::Custom { kind, params: t })
@@ -208,7 +219,8 @@ impl BuildContext<'_> {
 
 type BuildFn<T, A> =
     Box<dyn Fn(&BuildContext<'_>, &toml::Table, A) -> Result<Box<T>> + Send + Sync>;
-type CheckFn = Box<dyn Fn(&toml::Table) -> std::result::Result<toml::Table, String> + Send + Sync>;
+type CheckFn =
+    Box<dyn Fn(&toml::Table) -> std::result::Result<toml::Table, ParamError> + Send + Sync>;
 
 struct Entry<T: ?Sized, A> {
     build: BuildFn<T, A>,
@@ -227,8 +239,35 @@ impl<T: ?Sized, A> std::fmt::Debug for Family<T, A> {
     }
 }
 
-fn params_of<P: DeserializeOwned>(params: &toml::Table) -> std::result::Result<P, String> {
-    toml::Value::Table(params.clone()).try_into::<P>().map_err(|e| e.message().to_string())
+/// A component's parameters, or the key (below the slot's, empty for the table itself) and the
+/// message of what is wrong with them.
+pub(crate) fn params_of<P: DeserializeOwned>(
+    params: &toml::Table,
+) -> std::result::Result<P, ParamError> {
+    serde_path_to_error::deserialize(toml::Value::Table(params.clone())).map_err(|e| {
+        let path = e.path().to_string();
+        let msg = e.into_inner().message().trim().to_string();
+        ParamError { path: if path == "." { String::new() } else { path }, msg }
+    })
+}
+
+/// What is wrong with a component's parameters, and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamError {
+    /// The key within the component's table (`denoising.groups`), empty for the table itself.
+    pub path: String,
+    /// What is wrong.
+    pub msg: String,
+}
+
+impl ParamError {
+    /// The full key: the slot's (`model.detector`), then the path within the table.
+    pub fn key(&self, slot: &str) -> String {
+        match self.path.as_str() {
+            "" => slot.to_string(),
+            p => format!("{slot}.{p}"),
+        }
+    }
 }
 
 impl<T: ?Sized + 'static, A: 'static> Family<T, A> {
@@ -244,8 +283,9 @@ impl<T: ?Sized + 'static, A: 'static> Family<T, A> {
         let key = self.key;
         let kind = name.to_string();
         let build: BuildFn<T, A> = Box::new(move |ctx, params, a| {
-            let p = params_of::<P>(params)
-                .map_err(|e| candle_core::Error::Msg(format!("{key} (type {kind:?}): {e}")))?;
+            let p = params_of::<P>(params).map_err(|e| {
+                candle_core::Error::Msg(format!("{} (type {kind:?}): {}", e.key(key), e.msg))
+            })?;
             f(ctx, p, a)
         });
         let check: CheckFn = Box::new(|params| {
@@ -253,7 +293,7 @@ impl<T: ?Sized + 'static, A: 'static> Family<T, A> {
             match toml::Value::try_from(&p) {
                 Ok(toml::Value::Table(t)) => Ok(t),
                 Ok(_) => Ok(toml::Table::new()),
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(ParamError { path: String::new(), msg: e.to_string() }),
             }
         });
         self.entries.insert(name.to_string(), Entry { build, check });
@@ -288,9 +328,9 @@ impl<T: ?Sized + 'static, A: 'static> Family<T, A> {
         params: &toml::Table,
     ) -> std::result::Result<toml::Table, Error> {
         let e = self.entry(kind)?;
-        (e.check)(params).map_err(|msg| Error::Config {
-            key: self.key.to_string(),
-            msg: format!("type {kind:?}: {msg}"),
+        (e.check)(params).map_err(|e| Error::Config {
+            key: e.key(self.key),
+            msg: format!("type {kind:?}: {}", e.msg),
         })
     }
 

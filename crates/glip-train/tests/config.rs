@@ -76,6 +76,22 @@ fn unknown_keys_and_types_are_errors() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("\"text-attend\"") && e.contains("unknown field `head`"), "{e}");
+    // A value of the wrong type names its key within the component's table, nested ones too
+    // (serde's tagged enum alone would say only `model.detector`).
+    for (table, key) in [
+        (
+            "[detector]\ntype = \"query-selection\"\ntext_cross_attention = 1\n",
+            "text_cross_attention: ",
+        ),
+        (
+            "[detector]\ntype = \"query-selection\"\ndenoising = { groups = \"two\" }\n",
+            "denoising.groups: ",
+        ),
+        ("[fusion]\ntype = \"bi-attention\"\nheads = -2\n", "heads: "),
+    ] {
+        let e = toml::from_str::<ModelConfig>(&config(table)).unwrap_err().to_string();
+        assert!(e.contains(key) && e.contains("invalid"), "{table}: {e}");
+    }
     // An unregistered type: the registry's check names the key and the known types, before
     // anything is built; building says the same.
     let mut cfg: ModelConfig = toml::from_str(&config("[fusion]\ntype = \"telepathy\"\n")).unwrap();
@@ -125,7 +141,15 @@ fn a_registered_components_params_are_checked_and_their_defaults_filled() {
     let mut cfg: ModelConfig =
         toml::from_str(&config("[query_generator]\ntype = \"mean-text\"\nscael = 2.0\n")).unwrap();
     let e = r.check(&mut cfg, &mut CriterionConfig::default()).unwrap_err().to_string();
-    assert!(e.contains("model.query_generator: type \"mean-text\"") && e.contains("scael"), "{e}");
+    assert!(
+        e.contains("model.query_generator.scael: type \"mean-text\": unknown field `scael`"),
+        "{e}"
+    );
+    let mut cfg: ModelConfig =
+        toml::from_str(&config("[query_generator]\ntype = \"mean-text\"\nscale = \"big\"\n"))
+            .unwrap();
+    let e = r.check(&mut cfg, &mut CriterionConfig::default()).unwrap_err().to_string();
+    assert!(e.contains("model.query_generator.scale: type \"mean-text\": invalid type"), "{e}");
 }
 
 /// Every built-in type name of every slot's typed config is registered, and every registered
