@@ -343,13 +343,16 @@ impl Detector for QuerySelection {
             _ => None,
         };
         let nd = dn.as_ref().map_or(0, |(_, q)| q.n);
+        // With text cross-attention: the prompt's tokens at the model's width, and their mask.
         let text = match &self.text_proj {
-            Some(p) => Some(p.forward(&x.text.tokens)?.to_dtype(x.memory.dtype())?),
+            Some(p) => Some((
+                p.forward(&x.text.tokens)?.to_dtype(x.memory.dtype())?,
+                x.text.mask.to_dtype(DType::U8)?,
+            )),
             None => None,
         };
-        let text_mask = x.text.mask.to_dtype(DType::U8)?;
         let mem = DecoderMemory {
-            text: text.as_ref().map(|t| (t, &text_mask)),
+            text: text.as_ref().map(|(t, m)| (t, m)),
             ..DecoderMemory::image(x.memory, x.memory_mask, x.pos)
         };
         let mut preds = Vec::with_capacity(self.layers.len());
