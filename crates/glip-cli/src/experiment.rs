@@ -404,8 +404,9 @@ mod tests {
             n += 1;
         }
         assert_eq!(
-            n, 7,
-            "design, query-generator, loss-head, fusion, accumulate, mix-captions, denoising"
+            n, 8,
+            "design, query-generator, loss-head, fusion, accumulate, mix-captions, denoising, \
+             grounding-decoder"
         );
     }
 
