@@ -22,6 +22,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 __all__ = [
     "FrozenBatchNorm2d", "ResNetBody", "SeedQueries", "TokenHead", "SeedGLIP", "GroundingDecoderLayer",
+    "DeformableAttention", "DeformableEncoderLayer", "token_centres",
     "cxcywh_to_xyxy",
     "giou", "focal", "hungarian", "class_losses", "token_losses", "detection_prompt", "positive_map",
 ]
@@ -160,6 +161,117 @@ class GroundingDecoderLayer(nn.Module):
         x = self.norm2(x + self.multihead_attn(x + qpos, memory + pos, memory,
                                                key_padding_mask=memory_mask == 0, need_weights=False)[0])
         return self.norm3(x + self.linear2(F.relu(self.linear1(x))))
+
+
+class DeformableAttention(nn.Module):
+    """Deformable DETR's multi-scale deformable attention (MSDeformAttn; its names:
+    sampling_offsets, attention_weights, value_proj, output_proj, and its initialisation) with box
+    references, as in Deformable DETR's two-stage decoder and Grounding DINO's: each of `heads`
+    heads samples `points` locations on every level around its query's box, at
+    xy + offset / points * wh / 2, bilinearly with zeros outside the level, and sums them with
+    weights softmaxed over levels x points.
+
+    Boxes are (cx, cy, w, h) normalised by each image's real size. A normalised x lies at column
+    x * width / stride - 0.5 of a level of that stride (column j's centre is (j + 0.5) * stride
+    pixels, as glip-rs lays its tokens out); Deformable DETR reaches nearly the same place through
+    its valid ratios. Values at padded tokens are zero, as Deformable DETR's."""
+
+    def __init__(self, d, heads, levels, points):
+        super().__init__()
+        self.heads, self.levels, self.points = heads, levels, points
+        self.sampling_offsets = nn.Linear(d, heads * levels * points * 2)
+        self.attention_weights = nn.Linear(d, heads * levels * points)
+        self.value_proj = nn.Linear(d, d)
+        self.output_proj = nn.Linear(d, d)
+        # Deformable DETR's _reset_parameters: offsets start on rays, one direction per head
+        # (scaled so the larger coordinate is 1), the i-th point i + 1 away; uniform weights.
+        nn.init.zeros_(self.sampling_offsets.weight)
+        theta = torch.arange(heads, dtype=torch.float32) * (2.0 * math.pi / heads)
+        grid = torch.stack([theta.cos(), theta.sin()], -1)
+        grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(heads, 1, 1, 2).repeat(1, levels, points, 1)
+        for i in range(points):
+            grid[:, :, i, :] *= i + 1
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.reshape(-1))
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        for lin in (self.value_proj, self.output_proj):
+            nn.init.xavier_uniform_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, query, reference, value, value_mask, shapes, image_sizes):
+        """query (B, Q, d) (positions added); reference (B, Q, 4) boxes or (B, Q, 2) points;
+        value (B, S, d), the levels' tokens `shapes` [(h, w, stride)] finest first, each
+        row-major; value_mask (B, S), 1 for real tokens; image_sizes (B, 2) (width, height) in
+        pixels -> (B, Q, d). Around a box a sample is at xy + offset / points * wh / 2; from a
+        point (an encoder's token, Deformable DETR's encoder) `offset` tokens of its level away."""
+        B, Q, d = query.shape
+        H, L, P = self.heads, self.levels, self.points
+        dh = d // H
+        v = self.value_proj(value).masked_fill(value_mask[..., None] == 0, 0.0)
+        off = self.sampling_offsets(query).view(B, Q, H, L, P, 2)
+        aw = self.attention_weights(query).view(B, Q, H, L * P).softmax(-1).view(B, Q, H, L, P)
+        loc = self.locations(off, reference, shapes, image_sizes)  # (B, Q, H, L, P, 2)
+        out, start = 0.0, 0
+        for lvl, (h, w, stride) in enumerate(shapes):
+            vl = v[:, start:start + h * w].reshape(B, h, w, H, dh).permute(0, 3, 4, 1, 2)
+            start += h * w
+            units = loc[:, :, :, lvl] * image_sizes[:, None, None, None, :] / stride - 0.5
+            g = (units + 0.5) / torch.tensor([float(w), float(h)]) * 2.0 - 1.0  # grid_sample's
+            g = g.permute(0, 2, 1, 3, 4).reshape(B * H, Q, P, 2)
+            s = F.grid_sample(vl.reshape(B * H, dh, h, w), g, mode="bilinear", padding_mode="zeros",
+                              align_corners=False)  # (B * H, dh, Q, P)
+            a = aw[:, :, :, lvl].permute(0, 2, 1, 3).reshape(B * H, 1, Q, P)
+            out = out + (s * a).sum(-1)
+        out = out.view(B, H, dh, Q).permute(0, 3, 1, 2).reshape(B, Q, d)
+        return self.output_proj(out)
+
+    def locations(self, off, reference, shapes, image_sizes):
+        """The samples' normalised locations (B, Q, H, L, P, 2)."""
+        r = reference[:, :, None, None, None, :]
+        if reference.shape[-1] == 4:
+            return r[..., :2] + off / self.points * r[..., 2:] * 0.5
+        strides = torch.tensor([float(s) for _, _, s in shapes]).view(1, 1, 1, -1, 1, 1)
+        return r + off * strides / image_sizes[:, None, None, None, None, :]
+
+    def sampling_units(self, query, reference, shapes, image_sizes):
+        """Every sampling location in its level's columns and rows (B, Q, H, L, P, 2)."""
+        B, Q, _ = query.shape
+        off = self.sampling_offsets(query).view(B, Q, self.heads, self.levels, self.points, 2)
+        loc = self.locations(off, reference, shapes, image_sizes)
+        strides = torch.tensor([float(s) for _, _, s in shapes]).view(1, 1, 1, -1, 1, 1)
+        return loc * image_sizes[:, None, None, None, None, :] / strides - 0.5
+
+
+def token_centres(shapes, image_sizes):
+    """Every token's centre (B, S, 2), normalised by its image's size: column j of a level of
+    stride t at (j + 0.5) * t / width (Deformable DETR's encoder reference points, placed by
+    each image's own size)."""
+    rows = []
+    for h, w, stride in shapes:
+        ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
+                                indexing="ij")
+        rows.append(torch.stack([(xs.reshape(-1) + 0.5) * stride, (ys.reshape(-1) + 0.5) * stride], -1))
+    return torch.cat(rows, 0)[None] / image_sizes[:, None, :]
+
+
+class DeformableEncoderLayer(nn.Module):
+    """Deformable DETR's encoder layer (DeformableTransformerEncoderLayer; Grounding DINO's image
+    encoder layer): deformable self-attention of every token from its own centre (query = token
+    + position, value = token, padded tokens zero values), then feed-forward (relu), each
+    followed by its residual and LayerNorm (post-norm; dropout off). Names: self_attn
+    (MSDeformAttn's), linear1/2, norm1/2."""
+
+    def __init__(self, d, heads, levels, points, ff):
+        super().__init__()
+        self.self_attn = DeformableAttention(d, heads, levels, points)
+        self.linear1, self.linear2 = nn.Linear(d, ff), nn.Linear(ff, d)
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+
+    def forward(self, x, pos, mask, shapes, image_sizes):
+        centres = token_centres(shapes, image_sizes)
+        x = self.norm1(x + self.self_attn(x + pos, centres, x, mask, shapes, image_sizes))
+        return self.norm2(x + self.linear2(F.relu(self.linear1(x))))
 
 
 # ----------------------------------------------------------------------------------- boxes

@@ -264,6 +264,83 @@ save(f16_state(layer), "grounding-decoder-layer/model.safetensors")
 save({**dec_in, "out": out.detach(), "grad.x": x.grad, "grad.text": text.grad,
       **{f"grad.{k}": params[k].grad for k in DEC_GRADS}}, "grounding-decoder-layer/io.safetensors")
 
+# ---------------------------------------------------------------- deformable attention
+def away_from_init(attn, gen):
+    """A DeformableAttention's parameters moved off their initialisation (zero offset and
+    attention weight matrices, zero biases), so that every path shows."""
+    with torch.no_grad():
+        attn.sampling_offsets.weight.copy_(0.1 * torch.randn(attn.sampling_offsets.weight.shape, generator=gen))
+        attn.sampling_offsets.bias.add_(0.3 * torch.randn(attn.sampling_offsets.bias.shape, generator=gen))
+        attn.attention_weights.weight.copy_(0.1 * torch.randn(attn.attention_weights.weight.shape, generator=gen))
+        attn.attention_weights.bias.copy_(0.1 * torch.randn(attn.attention_weights.bias.shape, generator=gen))
+        attn.value_proj.bias.copy_(0.1 * torch.randn(attn.value_proj.bias.shape, generator=gen))
+        attn.output_proj.bias.copy_(0.1 * torch.randn(attn.output_proj.bias.shape, generator=gen))
+
+
+torch.manual_seed(6)
+gen = torch.Generator().manual_seed(6)
+SHAPES = [(4, 5, 8), (2, 3, 16)]  # (h, w, stride), finest first: 20 + 6 tokens
+deform = R.DeformableAttention(d=32, heads=4, levels=2, points=3).eval()
+init_bias = deform.sampling_offsets.bias.detach().clone()
+away_from_init(deform, gen)
+f16_roundtrip(deform)
+B, Q = 2, 5
+sizes = torch.tensor([[40.0, 32.0], [30.0, 20.0]])  # the second image is padded to the first's
+value_mask = torch.tensor([[int(j * st < sizes[b, 0] and i * st < sizes[b, 1])
+                            for h, w, st in SHAPES for i in range(h) for j in range(w)]
+                           for b in range(B)], dtype=torch.uint8)
+cxcy = 0.1 + 0.8 * torch.rand(B, Q, 2, generator=gen)
+wh = 0.1 + 0.6 * torch.rand(B, Q, 2, generator=gen)
+deform_in = {"query": torch.randn(B, Q, 32, generator=gen), "boxes": torch.cat([cxcy, wh], -1),
+             "value": torch.randn(B, 26, 32, generator=gen), "value_mask": value_mask,
+             "image_sizes": sizes, "out_weight": torch.randn(B, Q, 32, generator=gen)}
+units = deform.sampling_units(deform_in["query"], deform_in["boxes"], SHAPES, sizes)
+# A location on a column or row line is where bilinear sampling's gradient jumps: none is near
+# one, so that f32 rounding cannot put the two sides on different sides of it.
+assert (units - units.round()).abs().min() > 1e-3, "a sampling location on a grid line"
+inside = ((units >= 0) & (units <= torch.tensor([[4.0, 3.0], [2.0, 1.0]]).view(1, 1, 1, 2, 1, 2))).all(-1)
+assert 0 < inside.float().mean() < 1, "sampling both inside and outside the levels"
+with torch.enable_grad():
+    leaves = {k: deform_in[k].clone().requires_grad_(True) for k in ("query", "boxes", "value")}
+    out = deform(leaves["query"], leaves["boxes"], leaves["value"], value_mask, SHAPES, sizes)
+    (out * deform_in["out_weight"]).sum().backward()
+save(f16_state(deform), "deformable-attention/model.safetensors")
+save({**deform_in, "out": out.detach(), "init.sampling_offsets.bias": init_bias,
+      **{f"grad.{k}": v.grad for k, v in leaves.items()},
+      **{f"grad.{k}": p.grad for k, p in deform.named_parameters()}},
+     "deformable-attention/io.safetensors")
+
+# ---------------------------------------------------------------- deformable encoder layer
+torch.manual_seed(9)  # the first seed from 7 with no sampling location near a grid line (below)
+gen = torch.Generator().manual_seed(9)
+enc_layer = R.DeformableEncoderLayer(d=32, heads=4, levels=2, points=2, ff=64).eval()
+sa = enc_layer.self_attn
+away_from_init(sa, gen)
+with torch.no_grad():
+    for norm in (enc_layer.norm1, enc_layer.norm2):  # not the identity
+        norm.weight.copy_(0.75 + 0.5 * torch.rand(32, generator=gen))
+        norm.bias.copy_(0.1 * torch.randn(32, generator=gen))
+f16_roundtrip(enc_layer)
+enc_in = {"x": torch.randn(B, 26, 32, generator=gen), "pos": torch.randn(B, 26, 32, generator=gen),
+          "mask": value_mask, "image_sizes": sizes, "out_weight": torch.randn(B, 26, 32, generator=gen)}
+centres = R.token_centres(SHAPES, sizes)
+units = sa.sampling_units(enc_in["x"] + enc_in["pos"], centres, SHAPES, sizes)
+# 1,664 coordinates: 1e-4 from a line is still 100 times the locations' f32 rounding here.
+assert (units - units.round()).abs().min() > 1e-4, "a sampling location on a grid line"
+ENC_GRADS = ["self_attn.sampling_offsets.weight", "self_attn.sampling_offsets.bias",
+             "self_attn.attention_weights.weight", "self_attn.value_proj.weight",
+             "self_attn.output_proj.weight", "norm1.weight", "linear1.weight", "norm2.bias"]
+with torch.enable_grad():
+    leaves = {k: enc_in[k].clone().requires_grad_(True) for k in ("x", "pos")}
+    out = enc_layer(leaves["x"], leaves["pos"], value_mask, SHAPES, sizes)
+    (out * enc_in["out_weight"]).sum().backward()
+params = dict(enc_layer.named_parameters())
+save(f16_state(enc_layer), "deformable-encoder-layer/model.safetensors")
+save({**enc_in, "centres": centres, "out": out.detach(),
+      **{f"grad.{k}": v.grad for k, v in leaves.items()},
+      **{f"grad.{k}": params[k].grad for k in ENC_GRADS}},
+     "deformable-encoder-layer/io.safetensors")
+
 # ---------------------------------------------------------------- matcher cases (scipy)
 rng = np.random.default_rng(3)
 matcher_cases = []

@@ -404,9 +404,9 @@ mod tests {
             n += 1;
         }
         assert_eq!(
-            n, 8,
+            n, 9,
             "design, query-generator, loss-head, fusion, accumulate, mix-captions, denoising, \
-             grounding-decoder"
+             grounding-decoder, deformable"
         );
     }
 

@@ -85,6 +85,22 @@ pub trait Transformer: Send + Sync {
         pos: Option<&Tensor>,
         train: bool,
     ) -> Result<Tensor>;
+    /// [`Transformer::encode`] told where the tokens come from: `levels` (finest first, each
+    /// row-major, as [`Encoded::levels`]) of images of `image_sizes` `(width, height)` pixels
+    /// (unpadded). An encoder that samples by position (deformable attention) needs it; the
+    /// default ignores it.
+    fn encode_levels(
+        &self,
+        src: &Tensor,
+        mask: Option<&Tensor>,
+        pos: Option<&Tensor>,
+        levels: &[LevelShape],
+        image_sizes: &[(f32, f32)],
+        train: bool,
+    ) -> Result<Tensor> {
+        let _ = (levels, image_sizes);
+        self.encode(src, mask, pos, train)
+    }
     /// Queries and memory -> the output of every decoder layer `(b, q, d)`, first layer first,
     /// each passed through the decoder's final norm; the last is the model's `hs`.
     fn decode(

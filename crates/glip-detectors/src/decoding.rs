@@ -18,7 +18,7 @@ use glip_core::{
 use glip_heads::{MlpBoxHead, TokenAlignmentHead};
 use glip_kernels::nn::{LayerNorm, Linear};
 use glip_transformer::TransformerConfig;
-use glip_transformer::{DecoderLayer, DecoderMemory};
+use glip_transformer::{DecoderLayer, DecoderLayerOptions, DecoderMemory, SamplingLevels};
 
 /// The seed's design: query generator, the transformer's decoder, box and class heads.
 pub struct DecoderDetector {
@@ -132,6 +132,27 @@ pub struct QuerySelectionConfig {
     /// Default false.
     #[serde(default)]
     pub look_forward_twice: bool,
+    /// How the decoder's queries read the image: `global` (multi-head attention over every
+    /// image token, the default) or `deformable` (Deformable DETR's multi-scale deformable
+    /// attention, as Grounding DINO's decoder: `deformable_points` samples per head and level
+    /// around each query's reference box).
+    #[serde(default)]
+    pub image_attention: ImageAttentionKind,
+    /// Samples per head and level of deformable image attention (Grounding DINO's
+    /// `dec_n_points`). Default 4.
+    #[serde(default = "four")]
+    pub deformable_points: usize,
+}
+
+/// How query selection's decoder layers attend to the image tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ImageAttentionKind {
+    /// Multi-head attention over every image token, with the image positions on the keys.
+    #[default]
+    Global,
+    /// Multi-scale deformable attention around each query's reference box (`cross_attn`).
+    Deformable,
 }
 
 /// The content part of query selection's decoder queries; their positions are always the
@@ -152,11 +173,16 @@ fn two() -> f64 {
     2.0
 }
 
+fn four() -> usize {
+    4
+}
+
 impl Validate for QuerySelectionConfig {
     fn validate(&self, c: &mut Checker) {
         // The anchor's side in strides: a box of side 0 has no logit-space reference.
         c.finite_above("anchor_scale", self.anchor_scale, 0.0, 1e4);
         c.section("denoising", &self.denoising);
+        c.in_range("deformable_points", self.deformable_points, 1, 64);
     }
 }
 
@@ -168,6 +194,8 @@ impl Default for QuerySelectionConfig {
             denoising: DenoisingConfig::default(),
             text_cross_attention: false,
             look_forward_twice: false,
+            image_attention: ImageAttentionKind::default(),
+            deformable_points: four(),
         }
     }
 }
@@ -179,7 +207,8 @@ impl Default for QuerySelectionConfig {
 /// refinement, shared by the layers), `token_head`; with learned content, `tgt_embed
 /// (num_queries, d)`; with denoising, `dn_content` (a query's content from its phrase, text
 /// width to `d`); with text cross-attention, `text_proj` (text width to `d`) and each layer's
-/// `ca_text`, `catext_norm`.
+/// `ca_text`, `catext_norm`; with deformable image attention, each layer's `cross_attn` in
+/// place of its `multihead_attn`.
 #[derive(Debug, Clone)]
 pub struct QuerySelection {
     enc_output: Linear,
@@ -197,17 +226,19 @@ pub struct QuerySelection {
     num_queries: usize,
     aux_outputs: bool,
     d: usize,
+    levels: usize,
     config: QuerySelectionConfig,
 }
 
 impl QuerySelection {
-    /// `num_queries` queries over `tc.d_model`-wide tokens, `tc.num_decoder_layers` decoder
-    /// layers.
+    /// `num_queries` queries over `tc.d_model`-wide tokens from `levels` feature levels,
+    /// `tc.num_decoder_layers` decoder layers.
     pub fn new(
         tc: &TransformerConfig,
         text_dim: usize,
         num_queries: usize,
         aux_outputs: bool,
+        levels: usize,
         config: QuerySelectionConfig,
         vb: VarBuilder<'_>,
     ) -> Result<Self> {
@@ -218,14 +249,15 @@ impl QuerySelection {
         if !d.is_multiple_of(2) {
             candle_core::bail!("query selection: d_model {d} is odd");
         }
+        let options = DecoderLayerOptions {
+            text_attention: config.text_cross_attention,
+            deformable: match config.image_attention {
+                ImageAttentionKind::Global => None,
+                ImageAttentionKind::Deformable => Some((levels, config.deformable_points)),
+            },
+        };
         let layers = (0..tc.num_decoder_layers)
-            .map(|i| {
-                let vb = vb.pp(format!("decoder.layers.{i}"));
-                match config.text_cross_attention {
-                    true => DecoderLayer::with_text_attention(tc, vb),
-                    false => DecoderLayer::new(tc, vb),
-                }
-            })
+            .map(|i| DecoderLayer::with_options(tc, options, vb.pp(format!("decoder.layers.{i}"))))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             enc_output: Linear::new(d, d, vb.pp("enc_output"))?,
@@ -259,6 +291,7 @@ impl QuerySelection {
             num_queries,
             aux_outputs,
             d,
+            levels,
             config,
         })
     }
@@ -351,8 +384,22 @@ impl Detector for QuerySelection {
             )),
             None => None,
         };
+        // With deformable image attention: where the layers sample.
+        let levels = match self.config.image_attention {
+            ImageAttentionKind::Global => None,
+            ImageAttentionKind::Deformable if x.levels.len() != self.levels => candle_core::bail!(
+                "query selection's deformable attention was built for {} feature levels and \
+                 was given {}",
+                self.levels,
+                x.levels.len()
+            ),
+            ImageAttentionKind::Deformable => {
+                Some(SamplingLevels::cached(x.levels, x.image_sizes, x.memory.device())?)
+            }
+        };
         let mem = DecoderMemory {
             text: text.as_ref().map(|(t, m)| (t, m)),
+            levels: levels.as_ref(),
             ..DecoderMemory::image(x.memory, x.memory_mask, x.pos)
         };
         let mut preds = Vec::with_capacity(self.layers.len());
@@ -363,7 +410,7 @@ impl Detector for QuerySelection {
         for (i, layer) in self.layers.iter().enumerate() {
             let qpos = self.query_pos(&reference)?;
             let bias = dn.as_ref().map(|(bias, _)| bias);
-            tgt = layer.forward(&tgt, Some(&qpos), &mem, bias, train)?;
+            tgt = layer.forward_at(&tgt, Some(&qpos), Some(&reference), &mem, bias, train)?;
             hs = self.norm.forward(&tgt)?;
             let delta = self.bbox_embed.forward_logits(&hs)?;
             let refined = candle_nn::ops::sigmoid(&(&delta + inverse_sigmoid(&reference)?)?)?;

@@ -15,6 +15,8 @@ pub mod decoding;
 pub mod denoising;
 pub mod dense;
 
-pub use decoding::{DecoderDetector, QueryContent, QuerySelection, QuerySelectionConfig};
+pub use decoding::{
+    DecoderDetector, ImageAttentionKind, QueryContent, QuerySelection, QuerySelectionConfig,
+};
 pub use denoising::DenoisingConfig;
 pub use dense::{DenseHead, DenseHeadConfig};

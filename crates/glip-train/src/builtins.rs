@@ -108,7 +108,8 @@ pub fn register_builtins(r: &mut Registry) {
         if !ctx.decoder {
             tc.num_decoder_layers = 0;
         }
-        Ok(Box::new(DetrTransformer::new(tc, vb)?))
+        let levels = ctx.model.feature_levels.as_ref().map_or(1, Vec::len);
+        Ok(Box::new(DetrTransformer::with_levels(tc, levels, vb)?))
     });
     r.register_query_generator("seed", |ctx, _: NoParams, vb| {
         Ok(Box::new(SeedQueries::new(ctx.text_dim, ctx.d_model, ctx.model.num_queries, vb)?))
@@ -170,6 +171,7 @@ pub fn register_builtins(r: &mut Registry) {
             ctx.text_dim,
             ctx.model.num_queries,
             ctx.model.aux_loss,
+            ctx.model.feature_levels.as_ref().map_or(1, Vec::len),
             p,
             vb.root().pp("query_selection"),
         )?;

@@ -295,7 +295,9 @@ pub struct ModelConfig {
     /// decoder, box and class heads), `dense` (GLIP's one-stage head; params `tower`,
     /// `centerness`), `query-selection` (Grounding DINO's; params `anchor_scale`, `content` =
     /// `selected` or `learned` (DINO's mixed query selection), `denoising` = DINO's denoising
-    /// queries `{ groups, box_noise, label_noise, max_queries }`), or a registered name. Default
+    /// queries `{ groups, box_noise, label_noise, max_queries }`, `text_cross_attention`,
+    /// `look_forward_twice`, `image_attention` = `global` or `deformable` (Deformable DETR's
+    /// attention, `deformable_points` per head and level)), or a registered name. Default
     /// `decoder`.
     #[serde(default = "decoder_detector")]
     pub detector: Slot<DetectorConfig>,

@@ -215,14 +215,21 @@ impl GlipModel {
             trace("text.pooled", p.dims());
         }
         trace("encoder input (image tokens)", src.dims());
-        let memory = self.transformer.encode(&src, mask.as_ref(), pos.as_ref(), train)?;
+        let sizes = image_sizes(&host_mask)?;
+        let memory = self.transformer.encode_levels(
+            &src,
+            mask.as_ref(),
+            pos.as_ref(),
+            &shapes,
+            &sizes,
+            train,
+        )?;
         trace("encoder output (memory)", memory.dims());
         let (memory, tokens) =
             self.fusion.forward(&memory, mask.as_ref(), &tf.tokens, &tf.mask, train)?;
         trace("fusion: memory", memory.dims());
         trace("fusion: text tokens", tokens.dims());
         let tf = TextFeatures::new(tokens, tf.pooled, tf.mask)?;
-        let sizes = image_sizes(&host_mask)?;
         self.detector.forward(
             &Encoded {
                 memory: &memory,

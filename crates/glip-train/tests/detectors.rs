@@ -6,7 +6,8 @@
 use candle_core::{DType, Device, Tensor};
 use glip_core::{ImageBatch, Target, TextBatch};
 use glip_testing::assert_every_parameter_learns;
-use glip_train::config::{CriterionConfig, ModelConfig, Registry};
+use glip_train::config::{CriterionConfig, ModelConfig, Registry, Slot, TransformerSlot};
+use glip_transformer::EncoderAttentionKind;
 use proptest::prelude::*;
 
 fn config(detector: &str, fusion: &str, levels: &str, fpn: bool, extra: &str) -> ModelConfig {
@@ -80,9 +81,10 @@ const NONE: &str = r#"type = "none""#;
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(6))]
     #[test]
-    fn dense_and_query_selection_shapes(b in 1usize..3, h in 33usize..90, w in 33usize..90, t in 2usize..8, dense in any::<bool>(), bi in any::<bool>(), two_levels in any::<bool>(), fpn in any::<bool>()) {
+    fn dense_and_query_selection_shapes(b in 1usize..3, h in 33usize..90, w in 33usize..90, t in 2usize..8, dense in any::<bool>(), bi in any::<bool>(), two_levels in any::<bool>(), fpn in any::<bool>(), deformable in any::<bool>()) {
         let levels = if two_levels { "[1, 2]" } else { "[2]" };
-        let cfg = config(if dense { DENSE } else { QSEL }, if bi { BI } else { NONE }, levels, fpn, "");
+        let extra = if deformable && !dense { "image_attention = \"deformable\"" } else { "" };
+        let cfg = config(if dense { DENSE } else { QSEL }, if bi { BI } else { NONE }, levels, fpn, extra);
         let vm = candle_nn::VarMap::new();
         let model = Registry::new().build_trainable(&cfg, &vm, 0, &Device::Cpu).unwrap();
         let images = ImageBatch::unpadded(Tensor::randn(0f32, 1.0, (b, 3, h, w), &Device::Cpu).unwrap()).unwrap();
@@ -126,7 +128,13 @@ fn model_and_images(
     fusion: &str,
     extra: &str,
 ) -> (ModelConfig, candle_nn::VarMap, glip_train::GlipModel, ImageBatch) {
-    let cfg = config(detector, fusion, "[1, 2]", true, extra);
+    model_and_images_of(config(detector, fusion, "[1, 2]", true, extra))
+}
+
+/// A model of `cfg` and a batch of 2 random 64 x 64 images.
+fn model_and_images_of(
+    cfg: ModelConfig,
+) -> (ModelConfig, candle_nn::VarMap, glip_train::GlipModel, ImageBatch) {
     let vm = candle_nn::VarMap::new();
     let model = Registry::new().build_trainable(&cfg, &vm, 0, &Device::Cpu).unwrap();
     let images =
@@ -136,7 +144,35 @@ fn model_and_images(
 }
 
 fn every_parameter_learns(detector: &str, fusion: &str, extra: &str, loss: &str) {
-    let (cfg, vm, model, images) = model_and_images(detector, fusion, extra);
+    every_parameter_of_learns(config(detector, fusion, "[1, 2]", true, extra), loss);
+}
+
+/// `cfg` with Deformable DETR's encoder (2 points per head and level).
+fn with_deformable_encoder(mut cfg: ModelConfig) -> ModelConfig {
+    let Slot::Builtin(TransformerSlot::Detr(tc)) = &mut cfg.transformer else {
+        panic!("the built-in transformer")
+    };
+    tc.encoder_attention = EncoderAttentionKind::Deformable;
+    tc.encoder_points = 2;
+    cfg
+}
+
+fn every_parameter_of_learns(cfg: ModelConfig, loss: &str) {
+    let (cfg, vm, model, images) = model_and_images_of(cfg);
+    // A new deformable encoder's offsets and attention weights are constant in their queries
+    // (zero matrices, Deformable DETR's initialisation), so at the first step no gradient
+    // reaches the queries' positions (the level embedding, in the dense design): checked as
+    // after a first update, which moves them off zero.
+    for (name, var) in vm.data().lock().unwrap().iter() {
+        let deformable = name.starts_with("transformer.encoder.layers.")
+            && (name.ends_with("self_attn.sampling_offsets.weight")
+                || name.ends_with("self_attn.attention_weights.weight"));
+        if deformable {
+            let moved =
+                (Tensor::randn(0f32, 1.0, var.dims(), &Device::Cpu).unwrap() * 0.01).unwrap();
+            var.set(&moved).unwrap();
+        }
+    }
     let (b, t) = (2, 6);
     let targets = targets(b, t);
     let out = model.forward_train(&images, &text(b, t), &targets).unwrap();
@@ -176,6 +212,27 @@ fn every_parameter_of_a_query_selection_model_with_denoising_learns() {
 fn every_parameter_of_a_query_selection_model_with_learned_content_learns() {
     every_parameter_learns(QSEL, NONE, "content = \"learned\"", "");
     every_parameter_learns(QSEL, BI, "content = \"learned\"\ndenoising = { groups = 2 }", "");
+}
+
+/// Grounding DINO's decoder with deformable image attention in every layer (`cross_attn`),
+/// alone and with text cross-attention, denoising queries and look forward twice beside it.
+#[test]
+fn every_parameter_of_a_query_selection_model_with_deformable_attention_learns() {
+    every_parameter_learns(QSEL, NONE, "image_attention = \"deformable\"", "");
+    let extra = "image_attention = \"deformable\"\ndeformable_points = 2\n\
+                 text_cross_attention = true\nlook_forward_twice = true\ndenoising = { groups = 2 }";
+    every_parameter_learns(QSEL, BI, extra, "");
+}
+
+/// Deformable DETR's encoder (every token samples around its own centre on both levels) under
+/// GLIP's dense head, and under query selection with Grounding DINO's whole decoder (deformable
+/// image attention, text cross-attention, denoising, look forward twice).
+#[test]
+fn every_parameter_of_a_model_with_a_deformable_encoder_learns() {
+    every_parameter_of_learns(with_deformable_encoder(config(DENSE, BI, "[1, 2]", true, "")), "");
+    let extra = "image_attention = \"deformable\"\ntext_cross_attention = true\n\
+                 look_forward_twice = true\ndenoising = { groups = 2 }";
+    every_parameter_of_learns(with_deformable_encoder(config(QSEL, BI, "[1, 2]", true, extra)), "");
 }
 
 /// DINO's denoising queries in a training step: `(b, groups 2 m, .)` predictions for every

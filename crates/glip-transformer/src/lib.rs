@@ -1,5 +1,5 @@
 //! Transformer pieces of glip-rs: multi-head attention with PyTorch's packed parameters,
-//! encoder and decoder layers with `torch.nn.Transformer` names, DETR's sine positional
+//! Deformable DETR's multi-scale deformable attention, encoder and decoder layers with `torch.nn.Transformer` names, DETR's sine positional
 //! encoding, query generators and image-text fusion.
 //!
 //! # Owns
@@ -27,15 +27,18 @@
 //! ```
 
 pub mod attention;
+pub mod deformable;
 pub mod fusion;
 pub mod position;
 pub mod query;
 pub mod transformer;
 
 pub use attention::MultiheadAttention;
+pub use deformable::{DeformableAttention, Reference, SamplingLevels};
 pub use fusion::{BiAttentionFusion, NoFusion};
 pub use position::{downsample_mask, sine_position_encoding};
 pub use query::{LearnedQueries, SeedQueries, TextAttendQueries};
 pub use transformer::{
-    Activation, DecoderLayer, DecoderMemory, DetrTransformer, TransformerConfig,
+    Activation, DecoderLayer, DecoderLayerOptions, DecoderMemory, DetrTransformer,
+    EncoderAttentionKind, EncoderLayer, EncoderLevels, TransformerConfig,
 };

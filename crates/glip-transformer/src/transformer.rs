@@ -3,6 +3,7 @@
 //! linear2, norm1, norm2, norm3}`, final `encoder.norm` / `decoder.norm`.
 
 use crate::attention::MultiheadAttention;
+use crate::deformable::{DeformableAttention, Reference, SamplingLevels};
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 use glip_core::validate::{limits, Checker, Validate};
@@ -43,6 +44,32 @@ pub struct TransformerConfig {
     /// Pre-norm layers (norm before each block) instead of torch's default post-norm.
     #[serde(default)]
     pub pre_norm: bool,
+    /// How the encoder's tokens attend to each other: `global` (multi-head self-attention over
+    /// every token, the default) or `deformable` (Deformable DETR's and Grounding DINO's image
+    /// encoder: each token samples `encoder_points` points per head and level around its own
+    /// centre, linear in the number of tokens).
+    #[serde(default)]
+    pub encoder_attention: EncoderAttentionKind,
+    /// Samples per head and level of a deformable encoder (Grounding DINO's `enc_n_points`).
+    /// Default 4.
+    #[serde(default = "default_points")]
+    pub encoder_points: usize,
+}
+
+/// How the encoder's tokens attend to each other.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EncoderAttentionKind {
+    /// Multi-head self-attention over every token (`self_attn` with packed projections).
+    #[default]
+    Global,
+    /// Multi-scale deformable self-attention from each token's centre (`self_attn`:
+    /// `sampling_offsets`, `attention_weights`, `value_proj`, `output_proj`).
+    Deformable,
+}
+
+fn default_points() -> usize {
+    4
 }
 
 fn default_dropout() -> f32 {
@@ -62,6 +89,7 @@ impl Validate for TransformerConfig {
         c.in_range("num_decoder_layers", self.num_decoder_layers, 0, limits::LAYERS);
         c.in_range("dim_feedforward", self.dim_feedforward, 1, limits::WIDTH);
         c.dropout("dropout", self.dropout as f64);
+        c.in_range("encoder_points", self.encoder_points, 1, 64);
     }
 }
 
@@ -77,6 +105,8 @@ impl TransformerConfig {
             dropout: default_dropout(),
             activation: default_activation(),
             pre_norm: false,
+            encoder_attention: EncoderAttentionKind::Global,
+            encoder_points: default_points(),
         }
     }
 }
@@ -117,10 +147,27 @@ impl FeedForward {
     }
 }
 
+/// An encoder layer's self-attention.
+#[derive(Debug, Clone)]
+enum SelfAttention {
+    Global(MultiheadAttention),
+    Deformable(DeformableAttention),
+}
+
+/// Where a deformable encoder layer samples: the levels, and every token's centre `(b, s, 2)`
+/// ([`SamplingLevels::token_centres`]).
+#[derive(Debug, Clone, Copy)]
+pub struct EncoderLevels<'a> {
+    /// The tokens' levels and the images' sizes.
+    pub levels: &'a SamplingLevels,
+    /// Every token's centre, normalised by its image's size.
+    pub centres: &'a Tensor,
+}
+
 /// One encoder layer.
 #[derive(Debug, Clone)]
 pub struct EncoderLayer {
-    self_attn: MultiheadAttention,
+    self_attn: SelfAttention,
     ff: FeedForward,
     norm1: LayerNorm,
     norm2: LayerNorm,
@@ -131,13 +178,27 @@ pub struct EncoderLayer {
 impl EncoderLayer {
     /// Loads `self_attn`, `linear1/2`, `norm1/2` from `vb`.
     pub fn new(cfg: &TransformerConfig, vb: VarBuilder<'_>) -> Result<Self> {
-        Ok(Self {
-            self_attn: MultiheadAttention::new(
-                cfg.d_model,
-                cfg.nhead,
+        Self::with_levels(cfg, 1, vb)
+    }
+
+    /// An encoder layer over tokens from `levels` levels: with `cfg.encoder_attention =
+    /// deformable`, its self-attention samples `cfg.encoder_points` points per head and level
+    /// (and needs [`EncoderLayer::forward_at`]); otherwise `levels` is not used.
+    pub fn with_levels(cfg: &TransformerConfig, levels: usize, vb: VarBuilder<'_>) -> Result<Self> {
+        let (d, heads) = (cfg.d_model, cfg.nhead);
+        let self_attn = match cfg.encoder_attention {
+            EncoderAttentionKind::Global => SelfAttention::Global(MultiheadAttention::new(
+                d,
+                heads,
                 cfg.dropout,
                 vb.pp("self_attn"),
-            )?,
+            )?),
+            EncoderAttentionKind::Deformable => SelfAttention::Deformable(
+                DeformableAttention::new(d, heads, levels, cfg.encoder_points, vb.pp("self_attn"))?,
+            ),
+        };
+        Ok(Self {
+            self_attn,
             ff: FeedForward::new(cfg, &vb)?,
             norm1: LayerNorm::new(cfg.d_model, 1e-5, vb.pp("norm1"))?,
             norm2: LayerNorm::new(cfg.d_model, 1e-5, vb.pp("norm2"))?,
@@ -146,7 +207,8 @@ impl EncoderLayer {
         })
     }
 
-    /// `x (b, s, d)`, `mask (b, s)`, `pos (b, s, d)` -> `(b, s, d)`.
+    /// `x (b, s, d)`, `mask (b, s)`, `pos (b, s, d)` -> `(b, s, d)`. A deformable layer needs
+    /// [`EncoderLayer::forward_at`].
     pub fn forward(
         &self,
         x: &Tensor,
@@ -154,16 +216,39 @@ impl EncoderLayer {
         pos: Option<&Tensor>,
         train: bool,
     ) -> Result<Tensor> {
+        self.forward_at(x, mask, pos, None, train)
+    }
+
+    /// [`EncoderLayer::forward`] told where the tokens lie, which a deformable layer samples
+    /// by (a global one ignores it).
+    pub fn forward_at(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        pos: Option<&Tensor>,
+        at: Option<EncoderLevels<'_>>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let attend = |h: &Tensor| -> Result<Tensor> {
+            let qk = with_pos(h, pos)?;
+            match (&self.self_attn, at) {
+                (SelfAttention::Global(attn), _) => attn.forward(&qk, &qk, h, mask, train),
+                (SelfAttention::Deformable(attn), Some(at)) => {
+                    attn.forward(&qk, Reference::Points(at.centres), h, mask, at.levels)
+                }
+                (SelfAttention::Deformable(_), None) => candle_core::bail!(
+                    "an encoder layer with deformable attention needs the tokens' levels"
+                ),
+            }
+        };
         if self.pre_norm {
             let h = self.norm1.forward(x)?;
-            let qk = with_pos(&h, pos)?;
-            let a = self.self_attn.forward(&qk, &qk, &h, mask, train)?;
+            let a = attend(&h)?;
             let x = (x + dropout(&a, self.dropout, train)?)?;
             let f = self.ff.forward(&self.norm2.forward(&x)?, train)?;
             x + f
         } else {
-            let qk = with_pos(x, pos)?;
-            let a = self.self_attn.forward(&qk, &qk, x, mask, train)?;
+            let a = attend(x)?;
             let x = self.norm1.forward_residual(x, &dropout(&a, self.dropout, train)?)?;
             let f = self.ff.forward(&x, train)?;
             self.norm2.forward_residual(&x, &f)
@@ -184,13 +269,44 @@ pub struct DecoderMemory<'a> {
     /// `(b, t, d)` text tokens at the model's width and their `(b, t)` u8 mask (1 for real
     /// tokens): the keys and values of a layer's text cross-attention, without positions.
     pub text: Option<(&'a Tensor, &'a Tensor)>,
+    /// The image tokens' levels and the images' sizes, where a layer with deformable image
+    /// attention samples.
+    pub levels: Option<&'a SamplingLevels>,
 }
 
 impl<'a> DecoderMemory<'a> {
     /// Image memory only.
     pub fn image(memory: &'a Tensor, mask: Option<&'a Tensor>, pos: Option<&'a Tensor>) -> Self {
-        Self { memory, mask, pos, text: None }
+        Self { memory, mask, pos, text: None, levels: None }
     }
+}
+
+/// What a [`DecoderLayer`] has beside self-attention, image cross-attention and feed-forward.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DecoderLayerOptions {
+    /// Grounding DINO's text cross-attention (`ca_text`, `catext_norm`) between the
+    /// self-attention and the image cross-attention.
+    pub text_attention: bool,
+    /// Deformable DETR's deformable attention over the image tokens (`cross_attn`:
+    /// `(levels, points)`) in place of multi-head attention over all of them
+    /// (`multihead_attn`), as Grounding DINO's decoder has.
+    pub deformable: Option<(usize, usize)>,
+}
+
+/// A layer's image attention in one forward, with its inputs.
+enum Image<'a> {
+    Global(&'a MultiheadAttention, Tensor),
+    Deformable(&'a DeformableAttention, &'a Tensor, &'a SamplingLevels),
+}
+
+/// A decoder layer's image cross-attention.
+#[derive(Debug, Clone)]
+enum ImageAttention {
+    /// Every query attends to every image token (`multihead_attn`, the image positions added
+    /// to the keys).
+    Global(MultiheadAttention),
+    /// Every query samples around its reference box (`cross_attn`).
+    Deformable(DeformableAttention),
 }
 
 /// Grounding DINO's text cross-attention in a decoder layer: `ca_text` over the text tokens,
@@ -207,7 +323,7 @@ struct TextCrossAttention {
 pub struct DecoderLayer {
     self_attn: MultiheadAttention,
     text_attn: Option<TextCrossAttention>,
-    multihead_attn: MultiheadAttention,
+    image_attn: ImageAttention,
     ff: FeedForward,
     norm1: LayerNorm,
     norm2: LayerNorm,
@@ -219,19 +335,7 @@ pub struct DecoderLayer {
 impl DecoderLayer {
     /// Loads `self_attn`, `multihead_attn`, `linear1/2`, `norm1..3` from `vb`.
     pub fn new(cfg: &TransformerConfig, vb: VarBuilder<'_>) -> Result<Self> {
-        let attn =
-            |name: &str| MultiheadAttention::new(cfg.d_model, cfg.nhead, cfg.dropout, vb.pp(name));
-        Ok(Self {
-            self_attn: attn("self_attn")?,
-            text_attn: None,
-            multihead_attn: attn("multihead_attn")?,
-            ff: FeedForward::new(cfg, &vb)?,
-            norm1: LayerNorm::new(cfg.d_model, 1e-5, vb.pp("norm1"))?,
-            norm2: LayerNorm::new(cfg.d_model, 1e-5, vb.pp("norm2"))?,
-            norm3: LayerNorm::new(cfg.d_model, 1e-5, vb.pp("norm3"))?,
-            pre_norm: cfg.pre_norm,
-            dropout: cfg.dropout,
-        })
+        Self::with_options(cfg, DecoderLayerOptions::default(), vb)
     }
 
     /// [`DecoderLayer::new`] plus Grounding DINO's text cross-attention (`ca_text`,
@@ -239,11 +343,48 @@ impl DecoderLayer {
     /// (with their positions) attend to the prompt's tokens, which then need
     /// [`DecoderMemory::text`].
     pub fn with_text_attention(cfg: &TransformerConfig, vb: VarBuilder<'_>) -> Result<Self> {
-        let text_attn = TextCrossAttention {
-            attn: MultiheadAttention::new(cfg.d_model, cfg.nhead, cfg.dropout, vb.pp("ca_text"))?,
-            norm: LayerNorm::new(cfg.d_model, 1e-5, vb.pp("catext_norm"))?,
+        let options = DecoderLayerOptions { text_attention: true, ..Default::default() };
+        Self::with_options(cfg, options, vb)
+    }
+
+    /// A layer with `options`: with text attention it needs [`DecoderMemory::text`], with
+    /// deformable image attention [`DecoderMemory::levels`] and reference boxes
+    /// ([`DecoderLayer::forward_at`]).
+    pub fn with_options(
+        cfg: &TransformerConfig,
+        options: DecoderLayerOptions,
+        vb: VarBuilder<'_>,
+    ) -> Result<Self> {
+        let (d, heads) = (cfg.d_model, cfg.nhead);
+        let attn = |name: &str| MultiheadAttention::new(d, heads, cfg.dropout, vb.pp(name));
+        let text_attn = match options.text_attention {
+            true => Some(TextCrossAttention {
+                attn: attn("ca_text")?,
+                norm: LayerNorm::new(d, 1e-5, vb.pp("catext_norm"))?,
+            }),
+            false => None,
         };
-        Ok(Self { text_attn: Some(text_attn), ..Self::new(cfg, vb)? })
+        let image_attn = match options.deformable {
+            None => ImageAttention::Global(attn("multihead_attn")?),
+            Some((levels, points)) => ImageAttention::Deformable(DeformableAttention::new(
+                d,
+                heads,
+                levels,
+                points,
+                vb.pp("cross_attn"),
+            )?),
+        };
+        Ok(Self {
+            self_attn: attn("self_attn")?,
+            text_attn,
+            image_attn,
+            ff: FeedForward::new(cfg, &vb)?,
+            norm1: LayerNorm::new(d, 1e-5, vb.pp("norm1"))?,
+            norm2: LayerNorm::new(d, 1e-5, vb.pp("norm2"))?,
+            norm3: LayerNorm::new(d, 1e-5, vb.pp("norm3"))?,
+            pre_norm: cfg.pre_norm,
+            dropout: cfg.dropout,
+        })
     }
 
     /// Whether the layer attends to the text.
@@ -251,10 +392,16 @@ impl DecoderLayer {
         self.text_attn.is_some()
     }
 
+    /// Whether the layer's image attention is deformable (it then needs reference boxes).
+    pub fn is_deformable(&self) -> bool {
+        matches!(self.image_attn, ImageAttention::Deformable(_))
+    }
+
     /// `x (b, q, d)` with query positions `qpos (b, q, d)` over `mem` -> `(b, q, d)`;
     /// `self_bias (q, q)`, if any, added to the self-attention's scores (which queries may see
     /// which, see [`MultiheadAttention::forward_biased`]). A layer with text cross-attention
-    /// needs `mem.text`; one without ignores it.
+    /// needs `mem.text`; one without ignores it. A deformable layer needs
+    /// [`DecoderLayer::forward_at`].
     pub fn forward(
         &self,
         x: &Tensor,
@@ -263,7 +410,21 @@ impl DecoderLayer {
         self_bias: Option<&Tensor>,
         train: bool,
     ) -> Result<Tensor> {
-        let mem_k = with_pos(mem.memory, mem.pos)?;
+        self.forward_at(x, qpos, None, mem, self_bias, train)
+    }
+
+    /// [`DecoderLayer::forward`] with the queries' reference boxes `(b, q, 4)` (cx, cy, w, h,
+    /// normalised by each image's size), around which a deformable layer samples `mem.levels`;
+    /// a layer that attends to every image token ignores them.
+    pub fn forward_at(
+        &self,
+        x: &Tensor,
+        qpos: Option<&Tensor>,
+        boxes: Option<&Tensor>,
+        mem: &DecoderMemory<'_>,
+        self_bias: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
         let drop = |t: &Tensor| dropout(t, self.dropout, train);
         let text = match (&self.text_attn, mem.text) {
             (None, _) => None,
@@ -271,6 +432,20 @@ impl DecoderLayer {
             (Some(_), None) => {
                 candle_core::bail!("a decoder layer with text cross-attention was given no text")
             }
+        };
+        // The image attention with what it reads: the keys (memory plus positions), or where
+        // to sample.
+        let image = match (&self.image_attn, boxes, mem.levels) {
+            (ImageAttention::Global(attn), _, _) => {
+                Image::Global(attn, with_pos(mem.memory, mem.pos)?)
+            }
+            (ImageAttention::Deformable(attn), Some(boxes), Some(levels)) => {
+                Image::Deformable(attn, boxes, levels)
+            }
+            (ImageAttention::Deformable(_), _, _) => candle_core::bail!(
+                "a decoder layer with deformable attention needs reference boxes and the \
+                 image's levels"
+            ),
         };
         // Each block: `attend(block input) -> residual`, around it the norm before (pre-norm)
         // or after (post-norm).
@@ -292,13 +467,15 @@ impl DecoderLayer {
             })?,
         };
         let x = block(&x, &self.norm2, &|h| {
-            let a = self.multihead_attn.forward(
-                &with_pos(h, qpos)?,
-                &mem_k,
-                mem.memory,
-                mem.mask,
-                train,
-            )?;
+            let query = with_pos(h, qpos)?;
+            let a = match &image {
+                Image::Global(attn, keys) => {
+                    attn.forward(&query, keys, mem.memory, mem.mask, train)?
+                }
+                Image::Deformable(attn, boxes, levels) => {
+                    attn.forward(&query, Reference::Boxes(boxes), mem.memory, mem.mask, levels)?
+                }
+            };
             drop(&a)
         })?;
         block(&x, &self.norm3, &|h| self.ff.forward(h, train))
@@ -321,9 +498,21 @@ pub struct DetrTransformer {
 impl DetrTransformer {
     /// Loads from `vb` (the `transformer` scope of a checkpoint).
     pub fn new(config: TransformerConfig, vb: VarBuilder<'_>) -> Result<Self> {
+        Self::with_levels(config, 1, vb)
+    }
+
+    /// [`DetrTransformer::new`] for image tokens from `levels` feature levels (what a
+    /// deformable encoder samples; see [`EncoderLayer::with_levels`]).
+    pub fn with_levels(
+        config: TransformerConfig,
+        levels: usize,
+        vb: VarBuilder<'_>,
+    ) -> Result<Self> {
         let d = config.d_model;
         let encoder = (0..config.num_encoder_layers)
-            .map(|i| EncoderLayer::new(&config, vb.pp(format!("encoder.layers.{i}"))))
+            .map(|i| {
+                EncoderLayer::with_levels(&config, levels, vb.pp(format!("encoder.layers.{i}")))
+            })
             .collect::<Result<Vec<_>>>()?;
         let decoder = (0..config.num_decoder_layers)
             .map(|i| DecoderLayer::new(&config, vb.pp(format!("decoder.layers.{i}"))))
@@ -358,6 +547,27 @@ impl glip_core::Transformer for DetrTransformer {
         let mut x = src.clone();
         for l in &self.encoder {
             x = l.forward(&x, mask, pos, train)?;
+        }
+        self.encoder_norm.forward(&x)
+    }
+
+    fn encode_levels(
+        &self,
+        src: &Tensor,
+        mask: Option<&Tensor>,
+        pos: Option<&Tensor>,
+        levels: &[glip_core::LevelShape],
+        image_sizes: &[(f32, f32)],
+        train: bool,
+    ) -> Result<Tensor> {
+        if self.config.encoder_attention == EncoderAttentionKind::Global {
+            return self.encode(src, mask, pos, train);
+        }
+        let at = SamplingLevels::cached(levels, image_sizes, src.device())?;
+        let at = EncoderLevels { levels: &at, centres: at.token_centres() };
+        let mut x = src.clone();
+        for l in &self.encoder {
+            x = l.forward_at(&x, mask, pos, Some(at), train)?;
         }
         self.encoder_norm.forward(&x)
     }

@@ -1,11 +1,13 @@
 //! Gradients, shapes and padding invariance of the transformer crate's modules.
 
 use candle_core::{DType, Device, Result, Tensor};
-use glip_core::{Fusion, Queries, QueryGenerator, QueryInputs, TextFeatures, Transformer};
+use glip_core::{
+    Fusion, LevelShape, Queries, QueryGenerator, QueryInputs, TextFeatures, Transformer,
+};
 use glip_testing::{assert_close, assert_every_parameter_learns, fresh_vars, probe_loss};
 use glip_transformer::{
-    sine_position_encoding, Activation, BiAttentionFusion, DetrTransformer, LearnedQueries,
-    SeedQueries, TextAttendQueries, TransformerConfig,
+    sine_position_encoding, Activation, BiAttentionFusion, DeformableAttention, DetrTransformer,
+    LearnedQueries, Reference, SamplingLevels, SeedQueries, TextAttendQueries, TransformerConfig,
 };
 use proptest::prelude::*;
 
@@ -183,4 +185,79 @@ proptest! {
         prop_assert_eq!(seed.content.dims(), &[b, nq, D]);
         prop_assert_eq!(learned.pos.as_ref().unwrap().dims(), &[b, nq, D]);
     }
+}
+
+/// `(1, h * w, D)` tokens of a `(h, w)` grid inside a `(hp, wp)` one: the real ones at the top
+/// left, random ones around them, and the `(1, hp * wp)` mask of the real ones.
+fn embed_grid(real: &Tensor, (h, w): (usize, usize), (hp, wp): (usize, usize)) -> (Tensor, Tensor) {
+    let noise = randn(&[hp, wp, D]);
+    let real = real.reshape((h, w, D)).unwrap();
+    let top =
+        Tensor::cat(&[&real, &noise.narrow(0, 0, h).unwrap().narrow(1, w, wp - w).unwrap()], 1)
+            .unwrap();
+    let grid = Tensor::cat(&[&top, &noise.narrow(0, h, hp - h).unwrap()], 0).unwrap();
+    let m: Vec<u8> = (0..hp * wp).map(|k| u8::from(k / wp < h && k % wp < w)).collect();
+    (
+        grid.reshape((1, hp * wp, D)).unwrap(),
+        Tensor::from_vec(m, (1, hp * wp), &Device::Cpu).unwrap(),
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(12))]
+
+    /// Deformable attention over an image alone and over the same image padded into a larger
+    /// batch grid (its extra tokens random and masked): the same output, as sampling is placed
+    /// by the image's own size and a padded token is a zero value, as a location outside the
+    /// image's own grid is. Two levels (strides 8 and 16), random weights, boxes anywhere.
+    #[test]
+    fn deformable_attention_ignores_padding(h in 1usize..6, w in 1usize..6, eh in 0usize..4, ew in 1usize..4, cut_w in 0usize..8, cut_h in 0usize..8, q in 1usize..5, points in 1usize..4) {
+        let (vm, vb) = fresh_vars();
+        let attn = DeformableAttention::new(D, 4, 2, points, vb).unwrap();
+        for var in vm.all_vars() {
+            var.set(&(randn(var.dims()) * 0.5).unwrap()).unwrap();
+        }
+        // The image: w * 8 - cut_w by h * 8 - cut_h pixels, so h x w tokens at stride 8 and
+        // their halves (rounded up) at 16.
+        let size = ((w * 8 - cut_w) as f32, (h * 8 - cut_h) as f32);
+        let grid = |h: usize, w: usize| [(h, w), (h.div_ceil(2), w.div_ceil(2))];
+        let (alone, padded) = (grid(h, w), grid(h + eh, w + ew));
+        let level = |(h, w): (usize, usize), stride| LevelShape { h, w, stride };
+        let shapes = |g: [(usize, usize); 2]| [level(g[0], 8), level(g[1], 16)];
+        let mut values = Vec::new();
+        let (mut padded_values, mut masks) = (Vec::new(), Vec::new());
+        for (a, p) in alone.into_iter().zip(padded) {
+            let v = randn(&[1, a.0 * a.1, D]);
+            let (vp, m) = embed_grid(&v, a, p);
+            values.push(v);
+            padded_values.push(vp);
+            masks.push(m);
+        }
+        let value = Tensor::cat(&values, 1).unwrap();
+        let (value_p, mask_p) = (Tensor::cat(&padded_values, 1).unwrap(), Tensor::cat(&masks, 1).unwrap());
+        let query = randn(&[1, q, D]);
+        let u = Tensor::rand(0f32, 1.0, (1, q, 4), &Device::Cpu).unwrap();
+        let boxes = Tensor::cat(&[u.narrow(2, 0, 2).unwrap(), u.narrow(2, 2, 2).unwrap().affine(0.9, 0.05).unwrap()], 2).unwrap();
+        let at = SamplingLevels::new(&shapes(alone), &[size], &Device::Cpu).unwrap();
+        let at_p = SamplingLevels::new(&shapes(padded), &[size], &Device::Cpu).unwrap();
+        let out = attn.forward(&query, Reference::Boxes(&boxes), &value, None, &at).unwrap();
+        let out_p = attn.forward(&query, Reference::Boxes(&boxes), &value_p, Some(&mask_p), &at_p).unwrap();
+        prop_assert_eq!(out.dims(), &[1, q, D]);
+        assert_close("deformable attention, padded", &out_p, &out, 1e-5, 1e-4).unwrap();
+    }
+}
+
+/// Every parameter of a new deformable attention learns (its offsets' and attention weights'
+/// matrices start at zero).
+#[test]
+fn every_deformable_attention_parameter_learns() -> Result<()> {
+    let (vm, vb) = fresh_vars();
+    let attn = DeformableAttention::new(D, 4, 2, 3, vb)?;
+    let shapes = [LevelShape { h: 4, w: 4, stride: 8 }, LevelShape { h: 2, w: 2, stride: 16 }];
+    let at = SamplingLevels::new(&shapes, &[(32.0, 32.0), (28.0, 20.0)], &Device::Cpu)?;
+    let boxes = Tensor::rand(0f32, 1.0, (2, 5, 4), &Device::Cpu)?.affine(0.8, 0.1)?;
+    let out =
+        attn.forward(&randn(&[2, 5, D]), Reference::Boxes(&boxes), &randn(&[2, 20, D]), None, &at)?;
+    let grads = probe_loss(&out)?.backward()?;
+    assert_every_parameter_learns(&vm, &grads, |_| false)
 }

@@ -2,9 +2,60 @@
 //! fixtures written by `cargo xtask fixtures`), at the fixture README's tolerances: forward
 //! outputs `1e-4 + 1e-3 |b|` elementwise, gradients `1e-3 max|b| + 1e-5`.
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor, Var};
+use candle_nn::VarMap;
+use glip_core::LevelShape;
 use glip_testing::{assert_forward_close, assert_grad_close, fresh_vars, load};
-use glip_transformer::{DecoderLayer, DecoderMemory, TransformerConfig};
+use glip_transformer::{
+    DecoderLayer, DecoderLayerOptions, DecoderMemory, DeformableAttention, EncoderAttentionKind,
+    EncoderLayer, EncoderLevels, Reference, SamplingLevels, TransformerConfig,
+};
+use std::collections::HashMap;
+
+/// Sets every parameter of `varmap` to the fixture's weight of its name, after checking that
+/// the two name the same parameters (the names are the reference's: Grounding DINO's, Deformable
+/// DETR's, torch's).
+fn set_weights(varmap: &VarMap, weights: &HashMap<String, Tensor>) -> Result<()> {
+    let vars = varmap.data().lock().expect("varmap lock");
+    let mut ours: Vec<&String> = vars.keys().collect();
+    let mut theirs: Vec<&String> = weights.keys().collect();
+    ours.sort();
+    theirs.sort();
+    assert_eq!(ours, theirs, "parameter names");
+    for (name, var) in vars.iter() {
+        var.set(&weights[name].to_dtype(DType::F32)?)?;
+    }
+    Ok(())
+}
+
+/// The gradients of `inputs` (tensor, fixture name) and of every parameter the fixture has one
+/// for (`grad.<name>` for a name not among the inputs) against the fixture's; returns how many
+/// parameters were checked.
+fn check_grads(
+    io: &HashMap<String, Tensor>,
+    grads: &GradStore,
+    inputs: &[(&Tensor, &str)],
+    varmap: &VarMap,
+) -> Result<usize> {
+    let grad = |t: &Tensor, name: &str| -> Result<()> {
+        let g = grads.get(t).unwrap_or_else(|| panic!("{name}: no gradient"));
+        assert_grad_close(&format!("grad.{name}"), g, &io[&format!("grad.{name}")])
+    };
+    for (t, name) in inputs {
+        grad(t, name)?;
+    }
+    let vars = varmap.data().lock().expect("varmap lock");
+    let mut checked = 0;
+    for key in io.keys() {
+        let name = key.strip_prefix("grad.").filter(|n| !inputs.iter().any(|(_, i)| i == n));
+        if let Some(name) = name {
+            grad(vars[name].as_tensor(), name)?;
+            checked += 1;
+        }
+    }
+    Ok(checked)
+}
 
 /// Grounding DINO's decoder layer (`GroundingDecoderLayer`: self-attention, text
 /// cross-attention, image cross-attention, FFN, post-norm) with padded image and text tokens:
@@ -20,19 +71,7 @@ fn grounding_decoder_layer_matches_reference() -> Result<()> {
     let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &dev);
     let layer = DecoderLayer::with_text_attention(&cfg, vb)?;
     assert!(layer.has_text_attention());
-    {
-        // Every parameter the layer made comes from the reference, and every reference weight
-        // has its parameter: the names are Grounding DINO's and torch's.
-        let vars = varmap.data().lock().expect("varmap lock");
-        let mut ours: Vec<&String> = vars.keys().collect();
-        let mut theirs: Vec<&String> = weights.keys().collect();
-        ours.sort();
-        theirs.sort();
-        assert_eq!(ours, theirs, "parameter names");
-        for (name, var) in vars.iter() {
-            var.set(&weights[name].to_dtype(DType::F32)?)?;
-        }
-    }
+    set_weights(&varmap, &weights)?;
     let x = Var::from_tensor(&io["x"])?;
     let text = Var::from_tensor(&io["text"])?;
     let mem = DecoderMemory {
@@ -42,21 +81,8 @@ fn grounding_decoder_layer_matches_reference() -> Result<()> {
     let out = layer.forward(x.as_tensor(), Some(&io["qpos"]), &mem, None, true)?;
     assert_forward_close("out", &out, &io["out"])?;
     let grads = (&out * &io["out_weight"])?.sum_all()?.backward()?;
-    let grad = |t: &Tensor, name: &str| -> Result<()> {
-        let g = grads.get(t).unwrap_or_else(|| panic!("{name}: no gradient"));
-        assert_grad_close(&format!("grad.{name}"), g, &io[&format!("grad.{name}")])
-    };
-    grad(x.as_tensor(), "x")?;
-    grad(text.as_tensor(), "text")?;
-    let vars = varmap.data().lock().expect("varmap lock");
-    let mut checked = 0;
-    for key in io.keys() {
-        if let Some(name) = key.strip_prefix("grad.").filter(|n| !["x", "text"].contains(n)) {
-            grad(vars[name].as_tensor(), name)?;
-            checked += 1;
-        }
-    }
-    assert_eq!(checked, 9, "the fixture's parameter gradients");
+    let inputs = [(x.as_tensor(), "x"), (text.as_tensor(), "text")];
+    assert_eq!(check_grads(&io, &grads, &inputs, &varmap)?, 9, "the fixture's parameter gradients");
     Ok(())
 }
 
@@ -73,5 +99,140 @@ fn text_attention_without_text_is_an_error() -> Result<()> {
         .forward(&x, None, &DecoderMemory::image(&memory, None, None), None, false)
         .unwrap_err();
     assert!(err.to_string().contains("no text"), "{err}");
+    Ok(())
+}
+
+/// The two levels of the deformable-attention fixture (`SHAPES` in make_fixtures.py).
+const DEFORMABLE_LEVELS: [LevelShape; 2] =
+    [LevelShape { h: 4, w: 5, stride: 8 }, LevelShape { h: 2, w: 3, stride: 16 }];
+
+/// Deformable DETR's multi-scale deformable attention with box references
+/// (`DeformableAttention`, which samples with `F.grid_sample`; ours gathers): 2 levels of 4 x 5
+/// and 2 x 3 tokens, 4 heads, 3 points, 2 x 5 queries, the second image smaller than the first
+/// (its padded tokens masked), samples inside and outside the levels. The output, and the
+/// gradients of `sum(out * out_weight)` for the queries, the boxes, the values and all eight
+/// parameters; a new module's offsets' bias is the reference's initialisation.
+#[test]
+fn deformable_attention_matches_reference() -> Result<()> {
+    let dev = glip_testing::device();
+    let io = load("deformable-attention/io.safetensors", &dev)?;
+    let weights = load("deformable-attention/model.safetensors", &dev)?;
+    let varmap = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+    let attn = DeformableAttention::new(32, 4, 2, 3, vb)?;
+    {
+        let vars = varmap.data().lock().expect("varmap lock");
+        // Deformable DETR's rays (cos and sin of 2 pi h / 4 over the larger of their
+        // magnitudes, times the point's number): the same f32 arithmetic on both sides.
+        let init = &io["init.sampling_offsets.bias"];
+        assert_forward_close(
+            "init.sampling_offsets.bias",
+            vars["sampling_offsets.bias"].as_tensor(),
+            init,
+        )?;
+    }
+    set_weights(&varmap, &weights)?;
+    let sizes = image_sizes(&io["image_sizes"])?;
+    let at = SamplingLevels::new(&DEFORMABLE_LEVELS, &sizes, &dev)?;
+    let query = Var::from_tensor(&io["query"])?;
+    let boxes = Var::from_tensor(&io["boxes"])?;
+    let value = Var::from_tensor(&io["value"])?;
+    let out = attn.forward(
+        query.as_tensor(),
+        Reference::Boxes(boxes.as_tensor()),
+        value.as_tensor(),
+        Some(&io["value_mask"]),
+        &at,
+    )?;
+    assert_forward_close("out", &out, &io["out"])?;
+    let grads = (&out * &io["out_weight"])?.sum_all()?.backward()?;
+    let inputs =
+        [(query.as_tensor(), "query"), (boxes.as_tensor(), "boxes"), (value.as_tensor(), "value")];
+    // All eight of the module's parameters.
+    assert_eq!(check_grads(&io, &grads, &inputs, &varmap)?, 8, "the module's parameters");
+    Ok(())
+}
+
+/// A deformable layer refuses to run without reference boxes or levels rather than fall back
+/// to attending everywhere; its image attention's parameters are `cross_attn.*` (Grounding
+/// DINO's name) in place of `multihead_attn.*`.
+#[test]
+fn deformable_layer_needs_boxes_and_levels() -> Result<()> {
+    let cfg = TransformerConfig::new(16, 2, 0, 1, 32);
+    let (varmap, vb) = fresh_vars();
+    let options = DecoderLayerOptions { deformable: Some((2, 4)), ..Default::default() };
+    let layer = DecoderLayer::with_options(&cfg, options, vb)?;
+    assert!(layer.is_deformable());
+    {
+        let vars = varmap.data().lock().expect("varmap lock");
+        assert!(vars.contains_key("cross_attn.sampling_offsets.weight"));
+        assert!(!vars.keys().any(|k| k.starts_with("multihead_attn")), "{:?}", vars.keys());
+    }
+    let dev = candle_core::Device::Cpu;
+    let x = Tensor::zeros((1, 3, 16), DType::F32, &dev)?;
+    let memory = Tensor::zeros((1, 20 + 6, 16), DType::F32, &dev)?;
+    let boxes = Tensor::full(0.5f32, (1, 3, 4), &dev)?;
+    let at = SamplingLevels::new(&DEFORMABLE_LEVELS, &[(40.0, 32.0)], &dev)?;
+    let image = DecoderMemory::image(&memory, None, None);
+    let err = layer.forward(&x, None, &image, None, false).unwrap_err();
+    assert!(err.to_string().contains("reference boxes"), "{err}");
+    let err = layer.forward_at(&x, None, Some(&boxes), &image, None, false).unwrap_err();
+    assert!(err.to_string().contains("reference boxes"), "{err}");
+    let with_levels = DecoderMemory { levels: Some(&at), ..image };
+    let out = layer.forward_at(&x, None, Some(&boxes), &with_levels, None, false)?;
+    assert_eq!(out.dims(), &[1, 3, 16]);
+    // Levels that are not the memory's are an error, not a wrong gather.
+    let short = Tensor::zeros((1, 20, 16), DType::F32, &dev)?;
+    let wrong = DecoderMemory { levels: Some(&at), ..DecoderMemory::image(&short, None, None) };
+    let err = layer.forward_at(&x, None, Some(&boxes), &wrong, None, false).unwrap_err();
+    assert!(err.to_string().contains("levels"), "{err}");
+    Ok(())
+}
+
+/// `(b, 2)` widths and heights as pairs.
+fn image_sizes(t: &Tensor) -> Result<Vec<(f32, f32)>> {
+    Ok(t.to_vec2::<f32>()?.iter().map(|s| (s[0], s[1])).collect())
+}
+
+/// Deformable DETR's encoder layer (`DeformableEncoderLayer`: every token samples from its own
+/// centre, `token_centres`, then the FFN, post-norm) over the two levels and images of the
+/// deformable-attention fixture, 2 points: the tokens' centres, the output, and the gradients
+/// of `sum(out * out_weight)` for the tokens, their positions and eight parameters.
+#[test]
+fn deformable_encoder_layer_matches_reference() -> Result<()> {
+    let dev = glip_testing::device();
+    let io = load("deformable-encoder-layer/io.safetensors", &dev)?;
+    let weights = load("deformable-encoder-layer/model.safetensors", &dev)?;
+    let cfg = TransformerConfig {
+        dropout: 0.0,
+        encoder_attention: EncoderAttentionKind::Deformable,
+        encoder_points: 2,
+        ..TransformerConfig::new(32, 4, 1, 0, 64)
+    };
+    let varmap = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+    let layer = EncoderLayer::with_levels(&cfg, 2, vb)?;
+    set_weights(&varmap, &weights)?;
+    let sizes = image_sizes(&io["image_sizes"])?;
+    let levels = SamplingLevels::new(&DEFORMABLE_LEVELS, &sizes, &dev)?;
+    let centres = levels.token_centres().clone();
+    assert_forward_close("centres", &centres, &io["centres"])?;
+    let x = Var::from_tensor(&io["x"])?;
+    let pos = Var::from_tensor(&io["pos"])?;
+    let at = EncoderLevels { levels: &levels, centres: &centres };
+    let out = layer.forward_at(
+        x.as_tensor(),
+        Some(&io["mask"]),
+        Some(pos.as_tensor()),
+        Some(at),
+        true,
+    )?;
+    assert_forward_close("out", &out, &io["out"])?;
+    let grads = (&out * &io["out_weight"])?.sum_all()?.backward()?;
+    let inputs = [(x.as_tensor(), "x"), (pos.as_tensor(), "pos")];
+    assert_eq!(check_grads(&io, &grads, &inputs, &varmap)?, 8, "the fixture's parameter gradients");
+    // Without the levels a deformable layer is an error, not a global attention.
+    let err = layer.forward(x.as_tensor(), Some(&io["mask"]), None, false).unwrap_err();
+    assert!(err.to_string().contains("levels"), "{err}");
     Ok(())
 }
