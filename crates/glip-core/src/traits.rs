@@ -150,6 +150,39 @@ pub struct LevelShape {
     pub stride: usize,
 }
 
+/// Levels and image sizes as a key (bit patterns of the sizes), for the per-thread caches of
+/// what is made from them (a dense head's locations, deformable attention's sampling levels).
+pub type LevelsKey = (Vec<(usize, usize, usize)>, Vec<(u32, u32)>);
+
+impl LevelShape {
+    /// Every token's centre over `levels` (finest first, each row-major) in each image of
+    /// `image_sizes` `(width, height)` pixels, normalised by the image's size: column `j` of a
+    /// level of stride `t` at `(j + 0.5) * t / width`. `b * s` pairs `(x, y)`, flattened.
+    pub fn token_centres(levels: &[LevelShape], image_sizes: &[(f32, f32)]) -> Vec<f32> {
+        let s: usize = levels.iter().map(|l| l.h * l.w).sum();
+        let mut v = Vec::with_capacity(image_sizes.len() * s * 2);
+        for &(w, h) in image_sizes {
+            for l in levels {
+                let t = l.stride as f32;
+                for i in 0..l.h {
+                    for j in 0..l.w {
+                        v.extend([(j as f32 + 0.5) * t / w, (i as f32 + 0.5) * t / h]);
+                    }
+                }
+            }
+        }
+        v
+    }
+
+    /// `levels` and `image_sizes` as a [`LevelsKey`].
+    pub fn key(levels: &[LevelShape], image_sizes: &[(f32, f32)]) -> LevelsKey {
+        (
+            levels.iter().map(|l| (l.h, l.w, l.stride)).collect(),
+            image_sizes.iter().map(|&(w, h)| (w.to_bits(), h.to_bits())).collect(),
+        )
+    }
+}
+
 /// What a detector sees: the fused encoder output and the text.
 #[derive(Clone, Copy)]
 pub struct Encoded<'a> {

@@ -124,22 +124,22 @@ pub fn locations(
 ) -> Result<(Tensor, Tensor, Vec<usize>)> {
     let s: usize = levels.iter().map(|l| l.h * l.w).sum();
     let b = image_sizes.len();
-    let mut pts = Vec::with_capacity(b * s * 2);
+    let pts = LevelShape::token_centres(levels, image_sizes);
     let mut strides = Vec::with_capacity(b * s * 2);
-    let mut level = Vec::with_capacity(s);
     for &(w, h) in image_sizes {
-        level.clear();
-        for (li, l) in levels.iter().enumerate() {
+        for l in levels {
             let st = l.stride as f32;
-            for i in 0..l.h {
-                for j in 0..l.w {
-                    pts.extend([(j as f32 + 0.5) * st / w, (i as f32 + 0.5) * st / h]);
-                    strides.extend([st / w, st / h]);
-                    level.push(li);
-                }
-            }
+            strides.extend(std::iter::repeat_n([st / w, st / h], l.h * l.w).flatten());
         }
     }
+    let level: Vec<usize> = match b {
+        0 => Vec::new(),
+        _ => levels
+            .iter()
+            .enumerate()
+            .flat_map(|(li, l)| std::iter::repeat_n(li, l.h * l.w))
+            .collect(),
+    };
     Ok((
         Tensor::from_vec(pts, (b, s, 2), device)?,
         Tensor::from_vec(strides, (b, s, 2), device)?,
@@ -161,7 +161,7 @@ struct Located {
 /// evaluation of a synthetic split) need one.
 const KEPT_LOCATIONS: usize = 4;
 
-type LocationKey = (Vec<(usize, usize, usize)>, Vec<(u32, u32)>, candle_core::DeviceLocation);
+type LocationKey = (glip_core::LevelsKey, candle_core::DeviceLocation);
 
 thread_local! {
     static LOCATIONS: std::cell::RefCell<glip_kernels::graph::Recent<LocationKey, Located>> =
@@ -176,11 +176,7 @@ fn device_locations(
     image_sizes: &[(f32, f32)],
     device: &candle_core::Device,
 ) -> Result<Located> {
-    let key: LocationKey = (
-        levels.iter().map(|l| (l.h, l.w, l.stride)).collect(),
-        image_sizes.iter().map(|&(w, h)| (w.to_bits(), h.to_bits())).collect(),
-        device.location(),
-    );
+    let key: LocationKey = (LevelShape::key(levels, image_sizes), device.location());
     LOCATIONS.with(|k| {
         k.borrow_mut().get_or_make(
             key,

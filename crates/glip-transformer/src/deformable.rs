@@ -76,17 +76,7 @@ impl SamplingLevels {
             // Token indices are computed in f32, exact below 2^24.
             candle_core::bail!("deformable attention: {at} image tokens, more than 2^24");
         }
-        let mut centres = Vec::with_capacity(image_sizes.len() * at * 2);
-        for &(w, h) in image_sizes {
-            for l in levels {
-                let t = l.stride as f32;
-                for i in 0..l.h {
-                    for j in 0..l.w {
-                        centres.extend([(j as f32 + 0.5) * t / w, (i as f32 + 0.5) * t / h]);
-                    }
-                }
-            }
-        }
+        let centres = LevelShape::token_centres(levels, image_sizes);
         Ok(Self {
             levels: levels.to_vec(),
             centres: Tensor::from_vec(centres, (image_sizes.len(), at, 2), device)?,
@@ -135,11 +125,7 @@ impl SamplingLevels {
         image_sizes: &[(f32, f32)],
         device: &Device,
     ) -> Result<Self> {
-        let key: LevelsKey = (
-            levels.iter().map(|l| (l.h, l.w, l.stride)).collect(),
-            image_sizes.iter().map(|&(w, h)| (w.to_bits(), h.to_bits())).collect(),
-            device.location(),
-        );
+        let key: Key = (LevelShape::key(levels, image_sizes), device.location());
         KEPT.with(|k| {
             k.borrow_mut().get_or_make(
                 key,
@@ -160,10 +146,10 @@ impl SamplingLevels {
     }
 }
 
-type LevelsKey = (Vec<(usize, usize, usize)>, Vec<(u32, u32)>, candle_core::DeviceLocation);
+type Key = (glip_core::LevelsKey, candle_core::DeviceLocation);
 
 thread_local! {
-    static KEPT: std::cell::RefCell<glip_kernels::graph::Recent<LevelsKey, SamplingLevels>> =
+    static KEPT: std::cell::RefCell<glip_kernels::graph::Recent<Key, SamplingLevels>> =
         const { std::cell::RefCell::new(glip_kernels::graph::Recent::new(4)) };
 }
 
