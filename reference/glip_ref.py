@@ -22,7 +22,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 __all__ = [
     "FrozenBatchNorm2d", "ResNetBody", "SeedQueries", "TokenHead", "SeedGLIP", "GroundingDecoderLayer",
-    "DeformableAttention", "DeformableEncoderLayer", "token_centres",
+    "DeformableAttention", "DeformableEncoderLayer", "token_centres", "BiAttentionBlock",
+    "text_positions", "TextEnhancerLayer", "FeatureEnhancer",
     "cxcywh_to_xyxy",
     "giou", "focal", "hungarian", "class_losses", "token_losses", "detection_prompt", "positive_map",
 ]
@@ -272,6 +273,109 @@ class DeformableEncoderLayer(nn.Module):
         centres = token_centres(shapes, image_sizes)
         x = self.norm1(x + self.self_attn(x + pos, centres, x, mask, shapes, image_sizes))
         return self.norm2(x + self.linear2(F.relu(self.linear1(x))))
+
+
+# ----------------------------------------------------------------------------------- fusion
+
+class BiAttentionBlock(nn.Module):
+    """GLIP's and Grounding DINO's bidirectional image-text attention (their BiAttentionBlock
+    around BiMultiHeadAttention, with their names): image and text are layer-normed; image tokens
+    attend to the text tokens and text tokens to the image tokens through one score matrix
+    (v_proj(v) . l_proj(l) / sqrt(dh) per head), padded text masked for the image and padded
+    image tokens for the text (Grounding DINO's attention_mask_v; GLIP masks none); each side
+    adds gamma * out_proj(...) (layer scale, 1e-4 at the start).
+
+    residual="normed" is theirs: the residual adds to the layer-normed features. residual="input"
+    is glip-rs's `bi-attention` default: it adds to the block's input, so the block starts as the
+    identity. Their max-shifts and +-50000 clamps before the softmaxes change nothing in f32 and
+    are left out; dropout off."""
+
+    def __init__(self, d_v, d_l, embed, heads, residual="normed", init_values=1e-4):
+        super().__init__()
+        assert residual in ("normed", "input")
+        self.heads, self.embed, self.residual = heads, embed, residual
+        self.layer_norm_v, self.layer_norm_l = nn.LayerNorm(d_v), nn.LayerNorm(d_l)
+        self.attn = nn.Module()
+        self.attn.v_proj, self.attn.l_proj = nn.Linear(d_v, embed), nn.Linear(d_l, embed)
+        self.attn.values_v_proj, self.attn.values_l_proj = nn.Linear(d_v, embed), nn.Linear(d_l, embed)
+        self.attn.out_v_proj, self.attn.out_l_proj = nn.Linear(embed, d_v), nn.Linear(embed, d_l)
+        self.gamma_v = nn.Parameter(init_values * torch.ones(d_v))
+        self.gamma_l = nn.Parameter(init_values * torch.ones(d_l))
+
+    def forward(self, v, l, v_mask, l_mask):
+        """v (B, S, d_v), l (B, T, d_l); masks (B, S) / (B, T), 1 for real tokens."""
+        a = self.attn
+        nv, nl = self.layer_norm_v(v), self.layer_norm_l(l)
+        B, S, _ = v.shape
+        T, H, dh = l.shape[1], self.heads, self.embed // self.heads
+
+        def split(x):
+            return x.view(B, -1, H, dh).transpose(1, 2)
+
+        scores = (split(a.v_proj(nv)) * dh ** -0.5) @ split(a.l_proj(nl)).transpose(-1, -2)  # B H S T
+        p_v = scores.masked_fill(l_mask[:, None, None, :] == 0, float("-inf")).softmax(-1)
+        p_l = scores.transpose(-1, -2).masked_fill(v_mask[:, None, None, :] == 0, float("-inf")).softmax(-1)
+        out_v = a.out_v_proj((p_v @ split(a.values_l_proj(nl))).transpose(1, 2).reshape(B, S, self.embed))
+        out_l = a.out_l_proj((p_l @ split(a.values_v_proj(nv))).transpose(1, 2).reshape(B, T, self.embed))
+        base_v, base_l = (nv, nl) if self.residual == "normed" else (v, l)
+        return base_v + self.gamma_v * out_v, base_l + self.gamma_l * out_l
+
+
+def text_positions(t, width, temperature=10000.0):
+    """Grounding DINO's sine positions of the text tokens (get_sine_pos_embed of positions
+    0..t-1, as its encoder makes pos_text without sub-sentence position ids): feature 2i of
+    position n is sin(2 pi n / temperature^(2i / width)), feature 2i + 1 the cosine of the same
+    angle. (t, width)."""
+    n = torch.arange(t, dtype=torch.float32)[:, None] * (2 * math.pi)
+    dim_t = temperature ** (2 * (torch.arange(width) // 2).float() / width)
+    x = n / dim_t
+    return torch.stack((x[:, 0::2].sin(), x[:, 1::2].cos()), -1).flatten(1)
+
+
+class TextEnhancerLayer(nn.Module):
+    """Grounding DINO's text layer (transformer_vanilla's TransformerEncoderLayer as its encoder
+    uses it): self-attention with the positions added to queries and keys, padded keys masked,
+    then feed-forward (relu), each followed by its residual and LayerNorm (post-norm; dropout
+    off). Grounding DINO masks with its sub-sentence attention mask, which for a prompt without
+    sub-sentences leaves every real token attending to every real one, as here. Names:
+    self_attn (torch's), linear1/2, norm1/2."""
+
+    def __init__(self, d, heads, ff):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.linear1, self.linear2 = nn.Linear(d, ff), nn.Linear(ff, d)
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+
+    def forward(self, x, pos, mask):
+        q = x + pos
+        x = self.norm1(x + self.self_attn(q, q, x, key_padding_mask=mask == 0, need_weights=False)[0])
+        return self.norm2(x + self.linear2(F.relu(self.linear1(x))))
+
+
+class FeatureEnhancer(nn.Module):
+    """Grounding DINO's feature enhancer (its transformer encoder with fusion and text layers):
+    each layer fuses image and text (BiAttentionBlock, residual "normed"), runs the text's
+    self-attention layer with the text positions, then the image tokens' deformable encoder
+    layer. Names: fusion_layers.N, text_layers.N, layers.N (Grounding DINO's). `record`, if a
+    list, receives every image layer's sampling locations in level units (to check that none is
+    on a grid line)."""
+
+    def __init__(self, n, d, d_l, heads, text_heads, text_ff, levels, points, ff):
+        super().__init__()
+        self.fusion_layers = nn.ModuleList(BiAttentionBlock(d, d_l, d, heads) for _ in range(n))
+        self.text_layers = nn.ModuleList(TextEnhancerLayer(d_l, text_heads, text_ff) for _ in range(n))
+        self.layers = nn.ModuleList(DeformableEncoderLayer(d, heads, levels, points, ff) for _ in range(n))
+
+    def forward(self, x, pos, mask, text, text_mask, shapes, image_sizes, record=None):
+        tpos = text_positions(text.shape[1], text.shape[2])[None]
+        centres = token_centres(shapes, image_sizes)
+        for fusion, text_layer, layer in zip(self.fusion_layers, self.text_layers, self.layers):
+            x, text = fusion(x, text, mask, text_mask)
+            text = text_layer(text, tpos, text_mask)
+            if record is not None:
+                record.append(layer.self_attn.sampling_units(x + pos, centres, shapes, image_sizes))
+            x = layer(x, pos, mask, shapes, image_sizes)
+        return x, text
 
 
 # ----------------------------------------------------------------------------------- boxes

@@ -341,6 +341,87 @@ save({**enc_in, "centres": centres, "out": out.detach(),
       **{f"grad.{k}": params[k].grad for k in ENC_GRADS}},
      "deformable-encoder-layer/io.safetensors")
 
+# ---------------------------------------------------------------- bi-attention fusion
+def random_affine(module, gen):
+    """LayerNorms and biases off their initialisation (torch starts norms at the identity and
+    attention biases at 0), so that a wrong formula or a missing gradient shows."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.copy_(0.75 + 0.5 * torch.rand(m.weight.shape, generator=gen))
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=gen))
+            if isinstance(m, torch.nn.MultiheadAttention):
+                m.in_proj_bias.copy_(0.1 * torch.randn(m.in_proj_bias.shape, generator=gen))
+                m.out_proj.bias.copy_(0.1 * torch.randn(m.out_proj.bias.shape, generator=gen))
+            if isinstance(m, R.BiAttentionBlock):  # layer scale far from its 1e-4 start
+                m.gamma_v.copy_(0.5 + torch.rand(m.gamma_v.shape, generator=gen))
+                m.gamma_l.copy_(0.5 + torch.rand(m.gamma_l.shape, generator=gen))
+
+
+torch.manual_seed(10)
+gen = torch.Generator().manual_seed(10)
+DL, TT = 24, 6  # text width and length: the second prompt has 3 padded tokens
+text_mask = torch.tensor([[1] * TT, [1] * (TT - 3) + [0] * 3], dtype=torch.uint8)
+bi = R.BiAttentionBlock(32, DL, embed=16, heads=4).eval()
+random_affine(bi, gen)
+f16_roundtrip(bi)
+bi_in = {"image": torch.randn(B, 26, 32, generator=gen), "text": torch.randn(B, TT, DL, generator=gen),
+         "image_mask": value_mask, "text_mask": text_mask,
+         "image_weight": torch.randn(B, 26, 32, generator=gen),
+         "text_weight": torch.randn(B, TT, DL, generator=gen) * text_mask[..., None]}
+bi_out = {}
+for residual in ("input", "normed"):
+    bi.residual = residual
+    bi.zero_grad()
+    with torch.enable_grad():
+        leaves = {k: bi_in[k].clone().requires_grad_(True) for k in ("image", "text")}
+        v, l = bi(leaves["image"], leaves["text"], value_mask, text_mask)
+        ((v * bi_in["image_weight"]).sum() + (l * bi_in["text_weight"]).sum()).backward()
+    bi_out |= {f"{residual}.out_image": v.detach(), f"{residual}.out_text": l.detach(),
+               **{f"{residual}.grad.{k}": t.grad for k, t in leaves.items()},
+               **{f"{residual}.grad.{k}": p.grad.clone() for k, p in bi.named_parameters()}}
+save(f16_state(bi), "bi-attention/model.safetensors")
+save({**bi_in, **bi_out}, "bi-attention/io.safetensors")
+
+# ---------------------------------------------------------------- Grounding DINO's feature enhancer
+# The first seed from 11 with no sampling location of either image layer near a grid line.
+for seed in range(11, 60):
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    enh = R.FeatureEnhancer(2, 32, DL, heads=4, text_heads=4, text_ff=48, levels=2, points=2, ff=64).eval()
+    random_affine(enh, gen)
+    for layer in enh.layers:
+        away_from_init(layer.self_attn, gen)
+    f16_roundtrip(enh)
+    enh_in = {"x": torch.randn(B, 26, 32, generator=gen), "pos": torch.randn(B, 26, 32, generator=gen),
+              "text": torch.randn(B, TT, DL, generator=gen), "mask": value_mask, "text_mask": text_mask,
+              "image_sizes": sizes, "out_weight": torch.randn(B, 26, 32, generator=gen),
+              "text_weight": torch.randn(B, TT, DL, generator=gen) * text_mask[..., None]}
+    units = []
+    with torch.no_grad():
+        enh(enh_in["x"], enh_in["pos"], value_mask, enh_in["text"], text_mask, SHAPES, sizes, record=units)
+    # 2 x 1,664 coordinates: 1e-4 from a line is still 100 times the locations' f32 rounding.
+    if min((u - u.round()).abs().min().item() for u in units) > 1e-4:
+        break
+else:
+    raise SystemExit("feature enhancer: every seed puts a sampling location on a grid line")
+ENH_GRADS = ["fusion_layers.0.attn.v_proj.weight", "fusion_layers.0.layer_norm_l.weight",
+             "fusion_layers.1.attn.values_v_proj.weight", "fusion_layers.1.attn.out_l_proj.bias",
+             "fusion_layers.1.gamma_l", "text_layers.0.self_attn.in_proj_weight", "text_layers.0.norm2.bias",
+             "text_layers.1.linear1.weight", "layers.0.self_attn.sampling_offsets.weight",
+             "layers.1.self_attn.value_proj.weight", "layers.1.norm2.weight"]
+with torch.enable_grad():
+    leaves = {k: enh_in[k].clone().requires_grad_(True) for k in ("x", "pos", "text")}
+    x_out, text_out = enh(leaves["x"], leaves["pos"], value_mask, leaves["text"], text_mask, SHAPES, sizes)
+    ((x_out * enh_in["out_weight"]).sum() + (text_out * enh_in["text_weight"]).sum()).backward()
+params = dict(enh.named_parameters())
+save(f16_state(enh), "feature-enhancer/model.safetensors")
+save({**enh_in, "text_positions": R.text_positions(TT, DL), "out": x_out.detach(), "out_text": text_out.detach(),
+      **{f"grad.{k}": v.grad for k, v in leaves.items()},
+      **{f"grad.{k}": params[k].grad for k in ENH_GRADS}},
+     "feature-enhancer/io.safetensors")
+write_json({"seed": seed, "grads": ENH_GRADS}, "feature-enhancer/io.json")
+
 # ---------------------------------------------------------------- matcher cases (scipy)
 rng = np.random.default_rng(3)
 matcher_cases = []

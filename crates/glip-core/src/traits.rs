@@ -73,6 +73,34 @@ pub trait Fusion: Send + Sync {
         text_mask: &Tensor,
         train: bool,
     ) -> Result<(Tensor, Tensor)>;
+
+    /// [`Fusion::forward`] told the image tokens' positions and where they lie: a fusion with
+    /// image layers of its own (Grounding DINO's feature enhancer, whose image layers may sample
+    /// by position) needs them; the default ignores them. The model calls this one.
+    fn forward_at(
+        &self,
+        image: &Tensor,
+        image_mask: Option<&Tensor>,
+        layout: TokenLayout<'_>,
+        text: &Tensor,
+        text_mask: &Tensor,
+        train: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        let _ = layout;
+        self.forward(image, image_mask, text, text_mask, train)
+    }
+}
+
+/// Where the encoder's image tokens come from: their positional encodings and levels, and the
+/// images' sizes (as [`Encoded`] carries them).
+#[derive(Debug, Clone, Copy)]
+pub struct TokenLayout<'a> {
+    /// `(b, s, d)` positions added in attention, if the model has any.
+    pub pos: Option<&'a Tensor>,
+    /// The tokens' levels, finest first, each row-major.
+    pub levels: &'a [LevelShape],
+    /// Each image's real `(width, height)` in pixels.
+    pub image_sizes: &'a [(f32, f32)],
 }
 
 /// Encoder-decoder over flattened image tokens.

@@ -14,8 +14,8 @@ use glip_heads::{FixedClassHead, LinearBoxHead, MlpBoxHead, TokenAlignmentHead};
 use glip_loss::{DenseCriterion, HungarianMatcher, OrderedMatcher, SetCriterion};
 use glip_text::{Bert, BertConfig};
 use glip_transformer::{
-    BiAttentionFusion, DetrTransformer, LearnedQueries, NoFusion, SeedQueries, TextAttendQueries,
-    TransformerConfig,
+    BiAttentionFusion, DetrTransformer, FeatureEnhancer, FeatureEnhancerConfig, LearnedQueries,
+    NoFusion, SeedQueries, TextAttendQueries, TransformerConfig,
 };
 use std::path::{Path, PathBuf};
 
@@ -125,7 +125,27 @@ pub fn register_builtins(r: &mut Registry) {
     r.register_fusion("bi-attention", |ctx, p: BiAttentionParams, vb| {
         let d = ctx.d_model;
         let embed = p.embed.unwrap_or(d);
-        Ok(Box::new(BiAttentionFusion::new(d, ctx.text_dim, embed, p.heads, p.dropout, vb)?))
+        Ok(Box::new(
+            BiAttentionFusion::new(d, ctx.text_dim, embed, p.heads, p.dropout, vb)?
+                .with_residual(p.residual),
+        ))
+    });
+    r.register_fusion("feature-enhancer", |ctx, p: FeatureEnhancerParams, vb| {
+        let Some(TransformerSlot::Detr(image)) = ctx.model.transformer.builtin() else {
+            candle_core::bail!(
+                "model.fusion: the feature enhancer's image layers are shaped like the `detr` \
+                 transformer's, and model.transformer is a registered one"
+            )
+        };
+        let config = FeatureEnhancerConfig {
+            layers: p.layers,
+            heads: p.heads,
+            embed: p.embed,
+            text_heads: p.text_heads.unwrap_or(p.heads),
+            text_feedforward: p.text_feedforward.unwrap_or((image.dim_feedforward / 2).max(1)),
+        };
+        let levels = ctx.model.feature_levels.as_ref().map_or(1, Vec::len);
+        Ok(Box::new(FeatureEnhancer::new(image, levels, ctx.text_dim, &config, vb)?))
     });
     r.register_box_head("linear", |ctx, _: NoParams, vb| {
         Ok(Box::new(LinearBoxHead::new(ctx.d_model, vb.pp("bbox_pred"))?))

@@ -11,7 +11,7 @@ pub use crate::registry::{BuildContext, Builtins, Registry, Slot};
 use candle_core::Result;
 use glip_detectors::{DenseHeadConfig, QuerySelectionConfig};
 use glip_loss::{DenseLossConfig, LossConfig};
-use glip_transformer::TransformerConfig;
+use glip_transformer::{FusionResidual, TransformerConfig};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -189,6 +189,36 @@ pub struct BiAttentionParams {
     /// Dropout on the attention weights (training only). Default 0.
     #[serde(default)]
     pub dropout: f32,
+    /// What the residual adds the attention to: `input` (the block's input, so it starts as the
+    /// identity; the default) or `normed` (the layer-normed features, as GLIP's and Grounding
+    /// DINO's `BiAttentionBlock`).
+    #[serde(default)]
+    pub residual: FusionResidual,
+}
+
+/// Grounding DINO's feature enhancer: `layers` times bi-attention between image and text, the
+/// text's self-attention layer, the image tokens' encoder layer (shaped like the transformer's:
+/// width, heads, feed-forward, dropout, `encoder_attention`, `encoder_points`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeatureEnhancerParams {
+    /// Enhancer layers. Default 1 (Grounding DINO: 6, with no image-only encoder layer before
+    /// them: `model.transformer.num_encoder_layers = 0`).
+    #[serde(default = "one")]
+    pub layers: usize,
+    /// Heads of the bi-attention. Default 8.
+    #[serde(default = "eight")]
+    pub heads: usize,
+    /// Width of the bi-attention (default the transformer's).
+    #[serde(default)]
+    pub embed: Option<usize>,
+    /// Heads of the text's self-attention (default `heads`).
+    #[serde(default)]
+    pub text_heads: Option<usize>,
+    /// Feed-forward width of the text layers (default half the transformer's
+    /// `dim_feedforward`, Grounding DINO's choice).
+    #[serde(default)]
+    pub text_feedforward: Option<usize>,
 }
 
 /// The built-in fusions (`[model.fusion] type = ...`).
@@ -199,11 +229,21 @@ pub enum FusionConfig {
     None(NoParams),
     /// GLIP's bidirectional image-text attention.
     BiAttention(BiAttentionParams),
+    /// Grounding DINO's feature enhancer.
+    FeatureEnhancer(FeatureEnhancerParams),
 }
-builtins!(FusionConfig, "model.fusion", ["none" => None, "bi-attention" => BiAttention]);
+builtins!(
+    FusionConfig,
+    "model.fusion",
+    ["none" => None, "bi-attention" => BiAttention, "feature-enhancer" => FeatureEnhancer]
+);
 
 fn eight() -> usize {
     8
+}
+
+fn one() -> usize {
+    1
 }
 
 /// The built-in detectors (`[model.detector] type = ...`).

@@ -6,7 +6,7 @@ use glip_backbone::layers::Conv;
 use glip_core::{Backbone, Contract};
 use glip_core::{
     Detector, Encoded, Fusion, ImageBatch, LevelShape, ModelOutput, Target, TextBatch, TextEncoder,
-    TextFeatures, Transformer,
+    TextFeatures, TokenLayout, Transformer,
 };
 use glip_transformer::{downsample_mask, sine_position_encoding};
 
@@ -225,8 +225,9 @@ impl GlipModel {
             train,
         )?;
         trace("encoder output (memory)", memory.dims());
+        let layout = TokenLayout { pos: pos.as_ref(), levels: &shapes, image_sizes: &sizes };
         let (memory, tokens) =
-            self.fusion.forward(&memory, mask.as_ref(), &tf.tokens, &tf.mask, train)?;
+            self.fusion.forward_at(&memory, mask.as_ref(), layout, &tf.tokens, &tf.mask, train)?;
         trace("fusion: memory", memory.dims());
         trace("fusion: text tokens", tokens.dims());
         let tf = TextFeatures::new(tokens, tf.pooled, tf.mask)?;

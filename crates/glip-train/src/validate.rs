@@ -167,6 +167,40 @@ impl Validate for ModelConfig {
                 c.dropout("dropout", p.dropout as f64);
             });
         }
+        if let Some(FusionConfig::FeatureEnhancer(p)) = self.fusion.builtin() {
+            let text_width = match self.text.builtin() {
+                Some(TextConfig::Bert(b)) => b.hidden,
+                _ => None,
+            };
+            c.within("fusion", |c| {
+                c.in_range("layers", p.layers, 1, limits::LAYERS);
+                c.in_range("heads", p.heads, 1, limits::HEADS);
+                match p.embed {
+                    Some(e) => {
+                        c.in_range("embed", e, 1, limits::WIDTH);
+                        c.divides("heads", p.heads, e, "model.fusion.embed");
+                    }
+                    None => c.divides("heads", p.heads, d, "model.transformer.d_model"),
+                }
+                let (key, text_heads) = match p.text_heads {
+                    Some(h) => ("text_heads", h),
+                    None => ("heads", p.heads),
+                };
+                c.in_range(key, text_heads, 1, limits::HEADS);
+                if let Some(w) = text_width {
+                    c.divides(key, text_heads, w, "model.text.hidden");
+                }
+                if let Some(ff) = p.text_feedforward {
+                    c.in_range("text_feedforward", ff, 1, limits::WIDTH);
+                }
+            });
+            if self.transformer.builtin().is_none() {
+                c.fail_rule(
+                    "transformer",
+                    "the feature enhancer's image layers are shaped like the `detr` transformer's",
+                );
+            }
+        }
         let token_head = matches!(self.head.builtin(), Some(HeadConfig::Token(_)));
         if let Some(HeadConfig::Class(p)) = self.head.builtin() {
             c.within("head", |c| c.in_range("num_classes", p.num_classes, 1, limits::CLASSES));
@@ -543,9 +577,22 @@ impl MemoryFloor {
             ),
             None => (0.0, 0.0, 0.0, 0.0, 0.0),
         };
+        // An encoder layer's weight matrices, and whether its attention keeps a (tokens x tokens)
+        // score matrix per head: a deformable one has value and output projections and its
+        // offset and weight predictions (3 numbers per head, level and point), and keeps a few
+        // numbers per token, head, level and point, nothing quadratic.
+        let (encoder_layer, quadratic) = match m.transformer.builtin() {
+            Some(TransformerSlot::Detr(t))
+                if t.encoder_attention == glip_transformer::EncoderAttentionKind::Deformable =>
+            {
+                let samples = heads * f(levels.len().max(1)) * f(t.encoder_points);
+                (2.0 * d * d + 3.0 * d * samples + 2.0 * d * ff, 0.0)
+            }
+            _ => (4.0 * d * d + 2.0 * d * ff, 1.0),
+        };
         let decoder = !matches!(m.detector.builtin(), Some(DetectorConfig::Dense(_)));
-        let transformer = enc * (4.0 * d * d + 2.0 * d * ff)
-            + if decoder { dec * (8.0 * d * d + 2.0 * d * ff) } else { 0.0 };
+        let transformer =
+            enc * encoder_layer + if decoder { dec * (8.0 * d * d + 2.0 * d * ff) } else { 0.0 };
         let (text, t) = match m.text.builtin() {
             Some(TextConfig::Bert(p)) if p.folder.is_none() => {
                 let h = f(p.hidden.unwrap_or(0));
@@ -555,12 +602,19 @@ impl MemoryFloor {
             }
             _ => (0.0, 0.0),
         };
-        let fusion = match m.fusion.builtin() {
-            Some(FusionConfig::BiAttention(p)) => {
-                let e = p.embed.map_or(d, f);
-                3.0 * e * (d + t)
+        // The feature enhancer's layers: bi-attention, the text's self-attention and
+        // feed-forward, an image encoder layer (whose attention is counted with the encoder's).
+        let (fusion, enhancer_layers) = match m.fusion.builtin() {
+            Some(FusionConfig::BiAttention(p)) => (3.0 * p.embed.map_or(d, f) * (d + t), 0.0),
+            Some(FusionConfig::FeatureEnhancer(p)) => {
+                let tff = p.text_feedforward.map_or((ff / 2.0).floor().max(1.0), f);
+                let layer = 3.0 * p.embed.map_or(d, f) * (d + t)
+                    + 4.0 * t * t
+                    + 2.0 * t * tff
+                    + encoder_layer;
+                (f(p.layers) * layer, f(p.layers))
             }
-            _ => 0.0,
+            _ => (0.0, 0.0),
         };
         let proj: f64 = levels.iter().map(|&l| f(channels[l]) * d).sum();
         let queries = match (m.detector.builtin(), m.query_generator.builtin()) {
@@ -582,7 +636,9 @@ impl MemoryFloor {
         let tokens: f64 = levels.iter().map(|&l| (side / f(strides[l])).powi(2)).sum();
         let activations = 4.0
             * b
-            * (3.0 * side * side + stem * (side / 2.0).powi(2) + enc * heads * tokens * tokens);
+            * (3.0 * side * side
+                + stem * (side / 2.0).powi(2)
+                + quadratic * (enc + enhancer_layers) * heads * tokens * tokens);
         Self {
             parameters: parameters as u64,
             state_bytes: parameters * per_param,

@@ -98,7 +98,7 @@ fn unknown_keys_and_types_are_errors() {
     let e = Registry::new().check(&mut cfg, &mut CriterionConfig::default()).unwrap_err();
     let e = e.to_string();
     assert!(
-        e.contains("model.fusion: unknown type \"telepathy\" (known: bi-attention, none)"),
+        e.contains("model.fusion: unknown type \"telepathy\" (known: bi-attention, feature-enhancer, none)"),
         "{e}"
     );
     let e = Registry::new()

@@ -164,7 +164,9 @@ fn every_parameter_of_learns(cfg: ModelConfig, loss: &str) {
     // reaches the queries' positions (the level embedding, in the dense design): checked as
     // after a first update, which moves them off zero.
     for (name, var) in vm.data().lock().unwrap().iter() {
-        let deformable = name.starts_with("transformer.encoder.layers.")
+        let encoder =
+            name.starts_with("transformer.encoder.layers.") || name.starts_with("fusion.layers.");
+        let deformable = encoder
             && (name.ends_with("self_attn.sampling_offsets.weight")
                 || name.ends_with("self_attn.attention_weights.weight"));
         if deformable {
@@ -233,6 +235,36 @@ fn every_parameter_of_a_model_with_a_deformable_encoder_learns() {
     let extra = "image_attention = \"deformable\"\ntext_cross_attention = true\n\
                  look_forward_twice = true\ndenoising = { groups = 2 }";
     every_parameter_of_learns(with_deformable_encoder(config(QSEL, BI, "[1, 2]", true, extra)), "");
+}
+
+/// `cfg` with no image-only encoder layer and the given encoder attention: Grounding DINO's
+/// arrangement, where the feature enhancer's layers are the encoder.
+fn enhancer_only(mut cfg: ModelConfig, attention: EncoderAttentionKind) -> ModelConfig {
+    let Slot::Builtin(TransformerSlot::Detr(tc)) = &mut cfg.transformer else {
+        panic!("the built-in transformer")
+    };
+    tc.num_encoder_layers = 0;
+    tc.encoder_attention = attention;
+    tc.encoder_points = 2;
+    cfg
+}
+
+/// Grounding DINO's feature enhancer (two layers of bi-attention, the text's self-attention and
+/// the image's encoder layer) in place of the encoder: with global image layers under GLIP's
+/// dense head, with deformable ones under query selection with Grounding DINO's decoder, and
+/// after an image-only encoder layer.
+#[test]
+fn every_parameter_of_a_model_with_a_feature_enhancer_learns() {
+    let enhancer = "type = \"feature-enhancer\"\nlayers = 2\nheads = 2\ntext_feedforward = 16";
+    let global = EncoderAttentionKind::Global;
+    every_parameter_of_learns(
+        enhancer_only(config(DENSE, enhancer, "[1, 2]", true, ""), global),
+        "",
+    );
+    let extra = "image_attention = \"deformable\"\ntext_cross_attention = true";
+    let cfg = config(QSEL, enhancer, "[1, 2]", true, extra);
+    every_parameter_of_learns(enhancer_only(cfg, EncoderAttentionKind::Deformable), "");
+    every_parameter_learns(DENSE, "type = \"feature-enhancer\"\nheads = 2", "", "");
 }
 
 /// DINO's denoising queries in a training step: `(b, groups 2 m, .)` predictions for every

@@ -127,6 +127,18 @@ fn the_memory_floor_never_counts_more_parameters_than_the_model_has() {
         &["model.detector={type=\"query-selection\"}", "model.fusion={type=\"none\"}"],
         &["model.backbone.depth=50", "model.backbone.stages=4", "model.feature_levels=[2, 3]"],
         &["model.text.intermediate=512", "model.transformer.dim_feedforward=1024"],
+        &[
+            "model.transformer.encoder_attention=\"deformable\"",
+            "model.transformer.encoder_points=1",
+        ],
+        &[
+            "model.transformer.num_encoder_layers=0",
+            "model.fusion={type=\"feature-enhancer\", layers=3, heads=4, text_feedforward=7}",
+        ],
+        &[
+            "model.transformer.encoder_attention=\"deformable\"",
+            "model.fusion={type=\"feature-enhancer\", heads=4, embed=32}",
+        ],
     ] {
         let cfg = shapes(sets);
         let varmap = candle_nn::VarMap::new();
@@ -191,4 +203,31 @@ fn a_run_that_cannot_fit_in_memory_is_refused_before_anything_is_built() {
             "{msg}"
         );
     }
+}
+
+/// The encoder's attention in the memory floor: a global one keeps a (tokens x tokens) score
+/// matrix per head and layer, a deformable one (in the encoder or in a feature enhancer's image
+/// layers) a few numbers per token, so a deformable encoder at real image sizes is not refused
+/// for memory it would never use. Batch 8 of 1024 px images, C3 and C4: 20,480 tokens.
+#[test]
+fn the_memory_floor_counts_score_matrices_of_global_attention_only() {
+    let big = ["data.shapes.image_size=1024", "data.batch_size=8"];
+    let floor = |extra: &[&str]| MemoryFloor::of(&shapes(&[&big[..], extra].concat()));
+    let (tokens, heads, layers, batch) = (20_480.0f64, 4.0, 2.0, 8.0);
+    let scores = 4.0 * batch * layers * heads * tokens * tokens;
+    let global = floor(&[]);
+    assert!(global.activation_bytes >= scores, "{global:?} against {scores:e} bytes of scores");
+    let deformable = floor(&["model.transformer.encoder_attention=\"deformable\""]);
+    assert!(deformable.activation_bytes < scores / 100.0, "{deformable:?}");
+    // A feature enhancer's image layers are encoder layers: global ones are counted, deformable
+    // ones are not.
+    let enhancer = "model.fusion={type=\"feature-enhancer\", layers=2, heads=4}";
+    let g = floor(&["model.transformer.num_encoder_layers=0", enhancer]);
+    assert!(g.activation_bytes >= scores, "{g:?}");
+    let d = floor(&[
+        "model.transformer.num_encoder_layers=0",
+        "model.transformer.encoder_attention=\"deformable\"",
+        enhancer,
+    ]);
+    assert!(d.activation_bytes < scores / 100.0, "{d:?}");
 }

@@ -1,11 +1,18 @@
-//! Image-text fusion: `none` (the identity, the seed's choice) and `bi-attention` (GLIP's
+//! Image-text fusion: `none` (the identity, the seed's choice), `bi-attention` (GLIP's
 //! X-MHA: image tokens attend to text tokens and text tokens to image tokens, with gated
-//! residuals). Names follow GLIP's `BiAttentionBlock`.
+//! residuals; names follow GLIP's `BiAttentionBlock`) and Grounding DINO's feature enhancer
+//! (bi-attention, the text's self-attention and the image's self-attention, layer after layer).
 
+use crate::deformable::SamplingLevels;
+use crate::position::text_sine_positions;
+use crate::transformer::{
+    Activation, EncoderAttentionKind, EncoderLayer, EncoderLevels, TransformerConfig,
+};
 use candle_core::{Result, Tensor};
 use candle_nn::{Init, VarBuilder};
-use glip_core::Fusion;
+use glip_core::{Fusion, TokenLayout};
 use glip_kernels::nn::{dropout, mask_to_bias, softmax_last, LayerNorm, Linear};
+use serde::{Deserialize, Serialize};
 
 /// The identity fusion.
 #[derive(Debug, Clone, Copy, Default)]
@@ -32,7 +39,10 @@ impl Fusion for NoFusion {
 /// text'  = text  + gamma_l * out_l_proj(softmax_s(A^T + image mask) values_v_proj(v))
 /// ```
 /// `gamma_*` start at 1e-4 (layer scale, as GLIP's `init_values`), so the block starts near the
-/// identity.
+/// identity. That is [`FusionResidual::Input`], glip-rs's default; GLIP's and Grounding DINO's
+/// block adds the residual to the layer-normed features instead ([`FusionResidual::Normed`]:
+/// `image' = v + gamma_v * ...`, `text' = l + gamma_l * ...`), so it starts as the layer norms.
+/// Padded image tokens are masked for the text (Grounding DINO's `attention_mask_v`).
 #[derive(Debug, Clone)]
 pub struct BiAttentionFusion {
     layer_norm_v: LayerNorm,
@@ -48,6 +58,18 @@ pub struct BiAttentionFusion {
     heads: usize,
     embed: usize,
     dropout: f32,
+    residual: FusionResidual,
+}
+
+/// What a [`BiAttentionFusion`]'s residual adds its attention to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FusionResidual {
+    /// The block's input: the block starts as the identity (glip-rs's default).
+    #[default]
+    Input,
+    /// The layer-normed features, as GLIP's and Grounding DINO's `BiAttentionBlock`.
+    Normed,
 }
 
 impl BiAttentionFusion {
@@ -78,7 +100,14 @@ impl BiAttentionFusion {
             heads,
             embed,
             dropout,
+            residual: FusionResidual::Input,
         })
+    }
+
+    /// The block with its residual added to `residual`.
+    pub fn with_residual(mut self, residual: FusionResidual) -> Self {
+        self.residual = residual;
+        self
     }
 
     fn heads_of(&self, x: Tensor) -> Result<Tensor> {
@@ -122,8 +151,166 @@ impl Fusion for BiAttentionFusion {
         let out_l = self
             .out_l_proj
             .forward(&self.merge(dropout(&p_l, self.dropout, train)?.matmul(&vv)?)?)?;
+        let (image, text) = match self.residual {
+            FusionResidual::Input => (image, text),
+            FusionResidual::Normed => (&v, &l),
+        };
         let image = (image + out_v.broadcast_mul(&self.gamma_v)?)?;
         let text = (text + out_l.broadcast_mul(&self.gamma_l)?)?;
         Ok((image, text))
+    }
+}
+
+/// The text side of a [`FeatureEnhancer`]; its image layers are shaped by a
+/// [`TransformerConfig`] (the model's transformer: width, heads, feed-forward, activation,
+/// dropout, norm placement, global or deformable attention).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeatureEnhancerConfig {
+    /// Enhancer layers (Grounding DINO: 6).
+    pub layers: usize,
+    /// Heads of the bi-attention blocks.
+    pub heads: usize,
+    /// Width of the bi-attention (default the image tokens').
+    pub embed: Option<usize>,
+    /// Heads of the text's self-attention.
+    pub text_heads: usize,
+    /// Feed-forward width of the text layers (Grounding DINO: half the image layers').
+    pub text_feedforward: usize,
+}
+
+/// Grounding DINO's feature enhancer (its transformer encoder with `fusion_layers` and
+/// `text_layers`): each layer fuses image and text tokens (a [`BiAttentionFusion`] with the
+/// residual on the normed features, as Grounding DINO's), runs the text's self-attention layer
+/// (post-norm, relu feed-forward, [`text_sine_positions`] added to its queries and keys), then
+/// the image tokens' encoder layer (an [`EncoderLayer`]: deformable in Grounding DINO).
+/// Parameters: `fusion_layers.N`, `text_layers.N`, `layers.N`, Grounding DINO's names.
+///
+/// Where the model's transformer also has encoder layers, they run first, on the image alone;
+/// Grounding DINO's own encoder is this enhancer, `num_encoder_layers = 0` gives that.
+#[derive(Debug, Clone)]
+pub struct FeatureEnhancer {
+    fusion_layers: Vec<BiAttentionFusion>,
+    text_layers: Vec<EncoderLayer>,
+    layers: Vec<EncoderLayer>,
+    deformable: bool,
+}
+
+impl FeatureEnhancer {
+    /// Image tokens shaped by `image` (from `levels` feature levels, what deformable layers
+    /// sample), text tokens of width `d_text`.
+    pub fn new(
+        image: &TransformerConfig,
+        levels: usize,
+        d_text: usize,
+        config: &FeatureEnhancerConfig,
+        vb: VarBuilder<'_>,
+    ) -> Result<Self> {
+        let c = config;
+        if c.text_heads == 0 || !d_text.is_multiple_of(c.text_heads) {
+            candle_core::bail!(
+                "feature enhancer: the text width {d_text} is not divisible by text_heads = {}",
+                c.text_heads
+            );
+        }
+        if !d_text.is_multiple_of(2) {
+            candle_core::bail!(
+                "feature enhancer: the text width {d_text} is not even (its sine positions)"
+            );
+        }
+        let text = TransformerConfig {
+            d_model: d_text,
+            nhead: c.text_heads,
+            dim_feedforward: c.text_feedforward,
+            activation: Activation::Relu,
+            pre_norm: false,
+            encoder_attention: EncoderAttentionKind::Global,
+            ..image.clone()
+        };
+        let d = image.d_model;
+        let embed = c.embed.unwrap_or(d);
+        let mut enhancer = Self {
+            fusion_layers: Vec::with_capacity(c.layers),
+            text_layers: Vec::with_capacity(c.layers),
+            layers: Vec::with_capacity(c.layers),
+            deformable: image.encoder_attention == EncoderAttentionKind::Deformable,
+        };
+        for k in 0..c.layers {
+            let fusion = vb.pp(format!("fusion_layers.{k}"));
+            enhancer.fusion_layers.push(
+                BiAttentionFusion::new(d, d_text, embed, c.heads, image.dropout, fusion)?
+                    .with_residual(FusionResidual::Normed),
+            );
+            enhancer.text_layers.push(EncoderLayer::new(&text, vb.pp(format!("text_layers.{k}")))?);
+            enhancer.layers.push(EncoderLayer::with_levels(
+                image,
+                levels,
+                vb.pp(format!("layers.{k}")),
+            )?);
+        }
+        Ok(enhancer)
+    }
+
+    fn run(
+        &self,
+        image: &Tensor,
+        image_mask: Option<&Tensor>,
+        layout: Option<TokenLayout<'_>>,
+        text: &Tensor,
+        text_mask: &Tensor,
+        train: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        let (mut x, mut l) = (image.clone(), text.clone());
+        if self.layers.is_empty() {
+            return Ok((x, l));
+        }
+        let (_, t, d_text) = text.dims3()?;
+        let text_pos = text_sine_positions(t, d_text, 10000.0, text.device())?
+            .to_dtype(text.dtype())?
+            .unsqueeze(0)?;
+        let levels = match (self.deformable, layout) {
+            (true, Some(at)) => {
+                Some(SamplingLevels::cached(at.levels, at.image_sizes, image.device())?)
+            }
+            (true, None) => candle_core::bail!(
+                "a feature enhancer with deformable image layers needs the tokens' levels \
+                 (Fusion::forward_at)"
+            ),
+            (false, _) => None,
+        };
+        let at = levels.as_ref().map(|s| EncoderLevels { levels: s, centres: s.token_centres() });
+        let pos = layout.and_then(|at| at.pos);
+        for ((fusion, text_layer), layer) in
+            self.fusion_layers.iter().zip(&self.text_layers).zip(&self.layers)
+        {
+            (x, l) = fusion.forward(&x, image_mask, &l, text_mask, train)?;
+            l = text_layer.forward(&l, Some(text_mask), Some(&text_pos), train)?;
+            x = layer.forward_at(&x, image_mask, pos, at, train)?;
+        }
+        Ok((x, l))
+    }
+}
+
+impl Fusion for FeatureEnhancer {
+    fn forward(
+        &self,
+        image: &Tensor,
+        image_mask: Option<&Tensor>,
+        text: &Tensor,
+        text_mask: &Tensor,
+        train: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        self.run(image, image_mask, None, text, text_mask, train)
+    }
+
+    fn forward_at(
+        &self,
+        image: &Tensor,
+        image_mask: Option<&Tensor>,
+        layout: TokenLayout<'_>,
+        text: &Tensor,
+        text_mask: &Tensor,
+        train: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        self.run(image, image_mask, Some(layout), text, text_mask, train)
     }
 }

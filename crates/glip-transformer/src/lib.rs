@@ -1,6 +1,7 @@
 //! Transformer pieces of glip-rs: multi-head attention with PyTorch's packed parameters,
 //! Deformable DETR's multi-scale deformable attention, encoder and decoder layers with `torch.nn.Transformer` names, DETR's sine positional
-//! encoding, query generators and image-text fusion.
+//! encoding, query generators and image-text fusion (GLIP's bi-attention, Grounding DINO's feature
+//! enhancer).
 //!
 //! # Owns
 //! Implementations of [`glip_core::Transformer`], [`glip_core::QueryGenerator`] and
@@ -35,8 +36,10 @@ pub mod transformer;
 
 pub use attention::MultiheadAttention;
 pub use deformable::{DeformableAttention, Reference, SamplingLevels};
-pub use fusion::{BiAttentionFusion, NoFusion};
-pub use position::{downsample_mask, sine_position_encoding};
+pub use fusion::{
+    BiAttentionFusion, FeatureEnhancer, FeatureEnhancerConfig, FusionResidual, NoFusion,
+};
+pub use position::{downsample_mask, sine_position_encoding, text_sine_positions};
 pub use query::{LearnedQueries, SeedQueries, TextAttendQueries};
 pub use transformer::{
     Activation, DecoderLayer, DecoderLayerOptions, DecoderMemory, DetrTransformer,

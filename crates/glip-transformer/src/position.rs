@@ -99,6 +99,54 @@ fn compute_sine(
     Tensor::from_vec(out, (b, h * w, d), device)
 }
 
+/// Grounding DINO's sine positions of `t` text tokens of width `d` (its `get_sine_pos_embed`
+/// of the positions `0..t`, the `pos_text` its text layers add to their queries and keys):
+/// `(t, d)` with feature `2i` of position `n` `sin(2 pi n / temperature^(2i / d))` and feature
+/// `2i + 1` the cosine of the same angle. Made on the host in f64 and kept per thread, as
+/// [`sine_position_encoding`]'s.
+pub fn text_sine_positions(
+    t: usize,
+    d: usize,
+    temperature: f64,
+    device: &Device,
+) -> Result<Tensor> {
+    if !d.is_multiple_of(2) {
+        candle_core::bail!("text sine positions: width {d} is not even");
+    }
+    let key =
+        TextKey { dims: (t, d), temperature: temperature.to_bits(), device: device.location() };
+    KEEP_TEXT.with(|k| {
+        k.borrow_mut().get_or_make(
+            key,
+            |_| {
+                let scale = 2.0 * std::f64::consts::PI;
+                let mut out = Vec::with_capacity(t * d);
+                for n in 0..t {
+                    for i in 0..d {
+                        let angle =
+                            n as f64 * scale / temperature.powf((2 * (i / 2)) as f64 / d as f64);
+                        out.push(if i % 2 == 0 { angle.sin() } else { angle.cos() } as f32);
+                    }
+                }
+                Tensor::from_vec(out, (t, d), device)
+            },
+            |t| vec![t],
+        )
+    })
+}
+
+/// What text positions were made for.
+#[derive(PartialEq)]
+struct TextKey {
+    dims: (usize, usize),
+    temperature: u64,
+    device: DeviceLocation,
+}
+
+thread_local! {
+    static KEEP_TEXT: RefCell<Recent<TextKey, Tensor>> = const { RefCell::new(Recent::new(KEPT)) };
+}
+
 /// Downsamples a `(b, H, W)` pixel mask to `(h, w)` by nearest neighbour (DETR's
 /// `F.interpolate(mask, size)`).
 pub fn downsample_mask(mask: &Tensor, h: usize, w: usize) -> Result<Tensor> {

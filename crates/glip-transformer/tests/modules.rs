@@ -7,7 +7,8 @@ use glip_core::{
 use glip_testing::{assert_close, assert_every_parameter_learns, fresh_vars, probe_loss};
 use glip_transformer::{
     sine_position_encoding, Activation, BiAttentionFusion, DeformableAttention, DetrTransformer,
-    LearnedQueries, Reference, SamplingLevels, SeedQueries, TextAttendQueries, TransformerConfig,
+    EncoderAttentionKind, FeatureEnhancer, FeatureEnhancerConfig, FusionResidual, LearnedQueries,
+    Reference, SamplingLevels, SeedQueries, TextAttendQueries, TransformerConfig,
 };
 use proptest::prelude::*;
 
@@ -26,6 +27,25 @@ fn cfg(pre_norm: bool, activation: Activation) -> TransformerConfig {
 fn mask(real: &[usize], n: usize) -> Tensor {
     let v: Vec<u8> = real.iter().flat_map(|&r| (0..n).map(move |j| (j < r) as u8)).collect();
     Tensor::from_vec(v, (real.len(), n), &Device::Cpu).unwrap()
+}
+
+/// A two-layer feature enhancer over image tokens of width `D` (`kind` attention, one level)
+/// and text of width `DT`.
+fn enhancer(kind: EncoderAttentionKind, vb: candle_nn::VarBuilder<'static>) -> FeatureEnhancer {
+    let image = TransformerConfig {
+        dropout: 0.0,
+        encoder_attention: kind,
+        encoder_points: 2,
+        ..cfg(false, Activation::Relu)
+    };
+    let config = FeatureEnhancerConfig {
+        layers: 2,
+        heads: 4,
+        embed: Some(8),
+        text_heads: 3,
+        text_feedforward: 20,
+    };
+    FeatureEnhancer::new(&image, 1, DT, &config, vb).unwrap()
 }
 
 fn text(b: usize, t: usize) -> TextFeatures {
@@ -81,11 +101,28 @@ fn every_query_generator_and_fusion_parameter_learns() -> Result<()> {
         }
         assert_every_parameter_learns(&vm, &loss.backward()?, |_| false)?;
     }
-    let (vm, vb) = fresh_vars();
-    let f = BiAttentionFusion::new(D, DT, 16, 4, 0.1, vb)?;
-    let (img, txt) = f.forward(&memory, None, &tf.tokens, &tf.mask, true)?;
-    let loss = (probe_loss(&img)? + probe_loss(&txt)?)?;
-    assert_every_parameter_learns(&vm, &loss.backward()?, |_| false)
+    for residual in [FusionResidual::Input, FusionResidual::Normed] {
+        let (vm, vb) = fresh_vars();
+        let f = BiAttentionFusion::new(D, DT, 16, 4, 0.1, vb)?.with_residual(residual);
+        let (img, txt) = f.forward(&memory, None, &tf.tokens, &tf.mask, true)?;
+        let loss = (probe_loss(&img)? + probe_loss(&txt)?)?;
+        assert_every_parameter_learns(&vm, &loss.backward()?, |_| false)?;
+    }
+    // The feature enhancer with either kind of image layer: every parameter of both layers.
+    for kind in [EncoderAttentionKind::Global, EncoderAttentionKind::Deformable] {
+        let (vm, vb) = fresh_vars();
+        let f = enhancer(kind, vb);
+        let levels = [LevelShape { h: 3, w: 3, stride: 8 }];
+        let layout = glip_core::TokenLayout {
+            pos: Some(&memory),
+            levels: &levels,
+            image_sizes: &[(24.0, 24.0), (20.0, 17.0)],
+        };
+        let (img, txt) = f.forward_at(&memory, None, layout, &tf.tokens, &tf.mask, true)?;
+        let loss = (probe_loss(&img)? + probe_loss(&txt)?)?;
+        assert_every_parameter_learns(&vm, &loss.backward()?, |_| false)?;
+    }
+    Ok(())
 }
 
 #[test]
@@ -170,6 +207,12 @@ proptest! {
         let (fip, ftp) = f.forward(&imgp, Some(&im), &txtp, &tmp, false).unwrap();
         assert_close("fused image", &fip.narrow(1, 0, s).unwrap(), &fi, 1e-5, 1e-4).unwrap();
         assert_close("fused text", &ftp.narrow(1, 0, t).unwrap(), &ft, 1e-5, 1e-4).unwrap();
+        // Grounding DINO's feature enhancer (global image layers: a flat token list).
+        let e = enhancer(EncoderAttentionKind::Global, vb.pp("enhancer"));
+        let (ei, et) = e.forward(&img, None, &txt, &tm, false).unwrap();
+        let (eip, etp) = e.forward(&imgp, Some(&im), &txtp, &tmp, false).unwrap();
+        assert_close("enhanced image", &eip.narrow(1, 0, s).unwrap(), &ei, 1e-5, 1e-4).unwrap();
+        assert_close("enhanced text", &etp.narrow(1, 0, t).unwrap(), &et, 1e-5, 1e-4).unwrap();
         let tf = TextFeatures::new(txt.clone(), None, tm).unwrap();
         let tfp = TextFeatures::new(txtp, None, tmp).unwrap();
         let q = g.forward(&QueryInputs { text: &tf, memory: &img, memory_mask: None }, false).unwrap();

@@ -6,10 +6,12 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor, Var};
 use candle_nn::VarMap;
 use glip_core::LevelShape;
+use glip_core::{Fusion, TokenLayout};
 use glip_testing::{assert_forward_close, assert_grad_close, fresh_vars, load};
 use glip_transformer::{
-    DecoderLayer, DecoderLayerOptions, DecoderMemory, DeformableAttention, EncoderAttentionKind,
-    EncoderLayer, EncoderLevels, Reference, SamplingLevels, TransformerConfig,
+    text_sine_positions, BiAttentionFusion, DecoderLayer, DecoderLayerOptions, DecoderMemory,
+    DeformableAttention, EncoderAttentionKind, EncoderLayer, EncoderLevels, FeatureEnhancer,
+    FeatureEnhancerConfig, FusionResidual, Reference, SamplingLevels, TransformerConfig,
 };
 use std::collections::HashMap;
 
@@ -233,6 +235,139 @@ fn deformable_encoder_layer_matches_reference() -> Result<()> {
     assert_eq!(check_grads(&io, &grads, &inputs, &varmap)?, 8, "the fixture's parameter gradients");
     // Without the levels a deformable layer is an error, not a global attention.
     let err = layer.forward(x.as_tensor(), Some(&io["mask"]), None, false).unwrap_err();
+    assert!(err.to_string().contains("levels"), "{err}");
+    Ok(())
+}
+
+/// The text of a fusion's output at its real tokens only (a padded token's features are free).
+fn real_text(text: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    text.broadcast_mul(&mask.to_dtype(text.dtype())?.unsqueeze(2)?)
+}
+
+/// GLIP's and Grounding DINO's bidirectional image-text attention (`BiAttentionBlock`, image
+/// width 32, text width 24, attention width 16 in 4 heads, random norms, biases and layer
+/// scales) over the padded images of the deformable-attention fixture and 2 x 6 text tokens
+/// (the second prompt with 3 padded), with the residual on the block's input (glip-rs's
+/// `bi-attention` default) and on the normed features (theirs): both outputs, and the
+/// gradients of `sum(image' * image_weight) + sum(text' * text_weight)` (the text weight zero
+/// at padded tokens) for the image, the text and all eighteen parameters.
+#[test]
+fn bi_attention_matches_reference() -> Result<()> {
+    let dev = glip_testing::device();
+    let io = load("bi-attention/io.safetensors", &dev)?;
+    let weights = load("bi-attention/model.safetensors", &dev)?;
+    for residual in [FusionResidual::Input, FusionResidual::Normed] {
+        let varmap = candle_nn::VarMap::new();
+        let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+        let fusion = BiAttentionFusion::new(32, 24, 16, 4, 0.0, vb)?.with_residual(residual);
+        set_weights(&varmap, &weights)?;
+        let tag = match residual {
+            FusionResidual::Input => "input",
+            FusionResidual::Normed => "normed",
+        };
+        let image = Var::from_tensor(&io["image"])?;
+        let text = Var::from_tensor(&io["text"])?;
+        let text_mask = &io["text_mask"];
+        let (v, l) = fusion.forward(
+            image.as_tensor(),
+            Some(&io["image_mask"]),
+            text.as_tensor(),
+            text_mask,
+            true,
+        )?;
+        assert_forward_close(&format!("{tag}.out_image"), &v, &io[&format!("{tag}.out_image")])?;
+        assert_forward_close(
+            &format!("{tag}.out_text"),
+            &real_text(&l, text_mask)?,
+            &real_text(&io[&format!("{tag}.out_text")], text_mask)?,
+        )?;
+        let loss =
+            ((&v * &io["image_weight"])?.sum_all()? + (&l * &io["text_weight"])?.sum_all()?)?;
+        let grads = loss.backward()?;
+        let prefix = format!("{tag}.");
+        let io_tag: HashMap<String, Tensor> = io
+            .iter()
+            .filter_map(|(k, t)| k.strip_prefix(&prefix).map(|k| (k.to_string(), t.clone())))
+            .collect();
+        let inputs = [(image.as_tensor(), "image"), (text.as_tensor(), "text")];
+        assert_eq!(
+            check_grads(&io_tag, &grads, &inputs, &varmap)?,
+            18,
+            "{tag}: parameter gradients"
+        );
+    }
+    Ok(())
+}
+
+/// Grounding DINO's feature enhancer (`FeatureEnhancer`: 2 layers of bi-attention with the
+/// residual on the normed features, the text's self-attention layer with `text_positions`, and
+/// a deformable encoder layer; image width 32 in 4 heads, 2 points, FFN 64; text width 24 in 4
+/// heads, FFN 48) over the padded images and levels of the deformable-attention fixture and the
+/// text of the bi-attention fixture: the text positions, both outputs, and the gradients of
+/// `sum(out * out_weight) + sum(out_text * text_weight)` for the image tokens, their positions,
+/// the text and eleven parameters of every kind (both layers). The fixture's seed keeps every
+/// sampling location of both image layers 1e-4 or more from a grid line.
+#[test]
+fn feature_enhancer_matches_reference() -> Result<()> {
+    let dev = glip_testing::device();
+    let io = load("feature-enhancer/io.safetensors", &dev)?;
+    let weights = load("feature-enhancer/model.safetensors", &dev)?;
+    let image_cfg = TransformerConfig {
+        dropout: 0.0,
+        encoder_attention: EncoderAttentionKind::Deformable,
+        encoder_points: 2,
+        ..TransformerConfig::new(32, 4, 0, 0, 64)
+    };
+    let config = FeatureEnhancerConfig {
+        layers: 2,
+        heads: 4,
+        embed: None,
+        text_heads: 4,
+        text_feedforward: 48,
+    };
+    let varmap = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+    let enhancer = FeatureEnhancer::new(&image_cfg, 2, 24, &config, vb)?;
+    set_weights(&varmap, &weights)?;
+    assert_forward_close(
+        "text_positions",
+        &text_sine_positions(6, 24, 10000.0, &dev)?,
+        &io["text_positions"],
+    )?;
+    let x = Var::from_tensor(&io["x"])?;
+    let pos = Var::from_tensor(&io["pos"])?;
+    let text = Var::from_tensor(&io["text"])?;
+    let (mask, text_mask) = (&io["mask"], &io["text_mask"]);
+    let sizes = image_sizes(&io["image_sizes"])?;
+    let layout =
+        TokenLayout { pos: Some(pos.as_tensor()), levels: &DEFORMABLE_LEVELS, image_sizes: &sizes };
+    let (out, out_text) = enhancer.forward_at(
+        x.as_tensor(),
+        Some(mask),
+        layout,
+        text.as_tensor(),
+        text_mask,
+        true,
+    )?;
+    assert_forward_close("out", &out, &io["out"])?;
+    assert_forward_close(
+        "out_text",
+        &real_text(&out_text, text_mask)?,
+        &real_text(&io["out_text"], text_mask)?,
+    )?;
+    let loss =
+        ((&out * &io["out_weight"])?.sum_all()? + (&out_text * &io["text_weight"])?.sum_all()?)?;
+    let grads = loss.backward()?;
+    let inputs = [(x.as_tensor(), "x"), (pos.as_tensor(), "pos"), (text.as_tensor(), "text")];
+    assert_eq!(
+        check_grads(&io, &grads, &inputs, &varmap)?,
+        11,
+        "the fixture's parameter gradients"
+    );
+    // Deformable image layers without the tokens' levels are an error, not a global attention.
+    let err = enhancer
+        .forward(x.as_tensor(), Some(mask), text.as_tensor(), text_mask, false)
+        .unwrap_err();
     assert!(err.to_string().contains("levels"), "{err}");
     Ok(())
 }
