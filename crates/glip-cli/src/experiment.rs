@@ -404,9 +404,9 @@ mod tests {
             n += 1;
         }
         assert_eq!(
-            n, 9,
+            n, 10,
             "design, query-generator, loss-head, fusion, accumulate, mix-captions, denoising, \
-             grounding-decoder, deformable"
+             grounding-decoder, deformable, feature-enhancer"
         );
     }
 
