@@ -156,14 +156,7 @@ impl Validate for ModelConfig {
         }
         if let Some(FusionConfig::BiAttention(p)) = self.fusion.builtin() {
             c.within("fusion", |c| {
-                c.in_range("heads", p.heads, 1, limits::HEADS);
-                match p.embed {
-                    Some(e) => {
-                        c.in_range("embed", e, 1, limits::WIDTH);
-                        c.divides("heads", p.heads, e, "model.fusion.embed");
-                    }
-                    None => c.divides("heads", p.heads, d, "model.transformer.d_model"),
-                }
+                bi_attention_width(c, p.heads, p.embed, d);
                 c.dropout("dropout", p.dropout as f64);
             });
         }
@@ -174,14 +167,7 @@ impl Validate for ModelConfig {
             };
             c.within("fusion", |c| {
                 c.in_range("layers", p.layers, 1, limits::LAYERS);
-                c.in_range("heads", p.heads, 1, limits::HEADS);
-                match p.embed {
-                    Some(e) => {
-                        c.in_range("embed", e, 1, limits::WIDTH);
-                        c.divides("heads", p.heads, e, "model.fusion.embed");
-                    }
-                    None => c.divides("heads", p.heads, d, "model.transformer.d_model"),
-                }
+                bi_attention_width(c, p.heads, p.embed, d);
                 let (key, text_heads) = match p.text_heads {
                     Some(h) => ("text_heads", h),
                     None => ("heads", p.heads),
@@ -252,6 +238,19 @@ impl Validate for ModelConfig {
             let what = format!("a .safetensors or .pth checkpoint; {WEIGHTS_HINT}");
             file_exists(c, key.strip_prefix("model.").unwrap_or(&key), file, &what);
         }
+    }
+}
+
+/// A bi-attention's `heads` and `embed` (within `model.fusion`): `heads` divides the attention's
+/// width, `embed` or else the transformer's `d_model`.
+fn bi_attention_width(c: &mut Checker, heads: usize, embed: Option<usize>, d_model: usize) {
+    c.in_range("heads", heads, 1, limits::HEADS);
+    match embed {
+        Some(e) => {
+            c.in_range("embed", e, 1, limits::WIDTH);
+            c.divides("heads", heads, e, "model.fusion.embed");
+        }
+        None => c.divides("heads", heads, d_model, "model.transformer.d_model"),
     }
 }
 

@@ -161,8 +161,8 @@ impl Fusion for BiAttentionFusion {
     }
 }
 
-/// The text side of a [`FeatureEnhancer`]; its image layers are shaped by a
-/// [`TransformerConfig`] (the model's transformer: width, heads, feed-forward, activation,
+/// A [`FeatureEnhancer`]'s layers, bi-attention and text layers; its image layers are shaped by
+/// a [`TransformerConfig`] (the model's transformer: width, heads, feed-forward, activation,
 /// dropout, norm placement, global or deformable attention).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FeatureEnhancerConfig {
