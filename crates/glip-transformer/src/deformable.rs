@@ -95,13 +95,22 @@ impl SamplingLevels {
     }
 
     /// `(n, 1)` u32: `i * s` for `i < n`, the first row of the `i`-th image and head in a
-    /// table of `n` blocks of `s` rows.
-    fn row_offsets(&self, n: usize, s: usize, device: &Device) -> Result<Tensor> {
+    /// table of `n` blocks of `s` rows. Kept per thread as the levels are: every deformable
+    /// layer asks for it at every step, and a CUDA graph cannot record its upload.
+    fn row_offsets(n: usize, s: usize, device: &Device) -> Result<Tensor> {
         if n * s > u32::MAX as usize {
             candle_core::bail!("deformable attention: {n} x {s} value rows, more than u32 indexes");
         }
-        let v: Vec<u32> = (0..n).map(|i| (i * s) as u32).collect();
-        Tensor::from_vec(v, (n, 1), device)
+        OFFSETS.with(|k| {
+            k.borrow_mut().get_or_make(
+                (n, s, device.location()),
+                |_| {
+                    let v: Vec<u32> = (0..n).map(|i| (i * s) as u32).collect();
+                    Tensor::from_vec(v, (n, 1), device)
+                },
+                |t| vec![t],
+            )
+        })
     }
 
     /// Image tokens over all levels.
@@ -151,6 +160,9 @@ type Key = (glip_core::LevelsKey, candle_core::DeviceLocation);
 thread_local! {
     static KEPT: std::cell::RefCell<glip_kernels::graph::Recent<Key, SamplingLevels>> =
         const { std::cell::RefCell::new(glip_kernels::graph::Recent::new(4)) };
+    static OFFSETS: std::cell::RefCell<
+        glip_kernels::graph::Recent<(usize, usize, candle_core::DeviceLocation), Tensor>,
+    > = const { std::cell::RefCell::new(glip_kernels::graph::Recent::new(4)) };
 }
 
 /// Where a query's samples are placed.
@@ -339,7 +351,9 @@ impl DeformableAttention {
         // Rows of the values as one `(b * heads * s, dh)` table: each image's and head's
         // indices offset by its first row (in u32: past 2^24 rows f32 would not be exact).
         let idx = idx.to_dtype(DType::U32)?.reshape((b * nh, q * k))?;
-        let idx = idx.broadcast_add(&at.row_offsets(b * nh, s, v.device())?)?.flatten_all()?;
+        let idx = idx
+            .broadcast_add(&SamplingLevels::row_offsets(b * nh, s, v.device())?)?
+            .flatten_all()?;
         let w = w.to_dtype(v.dtype())?.reshape((b * nh * q, 1, k))?;
         // One row copied per sample (its backward adds rows back, `index_add`).
         let sampled = v.reshape((b * nh * s, dh))?.index_select(&idx, 0)?;
