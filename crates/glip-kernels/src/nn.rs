@@ -278,17 +278,37 @@ pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
 
 /// An additive attention bias from a `(b, t)` u8 mask (1 = attend): 0 where real, a large
 /// negative number where padded, shaped `(b, 1, 1, t)` to broadcast over heads and queries.
+/// Made in f32 and cast to `dtype` (in bf16 or f16 the padded entries are then `-inf`: made
+/// there, `0 * f32::MIN` would be NaN at the real ones).
 pub fn mask_to_bias(mask: &Tensor, dtype: candle_core::DType) -> Result<Tensor> {
     let (b, t) = mask.dims2()?;
-    let m = mask.to_dtype(dtype)?;
+    let m = mask.to_dtype(candle_core::DType::F32)?;
     // torch.finfo(float32).min, as Hugging Face BERT uses; exp() of it underflows to 0.
-    ((1.0 - m)? * f32::MIN as f64)?.reshape((b, 1, 1, t))
+    ((1.0 - m)? * f32::MIN as f64)?.to_dtype(dtype)?.reshape((b, 1, 1, t))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    /// The mask's bias in f32 is 0 and `f32::MIN`; in bf16 and f16, 0 and `-inf`, never NaN.
+    #[test]
+    fn mask_bias_is_zero_where_real_in_every_dtype() -> Result<()> {
+        use candle_core::DType;
+        let mask = Tensor::new(&[[1u8, 0, 1]], &Device::Cpu)?;
+        for (dtype, masked) in [
+            (DType::F32, f32::MIN),
+            (DType::BF16, f32::NEG_INFINITY),
+            (DType::F16, f32::NEG_INFINITY),
+        ] {
+            let bias = mask_to_bias(&mask, dtype)?;
+            assert_eq!(bias.dims(), [1, 1, 1, 3]);
+            let v = bias.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            assert_eq!(v, [0.0, masked, 0.0], "{dtype:?}");
+        }
+        Ok(())
+    }
 
     /// `Linear` against an f64 product of the same numbers, for few rows (the transposed
     /// product) and many, rank 2 and 3: per output within f32 summation's `gamma_n * sum |x w|`
