@@ -332,6 +332,34 @@ def text_positions(t, width, temperature=10000.0):
     return torch.stack((x[:, 0::2].sin(), x[:, 1::2].cos()), -1).flatten(1)
 
 
+def sub_sentences(offsets, caption):
+    """Grounding DINO's sub-sentences of one tokenised caption (glip-rs's rule; see
+    `sub_sentence_mask` for Grounding DINO's). `offsets`: per token, its (start, end) character
+    span in `caption`, (0, 0) for special and padding tokens. A sub-sentence runs up to and
+    including a token that is "." or "?", or up to the token before a special one; special and
+    padding tokens are sub-sentences of one. Returns per token (start, position): the index of
+    its sub-sentence's first token and its place in it."""
+    out, start = [], None
+    for i, (s, e) in enumerate(offsets):
+        if e <= s:
+            out.append((i, 0))
+            start = None
+            continue
+        if start is None:
+            start = i
+        out.append((start, i - start))
+        if caption[s:e] in (".", "?"):
+            start = None
+    return out
+
+
+def sub_sentence_mask(starts):
+    """(b, t) starts -> (b, t, t) bool, True where token i may attend to token j: the same
+    sub-sentence (Grounding DINO's `text_self_attention_masks`, which Hugging Face's BERT takes
+    as a 3-D attention_mask)."""
+    return starts[:, :, None] == starts[:, None, :]
+
+
 class TextEnhancerLayer(nn.Module):
     """Grounding DINO's text layer (transformer_vanilla's TransformerEncoderLayer as its encoder
     uses it): self-attention with the positions added to queries and keys, padded keys masked,
@@ -346,9 +374,18 @@ class TextEnhancerLayer(nn.Module):
         self.linear1, self.linear2 = nn.Linear(d, ff), nn.Linear(ff, d)
         self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
 
-    def forward(self, x, pos, mask):
+    def forward(self, x, pos, mask, allowed=None):
+        """`allowed` (b, t, t) bool: sub-sentences; then it alone masks (Grounding DINO's text
+        layer passes only its attn_mask to the attention), repeated per head batch-major, the
+        order torch's (b * heads, t, t) attn_mask has (Grounding DINO's `repeat(nhead, 1, 1)`
+        is head-major, which differs for a batch of captions with different sub-sentences)."""
         q = x + pos
-        x = self.norm1(x + self.self_attn(q, q, x, key_padding_mask=mask == 0, need_weights=False)[0])
+        if allowed is None:
+            a = self.self_attn(q, q, x, key_padding_mask=mask == 0, need_weights=False)[0]
+        else:
+            blocked = ~allowed.repeat_interleave(self.self_attn.num_heads, 0)
+            a = self.self_attn(q, q, x, attn_mask=blocked, need_weights=False)[0]
+        x = self.norm1(x + a)
         return self.norm2(x + self.linear2(F.relu(self.linear1(x))))
 
 
@@ -366,12 +403,18 @@ class FeatureEnhancer(nn.Module):
         self.text_layers = nn.ModuleList(TextEnhancerLayer(d_l, text_heads, text_ff) for _ in range(n))
         self.layers = nn.ModuleList(DeformableEncoderLayer(d, heads, levels, points, ff) for _ in range(n))
 
-    def forward(self, x, pos, mask, text, text_mask, shapes, image_sizes, record=None):
-        tpos = text_positions(text.shape[1], text.shape[2])[None]
+    def forward(self, x, pos, mask, text, text_mask, shapes, image_sizes, record=None, starts=None,
+                positions=None):
+        """`starts`, `positions` (b, t) long: the text's sub-sentences (`sub_sentences`); the
+        text layers then attend within each and the text positions are the tokens' places in
+        theirs (Grounding DINO's `text_self_attention_masks` and `position_ids`)."""
+        tpos = text_positions(text.shape[1], text.shape[2])
+        tpos = tpos[None] if positions is None else tpos[positions]
+        allowed = None if starts is None else sub_sentence_mask(starts)
         centres = token_centres(shapes, image_sizes)
         for fusion, text_layer, layer in zip(self.fusion_layers, self.text_layers, self.layers):
             x, text = fusion(x, text, mask, text_mask)
-            text = text_layer(text, tpos, text_mask)
+            text = text_layer(text, tpos, text_mask, allowed)
             if record is not None:
                 record.append(layer.self_attn.sampling_units(x + pos, centres, shapes, image_sizes))
             x = layer(x, pos, mask, shapes, image_sizes)

@@ -145,6 +145,41 @@ out = bert(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
 save({"input_ids": ids64, "attention_mask": mask64, "last_hidden_state": out.last_hidden_state,
       "pooler_output": out.pooler_output}, "bert-tiny_io.safetensors")
 
+# ---------------------------------------------------------------- sub-sentences (Grounding DINO's)
+# Detection prompts with and without a closing separator, "?", a "." inside a name, a caption
+# without separators, an empty one; padded to the longest.
+SUB_TEXTS = ["person. bicycle. car.", "traffic light. fire hydrant? stop sign", "cat . dog .",
+             "a red circle left of a small blue square", "st. bernard. golden retriever.", "",
+             "red circle. blue square. green triangle. yellow star. purple hexagon."]
+sub_enc = tokenizer(SUB_TEXTS, padding=True, return_offsets_mapping=True, return_tensors="pt")
+sub = [R.sub_sentences(o.tolist(), text) for o, text in zip(sub_enc["offset_mapping"], SUB_TEXTS)]
+sub_starts = torch.tensor([[s for s, _ in row] for row in sub])
+sub_positions = torch.tensor([[p for _, p in row] for row in sub])
+write_json({"cases": [{"text": text, "offsets": o.tolist(), "starts": st.tolist(), "positions": po.tolist()}
+                      for text, o, st, po in zip(SUB_TEXTS, sub_enc["offset_mapping"], sub_starts,
+                                                 sub_positions)]},
+           "sub-sentence/cases.json", indent=1)
+SUB_GRADS = ["embeddings.position_embeddings.weight", "embeddings.LayerNorm.weight",
+             "encoder.layer.0.attention.self.query.weight", "encoder.layer.1.attention.self.key.bias",
+             "encoder.layer.1.output.dense.weight", "pooler.dense.weight"]
+sub_gen = torch.Generator().manual_seed(13)
+sub_weight = torch.randn(*sub_enc["input_ids"].shape, 64, generator=sub_gen) * sub_enc["attention_mask"][..., None]
+pool_weight = torch.randn(len(SUB_TEXTS), 64, generator=sub_gen)
+bert.zero_grad()
+with torch.enable_grad():
+    # Grounding DINO's (b, t, t) mask as BERT extends it, (1 - mask) * finfo.min over (b, 1, t, t):
+    # transformers 5 takes a 4-D mask as given.
+    additive = (~R.sub_sentence_mask(sub_starts))[:, None].float() * torch.finfo(torch.float32).min
+    out = bert(input_ids=sub_enc["input_ids"], attention_mask=additive, position_ids=sub_positions)
+    ((out.last_hidden_state * sub_weight).sum() + (out.pooler_output * pool_weight).sum()).backward()
+bert_params = dict(bert.named_parameters())
+save({"input_ids": sub_enc["input_ids"].to(torch.int64), "attention_mask": sub_enc["attention_mask"].to(torch.int64),
+      "starts": sub_starts, "positions": sub_positions, "last_hidden_state": out.last_hidden_state.detach(),
+      "pooler_output": out.pooler_output.detach(), "weight": sub_weight, "pool_weight": pool_weight,
+      **{f"grad.{k}": bert_params[k].grad for k in SUB_GRADS}}, "sub-sentence/bert-tiny_io.safetensors")
+write_json({"grads": SUB_GRADS}, "sub-sentence/bert-tiny_io.json")
+bert.zero_grad()
+
 # ---------------------------------------------------------------- all-MiniLM-L6-v2, pretrained
 if GPU_INPUTS is None:
     minilm = BertModel.from_pretrained(str(MINILM_TOKENIZER.parent), add_pooling_layer=False).eval()
@@ -421,6 +456,20 @@ save({**enh_in, "text_positions": R.text_positions(TT, DL), "out": x_out.detach(
       **{f"grad.{k}": params[k].grad for k in ENH_GRADS}},
      "feature-enhancer/io.safetensors")
 write_json({"seed": seed, "grads": ENH_GRADS}, "feature-enhancer/io.json")
+# The same enhancer and inputs with the text in sub-sentences: per prompt [CLS], then two phrases
+# of 2 tokens and [SEP] (the second prompt: one phrase, then padding).
+enh_starts = torch.tensor([[0, 1, 1, 3, 3, 5], [0, 1, 1, 3, 4, 5]])
+enh_positions = torch.tensor([[0, 0, 1, 0, 1, 0], [0, 0, 1, 0, 0, 0]])
+enh.zero_grad()
+with torch.enable_grad():
+    leaves = {k: enh_in[k].clone().requires_grad_(True) for k in ("x", "pos", "text")}
+    x_out, text_out = enh(leaves["x"], leaves["pos"], value_mask, leaves["text"], text_mask, SHAPES, sizes,
+                          starts=enh_starts, positions=enh_positions)
+    ((x_out * enh_in["out_weight"]).sum() + (text_out * enh_in["text_weight"]).sum()).backward()
+save({"starts": enh_starts, "positions": enh_positions, "out": x_out.detach(), "out_text": text_out.detach(),
+      **{f"grad.{k}": v.grad for k, v in leaves.items()},
+      **{f"grad.{k}": params[k].grad for k in ENH_GRADS}},
+     "feature-enhancer/sub-sentence.safetensors")
 
 # ---------------------------------------------------------------- matcher cases (scipy)
 rng = np.random.default_rng(3)

@@ -404,9 +404,9 @@ mod tests {
             n += 1;
         }
         assert_eq!(
-            n, 10,
+            n, 11,
             "design, query-generator, loss-head, fusion, accumulate, mix-captions, denoising, \
-             grounding-decoder, deformable, feature-enhancer"
+             grounding-decoder, deformable, feature-enhancer, sub-sentence"
         );
     }
 

@@ -4,7 +4,7 @@
 //! `glip-train`; a researcher's own type implementing one of these traits plugs into the model
 //! builder without touching any enum of this workspace.
 
-use crate::types::{FeatureMap, Losses, Match, ModelOutput, Target, TextFeatures};
+use crate::types::{FeatureMap, Losses, Match, ModelOutput, Target, TextFeatures, TextSegments};
 
 use candle_core::{Result, Tensor};
 
@@ -27,6 +27,22 @@ pub trait TextEncoder: Send + Sync {
         attention_mask: &Tensor,
         train: bool,
     ) -> Result<TextFeatures>;
+    /// [`TextEncoder::forward`] with each token attending only to its own sub-sentence and
+    /// positioned in it (Grounding DINO's sub-sentence representation,
+    /// `model.text_attention = "sub-sentence"`). An encoder without it (the default) says so.
+    fn forward_segmented(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        segments: &TextSegments,
+        train: bool,
+    ) -> Result<TextFeatures> {
+        let _ = (input_ids, attention_mask, segments, train);
+        candle_core::bail!(
+            "this text encoder has no sub-sentence attention (model.text_attention = \
+             \"sub-sentence\"): implement TextEncoder::forward_segmented"
+        )
+    }
     /// `d`, the width of the token features.
     fn hidden_size(&self) -> usize;
 }
@@ -92,7 +108,8 @@ pub trait Fusion: Send + Sync {
 }
 
 /// Where the encoder's image tokens come from: their positional encodings and levels, and the
-/// images' sizes (as [`Encoded`] carries them).
+/// images' sizes (as [`Encoded`] carries them); and the text tokens' sub-sentences, when the
+/// model groups them so.
 #[derive(Debug, Clone, Copy)]
 pub struct TokenLayout<'a> {
     /// `(b, s, d)` positions added in attention, if the model has any.
@@ -101,6 +118,9 @@ pub struct TokenLayout<'a> {
     pub levels: &'a [LevelShape],
     /// Each image's real `(width, height)` in pixels.
     pub image_sizes: &'a [(f32, f32)],
+    /// The text tokens' sub-sentences (`model.text_attention = "sub-sentence"`): a fusion
+    /// whose text attends to itself keeps to them; `None` for whole captions.
+    pub text: Option<&'a TextSegments>,
 }
 
 /// Encoder-decoder over flattened image tokens.

@@ -193,6 +193,126 @@ impl TextBatch {
     pub fn num_tokens(&self) -> usize {
         self.input_ids.dims()[1]
     }
+
+    /// The captions' sub-sentences ([`TextSegments::from_offsets`]), on `device`.
+    pub fn sub_sentences(&self, device: &Device) -> Result<TextSegments> {
+        TextSegments::from_offsets(&self.offsets, &self.captions, device)
+    }
+}
+
+/// Grounding DINO's sub-sentences of a batch of captions: which tokens may attend to which in
+/// the text's self-attention, and each token's position, counted from its sub-sentence's first
+/// token. A sub-sentence runs to and including a token that is `.` or `?` (the separators of
+/// a detection prompt, `"cat. dog."`) or to the token before a special one; special and
+/// padding tokens (`[CLS]`, `[SEP]`, `[PAD]`: an empty character span) are sub-sentences of
+/// one token at position 0. The features of one category's tokens then do not depend on the
+/// other categories of the prompt or on their order.
+///
+/// Grounding DINO's `generate_masks_with_special_tokens_and_transfer_map` makes the same
+/// groups for captions that end with a separator, the prompts it builds; for a caption that
+/// does not, it joins the last sub-sentence to `[SEP]` when the caption is padded and leaves
+/// each of its tokens alone when it is not. Here the last sub-sentence is one group either way.
+#[derive(Debug, Clone)]
+pub struct TextSegments {
+    /// `(b, t)` u32: each token's position in its sub-sentence.
+    pub positions: Tensor,
+    /// `(b, t)` u32: the index of the first token of each token's sub-sentence (tokens attend
+    /// to each other where these are equal).
+    pub starts: Tensor,
+}
+
+impl TextSegments {
+    /// Checks that `positions` and `starts` are `(b, t)` u32 on one device.
+    pub fn new(positions: Tensor, starts: Tensor) -> Result<Self> {
+        let mut c = Contract::new();
+        c.tensor("sub-sentence positions", &positions, "b t")?;
+        c.tensor("sub-sentence starts", &starts, "b t")?;
+        expect_dtype("sub-sentence positions", &positions, &[DType::U32])?;
+        expect_dtype("sub-sentence starts", &starts, &[DType::U32])?;
+        if !positions.device().same_device(starts.device()) {
+            candle_core::bail!("sub-sentence positions and starts are on different devices");
+        }
+        Ok(Self { positions, starts })
+    }
+
+    /// The sub-sentences of tokenised captions: per caption, its tokens' character spans (as
+    /// [`TextBatch::offsets`], all of one length `t`) and the caption they index.
+    pub fn from_offsets(
+        offsets: &[Vec<(usize, usize)>],
+        captions: &[String],
+        device: &Device,
+    ) -> Result<Self> {
+        if offsets.len() != captions.len() {
+            candle_core::bail!(
+                "sub-sentences: {} token lists for {} captions",
+                offsets.len(),
+                captions.len()
+            );
+        }
+        let t = offsets.first().map_or(0, Vec::len);
+        let (mut positions, mut starts) =
+            (Vec::with_capacity(offsets.len() * t), Vec::with_capacity(offsets.len() * t));
+        for (i, (spans, caption)) in offsets.iter().zip(captions).enumerate() {
+            if spans.len() != t {
+                candle_core::bail!(
+                    "sub-sentences: caption {i} has {} tokens, caption 0 {t}",
+                    spans.len()
+                );
+            }
+            for (start, position) in sub_sentences(spans, caption) {
+                starts.push(start);
+                positions.push(position);
+            }
+        }
+        let b = offsets.len();
+        Self::new(
+            Tensor::from_vec(positions, (b, t), device)?,
+            Tensor::from_vec(starts, (b, t), device)?,
+        )
+    }
+
+    /// `(b, t, t)` additive attention bias in `dtype`: 0 where query token `i` may attend to
+    /// key token `j` (the same sub-sentence), `f32::MIN` elsewhere (as
+    /// `glip_kernels::nn::mask_to_bias`; made in f32 and cast, so `-inf` in bf16, whose own
+    /// `0 * f32::MIN` would be NaN). Every token may attend to itself, so no row is masked
+    /// whole; a padding token, alone in its group, needs no key mask besides.
+    pub fn attention_bias(&self, dtype: DType) -> Result<Tensor> {
+        let s = &self.starts;
+        let same = s.unsqueeze(2)?.broadcast_eq(&s.unsqueeze(1)?)?.to_dtype(DType::F32)?;
+        ((1.0 - same)? * f32::MIN as f64)?.to_dtype(dtype)
+    }
+
+    /// The same sub-sentences on `device`.
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        Ok(Self {
+            positions: self.positions.to_device(device)?,
+            starts: self.starts.to_device(device)?,
+        })
+    }
+}
+
+/// [`TextSegments`] of one caption: per token, the index of its sub-sentence's first token and
+/// its position in it. `spans` are the tokens' character spans in `caption` (empty for special
+/// and padding tokens).
+pub fn sub_sentences(spans: &[(usize, usize)], caption: &str) -> Vec<(u32, u32)> {
+    let chars: Vec<char> = caption.chars().collect();
+    let separator = |s: usize, e: usize| matches!(chars.get(s..e), Some(['.' | '?']));
+    let mut open: Option<usize> = None;
+    spans
+        .iter()
+        .enumerate()
+        .map(|(i, &(s, e))| {
+            if s >= e {
+                open = None;
+                return (i as u32, 0);
+            }
+            let start = *open.get_or_insert(i);
+            if separator(s, e) {
+                open = None;
+            }
+            (start as u32, (i - start) as u32)
+        })
+        .collect()
 }
 
 /// The ground truth of one image.
@@ -662,6 +782,56 @@ mod tests {
         assert!(e.contains("host copy of points") && e.contains("[1, 4, 2]"), "{e}");
         let ok = d.with_host_copies(p.copy()?, p.copy()?)?;
         assert_eq!(ok.host_points()?.dims(), &[1, 4, 2]);
+        Ok(())
+    }
+
+    /// Hand-worked sub-sentences: "cat. dog" tokenised as [CLS] cat . dog [SEP] [PAD], and
+    /// "a?b" as [CLS] a ? b [SEP]: separators close their sub-sentence, a caption's last one
+    /// needs none, specials and padding stand alone at position 0.
+    #[test]
+    fn sub_sentences_close_at_separators_and_specials() -> Result<()> {
+        let spans = [(0, 0), (0, 3), (3, 4), (5, 8), (0, 0), (0, 0)];
+        assert_eq!(
+            sub_sentences(&spans, "cat. dog"),
+            [(0, 0), (1, 0), (1, 1), (3, 0), (4, 0), (5, 0)]
+        );
+        assert_eq!(
+            sub_sentences(&[(0, 0), (0, 1), (1, 2), (2, 3), (0, 0)], "a?b"),
+            [(0, 0), (1, 0), (1, 1), (3, 0), (4, 0)]
+        );
+        // A caption without separators is one sub-sentence between [CLS] and [SEP].
+        assert_eq!(
+            sub_sentences(&[(0, 0), (0, 1), (2, 3), (0, 0)], "a b"),
+            [(0, 0), (1, 0), (1, 1), (3, 0)]
+        );
+        let dev = Device::Cpu;
+        let s = TextSegments::from_offsets(
+            &[spans.to_vec(), spans.to_vec()],
+            &["cat. dog".into(), "cat? dog".into()],
+            &dev,
+        )?;
+        assert_eq!(s.starts.to_vec2::<u32>()?[1], [0, 1, 1, 3, 4, 5]);
+        // The bias: 0 within a sub-sentence (and on the diagonal), f32::MIN across.
+        let bias = s.attention_bias(DType::F32)?.to_vec3::<f32>()?;
+        let open: Vec<Vec<bool>> =
+            bias[0].iter().map(|r| r.iter().map(|&v| v == 0.0).collect()).collect();
+        for (i, row) in open.iter().enumerate() {
+            for (j, &o) in row.iter().enumerate() {
+                let same = matches!((i, j), (1 | 2, 1 | 2)) || i == j;
+                assert_eq!(o, same, "({i}, {j})");
+                assert!(o || bias[0][i][j] == f32::MIN);
+            }
+        }
+        // In bf16: 0 and -inf (f32::MIN rounds to it), never NaN.
+        let b16 = s.attention_bias(DType::BF16)?.to_dtype(DType::F32)?.to_vec3::<f32>()?;
+        assert!(b16.iter().flatten().flatten().all(|&v| v == 0.0 || v == f32::NEG_INFINITY));
+        let err = TextSegments::from_offsets(
+            &[spans.to_vec(), vec![(0, 0)]],
+            &["a".into(), "b".into()],
+            &dev,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("caption 1 has 1 tokens"), "{err}");
         Ok(())
     }
 }

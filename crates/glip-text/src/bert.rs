@@ -7,7 +7,7 @@
 use crate::TextError;
 use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::{Embedding, Init, Module, VarBuilder};
-use glip_core::{TextEncoder, TextFeatures};
+use glip_core::{TextEncoder, TextFeatures, TextSegments};
 use glip_kernels::nn::{dropout, mask_to_bias, softmax_last, LayerNorm, Linear};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -199,6 +199,19 @@ impl Bert {
         attention_mask: &Tensor,
         train: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
+        self.forward_ids_in(input_ids, attention_mask, None, train)
+    }
+
+    /// [`Bert::forward_ids`] with each token attending only to its sub-sentence and its
+    /// position counted in it, when `segments` are given (Grounding DINO calls Hugging Face's
+    /// BERT with the same `(b, t, t)` attention mask and `position_ids`).
+    pub fn forward_ids_in(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        segments: Option<&TextSegments>,
+        train: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let (b, t) = input_ids.dims2()?;
         let cfg = &self.config;
         if t > cfg.max_position_embeddings {
@@ -208,16 +221,32 @@ impl Bert {
             );
         }
         let dev = input_ids.device();
-        let pos = Tensor::arange(0u32, t as u32, dev)?;
+        let position = match segments {
+            Some(s) => {
+                if s.positions.dims() != [b, t] {
+                    candle_core::bail!(
+                        "bert: sub-sentences of {:?} tokens for input ids of ({b}, {t})",
+                        s.positions.dims()
+                    );
+                }
+                self.position.forward(&s.positions)?
+            }
+            None => self.position.forward(&Tensor::arange(0u32, t as u32, dev)?)?.unsqueeze(0)?,
+        };
         let types = Tensor::zeros((b, t), DType::U32, dev)?;
         let x = self
             .word
             .forward(input_ids)?
-            .broadcast_add(&self.position.forward(&pos)?)?
+            .broadcast_add(&position)?
             .add(&self.token_type.forward(&types)?)?;
         let mut x = dropout(&self.emb_norm.forward(&x)?, cfg.hidden_dropout_prob, train)?;
-        // Made where the composed attention first needs it.
+        // Made where the composed attention first needs it: the key mask's, or the
+        // sub-sentences' (which keeps every padding token to itself, so needs no key mask).
         let mut bias: Option<Tensor> = None;
+        let make_bias = |dtype: DType| match segments {
+            Some(s) => s.attention_bias(dtype)?.unsqueeze(1),
+            None => mask_to_bias(attention_mask, dtype),
+        };
         let h = cfg.num_attention_heads;
         let dh = cfg.hidden_size / h;
         let scale = 1.0 / (dh as f64).sqrt();
@@ -228,7 +257,7 @@ impl Bert {
         for l in &self.layers {
             let (q, k, v) = (l.query.forward(&x)?, l.key.forward(&x)?, l.value.forward(&x)?);
             // Inference on CUDA: the core in one launch, the mask's bias added inside.
-            let fused = if attend_dropout == 0.0 {
+            let fused = if attend_dropout == 0.0 && segments.is_none() {
                 let at = glip_kernels::attention::ScaleAt::Scores;
                 glip_kernels::attention::fused(&q, &k, &v, Some(attention_mask), h, scale, at)?
             } else {
@@ -240,7 +269,7 @@ impl Bert {
                     let (q, k, v) = (heads(q)?, heads(k)?, heads(v)?);
                     let bias = match &bias {
                         Some(bias) => bias,
-                        None => bias.insert(mask_to_bias(attention_mask, x.dtype())?),
+                        None => bias.insert(make_bias(x.dtype())?),
                     };
                     let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(bias)?;
                     let p = dropout(&softmax_last(&scores)?, attend_dropout, train)?;
@@ -278,6 +307,18 @@ impl TextEncoder for Bert {
         train: bool,
     ) -> Result<TextFeatures> {
         let (tokens, pooled) = self.forward_ids(input_ids, attention_mask, train)?;
+        TextFeatures::new(tokens, pooled, attention_mask.clone())
+    }
+
+    fn forward_segmented(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        segments: &TextSegments,
+        train: bool,
+    ) -> Result<TextFeatures> {
+        let (tokens, pooled) =
+            self.forward_ids_in(input_ids, attention_mask, Some(segments), train)?;
         TextFeatures::new(tokens, pooled, attention_mask.clone())
     }
 

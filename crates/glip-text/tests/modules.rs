@@ -42,6 +42,40 @@ fn bert_loads_names_with_a_bert_prefix() -> Result<()> {
     glip_testing::assert_forward_close("prefixed last_hidden_state", &h, &io["last_hidden_state"])
 }
 
+/// Grounding DINO's reason for sub-sentences: a category's token features do not depend on the
+/// other categories of the prompt or their order. bert-tiny (the fixture's weights) encodes
+/// "cat. dog." and "zebra crossing. dog. cat." in one batch: "cat ." gets the same features in
+/// both at the fixture README's forward tolerance (the two rows differ in the masked terms of
+/// their sums, exact zeros, and in the length those sums run over); with whole captions they
+/// differ.
+#[test]
+fn sub_sentence_features_do_not_depend_on_the_other_categories() -> Result<()> {
+    let dev = Device::Cpu;
+    let bert = Bert::from_folder(&fixture("bert-tiny"), &dev).unwrap();
+    let tok = Tokenizer::from_file(&fixture("bert-tiny/tokenizer.json")).unwrap();
+    let captions = ["cat. dog.".to_string(), "zebra crossing. dog. cat.".to_string()];
+    let batch = tok.batch(&captions, &dev).unwrap();
+    // The two tokens "cat" and "." of each caption.
+    let at = |i: usize| -> usize {
+        let c = captions[i].find("cat").unwrap();
+        batch.offsets[i].iter().position(|&span| span == (c, c + 3)).unwrap()
+    };
+    let cat = |t: &Tensor, i: usize| t.get(i).and_then(|r| r.narrow(0, at(i), 2));
+    let segments = batch.sub_sentences(&dev)?;
+    let f = bert.forward_segmented(&batch.input_ids, &batch.attention_mask, &segments, false)?;
+    glip_testing::assert_forward_close(
+        "cat. in two prompts",
+        &cat(&f.tokens, 0)?,
+        &cat(&f.tokens, 1)?,
+    )?;
+    let whole = bert.forward(&batch.input_ids, &batch.attention_mask, false)?;
+    let (a, b) = (cat(&whole.tokens, 0)?, cat(&whole.tokens, 1)?);
+    let excess = ((&a - &b)?.abs()? - (b.abs()? * 1e-3)?)?;
+    let beyond = (excess - 1e-4)?.max_all()?.to_scalar::<f32>()?;
+    assert!(beyond > 0.0, "whole captions: cat's features do not depend on the prompt");
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(12))]
     #[test]

@@ -62,6 +62,7 @@ pub fn preset(name: &str) -> Result<ModelConfig> {
         num_queries: queries,
         query_generator: QueryGeneratorConfig::Seed(NoParams {}).into(),
         fusion: FusionConfig::None(NoParams {}).into(),
+        text_attention: Default::default(),
         box_head: BoxHeadConfig::Linear(NoParams {}).into(),
         head: HeadConfig::Class(ClassParams { num_classes: classes }).into(),
         position_encoding: false,

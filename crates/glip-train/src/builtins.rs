@@ -320,6 +320,7 @@ impl Registry {
             position_encoding: cfg.position_encoding,
             d_model: d,
             prompt,
+            text_attention: cfg.text_attention,
         })
     }
 
@@ -506,6 +507,16 @@ impl<T: TextEncoder> TextEncoder for FrozenText<T> {
         _train: bool,
     ) -> Result<glip_core::TextFeatures> {
         let f = self.0.forward(ids, mask, false)?;
+        glip_core::TextFeatures::new(f.tokens.detach(), f.pooled.map(|p| p.detach()), f.mask)
+    }
+    fn forward_segmented(
+        &self,
+        ids: &candle_core::Tensor,
+        mask: &candle_core::Tensor,
+        segments: &glip_core::TextSegments,
+        _train: bool,
+    ) -> Result<glip_core::TextFeatures> {
+        let f = self.0.forward_segmented(ids, mask, segments, false)?;
         glip_core::TextFeatures::new(f.tokens.detach(), f.pooled.map(|p| p.detach()), f.mask)
     }
     fn hidden_size(&self) -> usize {

@@ -132,6 +132,17 @@ fn d_text_dropout() -> f32 {
     0.1
 }
 
+/// What text tokens attend to (`model.text_attention`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TextAttention {
+    /// Every real token of the caption.
+    #[default]
+    Sentence,
+    /// The tokens of the same sub-sentence ([`glip_core::TextSegments`]).
+    SubSentence,
+}
+
 /// The built-in text encoders (`[model.text] type = ...`, default `bert`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
@@ -353,6 +364,14 @@ pub struct ModelConfig {
     /// Fusion: `none`, `bi-attention` (params: `heads`, `embed`), or a registered name.
     #[serde(default = "no_fusion")]
     pub fusion: Slot<FusionConfig>,
+    /// What each text token attends to in the text encoder and in a fusion's text layers:
+    /// `sentence` (every token of its caption; default) or `sub-sentence` (Grounding DINO's:
+    /// the tokens of its own phrase, up to and including a `.` or `?`, positions counted from
+    /// the phrase's start, so a category's features do not depend on the other categories of
+    /// the prompt or their order). `[CLS]` then attends to itself alone: the pooled sentence
+    /// (the `seed` query generator's input) no longer sees the caption.
+    #[serde(default)]
+    pub text_attention: TextAttention,
     /// Box head. Default linear.
     #[serde(default = "linear")]
     pub box_head: Slot<BoxHeadConfig>,

@@ -23,6 +23,9 @@ pub struct GraphKey {
     dims: Vec<(Vec<usize>, candle_core::DType)>,
     host_mask: Vec<u8>,
     offsets: Vec<Vec<(usize, usize)>>,
+    /// The captions: with the offsets, what the text's sub-sentences are made from (kept on
+    /// the device per caption, read by the recorded work).
+    captions: Vec<String>,
     setting: String,
 }
 
@@ -39,6 +42,7 @@ impl GraphKey {
             dims: inputs.iter().map(|t| (t.dims().to_vec(), t.dtype())).collect(),
             host_mask: batch.images.host_mask()?.flatten_all()?.to_vec1()?,
             offsets: batch.text.offsets.clone(),
+            captions: batch.text.captions.clone(),
             setting: format!(
                 "{} tf32 {} {:?}",
                 precision.name(),
@@ -228,6 +232,7 @@ mod tests {
             dims: vec![(vec![n], candle_core::DType::F32)],
             host_mask: vec![],
             offsets: vec![],
+            captions: vec![],
             setting: String::new(),
         }
     }

@@ -6,9 +6,11 @@ use glip_backbone::layers::Conv;
 use glip_core::{Backbone, Contract};
 use glip_core::{
     Detector, Encoded, Fusion, ImageBatch, LevelShape, ModelOutput, Target, TextBatch, TextEncoder,
-    TextFeatures, TokenLayout, Transformer,
+    TextFeatures, TextSegments, TokenLayout, Transformer,
 };
 use glip_transformer::{downsample_mask, sine_position_encoding};
+
+use crate::config::TextAttention;
 
 /// A GLIP-style detector: image -> backbone levels -> 1x1 `input_proj` per level (optionally a
 /// top-down FPN) -> encoder over the tokens of every level -> fusion with the text -> a
@@ -40,6 +42,9 @@ pub struct GlipModel {
     /// GLIP's prompt tuning: `(positions, text width)` offsets added to the text encoder's
     /// token features (`model.prompt_positions`).
     pub prompt: Option<Tensor>,
+    /// What text tokens attend to (`model.text_attention`): with `SubSentence`, the text
+    /// encoder and the fusion get the captions' [`glip_core::TextSegments`].
+    pub text_attention: TextAttention,
 }
 
 impl std::fmt::Debug for GlipModel {
@@ -83,6 +88,29 @@ fn image_sizes(mask: &Tensor) -> Result<Vec<(f32, f32)>> {
             (width as f32, height as f32)
         })
         .collect())
+}
+
+/// What a batch's sub-sentences are made from: its tokens' spans, its captions, the device.
+type SegmentsKey = (Vec<Vec<(usize, usize)>>, Vec<String>, candle_core::DeviceLocation);
+
+thread_local! {
+    static SEGMENTS: std::cell::RefCell<glip_kernels::graph::Recent<SegmentsKey, TextSegments>> =
+        const { std::cell::RefCell::new(glip_kernels::graph::Recent::new(4)) };
+}
+
+/// The batch's sub-sentences ([`TextBatch::sub_sentences`]), kept per thread for its captions:
+/// made on the host and uploaded once for a prompt detection runs again and again, which a
+/// CUDA graph's replays then read instead of recording an upload.
+fn sub_sentences(text: &TextBatch) -> Result<TextSegments> {
+    let dev = text.input_ids.device();
+    let key = (text.offsets.clone(), text.captions.clone(), dev.location());
+    SEGMENTS.with(|kept| {
+        kept.borrow_mut().get_or_make(
+            key,
+            |_| text.sub_sentences(dev),
+            |s| vec![&s.positions, &s.starts],
+        )
+    })
 }
 
 impl GlipModel {
@@ -196,7 +224,16 @@ impl GlipModel {
             true => Some(Tensor::cat(&poss.into_iter().flatten().collect::<Vec<_>>(), 1)?),
             false => None,
         };
-        let mut tf = self.text.forward(&text.input_ids, &text.attention_mask, train)?;
+        let segments = match self.text_attention {
+            TextAttention::Sentence => None,
+            TextAttention::SubSentence => Some(sub_sentences(text)?),
+        };
+        let mut tf = match &segments {
+            Some(s) => {
+                self.text.forward_segmented(&text.input_ids, &text.attention_mask, s, train)?
+            }
+            None => self.text.forward(&text.input_ids, &text.attention_mask, train)?,
+        };
         if let Some(offsets) = &self.prompt {
             let (t, positions) = (tf.tokens.dim(1)?, offsets.dim(0)?);
             if t > positions {
@@ -225,7 +262,12 @@ impl GlipModel {
             train,
         )?;
         trace("encoder output (memory)", memory.dims());
-        let layout = TokenLayout { pos: pos.as_ref(), levels: &shapes, image_sizes: &sizes };
+        let layout = TokenLayout {
+            pos: pos.as_ref(),
+            levels: &shapes,
+            image_sizes: &sizes,
+            text: segments.as_ref(),
+        };
         let (memory, tokens) =
             self.fusion.forward_at(&memory, mask.as_ref(), layout, &tf.tokens, &tf.mask, train)?;
         trace("fusion: memory", memory.dims());

@@ -74,5 +74,6 @@ pub fn build_seed(spec: &SeedSpec, freeze_at: usize, vb: VarBuilder<'_>) -> Resu
         position_encoding: false,
         d_model: d,
         prompt: None,
+        text_attention: crate::config::TextAttention::Sentence,
     })
 }

@@ -187,6 +187,18 @@ impl Validate for ModelConfig {
                 );
             }
         }
+        let seed_queries = matches!(
+            (self.detector.builtin(), self.query_generator.builtin()),
+            (Some(DetectorConfig::Decoder(_)), Some(QueryGeneratorConfig::Seed(_)))
+        );
+        if self.text_attention == TextAttention::SubSentence && seed_queries {
+            c.fail_rule(
+                "text_attention",
+                "with sub-sentences [CLS] attends to itself alone, so the pooled sentence the \
+                 `seed` query generator reads carries no text: use query_generator = \
+                 \"text-attend\" or \"learned\", or text_attention = \"sentence\"",
+            );
+        }
         let token_head = matches!(self.head.builtin(), Some(HeadConfig::Token(_)));
         if let Some(HeadConfig::Class(p)) = self.head.builtin() {
             c.within("head", |c| c.in_range("num_classes", p.num_classes, 1, limits::CLASSES));
@@ -475,6 +487,18 @@ impl Validate for ExperimentConfig {
             c.fail_rule(
                 "data.val_grounding",
                 "grounding a caption's phrases needs the token head (type = \"token\"): a fixed-class head labels boxes with classes, not phrases",
+            );
+        }
+        let separator = &self.data.prompts.separator;
+        if self.model.text_attention == TextAttention::SubSentence
+            && !separator.contains(['.', '?'])
+        {
+            c.fail(
+                "data.prompts.separator",
+                format!("{separator:?}"),
+                "with model.text_attention = \"sub-sentence\" a prompt's sub-sentences end at \
+                 \".\" or \"?\" (Grounding DINO's rule): this separator would leave the \
+                 categories one sub-sentence; use \". \"",
             );
         }
         let synthetic = self.data.coco.is_none() && self.data.odvg.is_none();

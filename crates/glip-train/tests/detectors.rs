@@ -6,7 +6,9 @@
 use candle_core::{DType, Device, Tensor};
 use glip_core::{ImageBatch, Target, TextBatch};
 use glip_testing::assert_every_parameter_learns;
-use glip_train::config::{CriterionConfig, ModelConfig, Registry, Slot, TransformerSlot};
+use glip_train::config::{
+    CriterionConfig, ModelConfig, Registry, Slot, TextAttention, TransformerSlot,
+};
 use glip_transformer::EncoderAttentionKind;
 use proptest::prelude::*;
 
@@ -62,13 +64,21 @@ type = "token"
     )
 }
 
+/// `b` captions of `t` tokens: `[CLS]`, then phrases of a word and its `.` (`"x. x."`, the
+/// tokens' spans in it: sub-sentences of two tokens), `[SEP]`.
 fn text(b: usize, t: usize) -> TextBatch {
     let ids: Vec<u32> = (0..b * t).map(|i| (i * 7 % 60) as u32 + 1).collect();
+    let real = t.saturating_sub(2);
+    let mut spans: Vec<(usize, usize)> =
+        (0..real).map(|j| (3 * (j / 2) + j % 2, 3 * (j / 2) + j % 2 + 1)).collect();
+    spans.insert(0, (0, 0));
+    spans.resize(t, (0, 0));
+    let caption = "x. ".repeat(real.div_ceil(2));
     TextBatch::new(
         Tensor::from_vec(ids, (b, t), &Device::Cpu).unwrap(),
         Tensor::ones((b, t), DType::U8, &Device::Cpu).unwrap(),
-        vec![vec![(0, 0); t]; b],
-        vec![String::new(); b],
+        vec![spans; b],
+        vec![caption; b],
     )
     .unwrap()
 }
@@ -263,8 +273,16 @@ fn every_parameter_of_a_model_with_a_feature_enhancer_learns() {
     );
     let extra = "image_attention = \"deformable\"\ntext_cross_attention = true";
     let cfg = config(QSEL, enhancer, "[1, 2]", true, extra);
-    every_parameter_of_learns(enhancer_only(cfg, EncoderAttentionKind::Deformable), "");
+    every_parameter_of_learns(enhancer_only(cfg.clone(), EncoderAttentionKind::Deformable), "");
     every_parameter_learns(DENSE, "type = \"feature-enhancer\"\nheads = 2", "", "");
+    // With Grounding DINO's sub-sentences (phrases of two tokens) in BERT and the text layers.
+    let sub = ModelConfig { text_attention: TextAttention::SubSentence, ..cfg };
+    let batch = text(2, 6);
+    assert_eq!(
+        batch.sub_sentences(&Device::Cpu).unwrap().starts.to_vec2::<u32>().unwrap()[0],
+        [0, 1, 1, 3, 3, 5]
+    );
+    every_parameter_of_learns(enhancer_only(sub, EncoderAttentionKind::Deformable), "");
 }
 
 /// DINO's denoising queries in a training step: `(b, groups 2 m, .)` predictions for every

@@ -94,8 +94,9 @@ impl MultiheadAttention {
     }
 
     /// [`MultiheadAttention::forward`] with `attn_bias (lq, lk)` added to every image's and
-    /// head's scores before the softmax: `f32::MIN` where a query must not see a key (DINO's
-    /// attention mask between denoising groups), 0 where it may. A row's masked keys then get
+    /// head's scores before the softmax, or `(b, lq, lk)` to each image's heads: `f32::MIN`
+    /// where a query must not see a key (DINO's attention mask between denoising groups,
+    /// Grounding DINO's between sub-sentences), 0 where it may. A row's masked keys then get
     /// exactly zero weight, so what they hold cannot change its output.
     pub fn forward_biased(
         &self,
@@ -147,9 +148,11 @@ impl MultiheadAttention {
         }
         if let Some(bias) = attn_bias {
             let (_, _, lq, lk) = scores.dims4()?;
-            if bias.dims() != [lq, lk] {
-                candle_core::bail!("attention bias {:?} for ({lq}, {lk}) scores", bias.dims())
-            }
+            let bias = match bias.dims() {
+                &[q, k] if (q, k) == (lq, lk) => bias.clone(),
+                &[bb, q, k] if (bb, q, k) == (b, lq, lk) => bias.unsqueeze(1)?,
+                d => candle_core::bail!("attention bias {d:?} for ({b}, {lq}, {lk}) scores"),
+            };
             scores = scores.broadcast_add(&bias.to_dtype(scores.dtype())?)?;
         }
         let p = dropout(&softmax_last(&scores)?, self.dropout, train)?;

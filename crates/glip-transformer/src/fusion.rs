@@ -182,7 +182,9 @@ pub struct FeatureEnhancerConfig {
 /// `text_layers`): each layer fuses image and text tokens (a [`BiAttentionFusion`] with the
 /// residual on the normed features, as Grounding DINO's), runs the text's self-attention layer
 /// (post-norm, relu feed-forward, [`text_sine_positions`] added to its queries and keys), then
-/// the image tokens' encoder layer (an [`EncoderLayer`]: deformable in Grounding DINO).
+/// the image tokens' encoder layer (an [`EncoderLayer`]: deformable in Grounding DINO). Given
+/// the text's sub-sentences ([`TokenLayout::text`]), the text layers attend within each and
+/// position the tokens in it, as Grounding DINO's with its sub-sentence masks.
 /// Parameters: `fusion_layers.N`, `text_layers.N`, `layers.N`, Grounding DINO's names.
 ///
 /// Where the model's transformer also has encoder layers, they run first, on the image alone;
@@ -263,10 +265,25 @@ impl FeatureEnhancer {
         if self.layers.is_empty() {
             return Ok((x, l));
         }
-        let (_, t, d_text) = text.dims3()?;
-        let text_pos = text_sine_positions(t, d_text, 10000.0, text.device())?
-            .to_dtype(text.dtype())?
-            .unsqueeze(0)?;
+        let (b, t, d_text) = text.dims3()?;
+        let table =
+            text_sine_positions(t, d_text, 10000.0, text.device())?.to_dtype(text.dtype())?;
+        // Sub-sentences: positions counted in each, attention kept within each.
+        let segments = layout.and_then(|at| at.text);
+        let (text_pos, text_bias) = match segments {
+            Some(s) => {
+                if s.positions.dims() != [b, t] {
+                    candle_core::bail!(
+                        "feature enhancer: sub-sentences of {:?} tokens for text of ({b}, {t})",
+                        s.positions.dims()
+                    );
+                }
+                let pos =
+                    table.index_select(&s.positions.flatten_all()?, 0)?.reshape((b, t, d_text))?;
+                (pos, Some(s.attention_bias(text.dtype())?))
+            }
+            None => (table.unsqueeze(0)?, None),
+        };
         let levels = match (self.deformable, layout) {
             (true, Some(at)) => {
                 Some(SamplingLevels::cached(at.levels, at.image_sizes, image.device())?)
@@ -283,7 +300,10 @@ impl FeatureEnhancer {
             self.fusion_layers.iter().zip(&self.text_layers).zip(&self.layers)
         {
             (x, l) = fusion.forward(&x, image_mask, &l, text_mask, train)?;
-            l = text_layer.forward(&l, Some(text_mask), Some(&text_pos), train)?;
+            l = match &text_bias {
+                Some(bias) => text_layer.forward_biased(&l, bias, Some(&text_pos), train)?,
+                None => text_layer.forward(&l, Some(text_mask), Some(&text_pos), train)?,
+            };
             x = layer.forward_at(&x, image_mask, pos, at, train)?;
         }
         Ok((x, l))

@@ -229,7 +229,7 @@ impl EncoderLayer {
         at: Option<EncoderLevels<'_>>,
         train: bool,
     ) -> Result<Tensor> {
-        let attend = |h: &Tensor| -> Result<Tensor> {
+        self.block(x, train, |h| {
             let qk = with_pos(h, pos)?;
             match (&self.self_attn, at) {
                 (SelfAttention::Global(attn), _) => attn.forward(&qk, &qk, h, mask, train),
@@ -240,7 +240,39 @@ impl EncoderLayer {
                     "an encoder layer with deformable attention needs the tokens' levels"
                 ),
             }
-        };
+        })
+    }
+
+    /// [`EncoderLayer::forward`] of a global layer with `bias (b, s, s)` added to its
+    /// attention scores in place of a key mask (`f32::MIN` where token `i` must not see `j`:
+    /// Grounding DINO's text layers between sub-sentences).
+    pub fn forward_biased(
+        &self,
+        x: &Tensor,
+        bias: &Tensor,
+        pos: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        self.block(x, train, |h| {
+            let qk = with_pos(h, pos)?;
+            match &self.self_attn {
+                SelfAttention::Global(attn) => {
+                    attn.forward_biased(&qk, &qk, h, None, Some(bias), train)
+                }
+                SelfAttention::Deformable(_) => candle_core::bail!(
+                    "an encoder layer with deformable attention takes no attention bias"
+                ),
+            }
+        })
+    }
+
+    /// The layer around its self-attention `attend` (of the normed input when pre-norm).
+    fn block(
+        &self,
+        x: &Tensor,
+        train: bool,
+        attend: impl Fn(&Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
         if self.pre_norm {
             let h = self.norm1.forward(x)?;
             let a = attend(&h)?;

@@ -108,8 +108,14 @@ fn every_query_generator_and_fusion_parameter_learns() -> Result<()> {
         let loss = (probe_loss(&img)? + probe_loss(&txt)?)?;
         assert_every_parameter_learns(&vm, &loss.backward()?, |_| false)?;
     }
-    // The feature enhancer with either kind of image layer: every parameter of both layers.
-    for kind in [EncoderAttentionKind::Global, EncoderAttentionKind::Deformable] {
+    // The feature enhancer with either kind of image layer, its text whole or in sub-sentences
+    // (pairs of tokens): every parameter of both layers.
+    let pairs = glip_core::TextSegments::new(
+        Tensor::from_vec((0..14u32).map(|i| i % 7 % 2).collect(), (2, 7), &Device::Cpu)?,
+        Tensor::from_vec((0..14u32).map(|i| i % 7 / 2 * 2).collect(), (2, 7), &Device::Cpu)?,
+    )?;
+    let kinds = [EncoderAttentionKind::Global, EncoderAttentionKind::Deformable];
+    for (kind, segments) in kinds.into_iter().flat_map(|k| [(k, None), (k, Some(&pairs))]) {
         let (vm, vb) = fresh_vars();
         let f = enhancer(kind, vb);
         let levels = [LevelShape { h: 3, w: 3, stride: 8 }];
@@ -117,6 +123,7 @@ fn every_query_generator_and_fusion_parameter_learns() -> Result<()> {
             pos: Some(&memory),
             levels: &levels,
             image_sizes: &[(24.0, 24.0), (20.0, 17.0)],
+            text: segments,
         };
         let (img, txt) = f.forward_at(&memory, None, layout, &tf.tokens, &tf.mask, true)?;
         let loss = (probe_loss(&img)? + probe_loss(&txt)?)?;

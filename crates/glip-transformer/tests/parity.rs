@@ -305,8 +305,9 @@ fn bi_attention_matches_reference() -> Result<()> {
 /// heads, FFN 48) over the padded images and levels of the deformable-attention fixture and the
 /// text of the bi-attention fixture: the text positions, both outputs, and the gradients of
 /// `sum(out * out_weight) + sum(out_text * text_weight)` for the image tokens, their positions,
-/// the text and eleven parameters of every kind (both layers). The fixture's seed keeps every
-/// sampling location of both image layers 1e-4 or more from a grid line.
+/// the text and eleven parameters of every kind (both layers); then the same with the text in
+/// sub-sentences (`starts`, `positions` of the reference's `FeatureEnhancer`). The fixture's
+/// seed keeps every sampling location of both image layers 1e-4 or more from a grid line.
 #[test]
 fn feature_enhancer_matches_reference() -> Result<()> {
     let dev = glip_testing::device();
@@ -339,35 +340,53 @@ fn feature_enhancer_matches_reference() -> Result<()> {
     let text = Var::from_tensor(&io["text"])?;
     let (mask, text_mask) = (&io["mask"], &io["text_mask"]);
     let sizes = image_sizes(&io["image_sizes"])?;
-    let layout =
-        TokenLayout { pos: Some(pos.as_tensor()), levels: &DEFORMABLE_LEVELS, image_sizes: &sizes };
-    let (out, out_text) = enhancer.forward_at(
-        x.as_tensor(),
-        Some(mask),
-        layout,
-        text.as_tensor(),
-        text_mask,
-        true,
-    )?;
-    assert_forward_close("out", &out, &io["out"])?;
-    assert_forward_close(
-        "out_text",
-        &real_text(&out_text, text_mask)?,
-        &real_text(&io["out_text"], text_mask)?,
-    )?;
-    let loss =
-        ((&out * &io["out_weight"])?.sum_all()? + (&out_text * &io["text_weight"])?.sum_all()?)?;
-    let grads = loss.backward()?;
     let inputs = [(x.as_tensor(), "x"), (pos.as_tensor(), "pos"), (text.as_tensor(), "text")];
-    assert_eq!(
-        check_grads(&io, &grads, &inputs, &varmap)?,
-        11,
-        "the fixture's parameter gradients"
-    );
+    // Both outputs (the text's real tokens) and the gradients against `want`'s; the text whole
+    // or in `segments`.
+    let check = |segments: Option<&glip_core::TextSegments>,
+                 want: &HashMap<String, Tensor>,
+                 what: &str|
+     -> Result<()> {
+        let layout = TokenLayout {
+            pos: Some(pos.as_tensor()),
+            levels: &DEFORMABLE_LEVELS,
+            image_sizes: &sizes,
+            text: segments,
+        };
+        let (out, out_text) = enhancer.forward_at(
+            x.as_tensor(),
+            Some(mask),
+            layout,
+            text.as_tensor(),
+            text_mask,
+            true,
+        )?;
+        assert_forward_close(&format!("{what}out"), &out, &want["out"])?;
+        assert_forward_close(
+            &format!("{what}out_text"),
+            &real_text(&out_text, text_mask)?,
+            &real_text(&want["out_text"], text_mask)?,
+        )?;
+        let loss = ((&out * &io["out_weight"])?.sum_all()?
+            + (&out_text * &io["text_weight"])?.sum_all()?)?;
+        let checked = check_grads(want, &loss.backward()?, &inputs, &varmap)?;
+        assert_eq!(checked, 11, "{what}the fixture's parameter gradients");
+        Ok(())
+    };
+    check(None, &io, "")?;
     // Deformable image layers without the tokens' levels are an error, not a global attention.
     let err = enhancer
         .forward(x.as_tensor(), Some(mask), text.as_tensor(), text_mask, false)
         .unwrap_err();
     assert!(err.to_string().contains("levels"), "{err}");
+    // The same enhancer and inputs with the text in sub-sentences
+    // (`feature-enhancer/sub-sentence.safetensors`: the text layers attend within each, the
+    // text positions count from each one's start): outputs and the same gradients.
+    let sub = load("feature-enhancer/sub-sentence.safetensors", &dev)?;
+    let segments = glip_core::TextSegments::new(
+        sub["positions"].to_dtype(DType::U32)?,
+        sub["starts"].to_dtype(DType::U32)?,
+    )?;
+    check(Some(&segments), &sub, "sub-sentence ")?;
     Ok(())
 }
