@@ -14,6 +14,7 @@
 //!   `cudnn` feature, convolution forward and both gradients through cuDNN (`cudnn`, private).
 //! - [`norm`]: training-mode batch norm as one op with its backward.
 //! - [`fused`]: softmax over the last axis and layer norm, with gradients.
+//! - [`deformable`]: multi-scale deformable attention's sampling, forward and backward.
 //! - [`pool`]: the ResNet stem's 3x3 stride-2 max-pool with its backward.
 //! - [`optim`]: AdamW's moment and weight updates and the EMA in place (on CUDA one kernel each,
 //!   `cuda_optim`, private, compiled with NVRTC), gradient norms in one pass.
@@ -192,6 +193,7 @@ mod cuda_optim;
 mod cuda_source;
 #[cfg(feature = "cudnn")]
 mod cudnn;
+pub mod deformable;
 mod exp;
 pub mod fused;
 mod gemm;

@@ -5,18 +5,17 @@
 //! (`sampling_offsets`, `attention_weights`, `value_proj`, `output_proj`); the PyTorch reference
 //! is `DeformableAttention` in `reference/glip_ref.py`, which samples with `F.grid_sample`.
 //!
-//! Sampling here is a row copy: every sample reads the four tokens around it, weighted by its
-//! bilinear weights times its attention weight, so one `index_select` of `queries x levels x
-//! points x 4` rows of the values per image and head, and one batched product with those
-//! weights, make the whole attention, linear in the number of samples and independent of the
-//! number of image tokens. The gradients reach the values through the row copy (rows added
-//! back, `index_add`), and the offsets, the attention weights and the reference through the
-//! bilinear weights. Deformable DETR writes a CUDA kernel for it; candle's ops and their
-//! backward are enough here (no kernel of ours to keep). On the CPU, a training step's image
+//! Sampling: every sample reads the four tokens around it, weighted by its bilinear weights
+//! times its attention weight, and each query sums its samples, linear in the number of samples
+//! and independent of the number of image tokens. On the CPU in f32 one op of ours does it,
+//! forward and backward ([`glip_kernels::deformable::sample`]: Deformable DETR writes a kernel
+//! for it too); elsewhere candle's ops (`gathered`: a row copy of every sample's four tokens
+//! and a batched product with their weights). On the CPU, a training step's image
 //! cross-attention (d 256, 8 heads, 300 queries, batch 2, 4 points) takes 0.18 s over the
 //! 17,600 tokens of an 800 x 1066 image against 1.0 s for global attention, 0.05 s against
-//! 0.23 s at 512 px, and 0.024 s against 0.009 s over the shapes task's 320 tokens
-//! (`cargo bench -p glip-benches --bench models -- decoder_image_attention`).
+//! 0.23 s at 512 px, and 0.024 s against 0.009 s over the shapes task's 320 tokens with
+//! candle's ops (`cargo bench -p glip-benches --bench models -- decoder_image_attention`, an
+//! Intel Xeon); see docs/results for the op's figures.
 
 use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
@@ -111,6 +110,17 @@ impl SamplingLevels {
                 |t| vec![t],
             )
         })
+    }
+
+    /// The levels as [`glip_kernels::deformable::sample`] reads them: each one's first token.
+    fn kernel_levels(&self) -> Vec<glip_kernels::deformable::Level> {
+        let mut start = 0;
+        let mut out = Vec::with_capacity(self.levels.len());
+        for l in &self.levels {
+            out.push(glip_kernels::deformable::Level { h: l.h, w: l.w, start });
+            start += l.h * l.w;
+        }
+        out
     }
 
     /// Image tokens over all levels.
@@ -323,44 +333,66 @@ impl DeformableAttention {
                 (points.broadcast_mul(&at.scale)? - 0.5)?.broadcast_add(&offsets)?
             }
         };
-        // The token to the left of (above) each sample, and the sample's distance past it; no
-        // gradient through the floor, the bilinear weights carry it.
-        let lo = units.detach().floor()?;
-        let frac = (&units - &lo)?;
-        let corner = &at.corner;
-        // Per axis, the two neighbours' coordinates and weights (zero outside the level):
-        // (b, nh, q, nl, np, 2).
-        let axis = |i: usize, last: &Tensor| -> Result<(Tensor, Tensor)> {
-            let c = lo.narrow(D::Minus1, i, 1)?.broadcast_add(corner)?;
-            let f = frac.narrow(D::Minus1, i, 1)?;
-            let w = Tensor::cat(&[(1.0 - &f)?, f], D::Minus1)?;
-            let inside =
-                c.ge(0f32)?.to_dtype(DType::F32)? * c.broadcast_le(last)?.to_dtype(DType::F32)?;
-            Ok((c.clamp(0f32, f32::MAX)?.broadcast_minimum(last)?, (w * inside?)?))
+        // (b * heads, q, dh): each query's weighted sum of its samples' bilinear reads.
+        let out = if v.device().is_cpu() && v.dtype() == DType::F32 {
+            let samples =
+                Tensor::cat(&[&units, &weights], D::Minus1)?.reshape((b * nh, q, nl, np, 3))?;
+            glip_kernels::deformable::sample(&v, &samples, &at.kernel_levels())?
+        } else {
+            gathered(&v, &units, &weights, at)?
         };
-        let (cols, wx) = axis(0, &at.last_col)?;
-        let (rows, wy) = axis(1, &at.last_row)?;
-        // The four neighbours (rows x columns): (b, nh, q, nl, np, 2, 2).
-        let w = wy
-            .unsqueeze(D::Minus1)?
-            .broadcast_mul(&wx.unsqueeze(D::Minus2)?)?
-            .broadcast_mul(&weights.unsqueeze(D::Minus1)?)?;
-        let row_start = rows.broadcast_mul(&at.width)?.broadcast_add(&at.start)?;
-        let idx = row_start.unsqueeze(D::Minus1)?.broadcast_add(&cols.unsqueeze(D::Minus2)?)?;
-        let k = nl * np * 4;
-        // Rows of the values as one `(b * heads * s, dh)` table: each image's and head's
-        // indices offset by its first row (in u32: past 2^24 rows f32 would not be exact).
-        let idx = idx.to_dtype(DType::U32)?.reshape((b * nh, q * k))?;
-        let idx = idx
-            .broadcast_add(&SamplingLevels::row_offsets(b * nh, s, v.device())?)?
-            .flatten_all()?;
-        let w = w.to_dtype(v.dtype())?.reshape((b * nh * q, 1, k))?;
-        // One row copied per sample (its backward adds rows back, `index_add`).
-        let sampled = v.reshape((b * nh * s, dh))?.index_select(&idx, 0)?;
-        let out = w.matmul(&sampled.reshape((b * nh * q, k, dh))?)?;
         let out = out.reshape((b, nh, q, dh))?.transpose(1, 2)?.reshape((b, q, d))?;
         self.output_proj.forward(&out)
     }
+}
+
+/// [`DeformableAttention::forward`]'s sampling in candle's ops, for devices and dtypes
+/// without [`glip_kernels::deformable::sample`]: `v (b * heads, s, dh)`, `units (b, heads, q,
+/// levels, points, 2)` (columns and rows) and `weights (b, heads, q, levels, points, 1)` ->
+/// `(b * heads, q, dh)`. Every sample reads the four tokens around it as a row copy (one
+/// `index_select` of `queries x levels x points x 4` rows per image and head) weighted in one
+/// batched product; the gradients reach the values through the row copy (rows added back,
+/// `index_add`), the locations and the attention weights through the bilinear weights.
+fn gathered(v: &Tensor, units: &Tensor, weights: &Tensor, at: &SamplingLevels) -> Result<Tensor> {
+    let &[b, nh, q, nl, np, _] = units.dims() else {
+        candle_core::bail!("deformable sampling: locations {:?}", units.dims())
+    };
+    let (s, dh) = (v.dim(1)?, v.dim(2)?);
+    // The token to the left of (above) each sample, and the sample's distance past it; no
+    // gradient through the floor, the bilinear weights carry it.
+    let lo = units.detach().floor()?;
+    let frac = (units - &lo)?;
+    let corner = &at.corner;
+    // Per axis, the two neighbours' coordinates and weights (zero outside the level):
+    // (b, nh, q, nl, np, 2).
+    let axis = |i: usize, last: &Tensor| -> Result<(Tensor, Tensor)> {
+        let c = lo.narrow(D::Minus1, i, 1)?.broadcast_add(corner)?;
+        let f = frac.narrow(D::Minus1, i, 1)?;
+        let w = Tensor::cat(&[(1.0 - &f)?, f], D::Minus1)?;
+        let inside =
+            c.ge(0f32)?.to_dtype(DType::F32)? * c.broadcast_le(last)?.to_dtype(DType::F32)?;
+        Ok((c.clamp(0f32, f32::MAX)?.broadcast_minimum(last)?, (w * inside?)?))
+    };
+    let (cols, wx) = axis(0, &at.last_col)?;
+    let (rows, wy) = axis(1, &at.last_row)?;
+    // The four neighbours (rows x columns): (b, nh, q, nl, np, 2, 2).
+    let w = wy
+        .unsqueeze(D::Minus1)?
+        .broadcast_mul(&wx.unsqueeze(D::Minus2)?)?
+        .broadcast_mul(&weights.unsqueeze(D::Minus1)?)?;
+    let row_start = rows.broadcast_mul(&at.width)?.broadcast_add(&at.start)?;
+    let idx = row_start.unsqueeze(D::Minus1)?.broadcast_add(&cols.unsqueeze(D::Minus2)?)?;
+    let k = nl * np * 4;
+    // Rows of the values as one `(b * heads * s, dh)` table: each image's and head's
+    // indices offset by its first row (in u32: past 2^24 rows f32 would not be exact).
+    let idx = idx.to_dtype(DType::U32)?.reshape((b * nh, q * k))?;
+    let idx =
+        idx.broadcast_add(&SamplingLevels::row_offsets(b * nh, s, v.device())?)?.flatten_all()?;
+    let w = w.to_dtype(v.dtype())?.reshape((b * nh * q, 1, k))?;
+    // One row copied per sample (its backward adds rows back, `index_add`).
+    let sampled = v.reshape((b * nh * s, dh))?.index_select(&idx, 0)?;
+    let out = w.matmul(&sampled.reshape((b * nh * q, k, dh))?)?;
+    out.reshape((b * nh, q, dh))
 }
 
 /// Deformable DETR's initial offsets' bias, `(heads, levels, points, 2)` flattened.
@@ -378,4 +410,66 @@ fn ray_grid(heads: usize, levels: usize, points: usize) -> Vec<f32> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+    use glip_testing::assert_close;
+
+    /// The CPU op (`glip_kernels::deformable::sample`) against candle's ops (`gathered`, the
+    /// path of CUDA and bf16, itself checked against the reference's `grid_sample` on CUDA by
+    /// the parity tests): outputs and the gradients of the values, the locations and the
+    /// attention weights, with samples inside, on and outside two levels (integer coordinates
+    /// among them). The two sum the same f32 products in other orders. Values and the output's
+    /// gradient are within 1 and each query's attention weights sum to 1 (a softmax), so a
+    /// query's output sums k = levels x points x 4 = 24 terms of total size <= 1: each path
+    /// within k x 2^-24, the two within 2 k 2^-24 = 2.9e-6. A value row's gradient sums at most
+    /// q k = 120 terms of total size <= q = 5 (each query's weights sum to 1): 2 x 120 x 5 x
+    /// 2^-24 = 7.2e-5. A location's or weight's gradient is a few (<= 4) products with dot
+    /// products of dh = 8 terms of size <= 1: 2 x (8 + 4) x 8 x 2^-24 = 1.1e-5.
+    #[test]
+    fn cpu_op_matches_candle_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        let levels = [LevelShape { h: 3, w: 4, stride: 8 }, LevelShape { h: 2, w: 2, stride: 16 }];
+        let at = SamplingLevels::new(&levels, &[(32.0, 24.0), (32.0, 24.0)], &dev)?;
+        let (b, nh, q, nl, np, dh, s) = (2, 2, 5, 2, 3, 8, 16);
+        let wave = |n: usize, f: f64, a: f64| -> Result<Tensor> {
+            (Tensor::arange(0u32, n as u32, &dev)?.to_dtype(DType::F32)? * f)?.sin()? * a
+        };
+        let v = Var::from_tensor(&wave(b * nh * s * dh, 0.37, 1.0)?.reshape((b * nh, s, dh))?)?;
+        // Columns and rows from -2 to 5 in steps of 0.25: whole numbers, fractions, outside.
+        let n = b * nh * q * nl * np * 2;
+        let units: Vec<f32> = (0..n).map(|i| -2.0 + ((i * 11) % 29) as f32 * 0.25).collect();
+        let units = Var::from_vec(units, (b, nh, q, nl, np, 2), &dev)?;
+        let logits = wave(b * nh * q * nl * np, 1.7, 2.0)?.reshape((b, nh, q, nl * np))?;
+        let weights = Var::from_tensor(
+            &candle_nn::ops::softmax(&logits, D::Minus1)?.reshape((b, nh, q, nl, np, 1))?,
+        )?;
+        let r = wave(b * nh * q * dh, 0.91, 1.0)?.reshape((b * nh, q, dh))?.cos()?;
+        let run = |fused: bool| -> Result<Vec<Tensor>> {
+            let (vt, ut, wt) = (v.as_tensor(), units.as_tensor(), weights.as_tensor());
+            let out = if fused {
+                let samples = Tensor::cat(&[ut, wt], D::Minus1)?.reshape((b * nh, q, nl, np, 3))?;
+                glip_kernels::deformable::sample(vt, &samples, &at.kernel_levels())?
+            } else {
+                gathered(vt, ut, wt, &at)?
+            };
+            let grads = (&out * &r)?.sum_all()?.backward()?;
+            let grad = |x: &Var| grads.get(x).cloned().expect("a gradient");
+            Ok(vec![out, grad(&v), grad(&units), grad(&weights)])
+        };
+        let (ours, theirs) = (run(true)?, run(false)?);
+        let eps = f32::EPSILON / 2.0;
+        let names = ["output", "values' gradient", "locations' gradient", "weights' gradient"];
+        let atol = [48.0 * eps, 1200.0 * eps, 192.0 * eps, 192.0 * eps];
+        for ((name, atol), (a, b)) in names.iter().zip(atol).zip(ours.iter().zip(&theirs)) {
+            assert_close(name, a, b, atol, 0.0)?;
+        }
+        // The samples reach every kind of place: some outside (zero), some inside.
+        let outside = theirs[2].abs()?.flatten_all()?.to_vec1::<f32>()?;
+        assert!(outside.contains(&0.0) && outside.iter().any(|&g| g != 0.0));
+        Ok(())
+    }
 }
