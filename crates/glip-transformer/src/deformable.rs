@@ -416,7 +416,7 @@ fn ray_grid(heads: usize, levels: usize, points: usize) -> Vec<f32> {
 mod tests {
     use super::*;
     use candle_core::Var;
-    use glip_testing::assert_close;
+    use glip_testing::{assert_close, lcg_values};
 
     /// The CPU op (`glip_kernels::deformable::sample`) against candle's ops (`gathered`, the
     /// path of CUDA and bf16, itself checked against the reference's `grid_sample` on CUDA by
@@ -435,19 +435,20 @@ mod tests {
         let levels = [LevelShape { h: 3, w: 4, stride: 8 }, LevelShape { h: 2, w: 2, stride: 16 }];
         let at = SamplingLevels::new(&levels, &[(32.0, 24.0), (32.0, 24.0)], &dev)?;
         let (b, nh, q, nl, np, dh, s) = (2, 2, 5, 2, 3, 8, 16);
-        let wave = |n: usize, f: f64, a: f64| -> Result<Tensor> {
-            (Tensor::arange(0u32, n as u32, &dev)?.to_dtype(DType::F32)? * f)?.sin()? * a
+        // Values in (-2, 2) halved: within 1.
+        let halved = |n: usize, seed: u32, shape: &[usize]| -> Result<Tensor> {
+            Tensor::from_vec(lcg_values(n, seed), shape, &dev)? * 0.5
         };
-        let v = Var::from_tensor(&wave(b * nh * s * dh, 0.37, 1.0)?.reshape((b * nh, s, dh))?)?;
+        let v = Var::from_tensor(&halved(b * nh * s * dh, 1, &[b * nh, s, dh])?)?;
         // Columns and rows from -2 to 5 in steps of 0.25: whole numbers, fractions, outside.
         let n = b * nh * q * nl * np * 2;
         let units: Vec<f32> = (0..n).map(|i| -2.0 + ((i * 11) % 29) as f32 * 0.25).collect();
         let units = Var::from_vec(units, (b, nh, q, nl, np, 2), &dev)?;
-        let logits = wave(b * nh * q * nl * np, 1.7, 2.0)?.reshape((b, nh, q, nl * np))?;
+        let logits = halved(b * nh * q * nl * np, 2, &[b, nh, q, nl * np])?;
         let weights = Var::from_tensor(
             &candle_nn::ops::softmax(&logits, D::Minus1)?.reshape((b, nh, q, nl, np, 1))?,
         )?;
-        let r = wave(b * nh * q * dh, 0.91, 1.0)?.reshape((b * nh, q, dh))?.cos()?;
+        let r = halved(b * nh * q * dh, 3, &[b * nh, q, dh])?;
         let run = |fused: bool| -> Result<Vec<Tensor>> {
             let (vt, ut, wt) = (v.as_tensor(), units.as_tensor(), weights.as_tensor());
             let out = if fused {
