@@ -404,9 +404,9 @@ mod tests {
             n += 1;
         }
         assert_eq!(
-            n, 11,
+            n, 12,
             "design, query-generator, loss-head, fusion, accumulate, mix-captions, denoising, \
-             grounding-decoder, deformable, feature-enhancer, sub-sentence"
+             grounding-decoder, deformable, feature-enhancer, sub-sentence, grounding-dino"
         );
     }
 
