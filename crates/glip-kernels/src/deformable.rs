@@ -290,4 +290,31 @@ mod tests {
         }
         Ok(())
     }
+
+    /// A non-finite location or weight makes its query's output NaN (as candle's composition
+    /// does: `inf - inf`, `0 * NaN`), the other queries' stay finite; levels that do not tile
+    /// the values are an error, not a panic.
+    #[test]
+    fn non_finite_samples_give_nan_and_bad_levels_an_error() -> Result<()> {
+        let dev = Device::Cpu;
+        let levels = [Level { h: 2, w: 2, start: 0 }];
+        let value = Tensor::from_vec(lcg_values(4 * 3, 3), (1, 4, 3), &dev)?;
+        for bad in [f32::NAN, f32::INFINITY] {
+            for at in 0..3 {
+                // Three queries of one sample each; the second's `at` entry is `bad`.
+                let mut smp = vec![0.5f32, 0.5, 1.0, 0.2, 0.7, 0.5, 1.0, 0.0, 0.3];
+                smp[3 + at] = bad;
+                let samples = Tensor::from_vec(smp, (1, 3, 1, 1, 3), &dev)?;
+                let out = sample(&value, &samples, &levels)?.to_vec3::<f32>()?;
+                assert!(out[0][1].iter().all(|v| v.is_nan()), "{bad} at {at}: {:?}", out[0][1]);
+                assert!(out[0][0].iter().chain(&out[0][2]).all(|v| v.is_finite()));
+            }
+        }
+        let samples = Tensor::zeros((1, 3, 1, 1, 3), candle_core::DType::F32, &dev)?;
+        for levels in [vec![Level { h: 2, w: 3, start: 0 }], vec![Level { h: 2, w: 2, start: 1 }]] {
+            let err = sample(&value, &samples, &levels).unwrap_err().to_string();
+            assert!(err.contains("deformable sampling"), "{err}");
+        }
+        Ok(())
+    }
 }
