@@ -38,9 +38,11 @@ static DETERMINISTIC: AtomicBool = AtomicBool::new(false);
 /// run, for the whole process: cuDNN's heuristics may rank first an algorithm that adds with
 /// atomics (backward-data algorithm 0, backward-filter 0 and 3), whose result changes in the
 /// last bits from one run to the next; then algorithm 1 of that direction is used instead, as
-/// `torch.backends.cudnn.deterministic` does. Off by default (PyTorch's default too), unless
-/// `GLIP_CUDNN_DETERMINISTIC=1` is set; every other GPU kernel of a training step already sums
-/// in a fixed order.
+/// `torch.backends.cudnn.deterministic` does; and deformable attention's sampling keeps
+/// candle's composition, whose sums have a fixed order, instead of glip's kernel, whose values'
+/// gradient adds with atomics ([`crate::deformable::takes`]). Off by default (PyTorch's default
+/// too), unless `GLIP_CUDNN_DETERMINISTIC=1` is set; every other GPU kernel of a training step
+/// already sums in a fixed order.
 pub fn set_deterministic(on: bool) {
     DETERMINISTIC.store(on, Ordering::Relaxed);
 }

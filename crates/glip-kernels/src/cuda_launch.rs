@@ -75,6 +75,12 @@ pub(crate) static TOP_K: Module =
 pub(crate) static ATTENTION: Module =
     Module::new("glip_attention", "glip's attention kernel", crate::cuda_source::ATTENTION);
 
+pub(crate) static DEFORMABLE: Module = Module::new(
+    "glip_deformable",
+    "glip's deformable sampling kernels",
+    crate::cuda_source::DEFORMABLE,
+);
+
 /// At most this many blocks in a grid-stride launch (the loops stride over the rest).
 const MAX_BLOCKS: usize = 4096;
 /// At most this many blocks of rows or channels (grid-stride over the rest).

@@ -20,7 +20,7 @@
 
 use crate::cuda_launch::{
     check_len, elementwise, output, output_of, per_row, u32_of, view, view_of, ATTENTION,
-    ELEMENTWISE, NORM, POOL, TOP_K,
+    DEFORMABLE, ELEMENTWISE, NORM, POOL, TOP_K,
 };
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
@@ -569,6 +569,120 @@ pub(crate) fn attention(
     })
 }
 
+/// [`crate::cuda_source::DEFORMABLE`]'s `GlipLevels`, passed by value: how many levels, then
+/// `h`, `w` and the first token of each.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct DeformLevels {
+    n: u32,
+    hws: [u32; 3 * crate::cuda_source::DEFORMABLE_MAX_LEVELS],
+}
+
+// SAFETY: a plain `#[repr(C)]` struct of u32s, laid out as the kernels' `GlipLevels` (an
+// unsigned count and an array of unsigneds: 4-byte aligned, no padding).
+unsafe impl DeviceRepr for DeformLevels {}
+
+fn deform_levels(levels: &[crate::deformable::Level]) -> Result<DeformLevels> {
+    let max = crate::cuda_source::DEFORMABLE_MAX_LEVELS;
+    if levels.len() > max {
+        candle_core::bail!("deformable sampling on CUDA: {} levels, at most {max}", levels.len())
+    }
+    let mut hws = [0u32; 3 * crate::cuda_source::DEFORMABLE_MAX_LEVELS];
+    for (l, level) in levels.iter().enumerate() {
+        for (k, n) in [level.h, level.w, level.start].into_iter().enumerate() {
+            hws[3 * l + k] = u32_of(n, "deformable sampling")?;
+        }
+    }
+    Ok(DeformLevels { n: levels.len() as u32, hws })
+}
+
+/// `[s, dh, q, points]` of a call, as the kernels take them.
+fn deform_dims(d: &crate::deformable::Dims) -> Result<[u32; 4]> {
+    let u = |n: usize| u32_of(n, "deformable sampling");
+    Ok([u(d.s)?, u(d.dh)?, u(d.q)?, u(d.points)?])
+}
+
+/// Deformable sampling ([`crate::deformable`]) on CUDA: `value (bh, s, dh)` and `samples (bh, q,
+/// levels, points, 3)` contiguous f32 (shapes checked by the caller: `d`) -> `(bh, q, dh)`.
+pub(crate) fn deformable_sample(
+    (s1, l1): (&CudaStorage, &Layout),
+    (s2, l2): (&CudaStorage, &Layout),
+    levels: &[crate::deformable::Level],
+    d: &crate::deformable::Dims,
+) -> Result<(CudaStorage, Shape)> {
+    let value = view(s1, l1, "deformable sampling")?;
+    let samples = view(s2, l2, "deformable sampling")?;
+    let per_query = levels.len() * d.points;
+    check_len("deformable sampling values", value.len(), d.bh * d.s * d.dh)?;
+    check_len("deformable sampling samples", samples.len(), d.bh * d.q * per_query * 3)?;
+    let lv = deform_levels(levels)?;
+    let [s, dh, q, points] = deform_dims(d)?;
+    let n = d.bh * d.q * d.dh;
+    let n64 = n as u64;
+    let dev = s1.device().clone();
+    // Written whole by glip_deformable_sample (one thread per element, grid-stride).
+    let mut out = output(&dev, n)?;
+    launch!(
+        DEFORMABLE,
+        dev,
+        "glip_deformable_sample",
+        elementwise(n),
+        [&value, &samples, &lv, &mut out, &s, &dh, &q, &points, &n64]
+    )?;
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((d.bh, d.q, d.dh))))
+}
+
+/// Deformable sampling's backward on CUDA: `(value, samples, grad (bh, q, dh))` -> the values'
+/// gradient then the samples', flattened one after the other (the CPU op's packing).
+pub(crate) fn deformable_sample_backward(
+    (s1, l1): (&CudaStorage, &Layout),
+    (s2, l2): (&CudaStorage, &Layout),
+    (s3, l3): (&CudaStorage, &Layout),
+    levels: &[crate::deformable::Level],
+    d: &crate::deformable::Dims,
+) -> Result<(CudaStorage, Shape)> {
+    let what = "deformable sampling backward";
+    let value = view(s1, l1, what)?;
+    let samples = view(s2, l2, what)?;
+    let grad = view(s3, l3, what)?;
+    let per_query = levels.len() * d.points;
+    let (nv, ns) = (d.bh * d.s * d.dh, d.bh * d.q * per_query * 3);
+    check_len("deformable sampling backward values", value.len(), nv)?;
+    check_len("deformable sampling backward samples", samples.len(), ns)?;
+    check_len("deformable sampling backward gradient", grad.len(), d.bh * d.q * d.dh)?;
+    let lv = deform_levels(levels)?;
+    let [s, dh, q, points] = deform_dims(d)?;
+    let dev = s1.device().clone();
+    // The values' gradient is added into (atomically): zeros first. The samples' part is
+    // written whole.
+    let mut out = dev.alloc_zeros::<f32>((nv + ns).max(1))?;
+    {
+        let n = d.bh * d.q * d.dh;
+        let n64 = n as u64;
+        let mut gv = out.slice_mut(0..nv);
+        launch!(
+            DEFORMABLE,
+            dev,
+            "glip_deformable_value_grad",
+            elementwise(n),
+            [&samples, &grad, &lv, &mut gv, &s, &dh, &q, &points, &n64]
+        )?;
+    }
+    {
+        let n = d.bh * d.q * per_query;
+        let n64 = n as u64;
+        let mut gs = out.slice_mut(nv..nv + ns);
+        launch!(
+            DEFORMABLE,
+            dev,
+            "glip_deformable_sample_grad",
+            elementwise(n),
+            [&value, &samples, &grad, &lv, &mut gs, &s, &dh, &q, &points, &n64]
+        )?;
+    }
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(nv + ns)))
+}
+
 /// `(planes, h, w, oh, ow)` of the stem pool's input `l`.
 fn pool_dims(l: &Layout) -> Result<(u64, u32, u32, u32, u32)> {
     let (b, c, h, w) = l.shape().dims4()?;
@@ -804,6 +918,12 @@ mod tests {
         }
         assert!(super::TOP_K.ptx().unwrap().contains(".entry glip_top_k"));
         assert!(super::ATTENTION.ptx().unwrap().contains(".entry glip_attention("));
+        let deformable = super::DEFORMABLE.ptx().unwrap();
+        for entry in
+            ["glip_deformable_sample", "glip_deformable_value_grad", "glip_deformable_sample_grad"]
+        {
+            assert!(deformable.contains(&format!(".entry {entry}(")), "{entry} missing");
+        }
         let ptx = super::POOL.ptx().unwrap();
         for name in [
             "glip_max_pool_f32",

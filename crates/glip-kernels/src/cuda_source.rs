@@ -5,8 +5,10 @@
 //! another; `emulation`), against exact values. What that cannot show (the launches through
 //! cudarc, GPU memory, NVRTC's code) glip-train's `tests/cuda.rs` checks on a GPU.
 //!
-//! The kernels keep to what both compilers take: no warp intrinsics or atomics, reductions
-//! through shared memory over a power-of-two block, `__int_as_float` for infinities.
+//! The kernels keep to what both compilers take: no warp intrinsics, reductions through shared
+//! memory over a power-of-two block, `__int_as_float` for infinities; one kernel adds with
+//! `atomicAdd` on floats (deformable sampling's value gradient), which the emulation makes a
+//! `std::atomic_ref` addition.
 
 #![cfg_attr(
     not(feature = "cuda"),
@@ -823,6 +825,162 @@ extern "C" __global__ void glip_attention(const float *q, const float *k, const 
 }
 "#;
 
+/// The most levels [`DEFORMABLE`]'s kernels take (`GLIP_DEFORM_MAX_LEVELS`): Deformable DETR and
+/// Grounding DINO sample 4 or 5.
+pub(crate) const DEFORMABLE_MAX_LEVELS: usize = 8;
+
+/// Multi-scale deformable attention's sampling ([`crate::deformable`]) on CUDA, f32, the same
+/// arithmetic as the CPU op: `value (bh, s, dh)`, `samples (bh, q, levels, points, [x, y, a])`
+/// (column and row in the level's units, attention weight), the levels as a `GlipLevels` passed
+/// by value (`h`, `w` and first token of each).
+///
+/// * `glip_deformable_sample`: one thread per output `(bh, q, c)` (grid-stride), its samples'
+///   bilinear reads in order; a non-finite location or weight makes the output NaN;
+/// * `glip_deformable_value_grad`: one thread per `(bh, q, c)` adds `w a g` into each of its
+///   samples' four value rows with `atomicAdd` (as Deformable DETR's kernel does): the order
+///   of those sums varies from run to run, so under `GLIP_CUDNN_DETERMINISTIC` the caller
+///   keeps candle's composition (its `index_add` sums in a fixed order); `grad_value` must be
+///   zero before;
+/// * `glip_deformable_sample_grad`: one thread per sample: per neighbour the dot product of the
+///   value row and the output's gradient, then the location's and the weight's gradients (NaN
+///   for a non-finite sample, which adds nothing to the values' gradient).
+pub(crate) const DEFORMABLE: &str = r#"
+#define GLIP_DEFORM_MAX_LEVELS 8
+
+struct GlipLevels {
+    unsigned n;
+    unsigned hws[3 * GLIP_DEFORM_MAX_LEVELS];
+};
+
+struct GlipCorner {
+    unsigned long long token;
+    float wy, wx, sy, sx;
+};
+
+/// The (up to four) tokens around column `x`, row `y` of level `l` that lie inside it, with
+/// their bilinear weights' factors and the signs of their derivatives; how many.
+__device__ unsigned glip_deform_corners(const GlipLevels &lv, unsigned l, float x, float y,
+                                        GlipCorner *c) {
+    const unsigned h = lv.hws[3 * l], w = lv.hws[3 * l + 1], start = lv.hws[3 * l + 2];
+    const float x0 = floorf(x), y0 = floorf(y);
+    const float fx = x - x0, fy = y - y0;
+    const float last_col = (float)(w - 1), last_row = (float)(h - 1);
+    unsigned n = 0;
+    for (unsigned dy = 0; dy < 2; ++dy) {
+        const float row = y0 + (float)dy;
+        if (!(row >= 0.0f && row <= last_row)) continue;
+        for (unsigned dx = 0; dx < 2; ++dx) {
+            const float col = x0 + (float)dx;
+            if (!(col >= 0.0f && col <= last_col)) continue;
+            c[n].token = start + (unsigned long long)row * w + (unsigned long long)col;
+            c[n].wy = dy ? fy : 1.0f - fy;
+            c[n].wx = dx ? fx : 1.0f - fx;
+            c[n].sy = dy ? 1.0f : -1.0f;
+            c[n].sx = dx ? 1.0f : -1.0f;
+            ++n;
+        }
+    }
+    return n;
+}
+
+__device__ bool glip_deform_finite(const float *smp) {
+    return isfinite(smp[0]) && isfinite(smp[1]) && isfinite(smp[2]);
+}
+
+extern "C" __global__ void glip_deformable_sample(const float *value, const float *samples,
+                                                  GlipLevels lv, float *out, unsigned s,
+                                                  unsigned dh, unsigned q, unsigned points,
+                                                  unsigned long long n) {
+    const unsigned per_query = lv.n * points;
+    const unsigned long long step = (unsigned long long)gridDim.x * blockDim.x;
+    for (unsigned long long e = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; e < n;
+         e += step) {
+        const unsigned long long row = e / dh;
+        const unsigned c = (unsigned)(e % dh);
+        const float *v = value + row / q * s * dh;
+        const float *smp = samples + row * per_query * 3;
+        float acc = 0.0f;
+        for (unsigned k = 0; k < per_query; ++k, smp += 3) {
+            if (!glip_deform_finite(smp)) {
+                acc = __int_as_float(0x7fc00000);
+                continue;
+            }
+            const float a = smp[2];
+            GlipCorner cs[4];
+            const unsigned m = glip_deform_corners(lv, k / points, smp[0], smp[1], cs);
+            for (unsigned j = 0; j < m; ++j) {
+                const float w = cs[j].wy * cs[j].wx * a;
+                acc += w * v[cs[j].token * dh + c];
+            }
+        }
+        out[e] = acc;
+    }
+}
+
+extern "C" __global__ void glip_deformable_value_grad(const float *samples, const float *grad,
+                                                      GlipLevels lv, float *grad_value,
+                                                      unsigned s, unsigned dh, unsigned q,
+                                                      unsigned points, unsigned long long n) {
+    const unsigned per_query = lv.n * points;
+    const unsigned long long step = (unsigned long long)gridDim.x * blockDim.x;
+    for (unsigned long long e = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; e < n;
+         e += step) {
+        const unsigned long long row = e / dh;
+        const unsigned c = (unsigned)(e % dh);
+        float *gv = grad_value + row / q * s * dh;
+        const float g = grad[e];
+        const float *smp = samples + row * per_query * 3;
+        for (unsigned k = 0; k < per_query; ++k, smp += 3) {
+            if (!glip_deform_finite(smp)) continue;
+            const float a = smp[2];
+            GlipCorner cs[4];
+            const unsigned m = glip_deform_corners(lv, k / points, smp[0], smp[1], cs);
+            for (unsigned j = 0; j < m; ++j) {
+                const float w = cs[j].wy * cs[j].wx * a;
+                atomicAdd(&gv[cs[j].token * dh + c], w * g);
+            }
+        }
+    }
+}
+
+extern "C" __global__ void glip_deformable_sample_grad(const float *value, const float *samples,
+                                                       const float *grad, GlipLevels lv,
+                                                       float *grad_samples, unsigned s,
+                                                       unsigned dh, unsigned q, unsigned points,
+                                                       unsigned long long n) {
+    const unsigned per_query = lv.n * points;
+    const unsigned long long step = (unsigned long long)gridDim.x * blockDim.x;
+    for (unsigned long long e = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; e < n;
+         e += step) {
+        const unsigned long long row = e / per_query;
+        const unsigned k = (unsigned)(e % per_query);
+        const float *smp = samples + e * 3;
+        float *gs = grad_samples + e * 3;
+        if (!glip_deform_finite(smp)) {
+            gs[0] = gs[1] = gs[2] = __int_as_float(0x7fc00000);
+            continue;
+        }
+        const float *v = value + row / q * s * dh;
+        const float *g = grad + row * dh;
+        const float a = smp[2];
+        float gx = 0.0f, gy = 0.0f, ga = 0.0f;
+        GlipCorner cs[4];
+        const unsigned m = glip_deform_corners(lv, k / points, smp[0], smp[1], cs);
+        for (unsigned j = 0; j < m; ++j) {
+            const float *vr = v + cs[j].token * dh;
+            float dot = 0.0f;
+            for (unsigned c = 0; c < dh; ++c) dot += vr[c] * g[c];
+            ga += cs[j].wy * cs[j].wx * dot;
+            gx += cs[j].sx * cs[j].wy * dot;
+            gy += cs[j].sy * cs[j].wx * dot;
+        }
+        gs[0] = a * gx;
+        gs[1] = a * gy;
+        gs[2] = ga;
+    }
+}
+"#;
+
 /// [`ELEMENTWISE`]'s dropout draw of element `i`, in Rust: the CPU implementation of the
 /// device's dropout op and the tests' reference.
 pub(crate) fn dropout_uniform(seed: u64, i: u64) -> f32 {
@@ -953,6 +1111,7 @@ mod emulation {
     use std::process::Command;
 
     const SHIM: &str = r#"
+#include <atomic>
 #include <barrier>
 #include <cstdio>
 #include <cstring>
@@ -969,6 +1128,7 @@ static std::barrier<> *glip_barrier = nullptr;
 #define __syncthreads() glip_barrier->arrive_and_wait()
 static inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, sizeof f); return f; }
 static inline int __float_as_int(float f) { int i; std::memcpy(&i, &f, sizeof i); return i; }
+static inline float atomicAdd(float *p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
 // Runs `kernel` on a (gx, gy) grid of blocks of bx threads, one block at a time.
 template <class F> static void glip_launch(unsigned gx, unsigned gy, unsigned bx, F kernel) {
     gridDim = {gx, gy, 1};
@@ -2000,6 +2160,77 @@ mod emulation_attention {
         for (e, ((&got, &want), &bound)) in out["out"].iter().zip(&exact).zip(&bound).enumerate() {
             let err = (f64::from(got) - want).abs();
             assert!(err <= bound, "element {e}: {got} against {want}, bound {bound:e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod emulation_deformable {
+    //! Deformable sampling's kernels under the emulation against exact values within the
+    //! bound derived in glip-testing's `deformable_reference` (any f32 evaluation order, as the
+    //! value gradient's atomic additions have): two levels, samples inside, on the border,
+    //! outside and on whole-number coordinates, a non-finite one, grids smaller than the work
+    //! (the grid-stride loops).
+
+    use super::emulation::{emulate, random};
+    use super::DEFORMABLE;
+    use glip_testing::{
+        assert_within_bound, deformable_reference, deformable_samples, DeformableShape,
+    };
+
+    #[test]
+    fn deformable_sampling_and_its_gradients_match_exact_values_within_their_bound() {
+        let levels = [(3, 4, 0), (2, 3, 12)];
+        let tokens = 18;
+        let shape = DeformableShape { bh: 3, q: 5, points: 3, dh: 7, levels: &levels };
+        let DeformableShape { bh, q, points, dh, .. } = shape;
+        let per_query = levels.len() * points;
+        let value = random(bh * tokens * dh, 31, 1.0);
+        let grad = random(bh * q * dh, 32, 1.0);
+        let mut samples = deformable_samples(shape, &random(bh * q * per_query * 2, 33, 1.0));
+        // One sample not finite: its query's output and its own gradients are NaN.
+        samples[3 * (per_query + 2)] = f32::NAN;
+        let (n_out, n_smp) = (bh * q * dh, bh * q * per_query);
+        let hws: Vec<String> = levels.iter().map(|(h, w, s)| format!("{h}, {w}, {s}")).collect();
+        let body = format!(
+            "GlipLevels lv = {{{nl}, {{{hws}}}}};
+             static float out[{n_out}], gv[{n_gv}], gs[{n_gs}];
+             glip_launch(2, 1, 32, [&] {{ glip_deformable_sample(value, samples, lv, out,
+                 {tokens}, {dh}, {q}, {points}, {n_out}ull); }});
+             glip_launch(2, 1, 32, [&] {{ glip_deformable_value_grad(samples, grad, lv, gv,
+                 {tokens}, {dh}, {q}, {points}, {n_out}ull); }});
+             glip_launch(1, 1, 32, [&] {{ glip_deformable_sample_grad(value, samples, grad, lv,
+                 gs, {tokens}, {dh}, {q}, {points}, {n_smp}ull); }});
+             glip_print(\"out\", out, {n_out});
+             glip_print(\"gv\", gv, {n_gv});
+             glip_print(\"gs\", gs, {n_gs});",
+            nl = levels.len(),
+            hws = hws.join(", "),
+            n_gv = bh * tokens * dh,
+            n_gs = n_smp * 3,
+        );
+        let arrays =
+            [("value", value.clone()), ("samples", samples.clone()), ("grad", grad.clone())];
+        let Some(got) = emulate(DEFORMABLE, &arrays, &body) else {
+            return;
+        };
+        let exact = deformable_reference(&value, &samples, &grad, shape);
+        for (name, want) in
+            [("out", &exact.out), ("gv", &exact.grad_value), ("gs", &exact.grad_samples)]
+        {
+            let margin = assert_within_bound(name, &got[name], want);
+            // Not vacuous: a misread token or a wrong factor moves a value by far more.
+            let largest =
+                want.bound.iter().filter(|b| b.is_finite()).fold(0.0f64, |a, &b| a.max(b));
+            assert!(largest < 1e-4, "{name}: bound {largest:e}");
+            let nans = got[name].iter().filter(|v| v.is_nan()).count();
+            let expected = match name {
+                "out" => dh,
+                "gs" => 3,
+                _ => 0,
+            };
+            assert_eq!(nans, expected, "{name}: NaN entries");
+            eprintln!("deformable {name}: largest error / bound {margin:.4}");
         }
     }
 }

@@ -10,8 +10,11 @@
 //! indices and the weights, a 20 MB copy of rows and its scatter back (`index_add`), 4,800 one-row
 //! products and their backward (`perf` on `cargo bench -p glip-benches --bench models --
 //! decoder_image_attention`). Here one pass reads each sample's four rows in place, and one pass
-//! of the backward gives the values', the locations' and the attention weights' gradients. The
-//! caller keeps candle's composition for other devices and dtypes.
+//! of the backward gives the values', the locations' and the attention weights' gradients. On
+//! CUDA (a `cuda` build) the same sums are three kernels of glip's own (one thread per output
+//! element; the values' gradient added with atomics, as Deformable DETR's kernel does; one
+//! thread per sample for its gradients). [`takes`] says where the op applies; the caller keeps
+//! candle's composition for the rest (bf16, determinism asked for on CUDA).
 
 use crate::conv::contiguous_f32;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
@@ -50,12 +53,12 @@ fn corners(level: &Level, x: f32, y: f32, mut f: impl FnMut(usize, f32, f32, f32
 }
 
 /// The shapes of a call: `value (bh, s, dh)`, `samples (bh, q, levels, points, 3)`.
-struct Dims {
-    bh: usize,
-    s: usize,
-    dh: usize,
-    q: usize,
-    points: usize,
+pub(crate) struct Dims {
+    pub(crate) bh: usize,
+    pub(crate) s: usize,
+    pub(crate) dh: usize,
+    pub(crate) q: usize,
+    pub(crate) points: usize,
 }
 
 fn dims(levels: &[Level], value: &Layout, samples: &Layout) -> Result<Dims> {
@@ -125,6 +128,11 @@ impl CustomOp2 for Sample {
         }
         Ok((CpuStorage::F32(out), Shape::from((bh, q, dh))))
     }
+
+    cuda_fwd!(|me, value, samples| {
+        let d = dims(&me.levels, value.1, samples.1)?;
+        crate::cuda_layers::deformable_sample(value, samples, &me.levels, &d)
+    });
 
     fn bwd(
         &self,
@@ -218,6 +226,18 @@ impl CustomOp3 for SampleBackward {
         }
         Ok((CpuStorage::F32(out), Shape::from(nv + ns)))
     }
+
+    cuda_fwd!(|me, value, samples, grad| {
+        let d = dims(&me.levels, value.1, samples.1)?;
+        if grad.1.dims() != [d.bh, d.q, d.dh] {
+            candle_core::bail!(
+                "deformable sampling backward: gradient {:?} for values {:?}",
+                grad.1.dims(),
+                value.1.dims()
+            );
+        }
+        crate::cuda_layers::deformable_sample_backward(value, samples, grad, &me.levels, &d)
+    });
 }
 
 /// Deformable sampling of `value (bh, s, dh)` (each image's and head's rows of every level,
@@ -225,16 +245,37 @@ impl CustomOp3 for SampleBackward {
 /// its level (column `j` centred on `j`: a normalised `x` is `x * w - 0.5`) and its attention
 /// weight; `(bh, q, dh)`, each query's weighted sum of its samples' bilinear reads (zero outside
 /// the level). Differentiable in both inputs (the locations through the bilinear weights, not
-/// through which tokens they read). CPU and f32 only: the caller keeps another path elsewhere.
+/// through which tokens they read). f32, on the CPU or (a `cuda` build) on CUDA with up to
+/// [`CUDA_MAX_LEVELS`] levels; [`takes`] says whether a caller should use it.
 pub fn sample(value: &Tensor, samples: &Tensor, levels: &[Level]) -> Result<Tensor> {
-    if !value.device().is_cpu() || value.dtype() != candle_core::DType::F32 {
+    let on = value.device();
+    if !(on.is_cpu() || on.is_cuda()) || value.dtype() != candle_core::DType::F32 {
         candle_core::bail!(
-            "deformable sampling runs on the CPU in f32, not {:?} {:?}",
-            value.device().location(),
+            "deformable sampling runs on the CPU or CUDA in f32, not {:?} {:?}",
+            on.location(),
             value.dtype()
         );
     }
     value.contiguous()?.apply_op2(&samples.contiguous()?, Sample { levels: levels.to_vec() })
+}
+
+/// The most levels [`sample`] takes on CUDA (its kernels get them by value).
+pub const CUDA_MAX_LEVELS: usize = crate::cuda_source::DEFORMABLE_MAX_LEVELS;
+
+/// Whether [`sample`] should compute deformable sampling of `value` (f32) over `levels`
+/// levels: always on the CPU; on CUDA in a `cuda` build with glip's own kernels on (not
+/// `GLIP_CUDA_COMPOSED=1`), at most [`CUDA_MAX_LEVELS`] levels, and convolution-style
+/// determinism not asked for ([`crate::cuda::deterministic`]: the values' gradient adds with
+/// atomics there, in an order that varies from run to run). Otherwise the caller composes the
+/// sampling from candle's ops, whose sums have a fixed order.
+pub fn takes(value: &Tensor, levels: usize) -> bool {
+    if value.dtype() != candle_core::DType::F32 {
+        return false;
+    }
+    value.device().is_cpu()
+        || (crate::cuda::own_kernels(value)
+            && levels <= CUDA_MAX_LEVELS
+            && !crate::cuda::deterministic())
 }
 
 #[cfg(test)]
@@ -287,6 +328,42 @@ mod tests {
                 - loss(value.as_tensor(), &Tensor::from_vec(down, samples.shape(), &dev)?)?)
                 / (2.0 * h as f64);
             assert!((fd - gs[k] as f64).abs() < 6.4e-3, "sample value {k}: {fd} against {}", gs[k]);
+        }
+        Ok(())
+    }
+
+    /// The op and both gradients against exact values (glip-testing's `deformable_reference`,
+    /// f64 from the same f32 operands) within the bound derived there for any f32 evaluation:
+    /// two levels, samples inside, on the border, outside and on whole numbers, one NaN.
+    #[test]
+    fn sampling_and_its_gradients_match_exact_values_within_their_bound() -> Result<()> {
+        use glip_testing::{assert_within_bound, deformable_reference, deformable_samples};
+        let levels = [(3, 4, 0), (2, 3, 12)];
+        let shape =
+            glip_testing::DeformableShape { bh: 3, q: 5, points: 3, dh: 7, levels: &levels };
+        let (bh, q, points, dh) = (shape.bh, shape.q, shape.points, shape.dh);
+        let value = lcg_values(bh * 18 * dh, 41);
+        let grad = lcg_values(bh * q * dh, 42);
+        let mut smp = deformable_samples(shape, &lcg_values(bh * q * 2 * points * 2, 43));
+        smp[3 * (2 * points + 2) + 1] = f32::NAN;
+        let dev = Device::Cpu;
+        let v = Var::from_vec(value.clone(), (bh, 18, dh), &dev)?;
+        let s = Var::from_vec(smp.clone(), (bh, q, 2, points, 3), &dev)?;
+        let kernel_levels: Vec<Level> =
+            levels.iter().map(|&(h, w, start)| Level { h, w, start }).collect();
+        let out = sample(v.as_tensor(), s.as_tensor(), &kernel_levels)?;
+        let g = Tensor::from_vec(grad.clone(), (bh, q, dh), &dev)?;
+        let grads = (&out * &g)?.sum_all()?.backward()?;
+        let exact = deformable_reference(&value, &smp, &grad, shape);
+        let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+        let gv = grads.get(&v).expect("values' gradient");
+        let gs = grads.get(&s).expect("samples' gradient");
+        for (name, got, want) in [
+            ("output", flat(&out)?, &exact.out),
+            ("values' gradient", flat(gv)?, &exact.grad_value),
+            ("samples' gradient", flat(gs)?, &exact.grad_samples),
+        ] {
+            assert_within_bound(name, &got, want);
         }
         Ok(())
     }

@@ -7,7 +7,12 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 mod attention;
+mod deformable;
 pub use attention::{attention_reference, AttentionShape};
+pub use deformable::{
+    assert_within_bound, deformable_reference, deformable_samples, DeformableExact,
+    DeformableShape, Exact,
+};
 
 /// The reference fixtures folder: `$GLIP_FIXTURES`, else `fixtures/` at the workspace root
 /// (where `cargo xtask fixtures` writes them).

@@ -210,11 +210,12 @@ pub struct RunConfig {
     /// products). Default false: f32 throughout. No effect on the CPU.
     #[serde(default)]
     pub tf32: bool,
-    /// On CUDA, whether convolution gradients avoid cuDNN's algorithms that add with atomics,
-    /// so that a run repeats bit for bit (and a resumed run continues as the uninterrupted one
+    /// On CUDA, whether convolution gradients avoid cuDNN's algorithms that add with atomics
+    /// (and deformable attention's sampling glip's kernel, whose values' gradient does), so
+    /// that a run repeats bit for bit (and a resumed run continues as the uninterrupted one
     /// would): `torch.backends.cudnn.deterministic`. Default false (PyTorch's default too): the
-    /// heuristics' first choice, whose gradients can differ in the last bits from run to run.
-    /// The CPU always repeats.
+    /// fastest choices, whose gradients can differ in the last bits from run to run. The CPU
+    /// always repeats.
     #[serde(default)]
     pub deterministic: bool,
     /// Keep the weights of the evaluation with the best validation AP50 so far as

@@ -19,7 +19,8 @@
 //!   with gradients (exact values: the same computation in f64 on the CPU, candle's own ops);
 //!   the frozen batch norm's affine map and ReLU, the stem max-pool with its gradient, dropout's
 //!   device-drawn masks, query selection's top-k, AdamW, the EMA and the gradient norm
-//!   (against the CPU kernels). Compared per element with the bounds derived at each test.
+//!   (against the CPU kernels); deformable attention's sampling with both gradients (against
+//!   exact values). Compared per element with the bounds derived at each test.
 //!
 //! These tests need `cuda:0`; they fail (not skip) without it, since a GPU check that silently
 //! ran on the CPU would prove nothing.
@@ -957,6 +958,57 @@ fn fused_attention_matches_the_exact_core_within_its_bound() -> Result<()> {
         let exact = Tensor::from_vec(exact, (b, lq, d), &Device::Cpu)?;
         let bound = Tensor::from_vec(bound, (b, lq, d), &Device::Cpu)?;
         assert_within(&format!("attention case {n}"), &got, &exact, &bound)?;
+    }
+    Ok(())
+}
+
+/// Deformable attention's sampling on CUDA (glip-kernels' `deformable::sample`: glip's three
+/// kernels, the values' gradient added with atomics) and the gradients of `sum(out * g)`
+/// against exact values within the bound glip-testing's `deformable_reference` derives for any
+/// f32 evaluation order: the kernels' emulation test's case (two small levels, a NaN sample),
+/// then Grounding DINO's shape at the shapes task's size (4 levels, 300 queries, 8 heads of 32
+/// for 2 images, 4 points: many queries adding into the same value rows).
+#[test]
+fn deformable_sampling_and_its_gradients_match_exact_values() -> Result<()> {
+    use glip_kernels::deformable::{sample, Level};
+    use glip_testing::{
+        assert_within_bound, deformable_reference, deformable_samples, lcg_values, DeformableShape,
+    };
+    let dev = gpu();
+    let small = [(3, 4, 0), (2, 3, 12)];
+    let four = [(16, 20, 0), (8, 10, 320), (4, 5, 400), (2, 3, 420)];
+    let cases = [
+        DeformableShape { bh: 3, q: 5, points: 3, dh: 7, levels: &small },
+        DeformableShape { bh: 16, q: 300, points: 4, dh: 32, levels: &four },
+    ];
+    for (n, shape) in cases.into_iter().enumerate() {
+        let DeformableShape { bh, q, points, dh, levels } = shape;
+        let (nl, tokens) = (levels.len(), levels.iter().map(|(h, w, _)| h * w).sum::<usize>());
+        let seed = 500 + 3 * n as u32;
+        let value = lcg_values(bh * tokens * dh, seed);
+        let grad = lcg_values(bh * q * dh, seed + 1);
+        let mut smp = deformable_samples(shape, &lcg_values(bh * q * nl * points * 2, seed + 2));
+        smp[3 * (nl * points + 2)] = f32::NAN;
+        let v = Var::from_vec(value.clone(), (bh, tokens, dh), &dev)?;
+        let s = Var::from_vec(smp.clone(), (bh, q, nl, points, 3), &dev)?;
+        let kernel_levels: Vec<Level> =
+            levels.iter().map(|&(h, w, start)| Level { h, w, start }).collect();
+        let out = sample(v.as_tensor(), s.as_tensor(), &kernel_levels)?;
+        assert!(out.device().is_cuda(), "case {n}: computed on the GPU");
+        let g = Tensor::from_vec(grad.clone(), (bh, q, dh), &dev)?;
+        let grads = (&out * &g)?.sum_all()?.backward()?;
+        let exact = deformable_reference(&value, &smp, &grad, shape);
+        let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+        let gv = grads.get(&v).expect("values' gradient");
+        let gs = grads.get(&s).expect("samples' gradient");
+        for (name, got, want) in [
+            ("output", flat(&out)?, &exact.out),
+            ("values' gradient", flat(gv)?, &exact.grad_value),
+            ("samples' gradient", flat(gs)?, &exact.grad_samples),
+        ] {
+            let margin = assert_within_bound(&format!("case {n}, {name}"), &got, want);
+            eprintln!("deformable case {n}, {name}: largest error / bound {margin:.4}");
+        }
     }
     Ok(())
 }

@@ -7,10 +7,11 @@
 //!
 //! Sampling: every sample reads the four tokens around it, weighted by its bilinear weights
 //! times its attention weight, and each query sums its samples, linear in the number of samples
-//! and independent of the number of image tokens. On the CPU in f32 one op of ours does it,
-//! forward and backward ([`glip_kernels::deformable::sample`]: Deformable DETR writes a kernel
-//! for it too); elsewhere candle's ops (`gathered`: a row copy of every sample's four tokens
-//! and a batched product with their weights). On the CPU, a training step's image
+//! and independent of the number of image tokens. In f32 on the CPU and on CUDA one op of ours
+//! does it, forward and backward ([`glip_kernels::deformable::sample`]: Deformable DETR writes a
+//! kernel for it too); elsewhere ([`glip_kernels::deformable::takes`]: bf16, determinism asked
+//! for on CUDA) candle's ops (`gathered`: a row copy of every sample's four tokens and a batched
+//! product with their weights). On the CPU, a training step's image
 //! cross-attention (d 256, 8 heads, 300 queries, batch 2, 4 points) takes 0.18 s over the
 //! 17,600 tokens of an 800 x 1066 image against 1.0 s for global attention, 0.05 s against
 //! 0.23 s at 512 px, and 0.024 s against 0.009 s over the shapes task's 320 tokens with
@@ -334,7 +335,7 @@ impl DeformableAttention {
             }
         };
         // (b * heads, q, dh): each query's weighted sum of its samples' bilinear reads.
-        let out = if v.device().is_cpu() && v.dtype() == DType::F32 {
+        let out = if glip_kernels::deformable::takes(&v, nl) {
             let samples =
                 Tensor::cat(&[&units, &weights], D::Minus1)?.reshape((b * nh, q, nl, np, 3))?;
             glip_kernels::deformable::sample(&v, &samples, &at.kernel_levels())?
