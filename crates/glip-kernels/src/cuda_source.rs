@@ -887,33 +887,45 @@ __device__ bool glip_deform_finite(const float *smp) {
     return isfinite(smp[0]) && isfinite(smp[1]) && isfinite(smp[2]);
 }
 
+/// For output element `e` (row `e / dh` of `(bh q)`, channel `e % dh`): `f(at, w)` for each
+/// in-level neighbour of each of the row's samples, in order, with `at` the neighbour's element
+/// among its image and head's values and `w` its bilinear weight times the sample's attention
+/// weight; false if a sample was not finite (it adds nothing).
+template <class F>
+__device__ bool glip_deform_row(const GlipLevels &lv, const float *samples, unsigned dh,
+                                unsigned points, unsigned long long e, F f) {
+    const unsigned per_query = lv.n * points;
+    const unsigned long long row = e / dh;
+    const unsigned c = (unsigned)(e % dh);
+    const float *smp = samples + row * per_query * 3;
+    bool finite = true;
+    for (unsigned k = 0; k < per_query; ++k, smp += 3) {
+        if (!glip_deform_finite(smp)) {
+            finite = false;
+            continue;
+        }
+        GlipCorner cs[4];
+        const unsigned m = glip_deform_corners(lv, k / points, smp[0], smp[1], cs);
+        for (unsigned j = 0; j < m; ++j) f(cs[j].token * dh + c, cs[j].wy * cs[j].wx * smp[2]);
+    }
+    return finite;
+}
+
+/// Element `e` of `n`, grid-stride.
+#define GLIP_DEFORM_EACH(e, n)                                                                 \
+    for (unsigned long long e = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;      \
+         e < (n); e += (unsigned long long)gridDim.x * blockDim.x)
+
 extern "C" __global__ void glip_deformable_sample(const float *value, const float *samples,
                                                   GlipLevels lv, float *out, unsigned s,
                                                   unsigned dh, unsigned q, unsigned points,
                                                   unsigned long long n) {
-    const unsigned per_query = lv.n * points;
-    const unsigned long long step = (unsigned long long)gridDim.x * blockDim.x;
-    for (unsigned long long e = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; e < n;
-         e += step) {
-        const unsigned long long row = e / dh;
-        const unsigned c = (unsigned)(e % dh);
-        const float *v = value + row / q * s * dh;
-        const float *smp = samples + row * per_query * 3;
+    GLIP_DEFORM_EACH(e, n) {
+        const float *v = value + e / dh / q * s * dh;
         float acc = 0.0f;
-        for (unsigned k = 0; k < per_query; ++k, smp += 3) {
-            if (!glip_deform_finite(smp)) {
-                acc = __int_as_float(0x7fc00000);
-                continue;
-            }
-            const float a = smp[2];
-            GlipCorner cs[4];
-            const unsigned m = glip_deform_corners(lv, k / points, smp[0], smp[1], cs);
-            for (unsigned j = 0; j < m; ++j) {
-                const float w = cs[j].wy * cs[j].wx * a;
-                acc += w * v[cs[j].token * dh + c];
-            }
-        }
-        out[e] = acc;
+        const bool finite = glip_deform_row(lv, samples, dh, points, e,
+                                            [&](unsigned long long at, float w) { acc += w * v[at]; });
+        out[e] = finite ? acc : __int_as_float(0x7fc00000);
     }
 }
 
@@ -921,25 +933,11 @@ extern "C" __global__ void glip_deformable_value_grad(const float *samples, cons
                                                       GlipLevels lv, float *grad_value,
                                                       unsigned s, unsigned dh, unsigned q,
                                                       unsigned points, unsigned long long n) {
-    const unsigned per_query = lv.n * points;
-    const unsigned long long step = (unsigned long long)gridDim.x * blockDim.x;
-    for (unsigned long long e = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; e < n;
-         e += step) {
-        const unsigned long long row = e / dh;
-        const unsigned c = (unsigned)(e % dh);
-        float *gv = grad_value + row / q * s * dh;
+    GLIP_DEFORM_EACH(e, n) {
+        float *gv = grad_value + e / dh / q * s * dh;
         const float g = grad[e];
-        const float *smp = samples + row * per_query * 3;
-        for (unsigned k = 0; k < per_query; ++k, smp += 3) {
-            if (!glip_deform_finite(smp)) continue;
-            const float a = smp[2];
-            GlipCorner cs[4];
-            const unsigned m = glip_deform_corners(lv, k / points, smp[0], smp[1], cs);
-            for (unsigned j = 0; j < m; ++j) {
-                const float w = cs[j].wy * cs[j].wx * a;
-                atomicAdd(&gv[cs[j].token * dh + c], w * g);
-            }
-        }
+        glip_deform_row(lv, samples, dh, points, e,
+                        [&](unsigned long long at, float w) { atomicAdd(&gv[at], w * g); });
     }
 }
 
@@ -949,9 +947,7 @@ extern "C" __global__ void glip_deformable_sample_grad(const float *value, const
                                                        unsigned dh, unsigned q, unsigned points,
                                                        unsigned long long n) {
     const unsigned per_query = lv.n * points;
-    const unsigned long long step = (unsigned long long)gridDim.x * blockDim.x;
-    for (unsigned long long e = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; e < n;
-         e += step) {
+    GLIP_DEFORM_EACH(e, n) {
         const unsigned long long row = e / per_query;
         const unsigned k = (unsigned)(e % per_query);
         const float *smp = samples + e * 3;
@@ -2172,11 +2168,9 @@ mod emulation_deformable {
     //! outside and on whole-number coordinates, a non-finite one, grids smaller than the work
     //! (the grid-stride loops).
 
-    use super::emulation::{emulate, random};
+    use super::emulation::emulate;
     use super::DEFORMABLE;
-    use glip_testing::{
-        assert_within_bound, deformable_reference, deformable_samples, DeformableShape,
-    };
+    use glip_testing::{assert_within_bound, DeformableCase, DeformableShape};
 
     #[test]
     fn deformable_sampling_and_its_gradients_match_exact_values_within_their_bound() {
@@ -2185,11 +2179,7 @@ mod emulation_deformable {
         let shape = DeformableShape { bh: 3, q: 5, points: 3, dh: 7, levels: &levels };
         let DeformableShape { bh, q, points, dh, .. } = shape;
         let per_query = levels.len() * points;
-        let value = random(bh * tokens * dh, 31, 1.0);
-        let grad = random(bh * q * dh, 32, 1.0);
-        let mut samples = deformable_samples(shape, &random(bh * q * per_query * 2, 33, 1.0));
-        // One sample not finite: its query's output and its own gradients are NaN.
-        samples[3 * (per_query + 2)] = f32::NAN;
+        let case = DeformableCase::new(shape, 31);
         let (n_out, n_smp) = (bh * q * dh, bh * q * per_query);
         let hws: Vec<String> = levels.iter().map(|(h, w, s)| format!("{h}, {w}, {s}")).collect();
         let body = format!(
@@ -2209,12 +2199,15 @@ mod emulation_deformable {
             n_gv = bh * tokens * dh,
             n_gs = n_smp * 3,
         );
-        let arrays =
-            [("value", value.clone()), ("samples", samples.clone()), ("grad", grad.clone())];
+        let arrays = [
+            ("value", case.value.clone()),
+            ("samples", case.samples.clone()),
+            ("grad", case.grad.clone()),
+        ];
         let Some(got) = emulate(DEFORMABLE, &arrays, &body) else {
             return;
         };
-        let exact = deformable_reference(&value, &samples, &grad, shape);
+        let exact = case.exact();
         for (name, want) in
             [("out", &exact.out), ("gv", &exact.grad_value), ("gs", &exact.grad_samples)]
         {

@@ -337,34 +337,14 @@ mod tests {
     /// two levels, samples inside, on the border, outside and on whole numbers, one NaN.
     #[test]
     fn sampling_and_its_gradients_match_exact_values_within_their_bound() -> Result<()> {
-        use glip_testing::{assert_within_bound, deformable_reference, deformable_samples};
+        use glip_testing::{check_deformable_op, DeformableCase, DeformableShape};
         let levels = [(3, 4, 0), (2, 3, 12)];
-        let shape =
-            glip_testing::DeformableShape { bh: 3, q: 5, points: 3, dh: 7, levels: &levels };
-        let (bh, q, points, dh) = (shape.bh, shape.q, shape.points, shape.dh);
-        let value = lcg_values(bh * 18 * dh, 41);
-        let grad = lcg_values(bh * q * dh, 42);
-        let mut smp = deformable_samples(shape, &lcg_values(bh * q * 2 * points * 2, 43));
-        smp[3 * (2 * points + 2) + 1] = f32::NAN;
-        let dev = Device::Cpu;
-        let v = Var::from_vec(value.clone(), (bh, 18, dh), &dev)?;
-        let s = Var::from_vec(smp.clone(), (bh, q, 2, points, 3), &dev)?;
+        let shape = DeformableShape { bh: 3, q: 5, points: 3, dh: 7, levels: &levels };
         let kernel_levels: Vec<Level> =
             levels.iter().map(|&(h, w, start)| Level { h, w, start }).collect();
-        let out = sample(v.as_tensor(), s.as_tensor(), &kernel_levels)?;
-        let g = Tensor::from_vec(grad.clone(), (bh, q, dh), &dev)?;
-        let grads = (&out * &g)?.sum_all()?.backward()?;
-        let exact = deformable_reference(&value, &smp, &grad, shape);
-        let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
-        let gv = grads.get(&v).expect("values' gradient");
-        let gs = grads.get(&s).expect("samples' gradient");
-        for (name, got, want) in [
-            ("output", flat(&out)?, &exact.out),
-            ("values' gradient", flat(gv)?, &exact.grad_value),
-            ("samples' gradient", flat(gs)?, &exact.grad_samples),
-        ] {
-            assert_within_bound(name, &got, want);
-        }
+        check_deformable_op(&DeformableCase::new(shape, 41), &Device::Cpu, |v, s| {
+            sample(v, s, &kernel_levels)
+        })?;
         Ok(())
     }
 

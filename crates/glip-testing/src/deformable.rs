@@ -3,6 +3,8 @@
 //! error bound of any f32 evaluation: shared by the CPU op's test, the CUDA kernels' test under
 //! the CPU emulation and their test on the GPU.
 
+use candle_core::{Device, Result, Tensor, Var};
+
 /// The shapes of a call: `value (bh, s, dh)` over `levels`, `samples (bh, q, levels, points,
 /// [x, y, weight])`, the output's gradient `(bh, q, dh)`.
 #[derive(Debug, Clone, Copy)]
@@ -166,4 +168,67 @@ pub fn deformable_samples(shape: DeformableShape<'_>, draws: &[f32]) -> Vec<f32>
         samples.extend([x, y, 0.05 + (e % 10) as f32 * 0.1]);
     }
     samples
+}
+
+/// The operands of a check: values and the output's gradient from `lcg_values`, samples from
+/// [`deformable_samples`], the third sample of the second query with a NaN location.
+#[derive(Debug, Clone)]
+pub struct DeformableCase<'a> {
+    pub shape: DeformableShape<'a>,
+    pub value: Vec<f32>,
+    pub samples: Vec<f32>,
+    pub grad: Vec<f32>,
+}
+
+impl<'a> DeformableCase<'a> {
+    /// Operands of `shape` drawn from `seed` (and the two seeds after it).
+    pub fn new(shape: DeformableShape<'a>, seed: u32) -> Self {
+        let DeformableShape { bh, q, points, dh, levels } = shape;
+        let tokens: usize = levels.iter().map(|(h, w, _)| h * w).sum();
+        let per_query = levels.len() * points;
+        assert!(q >= 2 && per_query >= 3, "a second query with a third sample");
+        let mut samples =
+            deformable_samples(shape, &crate::lcg_values(bh * q * per_query * 2, seed + 2));
+        samples[3 * (per_query + 2)] = f32::NAN;
+        DeformableCase {
+            shape,
+            value: crate::lcg_values(bh * tokens * dh, seed),
+            samples,
+            grad: crate::lcg_values(bh * q * dh, seed + 1),
+        }
+    }
+
+    /// The exact values and bounds of this case ([`deformable_reference`]).
+    pub fn exact(&self) -> DeformableExact {
+        deformable_reference(&self.value, &self.samples, &self.grad, self.shape)
+    }
+}
+
+/// `op(value (bh, s, dh), samples (bh, q, levels, points, 3))`, an implementation of the
+/// sampling giving `(bh, q, dh)` on `device`, and its gradients of `sum(out * grad)` with
+/// respect to both operands, each element within its bound of [`DeformableCase::exact`] (NaN
+/// where it is NaN); panics naming the first that is not. Returns the largest error over bound
+/// of the output, the values' gradient and the samples' gradient.
+pub fn check_deformable_op(
+    case: &DeformableCase<'_>,
+    device: &Device,
+    op: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<[f64; 3]> {
+    let DeformableShape { bh, q, points, dh, levels } = case.shape;
+    let tokens: usize = levels.iter().map(|(h, w, _)| h * w).sum();
+    let v = Var::from_vec(case.value.clone(), (bh, tokens, dh), device)?;
+    let s = Var::from_vec(case.samples.clone(), (bh, q, levels.len(), points, 3), device)?;
+    let out = op(v.as_tensor(), s.as_tensor())?;
+    assert!(out.device().same_device(device), "computed on {:?}", out.device());
+    let g = Tensor::from_vec(case.grad.clone(), (bh, q, dh), device)?;
+    let grads = (&out * &g)?.sum_all()?.backward()?;
+    let exact = case.exact();
+    let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+    let gv = grads.get(&v).expect("values' gradient");
+    let gs = grads.get(&s).expect("samples' gradient");
+    Ok([
+        assert_within_bound("output", &flat(&out)?, &exact.out),
+        assert_within_bound("values' gradient", &flat(gv)?, &exact.grad_value),
+        assert_within_bound("samples' gradient", &flat(gs)?, &exact.grad_samples),
+    ])
 }

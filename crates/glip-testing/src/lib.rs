@@ -10,8 +10,8 @@ mod attention;
 mod deformable;
 pub use attention::{attention_reference, AttentionShape};
 pub use deformable::{
-    assert_within_bound, deformable_reference, deformable_samples, DeformableExact,
-    DeformableShape, Exact,
+    assert_within_bound, check_deformable_op, deformable_reference, deformable_samples,
+    DeformableCase, DeformableExact, DeformableShape, Exact,
 };
 
 /// The reference fixtures folder: `$GLIP_FIXTURES`, else `fixtures/` at the workspace root

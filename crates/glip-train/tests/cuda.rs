@@ -971,9 +971,7 @@ fn fused_attention_matches_the_exact_core_within_its_bound() -> Result<()> {
 #[test]
 fn deformable_sampling_and_its_gradients_match_exact_values() -> Result<()> {
     use glip_kernels::deformable::{sample, Level};
-    use glip_testing::{
-        assert_within_bound, deformable_reference, deformable_samples, lcg_values, DeformableShape,
-    };
+    use glip_testing::{check_deformable_op, DeformableCase, DeformableShape};
     let dev = gpu();
     let small = [(3, 4, 0), (2, 3, 12)];
     let four = [(16, 20, 0), (8, 10, 320), (4, 5, 400), (2, 3, 420)];
@@ -982,33 +980,13 @@ fn deformable_sampling_and_its_gradients_match_exact_values() -> Result<()> {
         DeformableShape { bh: 16, q: 300, points: 4, dh: 32, levels: &four },
     ];
     for (n, shape) in cases.into_iter().enumerate() {
-        let DeformableShape { bh, q, points, dh, levels } = shape;
-        let (nl, tokens) = (levels.len(), levels.iter().map(|(h, w, _)| h * w).sum::<usize>());
-        let seed = 500 + 3 * n as u32;
-        let value = lcg_values(bh * tokens * dh, seed);
-        let grad = lcg_values(bh * q * dh, seed + 1);
-        let mut smp = deformable_samples(shape, &lcg_values(bh * q * nl * points * 2, seed + 2));
-        smp[3 * (nl * points + 2)] = f32::NAN;
-        let v = Var::from_vec(value.clone(), (bh, tokens, dh), &dev)?;
-        let s = Var::from_vec(smp.clone(), (bh, q, nl, points, 3), &dev)?;
         let kernel_levels: Vec<Level> =
-            levels.iter().map(|&(h, w, start)| Level { h, w, start }).collect();
-        let out = sample(v.as_tensor(), s.as_tensor(), &kernel_levels)?;
-        assert!(out.device().is_cuda(), "case {n}: computed on the GPU");
-        let g = Tensor::from_vec(grad.clone(), (bh, q, dh), &dev)?;
-        let grads = (&out * &g)?.sum_all()?.backward()?;
-        let exact = deformable_reference(&value, &smp, &grad, shape);
-        let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
-        let gv = grads.get(&v).expect("values' gradient");
-        let gs = grads.get(&s).expect("samples' gradient");
-        for (name, got, want) in [
-            ("output", flat(&out)?, &exact.out),
-            ("values' gradient", flat(gv)?, &exact.grad_value),
-            ("samples' gradient", flat(gs)?, &exact.grad_samples),
-        ] {
-            let margin = assert_within_bound(&format!("case {n}, {name}"), &got, want);
-            eprintln!("deformable case {n}, {name}: largest error / bound {margin:.4}");
-        }
+            shape.levels.iter().map(|&(h, w, start)| Level { h, w, start }).collect();
+        let case = DeformableCase::new(shape, 500 + 3 * n as u32);
+        let margins = check_deformable_op(&case, &dev, |v, s| sample(v, s, &kernel_levels))?;
+        eprintln!(
+            "deformable case {n}: largest error / bound (output, values', samples') {margins:.4?}"
+        );
     }
     Ok(())
 }
