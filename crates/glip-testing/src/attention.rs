@@ -17,7 +17,9 @@ pub struct AttentionShape {
     pub dh: usize,
 }
 
-fn gamma(n: usize) -> f64 {
+/// `gamma(n) = n u / (1 - n u)`, `u` f32's unit round-off: the relative bound on an f32 sum of
+/// `n` terms (or a product of `n` factors) against the sum of the terms' magnitudes.
+pub(crate) fn gamma(n: usize) -> f64 {
     let nu = n as f64 * crate::F32_UNIT_ROUNDOFF;
     nu / (1.0 - nu)
 }

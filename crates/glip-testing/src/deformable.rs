@@ -3,6 +3,7 @@
 //! error bound of any f32 evaluation: shared by the CPU op's test, the CUDA kernels' test under
 //! the CPU emulation and their test on the GPU.
 
+use crate::attention::gamma;
 use candle_core::{Device, Result, Tensor, Var};
 
 /// The shapes of a call: `value (bh, s, dh)` over `levels`, `samples (bh, q, levels, points,
@@ -35,11 +36,6 @@ pub struct DeformableExact {
     pub out: Exact,
     pub grad_value: Exact,
     pub grad_samples: Exact,
-}
-
-fn gamma(n: usize) -> f64 {
-    let nu = n as f64 * crate::F32_UNIT_ROUNDOFF;
-    nu / (1.0 - nu)
 }
 
 /// The sampling in f64 from the f32 operands: each sample reads the (up to) four tokens around
