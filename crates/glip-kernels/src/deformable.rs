@@ -14,7 +14,7 @@
 //! CUDA (a `cuda` build) the same sums are three kernels of glip's own (one thread per output
 //! element; the values' gradient added with atomics, as Deformable DETR's kernel does; one
 //! thread per sample for its gradients). [`takes`] says where the op applies; the caller keeps
-//! candle's composition for the rest (bf16, determinism asked for on CUDA).
+//! candle's composition for the rest (values in bf16, determinism asked for on CUDA).
 
 use crate::conv::contiguous_f32;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
