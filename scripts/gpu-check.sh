@@ -14,7 +14,7 @@
 #       candle's compositions;
 #   (p) kernel profiles: glip bench and bench_torch.py under glip's CUPTI tracer
 #       (scripts/gpu-trace.cpp), device time per kernel over the timed iterations;
-#   (c) the default experiment on the GPU for a short budget, printing validation AP50 against
+#   (c) the default experiment (or EXPERIMENT_CONFIG) on the GPU for a short budget, printing validation AP50 against
 #       training minutes.
 # Every step has its own time limit and a failed step does not stop the others; the parts run
 # in the order above and a part that would not finish by DEADLINE_S is skipped (said so), so
@@ -34,7 +34,9 @@
 # Environment: GLIP (the binary, default target/release/glip) or GLIP_XZ (it, xz-compressed),
 # GLIP_TESTS / GLIP_TESTS_XZ (the GPU test binary, for part a), PARTS (which of 0, f, a, b, p, c
 # to run; default 0fabc), PROFILE_ROWS, PROFILE_ITERS and PROFILE_TORCH (0: glip alone; part p), DEVICE (cuda), ITERS (bench iterations, 10), BUDGET_MIN (experiment
-# training minutes, 3), EXPERIMENT_SET (one more --set for it, run.tf32=true), DEADLINE_S (the
+# training minutes, 3), EXPERIMENT_CONFIG (part c's config, configs/shapes.toml; e.g.
+# configs/shapes-gdino.toml, Grounding DINO's arrangement: deformable sampling's kernels in
+# training), EXPERIMENT_SET (one more --set for it, run.tf32=true), DEADLINE_S (the
 # seconds this script may take, 540), OUT (logs and results: at most 8 files, default a
 # temporary folder), WORK (unpacked binaries, fixtures and the experiment's run folder, default
 # a temporary folder), QUICK (1: small bench shapes, for the CPU smoke test), GLIP_FIXTURES
@@ -344,12 +346,13 @@ if [[ "$PARTS" == *p* && "$DEVICE" != cpu ]]; then
   fi
 fi
 
-# (c) The default experiment on the device for a short budget.
+# (c) The default experiment (or EXPERIMENT_CONFIG) on the device for a short budget.
+EXPERIMENT_CONFIG="${EXPERIMENT_CONFIG:-configs/shapes.toml}"
 if [[ "$PARTS" == *c* ]] && fits "$(python3 -c "print(int($BUDGET_MIN * 60 + 60))")" "(c) experiment"; then
-  echo "== (c) experiment: configs/shapes.toml, $BUDGET_MIN min of training, --set $EXPERIMENT_SET"
+  echo "== (c) experiment: $EXPERIMENT_CONFIG, $BUDGET_MIN min of training, --set $EXPERIMENT_SET"
   start=$(date +%s)
   limit=$(python3 -c "print(int($BUDGET_MIN * 60 * 1.5 + 90))")
-  step "$limit" "experiment" "$GLIP" experiment configs/shapes.toml --device "$DEVICE" \
+  step "$limit" "experiment" "$GLIP" experiment "$EXPERIMENT_CONFIG" --device "$DEVICE" \
     --out "$WORK/shapes" --set "run.time_budget_min=$BUDGET_MIN" --set "$EXPERIMENT_SET" \
     >"$OUT/experiment.log" 2>&1 || tail -20 "$OUT/experiment.log"
   echo "(c) took $(($(date +%s) - start)) s"
