@@ -923,8 +923,8 @@ extern "C" __global__ void glip_deformable_sample(const float *value, const floa
     GLIP_DEFORM_EACH(e, n) {
         const float *v = value + e / dh / q * s * dh;
         float acc = 0.0f;
-        const bool finite = glip_deform_row(lv, samples, dh, points, e,
-                                            [&](unsigned long long at, float w) { acc += w * v[at]; });
+        const bool finite = glip_deform_row(
+            lv, samples, dh, points, e, [&](unsigned long long at, float w) { acc += w * v[at]; });
         out[e] = finite ? acc : __int_as_float(0x7fc00000);
     }
 }
