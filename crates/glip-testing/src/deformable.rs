@@ -147,8 +147,8 @@ pub fn assert_within_bound(name: &str, got: &[f32], exact: &Exact) -> f64 {
 
 /// Test inputs for [`deformable_reference`]: samples from 1.5 outside to 1.5 past each level
 /// (inside, on the border and outside), one in four on whole numbers (on a token, on the last
-/// row or column), attention weights in (0, 1); `values` the normal draws to spread them with
-/// (two per sample, e.g. `lcg_values`).
+/// row or column), attention weights in (0, 1); `draws` place them, two per sample (any real
+/// numbers, e.g. `lcg_values`).
 pub fn deformable_samples(shape: DeformableShape<'_>, draws: &[f32]) -> Vec<f32> {
     let per_query = shape.levels.len() * shape.points;
     let n = shape.bh * shape.q * per_query;
