@@ -348,6 +348,25 @@ mod tests {
         Ok(())
     }
 
+    /// Where the op applies: f32 on the CPU, whatever the number of levels (the limit is the
+    /// CUDA kernels'); values in another dtype go to the caller's composition, and the op itself
+    /// refuses them with an error naming it.
+    #[test]
+    fn the_op_takes_f32_values_and_refuses_others() -> Result<()> {
+        let dev = Device::Cpu;
+        let value = Tensor::from_vec(lcg_values(4 * 3, 5), (1, 4, 3), &dev)?;
+        assert!(takes(&value, 1) && takes(&value, CUDA_MAX_LEVELS + 1));
+        let samples = Tensor::zeros((1, 2, 1, 1, 3), candle_core::DType::F32, &dev)?;
+        let levels = [Level { h: 2, w: 2, start: 0 }];
+        for dtype in [candle_core::DType::BF16, candle_core::DType::F64] {
+            let v = value.to_dtype(dtype)?;
+            assert!(!takes(&v, 1), "{dtype:?}");
+            let err = sample(&v, &samples, &levels).unwrap_err().to_string();
+            assert!(err.contains("deformable sampling") && err.contains("f32"), "{err}");
+        }
+        Ok(())
+    }
+
     /// A non-finite location or weight makes its query's output NaN (as candle's composition
     /// does: `inf - inf`, `0 * NaN`), the other queries' stay finite; levels that do not tile
     /// the values are an error, not a panic.
