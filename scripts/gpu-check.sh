@@ -15,7 +15,11 @@
 #   (p) kernel profiles: glip bench and bench_torch.py under glip's CUPTI tracer
 #       (scripts/gpu-trace.cpp), device time per kernel over the timed iterations;
 #   (c) the default experiment (or EXPERIMENT_CONFIG) on the GPU for a short budget, printing validation AP50 against
-#       training minutes.
+#       training minutes;
+#   (g) not in the default PARTS: Grounding DINO's arrangement (configs/shapes-gdino.toml),
+#       GDINO_STEPS training steps with glip's deformable sampling kernels, then with candle's
+#       composition (GLIP_CUDA_DEFORMABLE=composed): the median images/s of each and their
+#       losses.
 # Every step has its own time limit and a failed step does not stop the others; the parts run
 # in the order above and a part that would not finish by DEADLINE_S is skipped (said so), so
 # one call brings back all it can. The summary at the end lists what failed.
@@ -37,7 +41,7 @@
 # training minutes, 3), EXPERIMENT_CONFIG (part c's config, configs/shapes.toml; e.g.
 # configs/shapes-gdino.toml, Grounding DINO's arrangement: deformable sampling's kernels in
 # training), EXPERIMENT_SET (one more --set for it, run.tf32=true), DEADLINE_S (the
-# seconds this script may take, 540), OUT (logs and results: at most 8 files, default a
+# seconds this script may take, 540), GDINO_STEPS (part g's steps per run, 60), OUT (logs and results: at most 8 files, default a
 # temporary folder), WORK (unpacked binaries, fixtures and the experiment's run folder, default
 # a temporary folder), QUICK (1: small bench shapes, for the CPU smoke test), GLIP_FIXTURES
 # (the fixtures, default fixtures/ if it holds seed-tiny, else WORK/fixtures written by part f),
@@ -380,6 +384,31 @@ PY
       echo "  eval ${g:-(eager)} took $(python3 -c "print(round($(date +%s.%N) - $start, 1))") s"
     done
   fi
+fi
+
+# (g) Grounding DINO's arrangement: deformable sampling's kernels against candle's composition
+# in training, the same steps from the same start.
+if [[ "$PARTS" == *g* ]] && fits 150 "(g) deformable kernels against the composition"; then
+  GDINO_STEPS="${GDINO_STEPS:-60}"
+  echo "== (g) configs/shapes-gdino.toml, $GDINO_STEPS training steps: glip's deformable kernels, then candle's composition"
+  for variant in kernels composed; do
+    fits 60 "(g) $variant" || continue
+    dir="$WORK/gdino-$variant"
+    rm -rf "$dir"
+    env_set=(GLIP_CUDA_DEFORMABLE=kernels)
+    [[ "$variant" == composed ]] && env_set=(GLIP_CUDA_DEFORMABLE=composed)
+    start=$(date +%s)
+    step 120 "gdino $variant" env "${env_set[@]}" "$GLIP" train --config configs/shapes-gdino.toml \
+      --device "$DEVICE" --out "$dir" --set "run.steps=$GDINO_STEPS" --set run.eval_every=100000 \
+      >"$WORK/gdino-$variant.log" 2>&1 || tail -5 "$WORK/gdino-$variant.log"
+    [[ -e "$dir/log.jsonl" ]] && python3 - "$dir/log.jsonl" "$variant" "$(($(date +%s) - start))" <<'PY'
+import json, statistics, sys
+lines = [json.loads(l) for l in open(sys.argv[1])]
+rates = [l["images_per_s"] for l in lines[1:]] or [l["images_per_s"] for l in lines]
+print(f"  {sys.argv[2]:9s} median {statistics.median(rates):7.1f} images/s over {len(rates)} windows,"
+      f" loss at step {lines[-1]['step']} {lines[-1]['losses']['loss']:.4f}, {sys.argv[3]} s in all")
+PY
+  done
 fi
 
 # The driver's JIT cache, for the next call to carry (in gpu/): about 11 MB.

@@ -264,7 +264,8 @@ pub const CUDA_MAX_LEVELS: usize = crate::cuda_source::DEFORMABLE_MAX_LEVELS;
 
 /// Whether [`sample`] should compute deformable sampling of `value` (f32) over `levels`
 /// levels: always on the CPU; on CUDA in a `cuda` build with glip's own kernels on (not
-/// `GLIP_CUDA_COMPOSED=1`), at most [`CUDA_MAX_LEVELS`] levels, and convolution-style
+/// `GLIP_CUDA_COMPOSED=1`, nor `GLIP_CUDA_DEFORMABLE=composed`, which keeps the composition
+/// for this op alone, to compare), at most [`CUDA_MAX_LEVELS`] levels, and convolution-style
 /// determinism not asked for ([`crate::cuda::deterministic`]: the values' gradient adds with
 /// atomics there, in an order that varies from run to run). Otherwise the caller composes the
 /// sampling from candle's ops, whose sums have a fixed order.
@@ -274,8 +275,15 @@ pub fn takes(value: &Tensor, levels: usize) -> bool {
     }
     value.device().is_cpu()
         || (crate::cuda::own_kernels(value)
+            && cuda_enabled()
             && levels <= CUDA_MAX_LEVELS
             && !crate::cuda::deterministic())
+}
+
+/// Whether the CUDA kernels may run: unless `GLIP_CUDA_DEFORMABLE` is `composed` (read once).
+fn cuda_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("GLIP_CUDA_DEFORMABLE").map_or(true, |v| v != "composed"))
 }
 
 #[cfg(test)]
