@@ -81,6 +81,24 @@ fn dims(levels: &[Level], value: &Layout, samples: &Layout) -> Result<Dims> {
     Ok(Dims { bh, s, dh, q, points })
 }
 
+/// [`dims`] of the backward's operands, the output's gradient `(bh, q, dh)` checked too.
+fn backward_dims(
+    levels: &[Level],
+    value: &Layout,
+    samples: &Layout,
+    grad: &Layout,
+) -> Result<Dims> {
+    let d = dims(levels, value, samples)?;
+    if grad.dims() != [d.bh, d.q, d.dh] {
+        candle_core::bail!(
+            "deformable sampling backward: gradient {:?} for values {:?}",
+            grad.dims(),
+            value.dims()
+        );
+    }
+    Ok(d)
+}
+
 /// `(value (bh, s, dh), samples (bh, q, levels, points, 3))` -> `(bh, q, dh)`. A sample is its
 /// column, its row (in its level's units: column `j` is centred on `j`) and its attention weight.
 struct Sample {
@@ -173,14 +191,7 @@ impl CustomOp3 for SampleBackward {
         let value = contiguous_f32(s1, l1, "deformable sampling backward")?;
         let samples = contiguous_f32(s2, l2, "deformable sampling backward")?;
         let grad = contiguous_f32(s3, l3, "deformable sampling backward")?;
-        let Dims { bh, s, dh, q, points } = dims(&self.levels, l1, l2)?;
-        if l3.dims() != [bh, q, dh] {
-            candle_core::bail!(
-                "deformable sampling backward: gradient {:?} for values {:?}",
-                l3.dims(),
-                l1.dims()
-            );
-        }
+        let Dims { bh, s, dh, q, points } = backward_dims(&self.levels, l1, l2, l3)?;
         let per_query = self.levels.len() * points * 3;
         let (nv, ns) = (bh * s * dh, bh * q * per_query);
         let mut out = vec![0f32; nv + ns];
@@ -228,14 +239,7 @@ impl CustomOp3 for SampleBackward {
     }
 
     cuda_fwd!(|me, value, samples, grad| {
-        let d = dims(&me.levels, value.1, samples.1)?;
-        if grad.1.dims() != [d.bh, d.q, d.dh] {
-            candle_core::bail!(
-                "deformable sampling backward: gradient {:?} for values {:?}",
-                grad.1.dims(),
-                value.1.dims()
-            );
-        }
+        let d = backward_dims(&me.levels, value.1, samples.1, grad.1)?;
         crate::cuda_layers::deformable_sample_backward(value, samples, grad, &me.levels, &d)
     });
 }
