@@ -852,35 +852,44 @@ struct GlipLevels {
     unsigned hws[3 * GLIP_DEFORM_MAX_LEVELS];
 };
 
-struct GlipCorner {
-    unsigned long long token;
-    float wy, wx, sy, sx;
-};
+/// Level `l`'s height, width and first token, each entry read at a constant index (the loop
+/// unrolled): a variable index into the by-value parameter would copy it to local memory.
+__device__ void glip_deform_level(const GlipLevels &lv, unsigned l, unsigned &h, unsigned &w,
+                                  unsigned &start) {
+    h = w = start = 0;
+#pragma unroll
+    for (unsigned i = 0; i < GLIP_DEFORM_MAX_LEVELS; ++i) {
+        if (i == l) {
+            h = lv.hws[3 * i];
+            w = lv.hws[3 * i + 1];
+            start = lv.hws[3 * i + 2];
+        }
+    }
+}
 
-/// The (up to four) tokens around column `x`, row `y` of level `l` that lie inside it, with
-/// their bilinear weights' factors and the signs of their derivatives; how many.
-__device__ unsigned glip_deform_corners(const GlipLevels &lv, unsigned l, float x, float y,
-                                        GlipCorner *c) {
-    const unsigned h = lv.hws[3 * l], w = lv.hws[3 * l + 1], start = lv.hws[3 * l + 2];
+/// `f(token, wy, wx, sy, sx)` for each of the (up to four) tokens around column `x`, row `y` of
+/// level `l` that lie inside it, in order: the token, its bilinear weight's factors and the
+/// signs of their derivatives. (Handed over one by one, not through an array of corners: an
+/// array indexed by a running count lives in local memory.)
+template <class F>
+__device__ void glip_deform_corners(const GlipLevels &lv, unsigned l, float x, float y, F f) {
+    unsigned h, w, start;
+    glip_deform_level(lv, l, h, w, start);
     const float x0 = floorf(x), y0 = floorf(y);
     const float fx = x - x0, fy = y - y0;
     const float last_col = (float)(w - 1), last_row = (float)(h - 1);
-    unsigned n = 0;
+#pragma unroll
     for (unsigned dy = 0; dy < 2; ++dy) {
         const float row = y0 + (float)dy;
         if (!(row >= 0.0f && row <= last_row)) continue;
+#pragma unroll
         for (unsigned dx = 0; dx < 2; ++dx) {
             const float col = x0 + (float)dx;
             if (!(col >= 0.0f && col <= last_col)) continue;
-            c[n].token = start + (unsigned long long)row * w + (unsigned long long)col;
-            c[n].wy = dy ? fy : 1.0f - fy;
-            c[n].wx = dx ? fx : 1.0f - fx;
-            c[n].sy = dy ? 1.0f : -1.0f;
-            c[n].sx = dx ? 1.0f : -1.0f;
-            ++n;
+            f(start + (unsigned long long)row * w + (unsigned long long)col, dy ? fy : 1.0f - fy,
+              dx ? fx : 1.0f - fx, dy ? 1.0f : -1.0f, dx ? 1.0f : -1.0f);
         }
     }
-    return n;
 }
 
 __device__ bool glip_deform_finite(const float *smp) {
@@ -904,9 +913,10 @@ __device__ bool glip_deform_row(const GlipLevels &lv, const float *samples, unsi
             finite = false;
             continue;
         }
-        GlipCorner cs[4];
-        const unsigned m = glip_deform_corners(lv, k / points, smp[0], smp[1], cs);
-        for (unsigned j = 0; j < m; ++j) f(cs[j].token * dh + c, cs[j].wy * cs[j].wx * smp[2]);
+        glip_deform_corners(lv, k / points, smp[0], smp[1],
+                            [&](unsigned long long token, float wy, float wx, float, float) {
+                                f(token * dh + c, wy * wx * smp[2]);
+                            });
     }
     return finite;
 }
@@ -960,16 +970,16 @@ extern "C" __global__ void glip_deformable_sample_grad(const float *value, const
         const float *g = grad + row * dh;
         const float a = smp[2];
         float gx = 0.0f, gy = 0.0f, ga = 0.0f;
-        GlipCorner cs[4];
-        const unsigned m = glip_deform_corners(lv, k / points, smp[0], smp[1], cs);
-        for (unsigned j = 0; j < m; ++j) {
-            const float *vr = v + cs[j].token * dh;
-            float dot = 0.0f;
-            for (unsigned c = 0; c < dh; ++c) dot += vr[c] * g[c];
-            ga += cs[j].wy * cs[j].wx * dot;
-            gx += cs[j].sx * cs[j].wy * dot;
-            gy += cs[j].sy * cs[j].wx * dot;
-        }
+        glip_deform_corners(
+            lv, k / points, smp[0], smp[1],
+            [&](unsigned long long token, float wy, float wx, float sy, float sx) {
+                const float *vr = v + token * dh;
+                float dot = 0.0f;
+                for (unsigned c = 0; c < dh; ++c) dot += vr[c] * g[c];
+                ga += wy * wx * dot;
+                gx += sx * wy * dot;
+                gy += sy * wx * dot;
+            });
         gs[0] = a * gx;
         gs[1] = a * gy;
         gs[2] = ga;
