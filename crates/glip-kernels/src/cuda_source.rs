@@ -2,8 +2,11 @@
 //! build (`cuda_launch`), and compiled in every build so that the CPU can test it: the tests
 //! here run these very sources on the CPU under an emulation of CUDA's execution model (a
 //! block's threads as OS threads meeting at `__syncthreads()` barriers, blocks one after
-//! another; `emulation`), against exact values. What that cannot show (the launches through
-//! cudarc, GPU memory, NVRTC's code) glip-train's `tests/cuda.rs` checks on a GPU.
+//! another; `emulation`), against exact values. That CUDA's compilers take them, `nvrtc` checks
+//! without a GPU: NVRTC compiles each module as the `cuda` build does, `ptxas` assembles it for
+//! the lent GPUs' `sm_90`, and no kernel spills or keeps a stack frame. What neither can show
+//! (the launches through cudarc, GPU memory, the compiled code's results) glip-train's
+//! `tests/cuda.rs` checks on a GPU.
 //!
 //! The kernels keep to what both compilers take: no warp intrinsics, reductions through shared
 //! memory over a power-of-two block, `__int_as_float` for infinities; one kernel adds with
@@ -2237,3 +2240,7 @@ mod emulation_deformable {
         }
     }
 }
+
+/// NVRTC and ptxas on every module, without a GPU (skipped where no CUDA toolkit is installed).
+#[cfg(all(test, target_os = "linux"))]
+mod nvrtc;
