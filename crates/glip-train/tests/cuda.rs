@@ -12,7 +12,9 @@
 //!   modules and compute on `$GLIP_TEST_DEVICE` ([`glip_testing::device`]), at the fixture
 //!   README's tolerances in f32 (TF32 off, the default) and the stated bound in bf16. The
 //!   trainer's tests come too: resumed training continues with the same losses on the GPU, and a
-//!   GPU checkpoint resumes on the CPU.
+//!   GPU checkpoint resumes on the CPU. They turn determinism on for the whole process (which
+//!   keeps candle's composition for deformable sampling), so `gpu-check.sh` runs them in a
+//!   process of their own, after the others (`--skip trainer::`, then `trainer::`).
 //! * **Each op with a CUDA path against exact values or the CPU path.** Convolutions (3x3,
 //!   strided, 1x1, the 7x7 stem, depthwise) forward and both gradients, in f32 and under bf16
 //!   autocast; `Linear` with its gradients in both; training batch norm, softmax and layer norm
