@@ -1112,6 +1112,10 @@ mod emulation {
     //! where there is no C++ compiler. Compared with exact values (the same computation in f64
     //! through candle on the CPU) at the fixture README's tolerances, as the GPU's test in
     //! glip-train's `tests/cuda.rs` compares the real launches.
+    //!
+    //! Compiled with multiplies and adds contracted into FMAs (`-O2 -ffp-contract=fast`, with
+    //! `-mfma` on an x86-64 that has FMA), as NVRTC contracts them by default: the rounding the
+    //! GPU does, not the one a CPU build without FMA would, is what the bounds must hold for.
 
     use super::*;
     use candle_core::{DType, Device, Result, Tensor, Var};
@@ -1168,6 +1172,16 @@ static void glip_print(const char *name, const float *p, size_t n) {
         }
     }
 
+    /// `-mfma` where the host is an x86-64 with FMA (elsewhere FMA is either in the baseline, as
+    /// on AArch64, or not there to use).
+    fn fma_flag() -> Option<&'static str> {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("fma") {
+            return Some("-mfma");
+        }
+        None
+    }
+
     /// Compiles `source`, the arrays (as `static float name[]`, each also `name_n` long) and
     /// `main`'s `body`, runs it and returns what it printed with `glip_print`, by name; `None`
     /// (after saying why) without a C++ compiler.
@@ -1209,7 +1223,9 @@ static void glip_print(const char *name, const float *p, size_t n) {
         let (src, bin) = (dir.join("k.cpp"), dir.join("k"));
         std::fs::write(&src, text).unwrap();
         let out = Command::new(&cxx)
-            .args(["-std=c++20", "-O1", "-pthread", "-w", "-o"])
+            .args(["-std=c++20", "-O2", "-ffp-contract=fast", "-pthread", "-w"])
+            .args(fma_flag())
+            .arg("-o")
             .arg(&bin)
             .arg(&src)
             .output()
