@@ -4,7 +4,7 @@
 //! block's threads as OS threads meeting at `__syncthreads()` barriers, blocks one after
 //! another; `emulation`), against exact values. That CUDA's compilers take them, `nvrtc` checks
 //! without a GPU: NVRTC compiles each module as the `cuda` build does, `ptxas` assembles it for
-//! the lent GPUs' `sm_90`, and no kernel spills or keeps a stack frame. What neither can show
+//! `sm_75`, `sm_80` and the lent GPUs' `sm_90`, and no kernel spills or keeps a stack frame. What neither can show
 //! (the launches through cudarc, GPU memory, the compiled code's results) glip-train's
 //! `tests/cuda.rs` checks on a GPU.
 //!

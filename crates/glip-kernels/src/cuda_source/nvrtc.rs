@@ -1,7 +1,7 @@
 //! The CUDA C of every module compiled by NVRTC, the way the `cuda` build compiles it at run time
 //! (`cuda_launch`: cudarc's `compile_ptx`, no options), and the PTX assembled by `ptxas` for the
-//! lent GPUs' architecture (what the driver's JIT does when it loads a module): in every build,
-//! without a GPU and without building candle's CUDA backend. The emulation (the other tests of
+//! lent GPUs' architecture and two older ones (what the driver's JIT does when it loads a
+//! module): in every build, without a GPU and without building candle's CUDA backend. The emulation (the other tests of
 //! `cuda_source`) checks what the kernels compute; this checks that CUDA's own compiler takes
 //! them, which g++ cannot show (CUDA's keywords and intrinsics are macros there).
 //!
@@ -322,8 +322,22 @@ fn assemble(ptxas: &Path, name: &str, ptx: &str, cap: &str) -> Result<String, St
     }
 }
 
-/// Every module compiles with NVRTC, holds exactly its kernels, and its PTX assembles for the
-/// lent GPUs (`sm_90`, or `$CUDA_COMPUTE_CAP` as `cargo xtask cuda-env` exports it).
+/// The architectures the PTX is assembled for: the oldest CUDA 13 builds for (Turing, 7.5; the
+/// PTX NVRTC 13 writes targets it), the A100's 8.0 and the lent GPUs' 9.0, and
+/// `$CUDA_COMPUTE_CAP` (as `cargo xtask cuda-env` exports it) where that is another.
+fn architectures() -> Vec<String> {
+    let mut caps: Vec<String> = ["75", "80", "90"].map(String::from).to_vec();
+    if let Ok(cap) = std::env::var("CUDA_COMPUTE_CAP") {
+        let cap = cap.replace('.', "");
+        if !caps.contains(&cap) {
+            caps.push(cap);
+        }
+    }
+    caps
+}
+
+/// Every module compiles with NVRTC, holds exactly its kernels, and its PTX assembles for each
+/// of [`architectures`] with no kernel using local memory.
 #[test]
 fn every_module_compiles_with_nvrtc_and_assembles_with_ptxas() {
     let required = std::env::var_os("GLIP_REQUIRE_NVRTC").is_some_and(|v| v == "1");
@@ -345,8 +359,8 @@ fn every_module_compiles_with_nvrtc_and_assembles_with_ptxas() {
         eprintln!("SKIP every_module_compiles_with_nvrtc_and_assembles_with_ptxas: {why}");
         return;
     }
-    let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into()).replace('.', "");
-    eprintln!("NVRTC {major}.{minor} ({}), ptxas {ptxas:?} for sm_{cap}", lib.display());
+    let caps = architectures();
+    eprintln!("NVRTC {major}.{minor} ({}), ptxas {ptxas:?} for sm_{caps:?}", lib.display());
     if ptxas.is_none() && required {
         panic!("GLIP_REQUIRE_NVRTC=1 but no ptxas beside {}", lib.display());
     }
@@ -355,16 +369,21 @@ fn every_module_compiles_with_nvrtc_and_assembles_with_ptxas() {
         let mut want = kernels.to_vec();
         want.sort_unstable();
         assert_eq!(entries(&ptx), want, "{name}: the PTX's kernels");
-        if let Some(ptxas) = &ptxas {
-            let report = assemble(ptxas, name, &ptx, &cap).unwrap_or_else(|e| panic!("{e}"));
-            eprintln!("{name}:\n{report}");
+        let Some(ptxas) = &ptxas else { continue };
+        for cap in &caps {
+            let report = assemble(ptxas, name, &ptx, cap).unwrap_or_else(|e| panic!("{e}"));
+            eprintln!("{name}, sm_{cap}:\n{report}");
             let local = local_memory(&report);
-            assert_eq!(local.len(), kernels.len(), "{name}: ptxas's report of each kernel");
+            assert_eq!(
+                local.len(),
+                kernels.len(),
+                "{name}, sm_{cap}: ptxas's report of each kernel"
+            );
             let using: Vec<_> = local.iter().filter(|(_, bytes)| *bytes != [0; 3]).collect();
             assert!(
                 using.is_empty(),
-                "{name}: kernels using local memory (stack frame, spill stores, spill loads, \
-                 in bytes): {using:?}"
+                "{name}, sm_{cap}: kernels using local memory (stack frame, spill stores, spill \
+                 loads, in bytes): {using:?}"
             );
         }
     }
