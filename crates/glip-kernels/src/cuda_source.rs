@@ -1182,6 +1182,21 @@ static void glip_print(const char *name, const float *p, size_t n) {
         None
     }
 
+    /// The compiler's sanitizer flags `GLIP_EMULATION_SANITIZE` asks for (CI runs these tests
+    /// once with each): `address`, AddressSanitizer and UBSan (a kernel reading or writing
+    /// outside its arrays, undefined behaviour such as a shift past the width); `thread`,
+    /// ThreadSanitizer (a data race among a block's threads: shared memory read before the
+    /// `__syncthreads()` that orders it after another thread's write, or overwritten before the
+    /// one that orders it after every read). A report fails the run, so the test.
+    fn sanitizer_flags() -> &'static [&'static str] {
+        match std::env::var("GLIP_EMULATION_SANITIZE").as_deref() {
+            Err(_) | Ok("") => &[],
+            Ok("address") => &["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-g"],
+            Ok("thread") => &["-fsanitize=thread", "-g"],
+            Ok(other) => panic!("GLIP_EMULATION_SANITIZE={other:?}: give address or thread"),
+        }
+    }
+
     /// Compiles `source`, the arrays (as `static float name[]`, each also `name_n` long) and
     /// `main`'s `body`, runs it and returns what it printed with `glip_print`, by name; `None`
     /// (after saying why) without a C++ compiler.
@@ -1225,6 +1240,7 @@ static void glip_print(const char *name, const float *p, size_t n) {
         let out = Command::new(&cxx)
             .args(["-std=c++20", "-O2", "-ffp-contract=fast", "-pthread", "-w"])
             .args(fma_flag())
+            .args(sanitizer_flags())
             .arg("-o")
             .arg(&bin)
             .arg(&src)
