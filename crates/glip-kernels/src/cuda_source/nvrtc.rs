@@ -190,32 +190,35 @@ impl Nvrtc {
         // SAFETY: a live program; no options.
         let compiled = unsafe { (self.compile)(program, 0, std::ptr::null()) };
         if compiled != 0 {
-            let mut size = 0;
-            // SAFETY: a live program and an out-pointer; then a buffer of the size it gave.
-            let log = unsafe {
-                self.check((self.log_size)(program, &mut size), "nvrtcGetProgramLogSize")?;
-                let mut log = vec![0u8; size.max(1)];
-                self.check((self.log)(program, log.as_mut_ptr().cast()), "nvrtcGetProgramLog")?;
-                log
-            };
-            let log = CStr::from_bytes_until_nul(&log).map(|l| l.to_string_lossy().into_owned());
+            let log = self.text(program, self.log_size, self.log, "nvrtcGetProgramLog")?;
             return Err(format!(
-                "NVRTC could not compile {name}: {}\n{}",
+                "NVRTC could not compile {name}: {}\n{log}",
                 self.check(compiled, "nvrtcCompileProgram").unwrap_err(),
-                log.unwrap_or_default()
             ));
         }
+        self.text(program, self.ptx_size, self.ptx, "nvrtcGetPTX")
+    }
+
+    /// One of a program's texts (its log or its PTX) through NVRTC's pair of calls: its size
+    /// (with the terminating NUL), then the text into a buffer of that size.
+    fn text(
+        &self,
+        program: Program,
+        size_of: unsafe extern "C" fn(Program, *mut usize) -> Status,
+        get: unsafe extern "C" fn(Program, *mut c_char) -> Status,
+        what: &str,
+    ) -> Result<String, String> {
         let mut size = 0;
-        // SAFETY: as for the log.
-        let ptx = unsafe {
-            self.check((self.ptx_size)(program, &mut size), "nvrtcGetPTXSize")?;
-            let mut ptx = vec![0u8; size.max(1)];
-            self.check((self.ptx)(program, ptx.as_mut_ptr().cast()), "nvrtcGetPTX")?;
-            ptx
+        // SAFETY: a live program and an out-pointer; then a buffer of the size it gave.
+        let bytes = unsafe {
+            self.check(size_of(program, &mut size), what)?;
+            let mut bytes = vec![0u8; size.max(1)];
+            self.check(get(program, bytes.as_mut_ptr().cast()), what)?;
+            bytes
         };
-        CStr::from_bytes_until_nul(&ptx)
-            .map(|p| p.to_string_lossy().into_owned())
-            .map_err(|_| format!("{name}'s PTX has no terminating NUL"))
+        CStr::from_bytes_until_nul(&bytes)
+            .map(|t| t.to_string_lossy().into_owned())
+            .map_err(|_| format!("{what}: no terminating NUL"))
     }
 }
 
