@@ -363,7 +363,8 @@ fn every_module_compiles_with_nvrtc_and_assembles_with_ptxas() {
         return;
     }
     let caps = architectures();
-    eprintln!("NVRTC {major}.{minor} ({}), ptxas {ptxas:?} for sm_{caps:?}", lib.display());
+    let targets = caps.iter().map(|c| format!("sm_{c}")).collect::<Vec<_>>().join(", ");
+    eprintln!("NVRTC {major}.{minor} ({}), ptxas {ptxas:?} for {targets}", lib.display());
     if ptxas.is_none() && required {
         panic!("GLIP_REQUIRE_NVRTC=1 but no ptxas beside {}", lib.display());
     }
