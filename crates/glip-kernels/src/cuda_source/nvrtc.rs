@@ -417,6 +417,25 @@ fn local_memory(report: &str) -> Vec<(String, [u64; 3])> {
     found
 }
 
+/// Every kernel the sources define (`extern "C" __global__ void NAME(` in `cuda_source.rs`) is
+/// in [`MODULES`] once, so a kernel or a whole module added there is compiled by the test above
+/// (which needs no GPU but a toolkit; this needs neither).
+#[test]
+fn every_kernel_of_the_sources_is_listed_once() {
+    const DEFINES: &str = "extern \"C\" __global__ void ";
+    let text = include_str!("../cuda_source.rs");
+    let mut defined: Vec<&str> = text
+        .split(DEFINES)
+        .skip(1)
+        .map(|rest| rest.split('(').next().unwrap_or_default().trim())
+        .collect();
+    defined.sort_unstable();
+    let mut listed: Vec<&str> =
+        MODULES.iter().flat_map(|(_, _, kernels)| kernels.iter().copied()).collect();
+    listed.sort_unstable();
+    assert_eq!(listed, defined, "the kernels MODULES lists against those the sources define");
+}
+
 /// The entries are read from PTX's `.entry` lines and the local memory from ptxas's report (the
 /// lines the first test relies on), and compiling bad CUDA C fails with NVRTC's log naming the
 /// error (so a broken source cannot pass).
