@@ -14,8 +14,8 @@
 #       candle's compositions;
 #   (p) kernel profiles: glip bench and bench_torch.py under glip's CUPTI tracer
 #       (scripts/gpu-trace.cpp), device time per kernel over the timed iterations;
-#   (c) the default experiment (or EXPERIMENT_CONFIG) on the GPU for a short budget, printing validation AP50 against
-#       training minutes;
+#   (c) the default experiment (or EXPERIMENT_CONFIG) on the GPU for a short budget, printing
+#       validation AP50 against training minutes;
 #   (g) not in the default PARTS: Grounding DINO's arrangement (configs/shapes-gdino.toml),
 #       GDINO_STEPS training steps with glip's deformable sampling kernels, then with candle's
 #       composition (GLIP_CUDA_DEFORMABLE=composed): the median images/s of each and their
@@ -400,10 +400,9 @@ if [[ "$PARTS" == *g* ]] && fits 150 "(g) deformable kernels against the composi
     fits 60 "(g) $variant" || continue
     dir="$WORK/gdino-$variant"
     rm -rf "$dir"
-    env_set=(GLIP_CUDA_DEFORMABLE=kernels)
-    [[ "$variant" == composed ]] && env_set=(GLIP_CUDA_DEFORMABLE=composed)
     start=$(date +%s)
-    step 120 "gdino $variant" env "${env_set[@]}" "$GLIP" train --config configs/shapes-gdino.toml \
+    # GLIP_CUDA_DEFORMABLE=composed keeps candle's composition; any other value, the kernels.
+    step 120 "gdino $variant" env GLIP_CUDA_DEFORMABLE="$variant" "$GLIP" train --config configs/shapes-gdino.toml \
       --device "$DEVICE" --out "$dir" --set "run.steps=$GDINO_STEPS" --set run.eval_every=100000 \
       >"$WORK/gdino-$variant.log" 2>&1 || tail -5 "$WORK/gdino-$variant.log"
     [[ -e "$dir/log.jsonl" ]] && python3 - "$dir/log.jsonl" "$variant" "$(($(date +%s) - start))" <<'PY'

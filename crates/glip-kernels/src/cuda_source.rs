@@ -4,9 +4,9 @@
 //! block's threads as OS threads meeting at `__syncthreads()` barriers, blocks one after
 //! another; `emulation`), against exact values. That CUDA's compilers take them, `nvrtc` checks
 //! without a GPU: NVRTC compiles each module as the `cuda` build does, `ptxas` assembles it for
-//! `sm_75`, `sm_80` and the lent GPUs' `sm_90`, and no kernel spills or keeps a stack frame. What neither can show
-//! (the launches through cudarc, GPU memory, the compiled code's results) glip-train's
-//! `tests/cuda.rs` checks on a GPU.
+//! `sm_75`, `sm_80` and the lent GPUs' `sm_90`, and no kernel spills or keeps a stack frame.
+//! What neither can show (the launches through cudarc, GPU memory, the compiled code's results)
+//! glip-train's `tests/cuda.rs` checks on a GPU.
 //!
 //! The kernels keep to what both compilers take: no warp intrinsics, reductions through shared
 //! memory over a power-of-two block, `__int_as_float` for infinities; one kernel adds with

@@ -419,16 +419,16 @@ mod tests {
     use candle_core::Var;
     use glip_testing::{assert_close, lcg_values};
 
-    /// The CPU op (`glip_kernels::deformable::sample`) against candle's ops (`gathered`, the
-    /// path of bf16 values and of determinism on CUDA): outputs and the gradients of the values, the locations and the
-    /// attention weights, with samples inside, on and outside two levels (integer coordinates
-    /// among them). The two sum the same f32 products in other orders. Values and the output's
-    /// gradient are within 1 and each query's attention weights sum to 1 (a softmax), so a
-    /// query's output sums k = levels x points x 4 = 24 terms of total size <= 1: each path
-    /// within k x 2^-24, the two within 2 k 2^-24 = 2.9e-6. A value row's gradient sums at most
-    /// q k = 120 terms of total size <= q = 5 (each query's weights sum to 1): 2 x 120 x 5 x
-    /// 2^-24 = 7.2e-5. A location's or weight's gradient is a few (<= 4) products with dot
-    /// products of dh = 8 terms of size <= 1: 2 x (8 + 4) x 8 x 2^-24 = 1.1e-5.
+    /// The CPU op (`glip_kernels::deformable::sample`) against candle's ops (`gathered`, the path
+    /// of bf16 values and of determinism on CUDA): outputs and the gradients of the values, the
+    /// locations and the attention weights, with samples inside, on and outside two levels (integer
+    /// coordinates among them). The two sum the same f32 products in other orders. Values and the
+    /// output's gradient are within 1 and each query's attention weights sum to 1 (a softmax), so a
+    /// query's output sums k = levels x points x 4 = 24 terms of total size <= 1: each path within
+    /// k x 2^-24, the two within 2 k 2^-24 = 2.9e-6. A value row's gradient sums at most q k = 120
+    /// terms of total size <= q = 5 (each query's weights sum to 1): 2 x 120 x 5 x 2^-24 = 7.2e-5.
+    /// A location's or weight's gradient is a few (<= 4) products with dot products of dh = 8 terms
+    /// of size <= 1: 2 x (8 + 4) x 8 x 2^-24 = 1.1e-5.
     #[test]
     fn cpu_op_matches_candle_ops() -> Result<()> {
         let dev = Device::Cpu;

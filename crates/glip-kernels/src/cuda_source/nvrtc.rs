@@ -1,9 +1,10 @@
 //! The CUDA C of every module compiled by NVRTC, the way the `cuda` build compiles it at run time
 //! (`cuda_launch`: cudarc's `compile_ptx`, no options), and the PTX assembled by `ptxas` for the
 //! lent GPUs' architecture and two older ones (what the driver's JIT does when it loads a
-//! module): in every build, without a GPU and without building candle's CUDA backend. The emulation (the other tests of
-//! `cuda_source`) checks what the kernels compute; this checks that CUDA's own compiler takes
-//! them, which g++ cannot show (CUDA's keywords and intrinsics are macros there).
+//! module): in every build, without a GPU and without building candle's CUDA backend. The
+//! emulation (the other tests of `cuda_source`) checks what the kernels compute; this checks
+//! that CUDA's own compiler takes them, which g++ cannot show (CUDA's keywords and intrinsics
+//! are macros there).
 //!
 //! The toolkit: `$CUDA_HOME` (`lib64/` or `lib/`, `bin/ptxas`), else the pinned wheels that
 //! `cargo xtask cuda-env` installs into the cache folder (`$GLIP_CACHE_DIR`, else
