@@ -1,45 +1,35 @@
 //! Loading and launching this crate's NVRTC kernels ([`crate::cuda_source`]): each module's
 //! source compiled to PTX once per process (NVRTC's defaults: IEEE division and square root;
-//! it may contract a multiply and an add into one FMA), loaded once per device by candle, and
-//! the checks every launch makes on its operands.
+//! it may contract a multiply and an add into one FMA), loaded once per device by candle; every
+//! launch through [`launch`], its arguments typed by the kernel's declared parameters
+//! ([`crate::cuda_source::kernels`]); and the checks every launch makes on its operands.
 
 #![allow(
     unsafe_code,
-    reason = "outputs allocated uninitialised, for kernels that write them whole"
+    reason = "kernel launches, their arguments typed by the kernels' declarations; outputs \
+              allocated uninitialised, for kernels that write them whole"
 )]
 
+use crate::cuda_source::kernels::{Kernel, Module, Read, Write};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig,
+    CudaFunction, CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchArgs, LaunchConfig,
+    PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
 use candle_core::{Layout, Result, WithDType};
 use std::sync::OnceLock;
 
-/// A CUDA C module: its name (candle caches the loaded module under it), source and PTX.
-pub(crate) struct Module {
-    name: &'static str,
-    what: &'static str,
-    source: &'static str,
-    ptx: OnceLock<std::result::Result<String, String>>,
-}
+/// Each module's PTX (by [`Module::ALL`]'s order), compiled on first use.
+static PTX: [OnceLock<std::result::Result<String, String>>; Module::ALL.len()] =
+    [const { OnceLock::new() }; Module::ALL.len()];
 
-impl Module {
-    pub(crate) const fn new(name: &'static str, what: &'static str, source: &'static str) -> Self {
-        Module { name, what, source, ptx: OnceLock::new() }
-    }
-
-    /// The PTX, compiled on first use.
-    pub(crate) fn ptx(&self) -> Result<&str> {
-        self.ptx.get_or_init(|| cudarc_nvrtc(self.source)).as_deref().map_err(|e| {
-            candle_core::Error::Msg(format!("NVRTC could not compile {}: {e}", self.what))
-        })
-    }
-
-    /// Kernel `name` of this module on `dev` (launched on `dev.cuda_stream()`).
-    pub(crate) fn func(&self, dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
-        Ok(dev.get_or_load_custom_func(name, self.name, self.ptx()?)?.into_cuda_function())
-    }
+/// `module`'s PTX, compiled on first use.
+fn ptx(module: Module) -> Result<&'static str> {
+    let i = Module::ALL.iter().position(|m| *m == module).unwrap_or_default();
+    PTX[i].get_or_init(|| cudarc_nvrtc(module.source())).as_deref().map_err(|e| {
+        candle_core::Error::Msg(format!("NVRTC could not compile glip's {}: {e}", module.name()))
+    })
 }
 
 fn cudarc_nvrtc(source: &str) -> std::result::Result<String, String> {
@@ -48,38 +38,144 @@ fn cudarc_nvrtc(source: &str) -> std::result::Result<String, String> {
         .map_err(|e| format!("{e:?}"))
 }
 
-/// The optimiser's kernels ([`crate::cuda_optim`]).
-pub(crate) static OPTIM: Module =
-    Module::new("glip_optim", "glip's optimiser kernels", crate::cuda_source::OPTIM);
-/// Softmax, layer norm and batch norm ([`crate::cuda_layers`]).
-pub(crate) static NORM: Module =
-    Module::new("glip_norm", "glip's normalisation kernels", crate::cuda_source::NORM);
+/// Kernel `K` on `dev` (its module loaded once per device by candle, under the module's name).
+fn func<K: Kernel>(dev: &CudaDevice) -> Result<CudaFunction> {
+    let ptx = ptx(K::MODULE)?;
+    Ok(dev.get_or_load_custom_func(K::NAME, K::MODULE.name(), ptx)?.into_cuda_function())
+}
 
-/// The stem's max-pool ([`crate::cuda_layers`]'s pool launches).
-pub(crate) static POOL: Module =
-    Module::new("glip_pool", "glip's max-pool kernels", crate::cuda_source::POOL);
+/// Launches kernel `K` on `dev`'s stream with `cfg` and `args`, a tuple of its arguments in
+/// order: rustc checks each against the parameter `K` declares ([`Arg`]), and
+/// `cuda_source::kernels`' tests hold those declarations against the CUDA C and NVRTC's PTX.
+///
+/// # Safety
+/// Every buffer holds what `K` reads or writes at these scalar arguments and `cfg` (the types
+/// are checked; the lengths are the caller's to check, and each call says how it does).
+pub(crate) unsafe fn launch<K: Kernel, A: Args<K::Params>>(
+    dev: &CudaDevice,
+    cfg: LaunchConfig,
+    mut args: A,
+) -> Result<()> {
+    let f = func::<K>(dev)?;
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    args.push_all(&mut b);
+    // SAFETY: the arguments are of the kernel's parameter types, in its order (above), and the
+    // buffers as long as it indexes (the caller's promise).
+    unsafe { b.launch(cfg) }.map(|_| ()).map_err(candle_core::Error::wrap)
+}
 
-/// `Linear`'s bf16 casts, bias prefill and bias gradient ([`crate::cuda_linear`]).
-pub(crate) static LINEAR: Module =
-    Module::new("glip_linear", "glip's linear-layer kernels", crate::cuda_source::LINEAR);
+/// An argument that can stand for a kernel parameter of type `P` ([`Read`], [`Write`],
+/// [`Levels`](crate::cuda_source::kernels::Levels) or a scalar): pushed onto a launch as cudarc pushes it (a buffer's reads and
+/// writes ordered on the stream by cudarc's events).
+pub(crate) trait Arg<P> {
+    fn push<'a>(&'a mut self, b: &mut LaunchArgs<'a>);
+}
 
-/// Dropout and the activations' gradients ([`crate::cuda_layers`]' element-wise launches).
-pub(crate) static ELEMENTWISE: Module =
-    Module::new("glip_elementwise", "glip's element-wise kernels", crate::cuda_source::ELEMENTWISE);
+/// A tuple of [`Arg`]s for a kernel's parameters `P` (a tuple of the same length).
+pub(crate) trait Args<P> {
+    fn push_all<'a>(&'a mut self, b: &mut LaunchArgs<'a>);
+}
 
-/// Each row's best `k` ([`crate::cuda_layers::top_k`]).
-pub(crate) static TOP_K: Module =
-    Module::new("glip_top_k", "glip's top-k kernel", crate::cuda_source::TOP_K);
+macro_rules! args_tuples {
+    ($(($($p:ident $a:ident $x:ident),+))*) => {
+        $(impl<$($p, $a: Arg<$p>),+> Args<($($p,)+)> for ($($a,)+) {
+            fn push_all<'a>(&'a mut self, b: &mut LaunchArgs<'a>) {
+                let ($($x,)+) = self;
+                $($x.push(b);)+
+            }
+        })*
+    };
+}
+args_tuples! {
+    (P0 A0 x0)
+    (P0 A0 x0, P1 A1 x1)
+    (P0 A0 x0, P1 A1 x1, P2 A2 x2)
+    (P0 A0 x0, P1 A1 x1, P2 A2 x2, P3 A3 x3)
+    (P0 A0 x0, P1 A1 x1, P2 A2 x2, P3 A3 x3, P4 A4 x4)
+    (P0 A0 x0, P1 A1 x1, P2 A2 x2, P3 A3 x3, P4 A4 x4, P5 A5 x5)
+    (P0 A0 x0, P1 A1 x1, P2 A2 x2, P3 A3 x3, P4 A4 x4, P5 A5 x5, P6 A6 x6)
+    (P0 A0 x0, P1 A1 x1, P2 A2 x2, P3 A3 x3, P4 A4 x4, P5 A5 x5, P6 A6 x6, P7 A7 x7)
+    (P0 A0 x0, P1 A1 x1, P2 A2 x2, P3 A3 x3, P4 A4 x4, P5 A5 x5, P6 A6 x6, P7 A7 x7, P8 A8 x8)
+    (
+        P0 A0 x0, P1 A1 x1, P2 A2 x2, P3 A3 x3, P4 A4 x4, P5 A5 x5, P6 A6 x6, P7 A7 x7,
+        P8 A8 x8, P9 A9 x9
+    )
+    (
+        P0 A0 x0, P1 A1 x1, P2 A2 x2, P3 A3 x3, P4 A4 x4, P5 A5 x5, P6 A6 x6, P7 A7 x7,
+        P8 A8 x8, P9 A9 x9, P10 A10 x10
+    )
+    (
+        P0 A0 x0, P1 A1 x1, P2 A2 x2, P3 A3 x3, P4 A4 x4, P5 A5 x5, P6 A6 x6, P7 A7 x7,
+        P8 A8 x8, P9 A9 x9, P10 A10 x10, P11 A11 x11
+    )
+    (
+        P0 A0 x0, P1 A1 x1, P2 A2 x2, P3 A3 x3, P4 A4 x4, P5 A5 x5, P6 A6 x6, P7 A7 x7,
+        P8 A8 x8, P9 A9 x9, P10 A10 x10, P11 A11 x11, P12 A12 x12
+    )
+    (
+        P0 A0 x0, P1 A1 x1, P2 A2 x2, P3 A3 x3, P4 A4 x4, P5 A5 x5, P6 A6 x6, P7 A7 x7,
+        P8 A8 x8, P9 A9 x9, P10 A10 x10, P11 A11 x11, P12 A12 x12, P13 A13 x13
+    )
+}
 
-/// Multi-head attention for inference ([`crate::cuda_layers::attention`]).
-pub(crate) static ATTENTION: Module =
-    Module::new("glip_attention", "glip's attention kernel", crate::cuda_source::ATTENTION);
+/// The null pointer of an optional buffer the kernel does not touch.
+static NULL: u64 = 0;
 
-pub(crate) static DEFORMABLE: Module = Module::new(
-    "glip_deformable",
-    "glip's deformable sampling kernels",
-    crate::cuda_source::DEFORMABLE,
-);
+impl<T> Arg<Read<T>> for &CudaView<'_, T> {
+    fn push<'a>(&'a mut self, b: &mut LaunchArgs<'a>) {
+        b.arg(*self);
+    }
+}
+
+impl<T> Arg<Read<T>> for &CudaSlice<T> {
+    fn push<'a>(&'a mut self, b: &mut LaunchArgs<'a>) {
+        b.arg(*self);
+    }
+}
+
+/// A buffer the kernel does not read where this is `None` (it says when), passed as null.
+impl<T> Arg<Read<T>> for Option<&CudaView<'_, T>> {
+    fn push<'a>(&'a mut self, b: &mut LaunchArgs<'a>) {
+        match self {
+            Some(v) => b.arg(*v),
+            None => b.arg(&NULL),
+        };
+    }
+}
+
+impl<T> Arg<Write<T>> for &mut CudaSlice<T> {
+    fn push<'a>(&'a mut self, b: &mut LaunchArgs<'a>) {
+        b.arg(&mut **self);
+    }
+}
+
+impl<T> Arg<Write<T>> for &mut CudaViewMut<'_, T> {
+    fn push<'a>(&'a mut self, b: &mut LaunchArgs<'a>) {
+        b.arg(&mut **self);
+    }
+}
+
+/// A buffer the kernel does not write where this is `None` (it says when), passed as null.
+impl<T> Arg<Write<T>> for Option<&mut CudaSlice<T>> {
+    fn push<'a>(&'a mut self, b: &mut LaunchArgs<'a>) {
+        match self {
+            Some(v) => b.arg(&mut **v),
+            None => b.arg(&NULL),
+        };
+    }
+}
+
+macro_rules! scalar_args {
+    ($($t:ty),*) => {
+        $(impl Arg<$t> for $t {
+            fn push<'a>(&'a mut self, b: &mut LaunchArgs<'a>) {
+                b.arg(&*self);
+            }
+        })*
+    };
+}
+scalar_args!(f32, f64, u32, u64);
 
 /// At most this many blocks in a grid-stride launch (the loops stride over the rest).
 const MAX_BLOCKS: usize = 4096;

@@ -14,14 +14,14 @@
 
 #![allow(
     unsafe_code,
-    reason = "kernel launches through cudarc: each checks the operands' lengths against what \
-              the kernel reads and writes"
+    reason = "kernel launches, each checking its operands' lengths against what the kernel reads \
+              and writes; the deformable kernels' levels passed by value (`DeviceRepr`)"
 )]
 
 use crate::cuda_launch::{
-    check_len, elementwise, output, output_of, per_row, u32_of, view, view_of, ATTENTION,
-    DEFORMABLE, ELEMENTWISE, NORM, POOL, TOP_K,
+    check_len, elementwise, launch, output, output_of, per_row, u32_of, view, view_of, Arg,
 };
+use crate::cuda_source::kernels::{self, Kernel, Levels, Read, Write};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
@@ -49,24 +49,6 @@ fn planes(l: &Layout) -> Result<(u32, u32, u32)> {
     Ok((u32_of(b, "batch norm")?, u32_of(c, "batch norm")?, u32_of(h * w, "batch norm")?))
 }
 
-/// Launches kernel `$name` of `$module` on `$dev`'s stream with `$cfg` and the arguments in
-/// the kernel's order.
-macro_rules! launch {
-    ($module:expr, $dev:expr, $name:expr, $cfg:expr, [$($arg:expr),* $(,)?]) => {{
-        let f = $module.func(&$dev, $name)?;
-        let stream = $dev.cuda_stream();
-        let mut b = stream.launch_builder(&f);
-        $(b.arg($arg);)*
-        run(&mut b, $cfg)
-    }};
-}
-
-fn run(b: &mut LaunchArgs<'_>, cfg: LaunchConfig) -> Result<()> {
-    // SAFETY: every caller pushed the arguments of its kernel's signature in order, with
-    // buffers of the lengths the kernel indexes (checked or allocated by the caller).
-    unsafe { b.launch(cfg) }.map(|_| ()).map_err(candle_core::Error::wrap)
-}
-
 /// `softmax(x)` over the last axis.
 pub(crate) fn softmax(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
     let x = view(s, l, "softmax")?;
@@ -74,7 +56,15 @@ pub(crate) fn softmax(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape
     let dev = s.device().clone();
     // Written in full by glip_softmax (every row of d).
     let mut y = output(&dev, x.len())?;
-    launch!(NORM, dev, "glip_softmax", per_row(r as usize, d as usize), [&x, &mut y, &r, &d])?;
+    // SAFETY: `x` is the r d elements of its layout, `y` as long: each block reads and writes its
+    // rows' d elements.
+    unsafe {
+        launch::<kernels::glip_softmax, _>(
+            &dev,
+            per_row(r as usize, d as usize),
+            (&x, &mut y, r, d),
+        )
+    }?;
     Ok((CudaStorage::wrap_cuda_slice(y, dev), l.shape().clone()))
 }
 
@@ -89,13 +79,14 @@ pub(crate) fn softmax_backward(
     let dev = s1.device().clone();
     // Written in full by glip_softmax_backward.
     let mut dx = output(&dev, y.len())?;
-    launch!(
-        NORM,
-        dev,
-        "glip_softmax_backward",
-        per_row(r as usize, d as usize),
-        [&y, &dy, &mut dx, &r, &d]
-    )?;
+    // SAFETY: `y`, `dy` (checked equal) and `dx` hold the r d elements the kernel reads and writes.
+    unsafe {
+        launch::<kernels::glip_softmax_backward, _>(
+            &dev,
+            per_row(r as usize, d as usize),
+            (&y, &dy, &mut dx, r, d),
+        )
+    }?;
     Ok((CudaStorage::wrap_cuda_slice(dx, dev), l1.shape().clone()))
 }
 
@@ -114,13 +105,14 @@ pub(crate) fn layer_norm(
     let dev = s1.device().clone();
     // Written in full by glip_layer_norm.
     let mut y = output(&dev, x.len())?;
-    launch!(
-        NORM,
-        dev,
-        "glip_layer_norm",
-        per_row(r as usize, d as usize),
-        [&x, &w, &bias, &mut y, &r, &d, &eps]
-    )?;
+    // SAFETY: `x` and `y` hold r d elements, `w` and `bias` d (checked): what the kernel indexes.
+    unsafe {
+        launch::<kernels::glip_layer_norm, _>(
+            &dev,
+            per_row(r as usize, d as usize),
+            (&x, &w, &bias, &mut y, r, d, eps),
+        )
+    }?;
     Ok((CudaStorage::wrap_cuda_slice(y, dev), l1.shape().clone()))
 }
 
@@ -147,13 +139,15 @@ pub(crate) fn layer_norm_backward(
     let mut part = output(&dev, 2 * du * parts)?;
     {
         let mut dx = out.slice_mut(0..n);
-        launch!(
-            NORM,
-            dev,
-            "glip_layer_norm_backward",
-            per_row(r as usize, du),
-            [&x, &w, &dy, &mut dx, &mut stats, &r, &d, &eps]
-        )?;
+        // SAFETY: `x`, `dy` (checked) and `dx` hold r d elements, `w` d (checked), `stats` 2 r:
+        // what it indexes.
+        unsafe {
+            launch::<kernels::glip_layer_norm_backward, _>(
+                &dev,
+                per_row(r as usize, du),
+                (&x, &w, &dy, &mut dx, &mut stats, r, d, eps),
+            )
+        }?;
     }
     {
         let chunk_u = u32_of(chunk, "layer norm backward")?;
@@ -162,24 +156,27 @@ pub(crate) fn layer_norm_backward(
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
-        launch!(
-            NORM,
-            dev,
-            "glip_layer_norm_params",
-            cfg,
-            [&x, &dy, &stats, &mut part, &r, &d, &chunk_u]
-        )?;
+        // SAFETY: `x`, `dy` r d elements, `stats` 2 r, `part` 2 d per chunk of rows, `parts`
+        // chunks.
+        unsafe {
+            launch::<kernels::glip_layer_norm_params, _>(
+                &dev,
+                cfg,
+                (&x, &dy, &stats, &mut part, r, d, chunk_u),
+            )
+        }?;
     }
     {
         let (parts_u, m) = (parts as u32, 2 * d);
         let mut sums = out.slice_mut(n..n + 2 * du);
-        launch!(
-            NORM,
-            dev,
-            "glip_sum_parts",
-            elementwise(2 * du),
-            [&part, &mut sums, &parts_u, &m]
-        )?;
+        // SAFETY: `part` holds `parts` rows of 2 d sums, `sums` the 2 d it writes.
+        unsafe {
+            launch::<kernels::glip_sum_parts, _>(
+                &dev,
+                elementwise(2 * du),
+                (&part, &mut sums, parts_u, m),
+            )
+        }?;
     }
     Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(n + 2 * du)))
 }
@@ -196,13 +193,14 @@ pub(crate) fn batch_norm_stats(
     let dev = s.device().clone();
     // Written in full (3 per channel) by glip_batch_norm_stats.
     let mut p = output(&dev, 3 * c as usize)?;
-    launch!(
-        NORM,
-        dev,
-        "glip_batch_norm_stats",
-        per_row(c as usize, bs as usize * hw as usize),
-        [&x, &mut p, &bs, &c, &hw, &eps]
-    )?;
+    // SAFETY: `x` holds b c hw elements (its layout's dims), `p` the 3 c it writes.
+    unsafe {
+        launch::<kernels::glip_batch_norm_stats, _>(
+            &dev,
+            per_row(c as usize, bs as usize * hw as usize),
+            (&x, &mut p, bs, c, hw, eps),
+        )
+    }?;
     Ok((CudaStorage::wrap_cuda_slice(p, dev), Shape::from((3, c as usize))))
 }
 
@@ -218,7 +216,14 @@ pub(crate) fn batch_norm(
     let total = x.len() as u64;
     // Written in full by glip_batch_norm.
     let mut y = output(&dev, x.len())?;
-    launch!(NORM, dev, "glip_batch_norm", elementwise(x.len()), [&x, &p, &mut y, &total, &c, &hw])?;
+    // SAFETY: `x` and `y` hold `total` elements, `p` 5 c (checked).
+    unsafe {
+        launch::<kernels::glip_batch_norm, _>(
+            &dev,
+            elementwise(x.len()),
+            (&x, &p, &mut y, total, c, hw),
+        )
+    }?;
     Ok((CudaStorage::wrap_cuda_slice(y, dev), l1.shape().clone()))
 }
 
@@ -240,48 +245,56 @@ pub(crate) fn batch_norm_backward(
     let mut out = output(&dev, n + 2 * cu)?;
     {
         let mut sums = out.slice_mut(n..n + 2 * cu);
-        launch!(
-            NORM,
-            dev,
-            "glip_batch_norm_sums",
-            per_row(cu, bs as usize * hw as usize),
-            [&x, &p, &dy, &mut sums, &bs, &c, &hw]
-        )?;
+        // SAFETY: `x`, `dy` hold b c hw elements, `p` 5 c (checked), `sums` the 2 c it writes.
+        unsafe {
+            launch::<kernels::glip_batch_norm_sums, _>(
+                &dev,
+                per_row(cu, bs as usize * hw as usize),
+                (&x, &p, &dy, &mut sums, bs, c, hw),
+            )
+        }?;
     }
     {
         let (total, count) = (n as u64, (bs as usize * hw as usize).max(1) as f32);
-        launch!(
-            NORM,
-            dev,
-            "glip_batch_norm_backward",
-            elementwise(n),
-            [&x, &p, &dy, &mut out, &total, &c, &hw, &count]
-        )?;
+        // SAFETY: `x`, `dy` and `out`'s first part hold `total` elements, `p` 5 c (checked).
+        unsafe {
+            launch::<kernels::glip_batch_norm_backward, _>(
+                &dev,
+                elementwise(n),
+                (&x, &p, &dy, &mut out, total, c, hw, count),
+            )
+        }?;
     }
     Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(n + 2 * cu)))
 }
 
 /// The activations the affine and pool kernels read and write: f32 and bf16 (computed in f32),
-/// with their kernels' names.
+/// with their kernels.
 trait Act: CudaDType + DeviceRepr + WithDType {
-    const AFFINE: &'static str;
-    const AFFINE_BACKWARD: &'static str;
-    const MAX_POOL: &'static str;
-    const MAX_POOL_BACKWARD: &'static str;
+    type Affine: Kernel<
+        Params = (Read<Self>, Read<f32>, Read<Self>, Write<Self>, u64, u32, u32, u32),
+    >;
+    type AffineBackward: Kernel<
+        Params = (Read<Self>, Read<Self>, Read<f32>, Write<Self>, u64, u32, u32, u32),
+    >;
+    type MaxPool: Kernel<Params = (Read<Self>, Write<Self>, u64, u32, u32, u32, u32)>;
+    type MaxPoolBackward: Kernel<
+        Params = (Read<Self>, Read<Self>, Write<Self>, u64, u32, u32, u32, u32),
+    >;
 }
 
 impl Act for f32 {
-    const AFFINE: &'static str = "glip_affine_f32";
-    const AFFINE_BACKWARD: &'static str = "glip_affine_backward_f32";
-    const MAX_POOL: &'static str = "glip_max_pool_f32";
-    const MAX_POOL_BACKWARD: &'static str = "glip_max_pool_backward_f32";
+    type Affine = kernels::glip_affine_f32;
+    type AffineBackward = kernels::glip_affine_backward_f32;
+    type MaxPool = kernels::glip_max_pool_f32;
+    type MaxPoolBackward = kernels::glip_max_pool_backward_f32;
 }
 
 impl Act for half::bf16 {
-    const AFFINE: &'static str = "glip_affine_bf16";
-    const AFFINE_BACKWARD: &'static str = "glip_affine_backward_bf16";
-    const MAX_POOL: &'static str = "glip_max_pool_bf16";
-    const MAX_POOL_BACKWARD: &'static str = "glip_max_pool_backward_bf16";
+    type Affine = kernels::glip_affine_bf16;
+    type AffineBackward = kernels::glip_affine_backward_bf16;
+    type MaxPool = kernels::glip_max_pool_bf16;
+    type MaxPoolBackward = kernels::glip_max_pool_backward_bf16;
 }
 
 /// `f::<T>()` for the activation type of `dtype`, or an error naming `what`.
@@ -335,13 +348,15 @@ fn affine_of<T: Act>(
     let mut y = output_of::<T>(&dev, x.len())?;
     // Without a residual the kernel does not read `r`; `x` stands in for the pointer.
     let r = r.as_ref().unwrap_or(&x);
-    launch!(
-        NORM,
-        dev,
-        T::AFFINE,
-        elementwise(x.len()),
-        [&x, &ss, r, &mut y, &total, &c, &hw, &flags]
-    )?;
+    // SAFETY: `x`, `r` (checked) and `y` hold `total` elements of c planes of hw, `ss` 2 c
+    // (checked).
+    unsafe {
+        launch::<T::Affine, _>(
+            &dev,
+            elementwise(x.len()),
+            (&x, &ss, r, &mut y, total, c, hw, flags),
+        )
+    }?;
     Ok((CudaStorage::wrap_cuda_slice(y, dev), l1.shape().clone()))
 }
 
@@ -376,13 +391,15 @@ fn affine_backward_of<T: Act>(
     let (total, flags) = (n as u64, affine_flags(residual, relu));
     // Written in full by glip_affine_backward_* (dx, and dr with a residual).
     let mut out = output_of::<T>(&dev, len)?;
-    launch!(
-        NORM,
-        dev,
-        T::AFFINE_BACKWARD,
-        elementwise(n),
-        [&y, &dy, &ss, &mut out, &total, &c, &hw, &flags]
-    )?;
+    // SAFETY: `y`, `dy` (checked) hold `total` elements, `ss` 2 c (checked), `out` the n or 2 n it
+    // writes.
+    unsafe {
+        launch::<T::AffineBackward, _>(
+            &dev,
+            elementwise(n),
+            (&y, &dy, &ss, &mut out, total, c, hw, flags),
+        )
+    }?;
     Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(len)))
 }
 
@@ -472,13 +489,14 @@ pub(crate) fn bn_constants(
         let c32 = u32_of(c, "batch norm constants")?;
         // Written in full by glip_bn_constants (one thread per channel).
         let mut ss = output(dev, 2 * c)?;
-        launch!(
-            NORM,
-            dev,
-            "glip_bn_constants",
-            elementwise(c),
-            [&views[0], &views[1], &views[2], &views[3], &mut ss, &c32, &eps]
-        )?;
+        // SAFETY: the four vectors hold c elements each (checked), `ss` the 2 c it writes.
+        unsafe {
+            launch::<kernels::glip_bn_constants, _>(
+                dev,
+                elementwise(c),
+                (&views[0], &views[1], &views[2], &views[3], &mut ss, c32, eps),
+            )
+        }?;
         Ok(tensor_of(ss, dev.clone(), (2, c)))
     })
 }
@@ -501,13 +519,15 @@ pub(crate) fn add_layer_norm(
         check_len("layer norm bias", views[3].len(), d as usize)?;
         // Written in full by glip_add_layer_norm (every row of d).
         let mut y = output(dev, views[0].len())?;
-        launch!(
-            NORM,
-            dev,
-            "glip_add_layer_norm",
-            per_row(rows as usize, d as usize),
-            [&views[0], &views[1], &views[2], &views[3], &mut y, &rows, &d, &eps]
-        )?;
+        // SAFETY: `x`, the residual (checked) and `y` hold `rows` d elements, weight and bias d
+        // (checked).
+        unsafe {
+            launch::<kernels::glip_add_layer_norm, _>(
+                dev,
+                per_row(rows as usize, d as usize),
+                (&views[0], &views[1], &views[2], &views[3], &mut y, rows, d, eps),
+            )
+        }?;
         Ok(tensor_of(y, dev.clone(), x.shape()))
     })
 }
@@ -553,18 +573,31 @@ pub(crate) fn attention(
         let flag = u32::from(scale_scores);
         // Written in full by glip_attention (every query row of every head, all dh columns).
         let mut out = output(dev, b * lq * d)?;
-        let f = ATTENTION.func(dev, "glip_attention")?;
-        let stream = dev.cuda_stream();
-        let mut builder = stream.launch_builder(&f);
-        builder.arg(&views[0].0).arg(&views[1].0).arg(&views[2].0);
-        let null = 0usize;
-        match &mask_view {
-            Some(m) => builder.arg(m),
-            None => builder.arg(&null),
-        };
-        builder.arg(&mut out).arg(&hu).arg(&lq32).arg(&lk32).arg(&dh);
-        builder.arg(&views[0].1).arg(&views[1].1).arg(&views[2].1).arg(&scale).arg(&flag);
-        run(&mut builder, cfg)?;
+        let [(q, q_ld), (k, k_ld), (v, v_ld)] = [&views[0], &views[1], &views[2]];
+        // SAFETY: the row views span the b lq (or lk) rows at their strides, the mask b lk
+        // (checked), `out` the b lq d it writes.
+        unsafe {
+            launch::<kernels::glip_attention, _>(
+                dev,
+                cfg,
+                (
+                    q,
+                    k,
+                    v,
+                    mask_view.as_ref(),
+                    &mut out,
+                    hu,
+                    lq32,
+                    lk32,
+                    dh,
+                    *q_ld,
+                    *k_ld,
+                    *v_ld,
+                    scale,
+                    flag,
+                ),
+            )
+        }?;
         Ok(tensor_of(out, dev.clone(), (b, lq, d)))
     })
 }
@@ -581,6 +614,12 @@ struct DeformLevels {
 // SAFETY: a plain `#[repr(C)]` struct of u32s, laid out as the kernels' `GlipLevels` (an
 // unsigned count and an array of unsigneds: 4-byte aligned, no padding).
 unsafe impl DeviceRepr for DeformLevels {}
+
+impl Arg<Levels> for DeformLevels {
+    fn push<'a>(&'a mut self, b: &mut LaunchArgs<'a>) {
+        b.arg(&*self);
+    }
+}
 
 fn deform_levels(levels: &[crate::deformable::Level]) -> Result<DeformLevels> {
     let max = crate::cuda_source::DEFORMABLE_MAX_LEVELS;
@@ -622,13 +661,16 @@ pub(crate) fn deformable_sample(
     let dev = s1.device().clone();
     // Written whole by glip_deformable_sample (one thread per element, grid-stride).
     let mut out = output(&dev, n)?;
-    launch!(
-        DEFORMABLE,
-        dev,
-        "glip_deformable_sample",
-        elementwise(n),
-        [&value, &samples, &lv, &mut out, &s, &dh, &q, &points, &n64]
-    )?;
+    // SAFETY: `value` and `samples` hold what `d` says (checked), `out` the n it writes; the
+    // kernel reads only neighbours inside a level, and the levels tile the s value rows
+    // (`deformable::dims`).
+    unsafe {
+        launch::<kernels::glip_deformable_sample, _>(
+            &dev,
+            elementwise(n),
+            (&value, &samples, lv, &mut out, s, dh, q, points, n64),
+        )
+    }?;
     Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((d.bh, d.q, d.dh))))
 }
 
@@ -660,25 +702,29 @@ pub(crate) fn deformable_sample_backward(
         let n = d.bh * d.q * d.dh;
         let n64 = n as u64;
         let mut gv = out.slice_mut(0..nv);
-        launch!(
-            DEFORMABLE,
-            dev,
-            "glip_deformable_value_grad",
-            elementwise(n),
-            [&samples, &grad, &lv, &mut gv, &s, &dh, &q, &points, &n64]
-        )?;
+        // SAFETY: `samples` and `grad` hold what `d` says (checked), `gv` the value's nv
+        // elements, written only at neighbours inside a level (the levels tile the s rows).
+        unsafe {
+            launch::<kernels::glip_deformable_value_grad, _>(
+                &dev,
+                elementwise(n),
+                (&samples, &grad, lv, &mut gv, s, dh, q, points, n64),
+            )
+        }?;
     }
     {
         let n = d.bh * d.q * per_query;
         let n64 = n as u64;
         let mut gs = out.slice_mut(nv..nv + ns);
-        launch!(
-            DEFORMABLE,
-            dev,
-            "glip_deformable_sample_grad",
-            elementwise(n),
-            [&value, &samples, &grad, &lv, &mut gs, &s, &dh, &q, &points, &n64]
-        )?;
+        // SAFETY: `value`, `samples`, `grad` hold what `d` says (checked), `gs` the samples' ns
+        // elements; values are read only inside a level (the levels tile the s rows).
+        unsafe {
+            launch::<kernels::glip_deformable_sample_grad, _>(
+                &dev,
+                elementwise(n),
+                (&value, &samples, &grad, lv, &mut gs, s, dh, q, points, n64),
+            )
+        }?;
     }
     Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(nv + ns)))
 }
@@ -703,7 +749,8 @@ fn max_pool_of<T: Act>(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shap
     let dev = s.device().clone();
     // Written in full (one thread per output) by glip_max_pool_*.
     let mut y = output_of::<T>(&dev, n)?;
-    launch!(POOL, dev, T::MAX_POOL, elementwise(n), [&x, &mut y, &planes, &h, &w, &oh, &ow])?;
+    // SAFETY: `x` holds planes h w elements (its dims), `y` the planes oh ow it writes.
+    unsafe { launch::<T::MaxPool, _>(&dev, elementwise(n), (&x, &mut y, planes, h, w, oh, ow)) }?;
     let (bs, c, _, _) = l.shape().dims4()?;
     Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((bs, c, oh as usize, ow as usize))))
 }
@@ -727,13 +774,14 @@ fn max_pool_backward_of<T: Act>(
     let dev = s1.device().clone();
     // Written in full (one thread per input) by glip_max_pool_backward_*.
     let mut dx = output_of::<T>(&dev, x.len())?;
-    launch!(
-        POOL,
-        dev,
-        T::MAX_POOL_BACKWARD,
-        elementwise(x.len()),
-        [&x, &g, &mut dx, &planes, &h, &w, &oh, &ow]
-    )?;
+    // SAFETY: `x` and `dx` hold planes h w elements, `g` planes oh ow (checked).
+    unsafe {
+        launch::<T::MaxPoolBackward, _>(
+            &dev,
+            elementwise(x.len()),
+            (&x, &g, &mut dx, planes, h, w, oh, ow),
+        )
+    }?;
     Ok((CudaStorage::wrap_cuda_slice(dx, dev), l1.shape().clone()))
 }
 
@@ -752,31 +800,40 @@ pub(crate) fn dropout(
     // Written in full by glip_dropout.
     let mut y = output(&dev, n)?;
     let n64 = n as u64;
-    launch!(
-        ELEMENTWISE,
-        dev,
-        "glip_dropout",
-        elementwise(n),
-        [&x, &mut y, &n64, &seed, &p, &scale]
-    )?;
+    // SAFETY: `x` and `y` hold the n elements the kernel reads and writes.
+    unsafe {
+        launch::<kernels::glip_dropout, _>(&dev, elementwise(n), (&x, &mut y, n64, seed, p, scale))
+    }?;
     Ok((CudaStorage::wrap_cuda_slice(y, dev), l.shape().clone()))
 }
 
-/// An activation's gradient `dx` from its input `x` and output gradient `dy` (kernel `name` of
-/// [`crate::cuda_source::ELEMENTWISE`]: `glip_relu_backward` or `glip_gelu_erf_backward`).
+/// An activation's gradient `dx` from its input `x` and output gradient `dy`: with `relu`
+/// ReLU's (`glip_relu_backward` of [`crate::cuda_source::ELEMENTWISE`]), else GELU's
+/// (`glip_gelu_erf_backward`).
 pub(crate) fn activation_backward(
-    name: &str,
+    relu: bool,
+    x: (&CudaStorage, &Layout),
+    dy: (&CudaStorage, &Layout),
+) -> Result<(CudaStorage, Shape)> {
+    if relu {
+        activation_backward_of::<kernels::glip_relu_backward>(x, dy)
+    } else {
+        activation_backward_of::<kernels::glip_gelu_erf_backward>(x, dy)
+    }
+}
+
+fn activation_backward_of<K: Kernel<Params = (Read<f32>, Read<f32>, Write<f32>, u64)>>(
     (s1, l1): (&CudaStorage, &Layout),
     (s2, l2): (&CudaStorage, &Layout),
 ) -> Result<(CudaStorage, Shape)> {
-    let (x, dy) = (view(s1, l1, name)?, view(s2, l2, name)?);
-    check_len(name, dy.len(), x.len())?;
+    let (x, dy) = (view(s1, l1, K::NAME)?, view(s2, l2, K::NAME)?);
+    check_len(K::NAME, dy.len(), x.len())?;
     let n = x.len();
     let dev = s1.device().clone();
     // Written in full by the kernel.
     let mut dx = output(&dev, n)?;
-    let n64 = n as u64;
-    launch!(ELEMENTWISE, dev, name, elementwise(n), [&x, &dy, &mut dx, &n64])?;
+    // SAFETY: `x`, `dy` (checked) and `dx` hold the n elements the kernel reads and writes.
+    unsafe { launch::<K, _>(&dev, elementwise(n), (&x, &dy, &mut dx, n as u64)) }?;
     Ok((CudaStorage::wrap_cuda_slice(dx, dev), l1.shape().clone()))
 }
 
@@ -799,7 +856,8 @@ pub(crate) fn top_k(s: &CudaStorage, l: &Layout, k: usize) -> Result<(CudaStorag
         block_dim: (t, 1, 1),
         shared_mem_bytes: 0,
     };
-    launch!(TOP_K, dev, "glip_top_k", cfg, [&x, &mut out, &len32, &k32])?;
+    // SAFETY: `x` holds rows of len, `out` the rows k it writes (k <= len checked).
+    unsafe { launch::<kernels::glip_top_k, _>(&dev, cfg, (&x, &mut out, len32, k32)) }?;
     Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((rows, k))))
 }
 

@@ -28,13 +28,12 @@
               are allocated uninitialised for the kernel or cuBLAS to write whole"
 )]
 
-use crate::cuda_launch::{check_len, output_of, u32_of, view, LINEAR};
+use crate::cuda_launch::{check_len, launch, output_of, u32_of, view};
+use crate::cuda_source::kernels;
 use crate::linear_plan::{plan, ColMajor, Operand, Product};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublas::{result, sys};
-use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DevicePtr, DevicePtrMut, PushKernelArg,
-};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice};
 use candle_core::op::BackpropOp;
 use candle_core::{DType, Layout, Result, Shape, Storage, Tensor};
@@ -224,12 +223,6 @@ impl LinearBf16 {
         // Written in full: xb by the cast below, y by its bias prefill or the product (beta 0).
         let mut xb = output_of::<bf16>(&dev, m * k)?;
         let mut y = output_of::<f32>(&dev, m * n)?;
-        // One launch: x to bf16, and y prefilled with the bias for the product to add onto.
-        let func = LINEAR.func(&dev, "glip_bf16_cast_fill")?;
-        let stream = dev.cuda_stream();
-        let mut launch = stream.launch_builder(&func);
-        let total = (m * k) as u64;
-        launch.arg(&x).arg(&mut xb).arg(&total);
         let b = match bias {
             Some((bs, bl)) => {
                 let b = view(bs, bl, "bf16 linear bias")?;
@@ -238,19 +231,28 @@ impl LinearBf16 {
             }
             None => None,
         };
-        // Without a bias: null pointers (the kernel skips the fill), no rows, no columns.
-        let (null, none_rows, none_cols) = (0u64, 0u64, 0u32);
-        match &b {
-            Some(b) => launch.arg(b).arg(&mut y).arg(&rows).arg(&cols),
-            None => launch.arg(&null).arg(&null).arg(&none_rows).arg(&none_cols),
-        };
-        let len = (m * k).max(m * n);
-        // SAFETY: glip_bf16_cast_fill(const float *x, glip_bf16 *xb, unsigned long long n,
-        // const float *bias, float *y, unsigned long long rows, unsigned cols) reads x[0..n] and
-        // writes xb[0..n] (both m k long), and with a bias reads bias[0..cols] (checked n long)
-        // and writes y[0..rows cols] (m n long); without one it reads and writes nothing more.
-        unsafe { launch.launch(crate::cuda_launch::elementwise(len)) }
-            .map_err(candle_core::Error::wrap)?;
+        // One launch: x to bf16, and y prefilled with the bias for the product to add onto;
+        // without a bias, null pointers (the kernel skips the fill), no rows, no columns.
+        // glip_bf16_cast_fill reads x[0..n] and writes xb[0..n] (both m k long), and with a
+        // bias reads bias[0..cols] (checked n long) and writes y[0..rows cols] (m n long).
+        let (fill_rows, fill_cols) = if b.is_some() { (rows, cols) } else { (0, 0) };
+        // SAFETY: `x` and `xb` hold m k elements (checked), the bias n (checked) and `y` m n, where
+        // given.
+        unsafe {
+            launch::<kernels::glip_bf16_cast_fill, _>(
+                &dev,
+                crate::cuda_launch::elementwise((m * k).max(m * n)),
+                (
+                    &x,
+                    &mut xb,
+                    (m * k) as u64,
+                    b.as_ref(),
+                    b.is_some().then_some(&mut y),
+                    fill_rows,
+                    fill_cols,
+                ),
+            )
+        }?;
         let product = {
             let (ws, wbl) = self.wb.storage_and_layout();
             let Storage::Cuda(ws) = &*ws else {

@@ -16,26 +16,28 @@
 
 #![allow(
     unsafe_code,
-    reason = "kernel launches through cudarc: the arguments are checked against the kernels' \
-              signatures and the buffers' lengths here"
+    reason = "kernel launches, their buffers' lengths checked here; the sums' partials allocated \
+              uninitialised, for the kernels to write whole"
 )]
 
-use crate::cuda_launch::{elementwise, per_row, view, OPTIM};
+use crate::cuda_launch::{elementwise, launch, per_row, view};
+use crate::cuda_source::kernels::{self, Kernel};
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage};
 use candle_core::op::BackpropOp;
 use candle_core::{DType, Layout, Result, Storage, Tensor};
 
-/// Runs kernel `name` with `dst` (written in place, `ratio.0` parts) and `src` (`ratio.1` parts)
-/// of `n` elements per part, then the scalars.
-fn launch(
+/// The in-place passes' operands for kernel `name`: `dst` (written in place, `ratio.0` parts)
+/// and `src` (`ratio.1` parts) of `n` elements per part, checked against each other, and `n`.
+/// Each kernel reads `src[0..ratio.1 n]` and writes `dst[0..ratio.0 n]`: the views' lengths,
+/// what the callers' launches rely on.
+fn in_place<'a>(
     name: &str,
-    (s1, l1): (&mut CudaStorage, &Layout),
-    (s2, l2): (&CudaStorage, &Layout),
+    (s1, l1): (&'a mut CudaStorage, &Layout),
+    (s2, l2): (&'a CudaStorage, &Layout),
     ratio: (usize, usize),
-    scalars: &[f32],
-) -> Result<()> {
+) -> Result<(CudaDevice, CudaViewMut<'a, f32>, CudaView<'a, f32>, usize)> {
     if s1.dtype() != DType::F32 || s2.dtype() != DType::F32 {
         candle_core::bail!("{name}: f32 only")
     }
@@ -47,24 +49,10 @@ fn launch(
     if dst_len * ratio.1 != src_len * ratio.0 || dst_len % ratio.0 != 0 {
         candle_core::bail!("{name}: {dst_len} elements against {src_len}")
     }
-    let n = (dst_len / ratio.0) as u64;
     let dev: CudaDevice = s1.device().clone();
-    let func = OPTIM.func(&dev, name)?;
     let src = s2.as_cuda_slice::<f32>()?.slice(a2..b2);
-    let mut dst = s1.as_cuda_slice_mut::<f32>()?.slice_mut(a1..b1);
-    let stream = dev.cuda_stream();
-    let mut b = stream.launch_builder(&func);
-    b.arg(&mut dst);
-    b.arg(&src);
-    b.arg(&n);
-    for s in scalars {
-        b.arg(s);
-    }
-    // SAFETY: every kernel above takes (float *dst, const float *src, unsigned long long n,
-    // then `scalars.len()` floats), reads `src[0..ratio.1 n]` and writes `dst[0..ratio.0 n]`:
-    // the views' lengths, checked above.
-    unsafe { b.launch(elementwise(dst_len / ratio.0)) }.map_err(candle_core::Error::wrap)?;
-    Ok(())
+    let dst = s1.as_cuda_slice_mut::<f32>()?.slice_mut(a1..b1);
+    Ok((dev, dst, src, dst_len / ratio.0))
 }
 
 /// `m = b1 m + (1 - b1) c g`, `v = b2 v + (1 - b2) (c g)^2` over `mv = [m; v]`.
@@ -73,8 +61,11 @@ pub(crate) fn moments(
     g: (&CudaStorage, &Layout),
     h: &crate::optim::AdamWStep,
 ) -> Result<()> {
-    let s = [h.clip, h.b1, 1.0 - h.b1, h.b2, 1.0 - h.b2].map(|v| v as f32);
-    launch("glip_adamw_moments", mv, g, (2, 1), &s)
+    type K = kernels::glip_adamw_moments;
+    let [c, b1, a1, b2, a2] = [h.clip, h.b1, 1.0 - h.b1, h.b2, 1.0 - h.b2].map(|v| v as f32);
+    let (dev, mut dst, src, n) = in_place(K::NAME, mv, g, (2, 1))?;
+    // SAFETY: `dst` holds 2 n elements, `src` n ([`in_place`]).
+    unsafe { launch::<K, _>(&dev, elementwise(n), (&mut dst, &src, n as u64, c, b1, a1, b2, a2)) }
 }
 
 /// `w = w (1 - lr wd) - (lr / bc1) m / (sqrt(v) / sqrt(bc2) + eps)`.
@@ -83,9 +74,12 @@ pub(crate) fn apply(
     mv: (&CudaStorage, &Layout),
     h: &crate::optim::AdamWStep,
 ) -> Result<()> {
-    let s =
+    type K = kernels::glip_adamw_apply;
+    let [keep, step, r, eps] =
         [1.0 - h.lr * h.weight_decay, h.lr / h.bc1, 1.0 / h.bc2.sqrt(), h.eps].map(|v| v as f32);
-    launch("glip_adamw_apply", w, mv, (1, 2), &s)
+    let (dev, mut dst, src, n) = in_place(K::NAME, w, mv, (1, 2))?;
+    // SAFETY: `dst` holds n elements, `src` 2 n ([`in_place`]).
+    unsafe { launch::<K, _>(&dev, elementwise(n), (&mut dst, &src, n as u64, keep, step, r, eps)) }
 }
 
 /// `e = d e + (1 - d) w`.
@@ -94,7 +88,11 @@ pub(crate) fn ema(
     w: (&CudaStorage, &Layout),
     d: f64,
 ) -> Result<()> {
-    launch("glip_ema", e, w, (1, 1), &[d as f32, (1.0 - d) as f32])
+    type K = kernels::glip_ema;
+    let (dev, mut dst, src, n) = in_place(K::NAME, e, w, (1, 1))?;
+    let (keep, take) = (d as f32, (1.0 - d) as f32);
+    // SAFETY: `dst` and `src` hold n elements each ([`in_place`]).
+    unsafe { launch::<K, _>(&dev, elementwise(n), (&mut dst, &src, n as u64, keep, take)) }
 }
 
 /// Elements per block in the many-tensor kernels (`glip_sum_squares_all`, `glip_adamw_all`):
@@ -179,35 +177,29 @@ pub(crate) fn sum_squares_all(xs: &[&Tensor], dev: &CudaDevice) -> Result<Tensor
     // SAFETY: every one of the `total` partials is written by its block below before
     // `glip_sum_f64` reads them.
     let mut parts = unsafe { dev.alloc::<f64>(total.max(1)) }?;
-    let stream = dev.cuda_stream();
     if total > 0 {
-        let func = OPTIM.func(dev, "glip_sum_squares_all")?;
         let (tensors, chunk, n_chunks) = (rows.len() as u32, CHUNK as u64, chunks as u64);
-        let mut b = stream.launch_builder(&func);
-        b.arg(&table);
-        b.arg(&tensors);
-        b.arg(&chunk);
-        b.arg(&n_chunks);
-        b.arg(&mut parts);
-        // SAFETY: `glip_sum_squares_all(const unsigned long long *table, unsigned tensors,
-        // unsigned long long chunk, unsigned long long chunks, double *parts)`: `table` holds
-        // `tensors` rows, each gradient's address and length checked against its view; the
-        // blocks read the `chunks` chunks of them and block `b` writes `parts[b]`: `total`
-        // blocks for the `total` partials.
-        unsafe { b.launch(cfg) }.map_err(candle_core::Error::wrap)?;
+        // SAFETY: `table` holds `tensors` rows, each gradient's address and length checked
+        // against its view; the blocks read the `chunks` chunks of them and block `b` writes
+        // `parts[b]`: `total` blocks for the `total` partials.
+        unsafe {
+            launch::<kernels::glip_sum_squares_all, _>(
+                dev,
+                cfg,
+                (&table, tensors, chunk, n_chunks, &mut parts),
+            )
+        }?;
     }
     // SAFETY: `glip_sum_f64` writes its one element.
     let mut out = unsafe { dev.alloc::<f64>(1) }?;
-    let func = OPTIM.func(dev, "glip_sum_f64")?;
-    let n = total as u64;
-    let mut b = stream.launch_builder(&func);
-    b.arg(&parts);
-    b.arg(&n);
-    b.arg(&mut out);
-    let cfg = per_row(1, threads);
-    // SAFETY: `glip_sum_f64(const double *parts, unsigned long long n, double *out)` reads
-    // `parts[0..n]` (`total` of them, all written above) and writes `out[0]`.
-    unsafe { b.launch(cfg) }.map_err(candle_core::Error::wrap)?;
+    // SAFETY: reads `parts[0..total]` (all written above) and writes `out[0]`.
+    unsafe {
+        launch::<kernels::glip_sum_f64, _>(
+            dev,
+            per_row(1, threads),
+            (&parts, total as u64, &mut out),
+        )
+    }?;
     let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(out, dev.clone()));
     Ok(Tensor::from_storage(storage, (), BackpropOp::none(), false))
 }
@@ -246,19 +238,16 @@ pub(crate) fn adamw_all(
     if chunks == 0 {
         return Ok(());
     }
-    let func = OPTIM.func(dev, "glip_adamw_all")?;
     let (tensors, chunk, n_chunks) = (rows.len() as u32, CHUNK as u64, chunks as u64);
-    let stream = dev.cuda_stream();
-    let mut b = stream.launch_builder(&func);
-    b.arg(&table);
-    b.arg(&tensors);
-    b.arg(&chunk);
-    b.arg(&n_chunks);
-    // SAFETY: `glip_adamw_all(const unsigned long long *table, unsigned tensors,
-    // unsigned long long chunk, unsigned long long chunks)`: each row's weight (n), moments
-    // (2 n) and gradient (n) were checked against their views' lengths; the blocks stride over
-    // the `chunks` chunks, each read and written by one block.
-    unsafe { b.launch(per_row(chunks, crate::cuda_source::THREADS as usize)) }
-        .map_err(candle_core::Error::wrap)?;
+    // SAFETY: each row's weight (n), moments (2 n) and gradient (n) were checked against their
+    // views' lengths; the blocks stride over the `chunks` chunks, each read and written by one
+    // block.
+    unsafe {
+        launch::<kernels::glip_adamw_all, _>(
+            dev,
+            per_row(chunks, crate::cuda_source::THREADS as usize),
+            (&table, tensors, chunk, n_chunks),
+        )
+    }?;
     Ok(())
 }

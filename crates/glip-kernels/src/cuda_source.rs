@@ -1082,9 +1082,11 @@ mod emulation_elementwise {
     fn dropout_masks_follow_the_hash_and_keep_one_minus_p() {
         let (n, seed, p) = (100_000usize, 0x5eed_d80f_u64, 0.1f32);
         let scale = 1.0 / (1.0 - p);
+        // The one kernel only the tests launch: named through its declaration.
+        let kernel = <super::kernels::glip_dropout_mask as super::kernels::Kernel>::NAME;
         let body = format!(
             "static float mask[{n}];
-             glip_launch(16, 1, 256, [] {{ glip_dropout_mask(mask, {n}, {seed}ull, {p:e}f, {scale:e}f); }});
+             glip_launch(16, 1, 256, [] {{ {kernel}(mask, {n}, {seed}ull, {p:e}f, {scale:e}f); }});
              glip_print(\"mask\", mask, {n});"
         );
         let Some(out) = emulate(ELEMENTWISE, &[], &body) else {
@@ -2272,6 +2274,9 @@ mod emulation_deformable {
         }
     }
 }
+
+/// Every kernel with its parameters as Rust types: what the `cuda` build launches through.
+pub(crate) mod kernels;
 
 /// NVRTC and ptxas on every module, without a GPU (skipped where no CUDA toolkit is installed).
 #[cfg(all(test, target_os = "linux"))]

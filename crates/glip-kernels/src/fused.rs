@@ -345,15 +345,6 @@ impl Activation {
             Activation::GeluErf => s.unary_impl::<candle_core::op::GeluErf>(l),
         }
     }
-
-    /// The CUDA kernel of [`Activation::grad`] (`crate::cuda_source::ELEMENTWISE`).
-    #[cfg(feature = "cuda")]
-    fn kernel(self) -> &'static str {
-        match self {
-            Activation::Relu => "glip_relu_backward",
-            Activation::GeluErf => "glip_gelu_erf_backward",
-        }
-    }
 }
 
 /// The activation forward: candle's own kernels (the same values as `Tensor::relu` /
@@ -411,7 +402,7 @@ impl CustomOp2 for ActivationBackward {
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 
-    cuda_fwd!(|me, x, dy| crate::cuda_layers::activation_backward(me.0.kernel(), x, dy));
+    cuda_fwd!(|me, x, dy| crate::cuda_layers::activation_backward(me.0 == Activation::Relu, x, dy));
 }
 
 /// `x`'s activation through [`Activate`] where the fused ops take it (f32 on the CPU or on

@@ -18,67 +18,7 @@ use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Each module of `cuda_launch` (its name there, its source) and every kernel it must hold: the
-/// PTX's entries must be exactly these, so a kernel added to a source is added here too.
-const MODULES: &[(&str, &str, &[&str])] = &[
-    (
-        "glip_optim",
-        super::OPTIM,
-        &[
-            "glip_adamw_moments",
-            "glip_adamw_apply",
-            "glip_ema",
-            "glip_sum_squares_all",
-            "glip_adamw_all",
-            "glip_sum_f64",
-        ],
-    ),
-    (
-        "glip_norm",
-        super::NORM,
-        &[
-            "glip_softmax",
-            "glip_softmax_backward",
-            "glip_layer_norm",
-            "glip_add_layer_norm",
-            "glip_layer_norm_backward",
-            "glip_layer_norm_params",
-            "glip_sum_parts",
-            "glip_batch_norm_stats",
-            "glip_batch_norm",
-            "glip_batch_norm_sums",
-            "glip_batch_norm_backward",
-            "glip_bn_constants",
-            "glip_affine_f32",
-            "glip_affine_bf16",
-            "glip_affine_backward_f32",
-            "glip_affine_backward_bf16",
-        ],
-    ),
-    (
-        "glip_pool",
-        super::POOL,
-        &[
-            "glip_max_pool_f32",
-            "glip_max_pool_bf16",
-            "glip_max_pool_backward_f32",
-            "glip_max_pool_backward_bf16",
-        ],
-    ),
-    ("glip_linear", super::LINEAR, &["glip_bf16_cast_fill"]),
-    (
-        "glip_elementwise",
-        super::ELEMENTWISE,
-        &["glip_dropout_mask", "glip_dropout", "glip_relu_backward", "glip_gelu_erf_backward"],
-    ),
-    ("glip_top_k", super::TOP_K, &["glip_top_k"]),
-    ("glip_attention", super::ATTENTION, &["glip_attention"]),
-    (
-        "glip_deformable",
-        super::DEFORMABLE,
-        &["glip_deformable_sample", "glip_deformable_value_grad", "glip_deformable_sample_grad"],
-    ),
-];
+use super::kernels::{self, Elem, Module, Param};
 
 /// `nvrtcResult` is an `int`, 0 for success.
 type Status = c_int;
@@ -302,6 +242,51 @@ fn entries(ptx: &str) -> Vec<&str> {
     names
 }
 
+/// The parameters of kernel `name` in `ptx`, each as its state space and type (`.u64`, `.u32`,
+/// `.f32`, `.f64`, or an aligned byte array `.align 4 .b8 [100]` for a struct by value), the
+/// name dropped; empty where `ptx` has no such entry.
+fn ptx_params(ptx: &str, name: &str) -> Vec<String> {
+    let Some(start) = ptx.find(&format!(".entry {name}(")) else { return Vec::new() };
+    let rest = &ptx[start..];
+    let list = rest.split_once('(').map_or("", |(_, r)| r.split(')').next().unwrap_or(""));
+    list.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let words: Vec<&str> = p.split_whitespace().filter(|w| *w != ".param").collect();
+            match words.split_last() {
+                // `.b8 NAME[100]`: the array's size stays, the name goes.
+                Some((last, ty)) if last.contains('[') => {
+                    format!("{} [{}", ty.join(" "), last.split_once('[').map_or("", |(_, n)| n))
+                }
+                Some((_, ty)) => ty.join(" "),
+                None => String::new(),
+            }
+        })
+        .collect()
+}
+
+/// The PTX NVRTC makes of a [`Param`]: pointers are 64-bit addresses (NVRTC may mark them
+/// `.ptr` with a state space and an alignment, which this drops), scalars their own type, and
+/// `GlipLevels` its bytes (a count and three `unsigned`s per level, 4-byte aligned).
+fn ptx_param(p: Param) -> String {
+    let scalar = |e: Elem| match e {
+        Elem::F32 => ".f32",
+        Elem::F64 => ".f64",
+        Elem::U32 => ".u32",
+        Elem::U64 => ".u64",
+        Elem::U8 => ".u8",
+        Elem::Bf16 => ".b16",
+    };
+    match p {
+        Param::Read(_) | Param::Write(_) => ".u64".into(),
+        Param::Scalar(e) => scalar(e).into(),
+        Param::Levels => {
+            format!(".align 4 .b8 [{}]", 4 * (1 + 3 * super::DEFORMABLE_MAX_LEVELS))
+        }
+    }
+}
+
 /// `ptxas -arch=sm_CAP -v` on `ptx`: its report (registers, shared memory, spills per kernel).
 fn assemble(ptxas: &Path, name: &str, ptx: &str, cap: &str) -> Result<String, String> {
     let dir = std::env::temp_dir();
@@ -369,21 +354,22 @@ fn every_module_compiles_with_nvrtc_and_assembles_with_ptxas() {
     if ptxas.is_none() && required {
         panic!("GLIP_REQUIRE_NVRTC=1 but no ptxas beside {}", lib.display());
     }
-    for &(name, source, kernels) in MODULES {
-        let ptx = nvrtc.compile(name, source).unwrap_or_else(|e| panic!("{e}"));
-        let mut want = kernels.to_vec();
+    for module in Module::ALL {
+        let name = module.name();
+        let ptx = nvrtc.compile(name, module.source()).unwrap_or_else(|e| panic!("{e}"));
+        let mut want: Vec<&str> = module.kernels().collect();
         want.sort_unstable();
         assert_eq!(entries(&ptx), want, "{name}: the PTX's kernels");
+        for k in kernels::ALL.iter().filter(|k| k.module == module) {
+            let want: Vec<String> = k.params.iter().map(|&p| ptx_param(p)).collect();
+            assert_eq!(ptx_params(&ptx, k.name), want, "{}: the PTX's parameters", k.name);
+        }
         let Some(ptxas) = &ptxas else { continue };
         for cap in &caps {
             let report = assemble(ptxas, name, &ptx, cap).unwrap_or_else(|e| panic!("{e}"));
             eprintln!("{name}, sm_{cap}:\n{report}");
             let local = local_memory(&report);
-            assert_eq!(
-                local.len(),
-                kernels.len(),
-                "{name}, sm_{cap}: ptxas's report of each kernel"
-            );
+            assert_eq!(local.len(), want.len(), "{name}, sm_{cap}: ptxas's report of each kernel");
             let using: Vec<_> = local.iter().filter(|(_, bytes)| *bytes != [0; 3]).collect();
             assert!(
                 using.is_empty(),
@@ -418,25 +404,6 @@ fn local_memory(report: &str) -> Vec<(String, [u64; 3])> {
     found
 }
 
-/// Every kernel the sources define (`extern "C" __global__ void NAME(` in `cuda_source.rs`) is
-/// in [`MODULES`] once, so a kernel or a whole module added there is compiled by the test above
-/// (which needs no GPU but a toolkit; this needs neither).
-#[test]
-fn every_kernel_of_the_sources_is_listed_once() {
-    const DEFINES: &str = "extern \"C\" __global__ void ";
-    let text = include_str!("../cuda_source.rs");
-    let mut defined: Vec<&str> = text
-        .split(DEFINES)
-        .skip(1)
-        .map(|rest| rest.split('(').next().unwrap_or_default().trim())
-        .collect();
-    defined.sort_unstable();
-    let mut listed: Vec<&str> =
-        MODULES.iter().flat_map(|(_, _, kernels)| kernels.iter().copied()).collect();
-    listed.sort_unstable();
-    assert_eq!(listed, defined, "the kernels MODULES lists against those the sources define");
-}
-
 /// The entries are read from PTX's `.entry` lines and the local memory from ptxas's report (the
 /// lines the first test relies on), and compiling bad CUDA C fails with NVRTC's log naming the
 /// error (so a broken source cannot pass).
@@ -447,6 +414,13 @@ fn a_source_nvrtc_refuses_fails_with_its_log() {
     let report = "ptxas info    : Function properties for glip_a\n    \
                   208 bytes stack frame, 0 bytes spill stores, 4 bytes spill loads\n";
     assert_eq!(local_memory(report), [("glip_a".to_owned(), [208, 0, 4])]);
+    let ptx = ".visible .entry glip_c(\n\t.param .u64 .ptr .global .align 4 glip_c_param_0,\n\t\
+               .param .align 4 .b8 glip_c_param_1[100],\n\t.param .f32 glip_c_param_2\n)\n";
+    assert_eq!(
+        ptx_params(ptx, "glip_c"),
+        [".u64 .ptr .global .align 4", ".align 4 .b8 [100]", ".f32"]
+    );
+    assert!(ptx_params(ptx, "glip_d").is_empty());
     let Ok((lib, _)) = toolkit() else {
         eprintln!("SKIP a_source_nvrtc_refuses_fails_with_its_log: no NVRTC library");
         return;

@@ -1,0 +1,476 @@
+//! Every kernel of the CUDA C modules above, with its parameters as Rust types: the one list
+//! that the `cuda` build launches through (`cuda_launch::launch::<K>`, whose argument types rustc
+//! checks against `K`'s parameters at every call), that NVRTC's test compiles module by module,
+//! and that the tests below hold against the CUDA C itself, parameter by parameter (and, with a
+//! toolkit, against the PTX NVRTC makes of it: `nvrtc`).
+//!
+//! A kernel's arguments go to the driver as untyped bytes: a launch with an argument of the
+//! wrong width or kind (a `u64` where the kernel reads an `unsigned`, a buffer where it takes a
+//! float) is not an error anywhere but wrong results, or a fault, on a GPU. Here every such
+//! mismatch is a compile error or a failing test on the CPU.
+
+#![cfg_attr(
+    not(test),
+    allow(
+        dead_code,
+        reason = "the parameters as data (`ALL`, `Param`) are read by the tests; the `cuda` \
+                  build launches through the types"
+    )
+)]
+
+use std::marker::PhantomData;
+
+/// A pointer the kernel only reads: `const T *`.
+pub(crate) struct Read<T>(PhantomData<T>);
+/// A pointer the kernel writes, or reads and writes: `T *`.
+pub(crate) struct Write<T>(PhantomData<T>);
+/// [`super::DEFORMABLE`]'s `GlipLevels`, passed by value.
+pub(crate) struct Levels;
+
+/// The type of an element or a scalar, as its CUDA C spells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Elem {
+    F32,
+    Bf16,
+    F64,
+    U8,
+    U32,
+    U64,
+}
+
+/// One parameter of a kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Param {
+    Read(Elem),
+    Write(Elem),
+    Scalar(Elem),
+    Levels,
+}
+
+/// A Rust element type and its [`Elem`].
+pub(crate) trait ElemType {
+    const ELEM: Elem;
+}
+
+macro_rules! elem_types {
+    ($($t:ty => $e:ident),* $(,)?) => {
+        $(impl ElemType for $t {
+            const ELEM: Elem = Elem::$e;
+        })*
+    };
+}
+elem_types!(f32 => F32, half::bf16 => Bf16, f64 => F64, u8 => U8, u32 => U32, u64 => U64);
+
+/// A parameter's Rust type ([`Read`], [`Write`], [`Levels`] or a scalar) and its [`Param`].
+pub(crate) trait ParamType {
+    const PARAM: Param;
+}
+
+impl<T: ElemType> ParamType for Read<T> {
+    const PARAM: Param = Param::Read(T::ELEM);
+}
+
+impl<T: ElemType> ParamType for Write<T> {
+    const PARAM: Param = Param::Write(T::ELEM);
+}
+
+impl ParamType for Levels {
+    const PARAM: Param = Param::Levels;
+}
+
+macro_rules! scalar_params {
+    ($($t:ty),*) => {
+        $(impl ParamType for $t {
+            const PARAM: Param = Param::Scalar(<$t as ElemType>::ELEM);
+        })*
+    };
+}
+scalar_params!(f32, f64, u32, u64);
+
+/// A kernel's parameters: a tuple of [`ParamType`]s, in order.
+pub(crate) trait Params {
+    const LIST: &'static [Param];
+}
+
+macro_rules! params_tuples {
+    ($(($($p:ident),+))*) => {
+        $(impl<$($p: ParamType),+> Params for ($($p,)+) {
+            const LIST: &'static [Param] = &[$($p::PARAM),+];
+        })*
+    };
+}
+params_tuples! {
+    (A)
+    (A, B)
+    (A, B, C)
+    (A, B, C, D)
+    (A, B, C, D, E)
+    (A, B, C, D, E, F)
+    (A, B, C, D, E, F, G)
+    (A, B, C, D, E, F, G, H)
+    (A, B, C, D, E, F, G, H, I)
+    (A, B, C, D, E, F, G, H, I, J)
+    (A, B, C, D, E, F, G, H, I, J, K)
+    (A, B, C, D, E, F, G, H, I, J, K, L)
+    (A, B, C, D, E, F, G, H, I, J, K, L, M)
+    (A, B, C, D, E, F, G, H, I, J, K, L, M, N)
+}
+
+/// One of the CUDA C modules, each compiled by NVRTC as a whole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Module {
+    Optim,
+    Norm,
+    Pool,
+    Linear,
+    Elementwise,
+    TopK,
+    Attention,
+    Deformable,
+}
+
+impl Module {
+    pub(crate) const ALL: [Module; 8] = [
+        Module::Optim,
+        Module::Norm,
+        Module::Pool,
+        Module::Linear,
+        Module::Elementwise,
+        Module::TopK,
+        Module::Attention,
+        Module::Deformable,
+    ];
+
+    /// Its name: what candle caches the loaded module under, and NVRTC's name for it.
+    pub(crate) const fn name(self) -> &'static str {
+        match self {
+            Module::Optim => "glip_optim",
+            Module::Norm => "glip_norm",
+            Module::Pool => "glip_pool",
+            Module::Linear => "glip_linear",
+            Module::Elementwise => "glip_elementwise",
+            Module::TopK => "glip_top_k",
+            Module::Attention => "glip_attention",
+            Module::Deformable => "glip_deformable",
+        }
+    }
+
+    /// Its CUDA C.
+    pub(crate) const fn source(self) -> &'static str {
+        match self {
+            Module::Optim => super::OPTIM,
+            Module::Norm => super::NORM,
+            Module::Pool => super::POOL,
+            Module::Linear => super::LINEAR,
+            Module::Elementwise => super::ELEMENTWISE,
+            Module::TopK => super::TOP_K,
+            Module::Attention => super::ATTENTION,
+            Module::Deformable => super::DEFORMABLE,
+        }
+    }
+
+    /// The names of its kernels, in [`ALL`]'s order.
+    pub(crate) fn kernels(self) -> impl Iterator<Item = &'static str> {
+        ALL.iter().filter(move |k| k.module == self).map(|k| k.name)
+    }
+}
+
+/// A kernel: its name (the `extern "C"` symbol), its module and its parameters.
+pub(crate) trait Kernel {
+    const NAME: &'static str;
+    const MODULE: Module;
+    type Params: Params;
+}
+
+/// A kernel as data, for the tests.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct KernelInfo {
+    pub(crate) name: &'static str,
+    pub(crate) module: Module,
+    pub(crate) params: &'static [Param],
+}
+
+/// Declares each kernel as a type named as the kernel (`glip_softmax`, with no values), implementing
+/// [`Kernel`], and lists them all in [`ALL`].
+macro_rules! kernels {
+    ($($module:ident { $($name:ident($($p:ty),+ $(,)?);)+ })+) => {
+        $($(
+            #[allow(non_camel_case_types, reason = "named as the kernel's symbol")]
+            pub(crate) enum $name {}
+
+            impl Kernel for $name {
+                const NAME: &'static str = stringify!($name);
+                const MODULE: Module = Module::$module;
+                type Params = ($($p,)+);
+            }
+        )+)+
+
+        /// Every kernel, module by module.
+        pub(crate) const ALL: &[KernelInfo] = &[$($(KernelInfo {
+            name: stringify!($name),
+            module: Module::$module,
+            params: <($($p,)+) as Params>::LIST,
+        },)+)+];
+    };
+}
+
+use half::bf16;
+
+kernels! {
+    Optim {
+        glip_adamw_moments(Write<f32>, Read<f32>, u64, f32, f32, f32, f32, f32);
+        glip_adamw_apply(Write<f32>, Read<f32>, u64, f32, f32, f32, f32);
+        glip_ema(Write<f32>, Read<f32>, u64, f32, f32);
+        glip_sum_squares_all(Read<u64>, u32, u64, u64, Write<f64>);
+        glip_adamw_all(Read<u64>, u32, u64, u64);
+        glip_sum_f64(Read<f64>, u64, Write<f64>);
+    }
+    Norm {
+        glip_softmax(Read<f32>, Write<f32>, u32, u32);
+        glip_softmax_backward(Read<f32>, Read<f32>, Write<f32>, u32, u32);
+        glip_layer_norm(Read<f32>, Read<f32>, Read<f32>, Write<f32>, u32, u32, f32);
+        glip_add_layer_norm(
+            Read<f32>, Read<f32>, Read<f32>, Read<f32>, Write<f32>, u32, u32, f32,
+        );
+        glip_layer_norm_backward(
+            Read<f32>, Read<f32>, Read<f32>, Write<f32>, Write<f32>, u32, u32, f32,
+        );
+        glip_layer_norm_params(Read<f32>, Read<f32>, Read<f32>, Write<f32>, u32, u32, u32);
+        glip_sum_parts(Read<f32>, Write<f32>, u32, u32);
+        glip_batch_norm_stats(Read<f32>, Write<f32>, u32, u32, u32, f64);
+        glip_batch_norm(Read<f32>, Read<f32>, Write<f32>, u64, u32, u32);
+        glip_batch_norm_sums(Read<f32>, Read<f32>, Read<f32>, Write<f32>, u32, u32, u32);
+        glip_batch_norm_backward(
+            Read<f32>, Read<f32>, Read<f32>, Write<f32>, u64, u32, u32, f32,
+        );
+        glip_bn_constants(Read<f32>, Read<f32>, Read<f32>, Read<f32>, Write<f32>, u32, f32);
+        glip_affine_f32(Read<f32>, Read<f32>, Read<f32>, Write<f32>, u64, u32, u32, u32);
+        glip_affine_bf16(Read<bf16>, Read<f32>, Read<bf16>, Write<bf16>, u64, u32, u32, u32);
+        glip_affine_backward_f32(
+            Read<f32>, Read<f32>, Read<f32>, Write<f32>, u64, u32, u32, u32,
+        );
+        glip_affine_backward_bf16(
+            Read<bf16>, Read<bf16>, Read<f32>, Write<bf16>, u64, u32, u32, u32,
+        );
+    }
+    Pool {
+        glip_max_pool_f32(Read<f32>, Write<f32>, u64, u32, u32, u32, u32);
+        glip_max_pool_bf16(Read<bf16>, Write<bf16>, u64, u32, u32, u32, u32);
+        glip_max_pool_backward_f32(Read<f32>, Read<f32>, Write<f32>, u64, u32, u32, u32, u32);
+        glip_max_pool_backward_bf16(
+            Read<bf16>, Read<bf16>, Write<bf16>, u64, u32, u32, u32, u32,
+        );
+    }
+    Linear {
+        glip_bf16_cast_fill(Read<f32>, Write<bf16>, u64, Read<f32>, Write<f32>, u64, u32);
+    }
+    Elementwise {
+        glip_dropout_mask(Write<f32>, u64, u64, f32, f32);
+        glip_dropout(Read<f32>, Write<f32>, u64, u64, f32, f32);
+        glip_relu_backward(Read<f32>, Read<f32>, Write<f32>, u64);
+        glip_gelu_erf_backward(Read<f32>, Read<f32>, Write<f32>, u64);
+    }
+    TopK {
+        glip_top_k(Read<f32>, Write<u32>, u32, u32);
+    }
+    Attention {
+        glip_attention(
+            Read<f32>, Read<f32>, Read<f32>, Read<u8>, Write<f32>,
+            u32, u32, u32, u32, u32, u32, u32, f32, u32,
+        );
+    }
+    Deformable {
+        glip_deformable_sample(
+            Read<f32>, Read<f32>, Levels, Write<f32>, u32, u32, u32, u32, u64,
+        );
+        glip_deformable_value_grad(
+            Read<f32>, Read<f32>, Levels, Write<f32>, u32, u32, u32, u32, u64,
+        );
+        glip_deformable_sample_grad(
+            Read<f32>, Read<f32>, Read<f32>, Levels, Write<f32>, u32, u32, u32, u32, u64,
+        );
+    }
+}
+
+/// The kernels `source` defines (`extern "C" __global__ void NAME(PARAMS)`), each with its
+/// parameters read from the CUDA C: pointers to `const` are [`Param::Read`], other pointers
+/// [`Param::Write`], `GlipLevels` [`Param::Levels`], the rest scalars. An `Err` names a
+/// parameter type this list does not know.
+pub(crate) fn declared(source: &str) -> Result<Vec<(String, Vec<Param>)>, String> {
+    const DEFINES: &str = "extern \"C\" __global__ void ";
+    let mut found = Vec::new();
+    for rest in source.split(DEFINES).skip(1) {
+        let (name, rest) = rest.split_once('(').ok_or("a kernel without parameters")?;
+        let (list, _) = rest.split_once(')').ok_or_else(|| format!("{name}: no `)`"))?;
+        let params = list
+            .split(',')
+            .map(|p| c_param(p).map_err(|e| format!("{}: {e}", name.trim())))
+            .collect::<Result<_, _>>()?;
+        found.push((name.trim().to_owned(), params));
+    }
+    Ok(found)
+}
+
+/// One C parameter declaration (`const float *__restrict__ x`, `unsigned n`) as a [`Param`].
+fn c_param(decl: &str) -> Result<Param, String> {
+    let words: Vec<&str> = decl
+        .split(|c: char| c.is_whitespace() || c == '*')
+        .filter(|w| !w.is_empty() && *w != "__restrict__")
+        .collect();
+    // The last word is the parameter's name.
+    let Some((_, ty)) = words.split_last() else {
+        return Err(format!("an empty parameter in `{decl}`"));
+    };
+    let pointer = decl.contains('*');
+    let constant = ty.first() == Some(&"const");
+    let base = ty.iter().skip(usize::from(constant)).copied().collect::<Vec<_>>().join(" ");
+    let elem = match base.as_str() {
+        "float" => Elem::F32,
+        "glip_bf16" => Elem::Bf16,
+        "double" => Elem::F64,
+        "unsigned char" => Elem::U8,
+        "unsigned" | "unsigned int" => Elem::U32,
+        "unsigned long long" => Elem::U64,
+        "GlipLevels" if !pointer && !constant => return Ok(Param::Levels),
+        other => return Err(format!("parameter type `{other}` in `{}`", decl.trim())),
+    };
+    Ok(match (pointer, constant) {
+        (true, true) => Param::Read(elem),
+        (true, false) => Param::Write(elem),
+        (false, false) => Param::Scalar(elem),
+        (false, true) => return Err(format!("a `const` scalar in `{}`", decl.trim())),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each module's kernels, as its CUDA C declares them, are exactly [`ALL`]'s of that
+    /// module, with the same parameters in the same order: the Rust types the launches are
+    /// checked against are those of the C. (Which module a kernel is in matters: the `cuda`
+    /// build looks it up in that module's PTX.)
+    #[test]
+    fn every_kernel_is_declared_as_its_cuda_c_takes_it() {
+        let mut problems = Vec::new();
+        for module in Module::ALL {
+            let declared = declared(module.source()).unwrap_or_else(|e| panic!("{e}"));
+            let listed: Vec<&KernelInfo> = ALL.iter().filter(|k| k.module == module).collect();
+            for (name, params) in &declared {
+                match listed.iter().find(|k| k.name == name) {
+                    None => problems.push(format!("{name} ({module:?}) is not in ALL")),
+                    Some(k) if k.params != params.as_slice() => problems
+                        .push(format!("{name}: the C takes {params:?}, ALL says {:?}", k.params)),
+                    Some(_) => {}
+                }
+            }
+            for k in &listed {
+                if declared.iter().filter(|(name, _)| name == k.name).count() != 1 {
+                    problems.push(format!("{} is not defined once in {module:?}", k.name));
+                }
+            }
+        }
+        assert!(problems.is_empty(), "{problems:#?}");
+        let mut names: Vec<&str> = ALL.iter().map(|k| k.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), ALL.len(), "a kernel listed twice in ALL");
+    }
+
+    /// Every kernel `cuda_source.rs` defines (`extern "C" __global__ void NAME(`, in any of its
+    /// texts, a module of [`Module::ALL`] or not) is in [`ALL`]: a kernel or a whole module
+    /// added there is declared, compiled by NVRTC's test and checked above.
+    #[test]
+    fn every_kernel_of_the_sources_is_listed() {
+        let text = include_str!("../cuda_source.rs");
+        let mut defined: Vec<&str> = text
+            .split("extern \"C\" __global__ void ")
+            .skip(1)
+            .map(|rest| rest.split('(').next().unwrap_or_default().trim())
+            .collect();
+        defined.sort_unstable();
+        let mut listed: Vec<&str> = ALL.iter().map(|k| k.name).collect();
+        listed.sort_unstable();
+        assert_eq!(listed, defined, "the kernels ALL lists against those cuda_source.rs defines");
+    }
+
+    /// Nothing but `cuda_launch::launch` builds a launch (with cudarc's launch builder), so every
+    /// kernel launch of the crate has its arguments checked against a declaration here.
+    #[test]
+    fn kernels_are_launched_only_through_the_typed_launch() {
+        let needle = concat!("launch", "_builder");
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut files = vec![src.clone()];
+        let mut using = Vec::new();
+        while let Some(path) = files.pop() {
+            if path.is_dir() {
+                let entries = std::fs::read_dir(&path).expect("the crate's sources");
+                files.extend(entries.map(|e| e.expect("a directory entry").path()));
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).expect("a source file");
+                let count = text.matches(needle).count();
+                if count > 0 {
+                    using.push((
+                        path.strip_prefix(&src).unwrap_or(&path).display().to_string(),
+                        count,
+                    ));
+                }
+            }
+        }
+        assert_eq!(using, [("cuda_launch.rs".to_owned(), 1)], "files building launches");
+    }
+
+    /// The C reader takes each kind of declaration the sources use, and refuses what it does
+    /// not know (so a new parameter type fails the test above instead of passing unread).
+    #[test]
+    fn c_parameters_read_as_their_kinds() {
+        let cases = [
+            ("const float *__restrict__ x", Param::Read(Elem::F32)),
+            ("float *y", Param::Write(Elem::F32)),
+            ("const glip_bf16 *__restrict__ x", Param::Read(Elem::Bf16)),
+            ("glip_bf16 *y", Param::Write(Elem::Bf16)),
+            ("const unsigned long long *table", Param::Read(Elem::U64)),
+            ("double *parts", Param::Write(Elem::F64)),
+            ("unsigned *out", Param::Write(Elem::U32)),
+            ("const unsigned char *__restrict__ mask", Param::Read(Elem::U8)),
+            ("unsigned n", Param::Scalar(Elem::U32)),
+            ("unsigned int tensors", Param::Scalar(Elem::U32)),
+            ("unsigned long long n", Param::Scalar(Elem::U64)),
+            (" float eps", Param::Scalar(Elem::F32)),
+            ("double eps", Param::Scalar(Elem::F64)),
+            ("GlipLevels lv", Param::Levels),
+        ];
+        for (decl, want) in cases {
+            assert_eq!(c_param(decl), Ok(want), "{decl}");
+        }
+        for bad in ["int n", "const float eps", "half *x", "size_t n", "GlipLevels *lv", "x"] {
+            assert!(c_param(bad).is_err(), "{bad} was read as {:?}", c_param(bad));
+        }
+        let two = "extern \"C\" __global__ void glip_a(const float *x, unsigned n) {}\n\
+                   extern \"C\" __global__ void glip_b(float *y) {}";
+        assert_eq!(
+            declared(two),
+            Ok(vec![
+                ("glip_a".to_owned(), vec![Param::Read(Elem::F32), Param::Scalar(Elem::U32)]),
+                ("glip_b".to_owned(), vec![Param::Write(Elem::F32)]),
+            ])
+        );
+    }
+
+    /// A kernel's Rust parameters are the types it was declared with.
+    #[test]
+    fn a_declared_kernel_lists_its_parameter_types() {
+        assert_eq!(glip_softmax::NAME, "glip_softmax");
+        assert_eq!(glip_softmax::MODULE, Module::Norm);
+        assert_eq!(
+            <glip_softmax as Kernel>::Params::LIST,
+            [
+                Param::Read(Elem::F32),
+                Param::Write(Elem::F32),
+                Param::Scalar(Elem::U32),
+                Param::Scalar(Elem::U32)
+            ]
+        );
+        assert_eq!(Module::TopK.kernels().collect::<Vec<_>>(), ["glip_top_k"]);
+    }
+}
