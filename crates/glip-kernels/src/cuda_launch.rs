@@ -28,7 +28,10 @@ static PTX: [OnceLock<std::result::Result<String, String>>; Module::ALL.len()] =
 fn ptx(module: Module) -> Result<&'static str> {
     let i = Module::ALL.iter().position(|m| *m == module).unwrap_or_default();
     PTX[i].get_or_init(|| cudarc_nvrtc(module.source())).as_deref().map_err(|e| {
-        candle_core::Error::Msg(format!("NVRTC could not compile glip's {}: {e}", module.name()))
+        candle_core::Error::Msg(format!(
+            "NVRTC could not compile glip's CUDA module {}: {e}",
+            module.name()
+        ))
     })
 }
 
