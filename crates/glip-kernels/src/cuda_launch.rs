@@ -20,14 +20,13 @@ use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
 use candle_core::{Layout, Result, WithDType};
 use std::sync::OnceLock;
 
-/// Each module's PTX (by [`Module::ALL`]'s order), compiled on first use.
+/// Each module's PTX (at its index, [`Module::ALL`]'s order), compiled on first use.
 static PTX: [OnceLock<std::result::Result<String, String>>; Module::ALL.len()] =
     [const { OnceLock::new() }; Module::ALL.len()];
 
 /// `module`'s PTX, compiled on first use.
 fn ptx(module: Module) -> Result<&'static str> {
-    let i = Module::ALL.iter().position(|m| *m == module).unwrap_or_default();
-    PTX[i].get_or_init(|| cudarc_nvrtc(module.source())).as_deref().map_err(|e| {
+    PTX[module as usize].get_or_init(|| cudarc_nvrtc(module.source())).as_deref().map_err(|e| {
         candle_core::Error::Msg(format!(
             "NVRTC could not compile glip's CUDA module {}: {e}",
             module.name()
@@ -54,10 +53,10 @@ fn func<K: Kernel>(dev: &CudaDevice) -> Result<CudaFunction> {
 /// # Safety
 /// Every buffer holds what `K` reads or writes at these scalar arguments and `cfg` (the types
 /// are checked; the lengths are the caller's to check, and each call says how it does).
-pub(crate) unsafe fn launch<K: Kernel, A: Args<K::Params>>(
+pub(crate) unsafe fn launch<K: Kernel>(
     dev: &CudaDevice,
     cfg: LaunchConfig,
-    mut args: A,
+    mut args: impl Args<K::Params>,
 ) -> Result<()> {
     let f = func::<K>(dev)?;
     let stream = dev.cuda_stream();

@@ -59,11 +59,7 @@ pub(crate) fn softmax(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape
     // SAFETY: `x` is the r d elements of its layout, `y` as long: each block reads and writes its
     // rows' d elements.
     unsafe {
-        launch::<kernels::glip_softmax, _>(
-            &dev,
-            per_row(r as usize, d as usize),
-            (&x, &mut y, r, d),
-        )
+        launch::<kernels::glip_softmax>(&dev, per_row(r as usize, d as usize), (&x, &mut y, r, d))
     }?;
     Ok((CudaStorage::wrap_cuda_slice(y, dev), l.shape().clone()))
 }
@@ -81,7 +77,7 @@ pub(crate) fn softmax_backward(
     let mut dx = output(&dev, y.len())?;
     // SAFETY: `y`, `dy` (checked equal) and `dx` hold the r d elements the kernel reads and writes.
     unsafe {
-        launch::<kernels::glip_softmax_backward, _>(
+        launch::<kernels::glip_softmax_backward>(
             &dev,
             per_row(r as usize, d as usize),
             (&y, &dy, &mut dx, r, d),
@@ -107,7 +103,7 @@ pub(crate) fn layer_norm(
     let mut y = output(&dev, x.len())?;
     // SAFETY: `x` and `y` hold r d elements, `w` and `bias` d (checked): what the kernel indexes.
     unsafe {
-        launch::<kernels::glip_layer_norm, _>(
+        launch::<kernels::glip_layer_norm>(
             &dev,
             per_row(r as usize, d as usize),
             (&x, &w, &bias, &mut y, r, d, eps),
@@ -142,7 +138,7 @@ pub(crate) fn layer_norm_backward(
         // SAFETY: `x`, `dy` (checked) and `dx` hold r d elements, `w` d (checked), `stats` 2 r:
         // what it indexes.
         unsafe {
-            launch::<kernels::glip_layer_norm_backward, _>(
+            launch::<kernels::glip_layer_norm_backward>(
                 &dev,
                 per_row(r as usize, du),
                 (&x, &w, &dy, &mut dx, &mut stats, r, d, eps),
@@ -159,7 +155,7 @@ pub(crate) fn layer_norm_backward(
         // SAFETY: `x`, `dy` r d elements, `stats` 2 r, `part` 2 d per chunk of rows, `parts`
         // chunks.
         unsafe {
-            launch::<kernels::glip_layer_norm_params, _>(
+            launch::<kernels::glip_layer_norm_params>(
                 &dev,
                 cfg,
                 (&x, &dy, &stats, &mut part, r, d, chunk_u),
@@ -171,7 +167,7 @@ pub(crate) fn layer_norm_backward(
         let mut sums = out.slice_mut(n..n + 2 * du);
         // SAFETY: `part` holds `parts` rows of 2 d sums, `sums` the 2 d it writes.
         unsafe {
-            launch::<kernels::glip_sum_parts, _>(
+            launch::<kernels::glip_sum_parts>(
                 &dev,
                 elementwise(2 * du),
                 (&part, &mut sums, parts_u, m),
@@ -195,7 +191,7 @@ pub(crate) fn batch_norm_stats(
     let mut p = output(&dev, 3 * c as usize)?;
     // SAFETY: `x` holds b c hw elements (its layout's dims), `p` the 3 c it writes.
     unsafe {
-        launch::<kernels::glip_batch_norm_stats, _>(
+        launch::<kernels::glip_batch_norm_stats>(
             &dev,
             per_row(c as usize, bs as usize * hw as usize),
             (&x, &mut p, bs, c, hw, eps),
@@ -218,7 +214,7 @@ pub(crate) fn batch_norm(
     let mut y = output(&dev, x.len())?;
     // SAFETY: `x` and `y` hold `total` elements, `p` 5 c (checked).
     unsafe {
-        launch::<kernels::glip_batch_norm, _>(
+        launch::<kernels::glip_batch_norm>(
             &dev,
             elementwise(x.len()),
             (&x, &p, &mut y, total, c, hw),
@@ -247,7 +243,7 @@ pub(crate) fn batch_norm_backward(
         let mut sums = out.slice_mut(n..n + 2 * cu);
         // SAFETY: `x`, `dy` hold b c hw elements, `p` 5 c (checked), `sums` the 2 c it writes.
         unsafe {
-            launch::<kernels::glip_batch_norm_sums, _>(
+            launch::<kernels::glip_batch_norm_sums>(
                 &dev,
                 per_row(cu, bs as usize * hw as usize),
                 (&x, &p, &dy, &mut sums, bs, c, hw),
@@ -258,7 +254,7 @@ pub(crate) fn batch_norm_backward(
         let (total, count) = (n as u64, (bs as usize * hw as usize).max(1) as f32);
         // SAFETY: `x`, `dy` and `out`'s first part hold `total` elements, `p` 5 c (checked).
         unsafe {
-            launch::<kernels::glip_batch_norm_backward, _>(
+            launch::<kernels::glip_batch_norm_backward>(
                 &dev,
                 elementwise(n),
                 (&x, &p, &dy, &mut out, total, c, hw, count),
@@ -351,11 +347,7 @@ fn affine_of<T: Act>(
     // SAFETY: `x`, `r` (checked) and `y` hold `total` elements of c planes of hw, `ss` 2 c
     // (checked).
     unsafe {
-        launch::<T::Affine, _>(
-            &dev,
-            elementwise(x.len()),
-            (&x, &ss, r, &mut y, total, c, hw, flags),
-        )
+        launch::<T::Affine>(&dev, elementwise(x.len()), (&x, &ss, r, &mut y, total, c, hw, flags))
     }?;
     Ok((CudaStorage::wrap_cuda_slice(y, dev), l1.shape().clone()))
 }
@@ -394,7 +386,7 @@ fn affine_backward_of<T: Act>(
     // SAFETY: `y`, `dy` (checked) hold `total` elements, `ss` 2 c (checked), `out` the n or 2 n it
     // writes.
     unsafe {
-        launch::<T::AffineBackward, _>(
+        launch::<T::AffineBackward>(
             &dev,
             elementwise(n),
             (&y, &dy, &ss, &mut out, total, c, hw, flags),
@@ -491,7 +483,7 @@ pub(crate) fn bn_constants(
         let mut ss = output(dev, 2 * c)?;
         // SAFETY: the four vectors hold c elements each (checked), `ss` the 2 c it writes.
         unsafe {
-            launch::<kernels::glip_bn_constants, _>(
+            launch::<kernels::glip_bn_constants>(
                 dev,
                 elementwise(c),
                 (&views[0], &views[1], &views[2], &views[3], &mut ss, c32, eps),
@@ -522,7 +514,7 @@ pub(crate) fn add_layer_norm(
         // SAFETY: `x`, the residual (checked) and `y` hold `rows` d elements, weight and bias d
         // (checked).
         unsafe {
-            launch::<kernels::glip_add_layer_norm, _>(
+            launch::<kernels::glip_add_layer_norm>(
                 dev,
                 per_row(rows as usize, d as usize),
                 (&views[0], &views[1], &views[2], &views[3], &mut y, rows, d, eps),
@@ -577,7 +569,7 @@ pub(crate) fn attention(
         // SAFETY: the row views span the b lq (or lk) rows at their strides, the mask b lk
         // (checked), `out` the b lq d it writes.
         unsafe {
-            launch::<kernels::glip_attention, _>(
+            launch::<kernels::glip_attention>(
                 dev,
                 cfg,
                 (
@@ -665,7 +657,7 @@ pub(crate) fn deformable_sample(
     // kernel reads only neighbours inside a level, and the levels tile the s value rows
     // (`deformable::dims`).
     unsafe {
-        launch::<kernels::glip_deformable_sample, _>(
+        launch::<kernels::glip_deformable_sample>(
             &dev,
             elementwise(n),
             (&value, &samples, lv, &mut out, s, dh, q, points, n64),
@@ -705,7 +697,7 @@ pub(crate) fn deformable_sample_backward(
         // SAFETY: `samples` and `grad` hold what `d` says (checked), `gv` the value's nv
         // elements, written only at neighbours inside a level (the levels tile the s rows).
         unsafe {
-            launch::<kernels::glip_deformable_value_grad, _>(
+            launch::<kernels::glip_deformable_value_grad>(
                 &dev,
                 elementwise(n),
                 (&samples, &grad, lv, &mut gv, s, dh, q, points, n64),
@@ -719,7 +711,7 @@ pub(crate) fn deformable_sample_backward(
         // SAFETY: `value`, `samples`, `grad` hold what `d` says (checked), `gs` the samples' ns
         // elements; values are read only inside a level (the levels tile the s rows).
         unsafe {
-            launch::<kernels::glip_deformable_sample_grad, _>(
+            launch::<kernels::glip_deformable_sample_grad>(
                 &dev,
                 elementwise(n),
                 (&value, &samples, &grad, lv, &mut gs, s, dh, q, points, n64),
@@ -750,7 +742,7 @@ fn max_pool_of<T: Act>(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shap
     // Written in full (one thread per output) by glip_max_pool_*.
     let mut y = output_of::<T>(&dev, n)?;
     // SAFETY: `x` holds planes h w elements (its dims), `y` the planes oh ow it writes.
-    unsafe { launch::<T::MaxPool, _>(&dev, elementwise(n), (&x, &mut y, planes, h, w, oh, ow)) }?;
+    unsafe { launch::<T::MaxPool>(&dev, elementwise(n), (&x, &mut y, planes, h, w, oh, ow)) }?;
     let (bs, c, _, _) = l.shape().dims4()?;
     Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((bs, c, oh as usize, ow as usize))))
 }
@@ -776,7 +768,7 @@ fn max_pool_backward_of<T: Act>(
     let mut dx = output_of::<T>(&dev, x.len())?;
     // SAFETY: `x` and `dx` hold planes h w elements, `g` planes oh ow (checked).
     unsafe {
-        launch::<T::MaxPoolBackward, _>(
+        launch::<T::MaxPoolBackward>(
             &dev,
             elementwise(x.len()),
             (&x, &g, &mut dx, planes, h, w, oh, ow),
@@ -802,7 +794,7 @@ pub(crate) fn dropout(
     let n64 = n as u64;
     // SAFETY: `x` and `y` hold the n elements the kernel reads and writes.
     unsafe {
-        launch::<kernels::glip_dropout, _>(&dev, elementwise(n), (&x, &mut y, n64, seed, p, scale))
+        launch::<kernels::glip_dropout>(&dev, elementwise(n), (&x, &mut y, n64, seed, p, scale))
     }?;
     Ok((CudaStorage::wrap_cuda_slice(y, dev), l.shape().clone()))
 }
@@ -833,7 +825,7 @@ fn activation_backward_of<K: Kernel<Params = (Read<f32>, Read<f32>, Write<f32>, 
     // Written in full by the kernel.
     let mut dx = output(&dev, n)?;
     // SAFETY: `x`, `dy` (checked) and `dx` hold the n elements the kernel reads and writes.
-    unsafe { launch::<K, _>(&dev, elementwise(n), (&x, &dy, &mut dx, n as u64)) }?;
+    unsafe { launch::<K>(&dev, elementwise(n), (&x, &dy, &mut dx, n as u64)) }?;
     Ok((CudaStorage::wrap_cuda_slice(dx, dev), l1.shape().clone()))
 }
 
@@ -857,7 +849,7 @@ pub(crate) fn top_k(s: &CudaStorage, l: &Layout, k: usize) -> Result<(CudaStorag
         shared_mem_bytes: 0,
     };
     // SAFETY: `x` holds rows of len, `out` the rows k it writes (k <= len checked).
-    unsafe { launch::<kernels::glip_top_k, _>(&dev, cfg, (&x, &mut out, len32, k32)) }?;
+    unsafe { launch::<kernels::glip_top_k>(&dev, cfg, (&x, &mut out, len32, k32)) }?;
     Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((rows, k))))
 }
 

@@ -239,7 +239,7 @@ impl LinearBf16 {
         // SAFETY: `x` and `xb` hold m k elements (checked), the bias n (checked) and `y` m n, where
         // given.
         unsafe {
-            launch::<kernels::glip_bf16_cast_fill, _>(
+            launch::<kernels::glip_bf16_cast_fill>(
                 &dev,
                 crate::cuda_launch::elementwise((m * k).max(m * n)),
                 (

@@ -65,7 +65,7 @@ pub(crate) fn moments(
     let [c, b1, a1, b2, a2] = [h.clip, h.b1, 1.0 - h.b1, h.b2, 1.0 - h.b2].map(|v| v as f32);
     let (dev, mut dst, src, n) = in_place(K::NAME, mv, g, (2, 1))?;
     // SAFETY: `dst` holds 2 n elements, `src` n ([`in_place`]).
-    unsafe { launch::<K, _>(&dev, elementwise(n), (&mut dst, &src, n as u64, c, b1, a1, b2, a2)) }
+    unsafe { launch::<K>(&dev, elementwise(n), (&mut dst, &src, n as u64, c, b1, a1, b2, a2)) }
 }
 
 /// `w = w (1 - lr wd) - (lr / bc1) m / (sqrt(v) / sqrt(bc2) + eps)`.
@@ -79,7 +79,7 @@ pub(crate) fn apply(
         [1.0 - h.lr * h.weight_decay, h.lr / h.bc1, 1.0 / h.bc2.sqrt(), h.eps].map(|v| v as f32);
     let (dev, mut dst, src, n) = in_place(K::NAME, w, mv, (1, 2))?;
     // SAFETY: `dst` holds n elements, `src` 2 n ([`in_place`]).
-    unsafe { launch::<K, _>(&dev, elementwise(n), (&mut dst, &src, n as u64, keep, step, r, eps)) }
+    unsafe { launch::<K>(&dev, elementwise(n), (&mut dst, &src, n as u64, keep, step, r, eps)) }
 }
 
 /// `e = d e + (1 - d) w`.
@@ -92,7 +92,7 @@ pub(crate) fn ema(
     let (dev, mut dst, src, n) = in_place(K::NAME, e, w, (1, 1))?;
     let (keep, take) = (d as f32, (1.0 - d) as f32);
     // SAFETY: `dst` and `src` hold n elements each ([`in_place`]).
-    unsafe { launch::<K, _>(&dev, elementwise(n), (&mut dst, &src, n as u64, keep, take)) }
+    unsafe { launch::<K>(&dev, elementwise(n), (&mut dst, &src, n as u64, keep, take)) }
 }
 
 /// Elements per block in the many-tensor kernels (`glip_sum_squares_all`, `glip_adamw_all`):
@@ -183,7 +183,7 @@ pub(crate) fn sum_squares_all(xs: &[&Tensor], dev: &CudaDevice) -> Result<Tensor
         // against its view; the blocks read the `chunks` chunks of them and block `b` writes
         // `parts[b]`: `total` blocks for the `total` partials.
         unsafe {
-            launch::<kernels::glip_sum_squares_all, _>(
+            launch::<kernels::glip_sum_squares_all>(
                 dev,
                 cfg,
                 (&table, tensors, chunk, n_chunks, &mut parts),
@@ -194,11 +194,7 @@ pub(crate) fn sum_squares_all(xs: &[&Tensor], dev: &CudaDevice) -> Result<Tensor
     let mut out = unsafe { dev.alloc::<f64>(1) }?;
     // SAFETY: reads `parts[0..total]` (all written above) and writes `out[0]`.
     unsafe {
-        launch::<kernels::glip_sum_f64, _>(
-            dev,
-            per_row(1, threads),
-            (&parts, total as u64, &mut out),
-        )
+        launch::<kernels::glip_sum_f64>(dev, per_row(1, threads), (&parts, total as u64, &mut out))
     }?;
     let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(out, dev.clone()));
     Ok(Tensor::from_storage(storage, (), BackpropOp::none(), false))
@@ -243,7 +239,7 @@ pub(crate) fn adamw_all(
     // views' lengths; the blocks stride over the `chunks` chunks, each read and written by one
     // block.
     unsafe {
-        launch::<kernels::glip_adamw_all, _>(
+        launch::<kernels::glip_adamw_all>(
             dev,
             per_row(chunks, crate::cuda_source::THREADS as usize),
             (&table, tensors, chunk, n_chunks),

@@ -130,6 +130,7 @@ pub(crate) enum Module {
 }
 
 impl Module {
+    /// Every module, each at its discriminant.
     pub(crate) const ALL: [Module; 8] = [
         Module::Optim,
         Module::Norm,
@@ -472,5 +473,9 @@ mod tests {
             ]
         );
         assert_eq!(Module::TopK.kernels().collect::<Vec<_>>(), ["glip_top_k"]);
+        // `cuda_launch` keeps each module's PTX at `module as usize`.
+        for (i, module) in Module::ALL.into_iter().enumerate() {
+            assert_eq!(module as usize, i, "{module:?}");
+        }
     }
 }
