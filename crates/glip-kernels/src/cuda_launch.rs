@@ -68,8 +68,8 @@ pub(crate) unsafe fn launch<K: Kernel>(
 }
 
 /// An argument that can stand for a kernel parameter of type `P` ([`Read`], [`Write`],
-/// [`Levels`](crate::cuda_source::kernels::Levels) or a scalar): pushed onto a launch as cudarc pushes it (a buffer's reads and
-/// writes ordered on the stream by cudarc's events).
+/// [`Levels`](crate::cuda_source::kernels::Levels) or a scalar): pushed onto a launch as
+/// cudarc pushes it (a buffer's reads and writes ordered on the stream by cudarc's events).
 pub(crate) trait Arg<P> {
     fn push<'a>(&'a mut self, b: &mut LaunchArgs<'a>);
 }

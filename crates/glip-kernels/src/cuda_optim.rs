@@ -202,8 +202,9 @@ pub(crate) fn sum_squares_all(xs: &[&Tensor], dev: &CudaDevice) -> Result<Tensor
 
 /// AdamW's step ([`moments`] then [`apply`], the same arithmetic) of every `(weight, moments,
 /// gradient, constants)` on `dev` in one launch: a block per chunk of [`CHUNK`] elements of
-/// one tensor (striding over the chunks beyond 65,535). One AdamW step of seed-r50's 434 parameter tensors was 868 launches (and as
-/// many of the norm's); the launches, not the work, made the optimiser's share of a step.
+/// one tensor (striding over the chunks beyond 65,535). One AdamW step of seed-r50's 434
+/// parameter tensors was 868 launches (and as many of the norm's); the launches, not the work,
+/// made the optimiser's share of a step.
 /// Weights and moments are written in place: the optimiser owns them, and candle's stream
 /// orders the writes after every earlier use.
 pub(crate) fn adamw_all(

@@ -191,8 +191,8 @@ pub(crate) struct KernelInfo {
     pub(crate) params: &'static [Param],
 }
 
-/// Declares each kernel as a type named as the kernel (`glip_softmax`, with no values), implementing
-/// [`Kernel`], and lists them all in [`ALL`].
+/// Declares each kernel as a type named as the kernel (`glip_softmax`, with no values),
+/// implementing [`Kernel`], and lists them all in [`ALL`].
 macro_rules! kernels {
     ($($module:ident { $($name:ident($($p:ty),+ $(,)?);)+ })+) => {
         $($(
