@@ -322,7 +322,11 @@ fn c_param(decl: &str) -> Result<Param, String> {
     let Some((_, ty)) = words.split_last() else {
         return Err(format!("an empty parameter in `{decl}`"));
     };
-    let pointer = decl.contains('*');
+    let pointer = match decl.matches('*').count() {
+        0 => false,
+        1 => true,
+        _ => return Err(format!("a pointer to a pointer in `{}`", decl.trim())),
+    };
     let constant = ty.first() == Some(&"const");
     let base = ty.iter().skip(usize::from(constant)).copied().collect::<Vec<_>>().join(" ");
     let elem = match base.as_str() {
@@ -444,7 +448,9 @@ mod tests {
         for (decl, want) in cases {
             assert_eq!(c_param(decl), Ok(want), "{decl}");
         }
-        for bad in ["int n", "const float eps", "half *x", "size_t n", "GlipLevels *lv", "x"] {
+        for bad in
+            ["int n", "const float eps", "half *x", "size_t n", "GlipLevels *lv", "float **p", "x"]
+        {
             assert!(c_param(bad).is_err(), "{bad} was read as {:?}", c_param(bad));
         }
         let two = "extern \"C\" __global__ void glip_a(const float *x, unsigned n) {}\n\
