@@ -252,7 +252,8 @@ pub(crate) fn batch_norm_backward(
     }
     {
         let (total, count) = (n as u64, (bs as usize * hw as usize).max(1) as f32);
-        // SAFETY: `x`, `dy` and `out`'s first part hold `total` elements, `p` 5 c (checked).
+        // SAFETY: `x` and `dy` hold `total` elements, `p` 5 c (checked), `out` total + 2 c: dx
+        // written at [0, total), the sums above read at [total, total + 2 c).
         unsafe {
             launch::<kernels::glip_batch_norm_backward>(
                 &dev,
