@@ -49,6 +49,8 @@ fn func<K: Kernel>(dev: &CudaDevice) -> Result<CudaFunction> {
 /// Launches kernel `K` on `dev`'s stream with `cfg` and `args`, a tuple of its arguments in
 /// order: rustc checks each against the parameter `K` declares ([`Arg`]), and
 /// `cuda_source::kernels`' tests hold those declarations against the CUDA C and NVRTC's PTX.
+/// Blocks of a size `K` does not take (`K::THREADS`: a reduction's shared array holds 256
+/// values) are an error, before anything is launched.
 ///
 /// # Safety
 /// Every buffer holds what `K` reads or writes at these scalar arguments and `cfg` (the types
@@ -58,6 +60,14 @@ pub(crate) unsafe fn launch<K: Kernel>(
     cfg: LaunchConfig,
     mut args: impl Args<K::Params>,
 ) -> Result<()> {
+    if !K::THREADS.admits(cfg.block_dim) {
+        candle_core::bail!(
+            "{}: launched with blocks of {:?} threads; it takes {:?}",
+            K::NAME,
+            cfg.block_dim,
+            K::THREADS
+        )
+    }
     let f = func::<K>(dev)?;
     let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&f);

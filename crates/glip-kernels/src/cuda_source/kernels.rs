@@ -47,6 +47,46 @@ pub(crate) enum Param {
     Levels,
 }
 
+/// The block sizes a kernel may be launched with (`blockDim.x`; every kernel's blocks are
+/// one-dimensional).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Threads {
+    /// Any (no shared memory: each thread on its own elements).
+    Any,
+    /// A power of two, at most this many (a tree reduction over a `__shared__` array this
+    /// long, one value per thread).
+    PowerOfTwoUpTo(u32),
+    /// At most this many (a `__shared__` array this long, one element per thread).
+    UpTo(u32),
+    /// Exactly this many (tiles in shared memory laid out for them).
+    Exactly(u32),
+}
+
+impl Threads {
+    /// Whether a launch with blocks of `block` threads (`(x, y, z)`) is one of these: `y` and
+    /// `z` 1, `x` at least one and at most CUDA's 1,024.
+    pub(crate) const fn admits(self, block: (u32, u32, u32)) -> bool {
+        let (x, y, z) = block;
+        if y != 1 || z != 1 || x == 0 || x > 1024 {
+            return false;
+        }
+        match self {
+            Threads::Any => true,
+            Threads::PowerOfTwoUpTo(most) => x.is_power_of_two() && x <= most,
+            Threads::UpTo(most) => x <= most,
+            Threads::Exactly(n) => x == n,
+        }
+    }
+
+    /// The most threads a block may have.
+    pub(crate) const fn most(self) -> u32 {
+        match self {
+            Threads::Any => 1024,
+            Threads::PowerOfTwoUpTo(most) | Threads::UpTo(most) | Threads::Exactly(most) => most,
+        }
+    }
+}
+
 /// A Rust element type and its [`Elem`].
 pub(crate) trait ElemType {
     const ELEM: Elem;
@@ -176,10 +216,12 @@ impl Module {
     }
 }
 
-/// A kernel: its name (the `extern "C"` symbol), its module and its parameters.
+/// A kernel: its name (the `extern "C"` symbol), its module, its block sizes and its parameters.
 pub(crate) trait Kernel {
     const NAME: &'static str;
     const MODULE: Module;
+    /// The block sizes it may be launched with (`cuda_launch::launch` refuses others).
+    const THREADS: Threads;
     type Params: Params;
 }
 
@@ -188,13 +230,15 @@ pub(crate) trait Kernel {
 pub(crate) struct KernelInfo {
     pub(crate) name: &'static str,
     pub(crate) module: Module,
+    pub(crate) threads: Threads,
     pub(crate) params: &'static [Param],
 }
 
 /// Declares each kernel as a type named as the kernel (`glip_softmax`, with no values),
-/// implementing [`Kernel`], and lists them all in [`ALL`].
+/// implementing [`Kernel`] (its block sizes after `=>`, [`Threads::Any`] where none are
+/// given), and lists them all in [`ALL`].
 macro_rules! kernels {
-    ($($module:ident { $($name:ident($($p:ty),+ $(,)?);)+ })+) => {
+    ($($module:ident { $($name:ident($($p:ty),+ $(,)?) $(=> $threads:expr)?;)+ })+) => {
         $($(
             #[allow(non_camel_case_types, reason = "named as the kernel's symbol")]
             pub(crate) enum $name {}
@@ -202,6 +246,7 @@ macro_rules! kernels {
             impl Kernel for $name {
                 const NAME: &'static str = stringify!($name);
                 const MODULE: Module = Module::$module;
+                const THREADS: Threads = threads!($($threads)?);
                 type Params = ($($p,)+);
             }
         )+)+
@@ -210,10 +255,25 @@ macro_rules! kernels {
         pub(crate) const ALL: &[KernelInfo] = &[$($(KernelInfo {
             name: stringify!($name),
             module: Module::$module,
+            threads: threads!($($threads)?),
             params: <($($p,)+) as Params>::LIST,
         },)+)+];
     };
 }
+
+/// A kernel's [`Threads`], [`Threads::Any`] where none are given.
+macro_rules! threads {
+    () => {
+        Threads::Any
+    };
+    ($threads:expr) => {
+        $threads
+    };
+}
+
+/// The reductions' block sizes: a power of two up to [`super::THREADS`], the length of their
+/// `__shared__` arrays ([`super::block_threads`] gives these).
+const REDUCE: Threads = Threads::PowerOfTwoUpTo(super::THREADS);
 
 use half::bf16;
 
@@ -222,25 +282,25 @@ kernels! {
         glip_adamw_moments(Write<f32>, Read<f32>, u64, f32, f32, f32, f32, f32);
         glip_adamw_apply(Write<f32>, Read<f32>, u64, f32, f32, f32, f32);
         glip_ema(Write<f32>, Read<f32>, u64, f32, f32);
-        glip_sum_squares_all(Read<u64>, u32, u64, u64, Write<f64>);
+        glip_sum_squares_all(Read<u64>, u32, u64, u64, Write<f64>) => REDUCE;
         glip_adamw_all(Read<u64>, u32, u64, u64);
-        glip_sum_f64(Read<f64>, u64, Write<f64>);
+        glip_sum_f64(Read<f64>, u64, Write<f64>) => REDUCE;
     }
     Norm {
-        glip_softmax(Read<f32>, Write<f32>, u32, u32);
-        glip_softmax_backward(Read<f32>, Read<f32>, Write<f32>, u32, u32);
-        glip_layer_norm(Read<f32>, Read<f32>, Read<f32>, Write<f32>, u32, u32, f32);
+        glip_softmax(Read<f32>, Write<f32>, u32, u32) => REDUCE;
+        glip_softmax_backward(Read<f32>, Read<f32>, Write<f32>, u32, u32) => REDUCE;
+        glip_layer_norm(Read<f32>, Read<f32>, Read<f32>, Write<f32>, u32, u32, f32) => REDUCE;
         glip_add_layer_norm(
             Read<f32>, Read<f32>, Read<f32>, Read<f32>, Write<f32>, u32, u32, f32,
-        );
+        ) => REDUCE;
         glip_layer_norm_backward(
             Read<f32>, Read<f32>, Read<f32>, Write<f32>, Write<f32>, u32, u32, f32,
-        );
+        ) => REDUCE;
         glip_layer_norm_params(Read<f32>, Read<f32>, Read<f32>, Write<f32>, u32, u32, u32);
         glip_sum_parts(Read<f32>, Write<f32>, u32, u32);
-        glip_batch_norm_stats(Read<f32>, Write<f32>, u32, u32, u32, f64);
+        glip_batch_norm_stats(Read<f32>, Write<f32>, u32, u32, u32, f64) => REDUCE;
         glip_batch_norm(Read<f32>, Read<f32>, Write<f32>, u64, u32, u32);
-        glip_batch_norm_sums(Read<f32>, Read<f32>, Read<f32>, Write<f32>, u32, u32, u32);
+        glip_batch_norm_sums(Read<f32>, Read<f32>, Read<f32>, Write<f32>, u32, u32, u32) => REDUCE;
         glip_batch_norm_backward(
             Read<f32>, Read<f32>, Read<f32>, Write<f32>, u64, u32, u32, f32,
         );
@@ -272,13 +332,13 @@ kernels! {
         glip_gelu_erf_backward(Read<f32>, Read<f32>, Write<f32>, u64);
     }
     TopK {
-        glip_top_k(Read<f32>, Write<u32>, u32, u32);
+        glip_top_k(Read<f32>, Write<u32>, u32, u32) => Threads::UpTo(super::THREADS);
     }
     Attention {
         glip_attention(
             Read<f32>, Read<f32>, Read<f32>, Read<u8>, Write<f32>,
             u32, u32, u32, u32, u32, u32, u32, f32, u32,
-        );
+        ) => Threads::Exactly(super::ATTENTION_THREADS);
     }
     Deformable {
         glip_deformable_sample(
@@ -380,6 +440,79 @@ mod tests {
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), ALL.len(), "a kernel listed twice in ALL");
+    }
+
+    /// A kernel with `__shared__` memory declares the block sizes it takes, and no more threads
+    /// than its one-dimensional `__shared__` arrays of a numeric length hold (one element per
+    /// thread); a kernel without declares [`Threads::Any`].
+    #[test]
+    fn block_sizes_fit_the_shared_memory() {
+        const DEFINES: &str = "extern \"C\" __global__ void ";
+        let mut problems = Vec::new();
+        for module in Module::ALL {
+            let source = module.source();
+            let starts: Vec<usize> = source.match_indices(DEFINES).map(|(i, _)| i).collect();
+            for (k, &start) in starts.iter().enumerate() {
+                let body = &source[start..starts.get(k + 1).copied().unwrap_or(source.len())];
+                let name = body[DEFINES.len()..].split('(').next().unwrap_or_default();
+                let Some(info) = ALL.iter().find(|i| i.name == name) else {
+                    problems.push(format!("{name} is not declared"));
+                    continue;
+                };
+                let shared: Vec<&str> = body.split("__shared__").skip(1).collect();
+                if shared.is_empty() != (info.threads == Threads::Any) {
+                    problems.push(format!(
+                        "{name}: {} __shared__ declarations, threads {:?}",
+                        shared.len(),
+                        info.threads
+                    ));
+                }
+                // `__shared__ float sh[256];`: a length of digits, one dimension.
+                for decl in shared {
+                    let decl = decl.split(';').next().unwrap_or_default();
+                    let dims: Vec<&str> =
+                        decl.split('[').skip(1).filter_map(|d| d.split(']').next()).collect();
+                    if let [len] = dims[..] {
+                        if let Ok(len) = len.trim().parse::<u32>() {
+                            if info.threads.most() > len {
+                                problems.push(format!(
+                                    "{name}: up to {} threads for `{}`",
+                                    info.threads.most(),
+                                    decl.trim()
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(problems.is_empty(), "{problems:#?}");
+    }
+
+    /// The reductions' launches (`cuda_launch::per_row`: [`super::super::block_threads`] of the
+    /// row's length) are block sizes the reductions take, for any length; the element-wise
+    /// launches' [`super::super::THREADS`] and attention's are what those kernels declare.
+    #[test]
+    fn the_launches_block_sizes_are_the_declared_ones() {
+        for n in (0..5000).chain([65_535, 1 << 20, usize::MAX >> 1]) {
+            let t = super::super::block_threads(n);
+            assert!(REDUCE.admits((t, 1, 1)), "{n} elements: {t} threads");
+        }
+        assert!(Threads::Any.admits((super::super::THREADS, 1, 1)));
+        assert!(glip_attention::THREADS.admits((super::super::ATTENTION_THREADS, 1, 1)));
+        assert!(glip_top_k::THREADS.admits((super::super::THREADS, 1, 1)));
+        // What `admits` refuses.
+        for (threads, block) in [
+            (REDUCE, (384, 1, 1)),
+            (REDUCE, (512, 1, 1)),
+            (Threads::UpTo(256), (257, 1, 1)),
+            (Threads::Exactly(128), (64, 1, 1)),
+            (Threads::Any, (2048, 1, 1)),
+            (Threads::Any, (32, 2, 1)),
+            (Threads::Any, (0, 1, 1)),
+        ] {
+            assert!(!threads.admits(block), "{threads:?} admitted {block:?}");
+        }
     }
 
     /// Every kernel `cuda_source.rs` defines (`extern "C" __global__ void NAME(`, in any of its
