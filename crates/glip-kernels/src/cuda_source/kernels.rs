@@ -353,21 +353,30 @@ kernels! {
     }
 }
 
-/// The kernels `source` defines (`extern "C" __global__ void NAME(PARAMS)`), each with its
-/// parameters read from the CUDA C: pointers to `const` are [`Param::Read`], other pointers
-/// [`Param::Write`], `GlipLevels` [`Param::Levels`], the rest scalars. An `Err` names a
-/// parameter type this list does not know.
+/// Each kernel definition in `text` (`extern "C" __global__ void NAME(PARAMS) { .. }`): its
+/// name, and the text after the name up to the next definition (its parameter list and body,
+/// and whatever follows before the next kernel).
+pub(crate) fn definitions(text: &str) -> impl Iterator<Item = (&str, &str)> {
+    text.split("extern \"C\" __global__ void ").skip(1).map(|rest| {
+        let name = rest.split('(').next().unwrap_or_default();
+        (name.trim(), &rest[name.len()..])
+    })
+}
+
+/// The kernels `source` defines ([`definitions`]), each with its parameters read from the
+/// CUDA C: pointers to `const` are [`Param::Read`], other pointers [`Param::Write`],
+/// `GlipLevels` [`Param::Levels`], the rest scalars. An `Err` names a parameter type this list
+/// does not know.
 pub(crate) fn declared(source: &str) -> Result<Vec<(String, Vec<Param>)>, String> {
-    const DEFINES: &str = "extern \"C\" __global__ void ";
     let mut found = Vec::new();
-    for rest in source.split(DEFINES).skip(1) {
-        let (name, rest) = rest.split_once('(').ok_or("a kernel without parameters")?;
+    for (name, rest) in definitions(source) {
+        let rest = rest.strip_prefix('(').ok_or_else(|| format!("{name}: no parameters"))?;
         let (list, _) = rest.split_once(')').ok_or_else(|| format!("{name}: no `)`"))?;
         let params = list
             .split(',')
-            .map(|p| c_param(p).map_err(|e| format!("{}: {e}", name.trim())))
+            .map(|p| c_param(p).map_err(|e| format!("{name}: {e}")))
             .collect::<Result<_, _>>()?;
-        found.push((name.trim().to_owned(), params));
+        found.push((name.to_owned(), params));
     }
     Ok(found)
 }
@@ -447,14 +456,9 @@ mod tests {
     /// thread); a kernel without declares [`Threads::Any`].
     #[test]
     fn block_sizes_fit_the_shared_memory() {
-        const DEFINES: &str = "extern \"C\" __global__ void ";
         let mut problems = Vec::new();
         for module in Module::ALL {
-            let source = module.source();
-            let starts: Vec<usize> = source.match_indices(DEFINES).map(|(i, _)| i).collect();
-            for (k, &start) in starts.iter().enumerate() {
-                let body = &source[start..starts.get(k + 1).copied().unwrap_or(source.len())];
-                let name = body[DEFINES.len()..].split('(').next().unwrap_or_default();
+            for (name, body) in definitions(module.source()) {
                 let Some(info) = ALL.iter().find(|i| i.name == name) else {
                     problems.push(format!("{name} is not declared"));
                     continue;
@@ -521,11 +525,7 @@ mod tests {
     #[test]
     fn every_kernel_of_the_sources_is_listed() {
         let text = include_str!("../cuda_source.rs");
-        let mut defined: Vec<&str> = text
-            .split("extern \"C\" __global__ void ")
-            .skip(1)
-            .map(|rest| rest.split('(').next().unwrap_or_default().trim())
-            .collect();
+        let mut defined: Vec<&str> = definitions(text).map(|(name, _)| name).collect();
         defined.sort_unstable();
         let mut listed: Vec<&str> = ALL.iter().map(|k| k.name).collect();
         listed.sort_unstable();
