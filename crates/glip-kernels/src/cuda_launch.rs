@@ -10,7 +10,7 @@
               allocated uninitialised, for kernels that write them whole"
 )]
 
-use crate::cuda_source::kernels::{Kernel, Module, Read, Write};
+use crate::cuda_source::kernels::{self, Kernel, Launch, Module, Read, Value, Write, MAX_PARAMS};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchArgs, LaunchConfig,
@@ -49,12 +49,18 @@ fn func<K: Kernel>(dev: &CudaDevice) -> Result<CudaFunction> {
 /// Launches kernel `K` on `dev`'s stream with `cfg` and `args`, a tuple of its arguments in
 /// order: rustc checks each against the parameter `K` declares ([`Arg`]), and
 /// `cuda_source::kernels`' tests hold those declarations against the CUDA C and NVRTC's PTX.
-/// Blocks of a size `K` does not take (`K::THREADS`: a reduction's shared array holds 256
-/// values) are an error, before anything is launched.
+/// Before anything is launched, blocks of a size `K` does not take (`K::THREADS`: a
+/// reduction's shared array holds 256 values) are an error, and so is a launch outside `K`'s
+/// contract: a buffer shorter than the elements `K` may touch at these scalars and this grid, a
+/// null one where it touches any, or scalars breaking its conditions (a max-pool's output
+/// sides, deformable sampling's levels inside its values).
 ///
 /// # Safety
-/// Every buffer holds what `K` reads or writes at these scalar arguments and `cfg` (the types
-/// are checked; the lengths are the caller's to check, and each call says how it does).
+/// `K`'s contract in `cuda_source::kernels` is what `K` reads and writes: the contracts are
+/// held to the CUDA C by running every kernel on the CPU with buffers exactly that long, under
+/// AddressSanitizer in CI (`cuda_source::emulation_contracts`), over sampled arguments, not by
+/// proof. Buffers the kernel reaches through a table of addresses (the optimiser's many-tensor
+/// kernels) are the caller's to size.
 pub(crate) unsafe fn launch<K: Kernel>(
     dev: &CudaDevice,
     cfg: LaunchConfig,
@@ -68,12 +74,17 @@ pub(crate) unsafe fn launch<K: Kernel>(
             K::THREADS
         )
     }
+    let mut values = [Value::Int(0); MAX_PARAMS];
+    let n = args.values(&mut values);
+    kernels::check::<K>(&values[..n], Launch::new(cfg.grid_dim, cfg.block_dim))
+        .map_err(candle_core::Error::Msg)?;
     let f = func::<K>(dev)?;
     let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&f);
     args.push_all(&mut b);
-    // SAFETY: the arguments are of the kernel's parameter types, in its order (above), and the
-    // buffers as long as it indexes (the caller's promise).
+    // SAFETY: the arguments are of the kernel's parameter types, in its order, and the buffers
+    // as long as its contract says it indexes (both checked above; the contract's truth and a
+    // table's entries are this function's callers' promise).
     unsafe { b.launch(cfg) }.map(|_| ()).map_err(candle_core::Error::wrap)
 }
 
@@ -82,11 +93,15 @@ pub(crate) unsafe fn launch<K: Kernel>(
 /// cudarc pushes it (a buffer's reads and writes ordered on the stream by cudarc's events).
 pub(crate) trait Arg<P> {
     fn push<'a>(&'a mut self, b: &mut LaunchArgs<'a>);
+    /// The argument as the kernel's contract reads it (a buffer's length, a scalar's value).
+    fn value(&self) -> Value;
 }
 
 /// A tuple of [`Arg`]s for a kernel's parameters `P` (a tuple of the same length).
 pub(crate) trait Args<P> {
     fn push_all<'a>(&'a mut self, b: &mut LaunchArgs<'a>);
+    /// Writes the arguments' [`Value`]s into `out`, in order; returns how many.
+    fn values(&self, out: &mut [Value; MAX_PARAMS]) -> usize;
 }
 
 macro_rules! args_tuples {
@@ -95,6 +110,16 @@ macro_rules! args_tuples {
             fn push_all<'a>(&'a mut self, b: &mut LaunchArgs<'a>) {
                 let ($($x,)+) = self;
                 $($x.push(b);)+
+            }
+
+            fn values(&self, out: &mut [Value; MAX_PARAMS]) -> usize {
+                let ($($x,)+) = self;
+                let mut n = 0;
+                $(
+                    out[n] = $x.value();
+                    n += 1;
+                )+
+                n
             }
         })*
     };
@@ -138,11 +163,19 @@ impl<T> Arg<Read<T>> for &CudaView<'_, T> {
     fn push<'a>(&'a mut self, b: &mut LaunchArgs<'a>) {
         b.arg(*self);
     }
+
+    fn value(&self) -> Value {
+        Value::Buffer(Some(self.len() as u64))
+    }
 }
 
 impl<T> Arg<Read<T>> for &CudaSlice<T> {
     fn push<'a>(&'a mut self, b: &mut LaunchArgs<'a>) {
         b.arg(*self);
+    }
+
+    fn value(&self) -> Value {
+        Value::Buffer(Some(self.len() as u64))
     }
 }
 
@@ -154,17 +187,29 @@ impl<T> Arg<Read<T>> for Option<&CudaView<'_, T>> {
             None => b.arg(&NULL),
         };
     }
+
+    fn value(&self) -> Value {
+        Value::Buffer(self.map(|v| v.len() as u64))
+    }
 }
 
 impl<T> Arg<Write<T>> for &mut CudaSlice<T> {
     fn push<'a>(&'a mut self, b: &mut LaunchArgs<'a>) {
         b.arg(&mut **self);
     }
+
+    fn value(&self) -> Value {
+        Value::Buffer(Some(self.len() as u64))
+    }
 }
 
 impl<T> Arg<Write<T>> for &mut CudaViewMut<'_, T> {
     fn push<'a>(&'a mut self, b: &mut LaunchArgs<'a>) {
         b.arg(&mut **self);
+    }
+
+    fn value(&self) -> Value {
+        Value::Buffer(Some(self.len() as u64))
     }
 }
 
@@ -176,18 +221,26 @@ impl<T> Arg<Write<T>> for Option<&mut CudaSlice<T>> {
             None => b.arg(&NULL),
         };
     }
+
+    fn value(&self) -> Value {
+        Value::Buffer(self.as_ref().map(|v| v.len() as u64))
+    }
 }
 
 macro_rules! scalar_args {
-    ($($t:ty),*) => {
+    ($($t:ty => $variant:ident),*) => {
         $(impl Arg<$t> for $t {
             fn push<'a>(&'a mut self, b: &mut LaunchArgs<'a>) {
                 b.arg(&*self);
             }
+
+            fn value(&self) -> Value {
+                Value::$variant((*self).into())
+            }
         })*
     };
 }
-scalar_args!(f32, f64, u32, u64);
+scalar_args!(f32 => Float, f64 => Float, u32 => Int, u64 => Int);
 
 /// At most this many blocks in a grid-stride launch (the loops stride over the rest).
 const MAX_BLOCKS: usize = 4096;

@@ -21,7 +21,7 @@
 use crate::cuda_launch::{
     check_len, elementwise, launch, output, output_of, per_row, u32_of, view, view_of, Arg,
 };
-use crate::cuda_source::kernels::{self, Kernel, Levels, Read, Write};
+use crate::cuda_source::kernels::{self, GlipLevels, Kernel, Levels, Read, Value, Write};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
@@ -595,26 +595,21 @@ pub(crate) fn attention(
     })
 }
 
-/// [`crate::cuda_source::DEFORMABLE`]'s `GlipLevels`, passed by value: how many levels, then
-/// `h`, `w` and the first token of each.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct DeformLevels {
-    n: u32,
-    hws: [u32; 3 * crate::cuda_source::DEFORMABLE_MAX_LEVELS],
-}
-
 // SAFETY: a plain `#[repr(C)]` struct of u32s, laid out as the kernels' `GlipLevels` (an
 // unsigned count and an array of unsigneds: 4-byte aligned, no padding).
-unsafe impl DeviceRepr for DeformLevels {}
+unsafe impl DeviceRepr for GlipLevels {}
 
-impl Arg<Levels> for DeformLevels {
+impl Arg<Levels> for GlipLevels {
     fn push<'a>(&'a mut self, b: &mut LaunchArgs<'a>) {
         b.arg(&*self);
     }
+
+    fn value(&self) -> Value {
+        Value::Levels(*self)
+    }
 }
 
-fn deform_levels(levels: &[crate::deformable::Level]) -> Result<DeformLevels> {
+fn deform_levels(levels: &[crate::deformable::Level]) -> Result<GlipLevels> {
     let max = crate::cuda_source::DEFORMABLE_MAX_LEVELS;
     if levels.len() > max {
         candle_core::bail!("deformable sampling on CUDA: {} levels, at most {max}", levels.len())
@@ -625,7 +620,7 @@ fn deform_levels(levels: &[crate::deformable::Level]) -> Result<DeformLevels> {
             hws[3 * l + k] = u32_of(n, "deformable sampling")?;
         }
     }
-    Ok(DeformLevels { n: levels.len() as u32, hws })
+    Ok(GlipLevels { n: levels.len() as u32, hws })
 }
 
 /// `[s, dh, q, points]` of a call, as the kernels take them.
