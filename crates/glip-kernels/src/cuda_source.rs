@@ -2278,6 +2278,10 @@ mod emulation_deformable {
 /// Every kernel with its parameters as Rust types: what the `cuda` build launches through.
 pub(crate) mod kernels;
 
+/// Every kernel run on the CPU within its contract's buffer lengths.
+#[cfg(test)]
+mod emulation_contracts;
+
 /// NVRTC and ptxas on every module, without a GPU (skipped where no CUDA toolkit is installed).
 #[cfg(all(test, target_os = "linux"))]
 mod nvrtc;
