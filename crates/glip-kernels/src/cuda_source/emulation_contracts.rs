@@ -442,9 +442,8 @@ fn kernels_stay_inside_their_contracts() {
                 let needs = match (info.needs)(&s.args, launch) {
                     Ok(needs) => needs,
                     Err(e) => {
-                        // Only the pool's sides and deformable sampling's levels are
-                        // conditions the samples could break, and they are sampled to meet
-                        // them.
+                        // The samples are drawn to meet every contract's conditions, as the
+                        // host's launches do: a refusal is a mismatch between the two.
                         refused += 1;
                         eprintln!("{}: sample {trial} refused: {e}", info.name);
                         continue;
@@ -454,17 +453,17 @@ fn kernels_stay_inside_their_contracts() {
                 // null, half the time; the needs again with those null (a bias left out
                 // leaves the output alone).
                 let mut args = s.args.clone();
-                let mut at = 0;
+                let mut buffers = 0;
                 for (i, p) in info.params.iter().enumerate() {
                     if matches!(p, Param::Read(_) | Param::Write(_)) {
                         let need = needs.iter().find(|n| n.name == info.names[i]).unwrap();
                         if (need.elements == 0 || need.may_be_null) && rng.below(2) == 0 {
                             args[i] = Value::Buffer(None);
                         }
-                        at += 1;
+                        buffers += 1;
                     }
                 }
-                assert_eq!(at, needs.iter().count(), "{}: buffers and needs", info.name);
+                assert_eq!(buffers, needs.iter().count(), "{}: buffers and needs", info.name);
                 let needs = (info.needs)(&args, launch).unwrap();
                 let mut lens = vec![None; info.params.len()];
                 for (i, p) in info.params.iter().enumerate() {

@@ -14,9 +14,10 @@
 //! it to stay inside them (a max-pool's output size, deformable sampling's levels inside the
 //! values). `cuda_launch::launch` checks every launch against it before launching (an error
 //! naming the kernel and the buffer, not a fault or a silent read past a buffer on the GPU);
-//! the `emulation_contracts` tests run every kernel on the CPU with buffers exactly that long,
-//! under AddressSanitizer in CI, so a contract that admits a launch reaching past its buffers
-//! fails there.
+//! the `emulation_contracts` test runs every kernel (but the two that reach their tensors
+//! through a table of addresses) on the CPU with buffers exactly that long, each ending at an
+//! inaccessible page, and under AddressSanitizer in CI, so a contract that admits a launch
+//! reaching past its buffers fails there.
 
 #![cfg_attr(
     not(test),
@@ -404,51 +405,26 @@ impl<T> Bind for Write<T> {
     }
 }
 
-impl Bind for Levels {
-    type Bound = GlipLevels;
-    fn bind(v: &Value) -> Option<GlipLevels> {
-        match *v {
-            Value::Levels(l) => Some(l),
-            _ => None,
-        }
-    }
+/// [`Bind`] for the levels and the scalars: the [`Value`] each takes, and what it binds.
+macro_rules! binds {
+    ($($t:ty => $bound:ty, $pat:pat $(if $guard:expr)? => $out:expr;)*) => {
+        $(impl Bind for $t {
+            type Bound = $bound;
+            fn bind(v: &Value) -> Option<$bound> {
+                match *v {
+                    $pat $(if $guard)? => Some($out),
+                    _ => None,
+                }
+            }
+        })*
+    };
 }
-
-impl Bind for u32 {
-    type Bound = Count;
-    fn bind(v: &Value) -> Option<Count> {
-        match *v {
-            Value::Int(x) if u32::try_from(x).is_ok() => Some(Count(x.into())),
-            _ => None,
-        }
-    }
-}
-
-impl Bind for u64 {
-    type Bound = Count;
-    fn bind(v: &Value) -> Option<Count> {
-        match *v {
-            Value::Int(x) => Some(Count(x.into())),
-            _ => None,
-        }
-    }
-}
-
-impl Bind for f32 {
-    type Bound = f64;
-    fn bind(v: &Value) -> Option<f64> {
-        match *v {
-            Value::Float(x) => Some(x),
-            _ => None,
-        }
-    }
-}
-
-impl Bind for f64 {
-    type Bound = f64;
-    fn bind(v: &Value) -> Option<f64> {
-        <f32 as Bind>::bind(v)
-    }
+binds! {
+    Levels => GlipLevels, Value::Levels(l) => l;
+    u32 => Count, Value::Int(x) if u32::try_from(x).is_ok() => Count(x.into());
+    u64 => Count, Value::Int(x) => Count(x.into());
+    f32 => f64, Value::Float(x) => x;
+    f64 => f64, Value::Float(x) => x;
 }
 
 /// The most parameters a kernel has.
