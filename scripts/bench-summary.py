@@ -9,11 +9,17 @@ graph, their ratios to PyTorch's f32 median, and whether the issue's targets hol
 the graphed row counts (a researcher may pass `--cuda-graph`). Lines with phases, TF32 or a
 `variant` (an A/B row run with an environment switch) are left out of the verdict.
 
+A row measured more than once (gpu-check.sh with ROUNDS > 1 marks each line with its `round`)
+counts with the median of its times of each kind, and the table adds the bf16 ratio of each
+round (glip's rows against PyTorch's line of the same round): how far the machine's drift
+moves the verdict.
+
 Usage: python3 scripts/bench-summary.py OUT/bench.jsonl
 Exit status: 0 when every row meets both targets, 1 when one does not, 2 when nothing compares.
 """
 
 import json
+import statistics
 import sys
 
 F32_LIMIT = 1.5
@@ -35,13 +41,38 @@ def read(path):
             if not isinstance(line, dict) or "median_s" not in line:
                 continue
             key = (line["preset"], line["mode"], line["batch"], line["size"])
-            row = rows.setdefault(key, {})
             if "torch" in line:
-                row.setdefault("torch", line["median_s"])
+                kind = "torch"
             elif not line.get("phases") and not line.get("tf32") and not line.get("variant"):
                 kind = line.get("precision", "f32") + (" graph" if line.get("graph") else "")
-                row.setdefault(kind, line["median_s"])
+            else:
+                continue
+            # A round's first line of a kind counts (a `--cuda-graph` run that fell back to
+            # eager launches comes after the eager row of its round).
+            times = rows.setdefault(key, {}).setdefault(kind, {})
+            times.setdefault(line.get("round", 1), line["median_s"])
     return rows
+
+
+def median(times):
+    """The median over the rounds of one kind's times ({round: seconds}); None without any."""
+    if not times:
+        return None
+    return statistics.median(times.values())
+
+
+def best_ratio(row, precision, torch, rounds=None):
+    """The faster of `precision`'s eager and graphed medians (over `rounds`, all by default)
+    as a ratio to `torch`; None without a time."""
+    found = []
+    for kind in (precision, precision + " graph"):
+        times = row.get(kind, {})
+        if rounds is not None:
+            times = {r: t for r, t in times.items() if r in rounds}
+        m = median(times)
+        if m is not None:
+            found.append(m)
+    return min(found) / torch if found and torch else None
 
 
 def main():
@@ -49,18 +80,19 @@ def main():
         sys.exit(__doc__)
     rows = read(sys.argv[1])
     fmt = lambda s: f"{s:.4f}" if s is not None else "-"
+    ratio = lambda r: f"{r:.2f}x" if r is not None else "-"
+    rounds = max((len(k) for row in rows.values() for k in row.values()), default=1)
+    per_round = " | bf16 / PyTorch per round" if rounds > 1 else ""
     print("| preset | mode | batch@size | PyTorch f32 s | glip f32 s | f32 graph s | f32 / PyTorch "
-          "| glip bf16 s | bf16 graph s | bf16 / PyTorch f32 | targets |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+          f"| glip bf16 s | bf16 graph s | bf16 / PyTorch f32{per_round} | targets |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---:"
+          f"{' | ---' if per_round else ''} | --- |")
     compared, met = 0, 0
     for (preset, mode, batch, size), row in sorted(rows.items()):
-        torch = row.get("torch")
+        torch = median(row.get("torch"))
         if torch is None:
             continue
-        best = {}
-        for p in ("f32", "bf16"):
-            times = [t for t in (row.get(p), row.get(p + " graph")) if t is not None]
-            best[p] = min(times) / torch if times else None
+        best = {p: best_ratio(row, p, torch) for p in ("f32", "bf16")}
         ok = (best["f32"] is not None and best["f32"] <= F32_LIMIT
               and best["bf16"] is not None and best["bf16"] <= BF16_LIMIT)
         why = [f"{p} {r:.2f}x > {lim}x" for p, r, lim in
@@ -69,16 +101,20 @@ def main():
         why += [f"no {p} row" for p in ("f32", "bf16") if best[p] is None]
         compared += 1
         met += ok
-        ratio = lambda r: f"{r:.2f}x" if r is not None else "-"
-        print(f"| {preset} | {mode} | {batch}@{size} | {fmt(torch)} | {fmt(row.get('f32'))} "
-              f"| {fmt(row.get('f32 graph'))} | {ratio(best['f32'])} | {fmt(row.get('bf16'))} "
-              f"| {fmt(row.get('bf16 graph'))} | {ratio(best['bf16'])} "
-              f"| {'met' if ok else 'NOT met: ' + ', '.join(why)} |")
+        cells = [fmt(torch), fmt(median(row.get("f32"))), fmt(median(row.get("f32 graph"))),
+                 ratio(best["f32"]), fmt(median(row.get("bf16"))),
+                 fmt(median(row.get("bf16 graph"))), ratio(best["bf16"])]
+        if per_round:
+            each = [ratio(best_ratio(row, "bf16", t, {r})) for r, t in sorted(row["torch"].items())]
+            cells.append(" / ".join(each))
+        cells.append("met" if ok else "NOT met: " + ", ".join(why))
+        print(f"| {preset} | {mode} | {batch}@{size} | " + " | ".join(cells) + " |")
     if compared == 0:
         print("no row has both glip and PyTorch times")
         sys.exit(2)
+    over = f", medians of {rounds} rounds" if rounds > 1 else ""
     print(f"targets (f32 <= {F32_LIMIT}x, bf16 <= {BF16_LIMIT}x PyTorch f32, the faster of eager "
-          f"and graph): met on {met} of {compared} rows")
+          f"and graph{over}): met on {met} of {compared} rows")
     sys.exit(0 if met == compared else 1)
 
 

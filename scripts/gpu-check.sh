@@ -31,13 +31,15 @@
 # The binaries load libcuda.so.1 (the driver's) at start-up and libcublas, libcurand, libnvrtc
 # and libcudnn from the CUDA 13 wheels of the machine's Python (PyTorch's), found below.
 # Smoke test on the CPU with the ordinary build: DEVICE=cpu PARTS=bc ITERS=1 BUDGET_MIN=0.2 QUICK=1
+# (with TORCH_PYTHON=<a Python with torch> and ROUNDS=2, PyTorch beside and the verdict too)
 #
 # The driver's JIT cache comes back as jit-cache.tar.gz; copied into gpu/, the next call on a
 # fresh machine starts from it instead of compiling candle's PTX again (about 20 s).
 #
 # Environment: GLIP (the binary, default target/release/glip) or GLIP_XZ (it, xz-compressed),
 # GLIP_TESTS / GLIP_TESTS_XZ (the GPU test binary, for part a), PARTS (which of 0, f, a, b, p, c
-# to run; default 0fabc), PROFILE_ROWS, PROFILE_ITERS and PROFILE_TORCH (0: glip alone; part p), DEVICE (cuda), ITERS (bench iterations, 10), BUDGET_MIN (experiment
+# to run; default 0fabc), PROFILE_ROWS, PROFILE_ITERS and PROFILE_TORCH (0: glip alone; part p), DEVICE (cuda), ITERS (bench iterations, 10), ROUNDS (part b's verdict rows, glip's
+# and PyTorch's, this many times over, alternating; the verdict from each row's median, 1), BUDGET_MIN (experiment
 # training minutes, 3), EXPERIMENT_CONFIG (part c's config, configs/shapes.toml; e.g.
 # configs/shapes-gdino.toml, Grounding DINO's arrangement: deformable sampling's kernels in
 # training), EXPERIMENT_SET (one more --set for it, run.tf32=true), DEADLINE_S (the
@@ -45,7 +47,8 @@
 # temporary folder), WORK (unpacked binaries, fixtures and the experiment's run folder, default
 # a temporary folder), QUICK (1: small bench shapes, for the CPU smoke test), GLIP_FIXTURES
 # (the fixtures, default fixtures/ if it holds seed-tiny, else WORK/fixtures written by part f),
-# TORCH_PYTHON (the Python with PyTorch for the side-by-side bench, python3; empty: none),
+# TORCH_PYTHON (the Python with PyTorch for the side-by-side bench, python3; empty: none; on
+# the CPU only where set),
 # COMPOSED (1: also time training with candle's compositions of the normalisation kernels),
 # BF16_AB (1: each bf16 row again with GLIP_BF16_ACTIVATIONS=0, f32 activations in the backbone),
 # ATTN_AB (1: each bf16 inference row again with GLIP_CUDA_ATTENTION=composed), GRAPH (0: leave
@@ -57,10 +60,14 @@ T0=$(date +%s)
 DEVICE="${DEVICE:-cuda}"
 PARTS="${PARTS:-0fabc}"
 ITERS="${ITERS:-10}"
+ROUNDS="${ROUNDS:-1}"
+[[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || { echo "ROUNDS must be a whole number of at least 1, not '$ROUNDS'"; exit 2; }
 BUDGET_MIN="${BUDGET_MIN:-3}"
 DEADLINE_S="${DEADLINE_S:-540}"
 # PyTorch's defaults, against which the issue's learning curve was measured: TF32 convolutions.
 EXPERIMENT_SET="${EXPERIMENT_SET:-run.tf32=true}"
+# PyTorch beside glip on the GPU always; on the CPU (the smoke test) where TORCH_PYTHON is set.
+[[ "$DEVICE" != cpu || -n "${TORCH_PYTHON:-}" ]] && TORCH_BESIDE=1 || TORCH_BESIDE=0
 TORCH_PYTHON="${TORCH_PYTHON-python3}"
 OUT="${OUT:-$(mktemp -d)}"
 WORK="${WORK:-$(mktemp -d)}"
@@ -130,6 +137,17 @@ fi
 echo "== glip $("$GLIP" --version 2>&1), device $DEVICE, parts $PARTS, deadline $DEADLINE_S s"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader 2>/dev/null || true
 
+# `mark LINE KEY VALUE`: the JSON line with KEY set to VALUE (a number where VALUE is one);
+# LINE unchanged where VALUE is empty or LINE is not a JSON object (a failed run's message).
+mark() {
+  [[ -z "$3" ]] && { echo "$1"; return; }
+  python3 -c 'import json, sys
+d = json.loads(sys.argv[1])
+v = sys.argv[3]
+d[sys.argv[2]] = int(v) if v.isdigit() else v
+print(json.dumps(d))' "$1" "$2" "$3" 2>/dev/null || echo "$1"
+}
+
 # `bench ARGS...`: one `glip bench` on $DEVICE; prints its JSON line and the process's time
 # (start-up, kernel loading and the warm-up included), appends the line to bench.jsonl and
 # everything it printed (with cuDNN's algorithm choices, GLIP_CUDNN_LOG) to bench.log.
@@ -145,10 +163,7 @@ bench() {
   ((rc != 0)) && failed+=("glip bench $* (exit $rc)")
   # A row run with an environment switch (BENCH_VARIANT=NAME=VALUE, set for this glip alone) is
   # marked in bench.jsonl, so that the summary's verdict counts the plain rows alone.
-  if [[ -n "${BENCH_VARIANT:-}" ]]; then
-    line=$(python3 -c 'import json, sys; d = json.loads(sys.argv[1]); d["variant"] = sys.argv[2]; print(json.dumps(d))' \
-      "$line" "$BENCH_VARIANT" 2>/dev/null || echo "$line")
-  fi
+  line=$(mark "$(mark "$line" variant "${BENCH_VARIANT:-}")" round "${ROUND:-}")
   echo "$line" >>"$OUT/bench.jsonl"
   echo "  glip $*: $line (process $(((end - start) / 1000000)) ms)"
   if [[ "$*" == *--cuda-graph* && "$line" != *'"graph":true'* ]]; then
@@ -247,39 +262,46 @@ else
 fi
 if [[ "$PARTS" == *b* ]]; then
   echo "== (b) bench (medians of $ITERS after one warm-up; the process time includes start-up and kernel loading)"
-  for row in "${rows[@]}"; do
-    read -r preset batch size modes <<<"$row"
-    for mode in $modes; do
-      fits 40 "(b) $preset $mode b$batch@$size" || continue
-      args=(--preset "$preset" --mode "$mode" --batch "$batch" --size "$size" --iters "$ITERS")
-      bench "${args[@]}" --precision f32
-      bench "${args[@]}" --precision bf16
-      if [[ "${BF16_AB:-0}" == 1 ]]; then
-        # bf16 with the backbone's activations kept f32 (a cast around every convolution), as
-        # before bf16 activations: the two side by side in one call.
-        echo "  (the next row: GLIP_BF16_ACTIVATIONS=0)"
-        BENCH_VARIANT=GLIP_BF16_ACTIVATIONS=0 bench "${args[@]}" --precision bf16
-      fi
-      if [[ "${GRAPH:-1}" == 1 && "$mode" == infer ]]; then
-        # The pass recorded once as a CUDA graph and replayed (inputs copied in, outputs out).
-        bench "${args[@]}" --precision f32 --cuda-graph
-        bench "${args[@]}" --precision bf16 --cuda-graph
-      fi
-      if [[ "${ATTN_AB:-0}" == 1 && "$mode" == infer ]]; then
-        # Inference with candle's composed attention instead of the one-launch core.
-        echo "  (the next row: GLIP_CUDA_ATTENTION=composed)"
-        BENCH_VARIANT=GLIP_CUDA_ATTENTION=composed bench "${args[@]}" --precision bf16
-      fi
-      if [[ -n "$TORCH_PYTHON" && "$DEVICE" != cpu ]]; then
-        line=$(timeout 120 "$TORCH_PYTHON" reference/bench_torch.py --device "$DEVICE" "${args[@]}" \
-          2>/dev/null | tail -1)
-        echo "$line" >>"$OUT/bench.jsonl"
-        echo "  torch ${args[*]}: $line"
-      fi
+  for ((r = 1; r <= ROUNDS; r++)); do
+    # With ROUNDS > 1 every line is marked with its round: the summary takes each row's median
+    # over the rounds, glip's and PyTorch's measured alternately minutes apart.
+    ((ROUNDS > 1)) && export ROUND=$r && echo "-- round $r of $ROUNDS"
+    for row in "${rows[@]}"; do
+      read -r preset batch size modes <<<"$row"
+      for mode in $modes; do
+        fits 40 "(b) $preset $mode b$batch@$size${ROUND:+, round $r}" || continue
+        args=(--preset "$preset" --mode "$mode" --batch "$batch" --size "$size" --iters "$ITERS")
+        bench "${args[@]}" --precision f32
+        bench "${args[@]}" --precision bf16
+        if [[ "${BF16_AB:-0}" == 1 ]]; then
+          # bf16 with the backbone's activations kept f32 (a cast around every convolution), as
+          # before bf16 activations: the two side by side in one call.
+          echo "  (the next row: GLIP_BF16_ACTIVATIONS=0)"
+          BENCH_VARIANT=GLIP_BF16_ACTIVATIONS=0 bench "${args[@]}" --precision bf16
+        fi
+        if [[ "${GRAPH:-1}" == 1 && "$mode" == infer ]]; then
+          # The pass recorded once as a CUDA graph and replayed (inputs copied in, outputs out).
+          bench "${args[@]}" --precision f32 --cuda-graph
+          bench "${args[@]}" --precision bf16 --cuda-graph
+        fi
+        if [[ "${ATTN_AB:-0}" == 1 && "$mode" == infer ]]; then
+          # Inference with candle's composed attention instead of the one-launch core.
+          echo "  (the next row: GLIP_CUDA_ATTENTION=composed)"
+          BENCH_VARIANT=GLIP_CUDA_ATTENTION=composed bench "${args[@]}" --precision bf16
+        fi
+        if [[ -n "$TORCH_PYTHON" && "$TORCH_BESIDE" == 1 ]]; then
+          line=$(timeout 120 "$TORCH_PYTHON" reference/bench_torch.py --device "$DEVICE" "${args[@]}" \
+            2>/dev/null | tail -1)
+          line=$(mark "$line" round "${ROUND:-}")
+          echo "$line" >>"$OUT/bench.jsonl"
+          echo "  torch ${args[*]}: $line"
+        fi
+      done
     done
   done
+  unset ROUND
   # The verdict on the issue's targets, from the rows above (before the extra rows below).
-  if [[ -n "$TORCH_PYTHON" && "$DEVICE" != cpu ]]; then
+  if [[ -n "$TORCH_PYTHON" && "$TORCH_BESIDE" == 1 ]]; then
     echo "== (b) the targets: glip beside PyTorch f32 in this call (scripts/bench-summary.py)"
     python3 scripts/bench-summary.py "$OUT/bench.jsonl"
   fi
