@@ -145,7 +145,7 @@ mark() {
 d = json.loads(sys.argv[1])
 v = sys.argv[3]
 d[sys.argv[2]] = int(v) if v.isdigit() else v
-print(json.dumps(d))' "$1" "$2" "$3" 2>/dev/null || echo "$1"
+print(json.dumps(d, separators=(",", ":")))' "$1" "$2" "$3" 2>/dev/null || echo "$1"
 }
 
 # `bench ARGS...`: one `glip bench` on $DEVICE; prints its JSON line and the process's time
