@@ -16,6 +16,11 @@ moves the verdict.
 
 Usage: python3 scripts/bench-summary.py OUT/bench.jsonl
 Exit status: 0 when every row meets both targets, 1 when one does not, 2 when nothing compares.
+
+python3 scripts/bench-summary.py --close FRACTION OUT/bench.jsonl prints instead the rows
+(`preset mode batch size`, one a line) whose verdict is close: a ratio within FRACTION of its
+target (|ratio / target - 1| <= FRACTION), or a time missing; gpu-check.sh measures those again
+in its later rounds. Exit status 0.
 """
 
 import json
@@ -75,7 +80,28 @@ def best_ratio(row, precision, torch, rounds=None):
     return min(found) / torch if found and torch else None
 
 
+def close_rows(rows, fraction):
+    """The keys of the rows whose verdict a re-measurement could turn: a ratio within
+    `fraction` of its target, or no PyTorch time or no time for a precision."""
+    close = []
+    for key, row in sorted(rows.items()):
+        torch = median(row.get("torch"))
+        ratios = [(best_ratio(row, p, torch), limit)
+                  for p, limit in (("f32", F32_LIMIT), ("bf16", BF16_LIMIT))]
+        if torch is None or any(r is None or abs(r / limit - 1) <= fraction for r, limit in ratios):
+            close.append(key)
+    return close
+
+
 def main():
+    if len(sys.argv) == 4 and sys.argv[1] == "--close":
+        try:
+            fraction = float(sys.argv[2])
+        except ValueError:
+            sys.exit(f"--close takes a fraction such as 0.15, not {sys.argv[2]!r}")
+        for key in close_rows(read(sys.argv[3]), fraction):
+            print(*key)
+        return
     if len(sys.argv) != 2:
         sys.exit(__doc__)
     rows = read(sys.argv[1])
@@ -112,7 +138,7 @@ def main():
     if compared == 0:
         print("no row has both glip and PyTorch times")
         sys.exit(2)
-    over = f", medians of {rounds} rounds" if rounds > 1 else ""
+    over = f", medians over up to {rounds} rounds" if rounds > 1 else ""
     print(f"targets (f32 <= {F32_LIMIT}x, bf16 <= {BF16_LIMIT}x PyTorch f32, the faster of eager "
           f"and graph{over}): met on {met} of {compared} rows")
     sys.exit(0 if met == compared else 1)

@@ -28,15 +28,15 @@ def torch(median_s, **extra):
     return {**ROW, "median_s": median_s, "torch": "2.11.0", **extra}
 
 
-def summary(lines):
-    """Runs the summary on `lines` (dicts, or strings written as they are): exit status and
-    what it printed (stdout, then stderr)."""
+def summary(lines, *options):
+    """Runs the summary on `lines` (dicts, or strings written as they are) with `options`
+    before the file: exit status and what it printed (stdout, then stderr)."""
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
         for line in lines:
             f.write((line if isinstance(line, str) else json.dumps(line)) + "\n")
     try:
-        out = subprocess.run([sys.executable, SCRIPT, f.name], capture_output=True, text=True,
-                             timeout=60)
+        out = subprocess.run([sys.executable, SCRIPT, *options, f.name], capture_output=True,
+                             text=True, timeout=60)
     finally:
         os.unlink(f.name)
     return out.returncode, out.stdout + out.stderr
@@ -127,7 +127,7 @@ class Rounds(unittest.TestCase):
         self.assertIn("| 0.0100 | 0.0120 | - | 1.20x | 0.0110 | - | 1.10x | "
                       "0.90x / 1.05x / 1.10x | NOT met: bf16 1.10x > 1.0x |", out)
         self.assertIn("bf16 / PyTorch per round", out)
-        self.assertIn("medians of 3 rounds", out)
+        self.assertIn("medians over up to 3 rounds", out)
 
     def test_a_rounds_ratio_takes_that_rounds_graph(self):
         lines = [glip("f32", 0.012, round=1), glip("bf16", 0.012, round=1),
@@ -137,6 +137,34 @@ class Rounds(unittest.TestCase):
         rc, out = summary(lines)
         self.assertEqual(rc, 0, out)
         self.assertIn("| 0.80x | 0.70x / 0.90x | met |", out)
+
+
+class Close(unittest.TestCase):
+    """`--close`: the rows gpu-check.sh measures again in its later rounds."""
+
+    def rows(self, bf16_ratio, f32_ratio=1.0, other=None):
+        other = other or {}
+        return [{**glip("f32", 0.010 * f32_ratio), **other},
+                {**glip("bf16", 0.010 * bf16_ratio), **other}, {**torch(0.010), **other}]
+
+    def test_a_ratio_near_its_target_is_close(self):
+        for bf16, f32, close in [(1.10, 1.0, True), (0.90, 1.0, True), (1.20, 1.0, False),
+                                 (0.80, 1.0, False), (0.80, 1.40, True), (0.80, 1.20, False),
+                                 (0.50, 1.80, False)]:
+            rc, out = summary(self.rows(bf16, f32), "--close", "0.15")
+            self.assertEqual(rc, 0, out)
+            self.assertEqual(out.strip() == "seed-r18 infer 32 256", close, (bf16, f32, out))
+
+    def test_a_missing_time_is_close_and_rows_are_named_apart(self):
+        r50 = {"preset": "seed-r50", "mode": "train", "batch": 8, "size": 512}
+        lines = self.rows(0.5) + [{**glip("f32", 0.05), **r50}, {**glip("bf16", 0.04), **r50}]
+        rc, out = summary(lines, "--close", "0.15")
+        self.assertEqual((rc, out), (0, "seed-r50 train 8 512\n"))
+
+    def test_a_bad_fraction_is_named(self):
+        rc, out = summary(self.rows(1.0), "--close", "some")
+        self.assertEqual(rc, 1, out)
+        self.assertIn("--close takes a fraction such as 0.15, not 'some'", out)
 
 
 if __name__ == "__main__":
