@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 #[derive(Args, Debug)]
 #[command(group(clap::ArgGroup::new("what").required(true).args(["prompt", "caption"])))]
 pub struct DetectArgs {
-    /// A run folder (`config.resolved.toml` + `checkpoint.safetensors`) or a checkpoint file.
+    /// A run folder (`inference.json`, `tokenizer.json` and `checkpoint.safetensors`, as training
+    /// writes them) or a checkpoint file in one (`best.safetensors`).
     #[arg(long)]
     run: PathBuf,
     /// What to find: phrases separated by `.` (`"red circle. blue square"`), each name
@@ -91,7 +92,13 @@ pub fn run(registry: &glip_train::config::Registry, a: DetectArgs) -> Result<()>
         nms_iou: a.nms.or(det.spec.post.nms_iou),
         ..det.spec.post.clone()
     };
-    std::fs::create_dir_all(&a.out).with_context(|| a.out.display().to_string())?;
+    if a.out.exists() && !a.out.is_dir() {
+        return Err(anyhow!(
+            "--out {}: a file, not a folder (the drawn images go into a folder)",
+            a.out.display()
+        ));
+    }
+    std::fs::create_dir_all(&a.out).with_context(|| format!("--out {}", a.out.display()))?;
     let mut results = Vec::new();
     let mut unreadable = 0usize;
     let drawn_names = drawn_names(&a.images);

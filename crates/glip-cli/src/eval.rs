@@ -12,7 +12,8 @@ use std::path::PathBuf;
 /// `glip eval`.
 #[derive(Args, Debug)]
 pub struct EvalArgs {
-    /// A run folder (`config.resolved.toml` + `checkpoint.safetensors`) or a checkpoint file.
+    /// A run folder (`inference.json`, `tokenizer.json` and `checkpoint.safetensors`, as training
+    /// writes them) or a checkpoint file in one (`best.safetensors`).
     #[arg(long)]
     run: PathBuf,
     /// COCO annotations to evaluate on instead of the run's validation data (the synthetic

@@ -5,8 +5,9 @@
 //! so torchvision and Hugging Face files load as they are; a tensor of the wrong shape fails
 //! with candle's message naming the key and both shapes.
 
-use candle_core::{DType, Device, Result};
+use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
+use std::collections::HashMap;
 use std::path::Path;
 
 /// Opens `path` (by extension: `.safetensors`, or `.pth`/`.pt`/`.bin`).
@@ -14,12 +15,38 @@ pub fn open(path: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'st
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     let err = |e: candle_core::Error| e.context(format!("loading weights from {}", path.display()));
     match ext {
-        "safetensors" => mmap_safetensors(path, dtype, device).map_err(err),
+        "safetensors" => {
+            mmap_safetensors(path, dtype, device).map_err(not_safetensors).map_err(err)
+        }
         "pth" | "pt" | "bin" => VarBuilder::from_pth(path, dtype, device).map_err(err),
         _ => candle_core::bail!(
             "{}: unknown weight format {ext:?} (expected .safetensors, .pth, .pt or .bin)",
             path.display()
         ),
+    }
+}
+
+/// Every tensor of a safetensors file (a checkpoint, with the optimiser's state where it has
+/// one), on `device`. A file that is not safetensors, or was cut short, says so beside the
+/// format's own reason ("header too large" alone does not tell a researcher what is wrong).
+pub fn load_all(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    candle_core::safetensors::load(path, device).map_err(not_safetensors)
+}
+
+/// The format's errors (the header's length, its JSON, the tensors' offsets) read as what
+/// they mean for the file; other errors (reading it, a dtype) pass as they are.
+fn not_safetensors(e: candle_core::Error) -> candle_core::Error {
+    match e {
+        candle_core::Error::SafeTensor(e) => {
+            candle_core::Error::Msg(format!("not a safetensors file, or one cut short ({e})"))
+        }
+        // candle's memory-mapped reader adds the path, which `open`'s context names already.
+        candle_core::Error::WithPath { inner, .. }
+            if matches!(*inner, candle_core::Error::SafeTensor(_)) =>
+        {
+            not_safetensors(*inner)
+        }
+        e => e,
     }
 }
 

@@ -188,7 +188,7 @@ fn checkpoint_weights(
     ema: bool,
     device: &Device,
 ) -> Result<std::collections::HashMap<String, Tensor>, Error> {
-    let all = candle_core::safetensors::load(ckpt, device).map_err(|e| Error::file(ckpt, e))?;
+    let all = glip_core::weights::load_all(ckpt, device).map_err(|e| Error::file(ckpt, e))?;
     for (name, t) in &all {
         glip_core::weights::check_float(name, t.dtype()).map_err(|e| Error::file(ckpt, e))?;
     }

@@ -265,8 +265,7 @@ impl<'a> Trainer<'a> {
     /// Restores parameters, optimiser state and the step from the run folder's checkpoint.
     pub fn resume(&mut self) -> Result<(), TrainError> {
         let path = self.dir.join("checkpoint.safetensors");
-        let t =
-            candle_core::safetensors::load(&path, &self.device).map_err(|e| self.io(&path, e))?;
+        let t = glip_core::weights::load_all(&path, &self.device).map_err(|e| self.io(&path, e))?;
         let json = self.dir.join("checkpoint.json");
         let meta: CheckpointMeta =
             serde_json::from_str(&std::fs::read_to_string(&json).map_err(|e| self.io(&json, e))?)
