@@ -92,12 +92,7 @@ pub fn run(registry: &glip_train::config::Registry, a: DetectArgs) -> Result<()>
         nms_iou: a.nms.or(det.spec.post.nms_iou),
         ..det.spec.post.clone()
     };
-    if a.out.exists() && !a.out.is_dir() {
-        return Err(anyhow!(
-            "--out {}: a file, not a folder (the drawn images go into a folder)",
-            a.out.display()
-        ));
-    }
+    crate::check_out_folder(&a.out, "the drawn images")?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("--out {}", a.out.display()))?;
     let mut results = Vec::new();
     let mut unreadable = 0usize;

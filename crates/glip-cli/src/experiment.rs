@@ -222,6 +222,7 @@ fn run_grid(
     seeds: &[Option<u64>],
     dir: &Path,
 ) -> Result<()> {
+    crate::check_out_folder(dir, "the runs of every cell and seed")?;
     let cells = &grid.cells;
     // Every run's config is read (and so checked) before the first one trains.
     let mut runs = Vec::with_capacity(cells.len() * seeds.len());
@@ -275,7 +276,7 @@ fn run_grid(
                 });
             }
             Err(e) => {
-                eprintln!("[{label}] failed: {e:#}");
+                eprintln!("[{label}] failed: {}", crate::error_chain(&e));
                 failed.push(label.clone());
             }
         }

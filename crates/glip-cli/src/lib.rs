@@ -295,15 +295,72 @@ where
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(&e));
             std::process::ExitCode::FAILURE
         }
     }
 }
 
+/// A folder that output goes into (`--out`, or its default) must be one, or not exist yet: a
+/// file there is refused before any work starts, rather than after the model is built.
+pub(crate) fn check_out_folder(dir: &std::path::Path, what: &str) -> anyhow::Result<()> {
+    if dir.exists() && !dir.is_dir() {
+        anyhow::bail!(
+            "{}: a file, not a folder ({what} go into a folder; --out names another)",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// An error and its causes, `: `-joined as anyhow's `{:#}` joins them, but without a cause
+/// that the message before it already ends with: errors that print their source in their own
+/// message (`path: No such file or directory`, as thiserror's `{path}: {source}` does) and
+/// also give it as their `source()` would otherwise say it twice.
+pub(crate) fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.is_empty() {
+            out = text;
+        } else if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::pool_to_join;
+
+    /// An error that prints its source and also gives it as `source()`.
+    #[derive(Debug)]
+    struct WithSource(std::io::Error);
+
+    impl std::fmt::Display for WithSource {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "data/a.json: {}", self.0)
+        }
+    }
+
+    impl std::error::Error for WithSource {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn an_error_chain_says_each_cause_once() {
+        let io = || std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let e = anyhow::Error::new(WithSource(io())).context("--coco");
+        assert_eq!(super::error_chain(&e), "--coco: data/a.json: no such file");
+        // Causes that their parents do not print are all kept, in order, as `{:#}` has them.
+        let e = anyhow::Error::new(io()).context("reading data/a.json").context("--coco");
+        assert_eq!(super::error_chain(&e), format!("{e:#}"));
+        assert_eq!(super::error_chain(&e), "--coco: reading data/a.json: no such file");
+    }
 
     #[test]
     fn only_a_pool_of_two_or_more_threads_is_joined() {

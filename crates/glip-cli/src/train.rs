@@ -67,6 +67,7 @@ pub fn run_single(
     resume: bool,
     label: &str,
 ) -> Result<ExperimentResult> {
+    crate::check_out_folder(dir, "a run's files")?;
     eprintln!(
         "{}training into {}",
         if label.is_empty() { String::new() } else { format!("[{label}] ") },
