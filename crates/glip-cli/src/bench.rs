@@ -9,7 +9,7 @@ use glip_train::bench::{run, BenchSpec};
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// `seed-r50` or `seed-r18`.
-    #[arg(long, default_value = "seed-r50")]
+    #[arg(long, default_value = "seed-r50", value_parser = glip_train::bench::PRESETS)]
     preset: String,
     /// `infer` (no gradients) or `train` (forward, criterion, backward, clip, AdamW).
     #[arg(long, default_value = "infer", value_parser = ["infer", "train"])]

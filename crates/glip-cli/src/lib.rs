@@ -234,6 +234,20 @@ pub fn keep_compiled_kernels() {
     }
 }
 
+/// Leaves errors' backtraces off unless `RUST_LIB_BACKTRACE` asks for them. candle captures a
+/// backtrace into every error it makes (`bail!`, a shape that does not fit) when
+/// `RUST_BACKTRACE` is set, and its message carries it: with `RUST_BACKTRACE=1` in a shell, a
+/// checkpoint of the wrong shape printed 15 lines of frames inside the one-line error. std
+/// reads `RUST_LIB_BACKTRACE` before `RUST_BACKTRACE` for captured backtraces and only
+/// `RUST_BACKTRACE` for panics, so panics keep theirs; `RUST_LIB_BACKTRACE=1` brings the
+/// errors' back for debugging glip itself.
+pub fn quiet_error_backtraces() {
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        // Called first thing in `main_with`, before any thread exists.
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
+}
+
 /// mimalloc's `purge_delay` option (its index in `mi_option_e`, the same in mimalloc 2 and 3).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
@@ -258,6 +272,7 @@ pub fn keep_freed_memory() {
 /// Runs the `glip` command line (arguments from the process) with `registry`'s components;
 /// returns the exit code (errors are printed to stderr).
 pub fn main_with(registry: Registry) -> std::process::ExitCode {
+    quiet_error_backtraces();
     keep_freed_memory();
     pin_thread_count();
     join_thread_pool();

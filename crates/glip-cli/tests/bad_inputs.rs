@@ -4,7 +4,8 @@
 //! `expect` string on stderr), and none may panic. Cases marked `ok` are valid inputs that must
 //! keep working (and print their `expect` strings, if any). A case's `absent` strings must not be
 //! in its output (work that should not have started). `GLIP_CORPUS_SHOW=1` prints every
-//! case's message, for reading them all.
+//! case's message, for reading them all. Cases run with `RUST_BACKTRACE=1`, and no message may
+//! carry a backtrace.
 
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -56,7 +57,9 @@ fn corpus_dir() -> PathBuf {
 fn glip(args: &[String]) -> (Option<i32>, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_glip"))
         .args(args)
-        .env("RUST_BACKTRACE", "0")
+        // As in a developer's shell: panics show their frames, error messages stay messages.
+        .env("RUST_BACKTRACE", "1")
+        .env_remove("RUST_LIB_BACKTRACE")
         .output()
         .expect("run glip");
     let text =
@@ -209,6 +212,10 @@ fn every_bad_input_gets_a_clear_error_and_none_panics() {
         let mut wrong = Vec::new();
         if err.contains("panicked") || code == Some(101) || code.is_none() {
             wrong.push(format!("panicked or was killed (exit {code:?})"));
+        }
+        // A backtrace's frames (`  0: candle_core::error::Error::bt`) in an error's message.
+        if !err.contains("panicked") && err.lines().any(|l| l.trim_start().starts_with("0: ")) {
+            wrong.push("the message carries a backtrace".into());
         }
         for a in &case.absent {
             if err.contains(a.as_str()) {
