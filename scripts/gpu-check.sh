@@ -289,7 +289,8 @@ if [[ "$PARTS" == *b* ]]; then
         args=(--preset "$preset" --mode "$mode" --batch "$batch" --size "$size" --iters "$ITERS")
         bench "${args[@]}" --precision f32
         bench "${args[@]}" --precision bf16
-        if [[ "${BF16_AB:-0}" == 1 ]]; then
+        # The A/B rows are left out of the verdict: measured in the first round alone.
+        if [[ "${BF16_AB:-0}" == 1 && $r == 1 ]]; then
           # bf16 with the backbone's activations kept f32 (a cast around every convolution), as
           # before bf16 activations: the two side by side in one call.
           echo "  (the next row: GLIP_BF16_ACTIVATIONS=0)"
@@ -300,7 +301,7 @@ if [[ "$PARTS" == *b* ]]; then
           bench "${args[@]}" --precision f32 --cuda-graph
           bench "${args[@]}" --precision bf16 --cuda-graph
         fi
-        if [[ "${ATTN_AB:-0}" == 1 && "$mode" == infer ]]; then
+        if [[ "${ATTN_AB:-0}" == 1 && "$mode" == infer && $r == 1 ]]; then
           # Inference with candle's composed attention instead of the one-launch core.
           echo "  (the next row: GLIP_CUDA_ATTENTION=composed)"
           BENCH_VARIANT=GLIP_CUDA_ATTENTION=composed bench "${args[@]}" --precision bf16
