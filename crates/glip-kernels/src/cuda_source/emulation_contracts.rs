@@ -19,9 +19,10 @@ use super::{DEFORMABLE_MAX_LEVELS, THREADS};
 use glip_core::rng::Rng;
 use std::fmt::Write as _;
 
-/// Sampled launches per kernel, and per kernel of the contracts with the most arithmetic
-/// (attention's strided rows and grid, deformable sampling's levels).
+/// Sampled launches per kernel.
 const TRIALS: usize = 8;
+/// Sampled launches per kernel of the contracts with the most arithmetic (attention's strided
+/// rows and grid, deformable sampling's levels).
 const TRIALS_INTRICATE: usize = 24;
 
 /// A sampled launch: the arguments (buffers as placeholders), grid `(x, y)` and block size.
@@ -422,8 +423,7 @@ fn c_launch(info: &KernelInfo, trial: usize, s: &Sample, lens: &[Option<u64>]) -
 }
 
 /// Each module's kernels on [`TRIALS`] (or [`TRIALS_INTRICATE`]) sampled launches each, their
-/// buffers as long as the
-/// contracts say: no read or write past one (see the module's comment).
+/// buffers as long as the contracts say: no read or write past one (see the module's comment).
 #[test]
 fn kernels_stay_inside_their_contracts() {
     let mut rng = Rng::new(0x00c0_ffee);
