@@ -51,7 +51,8 @@
 # TORCH_PYTHON (the Python with PyTorch for the side-by-side bench, python3; empty: none; on
 # the CPU only where set),
 # COMPOSED (1: also time training with candle's compositions of the normalisation kernels),
-# BF16_AB (1: each bf16 row again with GLIP_BF16_ACTIVATIONS=0, f32 activations in the backbone),
+# BF16_AB (1: each bf16 row again with GLIP_BF16_ACTIVATIONS=0, f32 activations in the backbone;
+# the A/B rows in round 1 only),
 # ATTN_AB (1: each bf16 inference row again with GLIP_CUDA_ATTENTION=composed), GRAPH (0: leave
 # out the inference rows replaying a CUDA graph, `--cuda-graph`, and part c's evaluations with
 # and without graphs).
