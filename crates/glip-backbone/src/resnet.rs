@@ -188,19 +188,27 @@ impl ResNet {
     }
 
     /// `x (b, 3, h, w)` -> `[C2, C3, C4, C5]` with strides 4, 8, 16, 32 (the first `stages`), in
-    /// [`glip_kernels::bf16::activation_dtype`] (bf16 inside a bf16 autocast on CUDA, else f32).
+    /// [`glip_kernels::bf16::activation_dtype`] (bf16 inside a bf16 autocast on CUDA, else f32),
+    /// each contiguous.
     pub fn forward_levels(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
         // bf16 activations where they pay (a bf16 autocast on CUDA): one cast of the image here
         // instead of two around every convolution.
         let x = x.to_dtype(glip_kernels::bf16::activation_dtype(x))?;
         let x = self.bn1.forward_relu(&self.conv1.forward(&x)?, train, None)?;
         let mut x = max_pool_3x3_s2_p1(&x)?;
+        // Channels-last from here to the levels where asked (`GLIP_CHANNELS_LAST=1`: bf16
+        // convolutions without cuDNN's transposes; glip_kernels::layout). The stem stays NCHW
+        // (its 3-channel input, and the pool's kernel): one copy after the pool.
+        if glip_kernels::layout::backbone_channels_last(&x) {
+            x = glip_kernels::layout::to_channels_last(&x)?;
+        }
         let mut out: Vec<Tensor> = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
             for block in layer {
                 x = block.forward(&x, train)?;
             }
-            out.push(x.clone());
+            // What reads the levels takes NCHW: one copy a level from channels-last.
+            out.push(x.contiguous()?);
         }
         Ok(out)
     }

@@ -2,7 +2,7 @@
 //! written out by `reference/make_fixtures.py`), at the fixture README's forward tolerance
 //! `|a - b| <= 1e-4 + 1e-3 * |b|`.
 
-use candle_core::{DType, Device, Result, D};
+use candle_core::{DType, Device, Result, Tensor, D};
 use glip_backbone::{MobileNetV2, ResNet, ResNetConfig, ResNetDepth};
 use glip_core::{weights, Backbone};
 use glip_testing::{assert_f32_deep_close, assert_forward_close, fixture, load};
@@ -172,7 +172,9 @@ fn unknown_weight_formats_are_named() {
 /// activation that was rounded twice (cuDNN writes bf16, then the batch norm and ReLU write
 /// bf16), three relative `2^-8` per product on the path.
 /// The fixture README's elementwise forward tolerance is for f32 and does not apply. Also checks
-/// that bf16 is what ran: its C2 differs from the f32 one.
+/// that bf16 is what ran: its C2 differs from the f32 one. Run twice: NCHW activations, and
+/// channels-last ones from the stem's pool on (`glip_kernels::layout::with_channels_last`; on
+/// CUDA cuDNN's NHWC convolutions, the same bound: the roundings per product are the same).
 #[test]
 fn resnet50_in_bf16_is_within_the_bf16_round_off_of_the_exact_values() -> Result<()> {
     use glip_kernels::bf16::{autocast, fallback_reason, Precision};
@@ -184,12 +186,30 @@ fn resnet50_in_bf16_is_within_the_bf16_round_off_of_the_exact_values() -> Result
     let io = load("resnet50_io.safetensors", &dev)?;
     let open = |dt| weights::open(&fixture("resnet50.safetensors"), dt, &dev);
     let net = ResNet::new(ResNetConfig::new(ResNetDepth::Resnet50), open(DType::F32)?)?;
-    let levels = autocast(Precision::Bf16, || net.forward(&io["input"], false))?;
     let f32_c2 = net.forward(&io["input"], false)?[0].tensor.clone();
     let net64 = ResNet::new(ResNetConfig::new(ResNetDepth::Resnet50), open(DType::F64)?)?;
     let exact = net64.forward(&io["input"].to_dtype(DType::F64)?, false)?;
+    for channels_last in [false, true] {
+        let bf16 = || autocast(Precision::Bf16, || net.forward(&io["input"], false));
+        let levels =
+            if channels_last { glip_kernels::layout::with_channels_last(bf16)? } else { bf16()? };
+        let layout = if channels_last { "channels-last" } else { "NCHW" };
+        check_bf16_levels(&levels, &exact, &f32_c2, dev.is_cuda(), layout)?;
+    }
+    Ok(())
+}
+
+/// [`resnet50_in_bf16_is_within_the_bf16_round_off_of_the_exact_values`]'s bound on each
+/// level, and C2 not the f32 one.
+fn check_bf16_levels(
+    levels: &[glip_core::FeatureMap],
+    exact: &[glip_core::FeatureMap],
+    f32_c2: &Tensor,
+    cuda: bool,
+    layout: &str,
+) -> Result<()> {
     let u_bf16 = 2f64.powi(-8);
-    let roundings = if dev.is_cuda() { 3.0 } else { 2.0 };
+    let roundings = if cuda { 3.0 } else { 2.0 };
     for (i, name) in ["c2", "c3", "c4", "c5"].into_iter().enumerate() {
         let len = resnet50_path_sum_lengths()[i];
         let e: Vec<f64> = exact[i].tensor.flatten_all()?.to_vec1()?;
@@ -202,10 +222,10 @@ fn resnet50_in_bf16_is_within_the_bf16_round_off_of_the_exact_values() -> Result
             assert!((a - x).abs() <= bound, "{name}[{k}]: {a} vs exact {x} (bound {bound})");
             worst = worst.max((a - x).abs() / bound);
         }
-        eprintln!("{name} (bf16): largest error / bound {worst:.3}");
+        eprintln!("{name} (bf16, {layout}): largest error / bound {worst:.3}");
     }
     let c2 = levels[0].tensor.to_dtype(DType::F32)?;
-    let differs = (&c2 - &f32_c2)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    let differs = (&c2 - f32_c2)?.abs()?.max_all()?.to_scalar::<f32>()?;
     assert!(differs > 0.0, "C2 in bf16 equals C2 in f32: autocast did not take effect");
     Ok(())
 }

@@ -227,13 +227,32 @@ pub fn batch_norm_constants(
 /// the constants `ss = [scale; shift]` `(2, c)` (f32, no gradient). The result has `x`'s dtype.
 /// One pass on CUDA (f32 or bf16 `x`, the residual alike; [`crate::cuda::own_kernels`]) and on
 /// the CPU in f32; elsewhere [`reference`](fn@reference) in f32 (f64 for f64 tensors).
+///
+/// A channels-last `x` ([`crate::layout`]) gives a channels-last result (the residual is laid
+/// out as `x` first): on CUDA the same kernel over the storage seen as `(b h w, c, 1, 1)`, where
+/// each element's channel is its index modulo `c`; elsewhere on an NCHW copy.
 pub fn channel_affine(
     x: &Tensor,
     ss: &Tensor,
     residual: Option<&Tensor>,
     relu: bool,
 ) -> Result<Tensor> {
+    if crate::layout::is_channels_last(x) {
+        let r = residual.map(crate::layout::to_channels_last).transpose()?;
+        if !crate::cuda::own_kernels(x) {
+            let f = |x: &Tensor| channel_affine(x, ss, r.as_ref(), relu);
+            return crate::layout::keeping_layout(x, f);
+        }
+        let (b, c, h, w) = x.dims4()?;
+        let flat = |t: &Tensor| crate::layout::nhwc_view(t)?.reshape((b * h * w, c, 1, 1));
+        let r = r.as_ref().map(flat).transpose()?;
+        let y = channel_affine(&flat(x)?, ss, r.as_ref(), relu)?;
+        return y.reshape((b, h, w, c))?.permute((0, 3, 1, 2));
+    }
     let ss = ss.detach();
+    // The kernels read the residual in x's (contiguous) order.
+    let residual = residual.map(Tensor::contiguous).transpose()?;
+    let residual = residual.as_ref();
     let same = |dtype: DType| residual.is_none_or(|r| r.dtype() == dtype);
     #[cfg(feature = "cuda")]
     if crate::cuda::own_kernels(x)
@@ -267,8 +286,8 @@ pub fn channel_affine(
     let op = Affine { scale: v(0)?, shift: v(1)?, relu };
     debug_assert_eq!(op.scale.len(), c);
     match residual {
-        Some(r) => x.apply_op2(r, AffineAddCpu(op)),
-        None => x.apply_op1(AffineCpu(op)),
+        Some(r) => x.contiguous()?.apply_op2(r, AffineAddCpu(op)),
+        None => x.contiguous()?.apply_op1(AffineCpu(op)),
     }
 }
 

@@ -313,14 +313,7 @@ pub fn activation_dtype(x: &Tensor) -> DType {
 /// generic bf16 operations, slow): for tests of a model's bf16 data flow on a machine without a
 /// GPU. Restores the previous setting.
 pub fn with_bf16_activations<T>(f: impl FnOnce() -> T) -> T {
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            FORCE_ACTIVATIONS.with(|c| c.set(self.0));
-        }
-    }
-    let _restore = Restore(FORCE_ACTIVATIONS.with(|c| c.replace(true)));
-    f()
+    crate::with_flag_set(&FORCE_ACTIVATIONS, f)
 }
 
 /// Whether a product of `x` with the weight `w` runs in bf16 here: inside a bf16 [`autocast`]

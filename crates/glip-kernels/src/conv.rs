@@ -754,6 +754,10 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Tenso
     if !x.device().is_cpu() {
         return crate::cuda::conv2d(x, w, stride, pad, 1);
     }
+    if crate::layout::is_channels_last(x) {
+        // Nothing to gain on the CPU: an NCHW copy, the result laid out as `x` was.
+        return crate::layout::keeping_layout(x, |x| conv2d(x, w, stride, pad));
+    }
     let (_, _, kh, kw) = w.dims4()?;
     let cpu_f32 = x.dtype() == DType::F32 && w.dtype() == DType::F32;
     let (_, ci, h, wd) = x.dims4()?;
@@ -794,6 +798,10 @@ pub fn conv2d_grouped(
     groups: usize,
 ) -> Result<Tensor> {
     if x.device().is_cpu() {
+        if crate::layout::is_channels_last(x) {
+            let f = |x: &Tensor| conv2d_grouped(x, w, stride, pad, groups);
+            return crate::layout::keeping_layout(x, f);
+        }
         if x.dtype() == DType::BF16 && w.dtype() == DType::F32 {
             // As in `conv2d`: f32 arithmetic on bf16 activations, the result rounded.
             let y = conv2d_grouped(&x.to_dtype(DType::F32)?, w, stride, pad, groups)?;

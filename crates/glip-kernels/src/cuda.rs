@@ -169,7 +169,9 @@ pub(crate) fn bf16_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Resu
 }
 
 /// A convolution off the CPU (`groups` of them side by side), in bf16 under autocast: cuDNN's,
-/// forward and backward, where this build has it, else candle's.
+/// forward and backward, where this build has it (in NHWC for a channels-last `x`,
+/// [`crate::layout`]), else candle's (on an NCHW copy of a channels-last `x`). The result has
+/// `x`'s layout.
 pub(crate) fn conv2d(
     x: &Tensor,
     w: &Tensor,
@@ -182,6 +184,6 @@ pub(crate) fn conv2d(
         if x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::BF16) {
             return crate::cudnn::conv2d(x, w, stride, pad, groups);
         }
-        x.conv2d(w, pad, stride, 1, groups)
+        crate::layout::keeping_layout(x, |x| x.conv2d(w, pad, stride, 1, groups))
     })
 }

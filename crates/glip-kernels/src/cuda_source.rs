@@ -1561,9 +1561,18 @@ mod emulation_affine {
         }
     }
 
+    /// Planes of `h w` (NCHW), and planes of one element: the shape `(b h w, c, 1, 1)` that a
+    /// channels-last tensor's storage is given to the kernel as (`glip_kernels::layout`), each
+    /// element's channel its index modulo `c`.
     #[test]
     fn affine_with_and_without_residual_and_relu_matches_the_cpu_op() -> Result<()> {
-        let (b, c, h, w) = (3usize, 5usize, 6usize, 7usize);
+        for shape in [(3usize, 5usize, 6usize, 7usize), (3 * 6 * 7, 5, 1, 1)] {
+            affine_case(shape)?;
+        }
+        Ok(())
+    }
+
+    fn affine_case((b, c, h, w): (usize, usize, usize, usize)) -> Result<()> {
         let n = b * c * h * w;
         let case = Case::new((b, c, h, w), 31);
         let ss = case.ss.clone();
@@ -1591,7 +1600,7 @@ mod emulation_affine {
             let shape = (b, c, h, w);
             let (y, dx, dr) = cpu_op(&x, &ss, with_r.then_some(&r), &dy, shape, relu)?;
             let got = |name: &str| Tensor::from_vec(out[name].clone(), shape, &Device::Cpu);
-            let what = format!("affine (residual {with_r}, relu {relu})");
+            let what = format!("affine {shape:?} (residual {with_r}, relu {relu})");
             glip_testing::assert_forward_close(&what, &got("y")?, &y)?;
             glip_testing::assert_grad_close(&format!("{what} dx"), &got("dx")?, &dx)?;
             if let Some(dr) = dr {

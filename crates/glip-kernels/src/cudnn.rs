@@ -51,7 +51,9 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 
-/// One convolution's shape: input `(b, ci, h, w)`, weight `(co, ci / groups, k, k)`.
+/// One convolution's shape: input `(b, ci, h, w)`, weight `(co, ci / groups, k, k)`, and
+/// whether its tensors are stored NHWC (input, output and their gradients `(b, h, w, c)`, the
+/// weight and its gradient `(co, k, k, ci / groups)`; [`crate::layout`]) or NCHW.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct Geometry {
     x: [i32; 4],
@@ -59,6 +61,7 @@ struct Geometry {
     stride: i32,
     pad: i32,
     groups: i32,
+    nhwc: bool,
 }
 
 impl Geometry {
@@ -84,7 +87,31 @@ impl Geometry {
             stride: i(stride)?,
             pad: i(pad)?,
             groups: i(groups)?,
+            nhwc: false,
         })
+    }
+
+    /// The same convolution on tensors stored NHWC.
+    fn channels_last(self) -> Self {
+        Self { nhwc: true, ..self }
+    }
+
+    /// cuDNN's name for the storage order of every tensor of the convolution.
+    fn format(&self) -> sys::cudnnTensorFormat_t {
+        if self.nhwc {
+            sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC
+        } else {
+            sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW
+        }
+    }
+
+    /// The dims `(n, c, h, w)` of one of its tensors in storage order: `(n, h, w, c)` in NHWC.
+    fn stored(&self, [n, c, h, w]: [i32; 4]) -> [i32; 4] {
+        if self.nhwc {
+            [n, h, w, c]
+        } else {
+            [n, c, h, w]
+        }
     }
 
     fn y(&self) -> [i32; 4] {
@@ -206,12 +233,13 @@ impl<T: Elem> Plan<T> {
             return Ok(p);
         }
         let c = handle(dev)?;
-        let nchw = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+        // The descriptors take the logical (n, c, h, w) dims and the storage order apart.
+        let format = g.format();
         let plan = Rc::new(Plan {
             conv: make_conv(&c, &g, T::math(key.tf32))?,
-            x: c.create_4d_tensor::<T>(nchw, g.x).map_err(wrap)?,
-            w: c.create_4d_filter::<T>(nchw, g.w).map_err(wrap)?,
-            y: c.create_4d_tensor::<T>(nchw, g.y()).map_err(wrap)?,
+            x: c.create_4d_tensor::<T>(format, g.x).map_err(wrap)?,
+            w: c.create_4d_filter::<T>(format, g.w).map_err(wrap)?,
+            y: c.create_4d_tensor::<T>(format, g.y()).map_err(wrap)?,
             deterministic: key.deterministic,
             fwd: RefCell::new(None),
             bwd_data: RefCell::new(None),
@@ -252,8 +280,14 @@ fn chosen<A: Copy + std::fmt::Debug>(
     if *LOG.get_or_init(|| std::env::var("GLIP_CUDNN_LOG").is_ok_and(|v| v != "0")) {
         let (dir, g) = what;
         eprintln!(
-            "cudnn {dir:?} x {:?} w {:?} stride {} pad {} groups {}: {algo:?}, workspace {} B",
-            g.x, g.w, g.stride, g.pad, g.groups, c.1
+            "cudnn {dir:?} x {:?} w {:?} stride {} pad {} groups {} {}: {algo:?}, workspace {} B",
+            g.x,
+            g.w,
+            g.stride,
+            g.pad,
+            g.groups,
+            if g.nhwc { "NHWC" } else { "NCHW" },
+            c.1
         );
     }
     Ok(c)
@@ -287,7 +321,8 @@ fn with_workspace<R>(
     r
 }
 
-/// The contiguous view of `s` under `l` holding `shape`'s elements, or an error naming `what`.
+/// The contiguous view of `s` under `l` holding `shape`'s elements (its dims in storage
+/// order), or an error naming `what`.
 fn view<'a, T: Elem>(
     s: &'a CudaStorage,
     l: &Layout,
@@ -298,7 +333,8 @@ fn view<'a, T: Elem>(
         candle_core::bail!("cudnn conv2d: the {what} must be contiguous")
     };
     let want: usize = shape.iter().map(|&v| v as usize).product();
-    if b - a != want || l.dims().len() != 4 {
+    let same = l.dims().len() == 4 && l.dims().iter().zip(shape).all(|(&d, s)| d == s as usize);
+    if b - a != want || !same {
         candle_core::bail!("cudnn conv2d: {what} of shape {:?}, expected {shape:?}", l.dims())
     }
     Ok(s.as_cuda_slice::<T>()?.slice(a..b))
@@ -347,8 +383,8 @@ impl CudnnConv {
         let one_zero = scale::<T>();
         let (out_shape, out) = match self.dir {
             Direction::Forward => {
-                let x = view::<T>(a.0, a.1, g.x, "input")?;
-                let w = view::<T>(b.0, b.1, g.w, "weight")?;
+                let x = view::<T>(a.0, a.1, g.stored(g.x), "input")?;
+                let w = view::<T>(b.0, b.1, g.stored(g.w), "weight")?;
                 let op = plan.forward();
                 let (algo, bytes) = chosen(
                     &plan.fwd,
@@ -359,14 +395,14 @@ impl CudnnConv {
                 let mut y = output::<T>(&dev, g.y())?;
                 with_workspace(&dev, bytes, |ws| {
                     // SAFETY: x, w and y hold exactly the elements of the plan's descriptors
-                    // (checked by `view` and `output`), in the descriptors' dtype and NCHW order.
+                    // (checked by `view` and `output`), in the descriptors' dtype and order.
                     unsafe { op.launch(algo, ws, one_zero, &x, &w, &mut y) }.map_err(wrap)
                 })?;
                 (g.y(), y)
             }
             Direction::BackwardData => {
-                let dy = view::<T>(a.0, a.1, g.y(), "output gradient")?;
-                let w = view::<T>(b.0, b.1, g.w, "weight")?;
+                let dy = view::<T>(a.0, a.1, g.stored(g.y()), "output gradient")?;
+                let w = view::<T>(b.0, b.1, g.stored(g.w), "weight")?;
                 let op = plan.backward_data();
                 let pick = || {
                     use sys::cudnnConvolutionBwdDataAlgo_t as A;
@@ -387,8 +423,8 @@ impl CudnnConv {
                 (g.x, dx)
             }
             Direction::BackwardFilter => {
-                let x = view::<T>(a.0, a.1, g.x, "input")?;
-                let dy = view::<T>(b.0, b.1, g.y(), "output gradient")?;
+                let x = view::<T>(a.0, a.1, g.stored(g.x), "input")?;
+                let dy = view::<T>(b.0, b.1, g.stored(g.y()), "output gradient")?;
                 let op = plan.backward_filter();
                 let pick = || {
                     use sys::cudnnConvolutionBwdFilterAlgo_t as A;
@@ -412,7 +448,7 @@ impl CudnnConv {
                 (g.w, dw)
             }
         };
-        Ok((CudaStorage::wrap_cuda_slice(out, dev), Geometry::dims(out_shape)))
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Geometry::dims(g.stored(out_shape))))
     }
 }
 
@@ -482,8 +518,19 @@ impl CustomOp2 for CudnnConv {
 
 /// `conv2d(x (b, ci, h, w), w (co, ci / groups, k, k))` on CUDA with cuDNN, zero padding `pad`
 /// and stride `stride` on both axes; `x` and `w` both f32 or both bf16. Differentiable in both.
+/// A channels-last `x` ([`crate::layout::is_channels_last`]) computes in NHWC, without
+/// cuDNN's transposes around its bf16 kernels, and gives a channels-last result (the weight
+/// stored `(co, k, k, ci)`: a gradient-free one once per bf16 scope).
 pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: usize, groups: usize) -> Result<Tensor> {
     let g = Geometry::new(x.dims(), w.dims(), stride, pad, groups)?;
+    if crate::layout::is_channels_last(x) {
+        let krsc = crate::bf16::scope_cached(w, "channels-last weight", || {
+            crate::layout::nhwc_view(w)?.contiguous()
+        })?;
+        let op = CudnnConv { g: g.channels_last(), dir: Direction::Forward };
+        let y = crate::layout::nhwc_view(x)?.apply_op2(&krsc, op)?;
+        return y.permute((0, 3, 1, 2));
+    }
     x.contiguous()?.apply_op2(&w.contiguous()?, CudnnConv { g, dir: Direction::Forward })
 }
 
@@ -501,5 +548,15 @@ mod tests {
         assert!(Geometry::new(&[1, 3, 2, 2], &[4, 3, 5, 5], 1, 1, 1).is_err());
         assert!(Geometry::new(&[1, 3, 8, 8], &[4, 3, 3, 3], 0, 1, 1).is_err());
         assert!(Geometry::new(&[1, 3, 8], &[4, 3, 3, 3], 1, 1, 1).is_err());
+        // Channels-last: the same logical dims (cuDNN's descriptors take them with the
+        // format), another plan, tensors stored (n, h, w, c) and the weight (co, k, k, ci).
+        let cl = g.channels_last();
+        assert_ne!(cl, g);
+        assert_eq!((cl.x, cl.w, cl.y()), (g.x, g.w, g.y()));
+        assert_eq!((g.stored(g.x), g.stored(g.w)), (g.x, g.w));
+        assert_eq!(cl.stored(cl.x), [2, 9, 7, 8]);
+        assert_eq!(cl.stored(cl.w), [4, 3, 3, 8]);
+        assert_eq!(cl.stored(cl.y()), [2, 5, 4, 4]);
+        assert_eq!(cl.format(), sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC);
     }
 }

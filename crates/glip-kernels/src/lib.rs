@@ -176,6 +176,22 @@ macro_rules! cuda_op {
     };
 }
 
+/// Runs `f` with this thread's `flag` set, then restores what it was (also when `f` panics):
+/// the switches tests use to force a data flow on the CPU.
+fn with_flag_set<T>(
+    flag: &'static std::thread::LocalKey<std::cell::Cell<bool>>,
+    f: impl FnOnce() -> T,
+) -> T {
+    struct Restore(&'static std::thread::LocalKey<std::cell::Cell<bool>>, bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            self.0.with(|c| c.set(self.1));
+        }
+    }
+    let _restore = Restore(flag, flag.with(|c| c.replace(true)));
+    f()
+}
+
 pub mod affine;
 pub mod attention;
 pub mod bf16;
@@ -198,6 +214,7 @@ mod exp;
 pub mod fused;
 mod gemm;
 pub mod graph;
+pub mod layout;
 mod linear_plan;
 pub mod nn;
 pub mod norm;

@@ -119,22 +119,43 @@ const CONVS: [ConvCase; 5] = [
 ];
 
 /// `y = conv(x, w)` and the gradients of `sum(y * g)` on `dev` in f32 with `precision`'s
-/// autocast, through glip's dispatch (cuDNN on the GPU, im2col and GEMM on the CPU).
+/// autocast, through glip's dispatch (cuDNN on the GPU, im2col and GEMM on the CPU). With
+/// `channels_last` the input is laid out channels-last (`glip_kernels::layout`; in bf16 as the
+/// ResNet's bf16 activations, cast first): on the GPU cuDNN's NHWC convolutions, whose result
+/// must be channels-last too.
 fn conv_with_grads(
     c: &ConvCase,
     (x, w, g): (&Tensor, &Tensor, &Tensor),
     dev: &Device,
     precision: Precision,
+    channels_last: bool,
 ) -> Result<[Tensor; 3]> {
     let xv = Var::from_tensor(&x.to_device(dev)?)?;
     let wv = Var::from_tensor(&w.to_device(dev)?)?;
+    let input = if channels_last {
+        let x = match precision {
+            Precision::Bf16 => xv.to_dtype(DType::BF16)?,
+            _ => xv.as_tensor().clone(),
+        };
+        glip_kernels::layout::to_channels_last(&x)?
+    } else {
+        xv.as_tensor().clone()
+    };
     let y = if c.groups == 1 {
-        autocast(precision, || glip_kernels::conv::conv2d(&xv, &wv, c.stride, c.pad))?
+        autocast(precision, || glip_kernels::conv::conv2d(&input, &wv, c.stride, c.pad))?
     } else {
         autocast(precision, || {
-            glip_kernels::conv::conv2d_grouped(&xv, &wv, c.stride, c.pad, c.groups)
+            glip_kernels::conv::conv2d_grouped(&input, &wv, c.stride, c.pad, c.groups)
         })?
     };
+    if channels_last {
+        let what = format!("conv {c:?} on {dev:?} {precision}");
+        assert!(
+            glip_kernels::layout::is_channels_last(&y),
+            "{what}: the result is not channels-last"
+        );
+    }
+    let y = y.to_dtype(DType::F32)?;
     let grads = (&y * g.to_device(dev)?)?.sum_all()?.backward()?;
     Ok([y, grads.get(&xv).expect("dx").clone(), grads.get(&wv).expect("dw").clone()])
 }
@@ -193,8 +214,9 @@ fn conv_direct(c: &ConvCase, x: &Tensor, w: &Tensor, g: &Tensor) -> Result<[Tens
 }
 
 /// Every case of [`CONVS`] through [`conv_with_grads`] on `dev` against [`conv_direct`],
-/// within `precision`'s bound per sum.
-fn check_convs(dev: &Device, precision: Precision) -> Result<()> {
+/// within `precision`'s bound per sum (the same with a channels-last input: the same products
+/// and roundings, summed in another order).
+fn check_convs(dev: &Device, precision: Precision, channels_last: bool) -> Result<()> {
     for (i, c) in CONVS.iter().enumerate() {
         let (h, wd) = c.hw;
         let (oh, ow) =
@@ -202,7 +224,7 @@ fn check_convs(dev: &Device, precision: Precision) -> Result<()> {
         let x = random(&[c.b, c.ci, h, wd], 10 + i as u64);
         let w = random(&[c.co, c.ci / c.groups, c.k, c.k], 20 + i as u64);
         let g = random(&[c.b, c.co, oh, ow], 30 + i as u64);
-        let got = conv_with_grads(c, (&x, &w, &g), dev, precision)?;
+        let got = conv_with_grads(c, (&x, &w, &g), dev, precision, channels_last)?;
         let exact = conv_direct(c, &x, &w, &g)?;
         // The sums of |terms|: the same computation on |x|, |w| and |g|.
         let magnitudes = conv_direct(c, &x.abs()?, &w.abs()?, &g.abs()?)?;
@@ -211,7 +233,8 @@ fn check_convs(dev: &Device, precision: Precision) -> Result<()> {
         let terms = [c.ci / c.groups * c.k * c.k, c.co / c.groups * c.k * c.k, c.b * oh * ow];
         for (j, name) in ["y", "dx", "dw"].into_iter().enumerate() {
             let bound = (&magnitudes[j] * relative_bound(precision, terms[j]))?;
-            let what = format!("conv {c:?} on {dev:?} {precision} {name}");
+            let layout = if channels_last { "channels-last" } else { "NCHW" };
+            let what = format!("conv {c:?} on {dev:?} {precision} {layout} {name}");
             assert_within(&what, &got[j], &exact[j], &bound)?;
         }
     }
@@ -242,17 +265,26 @@ fn auto_takes_the_gpu() {
 /// bounds, every case including the 17x16 stride-2 one. Needs no GPU.
 #[test]
 fn the_direct_reference_agrees_with_the_cpu_convolutions() -> Result<()> {
-    check_convs(&Device::Cpu, Precision::F32)
+    check_convs(&Device::Cpu, Precision::F32, false)?;
+    check_convs(&Device::Cpu, Precision::F32, true)
 }
 
 #[test]
 fn convolutions_and_both_gradients_match_exact_values_in_f32() -> Result<()> {
-    check_convs(&gpu(), Precision::F32)
+    check_convs(&gpu(), Precision::F32, false)
 }
 
 #[test]
 fn convolutions_and_both_gradients_match_exact_values_in_bf16() -> Result<()> {
-    check_convs(&gpu(), Precision::Bf16)
+    check_convs(&gpu(), Precision::Bf16, false)
+}
+
+/// cuDNN's NHWC convolutions (a channels-last input, `GLIP_CHANNELS_LAST=1`'s data flow), every
+/// case of [`CONVS`] with both gradients, f32 and bf16 activations.
+#[test]
+fn channels_last_convolutions_and_both_gradients_match_exact_values() -> Result<()> {
+    check_convs(&gpu(), Precision::F32, true)?;
+    check_convs(&gpu(), Precision::Bf16, true)
 }
 
 /// `Linear` `(4, 7, 96) -> 40` with bias, and the gradients of `sum(y * g)`: each output a sum
