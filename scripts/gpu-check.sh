@@ -52,7 +52,8 @@
 # the CPU only where set),
 # COMPOSED (1: also time training with candle's compositions of the normalisation kernels),
 # BF16_AB (1: each bf16 row again with GLIP_BF16_ACTIVATIONS=0, f32 activations in the backbone;
-# the A/B rows in round 1 only),
+# the A/B rows in round 1 only), CL_AB (1: each bf16 row again with GLIP_CHANNELS_LAST=1,
+# channels-last activations in the ResNet; round 1 only),
 # ATTN_AB (1: each bf16 inference row again with GLIP_CUDA_ATTENTION=composed), GRAPH (0: leave
 # out the inference rows replaying a CUDA graph, `--cuda-graph`, and part c's evaluations with
 # and without graphs).
@@ -296,6 +297,15 @@ if [[ "$PARTS" == *b* ]]; then
           # before bf16 activations: the two side by side in one call.
           echo "  (the next row: GLIP_BF16_ACTIVATIONS=0)"
           BENCH_VARIANT=GLIP_BF16_ACTIVATIONS=0 bench "${args[@]}" --precision bf16
+        fi
+        if [[ "${CL_AB:-0}" == 1 && $r == 1 ]]; then
+          # bf16 with channels-last activations through the ResNet: cuDNN's NHWC convolutions,
+          # without its transposes (glip_kernels::layout); graphed too where inference is.
+          echo "  (the next rows: GLIP_CHANNELS_LAST=1)"
+          BENCH_VARIANT=GLIP_CHANNELS_LAST=1 bench "${args[@]}" --precision bf16
+          if [[ "${GRAPH:-1}" == 1 && "$mode" == infer ]]; then
+            BENCH_VARIANT=GLIP_CHANNELS_LAST=1 bench "${args[@]}" --precision bf16 --cuda-graph
+          fi
         fi
         if [[ "${GRAPH:-1}" == 1 && "$mode" == infer ]]; then
           # The pass recorded once as a CUDA graph and replayed (inputs copied in, outputs out).
