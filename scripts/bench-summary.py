@@ -7,7 +7,10 @@ batch, size) that has a PyTorch line, glip's medians in f32 and bf16, eager and 
 graph, their ratios to PyTorch's f32 median, and whether the issue's targets hold: f32 within
 1.5x of PyTorch, bf16 at or under PyTorch's f32. For each precision the faster of the eager and
 the graphed row counts (a researcher may pass `--cuda-graph`). Lines with phases, TF32 or a
-`variant` (an A/B row run with an environment switch) are left out of the verdict.
+`variant` (an A/B row run with an environment switch) are left out of the verdict; the
+variants come after it in a table of their own, each beside the plain row of the same
+precision and round (gpu-check.sh measures them in round 1): what the switch would make of the
+row, and of its ratio to PyTorch's f32, were it the default.
 
 A row measured more than once (gpu-check.sh with ROUNDS > 1 marks each line with its `round`)
 counts with the median of its times of each kind, and the table adds the bf16 ratio of each
@@ -48,8 +51,11 @@ def read(path):
             key = (line["preset"], line["mode"], line["batch"], line["size"])
             if "torch" in line:
                 kind = "torch"
-            elif not line.get("phases") and not line.get("tf32") and not line.get("variant"):
+            elif not line.get("phases") and not line.get("tf32"):
                 kind = line.get("precision", "f32") + (" graph" if line.get("graph") else "")
+                if line.get("variant"):
+                    # Kept apart from the verdict's kinds: `bf16 [GLIP_CHANNELS_LAST=1]`.
+                    kind += f" [{line['variant']}]"
             else:
                 continue
             # A round's first line of a kind counts (a `--cuda-graph` run that fell back to
@@ -91,6 +97,30 @@ def close_rows(rows, fraction):
         if torch is None or any(r is None or abs(r / limit - 1) <= fraction for r, limit in ratios):
             close.append(key)
     return close
+
+
+def print_variants(rows):
+    """The A/B rows: each variant's time beside the plain row of its precision and round, and
+    both ratios (to the plain row, and to PyTorch's f32 of that round). Nothing without any."""
+    out = []
+    for (preset, mode, batch, size), row in sorted(rows.items()):
+        for kind, times in sorted(row.items()):
+            if not kind.endswith("]"):
+                continue
+            base, variant = kind[:-1].split(" [", 1)
+            for r, t in sorted(times.items()):
+                plain = row.get(base, {}).get(r)
+                torch = row.get("torch", {}).get(r)
+                cells = [variant, base, str(r), f"{plain:.4f}" if plain else "-", f"{t:.4f}",
+                         f"{t / plain:.2f}x" if plain else "-",
+                         f"{t / torch:.2f}x" if torch else "-"]
+                out.append(f"| {preset} | {mode} | {batch}@{size} | " + " | ".join(cells) + " |")
+    if out:
+        print("\nA/B rows (an environment switch; not in the verdict):")
+        print("| preset | mode | batch@size | switch | row | round | plain s | with the switch s "
+              "| switch / plain | with the switch / PyTorch f32 |")
+        print("| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
+        print("\n".join(out))
 
 
 def main():
@@ -137,10 +167,12 @@ def main():
         print(f"| {preset} | {mode} | {batch}@{size} | " + " | ".join(cells) + " |")
     if compared == 0:
         print("no row has both glip and PyTorch times")
+        print_variants(rows)
         sys.exit(2)
     over = f", medians over up to {rounds} rounds" if rounds > 1 else ""
     print(f"targets (f32 <= {F32_LIMIT}x, bf16 <= {BF16_LIMIT}x PyTorch f32, the faster of eager "
           f"and graph{over}): met on {met} of {compared} rows")
+    print_variants(rows)
     sys.exit(0 if met == compared else 1)
 
 

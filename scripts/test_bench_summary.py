@@ -88,6 +88,29 @@ class Verdict(unittest.TestCase):
         self.assertEqual(rc, 1, out)
         self.assertIn("NOT met: bf16 1.10x > 1.0x", out)
 
+    def test_variants_are_compared_with_the_plain_row_of_their_round(self):
+        # Channels-last would take the eager bf16 row from 1.10x to 0.88x of PyTorch and the
+        # graphed one from 1.05x to 0.75x; the verdict stays on the plain rows (1.05x, not met).
+        cl = "GLIP_CHANNELS_LAST=1"
+        rc, out = summary([
+            glip("f32", 0.012), glip("bf16", 0.011), glip("bf16", 0.0105, graph=True),
+            glip("bf16", 0.0088, variant=cl), glip("bf16", 0.0075, graph=True, variant=cl),
+            glip("bf16", 0.0123, variant="GLIP_BF16_ACTIVATIONS=0"), torch(0.010),
+        ])
+        self.assertEqual(rc, 1, out)
+        self.assertIn("NOT met: bf16 1.05x > 1.0x", out)
+        self.assertIn("A/B rows (an environment switch; not in the verdict):", out)
+        self.assertIn(f"| seed-r18 | infer | 32@256 | {cl} | bf16 | 1 | 0.0110 | 0.0088 | "
+                      "0.80x | 0.88x |", out)
+        self.assertIn(f"| {cl} | bf16 graph | 1 | 0.0105 | 0.0075 | 0.71x | 0.75x |", out)
+        self.assertIn("| GLIP_BF16_ACTIVATIONS=0 | bf16 | 1 | 0.0110 | 0.0123 | 1.12x | 1.23x |",
+                      out)
+
+    def test_no_variants_no_table(self):
+        rc, out = summary([glip("f32", 0.012), glip("bf16", 0.009), torch(0.010)])
+        self.assertEqual(rc, 0, out)
+        self.assertNotIn("A/B rows", out)
+
     def test_a_missing_precision_is_named(self):
         rc, out = summary([glip("f32", 0.012), torch(0.010)])
         self.assertEqual(rc, 1, out)
