@@ -238,11 +238,12 @@ pub fn channel_affine(
     relu: bool,
 ) -> Result<Tensor> {
     if crate::layout::is_channels_last(x) {
-        let r = residual.map(crate::layout::to_channels_last).transpose()?;
         if !crate::cuda::own_kernels(x) {
-            let f = |x: &Tensor| channel_affine(x, ss, r.as_ref(), relu);
+            // On the NCHW copy, which reads the residual in NCHW order whatever its layout.
+            let f = |x: &Tensor| channel_affine(x, ss, residual, relu);
             return crate::layout::keeping_layout(x, f);
         }
+        let r = residual.map(crate::layout::to_channels_last).transpose()?;
         let (b, c, h, w) = x.dims4()?;
         let flat = |t: &Tensor| crate::layout::nhwc_view(t)?.reshape((b * h * w, c, 1, 1));
         let r = r.as_ref().map(flat).transpose()?;

@@ -30,17 +30,12 @@ pub fn is_channels_last(x: &Tensor) -> bool {
 
 /// `x (b, c, h, w)` stored channels-last: `x` itself when it is, else a copy.
 pub fn to_channels_last(x: &Tensor) -> Result<Tensor> {
-    if is_channels_last(x) || x.is_contiguous() && channels_last_equals_contiguous(x)? {
+    let (_, c, h, w) = x.dims4()?;
+    // With one channel or one pixel the two layouts are one storage order.
+    if is_channels_last(x) || x.is_contiguous() && (c == 1 || h * w == 1) {
         return Ok(x.clone());
     }
     x.permute((0, 2, 3, 1))?.contiguous()?.permute((0, 3, 1, 2))
-}
-
-/// Whether the two layouts of `x (b, c, h, w)` are the same storage order (one channel or one
-/// pixel).
-fn channels_last_equals_contiguous(x: &Tensor) -> Result<bool> {
-    let (_, c, h, w) = x.dims4()?;
-    Ok(c == 1 || h * w == 1)
 }
 
 /// The `(b, h, w, c)` view of a channels-last `x (b, c, h, w)` (contiguous, no copy).
