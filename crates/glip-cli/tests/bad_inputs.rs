@@ -5,7 +5,8 @@
 //! keep working (and print their `expect` strings, if any). A case's `absent` strings must not be
 //! in its output (work that should not have started). `GLIP_CORPUS_SHOW=1` prints every
 //! case's message, for reading them all. Cases run with `RUST_BACKTRACE=1`, and no message may
-//! carry a backtrace.
+//! carry a backtrace. A refused command changes nothing it was given: the trained run and every
+//! broken copy of it are as they were after each bad-input case (files, sizes, modification times).
 
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -65,6 +66,30 @@ fn glip(args: &[String]) -> (Option<i32>, String) {
     let text =
         format!("{}{}", String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout));
     (out.status.code(), text)
+}
+
+/// Every file under `dirs` with its size and modification time: a write, even of the same
+/// bytes (an atomic write renames a new file into place), shows.
+fn snapshot(dirs: &[&Path]) -> std::collections::BTreeMap<PathBuf, (u64, std::time::SystemTime)> {
+    fn walk(
+        dir: &Path,
+        into: &mut std::collections::BTreeMap<PathBuf, (u64, std::time::SystemTime)>,
+    ) {
+        for entry in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+            let path = entry.unwrap().path();
+            let meta = std::fs::metadata(&path).unwrap();
+            if meta.is_dir() {
+                walk(&path, into);
+            } else {
+                into.insert(path, (meta.len(), meta.modified().unwrap()));
+            }
+        }
+    }
+    let mut files = std::collections::BTreeMap::new();
+    for d in dirs {
+        walk(d, &mut files);
+    }
+    files
 }
 
 /// `safetensors` bytes with `f` applied to the tensor list (name, dtype, shape, data).
@@ -205,6 +230,8 @@ fn every_bad_input_gets_a_clear_error_and_none_panics() {
                 a
             })
             .collect();
+        let given = [run.as_path(), &root.join("variants")];
+        let before = (!case.ok).then(|| snapshot(&given));
         let (code, err) = glip(&args);
         if std::env::var_os("GLIP_CORPUS_SHOW").is_some() {
             eprintln!("--- {} (exit {code:?})\n{}", case.name, err.trim());
@@ -244,6 +271,19 @@ fn every_bad_input_gets_a_clear_error_and_none_panics() {
             }
             if case.expect.is_empty() {
                 wrong.push("a bad-input case must say what its message names".into());
+            }
+            let after = snapshot(&given);
+            let before = before.expect("taken for a bad-input case");
+            let changed: Vec<String> = before
+                .keys()
+                .chain(after.keys())
+                .filter(|f| before.get(*f) != after.get(*f))
+                .map(|f| f.strip_prefix(&root).unwrap_or(f).display().to_string())
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            if !changed.is_empty() {
+                wrong.push(format!("the refused command changed {}", changed.join(", ")));
             }
         }
         if !wrong.is_empty() {

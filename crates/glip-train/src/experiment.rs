@@ -130,17 +130,7 @@ pub fn run_experiment_with(
     let (full, source) = training_data(cfg, caption_tok, progress)?;
     let eval_target = cfg.eval_data()?;
     check_eval_data(cfg, &eval_target, &tok)?;
-    // The config and its data are good: only now does the run take over the folder, so that a
-    // run refused for its data leaves an earlier run there as it was.
-    if !resume {
-        // A fresh run: nothing of an earlier run in the folder may pass for this one's (the
-        // checkpoint is overwritten at the first save).
-        for f in ["log.jsonl", "eval.jsonl", "best.safetensors", "best.json"] {
-            let _ = std::fs::remove_file(dir.join(f));
-        }
-    }
     let resolved = toml::to_string(cfg).map_err(|e| Error::Msg(e.to_string()))?;
-    write_atomic(&dir.join("config.resolved.toml"), resolved.as_bytes())?;
     let n_train = cfg.data.train_subset.unwrap_or(full.len()).min(full.len());
     if n_train < cfg.data.batch_size {
         return Err(Error::Invalid(glip_core::validate::Problems(vec![
@@ -159,7 +149,6 @@ pub fn run_experiment_with(
     loader.prefetch = cfg.data.prefetch;
     let crit = registry.build_criterion(&cfg.loss, &cfg.model, &model, &dev)?;
     let spec = cfg.inference_spec(&model)?;
-    spec.save(dir)?;
     let resolved_json = serde_json::to_value(cfg).map_err(|e| Error::Msg(e.to_string()))?;
     let mut result = ExperimentResult {
         name: cfg.name.clone(),
@@ -208,6 +197,17 @@ pub fn run_experiment_with(
             trained_s = result.evals.last().map_or(0.0, |p| p.train_minutes * 60.0);
         }
     }
+    // The config, its data and (resumed) the checkpoint are good: only now does the run take
+    // over the folder, so that a run refused for any of them leaves the folder as it was.
+    if !resume {
+        // A fresh run: nothing of an earlier run in the folder may pass for this one's (the
+        // checkpoint is overwritten at the first save).
+        for f in ["log.jsonl", "eval.jsonl", "best.safetensors", "best.json"] {
+            let _ = std::fs::remove_file(dir.join(f));
+        }
+    }
+    write_atomic(&dir.join("config.resolved.toml"), resolved.as_bytes())?;
+    spec.save(dir)?;
     // A run that `run.patience` stopped stays stopped when resumed, as a finished one does.
     let stopped = step < total && stalled(&result.evals, cfg.run.patience).is_some();
     if stopped {
