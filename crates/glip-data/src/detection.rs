@@ -135,8 +135,9 @@ pub(crate) fn renumber(objects: &mut Vec<Object>, new_index: &[Option<usize>]) {
 }
 
 /// Checks a box given as `(x0, y0, x1, y1)` against an image of `w x h`; returns it clipped.
-/// Non-finite values, zero or negative sizes, and boxes far outside the image (more than 10% of
-/// the image beyond an edge, or no overlap) are problems.
+/// Non-finite values, zero or negative sizes (in the file's numbers, or once rounded to the f32
+/// the box is returned in), and boxes far outside the image (more than 10% of the image beyond
+/// an edge, or no overlap) are problems.
 pub fn check_box(b: [f64; 4], w: f64, h: f64) -> Result<[f32; 4], String> {
     if b.iter().any(|v| !v.is_finite()) {
         return Err(format!("box {b:?} is not finite"));
@@ -152,7 +153,13 @@ pub fn check_box(b: [f64; 4], w: f64, h: f64) -> Result<[f32; 4], String> {
     if c[2] <= c[0] || c[3] <= c[1] {
         return Err(format!("box outside its {w}x{h} image: xyxy {b:?}"));
     }
-    Ok([c[0] as f32, c[1] as f32, c[2] as f32, c[3] as f32])
+    let c = c.map(|v| v as f32);
+    if c[2] <= c[0] || c[3] <= c[1] {
+        // A width like 1e-300 is positive in the file's f64 and zero in f32, which every box
+        // is computed in from here on.
+        return Err(format!("box with zero or negative size in f32: xyxy {b:?}"));
+    }
+    Ok(c)
 }
 
 /// Loads and decodes an image (JPEG or PNG) as RGB, its pixels as stored.

@@ -58,6 +58,7 @@ fn coco_record_errors_name_file_and_record() {
     let cases = [
         (format!("[{}]", ann(3, 1, 7, "[1, 2, 0, 5]")), IMGS.to_string(), CATS, "annotation id 3: box with zero or negative size"),
         (format!("[{}]", ann(3, 1, 7, "[1, 2, -4, 5]")), IMGS.into(), CATS, "annotation id 3: box with zero or negative size"),
+        (format!("[{}]", ann(3, 1, 7, "[0, 2, 1e-300, 5]")), IMGS.into(), CATS, "annotation id 3: box with zero or negative size in f32"),
         (format!("[{}]", ann(4, 1, 7, "[100, 2, 10, 5]")), IMGS.into(), CATS, "annotation id 4: box far outside"),
         (format!("[{}]", ann(5, 1, 7, r#"[1, "NaN", 3, 4]"#)), IMGS.into(), CATS, "annotation id 5: box [1.0, NaN"),
         (format!("[{}]", ann(6, 1, 8, "[1, 2, 3, 4]")), IMGS.into(), CATS, "annotation id 6: unknown category id 8"),
@@ -161,6 +162,7 @@ fn odvg_errors_name_file_and_line() {
             "line 2: instance 0: unknown category label 4",
         ),
         (det("[5, 1, 5, 5]", 0), "line 1: instance 0: box with zero or negative size"),
+        (det("[0, 1, 1e-300, 5]", 0), "line 1: instance 0: box with zero or negative size in f32"),
         (
             gr("[[2, 9]]"),
             "line 1: region 0: span 0 = [2, 9) is empty or outside the caption of 5 characters",
