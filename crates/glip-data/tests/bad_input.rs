@@ -2,9 +2,10 @@
 //! policy, left out and counted. Nothing panics. Odd but valid images (a photo stored sideways)
 //! load as viewers show them where asked to.
 
-use glip_data::detection::{load_image, load_image_upright};
+use glip_data::detection::{check_box, load_image, load_image_upright};
 use glip_data::{CocoDataset, DataError, ErrorPolicy, OdvgDataset};
 use image::{Rgb, RgbImage};
+use proptest::prelude::*;
 use std::path::{Path, PathBuf};
 
 struct Dir(PathBuf);
@@ -547,4 +548,61 @@ fn odvg_held_out_categories_leave_boxes_prompts_and_caption_negatives() {
     assert!(err.contains("no category named \"horse\"") && err.contains("cat, dog, bird"), "{err}");
     let ds = open().without_any_of(&["horse".to_string(), "cat".to_string()]);
     assert_eq!(ds.categories(), ["dog", "bird"]);
+}
+
+/// A coordinate as files give them: small integers, fractions, the edges of f32's integers
+/// (2^24 and its neighbours), subnormal-small and huge values, zeros, NaN and infinities.
+fn coordinate() -> impl Strategy<Value = f64> {
+    prop_oneof![
+        (-50i32..200).prop_map(f64::from),
+        -50.0f64..200.0,
+        prop::sample::select(vec![
+            0.0,
+            -0.0,
+            1e-300,
+            -1e-300,
+            1e-40,
+            16_777_215.0,
+            16_777_216.0,
+            16_777_217.0,
+            16_777_218.0,
+            4_294_967_295.0,
+            1e30,
+            -1e30,
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+        ]),
+    ]
+}
+
+proptest! {
+    /// `check_box` (every COCO and ODVG box goes through it) accepts only what the rest of the
+    /// pipeline can use: a box it returns is finite, of positive width and height in the f32 it
+    /// is returned in, and inside the image. Any input either passes so or is refused with a
+    /// message; none panics.
+    #[test]
+    fn a_checked_box_is_finite_positive_and_inside_its_image(
+        x0 in coordinate(),
+        y0 in coordinate(),
+        x1 in coordinate(),
+        y1 in coordinate(),
+        w in prop_oneof![1u32..300, Just(16_777_217u32), Just(u32::MAX)],
+        h in prop_oneof![1u32..300, Just(16_777_217u32), Just(u32::MAX)],
+        as_size in any::<bool>(),
+    ) {
+        // COCO gives (x, y, width, height): the sum as coco.rs forms it.
+        let b = if as_size { [x0, y0, x0 + x1, y0 + y1] } else { [x0, y0, x1, y1] };
+        let (w, h) = (f64::from(w), f64::from(h));
+        match check_box(b, w, h) {
+            Ok(c) => {
+                prop_assert!(c.iter().all(|v| v.is_finite()), "{b:?} -> {c:?}");
+                prop_assert!(c[0] < c[2] && c[1] < c[3], "{b:?} -> {c:?}");
+                prop_assert!(c[0] >= 0.0 && c[1] >= 0.0, "{b:?} -> {c:?}");
+                prop_assert!(f64::from(c[2]) <= w.max(f64::from(w as f32)), "{b:?} -> {c:?}");
+                prop_assert!(f64::from(c[3]) <= h.max(f64::from(h as f32)), "{b:?} -> {c:?}");
+            }
+            Err(why) => prop_assert!(why.contains("box"), "{b:?}: {why}"),
+        }
+    }
 }
