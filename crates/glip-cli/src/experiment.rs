@@ -22,7 +22,9 @@
 //! gives each cell's mean and standard deviation over them.
 
 use crate::report::{self, Cell};
-use crate::train::{default_dir, read_config, read_config_set, run_single, summary_line};
+use crate::train::{
+    config_origin, default_dir, read_config, read_config_set, run_single, summary_line,
+};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use glip_train::config::Registry;
@@ -173,7 +175,7 @@ pub fn run(registry: &Registry, a: ExperimentArgs) -> Result<()> {
     if !doc.contains_key("ablation") {
         let mut cfg = read_config(&a.config, &a.sets)?;
         cfg.run.device = cfg.run.device.or(a.device);
-        cfg.check(registry).with_context(|| a.config.display().to_string())?;
+        cfg.check(registry).with_context(|| config_origin(&a.config, &a.sets))?;
         let dir = a.out.clone().unwrap_or_else(|| default_dir(&cfg, &a.config));
         if a.seeds.is_empty() {
             let r = run_single(registry, &cfg, &dir, a.resume, "")?;

@@ -45,7 +45,8 @@ fn component(name: &str) -> &str {
 /// Runs `glip inspect`.
 pub fn run(registry: &glip_train::config::Registry, a: InspectArgs) -> Result<()> {
     let mut cfg = read_config(&a.config, &a.sets)?;
-    cfg.check(registry).map_err(|e| anyhow!("{}: {e}", a.config.display()))?;
+    let origin = crate::train::config_origin(&a.config, &a.sets);
+    cfg.check(registry).map_err(|e| anyhow!("{origin}: {e}"))?;
     let dev = cfg.run.device.or(a.device).resolve()?;
     let varmap = candle_nn::VarMap::new();
     let model = registry

@@ -103,11 +103,21 @@ pub fn summary_line(r: &ExperimentResult) -> serde_json::Value {
     })
 }
 
+/// How a config's errors name it: its file, and the `--set` overrides where there are any (a
+/// value that came from an override is not in the file).
+pub fn config_origin(path: &std::path::Path, sets: &[String]) -> String {
+    if sets.is_empty() {
+        path.display().to_string()
+    } else {
+        format!("{} with --set overrides", path.display())
+    }
+}
+
 /// Runs `glip train`.
 pub fn run(registry: &Registry, a: TrainArgs) -> Result<()> {
     let mut cfg = read_config(&a.config, &a.sets)?;
     cfg.run.device = cfg.run.device.or(a.device);
-    cfg.check(registry).with_context(|| a.config.display().to_string())?;
+    cfg.check(registry).with_context(|| config_origin(&a.config, &a.sets))?;
     let dir = a.out.unwrap_or_else(|| default_dir(&cfg, &a.config));
     let r = run_single(registry, &cfg, &dir, a.resume, "")?;
     println!("{}", summary_line(&r));

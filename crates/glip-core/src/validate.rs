@@ -91,6 +91,16 @@ pub struct Checker {
     problems: Vec<Problem>,
 }
 
+/// A number as a config would give it: `1e-300` rather than Display's 300 digits, and as
+/// Display writes it otherwise (`0.5`, `1`, `inf`).
+fn shown(v: f64) -> String {
+    if v != 0.0 && v.is_finite() && !(1e-4..1e16).contains(&v.abs()) {
+        format!("{v:e}")
+    } else {
+        v.to_string()
+    }
+}
+
 impl Checker {
     /// An empty checker at the root.
     pub fn new() -> Self {
@@ -157,15 +167,20 @@ impl Checker {
     pub fn finite_range(&mut self, key: &str, v: f64, lo: f64, hi: f64) {
         if !(v.is_finite() && lo <= v && v <= hi) {
             let rule = format!("must be a finite number in [{lo}, {hi}]");
-            self.fail(key, v, rule);
+            self.fail(key, shown(v), rule);
         }
     }
 
-    /// A finite `v` with `lo < v <= hi`.
+    /// A finite `v` with `lo < v <= hi`, still above `lo` once rounded to f32, the precision
+    /// the model and the optimiser compute in (an `eps` of `1e-300` is 0 there: a division by
+    /// zero).
     pub fn finite_above(&mut self, key: &str, v: f64, lo: f64, hi: f64) {
         if !(v.is_finite() && lo < v && v <= hi) {
             let rule = format!("must be a finite number in ({lo}, {hi}]");
-            self.fail(key, v, rule);
+            self.fail(key, shown(v), rule);
+        } else if v as f32 <= lo as f32 {
+            let rule = format!("must be above {lo} as an f32 too, the precision it is used in");
+            self.fail(key, shown(v), rule);
         }
     }
 
@@ -177,7 +192,7 @@ impl Checker {
     /// A dropout rate: finite, in `[0, 1)`.
     pub fn dropout(&mut self, key: &str, v: f64) {
         if !(v.is_finite() && (0.0..1.0).contains(&v)) {
-            self.fail(key, v, "must be a finite number in [0, 1)");
+            self.fail(key, shown(v), "must be a finite number in [0, 1)");
         }
     }
 
@@ -273,6 +288,28 @@ mod tests {
             ]
         );
         assert!(p.to_string().starts_with("4 problems:\n  model.backbone.n"));
+    }
+
+    #[test]
+    fn a_bound_above_holds_in_f32_too() {
+        let mut c = Checker::new();
+        c.finite_above("eps", 1e-300, 0.0, 1.0);
+        c.finite_above("eps", 0.0, 0.0, 1.0);
+        c.finite_above("scale", 1.0 + 1e-12, 1.0, 2.0);
+        let p = c.finish().unwrap_err();
+        let lines: Vec<String> = p.0.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            lines,
+            [
+                "eps = 1e-300: must be above 0 as an f32 too, the precision it is used in",
+                "eps = 0: must be a finite number in (0, 1]",
+                "scale = 1.000000000001: must be above 1 as an f32 too, the precision it is used in",
+            ]
+        );
+        // The smallest f32 above 0 passes.
+        let mut c = Checker::new();
+        c.finite_above("eps", f64::from(f32::from_bits(1)), 0.0, 1.0);
+        assert!(c.finish().is_ok());
     }
 
     #[test]
