@@ -173,13 +173,20 @@ impl Checker {
 
     /// A finite `v` with `lo < v <= hi`, still above `lo` once rounded to f32, the precision
     /// the model and the optimiser compute in (an `eps` of `1e-300` is 0 there: a division by
-    /// zero).
+    /// zero). For a value used in f64 (a time), [`Checker::finite_above_f64`].
     pub fn finite_above(&mut self, key: &str, v: f64, lo: f64, hi: f64) {
         if !(v.is_finite() && lo < v && v <= hi) {
-            let rule = format!("must be a finite number in ({lo}, {hi}]");
-            self.fail(key, shown(v), rule);
+            self.finite_above_f64(key, v, lo, hi);
         } else if v as f32 <= lo as f32 {
             let rule = format!("must be above {lo} as an f32 too, the precision it is used in");
+            self.fail(key, shown(v), rule);
+        }
+    }
+
+    /// A finite `v` with `lo < v <= hi`, for a value used in f64.
+    pub fn finite_above_f64(&mut self, key: &str, v: f64, lo: f64, hi: f64) {
+        if !(v.is_finite() && lo < v && v <= hi) {
+            let rule = format!("must be a finite number in ({lo}, {hi}]");
             self.fail(key, shown(v), rule);
         }
     }
@@ -306,9 +313,10 @@ mod tests {
                 "scale = 1.000000000001: must be above 1 as an f32 too, the precision it is used in",
             ]
         );
-        // The smallest f32 above 0 passes.
+        // The smallest f32 above 0 passes; a value used in f64 is held to f64 alone.
         let mut c = Checker::new();
         c.finite_above("eps", f64::from(f32::from_bits(1)), 0.0, 1.0);
+        c.finite_above_f64("minutes", 1e-300, 0.0, 1.0);
         assert!(c.finish().is_ok());
     }
 

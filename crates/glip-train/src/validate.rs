@@ -350,7 +350,7 @@ impl Validate for RunConfig {
     fn validate(&self, c: &mut Checker) {
         self.train.validate(c);
         if let Some(b) = self.time_budget_min {
-            c.finite_above("time_budget_min", b, 0.0, 1e9);
+            c.finite_above_f64("time_budget_min", b, 0.0, 1e9);
         }
     }
 }
