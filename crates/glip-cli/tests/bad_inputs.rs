@@ -68,13 +68,13 @@ fn glip(args: &[String]) -> (Option<i32>, String) {
     (out.status.code(), text)
 }
 
+/// Files with their sizes and modification times.
+type Snapshot = std::collections::BTreeMap<PathBuf, (u64, std::time::SystemTime)>;
+
 /// Every file under `dirs` with its size and modification time: a write, even of the same
 /// bytes (an atomic write renames a new file into place), shows.
-fn snapshot(dirs: &[&Path]) -> std::collections::BTreeMap<PathBuf, (u64, std::time::SystemTime)> {
-    fn walk(
-        dir: &Path,
-        into: &mut std::collections::BTreeMap<PathBuf, (u64, std::time::SystemTime)>,
-    ) {
+fn snapshot(dirs: &[&Path]) -> Snapshot {
+    fn walk(dir: &Path, into: &mut Snapshot) {
         for entry in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
             let path = entry.unwrap().path();
             let meta = std::fs::metadata(&path).unwrap();
@@ -85,7 +85,7 @@ fn snapshot(dirs: &[&Path]) -> std::collections::BTreeMap<PathBuf, (u64, std::ti
             }
         }
     }
-    let mut files = std::collections::BTreeMap::new();
+    let mut files = Snapshot::new();
     for d in dirs {
         walk(d, &mut files);
     }
@@ -274,13 +274,12 @@ fn every_bad_input_gets_a_clear_error_and_none_panics() {
             }
             let after = snapshot(&given);
             let before = before.expect("taken for a bad-input case");
-            let changed: Vec<String> = before
-                .keys()
-                .chain(after.keys())
+            let files: std::collections::BTreeSet<&PathBuf> =
+                before.keys().chain(after.keys()).collect();
+            let changed: Vec<String> = files
+                .into_iter()
                 .filter(|f| before.get(*f) != after.get(*f))
                 .map(|f| f.strip_prefix(&root).unwrap_or(f).display().to_string())
-                .collect::<std::collections::BTreeSet<_>>()
-                .into_iter()
                 .collect();
             if !changed.is_empty() {
                 wrong.push(format!("the refused command changed {}", changed.join(", ")));
